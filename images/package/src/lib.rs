@@ -1,0 +1,433 @@
+//! The Moat boot package.
+//!
+//! A Moat image is one file: the core's flat binary, padded to the end of its
+//! memory footprint, followed by a *package* that carries everything else the
+//! core boots: the host payload, its initrd, its command line and, optionally,
+//! a device tree that replaces the firmware's. Firmware loads the whole file as
+//! if it were a Linux `Image`; the core finds the package right after its own
+//! footprint, checks it, and copies each item to where the host expects it.
+//!
+//! ```text
+//!  image start                                   image end
+//!  | core text/data | bss, stacks (zeros) | PackageHeader | entries | payload bytes ... |
+//!                                        ^ package start (4 KiB aligned)
+//! ```
+//!
+//! Every offset in the package is relative to the package start. The reader
+//! ([`Package::parse`]) trusts nothing: the header, every entry and every byte
+//! range are checked against the buffer before any of it is used, and a
+//! checksum over the whole package catches truncation and corruption.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![forbid(unsafe_code)]
+
+use core::fmt;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, little_endian::U32, little_endian::U64};
+
+/// `MOATPKG\0`.
+pub const MAGIC: [u8; 8] = *b"MOATPKG\0";
+/// The package layout version this crate reads and writes.
+pub const VERSION: u32 = 1;
+/// Most entries a package may hold.
+pub const MAX_ENTRIES: usize = 32;
+/// Packages start on this alignment after the core's footprint.
+pub const PACKAGE_ALIGN: u64 = 4096;
+
+/// Package flag: the image runs under QEMU, so the core may end the emulation
+/// through semihosting (used to stop with a non-zero status on a fatal error).
+pub const FLAG_SEMIHOSTING_EXIT: u32 = 1 << 0;
+
+/// The fixed header at the start of the package.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct PackageHeader {
+    pub magic: [u8; 8],
+    pub version: U32,
+    /// `size_of::<PackageHeader>()`, so readers can tell layouts apart.
+    pub header_size: U32,
+    /// Bytes from the package start to the end of the last payload.
+    pub total_size: U64,
+    pub entry_count: U32,
+    pub flags: U32,
+    /// FNV-1a 64 over the whole package with this field read as zero.
+    pub checksum: U64,
+}
+const _: () = assert!(size_of::<PackageHeader>() == 40);
+
+/// One item in the package.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct EntryHeader {
+    /// An [`EntryKind`] value.
+    pub kind: U32,
+    pub reserved: U32,
+    /// From the package start; 8-byte aligned.
+    pub offset: U64,
+    pub size: U64,
+}
+const _: () = assert!(size_of::<EntryHeader>() == 24);
+
+/// What an entry holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum EntryKind {
+    /// The host payload: an arm64 Linux `Image` or a raw binary.
+    HostImage = 1,
+    /// The host's initial ramdisk.
+    HostInitrd = 2,
+    /// The host's command line (UTF-8, no terminator). Replaces `/chosen/bootargs`.
+    HostBootargs = 3,
+    /// A flattened device tree that replaces the one the firmware passed.
+    DeviceTree = 4,
+}
+
+impl EntryKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::HostImage,
+            2 => Self::HostInitrd,
+            3 => Self::HostBootargs,
+            4 => Self::DeviceTree,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HostImage => "host image",
+            Self::HostInitrd => "host initrd",
+            Self::HostBootargs => "host bootargs",
+            Self::DeviceTree => "device tree",
+        }
+    }
+}
+
+/// Why a package was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PackageError {
+    /// Fewer bytes than the header needs.
+    TooShort,
+    BadMagic,
+    UnsupportedVersion(u32),
+    BadHeaderSize(u32),
+    /// The header's total size exceeds the bytes available.
+    Truncated { total: u64, available: u64 },
+    TooManyEntries(u32),
+    /// An entry's kind is not known.
+    UnknownKind(u32),
+    /// An entry's bytes fall outside the package or overlap the entry table.
+    EntryOutOfBounds(u32),
+    /// An entry offset is not 8-byte aligned.
+    Misaligned(u32),
+    /// Two entries of the same kind.
+    Duplicate(EntryKind),
+    BadChecksum { expected: u64, found: u64 },
+    /// Bootargs are not UTF-8.
+    BadBootargs,
+    /// No host image.
+    NoHostImage,
+}
+
+impl fmt::Display for PackageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooShort => write!(f, "boot package is shorter than its header"),
+            Self::BadMagic => write!(f, "no boot package after the core (bad magic)"),
+            Self::UnsupportedVersion(v) => {
+                write!(f, "boot package version {v} is not supported (expected {VERSION})")
+            }
+            Self::BadHeaderSize(s) => write!(f, "boot package header size {s} is wrong"),
+            Self::Truncated { total, available } => write!(
+                f,
+                "boot package is truncated: header says {total} bytes, {available} available"
+            ),
+            Self::TooManyEntries(n) => {
+                write!(f, "boot package has {n} entries (at most {MAX_ENTRIES})")
+            }
+            Self::UnknownKind(k) => write!(f, "boot package entry of unknown kind {k}"),
+            Self::EntryOutOfBounds(i) => write!(f, "boot package entry {i} lies outside the package"),
+            Self::Misaligned(i) => write!(f, "boot package entry {i} is not 8-byte aligned"),
+            Self::Duplicate(k) => write!(f, "boot package has two {} entries", k.name()),
+            Self::BadChecksum { expected, found } => write!(
+                f,
+                "boot package checksum mismatch: header {expected:#018x}, contents {found:#018x}"
+            ),
+            Self::BadBootargs => write!(f, "boot package bootargs are not UTF-8"),
+            Self::NoHostImage => write!(f, "boot package has no host image"),
+        }
+    }
+}
+
+/// FNV-1a, 64-bit. Enough to catch truncation and corruption in transit; the
+/// package is not a security boundary (whoever writes the image owns the machine).
+pub fn fnv1a(state: u64, bytes: &[u8]) -> u64 {
+    let mut h = state;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn checksum(package: &[u8]) -> u64 {
+    // The checksum field sits at bytes 32..40 of the header and counts as zero.
+    let h = fnv1a(FNV_OFFSET, &package[..32]);
+    let h = fnv1a(h, &[0u8; 8]);
+    fnv1a(h, &package[40..])
+}
+
+/// A checked package.
+#[derive(Clone, Copy, Debug)]
+pub struct Package<'a> {
+    pub flags: u32,
+    pub host_image: &'a [u8],
+    pub host_initrd: Option<&'a [u8]>,
+    pub host_bootargs: Option<&'a str>,
+    pub device_tree: Option<&'a [u8]>,
+    /// Bytes the package occupies from its start.
+    pub total_size: u64,
+}
+
+impl<'a> Package<'a> {
+    /// Checks and decodes the package at the start of `bytes` (which may run
+    /// past the package's end).
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, PackageError> {
+        let (header, _) =
+            PackageHeader::read_from_prefix(bytes).map_err(|_| PackageError::TooShort)?;
+        if header.magic != MAGIC {
+            return Err(PackageError::BadMagic);
+        }
+        if header.version.get() != VERSION {
+            return Err(PackageError::UnsupportedVersion(header.version.get()));
+        }
+        if header.header_size.get() as usize != size_of::<PackageHeader>() {
+            return Err(PackageError::BadHeaderSize(header.header_size.get()));
+        }
+        let total = header.total_size.get();
+        let available = bytes.len() as u64;
+        let table_end = size_of::<PackageHeader>() as u64
+            + u64::from(header.entry_count.get()) * size_of::<EntryHeader>() as u64;
+        if header.entry_count.get() as usize > MAX_ENTRIES {
+            return Err(PackageError::TooManyEntries(header.entry_count.get()));
+        }
+        if total > available {
+            return Err(PackageError::Truncated { total, available });
+        }
+        if total < table_end {
+            return Err(PackageError::Truncated { total: table_end, available: total });
+        }
+        // `total <= bytes.len()`, so this cannot truncate.
+        let package = &bytes[..total as usize];
+        let found = checksum(package);
+        if found != header.checksum.get() {
+            return Err(PackageError::BadChecksum { expected: header.checksum.get(), found });
+        }
+
+        let mut out = Package {
+            flags: header.flags.get(),
+            host_image: &[],
+            host_initrd: None,
+            host_bootargs: None,
+            device_tree: None,
+            total_size: total,
+        };
+        let mut have_image = false;
+        let table = &package[size_of::<PackageHeader>()..table_end as usize];
+        for (i, raw) in table.chunks_exact(size_of::<EntryHeader>()).enumerate() {
+            let i = i as u32;
+            let (entry, _) =
+                EntryHeader::read_from_prefix(raw).map_err(|_| PackageError::EntryOutOfBounds(i))?;
+            let kind = EntryKind::from_u32(entry.kind.get())
+                .ok_or(PackageError::UnknownKind(entry.kind.get()))?;
+            let (offset, size) = (entry.offset.get(), entry.size.get());
+            if offset % 8 != 0 {
+                return Err(PackageError::Misaligned(i));
+            }
+            let end = offset.checked_add(size).ok_or(PackageError::EntryOutOfBounds(i))?;
+            if offset < table_end || end > total {
+                return Err(PackageError::EntryOutOfBounds(i));
+            }
+            let data = &package[offset as usize..end as usize];
+            let duplicate = match kind {
+                EntryKind::HostImage => core::mem::replace(&mut have_image, true),
+                EntryKind::HostInitrd => out.host_initrd.replace(data).is_some(),
+                EntryKind::HostBootargs => {
+                    let s = core::str::from_utf8(data).map_err(|_| PackageError::BadBootargs)?;
+                    out.host_bootargs.replace(s).is_some()
+                }
+                EntryKind::DeviceTree => out.device_tree.replace(data).is_some(),
+            };
+            if duplicate {
+                return Err(PackageError::Duplicate(kind));
+            }
+            if kind == EntryKind::HostImage {
+                out.host_image = data;
+            }
+        }
+        if !have_image {
+            return Err(PackageError::NoHostImage);
+        }
+        Ok(out)
+    }
+}
+
+/// Builds packages (used by the image builder on the development machine).
+#[cfg(feature = "std")]
+pub mod builder {
+    use super::*;
+
+    /// Collects entries and lays them out.
+    #[derive(Debug, Default)]
+    pub struct PackageBuilder {
+        flags: u32,
+        entries: Vec<(EntryKind, Vec<u8>)>,
+    }
+
+    impl PackageBuilder {
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        pub fn flags(mut self, flags: u32) -> Self {
+            self.flags |= flags;
+            self
+        }
+
+        pub fn entry(mut self, kind: EntryKind, bytes: Vec<u8>) -> Self {
+            self.entries.push((kind, bytes));
+            self
+        }
+
+        /// Lays out header, entry table and payloads (each payload 4 KiB
+        /// aligned so the core can copy page-aligned blocks).
+        pub fn build(self) -> Vec<u8> {
+            let table_end =
+                size_of::<PackageHeader>() + self.entries.len() * size_of::<EntryHeader>();
+            let mut out = vec![0u8; table_end];
+            let mut table = Vec::new();
+            for (kind, bytes) in &self.entries {
+                let offset = out.len().next_multiple_of(PACKAGE_ALIGN as usize);
+                out.resize(offset, 0);
+                out.extend_from_slice(bytes);
+                table.push(EntryHeader {
+                    kind: U32::new(*kind as u32),
+                    reserved: U32::new(0),
+                    offset: U64::new(offset as u64),
+                    size: U64::new(bytes.len() as u64),
+                });
+            }
+            let header = PackageHeader {
+                magic: MAGIC,
+                version: U32::new(VERSION),
+                header_size: U32::new(size_of::<PackageHeader>() as u32),
+                total_size: U64::new(out.len() as u64),
+                entry_count: U32::new(self.entries.len() as u32),
+                flags: U32::new(self.flags),
+                checksum: U64::new(0),
+            };
+            out[..size_of::<PackageHeader>()].copy_from_slice(header.as_bytes());
+            for (i, e) in table.iter().enumerate() {
+                let at = size_of::<PackageHeader>() + i * size_of::<EntryHeader>();
+                out[at..at + size_of::<EntryHeader>()].copy_from_slice(e.as_bytes());
+            }
+            let sum = checksum(&out);
+            out[32..40].copy_from_slice(&sum.to_le_bytes());
+            out
+        }
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::builder::PackageBuilder;
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        PackageBuilder::new()
+            .flags(FLAG_SEMIHOSTING_EXIT)
+            .entry(EntryKind::HostImage, vec![0xaa; 5000])
+            .entry(EntryKind::HostInitrd, vec![0x55; 17])
+            .entry(EntryKind::HostBootargs, b"console=ttyAMA0 x=1".to_vec())
+            .build()
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = sample();
+        let p = Package::parse(&bytes).unwrap();
+        assert_eq!(p.flags, FLAG_SEMIHOSTING_EXIT);
+        assert_eq!(p.host_image, &[0xaa; 5000][..]);
+        assert_eq!(p.host_initrd, Some(&[0x55; 17][..]));
+        assert_eq!(p.host_bootargs, Some("console=ttyAMA0 x=1"));
+        assert_eq!(p.device_tree, None);
+        assert_eq!(p.total_size, bytes.len() as u64);
+    }
+
+    #[test]
+    fn trailing_bytes_are_ignored() {
+        let mut bytes = sample();
+        bytes.extend_from_slice(&[1, 2, 3]);
+        assert!(Package::parse(&bytes).is_ok());
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let bytes = sample();
+        for len in 0..bytes.len() {
+            assert!(Package::parse(&bytes[..len]).is_err(), "length {len} accepted");
+        }
+    }
+
+    #[test]
+    fn every_single_byte_corruption_is_refused() {
+        let bytes = sample();
+        // The payload region is large; flip one byte in every 7 to keep the test fast.
+        for i in (0..bytes.len()).step_by(7) {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(Package::parse(&b).is_err(), "corruption at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn bad_magic_and_version() {
+        let mut b = sample();
+        b[0] = b'X';
+        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::BadMagic);
+        let mut b = sample();
+        b[8] = 9;
+        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::UnsupportedVersion(9));
+    }
+
+    #[test]
+    fn missing_image_and_duplicates() {
+        let b = PackageBuilder::new().entry(EntryKind::HostInitrd, vec![1]).build();
+        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::NoHostImage);
+        let b = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![1])
+            .entry(EntryKind::HostImage, vec![2])
+            .build();
+        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::Duplicate(EntryKind::HostImage));
+    }
+
+    #[test]
+    fn non_utf8_bootargs() {
+        let b = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![1])
+            .entry(EntryKind::HostBootargs, vec![0xff, 0xfe])
+            .build();
+        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::BadBootargs);
+    }
+
+    #[test]
+    fn entry_pointing_outside_is_refused_even_with_valid_checksum() {
+        let mut b = sample();
+        // Point the first entry past the end and re-seal the checksum.
+        let at = size_of::<PackageHeader>() + 8;
+        let past_end = (b.len() as u64).next_multiple_of(8);
+        b[at..at + 8].copy_from_slice(&past_end.to_le_bytes());
+        let sum = checksum(&b);
+        b[32..40].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::EntryOutOfBounds(0));
+    }
+}

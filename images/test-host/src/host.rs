@@ -1,0 +1,382 @@
+//! The test host's body (aarch64 only).
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use moat_abi::{MOAT_UID, hypercall, smccc as ids};
+use moat_platform::console::Pl011Console;
+use moat_platform::dt::{self, Range};
+use spin::Mutex;
+
+core::arch::global_asm!(include_str!("entry.S"));
+
+unsafe extern "C" {
+    fn secondary_start();
+    static L1_TABLE: u8;
+}
+
+static CONSOLE: Mutex<Option<Pl011Console>> = Mutex::new(None);
+
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        if let Some(c) = CONSOLE.lock().as_mut() {
+            let _ = c.write_str("test-host: ");
+            let _ = c.write_fmt(format_args!($($arg)*));
+            let _ = c.write_str("\n");
+        }
+    }};
+}
+
+/// The registers `entry.S` saves for a synchronous exception.
+#[repr(C)]
+pub struct Frame {
+    x: [u64; 19],
+    fp: u64,
+    lr: u64,
+    elr: u64,
+}
+
+/// What the exception handler does with the next synchronous exception.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+enum Expect {
+    Nothing = 0,
+    /// Skip the faulting instruction.
+    SkipInstruction = 1,
+    /// Return to the caller (the faulting access was a branch into the void).
+    ReturnToCaller = 2,
+}
+
+static EXPECT: AtomicU64 = AtomicU64::new(Expect::Nothing as u64);
+static LAST_ESR: AtomicU64 = AtomicU64::new(0);
+static LAST_FAR: AtomicU64 = AtomicU64::new(0);
+static LAST_ELR: AtomicU64 = AtomicU64::new(0);
+static EXCEPTIONS: AtomicU64 = AtomicU64::new(0);
+
+#[unsafe(no_mangle)]
+extern "C" fn el1_sync_exception(frame: &mut Frame) {
+    let (esr, far): (u64, u64);
+    // SAFETY: reads the EL1 syndrome registers.
+    unsafe { core::arch::asm!("mrs {}, esr_el1", "mrs {}, far_el1", out(reg) esr, out(reg) far) };
+    LAST_ESR.store(esr, Ordering::SeqCst);
+    LAST_FAR.store(far, Ordering::SeqCst);
+    LAST_ELR.store(frame.elr, Ordering::SeqCst);
+    EXCEPTIONS.fetch_add(1, Ordering::SeqCst);
+    match EXPECT.swap(Expect::Nothing as u64, Ordering::SeqCst) {
+        1 => frame.elr += 4,
+        2 => frame.elr = frame.lr,
+        _ => {
+            say!("FAIL (unexpected exception ESR_EL1 {esr:#x} FAR_EL1 {far:#x} ELR_EL1 {:#x})", frame.elr);
+            system_off();
+        }
+    }
+}
+
+fn smc_call(conduit_hvc: bool, function: u32, args: [u64; 3]) -> [u64; 4] {
+    let mut a = [0u64; 17];
+    a[..3].copy_from_slice(&args);
+    let r = if conduit_hvc { smccc::hvc64(function, a) } else { smccc::smc64(function, a) };
+    [r[0], r[1], r[2], r[3]]
+}
+
+fn hvc(function: u32, args: [u64; 3]) -> [u64; 4] {
+    smc_call(true, function, args)
+}
+
+fn system_off() -> ! {
+    hvc(smccc::psci::PSCI_SYSTEM_OFF, [0; 3]);
+    say!("FAIL (SYSTEM_OFF returned)");
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+fn current_el() -> u64 {
+    let v: u64;
+    // SAFETY: reads CurrentEL.
+    unsafe { core::arch::asm!("mrs {}, CurrentEL", out(reg) v) };
+    (v >> 2) & 3
+}
+
+macro_rules! sysreg {
+    ($name:literal) => {{
+        let v: u64;
+        // SAFETY: reads an ID register, which has no side effects.
+        unsafe { core::arch::asm!(concat!("mrs {}, ", $name), out(reg) v) };
+        v
+    }};
+}
+
+struct Checks {
+    passed: u32,
+    failed: u32,
+}
+
+impl Checks {
+    fn check(&mut self, ok: bool, what: core::fmt::Arguments<'_>) {
+        if ok {
+            self.passed += 1;
+            say!("ok   {what}");
+        } else {
+            self.failed += 1;
+            say!("FAIL {what}");
+        }
+    }
+}
+
+/// Makes every 1 GiB block that holds RAM normal memory in our map.
+fn map_ram(memory: &[Range]) {
+    let table = core::ptr::addr_of!(L1_TABLE) as *mut u64;
+    for bank in memory {
+        let first = bank.base >> 30;
+        let last = (bank.end() - 1) >> 30;
+        for gib in first..=last.min(511) {
+            // SAFETY: L1_TABLE is our own 512-entry table. The block was
+            // mapped as device memory and nothing in it has been touched, so
+            // the change needs no break-before-make beyond the TLB flush.
+            unsafe {
+                table.add(gib as usize).write_volatile((gib << 30) | 0x701);
+                core::arch::asm!("dsb ishst", "tlbi vmalle1", "dsb ish", "isb");
+            }
+        }
+    }
+}
+
+/// Finds `/reserved-memory/moat@...`: the hypervisor's carve-out.
+fn hypervisor_region(dtb: &[u8]) -> Option<Range> {
+    let fdt = fdt::Fdt::new(dtb).ok()?;
+    let reserved = fdt.find_node("/reserved-memory")?;
+    let node = reserved.children().find(|n| n.name.starts_with("moat@"))?;
+    let r = node.reg()?.next()?;
+    Range::new(r.starting_address as u64, r.size? as u64)
+}
+
+static ONLINE: AtomicU32 = AtomicU32::new(0);
+
+#[unsafe(no_mangle)]
+extern "C" fn host_secondary_main(index: u64) -> ! {
+    let mpidr = sysreg!("mpidr_el1");
+    say!("CPU {index} online at EL{} (MPIDR {mpidr:#x})", current_el());
+    ONLINE.fetch_add(1, Ordering::SeqCst);
+    hvc(smccc::psci::PSCI_CPU_OFF, [0; 3]);
+    say!("FAIL (CPU_OFF returned on CPU {index})");
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+fn read_u64(addr: u64) -> u64 {
+    // SAFETY: deliberately touches an address that may fault; the exception
+    // handler resumes after the instruction when EXPECT says so.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
+fn write_u64(addr: u64, v: u64) {
+    // SAFETY: as for `read_u64`.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
+}
+
+/// Runs the null hypercall `n` times and returns the instructions retired
+/// (EL1 and EL2) per iteration, minus the same loop without the call.
+fn bench_null_hvc(n: u64) -> (u64, u64) {
+    fn count(n: u64, with_call: bool) -> u64 {
+        let start: u64;
+        let end: u64;
+        // SAFETY: PMU counter 0 is ours (MDCR_EL2.HPMN gives EL1 every
+        // counter); the loop clobbers only the registers it names.
+        unsafe {
+            core::arch::asm!(
+                "isb",
+                "mrs {start}, pmevcntr0_el0",
+                "1:",
+                "cbz {with}, 2f",
+                "mov x0, {id}",
+                "hvc #0",
+                "2:",
+                "subs {n}, {n}, #1",
+                "b.ne 1b",
+                "isb",
+                "mrs {end}, pmevcntr0_el0",
+                start = out(reg) start,
+                end = out(reg) end,
+                n = inout(reg) n => _,
+                with = in(reg) with_call as u64,
+                id = in(reg) u64::from(hypercall::NULL),
+                out("x0") _, out("x1") _, out("x2") _, out("x3") _,
+            );
+        }
+        end - start
+    }
+    // SAFETY: programs PMU counter 0 to count INST_RETIRED (0x08) at EL1 and,
+    // with NSH (bit 27), at EL2; EL0 is excluded (U, bit 30).
+    unsafe {
+        core::arch::asm!(
+            "msr pmevtyper0_el0, {ty}",
+            "msr pmcntenset_el0, {en}",
+            "mrs {t}, pmcr_el0",
+            "orr {t}, {t}, #1",
+            "msr pmcr_el0, {t}",
+            "isb",
+            ty = in(reg) (0x08u64 | (1 << 27) | (1 << 30)),
+            en = in(reg) 1u64,
+            t = out(reg) _,
+        );
+    }
+    let with = count(n, true);
+    let without = count(n, false);
+    (with.saturating_sub(without) / n, without / n)
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn host_main(dtb_addr: u64) -> ! {
+    // SAFETY: the core passed a device tree it wrote; the header bounds it.
+    let head = unsafe { core::slice::from_raw_parts(dtb_addr as *const u8, 8) };
+    let size = u32::from_be_bytes([head[4], head[5], head[6], head[7]]).min(2 << 20) as usize;
+    // SAFETY: as above, `size` bytes from the header.
+    let dtb = unsafe { core::slice::from_raw_parts(dtb_addr as *const u8, size) };
+    let Ok(platform) = dt::discover(dtb) else {
+        loop {
+            core::hint::spin_loop();
+        }
+    };
+    map_ram(&platform.memory);
+    // SAFETY: the UART the device tree names, mapped as device memory by our
+    // early map; only this console drives it.
+    *CONSOLE.lock() = Some(unsafe { Pl011Console::new(platform.uart.regs.base as usize) });
+    let bootargs = platform.chosen.bootargs.unwrap_or("");
+    say!("booted with x0 = {dtb_addr:#x}, command line \"{bootargs}\"");
+
+    let mut c = Checks { passed: 0, failed: 0 };
+    let el = current_el();
+    c.check(el == 1, format_args!("running at EL{el} (expected EL1 under Moat)"));
+
+    let pfr0 = sysreg!("id_aa64pfr0_el1");
+    let pfr1 = sysreg!("id_aa64pfr1_el1");
+    let mmfr0 = sysreg!("id_aa64mmfr0_el1");
+    say!("ID_AA64PFR0_EL1 {pfr0:#018x} ID_AA64PFR1_EL1 {pfr1:#018x} (MTE field {}) ID_AA64MMFR0_EL1 {mmfr0:#018x}", (pfr1 >> 8) & 0xf);
+
+    let psci_hvc = platform.psci.map(|p| p.conduit) == Some(dt::Conduit::Hvc);
+    c.check(psci_hvc, format_args!("device tree's PSCI method is hvc (pointing at the core)"));
+    let v = hvc(ids::SMCCC_VERSION, [0; 3])[0];
+    c.check(v == 0x1_0001, format_args!("SMCCC_VERSION = {v:#x}"));
+    let v = hvc(smccc::psci::PSCI_VERSION, [0; 3])[0];
+    c.check(v >= 0x1_0000 && v < 0x2_0000, format_args!("PSCI_VERSION = {}.{}", v >> 16, v & 0xffff));
+    let v = smc_call(false, smccc::psci::PSCI_VERSION, [0; 3])[0];
+    c.check(v >= 0x1_0000 && v < 0x2_0000, format_args!("PSCI_VERSION through a trapped SMC = {}.{}", v >> 16, v & 0xffff));
+    let uid = hvc(ids::VENDOR_HYP_CALL_UID, [0; 3]);
+    c.check(uid.map(|w| w as u32) == MOAT_UID, format_args!("vendor hypervisor UID is Moat's"));
+    let v = hvc(hypercall::ABI_VERSION, [0; 3]);
+    c.check(v[0] == 0 && v[1] == u64::from(moat_abi::ABI_VERSION), format_args!("Moat ABI version {}.{}", v[1] >> 16, v[1] & 0xffff));
+    let v = hvc(hypercall::id(0x1234), [0; 3])[0];
+    c.check(v == ids::NOT_SUPPORTED, format_args!("unknown hypercall returns NOT_SUPPORTED ({})", v as i64));
+    let v = hvc(0x8400_0013, [0; 3])[0]; // PSCI MEM_PROTECT: refused by the relay
+    c.check(v == ids::NOT_SUPPORTED, format_args!("unrelayed PSCI call returns NOT_SUPPORTED"));
+    let v = hvc(hypercall::NULL, [0; 3])[0];
+    c.check(v == 0, format_args!("null hypercall returns 0"));
+
+    // Our own memory.
+    static mut BUFFER: [u64; 8192] = [0; 8192];
+    let buf = core::ptr::addr_of_mut!(BUFFER) as *mut u64;
+    let mut ok = true;
+    for i in 0..8192u64 {
+        // SAFETY: within our own static buffer.
+        unsafe { buf.add(i as usize).write_volatile(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) };
+    }
+    for i in 0..8192u64 {
+        // SAFETY: as above.
+        ok &= unsafe { buf.add(i as usize).read_volatile() } == i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    c.check(ok, format_args!("wrote and read back 64 KiB of host memory at {buf:p}"));
+
+    // The hypervisor's memory.
+    match hypervisor_region(dtb) {
+        None => c.check(false, format_args!("device tree reserves the hypervisor's memory (/reserved-memory/moat@...)")),
+        Some(hyp) => {
+            c.check(true, format_args!("hypervisor memory {:#x}..{:#x} is reserved in the device tree", hyp.base, hyp.end()));
+            for (what, write) in [("read", false), ("write", true)] {
+                let target = hyp.base + 0x1000;
+                EXCEPTIONS.store(0, Ordering::SeqCst);
+                EXPECT.store(Expect::SkipInstruction as u64, Ordering::SeqCst);
+                if write { write_u64(target, 0xdead_beef) } else { let _ = read_u64(target); }
+                let esr = LAST_ESR.load(Ordering::SeqCst);
+                let far = LAST_FAR.load(Ordering::SeqCst);
+                let wnr = (esr >> 6) & 1 == 1;
+                c.check(
+                    EXCEPTIONS.load(Ordering::SeqCst) == 1 && esr >> 26 == 0x25 && esr & 0x3f == 0x10 && far == target && wnr == write,
+                    format_args!("{what} of hypervisor memory at {target:#x}: synchronous external abort (ESR_EL1 {esr:#x}, FAR_EL1 {far:#x})"),
+                );
+            }
+            // Executing from it: an instruction abort, and we come back.
+            EXCEPTIONS.store(0, Ordering::SeqCst);
+            EXPECT.store(Expect::ReturnToCaller as u64, Ordering::SeqCst);
+            let target = hyp.base + 0x2000;
+            // SAFETY: deliberately branches into memory the core withholds;
+            // the handler returns to the link register, so control comes back
+            // here with every caller-saved register clobbered as declared.
+            unsafe {
+                core::arch::asm!("blr {t}", t = in(reg) target, clobber_abi("C"));
+            }
+            let esr = LAST_ESR.load(Ordering::SeqCst);
+            c.check(
+                EXCEPTIONS.load(Ordering::SeqCst) == 1 && esr >> 26 == 0x21 && esr & 0x3f == 0x10 && LAST_ELR.load(Ordering::SeqCst) == target,
+                format_args!("instruction fetch from hypervisor memory: instruction abort (ESR_EL1 {esr:#x})"),
+            );
+        }
+    }
+
+    // Secondary CPUs through the PSCI relay.
+    let me = sysreg!("mpidr_el1") & 0xff_00ff_ffff;
+    let entry = secondary_start as *const () as u64;
+    let v = hvc(smccc::psci::PSCI_CPU_ON_64, [0xff_ff00, entry, 0])[0] as i64;
+    c.check(v == -2, format_args!("CPU_ON of a CPU that does not exist: INVALID_PARAMETERS ({v})"));
+    let v = hvc(smccc::psci::PSCI_CPU_ON_64, [me, entry, 0])[0] as i64;
+    c.check(v == -4, format_args!("CPU_ON of the running CPU: ALREADY_ON ({v})"));
+    let others: heapless::Vec<(usize, u64), 16> = platform
+        .cpus
+        .iter()
+        .enumerate()
+        .filter(|(_, cpu)| cpu.mpidr != me)
+        .map(|(i, cpu)| (i, cpu.mpidr))
+        .collect();
+    for &(index, mpidr) in &others {
+        let v = hvc(smccc::psci::PSCI_CPU_ON_64, [mpidr, entry, index as u64])[0] as i64;
+        c.check(v == 0, format_args!("CPU_ON of CPU {index} (MPIDR {mpidr:#x}) = {v}"));
+        let mut spins = 0u64;
+        while ONLINE.load(Ordering::SeqCst) < index as u32 && spins < 50_000_000 {
+            spins += 1;
+            core::hint::spin_loop();
+        }
+    }
+    for &(index, mpidr) in &others {
+        let mut state = 0;
+        for _ in 0..10_000 {
+            state = hvc(smccc::psci::PSCI_AFFINITY_INFO_64, [mpidr, 0, 0])[0] as i64;
+            if state == 1 {
+                break;
+            }
+        }
+        c.check(state == 1, format_args!("CPU {index} is OFF again after CPU_OFF (AFFINITY_INFO = {state})"));
+    }
+    let online = ONLINE.load(Ordering::SeqCst);
+    c.check(online as usize == others.len(), format_args!("{online} secondary CPU(s) ran at EL1"));
+
+    if bootargs.split(' ').any(|a| a == "moat.bench") {
+        let (null, loop_cost) = bench_null_hvc(1000);
+        say!("bench: null_hvc={null} (loop overhead {loop_cost} per iteration subtracted)");
+    }
+
+    if c.failed == 0 {
+        say!("PASS ({} checks)", c.passed);
+    } else {
+        say!("FAIL ({} of {} checks failed)", c.failed, c.passed + c.failed);
+    }
+    say!("powering off through PSCI SYSTEM_OFF");
+    system_off()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    // SAFETY: the panicking CPU may hold the console lock; nothing else matters now.
+    unsafe { CONSOLE.force_unlock() };
+    say!("FAIL (panic: {info})");
+    system_off()
+}

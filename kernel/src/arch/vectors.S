@@ -1,0 +1,137 @@
+/*
+ * EL2 exception vectors.
+ *
+ * Exceptions from a partition (lower EL, AArch64) save the partition's
+ * general-purpose registers, PC and PSTATE into the register frame TPIDR_EL2
+ * points at, then call `handle_lower_exception(frame, kind)`. Rust returns
+ * the frame to resume, which may belong to another partition, and the exit path
+ * restores it and erets. The EL2 stack is empty at every entry from a lower
+ * EL, so x0/x1 are parked there while TPIDR_EL2 is read.
+ *
+ * Exceptions taken at EL2 itself are bugs in the core: they save a frame on
+ * the stack and call `handle_el2_exception`, which prints it and parks.
+ *
+ * Frame layout (GuestRegs in Rust): x0..x30 at 8*n, pc at 248, pstate at 256.
+ */
+
+.macro save_partition_frame kind
+    stp     x0, x1, [sp, #-16]!
+    mrs     x0, tpidr_el2
+    stp     x2, x3, [x0, #16]
+    stp     x4, x5, [x0, #32]
+    stp     x6, x7, [x0, #48]
+    stp     x8, x9, [x0, #64]
+    stp     x10, x11, [x0, #80]
+    stp     x12, x13, [x0, #96]
+    stp     x14, x15, [x0, #112]
+    stp     x16, x17, [x0, #128]
+    stp     x18, x19, [x0, #144]
+    stp     x20, x21, [x0, #160]
+    stp     x22, x23, [x0, #176]
+    stp     x24, x25, [x0, #192]
+    stp     x26, x27, [x0, #208]
+    stp     x28, x29, [x0, #224]
+    ldp     x2, x3, [sp], #16
+    stp     x2, x3, [x0, #0]
+    mrs     x2, elr_el2
+    mrs     x3, spsr_el2
+    stp     x30, x2, [x0, #240]
+    str     x3, [x0, #256]
+    mov     x1, #\kind
+    bl      handle_lower_exception
+    b       resume_partition
+.endm
+
+.macro save_el2_frame kind
+    sub     sp, sp, #272
+    stp     x0, x1, [sp, #0]
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x19, [sp, #144]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    mrs     x2, elr_el2
+    mrs     x3, spsr_el2
+    stp     x30, x2, [sp, #240]
+    str     x3, [sp, #256]
+    mov     x0, sp
+    mov     x1, #\kind
+    bl      handle_el2_exception
+1:  wfe
+    b       1b
+.endm
+
+.section .text.vectors, "ax"
+.balign 2048
+.global el2_vectors
+el2_vectors:
+/* Current EL with SP_EL0: never used by the core. */
+.balign 0x80
+    save_el2_frame 0
+.balign 0x80
+    save_el2_frame 1
+.balign 0x80
+    save_el2_frame 2
+.balign 0x80
+    save_el2_frame 3
+/* Current EL with SP_EL2. */
+.balign 0x80
+    save_el2_frame 4
+.balign 0x80
+    save_el2_frame 5
+.balign 0x80
+    save_el2_frame 6
+.balign 0x80
+    save_el2_frame 7
+/* Lower EL, AArch64. */
+.balign 0x80
+    save_partition_frame 8
+.balign 0x80
+    save_partition_frame 9
+.balign 0x80
+    save_partition_frame 10
+.balign 0x80
+    save_partition_frame 11
+/* Lower EL, AArch32: partitions are AArch64-only (HCR_EL2.RW = 1). */
+.balign 0x80
+    save_partition_frame 12
+.balign 0x80
+    save_partition_frame 13
+.balign 0x80
+    save_partition_frame 14
+.balign 0x80
+    save_partition_frame 15
+
+/* x0 = frame to resume. */
+.global resume_partition
+resume_partition:
+    msr     tpidr_el2, x0
+    ldp     x2, x3, [x0, #248]
+    msr     elr_el2, x2
+    msr     spsr_el2, x3
+    ldp     x2, x3, [x0, #16]
+    ldp     x4, x5, [x0, #32]
+    ldp     x6, x7, [x0, #48]
+    ldp     x8, x9, [x0, #64]
+    ldp     x10, x11, [x0, #80]
+    ldp     x12, x13, [x0, #96]
+    ldp     x14, x15, [x0, #112]
+    ldp     x16, x17, [x0, #128]
+    ldp     x18, x19, [x0, #144]
+    ldp     x20, x21, [x0, #160]
+    ldp     x22, x23, [x0, #176]
+    ldp     x24, x25, [x0, #192]
+    ldp     x26, x27, [x0, #208]
+    ldp     x28, x29, [x0, #224]
+    ldr     x30, [x0, #240]
+    ldp     x0, x1, [x0, #0]
+    eret

@@ -1,0 +1,345 @@
+//! Boot: from the firmware's hand-off to the host's first instruction.
+//!
+//! The order matters, because the boot package lies inside what becomes the
+//! heap: read the package and the device tree, plan the layout, switch to the
+//! final EL2 map, write the host's device tree and copy every payload out,
+//! and only then hand the heap region to the allocator and build the host's
+//! stage-2.
+
+use super::cpu::{self, MAX_CPUS, PowerState};
+use super::sysreg::{self, HostEl2Config};
+use super::{console, heap, mmu, panic};
+use alloc::vec::Vec;
+use core::fmt::Display;
+use moat_kernel::el2config::{self, CpuFeatures};
+use moat_kernel::layout::{self, LayoutInput};
+use moat_kernel::regs::GuestRegs;
+use moat_kernel::s2plan;
+use moat_package::{FLAG_SEMIHOSTING_EXIT, Package, PackageHeader};
+use moat_platform::dt::{self, Conduit, Gic, Platform, Range};
+use moat_platform::firmware::FirmwareConduit;
+use moat_platform::hostdt::{self, HostDtEdits};
+use spin::Once;
+
+/// Bytes of heap the carve-out reserves after the core's image.
+const HEAP_SIZE: u64 = 16 << 20;
+/// The host's VMID.
+const HOST_VMID: u16 = 0;
+
+/// What the core knows about the machine after boot. Read-only from then on.
+pub struct Machine {
+    pub platform: Platform<'static>,
+    pub firmware: FirmwareConduit,
+    pub cpu: CpuFeatures,
+    pub host_el2: HostEl2Config,
+    pub carve_out: Range,
+}
+
+impl Machine {
+    /// The logical index of the CPU with these affinity fields.
+    pub fn cpu_index_of(&self, affinity: u64) -> Option<usize> {
+        self.platform.cpus.iter().take(MAX_CPUS).position(|c| c.mpidr == affinity)
+    }
+
+    /// Whether `addr` is host RAM (an acceptable CPU_ON entry point).
+    pub fn host_may_execute(&self, addr: u64) -> bool {
+        self.platform.memory.iter().any(|b| addr >= b.base && addr < b.end())
+            && !(addr >= self.carve_out.base && addr < self.carve_out.end())
+    }
+}
+
+static MACHINE: Once<Machine> = Once::new();
+
+pub fn machine() -> &'static Machine {
+    // Set before any partition runs; traps cannot arrive earlier.
+    MACHINE.get().unwrap_or_else(|| panic!("machine used before boot completed"))
+}
+
+unsafe extern "C" {
+    /// Per-CPU stacks (32 KiB each, `MAX_CPUS` of them), defined in entry.S.
+    static CPU_STACKS: u8;
+    static CPU_STACKS_END: u8;
+    fn resume_partition(frame: *mut GuestRegs) -> !;
+}
+
+/// The address range of all CPU stacks (for the fatal path's backtrace).
+pub fn stack_bounds() -> (u64, u64) {
+    (core::ptr::addr_of!(CPU_STACKS) as u64, core::ptr::addr_of!(CPU_STACKS_END) as u64)
+}
+
+fn fatal(what: &str, err: impl Display) -> ! {
+    console::print_fatal(format_args!("boot failed: {what}: {err}"));
+    panic::stop(1)
+}
+
+/// # Safety
+/// `addr..addr+len` must be readable memory mapped in the current EL2 map.
+unsafe fn bytes<'a>(addr: u64, len: u64) -> &'a [u8] {
+    // SAFETY: forwarded from the caller.
+    unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) }
+}
+
+/// Reads the boot package right after the core's image.
+fn find_package(image_end: u64) -> Package<'static> {
+    // SAFETY: the package header follows the image in the same 1 GiB normal
+    // block of the early map (the image builder pads the core to its end).
+    let header = unsafe { bytes(image_end, size_of::<PackageHeader>() as u64) };
+    let total = match zerocopy::FromBytes::read_from_bytes(header) {
+        Ok(h) => {
+            let h: PackageHeader = h;
+            h.total_size.get()
+        }
+        Err(_) => 0,
+    };
+    // Refuse absurd sizes before mapping them as a slice.
+    let total = total.min(1 << 30);
+    // SAFETY: as above; the package was loaded with the image.
+    let raw = unsafe { bytes(image_end, total.max(size_of::<PackageHeader>() as u64)) };
+    Package::parse(raw).unwrap_or_else(|e| fatal("boot package", e))
+}
+
+/// The firmware's device tree at `addr`, bounded by its header.
+fn firmware_dtb(addr: u64) -> &'static [u8] {
+    if addr == 0 || addr % 8 != 0 {
+        fatal("device tree", "the firmware passed no device tree address in x0");
+    }
+    // SAFETY: the early map covers the device tree's 1 GiB block as normal memory.
+    let head = unsafe { bytes(addr, 8) };
+    let total = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as u64;
+    // SAFETY: as above; `discover` checks the header again and refuses a tree
+    // whose size is larger than this slice.
+    unsafe { bytes(addr, total.clamp(8, 2 << 20)) }
+}
+
+/// Cleans `[start, start + len)` to the point of coherency, so a partition
+/// that starts with its MMU and caches off sees what the core wrote.
+fn clean_dcache_to_poc(start: u64, len: u64) {
+    let ctr: u64;
+    // SAFETY: reads CTR_EL0.
+    unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    let line = 4u64 << ((ctr >> 16) & 0xf);
+    let mut addr = start & !(line - 1);
+    while addr < start + len {
+        // SAFETY: cache maintenance by VA on memory the core maps; no memory effect.
+        unsafe { core::arch::asm!("dc cvac, {}", in(reg) addr, options(nostack, preserves_flags)) };
+        addr += line;
+    }
+    // SAFETY: barriers and instruction-cache invalidation have no memory effect.
+    unsafe { core::arch::asm!("dsb sy", "ic iallu", "dsb sy", "isb", options(nostack, preserves_flags)) };
+}
+
+/// Copies `src` to physical `dst` and cleans it to PoC.
+fn place(dst: u64, src: &[u8]) {
+    // SAFETY: `dst..dst+len` is host RAM chosen by the layout plan (inside a
+    // RAM bank mapped read/write in the core's final map, disjoint from the
+    // core, the package, the firmware tree and every reserved region); `copy`
+    // tolerates overlap in any case.
+    unsafe { core::ptr::copy(src.as_ptr(), dst as *mut u8, src.len()) };
+    clean_dcache_to_poc(dst, src.len() as u64);
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn primary_main(fdt_addr: u64) -> ! {
+    heap::init_early();
+    // SAFETY: the early map makes every 1 GiB block outside the core's and the
+    // device tree's device memory, which covers the board's default UART.
+    unsafe { console::init(console::EARLY_UART_BASE) };
+    crate::log!("Moat {} EL2 core starting (boot CPU MPIDR {:#x})", moat_kernel::VERSION, sysreg::mpidr());
+
+    let image = mmu::image_sections();
+    let package = find_package(image.end);
+    if package.flags & FLAG_SEMIHOSTING_EXIT != 0 {
+        panic::allow_semihosting_exit();
+    }
+    let (dtb, dtb_source) = match package.device_tree {
+        Some(t) => (t, "boot package"),
+        None => (firmware_dtb(fdt_addr), "firmware"),
+    };
+    let platform = dt::discover(dtb).unwrap_or_else(|e| fatal("device tree", e));
+    // SAFETY: the discovered PL011 is in a 1 GiB block the early map made
+    // device memory (the core and the tree are not in MMIO space), and the
+    // final map maps it as device memory too.
+    unsafe { console::init(platform.uart.regs.base as usize) };
+    crate::log!(
+        "platform \"{}\" ({}, device tree from {dtb_source}): {} CPU(s), GICv{}, PSCI {}",
+        platform.model,
+        platform.compatible,
+        platform.cpus.len(),
+        platform.gic.version(),
+        match platform.psci.map(|p| p.conduit) {
+            Some(Conduit::Smc) => "via SMC",
+            Some(Conduit::Hvc) => "via HVC (unreachable from EL2)",
+            None => "absent",
+        }
+    );
+    for bank in &platform.memory {
+        crate::log!("RAM {:#x}..{:#x} ({} MiB)", bank.base, bank.end(), mib(bank.size));
+    }
+
+    // Plan where everything goes.
+    let host_info = layout::host_image_info(package.host_image);
+    let firmware_dtb_range = if package.device_tree.is_some() {
+        Range::new(fdt_addr.max(1), 1).unwrap_or_default()
+    } else {
+        Range::new(fdt_addr, dtb.len() as u64).unwrap_or_default()
+    };
+    let image_range = Range::new(image.start, image.end - image.start).unwrap_or_default();
+    let package_range = Range::new(image.end, package.total_size).unwrap_or_default();
+    let plan = layout::plan(&LayoutInput {
+        memory: &platform.memory,
+        reserved: &platform.reserved,
+        image: image_range,
+        heap_size: HEAP_SIZE,
+        package: package_range,
+        firmware_dtb: firmware_dtb_range,
+        host_image: host_info,
+        initrd_size: package.host_initrd.map_or(0, |i| i.len() as u64),
+    })
+    .unwrap_or_else(|e| fatal("memory layout", e));
+    crate::log!(
+        "carve-out {:#x}..{:#x} ({} MiB: core image {} KiB, heap {} MiB)",
+        plan.carve_out.base,
+        plan.carve_out.end(),
+        mib(plan.carve_out.size),
+        image_range.size >> 10,
+        mib(plan.heap.size)
+    );
+
+    // The core's final stage-1 map.
+    let mut core_mmio: heapless::Vec<Range, 4> = heapless::Vec::new();
+    let _ = core_mmio.push(platform.uart.regs);
+    mmu::switch_to_final_map(&platform.memory, &core_mmio).unwrap_or_else(|e| fatal("EL2 page tables", e));
+
+    // The host's device tree: the carve-out reserved, PSCI through the core.
+    let edits = HostDtEdits {
+        reserve_no_map: core::slice::from_ref(&plan.carve_out),
+        bootargs: package.host_bootargs,
+        initrd: plan.host_initrd,
+        psci_conduit: platform.psci.map(|_| Conduit::Hvc),
+    };
+    let host_dtb: Vec<u8> = hostdt::rewrite_for_host(dtb, &edits)
+        .unwrap_or_else(|e| fatal("host device tree", format_args!("{e:?}")));
+    if host_dtb.len() as u64 > plan.host_dtb.size {
+        fatal("host device tree", "larger than 2 MiB");
+    }
+
+    // Payloads out of the package.
+    place(plan.host_image.base, package.host_image);
+    if let (Some(dst), Some(initrd)) = (plan.host_initrd, package.host_initrd) {
+        place(dst.base, initrd);
+    }
+    place(plan.host_dtb.base, &host_dtb);
+    crate::log!(
+        "host image ({}, {} KiB) at {:#x}; device tree ({} bytes) at {:#x}{}",
+        if host_info.has_header { "arm64 Image" } else { "raw binary" },
+        package.host_image.len() >> 10,
+        plan.host_image.base,
+        host_dtb.len(),
+        plan.host_dtb.base,
+        match plan.host_initrd {
+            Some(r) => alloc::format!("; initrd ({} KiB) at {:#x}", r.size >> 10, r.base),
+            None => alloc::string::String::new(),
+        }
+    );
+    if let Some(args) = package.host_bootargs {
+        crate::log!("host command line: \"{args}\"");
+    }
+    drop(host_dtb);
+
+    // The package is consumed: keep what the core needs, forget borrowed strings.
+    let platform: Platform<'static> = Platform {
+        model: "",
+        compatible: "",
+        chosen: dt::Chosen::default(),
+        memory: platform.memory,
+        reserved: platform.reserved,
+        cpus: platform.cpus,
+        uart: platform.uart,
+        gic: platform.gic,
+        psci: platform.psci,
+        devices_top: platform.devices_top,
+    };
+    // SAFETY: the heap lies in the carve-out, is mapped read/write, and
+    // nothing reads the package (which lay there) any more.
+    unsafe { heap::add_region(plan.heap.base as usize, plan.heap.size as usize) };
+
+    // The host's stage-2.
+    let features = sysreg::cpu_features();
+    let ipa_bits = el2config::ipa_bits(&features);
+    let (vtcr, start_level) = el2config::vtcr(ipa_bits, features.pa_range);
+    let mut withheld: heapless::Vec<Range, 4> = heapless::Vec::new();
+    let _ = withheld.push(plan.carve_out);
+    if let Gic::V2 { hyp_interface: Some(gich), .. } = &platform.gic {
+        let _ = withheld.push(*gich);
+    }
+    let device_top = platform.devices_top.max(platform.uart.regs.end());
+    let regions = s2plan::host_regions(&platform.memory, &withheld, device_top, 1u64 << ipa_bits)
+        .unwrap_or_else(|e| fatal("host stage-2 plan", format_args!("{e:?}")));
+    let host_s2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, &regions)
+        .unwrap_or_else(|e| fatal("host stage-2", e));
+    let vttbr = host_s2.vttbr();
+    let _ = alloc::boxed::Box::leak(alloc::boxed::Box::new(host_s2));
+    crate::log!(
+        "host stage-2: {} regions, {}-bit IPA, VMID {HOST_VMID}; heap {} KiB used of {} MiB",
+        regions.len(),
+        ipa_bits,
+        heap::used_bytes() >> 10,
+        heap::total_bytes() >> 20
+    );
+
+    let host_el2 = HostEl2Config {
+        hcr: el2config::host_hcr(&features, true),
+        cptr: el2config::host_cptr(&features),
+        mdcr: el2config::host_mdcr(sysreg::pmu_counters(&features)),
+        vtcr,
+        vttbr,
+    };
+    let machine = MACHINE.call_once(|| Machine {
+        firmware: FirmwareConduit::new(platform.psci.map(|p| p.conduit)),
+        platform,
+        cpu: features,
+        host_el2,
+        carve_out: plan.carve_out,
+    });
+
+    let boot_affinity = moat_kernel::psci::mpidr_affinity(sysreg::mpidr());
+    let index = machine.cpu_index_of(boot_affinity).unwrap_or(0);
+    crate::log!("entering the host at {:#x} on CPU {index} (EL1h, x0 = device tree)", plan.host_image.base);
+    enter_host(index, plan.host_image.base, plan.host_dtb.base)
+}
+
+/// Configures this CPU for the host and enters it at `entry` with `x0`.
+fn enter_host(index: usize, entry: u64, x0: u64) -> ! {
+    let m = machine();
+    let Some(slot) = cpu::get(index) else { fatal("CPU", "logical index out of range") };
+    slot.set_power(PowerState::On);
+    let frame = slot.host_frame();
+    // SAFETY: this CPU owns its slot's frame; the host has not run on it yet
+    // (or is re-entering through CPU_ON/resume, where its old state is gone).
+    unsafe { *frame = GuestRegs::el1h_entry(entry, x0) };
+    // SAFETY: the host stage-2 in `vttbr` was leaked and lives forever; we
+    // are about to enter the host on this CPU.
+    unsafe { sysreg::configure_for_host(&m.cpu, &m.host_el2) };
+    // SAFETY: `frame` is this CPU's host frame, fully initialised above.
+    unsafe { resume_partition(frame) }
+}
+
+/// Secondary CPUs: started by the PSCI relay, or resuming from a powerdown suspend.
+#[unsafe(no_mangle)]
+extern "C" fn secondary_main(index: u64) -> ! {
+    let index = index as usize;
+    let Some(slot) = cpu::get(index) else { panic::park() };
+    let (entry, context) = slot.host_entry();
+    match slot.power() {
+        PowerState::OnPending | PowerState::Suspended => {}
+        other => {
+            crate::log!("CPU {index} entered the core in state {other:?}; parking it");
+            panic::park()
+        }
+    }
+    enter_host(index, entry, context)
+}

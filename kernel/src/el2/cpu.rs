@@ -1,0 +1,120 @@
+//! Per-CPU state.
+//!
+//! Each physical CPU has a `PerCpu` slot, indexed by its logical number (its
+//! position in the device tree's `/cpus`). The host's register frame is the
+//! first field, so the pointer TPIDR_EL2 holds while the host runs is also the
+//! pointer to the slot. The power state is what the PSCI relay checks before
+//! starting or stopping a CPU.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use moat_kernel::regs::GuestRegs;
+
+/// Most CPUs the core runs on (stacks are sized for this many).
+pub const MAX_CPUS: usize = 8;
+
+/// A CPU's power state as the relay tracks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PowerState {
+    Off = 0,
+    OnPending = 1,
+    On = 2,
+    /// In a powerdown CPU_SUSPEND: will come back through `secondary_entry`.
+    Suspended = 3,
+}
+
+impl PowerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::OnPending,
+            2 => Self::On,
+            3 => Self::Suspended,
+            _ => Self::Off,
+        }
+    }
+}
+
+#[repr(C)]
+pub struct PerCpu {
+    /// The host vCPU's registers while it is stopped in the core.
+    host: UnsafeCell<GuestRegs>,
+    pub index: usize,
+    power: AtomicU8,
+    /// Where the host asked this CPU to start (CPU_ON / resume), and its x0.
+    entry: AtomicU64,
+    context: AtomicU64,
+}
+
+// SAFETY: `host` is only touched by the CPU the slot belongs to (while its
+// host vCPU is stopped in the core, or before it first runs); every other
+// field is atomic.
+unsafe impl Sync for PerCpu {}
+
+impl PerCpu {
+    const fn new(index: usize) -> Self {
+        Self {
+            host: UnsafeCell::new(GuestRegs { x: [0; 31], pc: 0, pstate: 0 }),
+            index,
+            power: AtomicU8::new(PowerState::Off as u8),
+            entry: AtomicU64::new(0),
+            context: AtomicU64::new(0),
+        }
+    }
+
+    pub fn power(&self) -> PowerState {
+        PowerState::from_u8(self.power.load(Ordering::Acquire))
+    }
+
+    pub fn set_power(&self, s: PowerState) {
+        self.power.store(s as u8, Ordering::Release);
+    }
+
+    /// Moves `from` → `to` atomically; returns the state found on failure.
+    pub fn transition(&self, from: PowerState, to: PowerState) -> Result<(), PowerState> {
+        self.power
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| ())
+            .map_err(PowerState::from_u8)
+    }
+
+    pub fn set_host_entry(&self, entry: u64, context: u64) {
+        self.entry.store(entry, Ordering::Relaxed);
+        self.context.store(context, Ordering::Release);
+    }
+
+    pub fn host_entry(&self) -> (u64, u64) {
+        let context = self.context.load(Ordering::Acquire);
+        (self.entry.load(Ordering::Relaxed), context)
+    }
+
+    /// The host frame's address (what TPIDR_EL2 holds while the host runs).
+    pub fn host_frame(&self) -> *mut GuestRegs {
+        self.host.get()
+    }
+}
+
+static CPUS: [PerCpu; MAX_CPUS] = {
+    let mut i = 0;
+    let mut cpus = [const { PerCpu::new(0) }; MAX_CPUS];
+    while i < MAX_CPUS {
+        cpus[i] = PerCpu::new(i);
+        i += 1;
+    }
+    cpus
+};
+
+pub fn get(index: usize) -> Option<&'static PerCpu> {
+    CPUS.get(index)
+}
+
+/// The slot whose host frame is `frame`.
+///
+/// # Safety
+///
+/// `frame` must be a pointer obtained from [`PerCpu::host_frame`].
+pub unsafe fn from_host_frame(frame: *mut GuestRegs) -> &'static PerCpu {
+    // SAFETY: `host` is the first field of a `#[repr(C)]` PerCpu that lives in
+    // the static `CPUS`, so the frame pointer is the slot pointer.
+    unsafe { &*(frame as *const PerCpu) }
+}

@@ -1,0 +1,163 @@
+//! SMCCC calls from the host: the standard queries, the PSCI relay and
+//! Moat's own hypercalls.
+//!
+//! Results follow SMCCC: x0 is the status (or the first result), x1..x3 the
+//! rest; an unknown function answers NOT_SUPPORTED (-1) and changes nothing.
+
+use super::cpu::{self, PerCpu, PowerState};
+use super::boot::machine;
+use moat_abi::{ABI_VERSION, MOAT_UID, hypercall, smccc};
+use moat_kernel::psci::{self, PsciCall, ret};
+use moat_kernel::regs::GuestRegs;
+
+unsafe extern "C" {
+    fn secondary_entry();
+}
+
+const NOT_SUPPORTED: u64 = smccc::NOT_SUPPORTED;
+
+fn psci_result(regs: &mut GuestRegs, code: i64) {
+    regs.set_smccc_result([code as u64, 0, 0, 0]);
+}
+
+/// Handles one SMCCC call whose registers are in `regs`.
+pub fn handle_call(this_cpu: &PerCpu, regs: &mut GuestRegs, imm: u16) {
+    let function = regs.x[0] as u32;
+    if imm != 0 {
+        // SMCCC reserves non-zero immediates.
+        regs.x[0] = NOT_SUPPORTED;
+        return;
+    }
+    match smccc::owner(function) {
+        smccc::OWNER_ARCH => arch_call(regs, function),
+        smccc::OWNER_STANDARD if psci::is_psci(function) => psci_call(this_cpu, regs, function),
+        smccc::OWNER_VENDOR_HYP => moat_call(regs, function),
+        _ => regs.x[0] = NOT_SUPPORTED,
+    }
+}
+
+fn arch_call(regs: &mut GuestRegs, function: u32) {
+    regs.x[0] = match function {
+        smccc::SMCCC_VERSION => smccc::IMPLEMENTED_VERSION,
+        smccc::SMCCC_ARCH_FEATURES => match regs.x[1] as u32 {
+            smccc::SMCCC_VERSION | smccc::SMCCC_ARCH_FEATURES => 0,
+            // The Spectre workarounds and SoC id are not offered.
+            _ => NOT_SUPPORTED,
+        },
+        _ => NOT_SUPPORTED,
+    };
+}
+
+fn moat_call(regs: &mut GuestRegs, function: u32) {
+    match function {
+        hypercall::NULL => regs.x[0] = 0,
+        hypercall::ABI_VERSION => regs.set_smccc_result([0, u64::from(ABI_VERSION), 0, 0]),
+        smccc::VENDOR_HYP_CALL_UID => {
+            let [a, b, c, d] = MOAT_UID.map(u64::from);
+            regs.set_smccc_result([a, b, c, d]);
+        }
+        smccc::VENDOR_HYP_REVISION => regs.set_smccc_result([u64::from(ABI_VERSION >> 16), u64::from(ABI_VERSION & 0xffff), 0, 0]),
+        _ => regs.x[0] = NOT_SUPPORTED,
+    }
+}
+
+fn forward(function: u32, regs: &GuestRegs) -> [u64; 18] {
+    let mut args = [0u64; 17];
+    args[..3].copy_from_slice(&regs.x[1..4]);
+    machine().firmware.call(function, args)
+}
+
+fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
+    match psci::decode(function, regs.x[1], regs.x[2], regs.x[3]) {
+        PsciCall::Forward { function, ends_machine } => {
+            if ends_machine {
+                crate::log!(
+                    "host CPU {} asked for {}; handing over to firmware",
+                    this_cpu.index,
+                    match function {
+                        smccc_psci::PSCI_SYSTEM_OFF => "SYSTEM_OFF",
+                        smccc_psci::PSCI_SYSTEM_RESET => "SYSTEM_RESET",
+                        _ => "SYSTEM_RESET2",
+                    }
+                );
+                super::console::flush();
+            }
+            let r = forward(function, regs);
+            regs.set_smccc_result([r[0], 0, 0, 0]);
+        }
+        PsciCall::Features { queried } => {
+            let r = if queried == smccc::SMCCC_VERSION {
+                ret::SUCCESS as u64
+            } else if psci::relay_supports(queried) {
+                let mut args = [0u64; 17];
+                args[0] = u64::from(queried);
+                machine().firmware.call(function, args)[0]
+            } else {
+                NOT_SUPPORTED
+            };
+            regs.set_smccc_result([r, 0, 0, 0]);
+        }
+        PsciCall::CpuOn { target_mpidr, entry, context } => {
+            let code = cpu_on(target_mpidr, entry, context, function);
+            psci_result(regs, code);
+        }
+        PsciCall::CpuOff => {
+            this_cpu.set_power(PowerState::Off);
+            let r = forward(function, regs);
+            // CPU_OFF only returns on failure.
+            this_cpu.set_power(PowerState::On);
+            psci_result(regs, r[0] as i64);
+        }
+        PsciCall::CpuSuspend { power_state, entry, context } => {
+            let powerdown = psci::is_powerdown_state(power_state);
+            if powerdown {
+                this_cpu.set_host_entry(entry, context);
+                this_cpu.set_power(PowerState::Suspended);
+            }
+            let mut args = [0u64; 17];
+            args[0] = power_state;
+            args[1] = secondary_entry as *const () as u64;
+            args[2] = this_cpu.index as u64;
+            let r = machine().firmware.call(function | (1 << 30), args);
+            // Back here: a standby state, or a refused request.
+            this_cpu.set_power(PowerState::On);
+            psci_result(regs, r[0] as i64);
+        }
+        PsciCall::NotSupported => psci_result(regs, ret::NOT_SUPPORTED),
+    }
+}
+
+/// CPU_ON through the core: the firmware starts the CPU in the core's
+/// `secondary_entry` with the logical index as context, and the core then
+/// enters the host at `entry` with `context` in x0.
+fn cpu_on(target_mpidr: u64, entry: u64, context: u64, function: u32) -> i64 {
+    let m = machine();
+    let target = psci::mpidr_affinity(target_mpidr);
+    let Some(index) = m.cpu_index_of(target) else {
+        return ret::INVALID_PARAMETERS;
+    };
+    let Some(slot) = cpu::get(index) else {
+        return ret::INVALID_PARAMETERS;
+    };
+    if !m.host_may_execute(entry) {
+        return ret::INVALID_PARAMETERS;
+    }
+    match slot.transition(PowerState::Off, PowerState::OnPending) {
+        Ok(()) => {}
+        Err(PowerState::OnPending) => return ret::ON_PENDING,
+        Err(_) => return ret::ALREADY_ON,
+    }
+    slot.set_host_entry(entry, context);
+    let mut args = [0u64; 17];
+    args[0] = target;
+    args[1] = secondary_entry as *const () as u64;
+    args[2] = index as u64;
+    // Always the SMC64 form: the core's entry point is a 64-bit address.
+    let r = m.firmware.call(function | (1 << 30), args)[0] as i64;
+    if r != ret::SUCCESS {
+        slot.set_power(PowerState::Off);
+    }
+    r
+}
+
+use ::smccc::psci as smccc_psci;

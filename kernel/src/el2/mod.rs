@@ -1,0 +1,16 @@
+//! The code that runs at EL2. Every `unsafe` block in the core lives under
+//! this module and carries the argument for its soundness.
+
+pub mod boot;
+pub mod console;
+pub mod cpu;
+pub mod heap;
+pub mod hvc;
+pub mod mmu;
+pub mod panic;
+pub mod stage2;
+pub mod sysreg;
+pub mod trap;
+
+core::arch::global_asm!(include_str!("../arch/entry.S"));
+core::arch::global_asm!(include_str!("../arch/vectors.S"));

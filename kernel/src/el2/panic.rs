@@ -1,0 +1,106 @@
+//! The fatal path: a bug in the core (a Rust panic or an exception taken at
+//! EL2) prints what is known — the message, ESR/FAR/ELR/SPSR, the registers
+//! and the frame-pointer chain — then stops the machine.
+//!
+//! Stopping: this CPU parks. Other CPUs park at their next entry to the core
+//! (every trap checks the flag first). When the image runs under QEMU with
+//! semihosting enabled (a boot package flag), the core also ends the emulation
+//! with a non-zero status so test runs fail fast instead of hanging.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+use moat_kernel::regs::GuestRegs;
+
+static STOPPING: AtomicBool = AtomicBool::new(false);
+static SEMIHOSTING_EXIT: AtomicBool = AtomicBool::new(false);
+
+/// Allows the fatal path to end a QEMU run through semihosting.
+pub fn allow_semihosting_exit() {
+    SEMIHOSTING_EXIT.store(true, Ordering::Relaxed);
+}
+
+/// Whether the machine is stopping; CPUs entering the core then park.
+pub fn is_stopping() -> bool {
+    STOPPING.load(Ordering::Relaxed)
+}
+
+/// Parks this CPU forever.
+pub fn park() -> ! {
+    loop {
+        // SAFETY: WFE only waits for an event; it has no memory effects.
+        unsafe { core::arch::asm!("wfe", options(nomem, nostack, preserves_flags)) };
+    }
+}
+
+/// Ends a QEMU run with `code` (semihosting SYS_EXIT_EXTENDED), if allowed.
+pub fn semihosting_exit(code: u64) {
+    if !SEMIHOSTING_EXIT.load(Ordering::Relaxed) {
+        return;
+    }
+    // ADP_Stopped_ApplicationExit, with the exit status.
+    let block: [u64; 2] = [0x2_0026, code];
+    // SAFETY: HLT #0xf000 is the AArch64 semihosting trap; QEMU (run with
+    // semihosting enabled, which the package flag asserts) services it by
+    // reading `block` and exiting. It does not return.
+    unsafe {
+        core::arch::asm!("hlt #0xf000", in("x0") 0x20u64, in("x1") block.as_ptr(), options(nostack));
+    }
+}
+
+/// Stops the machine after a fatal error.
+pub fn stop(code: u64) -> ! {
+    STOPPING.store(true, Ordering::Relaxed);
+    super::console::flush();
+    semihosting_exit(code);
+    park()
+}
+
+/// Prints up to 16 frame records starting at `fp`.
+fn print_backtrace(mut fp: u64) {
+    let (lo, hi) = super::boot::stack_bounds();
+    for depth in 0..16 {
+        if fp < lo || fp + 16 > hi || fp % 16 != 0 {
+            break;
+        }
+        // SAFETY: `fp` lies inside the core's stacks (checked above) and is
+        // 16-byte aligned; a frame record is two words.
+        let (next, lr) = unsafe { (*(fp as *const u64), *((fp + 8) as *const u64)) };
+        super::console::print_fatal(format_args!("  #{depth} lr {lr:#018x} fp {fp:#018x}"));
+        if next <= fp {
+            break;
+        }
+        fp = next;
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    super::console::print_fatal(format_args!("PANIC: {info}"));
+    let fp: u64;
+    // SAFETY: reads the frame pointer register.
+    unsafe { core::arch::asm!("mov {}, x29", out(reg) fp, options(nomem, nostack, preserves_flags)) };
+    print_backtrace(fp);
+    stop(2)
+}
+
+/// Exceptions taken at EL2: always a bug in the core.
+#[unsafe(no_mangle)]
+extern "C" fn handle_el2_exception(frame: *const GuestRegs, kind: u64) -> ! {
+    // SAFETY: the vector saved a full frame on the stack and passed its address.
+    let f = unsafe { &*frame };
+    let esr = super::sysreg::esr_el2();
+    let far = super::sysreg::far_el2();
+    super::console::print_fatal(format_args!(
+        "FATAL: exception at EL2 (vector {kind}): ESR_EL2 {esr:#010x} FAR_EL2 {far:#018x} ELR_EL2 {:#018x} SPSR_EL2 {:#010x}",
+        f.pc, f.pstate
+    ));
+    for row in 0..8 {
+        let r = row * 4;
+        let reg = |n: usize| f.x.get(n).copied().unwrap_or(0);
+        super::console::print_fatal(format_args!(
+            "  x{:<2} {:#018x}  x{:<2} {:#018x}  x{:<2} {:#018x}  x{:<2} {:#018x}",
+            r, reg(r), r + 1, reg(r + 1), r + 2, reg(r + 2), r + 3, reg(r + 3)
+        ));
+    }
+    print_backtrace(f.x[29]);
+    stop(3)
+}

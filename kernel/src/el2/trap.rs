@@ -1,0 +1,107 @@
+//! Traps from partitions: decode, route, apply.
+//!
+//! `handle_lower_exception` is what the vectors call with the stopped vCPU's
+//! frame. It returns the frame to resume. Nothing a partition does may crash
+//! the core: every class is either served, turned into the exception the
+//! architecture would have raised, or logged and refused.
+
+use super::{cpu, hvc, sysreg};
+use moat_abi::hypercall;
+use moat_kernel::esr::{StageTwoAbort, Trap};
+use moat_kernel::inject::{self, El1Context, Injection};
+use moat_kernel::regs::GuestRegs;
+
+/// Vector slot numbers passed by `vectors.S`.
+const LOWER_SYNC: u64 = 8;
+
+/// ESR_EL2 of `hvc #0` from AArch64 EL1.
+const ESR_HVC0: u64 = 0x5a00_0000;
+
+#[unsafe(no_mangle)]
+extern "C" fn handle_lower_exception(frame: *mut GuestRegs, kind: u64) -> *mut GuestRegs {
+    if super::panic::is_stopping() {
+        super::panic::park();
+    }
+    // SAFETY: TPIDR_EL2 pointed at this CPU's host frame, which the vector
+    // just filled; nothing else accesses it while the host is stopped here.
+    let regs = unsafe { &mut *frame };
+    if kind != LOWER_SYNC {
+        unexpected_vector(regs, kind);
+        return frame;
+    }
+    let esr = sysreg::esr_el2();
+    // The null hypercall is the floor of every call's cost; answer it first.
+    if esr == ESR_HVC0 && regs.x[0] as u32 == hypercall::NULL {
+        regs.x[0] = 0;
+        return frame;
+    }
+    // SAFETY: the host frame is the first field of its PerCpu slot.
+    let this_cpu = unsafe { cpu::from_host_frame(frame) };
+    match Trap::decode(esr) {
+        Trap::Hvc { imm } => hvc::handle_call(this_cpu, regs, imm),
+        Trap::Smc { imm } => {
+            // A trapped SMC leaves ELR at the SMC itself.
+            regs.pc = regs.pc.wrapping_add(4);
+            hvc::handle_call(this_cpu, regs, imm);
+        }
+        Trap::StageTwo(abort) => host_stage2_abort(regs, &abort),
+        Trap::SysReg(access) => {
+            crate::log!(
+                "host CPU {}: system register access op0={} op1={} CRn={} CRm={} op2={} at {:#x} is not implemented: UNDEFINED",
+                this_cpu.index, access.op0, access.op1, access.crn, access.crm, access.op2, regs.pc
+            );
+            inject_undef(regs);
+        }
+        Trap::Wfx { .. } | Trap::Other { .. } => {
+            crate::log!(
+                "host CPU {}: unexpected trap ESR_EL2 {esr:#010x} at {:#x}: UNDEFINED",
+                this_cpu.index, regs.pc
+            );
+            inject_undef(regs);
+        }
+    }
+    frame
+}
+
+fn el1_context() -> El1Context {
+    El1Context {
+        vbar_el1: sysreg::vbar_el1(),
+        sctlr_el1: sysreg::sctlr_el1(),
+        mte_implemented: super::boot::machine().cpu.mte,
+    }
+}
+
+fn apply(regs: &mut GuestRegs, inj: &Injection) {
+    sysreg::write_el1_exception(inj.esr_el1, inj.elr_el1, inj.spsr_el1, inj.far_el1);
+    regs.pc = inj.pc;
+    regs.pstate = inj.pstate;
+}
+
+/// Delivers an Undefined Instruction exception for the instruction at `regs.pc`.
+pub fn inject_undef(regs: &mut GuestRegs) {
+    let inj = inject::undefined_instruction(regs.pc, regs.pstate, &el1_context());
+    apply(regs, &inj);
+}
+
+/// The host touched an IPA its stage-2 does not map: memory it does not own.
+/// It gets a synchronous external abort, as a bus error on that access would
+/// give it; the core keeps running.
+fn host_stage2_abort(regs: &mut GuestRegs, abort: &StageTwoAbort) {
+    let far = sysreg::far_el2();
+    let ipa = sysreg::fault_ipa();
+    crate::log!(
+        "host {} at {:#x} to IPA {ipa:#x} denied ({:?}): synchronous external abort injected",
+        if abort.is_instruction { "fetch" } else if abort.is_write { "write" } else { "read" },
+        regs.pc,
+        abort.fault
+    );
+    let inj = inject::external_abort(regs.pc, regs.pstate, &el1_context(), abort.is_instruction, abort.is_write, far);
+    apply(regs, &inj);
+}
+
+fn unexpected_vector(regs: &GuestRegs, kind: u64) {
+    // IRQ/FIQ/SError are routed to EL1 (HCR_EL2.IMO/FMO/AMO clear) and
+    // AArch32 EL1 is disabled (HCR_EL2.RW), so these cannot happen on a
+    // correctly configured CPU; report and resume.
+    crate::log!("unexpected exception vector {kind} from a partition at {:#x}; resuming", regs.pc);
+}

@@ -1,0 +1,210 @@
+//! The EL2 control-register values the core runs a host with, each bit
+//! explained. Computed from the CPU's ID registers so the same code serves
+//! QEMU's `max` CPU (SVE, SME, MTE), a Cortex-A72 (none of them) and an FVP.
+
+/// HCR_EL2 bits the core uses.
+pub mod hcr {
+    /// Stage-2 translation on for EL1&0.
+    pub const VM: u64 = 1 << 0;
+    /// Trap SMC from EL1: the host's firmware calls go through the core.
+    pub const TSC: u64 = 1 << 19;
+    /// Trap ID group 3 (the ID_AA64* registers) — used for partitions whose
+    /// feature view the core edits.
+    pub const TID3: u64 = 1 << 18;
+    /// Trap WFI / WFE.
+    pub const TWI: u64 = 1 << 13;
+    pub const TWE: u64 = 1 << 14;
+    /// Route physical IRQ / FIQ / SError to EL2.
+    pub const IMO: u64 = 1 << 4;
+    pub const FMO: u64 = 1 << 3;
+    pub const AMO: u64 = 1 << 5;
+    /// EL1 is AArch64.
+    pub const RW: u64 = 1 << 31;
+    /// Do not trap pointer-authentication key registers / instructions.
+    pub const APK: u64 = 1 << 40;
+    pub const API: u64 = 1 << 41;
+    /// EL1/EL0 may access allocation tags (MTE).
+    pub const ATA: u64 = 1 << 56;
+    /// Trap GMID_EL1 (ID group 5).
+    pub const TID5: u64 = 1 << 58;
+}
+
+/// What the core needs to know about the CPU to configure EL2.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuFeatures {
+    /// ID_AA64MMFR0_EL1.PARange, raw.
+    pub pa_range: u8,
+    /// ID_AA64PFR1_EL1.MTE >= 2 (tag storage present).
+    pub mte: bool,
+    /// ID_AA64PFR0_EL1.SVE != 0.
+    pub sve: bool,
+    /// ID_AA64PFR1_EL1.SME != 0.
+    pub sme: bool,
+    /// ID_AA64PFR0_EL1.GIC != 0: the GIC system-register interface exists.
+    pub gic_sysregs: bool,
+    /// ID_AA64MMFR1_EL1.HCX != 0: HCRX_EL2 exists.
+    pub hcx: bool,
+    /// ID_AA64MMFR0_EL1.FGT != 0: fine-grained trap registers exist.
+    pub fgt: bool,
+    /// ID_AA64DFR0_EL1.PMUVer is a PMUv3 version.
+    pub pmuv3: bool,
+}
+
+impl CpuFeatures {
+    /// Decodes the ID registers.
+    pub fn from_id_regs(pfr0: u64, pfr1: u64, mmfr0: u64, mmfr1: u64, dfr0: u64) -> Self {
+        let field = |reg: u64, shift: u32| ((reg >> shift) & 0xf) as u8;
+        let pmuver = field(dfr0, 8);
+        Self {
+            pa_range: field(mmfr0, 0),
+            mte: field(pfr1, 8) >= 2,
+            sve: field(pfr0, 32) != 0,
+            sme: field(pfr1, 24) != 0,
+            gic_sysregs: field(pfr0, 24) != 0,
+            hcx: field(mmfr1, 40) != 0,
+            fgt: field(mmfr0, 56) != 0,
+            pmuv3: pmuver != 0 && pmuver != 0xf,
+        }
+    }
+
+    /// Physical address bits implemented.
+    pub fn pa_bits(&self) -> u32 {
+        match self.pa_range {
+            0 => 32,
+            1 => 36,
+            2 => 40,
+            3 => 42,
+            4 => 44,
+            5 => 48,
+            _ => 52,
+        }
+    }
+}
+
+/// HCR_EL2 for the host.
+///
+/// Set: VM (the host runs under its stage-2), RW (AArch64 EL1), API/APK (the
+/// host's pointer authentication is its own business), TSC (SMCs reach the
+/// core, so the host cannot talk to firmware behind its back — PSCI CPU_ON
+/// in particular must go through the relay), ATA when MTE is implemented and
+/// `host_mte` allows it.
+/// Clear: IMO/FMO/AMO (the host takes its own interrupts; the core is never in
+/// the interrupt path), TWI/TWE, TID3, TGE/E2H (the core is a plain nVHE EL2).
+/// With MTE implemented but the host's policy off, TID5 hides GMID_EL1 and
+/// ATA stays clear.
+pub fn host_hcr(cpu: &CpuFeatures, host_mte: bool) -> u64 {
+    let mut v = hcr::VM | hcr::RW | hcr::API | hcr::APK | hcr::TSC;
+    if cpu.mte {
+        if host_mte {
+            v |= hcr::ATA;
+        } else {
+            v |= hcr::TID5;
+        }
+    }
+    v
+}
+
+/// CPTR_EL2 (nVHE layout) that traps nothing the host may use: FP/SIMD
+/// (TFP, bit 10), SVE (TZ, bit 8) and SME (TSM, bit 12) are all left to EL1.
+/// Bits 13, 9 and 7:0 are RES1; TZ and TSM are RES1 too when the feature is
+/// absent.
+pub fn host_cptr(cpu: &CpuFeatures) -> u64 {
+    let mut v: u64 = (1 << 13) | (1 << 9) | 0xff;
+    if !cpu.sve {
+        v |= 1 << 8;
+    }
+    if !cpu.sme {
+        v |= 1 << 12;
+    }
+    v
+}
+
+/// CNTHCTL_EL2 (E2H = 0): EL1 may read the physical counter and use the
+/// physical timer (EL1PCTEN, EL1PCEN).
+pub const HOST_CNTHCTL: u64 = 0b11;
+
+/// ICC_SRE_EL2: SRE (EL2 uses system registers), DFB, DIB, and Enable (EL1
+/// may use ICC_SRE_EL1 to turn on its own system-register interface).
+pub const HOST_ICC_SRE_EL2: u64 = 0b1111;
+
+/// MDCR_EL2 for the host: HPMN = all counters belong to EL1, nothing trapped.
+pub fn host_mdcr(pmcr_n: u64) -> u64 {
+    pmcr_n & 0x1f
+}
+
+/// SCTLR_EL1 for a vCPU entering at reset: MMU and caches off, RES1 bits set.
+pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+
+/// VTCR_EL2 for a stage-2 covering `ipa_bits` of IPA with a 4 KiB granule,
+/// together with the level its walk starts at.
+///
+/// The walk starts at level 0 for 40–48 bits and at level 1 below that, so no
+/// concatenated root tables are needed. Table walks are inner-shareable,
+/// write-back cacheable; VMIDs are 8 bits.
+pub fn vtcr(ipa_bits: u32, pa_range: u8) -> (u64, usize) {
+    let ipa_bits = ipa_bits.clamp(32, 48);
+    let t0sz = u64::from(64 - ipa_bits);
+    let (sl0, start_level) = if ipa_bits >= 40 { (0b10, 0) } else { (0b01, 1) };
+    let ps = u64::from(pa_range.min(5));
+    let v = (1 << 31) // RES1
+        | (ps << 16)
+        | (0b00 << 14) // TG0: 4 KiB
+        | (0b11 << 12) // SH0: inner shareable
+        | (0b01 << 10) // ORGN0: write-back
+        | (0b01 << 8) // IRGN0: write-back
+        | (sl0 << 6)
+        | t0sz;
+    (v, start_level)
+}
+
+/// The IPA size the core gives partitions: what the CPU implements, capped
+/// at 48 bits (no LPA2).
+pub fn ipa_bits(cpu: &CpuFeatures) -> u32 {
+    cpu.pa_bits().min(48)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vtcr_for_common_pa_ranges() {
+        // 48-bit (QEMU max): T0SZ 16, SL0 level 0, PS 5.
+        assert_eq!(vtcr(48, 5), (0x8005_3590, 0));
+        // 44-bit (Cortex-A72): T0SZ 20, level 0, PS 4.
+        assert_eq!(vtcr(44, 4), (0x8004_3594, 0));
+        // 36-bit: T0SZ 28, level 1.
+        assert_eq!(vtcr(36, 1), (0x8001_355c, 1));
+    }
+
+    #[test]
+    fn hcr_follows_mte_policy() {
+        let mut cpu = CpuFeatures::default();
+        let base = hcr::VM | hcr::RW | hcr::API | hcr::APK | hcr::TSC;
+        assert_eq!(host_hcr(&cpu, true), base);
+        cpu.mte = true;
+        assert_eq!(host_hcr(&cpu, true), base | hcr::ATA);
+        assert_eq!(host_hcr(&cpu, false), base | hcr::TID5);
+    }
+
+    #[test]
+    fn cptr_res1_bits_follow_features() {
+        let mut cpu = CpuFeatures::default();
+        assert_eq!(host_cptr(&cpu), 0x33ff);
+        cpu.sve = true;
+        cpu.sme = true;
+        assert_eq!(host_cptr(&cpu), 0x22ff);
+    }
+
+    #[test]
+    fn id_register_decode() {
+        // MTE = 2 in PFR1[11:8], SVE in PFR0[35:32], PARange 5.
+        let f = CpuFeatures::from_id_regs(1 << 32 | 1 << 24, 2 << 8, 5, 0, 1 << 8);
+        assert!(f.mte && f.sve && f.gic_sysregs && f.pmuv3 && !f.sme);
+        assert_eq!(f.pa_bits(), 48);
+        let f = CpuFeatures::from_id_regs(0, 1 << 8, 2, 0, 0xf << 8);
+        assert!(!f.mte, "MTE = 1 has no tag storage");
+        assert!(!f.pmuv3, "PMUVer 0xf is IMPLEMENTATION DEFINED, not PMUv3");
+        assert_eq!(ipa_bits(&f), 40);
+    }
+}

@@ -1,0 +1,20 @@
+//! The Moat EL2 core: the pure logic.
+//!
+//! Everything here is `no_std`, free of `asm!` and unit-tested on the
+//! development machine: trap decoding, exception injection, the EL2 register
+//! values, the boot memory layout, the host stage-2 plan and the PSCI relay's
+//! decisions. The code that runs at EL2 (`src/main.rs` and `src/el2/`) is a
+//! thin layer that reads and writes system registers around these functions.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+pub mod el2config;
+pub mod esr;
+pub mod inject;
+pub mod layout;
+pub mod psci;
+pub mod regs;
+pub mod s2plan;
+
+/// The version string the core prints at boot.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
