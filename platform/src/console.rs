@@ -26,7 +26,9 @@ impl Pl011Console {
         // SAFETY: the caller guarantees `base` is a live, exclusively owned
         // PL011 register block.
         let regs = unsafe { UniqueMmioPointer::new(regs) };
-        Self { uart: Uart::new(regs) }
+        Self {
+            uart: Uart::new(regs),
+        }
     }
 
     /// Writes one byte, waiting while the transmit FIFO is full.

@@ -270,14 +270,26 @@ pub fn discover(dtb: &[u8]) -> Result<Platform<'_>, DtError> {
     }
     tree.walk(|ancestors, node| survey.visit(ancestors, node))?;
 
-    let Survey { memory, reserved, cpus, gic, psci, first_uart, stdout_uart, .. } = survey;
+    let Survey {
+        memory,
+        reserved,
+        cpus,
+        gic,
+        psci,
+        first_uart,
+        stdout_uart,
+        ..
+    } = survey;
     if memory.is_empty() {
         return Err(DtError::NoMemory);
     }
     if cpus.is_empty() {
         return Err(DtError::NoCpus);
     }
-    let uart = stdout_uart.flatten().or(first_uart).ok_or(DtError::NoUart)?;
+    let uart = stdout_uart
+        .flatten()
+        .or(first_uart)
+        .ok_or(DtError::NoUart)?;
     let gic = gic.ok_or(DtError::NoGic)?;
     let devices_top = devices_top(&tree, &memory)?;
 
@@ -320,8 +332,12 @@ const HEADER_SIZE_DT_STRUCT: usize = 9;
 pub(crate) const PSCI_COMPATIBLE: [&str; 3] = ["arm,psci", "arm,psci-0.2", "arm,psci-1.0"];
 const PL011_COMPATIBLE: [&str; 1] = ["arm,pl011"];
 const GICV3_COMPATIBLE: [&str; 1] = ["arm,gic-v3"];
-const GICV2_COMPATIBLE: [&str; 4] =
-    ["arm,cortex-a15-gic", "arm,gic-400", "arm,cortex-a9-gic", "arm,arm11mp-gic"];
+const GICV2_COMPATIBLE: [&str; 4] = [
+    "arm,cortex-a15-gic",
+    "arm,gic-400",
+    "arm,cortex-a9-gic",
+    "arm,arm11mp-gic",
+];
 /// `reg` entries of a GIC node looked at: the distributor plus either the
 /// redistributor regions (GICv3) or GICC, GICH and GICV (GICv2).
 const GIC_REGS: usize = MAX_REDIST_REGIONS + 4;
@@ -390,7 +406,10 @@ impl<'a> Tree<'a> {
     pub(crate) fn open(dtb: &'a [u8]) -> Result<Self, DtError> {
         let available = dtb.len();
         let Some(magic) = be32(dtb, 0) else {
-            return Err(DtError::Truncated { available, needed: HEADER_LEN });
+            return Err(DtError::Truncated {
+                available,
+                needed: HEADER_LEN,
+            });
         };
         if magic != FDT_MAGIC {
             return Err(DtError::BadMagic(magic));
@@ -402,10 +421,14 @@ impl<'a> Tree<'a> {
         let field = |index: usize| be32(dtb, index * 4).unwrap_or(0);
         let totalsize = to_usize(field(HEADER_TOTALSIZE));
         if totalsize < HEADER_LEN {
-            return Err(DtError::Malformed("the header's totalsize is smaller than the header"));
+            return Err(DtError::Malformed(
+                "the header's totalsize is smaller than the header",
+            ));
         }
-        let tree =
-            dtb.get(..totalsize).ok_or(DtError::Truncated { available, needed: totalsize })?;
+        let tree = dtb.get(..totalsize).ok_or(DtError::Truncated {
+            available,
+            needed: totalsize,
+        })?;
         if field(HEADER_VERSION) < FDT_VERSION {
             return Err(DtError::Malformed("the format version is older than 17"));
         }
@@ -418,10 +441,12 @@ impl<'a> Tree<'a> {
             let start = to_usize(field(offset));
             tree.get(start..start.checked_add(to_usize(field(size)))?)
         };
-        let structs = block(HEADER_OFF_DT_STRUCT, HEADER_SIZE_DT_STRUCT)
-            .ok_or(DtError::Malformed("the structure block lies outside the tree"))?;
-        let strings = block(HEADER_OFF_DT_STRINGS, HEADER_SIZE_DT_STRINGS)
-            .ok_or(DtError::Malformed("the strings block lies outside the tree"))?;
+        let structs = block(HEADER_OFF_DT_STRUCT, HEADER_SIZE_DT_STRUCT).ok_or(
+            DtError::Malformed("the structure block lies outside the tree"),
+        )?;
+        let strings = block(HEADER_OFF_DT_STRINGS, HEADER_SIZE_DT_STRINGS).ok_or(
+            DtError::Malformed("the strings block lies outside the tree"),
+        )?;
         let checked = Tree {
             structs,
             strings,
@@ -462,11 +487,17 @@ impl<'a> Tree<'a> {
                 let name_offset = after.checked_add(4).ok_or(PAST_END)?;
                 let name_offset = to_usize(be32(self.structs, name_offset).ok_or(PAST_END)?);
                 let start = after.checked_add(8).ok_or(PAST_END)?;
-                let value = self.structs.get(start..start.checked_add(len).ok_or(PAST_END)?);
+                let value = self
+                    .structs
+                    .get(start..start.checked_add(len).ok_or(PAST_END)?);
                 let value = value.ok_or("a property value runs past the structure block")?;
-                let name = c_string(self.strings, name_offset)
-                    .ok_or("a property name is not a terminated UTF-8 string in the strings block")?;
-                Ok((Token::Property { name, value }, aligned_end(start, len).ok_or(PAST_END)?))
+                let name = c_string(self.strings, name_offset).ok_or(
+                    "a property name is not a terminated UTF-8 string in the strings block",
+                )?;
+                Ok((
+                    Token::Property { name, value },
+                    aligned_end(start, len).ok_or(PAST_END)?,
+                ))
             }
             FDT_END_NODE => Ok((Token::End, after)),
             FDT_NOP => Ok((Token::Nop, after)),
@@ -530,7 +561,13 @@ impl<'a> Tree<'a> {
         let mut offset = 0;
         loop {
             match self.token(offset).map_err(DtError::Malformed)? {
-                (Token::Begin { name, body }, _) => return Ok(Node { tree: *self, name, body }),
+                (Token::Begin { name, body }, _) => {
+                    return Ok(Node {
+                        tree: *self,
+                        name,
+                        body,
+                    });
+                }
                 (Token::Nop, next) => offset = next,
                 _ => return Err(DtError::Malformed("the tree has no root node")),
             }
@@ -549,7 +586,11 @@ impl<'a> Tree<'a> {
             let (token, next) = self.token(offset).map_err(DtError::Malformed)?;
             match token {
                 Token::Begin { name, body } => {
-                    let node = Node { tree: *self, name, body };
+                    let node = Node {
+                        tree: *self,
+                        name,
+                        body,
+                    };
                     visit(&levels, node)?;
                     levels.push(Level::of(node)?).map_err(|_| TOO_DEEP)?;
                 }
@@ -613,7 +654,9 @@ impl<'a> Node<'a> {
 
     /// The raw value of property `name`.
     pub(crate) fn property(self, name: &str) -> Option<&'a [u8]> {
-        self.properties().find(|&(candidate, _)| candidate == name).map(|(_, value)| value)
+        self.properties()
+            .find(|&(candidate, _)| candidate == name)
+            .map(|(_, value)| value)
     }
 
     /// The first string of property `name`.
@@ -642,7 +685,11 @@ impl<'a> Node<'a> {
                     (Token::Nop | Token::Property { .. }, next) => offset = Some(next),
                     (Token::Begin { name, body }, _) => {
                         offset = self.tree.skip_node(body);
-                        return Some(Node { tree: self.tree, name, body });
+                        return Some(Node {
+                            tree: self.tree,
+                            name,
+                            body,
+                        });
                     }
                     _ => return None,
                 }
@@ -703,7 +750,11 @@ fn read_cells(bytes: &[u8]) -> Option<u64> {
 
 /// A one- or two-cell integer property value.
 fn integer(value: &[u8]) -> Option<u64> {
-    if value.len() == 4 || value.len() == 8 { read_cells(value) } else { None }
+    if value.len() == 4 || value.len() == 8 {
+        read_cells(value)
+    } else {
+        None
+    }
 }
 
 fn one_cell(value: &[u8]) -> Option<u32> {
@@ -730,7 +781,12 @@ impl<'a> Level<'a> {
     pub(crate) fn of(node: Node<'a>) -> Result<Self, DtError> {
         const NOT_A_CELL: DtError =
             DtError::Malformed("an #address-cells or #size-cells property is not one cell");
-        let mut level = Level { name: node.name, address_cells: 2, size_cells: 1, ranges: None };
+        let mut level = Level {
+            name: node.name,
+            address_cells: 2,
+            size_cells: 1,
+            ranges: None,
+        };
         for (name, value) in node.properties() {
             match name {
                 "#address-cells" => level.address_cells = one_cell(value).ok_or(NOT_A_CELL)?,
@@ -764,7 +820,9 @@ fn through_window(ranges: &[u8], bus: &Level<'_>, outer: &Level<'_>, address: u6
     let child_bytes = to_usize(bus.address_cells).checked_mul(4)?;
     let parent_bytes = to_usize(outer.address_cells).checked_mul(4)?;
     let size_bytes = to_usize(bus.size_cells).checked_mul(4)?;
-    let entry = child_bytes.checked_add(parent_bytes)?.checked_add(size_bytes)?;
+    let entry = child_bytes
+        .checked_add(parent_bytes)?
+        .checked_add(size_bytes)?;
     if entry == 0 || ranges.len() % entry != 0 {
         return None;
     }
@@ -805,8 +863,13 @@ struct Regs<'x, 'a> {
 }
 
 /// `node`'s `reg` entries; `Ok(None)` if it has no `reg`.
-fn regs<'x, 'a>(ancestors: &'x [Level<'a>], node: Node<'a>) -> Result<Option<Regs<'x, 'a>>, RegFault> {
-    let Some(value) = node.property("reg") else { return Ok(None) };
+fn regs<'x, 'a>(
+    ancestors: &'x [Level<'a>],
+    node: Node<'a>,
+) -> Result<Option<Regs<'x, 'a>>, RegFault> {
+    let Some(value) = node.property("reg") else {
+        return Ok(None);
+    };
     let parent = ancestors.last().ok_or(RegFault::Unaddressable)?;
     let address_cells = to_usize(parent.address_cells);
     let size_cells = to_usize(parent.size_cells);
@@ -817,7 +880,12 @@ fn regs<'x, 'a>(ancestors: &'x [Level<'a>], node: Node<'a>) -> Result<Option<Reg
     if value.len() % entry_bytes != 0 {
         return Err(RegFault::Malformed);
     }
-    Ok(Some(Regs { ancestors, rest: value, address_bytes: address_cells * 4, entry_bytes }))
+    Ok(Some(Regs {
+        ancestors,
+        rest: value,
+        address_bytes: address_cells * 4,
+        entry_bytes,
+    }))
 }
 
 impl Iterator for Regs<'_, '_> {
@@ -844,13 +912,19 @@ fn add_bank<const N: usize>(banks: &mut Vec<Range, N>, bank: Range) -> Result<()
         if existing.base <= merged.end() && merged.base <= existing.end() {
             let base = existing.base.min(merged.base);
             let end = existing.end().max(merged.end());
-            merged = Range { base, size: end - base };
+            merged = Range {
+                base,
+                size: end - base,
+            };
             banks.remove(index);
         } else {
             index += 1;
         }
     }
-    let at = banks.iter().position(|existing| existing.base > merged.base).unwrap_or(banks.len());
+    let at = banks
+        .iter()
+        .position(|existing| existing.base > merged.base)
+        .unwrap_or(banks.len());
     banks.insert(at, merged)
 }
 
@@ -868,7 +942,9 @@ fn path_is(ancestors: &[Level<'_>], name: &str, path: &str) -> bool {
             _ => return false,
         }
     }
-    components.next().is_some_and(|component| matches(name, component))
+    components
+        .next()
+        .is_some_and(|component| matches(name, component))
         && components.next().is_none()
 }
 
@@ -890,7 +966,11 @@ fn read_chosen(node: Node<'_>) -> Chosen<'_> {
         (Some(start), Some(end)) if end > start => Range::new(start, end - start),
         _ => None,
     };
-    Chosen { bootargs: node.string("bootargs"), stdout_path: node.string("stdout-path"), initrd }
+    Chosen {
+        bootargs: node.string("bootargs"),
+        stdout_path: node.string("stdout-path"),
+        initrd,
+    }
 }
 
 /// What the main walk collects.
@@ -918,15 +998,23 @@ impl<'a> Survey<'a> {
         let device_type = node.string("device_type");
 
         if self.stdout_uart.is_none()
-            && self.stdout_target.is_some_and(|path| path_is(ancestors, node.name, path))
+            && self
+                .stdout_target
+                .is_some_and(|path| path_is(ancestors, node.name, path))
         {
-            self.stdout_uart = Some(if available { pl011(ancestors, node) } else { None });
+            self.stdout_uart = Some(if available {
+                pl011(ancestors, node)
+            } else {
+                None
+            });
         }
         // A "disabled" CPU is one the firmware has parked; only "fail" rules it out.
         if depth == 2
             && top == "cpus"
             && device_type == Some("cpu")
-            && !node.string("status").is_some_and(|status| status.starts_with("fail"))
+            && !node
+                .string("status")
+                .is_some_and(|status| status.starts_with("fail"))
         {
             self.add_cpu(ancestors, node)?;
         }
@@ -953,7 +1041,9 @@ impl<'a> Survey<'a> {
 
     fn add_cpu(&mut self, ancestors: &[Level<'a>], node: Node<'a>) -> Result<(), DtError> {
         const BAD: DtError = DtError::BadReg("a CPU node");
-        let cells = ancestors.last().map_or(0, |cpus| to_usize(cpus.address_cells));
+        let cells = ancestors
+            .last()
+            .map_or(0, |cpus| to_usize(cpus.address_cells));
         if !(1..=2).contains(&cells) {
             return Err(BAD);
         }
@@ -969,21 +1059,30 @@ impl<'a> Survey<'a> {
             },
             _ => EnableMethod::None,
         };
-        self.cpus.push(Cpu { mpidr, enable_method }).map_err(|_| DtError::TooMany("CPUs"))
+        self.cpus
+            .push(Cpu {
+                mpidr,
+                enable_method,
+            })
+            .map_err(|_| DtError::TooMany("CPUs"))
     }
 
     /// A `/reserved-memory` child. Firmware memory must never be handed out,
     /// so a reservation that cannot be read is an error rather than skipped.
     fn add_reservation(&mut self, ancestors: &[Level<'a>], node: Node<'a>) -> Result<(), DtError> {
         const BAD: DtError = DtError::BadReg("a /reserved-memory child");
-        let Some(regs) = regs(ancestors, node).map_err(|_| BAD)? else { return Ok(()) };
+        let Some(regs) = regs(ancestors, node).map_err(|_| BAD)? else {
+            return Ok(());
+        };
         for entry in regs {
             let (base, size) = entry.map_err(|_| BAD)?;
             if size == 0 {
                 continue;
             }
             let range = Range::new(base, size).ok_or(BAD)?;
-            self.reserved.push(range).map_err(|_| DtError::TooMany("reserved memory ranges"))?;
+            self.reserved
+                .push(range)
+                .map_err(|_| DtError::TooMany("reserved memory ranges"))?;
         }
         Ok(())
     }
@@ -1015,7 +1114,10 @@ fn pl011(ancestors: &[Level<'_>], node: Node<'_>) -> Option<Uart> {
         return None;
     }
     let (base, size) = regs(ancestors, node).ok()??.next()?.ok()?;
-    Some(Uart { kind: UartKind::Pl011, regs: Range::new(base, size)? })
+    Some(Uart {
+        kind: UartKind::Pl011,
+        regs: Range::new(base, size)?,
+    })
 }
 
 /// `node` as the interrupt controller: `Ok(None)` if it is not a supported
@@ -1068,7 +1170,10 @@ fn gic(ancestors: &[Level<'_>], node: Node<'_>) -> Result<Option<Gic>, DtError> 
                 .push(region)
                 .map_err(|_| DtError::TooMany("GICv3 redistributor regions"))?;
         }
-        Ok(Some(Gic::V3 { distributor, redistributors }))
+        Ok(Some(Gic::V3 {
+            distributor,
+            redistributors,
+        }))
     } else {
         Ok(Some(Gic::V2 {
             distributor,

@@ -142,7 +142,9 @@ impl Rewriter<'_, '_> {
         node: Node<'_>,
         depth: usize,
     ) -> Result<(), RewriteError> {
-        let handle = writer.begin_node(if depth == 0 { "" } else { node.name }).map_err(output)?;
+        let handle = writer
+            .begin_node(if depth == 0 { "" } else { node.name })
+            .map_err(output)?;
         let name = dt::base_name(node.name);
         let role = if depth == 1 && name == "chosen" && !self.chosen_seen {
             self.chosen_seen = true;
@@ -186,8 +188,12 @@ impl Rewriter<'_, '_> {
             }
             if !self.reserved_memory_seen && !self.edits.reserve_no_map.is_empty() {
                 let reserved = writer.begin_node("reserved-memory").map_err(output)?;
-                writer.property_u32("#address-cells", self.root.address_cells).map_err(output)?;
-                writer.property_u32("#size-cells", self.root.size_cells).map_err(output)?;
+                writer
+                    .property_u32("#address-cells", self.root.address_cells)
+                    .map_err(output)?;
+                writer
+                    .property_u32("#size-cells", self.root.size_cells)
+                    .map_err(output)?;
                 writer.property_null("ranges").map_err(output)?;
                 let root = self.root;
                 self.regions(writer, &root)?;
@@ -212,7 +218,9 @@ impl Rewriter<'_, '_> {
                     if let Some(bootargs) = self.edits.bootargs
                         && !bootargs_written
                     {
-                        writer.property_string("bootargs", bootargs).map_err(output)?;
+                        writer
+                            .property_string("bootargs", bootargs)
+                            .map_err(output)?;
                         bootargs_written = true;
                     }
                 }
@@ -238,24 +246,26 @@ impl Rewriter<'_, '_> {
         if let Some(bootargs) = self.edits.bootargs
             && !bootargs_written
         {
-            writer.property_string("bootargs", bootargs).map_err(output)?;
+            writer
+                .property_string("bootargs", bootargs)
+                .map_err(output)?;
         }
         if let Some(initrd) = self.edits.initrd {
             if !start_written {
-                writer.property_u64("linux,initrd-start", initrd.base).map_err(output)?;
+                writer
+                    .property_u64("linux,initrd-start", initrd.base)
+                    .map_err(output)?;
             }
             if !end_written {
-                writer.property_u64("linux,initrd-end", initrd.end()).map_err(output)?;
+                writer
+                    .property_u64("linux,initrd-end", initrd.end())
+                    .map_err(output)?;
             }
         }
         Ok(())
     }
 
-    fn psci_properties(
-        &self,
-        writer: &mut FdtWriter,
-        node: Node<'_>,
-    ) -> Result<(), RewriteError> {
+    fn psci_properties(&self, writer: &mut FdtWriter, node: Node<'_>) -> Result<(), RewriteError> {
         let Some(conduit) = self.edits.psci_conduit else {
             return copy_properties(writer, node);
         };
@@ -304,7 +314,9 @@ impl Rewriter<'_, '_> {
         for &region in self.edits.reserve_no_map {
             let reg = encode_reg(region, level.address_cells, level.size_cells)
                 .ok_or(RewriteError::BadRange(region))?;
-            let child = writer.begin_node(&format!("moat@{:x}", region.base)).map_err(output)?;
+            let child = writer
+                .begin_node(&format!("moat@{:x}", region.base))
+                .map_err(output)?;
             writer.property("reg", &reg).map_err(output)?;
             writer.property_null("no-map").map_err(output)?;
             writer.end_node(child).map_err(output)?;

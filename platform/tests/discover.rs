@@ -19,11 +19,20 @@ fn ranges<const N: usize>(list: &[(u64, u64)]) -> heapless::Vec<Range, N> {
 }
 
 fn psci_cpus(mpidrs: &[u64]) -> heapless::Vec<Cpu, MAX_CPUS> {
-    mpidrs.iter().map(|&mpidr| Cpu { mpidr, enable_method: EnableMethod::Psci }).collect()
+    mpidrs
+        .iter()
+        .map(|&mpidr| Cpu {
+            mpidr,
+            enable_method: EnableMethod::Psci,
+        })
+        .collect()
 }
 
 fn pl011_at(base: u64, size: u64) -> Uart {
-    Uart { kind: UartKind::Pl011, regs: range(base, size) }
+    Uart {
+        kind: UartKind::Pl011,
+        regs: range(base, size),
+    }
 }
 
 #[test]
@@ -40,8 +49,14 @@ fn qemu_virt_gicv3() {
             distributor: range(0x0800_0000, 0x1_0000),
             redistributors: ranges(&[(0x080a_0000, 0xf6_0000)]),
         },
-        psci: Some(Psci { conduit: Conduit::Smc }),
-        chosen: Chosen { bootargs: None, stdout_path: Some("/pl011@9000000"), initrd: None },
+        psci: Some(Psci {
+            conduit: Conduit::Smc,
+        }),
+        chosen: Chosen {
+            bootargs: None,
+            stdout_path: Some("/pl011@9000000"),
+            initrd: None,
+        },
         // The high PCIe ECAM window, 0x40_1000_0000 + 256 MiB.
         devices_top: 0x40_2000_0000,
     };
@@ -64,8 +79,14 @@ fn qemu_virt_gicv2() {
             hyp_interface: Some(range(0x0803_0000, 0x1_0000)),
             virtual_cpu_interface: Some(range(0x0804_0000, 0x1_0000)),
         },
-        psci: Some(Psci { conduit: Conduit::Smc }),
-        chosen: Chosen { bootargs: None, stdout_path: Some("/pl011@9000000"), initrd: None },
+        psci: Some(Psci {
+            conduit: Conduit::Smc,
+        }),
+        chosen: Chosen {
+            bootargs: None,
+            stdout_path: Some("/pl011@9000000"),
+            initrd: None,
+        },
         devices_top: 0x40_2000_0000,
     };
     let platform = discover(&dtb).unwrap();
@@ -82,7 +103,9 @@ fn fvp_base_revc() {
         memory: ranges(&[(0x8000_0000, 0x8000_0000), (0x8_8000_0000, 0x8000_0000)]),
         // The /memreserve/ entry, then /reserved-memory/vram@18000000.
         reserved: ranges(&[(0x8000_0000, 0x1_0000), (0x1800_0000, 0x80_0000)]),
-        cpus: psci_cpus(&[0x0, 0x100, 0x200, 0x300, 0x1_0000, 0x1_0100, 0x1_0200, 0x1_0300]),
+        cpus: psci_cpus(&[
+            0x0, 0x100, 0x200, 0x300, 0x1_0000, 0x1_0100, 0x1_0200, 0x1_0300,
+        ]),
         // serial@90000 on iofpga-bus@300000000, translated through three
         // levels of ranges; the tree has no stdout-path.
         uart: pl011_at(0x1c09_0000, 0x1000),
@@ -91,7 +114,9 @@ fn fvp_base_revc() {
             distributor: range(0x2f00_0000, 0x1_0000),
             redistributors: ranges(&[(0x2f10_0000, 0x20_0000)]),
         },
-        psci: Some(Psci { conduit: Conduit::Smc }),
+        psci: Some(Psci {
+            conduit: Conduit::Smc,
+        }),
         chosen: Chosen::default(),
         // pci@40000000's ECAM, 0x4000_0000 + 256 MiB.
         devices_top: 0x5000_0000,
@@ -134,7 +159,11 @@ fn qemu_raspberry_pi_4() {
             virtual_cpu_interface: Some(range(0xff84_6000, 0x2000)),
         },
         psci: None,
-        chosen: Chosen { bootargs: None, stdout_path: Some("serial1:115200n8"), initrd: None },
+        chosen: Chosen {
+            bootargs: None,
+            stdout_path: Some("serial1:115200n8"),
+            initrd: None,
+        },
         devices_top: 0xff84_8000,
     };
     assert_eq!(discover(&dtb), Ok(expected));
@@ -146,7 +175,10 @@ fn qemu_raspberry_pi_4_tree_holds_nop_tokens() {
     // discovery must read straight past them.
     let dtb = load("qemu-raspi4b.dtb");
     let structs = &dtb[header(&dtb, 2) as usize..][..header(&dtb, 9) as usize];
-    let nops = structs.chunks_exact(4).filter(|word| word == &[0, 0, 0, 4]).count();
+    let nops = structs
+        .chunks_exact(4)
+        .filter(|word| word == &[0, 0, 0, 4])
+        .count();
     assert!(nops > 100, "expected many NOP tokens, found {nops}");
 }
 
@@ -177,7 +209,10 @@ fn every_truncation_is_reported_as_truncated() {
             let needed = if len < 8 { 40 } else { totalsize };
             assert_eq!(
                 discover(&dtb[..len]).err(),
-                Some(DtError::Truncated { available: len, needed }),
+                Some(DtError::Truncated {
+                    available: len,
+                    needed
+                }),
                 "{name} cut to {len} bytes"
             );
         }
@@ -189,7 +224,10 @@ fn bad_magic() {
     let mut dtb = load("qemu-virt-gicv3.dtb");
     dtb[0] = 0xde;
     assert_eq!(discover(&dtb).err(), Some(DtError::BadMagic(0xde0d_feed)));
-    assert_eq!(discover(b"not a device tree at all, really not").err(), Some(DtError::BadMagic(0x6e6f_7420)));
+    assert_eq!(
+        discover(b"not a device tree at all, really not").err(),
+        Some(DtError::BadMagic(0x6e6f_7420))
+    );
     assert_eq!(discover(&[0; 64]).err(), Some(DtError::BadMagic(0)));
 }
 
@@ -201,14 +239,41 @@ fn header_problems_are_malformed() {
         bad[index * 4..index * 4 + 4].copy_from_slice(&value.to_be_bytes());
         discover(&bad).err()
     };
-    assert!(matches!(with_field(1, 39), Some(DtError::Malformed(_))), "totalsize below the header");
-    assert!(matches!(with_field(5, 16), Some(DtError::Malformed(_))), "version 16");
-    assert!(matches!(with_field(6, 18), Some(DtError::Malformed(_))), "last compatible 18");
-    assert!(matches!(with_field(2, 0xffff_fff0), Some(DtError::Malformed(_))), "struct offset");
-    assert!(matches!(with_field(9, 0xffff_fff0), Some(DtError::Malformed(_))), "struct size");
-    assert!(matches!(with_field(3, 0xffff_fff0), Some(DtError::Malformed(_))), "strings offset");
-    assert!(matches!(with_field(8, 0), Some(DtError::Malformed(_))), "empty strings block");
-    assert!(matches!(with_field(4, dtb.len() as u32 - 8), Some(DtError::Malformed(_))), "rsvmap");
+    assert!(
+        matches!(with_field(1, 39), Some(DtError::Malformed(_))),
+        "totalsize below the header"
+    );
+    assert!(
+        matches!(with_field(5, 16), Some(DtError::Malformed(_))),
+        "version 16"
+    );
+    assert!(
+        matches!(with_field(6, 18), Some(DtError::Malformed(_))),
+        "last compatible 18"
+    );
+    assert!(
+        matches!(with_field(2, 0xffff_fff0), Some(DtError::Malformed(_))),
+        "struct offset"
+    );
+    assert!(
+        matches!(with_field(9, 0xffff_fff0), Some(DtError::Malformed(_))),
+        "struct size"
+    );
+    assert!(
+        matches!(with_field(3, 0xffff_fff0), Some(DtError::Malformed(_))),
+        "strings offset"
+    );
+    assert!(
+        matches!(with_field(8, 0), Some(DtError::Malformed(_))),
+        "empty strings block"
+    );
+    assert!(
+        matches!(
+            with_field(4, dtb.len() as u32 - 8),
+            Some(DtError::Malformed(_))
+        ),
+        "rsvmap"
+    );
 }
 
 #[test]
@@ -259,7 +324,9 @@ fn nesting_limit() {
     assert!(discover(&nested(MAX_NODE_DEPTH)).is_ok());
     assert_eq!(
         discover(&nested(MAX_NODE_DEPTH + 1)).err(),
-        Some(DtError::Malformed("nodes are nested deeper than Moat supports"))
+        Some(DtError::Malformed(
+            "nodes are nested deeper than Moat supports"
+        ))
     );
 }
 
@@ -269,11 +336,19 @@ fn small_complete_tree() {
     let platform = discover(&dtb).unwrap();
     assert_eq!(platform.model, "test board");
     assert_eq!(platform.compatible, "test,board");
-    assert_eq!(platform.memory, ranges::<MAX_MEMORY_RANGES>(&[(0x4000_0000, 0x4000_0000)]));
+    assert_eq!(
+        platform.memory,
+        ranges::<MAX_MEMORY_RANGES>(&[(0x4000_0000, 0x4000_0000)])
+    );
     assert_eq!(platform.cpus, psci_cpus(&[0, 1]));
     assert_eq!(platform.uart, pl011_at(0x900_0000, 0x1000));
     assert_eq!(platform.gic.version(), 3);
-    assert_eq!(platform.psci, Some(Psci { conduit: Conduit::Smc }));
+    assert_eq!(
+        platform.psci,
+        Some(Psci {
+            conduit: Conduit::Smc
+        })
+    );
     assert_eq!(platform.chosen, Chosen::default());
     // The PL011 ends at 0x900_1000; the redistributors end at 0x900_0000.
     assert_eq!(platform.devices_top, 0x900_1000);
@@ -294,7 +369,8 @@ fn disabled_memory_is_not_memory() {
     let dtb = tree(|w| {
         node(w, "memory@40000000", |w| {
             w.property_string("device_type", "memory").unwrap();
-            w.property_array_u64("reg", &[0x4000_0000, 0x1000_0000]).unwrap();
+            w.property_array_u64("reg", &[0x4000_0000, 0x1000_0000])
+                .unwrap();
             w.property_string("status", "disabled").unwrap();
         });
         cpus(w, 1);
@@ -327,7 +403,8 @@ fn no_gic() {
         pl011(w, 0x900_0000, None);
         node(w, "interrupt-controller@8000000", |w| {
             w.property_string("compatible", "riscv,plic0").unwrap();
-            w.property_array_u64("reg", &[0x800_0000, 0x1_0000]).unwrap();
+            w.property_array_u64("reg", &[0x800_0000, 0x1_0000])
+                .unwrap();
         });
     });
     assert_eq!(discover(&dtb).err(), Some(DtError::NoGic));
@@ -367,14 +444,18 @@ fn gic_with_too_few_regions() {
     assert_eq!(v2, Err(DtError::BadGic));
     let v3 = with_gic(|w| {
         w.property_string("compatible", "arm,gic-v3").unwrap();
-        w.property_array_u64("reg", &[0x2f00_0000, 0x1_0000]).unwrap();
+        w.property_array_u64("reg", &[0x2f00_0000, 0x1_0000])
+            .unwrap();
     });
     assert_eq!(v3, Err(DtError::BadGic));
     let v3 = with_gic(|w| {
         w.property_string("compatible", "arm,gic-v3").unwrap();
         w.property_u32("#redistributor-regions", 2).unwrap();
-        w.property_array_u64("reg", &reg2(&[(0x2f00_0000, 0x1_0000), (0x2f10_0000, 0x2_0000)]))
-            .unwrap();
+        w.property_array_u64(
+            "reg",
+            &reg2(&[(0x2f00_0000, 0x1_0000), (0x2f10_0000, 0x2_0000)]),
+        )
+        .unwrap();
     });
     assert_eq!(v3, Err(DtError::BadGic));
     let without_reg = with_gic(|w| w.property_string("compatible", "arm,gic-v3").unwrap());
@@ -384,9 +465,13 @@ fn gic_with_too_few_regions() {
 #[test]
 fn gicv2_without_virtualization_extensions() {
     let gic = with_gic(|w| {
-        w.property_string("compatible", "arm,cortex-a9-gic").unwrap();
-        w.property_array_u64("reg", &reg2(&[(0x2c00_1000, 0x1000), (0x2c00_2000, 0x2000)]))
+        w.property_string("compatible", "arm,cortex-a9-gic")
             .unwrap();
+        w.property_array_u64(
+            "reg",
+            &reg2(&[(0x2c00_1000, 0x1000), (0x2c00_2000, 0x2000)]),
+        )
+        .unwrap();
     });
     assert_eq!(
         gic,
@@ -427,16 +512,21 @@ fn gicv3_redistributor_regions() {
     let too_many = with_gic(|w| {
         w.property_string("compatible", "arm,gic-v3").unwrap();
         w.property_u32("#redistributor-regions", 5).unwrap();
-        w.property_array_u64("reg", &reg2(&[(0x2f00_0000, 0x1_0000); 6])).unwrap();
+        w.property_array_u64("reg", &reg2(&[(0x2f00_0000, 0x1_0000); 6]))
+            .unwrap();
     });
-    assert_eq!(too_many, Err(DtError::TooMany("GICv3 redistributor regions")));
+    assert_eq!(
+        too_many,
+        Err(DtError::TooMany("GICv3 redistributor regions"))
+    );
 }
 
 #[test]
 fn gic_region_of_size_zero() {
     let gic = with_gic(|w| {
         w.property_string("compatible", "arm,gic-400").unwrap();
-        w.property_array_u64("reg", &reg2(&[(0x2c00_1000, 0x1000), (0x2c00_2000, 0)])).unwrap();
+        w.property_array_u64("reg", &reg2(&[(0x2c00_1000, 0x1000), (0x2c00_2000, 0)]))
+            .unwrap();
     });
     assert!(matches!(gic, Err(DtError::BadReg(_))));
 }
@@ -485,7 +575,8 @@ fn cpu_enable_methods_and_status() {
             node(w, "cpu@3", |w| {
                 w.property_string("device_type", "cpu").unwrap();
                 w.property_array_u32("reg", &[0, 3]).unwrap();
-                w.property_string("enable-method", "brcm,bcm2836-smp").unwrap();
+                w.property_string("enable-method", "brcm,bcm2836-smp")
+                    .unwrap();
             });
             node(w, "l2-cache", |w| {
                 w.property_string("compatible", "cache").unwrap();
@@ -498,13 +589,26 @@ fn cpu_enable_methods_and_status() {
     assert_eq!(
         platform.cpus.as_slice(),
         &[
-            Cpu { mpidr: 0, enable_method: EnableMethod::None },
-            Cpu { mpidr: 0x100, enable_method: EnableMethod::SpinTable { release_addr: 0xfff8 } },
+            Cpu {
+                mpidr: 0,
+                enable_method: EnableMethod::None
+            },
+            Cpu {
+                mpidr: 0x100,
+                enable_method: EnableMethod::SpinTable {
+                    release_addr: 0xfff8
+                }
+            },
             Cpu {
                 mpidr: 0x1_0000_0000,
-                enable_method: EnableMethod::SpinTable { release_addr: 0x8_0000_00f0 }
+                enable_method: EnableMethod::SpinTable {
+                    release_addr: 0x8_0000_00f0
+                }
             },
-            Cpu { mpidr: 3, enable_method: EnableMethod::None },
+            Cpu {
+                mpidr: 3,
+                enable_method: EnableMethod::None
+            },
         ]
     );
     assert_eq!(platform.psci, None);
@@ -536,7 +640,9 @@ fn cpu_without_reg() {
         node(w, "cpus", |w| {
             w.property_u32("#address-cells", 1).unwrap();
             w.property_u32("#size-cells", 0).unwrap();
-            node(w, "cpu@0", |w| w.property_string("device_type", "cpu").unwrap());
+            node(w, "cpu@0", |w| {
+                w.property_string("device_type", "cpu").unwrap()
+            });
         });
         pl011(w, 0x900_0000, None);
         gicv3(w);
@@ -566,7 +672,12 @@ fn psci_conduits() {
         });
     });
     // The first PSCI node decides; this tree's first one says "smc".
-    assert_eq!(discover(&dtb).unwrap().psci, Some(Psci { conduit: Conduit::Smc }));
+    assert_eq!(
+        discover(&dtb).unwrap().psci,
+        Some(Psci {
+            conduit: Conduit::Smc
+        })
+    );
     let dtb = tree(|w| {
         memory(w, "memory@40000000", &[(0x4000_0000, 0x4000_0000)]);
         cpus(w, 1);
@@ -574,18 +685,33 @@ fn psci_conduits() {
         gicv3(w);
         psci(w, "trap");
     });
-    assert_eq!(discover(&dtb).err(), Some(DtError::BadProperty("method of the PSCI node")));
+    assert_eq!(
+        discover(&dtb).err(),
+        Some(DtError::BadProperty("method of the PSCI node"))
+    );
 }
 
 #[test]
 fn memory_from_every_memory_node_sorted_and_merged() {
     let dtb = tree(|w| {
-        memory(w, "memory@80000000", &[(0x8000_0000, 0x1000_0000), (0x1_0000_0000, 0)]);
+        memory(
+            w,
+            "memory@80000000",
+            &[(0x8000_0000, 0x1000_0000), (0x1_0000_0000, 0)],
+        );
         cpus(w, 1);
         // Not called "memory", still memory.
-        memory(w, "ram@40000000", &[(0x4000_0000, 0x1000_0000), (0x5000_0000, 0x1000_0000)]);
+        memory(
+            w,
+            "ram@40000000",
+            &[(0x4000_0000, 0x1000_0000), (0x5000_0000, 0x1000_0000)],
+        );
         memory(w, "memory@48000000", &[(0x4800_0000, 0x1000_0000)]);
-        memory(w, "memory@2000000000", &[(0x20_0000_0000, 0x4000_0000), (0x7000_0000, 0x1000_0000)]);
+        memory(
+            w,
+            "memory@2000000000",
+            &[(0x20_0000_0000, 0x4000_0000), (0x7000_0000, 0x1000_0000)],
+        );
         // Adjacent to 0x8000_0000: merged.
         memory(w, "memory@90000000", &[(0x9000_0000, 0x1000)]);
         pl011(w, 0x900_0000, None);
@@ -608,7 +734,8 @@ fn memory_under_translating_bus() {
         node(w, "soc", |w| {
             w.property_u32("#address-cells", 1).unwrap();
             w.property_u32("#size-cells", 1).unwrap();
-            w.property_array_u32("ranges", &[0x0, 0x8, 0x0, 0x1000_0000]).unwrap();
+            w.property_array_u32("ranges", &[0x0, 0x8, 0x0, 0x1000_0000])
+                .unwrap();
             node(w, "memory@0", |w| {
                 w.property_string("device_type", "memory").unwrap();
                 w.property_array_u32("reg", &[0x0, 0x1000_0000]).unwrap();
@@ -626,13 +753,17 @@ fn memory_under_translating_bus() {
         pl011(w, 0x900_0000, None);
         gicv3(w);
     });
-    assert_eq!(discover(&dtb).unwrap().memory, ranges::<MAX_MEMORY_RANGES>(&[(0x8_0000_0000, 0x1000_0000)]));
+    assert_eq!(
+        discover(&dtb).unwrap().memory,
+        ranges::<MAX_MEMORY_RANGES>(&[(0x8_0000_0000, 0x1000_0000)])
+    );
 }
 
 #[test]
 fn too_many_ram_banks() {
-    let banks: Vec<(u64, u64)> =
-        (0..MAX_MEMORY_RANGES as u64 + 1).map(|i| (0x1_0000_0000 * (i + 1), 0x1000_0000)).collect();
+    let banks: Vec<(u64, u64)> = (0..MAX_MEMORY_RANGES as u64 + 1)
+        .map(|i| (0x1_0000_0000 * (i + 1), 0x1000_0000))
+        .collect();
     let dtb = tree(|w| {
         memory(w, "memory@100000000", &banks);
         cpus(w, 1);
@@ -641,8 +772,9 @@ fn too_many_ram_banks() {
     });
     assert_eq!(discover(&dtb).err(), Some(DtError::TooMany("RAM banks")));
     // The same number of banks that merge into one fits.
-    let touching: Vec<(u64, u64)> =
-        (0..MAX_MEMORY_RANGES as u64 + 8).map(|i| (0x1000_0000 * (i + 1), 0x1000_0000)).collect();
+    let touching: Vec<(u64, u64)> = (0..MAX_MEMORY_RANGES as u64 + 8)
+        .map(|i| (0x1000_0000 * (i + 1), 0x1000_0000))
+        .collect();
     let dtb = tree(|w| {
         memory(w, "memory@10000000", &touching);
         cpus(w, 1);
@@ -660,7 +792,10 @@ fn malformed_memory_reg() {
         pl011(w, 0x900_0000, None);
         gicv3(w);
     });
-    assert_eq!(discover(&overflowing).err(), Some(DtError::BadReg("a memory node")));
+    assert_eq!(
+        discover(&overflowing).err(),
+        Some(DtError::BadReg("a memory node"))
+    );
     let odd_length = tree(|w| {
         node(w, "memory@0", |w| {
             w.property_string("device_type", "memory").unwrap();
@@ -670,7 +805,10 @@ fn malformed_memory_reg() {
         pl011(w, 0x900_0000, None);
         gicv3(w);
     });
-    assert_eq!(discover(&odd_length).err(), Some(DtError::BadReg("a memory node")));
+    assert_eq!(
+        discover(&odd_length).err(),
+        Some(DtError::BadReg("a memory node"))
+    );
 }
 
 #[test]
@@ -699,7 +837,8 @@ fn reservations() {
                 w.property_u32("size", 0x400_0000).unwrap();
             });
             node(w, "off@60000000", |w| {
-                w.property_array_u32("reg", &[0, 0x6000_0000, 0x1000]).unwrap();
+                w.property_array_u32("reg", &[0, 0x6000_0000, 0x1000])
+                    .unwrap();
                 w.property_string("status", "disabled").unwrap();
             });
             node(w, "empty@0", |w| {
@@ -729,13 +868,22 @@ fn unreadable_reservation_is_an_error() {
             w.property_u32("#address-cells", 2).unwrap();
             w.property_u32("#size-cells", 2).unwrap();
             w.property_null("ranges").unwrap();
-            node(w, "broken@0", |w| w.property_array_u32("reg", &[0, 0x5000_0000, 0]).unwrap());
+            node(w, "broken@0", |w| {
+                w.property_array_u32("reg", &[0, 0x5000_0000, 0]).unwrap()
+            });
         });
     });
-    assert_eq!(discover(&dtb).err(), Some(DtError::BadReg("a /reserved-memory child")));
+    assert_eq!(
+        discover(&dtb).err(),
+        Some(DtError::BadReg("a /reserved-memory child"))
+    );
 }
 
-fn uart_of(stdout_path: Option<&str>, aliases: &[(&str, &str)], serials: impl FnOnce(&mut FdtWriter)) -> Result<Uart, DtError> {
+fn uart_of(
+    stdout_path: Option<&str>,
+    aliases: &[(&str, &str)],
+    serials: impl FnOnce(&mut FdtWriter),
+) -> Result<Uart, DtError> {
     let dtb = tree(|w| {
         node(w, "aliases", |w| {
             for (name, path) in aliases {
@@ -763,31 +911,57 @@ fn three_pl011s(w: &mut FdtWriter) {
 
 #[test]
 fn uart_without_stdout_path_is_the_first_enabled_pl011() {
-    assert_eq!(uart_of(None, &[], three_pl011s), Ok(pl011_at(0x901_0000, 0x1000)));
+    assert_eq!(
+        uart_of(None, &[], three_pl011s),
+        Ok(pl011_at(0x901_0000, 0x1000))
+    );
 }
 
 #[test]
 fn uart_named_by_stdout_path() {
-    assert_eq!(uart_of(Some("/serial@9020000"), &[], three_pl011s), Ok(pl011_at(0x902_0000, 0x1000)));
+    assert_eq!(
+        uart_of(Some("/serial@9020000"), &[], three_pl011s),
+        Ok(pl011_at(0x902_0000, 0x1000))
+    );
     assert_eq!(
         uart_of(Some("/serial@9020000:115200n8"), &[], three_pl011s),
         Ok(pl011_at(0x902_0000, 0x1000))
     );
     assert_eq!(
-        uart_of(Some("serial2:115200n8"), &[("serial2", "/serial@9020000")], three_pl011s),
+        uart_of(
+            Some("serial2:115200n8"),
+            &[("serial2", "/serial@9020000")],
+            three_pl011s
+        ),
         Ok(pl011_at(0x902_0000, 0x1000))
     );
-    assert_eq!(uart_of(Some("serial2"), &[("serial2", "/serial@9020000")], three_pl011s), Ok(pl011_at(0x902_0000, 0x1000)));
+    assert_eq!(
+        uart_of(
+            Some("serial2"),
+            &[("serial2", "/serial@9020000")],
+            three_pl011s
+        ),
+        Ok(pl011_at(0x902_0000, 0x1000))
+    );
 }
 
 #[test]
 fn stdout_path_to_an_unusable_uart_falls_back() {
     // Disabled.
-    assert_eq!(uart_of(Some("/serial@9000000"), &[], three_pl011s), Ok(pl011_at(0x901_0000, 0x1000)));
+    assert_eq!(
+        uart_of(Some("/serial@9000000"), &[], three_pl011s),
+        Ok(pl011_at(0x901_0000, 0x1000))
+    );
     // Missing.
-    assert_eq!(uart_of(Some("/serial@1234"), &[], three_pl011s), Ok(pl011_at(0x901_0000, 0x1000)));
+    assert_eq!(
+        uart_of(Some("/serial@1234"), &[], three_pl011s),
+        Ok(pl011_at(0x901_0000, 0x1000))
+    );
     // Unknown alias.
-    assert_eq!(uart_of(Some("serial9"), &[], three_pl011s), Ok(pl011_at(0x901_0000, 0x1000)));
+    assert_eq!(
+        uart_of(Some("serial9"), &[], three_pl011s),
+        Ok(pl011_at(0x901_0000, 0x1000))
+    );
     // Not a PL011.
     let with_16550 = |w: &mut FdtWriter| {
         node(w, "serial@9100000", |w| {
@@ -796,7 +970,10 @@ fn stdout_path_to_an_unusable_uart_falls_back() {
         });
         three_pl011s(w);
     };
-    assert_eq!(uart_of(Some("/serial@9100000"), &[], with_16550), Ok(pl011_at(0x901_0000, 0x1000)));
+    assert_eq!(
+        uart_of(Some("/serial@9100000"), &[], with_16550),
+        Ok(pl011_at(0x901_0000, 0x1000))
+    );
 }
 
 #[test]
@@ -815,7 +992,8 @@ fn uart_behind_buses() {
         node(w, "soc", |w| {
             w.property_u32("#address-cells", 1).unwrap();
             w.property_u32("#size-cells", 1).unwrap();
-            w.property_array_u32("ranges", &[0x7e00_0000, 0x0, 0xfe00_0000, 0x180_0000]).unwrap();
+            w.property_array_u32("ranges", &[0x7e00_0000, 0x0, 0xfe00_0000, 0x180_0000])
+                .unwrap();
             node(w, "sub", |w| {
                 w.property_u32("#address-cells", 1).unwrap();
                 w.property_u32("#size-cells", 1).unwrap();
@@ -833,9 +1011,18 @@ fn uart_behind_buses() {
         });
     };
     assert_eq!(uart_of(None, &[], buses), Ok(pl011_at(0xfe20_1000, 0x200)));
-    assert_eq!(uart_of(Some("/i2c-bridge/serial@1000"), &[], buses), Ok(pl011_at(0xfe20_1000, 0x200)));
-    assert_eq!(uart_of(Some("/soc/sub/serial"), &[], buses), Ok(pl011_at(0xfe20_1000, 0x200)));
-    assert_eq!(uart_of(Some("/soc/sub/serial@10000000"), &[], buses), Ok(pl011_at(0xfe20_1000, 0x200)));
+    assert_eq!(
+        uart_of(Some("/i2c-bridge/serial@1000"), &[], buses),
+        Ok(pl011_at(0xfe20_1000, 0x200))
+    );
+    assert_eq!(
+        uart_of(Some("/soc/sub/serial"), &[], buses),
+        Ok(pl011_at(0xfe20_1000, 0x200))
+    );
+    assert_eq!(
+        uart_of(Some("/soc/sub/serial@10000000"), &[], buses),
+        Ok(pl011_at(0xfe20_1000, 0x200))
+    );
 }
 
 #[test]
@@ -845,15 +1032,24 @@ fn chosen_properties() {
             complete(w);
             node(w, "chosen", body);
         });
-        discover(&dtb).map(|platform| (platform.chosen.bootargs.map(str::to_owned), platform.chosen.initrd))
+        discover(&dtb).map(|platform| {
+            (
+                platform.chosen.bootargs.map(str::to_owned),
+                platform.chosen.initrd,
+            )
+        })
     };
     assert_eq!(
         chosen_with(|w| {
-            w.property_string("bootargs", "console=ttyAMA0 root=/dev/vda").unwrap();
+            w.property_string("bootargs", "console=ttyAMA0 root=/dev/vda")
+                .unwrap();
             w.property_u32("linux,initrd-start", 0x4800_0000).unwrap();
             w.property_u32("linux,initrd-end", 0x4880_0000).unwrap();
         }),
-        Ok((Some("console=ttyAMA0 root=/dev/vda".into()), Some(range(0x4800_0000, 0x80_0000))))
+        Ok((
+            Some("console=ttyAMA0 root=/dev/vda".into()),
+            Some(range(0x4800_0000, 0x80_0000))
+        ))
     );
     assert_eq!(
         chosen_with(|w| {
@@ -881,20 +1077,29 @@ fn devices_top_ignores_ram_cpus_and_reservations() {
     let dtb = tree(|w| {
         complete(w);
         // Inside RAM: not a device.
-        node(w, "shm@48000000", |w| w.property_array_u64("reg", &[0x4800_0000, 0x1000]).unwrap());
+        node(w, "shm@48000000", |w| {
+            w.property_array_u64("reg", &[0x4800_0000, 0x1000]).unwrap()
+        });
         node(w, "reserved-memory", |w| {
             w.property_u32("#address-cells", 2).unwrap();
             w.property_u32("#size-cells", 2).unwrap();
             w.property_null("ranges").unwrap();
-            node(w, "far@f000000000", |w| w.property_array_u64("reg", &[0xf0_0000_0000, 0x1000]).unwrap());
+            node(w, "far@f000000000", |w| {
+                w.property_array_u64("reg", &[0xf0_0000_0000, 0x1000])
+                    .unwrap()
+            });
         });
         // Straddles the end of RAM: counted.
-        node(w, "odd@7ffff000", |w| w.property_array_u64("reg", &[0x7fff_f000, 0x2000]).unwrap());
+        node(w, "odd@7ffff000", |w| {
+            w.property_array_u64("reg", &[0x7fff_f000, 0x2000]).unwrap()
+        });
         // No ranges on the parent: not CPU-addressable.
         node(w, "mdio", |w| {
             w.property_u32("#address-cells", 1).unwrap();
             w.property_u32("#size-cells", 1).unwrap();
-            node(w, "phy@ffffffff", |w| w.property_array_u32("reg", &[0xffff_ffff, 0x1000]).unwrap());
+            node(w, "phy@ffffffff", |w| {
+                w.property_array_u32("reg", &[0xffff_ffff, 0x1000]).unwrap()
+            });
         });
     });
     assert_eq!(discover(&dtb).unwrap().devices_top, 0x8000_1000);
@@ -903,7 +1108,10 @@ fn devices_top_ignores_ram_cpus_and_reservations() {
 #[test]
 fn errors_display_a_sentence() {
     let errors = [
-        DtError::Truncated { available: 3, needed: 40 },
+        DtError::Truncated {
+            available: 3,
+            needed: 40,
+        },
         DtError::BadMagic(0x1234_5678),
         DtError::Malformed("the structure block holds an unknown token"),
         DtError::NoMemory,
@@ -919,7 +1127,10 @@ fn errors_display_a_sentence() {
         let text = error.to_string();
         assert!(text.len() > 20 && !text.ends_with('.'), "{text}");
     }
-    assert_eq!(DtError::BadMagic(0x1234_5678).to_string(), "no device tree: magic is 0x12345678, expected 0xd00dfeed");
+    assert_eq!(
+        DtError::BadMagic(0x1234_5678).to_string(),
+        "no device tree: magic is 0x12345678, expected 0xd00dfeed"
+    );
 }
 
 /// Mutates `dtb` at random (byte flips, interesting words, header fields,
@@ -928,9 +1139,23 @@ fn fuzz(name: &str, dtb: &[u8], rounds: usize, seed: u64) -> (usize, usize) {
     // Mutations are aimed at the bytes that matter: header, reservation map,
     // structure and strings blocks (QEMU's virt trees are padded to 1 MiB).
     let used = (header(dtb, 3) + header(dtb, 8)) as usize;
-    let interesting = [0u32, 1, 2, 3, 4, 9, 0xffff_ffff, 0x8000_0000, 0x7fff_ffff, 40, used as u32];
-    let values: Vec<(usize, usize)> =
-        property_values(dtb).into_iter().filter(|&(_, len)| len > 0).collect();
+    let interesting = [
+        0u32,
+        1,
+        2,
+        3,
+        4,
+        9,
+        0xffff_ffff,
+        0x8000_0000,
+        0x7fff_ffff,
+        40,
+        used as u32,
+    ];
+    let values: Vec<(usize, usize)> = property_values(dtb)
+        .into_iter()
+        .filter(|&(_, len)| len > 0)
+        .collect();
     let mut rng = XorShift(seed);
     let mut buffer = dtb.to_vec();
     let (mut accepted, mut refused) = (0, 0);
@@ -973,7 +1198,8 @@ fn fuzz(name: &str, dtb: &[u8], rounds: usize, seed: u64) -> (usize, usize) {
                     // A property length or name offset in the structure block.
                     let structs = header(dtb, 2) as usize;
                     let at = structs + (rng.below(used - structs - 8) & !3);
-                    buffer[at..at + 4].copy_from_slice(&(rng.next() as u32 >> rng.below(32)).to_be_bytes());
+                    buffer[at..at + 4]
+                        .copy_from_slice(&(rng.next() as u32 >> rng.below(32)).to_be_bytes());
                 }
             }
         }
@@ -991,7 +1217,10 @@ fn fuzz(name: &str, dtb: &[u8], rounds: usize, seed: u64) -> (usize, usize) {
 
 /// Rounds per tree; `MOAT_FUZZ_ROUNDS` raises it for a longer run.
 fn fuzz_rounds(default: usize) -> usize {
-    std::env::var("MOAT_FUZZ_ROUNDS").ok().and_then(|rounds| rounds.parse().ok()).unwrap_or(default)
+    std::env::var("MOAT_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(default)
 }
 
 #[test]

@@ -9,8 +9,14 @@ use moat_platform::dt::{Conduit, DtError, Platform, Range, discover};
 use moat_platform::hostdt::{HostDtEdits, RewriteError, rewrite_for_host};
 use vm_fdt::FdtWriter;
 
-const MOAT: Range = Range { base: 0x4100_0000, size: 0x20_0000 };
-const INITRD: Range = Range { base: 0x4800_0000, size: 0x10_0000 };
+const MOAT: Range = Range {
+    base: 0x4100_0000,
+    size: 0x20_0000,
+};
+const INITRD: Range = Range {
+    base: 0x4800_0000,
+    size: 0x10_0000,
+};
 const BOOTARGS: &str = "console=ttyAMA0 earlycon root=/dev/vda rw";
 
 fn full_edits(regions: &[Range]) -> HostDtEdits<'_> {
@@ -23,12 +29,17 @@ fn full_edits(regions: &[Range]) -> HostDtEdits<'_> {
 }
 
 fn node_at<'n>(nodes: &'n [FlatNode], path: &str) -> &'n FlatNode {
-    nodes.iter().find(|node| node.path == path).unwrap_or_else(|| panic!("no node {path}"))
+    nodes
+        .iter()
+        .find(|node| node.path == path)
+        .unwrap_or_else(|| panic!("no node {path}"))
 }
 
 fn is_psci(node: &FlatNode) -> bool {
     node.property("compatible").is_some_and(|value| {
-        value.split(|&b| b == 0).any(|c| c == b"arm,psci" || c == b"arm,psci-0.2" || c == b"arm,psci-1.0")
+        value
+            .split(|&b| b == 0)
+            .any(|c| c == b"arm,psci" || c == b"arm,psci-0.2" || c == b"arm,psci-1.0")
     })
 }
 
@@ -41,12 +52,23 @@ fn assert_preserved(input: &[u8], output: &[u8], added: &[&str], edited: &[(&str
     let before = flatten(input);
     let after = flatten(output);
     for path in added {
-        assert!(after.iter().any(|node| node.path == *path), "{path} was not added");
+        assert!(
+            after.iter().any(|node| node.path == *path),
+            "{path} was not added"
+        );
     }
-    let kept: Vec<&FlatNode> = after.iter().filter(|node| !added.contains(&node.path.as_str())).collect();
+    let kept: Vec<&FlatNode> = after
+        .iter()
+        .filter(|node| !added.contains(&node.path.as_str()))
+        .collect();
     assert_eq!(
-        kept.iter().map(|node| node.path.as_str()).collect::<Vec<_>>(),
-        before.iter().map(|node| node.path.as_str()).collect::<Vec<_>>()
+        kept.iter()
+            .map(|node| node.path.as_str())
+            .collect::<Vec<_>>(),
+        before
+            .iter()
+            .map(|node| node.path.as_str())
+            .collect::<Vec<_>>()
     );
     for (old, new) in before.iter().zip(kept) {
         let unedited = |node: &FlatNode| -> Vec<(String, Vec<u8>)> {
@@ -105,19 +127,34 @@ fn every_real_tree_survives_a_rewrite() {
             ("/chosen", "linux,initrd-start"),
             ("/chosen", "linux,initrd-end"),
         ];
-        let psci_paths: Vec<String> =
-            before.iter().filter(|node| is_psci(node)).map(|node| node.path.clone()).collect();
+        let psci_paths: Vec<String> = before
+            .iter()
+            .filter(|node| is_psci(node))
+            .map(|node| node.path.clone())
+            .collect();
         edited.extend(psci_paths.iter().map(|path| (path.as_str(), "method")));
         assert_preserved(&input, &output, &added, &edited);
         assert_dtc_accepts(&output, name);
 
         let after = flatten(&output);
         let chosen = node_at(&after, "/chosen");
-        assert_eq!(chosen.property("bootargs"), Some(format!("{BOOTARGS}\0").as_bytes()));
-        assert_eq!(chosen.property("linux,initrd-start"), Some(&0x4800_0000u64.to_be_bytes()[..]));
-        assert_eq!(chosen.property("linux,initrd-end"), Some(&0x4810_0000u64.to_be_bytes()[..]));
+        assert_eq!(
+            chosen.property("bootargs"),
+            Some(format!("{BOOTARGS}\0").as_bytes())
+        );
+        assert_eq!(
+            chosen.property("linux,initrd-start"),
+            Some(&0x4800_0000u64.to_be_bytes()[..])
+        );
+        assert_eq!(
+            chosen.property("linux,initrd-end"),
+            Some(&0x4810_0000u64.to_be_bytes()[..])
+        );
         for path in &psci_paths {
-            assert_eq!(node_at(&after, path).property("method"), Some(&b"hvc\0"[..]));
+            assert_eq!(
+                node_at(&after, path).property("method"),
+                Some(&b"hvc\0"[..])
+            );
         }
         let moat = node_at(&after, "/reserved-memory/moat@41000000");
         assert_eq!(moat.property("no-map"), Some(&[][..]));
@@ -158,7 +195,11 @@ fn default_edits_leave_a_tree_without_initrd_as_it_was() {
         assert_preserved(&input, &output, &[], &[]);
         assert_eq!(flatten(&output), flatten(&input), "{name}");
         // The writer's output is canonical: rewriting it again changes nothing.
-        assert_eq!(rewrite_for_host(&output, &HostDtEdits::default()).unwrap(), output, "{name}");
+        assert_eq!(
+            rewrite_for_host(&output, &HostDtEdits::default()).unwrap(),
+            output,
+            "{name}"
+        );
     }
 }
 
@@ -168,34 +209,55 @@ fn reserved_memory_is_created_with_the_roots_cells() {
     let output = rewrite_for_host(&load("qemu-virt-gicv3.dtb"), &full_edits(&[MOAT])).unwrap();
     let after = flatten(&output);
     let reserved = node_at(&after, "/reserved-memory");
-    assert_eq!(reserved.property("#address-cells"), Some(&2u32.to_be_bytes()[..]));
-    assert_eq!(reserved.property("#size-cells"), Some(&2u32.to_be_bytes()[..]));
+    assert_eq!(
+        reserved.property("#address-cells"),
+        Some(&2u32.to_be_bytes()[..])
+    );
+    assert_eq!(
+        reserved.property("#size-cells"),
+        Some(&2u32.to_be_bytes()[..])
+    );
     assert_eq!(reserved.property("ranges"), Some(&[][..]));
     let moat = node_at(&after, "/reserved-memory/moat@41000000");
-    let reg: Vec<u8> = [0u32, 0x4100_0000, 0, 0x20_0000].iter().flat_map(|c| c.to_be_bytes()).collect();
+    let reg: Vec<u8> = [0u32, 0x4100_0000, 0, 0x20_0000]
+        .iter()
+        .flat_map(|c| c.to_be_bytes())
+        .collect();
     assert_eq!(moat.property("reg"), Some(reg.as_slice()));
 
     // A 2/1 root gets a 2/1 /reserved-memory.
     let dtb = tree_with_root_cells(2, 1, |w| {
         node(w, "memory@40000000", |w| {
             w.property_string("device_type", "memory").unwrap();
-            w.property_array_u32("reg", &[0, 0x4000_0000, 0x4000_0000]).unwrap();
+            w.property_array_u32("reg", &[0, 0x4000_0000, 0x4000_0000])
+                .unwrap();
         });
         cpus(w, 1);
         node(w, "serial@9000000", |w| {
             w.property_string("compatible", "arm,pl011").unwrap();
-            w.property_array_u32("reg", &[0, 0x900_0000, 0x1000]).unwrap();
+            w.property_array_u32("reg", &[0, 0x900_0000, 0x1000])
+                .unwrap();
         });
         node(w, "interrupt-controller@8000000", |w| {
             w.property_string("compatible", "arm,gic-v3").unwrap();
-            w.property_array_u32("reg", &[0, 0x800_0000, 0x1_0000, 0, 0x80a_0000, 0xf6_0000]).unwrap();
+            w.property_array_u32("reg", &[0, 0x800_0000, 0x1_0000, 0, 0x80a_0000, 0xf6_0000])
+                .unwrap();
         });
     });
     let output = rewrite_for_host(&dtb, &full_edits(&[MOAT])).unwrap();
     let after = flatten(&output);
-    assert_eq!(node_at(&after, "/reserved-memory").property("#size-cells"), Some(&1u32.to_be_bytes()[..]));
-    let reg: Vec<u8> = [0u32, 0x4100_0000, 0x20_0000].iter().flat_map(|c| c.to_be_bytes()).collect();
-    assert_eq!(node_at(&after, "/reserved-memory/moat@41000000").property("reg"), Some(reg.as_slice()));
+    assert_eq!(
+        node_at(&after, "/reserved-memory").property("#size-cells"),
+        Some(&1u32.to_be_bytes()[..])
+    );
+    let reg: Vec<u8> = [0u32, 0x4100_0000, 0x20_0000]
+        .iter()
+        .flat_map(|c| c.to_be_bytes())
+        .collect();
+    assert_eq!(
+        node_at(&after, "/reserved-memory/moat@41000000").property("reg"),
+        Some(reg.as_slice())
+    );
     assert_eq!(discover(&output).unwrap().reserved.as_slice(), &[MOAT]);
     assert_dtc_accepts(&output, "2/1 tree");
 }
@@ -208,19 +270,31 @@ fn existing_reserved_memory_keeps_its_cells_and_large_regions_are_split() {
     let regions = [MOAT, large];
     let output = rewrite_for_host(&input, &full_edits(&regions)).unwrap();
     let after = flatten(&output);
-    let reg: Vec<u8> = [0u32, 0x4100_0000, 0x20_0000].iter().flat_map(|c| c.to_be_bytes()).collect();
-    assert_eq!(node_at(&after, "/reserved-memory/moat@41000000").property("reg"), Some(reg.as_slice()));
+    let reg: Vec<u8> = [0u32, 0x4100_0000, 0x20_0000]
+        .iter()
+        .flat_map(|c| c.to_be_bytes())
+        .collect();
+    assert_eq!(
+        node_at(&after, "/reserved-memory/moat@41000000").property("reg"),
+        Some(reg.as_slice())
+    );
     let reg: Vec<u8> = [1u32, 0, 0xffff_f000, 1, 0xffff_f000, 0x4000_1000]
         .iter()
         .flat_map(|c| c.to_be_bytes())
         .collect();
-    assert_eq!(node_at(&after, "/reserved-memory/moat@100000000").property("reg"), Some(reg.as_slice()));
+    assert_eq!(
+        node_at(&after, "/reserved-memory/moat@100000000").property("reg"),
+        Some(reg.as_slice())
+    );
     // The firmware's children stay first.
     let children: Vec<&str> = after
         .iter()
         .filter_map(|node| node.path.strip_prefix("/reserved-memory/"))
         .collect();
-    assert_eq!(children, ["linux,cma", "nvram@0", "moat@41000000", "moat@100000000"]);
+    assert_eq!(
+        children,
+        ["linux,cma", "nvram@0", "moat@41000000", "moat@100000000"]
+    );
     assert_eq!(
         discover(&output).unwrap().reserved.as_slice(),
         &[
@@ -244,10 +318,18 @@ fn initrd_set_then_removed() {
     assert_eq!(chosen.initrd, None);
     assert_eq!(chosen.bootargs, Some(BOOTARGS));
     let after = flatten(&without);
-    let names: Vec<&str> =
-        node_at(&after, "/chosen").properties.iter().map(|(name, _)| name.as_str()).collect();
+    let names: Vec<&str> = node_at(&after, "/chosen")
+        .properties
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
     assert_eq!(names, ["bootargs"]);
-    assert_preserved(&input, &without, &[], &[("/chosen", "bootargs"), ("/psci", "method")]);
+    assert_preserved(
+        &input,
+        &without,
+        &[],
+        &[("/chosen", "bootargs"), ("/psci", "method")],
+    );
 }
 
 #[test]
@@ -262,20 +344,32 @@ fn chosen_properties_are_replaced_where_they_are() {
             w.property_array_u32("kaslr-seed", &[1, 2]).unwrap();
         });
     });
-    assert_eq!(discover(&dtb).unwrap().chosen.initrd, Range::new(0x4400_0000, 0x100_0000));
+    assert_eq!(
+        discover(&dtb).unwrap().chosen.initrd,
+        Range::new(0x4400_0000, 0x100_0000)
+    );
     let output = rewrite_for_host(&dtb, &full_edits(&[])).unwrap();
     let after = flatten(&output);
     let chosen = node_at(&after, "/chosen");
     let expected: Vec<(String, Vec<u8>)> = vec![
-        ("linux,initrd-start".into(), 0x4800_0000u64.to_be_bytes().to_vec()),
+        (
+            "linux,initrd-start".into(),
+            0x4800_0000u64.to_be_bytes().to_vec(),
+        ),
         ("bootargs".into(), format!("{BOOTARGS}\0").into_bytes()),
         ("stdout-path".into(), b"/serial@9000000\0".to_vec()),
-        ("linux,initrd-end".into(), 0x4810_0000u64.to_be_bytes().to_vec()),
+        (
+            "linux,initrd-end".into(),
+            0x4810_0000u64.to_be_bytes().to_vec(),
+        ),
         ("kaslr-seed".into(), [0, 0, 0, 1, 0, 0, 0, 2].to_vec()),
     ];
     assert_eq!(chosen.properties, expected);
     let chosen = discover(&output).unwrap().chosen;
-    assert_eq!((chosen.bootargs, chosen.initrd), (Some(BOOTARGS), Some(INITRD)));
+    assert_eq!(
+        (chosen.bootargs, chosen.initrd),
+        (Some(BOOTARGS), Some(INITRD))
+    );
 }
 
 #[test]
@@ -284,7 +378,10 @@ fn chosen_is_created_when_absent() {
     assert!(!flatten(&dtb).iter().any(|node| node.path == "/chosen"));
     let output = rewrite_for_host(&dtb, &full_edits(&[])).unwrap();
     let chosen = discover(&output).unwrap().chosen;
-    assert_eq!((chosen.bootargs, chosen.initrd), (Some(BOOTARGS), Some(INITRD)));
+    assert_eq!(
+        (chosen.bootargs, chosen.initrd),
+        (Some(BOOTARGS), Some(INITRD))
+    );
     assert_preserved(&dtb, &output, &["/chosen"], &[("/psci", "method")]);
     // Even with nothing to put in it.
     let output = rewrite_for_host(&dtb, &HostDtEdits::default()).unwrap();
@@ -294,12 +391,21 @@ fn chosen_is_created_when_absent() {
 #[test]
 fn psci_method() {
     let input = load("qemu-virt-gicv2.dtb");
-    let edits = HostDtEdits { psci_conduit: Some(Conduit::Hvc), ..HostDtEdits::default() };
+    let edits = HostDtEdits {
+        psci_conduit: Some(Conduit::Hvc),
+        ..HostDtEdits::default()
+    };
     let hvc = rewrite_for_host(&input, &edits).unwrap();
     assert_eq!(discover(&hvc).unwrap().psci.unwrap().conduit, Conduit::Hvc);
-    let edits = HostDtEdits { psci_conduit: Some(Conduit::Smc), ..HostDtEdits::default() };
+    let edits = HostDtEdits {
+        psci_conduit: Some(Conduit::Smc),
+        ..HostDtEdits::default()
+    };
     let smc = rewrite_for_host(&hvc, &edits).unwrap();
-    assert_eq!(smc, rewrite_for_host(&input, &HostDtEdits::default()).unwrap());
+    assert_eq!(
+        smc,
+        rewrite_for_host(&input, &HostDtEdits::default()).unwrap()
+    );
 
     // A PSCI node without a method gets one.
     let dtb = tree(|w| {
@@ -307,11 +413,16 @@ fn psci_method() {
         cpus(w, 1);
         pl011(w, 0x900_0000, None);
         gicv3(w);
-        node(w, "psci", |w| w.property_string("compatible", "arm,psci-0.2").unwrap());
+        node(w, "psci", |w| {
+            w.property_string("compatible", "arm,psci-0.2").unwrap()
+        });
     });
     assert!(matches!(discover(&dtb), Err(DtError::BadProperty(_))));
     let output = rewrite_for_host(&dtb, &full_edits(&[])).unwrap();
-    assert_eq!(discover(&output).unwrap().psci.unwrap().conduit, Conduit::Hvc);
+    assert_eq!(
+        discover(&output).unwrap().psci.unwrap().conduit,
+        Conduit::Hvc
+    );
 
     // A tree without PSCI gets none.
     let output = rewrite_for_host(&load("qemu-raspi4b.dtb"), &full_edits(&[])).unwrap();
@@ -329,7 +440,10 @@ fn existing_reserved_memory_without_ranges_gets_one() {
     });
     let output = rewrite_for_host(&dtb, &full_edits(&[MOAT])).unwrap();
     let after = flatten(&output);
-    assert_eq!(node_at(&after, "/reserved-memory").property("ranges"), Some(&[][..]));
+    assert_eq!(
+        node_at(&after, "/reserved-memory").property("ranges"),
+        Some(&[][..])
+    );
     assert_eq!(discover(&output).unwrap().reserved.as_slice(), &[MOAT]);
 }
 
@@ -340,7 +454,8 @@ fn unusable_reserved_memory_is_an_input_error() {
         node(w, "reserved-memory", |w| {
             w.property_u32("#address-cells", 2).unwrap();
             w.property_u32("#size-cells", 2).unwrap();
-            w.property_array_u64("ranges", &[0, 0x4000_0000, 0x4000_0000]).unwrap();
+            w.property_array_u64("ranges", &[0, 0x4000_0000, 0x4000_0000])
+                .unwrap();
         });
     });
     assert!(matches!(
@@ -366,9 +481,18 @@ fn unusable_reserved_memory_is_an_input_error() {
 #[test]
 fn bad_edits() {
     let dtb = load("qemu-virt-gicv3.dtb");
-    let empty = Range { base: 0x4000_0000, size: 0 };
-    let overflowing = Range { base: u64::MAX - 0xfff, size: 0x2000 };
-    let overlapping = Range { base: 0x4110_0000, size: 0x20_0000 };
+    let empty = Range {
+        base: 0x4000_0000,
+        size: 0,
+    };
+    let overflowing = Range {
+        base: u64::MAX - 0xfff,
+        size: 0x2000,
+    };
+    let overlapping = Range {
+        base: 0x4110_0000,
+        size: 0x20_0000,
+    };
     for regions in [vec![empty], vec![overflowing], vec![MOAT, overlapping]] {
         let bad = *regions.last().unwrap();
         assert_eq!(
@@ -376,8 +500,14 @@ fn bad_edits() {
             Some(RewriteError::BadRange(bad))
         );
     }
-    let edits = HostDtEdits { initrd: Some(empty), ..HostDtEdits::default() };
-    assert_eq!(rewrite_for_host(&dtb, &edits).err(), Some(RewriteError::BadRange(empty)));
+    let edits = HostDtEdits {
+        initrd: Some(empty),
+        ..HostDtEdits::default()
+    };
+    assert_eq!(
+        rewrite_for_host(&dtb, &edits).err(),
+        Some(RewriteError::BadRange(empty))
+    );
     // Above 4 GiB with one address cell.
     let dtb = tree_with_root_cells(1, 1, |w| {
         node(w, "reserved-memory", |w| {
@@ -387,14 +517,23 @@ fn bad_edits() {
         });
     });
     let high = Range::new(0x1_0000_0000, 0x1000).unwrap();
-    assert_eq!(rewrite_for_host(&dtb, &full_edits(&[high])).err(), Some(RewriteError::BadRange(high)));
+    assert_eq!(
+        rewrite_for_host(&dtb, &full_edits(&[high])).err(),
+        Some(RewriteError::BadRange(high))
+    );
     assert!(rewrite_for_host(&dtb, &full_edits(&[MOAT])).is_ok());
 }
 
 #[test]
 fn bootargs_with_a_nul_is_refused_by_the_writer() {
-    let edits = HostDtEdits { bootargs: Some("a\0b"), ..HostDtEdits::default() };
-    assert_eq!(rewrite_for_host(&load("fvp-base-revc.dtb"), &edits).err(), Some(RewriteError::Output));
+    let edits = HostDtEdits {
+        bootargs: Some("a\0b"),
+        ..HostDtEdits::default()
+    };
+    assert_eq!(
+        rewrite_for_host(&load("fvp-base-revc.dtb"), &edits).err(),
+        Some(RewriteError::Output)
+    );
 }
 
 #[test]
@@ -403,12 +542,20 @@ fn node_names_the_writer_refuses_are_an_output_error() {
     // carrying overlay metadata such as `__symbols__` cannot be re-emitted.
     let mut dtb = tree(|w| {
         complete(w);
-        node(w, "xxsymbols__", |w| w.property_string("uart0", "/serial@9000000").unwrap());
+        node(w, "xxsymbols__", |w| {
+            w.property_string("uart0", "/serial@9000000").unwrap()
+        });
     });
-    let at = dtb.windows(12).position(|window| window == b"xxsymbols__\0").unwrap();
+    let at = dtb
+        .windows(12)
+        .position(|window| window == b"xxsymbols__\0")
+        .unwrap();
     dtb[at..at + 2].copy_from_slice(b"__");
     assert!(discover(&dtb).is_ok());
-    assert_eq!(rewrite_for_host(&dtb, &HostDtEdits::default()).err(), Some(RewriteError::Output));
+    assert_eq!(
+        rewrite_for_host(&dtb, &HostDtEdits::default()).err(),
+        Some(RewriteError::Output)
+    );
 }
 
 #[test]
@@ -416,7 +563,10 @@ fn input_errors() {
     let dtb = load("fvp-base-revc.dtb");
     assert_eq!(
         rewrite_for_host(&dtb[..100], &HostDtEdits::default()).err(),
-        Some(RewriteError::Input(DtError::Truncated { available: 100, needed: dtb.len() }))
+        Some(RewriteError::Input(DtError::Truncated {
+            available: 100,
+            needed: dtb.len()
+        }))
     );
     let mut bad = dtb.clone();
     bad[3] = 0;
@@ -431,7 +581,10 @@ fn errors_display_a_sentence() {
     for error in [
         RewriteError::Input(DtError::NoMemory),
         RewriteError::Output,
-        RewriteError::BadRange(Range { base: 0x1000, size: 0 }),
+        RewriteError::BadRange(Range {
+            base: 0x1000,
+            size: 0,
+        }),
     ] {
         assert!(error.to_string().len() > 30, "{error}");
     }
@@ -444,8 +597,10 @@ fn mutated_trees_never_panic_and_output_is_well_formed() {
     for (index, name) in REAL_TREES.iter().enumerate() {
         let dtb = load(name);
         let used = (header(&dtb, 3) + header(&dtb, 8)) as usize;
-        let values: Vec<(usize, usize)> =
-            property_values(&dtb).into_iter().filter(|&(_, len)| len > 0).collect();
+        let values: Vec<(usize, usize)> = property_values(&dtb)
+            .into_iter()
+            .filter(|&(_, len)| len > 0)
+            .collect();
         let mut rng = XorShift(0x1234_5678 ^ index as u64);
         let mut buffer = dtb.clone();
         let mut rewritten = 0;
@@ -465,7 +620,9 @@ fn mutated_trees_never_panic_and_output_is_well_formed() {
                 assert!(
                     !matches!(
                         discover(&output),
-                        Err(DtError::Malformed(_) | DtError::Truncated { .. } | DtError::BadMagic(_))
+                        Err(DtError::Malformed(_)
+                            | DtError::Truncated { .. }
+                            | DtError::BadMagic(_))
                     ),
                     "{name}: the rewrite of a mutated tree is not a well-formed tree"
                 );

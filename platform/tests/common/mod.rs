@@ -43,7 +43,10 @@ pub struct FlatNode {
 
 impl FlatNode {
     pub fn property(&self, name: &str) -> Option<&[u8]> {
-        self.properties.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+        self.properties
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
     }
 }
 
@@ -64,10 +67,21 @@ pub fn flatten(dtb: &[u8]) -> Vec<FlatNode> {
                 let name = std::str::from_utf8(&dtb[offset..end]).unwrap().to_string();
                 offset = (end + 1 + 3) & !3;
                 path.push(name);
-                let full = if path.len() == 1 { "/".to_string() } else { path[1..].join("/") };
-                let full = if full == "/" { full } else { format!("/{full}") };
+                let full = if path.len() == 1 {
+                    "/".to_string()
+                } else {
+                    path[1..].join("/")
+                };
+                let full = if full == "/" {
+                    full
+                } else {
+                    format!("/{full}")
+                };
                 open.push(nodes.len());
-                nodes.push(FlatNode { path: full, properties: Vec::new() });
+                nodes.push(FlatNode {
+                    path: full,
+                    properties: Vec::new(),
+                });
             }
             2 => {
                 path.pop();
@@ -76,8 +90,11 @@ pub fn flatten(dtb: &[u8]) -> Vec<FlatNode> {
             3 => {
                 let len = be32(dtb, offset) as usize;
                 let name_offset = strings + be32(dtb, offset + 4) as usize;
-                let name_end = name_offset + dtb[name_offset..].iter().position(|&b| b == 0).unwrap();
-                let name = std::str::from_utf8(&dtb[name_offset..name_end]).unwrap().to_string();
+                let name_end =
+                    name_offset + dtb[name_offset..].iter().position(|&b| b == 0).unwrap();
+                let name = std::str::from_utf8(&dtb[name_offset..name_end])
+                    .unwrap()
+                    .to_string();
                 let value = dtb[offset + 8..offset + 8 + len].to_vec();
                 offset = (offset + 8 + len + 3) & !3;
                 nodes[*open.last().unwrap()].properties.push((name, value));
@@ -97,7 +114,9 @@ pub fn property_values(dtb: &[u8]) -> Vec<(usize, usize)> {
         let token = be32(dtb, offset);
         offset += 4;
         match token {
-            1 => offset = (offset + dtb[offset..].iter().position(|&b| b == 0).unwrap() + 1 + 3) & !3,
+            1 => {
+                offset = (offset + dtb[offset..].iter().position(|&b| b == 0).unwrap() + 1 + 3) & !3
+            }
             3 => {
                 let len = be32(dtb, offset) as usize;
                 values.push((offset + 8, len));
@@ -180,7 +199,8 @@ pub fn tree_with_root_cells(
     let mut w = FdtWriter::new().unwrap();
     let root = w.begin_node("").unwrap();
     w.property_string("model", "test board").unwrap();
-    w.property_string_list("compatible", vec!["test,board".into(), "test,soc".into()]).unwrap();
+    w.property_string_list("compatible", vec!["test,board".into(), "test,soc".into()])
+        .unwrap();
     w.property_u32("#address-cells", address_cells).unwrap();
     w.property_u32("#size-cells", size_cells).unwrap();
     body(&mut w);
@@ -190,7 +210,10 @@ pub fn tree_with_root_cells(
 
 /// `reg` cells for 2/2 parents.
 pub fn reg2(entries: &[(u64, u64)]) -> Vec<u64> {
-    entries.iter().flat_map(|&(base, size)| [base, size]).collect()
+    entries
+        .iter()
+        .flat_map(|&(base, size)| [base, size])
+        .collect()
 }
 
 pub fn node(w: &mut FdtWriter, name: &str, body: impl FnOnce(&mut FdtWriter)) {
@@ -224,8 +247,11 @@ pub fn cpus(w: &mut FdtWriter, count: u32) {
 
 pub fn pl011(w: &mut FdtWriter, base: u64, status: Option<&str>) {
     node(w, &format!("serial@{base:x}"), |w| {
-        w.property_string_list("compatible", vec!["arm,pl011".into(), "arm,primecell".into()])
-            .unwrap();
+        w.property_string_list(
+            "compatible",
+            vec!["arm,pl011".into(), "arm,primecell".into()],
+        )
+        .unwrap();
         w.property_array_u64("reg", &[base, 0x1000]).unwrap();
         if let Some(status) = status {
             w.property_string("status", status).unwrap();
@@ -236,8 +262,11 @@ pub fn pl011(w: &mut FdtWriter, base: u64, status: Option<&str>) {
 pub fn gicv3(w: &mut FdtWriter) {
     node(w, "interrupt-controller@8000000", |w| {
         w.property_string("compatible", "arm,gic-v3").unwrap();
-        w.property_array_u64("reg", &reg2(&[(0x800_0000, 0x1_0000), (0x80a_0000, 0xf6_0000)]))
-            .unwrap();
+        w.property_array_u64(
+            "reg",
+            &reg2(&[(0x800_0000, 0x1_0000), (0x80a_0000, 0xf6_0000)]),
+        )
+        .unwrap();
     });
 }
 

@@ -111,7 +111,7 @@ pub fn ensure_mdbook() -> Result<PathBuf> {
         "mdbook",
         "--locked",
         "--version",
-        "^0.4",
+        "0.5.4",
     ]))?;
     Ok(cargo_bin)
 }
