@@ -8,6 +8,14 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+pub mod ipc;
+pub mod service;
+pub mod services;
+pub mod trap;
+
+/// Re-exported so interface declarations expand without a direct dependency.
+pub use zerocopy;
+
 /// The ABI version as `(major << 16) | minor`. A major change breaks callers.
 pub const ABI_VERSION: u32 = 1 << 16;
 
@@ -62,36 +70,93 @@ pub mod hypercall {
     pub const NULL: u32 = id(0);
     /// Returns [`crate::ABI_VERSION`] in x1.
     pub const ABI_VERSION: u32 = id(1);
+
+    /// First function number the image manifest may route to services.
+    /// Function `first + k - 1` of the range a service is given is its
+    /// operation `k`: x1..x6 carry the request (48 bytes, unused bytes zero),
+    /// and the answer comes back as x0 = status, x1..x7 = reply (56 bytes).
+    pub const SERVICE_RANGE_START: u16 = 0x1000;
+    /// One past the last routable function number.
+    pub const SERVICE_RANGE_END: u16 = 0xff00;
+
+    /// Service -> core: the reply is in the IPC page (or, on the first call,
+    /// the service is ready); returns when the next call is in the IPC page.
+    pub const SVC_REPLY_WAIT: u32 = id(0x100);
+    /// Service -> core: print x1 bytes from the IPC page's payload.
+    pub const SVC_LOG: u32 = id(0x101);
+    /// Service -> core: the service took an exception it cannot handle
+    /// (x1 = ESR_EL1, x2 = ELR_EL1, x3 = FAR_EL1).
+    pub const SVC_FAULT: u32 = id(0x102);
 }
 
 /// Error codes a Moat call returns in x0. Negative, as SMCCC errors are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(i64)]
 pub enum Error {
+    /// Unknown function or operation.
     NotSupported = -1,
+    /// An argument is out of range, misaligned or malformed.
     InvalidParameters = -2,
+    /// The caller may not do this.
     Denied = -3,
+    /// The core or a service is out of memory.
     NoMemory = -4,
+    /// The target is serving another caller; try again.
     Busy = -5,
+    /// The service has failed (faulted, replied malformed, or overran its
+    /// budget) and is refusing every request.
+    ServiceFailed = -6,
+    /// The caller and callee speak different major ABI versions.
+    VersionMismatch = -7,
+    /// An interrupt for the caller arrived while the service was running;
+    /// issue the same call again (with interrupts unmasked) to resume it.
+    Interrupted = -8,
 }
 
 impl Error {
+    /// Every error, for exhaustive tests and decoders.
+    pub const ALL: [Error; 8] = [
+        Error::NotSupported,
+        Error::InvalidParameters,
+        Error::Denied,
+        Error::NoMemory,
+        Error::Busy,
+        Error::ServiceFailed,
+        Error::VersionMismatch,
+        Error::Interrupted,
+    ];
+
+    /// The numeric code.
+    pub const fn code(self) -> i64 {
+        self as i64
+    }
+
     /// The value placed in x0.
     pub const fn to_x0(self) -> u64 {
         self as i64 as u64
     }
 
+    /// The error with this code, if any.
+    pub const fn from_code(code: i64) -> Option<Error> {
+        let mut i = 0;
+        while i < Self::ALL.len() {
+            if Self::ALL[i] as i64 == code {
+                return Some(Self::ALL[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+
     /// Decodes x0; `Ok(())` for 0, `None` for an unknown code.
     pub const fn from_x0(x0: u64) -> Option<Result<(), Error>> {
-        Some(match x0 as i64 {
-            0 => Ok(()),
-            -1 => Err(Error::NotSupported),
-            -2 => Err(Error::InvalidParameters),
-            -3 => Err(Error::Denied),
-            -4 => Err(Error::NoMemory),
-            -5 => Err(Error::Busy),
-            _ => return None,
-        })
+        if x0 == 0 {
+            return Some(Ok(()));
+        }
+        match Self::from_code(x0 as i64) {
+            Some(e) => Some(Err(e)),
+            None => None,
+        }
     }
 }
 
@@ -109,13 +174,7 @@ mod tests {
 
     #[test]
     fn errors_round_trip() {
-        for e in [
-            Error::NotSupported,
-            Error::InvalidParameters,
-            Error::Denied,
-            Error::NoMemory,
-            Error::Busy,
-        ] {
+        for e in Error::ALL {
             assert_eq!(Error::from_x0(e.to_x0()), Some(Err(e)));
         }
         assert_eq!(Error::from_x0(0), Some(Ok(())));

@@ -14,6 +14,7 @@ pub mod inject;
 pub mod layout;
 pub mod psci;
 pub mod regs;
+pub mod routing;
 pub mod s2plan;
 
 /// The version string the core prints at boot.

@@ -173,7 +173,8 @@ pub enum DtError {
     Truncated { available: usize, needed: usize },
     /// The first word is not 0xd00dfeed.
     BadMagic(u32),
-    /// The `fdt` crate refused the structure (bad offsets, version, ...).
+    /// The header or the structure block is malformed (bad offsets, version,
+    /// unknown tokens, unbalanced nodes, nesting deeper than [`MAX_NODE_DEPTH`], ...).
     Malformed(&'static str),
     /// No memory node, or only empty ones.
     NoMemory,
@@ -398,6 +399,8 @@ pub(crate) struct Tree<'a> {
     strings: &'a [u8],
     /// The memory reservation entries, without the terminating one.
     reservations: &'a [u8],
+    /// Only the host tree rewrite reads it.
+    #[cfg_attr(not(feature = "alloc"), allow(dead_code))]
     boot_cpuid_phys: u32,
 }
 
@@ -458,6 +461,7 @@ impl<'a> Tree<'a> {
     }
 
     /// The header's `boot_cpuid_phys`.
+    #[cfg_attr(not(feature = "alloc"), allow(dead_code))]
     pub(crate) fn boot_cpuid_phys(&self) -> u32 {
         self.boot_cpuid_phys
     }
@@ -736,7 +740,7 @@ fn strings(value: &[u8]) -> impl Iterator<Item = &str> {
 
 /// The big-endian number in `bytes` (up to four cells), if it fits in 64 bits.
 fn read_cells(bytes: &[u8]) -> Option<u64> {
-    if bytes.len() % 4 != 0 || bytes.len() > 16 {
+    if !bytes.len().is_multiple_of(4) || bytes.len() > 16 {
         return None;
     }
     let mut value = 0u128;
@@ -823,7 +827,7 @@ fn through_window(ranges: &[u8], bus: &Level<'_>, outer: &Level<'_>, address: u6
     let entry = child_bytes
         .checked_add(parent_bytes)?
         .checked_add(size_bytes)?;
-    if entry == 0 || ranges.len() % entry != 0 {
+    if entry == 0 || !ranges.len().is_multiple_of(entry) {
         return None;
     }
     for window in ranges.chunks_exact(entry) {
@@ -877,7 +881,7 @@ fn regs<'x, 'a>(
         return Err(RegFault::Unaddressable);
     }
     let entry_bytes = (address_cells + size_cells) * 4;
-    if value.len() % entry_bytes != 0 {
+    if !value.len().is_multiple_of(entry_bytes) {
         return Err(RegFault::Malformed);
     }
     Ok(Some(Regs {

@@ -18,8 +18,9 @@ pub struct HostDtEdits<'a> {
     /// tree has no `/reserved-memory`, one is created with empty `ranges` and
     /// the root's `#address-cells`/`#size-cells` (2/2 on the usual arm64
     /// trees): Linux ignores a `/reserved-memory` whose cell sizes differ from
-    /// the root's. A region too large for one size cell is split across
-    /// several `reg` entries.
+    /// the root's; an existing one without `ranges` gets an empty one. A
+    /// region too large for one size cell is split across several `reg`
+    /// entries.
     pub reserve_no_map: &'a [Range],
     /// Replaces `/chosen/bootargs` (created if absent) when `Some`.
     pub bootargs: Option<&'a str>,
@@ -39,7 +40,10 @@ pub enum RewriteError {
     /// take more regions (its `ranges` translates addresses, or its cell sizes
     /// differ from the root's).
     Input(crate::dt::DtError),
-    /// The writer refused the output (a name or property too long, ...).
+    /// The writer refused the output: a node or property name it does not
+    /// accept (vm-fdt wants node names to start with a letter, so overlay
+    /// metadata such as `__symbols__` is refused), a string holding a NUL,
+    /// a value or tree too large, or overlapping `/memreserve/` entries.
     Output,
     /// A region to reserve or the initrd is empty or overflows, a region
     /// overlaps another, or a region does not fit the cells of

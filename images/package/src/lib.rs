@@ -21,7 +21,7 @@
 #![forbid(unsafe_code)]
 
 use core::fmt;
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, little_endian::U32, little_endian::U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, little_endian::U16, little_endian::U32, little_endian::U64};
 
 /// `MOATPKG\0`.
 pub const MAGIC: [u8; 8] = *b"MOATPKG\0";
@@ -78,6 +78,10 @@ pub enum EntryKind {
     HostBootargs = 3,
     /// A flattened device tree that replaces the one the firmware passed.
     DeviceTree = 4,
+    /// The service table: an array of [`ServiceRecord`]s.
+    ServiceTable = 5,
+    /// A service's flat binary; records name it by its index among these entries.
+    ServiceImage = 6,
 }
 
 impl EntryKind {
@@ -87,6 +91,8 @@ impl EntryKind {
             2 => Self::HostInitrd,
             3 => Self::HostBootargs,
             4 => Self::DeviceTree,
+            5 => Self::ServiceTable,
+            6 => Self::ServiceImage,
             _ => return None,
         })
     }
@@ -97,6 +103,8 @@ impl EntryKind {
             Self::HostInitrd => "host initrd",
             Self::HostBootargs => "host bootargs",
             Self::DeviceTree => "device tree",
+            Self::ServiceTable => "service table",
+            Self::ServiceImage => "service image",
         }
     }
 }
@@ -125,6 +133,11 @@ pub enum PackageError {
     BadBootargs,
     /// No host image.
     NoHostImage,
+    /// More service images than [`MAX_SERVICES`].
+    TooManyServices,
+    /// The service table's length is not a whole number of records, or it
+    /// has more than [`MAX_SERVICES`] of them.
+    BadServiceTable,
 }
 
 impl fmt::Display for PackageError {
@@ -153,6 +166,8 @@ impl fmt::Display for PackageError {
             ),
             Self::BadBootargs => write!(f, "boot package bootargs are not UTF-8"),
             Self::NoHostImage => write!(f, "boot package has no host image"),
+            Self::TooManyServices => write!(f, "boot package has more than {MAX_SERVICES} service images"),
+            Self::BadServiceTable => write!(f, "boot package service table is malformed"),
         }
     }
 }
@@ -176,6 +191,47 @@ fn checksum(package: &[u8]) -> u64 {
     fnv1a(h, &package[40..])
 }
 
+/// Most services an image carries.
+pub const MAX_SERVICES: usize = 8;
+/// Bytes of a service name, NUL-padded.
+pub const SERVICE_NAME_LEN: usize = 24;
+
+/// One service, as the image manifest declared it and the image builder
+/// checked it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct ServiceRecord {
+    /// UTF-8, NUL-padded.
+    pub name: [u8; SERVICE_NAME_LEN],
+    /// The id of the interface it serves (`moat_abi::services`).
+    pub interface_id: U16,
+    /// First Moat function number routed to it (`0xC600_0000 | n`), or 0.
+    pub hypercall_first: U16,
+    /// How many function numbers from `hypercall_first`.
+    pub hypercall_count: U16,
+    pub reserved: U16,
+    /// Bytes of memory: image, BSS and stack.
+    pub memory_bytes: U32,
+    /// Microseconds a call may run before the service is declared failed.
+    pub budget_us: U32,
+    /// Trap classes (bit = `moat_abi::trap::TrapClass`) it is told about.
+    pub observes: U32,
+    /// Trap classes it decides.
+    pub handles: U32,
+    /// Index of its image among the package's service images.
+    pub image_index: U32,
+    pub reserved2: U32,
+}
+const _: () = assert!(size_of::<ServiceRecord>() == 56);
+
+impl ServiceRecord {
+    /// The name, up to its first NUL (lossy: invalid UTF-8 gives "?").
+    pub fn name(&self) -> &str {
+        let end = self.name.iter().position(|b| *b == 0).unwrap_or(SERVICE_NAME_LEN);
+        core::str::from_utf8(&self.name[..end]).unwrap_or("?")
+    }
+}
+
 /// A checked package.
 #[derive(Clone, Copy, Debug)]
 pub struct Package<'a> {
@@ -184,6 +240,10 @@ pub struct Package<'a> {
     pub host_initrd: Option<&'a [u8]>,
     pub host_bootargs: Option<&'a str>,
     pub device_tree: Option<&'a [u8]>,
+    /// The raw service table (validated to be whole records).
+    pub service_table: &'a [u8],
+    pub service_images: [&'a [u8]; MAX_SERVICES],
+    pub service_image_count: usize,
     /// Bytes the package occupies from its start.
     pub total_size: u64,
 }
@@ -229,8 +289,12 @@ impl<'a> Package<'a> {
             host_initrd: None,
             host_bootargs: None,
             device_tree: None,
+            service_table: &[],
+            service_images: [&[]; MAX_SERVICES],
+            service_image_count: 0,
             total_size: total,
         };
+        let mut have_table = false;
         let mut have_image = false;
         let table = &package[size_of::<PackageHeader>()..table_end as usize];
         for (i, raw) in table.chunks_exact(size_of::<EntryHeader>()).enumerate() {
@@ -256,6 +320,23 @@ impl<'a> Package<'a> {
                     out.host_bootargs.replace(s).is_some()
                 }
                 EntryKind::DeviceTree => out.device_tree.replace(data).is_some(),
+                EntryKind::ServiceTable => {
+                    let n = data.len() / size_of::<ServiceRecord>();
+                    if data.len() % size_of::<ServiceRecord>() != 0 || n > MAX_SERVICES {
+                        return Err(PackageError::BadServiceTable);
+                    }
+                    out.service_table = data;
+                    core::mem::replace(&mut have_table, true)
+                }
+                EntryKind::ServiceImage => {
+                    let slot = out
+                        .service_images
+                        .get_mut(out.service_image_count)
+                        .ok_or(PackageError::TooManyServices)?;
+                    *slot = data;
+                    out.service_image_count += 1;
+                    false
+                }
             };
             if duplicate {
                 return Err(PackageError::Duplicate(kind));
@@ -268,6 +349,19 @@ impl<'a> Package<'a> {
             return Err(PackageError::NoHostImage);
         }
         Ok(out)
+    }
+
+    /// The service records.
+    pub fn services(&self) -> impl Iterator<Item = ServiceRecord> + '_ {
+        self.service_table
+            .chunks_exact(size_of::<ServiceRecord>())
+            .filter_map(|c| ServiceRecord::read_from_bytes(c).ok())
+    }
+
+    /// The image a record names, if it exists.
+    pub fn service_image(&self, record: &ServiceRecord) -> Option<&'a [u8]> {
+        let i = record.image_index.get() as usize;
+        if i < self.service_image_count { self.service_images.get(i).copied() } else { None }
     }
 }
 
@@ -408,6 +502,38 @@ mod tests {
             .entry(EntryKind::HostImage, vec![2])
             .build();
         assert_eq!(Package::parse(&b).unwrap_err(), PackageError::Duplicate(EntryKind::HostImage));
+    }
+
+    #[test]
+    fn services_round_trip() {
+        let mut rec = ServiceRecord::default();
+        rec.name[..5].copy_from_slice(b"trace");
+        rec.image_index = U32::new(1);
+        let b = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![1])
+            .entry(EntryKind::ServiceTable, rec.as_bytes().to_vec())
+            .entry(EntryKind::ServiceImage, vec![7; 10])
+            .entry(EntryKind::ServiceImage, vec![8; 20])
+            .build();
+        let p = Package::parse(&b).unwrap();
+        let recs: Vec<_> = p.services().collect();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].name(), "trace");
+        assert_eq!(p.service_image(&recs[0]), Some(&[8u8; 20][..]));
+        let mut bad = rec;
+        bad.image_index = U32::new(2);
+        assert_eq!(p.service_image(&bad), None);
+        // A table that is not whole records is refused.
+        let b = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![1])
+            .entry(EntryKind::ServiceTable, vec![0; 57])
+            .build();
+        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::BadServiceTable);
+        let mut builder = PackageBuilder::new().entry(EntryKind::HostImage, vec![1]);
+        for _ in 0..=MAX_SERVICES {
+            builder = builder.entry(EntryKind::ServiceImage, vec![1]);
+        }
+        assert_eq!(Package::parse(&builder.build()).unwrap_err(), PackageError::TooManyServices);
     }
 
     #[test]

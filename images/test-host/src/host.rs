@@ -2,7 +2,9 @@
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use moat_abi::{MOAT_UID, hypercall, smccc as ids};
+use moat_abi::services::Misbehaviour;
+use moat_abi::trap::TrapClass;
+use moat_abi::{Error, MOAT_UID, hypercall, smccc as ids};
 use moat_platform::console::Pl011Console;
 use moat_platform::dt::{self, Range};
 use spin::Mutex;
@@ -175,10 +177,11 @@ fn write_u64(addr: u64, v: u64) {
     unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
 }
 
-/// Runs the null hypercall `n` times and returns the instructions retired
-/// (EL1 and EL2) per iteration, minus the same loop without the call.
-fn bench_null_hvc(n: u64) -> (u64, u64) {
-    fn count(n: u64, with_call: bool) -> u64 {
+/// Runs hypercall `function` (no arguments) `n` times and returns the
+/// instructions retired (EL1 and EL2, every partition) per iteration, minus
+/// the same loop without the call.
+fn bench_hvc(n: u64, function: u32) -> (u64, u64) {
+    fn count(n: u64, with_call: bool, function: u32) -> u64 {
         let start: u64;
         let end: u64;
         // SAFETY: PMU counter 0 is ours (MDCR_EL2.HPMN gives EL1 every
@@ -190,6 +193,12 @@ fn bench_null_hvc(n: u64) -> (u64, u64) {
                 "1:",
                 "cbz {with}, 2f",
                 "mov x0, {id}",
+                "mov x1, xzr",
+                "mov x2, xzr",
+                "mov x3, xzr",
+                "mov x4, xzr",
+                "mov x5, xzr",
+                "mov x6, xzr",
                 "hvc #0",
                 "2:",
                 "subs {n}, {n}, #1",
@@ -200,8 +209,9 @@ fn bench_null_hvc(n: u64) -> (u64, u64) {
                 end = out(reg) end,
                 n = inout(reg) n => _,
                 with = in(reg) with_call as u64,
-                id = in(reg) u64::from(hypercall::NULL),
+                id = in(reg) u64::from(function),
                 out("x0") _, out("x1") _, out("x2") _, out("x3") _,
+                out("x4") _, out("x5") _, out("x6") _, out("x7") _,
             );
         }
         end - start
@@ -221,9 +231,65 @@ fn bench_null_hvc(n: u64) -> (u64, u64) {
             t = out(reg) _,
         );
     }
-    let with = count(n, true);
-    let without = count(n, false);
+    let with = count(n, true, function);
+    let without = count(n, false, function);
     (with.saturating_sub(without) / n, without / n)
+}
+
+/// The demo manifest's hypercall ranges (images/demo.toml).
+const TRACE_COUNTS: u32 = hypercall::id(0x1001);
+const TRACE_RESET: u32 = hypercall::id(0x1002);
+const TRACE_PING: u32 = hypercall::id(0x1003);
+const FAULTY: [(&str, u16, Misbehaviour); 4] = [
+    ("faulty-exception", 0x1100, Misbehaviour::Exception),
+    ("faulty-malformed", 0x1110, Misbehaviour::MalformedReply),
+    ("faulty-spin", 0x1120, Misbehaviour::Spin),
+    ("faulty-snoop", 0x1130, Misbehaviour::ReadForeignMemory),
+];
+
+/// An SMCCC call with x1..x6.
+fn hvc6(function: u32, args: [u64; 6]) -> [u64; 8] {
+    let mut a = [0u64; 17];
+    a[..6].copy_from_slice(&args);
+    let r = smccc::hvc64(function, a);
+    [r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]]
+}
+
+/// The services of the demo image, seen from the host.
+fn services(c: &mut Checks) {
+    let r = hvc(TRACE_PING, [0; 3]);
+    if r[0] == ids::NOT_SUPPORTED {
+        say!("no services in this image; skipping the service checks");
+        return;
+    }
+    c.check(r[0] == 0, format_args!("trace service answers ping ({})", r[0] as i64));
+    let counts = hvc6(TRACE_COUNTS, [0; 6]);
+    let (smc, data, fetch) = (counts[1 + TrapClass::Smc as usize], counts[1 + TrapClass::DataAbort as usize], counts[1 + TrapClass::InstructionAbort as usize]);
+    c.check(
+        counts[0] == 0 && smc >= 1 && data >= 2 && fetch >= 1,
+        format_args!("trace counted the traps it observes: {smc} SMC, {data} data aborts, {fetch} instruction aborts, {} in all", counts[7]),
+    );
+    let _ = smc_call(false, smccc::psci::PSCI_VERSION, [0; 3]);
+    let after = hvc6(TRACE_COUNTS, [0; 6]);
+    c.check(after[1 + TrapClass::Smc as usize] == smc + 1, format_args!("one more SMC, one more count ({})", after[1 + TrapClass::Smc as usize]));
+    let r = hvc6(TRACE_COUNTS, [1, 0, 0, 0, 0, 0])[0] as i64;
+    c.check(r == Error::InvalidParameters.code(), format_args!("a non-zero unused argument is refused ({r})"));
+    let r = hvc(TRACE_RESET, [0; 3])[0];
+    let zero = hvc6(TRACE_COUNTS, [0; 6]);
+    c.check(r == 0 && zero[1..8].iter().all(|v| *v == 0), format_args!("trace reset zeroes the counts"));
+    let r = hvc(hypercall::id(0x1004), [0; 3])[0];
+    c.check(r == ids::NOT_SUPPORTED, format_args!("a function past the service's range is NOT_SUPPORTED"));
+
+    for (name, first, how) in FAULTY {
+        let echo = hvc6(hypercall::id(first), [41, 0, 0, 0, 0, 0]);
+        c.check(echo[0] == 0 && echo[1] == 42, format_args!("{name} behaves before it is broken (echo 41 -> {})", echo[1]));
+        let r = hvc6(hypercall::id(first + 1), [how as u64, 0, 0, 0, 0, 0])[0] as i64;
+        c.check(r == Error::ServiceFailed.code(), format_args!("{name} misbehaving ({how:?}): the call fails with ServiceFailed ({r})"));
+        let r = hvc6(hypercall::id(first), [41, 0, 0, 0, 0, 0])[0] as i64;
+        c.check(r == Error::ServiceFailed.code(), format_args!("{name} stays failed: later calls are refused ({r})"));
+    }
+    let r = hvc(TRACE_PING, [0; 3])[0];
+    c.check(r == 0, format_args!("the trace service still answers after the others failed"));
 }
 
 #[unsafe(no_mangle)]
@@ -359,9 +425,15 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
     let online = ONLINE.load(Ordering::SeqCst);
     c.check(online as usize == others.len(), format_args!("{online} secondary CPU(s) ran at EL1"));
 
+    services(&mut c);
+
     if bootargs.split(' ').any(|a| a == "moat.bench") {
-        let (null, loop_cost) = bench_null_hvc(1000);
+        let (null, loop_cost) = bench_hvc(1000, hypercall::NULL);
         say!("bench: null_hvc={null} (loop overhead {loop_cost} per iteration subtracted)");
+        if hvc(TRACE_PING, [0; 3])[0] == 0 {
+            let (call, _) = bench_hvc(1000, TRACE_PING);
+            say!("bench: service_call={call} (host hypercall -> trace service -> reply -> host, empty message)");
+        }
     }
 
     if c.failed == 0 {

@@ -135,3 +135,35 @@ resume_partition:
     ldr     x30, [x0, #240]
     ldp     x0, x1, [x0, #0]
     eret
+
+/*
+ * Nested partition runs. `enter_nested(frame, save)` saves the core's
+ * callee-saved registers and stack pointer in `save` (NestedSave) and enters
+ * the vCPU `frame`. When that vCPU traps, the handler calls
+ * `leave_nested(save)`, which restores them and returns from `enter_nested`
+ * as if it were an ordinary function call: to the core, running a service
+ * until it stops is a function call.
+ */
+.global enter_nested
+enter_nested:
+    stp     x19, x20, [x1, #0]
+    stp     x21, x22, [x1, #16]
+    stp     x23, x24, [x1, #32]
+    stp     x25, x26, [x1, #48]
+    stp     x27, x28, [x1, #64]
+    stp     x29, x30, [x1, #80]
+    mov     x2, sp
+    str     x2, [x1, #96]
+    b       resume_partition
+
+.global leave_nested
+leave_nested:
+    ldp     x19, x20, [x0, #0]
+    ldp     x21, x22, [x0, #16]
+    ldp     x23, x24, [x0, #32]
+    ldp     x25, x26, [x0, #48]
+    ldp     x27, x28, [x0, #64]
+    ldp     x29, x30, [x0, #80]
+    ldr     x2, [x0, #96]
+    mov     sp, x2
+    ret

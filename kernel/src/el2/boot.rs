@@ -113,7 +113,7 @@ fn firmware_dtb(addr: u64) -> &'static [u8] {
 
 /// Cleans `[start, start + len)` to the point of coherency, so a partition
 /// that starts with its MMU and caches off sees what the core wrote.
-fn clean_dcache_to_poc(start: u64, len: u64) {
+pub fn clean_dcache_to_poc(start: u64, len: u64) {
     let ctr: u64;
     // SAFETY: reads CTR_EL0.
     unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
@@ -210,8 +210,20 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     );
 
     // The core's final stage-1 map.
-    let mut core_mmio: heapless::Vec<Range, 4> = heapless::Vec::new();
+    let mut core_mmio: heapless::Vec<Range, 8> = heapless::Vec::new();
     let _ = core_mmio.push(platform.uart.regs);
+    match &platform.gic {
+        Gic::V2 { distributor, cpu_interface, .. } => {
+            let _ = core_mmio.push(*distributor);
+            let _ = core_mmio.push(*cpu_interface);
+        }
+        Gic::V3 { distributor, redistributors } => {
+            let _ = core_mmio.push(*distributor);
+            for r in redistributors {
+                let _ = core_mmio.push(*r);
+            }
+        }
+    }
     mmu::switch_to_final_map(&platform.memory, &core_mmio).unwrap_or_else(|e| fatal("EL2 page tables", e));
 
     // The host's device tree: the carve-out reserved, PSCI through the core.
@@ -250,6 +262,20 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     }
     drop(host_dtb);
 
+    // The heap that does not lie under the package can be used already; the
+    // services are copied out of the package into it.
+    if let Some(piece) = heap_outside(plan.heap, package_range) {
+        // SAFETY: the piece is inside the carve-out's heap, mapped read/write,
+        // and disjoint from the package that is still being read.
+        unsafe { heap::add_region(piece.base as usize, piece.size as usize) };
+    }
+    let features = sysreg::cpu_features();
+    let ipa_bits = el2config::ipa_bits(&features);
+    let (vtcr, start_level) = el2config::vtcr(ipa_bits, features.pa_range);
+    let services = super::service::package_services(&package);
+    let created = super::service::create_all(&services, start_level)
+        .unwrap_or_else(|e| fatal("service routing", e));
+
     // The package is consumed: keep what the core needs, forget borrowed strings.
     let platform: Platform<'static> = Platform {
         model: "",
@@ -263,14 +289,13 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         psci: platform.psci,
         devices_top: platform.devices_top,
     };
-    // SAFETY: the heap lies in the carve-out, is mapped read/write, and
-    // nothing reads the package (which lay there) any more.
-    unsafe { heap::add_region(plan.heap.base as usize, plan.heap.size as usize) };
+    // SAFETY: the rest of the heap (under the package) is in the carve-out,
+    // mapped read/write, and nothing reads the package any more.
+    if let Some(under) = heap_under(plan.heap, package_range) {
+        unsafe { heap::add_region(under.base as usize, under.size as usize) };
+    }
 
     // The host's stage-2.
-    let features = sysreg::cpu_features();
-    let ipa_bits = el2config::ipa_bits(&features);
-    let (vtcr, start_level) = el2config::vtcr(ipa_bits, features.pa_range);
     let mut withheld: heapless::Vec<Range, 4> = heapless::Vec::new();
     let _ = withheld.push(plan.carve_out);
     if let Gic::V2 { hyp_interface: Some(gich), .. } = &platform.gic {
@@ -279,10 +304,9 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let device_top = platform.devices_top.max(platform.uart.regs.end());
     let regions = s2plan::host_regions(&platform.memory, &withheld, device_top, 1u64 << ipa_bits)
         .unwrap_or_else(|e| fatal("host stage-2 plan", format_args!("{e:?}")));
-    let host_s2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, &regions)
-        .unwrap_or_else(|e| fatal("host stage-2", e));
-    let vttbr = host_s2.vttbr();
-    let _ = alloc::boxed::Box::leak(alloc::boxed::Box::new(host_s2));
+    let vttbr = super::stage2::StageTwo::identity(start_level, HOST_VMID, &regions)
+        .unwrap_or_else(|e| fatal("host stage-2", e))
+        .activate();
     crate::log!(
         "host stage-2: {} regions, {}-bit IPA, VMID {HOST_VMID}; heap {} KiB used of {} MiB",
         regions.len(),
@@ -308,8 +332,50 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     let boot_affinity = moat_kernel::psci::mpidr_affinity(sysreg::mpidr());
     let index = machine.cpu_index_of(boot_affinity).unwrap_or(0);
+    let Some(boot_cpu) = cpu::get(index) else { fatal("CPU", "boot CPU index out of range") };
+    prepare_cpu(boot_cpu);
+    if created > 0 {
+        super::service::start_all(boot_cpu);
+    }
     crate::log!("entering the host at {:#x} on CPU {index} (EL1h, x0 = device tree)", plan.host_image.base);
     enter_host(index, plan.host_image.base, plan.host_dtb.base)
+}
+
+/// The heap minus the package: the part after it (usable while the package
+/// is still being read).
+fn heap_outside(heap: Range, package: Range) -> Option<Range> {
+    if !heap.overlaps(&package) {
+        return Some(heap);
+    }
+    let start = package.end().next_multiple_of(layout::PAGE_SIZE);
+    if start < heap.end() { Range::new(start, heap.end() - start) } else { None }
+}
+
+/// The part of the heap under the package (added once it is consumed).
+fn heap_under(heap: Range, package: Range) -> Option<Range> {
+    if !heap.overlaps(&package) {
+        return None;
+    }
+    let end = package.end().next_multiple_of(layout::PAGE_SIZE).min(heap.end());
+    Range::new(heap.base, end - heap.base)
+}
+
+/// Once per CPU: find its GIC path for the service watchdog, program this
+/// CPU's EL2 controls for the host.
+fn prepare_cpu(slot: &cpu::PerCpu) {
+    let m = machine();
+    // SAFETY: only this CPU writes its own slot's GIC path, before its host runs.
+    unsafe {
+        if (*slot.gic.get()).is_none() {
+            let affinity = moat_kernel::psci::mpidr_affinity(sysreg::mpidr());
+            let access = super::gic::locate(&m.platform.gic, affinity);
+            if let Some(a) = &access {
+                super::gic::prepare_cpu(&m.platform.gic, a);
+            }
+            *slot.gic.get() = access;
+        }
+        sysreg::configure_for_host(&m.cpu, &m.host_el2);
+    }
 }
 
 /// Configures this CPU for the host and enters it at `entry` with `x0`.
@@ -317,6 +383,7 @@ fn enter_host(index: usize, entry: u64, x0: u64) -> ! {
     let m = machine();
     let Some(slot) = cpu::get(index) else { fatal("CPU", "logical index out of range") };
     slot.set_power(PowerState::On);
+    prepare_cpu(slot);
     let frame = slot.host_frame();
     // SAFETY: this CPU owns its slot's frame; the host has not run on it yet
     // (or is re-entering through CPU_ON/resume, where its old state is gone).

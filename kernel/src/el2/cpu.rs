@@ -1,14 +1,53 @@
-//! Per-CPU state.
+//! Per-CPU state and vCPUs.
 //!
 //! Each physical CPU has a `PerCpu` slot, indexed by its logical number (its
-//! position in the device tree's `/cpus`). The host's register frame is the
-//! first field, so the pointer TPIDR_EL2 holds while the host runs is also the
-//! pointer to the slot. The power state is what the PSCI relay checks before
-//! starting or stopping a CPU.
+//! position in the device tree's `/cpus`). The host's vCPU is the first field,
+//! so the pointer TPIDR_EL2 holds while the host runs is also the pointer to
+//! the slot. The power state is what the PSCI relay checks before starting or
+//! stopping a CPU.
 
+use super::gic::GicAccess;
+use super::sysreg::El1Context;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use moat_kernel::regs::GuestRegs;
+
+/// Which partition a vCPU belongs to.
+pub const VCPU_HOST: u64 = 0;
+/// Service `i` is `VCPU_SERVICE_BASE + i`.
+pub const VCPU_SERVICE_BASE: u64 = 1;
+
+/// A vCPU: the register frame the vectors fill (first, at offset 0), and who
+/// it is. While a service vCPU runs, `cpu` is the physical CPU running it and
+/// `exit_*` record why it last stopped.
+#[repr(C)]
+pub struct Vcpu {
+    pub regs: GuestRegs,
+    pub kind: u64,
+    pub cpu: u64,
+    pub exit_vector: u64,
+    pub exit_esr: u64,
+}
+
+impl Vcpu {
+    pub const fn new(kind: u64, cpu: u64) -> Self {
+        Self {
+            regs: GuestRegs { x: [0; 31], pc: 0, pstate: 0 },
+            kind,
+            cpu,
+            exit_vector: 0,
+            exit_esr: 0,
+        }
+    }
+}
+
+/// Callee-saved registers and stack pointer of a nested partition run
+/// (layout shared with `enter_nested`/`leave_nested` in vectors.S).
+#[derive(Default)]
+#[repr(C)]
+pub struct NestedSave {
+    regs: [u64; 13],
+}
 
 /// Most CPUs the core runs on (stacks are sized for this many).
 pub const MAX_CPUS: usize = 8;
@@ -37,8 +76,14 @@ impl PowerState {
 
 #[repr(C)]
 pub struct PerCpu {
-    /// The host vCPU's registers while it is stopped in the core.
-    host: UnsafeCell<GuestRegs>,
+    /// The host vCPU, whose registers are here while it is stopped in the core.
+    host: UnsafeCell<Vcpu>,
+    /// The host's EL1 state while a service runs on this CPU.
+    pub host_el1: UnsafeCell<El1Context>,
+    /// Where a nested service run returns to.
+    pub nested: UnsafeCell<NestedSave>,
+    /// How this CPU reaches the GIC for the service watchdog.
+    pub gic: UnsafeCell<Option<GicAccess>>,
     pub index: usize,
     power: AtomicU8,
     /// Where the host asked this CPU to start (CPU_ON / resume), and its x0.
@@ -46,15 +91,18 @@ pub struct PerCpu {
     context: AtomicU64,
 }
 
-// SAFETY: `host` is only touched by the CPU the slot belongs to (while its
-// host vCPU is stopped in the core, or before it first runs); every other
-// field is atomic.
+// SAFETY: `host`, `host_el1`, `nested` and `gic` are only touched by the
+// CPU the slot belongs to (while its host vCPU is stopped in the core, or
+// before it first runs); every other field is atomic.
 unsafe impl Sync for PerCpu {}
 
 impl PerCpu {
     const fn new(index: usize) -> Self {
         Self {
-            host: UnsafeCell::new(GuestRegs { x: [0; 31], pc: 0, pstate: 0 }),
+            host: UnsafeCell::new(Vcpu::new(VCPU_HOST, index as u64)),
+            host_el1: UnsafeCell::new(El1Context::ZERO),
+            nested: UnsafeCell::new(NestedSave { regs: [0; 13] }),
+            gic: UnsafeCell::new(None),
             index,
             power: AtomicU8::new(PowerState::Off as u8),
             entry: AtomicU64::new(0),
@@ -90,7 +138,13 @@ impl PerCpu {
 
     /// The host frame's address (what TPIDR_EL2 holds while the host runs).
     pub fn host_frame(&self) -> *mut GuestRegs {
-        self.host.get()
+        self.host.get().cast()
+    }
+
+    /// This CPU's GIC access path, set once at bring-up.
+    pub fn gic_access(&self) -> Option<GicAccess> {
+        // SAFETY: written once by this CPU before its host runs; read only by it.
+        unsafe { *self.gic.get() }
     }
 }
 
@@ -114,7 +168,8 @@ pub fn get(index: usize) -> Option<&'static PerCpu> {
 ///
 /// `frame` must be a pointer obtained from [`PerCpu::host_frame`].
 pub unsafe fn from_host_frame(frame: *mut GuestRegs) -> &'static PerCpu {
-    // SAFETY: `host` is the first field of a `#[repr(C)]` PerCpu that lives in
-    // the static `CPUS`, so the frame pointer is the slot pointer.
+    // SAFETY: `host` (whose first field is the frame) is the first field of a
+    // `#[repr(C)]` PerCpu that lives in the static `CPUS`, so the frame
+    // pointer is the slot pointer.
     unsafe { &*(frame as *const PerCpu) }
 }

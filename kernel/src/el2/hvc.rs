@@ -6,7 +6,8 @@
 
 use super::cpu::{self, PerCpu, PowerState};
 use super::boot::machine;
-use moat_abi::{ABI_VERSION, MOAT_UID, hypercall, smccc};
+use moat_abi::ipc::{HOST_REPLY_BYTES, HOST_REQUEST_BYTES, Message};
+use moat_abi::{ABI_VERSION, Error, MOAT_UID, hypercall, smccc};
 use moat_kernel::psci::{self, PsciCall, ret};
 use moat_kernel::regs::GuestRegs;
 
@@ -31,7 +32,10 @@ pub fn handle_call(this_cpu: &PerCpu, regs: &mut GuestRegs, imm: u16) {
     match smccc::owner(function) {
         smccc::OWNER_ARCH => arch_call(regs, function),
         smccc::OWNER_STANDARD if psci::is_psci(function) => psci_call(this_cpu, regs, function),
-        smccc::OWNER_VENDOR_HYP => moat_call(regs, function),
+        smccc::OWNER_VENDOR_HYP => match super::service::routes().and_then(|r| r.hypercall(function)) {
+            Some((index, operation)) => service_call(this_cpu, regs, index, operation),
+            None => moat_call(regs, function),
+        },
         _ => regs.x[0] = NOT_SUPPORTED,
     }
 }
@@ -60,6 +64,46 @@ fn moat_call(regs: &mut GuestRegs, function: u32) {
         _ => regs.x[0] = NOT_SUPPORTED,
     }
 }
+
+/// A host hypercall routed to a service: x1..x6 are the request's 48 bytes,
+/// the reply's 56 bytes come back in x1..x7 with the status in x0.
+fn service_call(this_cpu: &PerCpu, regs: &mut GuestRegs, index: usize, operation: u16) {
+    use super::service::{self, CallResult};
+    let Some(s) = service::get(index) else {
+        regs.x[0] = NOT_SUPPORTED;
+        return;
+    };
+    let mut request = [0u8; HOST_REQUEST_BYTES];
+    for (chunk, x) in request.chunks_exact_mut(8).zip(&regs.x[1..7]) {
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    let Ok(call) = Message::call(s.interface_id, operation, service::next_sequence(index), &request) else {
+        regs.x[0] = Error::InvalidParameters.to_x0();
+        return;
+    };
+    match service::call(this_cpu, index, &call) {
+        CallResult::Reply(reply) => match reply.check_reply(&call.header) {
+            Ok(Ok(body)) if body.len() <= HOST_REPLY_BYTES => {
+                let mut out = [0u8; HOST_REPLY_BYTES];
+                out[..body.len()].copy_from_slice(body);
+                regs.x[0] = 0;
+                for (x, chunk) in regs.x[1..8].iter_mut().zip(out.chunks_exact(8)) {
+                    *x = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+                }
+            }
+            Ok(Ok(_)) => regs.x[0] = Error::InvalidParameters.to_x0(),
+            Ok(Err(e)) => regs.x[0] = e.to_x0(),
+            Err(e) => regs.x[0] = e.to_error().to_x0(),
+        },
+        // With its interrupts unmasked the host takes its interrupt on return
+        // and then re-executes the call, which finishes the suspended one.
+        CallResult::Err(Error::Interrupted) if regs.pstate & PSTATE_I == 0 => regs.pc = regs.pc.wrapping_sub(4),
+        CallResult::Err(e) => regs.x[0] = e.to_x0(),
+    }
+}
+
+/// PSTATE.I: IRQs masked.
+const PSTATE_I: u64 = 1 << 7;
 
 fn forward(function: u32, regs: &GuestRegs) -> [u64; 18] {
     let mut args = [0u64; 17];

@@ -4,10 +4,12 @@
 pub mod boot;
 pub mod console;
 pub mod cpu;
+pub mod gic;
 pub mod heap;
 pub mod hvc;
 pub mod mmu;
 pub mod panic;
+pub mod service;
 pub mod stage2;
 pub mod sysreg;
 pub mod trap;

@@ -1,22 +1,24 @@
 //! Stage-2 tables, built with aarch64-paging's `Stage2` regime.
 //!
-//! The plan of what to map comes from `moat_kernel::s2plan` (host-tested);
-//! this module turns it into descriptors. VTCR_EL2 and the VMID are the
-//! core's (aarch64-paging leaves both to the caller).
+//! What to map comes from host-tested plans (`moat_kernel::s2plan` for the
+//! host, the service layout for services); this module turns them into
+//! descriptors. VTCR_EL2 and the VMID are the core's (aarch64-paging leaves
+//! both to the caller). The core runs identity-mapped, so table memory from
+//! its heap is addressed the same by the core and by the walker.
 
-use aarch64_paging::descriptor::Stage2Attributes as S2;
-use aarch64_paging::idmap::IdMap;
-use aarch64_paging::paging::{MemoryRegion, Stage2};
+use aarch64_paging::Mapping;
+use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes as S2};
+use aarch64_paging::idmap::IdTranslation;
+use aarch64_paging::paging::{Constraints, MemoryRegion, Stage2};
 use moat_kernel::s2plan::{Region, RegionKind};
 
-/// Normal write-back memory, read/write/execute: combined with the
-/// partition's stage-1 attributes, the stronger (stage-1) type wins.
-const RAM: S2 = S2::VALID
+/// Normal write-back memory: combined with the partition's stage-1
+/// attributes, the stronger (stage-1) type wins.
+const NORMAL: S2 = S2::VALID
     .union(S2::ACCESS_FLAG)
     .union(S2::SH_INNER)
     .union(S2::MEMATTR_NORMAL_INNER_WB)
-    .union(S2::MEMATTR_NORMAL_OUTER_WB)
-    .union(S2::S2AP_ACCESS_RW);
+    .union(S2::MEMATTR_NORMAL_OUTER_WB);
 /// Device-nGnRE, read/write, never executable.
 const DEVICE: S2 = S2::VALID
     .union(S2::ACCESS_FLAG)
@@ -24,31 +26,71 @@ const DEVICE: S2 = S2::VALID
     .union(S2::S2AP_ACCESS_RW)
     .union(S2::XN);
 
-/// A partition's stage-2: its tables and the VTTBR_EL2 value that selects them.
+/// What a partition may do with a range of normal memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Read and execute (a service's text).
+    ReadExecute,
+    /// Read and write, never execute.
+    ReadWrite,
+    /// Read, write and execute (the host's RAM).
+    ReadWriteExecute,
+}
+
+impl Access {
+    fn flags(self) -> S2 {
+        match self {
+            Access::ReadExecute => NORMAL | S2::S2AP_ACCESS_RO,
+            Access::ReadWrite => NORMAL | S2::S2AP_ACCESS_RW | S2::XN,
+            Access::ReadWriteExecute => NORMAL | S2::S2AP_ACCESS_RW,
+        }
+    }
+}
+
+/// A partition's stage-2.
 pub struct StageTwo {
-    map: IdMap<Stage2>,
+    map: Mapping<IdTranslation<S2>, Stage2>,
     vmid: u16,
 }
 
 impl StageTwo {
-    /// Builds an identity stage-2 from a plan.
+    /// An empty stage-2 whose walk starts at `start_level` (from VTCR_EL2).
+    pub fn new(start_level: usize, vmid: u16) -> Self {
+        Self { map: Mapping::new(IdTranslation::new(), start_level, Stage2), vmid }
+    }
+
+    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)`.
+    pub fn map(&mut self, ipa: u64, pa: u64, size: u64, access: Access) -> Result<(), &'static str> {
+        self.map_flags(ipa, pa, size, access.flags())
+    }
+
+    fn map_flags(&mut self, ipa: u64, pa: u64, size: u64, flags: S2) -> Result<(), &'static str> {
+        let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
+        let region = MemoryRegion::new(ipa as usize, end as usize);
+        self.map
+            .map_range(&region, PhysicalAddress(pa as usize), flags, Constraints::empty())
+            .map_err(|_| "stage-2 mapping failed")
+    }
+
+    /// An identity stage-2 from a plan (the host's).
     pub fn identity(start_level: usize, vmid: u16, plan: &[Region]) -> Result<Self, &'static str> {
-        let mut map = IdMap::new(start_level, Stage2);
+        let mut s2 = Self::new(start_level, vmid);
         for r in plan {
             let flags = match r.kind {
-                RegionKind::Ram => RAM,
+                RegionKind::Ram => Access::ReadWriteExecute.flags(),
                 RegionKind::Device => DEVICE,
             };
-            let region = MemoryRegion::new(r.range.base as usize, r.range.end() as usize);
-            map.map_range(&region, flags).map_err(|_| "stage-2 mapping failed")?;
+            s2.map_flags(r.range.base, r.range.base, r.range.size, flags)?;
         }
-        map.mark_active();
-        Ok(Self { map, vmid })
+        Ok(s2)
     }
 
-    /// VTTBR_EL2: the root table and the VMID in bits [63:48].
-    pub fn vttbr(&self) -> u64 {
-        self.map.root_address().0 as u64 | (u64::from(self.vmid) << 48)
+    /// Marks the tables live and keeps them for the rest of the core's life;
+    /// returns the VTTBR_EL2 value (root table, VMID in bits [63:48]).
+    pub fn activate(self) -> u64 {
+        self.map.mark_active();
+        let vttbr = self.map.root_address().0 as u64 | (u64::from(self.vmid) << 48);
+        let _ = alloc::boxed::Box::leak(alloc::boxed::Box::new(self));
+        vttbr
     }
-
 }

@@ -127,3 +127,129 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
 pub fn pmu_counters(cpu: &CpuFeatures) -> u64 {
     if cpu.pmuv3 { (sr::read_pmcr_el0().bits() >> 11) & 0x1f } else { 0 }
 }
+
+/// The EL1/EL0 system-register state a partition owns: everything that
+/// must be switched when the CPU moves between the host and a service, so
+/// neither can read or disturb the other's.
+///
+/// Newer EL1 state (TCR2_EL1, permission indirection, overlays, GCS) is not
+/// listed: services never enable it and the host kernels Moat runs today do
+/// not either.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct El1Context {
+    regs: [u64; EL1_REGS],
+}
+
+impl El1Context {
+    pub const ZERO: Self = Self { regs: [0; EL1_REGS] };
+
+    /// The state of a vCPU at reset: everything zero but SCTLR_EL1's RES1 bits.
+    pub const fn reset() -> Self {
+        let mut c = Self::ZERO;
+        c.regs[0] = moat_kernel::el2config::SCTLR_EL1_RESET;
+        c
+    }
+}
+
+macro_rules! el1_context {
+    ($($reg:ident),* $(,)?) => {
+        const EL1_REGS: usize = [$(stringify!($reg)),*].len();
+
+        impl El1Context {
+            /// Saves this CPU's EL1 state.
+            #[inline(always)]
+            pub fn save(&mut self) {
+                let mut i = 0;
+                $(
+                    // SAFETY: reading an EL1 register from EL2 has no side effects.
+                    unsafe { core::arch::asm!(concat!("mrs {}, ", stringify!($reg)), out(reg) self.regs[i], options(nomem, nostack, preserves_flags)) };
+                    i += 1;
+                )*
+                let _ = i;
+            }
+
+            /// Loads this context into the CPU's EL1 registers.
+            ///
+            /// # Safety
+            ///
+            /// The CPU must be at EL2 about to run the partition this context
+            /// belongs to (the current EL1 state must already be saved).
+            #[inline(always)]
+            pub unsafe fn load(&self) {
+                let mut i = 0;
+                $(
+                    // SAFETY: per the function contract: EL1 state is the
+                    // partition's and nothing at EL2 depends on it.
+                    unsafe { core::arch::asm!(concat!("msr ", stringify!($reg), ", {}"), in(reg) self.regs[i], options(nomem, nostack, preserves_flags)) };
+                    i += 1;
+                )*
+                let _ = i;
+            }
+        }
+    };
+}
+
+el1_context!(
+    sctlr_el1, ttbr0_el1, ttbr1_el1, tcr_el1, mair_el1, amair_el1, vbar_el1, contextidr_el1,
+    tpidr_el1, tpidr_el0, tpidrro_el0, sp_el0, sp_el1, elr_el1, spsr_el1, esr_el1, far_el1,
+    afsr0_el1, afsr1_el1, par_el1, cpacr_el1, cntkctl_el1, cntv_ctl_el0, cntv_cval_el0,
+    mdscr_el1, csselr_el1,
+);
+
+/// Switches this CPU's EL2 controls between a partition's values.
+///
+/// # Safety
+///
+/// The caller is about to enter (or has just left) the partition the values
+/// belong to, and `vttbr` names a live stage-2.
+#[inline(always)]
+pub unsafe fn switch_el2(hcr: u64, cptr: u64, mdcr: u64, cnthctl: u64, vttbr: u64) {
+    // SAFETY: per the function contract. The ISB makes the new stage-2 and
+    // trap controls take effect before the ERET that follows.
+    unsafe {
+        core::arch::asm!(
+            "msr vttbr_el2, {vttbr}",
+            "msr hcr_el2, {hcr}",
+            "msr cptr_el2, {cptr}",
+            "msr mdcr_el2, {mdcr}",
+            "msr cnthctl_el2, {cnthctl}",
+            "isb",
+            vttbr = in(reg) vttbr, hcr = in(reg) hcr, cptr = in(reg) cptr,
+            mdcr = in(reg) mdcr, cnthctl = in(reg) cnthctl,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+/// The generic counter and its frequency.
+pub fn counter() -> (u64, u64) {
+    let (now, freq): (u64, u64);
+    // SAFETY: reads the physical counter and its frequency.
+    unsafe {
+        core::arch::asm!("isb", "mrs {n}, cntpct_el0", "mrs {f}, cntfrq_el0", n = out(reg) now, f = out(reg) freq,
+            options(nomem, nostack, preserves_flags));
+    }
+    (now, freq)
+}
+
+/// Arms the EL2 physical timer to fire at counter value `deadline`.
+pub fn arm_watchdog(deadline: u64) {
+    // SAFETY: CNTHP_* is the core's own timer; nothing else uses it.
+    unsafe {
+        core::arch::asm!("msr cnthp_cval_el2, {d}", "msr cnthp_ctl_el2, {c}", "isb", d = in(reg) deadline, c = in(reg) 1u64,
+            options(nostack, preserves_flags));
+    }
+}
+
+/// Disarms the EL2 timer; returns whether it had fired.
+pub fn disarm_watchdog() -> bool {
+    let ctl: u64;
+    // SAFETY: as for `arm_watchdog`. Disabling the timer drops its
+    // level-triggered interrupt, so nothing needs acknowledging at the GIC.
+    unsafe {
+        core::arch::asm!("mrs {c}, cnthp_ctl_el2", "msr cnthp_ctl_el2, xzr", "isb", c = out(reg) ctl,
+            options(nostack, preserves_flags));
+    }
+    ctl & 0b101 == 0b101 // ENABLE and ISTATUS
+}

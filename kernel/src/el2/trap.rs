@@ -5,8 +5,9 @@
 //! the core: every class is either served, turned into the exception the
 //! architecture would have raised, or logged and refused.
 
-use super::{cpu, hvc, sysreg};
+use super::{cpu, hvc, service, sysreg};
 use moat_abi::hypercall;
+use moat_abi::trap::{SysRegAccess as SysRegDesc, TrapClass, TrapDescriptor};
 use moat_kernel::esr::{StageTwoAbort, Trap};
 use moat_kernel::inject::{self, El1Context, Injection};
 use moat_kernel::regs::GuestRegs;
@@ -18,15 +19,21 @@ const LOWER_SYNC: u64 = 8;
 const ESR_HVC0: u64 = 0x5a00_0000;
 
 #[unsafe(no_mangle)]
-extern "C" fn handle_lower_exception(frame: *mut GuestRegs, kind: u64) -> *mut GuestRegs {
+extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) -> *mut GuestRegs {
     if super::panic::is_stopping() {
         super::panic::park();
     }
-    // SAFETY: TPIDR_EL2 pointed at this CPU's host frame, which the vector
-    // just filled; nothing else accesses it while the host is stopped here.
+    // SAFETY: TPIDR_EL2 pointed at a vCPU (whose frame is its first field),
+    // which the vector just filled; it is stopped while the core runs.
+    let kind = unsafe { (*frame.cast::<cpu::Vcpu>()).kind };
+    if kind != cpu::VCPU_HOST {
+        service::exit_from_service(frame.cast(), vector_kind);
+    }
+    // SAFETY: a host frame; nothing else accesses it while the host is
+    // stopped here.
     let regs = unsafe { &mut *frame };
-    if kind != LOWER_SYNC {
-        unexpected_vector(regs, kind);
+    if vector_kind != LOWER_SYNC {
+        unexpected_vector(regs, vector_kind);
         return frame;
     }
     let esr = sysreg::esr_el2();
@@ -37,7 +44,11 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, kind: u64) -> *mut G
     }
     // SAFETY: the host frame is the first field of its PerCpu slot.
     let this_cpu = unsafe { cpu::from_host_frame(frame) };
-    match Trap::decode(esr) {
+    let trap = Trap::decode(esr);
+    if service::routes().is_some_and(|r| r.is_observed(class_of(&trap))) {
+        service::notify_observers(this_cpu, &describe(&trap, esr, regs, this_cpu.index));
+    }
+    match trap {
         Trap::Hvc { imm } => hvc::handle_call(this_cpu, regs, imm),
         Trap::Smc { imm } => {
             // A trapped SMC leaves ELR at the SMC itself.
@@ -61,6 +72,53 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, kind: u64) -> *mut G
         }
     }
     frame
+}
+
+/// The routing class of a decoded trap.
+fn class_of(trap: &Trap) -> TrapClass {
+    match trap {
+        Trap::Hvc { .. } => TrapClass::Hvc,
+        Trap::Smc { .. } => TrapClass::Smc,
+        Trap::SysReg(_) => TrapClass::SysReg,
+        Trap::StageTwo(a) if a.is_instruction => TrapClass::InstructionAbort,
+        Trap::StageTwo(_) => TrapClass::DataAbort,
+        Trap::Wfx { .. } | Trap::Other { .. } => TrapClass::Other,
+    }
+}
+
+/// The typed descriptor services receive.
+fn describe(trap: &Trap, esr: u64, regs: &GuestRegs, cpu: usize) -> TrapDescriptor {
+    let mut d = TrapDescriptor {
+        class: class_of(trap) as u32,
+        partition: 0,
+        cpu: cpu as u16,
+        esr,
+        pc: regs.pc,
+        ..Default::default()
+    };
+    match trap {
+        Trap::SysReg(a) => {
+            d.sysreg = SysRegDesc {
+                op0: a.op0,
+                op1: a.op1,
+                crn: a.crn,
+                crm: a.crm,
+                op2: a.op2,
+                rt: a.rt,
+                is_read: u8::from(a.is_read),
+                reserved: 0,
+            };
+            if !a.is_read {
+                d.write_value = regs.read_gpr(a.rt);
+            }
+        }
+        Trap::StageTwo(_) => {
+            d.far = sysreg::far_el2();
+            d.ipa = sysreg::fault_ipa();
+        }
+        _ => {}
+    }
+    d
 }
 
 fn el1_context() -> El1Context {

@@ -128,6 +128,25 @@ pub fn property_values(dtb: &[u8]) -> Vec<(usize, usize)> {
     }
 }
 
+/// How many NOP tokens the structure block holds.
+pub fn nop_tokens(dtb: &[u8]) -> usize {
+    let mut offset = header(dtb, 2) as usize;
+    let mut nops = 0;
+    loop {
+        let token = be32(dtb, offset);
+        offset += 4;
+        match token {
+            1 => {
+                offset = (offset + dtb[offset..].iter().position(|&b| b == 0).unwrap() + 1 + 3) & !3
+            }
+            3 => offset = (offset + 8 + be32(dtb, offset) as usize + 3) & !3,
+            4 => nops += 1,
+            9 => return nops,
+            _ => {}
+        }
+    }
+}
+
 /// The `/memreserve/` entries.
 pub fn memreserve(dtb: &[u8]) -> Vec<(u64, u64)> {
     let mut offset = header(dtb, 4) as usize;

@@ -5,6 +5,7 @@
 //! Image header's `image_size` is patched to cover the package, so firmware
 //! reserves room for all of it.
 
+use crate::manifest::Manifest;
 use crate::tools::{self, cargo, llvm_tool, run};
 use anyhow::{Context, Result, bail};
 use moat_package::builder::PackageBuilder;
@@ -69,6 +70,57 @@ pub fn pack(core: &Path, spec: &ImageSpec, name: &str) -> Result<PathBuf> {
 
 /// As [`pack`], with the replacement device tree given as bytes.
 pub fn pack_with_dtb_bytes(core: &Path, spec: &ImageSpec, dtb: Option<Vec<u8>>, name: &str) -> Result<PathBuf> {
+    pack_image(core, spec, dtb, None, name)
+}
+
+/// Built services, ready to pack: the service table and the images it names.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceSet {
+    pub table: Vec<u8>,
+    pub images: Vec<Vec<u8>>,
+}
+
+/// Builds every service a manifest declares and checks each against its
+/// budget.
+pub fn build_services(manifest: &Manifest) -> Result<ServiceSet> {
+    use zerocopy::IntoBytes;
+    let mut set = ServiceSet::default();
+    let mut built: Vec<(String, u32)> = Vec::new();
+    for (i, s) in manifest.services.iter().enumerate() {
+        let index = match built.iter().find(|(b, _)| *b == s.binary) {
+            Some((_, index)) => *index,
+            None => {
+                run(cargo().args(["build", "--release", "--package", &s.krate, "--bin", &s.binary, "--target", CORE_TARGET]))
+                    .with_context(|| format!("building service {} (crate {}, binary {})", s.name, s.krate, s.binary))?;
+                let elf = tools::target_dir().join(CORE_TARGET).join("release").join(&s.binary);
+                let bin = tools::target_dir().join("images").join(format!("service-{}.bin", s.binary));
+                objcopy(&elf, &bin)?;
+                set.images.push(read(&bin)?);
+                let index = (set.images.len() - 1) as u32;
+                built.push((s.binary.clone(), index));
+                index
+            }
+        };
+        let record = manifest.record(i, &set.images[index as usize], index)?;
+        set.table.extend_from_slice(record.as_bytes());
+    }
+    Ok(set)
+}
+
+/// Loads and builds the services of the manifest at `path` (relative to the workspace).
+pub fn services_from(path: &Path) -> Result<ServiceSet> {
+    let manifest = Manifest::load(&tools::root().join(path))?;
+    build_services(&manifest)
+}
+
+/// Packs an image with everything: payloads, an optional device tree and services.
+pub fn pack_image(
+    core: &Path,
+    spec: &ImageSpec,
+    dtb: Option<Vec<u8>>,
+    services: Option<&ServiceSet>,
+    name: &str,
+) -> Result<PathBuf> {
     let mut image = read(core)?;
     if image.len() < 64 || &image[56..60] != b"ARM\x64" {
         bail!("{} is not a Moat core (no arm64 Image header)", core.display());
@@ -89,6 +141,12 @@ pub fn pack_with_dtb_bytes(core: &Path, spec: &ImageSpec, dtb: Option<Vec<u8>>, 
     }
     if let Some(dtb) = dtb {
         builder = builder.entry(EntryKind::DeviceTree, dtb);
+    }
+    if let Some(set) = services.filter(|s| !s.images.is_empty()) {
+        builder = builder.entry(EntryKind::ServiceTable, set.table.clone());
+        for image in &set.images {
+            builder = builder.entry(EntryKind::ServiceImage, image.clone());
+        }
     }
     if spec.semihosting_exit {
         builder = builder.flags(FLAG_SEMIHOSTING_EXIT);

@@ -2,6 +2,8 @@
 //!
 //! * `cargo xtask run` boots the default demo image under QEMU.
 //! * `cargo xtask run --host FILE ...` boots any arm64 payload as the host.
+//! * `cargo xtask run linux [--cmd '...']` boots Debian's arm64 Linux as the
+//!   host with a busybox initramfs (see `linux.rs`).
 //! * `cargo xtask test` runs every unit test, the QEMU integration tests and
 //!   the book build.
 //! * `cargo xtask bench` reports exact instruction counts under QEMU's icount.
@@ -9,7 +11,10 @@
 //! Missing tools (QEMU >= 9, mdbook) are installed on Debian when running as
 //! root; elsewhere the exact command to run is printed.
 
+mod cpio;
 mod image;
+mod linux;
+mod manifest;
 mod qemu;
 mod synthetic_dt;
 mod tests;
@@ -17,7 +22,7 @@ mod tools;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, run, test and benchmark Moat")]
@@ -41,24 +46,47 @@ pub struct MachineArgs {
     /// Run QEMU without MTE (mte=on is the default: MTE is what Moat polices).
     #[arg(long)]
     pub no_mte: bool,
-    /// Seconds before the run is stopped.
-    #[arg(long, default_value_t = 60)]
-    pub timeout: u64,
+    /// Seconds before the run is stopped [default: 60; 3600 for a Linux shell].
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+impl MachineArgs {
+    /// The run's time limit in seconds.
+    pub fn timeout(&self) -> u64 {
+        self.timeout.unwrap_or(60)
+    }
+}
+
+/// What `cargo xtask run` boots instead of the demo host.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum RunTarget {
+    /// Debian's arm64 Linux with a busybox initramfs (fetched once with apt
+    /// and cached); a shell on the console, or the commands given with --cmd.
+    Linux,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Build the core and the demo payloads.
     Build,
-    /// Boot an image under QEMU (the demo test host unless --host is given).
+    /// Boot an image under QEMU (the demo test host unless --host or `linux` is given).
     Run {
+        /// `linux`: boot Debian's arm64 Linux as the host.
+        #[arg(value_enum)]
+        target: Option<RunTarget>,
+        /// With `linux`: shell commands to run instead of an interactive
+        /// shell; the run exits with their exit status.
+        #[arg(long, requires = "target")]
+        cmd: Option<String>,
         /// The host payload: an arm64 Linux Image or a raw binary.
         #[arg(long)]
         host: Option<PathBuf>,
         /// An initial ramdisk for the host.
         #[arg(long)]
         initrd: Option<PathBuf>,
-        /// The host's command line (replaces /chosen/bootargs).
+        /// The host's command line (replaces /chosen/bootargs; with `linux`,
+        /// added to the defaults).
         #[arg(long)]
         append: Option<String>,
         /// A device tree to boot with instead of the firmware's.
@@ -83,6 +111,9 @@ enum Command {
     Bench,
 }
 
+/// The manifest of the default image.
+pub const DEMO_MANIFEST: &str = "images/demo.toml";
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -92,7 +123,16 @@ fn main() -> Result<()> {
             println!("test host: {}", images.test_host.display());
             Ok(())
         }
-        Command::Run { host, initrd, append, dtb, gdb, machine } => {
+        Command::Run { target: Some(RunTarget::Linux), cmd, host, initrd, append, dtb, gdb, mut machine } => {
+            if host.is_some() || initrd.is_some() || dtb.is_some() || gdb {
+                anyhow::bail!("`run linux` takes no --host, --initrd, --dtb or --gdb: it builds its own image");
+            }
+            if cmd.is_none() {
+                machine.timeout.get_or_insert(3600);
+            }
+            std::process::exit(linux::run(cmd.as_deref(), append.as_deref(), &machine)?);
+        }
+        Command::Run { target: None, cmd: _, host, initrd, append, dtb, gdb, machine } => {
             tools::ensure_qemu()?;
             let built = image::build_all()?;
             let default_demo = host.is_none();
@@ -103,7 +143,10 @@ fn main() -> Result<()> {
                 dtb,
                 semihosting_exit: true,
             };
-            let img = image::pack(&built.core, &spec, "run")?;
+            // The demo image carries the services images/demo.toml declares.
+            let services = if default_demo { Some(image::services_from(Path::new(DEMO_MANIFEST))?) } else { None };
+            let dtb_bytes = spec.dtb.as_deref().map(std::fs::read).transpose()?;
+            let img = image::pack_image(&built.core, &spec, dtb_bytes, services.as_ref(), "run")?;
             let code = qemu::run_interactive(&img, &machine, gdb, &built)?;
             if default_demo {
                 println!("\nxtask: the demo host ran under Moat and powered the machine off (QEMU status {code}).");

@@ -5,25 +5,56 @@
 use crate::MachineArgs;
 use crate::image::Built;
 use anyhow::{Context, Result};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// QEMU's command line for an image.
-pub fn command(image: &Path, m: &MachineArgs, extra: &[&str]) -> Command {
+/// What QEMU does when the guest resets the machine (PSCI SYSTEM_RESET).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnReset {
+    /// Exit (`-no-reboot`): a reset, or a kernel's reboot on panic, ends the run.
+    Exit,
+    /// Reset the machine and boot again.
+    Reboot,
+}
+
+/// The machine, CPU, memory and console options every run shares.
+fn machine_command(m: &MachineArgs, virtualization: bool, on_reset: OnReset) -> Command {
     let mut c = Command::new("qemu-system-aarch64");
     let gic = if m.gic == "v2" { "2" } else { "3" };
     let mte = if m.no_mte { "off" } else { "on" };
+    let virt = if virtualization { "on" } else { "off" };
     c.arg("-M")
-        .arg(format!("virt,virtualization=on,mte={mte},gic-version={gic}"))
+        .arg(format!("virt,virtualization={virt},mte={mte},gic-version={gic}"))
         .args(["-cpu", "max", "-smp", &m.smp.to_string(), "-m", &m.mem])
-        .args(["-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
-        .args(["-semihosting-config", "enable=on,target=native"])
-        .arg("-kernel")
-        .arg(image)
-        .args(extra);
+        .args(["-display", "none", "-serial", "stdio", "-monitor", "none"]);
+    if on_reset == OnReset::Exit {
+        c.arg("-no-reboot");
+    }
+    c
+}
+
+/// QEMU's command line for an image.
+pub fn command(image: &Path, m: &MachineArgs, extra: &[&str]) -> Command {
+    command_on_reset(image, m, extra, OnReset::Exit)
+}
+
+/// As [`command`], choosing what a machine reset does.
+pub fn command_on_reset(image: &Path, m: &MachineArgs, extra: &[&str], on_reset: OnReset) -> Command {
+    let mut c = machine_command(m, true, on_reset);
+    c.args(["-semihosting-config", "enable=on,target=native"]).arg("-kernel").arg(image).args(extra);
+    c
+}
+
+/// QEMU booting a Linux Image directly, without Moat: the baseline Linux
+/// under Moat is compared with. `virtualization=off` makes QEMU enter the
+/// kernel at EL1, where it runs under Moat too, so both boots take the same
+/// path through the kernel (no KVM/EL2 setup in either).
+pub fn linux_direct_command(kernel: &Path, initrd: &Path, append: &str, m: &MachineArgs) -> Command {
+    let mut c = machine_command(m, false, OnReset::Exit);
+    c.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd).arg("-append").arg(append);
     c
 }
 
@@ -57,11 +88,11 @@ pub fn run_interactive(image: &Path, m: &MachineArgs, gdb: bool, built: &Built) 
         println!("  (the test host is position-independent: add `-o <load address>` from the core's log)");
     }
     let mut child = cmd.stdin(Stdio::inherit()).spawn().context("starting qemu-system-aarch64")?;
-    let timeout = if gdb { Duration::from_secs(24 * 3600) } else { Duration::from_secs(m.timeout) };
+    let timeout = if gdb { Duration::from_secs(24 * 3600) } else { Duration::from_secs(m.timeout()) };
     match wait_with_timeout(&mut child, timeout)? {
         Some(code) => Ok(code),
         None => {
-            eprintln!("xtask: QEMU was stopped after {} s (--timeout)", m.timeout);
+            eprintln!("xtask: QEMU was stopped after {} s (--timeout)", m.timeout());
             Ok(124)
         }
     }
@@ -80,18 +111,53 @@ pub enum Verdict {
     TimedOut,
 }
 
+/// What a harnessed run does once every pass pattern has been seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterPass {
+    /// Wait (up to the timeout) for QEMU to exit, and report its status.
+    WaitForExit,
+    /// Stop QEMU at once: for runs that do not end by themselves (a machine
+    /// that reboots) or whose end does not matter (boot-time measurements).
+    Stop,
+}
+
+/// How to watch a run.
+#[derive(Clone, Copy, Debug)]
+pub struct Harness<'a> {
+    /// Patterns that must all appear, in any order. A pattern listed n times
+    /// must appear n times (a second boot after a reset, say).
+    pub pass: &'a [&'a str],
+    /// Any of these on a line ends the run as a failure at once.
+    pub fail: &'a [&'a str],
+    pub timeout: Duration,
+    pub after_pass: AfterPass,
+    /// Copy the console to this process's standard output as it arrives.
+    pub echo: bool,
+}
+
 /// The console output and verdict of a harnessed run.
 pub struct Outcome {
     pub verdict: Verdict,
     pub console: String,
     pub exit_code: Option<i32>,
     pub seconds: f64,
+    /// Seconds from starting QEMU until the last pass pattern appeared.
+    pub passed_after: Option<f64>,
 }
 
-/// Boots `cmd`, watching its console. Pass patterns must *all* appear (in
-/// any order); any fail pattern ends the run at once. After the pass
-/// patterns are seen the run waits (up to the timeout) for QEMU to exit.
-pub fn run_harnessed(mut cmd: Command, pass: &[&str], fail: &[&str], timeout: Duration) -> Result<Outcome> {
+/// Whether every pass pattern appears in `console` as often as it is listed.
+fn all_passed(pass: &[&str], console: &str) -> bool {
+    !pass.is_empty()
+        && pass.iter().enumerate().all(|(i, p)| {
+            let wanted = pass[..=i].iter().filter(|q| *q == p).count();
+            console.matches(p).count() >= wanted
+        })
+}
+
+/// Boots `cmd`, watching its console. Any fail pattern ends the run at once.
+/// After the pass patterns are seen the run waits (up to the timeout) for
+/// QEMU to exit, or stops it, as `h.after_pass` says.
+pub fn run_harnessed(mut cmd: Command, h: &Harness<'_>) -> Result<Outcome> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -115,18 +181,26 @@ pub fn run_harnessed(mut cmd: Command, pass: &[&str], fail: &[&str], timeout: Du
         });
     }
     drop(tx);
-    let deadline = start + timeout;
+    let take = |console: &mut String, bytes: &[u8]| {
+        if h.echo {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(bytes);
+            let _ = out.flush();
+        }
+        console.push_str(&String::from_utf8_lossy(bytes));
+    };
+    let deadline = start + h.timeout;
     let mut console = String::new();
-    let mut seen = vec![false; pass.len()];
     let mut verdict = None;
     let mut exit_code = None;
+    let mut passed_after = None;
     loop {
         let now = Instant::now();
         if now >= deadline {
             break;
         }
         match rx.recv_timeout((deadline - now).min(Duration::from_millis(50))) {
-            Ok(bytes) => console.push_str(&String::from_utf8_lossy(&bytes)),
+            Ok(bytes) => take(&mut console, &bytes),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 exit_code = child.wait()?.code();
@@ -134,35 +208,37 @@ pub fn run_harnessed(mut cmd: Command, pass: &[&str], fail: &[&str], timeout: Du
             }
         }
         if verdict.is_none() {
-            if let Some(line) = console.lines().find(|l| fail.iter().any(|f| l.contains(f))) {
+            if let Some(line) = console.lines().find(|l| h.fail.iter().any(|f| l.contains(f))) {
                 verdict = Some(Verdict::Failed(line.to_string()));
                 break;
             }
-            for (i, p) in pass.iter().enumerate() {
-                seen[i] |= console.contains(p);
-            }
-            if seen.iter().all(|s| *s) && !pass.is_empty() {
+            if all_passed(h.pass, &console) {
                 verdict = Some(Verdict::Passed);
+                passed_after = Some(start.elapsed().as_secs_f64());
+                if h.after_pass == AfterPass::Stop {
+                    break;
+                }
             }
         }
         if let Some(status) = child.try_wait()? {
             // Drain what is left in the pipes.
             while let Ok(bytes) = rx.recv_timeout(Duration::from_millis(100)) {
-                console.push_str(&String::from_utf8_lossy(&bytes));
+                take(&mut console, &bytes);
             }
             exit_code = status.code();
             break;
         }
     }
     if child.try_wait()?.is_none() {
+        // Only the QEMU this harness started, by its own handle.
         let _ = child.kill();
         let _ = child.wait();
     }
     // Late output may still carry a fail pattern or complete the pass set.
     if verdict.is_none() || verdict == Some(Verdict::Passed) {
-        if let Some(line) = console.lines().find(|l| fail.iter().any(|f| l.contains(f))) {
+        if let Some(line) = console.lines().find(|l| h.fail.iter().any(|f| l.contains(f))) {
             verdict = Some(Verdict::Failed(line.to_string()));
-        } else if !pass.is_empty() && pass.iter().all(|p| console.contains(p)) {
+        } else if all_passed(h.pass, &console) {
             verdict = Some(Verdict::Passed);
         }
     }
@@ -171,5 +247,18 @@ pub fn run_harnessed(mut cmd: Command, pass: &[&str], fail: &[&str], timeout: Du
         None if exit_code.is_some() => Verdict::Exited(exit_code),
         None => Verdict::TimedOut,
     };
-    Ok(Outcome { verdict, console, exit_code, seconds: start.elapsed().as_secs_f64() })
+    Ok(Outcome { verdict, console, exit_code, seconds: start.elapsed().as_secs_f64(), passed_after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_passed;
+
+    #[test]
+    fn repeated_pass_patterns_count_occurrences() {
+        assert!(all_passed(&["a", "b"], "b then a"));
+        assert!(!all_passed(&["boot", "boot"], "boot once"));
+        assert!(all_passed(&["boot", "x", "boot"], "boot x boot"));
+        assert!(!all_passed(&[], "anything"));
+    }
 }

@@ -4,9 +4,14 @@
 //! against explicit pass and fail patterns with a timeout; a run that ends in
 //! silence, times out, or exits with an unexpected status fails. Every run's
 //! console is kept in `target/test-logs/<name>.log`.
+//!
+//! The Linux cases boot Debian's arm64 kernel under Moat with a busybox
+//! initramfs whose `/init` runs the case's shell commands (see `linux.rs`),
+//! and check the commands' output line by line.
 
 use crate::image::{self, Built, ImageSpec};
-use crate::qemu::{self, Verdict};
+use crate::linux::{self, Assets};
+use crate::qemu::{self, AfterPass, Harness, OnReset, Verdict};
 use crate::synthetic_dt::{self, Parts};
 use crate::tools::{self, cargo, run};
 use crate::MachineArgs;
@@ -18,13 +23,15 @@ use std::time::Duration;
 const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: FAIL"];
 
 fn machine(smp: u32, gic: &str) -> MachineArgs {
-    MachineArgs { smp, mem: "1G".into(), gic: gic.into(), no_mte: false, timeout: 60 }
+    MachineArgs { smp, mem: "1G".into(), gic: gic.into(), no_mte: false, timeout: Some(60) }
 }
 
 /// Where a test's host payload comes from.
 enum Host {
     TestHost,
     External,
+    /// Debian's Linux with an initramfs running these shell commands.
+    Linux { commands: &'static str },
 }
 
 /// Which device tree the core boots with.
@@ -34,15 +41,23 @@ enum Tree {
     Truncated,
 }
 
+/// A check of the finished run's console beyond the patterns.
+type Check = Box<dyn Fn(&str) -> Result<(), String>>;
+
 struct Case {
     name: &'static str,
     host: Host,
+    /// The host's command line (for Linux: added to the default one).
     bootargs: Option<&'static str>,
     tree: Tree,
     machine: MachineArgs,
     pass: Vec<&'static str>,
     fail: Vec<&'static str>,
-    exit_code: i32,
+    /// QEMU's exit status once the pass patterns are seen; `None`: QEMU is
+    /// stopped as soon as they are (a machine that reboots never exits).
+    exit_code: Option<i32>,
+    on_reset: OnReset,
+    check: Option<Check>,
     timeout: u64,
 }
 
@@ -57,7 +72,9 @@ fn host_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str
         machine: machine(smp, gic),
         pass,
         fail: vec!["boot failed"],
-        exit_code: 0,
+        exit_code: Some(0),
+        on_reset: OnReset::Exit,
+        check: None,
         timeout: 60,
     }
 }
@@ -71,7 +88,9 @@ fn bad_tree(name: &'static str, tree: Tree, message: &'static str) -> Case {
         machine: machine(1, "v3"),
         pass: vec![message],
         fail: vec!["entering the host"],
-        exit_code: 1,
+        exit_code: Some(1),
+        on_reset: OnReset::Exit,
+        check: None,
         timeout: 30,
     }
 }
@@ -127,10 +146,169 @@ fn cases() -> Vec<Case> {
             machine: machine(1, "v3"),
             pass: vec!["raw binary", "external payload: bootargs=x=1 moat.test=external"],
             fail: vec!["boot failed"],
-            exit_code: 0,
+            exit_code: Some(0),
+            on_reset: OnReset::Exit,
+            check: None,
             timeout: 30,
         },
+        linux_boot("linux_one_cpu_gicv3", 1, "v3", &["GICv3"]),
+        linux_boot("linux_four_cpus_gicv3", 4, "v3", &["GICv3", "smp: Brought up 1 node, 4 CPUs"]),
+        linux_boot("linux_two_cpus_gicv2", 2, "v2", &["GICv2", "smp: Brought up 1 node, 2 CPUs"]),
+        Case {
+            check: Some(Box::new(check_sleep_one_second)),
+            // Busybox's date has no %N; /proc/uptime counts in hundredths.
+            ..linux_case("linux_sleep_1_takes_one_second", 1, "v3", "cat /proc/uptime; sleep 1; cat /proc/uptime")
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "moat-linux: exit status 0",
+                "synchronous external abort injected",
+                "still running",
+            ],
+            check: Some(Box::new(check_hypervisor_hidden)),
+            ..linux_case("linux_host_cannot_see_the_hypervisor", 1, "v3", HIDDEN_HYPERVISOR_COMMANDS)
+        },
+        Case {
+            pass: vec![linux::MARKER_COMMANDS, "powering off now", "asked for SYSTEM_OFF"],
+            fail: [linux::FAIL_PATTERNS, &["not reached"]].concat(),
+            check: Some(Box::new(|console: &str| match linux::exit_status(console) {
+                None => Ok(()),
+                Some(s) => Err(format!("/init reported status {s}: the commands' poweroff did not end the machine")),
+            })),
+            ..linux_case("linux_poweroff_ends_qemu_with_status_0", 1, "v3", "echo powering off now; poweroff -f; sleep 5; echo not reached")
+        },
+        Case {
+            // Two boots of the core and two of the shell: the second boot
+            // after the reset reached the shell. It would reboot for ever,
+            // so the harness stops QEMU there.
+            pass: vec![
+                "asked for SYSTEM_RESET",
+                "EL2 core starting",
+                "EL2 core starting",
+                linux::MARKER_COMMANDS,
+                linux::MARKER_COMMANDS,
+            ],
+            exit_code: None,
+            on_reset: OnReset::Reboot,
+            ..linux_case("linux_reboot_boots_again", 1, "v3", "reboot -f")
+        },
     ]
+}
+
+/// Linux under Moat running `commands`, which must end with status 0.
+fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -> Case {
+    Case {
+        name,
+        host: Host::Linux { commands },
+        bootargs: None,
+        tree: Tree::Firmware,
+        machine: machine(smp, gic),
+        pass: vec![linux::MARKER_COMMANDS, "moat-linux: exit status 0", "asked for SYSTEM_OFF"],
+        fail: linux::FAIL_PATTERNS.to_vec(),
+        exit_code: Some(0),
+        on_reset: OnReset::Exit,
+        check: None,
+        timeout: 180,
+    }
+}
+
+/// Linux boots on `smp` CPUs and sees all of them.
+fn linux_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str]) -> Case {
+    let mut case = linux_case(name, smp, gic, "nproc; uname -m; grep -c processor /proc/cpuinfo");
+    case.pass.extend_from_slice(extra_pass);
+    let n = smp.to_string();
+    case.check = Some(expect_lines(vec![n.clone(), "aarch64".into(), n]));
+    case
+}
+
+/// The commands print exactly `expected`.
+fn expect_lines(expected: Vec<String>) -> Check {
+    Box::new(move |console| {
+        let got = linux::command_output(console);
+        if got == expected { Ok(()) } else { Err(format!("the commands printed {got:?}, expected {expected:?}")) }
+    })
+}
+
+/// `sleep 1` took 0.9 to 1.5 seconds of the guest's own clock.
+fn check_sleep_one_second(console: &str) -> Result<(), String> {
+    let out = linux::command_output(console);
+    // "12.34 10.56": seconds since boot, then seconds idle.
+    let times: Vec<f64> = out.iter().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+    let [before, after] = times[..] else { return Err(format!("expected two timestamps, got {out:?}")) };
+    let elapsed = after - before;
+    if (0.9..=1.5).contains(&elapsed) {
+        println!("    sleep 1 took {elapsed:.3} s in the guest");
+        Ok(())
+    } else {
+        Err(format!("sleep 1 took {elapsed:.3} s in the guest"))
+    }
+}
+
+/// Finds the carve-out the way a host program could (the core names its
+/// `/reserved-memory` node `moat@<base>`), shows the memory map, and reads the
+/// carve-out's first word through /dev/mem twice: with `devmem`, which maps it
+/// and takes the core's synchronous external abort (SIGBUS, status 135), and
+/// with `dd`, whose read() the kernel itself refuses for memory outside its
+/// linear map. Then one more command must still run.
+const HIDDEN_HYPERVISOR_COMMANDS: &str = "\
+node=$(ls /proc/device-tree/reserved-memory | grep '^moat@')
+base=${node#moat@}
+echo \"carve-out node: $node\"
+cat /proc/iomem
+devmem 0x$base 32
+echo \"devmem status: $?\"
+dd if=/dev/mem of=/dev/null bs=4096 skip=$((0x$base / 4096)) count=1
+echo \"dd status: $?\"
+echo still running";
+
+fn hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// The guest found the carve-out the core logged; /proc/iomem lists it as
+/// `reserved` and no System RAM overlaps it; both reads failed.
+fn check_hypervisor_hidden(console: &str) -> Result<(), String> {
+    // "moat: carve-out 0x7e000000..0x80000000 (32 MiB: ...)"
+    let (start, end) = console
+        .lines()
+        .find_map(|l| l.strip_prefix("moat: carve-out ")?.split_once(' ')?.0.split_once(".."))
+        .and_then(|(a, b)| Some((hex(a)?, hex(b)?)))
+        .ok_or("the core logged no carve-out")?;
+    let out = linux::command_output(console);
+    let node = out.iter().find_map(|l| l.strip_prefix("carve-out node: ")).ok_or("no carve-out node found")?;
+    let base = node.strip_prefix("moat@").and_then(hex).ok_or(format!("odd node name {node:?}"))?;
+    if base != start {
+        return Err(format!("the guest's moat@ node says {base:#x}, the core's carve-out starts at {start:#x}"));
+    }
+    // Top-level /proc/iomem lines: "40000000-7dffffff : System RAM".
+    let resources: Vec<(u64, u64, &str)> = out
+        .iter()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| {
+            let (range, name) = l.split_once(" : ")?;
+            let (a, b) = range.split_once('-')?;
+            Some((hex(a)?, hex(b)?, name.trim()))
+        })
+        .collect();
+    if !resources.contains(&(start, end - 1, "reserved")) {
+        return Err(format!("/proc/iomem has no \"reserved\" {start:x}-{:x}: {resources:x?}", end - 1));
+    }
+    if let Some(r) = resources.iter().find(|(a, b, n)| *n == "System RAM" && *a < end && *b >= start) {
+        return Err(format!("System RAM {:x}-{:x} overlaps the carve-out", r.0, r.1));
+    }
+    for (what, want) in [("devmem status: ", Some(135)), ("dd status: ", None)] {
+        let status: i32 = out
+            .iter()
+            .find_map(|l| l.strip_prefix(what)?.parse().ok())
+            .ok_or(format!("no \"{what}\" line"))?;
+        match want {
+            Some(w) if status != w => return Err(format!("{what}{status}, expected {w} (SIGBUS)")),
+            None if status == 0 => return Err(format!("{what}0: reading the carve-out succeeded")),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Builds the payload in `images/external-payload`, a cargo project of its
@@ -148,17 +326,23 @@ pub fn build_external_payload() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn image_for(case: &Case, built: &Built, external: &Option<PathBuf>) -> Result<PathBuf> {
-    let host = match case.host {
-        Host::TestHost => built.test_host.clone(),
-        Host::External => external.clone().context("external payload not built")?,
-    };
-    let spec = ImageSpec {
-        host,
-        initrd: None,
-        bootargs: case.bootargs.map(str::to_string),
-        dtb: None,
-        semihosting_exit: true,
+fn image_for(case: &Case, built: &Built, external: &Option<PathBuf>, assets: Option<&Assets>) -> Result<PathBuf> {
+    let spec = match case.host {
+        Host::Linux { commands } => {
+            let assets = assets.context("Linux assets not fetched")?;
+            let initrd = linux::write_initramfs(assets, Some(commands), &format!("test-{}", case.name))?;
+            linux::image_spec(assets, &initrd, case.bootargs)
+        }
+        Host::TestHost | Host::External => ImageSpec {
+            host: match case.host {
+                Host::External => external.clone().context("external payload not built")?,
+                _ => built.test_host.clone(),
+            },
+            initrd: None,
+            bootargs: case.bootargs.map(str::to_string),
+            dtb: None,
+            semihosting_exit: true,
+        },
     };
     let dtb = match &case.tree {
         Tree::Firmware => None,
@@ -175,25 +359,46 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
     let external = Some(build_external_payload()?);
     let logs = tools::target_dir().join("test-logs");
     std::fs::create_dir_all(&logs)?;
+    let selected: Vec<Case> = cases().into_iter().filter(|c| filter.is_none_or(|f| c.name.contains(f))).collect();
+    let assets = if selected.iter().any(|c| matches!(c.host, Host::Linux { .. })) {
+        let assets = linux::ensure_assets()?;
+        println!("xtask: Linux cases boot Debian {} with {}", assets.kernel_package, assets.busybox_package);
+        Some(assets)
+    } else {
+        None
+    };
     let mut passed = 0;
     let mut failed = Vec::new();
-    for case in cases().into_iter().filter(|c| filter.is_none_or(|f| c.name.contains(f))) {
-        let img = image_for(&case, &built, &external)?;
-        let cmd = qemu::command(&img, &case.machine, &[]);
+    for case in selected {
+        let img = image_for(&case, &built, &external, assets.as_ref())?;
+        let cmd = qemu::command_on_reset(&img, &case.machine, &[], case.on_reset);
         let mut fail = case.fail.clone();
         fail.extend_from_slice(ALWAYS_FAIL);
-        let out = qemu::run_harnessed(cmd, &case.pass, &fail, Duration::from_secs(case.timeout))?;
+        let harness = Harness {
+            pass: &case.pass,
+            fail: &fail,
+            timeout: Duration::from_secs(case.timeout),
+            after_pass: if case.exit_code.is_some() { AfterPass::WaitForExit } else { AfterPass::Stop },
+            echo: false,
+        };
+        let out = qemu::run_harnessed(cmd, &harness)?;
         std::fs::write(logs.join(format!("{}.log", case.name)), &out.console)?;
         let problem = match (&out.verdict, out.exit_code) {
-            (Verdict::Passed, Some(code)) if code == case.exit_code => None,
-            (Verdict::Passed, code) => Some(format!("QEMU exit status {code:?}, expected {}", case.exit_code)),
+            (Verdict::Passed, _) if case.exit_code.is_none() => None,
+            (Verdict::Passed, code) if code == case.exit_code => None,
+            (Verdict::Passed, code) => Some(format!("QEMU exit status {code:?}, expected {:?}", case.exit_code)),
             (Verdict::Failed(line), _) => Some(format!("fail pattern: {line}")),
             (Verdict::Exited(code), _) => Some(format!(
                 "QEMU exited ({code:?}) before every pass pattern appeared; missing: {:?}",
                 case.pass.iter().filter(|p| !out.console.contains(*p)).collect::<Vec<_>>()
             )),
-            (Verdict::TimedOut, _) => Some(format!("timed out after {} s", case.timeout)),
+            (Verdict::TimedOut, _) => Some(format!(
+                "timed out after {} s; missing: {:?}",
+                case.timeout,
+                case.pass.iter().filter(|p| !out.console.contains(*p)).collect::<Vec<_>>()
+            )),
         };
+        let problem = problem.or_else(|| case.check.as_ref().and_then(|check| check(&out.console).err()));
         match problem {
             None => {
                 passed += 1;
@@ -261,16 +466,102 @@ pub fn bench() -> Result<()> {
     };
     let img = image::pack(&built.core, &spec, "bench")?;
     let cmd = qemu::command(&img, &machine(1, "v3"), &["-icount", "shift=0,sleep=off"]);
-    let out = qemu::run_harnessed(cmd, &["bench: null_hvc=", "test-host: PASS"], ALWAYS_FAIL, Duration::from_secs(120))?;
+    let harness = Harness {
+        pass: &["bench: null_hvc=", "test-host: PASS"],
+        fail: ALWAYS_FAIL,
+        timeout: Duration::from_secs(120),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(cmd, &harness)?;
     std::fs::write(tools::target_dir().join("bench.log"), &out.console)?;
     if out.verdict != Verdict::Passed {
         bail!("benchmark run failed ({:?}); console in target/bench.log", out.verdict);
     }
     let null_hvc = bench_value(&out.console, "null_hvc").context("no null_hvc figure in the console")?;
-    let json = serde_json::json!({ "null_hvc": null_hvc });
+    println!("null_hvc: {null_hvc} instructions per round trip (host HVC -> core -> host)");
+
+    let boot = linux_boot_times(&built)?;
+    let json = serde_json::json!({
+        "null_hvc": null_hvc,
+        "linux_boot_ratio": round3(boot.ratio),
+        "linux_boot_moat_seconds": round3(boot.moat),
+        "linux_boot_direct_seconds": round3(boot.direct),
+    });
     let path = tools::target_dir().join("bench.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
-    println!("null_hvc: {null_hvc} instructions per round trip (host HVC -> core -> host)");
     println!("xtask: wrote {}", path.display());
     Ok(())
+}
+
+/// Boots of Linux timed with and without Moat, one after the other.
+const LINUX_BOOT_RUNS: usize = 5;
+
+/// Median Linux boot times (seconds) and their ratio.
+struct BootTimes {
+    moat: f64,
+    direct: f64,
+    ratio: f64,
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Wall time from starting QEMU to the first command of Linux's `/init`,
+/// under Moat and with QEMU booting the same kernel, initramfs and command
+/// line itself at EL1 (`virtualization=off`: Linux runs at EL1 exactly as it
+/// does under Moat, with no EL2 to set up). Runs alternate between the two
+/// so a change in the machine's load affects both alike; wall time, not
+/// icount, because the figure is how long a user waits for a shell.
+fn linux_boot_times(built: &Built) -> Result<BootTimes> {
+    let assets = linux::ensure_assets()?;
+    let initrd = linux::write_initramfs(&assets, Some("true"), "bench-linux")?;
+    let spec = linux::image_spec(&assets, &initrd, None);
+    let img = image::pack(&built.core, &spec, "bench-linux")?;
+    let m = machine(1, "v3");
+    let bootargs = linux::bootargs(None);
+    let harness = Harness {
+        pass: &[linux::MARKER_INIT],
+        fail: linux::FAIL_PATTERNS,
+        timeout: Duration::from_secs(120),
+        after_pass: AfterPass::Stop,
+        echo: false,
+    };
+    println!(
+        "linux boot: QEMU start to /init's first command, Debian {}, 1 CPU, {} runs each",
+        assets.kernel_package, LINUX_BOOT_RUNS
+    );
+    let (mut moat, mut direct) = (Vec::new(), Vec::new());
+    for run in 1..=LINUX_BOOT_RUNS {
+        let mut seconds = [0.0; 2];
+        for (i, (label, cmd)) in [
+            ("moat", qemu::command(&img, &m, &[])),
+            ("direct", qemu::linux_direct_command(&assets.kernel, &initrd, &bootargs, &m)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let out = qemu::run_harnessed(cmd, &harness)?;
+            let log = tools::target_dir().join(format!("bench-linux-{label}.log"));
+            std::fs::write(&log, &out.console)?;
+            seconds[i] = match (out.verdict, out.passed_after) {
+                (Verdict::Passed, Some(t)) => t,
+                (v, _) => bail!("Linux boot ({label}) failed: {v:?}; console in {}", log.display()),
+            };
+        }
+        println!("  run {run}: under Moat {:.3} s, direct {:.3} s", seconds[0], seconds[1]);
+        moat.push(seconds[0]);
+        direct.push(seconds[1]);
+    }
+    let (moat, direct) = (median(moat), median(direct));
+    let ratio = moat / direct;
+    println!("linux_boot_ratio: {ratio:.3} (median under Moat {moat:.3} s / median direct {direct:.3} s)");
+    Ok(BootTimes { moat, direct, ratio })
 }

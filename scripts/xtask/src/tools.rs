@@ -46,7 +46,8 @@ pub fn llvm_tool(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
 }
 

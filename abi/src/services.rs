@@ -1,0 +1,145 @@
+//! The interfaces of Moat's services, declared once for both sides.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+pub use crate::trap::{TrapDescriptor, Verdict};
+
+/// The empty request or reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Empty;
+
+/// Trap counts per [`crate::trap::TrapClass`], plus the number of
+/// notifications received. Fits a host reply (56 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct TraceCounts {
+    pub by_class: [u64; crate::trap::TrapClass::COUNT],
+    pub total: u64,
+}
+
+const _: () = assert!(size_of::<TraceCounts>() == crate::ipc::HOST_REPLY_BYTES);
+
+crate::service_interface! {
+    /// `trace`: counts the traps the manifest lets it observe and tells the
+    /// host. Observing is one-way from the core; `counts` and `reset` are
+    /// host hypercalls.
+    pub mod trace: id = 1 {
+        /// The core reports a trap of an observed class.
+        1 => fn observe(TrapDescriptor) -> Empty;
+        /// The counts so far.
+        2 => fn counts(Empty) -> TraceCounts;
+        /// Zeroes the counts.
+        3 => fn reset(Empty) -> Empty;
+        /// Does nothing: the floor of a service call's cost.
+        4 => fn ping(Empty) -> Empty;
+    }
+}
+
+/// What `faulty` does when asked to `misbehave`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Misbehaviour {
+    /// Take an undefined-instruction exception at EL1.
+    Exception = 1,
+    /// Answer with a reply that does not match the call.
+    MalformedReply = 2,
+    /// Never answer.
+    Spin = 3,
+    /// Read memory outside its partition (the host's RAM).
+    ReadForeignMemory = 4,
+}
+
+crate::service_interface! {
+    /// `faulty`: a deliberately broken service for containment tests.
+    pub mod faulty: id = 2 {
+        /// Behaves: answers its argument plus one.
+        1 => fn echo(u64) -> u64;
+        /// Misbehaves as the argument (a [`Misbehaviour`]) says.
+        2 => fn misbehave(u64) -> Empty;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+    use crate::ipc::{Message, MessageError};
+
+    struct Tracer(TraceCounts);
+
+    impl trace::Server for Tracer {
+        fn observe(&mut self, t: TrapDescriptor) -> Result<Empty, Error> {
+            let slot = self.0.by_class.get_mut(t.class as usize).ok_or(Error::InvalidParameters)?;
+            *slot += 1;
+            self.0.total += 1;
+            Ok(Empty)
+        }
+        fn counts(&mut self, _: Empty) -> Result<TraceCounts, Error> {
+            Ok(self.0)
+        }
+        fn reset(&mut self, _: Empty) -> Result<Empty, Error> {
+            self.0 = TraceCounts::default();
+            Ok(Empty)
+        }
+        fn ping(&mut self, _: Empty) -> Result<Empty, Error> {
+            Ok(Empty)
+        }
+    }
+
+    #[test]
+    fn one_declaration_drives_both_sides() {
+        let mut s = Tracer(TraceCounts::default());
+        let t = TrapDescriptor { class: 2, ..Default::default() };
+        let call = trace::client::observe::request(1, &t);
+        let reply = trace::dispatch(&mut s, &call);
+        assert_eq!(trace::client::observe::reply(&reply, &call.header), Ok(Empty));
+        let call = trace::client::counts::request(2, &Empty);
+        let reply = trace::dispatch(&mut s, &call);
+        let counts = trace::client::counts::reply(&reply, &call.header).unwrap();
+        assert_eq!(counts.by_class[2], 1);
+        assert_eq!(counts.total, 1);
+    }
+
+    #[test]
+    fn errors_are_typed() {
+        let mut s = Tracer(TraceCounts::default());
+        // Unknown operation.
+        let call = Message::call(trace::SERVICE_ID, 99, 5, &[]).unwrap();
+        let reply = trace::dispatch(&mut s, &call);
+        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::NotSupported)));
+        // Wrong service.
+        let call = Message::call(42, 2, 5, &[]).unwrap();
+        let reply = trace::dispatch(&mut s, &call);
+        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::InvalidParameters)));
+        // Short payload for a typed request.
+        let call = Message::call(trace::SERVICE_ID, 1, 5, &[1, 2, 3]).unwrap();
+        let reply = trace::dispatch(&mut s, &call);
+        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::InvalidParameters)));
+        // Non-zero bytes past the request: refused, not ignored.
+        let call = Message::call(trace::SERVICE_ID, 4, 5, &[0, 0, 1]).unwrap();
+        let reply = trace::dispatch(&mut s, &call);
+        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::InvalidParameters)));
+        // Zero padding (a host call's 48 bytes) is fine.
+        let call = Message::call(trace::SERVICE_ID, 4, 5, &[0; 48]).unwrap();
+        let reply = trace::dispatch(&mut s, &call);
+        assert_eq!(reply.check_reply(&call.header), Ok(Ok(&[][..])));
+        // Another major version.
+        let mut call = Message::call(trace::SERVICE_ID, 4, 5, &[]).unwrap();
+        call.header.abi_version = 7 << 16;
+        let reply = trace::dispatch(&mut s, &call);
+        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::VersionMismatch)));
+        // A server error comes back as itself.
+        let call = trace::client::observe::request(1, &TrapDescriptor { class: 9, ..Default::default() });
+        let reply = trace::dispatch(&mut s, &call);
+        assert_eq!(trace::client::observe::reply(&reply, &call.header), Err(Error::InvalidParameters));
+    }
+
+    #[test]
+    fn operations_are_enumerable() {
+        assert_eq!(trace::Operation::ALL.len(), 4);
+        assert_eq!(trace::Operation::from_u16(2), Some(trace::Operation::counts));
+        assert_eq!(faulty::Operation::from_u16(3), None);
+        let _ = MessageError::Mismatch;
+    }
+}

@@ -1,0 +1,535 @@
+//! Service partitions: creation at boot, synchronous calls, containment.
+//!
+//! A service is an EL1 program in a partition of its own. Its stage-2 maps
+//! exactly three things: its text (read-only, executable) and its data, BSS
+//! and stack (read/write, never executable) at [`SERVICE_BASE_IPA`], and its
+//! IPC page at [`IPC_PAGE_IPA`]. It has its own VMID and its own EL1 state.
+//!
+//! ```text
+//!   host (EL1)            core (EL2)                          service (EL1)
+//!   hvc 0xC600_1000 ──▶  route → Message::call → IPC page
+//!                        save host EL1, load service EL1,
+//!                        VTTBR/HCR for the service, watchdog ──▶ SVC_REPLY_WAIT returns
+//!                                                               dispatch, write reply
+//!                        ◀── hvc SVC_REPLY_WAIT ──────────────
+//!                        copy reply out, check it,
+//!   x0..x7 = reply ◀──── restore host EL1 and EL2 controls
+//! ```
+//!
+//! To the core a call is a function call: [`enter_nested`] runs the service
+//! until it traps and returns. A service that faults, answers with a reply
+//! that does not match the call, or runs past its budget is marked failed;
+//! the caller gets [`Error::ServiceFailed`], and so does every later caller
+//! (the system fails closed). An interrupt for the host that arrives while a
+//! service runs suspends the call: the service's registers stay saved, the
+//! caller is told [`Error::Interrupted`] (or, with its interrupts unmasked,
+//! simply re-executes the call), and the next call to that service finishes
+//! the suspended one first.
+
+use super::cpu::{PerCpu, VCPU_SERVICE_BASE, Vcpu};
+use super::gic;
+use super::sysreg::{self, El1Context};
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use moat_abi::Error;
+use moat_abi::hypercall;
+use moat_abi::ipc::{MESSAGE_SIZE, Message, MessageHeader};
+use moat_abi::trap::TrapDescriptor;
+use moat_kernel::el2config::hcr;
+use moat_kernel::esr::Trap;
+use moat_kernel::regs::GuestRegs;
+use moat_kernel::routing::{RouteSpec, RoutingTable};
+use moat_package::{Package, ServiceRecord};
+use moat_platform::dt::Range;
+use spin::Once;
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Where every service's image starts (intermediate physical address).
+pub const SERVICE_BASE_IPA: u64 = 0x10_0000;
+/// Where every service finds its IPC page.
+pub const IPC_PAGE_IPA: u64 = 0x8_0000;
+/// Stack a service must have left after its image.
+pub const MIN_STACK: u64 = 16 << 10;
+/// Offset of the log buffer in the IPC page (see `moat-rt`).
+const LOG_OFFSET: u64 = 2048;
+const PAGE: u64 = 4096;
+
+/// Vector slot numbers passed by `vectors.S`.
+const LOWER_SYNC: u64 = 8;
+const LOWER_IRQ: u64 = 9;
+
+unsafe extern "C" {
+    fn enter_nested(frame: *mut Vcpu, save: *mut super::cpu::NestedSave);
+    fn leave_nested(save: *mut super::cpu::NestedSave) -> !;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum State {
+    Ready = 0,
+    Busy = 1,
+    Failed = 2,
+}
+
+/// A call that an interrupt suspended.
+#[derive(Clone, Copy)]
+struct Pending {
+    header: MessageHeader,
+    cpu: usize,
+}
+
+/// One service partition.
+pub struct Service {
+    pub name: heapless::String<24>,
+    pub interface_id: u16,
+    pub vmid: u16,
+    vttbr: u64,
+    memory: Range,
+    ipc_page: u64,
+    budget_ticks: u64,
+    state: AtomicU8,
+    sequence: AtomicU32,
+    vcpu: UnsafeCell<Vcpu>,
+    el1: UnsafeCell<El1Context>,
+    pending: UnsafeCell<Option<Pending>>,
+}
+
+// SAFETY: `vcpu`, `el1` and `pending` are only touched by the CPU that holds
+// the service in the `Busy` state (an atomic compare-exchange hands it out);
+// everything else is immutable after boot or atomic.
+unsafe impl Sync for Service {}
+
+struct Services {
+    list: Vec<Service>,
+    routes: RoutingTable,
+}
+
+static SERVICES: Once<Services> = Once::new();
+
+/// The routing table (empty if the image has no services).
+pub fn routes() -> Option<&'static RoutingTable> {
+    SERVICES.get().map(|s| &s.routes)
+}
+
+/// Service `index`.
+pub fn get(index: usize) -> Option<&'static Service> {
+    SERVICES.get().and_then(|s| s.list.get(index))
+}
+
+/// How a service run ended.
+enum Exit {
+    /// The service issued SVC_REPLY_WAIT.
+    Reply,
+    /// An interrupt for the host arrived.
+    Preempted,
+    /// The service must be stopped, for this reason.
+    Fault(&'static str, u64),
+}
+
+fn service_el2(vttbr: u64) -> (u64, u64, u64, u64, u64) {
+    // Physical interrupts to EL2 (the watchdog, and the host's, which
+    // suspend the call), SMC and WFI/WFE trapped, pointer-authentication keys
+    // trapped (the host's keys stay in the registers), no MTE tag access.
+    let hcr = hcr::VM | hcr::RW | hcr::IMO | hcr::FMO | hcr::AMO | hcr::TSC | hcr::TWI | hcr::TWE;
+    // FP/SIMD, SVE and SME trapped: services are built without them, and the
+    // host's vector registers stay untouched in the CPU.
+    let cptr = (1 << 13) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 8) | 0xff;
+    // PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped; HPMN unchanged.
+    let mdcr = sysreg::pmu_counters(&super::boot::machine().cpu) | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11);
+    // The counter is readable; the physical timer is not (it is the host's).
+    let cnthctl = 0b01;
+    (hcr, cptr, mdcr, cnthctl, vttbr)
+}
+
+impl Service {
+    fn vcpu(&self) -> *mut Vcpu {
+        self.vcpu.get()
+    }
+
+    fn fail(&self, why: &str, detail: u64) {
+        self.state.store(State::Failed as u8, Ordering::Release);
+        crate::log!("service {} failed: {why} ({detail:#x}); its requests are refused from now on", self.name);
+    }
+
+    fn ipc_write(&self, msg: &Message) {
+        // SAFETY: the IPC page is a page of the core's heap, mapped read/write
+        // in the core's stage-1; the service is stopped while the core writes.
+        unsafe { core::ptr::copy_nonoverlapping(msg.as_bytes().as_ptr(), self.ipc_page as *mut u8, MESSAGE_SIZE) };
+    }
+
+    /// Copies the message out of the IPC page before anything checks it.
+    fn ipc_read(&self) -> Message {
+        let mut bytes = [0u8; MESSAGE_SIZE];
+        // SAFETY: as for `ipc_write`.
+        unsafe { core::ptr::copy_nonoverlapping(self.ipc_page as *const u8, bytes.as_mut_ptr(), MESSAGE_SIZE) };
+        Message::read_from_bytes(&bytes).unwrap_or_default()
+    }
+
+    /// Runs the service's vCPU on `cpu` until it replies, faults, overruns
+    /// its budget or is interrupted. EL1 and EL2 state must already be the
+    /// service's.
+    fn run(&self, cpu: &PerCpu) -> Exit {
+        let (start, _) = sysreg::counter();
+        let deadline = start.saturating_add(self.budget_ticks);
+        // SAFETY: this CPU holds the service (Busy), so its vCPU is ours.
+        let vcpu = unsafe { &mut *self.vcpu() };
+        vcpu.cpu = cpu.index as u64;
+        loop {
+            sysreg::arm_watchdog(deadline);
+            // SAFETY: the vCPU frame is complete, its EL1 and EL2 state are
+            // loaded, and `nested` is this CPU's save area; the service's
+            // next trap returns here through `leave_nested`.
+            unsafe { enter_nested(self.vcpu(), cpu.nested.get()) };
+            let fired = sysreg::disarm_watchdog();
+            match vcpu.exit_vector {
+                LOWER_SYNC => {}
+                LOWER_IRQ if fired => return Exit::Fault("ran past its budget", self.budget_ticks),
+                LOWER_IRQ => return Exit::Preempted,
+                v => return Exit::Fault("took an unexpected exception", v),
+            }
+            if fired {
+                return Exit::Fault("ran past its budget", self.budget_ticks);
+            }
+            let esr = vcpu.exit_esr;
+            match Trap::decode(esr) {
+                Trap::Hvc { imm: 0 } => match vcpu.regs.x[0] as u32 {
+                    hypercall::SVC_REPLY_WAIT => return Exit::Reply,
+                    hypercall::SVC_LOG => {
+                        self.print_log(vcpu.regs.x[1]);
+                        vcpu.regs.x[0] = 0;
+                    }
+                    hypercall::SVC_FAULT => {
+                        return Exit::Fault("reported an exception (ESR_EL1 in detail)", vcpu.regs.x[1]);
+                    }
+                    _ => vcpu.regs.x[0] = moat_abi::smccc::NOT_SUPPORTED,
+                },
+                Trap::StageTwo(_) => {
+                    return Exit::Fault("touched memory outside its partition (IPA in detail)", sysreg::fault_ipa());
+                }
+                _ => return Exit::Fault("trapped to the core (ESR_EL2 in detail)", esr),
+            }
+        }
+    }
+
+    fn print_log(&self, len: u64) {
+        let len = len.min(PAGE - LOG_OFFSET) as usize;
+        let mut bytes = [0u8; (PAGE - LOG_OFFSET) as usize];
+        // SAFETY: the log half of the IPC page; copied before use.
+        unsafe {
+            core::ptr::copy_nonoverlapping((self.ipc_page + LOG_OFFSET) as *const u8, bytes.as_mut_ptr(), len);
+        }
+        let text = core::str::from_utf8(&bytes[..len]).unwrap_or("(log text is not UTF-8)");
+        crate::log!("[{}] {}", self.name, text.trim_end());
+    }
+
+    /// Switches this CPU to the service, runs `f`, and switches back.
+    fn with_partition<R>(&self, cpu: &PerCpu, f: impl FnOnce() -> R) -> R {
+        let m = super::boot::machine();
+        let gic = cpu.gic_access();
+        // SAFETY: this CPU holds the service; the host's EL1 state is saved
+        // before the service's is loaded and restored after, and both
+        // stage-2 tables live forever.
+        unsafe {
+            (*cpu.host_el1.get()).save();
+            (*self.el1.get()).load();
+            let (h, c, md, ct, v) = service_el2(self.vttbr);
+            sysreg::switch_el2(h, c, md, ct, v);
+        }
+        let saved = gic.as_ref().map(gic::open_watchdog);
+        let r = f();
+        if let (Some(access), Some(saved)) = (gic.as_ref(), saved) {
+            gic::close_watchdog(access, saved);
+        }
+        // SAFETY: as above, in reverse.
+        unsafe {
+            (*self.el1.get()).save();
+            (*cpu.host_el1.get()).load();
+            let h = &m.host_el2;
+            sysreg::switch_el2(h.hcr, h.cptr, h.mdcr, moat_kernel::el2config::HOST_CNTHCTL, h.vttbr);
+        }
+        r
+    }
+}
+
+/// The outcome of one call.
+pub enum CallResult {
+    /// The service answered (its reply may carry an error status).
+    Reply(Message),
+    /// The core refused or the service failed.
+    Err(Error),
+}
+
+/// Calls service `index` with `msg` from `cpu`.
+pub fn call(cpu: &PerCpu, index: usize, msg: &Message) -> CallResult {
+    let Some(s) = get(index) else { return CallResult::Err(Error::NotSupported) };
+    match s.state.compare_exchange(State::Ready as u8, State::Busy as u8, Ordering::Acquire, Ordering::Acquire) {
+        Ok(_) => {}
+        Err(v) if v == State::Failed as u8 => return CallResult::Err(Error::ServiceFailed),
+        Err(_) => return CallResult::Err(Error::Busy),
+    }
+    let outcome = s.with_partition(cpu, || {
+        // SAFETY: Busy is ours, so the pending slot is too.
+        let pending = unsafe { &mut *s.pending.get() };
+        if let Some(p) = pending.take() {
+            // Finish the suspended call first.
+            match s.run(cpu) {
+                Exit::Reply => {
+                    let reply = s.ipc_read();
+                    if p.header == msg.header && p.cpu == cpu.index {
+                        return finish(s, reply, &p.header);
+                    }
+                    // Its caller moved on; the result is dropped.
+                }
+                Exit::Preempted => {
+                    *pending = Some(p);
+                    return Err(Error::Interrupted);
+                }
+                Exit::Fault(why, detail) => return Err(fail(s, why, detail)),
+            }
+        }
+        s.ipc_write(msg);
+        // SAFETY: Busy is ours, so the vCPU is too; SVC_REPLY_WAIT returns 0.
+        unsafe { (*s.vcpu()).regs.x[0] = 0 };
+        match s.run(cpu) {
+            Exit::Reply => finish(s, s.ipc_read(), &msg.header),
+            Exit::Preempted => {
+                *pending = Some(Pending { header: msg.header, cpu: cpu.index });
+                Err(Error::Interrupted)
+            }
+            Exit::Fault(why, detail) => Err(fail(s, why, detail)),
+        }
+    });
+    // A failed service stays failed; otherwise it is free again.
+    let _ = s.state.compare_exchange(State::Busy as u8, State::Ready as u8, Ordering::Release, Ordering::Relaxed);
+    match outcome {
+        Ok(reply) => CallResult::Reply(reply),
+        Err(e) => CallResult::Err(e),
+    }
+}
+
+fn fail(s: &Service, why: &'static str, detail: u64) -> Error {
+    s.fail(why, detail);
+    Error::ServiceFailed
+}
+
+/// Checks a reply (already copied out of the IPC page) against its call.
+fn finish(s: &Service, reply: Message, call: &MessageHeader) -> Result<Message, Error> {
+    match reply.check_reply(call) {
+        Ok(_) => Ok(reply),
+        Err(e) => {
+            s.fail("answered with a malformed reply", u64::from(e.to_error().code() as u32));
+            Err(Error::ServiceFailed)
+        }
+    }
+}
+
+/// The next sequence number for a call to `s`.
+pub fn next_sequence(index: usize) -> u32 {
+    get(index).map_or(0, |s| s.sequence.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Tells every service that observes `trap`'s class about it.
+pub fn notify_observers(cpu: &PerCpu, trap: &TrapDescriptor) {
+    let Some(all) = SERVICES.get() else { return };
+    let Some(class) = moat_abi::trap::TrapClass::from_u32(trap.class) else { return };
+    if !all.routes.is_observed(class) {
+        return;
+    }
+    for index in all.routes.observers(class) {
+        let Some(s) = all.list.get(index) else { continue };
+        let seq = next_sequence(index);
+        let Ok(msg) = Message::call(s.interface_id, moat_abi::trap::OBSERVE_OPERATION, seq, trap.as_bytes()) else {
+            continue;
+        };
+        // A notice is one-way: the reply's content does not matter, and a
+        // suspended notice is finished by the service's next call.
+        let _ = call(cpu, index, &msg);
+    }
+}
+
+/// Handles an exception from a running service vCPU: records why it stopped
+/// and returns to the core code that entered it.
+pub fn exit_from_service(vcpu: *mut Vcpu, vector: u64) -> ! {
+    // SAFETY: the vector passed the frame TPIDR_EL2 named, which is this
+    // running service's vCPU; the CPU running it is recorded in it.
+    let v = unsafe { &mut *vcpu };
+    v.exit_vector = vector;
+    v.exit_esr = sysreg::esr_el2();
+    let cpu = super::cpu::get(v.cpu as usize).unwrap_or_else(|| super::panic::park());
+    // SAFETY: `nested` holds the state `enter_nested` saved on this CPU.
+    unsafe { leave_nested(cpu.nested.get()) }
+}
+
+/// Why a service could not be created.
+#[derive(Debug)]
+pub enum SetupError {
+    NoImage,
+    BadHeader,
+    TooLarge { footprint: u64, memory: u64 },
+    NoMemory,
+    StageTwo(&'static str),
+}
+
+impl core::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoImage => write!(f, "the package has no image for it"),
+            Self::BadHeader => write!(f, "its image has no valid service header"),
+            Self::TooLarge { footprint, memory } => write!(
+                f,
+                "its image needs {footprint} bytes plus {MIN_STACK} of stack but its budget is {memory}"
+            ),
+            Self::NoMemory => write!(f, "the hypervisor heap is exhausted"),
+            Self::StageTwo(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The header `moat-rt` puts at the start of every service image.
+struct ServiceHeader {
+    text_size: u64,
+    footprint: u64,
+}
+
+fn parse_header(image: &[u8]) -> Option<ServiceHeader> {
+    let word = |at: usize| image.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    if image.get(8..16) != Some(b"MOATSVC1".as_slice()) {
+        return None;
+    }
+    let (text_size, footprint) = (word(16)?, word(24)?);
+    if text_size % PAGE != 0 || footprint % PAGE != 0 || text_size > footprint || (image.len() as u64) > footprint {
+        return None;
+    }
+    Some(ServiceHeader { text_size, footprint })
+}
+
+fn alloc_pages(bytes: u64) -> Option<u64> {
+    let layout = core::alloc::Layout::from_size_align(bytes as usize, PAGE as usize).ok()?;
+    // SAFETY: a non-zero-sized layout; the pages are never freed (services live forever).
+    let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+    if p.is_null() { None } else { Some(p as u64) }
+}
+
+fn create(index: usize, record: &ServiceRecord, image: Option<&[u8]>, start_level: usize) -> Result<Service, SetupError> {
+    let image = image.ok_or(SetupError::NoImage)?;
+    let header = parse_header(image).ok_or(SetupError::BadHeader)?;
+    let memory = u64::from(record.memory_bytes.get()).next_multiple_of(PAGE);
+    if header.footprint + MIN_STACK > memory {
+        return Err(SetupError::TooLarge { footprint: header.footprint, memory });
+    }
+    let base = alloc_pages(memory).ok_or(SetupError::NoMemory)?;
+    let ipc_page = alloc_pages(PAGE).ok_or(SetupError::NoMemory)?;
+    // SAFETY: `base` is a fresh allocation of `memory >= image.len()` bytes.
+    unsafe { core::ptr::copy_nonoverlapping(image.as_ptr(), base as *mut u8, image.len()) };
+    super::boot::clean_dcache_to_poc(base, memory);
+
+    let vmid = 1 + index as u16;
+    let mut s2 = super::stage2::StageTwo::new(start_level, vmid);
+    s2.map(SERVICE_BASE_IPA, base, header.text_size, super::stage2::Access::ReadExecute)
+        .map_err(SetupError::StageTwo)?;
+    s2.map(SERVICE_BASE_IPA + header.text_size, base + header.text_size, memory - header.text_size, super::stage2::Access::ReadWrite)
+        .map_err(SetupError::StageTwo)?;
+    s2.map(IPC_PAGE_IPA, ipc_page, PAGE, super::stage2::Access::ReadWrite).map_err(SetupError::StageTwo)?;
+    let vttbr = s2.activate();
+
+    let mut name = heapless::String::new();
+    let _ = name.push_str(record.name());
+    let mut vcpu = Vcpu::new(VCPU_SERVICE_BASE + index as u64, 0);
+    vcpu.regs = GuestRegs::el1h_entry(SERVICE_BASE_IPA, SERVICE_BASE_IPA + memory);
+    vcpu.regs.x[1] = IPC_PAGE_IPA;
+    let (now, freq) = sysreg::counter();
+    let _ = now;
+    let budget_ticks = u64::from(record.budget_us.get()).max(1).saturating_mul(freq) / 1_000_000;
+    Ok(Service {
+        name,
+        interface_id: record.interface_id.get(),
+        vmid,
+        vttbr,
+        memory: Range::new(base, memory).unwrap_or_default(),
+        ipc_page,
+        budget_ticks: budget_ticks.max(1),
+        state: AtomicU8::new(State::Busy as u8),
+        sequence: AtomicU32::new(1),
+        vcpu: UnsafeCell::new(vcpu),
+        el1: UnsafeCell::new(El1Context::reset()),
+        pending: UnsafeCell::new(None),
+    })
+}
+
+/// Creates every service the package declares (copying its image out of the
+/// package) and checks the routing table. A service that cannot be created
+/// is logged and left failed; the rest of the system boots. Returns how many
+/// services there are.
+pub fn create_all(package_services: &[(ServiceRecord, Option<&[u8]>)], start_level: usize) -> Result<usize, moat_kernel::routing::RoutingError> {
+    let specs: heapless::Vec<RouteSpec, { moat_package::MAX_SERVICES }> = package_services
+        .iter()
+        .map(|(r, _)| RouteSpec {
+            first: r.hypercall_first.get(),
+            count: r.hypercall_count.get(),
+            observes: r.observes.get(),
+            handles: r.handles.get(),
+        })
+        .collect();
+    let routes = RoutingTable::build(&specs)?;
+    let mut list = Vec::new();
+    for (i, (record, image)) in package_services.iter().enumerate() {
+        match create(i, record, *image, start_level) {
+            Ok(s) => list.push(s),
+            Err(e) => {
+                crate::log!("service {} not created: {e}", record.name());
+                // A placeholder that refuses every call keeps indices stable.
+                let mut name = heapless::String::new();
+                let _ = name.push_str(record.name());
+                list.push(Service {
+                    name,
+                    interface_id: record.interface_id.get(),
+                    vmid: 0,
+                    vttbr: 0,
+                    memory: Range::default(),
+                    ipc_page: 0,
+                    budget_ticks: 1,
+                    state: AtomicU8::new(State::Failed as u8),
+                    sequence: AtomicU32::new(0),
+                    vcpu: UnsafeCell::new(Vcpu::new(0, 0)),
+                    el1: UnsafeCell::new(El1Context::ZERO),
+                    pending: UnsafeCell::new(None),
+                });
+            }
+        }
+    }
+    let n = list.len();
+    SERVICES.call_once(|| Services { list, routes });
+    Ok(n)
+}
+
+/// Runs every created service to its first `SVC_REPLY_WAIT` on `cpu`.
+pub fn start_all(cpu: &PerCpu) {
+    let Some(all) = SERVICES.get() else { return };
+    for s in &all.list {
+        if s.state.load(Ordering::Relaxed) == State::Failed as u8 {
+            continue;
+        }
+        let started = s.with_partition(cpu, || s.run(cpu));
+        match started {
+            Exit::Reply => {
+                s.state.store(State::Ready as u8, Ordering::Release);
+                crate::log!(
+                    "service {} ready: {} KiB at {:#x}, VMID {}, interface {}",
+                    s.name,
+                    s.memory.size >> 10,
+                    s.memory.base,
+                    s.vmid,
+                    s.interface_id
+                );
+            }
+            Exit::Preempted => s.fail("was interrupted while starting", 0),
+            Exit::Fault(why, detail) => s.fail(why, detail),
+        }
+    }
+}
+
+/// The records and images of the package, paired.
+pub fn package_services<'a>(package: &Package<'a>) -> heapless::Vec<(ServiceRecord, Option<&'a [u8]>), { moat_package::MAX_SERVICES }> {
+    package.services().map(|r| (r, package.service_image(&r))).take(moat_package::MAX_SERVICES).collect()
+}
