@@ -41,7 +41,9 @@ impl Kind {
 }
 
 /// The fixed header of every message.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct MessageHeader {
     /// [`ABI_VERSION`] of the sender.
@@ -74,7 +76,10 @@ const _: () = assert!(size_of::<Message>() == MESSAGE_SIZE);
 
 impl Default for Message {
     fn default() -> Self {
-        Self { header: MessageHeader::default(), payload: [0; PAYLOAD_SIZE] }
+        Self {
+            header: MessageHeader::default(),
+            payload: [0; PAYLOAD_SIZE],
+        }
     }
 }
 
@@ -108,22 +113,18 @@ impl MessageError {
 
 impl Message {
     /// A call to `operation` of `service` carrying `payload`'s bytes.
-    pub fn call(service: u16, operation: u16, sequence: u32, payload: &[u8]) -> Result<Self, MessageError> {
+    pub fn call(
+        service: u16,
+        operation: u16,
+        sequence: u32,
+        payload: &[u8],
+    ) -> Result<Self, MessageError> {
         let mut m = Message::default();
         if payload.len() > PAYLOAD_SIZE {
             return Err(MessageError::Length(payload.len() as u32));
         }
         m.payload[..payload.len()].copy_from_slice(payload);
-        m.header = MessageHeader {
-            abi_version: ABI_VERSION,
-            kind: Kind::Call as u16,
-            service,
-            operation,
-            reserved: 0,
-            status: 0,
-            payload_len: payload.len() as u32,
-            sequence,
-        };
+        m.header = MessageHeader::call(service, operation, sequence, payload.len() as u32);
         Ok(m)
     }
 
@@ -159,32 +160,75 @@ impl Message {
 
     /// Checks a call as a service receives it.
     pub fn check_call(&self) -> Result<(), MessageError> {
-        check_version(self.header.abi_version)?;
-        if self.header.kind != Kind::Call as u16 {
-            return Err(MessageError::Kind(self.header.kind));
-        }
-        if self.header.payload_len as usize > PAYLOAD_SIZE {
-            return Err(MessageError::Length(self.header.payload_len));
-        }
-        Ok(())
+        check_call_header(&self.header)
     }
 
     /// Checks a reply against the call it answers, as the core receives it.
     /// On success returns the service's verdict: its payload or its error.
     pub fn check_reply(&self, call: &MessageHeader) -> Result<Result<&[u8], Error>, MessageError> {
-        let h = &self.header;
-        check_version(h.abi_version)?;
-        if h.kind != Kind::Reply as u16 {
-            return Err(MessageError::Kind(h.kind));
+        match self.header.check_reply_to(call)? {
+            Ok(()) => Ok(Ok(self.body())),
+            Err(e) => Ok(Err(e)),
         }
-        if h.service != call.service || h.operation != call.operation || h.sequence != call.sequence {
+    }
+}
+
+impl MessageHeader {
+    /// The header of a call.
+    pub const fn call(service: u16, operation: u16, sequence: u32, payload_len: u32) -> Self {
+        Self {
+            abi_version: ABI_VERSION,
+            kind: Kind::Call as u16,
+            service,
+            operation,
+            reserved: 0,
+            status: 0,
+            payload_len,
+            sequence,
+        }
+    }
+
+    /// The header of the reply to `call`: success with `payload_len` bytes, or an error.
+    pub const fn reply_to(
+        call: &MessageHeader,
+        status: Result<(), Error>,
+        payload_len: u32,
+    ) -> Self {
+        let (status, payload_len) = match status {
+            Ok(()) => (0, payload_len),
+            Err(e) => (e.code() as i32, 0),
+        };
+        Self {
+            abi_version: ABI_VERSION,
+            kind: Kind::Reply as u16,
+            service: call.service,
+            operation: call.operation,
+            reserved: 0,
+            status,
+            payload_len,
+            sequence: call.sequence,
+        }
+    }
+
+    /// Checks a reply header against the call it answers: version, kind,
+    /// service, operation, sequence, length and status. On success returns
+    /// the service's verdict.
+    pub fn check_reply_to(&self, call: &MessageHeader) -> Result<Result<(), Error>, MessageError> {
+        check_version(self.abi_version)?;
+        if self.kind != Kind::Reply as u16 {
+            return Err(MessageError::Kind(self.kind));
+        }
+        if self.service != call.service
+            || self.operation != call.operation
+            || self.sequence != call.sequence
+        {
             return Err(MessageError::Mismatch);
         }
-        if h.payload_len as usize > PAYLOAD_SIZE {
-            return Err(MessageError::Length(h.payload_len));
+        if self.payload_len as usize > PAYLOAD_SIZE {
+            return Err(MessageError::Length(self.payload_len));
         }
-        match h.status {
-            0 => Ok(Ok(self.body())),
+        match self.status {
+            0 => Ok(Ok(())),
             code => match Error::from_code(i64::from(code)) {
                 Some(e) => Ok(Err(e)),
                 None => Err(MessageError::Status(code)),
@@ -193,8 +237,24 @@ impl Message {
     }
 }
 
+/// Checks a call header as a service receives it.
+pub fn check_call_header(h: &MessageHeader) -> Result<(), MessageError> {
+    check_version(h.abi_version)?;
+    if h.kind != Kind::Call as u16 {
+        return Err(MessageError::Kind(h.kind));
+    }
+    if h.payload_len as usize > PAYLOAD_SIZE {
+        return Err(MessageError::Length(h.payload_len));
+    }
+    Ok(())
+}
+
 fn check_version(v: u32) -> Result<(), MessageError> {
-    if v >> 16 == ABI_VERSION >> 16 { Ok(()) } else { Err(MessageError::Version(v)) }
+    if v >> 16 == ABI_VERSION >> 16 {
+        Ok(())
+    } else {
+        Err(MessageError::Version(v))
+    }
 }
 
 /// Decodes a request or reply of type `T` from a message body: the body
@@ -206,9 +266,14 @@ pub fn decode<T: FromBytes + KnownLayout + Immutable>(body: &[u8]) -> Result<T, 
 /// Decodes a request of type `T`: the body holds `T` followed by nothing
 /// but zeros (a host call always carries 48 bytes; arguments a request
 /// type does not use must be zero, so no argument is ever silently ignored).
-pub fn decode_request<T: FromBytes + KnownLayout + Immutable>(body: &[u8]) -> Result<T, MessageError> {
-    let (value, rest) = T::read_from_prefix(body).map_err(|_| MessageError::Length(body.len() as u32))?;
-    if rest.iter().any(|b| *b != 0) {
+pub fn decode_request<T: FromBytes + KnownLayout + Immutable>(
+    body: &[u8],
+) -> Result<T, MessageError> {
+    let (value, rest) =
+        T::read_from_prefix(body).map_err(|_| MessageError::Length(body.len() as u32))?;
+    // A word at a time: this runs on every call a service receives.
+    let (words, tail) = rest.as_chunks::<8>();
+    if words.iter().any(|w| u64::from_ne_bytes(*w) != 0) || tail.iter().any(|b| *b != 0) {
         return Err(MessageError::Length(body.len() as u32));
     }
     Ok(value)
@@ -256,10 +321,16 @@ mod tests {
         assert_eq!(m.check_reply(&call.header), Err(MessageError::Length(233)));
         let mut m = good;
         m.header.status = -1000;
-        assert_eq!(m.check_reply(&call.header), Err(MessageError::Status(-1000)));
+        assert_eq!(
+            m.check_reply(&call.header),
+            Err(MessageError::Status(-1000))
+        );
         let mut m = good;
         m.header.abi_version = 2 << 16;
-        assert_eq!(m.check_reply(&call.header), Err(MessageError::Version(2 << 16)));
+        assert_eq!(
+            m.check_reply(&call.header),
+            Err(MessageError::Version(2 << 16))
+        );
         // A newer minor version is compatible.
         let mut m = good;
         m.header.abi_version = ABI_VERSION | 5;
@@ -268,7 +339,10 @@ mod tests {
 
     #[test]
     fn oversized_payloads_and_decoding() {
-        assert_eq!(Message::call(1, 1, 1, &[0; PAYLOAD_SIZE + 1]), Err(MessageError::Length(233)));
+        assert_eq!(
+            Message::call(1, 1, 1, &[0; PAYLOAD_SIZE + 1]),
+            Err(MessageError::Length(233))
+        );
         let v: Result<u64, _> = decode(&[1, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(v, Ok(1));
         let v: Result<u64, _> = decode(&[1, 0, 0]);

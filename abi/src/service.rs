@@ -95,25 +95,45 @@ macro_rules! service_interface {
             /// Checks and decodes `call`, runs the operation on `server`, and
             /// encodes the reply. Never panics on any input.
             pub fn dispatch<S: Server + ?Sized>(server: &mut S, call: &Message) -> Message {
+                let mut reply = Message::default();
+                reply.header = dispatch_into(server, &call.header, call.body(), &mut reply.payload);
+                reply
+            }
+
+            /// As [`dispatch`], for callers that keep the message in place: the
+            /// request is `header` and `body`, the reply's payload is written to
+            /// `reply_payload` and its header returned. Only the reply's
+            /// `payload_len` bytes of `reply_payload` are written.
+            pub fn dispatch_into<S: Server + ?Sized>(
+                server: &mut S,
+                header: &$crate::ipc::MessageHeader,
+                body: &[u8],
+                reply_payload: &mut [u8; $crate::ipc::PAYLOAD_SIZE],
+            ) -> $crate::ipc::MessageHeader {
                 #[allow(unused_imports)]
                 use $crate::zerocopy::IntoBytes;
-                if let Err(e) = call.check_call() {
-                    return Message::reply_to(&call.header, Err(e.to_error()));
+                let refuse = |e: $crate::Error| $crate::ipc::MessageHeader::reply_to(header, Err(e), 0);
+                if let Err(e) = $crate::ipc::check_call_header(header) {
+                    return refuse(e.to_error());
                 }
-                if call.header.service != SERVICE_ID {
-                    return Message::reply_to(&call.header, Err($crate::Error::InvalidParameters));
+                if header.service != SERVICE_ID {
+                    return refuse($crate::Error::InvalidParameters);
                 }
-                match Operation::from_u16(call.header.operation) {
+                match Operation::from_u16(header.operation) {
                     $(
-                        Some(Operation::$op) => match $crate::ipc::decode_request::<$req>(call.body()) {
+                        Some(Operation::$op) => match $crate::ipc::decode_request::<$req>(body) {
                             Ok(request) => match server.$op(request) {
-                                Ok(reply) => Message::reply_to(&call.header, Ok(reply.as_bytes())),
-                                Err(e) => Message::reply_to(&call.header, Err(e)),
+                                Ok(reply) => {
+                                    let bytes = reply.as_bytes();
+                                    reply_payload[..bytes.len()].copy_from_slice(bytes);
+                                    $crate::ipc::MessageHeader::reply_to(header, Ok(()), bytes.len() as u32)
+                                }
+                                Err(e) => refuse(e),
                             },
-                            Err(e) => Message::reply_to(&call.header, Err(e.to_error())),
+                            Err(e) => refuse(e.to_error()),
                         },
                     )*
-                    None => Message::reply_to(&call.header, Err($crate::Error::NotSupported)),
+                    None => refuse($crate::Error::NotSupported),
                 }
             }
 

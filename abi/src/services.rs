@@ -5,13 +5,17 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub use crate::trap::{TrapDescriptor, Verdict};
 
 /// The empty request or reply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct Empty;
 
 /// Trap counts per [`crate::trap::TrapClass`], plus the number of
 /// notifications received. Fits a host reply (56 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct TraceCounts {
     pub by_class: [u64; crate::trap::TrapClass::COUNT],
@@ -70,7 +74,11 @@ mod tests {
 
     impl trace::Server for Tracer {
         fn observe(&mut self, t: TrapDescriptor) -> Result<Empty, Error> {
-            let slot = self.0.by_class.get_mut(t.class as usize).ok_or(Error::InvalidParameters)?;
+            let slot = self
+                .0
+                .by_class
+                .get_mut(t.class as usize)
+                .ok_or(Error::InvalidParameters)?;
             *slot += 1;
             self.0.total += 1;
             Ok(Empty)
@@ -90,10 +98,16 @@ mod tests {
     #[test]
     fn one_declaration_drives_both_sides() {
         let mut s = Tracer(TraceCounts::default());
-        let t = TrapDescriptor { class: 2, ..Default::default() };
+        let t = TrapDescriptor {
+            class: 2,
+            ..Default::default()
+        };
         let call = trace::client::observe::request(1, &t);
         let reply = trace::dispatch(&mut s, &call);
-        assert_eq!(trace::client::observe::reply(&reply, &call.header), Ok(Empty));
+        assert_eq!(
+            trace::client::observe::reply(&reply, &call.header),
+            Ok(Empty)
+        );
         let call = trace::client::counts::request(2, &Empty);
         let reply = trace::dispatch(&mut s, &call);
         let counts = trace::client::counts::reply(&reply, &call.header).unwrap();
@@ -107,19 +121,31 @@ mod tests {
         // Unknown operation.
         let call = Message::call(trace::SERVICE_ID, 99, 5, &[]).unwrap();
         let reply = trace::dispatch(&mut s, &call);
-        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::NotSupported)));
+        assert_eq!(
+            reply.check_reply(&call.header),
+            Ok(Err(Error::NotSupported))
+        );
         // Wrong service.
         let call = Message::call(42, 2, 5, &[]).unwrap();
         let reply = trace::dispatch(&mut s, &call);
-        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::InvalidParameters)));
+        assert_eq!(
+            reply.check_reply(&call.header),
+            Ok(Err(Error::InvalidParameters))
+        );
         // Short payload for a typed request.
         let call = Message::call(trace::SERVICE_ID, 1, 5, &[1, 2, 3]).unwrap();
         let reply = trace::dispatch(&mut s, &call);
-        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::InvalidParameters)));
+        assert_eq!(
+            reply.check_reply(&call.header),
+            Ok(Err(Error::InvalidParameters))
+        );
         // Non-zero bytes past the request: refused, not ignored.
         let call = Message::call(trace::SERVICE_ID, 4, 5, &[0, 0, 1]).unwrap();
         let reply = trace::dispatch(&mut s, &call);
-        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::InvalidParameters)));
+        assert_eq!(
+            reply.check_reply(&call.header),
+            Ok(Err(Error::InvalidParameters))
+        );
         // Zero padding (a host call's 48 bytes) is fine.
         let call = Message::call(trace::SERVICE_ID, 4, 5, &[0; 48]).unwrap();
         let reply = trace::dispatch(&mut s, &call);
@@ -128,17 +154,32 @@ mod tests {
         let mut call = Message::call(trace::SERVICE_ID, 4, 5, &[]).unwrap();
         call.header.abi_version = 7 << 16;
         let reply = trace::dispatch(&mut s, &call);
-        assert_eq!(reply.check_reply(&call.header), Ok(Err(Error::VersionMismatch)));
+        assert_eq!(
+            reply.check_reply(&call.header),
+            Ok(Err(Error::VersionMismatch))
+        );
         // A server error comes back as itself.
-        let call = trace::client::observe::request(1, &TrapDescriptor { class: 9, ..Default::default() });
+        let call = trace::client::observe::request(
+            1,
+            &TrapDescriptor {
+                class: 9,
+                ..Default::default()
+            },
+        );
         let reply = trace::dispatch(&mut s, &call);
-        assert_eq!(trace::client::observe::reply(&reply, &call.header), Err(Error::InvalidParameters));
+        assert_eq!(
+            trace::client::observe::reply(&reply, &call.header),
+            Err(Error::InvalidParameters)
+        );
     }
 
     #[test]
     fn operations_are_enumerable() {
         assert_eq!(trace::Operation::ALL.len(), 4);
-        assert_eq!(trace::Operation::from_u16(2), Some(trace::Operation::counts));
+        assert_eq!(
+            trace::Operation::from_u16(2),
+            Some(trace::Operation::counts)
+        );
         assert_eq!(faulty::Operation::from_u16(3), None);
         let _ = MessageError::Mismatch;
     }

@@ -23,11 +23,21 @@ pub enum TrapClass {
 
 impl TrapClass {
     pub const COUNT: usize = 6;
-    pub const ALL: [TrapClass; Self::COUNT] =
-        [Self::Hvc, Self::Smc, Self::SysReg, Self::DataAbort, Self::InstructionAbort, Self::Other];
+    pub const ALL: [TrapClass; Self::COUNT] = [
+        Self::Hvc,
+        Self::Smc,
+        Self::SysReg,
+        Self::DataAbort,
+        Self::InstructionAbort,
+        Self::Other,
+    ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
-        if (v as usize) < Self::COUNT { Some(Self::ALL[v as usize]) } else { None }
+        if (v as usize) < Self::COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
     }
 
     /// The name the image manifest uses.
@@ -60,7 +70,9 @@ pub const OBSERVE_OPERATION: u16 = 1;
 pub const DECIDE_OPERATION: u16 = 2;
 
 /// A system-register access, decoded.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct SysRegAccess {
     pub op0: u8,
@@ -76,7 +88,9 @@ pub struct SysRegAccess {
 }
 
 /// One trap, as the core reports it to the service that handles or observes it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct TrapDescriptor {
     /// A [`TrapClass`].
@@ -114,7 +128,9 @@ pub enum Action {
 }
 
 /// A handling service's decision.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct Verdict {
     /// An [`Action`].
@@ -150,7 +166,21 @@ mod tests {
 
     #[test]
     fn verdict_actions() {
-        assert_eq!(Verdict { action: 1, ..Default::default() }.action(), Some(Action::InjectUndef));
-        assert_eq!(Verdict { action: 9, ..Default::default() }.action(), None);
+        assert_eq!(
+            Verdict {
+                action: 1,
+                ..Default::default()
+            }
+            .action(),
+            Some(Action::InjectUndef)
+        );
+        assert_eq!(
+            Verdict {
+                action: 9,
+                ..Default::default()
+            }
+            .action(),
+            None
+        );
     }
 }

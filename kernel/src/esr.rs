@@ -169,11 +169,17 @@ impl Trap {
         let ec = exception_class(esr);
         let iss = iss(esr);
         match ec {
-            ec::HVC64 => Trap::Hvc { imm: (iss & 0xffff) as u16 },
-            ec::SMC64 => Trap::Smc { imm: (iss & 0xffff) as u16 },
+            ec::HVC64 => Trap::Hvc {
+                imm: (iss & 0xffff) as u16,
+            },
+            ec::SMC64 => Trap::Smc {
+                imm: (iss & 0xffff) as u16,
+            },
             ec::SYS64 => Trap::SysReg(SysRegAccess::decode(iss)),
             ec::IABT_LOW | ec::DABT_LOW => Trap::StageTwo(StageTwoAbort::decode(ec, iss)),
-            ec::WFX => Trap::Wfx { is_wfe: iss & 1 == 1 },
+            ec::WFX => Trap::Wfx {
+                is_wfe: iss & 1 == 1,
+            },
             _ => Trap::Other { ec },
         }
     }
@@ -204,7 +210,9 @@ mod tests {
         assert_eq!(a.encoding(), (3, 0, 1, 0, 6));
         assert!(a.is_read);
         assert_eq!(a.rt, 0);
-        let Trap::SysReg(a) = Trap::decode(0x623c_0521) else { panic!() };
+        let Trap::SysReg(a) = Trap::decode(0x623c_0521) else {
+            panic!()
+        };
         assert_eq!(a.rt, 9);
         assert_eq!(a.encoding(), (3, 0, 1, 0, 6));
     }
@@ -212,19 +220,23 @@ mod tests {
     #[test]
     fn every_mte_register_encoding() {
         let cases = [
-            (0x623a_0401u64, (3, 0, 1, 0, 5)),  // RGSR_EL1
-            (0x6230_140d, (3, 0, 5, 6, 0)),     // TFSR_EL1
-            (0x6232_140d, (3, 0, 5, 6, 1)),     // TFSRE0_EL1
-            (0x6238_4001, (3, 1, 0, 0, 4)),     // GMID_EL1
-            (0x6232_0009, (3, 0, 0, 4, 1)),     // ID_AA64PFR1_EL1
+            (0x623a_0401u64, (3, 0, 1, 0, 5)), // RGSR_EL1
+            (0x6230_140d, (3, 0, 5, 6, 0)),    // TFSR_EL1
+            (0x6232_140d, (3, 0, 5, 6, 1)),    // TFSRE0_EL1
+            (0x6238_4001, (3, 1, 0, 0, 4)),    // GMID_EL1
+            (0x6232_0009, (3, 0, 0, 4, 1)),    // ID_AA64PFR1_EL1
         ];
         for (esr, enc) in cases {
-            let Trap::SysReg(a) = Trap::decode(esr) else { panic!("{esr:#x}") };
+            let Trap::SysReg(a) = Trap::decode(esr) else {
+                panic!("{esr:#x}")
+            };
             assert_eq!(a.encoding(), enc, "{esr:#x}");
             assert!(a.is_read);
         }
         // MSR (write) has direction 0.
-        let Trap::SysReg(a) = Trap::decode(0x623c_0400) else { panic!() };
+        let Trap::SysReg(a) = Trap::decode(0x623c_0400) else {
+            panic!()
+        };
         assert!(!a.is_read);
     }
 
@@ -232,17 +244,24 @@ mod tests {
     fn data_abort_with_syndrome() {
         // EC 0x24, IL, ISV, SAS = 2 (word), SRT = 3, SF = 0, WnR = 1, DFSC = translation L3.
         let esr = (0x24u64 << 26) | ESR_IL | (1 << 24) | (2 << 22) | (3 << 16) | (1 << 6) | 0x07;
-        let Trap::StageTwo(a) = Trap::decode(esr) else { panic!() };
+        let Trap::StageTwo(a) = Trap::decode(esr) else {
+            panic!()
+        };
         assert!(!a.is_instruction && a.is_write && a.syndrome_valid);
         assert_eq!(a.fault, FaultKind::Translation(3));
         let m = a.access.unwrap();
-        assert_eq!((m.size_log2, m.rt, m.sixty_four, m.sign_extend), (2, 3, false, false));
+        assert_eq!(
+            (m.size_log2, m.rt, m.sixty_four, m.sign_extend),
+            (2, 3, false, false)
+        );
     }
 
     #[test]
     fn instruction_abort_never_claims_a_write() {
         let esr = (0x20u64 << 26) | ESR_IL | (1 << 6) | 0x06;
-        let Trap::StageTwo(a) = Trap::decode(esr) else { panic!() };
+        let Trap::StageTwo(a) = Trap::decode(esr) else {
+            panic!()
+        };
         assert!(a.is_instruction && !a.is_write && a.access.is_none());
         assert_eq!(a.fault, FaultKind::Translation(2));
     }

@@ -80,7 +80,10 @@ pub const fn sync_vector_offset(old_pstate: u64) -> u64 {
 /// Whether the interrupted context was at EL1 (rather than EL0).
 pub const fn was_el1(old_pstate: u64) -> bool {
     old_pstate & PSTATE_MODE_RW32 == 0
-        && matches!(old_pstate & PSTATE_MODE_MASK, PSTATE_MODE_EL1T | PSTATE_MODE_EL1H)
+        && matches!(
+            old_pstate & PSTATE_MODE_MASK,
+            PSTATE_MODE_EL1T | PSTATE_MODE_EL1H
+        )
 }
 
 /// PSTATE on entry to EL1h for a synchronous exception.
@@ -151,8 +154,11 @@ pub const fn external_abort(
 mod tests {
     use super::*;
 
-    const EL1: El1Context =
-        El1Context { vbar_el1: 0x4100_0000, sctlr_el1: 0, mte_implemented: true };
+    const EL1: El1Context = El1Context {
+        vbar_el1: 0x4100_0000,
+        sctlr_el1: 0,
+        mte_implemented: true,
+    };
 
     #[test]
     fn undef_from_el1h_goes_to_the_current_el_spx_vector() {
@@ -164,7 +170,10 @@ mod tests {
         assert_eq!(inj.pc, 0x4100_0200);
         assert_eq!(inj.far_el1, None);
         // NZCV kept, DAIF masked, EL1h, PAN set (SPAN = 0), TCO set (MTE).
-        assert_eq!(inj.pstate, (0x6 << 28) | PSTATE_DAIF | PSTATE_MODE_EL1H | PSTATE_PAN | PSTATE_TCO);
+        assert_eq!(
+            inj.pstate,
+            (0x6 << 28) | PSTATE_DAIF | PSTATE_MODE_EL1H | PSTATE_PAN | PSTATE_TCO
+        );
     }
 
     #[test]
@@ -183,7 +192,10 @@ mod tests {
             mte_implemented: false,
         };
         // SPAN = 1 keeps the old PAN (here clear); DSSBS sets SSBS; no TCO.
-        let p = entry_pstate(PSTATE_MODE_EL0T | PSTATE_SS | PSTATE_BTYPE | PSTATE_UAO, &el1);
+        let p = entry_pstate(
+            PSTATE_MODE_EL0T | PSTATE_SS | PSTATE_BTYPE | PSTATE_UAO,
+            &el1,
+        );
         assert_eq!(p, PSTATE_DAIF | PSTATE_MODE_EL1H | PSTATE_SSBS);
         // SPAN = 1 with PAN already set keeps it.
         let p = entry_pstate(PSTATE_MODE_EL1H | PSTATE_PAN, &el1);
@@ -200,6 +212,10 @@ mod tests {
         assert_eq!(inj.esr_el1, (0x24 << 26) | ESR_IL | 0x10);
         assert_eq!(inj.pc, EL1.vbar_el1 + 0x400);
         let inj = external_abort(0x1000, PSTATE_MODE_EL1H, &EL1, true, true, 0x1000);
-        assert_eq!(inj.esr_el1, (0x21 << 26) | ESR_IL | 0x10, "no WnR on fetches");
+        assert_eq!(
+            inj.esr_el1,
+            (0x21 << 26) | ESR_IL | 0x10,
+            "no WnR on fetches"
+        );
     }
 }

@@ -55,7 +55,9 @@ pub struct HostImageInfo {
 /// is treated as an Image with `text_offset` 0 whose BSS fits in 2 MiB.
 pub fn host_image_info(image: &[u8]) -> HostImageInfo {
     let word = |at: usize| -> Option<u64> {
-        image.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        image
+            .get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
     };
     let has_magic = image.get(56..60) == Some(b"ARM\x64".as_slice());
     match (has_magic, word(8), word(16)) {
@@ -128,9 +130,16 @@ pub enum LayoutError {
 impl core::fmt::Display for LayoutError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::ImageNotInRam => write!(f, "the core is not loaded in a RAM bank the device tree lists"),
-            Self::CarveOutTooLarge => write!(f, "the hypervisor carve-out runs past the end of RAM"),
-            Self::CarveOutReserved => write!(f, "the hypervisor carve-out overlaps a reserved region"),
+            Self::ImageNotInRam => write!(
+                f,
+                "the core is not loaded in a RAM bank the device tree lists"
+            ),
+            Self::CarveOutTooLarge => {
+                write!(f, "the hypervisor carve-out runs past the end of RAM")
+            }
+            Self::CarveOutReserved => {
+                write!(f, "the hypervisor carve-out overlaps a reserved region")
+            }
             Self::NoRoom(what) => write!(f, "no room in RAM for the {what}"),
             Self::Overflow => write!(f, "memory layout arithmetic overflowed"),
         }
@@ -151,11 +160,19 @@ impl Forbidden {
     }
 
     fn first_overlap(&self, r: &Range) -> Option<Range> {
-        self.ranges[..self.len].iter().copied().filter(|f| f.overlaps(r)).min_by_key(|f| f.base)
+        self.ranges[..self.len]
+            .iter()
+            .copied()
+            .filter(|f| f.overlaps(r))
+            .min_by_key(|f| f.base)
     }
 
     fn last_overlap(&self, r: &Range) -> Option<Range> {
-        self.ranges[..self.len].iter().copied().filter(|f| f.overlaps(r)).max_by_key(|f| f.end())
+        self.ranges[..self.len]
+            .iter()
+            .copied()
+            .filter(|f| f.overlaps(r))
+            .max_by_key(|f| f.end())
     }
 }
 
@@ -172,7 +189,11 @@ fn place_upwards(
     let mut cursor = from.max(bank.base);
     loop {
         let base = align_up(cursor.checked_sub(offset).unwrap_or(0), align)?.checked_add(offset)?;
-        let base = if base < cursor { base.checked_add(align)? } else { base };
+        let base = if base < cursor {
+            base.checked_add(align)?
+        } else {
+            base
+        };
         let r = Range::new(base, size)?;
         if !bank.contains_range(&r) {
             return None;
@@ -185,7 +206,13 @@ fn place_upwards(
 }
 
 /// Highest aligned placement below `below`, inside `bank`.
-fn place_downwards(bank: &Range, below: u64, size: u64, align: u64, forbidden: &Forbidden) -> Option<Range> {
+fn place_downwards(
+    bank: &Range,
+    below: u64,
+    size: u64,
+    align: u64,
+    forbidden: &Forbidden,
+) -> Option<Range> {
     let mut ceiling = below.min(bank.end());
     loop {
         let base = align_down(ceiling.checked_sub(size)?, align);
@@ -209,8 +236,13 @@ pub fn plan(input: &LayoutInput<'_>) -> Result<Layout, LayoutError> {
         .ok_or(LayoutError::ImageNotInRam)?;
     let carve_base = align_down(input.image.base, BLOCK_2M).max(bank.base);
     let heap_base = align_up(input.image.end(), PAGE_SIZE).ok_or(LayoutError::Overflow)?;
-    let carve_end = align_up(heap_base.checked_add(input.heap_size).ok_or(LayoutError::Overflow)?, BLOCK_2M)
-        .ok_or(LayoutError::Overflow)?;
+    let carve_end = align_up(
+        heap_base
+            .checked_add(input.heap_size)
+            .ok_or(LayoutError::Overflow)?,
+        BLOCK_2M,
+    )
+    .ok_or(LayoutError::Overflow)?;
     let carve_out = Range::new(carve_base, carve_end - carve_base).ok_or(LayoutError::Overflow)?;
     if !bank.contains_range(&carve_out) {
         return Err(LayoutError::CarveOutTooLarge);
@@ -220,7 +252,10 @@ pub fn plan(input: &LayoutInput<'_>) -> Result<Layout, LayoutError> {
     }
     let heap = Range::new(heap_base, carve_end - heap_base).ok_or(LayoutError::Overflow)?;
 
-    let mut forbidden = Forbidden { ranges: [Range::default(); MAX_FORBIDDEN], len: 0 };
+    let mut forbidden = Forbidden {
+        ranges: [Range::default(); MAX_FORBIDDEN],
+        len: 0,
+    };
     forbidden.push(carve_out)?;
     forbidden.push(input.package)?;
     forbidden.push(input.firmware_dtb)?;
@@ -231,8 +266,15 @@ pub fn plan(input: &LayoutInput<'_>) -> Result<Layout, LayoutError> {
     // The host image: above the carve-out and the package, 2 MiB + text_offset.
     let start = carve_out.end().max(input.package.end());
     let size = align_up(input.host_image.effective_size, PAGE_SIZE).ok_or(LayoutError::Overflow)?;
-    let host_image = place_upwards(&bank, start, size, BLOCK_2M, input.host_image.text_offset, &forbidden)
-        .ok_or(LayoutError::NoRoom("host image"))?;
+    let host_image = place_upwards(
+        &bank,
+        start,
+        size,
+        BLOCK_2M,
+        input.host_image.text_offset,
+        &forbidden,
+    )
+    .ok_or(LayoutError::NoRoom("host image"))?;
     forbidden.push(host_image)?;
 
     // Device tree and initrd: at the top of the bank.
@@ -247,10 +289,19 @@ pub fn plan(input: &LayoutInput<'_>) -> Result<Layout, LayoutError> {
         let r = place_downwards(&bank, host_dtb.base, size, PAGE_SIZE, &forbidden)
             .filter(|r| r.base >= host_image.end())
             .ok_or(LayoutError::NoRoom("host initrd"))?;
-        Some(Range { base: r.base, size: input.initrd_size })
+        Some(Range {
+            base: r.base,
+            size: input.initrd_size,
+        })
     };
 
-    Ok(Layout { carve_out, heap, host_image, host_initrd, host_dtb })
+    Ok(Layout {
+        carve_out,
+        heap,
+        host_image,
+        host_initrd,
+        host_dtb,
+    })
 }
 
 #[cfg(test)]
@@ -272,7 +323,11 @@ mod tests {
             heap_size: 16 * MIB,
             package: r(0x4029_0000, 40 * MIB),
             firmware_dtb: r(0x4800_0000, MIB),
-            host_image: HostImageInfo { text_offset: 0, effective_size: 36 * MIB, has_header: true },
+            host_image: HostImageInfo {
+                text_offset: 0,
+                effective_size: 36 * MIB,
+                has_header: true,
+            },
             initrd_size: 3 * MIB + 5,
         }
     }
@@ -323,10 +378,16 @@ mod tests {
         let input = qemu_input(&mem, &[]);
         assert_eq!(plan(&input), Err(LayoutError::NoRoom("host image")));
         let mem = [r(0x8000_0000, GIB)];
-        assert_eq!(plan(&qemu_input(&mem, &[])), Err(LayoutError::ImageNotInRam));
+        assert_eq!(
+            plan(&qemu_input(&mem, &[])),
+            Err(LayoutError::ImageNotInRam)
+        );
         let mem = [r(0x4000_0000, GIB)];
         let reserved = [r(0x4100_0000, 4096)];
-        assert_eq!(plan(&qemu_input(&mem, &reserved)), Err(LayoutError::CarveOutReserved));
+        assert_eq!(
+            plan(&qemu_input(&mem, &reserved)),
+            Err(LayoutError::CarveOutReserved)
+        );
         let mem = [r(0x4000_0000, 4 * MIB)];
         let mut input = qemu_input(&mem, &[]);
         input.image = r(0x4020_0000, MIB);
@@ -341,7 +402,11 @@ mod tests {
         img[16..24].copy_from_slice(&(8 * MIB).to_le_bytes());
         assert_eq!(
             host_image_info(&img),
-            HostImageInfo { text_offset: 0, effective_size: 8 * MIB, has_header: true }
+            HostImageInfo {
+                text_offset: 0,
+                effective_size: 8 * MIB,
+                has_header: true
+            }
         );
         let raw = vec![0u8; 100];
         assert_eq!(host_image_info(&raw).has_header, false);

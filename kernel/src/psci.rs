@@ -27,11 +27,19 @@ pub enum PsciCall {
     /// MIGRATE_INFO_TYPE, FEATURES of supported calls, SYSTEM_OFF/RESET/RESET2).
     Forward { function: u32, ends_machine: bool },
     /// CPU_ON: start `target` at `entry` with `context` in x0.
-    CpuOn { target_mpidr: u64, entry: u64, context: u64 },
+    CpuOn {
+        target_mpidr: u64,
+        entry: u64,
+        context: u64,
+    },
     /// CPU_OFF: the calling CPU leaves.
     CpuOff,
     /// CPU_SUSPEND: may resume at `entry` if the state is a powerdown one.
-    CpuSuspend { power_state: u64, entry: u64, context: u64 },
+    CpuSuspend {
+        power_state: u64,
+        entry: u64,
+        context: u64,
+    },
     /// PSCI_FEATURES: answered NOT_SUPPORTED for anything the relay refuses,
     /// otherwise forwarded.
     Features { queried: u32 },
@@ -71,19 +79,29 @@ pub fn decode(function: u32, x1: u64, x2: u64, x3: u64) -> PsciCall {
     let is32 = function & (1 << 30) == 0;
     let arg = |v: u64| if is32 { v & 0xffff_ffff } else { v };
     match function {
-        ids::PSCI_CPU_ON_32 | ids::PSCI_CPU_ON_64 => {
-            PsciCall::CpuOn { target_mpidr: arg(x1), entry: arg(x2), context: arg(x3) }
-        }
-        ids::PSCI_CPU_SUSPEND_32 | ids::PSCI_CPU_SUSPEND_64 => {
-            PsciCall::CpuSuspend { power_state: arg(x1), entry: arg(x2), context: arg(x3) }
-        }
+        ids::PSCI_CPU_ON_32 | ids::PSCI_CPU_ON_64 => PsciCall::CpuOn {
+            target_mpidr: arg(x1),
+            entry: arg(x2),
+            context: arg(x3),
+        },
+        ids::PSCI_CPU_SUSPEND_32 | ids::PSCI_CPU_SUSPEND_64 => PsciCall::CpuSuspend {
+            power_state: arg(x1),
+            entry: arg(x2),
+            context: arg(x3),
+        },
         ids::PSCI_CPU_OFF => PsciCall::CpuOff,
         ids::PSCI_FEATURES => PsciCall::Features { queried: x1 as u32 },
         ids::PSCI_SYSTEM_OFF
         | ids::PSCI_SYSTEM_RESET
         | ids::PSCI_SYSTEM_RESET2_32
-        | ids::PSCI_SYSTEM_RESET2_64 => PsciCall::Forward { function, ends_machine: true },
-        f if relay_supports(f) => PsciCall::Forward { function: f, ends_machine: false },
+        | ids::PSCI_SYSTEM_RESET2_64 => PsciCall::Forward {
+            function,
+            ends_machine: true,
+        },
+        f if relay_supports(f) => PsciCall::Forward {
+            function: f,
+            ends_machine: false,
+        },
         _ => PsciCall::NotSupported,
     }
 }
@@ -118,25 +136,56 @@ mod tests {
     fn cpu_on_both_conventions() {
         assert_eq!(
             decode(0xc400_0003, 1, 0x4008_0000, 7),
-            PsciCall::CpuOn { target_mpidr: 1, entry: 0x4008_0000, context: 7 }
+            PsciCall::CpuOn {
+                target_mpidr: 1,
+                entry: 0x4008_0000,
+                context: 7
+            }
         );
         // SMC32: upper halves ignored.
         assert_eq!(
             decode(0x8400_0003, 0xdead_0000_0000_0002, 0xffff_ffff_4008_0000, 0),
-            PsciCall::CpuOn { target_mpidr: 2, entry: 0x4008_0000, context: 0 }
+            PsciCall::CpuOn {
+                target_mpidr: 2,
+                entry: 0x4008_0000,
+                context: 0
+            }
         );
     }
 
     #[test]
     fn forwarding_and_refusal() {
-        assert_eq!(decode(0x8400_0000, 0, 0, 0), PsciCall::Forward { function: 0x8400_0000, ends_machine: false });
-        assert_eq!(decode(0x8400_0008, 0, 0, 0), PsciCall::Forward { function: 0x8400_0008, ends_machine: true });
-        assert_eq!(decode(0x8400_0009, 0, 0, 0), PsciCall::Forward { function: 0x8400_0009, ends_machine: true });
+        assert_eq!(
+            decode(0x8400_0000, 0, 0, 0),
+            PsciCall::Forward {
+                function: 0x8400_0000,
+                ends_machine: false
+            }
+        );
+        assert_eq!(
+            decode(0x8400_0008, 0, 0, 0),
+            PsciCall::Forward {
+                function: 0x8400_0008,
+                ends_machine: true
+            }
+        );
+        assert_eq!(
+            decode(0x8400_0009, 0, 0, 0),
+            PsciCall::Forward {
+                function: 0x8400_0009,
+                ends_machine: true
+            }
+        );
         // MEM_PROTECT, SYSTEM_SUSPEND, MIGRATE: refused.
         assert_eq!(decode(0x8400_0013, 0, 0, 0), PsciCall::NotSupported);
         assert_eq!(decode(0xc400_000e, 0, 0, 0), PsciCall::NotSupported);
         assert_eq!(decode(0x8400_0005, 0, 0, 0), PsciCall::NotSupported);
-        assert_eq!(decode(0x8400_000a, 0xc400_0003, 0, 0), PsciCall::Features { queried: 0xc400_0003 });
+        assert_eq!(
+            decode(0x8400_000a, 0xc400_0003, 0, 0),
+            PsciCall::Features {
+                queried: 0xc400_0003
+            }
+        );
     }
 
     #[test]

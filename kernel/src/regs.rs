@@ -28,7 +28,11 @@ impl GuestRegs {
     pub const fn el1h_entry(entry: u64, x0: u64) -> Self {
         let mut x = [0; 31];
         x[0] = x0;
-        Self { x, pc: entry, pstate: crate::inject::PSTATE_DAIF | crate::inject::PSTATE_MODE_EL1H }
+        Self {
+            x,
+            pc: entry,
+            pstate: crate::inject::PSTATE_DAIF | crate::inject::PSTATE_MODE_EL1H,
+        }
     }
 
     /// Reads `Xn` as an instruction's register field names it (31 = XZR).

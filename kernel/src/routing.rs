@@ -32,7 +32,11 @@ pub enum RoutingError {
     /// Two services' hypercall ranges overlap.
     Overlap { first: usize, second: usize },
     /// Two services both handle this class.
-    TwoHandlers { class: TrapClass, first: usize, second: usize },
+    TwoHandlers {
+        class: TrapClass,
+        first: usize,
+        second: usize,
+    },
     /// A mask names a class that does not exist.
     UnknownClass { service: usize },
     /// More services than the table holds.
@@ -47,12 +51,25 @@ impl core::fmt::Display for RoutingError {
                 "service {service}: hypercall range must lie within {SERVICE_RANGE_START:#x}..{SERVICE_RANGE_END:#x}"
             ),
             Self::Overlap { first, second } => {
-                write!(f, "services {first} and {second} have overlapping hypercall ranges")
+                write!(
+                    f,
+                    "services {first} and {second} have overlapping hypercall ranges"
+                )
             }
-            Self::TwoHandlers { class, first, second } => {
-                write!(f, "services {first} and {second} both handle {} traps", class.name())
+            Self::TwoHandlers {
+                class,
+                first,
+                second,
+            } => {
+                write!(
+                    f,
+                    "services {first} and {second} both handle {} traps",
+                    class.name()
+                )
             }
-            Self::UnknownClass { service } => write!(f, "service {service}: unknown trap class bit"),
+            Self::UnknownClass { service } => {
+                write!(f, "service {service}: unknown trap class bit")
+            }
             Self::TooMany => write!(f, "more than {MAX_ROUTED} services"),
         }
     }
@@ -81,7 +98,10 @@ impl RoutingTable {
                 for (j, t) in specs[..i].iter().enumerate() {
                     let t_end = u32::from(t.first) + u32::from(t.count);
                     if t.count != 0 && u32::from(s.first) < t_end && u32::from(t.first) < end {
-                        return Err(RoutingError::Overlap { first: j, second: i });
+                        return Err(RoutingError::Overlap {
+                            first: j,
+                            second: i,
+                        });
                     }
                 }
             }
@@ -92,7 +112,11 @@ impl RoutingTable {
                 if s.handles & class.bit() != 0 {
                     let slot = &mut table.handlers[class as usize];
                     if let Some(first) = *slot {
-                        return Err(RoutingError::TwoHandlers { class, first: usize::from(first), second: i });
+                        return Err(RoutingError::TwoHandlers {
+                            class,
+                            first: usize::from(first),
+                            second: i,
+                        });
                     }
                     *slot = Some(i as u8);
                 }
@@ -109,10 +133,13 @@ impl RoutingTable {
             return None;
         }
         let n = (function & 0xffff) as u16;
-        self.specs.iter().position(|s| s.count != 0 && n >= s.first && n - s.first < s.count).map(|i| {
-            // Operation numbers start at 1; function `first` is operation 1.
-            (i, n - self.specs[i].first + 1)
-        })
+        self.specs
+            .iter()
+            .position(|s| s.count != 0 && n >= s.first && n - s.first < s.count)
+            .map(|i| {
+                // Operation numbers start at 1; function `first` is operation 1.
+                (i, n - self.specs[i].first + 1)
+            })
     }
 
     /// Whether any service observes `class` (the cheap check on every trap).
@@ -122,7 +149,11 @@ impl RoutingTable {
 
     /// The services that observe `class`.
     pub fn observers(&self, class: TrapClass) -> impl Iterator<Item = usize> + '_ {
-        self.specs.iter().enumerate().filter(move |(_, s)| s.observes & class.bit() != 0).map(|(i, _)| i)
+        self.specs
+            .iter()
+            .enumerate()
+            .filter(move |(_, s)| s.observes & class.bit() != 0)
+            .map(|(i, _)| i)
     }
 
     /// The service that decides `class`, if any.
@@ -136,7 +167,11 @@ mod tests {
     use super::*;
 
     fn spec(first: u16, count: u16) -> RouteSpec {
-        RouteSpec { first, count, ..Default::default() }
+        RouteSpec {
+            first,
+            count,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -156,28 +191,63 @@ mod tests {
     fn refusals() {
         assert_eq!(
             RoutingTable::build(&[spec(0x1000, 16), spec(0x100f, 1)]),
-            Err(RoutingError::Overlap { first: 0, second: 1 })
+            Err(RoutingError::Overlap {
+                first: 0,
+                second: 1
+            })
         );
-        assert_eq!(RoutingTable::build(&[spec(0xfff, 2)]), Err(RoutingError::OutOfRange { service: 0 }));
-        assert_eq!(RoutingTable::build(&[spec(0xfeff, 2)]), Err(RoutingError::OutOfRange { service: 0 }));
-        let h = RouteSpec { handles: TrapClass::SysReg.bit(), ..Default::default() };
+        assert_eq!(
+            RoutingTable::build(&[spec(0xfff, 2)]),
+            Err(RoutingError::OutOfRange { service: 0 })
+        );
+        assert_eq!(
+            RoutingTable::build(&[spec(0xfeff, 2)]),
+            Err(RoutingError::OutOfRange { service: 0 })
+        );
+        let h = RouteSpec {
+            handles: TrapClass::SysReg.bit(),
+            ..Default::default()
+        };
         assert_eq!(
             RoutingTable::build(&[h, h]),
-            Err(RoutingError::TwoHandlers { class: TrapClass::SysReg, first: 0, second: 1 })
+            Err(RoutingError::TwoHandlers {
+                class: TrapClass::SysReg,
+                first: 0,
+                second: 1
+            })
         );
-        let bad = RouteSpec { observes: 1 << 20, ..Default::default() };
-        assert_eq!(RoutingTable::build(&[bad]), Err(RoutingError::UnknownClass { service: 0 }));
-        assert_eq!(RoutingTable::build(&[RouteSpec::default(); MAX_ROUTED + 1]), Err(RoutingError::TooMany));
+        let bad = RouteSpec {
+            observes: 1 << 20,
+            ..Default::default()
+        };
+        assert_eq!(
+            RoutingTable::build(&[bad]),
+            Err(RoutingError::UnknownClass { service: 0 })
+        );
+        assert_eq!(
+            RoutingTable::build(&[RouteSpec::default(); MAX_ROUTED + 1]),
+            Err(RoutingError::TooMany)
+        );
     }
 
     #[test]
     fn observers_and_handlers() {
-        let a = RouteSpec { observes: TrapClass::Hvc.bit() | TrapClass::SysReg.bit(), ..Default::default() };
-        let b = RouteSpec { observes: TrapClass::SysReg.bit(), handles: TrapClass::SysReg.bit(), ..Default::default() };
+        let a = RouteSpec {
+            observes: TrapClass::Hvc.bit() | TrapClass::SysReg.bit(),
+            ..Default::default()
+        };
+        let b = RouteSpec {
+            observes: TrapClass::SysReg.bit(),
+            handles: TrapClass::SysReg.bit(),
+            ..Default::default()
+        };
         let t = RoutingTable::build(&[a, b]).unwrap();
         assert!(t.is_observed(TrapClass::Hvc));
         assert!(!t.is_observed(TrapClass::Smc));
-        assert_eq!(t.observers(TrapClass::SysReg).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(
+            t.observers(TrapClass::SysReg).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
         assert_eq!(t.handler(TrapClass::SysReg), Some(1));
         assert_eq!(t.handler(TrapClass::Hvc), None);
     }

@@ -58,7 +58,8 @@ fn push_minus_holes(
             None => end,
         };
         if let Some(range) = Range::new(cursor, piece_end - cursor) {
-            out.push(Region { range, kind }).map_err(|_| PlanError::TooManyRegions)?;
+            out.push(Region { range, kind })
+                .map_err(|_| PlanError::TooManyRegions)?;
         }
         cursor = piece_end;
     }
@@ -83,7 +84,9 @@ pub fn host_regions(
     let top = device_top.min(ipa_limit);
     let mut device_holes: heapless::Vec<Range, { MAX_REGIONS * 2 }> = heapless::Vec::new();
     for r in ram.iter().chain(withheld) {
-        device_holes.push(*r).map_err(|_| PlanError::TooManyRegions)?;
+        device_holes
+            .push(*r)
+            .map_err(|_| PlanError::TooManyRegions)?;
     }
     push_minus_holes(&mut out, 0, top, &device_holes, RegionKind::Device)?;
     for bank in ram {
@@ -110,10 +113,22 @@ mod tests {
         assert_eq!(
             plan.as_slice(),
             &[
-                Region { range: r(0, 0x4000_0000), kind: RegionKind::Device },
-                Region { range: r(0x4000_0000, 0x20_0000), kind: RegionKind::Ram },
-                Region { range: r(0x4140_0000, 0x3ec0_0000), kind: RegionKind::Ram },
-                Region { range: r(0x8000_0000, 0x100_0000_0000 - 0x8000_0000), kind: RegionKind::Device },
+                Region {
+                    range: r(0, 0x4000_0000),
+                    kind: RegionKind::Device
+                },
+                Region {
+                    range: r(0x4000_0000, 0x20_0000),
+                    kind: RegionKind::Ram
+                },
+                Region {
+                    range: r(0x4140_0000, 0x3ec0_0000),
+                    kind: RegionKind::Ram
+                },
+                Region {
+                    range: r(0x8000_0000, 0x100_0000_0000 - 0x8000_0000),
+                    kind: RegionKind::Device
+                },
             ]
         );
     }
@@ -132,7 +147,11 @@ mod tests {
     #[test]
     fn nothing_withheld_is_ever_mapped() {
         let ram = [r(0x8000_0000, 0x8000_0000), r(0x8_8000_0000, 0x8000_0000)];
-        let withheld = [r(0x8100_0000, 0x200_0000), r(0x1c09_0000, 0x1000), r(0x8_8000_0000, 0x1000)];
+        let withheld = [
+            r(0x8100_0000, 0x200_0000),
+            r(0x1c09_0000, 0x1000),
+            r(0x8_8000_0000, 0x1000),
+        ];
         let plan = host_regions(&ram, &withheld, 0x10_0000_0000, 1 << 44).unwrap();
         for region in &plan {
             for w in &withheld {
@@ -140,8 +159,11 @@ mod tests {
             }
         }
         // RAM is covered except the withheld parts.
-        let ram_mapped: u64 =
-            plan.iter().filter(|r| r.kind == RegionKind::Ram).map(|r| r.range.size).sum();
+        let ram_mapped: u64 = plan
+            .iter()
+            .filter(|r| r.kind == RegionKind::Ram)
+            .map(|r| r.range.size)
+            .sum();
         assert_eq!(ram_mapped, 0x1_0000_0000 - 0x200_0000 - 0x1000);
     }
 

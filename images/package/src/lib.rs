@@ -21,7 +21,10 @@
 #![forbid(unsafe_code)]
 
 use core::fmt;
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, little_endian::U16, little_endian::U32, little_endian::U64};
+use zerocopy::{
+    FromBytes, Immutable, IntoBytes, KnownLayout, little_endian::U16, little_endian::U32,
+    little_endian::U64,
+};
 
 /// `MOATPKG\0`.
 pub const MAGIC: [u8; 8] = *b"MOATPKG\0";
@@ -118,7 +121,10 @@ pub enum PackageError {
     UnsupportedVersion(u32),
     BadHeaderSize(u32),
     /// The header's total size exceeds the bytes available.
-    Truncated { total: u64, available: u64 },
+    Truncated {
+        total: u64,
+        available: u64,
+    },
     TooManyEntries(u32),
     /// An entry's kind is not known.
     UnknownKind(u32),
@@ -128,7 +134,10 @@ pub enum PackageError {
     Misaligned(u32),
     /// Two entries of the same kind.
     Duplicate(EntryKind),
-    BadChecksum { expected: u64, found: u64 },
+    BadChecksum {
+        expected: u64,
+        found: u64,
+    },
     /// Bootargs are not UTF-8.
     BadBootargs,
     /// No host image.
@@ -146,7 +155,10 @@ impl fmt::Display for PackageError {
             Self::TooShort => write!(f, "boot package is shorter than its header"),
             Self::BadMagic => write!(f, "no boot package after the core (bad magic)"),
             Self::UnsupportedVersion(v) => {
-                write!(f, "boot package version {v} is not supported (expected {VERSION})")
+                write!(
+                    f,
+                    "boot package version {v} is not supported (expected {VERSION})"
+                )
             }
             Self::BadHeaderSize(s) => write!(f, "boot package header size {s} is wrong"),
             Self::Truncated { total, available } => write!(
@@ -157,7 +169,9 @@ impl fmt::Display for PackageError {
                 write!(f, "boot package has {n} entries (at most {MAX_ENTRIES})")
             }
             Self::UnknownKind(k) => write!(f, "boot package entry of unknown kind {k}"),
-            Self::EntryOutOfBounds(i) => write!(f, "boot package entry {i} lies outside the package"),
+            Self::EntryOutOfBounds(i) => {
+                write!(f, "boot package entry {i} lies outside the package")
+            }
             Self::Misaligned(i) => write!(f, "boot package entry {i} is not 8-byte aligned"),
             Self::Duplicate(k) => write!(f, "boot package has two {} entries", k.name()),
             Self::BadChecksum { expected, found } => write!(
@@ -166,7 +180,10 @@ impl fmt::Display for PackageError {
             ),
             Self::BadBootargs => write!(f, "boot package bootargs are not UTF-8"),
             Self::NoHostImage => write!(f, "boot package has no host image"),
-            Self::TooManyServices => write!(f, "boot package has more than {MAX_SERVICES} service images"),
+            Self::TooManyServices => write!(
+                f,
+                "boot package has more than {MAX_SERVICES} service images"
+            ),
             Self::BadServiceTable => write!(f, "boot package service table is malformed"),
         }
     }
@@ -198,7 +215,9 @@ pub const SERVICE_NAME_LEN: usize = 24;
 
 /// One service, as the image manifest declared it and the image builder
 /// checked it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct ServiceRecord {
     /// UTF-8, NUL-padded.
@@ -227,7 +246,11 @@ const _: () = assert!(size_of::<ServiceRecord>() == 56);
 impl ServiceRecord {
     /// The name, up to its first NUL (lossy: invalid UTF-8 gives "?").
     pub fn name(&self) -> &str {
-        let end = self.name.iter().position(|b| *b == 0).unwrap_or(SERVICE_NAME_LEN);
+        let end = self
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(SERVICE_NAME_LEN);
         core::str::from_utf8(&self.name[..end]).unwrap_or("?")
     }
 }
@@ -274,13 +297,19 @@ impl<'a> Package<'a> {
             return Err(PackageError::Truncated { total, available });
         }
         if total < table_end {
-            return Err(PackageError::Truncated { total: table_end, available: total });
+            return Err(PackageError::Truncated {
+                total: table_end,
+                available: total,
+            });
         }
         // `total <= bytes.len()`, so this cannot truncate.
         let package = &bytes[..total as usize];
         let found = checksum(package);
         if found != header.checksum.get() {
-            return Err(PackageError::BadChecksum { expected: header.checksum.get(), found });
+            return Err(PackageError::BadChecksum {
+                expected: header.checksum.get(),
+                found,
+            });
         }
 
         let mut out = Package {
@@ -299,15 +328,17 @@ impl<'a> Package<'a> {
         let table = &package[size_of::<PackageHeader>()..table_end as usize];
         for (i, raw) in table.chunks_exact(size_of::<EntryHeader>()).enumerate() {
             let i = i as u32;
-            let (entry, _) =
-                EntryHeader::read_from_prefix(raw).map_err(|_| PackageError::EntryOutOfBounds(i))?;
+            let (entry, _) = EntryHeader::read_from_prefix(raw)
+                .map_err(|_| PackageError::EntryOutOfBounds(i))?;
             let kind = EntryKind::from_u32(entry.kind.get())
                 .ok_or(PackageError::UnknownKind(entry.kind.get()))?;
             let (offset, size) = (entry.offset.get(), entry.size.get());
             if offset % 8 != 0 {
                 return Err(PackageError::Misaligned(i));
             }
-            let end = offset.checked_add(size).ok_or(PackageError::EntryOutOfBounds(i))?;
+            let end = offset
+                .checked_add(size)
+                .ok_or(PackageError::EntryOutOfBounds(i))?;
             if offset < table_end || end > total {
                 return Err(PackageError::EntryOutOfBounds(i));
             }
@@ -361,7 +392,11 @@ impl<'a> Package<'a> {
     /// The image a record names, if it exists.
     pub fn service_image(&self, record: &ServiceRecord) -> Option<&'a [u8]> {
         let i = record.image_index.get() as usize;
-        if i < self.service_image_count { self.service_images.get(i).copied() } else { None }
+        if i < self.service_image_count {
+            self.service_images.get(i).copied()
+        } else {
+            None
+        }
     }
 }
 
@@ -468,7 +503,10 @@ mod tests {
     fn every_truncation_is_refused() {
         let bytes = sample();
         for len in 0..bytes.len() {
-            assert!(Package::parse(&bytes[..len]).is_err(), "length {len} accepted");
+            assert!(
+                Package::parse(&bytes[..len]).is_err(),
+                "length {len} accepted"
+            );
         }
     }
 
@@ -490,18 +528,26 @@ mod tests {
         assert_eq!(Package::parse(&b).unwrap_err(), PackageError::BadMagic);
         let mut b = sample();
         b[8] = 9;
-        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::UnsupportedVersion(9));
+        assert_eq!(
+            Package::parse(&b).unwrap_err(),
+            PackageError::UnsupportedVersion(9)
+        );
     }
 
     #[test]
     fn missing_image_and_duplicates() {
-        let b = PackageBuilder::new().entry(EntryKind::HostInitrd, vec![1]).build();
+        let b = PackageBuilder::new()
+            .entry(EntryKind::HostInitrd, vec![1])
+            .build();
         assert_eq!(Package::parse(&b).unwrap_err(), PackageError::NoHostImage);
         let b = PackageBuilder::new()
             .entry(EntryKind::HostImage, vec![1])
             .entry(EntryKind::HostImage, vec![2])
             .build();
-        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::Duplicate(EntryKind::HostImage));
+        assert_eq!(
+            Package::parse(&b).unwrap_err(),
+            PackageError::Duplicate(EntryKind::HostImage)
+        );
     }
 
     #[test]
@@ -528,12 +574,18 @@ mod tests {
             .entry(EntryKind::HostImage, vec![1])
             .entry(EntryKind::ServiceTable, vec![0; 57])
             .build();
-        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::BadServiceTable);
+        assert_eq!(
+            Package::parse(&b).unwrap_err(),
+            PackageError::BadServiceTable
+        );
         let mut builder = PackageBuilder::new().entry(EntryKind::HostImage, vec![1]);
         for _ in 0..=MAX_SERVICES {
             builder = builder.entry(EntryKind::ServiceImage, vec![1]);
         }
-        assert_eq!(Package::parse(&builder.build()).unwrap_err(), PackageError::TooManyServices);
+        assert_eq!(
+            Package::parse(&builder.build()).unwrap_err(),
+            PackageError::TooManyServices
+        );
     }
 
     #[test]
@@ -554,6 +606,9 @@ mod tests {
         b[at..at + 8].copy_from_slice(&past_end.to_le_bytes());
         let sum = checksum(&b);
         b[32..40].copy_from_slice(&sum.to_le_bytes());
-        assert_eq!(Package::parse(&b).unwrap_err(), PackageError::EntryOutOfBounds(0));
+        assert_eq!(
+            Package::parse(&b).unwrap_err(),
+            PackageError::EntryOutOfBounds(0)
+        );
     }
 }

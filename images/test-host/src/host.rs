@@ -67,7 +67,10 @@ extern "C" fn el1_sync_exception(frame: &mut Frame) {
         1 => frame.elr += 4,
         2 => frame.elr = frame.lr,
         _ => {
-            say!("FAIL (unexpected exception ESR_EL1 {esr:#x} FAR_EL1 {far:#x} ELR_EL1 {:#x})", frame.elr);
+            say!(
+                "FAIL (unexpected exception ESR_EL1 {esr:#x} FAR_EL1 {far:#x} ELR_EL1 {:#x})",
+                frame.elr
+            );
             system_off();
         }
     }
@@ -76,7 +79,11 @@ extern "C" fn el1_sync_exception(frame: &mut Frame) {
 fn smc_call(conduit_hvc: bool, function: u32, args: [u64; 3]) -> [u64; 4] {
     let mut a = [0u64; 17];
     a[..3].copy_from_slice(&args);
-    let r = if conduit_hvc { smccc::hvc64(function, a) } else { smccc::smc64(function, a) };
+    let r = if conduit_hvc {
+        smccc::hvc64(function, a)
+    } else {
+        smccc::smc64(function, a)
+    };
     [r[0], r[1], r[2], r[3]]
 }
 
@@ -157,7 +164,10 @@ static ONLINE: AtomicU32 = AtomicU32::new(0);
 #[unsafe(no_mangle)]
 extern "C" fn host_secondary_main(index: u64) -> ! {
     let mpidr = sysreg!("mpidr_el1");
-    say!("CPU {index} online at EL{} (MPIDR {mpidr:#x})", current_el());
+    say!(
+        "CPU {index} online at EL{} (MPIDR {mpidr:#x})",
+        current_el()
+    );
     ONLINE.fetch_add(1, Ordering::SeqCst);
     hvc(smccc::psci::PSCI_CPU_OFF, [0; 3]);
     say!("FAIL (CPU_OFF returned on CPU {index})");
@@ -181,6 +191,15 @@ fn write_u64(addr: u64, v: u64) {
 /// instructions retired (EL1 and EL2, every partition) per iteration, minus
 /// the same loop without the call.
 fn bench_hvc(n: u64, function: u32) -> (u64, u64) {
+    bench_hvc_filtered(n, function, PMU_EL1_AND_EL2)
+}
+
+/// PMEVTYPER filters for INST_RETIRED (0x08): U (bit 30) excludes EL0,
+/// P (bit 31) excludes EL1, NSH (bit 27) includes EL2.
+const PMU_EL1_AND_EL2: u64 = 0x08 | (1 << 27) | (1 << 30);
+const PMU_EL2_ONLY: u64 = 0x08 | (1 << 27) | (1 << 30) | (1 << 31);
+
+fn bench_hvc_filtered(n: u64, function: u32, filter: u64) -> (u64, u64) {
     fn count(n: u64, with_call: bool, function: u32) -> u64 {
         let start: u64;
         let end: u64;
@@ -188,17 +207,17 @@ fn bench_hvc(n: u64, function: u32) -> (u64, u64) {
         // counter); the loop clobbers only the registers it names.
         unsafe {
             core::arch::asm!(
-                "isb",
-                "mrs {start}, pmevcntr0_el0",
-                "1:",
-                "cbz {with}, 2f",
-                "mov x0, {id}",
                 "mov x1, xzr",
                 "mov x2, xzr",
                 "mov x3, xzr",
                 "mov x4, xzr",
                 "mov x5, xzr",
                 "mov x6, xzr",
+                "isb",
+                "mrs {start}, pmevcntr0_el0",
+                "1:",
+                "cbz {with}, 2f",
+                "mov x0, {id}",
                 "hvc #0",
                 "2:",
                 "subs {n}, {n}, #1",
@@ -226,7 +245,7 @@ fn bench_hvc(n: u64, function: u32) -> (u64, u64) {
             "orr {t}, {t}, #1",
             "msr pmcr_el0, {t}",
             "isb",
-            ty = in(reg) (0x08u64 | (1 << 27) | (1 << 30)),
+            ty = in(reg) filter,
             en = in(reg) 1u64,
             t = out(reg) _,
         );
@@ -262,34 +281,71 @@ fn services(c: &mut Checks) {
         say!("no services in this image; skipping the service checks");
         return;
     }
-    c.check(r[0] == 0, format_args!("trace service answers ping ({})", r[0] as i64));
+    c.check(
+        r[0] == 0,
+        format_args!("trace service answers ping ({})", r[0] as i64),
+    );
     let counts = hvc6(TRACE_COUNTS, [0; 6]);
-    let (smc, data, fetch) = (counts[1 + TrapClass::Smc as usize], counts[1 + TrapClass::DataAbort as usize], counts[1 + TrapClass::InstructionAbort as usize]);
+    let (smc, data, fetch) = (
+        counts[1 + TrapClass::Smc as usize],
+        counts[1 + TrapClass::DataAbort as usize],
+        counts[1 + TrapClass::InstructionAbort as usize],
+    );
     c.check(
         counts[0] == 0 && smc >= 1 && data >= 2 && fetch >= 1,
         format_args!("trace counted the traps it observes: {smc} SMC, {data} data aborts, {fetch} instruction aborts, {} in all", counts[7]),
     );
     let _ = smc_call(false, smccc::psci::PSCI_VERSION, [0; 3]);
     let after = hvc6(TRACE_COUNTS, [0; 6]);
-    c.check(after[1 + TrapClass::Smc as usize] == smc + 1, format_args!("one more SMC, one more count ({})", after[1 + TrapClass::Smc as usize]));
+    c.check(
+        after[1 + TrapClass::Smc as usize] == smc + 1,
+        format_args!(
+            "one more SMC, one more count ({})",
+            after[1 + TrapClass::Smc as usize]
+        ),
+    );
     let r = hvc6(TRACE_COUNTS, [1, 0, 0, 0, 0, 0])[0] as i64;
-    c.check(r == Error::InvalidParameters.code(), format_args!("a non-zero unused argument is refused ({r})"));
+    c.check(
+        r == Error::InvalidParameters.code(),
+        format_args!("a non-zero unused argument is refused ({r})"),
+    );
     let r = hvc(TRACE_RESET, [0; 3])[0];
     let zero = hvc6(TRACE_COUNTS, [0; 6]);
-    c.check(r == 0 && zero[1..8].iter().all(|v| *v == 0), format_args!("trace reset zeroes the counts"));
+    c.check(
+        r == 0 && zero[1..8].iter().all(|v| *v == 0),
+        format_args!("trace reset zeroes the counts"),
+    );
     let r = hvc(hypercall::id(0x1004), [0; 3])[0];
-    c.check(r == ids::NOT_SUPPORTED, format_args!("a function past the service's range is NOT_SUPPORTED"));
+    c.check(
+        r == ids::NOT_SUPPORTED,
+        format_args!("a function past the service's range is NOT_SUPPORTED"),
+    );
 
     for (name, first, how) in FAULTY {
         let echo = hvc6(hypercall::id(first), [41, 0, 0, 0, 0, 0]);
-        c.check(echo[0] == 0 && echo[1] == 42, format_args!("{name} behaves before it is broken (echo 41 -> {})", echo[1]));
+        c.check(
+            echo[0] == 0 && echo[1] == 42,
+            format_args!(
+                "{name} behaves before it is broken (echo 41 -> {})",
+                echo[1]
+            ),
+        );
         let r = hvc6(hypercall::id(first + 1), [how as u64, 0, 0, 0, 0, 0])[0] as i64;
-        c.check(r == Error::ServiceFailed.code(), format_args!("{name} misbehaving ({how:?}): the call fails with ServiceFailed ({r})"));
+        c.check(
+            r == Error::ServiceFailed.code(),
+            format_args!("{name} misbehaving ({how:?}): the call fails with ServiceFailed ({r})"),
+        );
         let r = hvc6(hypercall::id(first), [41, 0, 0, 0, 0, 0])[0] as i64;
-        c.check(r == Error::ServiceFailed.code(), format_args!("{name} stays failed: later calls are refused ({r})"));
+        c.check(
+            r == Error::ServiceFailed.code(),
+            format_args!("{name} stays failed: later calls are refused ({r})"),
+        );
     }
     let r = hvc(TRACE_PING, [0; 3])[0];
-    c.check(r == 0, format_args!("the trace service still answers after the others failed"));
+    c.check(
+        r == 0,
+        format_args!("the trace service still answers after the others failed"),
+    );
 }
 
 #[unsafe(no_mangle)]
@@ -311,31 +367,65 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
     let bootargs = platform.chosen.bootargs.unwrap_or("");
     say!("booted with x0 = {dtb_addr:#x}, command line \"{bootargs}\"");
 
-    let mut c = Checks { passed: 0, failed: 0 };
+    let mut c = Checks {
+        passed: 0,
+        failed: 0,
+    };
     let el = current_el();
-    c.check(el == 1, format_args!("running at EL{el} (expected EL1 under Moat)"));
+    c.check(
+        el == 1,
+        format_args!("running at EL{el} (expected EL1 under Moat)"),
+    );
 
     let pfr0 = sysreg!("id_aa64pfr0_el1");
     let pfr1 = sysreg!("id_aa64pfr1_el1");
     let mmfr0 = sysreg!("id_aa64mmfr0_el1");
-    say!("ID_AA64PFR0_EL1 {pfr0:#018x} ID_AA64PFR1_EL1 {pfr1:#018x} (MTE field {}) ID_AA64MMFR0_EL1 {mmfr0:#018x}", (pfr1 >> 8) & 0xf);
+    say!(
+        "ID_AA64PFR0_EL1 {pfr0:#018x} ID_AA64PFR1_EL1 {pfr1:#018x} (MTE field {}) ID_AA64MMFR0_EL1 {mmfr0:#018x}",
+        (pfr1 >> 8) & 0xf
+    );
 
     let psci_hvc = platform.psci.map(|p| p.conduit) == Some(dt::Conduit::Hvc);
-    c.check(psci_hvc, format_args!("device tree's PSCI method is hvc (pointing at the core)"));
+    c.check(
+        psci_hvc,
+        format_args!("device tree's PSCI method is hvc (pointing at the core)"),
+    );
     let v = hvc(ids::SMCCC_VERSION, [0; 3])[0];
     c.check(v == 0x1_0001, format_args!("SMCCC_VERSION = {v:#x}"));
     let v = hvc(smccc::psci::PSCI_VERSION, [0; 3])[0];
-    c.check(v >= 0x1_0000 && v < 0x2_0000, format_args!("PSCI_VERSION = {}.{}", v >> 16, v & 0xffff));
+    c.check(
+        v >= 0x1_0000 && v < 0x2_0000,
+        format_args!("PSCI_VERSION = {}.{}", v >> 16, v & 0xffff),
+    );
     let v = smc_call(false, smccc::psci::PSCI_VERSION, [0; 3])[0];
-    c.check(v >= 0x1_0000 && v < 0x2_0000, format_args!("PSCI_VERSION through a trapped SMC = {}.{}", v >> 16, v & 0xffff));
+    c.check(
+        v >= 0x1_0000 && v < 0x2_0000,
+        format_args!(
+            "PSCI_VERSION through a trapped SMC = {}.{}",
+            v >> 16,
+            v & 0xffff
+        ),
+    );
     let uid = hvc(ids::VENDOR_HYP_CALL_UID, [0; 3]);
-    c.check(uid.map(|w| w as u32) == MOAT_UID, format_args!("vendor hypervisor UID is Moat's"));
+    c.check(
+        uid.map(|w| w as u32) == MOAT_UID,
+        format_args!("vendor hypervisor UID is Moat's"),
+    );
     let v = hvc(hypercall::ABI_VERSION, [0; 3]);
-    c.check(v[0] == 0 && v[1] == u64::from(moat_abi::ABI_VERSION), format_args!("Moat ABI version {}.{}", v[1] >> 16, v[1] & 0xffff));
+    c.check(
+        v[0] == 0 && v[1] == u64::from(moat_abi::ABI_VERSION),
+        format_args!("Moat ABI version {}.{}", v[1] >> 16, v[1] & 0xffff),
+    );
     let v = hvc(hypercall::id(0x1234), [0; 3])[0];
-    c.check(v == ids::NOT_SUPPORTED, format_args!("unknown hypercall returns NOT_SUPPORTED ({})", v as i64));
+    c.check(
+        v == ids::NOT_SUPPORTED,
+        format_args!("unknown hypercall returns NOT_SUPPORTED ({})", v as i64),
+    );
     let v = hvc(0x8400_0013, [0; 3])[0]; // PSCI MEM_PROTECT: refused by the relay
-    c.check(v == ids::NOT_SUPPORTED, format_args!("unrelayed PSCI call returns NOT_SUPPORTED"));
+    c.check(
+        v == ids::NOT_SUPPORTED,
+        format_args!("unrelayed PSCI call returns NOT_SUPPORTED"),
+    );
     let v = hvc(hypercall::NULL, [0; 3])[0];
     c.check(v == 0, format_args!("null hypercall returns 0"));
 
@@ -345,24 +435,47 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
     let mut ok = true;
     for i in 0..8192u64 {
         // SAFETY: within our own static buffer.
-        unsafe { buf.add(i as usize).write_volatile(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) };
+        unsafe {
+            buf.add(i as usize)
+                .write_volatile(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        };
     }
     for i in 0..8192u64 {
         // SAFETY: as above.
-        ok &= unsafe { buf.add(i as usize).read_volatile() } == i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        ok &=
+            unsafe { buf.add(i as usize).read_volatile() } == i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
-    c.check(ok, format_args!("wrote and read back 64 KiB of host memory at {buf:p}"));
+    c.check(
+        ok,
+        format_args!("wrote and read back 64 KiB of host memory at {buf:p}"),
+    );
 
     // The hypervisor's memory.
     match hypervisor_region(dtb) {
-        None => c.check(false, format_args!("device tree reserves the hypervisor's memory (/reserved-memory/moat@...)")),
+        None => c.check(
+            false,
+            format_args!(
+                "device tree reserves the hypervisor's memory (/reserved-memory/moat@...)"
+            ),
+        ),
         Some(hyp) => {
-            c.check(true, format_args!("hypervisor memory {:#x}..{:#x} is reserved in the device tree", hyp.base, hyp.end()));
+            c.check(
+                true,
+                format_args!(
+                    "hypervisor memory {:#x}..{:#x} is reserved in the device tree",
+                    hyp.base,
+                    hyp.end()
+                ),
+            );
             for (what, write) in [("read", false), ("write", true)] {
                 let target = hyp.base + 0x1000;
                 EXCEPTIONS.store(0, Ordering::SeqCst);
                 EXPECT.store(Expect::SkipInstruction as u64, Ordering::SeqCst);
-                if write { write_u64(target, 0xdead_beef) } else { let _ = read_u64(target); }
+                if write {
+                    write_u64(target, 0xdead_beef)
+                } else {
+                    let _ = read_u64(target);
+                }
                 let esr = LAST_ESR.load(Ordering::SeqCst);
                 let far = LAST_FAR.load(Ordering::SeqCst);
                 let wnr = (esr >> 6) & 1 == 1;
@@ -383,8 +496,13 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
             }
             let esr = LAST_ESR.load(Ordering::SeqCst);
             c.check(
-                EXCEPTIONS.load(Ordering::SeqCst) == 1 && esr >> 26 == 0x21 && esr & 0x3f == 0x10 && LAST_ELR.load(Ordering::SeqCst) == target,
-                format_args!("instruction fetch from hypervisor memory: instruction abort (ESR_EL1 {esr:#x})"),
+                EXCEPTIONS.load(Ordering::SeqCst) == 1
+                    && esr >> 26 == 0x21
+                    && esr & 0x3f == 0x10
+                    && LAST_ELR.load(Ordering::SeqCst) == target,
+                format_args!(
+                    "instruction fetch from hypervisor memory: instruction abort (ESR_EL1 {esr:#x})"
+                ),
             );
         }
     }
@@ -393,9 +511,15 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
     let me = sysreg!("mpidr_el1") & 0xff_00ff_ffff;
     let entry = secondary_start as *const () as u64;
     let v = hvc(smccc::psci::PSCI_CPU_ON_64, [0xff_ff00, entry, 0])[0] as i64;
-    c.check(v == -2, format_args!("CPU_ON of a CPU that does not exist: INVALID_PARAMETERS ({v})"));
+    c.check(
+        v == -2,
+        format_args!("CPU_ON of a CPU that does not exist: INVALID_PARAMETERS ({v})"),
+    );
     let v = hvc(smccc::psci::PSCI_CPU_ON_64, [me, entry, 0])[0] as i64;
-    c.check(v == -4, format_args!("CPU_ON of the running CPU: ALREADY_ON ({v})"));
+    c.check(
+        v == -4,
+        format_args!("CPU_ON of the running CPU: ALREADY_ON ({v})"),
+    );
     let others: heapless::Vec<(usize, u64), 16> = platform
         .cpus
         .iter()
@@ -405,7 +529,10 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
         .collect();
     for &(index, mpidr) in &others {
         let v = hvc(smccc::psci::PSCI_CPU_ON_64, [mpidr, entry, index as u64])[0] as i64;
-        c.check(v == 0, format_args!("CPU_ON of CPU {index} (MPIDR {mpidr:#x}) = {v}"));
+        c.check(
+            v == 0,
+            format_args!("CPU_ON of CPU {index} (MPIDR {mpidr:#x}) = {v}"),
+        );
         let mut spins = 0u64;
         while ONLINE.load(Ordering::SeqCst) < index as u32 && spins < 50_000_000 {
             spins += 1;
@@ -420,10 +547,16 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
                 break;
             }
         }
-        c.check(state == 1, format_args!("CPU {index} is OFF again after CPU_OFF (AFFINITY_INFO = {state})"));
+        c.check(
+            state == 1,
+            format_args!("CPU {index} is OFF again after CPU_OFF (AFFINITY_INFO = {state})"),
+        );
     }
     let online = ONLINE.load(Ordering::SeqCst);
-    c.check(online as usize == others.len(), format_args!("{online} secondary CPU(s) ran at EL1"));
+    c.check(
+        online as usize == others.len(),
+        format_args!("{online} secondary CPU(s) ran at EL1"),
+    );
 
     services(&mut c);
 
@@ -432,14 +565,25 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
         say!("bench: null_hvc={null} (loop overhead {loop_cost} per iteration subtracted)");
         if hvc(TRACE_PING, [0; 3])[0] == 0 {
             let (call, _) = bench_hvc(1000, TRACE_PING);
-            say!("bench: service_call={call} (host hypercall -> trace service -> reply -> host, empty message)");
+            let (at_el2, _) = bench_hvc_filtered(1000, TRACE_PING, PMU_EL2_ONLY);
+            say!(
+                "bench: service_call={call} (host hypercall -> trace service -> reply -> host, empty message)"
+            );
+            say!(
+                "bench: service_call_el2={at_el2} service_call_el1={} (where the instructions run)",
+                call - at_el2.min(call)
+            );
         }
     }
 
     if c.failed == 0 {
         say!("PASS ({} checks)", c.passed);
     } else {
-        say!("FAIL ({} of {} checks failed)", c.failed, c.passed + c.failed);
+        say!(
+            "FAIL ({} of {} checks failed)",
+            c.failed,
+            c.passed + c.failed
+        );
     }
     say!("powering off through PSCI SYSTEM_OFF");
     system_off()

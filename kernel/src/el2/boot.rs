@@ -38,12 +38,19 @@ pub struct Machine {
 impl Machine {
     /// The logical index of the CPU with these affinity fields.
     pub fn cpu_index_of(&self, affinity: u64) -> Option<usize> {
-        self.platform.cpus.iter().take(MAX_CPUS).position(|c| c.mpidr == affinity)
+        self.platform
+            .cpus
+            .iter()
+            .take(MAX_CPUS)
+            .position(|c| c.mpidr == affinity)
     }
 
     /// Whether `addr` is host RAM (an acceptable CPU_ON entry point).
     pub fn host_may_execute(&self, addr: u64) -> bool {
-        self.platform.memory.iter().any(|b| addr >= b.base && addr < b.end())
+        self.platform
+            .memory
+            .iter()
+            .any(|b| addr >= b.base && addr < b.end())
             && !(addr >= self.carve_out.base && addr < self.carve_out.end())
     }
 }
@@ -52,7 +59,9 @@ static MACHINE: Once<Machine> = Once::new();
 
 pub fn machine() -> &'static Machine {
     // Set before any partition runs; traps cannot arrive earlier.
-    MACHINE.get().unwrap_or_else(|| panic!("machine used before boot completed"))
+    MACHINE
+        .get()
+        .unwrap_or_else(|| panic!("machine used before boot completed"))
 }
 
 unsafe extern "C" {
@@ -64,7 +73,10 @@ unsafe extern "C" {
 
 /// The address range of all CPU stacks (for the fatal path's backtrace).
 pub fn stack_bounds() -> (u64, u64) {
-    (core::ptr::addr_of!(CPU_STACKS) as u64, core::ptr::addr_of!(CPU_STACKS_END) as u64)
+    (
+        core::ptr::addr_of!(CPU_STACKS) as u64,
+        core::ptr::addr_of!(CPU_STACKS_END) as u64,
+    )
 }
 
 fn fatal(what: &str, err: impl Display) -> ! {
@@ -101,7 +113,10 @@ fn find_package(image_end: u64) -> Package<'static> {
 /// The firmware's device tree at `addr`, bounded by its header.
 fn firmware_dtb(addr: u64) -> &'static [u8] {
     if addr == 0 || addr % 8 != 0 {
-        fatal("device tree", "the firmware passed no device tree address in x0");
+        fatal(
+            "device tree",
+            "the firmware passed no device tree address in x0",
+        );
     }
     // SAFETY: the early map covers the device tree's 1 GiB block as normal memory.
     let head = unsafe { bytes(addr, 8) };
@@ -116,7 +131,9 @@ fn firmware_dtb(addr: u64) -> &'static [u8] {
 pub fn clean_dcache_to_poc(start: u64, len: u64) {
     let ctr: u64;
     // SAFETY: reads CTR_EL0.
-    unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags))
+    };
     let line = 4u64 << ((ctr >> 16) & 0xf);
     let mut addr = start & !(line - 1);
     while addr < start + len {
@@ -125,7 +142,15 @@ pub fn clean_dcache_to_poc(start: u64, len: u64) {
         addr += line;
     }
     // SAFETY: barriers and instruction-cache invalidation have no memory effect.
-    unsafe { core::arch::asm!("dsb sy", "ic iallu", "dsb sy", "isb", options(nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!(
+            "dsb sy",
+            "ic iallu",
+            "dsb sy",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
 }
 
 /// Copies `src` to physical `dst` and cleans it to PoC.
@@ -148,7 +173,11 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     // SAFETY: the early map makes every 1 GiB block outside the core's and the
     // device tree's device memory, which covers the board's default UART.
     unsafe { console::init(console::EARLY_UART_BASE) };
-    crate::log!("Moat {} EL2 core starting (boot CPU MPIDR {:#x})", moat_kernel::VERSION, sysreg::mpidr());
+    crate::log!(
+        "Moat {} EL2 core starting (boot CPU MPIDR {:#x})",
+        moat_kernel::VERSION,
+        sysreg::mpidr()
+    );
 
     let image = mmu::image_sections();
     let package = find_package(image.end);
@@ -177,7 +206,12 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         }
     );
     for bank in &platform.memory {
-        crate::log!("RAM {:#x}..{:#x} ({} MiB)", bank.base, bank.end(), mib(bank.size));
+        crate::log!(
+            "RAM {:#x}..{:#x} ({} MiB)",
+            bank.base,
+            bank.end(),
+            mib(bank.size)
+        );
     }
 
     // Plan where everything goes.
@@ -213,18 +247,26 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let mut core_mmio: heapless::Vec<Range, 8> = heapless::Vec::new();
     let _ = core_mmio.push(platform.uart.regs);
     match &platform.gic {
-        Gic::V2 { distributor, cpu_interface, .. } => {
+        Gic::V2 {
+            distributor,
+            cpu_interface,
+            ..
+        } => {
             let _ = core_mmio.push(*distributor);
             let _ = core_mmio.push(*cpu_interface);
         }
-        Gic::V3 { distributor, redistributors } => {
+        Gic::V3 {
+            distributor,
+            redistributors,
+        } => {
             let _ = core_mmio.push(*distributor);
             for r in redistributors {
                 let _ = core_mmio.push(*r);
             }
         }
     }
-    mmu::switch_to_final_map(&platform.memory, &core_mmio).unwrap_or_else(|e| fatal("EL2 page tables", e));
+    mmu::switch_to_final_map(&platform.memory, &core_mmio)
+        .unwrap_or_else(|e| fatal("EL2 page tables", e));
 
     // The host's device tree: the carve-out reserved, PSCI through the core.
     let edits = HostDtEdits {
@@ -247,7 +289,11 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     place(plan.host_dtb.base, &host_dtb);
     crate::log!(
         "host image ({}, {} KiB) at {:#x}; device tree ({} bytes) at {:#x}{}",
-        if host_info.has_header { "arm64 Image" } else { "raw binary" },
+        if host_info.has_header {
+            "arm64 Image"
+        } else {
+            "raw binary"
+        },
         package.host_image.len() >> 10,
         plan.host_image.base,
         host_dtb.len(),
@@ -298,7 +344,11 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     // The host's stage-2.
     let mut withheld: heapless::Vec<Range, 4> = heapless::Vec::new();
     let _ = withheld.push(plan.carve_out);
-    if let Gic::V2 { hyp_interface: Some(gich), .. } = &platform.gic {
+    if let Gic::V2 {
+        hyp_interface: Some(gich),
+        ..
+    } = &platform.gic
+    {
         let _ = withheld.push(*gich);
     }
     let device_top = platform.devices_top.max(platform.uart.regs.end());
@@ -332,12 +382,17 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     let boot_affinity = moat_kernel::psci::mpidr_affinity(sysreg::mpidr());
     let index = machine.cpu_index_of(boot_affinity).unwrap_or(0);
-    let Some(boot_cpu) = cpu::get(index) else { fatal("CPU", "boot CPU index out of range") };
+    let Some(boot_cpu) = cpu::get(index) else {
+        fatal("CPU", "boot CPU index out of range")
+    };
     prepare_cpu(boot_cpu);
     if created > 0 {
         super::service::start_all(boot_cpu);
     }
-    crate::log!("entering the host at {:#x} on CPU {index} (EL1h, x0 = device tree)", plan.host_image.base);
+    crate::log!(
+        "entering the host at {:#x} on CPU {index} (EL1h, x0 = device tree)",
+        plan.host_image.base
+    );
     enter_host(index, plan.host_image.base, plan.host_dtb.base)
 }
 
@@ -348,7 +403,11 @@ fn heap_outside(heap: Range, package: Range) -> Option<Range> {
         return Some(heap);
     }
     let start = package.end().next_multiple_of(layout::PAGE_SIZE);
-    if start < heap.end() { Range::new(start, heap.end() - start) } else { None }
+    if start < heap.end() {
+        Range::new(start, heap.end() - start)
+    } else {
+        None
+    }
 }
 
 /// The part of the heap under the package (added once it is consumed).
@@ -356,7 +415,10 @@ fn heap_under(heap: Range, package: Range) -> Option<Range> {
     if !heap.overlaps(&package) {
         return None;
     }
-    let end = package.end().next_multiple_of(layout::PAGE_SIZE).min(heap.end());
+    let end = package
+        .end()
+        .next_multiple_of(layout::PAGE_SIZE)
+        .min(heap.end());
     Range::new(heap.base, end - heap.base)
 }
 
@@ -381,7 +443,9 @@ fn prepare_cpu(slot: &cpu::PerCpu) {
 /// Configures this CPU for the host and enters it at `entry` with `x0`.
 fn enter_host(index: usize, entry: u64, x0: u64) -> ! {
     let m = machine();
-    let Some(slot) = cpu::get(index) else { fatal("CPU", "logical index out of range") };
+    let Some(slot) = cpu::get(index) else {
+        fatal("CPU", "logical index out of range")
+    };
     slot.set_power(PowerState::On);
     prepare_cpu(slot);
     let frame = slot.host_frame();
@@ -399,7 +463,9 @@ fn enter_host(index: usize, entry: u64, x0: u64) -> ! {
 #[unsafe(no_mangle)]
 extern "C" fn secondary_main(index: u64) -> ! {
     let index = index as usize;
-    let Some(slot) = cpu::get(index) else { panic::park() };
+    let Some(slot) = cpu::get(index) else {
+        panic::park()
+    };
     let (entry, context) = slot.host_entry();
     match slot.power() {
         PowerState::OnPending | PowerState::Suspended => {}

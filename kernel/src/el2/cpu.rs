@@ -32,7 +32,11 @@ pub struct Vcpu {
 impl Vcpu {
     pub const fn new(kind: u64, cpu: u64) -> Self {
         Self {
-            regs: GuestRegs { x: [0; 31], pc: 0, pstate: 0 },
+            regs: GuestRegs {
+                x: [0; 31],
+                pc: 0,
+                pstate: 0,
+            },
             kind,
             cpu,
             exit_vector: 0,

@@ -22,7 +22,10 @@ pub enum GicAccess {
     /// GICv3: this CPU's SGI/PPI frame (redistributor + 64 KiB).
     V3 { sgi_frame: u64 },
     /// GICv2: distributor and CPU interface.
-    V2 { distributor: u64, cpu_interface: u64 },
+    V2 {
+        distributor: u64,
+        cpu_interface: u64,
+    },
 }
 
 /// The host's CPU-interface state the core changes around a service run.
@@ -50,9 +53,14 @@ fn wr8(addr: u64, v: u8) {
 /// Finds this CPU's GIC access path, given its MPIDR affinity.
 pub fn locate(gic: &Gic, affinity: u64) -> Option<GicAccess> {
     match gic {
-        Gic::V2 { distributor, cpu_interface, .. } => {
-            Some(GicAccess::V2 { distributor: distributor.base, cpu_interface: cpu_interface.base })
-        }
+        Gic::V2 {
+            distributor,
+            cpu_interface,
+            ..
+        } => Some(GicAccess::V2 {
+            distributor: distributor.base,
+            cpu_interface: cpu_interface.base,
+        }),
         Gic::V3 { redistributors, .. } => {
             // GICR_TYPER[63:32] holds Aff3.Aff2.Aff1.Aff0; frames are 128 KiB
             // (256 KiB with VLPIs); bit 4 (Last) ends a region.
@@ -63,12 +71,18 @@ pub fn locate(gic: &Gic, affinity: u64) -> Option<GicAccess> {
                     // SAFETY: inside a redistributor region the core maps.
                     let typer = unsafe { read_volatile((frame + 0x8) as *const u64) };
                     if typer >> 32 == want {
-                        return Some(GicAccess::V3 { sgi_frame: frame + 0x1_0000 });
+                        return Some(GicAccess::V3 {
+                            sgi_frame: frame + 0x1_0000,
+                        });
                     }
                     if typer & (1 << 4) != 0 {
                         break;
                     }
-                    frame += if typer & (1 << 1) != 0 { 0x4_0000 } else { 0x2_0000 };
+                    frame += if typer & (1 << 1) != 0 {
+                        0x4_0000
+                    } else {
+                        0x2_0000
+                    };
                 }
             }
             None
@@ -81,7 +95,10 @@ pub fn locate(gic: &Gic, affinity: u64) -> Option<GicAccess> {
 pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
     match *access {
         GicAccess::V3 { sgi_frame } => {
-            wr32(sgi_frame + 0x80, rd32(sgi_frame + 0x80) | (1 << WATCHDOG_INTID)); // IGROUPR0
+            wr32(
+                sgi_frame + 0x80,
+                rd32(sgi_frame + 0x80) | (1 << WATCHDOG_INTID),
+            ); // IGROUPR0
             wr8(sgi_frame + 0x400 + u64::from(WATCHDOG_INTID), 0); // IPRIORITYR
             wr32(sgi_frame + 0x100, 1 << WATCHDOG_INTID); // ISENABLER0
             let (pmr, grpen): (u64, u64);
@@ -97,11 +114,17 @@ pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
             }
             SavedCpuInterface { a: pmr, b: grpen }
         }
-        GicAccess::V2 { distributor, cpu_interface } => {
+        GicAccess::V2 {
+            distributor,
+            cpu_interface,
+        } => {
             wr8(distributor + 0x400 + u64::from(WATCHDOG_INTID), 0);
             wr32(distributor + 0x100, 1 << WATCHDOG_INTID);
             wr32(distributor, rd32(distributor) | 1);
-            let saved = SavedCpuInterface { a: u64::from(rd32(cpu_interface + 0x4)), b: u64::from(rd32(cpu_interface)) };
+            let saved = SavedCpuInterface {
+                a: u64::from(rd32(cpu_interface + 0x4)),
+                b: u64::from(rd32(cpu_interface)),
+            };
             wr32(cpu_interface + 0x4, 0xff);
             wr32(cpu_interface, saved.b as u32 | 0b11);
             saved

@@ -4,9 +4,9 @@
 //! Results follow SMCCC: x0 is the status (or the first result), x1..x3 the
 //! rest; an unknown function answers NOT_SUPPORTED (-1) and changes nothing.
 
-use super::cpu::{self, PerCpu, PowerState};
 use super::boot::machine;
-use moat_abi::ipc::{HOST_REPLY_BYTES, HOST_REQUEST_BYTES, Message};
+use super::cpu::{self, PerCpu, PowerState};
+use moat_abi::ipc::{HOST_REPLY_BYTES, HOST_REQUEST_BYTES, MessageHeader};
 use moat_abi::{ABI_VERSION, Error, MOAT_UID, hypercall, smccc};
 use moat_kernel::psci::{self, PsciCall, ret};
 use moat_kernel::regs::GuestRegs;
@@ -32,10 +32,12 @@ pub fn handle_call(this_cpu: &PerCpu, regs: &mut GuestRegs, imm: u16) {
     match smccc::owner(function) {
         smccc::OWNER_ARCH => arch_call(regs, function),
         smccc::OWNER_STANDARD if psci::is_psci(function) => psci_call(this_cpu, regs, function),
-        smccc::OWNER_VENDOR_HYP => match super::service::routes().and_then(|r| r.hypercall(function)) {
-            Some((index, operation)) => service_call(this_cpu, regs, index, operation),
-            None => moat_call(regs, function),
-        },
+        smccc::OWNER_VENDOR_HYP => {
+            match super::service::routes().and_then(|r| r.hypercall(function)) {
+                Some((index, operation)) => service_call(this_cpu, regs, index, operation),
+                None => moat_call(regs, function),
+            }
+        }
         _ => regs.x[0] = NOT_SUPPORTED,
     }
 }
@@ -60,7 +62,12 @@ fn moat_call(regs: &mut GuestRegs, function: u32) {
             let [a, b, c, d] = MOAT_UID.map(u64::from);
             regs.set_smccc_result([a, b, c, d]);
         }
-        smccc::VENDOR_HYP_REVISION => regs.set_smccc_result([u64::from(ABI_VERSION >> 16), u64::from(ABI_VERSION & 0xffff), 0, 0]),
+        smccc::VENDOR_HYP_REVISION => regs.set_smccc_result([
+            u64::from(ABI_VERSION >> 16),
+            u64::from(ABI_VERSION & 0xffff),
+            0,
+            0,
+        ]),
         _ => regs.x[0] = NOT_SUPPORTED,
     }
 }
@@ -68,37 +75,41 @@ fn moat_call(regs: &mut GuestRegs, function: u32) {
 /// A host hypercall routed to a service: x1..x6 are the request's 48 bytes,
 /// the reply's 56 bytes come back in x1..x7 with the status in x0.
 fn service_call(this_cpu: &PerCpu, regs: &mut GuestRegs, index: usize, operation: u16) {
-    use super::service::{self, CallResult};
+    use super::service;
     let Some(s) = service::get(index) else {
         regs.x[0] = NOT_SUPPORTED;
         return;
     };
-    let mut request = [0u8; HOST_REQUEST_BYTES];
-    for (chunk, x) in request.chunks_exact_mut(8).zip(&regs.x[1..7]) {
-        chunk.copy_from_slice(&x.to_le_bytes());
-    }
-    let Ok(call) = Message::call(s.interface_id, operation, service::next_sequence(index), &request) else {
-        regs.x[0] = Error::InvalidParameters.to_x0();
-        return;
-    };
-    match service::call(this_cpu, index, &call) {
-        CallResult::Reply(reply) => match reply.check_reply(&call.header) {
-            Ok(Ok(body)) if body.len() <= HOST_REPLY_BYTES => {
-                let mut out = [0u8; HOST_REPLY_BYTES];
-                out[..body.len()].copy_from_slice(body);
-                regs.x[0] = 0;
-                for (x, chunk) in regs.x[1..8].iter_mut().zip(out.chunks_exact(8)) {
-                    *x = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
-                }
+    // Little-endian words: register n is request bytes 8(n-1)..8n.
+    let mut body = [
+        regs.x[1], regs.x[2], regs.x[3], regs.x[4], regs.x[5], regs.x[6], 0, 0,
+    ];
+    let header = MessageHeader::call(
+        s.interface_id,
+        operation,
+        service::next_sequence(index),
+        HOST_REQUEST_BYTES as u32,
+    );
+    match service::call(this_cpu, index, &header, &mut body) {
+        Ok(Ok(len)) if len as usize <= HOST_REPLY_BYTES => {
+            // Bytes past the reply's length come back as zero, never as
+            // whatever the service left in its IPC page.
+            let len = len as usize;
+            regs.x[0] = 0;
+            for (i, x) in regs.x[1..8].iter_mut().enumerate() {
+                *x = match len.saturating_sub(i * 8) {
+                    0 => 0,
+                    n if n >= 8 => body[i],
+                    n => body[i] & ((1u64 << (n * 8)) - 1),
+                };
             }
-            Ok(Ok(_)) => regs.x[0] = Error::InvalidParameters.to_x0(),
-            Ok(Err(e)) => regs.x[0] = e.to_x0(),
-            Err(e) => regs.x[0] = e.to_error().to_x0(),
-        },
+        }
+        Ok(Ok(_)) => regs.x[0] = Error::InvalidParameters.to_x0(),
+        Ok(Err(e)) => regs.x[0] = e.to_x0(),
         // With its interrupts unmasked the host takes its interrupt on return
         // and then re-executes the call, which finishes the suspended one.
-        CallResult::Err(Error::Interrupted) if regs.pstate & PSTATE_I == 0 => regs.pc = regs.pc.wrapping_sub(4),
-        CallResult::Err(e) => regs.x[0] = e.to_x0(),
+        Err(Error::Interrupted) if regs.pstate & PSTATE_I == 0 => regs.pc = regs.pc.wrapping_sub(4),
+        Err(e) => regs.x[0] = e.to_x0(),
     }
 }
 
@@ -113,7 +124,10 @@ fn forward(function: u32, regs: &GuestRegs) -> [u64; 18] {
 
 fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
     match psci::decode(function, regs.x[1], regs.x[2], regs.x[3]) {
-        PsciCall::Forward { function, ends_machine } => {
+        PsciCall::Forward {
+            function,
+            ends_machine,
+        } => {
             if ends_machine {
                 crate::log!(
                     "host CPU {} asked for {}; handing over to firmware",
@@ -141,7 +155,11 @@ fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
             };
             regs.set_smccc_result([r, 0, 0, 0]);
         }
-        PsciCall::CpuOn { target_mpidr, entry, context } => {
+        PsciCall::CpuOn {
+            target_mpidr,
+            entry,
+            context,
+        } => {
             let code = cpu_on(target_mpidr, entry, context, function);
             psci_result(regs, code);
         }
@@ -152,7 +170,11 @@ fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
             this_cpu.set_power(PowerState::On);
             psci_result(regs, r[0] as i64);
         }
-        PsciCall::CpuSuspend { power_state, entry, context } => {
+        PsciCall::CpuSuspend {
+            power_state,
+            entry,
+            context,
+        } => {
             let powerdown = psci::is_powerdown_state(power_state);
             if powerdown {
                 this_cpu.set_host_entry(entry, context);

@@ -32,7 +32,12 @@ pub struct BootMmu {
 }
 
 #[unsafe(no_mangle)]
-pub static mut BOOT_MMU: BootMmu = BootMmu { ttbr0: 0, tcr: 0, mair: 0, sctlr: 0 };
+pub static mut BOOT_MMU: BootMmu = BootMmu {
+    ttbr0: 0,
+    tcr: 0,
+    mair: 0,
+    sctlr: 0,
+};
 
 unsafe extern "C" {
     static __image_start: u8;
@@ -76,10 +81,16 @@ pub fn switch_to_final_map(ram: &[Range], mmio: &[Range]) -> Result<(), &'static
             .map_err(|_| "RAM bank")?;
     }
     // The image's own permissions, split out of the RAM mapping above.
-    map.map_range(&region(image.start, image.text_end), COMMON | NORMAL | A::READ_ONLY)
-        .map_err(|_| "core text")?;
-    map.map_range(&region(image.text_end, image.rodata_end), COMMON | NORMAL | A::READ_ONLY | A::XN)
-        .map_err(|_| "core rodata")?;
+    map.map_range(
+        &region(image.start, image.text_end),
+        COMMON | NORMAL | A::READ_ONLY,
+    )
+    .map_err(|_| "core text")?;
+    map.map_range(
+        &region(image.text_end, image.rodata_end),
+        COMMON | NORMAL | A::READ_ONLY | A::XN,
+    )
+    .map_err(|_| "core rodata")?;
     for dev in mmio {
         let end = dev.end().next_multiple_of(4096);
         map.map_range(&region(dev.base & !0xfff, end), COMMON | DEVICE | A::XN)
@@ -103,7 +114,12 @@ pub fn switch_to_final_map(ram: &[Range], mmio: &[Range]) -> Result<(), &'static
     // BOOT_MMU is written before any secondary CPU is started.
     unsafe {
         enable_mmu_el2(ttbr0, tcr, mair, SCTLR_EL2_FINAL);
-        BOOT_MMU = BootMmu { ttbr0, tcr, mair, sctlr: SCTLR_EL2_FINAL };
+        BOOT_MMU = BootMmu {
+            ttbr0,
+            tcr,
+            mair,
+            sctlr: SCTLR_EL2_FINAL,
+        };
     }
     Ok(())
 }

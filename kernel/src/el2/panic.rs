@@ -77,7 +77,9 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     super::console::print_fatal(format_args!("PANIC: {info}"));
     let fp: u64;
     // SAFETY: reads the frame pointer register.
-    unsafe { core::arch::asm!("mov {}, x29", out(reg) fp, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, x29", out(reg) fp, options(nomem, nostack, preserves_flags))
+    };
     print_backtrace(fp);
     stop(2)
 }
@@ -98,7 +100,14 @@ extern "C" fn handle_el2_exception(frame: *const GuestRegs, kind: u64) -> ! {
         let reg = |n: usize| f.x.get(n).copied().unwrap_or(0);
         super::console::print_fatal(format_args!(
             "  x{:<2} {:#018x}  x{:<2} {:#018x}  x{:<2} {:#018x}  x{:<2} {:#018x}",
-            r, reg(r), r + 1, reg(r + 1), r + 2, reg(r + 2), r + 3, reg(r + 3)
+            r,
+            reg(r),
+            r + 1,
+            reg(r + 1),
+            r + 2,
+            reg(r + 2),
+            r + 3,
+            reg(r + 3)
         ));
     }
     print_backtrace(f.x[29]);

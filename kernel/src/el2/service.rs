@@ -34,7 +34,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use moat_abi::Error;
 use moat_abi::hypercall;
-use moat_abi::ipc::{MESSAGE_SIZE, Message, MessageHeader};
+use moat_abi::ipc::{MESSAGE_SIZE, MessageHeader};
 use moat_abi::trap::TrapDescriptor;
 use moat_kernel::el2config::hcr;
 use moat_kernel::esr::Trap;
@@ -43,7 +43,7 @@ use moat_kernel::routing::{RouteSpec, RoutingTable};
 use moat_package::{Package, ServiceRecord};
 use moat_platform::dt::Range;
 use spin::Once;
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 /// Where every service's image starts (intermediate physical address).
 pub const SERVICE_BASE_IPA: u64 = 0x10_0000;
@@ -58,6 +58,8 @@ const PAGE: u64 = 4096;
 /// Vector slot numbers passed by `vectors.S`.
 const LOWER_SYNC: u64 = 8;
 const LOWER_IRQ: u64 = 9;
+/// ESR_EL2 of `hvc #0` from AArch64 EL1.
+const ESR_HVC0: u64 = 0x5a00_0000;
 
 unsafe extern "C" {
     fn enter_nested(frame: *mut Vcpu, save: *mut super::cpu::NestedSave);
@@ -136,7 +138,12 @@ fn service_el2(vttbr: u64) -> (u64, u64, u64, u64, u64) {
     // host's vector registers stay untouched in the CPU.
     let cptr = (1 << 13) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 8) | 0xff;
     // PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped; HPMN unchanged.
-    let mdcr = sysreg::pmu_counters(&super::boot::machine().cpu) | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11);
+    let mdcr = sysreg::pmu_counters(&super::boot::machine().cpu)
+        | (1 << 5)
+        | (1 << 6)
+        | (1 << 9)
+        | (1 << 10)
+        | (1 << 11);
     // The counter is readable; the physical timer is not (it is the host's).
     let cnthctl = 0b01;
     (hcr, cptr, mdcr, cnthctl, vttbr)
@@ -149,21 +156,40 @@ impl Service {
 
     fn fail(&self, why: &str, detail: u64) {
         self.state.store(State::Failed as u8, Ordering::Release);
-        crate::log!("service {} failed: {why} ({detail:#x}); its requests are refused from now on", self.name);
+        crate::log!(
+            "service {} failed: {why} ({detail:#x}); its requests are refused from now on",
+            self.name
+        );
     }
 
-    fn ipc_write(&self, msg: &Message) {
-        // SAFETY: the IPC page is a page of the core's heap, mapped read/write
-        // in the core's stage-1; the service is stopped while the core writes.
-        unsafe { core::ptr::copy_nonoverlapping(msg.as_bytes().as_ptr(), self.ipc_page as *mut u8, MESSAGE_SIZE) };
+    /// Writes a call: its header and the `payload_len` bytes of its body
+    /// (the service reads no further). Word-sized, aligned accesses only:
+    /// this is on every call's path.
+    fn ipc_write(&self, header: &MessageHeader, body: &SmallBody) {
+        let words = (header.payload_len as usize).div_ceil(8).min(SMALL_WORDS);
+        // SAFETY: the IPC page is a page-aligned page of the core's heap,
+        // mapped read/write in the core's stage-1; the service is stopped
+        // while the core writes; header and body lie well inside the page.
+        unsafe {
+            core::ptr::write(self.ipc_page as *mut MessageHeader, *header);
+            let dst = (self.ipc_page + HEADER_SIZE as u64) as *mut u64;
+            for (i, w) in body.iter().take(words).enumerate() {
+                dst.add(i).write(*w);
+            }
+        }
     }
 
-    /// Copies the message out of the IPC page before anything checks it.
-    fn ipc_read(&self) -> Message {
-        let mut bytes = [0u8; MESSAGE_SIZE];
-        // SAFETY: as for `ipc_write`.
-        unsafe { core::ptr::copy_nonoverlapping(self.ipc_page as *const u8, bytes.as_mut_ptr(), MESSAGE_SIZE) };
-        Message::read_from_bytes(&bytes).unwrap_or_default()
+    /// Copies the reply's header, and the first [`SMALL_BODY`] bytes of
+    /// its body into `body`, out of the IPC page before anything checks them.
+    /// Bytes past the reply's length are whatever the page held: callers
+    /// that pass a body on must clear them.
+    fn ipc_read(&self, body: &mut SmallBody) -> MessageHeader {
+        // SAFETY: as for `ipc_write`; both types are plain words, valid for
+        // any bit pattern.
+        unsafe {
+            *body = core::ptr::read((self.ipc_page + HEADER_SIZE as u64) as *const SmallBody);
+            core::ptr::read(self.ipc_page as *const MessageHeader)
+        }
     }
 
     /// Runs the service's vCPU on `cpu` until it replies, faults, overruns
@@ -192,6 +218,10 @@ impl Service {
                 return Exit::Fault("ran past its budget", self.budget_ticks);
             }
             let esr = vcpu.exit_esr;
+            // The reply is the common case; skip the general decode for it.
+            if esr == ESR_HVC0 && vcpu.regs.x[0] as u32 == hypercall::SVC_REPLY_WAIT {
+                return Exit::Reply;
+            }
             match Trap::decode(esr) {
                 Trap::Hvc { imm: 0 } => match vcpu.regs.x[0] as u32 {
                     hypercall::SVC_REPLY_WAIT => return Exit::Reply,
@@ -200,12 +230,18 @@ impl Service {
                         vcpu.regs.x[0] = 0;
                     }
                     hypercall::SVC_FAULT => {
-                        return Exit::Fault("reported an exception (ESR_EL1 in detail)", vcpu.regs.x[1]);
+                        return Exit::Fault(
+                            "reported an exception (ESR_EL1 in detail)",
+                            vcpu.regs.x[1],
+                        );
                     }
                     _ => vcpu.regs.x[0] = moat_abi::smccc::NOT_SUPPORTED,
                 },
                 Trap::StageTwo(_) => {
-                    return Exit::Fault("touched memory outside its partition (IPA in detail)", sysreg::fault_ipa());
+                    return Exit::Fault(
+                        "touched memory outside its partition (IPA in detail)",
+                        sysreg::fault_ipa(),
+                    );
                 }
                 _ => return Exit::Fault("trapped to the core (ESR_EL2 in detail)", esr),
             }
@@ -217,7 +253,11 @@ impl Service {
         let mut bytes = [0u8; (PAGE - LOG_OFFSET) as usize];
         // SAFETY: the log half of the IPC page; copied before use.
         unsafe {
-            core::ptr::copy_nonoverlapping((self.ipc_page + LOG_OFFSET) as *const u8, bytes.as_mut_ptr(), len);
+            core::ptr::copy_nonoverlapping(
+                (self.ipc_page + LOG_OFFSET) as *const u8,
+                bytes.as_mut_ptr(),
+                len,
+            );
         }
         let text = core::str::from_utf8(&bytes[..len]).unwrap_or("(log text is not UTF-8)");
         crate::log!("[{}] {}", self.name, text.trim_end());
@@ -246,27 +286,54 @@ impl Service {
             (*self.el1.get()).save();
             (*cpu.host_el1.get()).load();
             let h = &m.host_el2;
-            sysreg::switch_el2(h.hcr, h.cptr, h.mdcr, moat_kernel::el2config::HOST_CNTHCTL, h.vttbr);
+            sysreg::switch_el2(
+                h.hcr,
+                h.cptr,
+                h.mdcr,
+                moat_kernel::el2config::HOST_CNTHCTL,
+                h.vttbr,
+            );
         }
         r
     }
 }
 
-/// The outcome of one call.
-pub enum CallResult {
-    /// The service answered (its reply may carry an error status).
-    Reply(Message),
-    /// The core refused or the service failed.
-    Err(Error),
-}
+/// Words of a request or reply body the core moves: every message the core
+/// sends or reads today (a host call's 48/56 bytes, a trap descriptor, a
+/// verdict) fits, so only this much is copied in and out of the IPC page.
+pub const SMALL_WORDS: usize = 8;
+/// [`SMALL_WORDS`] in bytes.
+pub const SMALL_BODY: usize = SMALL_WORDS * 8;
+/// A body on the core's path, as little-endian words.
+pub type SmallBody = [u64; SMALL_WORDS];
+const HEADER_SIZE: usize = size_of::<MessageHeader>();
+const _: () = assert!(HEADER_SIZE % 8 == 0 && HEADER_SIZE + SMALL_BODY <= MESSAGE_SIZE);
 
-/// Calls service `index` with `msg` from `cpu`.
-pub fn call(cpu: &PerCpu, index: usize, msg: &Message) -> CallResult {
-    let Some(s) = get(index) else { return CallResult::Err(Error::NotSupported) };
-    match s.state.compare_exchange(State::Ready as u8, State::Busy as u8, Ordering::Acquire, Ordering::Acquire) {
+/// Calls service `index` from `cpu` with `header` (a call header whose
+/// `payload_len` bytes of `body` are the request). On return `body` holds
+/// the reply's body; bytes past its length are unspecified.
+/// Returns the service's checked answer: its length, or the error it chose.
+pub fn call(
+    cpu: &PerCpu,
+    index: usize,
+    header: &MessageHeader,
+    body: &mut SmallBody,
+) -> Result<Result<u32, Error>, Error> {
+    let Some(s) = get(index) else {
+        return Err(Error::NotSupported);
+    };
+    if header.payload_len as usize > SMALL_BODY {
+        return Err(Error::InvalidParameters);
+    }
+    match s.state.compare_exchange(
+        State::Ready as u8,
+        State::Busy as u8,
+        Ordering::Acquire,
+        Ordering::Acquire,
+    ) {
         Ok(_) => {}
-        Err(v) if v == State::Failed as u8 => return CallResult::Err(Error::ServiceFailed),
-        Err(_) => return CallResult::Err(Error::Busy),
+        Err(v) if v == State::Failed as u8 => return Err(Error::ServiceFailed),
+        Err(_) => return Err(Error::Busy),
     }
     let outcome = s.with_partition(cpu, || {
         // SAFETY: Busy is ours, so the pending slot is too.
@@ -275,9 +342,9 @@ pub fn call(cpu: &PerCpu, index: usize, msg: &Message) -> CallResult {
             // Finish the suspended call first.
             match s.run(cpu) {
                 Exit::Reply => {
-                    let reply = s.ipc_read();
-                    if p.header == msg.header && p.cpu == cpu.index {
-                        return finish(s, reply, &p.header);
+                    if p.header == *header && p.cpu == cpu.index {
+                        let reply = s.ipc_read(body);
+                        return finish(s, &reply, &p.header);
                     }
                     // Its caller moved on; the result is dropped.
                 }
@@ -288,24 +355,32 @@ pub fn call(cpu: &PerCpu, index: usize, msg: &Message) -> CallResult {
                 Exit::Fault(why, detail) => return Err(fail(s, why, detail)),
             }
         }
-        s.ipc_write(msg);
+        s.ipc_write(header, body);
         // SAFETY: Busy is ours, so the vCPU is too; SVC_REPLY_WAIT returns 0.
         unsafe { (*s.vcpu()).regs.x[0] = 0 };
         match s.run(cpu) {
-            Exit::Reply => finish(s, s.ipc_read(), &msg.header),
+            Exit::Reply => {
+                let reply = s.ipc_read(body);
+                finish(s, &reply, header)
+            }
             Exit::Preempted => {
-                *pending = Some(Pending { header: msg.header, cpu: cpu.index });
+                *pending = Some(Pending {
+                    header: *header,
+                    cpu: cpu.index,
+                });
                 Err(Error::Interrupted)
             }
             Exit::Fault(why, detail) => Err(fail(s, why, detail)),
         }
     });
     // A failed service stays failed; otherwise it is free again.
-    let _ = s.state.compare_exchange(State::Busy as u8, State::Ready as u8, Ordering::Release, Ordering::Relaxed);
-    match outcome {
-        Ok(reply) => CallResult::Reply(reply),
-        Err(e) => CallResult::Err(e),
-    }
+    let _ = s.state.compare_exchange(
+        State::Busy as u8,
+        State::Ready as u8,
+        Ordering::Release,
+        Ordering::Relaxed,
+    );
+    outcome
 }
 
 fn fail(s: &Service, why: &'static str, detail: u64) -> Error {
@@ -314,11 +389,22 @@ fn fail(s: &Service, why: &'static str, detail: u64) -> Error {
 }
 
 /// Checks a reply (already copied out of the IPC page) against its call.
-fn finish(s: &Service, reply: Message, call: &MessageHeader) -> Result<Message, Error> {
-    match reply.check_reply(call) {
-        Ok(_) => Ok(reply),
+/// A reply too long for the core's buffer is the caller's problem (the
+/// interface's reply does not fit this path), not the service's.
+fn finish(
+    s: &Service,
+    reply: &MessageHeader,
+    call: &MessageHeader,
+) -> Result<Result<u32, Error>, Error> {
+    match reply.check_reply_to(call) {
+        Ok(_) if reply.payload_len as usize > SMALL_BODY => Err(Error::InvalidParameters),
+        Ok(Ok(())) => Ok(Ok(reply.payload_len)),
+        Ok(Err(e)) => Ok(Err(e)),
         Err(e) => {
-            s.fail("answered with a malformed reply", u64::from(e.to_error().code() as u32));
+            s.fail(
+                "answered with a malformed reply",
+                u64::from(e.to_error().code() as u32),
+            );
             Err(Error::ServiceFailed)
         }
     }
@@ -332,19 +418,27 @@ pub fn next_sequence(index: usize) -> u32 {
 /// Tells every service that observes `trap`'s class about it.
 pub fn notify_observers(cpu: &PerCpu, trap: &TrapDescriptor) {
     let Some(all) = SERVICES.get() else { return };
-    let Some(class) = moat_abi::trap::TrapClass::from_u32(trap.class) else { return };
+    let Some(class) = moat_abi::trap::TrapClass::from_u32(trap.class) else {
+        return;
+    };
     if !all.routes.is_observed(class) {
         return;
     }
     for index in all.routes.observers(class) {
-        let Some(s) = all.list.get(index) else { continue };
-        let seq = next_sequence(index);
-        let Ok(msg) = Message::call(s.interface_id, moat_abi::trap::OBSERVE_OPERATION, seq, trap.as_bytes()) else {
+        let Some(s) = all.list.get(index) else {
             continue;
         };
+        let mut body: SmallBody = [0; SMALL_WORDS];
+        body.as_mut_bytes()[..size_of::<TrapDescriptor>()].copy_from_slice(trap.as_bytes());
+        let header = MessageHeader::call(
+            s.interface_id,
+            moat_abi::trap::OBSERVE_OPERATION,
+            next_sequence(index),
+            size_of::<TrapDescriptor>() as u32,
+        );
         // A notice is one-way: the reply's content does not matter, and a
         // suspended notice is finished by the service's next call.
-        let _ = call(cpu, index, &msg);
+        let _ = call(cpu, index, &header, &mut body);
     }
 }
 
@@ -393,15 +487,27 @@ struct ServiceHeader {
 }
 
 fn parse_header(image: &[u8]) -> Option<ServiceHeader> {
-    let word = |at: usize| image.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let word = |at: usize| {
+        image
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     if image.get(8..16) != Some(b"MOATSVC1".as_slice()) {
         return None;
     }
     let (text_size, footprint) = (word(16)?, word(24)?);
-    if text_size % PAGE != 0 || footprint % PAGE != 0 || text_size > footprint || (image.len() as u64) > footprint {
+    if text_size % PAGE != 0
+        || footprint % PAGE != 0
+        || text_size > footprint
+        || (image.len() as u64) > footprint
+    {
         return None;
     }
-    Some(ServiceHeader { text_size, footprint })
+    Some(ServiceHeader {
+        text_size,
+        footprint,
+    })
 }
 
 fn alloc_pages(bytes: u64) -> Option<u64> {
@@ -411,12 +517,20 @@ fn alloc_pages(bytes: u64) -> Option<u64> {
     if p.is_null() { None } else { Some(p as u64) }
 }
 
-fn create(index: usize, record: &ServiceRecord, image: Option<&[u8]>, start_level: usize) -> Result<Service, SetupError> {
+fn create(
+    index: usize,
+    record: &ServiceRecord,
+    image: Option<&[u8]>,
+    start_level: usize,
+) -> Result<Service, SetupError> {
     let image = image.ok_or(SetupError::NoImage)?;
     let header = parse_header(image).ok_or(SetupError::BadHeader)?;
     let memory = u64::from(record.memory_bytes.get()).next_multiple_of(PAGE);
     if header.footprint + MIN_STACK > memory {
-        return Err(SetupError::TooLarge { footprint: header.footprint, memory });
+        return Err(SetupError::TooLarge {
+            footprint: header.footprint,
+            memory,
+        });
     }
     let base = alloc_pages(memory).ok_or(SetupError::NoMemory)?;
     let ipc_page = alloc_pages(PAGE).ok_or(SetupError::NoMemory)?;
@@ -426,11 +540,27 @@ fn create(index: usize, record: &ServiceRecord, image: Option<&[u8]>, start_leve
 
     let vmid = 1 + index as u16;
     let mut s2 = super::stage2::StageTwo::new(start_level, vmid);
-    s2.map(SERVICE_BASE_IPA, base, header.text_size, super::stage2::Access::ReadExecute)
-        .map_err(SetupError::StageTwo)?;
-    s2.map(SERVICE_BASE_IPA + header.text_size, base + header.text_size, memory - header.text_size, super::stage2::Access::ReadWrite)
-        .map_err(SetupError::StageTwo)?;
-    s2.map(IPC_PAGE_IPA, ipc_page, PAGE, super::stage2::Access::ReadWrite).map_err(SetupError::StageTwo)?;
+    s2.map(
+        SERVICE_BASE_IPA,
+        base,
+        header.text_size,
+        super::stage2::Access::ReadExecute,
+    )
+    .map_err(SetupError::StageTwo)?;
+    s2.map(
+        SERVICE_BASE_IPA + header.text_size,
+        base + header.text_size,
+        memory - header.text_size,
+        super::stage2::Access::ReadWrite,
+    )
+    .map_err(SetupError::StageTwo)?;
+    s2.map(
+        IPC_PAGE_IPA,
+        ipc_page,
+        PAGE,
+        super::stage2::Access::ReadWrite,
+    )
+    .map_err(SetupError::StageTwo)?;
     let vttbr = s2.activate();
 
     let mut name = heapless::String::new();
@@ -440,7 +570,10 @@ fn create(index: usize, record: &ServiceRecord, image: Option<&[u8]>, start_leve
     vcpu.regs.x[1] = IPC_PAGE_IPA;
     let (now, freq) = sysreg::counter();
     let _ = now;
-    let budget_ticks = u64::from(record.budget_us.get()).max(1).saturating_mul(freq) / 1_000_000;
+    let budget_ticks = u64::from(record.budget_us.get())
+        .max(1)
+        .saturating_mul(freq)
+        / 1_000_000;
     Ok(Service {
         name,
         interface_id: record.interface_id.get(),
@@ -461,7 +594,10 @@ fn create(index: usize, record: &ServiceRecord, image: Option<&[u8]>, start_leve
 /// package) and checks the routing table. A service that cannot be created
 /// is logged and left failed; the rest of the system boots. Returns how many
 /// services there are.
-pub fn create_all(package_services: &[(ServiceRecord, Option<&[u8]>)], start_level: usize) -> Result<usize, moat_kernel::routing::RoutingError> {
+pub fn create_all(
+    package_services: &[(ServiceRecord, Option<&[u8]>)],
+    start_level: usize,
+) -> Result<usize, moat_kernel::routing::RoutingError> {
     let specs: heapless::Vec<RouteSpec, { moat_package::MAX_SERVICES }> = package_services
         .iter()
         .map(|(r, _)| RouteSpec {
@@ -530,6 +666,12 @@ pub fn start_all(cpu: &PerCpu) {
 }
 
 /// The records and images of the package, paired.
-pub fn package_services<'a>(package: &Package<'a>) -> heapless::Vec<(ServiceRecord, Option<&'a [u8]>), { moat_package::MAX_SERVICES }> {
-    package.services().map(|r| (r, package.service_image(&r))).take(moat_package::MAX_SERVICES).collect()
+pub fn package_services<'a>(
+    package: &Package<'a>,
+) -> heapless::Vec<(ServiceRecord, Option<&'a [u8]>), { moat_package::MAX_SERVICES }> {
+    package
+        .services()
+        .map(|r| (r, package.service_image(&r)))
+        .take(moat_package::MAX_SERVICES)
+        .collect()
 }

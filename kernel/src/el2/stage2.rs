@@ -56,11 +56,20 @@ pub struct StageTwo {
 impl StageTwo {
     /// An empty stage-2 whose walk starts at `start_level` (from VTCR_EL2).
     pub fn new(start_level: usize, vmid: u16) -> Self {
-        Self { map: Mapping::new(IdTranslation::new(), start_level, Stage2), vmid }
+        Self {
+            map: Mapping::new(IdTranslation::new(), start_level, Stage2),
+            vmid,
+        }
     }
 
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)`.
-    pub fn map(&mut self, ipa: u64, pa: u64, size: u64, access: Access) -> Result<(), &'static str> {
+    pub fn map(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        access: Access,
+    ) -> Result<(), &'static str> {
         self.map_flags(ipa, pa, size, access.flags())
     }
 
@@ -68,7 +77,12 @@ impl StageTwo {
         let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
         let region = MemoryRegion::new(ipa as usize, end as usize);
         self.map
-            .map_range(&region, PhysicalAddress(pa as usize), flags, Constraints::empty())
+            .map_range(
+                &region,
+                PhysicalAddress(pa as usize),
+                flags,
+                Constraints::empty(),
+            )
             .map_err(|_| "stage-2 mapping failed")
     }
 

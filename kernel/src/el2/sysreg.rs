@@ -85,7 +85,13 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
     unsafe {
         sr::write_vtcr_el2(sr::VtcrEl2::from_bits_retain(config.vtcr));
         sr::write_vttbr_el2(sr::VttbrEl2::from_bits_retain(config.vttbr));
-        core::arch::asm!("isb", "tlbi vmalls12e1", "dsb nsh", "isb", options(nostack, preserves_flags));
+        core::arch::asm!(
+            "isb",
+            "tlbi vmalls12e1",
+            "dsb nsh",
+            "isb",
+            options(nostack, preserves_flags)
+        );
         sr::write_cptr_el2(sr::CptrEl2::from_bits_retain(config.cptr));
         core::arch::asm!("isb", options(nostack, preserves_flags));
         if cpu.sve {
@@ -97,12 +103,16 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
             core::arch::asm!("msr s3_4_c1_c2_6, {v}", v = in(reg) (0xc000_0000u64 | 0x1ff), options(nostack, preserves_flags));
         }
         sr::write_mdcr_el2(sr::MdcrEl2::from_bits_retain(config.mdcr));
-        sr::write_cnthctl_el2(sr::CnthctlEl2::from_bits_retain(moat_kernel::el2config::HOST_CNTHCTL));
+        sr::write_cnthctl_el2(sr::CnthctlEl2::from_bits_retain(
+            moat_kernel::el2config::HOST_CNTHCTL,
+        ));
         sr::write_cntvoff_el2(sr::CntvoffEl2::from_bits_retain(0));
         sr::write_vpidr_el2(sr::VpidrEl2::from_bits_retain(sr::read_midr_el1().bits()));
         sr::write_vmpidr_el2(sr::VmpidrEl2::from_bits_retain(sr::read_mpidr_el1().bits()));
         if cpu.gic_sysregs {
-            sr::write_icc_sre_el2(sr::IccSreEl2::from_bits_retain(moat_kernel::el2config::HOST_ICC_SRE_EL2));
+            sr::write_icc_sre_el2(sr::IccSreEl2::from_bits_retain(
+                moat_kernel::el2config::HOST_ICC_SRE_EL2,
+            ));
             core::arch::asm!("isb", options(nostack, preserves_flags));
             sr::write_ich_hcr_el2(sr::IchHcrEl2::from_bits_retain(0));
         }
@@ -117,7 +127,9 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
             sr::write_hdfgrtr_el2(sr::HdfgrtrEl2::from_bits_retain(0));
             sr::write_hdfgwtr_el2(sr::HdfgwtrEl2::from_bits_retain(0));
         }
-        sr::write_sctlr_el1(sr::SctlrEl1::from_bits_retain(moat_kernel::el2config::SCTLR_EL1_RESET));
+        sr::write_sctlr_el1(sr::SctlrEl1::from_bits_retain(
+            moat_kernel::el2config::SCTLR_EL1_RESET,
+        ));
         sr::write_hcr_el2(sr::HcrEl2::from_bits_retain(config.hcr));
         core::arch::asm!("isb", options(nostack, preserves_flags));
     }
@@ -125,7 +137,11 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
 
 /// PMCR_EL0.N: the number of event counters.
 pub fn pmu_counters(cpu: &CpuFeatures) -> u64 {
-    if cpu.pmuv3 { (sr::read_pmcr_el0().bits() >> 11) & 0x1f } else { 0 }
+    if cpu.pmuv3 {
+        (sr::read_pmcr_el0().bits() >> 11) & 0x1f
+    } else {
+        0
+    }
 }
 
 /// The EL1/EL0 system-register state a partition owns: everything that
@@ -142,7 +158,9 @@ pub struct El1Context {
 }
 
 impl El1Context {
-    pub const ZERO: Self = Self { regs: [0; EL1_REGS] };
+    pub const ZERO: Self = Self {
+        regs: [0; EL1_REGS],
+    };
 
     /// The state of a vCPU at reset: everything zero but SCTLR_EL1's RES1 bits.
     pub const fn reset() -> Self {
@@ -191,10 +209,32 @@ macro_rules! el1_context {
 }
 
 el1_context!(
-    sctlr_el1, ttbr0_el1, ttbr1_el1, tcr_el1, mair_el1, amair_el1, vbar_el1, contextidr_el1,
-    tpidr_el1, tpidr_el0, tpidrro_el0, sp_el0, sp_el1, elr_el1, spsr_el1, esr_el1, far_el1,
-    afsr0_el1, afsr1_el1, par_el1, cpacr_el1, cntkctl_el1, cntv_ctl_el0, cntv_cval_el0,
-    mdscr_el1, csselr_el1,
+    sctlr_el1,
+    ttbr0_el1,
+    ttbr1_el1,
+    tcr_el1,
+    mair_el1,
+    amair_el1,
+    vbar_el1,
+    contextidr_el1,
+    tpidr_el1,
+    tpidr_el0,
+    tpidrro_el0,
+    sp_el0,
+    sp_el1,
+    elr_el1,
+    spsr_el1,
+    esr_el1,
+    far_el1,
+    afsr0_el1,
+    afsr1_el1,
+    par_el1,
+    cpacr_el1,
+    cntkctl_el1,
+    cntv_ctl_el0,
+    cntv_cval_el0,
+    mdscr_el1,
+    csselr_el1,
 );
 
 /// Switches this CPU's EL2 controls between a partition's values.

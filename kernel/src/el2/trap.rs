@@ -23,23 +23,23 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
     if super::panic::is_stopping() {
         super::panic::park();
     }
-    // SAFETY: TPIDR_EL2 pointed at a vCPU (whose frame is its first field),
-    // which the vector just filled; it is stopped while the core runs.
+    // SAFETY: TPIDR_EL2 pointed at a vCPU frame, which the vector just
+    // filled; the vCPU is stopped while the core runs.
+    let regs = unsafe { &mut *frame };
+    let esr = sysreg::esr_el2();
+    // The null hypercall is the floor of every call's cost; answer it first,
+    // for any partition (it changes nothing but x0).
+    if vector_kind == LOWER_SYNC && esr == ESR_HVC0 && regs.x[0] as u32 == hypercall::NULL {
+        regs.x[0] = 0;
+        return frame;
+    }
+    // SAFETY: every frame TPIDR_EL2 names is the first field of a `Vcpu`.
     let kind = unsafe { (*frame.cast::<cpu::Vcpu>()).kind };
     if kind != cpu::VCPU_HOST {
         service::exit_from_service(frame.cast(), vector_kind);
     }
-    // SAFETY: a host frame; nothing else accesses it while the host is
-    // stopped here.
-    let regs = unsafe { &mut *frame };
     if vector_kind != LOWER_SYNC {
         unexpected_vector(regs, vector_kind);
-        return frame;
-    }
-    let esr = sysreg::esr_el2();
-    // The null hypercall is the floor of every call's cost; answer it first.
-    if esr == ESR_HVC0 && regs.x[0] as u32 == hypercall::NULL {
-        regs.x[0] = 0;
         return frame;
     }
     // SAFETY: the host frame is the first field of its PerCpu slot.
@@ -59,14 +59,21 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
         Trap::SysReg(access) => {
             crate::log!(
                 "host CPU {}: system register access op0={} op1={} CRn={} CRm={} op2={} at {:#x} is not implemented: UNDEFINED",
-                this_cpu.index, access.op0, access.op1, access.crn, access.crm, access.op2, regs.pc
+                this_cpu.index,
+                access.op0,
+                access.op1,
+                access.crn,
+                access.crm,
+                access.op2,
+                regs.pc
             );
             inject_undef(regs);
         }
         Trap::Wfx { .. } | Trap::Other { .. } => {
             crate::log!(
                 "host CPU {}: unexpected trap ESR_EL2 {esr:#010x} at {:#x}: UNDEFINED",
-                this_cpu.index, regs.pc
+                this_cpu.index,
+                regs.pc
             );
             inject_undef(regs);
         }
@@ -149,11 +156,24 @@ fn host_stage2_abort(regs: &mut GuestRegs, abort: &StageTwoAbort) {
     let ipa = sysreg::fault_ipa();
     crate::log!(
         "host {} at {:#x} to IPA {ipa:#x} denied ({:?}): synchronous external abort injected",
-        if abort.is_instruction { "fetch" } else if abort.is_write { "write" } else { "read" },
+        if abort.is_instruction {
+            "fetch"
+        } else if abort.is_write {
+            "write"
+        } else {
+            "read"
+        },
         regs.pc,
         abort.fault
     );
-    let inj = inject::external_abort(regs.pc, regs.pstate, &el1_context(), abort.is_instruction, abort.is_write, far);
+    let inj = inject::external_abort(
+        regs.pc,
+        regs.pstate,
+        &el1_context(),
+        abort.is_instruction,
+        abort.is_write,
+        far,
+    );
     apply(regs, &inj);
 }
 
@@ -161,5 +181,8 @@ fn unexpected_vector(regs: &GuestRegs, kind: u64) {
     // IRQ/FIQ/SError are routed to EL1 (HCR_EL2.IMO/FMO/AMO clear) and
     // AArch32 EL1 is disabled (HCR_EL2.RW), so these cannot happen on a
     // correctly configured CPU; report and resume.
-    crate::log!("unexpected exception vector {kind} from a partition at {:#x}; resuming", regs.pc);
+    crate::log!(
+        "unexpected exception vector {kind} from a partition at {:#x}; resuming",
+        regs.pc
+    );
 }

@@ -41,7 +41,10 @@ impl Default for Writer {
 
 impl Writer {
     pub fn new() -> Self {
-        Self { out: Vec::new(), next_ino: 1 }
+        Self {
+            out: Vec::new(),
+            next_ino: 1,
+        }
     }
 
     /// A directory; `path` is relative to the archive's root (`dev`, `bin`).
@@ -66,16 +69,44 @@ impl Writer {
 
     /// Appends the trailer and returns the archive.
     pub fn finish(mut self) -> Vec<u8> {
-        self.header(TRAILER, &Header { ino: 0, mode: 0, nlink: 1, rdev: (0, 0) }, 0);
+        self.header(
+            TRAILER,
+            &Header {
+                ino: 0,
+                mode: 0,
+                nlink: 1,
+                rdev: (0, 0),
+            },
+            0,
+        );
         self.out
     }
 
-    fn entry(&mut self, path: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> &mut Self {
+    fn entry(
+        &mut self,
+        path: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> &mut Self {
         let path = path.trim_start_matches('/');
-        assert!(!path.is_empty() && path != TRAILER, "cpio entry name {path:?} is reserved");
+        assert!(
+            !path.is_empty() && path != TRAILER,
+            "cpio entry name {path:?} is reserved"
+        );
         let ino = self.next_ino;
         self.next_ino += 1;
-        self.header(path, &Header { ino, mode, nlink, rdev }, data.len());
+        self.header(
+            path,
+            &Header {
+                ino,
+                mode,
+                nlink,
+                rdev,
+            },
+            data.len(),
+        );
         self.out.extend_from_slice(data);
         self.pad();
         self
@@ -88,10 +119,12 @@ impl Writer {
         // on a device; `check` is only used by the "070702" variant.
         let (uid, gid, mtime, devmajor, devminor, check) = (0, 0, 0, 0, 0, 0);
         self.out.extend_from_slice(MAGIC);
-        for field in
-            [h.ino, h.mode, uid, gid, h.nlink, mtime, size, devmajor, devminor, h.rdev.0, h.rdev.1, namesize, check]
-        {
-            self.out.extend_from_slice(format!("{field:08x}").as_bytes());
+        for field in [
+            h.ino, h.mode, uid, gid, h.nlink, mtime, size, devmajor, devminor, h.rdev.0, h.rdev.1,
+            namesize, check,
+        ] {
+            self.out
+                .extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.out.extend_from_slice(name.as_bytes());
         self.out.push(0);
@@ -124,8 +157,13 @@ mod tests {
             })
             .collect();
         let namesize = f[11] as usize;
-        let name = std::str::from_utf8(&archive[at + HEADER_LEN..at + HEADER_LEN + namesize - 1]).unwrap();
-        assert_eq!(archive[at + HEADER_LEN + namesize - 1], 0, "name is NUL-terminated");
+        let name =
+            std::str::from_utf8(&archive[at + HEADER_LEN..at + HEADER_LEN + namesize - 1]).unwrap();
+        assert_eq!(
+            archive[at + HEADER_LEN + namesize - 1],
+            0,
+            "name is NUL-terminated"
+        );
         (f, name.to_string())
     }
 
@@ -135,8 +173,7 @@ mod tests {
         w.file("init", 0o755, b"hello");
         let a = w.finish();
         let expected_header = concat!(
-            "070701",
-            "00000001", // ino
+            "070701", "00000001", // ino
             "000081ed", // mode: S_IFREG | 0755
             "00000000", // uid
             "00000000", // gid
@@ -187,7 +224,9 @@ mod tests {
     #[test]
     fn directories_links_and_devices() {
         let mut w = Writer::new();
-        w.dir("/dev", 0o755).char_device("dev/console", 0o600, 5, 1).symlink("bin/sh", "busybox");
+        w.dir("/dev", 0o755)
+            .char_device("dev/console", 0o600, 5, 1)
+            .symlink("bin/sh", "busybox");
         let a = w.finish();
 
         let (f, name) = fields(&a, 0);
@@ -199,7 +238,11 @@ mod tests {
         assert_eq!(name, "dev/console");
         assert_eq!((f[0], f[1], f[6]), (2, 0o020600, 0));
         assert_eq!((f[9], f[10]), (5, 1), "rdevmajor and rdevminor");
-        assert_eq!((f[7], f[8]), (0, 0), "devmajor and devminor are the archive's, not the node's");
+        assert_eq!(
+            (f[7], f[8]),
+            (0, 0),
+            "devmajor and devminor are the archive's, not the node's"
+        );
 
         let at = at + (HEADER_LEN + 12).next_multiple_of(4);
         let (f, name) = fields(&a, at);

@@ -28,22 +28,49 @@ pub struct Built {
 }
 
 fn objcopy(elf: &Path, bin: &Path) -> Result<()> {
-    run(std::process::Command::new(llvm_tool("rust-objcopy")?).arg("-O").arg("binary").arg(elf).arg(bin))
+    run(std::process::Command::new(llvm_tool("rust-objcopy")?)
+        .arg("-O")
+        .arg("binary")
+        .arg(elf)
+        .arg(bin))
 }
 
 /// Builds the core and the test host (release, with debug info).
 pub fn build_all() -> Result<Built> {
-    run(cargo().args(["build", "--release", "--package", "moat-kernel", "--bin", "moat", "--target", CORE_TARGET]))?;
-    run(cargo().args(["build", "--release", "--package", "moat-test-host", "--target", PAYLOAD_TARGET]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "moat-kernel",
+        "--bin",
+        "moat",
+        "--target",
+        CORE_TARGET,
+    ]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "moat-test-host",
+        "--target",
+        PAYLOAD_TARGET,
+    ]))?;
     let out = tools::target_dir().join("images");
     std::fs::create_dir_all(&out)?;
     let core_elf = tools::target_dir().join(CORE_TARGET).join("release/moat");
-    let test_host_elf = tools::target_dir().join(PAYLOAD_TARGET).join("release/test-host");
+    let test_host_elf = tools::target_dir()
+        .join(PAYLOAD_TARGET)
+        .join("release/test-host");
     let core = out.join("moat.bin");
     let test_host = out.join("test-host.bin");
     objcopy(&core_elf, &core)?;
     objcopy(&test_host_elf, &test_host)?;
-    Ok(Built { core, core_elf, test_host, test_host_elf })
+    Ok(Built {
+        core,
+        core_elf,
+        test_host,
+        test_host_elf,
+    })
 }
 
 /// What goes into an image.
@@ -69,7 +96,12 @@ pub fn pack(core: &Path, spec: &ImageSpec, name: &str) -> Result<PathBuf> {
 }
 
 /// As [`pack`], with the replacement device tree given as bytes.
-pub fn pack_with_dtb_bytes(core: &Path, spec: &ImageSpec, dtb: Option<Vec<u8>>, name: &str) -> Result<PathBuf> {
+pub fn pack_with_dtb_bytes(
+    core: &Path,
+    spec: &ImageSpec,
+    dtb: Option<Vec<u8>>,
+    name: &str,
+) -> Result<PathBuf> {
     pack_image(core, spec, dtb, None, name)
 }
 
@@ -90,10 +122,29 @@ pub fn build_services(manifest: &Manifest) -> Result<ServiceSet> {
         let index = match built.iter().find(|(b, _)| *b == s.binary) {
             Some((_, index)) => *index,
             None => {
-                run(cargo().args(["build", "--release", "--package", &s.krate, "--bin", &s.binary, "--target", CORE_TARGET]))
-                    .with_context(|| format!("building service {} (crate {}, binary {})", s.name, s.krate, s.binary))?;
-                let elf = tools::target_dir().join(CORE_TARGET).join("release").join(&s.binary);
-                let bin = tools::target_dir().join("images").join(format!("service-{}.bin", s.binary));
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "--package",
+                    &s.krate,
+                    "--bin",
+                    &s.binary,
+                    "--target",
+                    CORE_TARGET,
+                ]))
+                .with_context(|| {
+                    format!(
+                        "building service {} (crate {}, binary {})",
+                        s.name, s.krate, s.binary
+                    )
+                })?;
+                let elf = tools::target_dir()
+                    .join(CORE_TARGET)
+                    .join("release")
+                    .join(&s.binary);
+                let bin = tools::target_dir()
+                    .join("images")
+                    .join(format!("service-{}.bin", s.binary));
                 objcopy(&elf, &bin)?;
                 set.images.push(read(&bin)?);
                 let index = (set.images.len() - 1) as u32;
@@ -123,12 +174,18 @@ pub fn pack_image(
 ) -> Result<PathBuf> {
     let mut image = read(core)?;
     if image.len() < 64 || &image[56..60] != b"ARM\x64" {
-        bail!("{} is not a Moat core (no arm64 Image header)", core.display());
+        bail!(
+            "{} is not a Moat core (no arm64 Image header)",
+            core.display()
+        );
     }
     // The linker wrote the core's footprint (image through BSS) at offset 16.
     let footprint = u64::from_le_bytes(image[16..24].try_into().expect("8 bytes")) as usize;
     if footprint < image.len() || footprint % PACKAGE_ALIGN as usize != 0 {
-        bail!("core footprint {footprint:#x} is inconsistent with its file size {:#x}", image.len());
+        bail!(
+            "core footprint {footprint:#x} is inconsistent with its file size {:#x}",
+            image.len()
+        );
     }
     image.resize(footprint, 0);
 
@@ -155,7 +212,9 @@ pub fn pack_image(
     let total = image.len() as u64;
     image[16..24].copy_from_slice(&total.to_le_bytes());
 
-    let path = tools::target_dir().join("images").join(format!("{name}.img"));
+    let path = tools::target_dir()
+        .join("images")
+        .join(format!("{name}.img"));
     std::fs::write(&path, &image).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }

@@ -14,11 +14,11 @@
 //! check is fetched again. While the cache is complete nothing touches the
 //! network.
 
+use crate::MachineArgs;
 use crate::cpio;
 use crate::image::{self, ImageSpec};
 use crate::qemu::{self, AfterPass, Harness, Verdict};
 use crate::tools;
-use crate::MachineArgs;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -103,13 +103,16 @@ poweroff -f
 /// `/init` runs instead of starting a shell.
 pub fn initramfs(busybox: &[u8], commands: Option<&str>) -> Vec<u8> {
     let mut w = cpio::Writer::new();
-    for dir in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root"] {
+    for dir in [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root",
+    ] {
         w.dir(dir, 0o755);
     }
     // The console must exist before devtmpfs is mounted: the kernel opens
     // /dev/console for PID 1's standard streams before /init runs.
     w.dir("dev", 0o755).char_device("dev/console", 0o600, 5, 1);
-    w.file("bin/busybox", 0o755, busybox).symlink("bin/sh", "busybox");
+    w.file("bin/busybox", 0o755, busybox)
+        .symlink("bin/sh", "busybox");
     w.file("init", 0o755, init_script().as_bytes());
     if let Some(commands) = commands {
         let mut text = commands.to_string();
@@ -121,7 +124,13 @@ pub fn initramfs(busybox: &[u8], commands: Option<&str>) -> Vec<u8> {
 
 /// The exit status `/init` reported for the commands.
 pub fn exit_status(console: &str) -> Option<i32> {
-    console.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix(MARKER_STATUS)?.trim().parse().ok())
+    console.lines().find_map(|l| {
+        l.trim_end_matches('\r')
+            .strip_prefix(MARKER_STATUS)?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Whether a console line is the kernel's or the core's rather than the
@@ -131,8 +140,12 @@ fn is_log_line(line: &str) -> bool {
     if line.starts_with("moat: ") {
         return true;
     }
-    let Some(rest) = line.strip_prefix('[') else { return false };
-    let Some((stamp, _)) = rest.split_once(']') else { return false };
+    let Some(rest) = line.strip_prefix('[') else {
+        return false;
+    };
+    let Some((stamp, _)) = rest.split_once(']') else {
+        return false;
+    };
     let stamp = stamp.trim_start();
     !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.')
 }
@@ -172,8 +185,10 @@ pub struct Assets {
 pub fn cache_dir() -> Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?)
-            .join(".cache"),
+        None => PathBuf::from(
+            std::env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set")?,
+        )
+        .join(".cache"),
     };
     Ok(base.join("moat/debian"))
 }
@@ -198,9 +213,24 @@ const ROLES: [&str; 2] = ["kernel", "busybox"];
 
 fn parse_manifest(text: &str) -> Option<Vec<Entry>> {
     let mut entries = Vec::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let [role, package, version, sha256, deb, extracted, extracted_sha256] = f[..] else { return None };
+        let [
+            role,
+            package,
+            version,
+            sha256,
+            deb,
+            extracted,
+            extracted_sha256,
+        ] = f[..]
+        else {
+            return None;
+        };
         entries.push(Entry {
             role: role.into(),
             package: package.into(),
@@ -211,7 +241,9 @@ fn parse_manifest(text: &str) -> Option<Vec<Entry>> {
             extracted_sha256: extracted_sha256.into(),
         });
     }
-    let complete = ROLES.iter().all(|r| entries.iter().filter(|e| e.role == *r).count() == 1);
+    let complete = ROLES
+        .iter()
+        .all(|r| entries.iter().filter(|e| e.role == *r).count() == 1);
     (complete && entries.len() == ROLES.len()).then_some(entries)
 }
 
@@ -231,7 +263,8 @@ fn format_manifest(entries: &[Entry]) -> String {
 
 fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -241,7 +274,11 @@ fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn file_matches(path: &Path, sha256: &str) -> bool {
@@ -260,7 +297,10 @@ fn cached_assets(dir: &Path) -> Option<Assets> {
     let entries = parse_manifest(&std::fs::read_to_string(dir.join(MANIFEST)).ok()?)?;
     for e in &entries {
         if !file_matches(&dir.join(&e.deb), &e.sha256) {
-            eprintln!("xtask: {} in the cache does not match its SHA256; fetching it again", e.deb);
+            eprintln!(
+                "xtask: {} in the cache does not match its SHA256; fetching it again",
+                e.deb
+            );
             return None;
         }
         let extracted = dir.join(&e.extracted);
@@ -276,7 +316,12 @@ fn cached_assets(dir: &Path) -> Option<Assets> {
 }
 
 fn assets_from(dir: &Path, entries: &[Entry]) -> Assets {
-    let get = |role: &str| entries.iter().find(|e| e.role == role).expect("manifest has every role");
+    let get = |role: &str| {
+        entries
+            .iter()
+            .find(|e| e.role == role)
+            .expect("manifest has every role")
+    };
     let (k, b) = (get("kernel"), get("busybox"));
     Assets {
         kernel: dir.join(&k.extracted),
@@ -311,13 +356,20 @@ fn manual_commands(dir: &Path) -> String {
 }
 
 fn have(program: &str) -> bool {
-    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -353,24 +405,33 @@ fn kernel_dependency(depends: &str) -> Option<(String, String)> {
 
 /// `a` is a later Debian version than `b`.
 fn newer(a: &str, b: &str) -> bool {
-    Command::new("dpkg").args(["--compare-versions", a, "gt", b]).status().is_ok_and(|s| s.success())
+    Command::new("dpkg")
+        .args(["--compare-versions", a, "gt", b])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// What to download: the unsigned build of the 6.1 kernel the newest
 /// `linux-image-arm64` of the configured suites depends on, and the candidate
 /// `busybox-static`. The same package lists always give the same choice.
 fn resolve() -> Result<Vec<(String, String, String, String)>> {
-    let meta = output(Command::new("apt-cache").args(["show", &format!("{KERNEL_METAPACKAGE}:arm64")]))?;
+    let meta =
+        output(Command::new("apt-cache").args(["show", &format!("{KERNEL_METAPACKAGE}:arm64")]))?;
     let mut best: Option<(String, String, String)> = None;
     for s in stanzas(&meta) {
-        let (Some(version), Some(depends)) = (s.get("Version"), s.get("Depends")) else { continue };
-        let Some((image, image_version)) = kernel_dependency(depends) else { continue };
+        let (Some(version), Some(depends)) = (s.get("Version"), s.get("Depends")) else {
+            continue;
+        };
+        let Some((image, image_version)) = kernel_dependency(depends) else {
+            continue;
+        };
         if best.as_ref().is_none_or(|(v, _, _)| newer(version, v)) {
             best = Some((version.clone(), image, image_version));
         }
     }
-    let (_, image, image_version) =
-        best.with_context(|| format!("apt knows no {KERNEL_METAPACKAGE}:arm64 that depends on a 6.1 kernel"))?;
+    let (_, image, image_version) = best.with_context(|| {
+        format!("apt knows no {KERNEL_METAPACKAGE}:arm64 that depends on a 6.1 kernel")
+    })?;
     let mut wanted = vec![
         ("kernel", format!("{image}-unsigned:arm64={image_version}")),
         ("busybox", format!("{BUSYBOX_PACKAGE}:arm64")),
@@ -378,13 +439,25 @@ fn resolve() -> Result<Vec<(String, String, String, String)>> {
     let mut out = Vec::new();
     for (role, spec) in wanted.drain(..) {
         let text = output(Command::new("apt-cache").args(["show", "--no-all-versions", &spec]))?;
-        let s = stanzas(&text).into_iter().next().with_context(|| format!("apt-cache show {spec}: no package"))?;
-        let field = |k: &str| s.get(k).cloned().with_context(|| format!("apt-cache show {spec}: no {k} field"));
+        let s = stanzas(&text)
+            .into_iter()
+            .next()
+            .with_context(|| format!("apt-cache show {spec}: no package"))?;
+        let field = |k: &str| {
+            s.get(k)
+                .cloned()
+                .with_context(|| format!("apt-cache show {spec}: no {k} field"))
+        };
         let sha = field("SHA256")?;
         if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
             bail!("apt-cache show {spec}: malformed SHA256 {sha:?}");
         }
-        out.push((role.to_string(), field("Package")?, field("Version")?, sha.to_ascii_lowercase()));
+        out.push((
+            role.to_string(),
+            field("Package")?,
+            field("Version")?,
+            sha.to_ascii_lowercase(),
+        ));
     }
     Ok(out)
 }
@@ -397,7 +470,11 @@ fn extract(deb: &Path, role: &str, dest: &Path) -> Result<()> {
     let found = if role == "kernel" {
         std::fs::read_dir(tmp.join("boot"))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz-"))
+            })
             .with_context(|| format!("{} has no /boot/vmlinuz-*", deb.display()))?
     } else {
         tmp.join("bin/busybox")
@@ -430,7 +507,11 @@ fn fetch(dir: &Path) -> Result<Assets> {
             tools::run(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
         }
         eprintln!("xtask: apt-get update (the Debian package cache is incomplete)");
-        tools::run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+        tools::run(
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
     } else {
         eprintln!("xtask: not root: using the package lists apt already has");
     }
@@ -453,10 +534,21 @@ fn fetch(dir: &Path) -> Result<Assets> {
         extract(&path, &role, &dir.join(&extracted))?;
         let extracted_sha256 = sha256_file(&dir.join(&extracted))?;
         eprintln!("xtask: cached {package} {version} (SHA256 {sha256} verified)");
-        entries.push(Entry { role, package, version, sha256, deb, extracted, extracted_sha256 });
+        entries.push(Entry {
+            role,
+            package,
+            version,
+            sha256,
+            deb,
+            extracted,
+            extracted_sha256,
+        });
     }
     let manifest = dir.join(MANIFEST);
-    std::fs::write(manifest.with_extension("partial"), format_manifest(&entries))?;
+    std::fs::write(
+        manifest.with_extension("partial"),
+        format_manifest(&entries),
+    )?;
     std::fs::rename(manifest.with_extension("partial"), &manifest)?;
     remove_stale(dir, &entries);
     Ok(assets_from(dir, &entries))
@@ -487,11 +579,19 @@ fn download(dir: &Path, package: &str, version: &str, dest: &Path, root: bool) -
 
 /// Deletes `.deb`s and extracted files of versions the manifest no longer names.
 fn remove_stale(dir: &Path, entries: &[Entry]) {
-    let keep: Vec<&str> = entries.iter().flat_map(|e| [e.deb.as_str(), e.extracted.as_str()]).collect();
-    let Ok(listing) = std::fs::read_dir(dir) else { return };
+    let keep: Vec<&str> = entries
+        .iter()
+        .flat_map(|e| [e.deb.as_str(), e.extracted.as_str()])
+        .collect();
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return;
+    };
     for path in listing.filter_map(|e| e.ok().map(|e| e.path())) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let ours = name.ends_with(".deb") || name.starts_with("Image-") || name.starts_with("busybox-");
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let ours =
+            name.ends_with(".deb") || name.starts_with("Image-") || name.starts_with("busybox-");
         if ours && path.is_file() && !keep.contains(&name) {
             let _ = std::fs::remove_file(&path);
         }
@@ -500,8 +600,11 @@ fn remove_stale(dir: &Path, entries: &[Entry]) {
 
 /// Writes an initramfs for `commands` to `target/images/<name>.cpio`.
 pub fn write_initramfs(assets: &Assets, commands: Option<&str>, name: &str) -> Result<PathBuf> {
-    let busybox = std::fs::read(&assets.busybox).with_context(|| format!("reading {}", assets.busybox.display()))?;
-    let path = tools::target_dir().join("images").join(format!("{name}.cpio"));
+    let busybox = std::fs::read(&assets.busybox)
+        .with_context(|| format!("reading {}", assets.busybox.display()))?;
+    let path = tools::target_dir()
+        .join("images")
+        .join(format!("{name}.cpio"));
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
     std::fs::write(&path, initramfs(&busybox, commands))?;
     Ok(path)
@@ -524,10 +627,17 @@ pub fn image_spec(assets: &Assets, initramfs: &Path, append: Option<&str>) -> Im
 pub fn run(commands: Option<&str>, append: Option<&str>, machine: &MachineArgs) -> Result<i32> {
     tools::ensure_qemu()?;
     let assets = ensure_assets()?;
-    eprintln!("xtask: Linux: Debian {}; {}", assets.kernel_package, assets.busybox_package);
+    eprintln!(
+        "xtask: Linux: Debian {}; {}",
+        assets.kernel_package, assets.busybox_package
+    );
     let built = image::build_all()?;
     let initrd = write_initramfs(&assets, commands, "linux-run")?;
-    let img = image::pack(&built.core, &image_spec(&assets, &initrd, append), "linux-run")?;
+    let img = image::pack(
+        &built.core,
+        &image_spec(&assets, &initrd, append),
+        "linux-run",
+    )?;
     if commands.is_none() {
         return qemu::run_interactive(&img, machine, false, &built);
     }
@@ -543,16 +653,24 @@ pub fn run(commands: Option<&str>, append: Option<&str>, machine: &MachineArgs) 
     match (exit_status(&out.console), &out.verdict) {
         (Some(status), _) => {
             if out.exit_code != Some(0) {
-                eprintln!("xtask: the commands ended with status {status}, but QEMU exited with {:?}", out.exit_code);
+                eprintln!(
+                    "xtask: the commands ended with status {status}, but QEMU exited with {:?}",
+                    out.exit_code
+                );
             }
             Ok(status)
         }
         (None, Verdict::TimedOut) => {
-            eprintln!("\nxtask: QEMU was stopped after {timeout} s (--timeout) before the commands finished");
+            eprintln!(
+                "\nxtask: QEMU was stopped after {timeout} s (--timeout) before the commands finished"
+            );
             Ok(124)
         }
         (None, _) => {
-            eprintln!("\nxtask: QEMU exited ({:?}) before the commands finished", out.exit_code);
+            eprintln!(
+                "\nxtask: QEMU exited ({:?}) before the commands finished",
+                out.exit_code
+            );
             Ok(out.exit_code.filter(|c| *c != 0).unwrap_or(1))
         }
     }
@@ -566,7 +684,10 @@ mod tests {
     fn bootargs_append_after_the_defaults() {
         assert_eq!(bootargs(None), "console=ttyAMA0 panic=-1");
         assert_eq!(bootargs(Some("  ")), "console=ttyAMA0 panic=-1");
-        assert_eq!(bootargs(Some("loglevel=8 nokaslr")), "console=ttyAMA0 panic=-1 loglevel=8 nokaslr");
+        assert_eq!(
+            bootargs(Some("loglevel=8 nokaslr")),
+            "console=ttyAMA0 panic=-1 loglevel=8 nokaslr"
+        );
     }
 
     #[test]
@@ -575,7 +696,10 @@ mod tests {
                        moat-linux: init started\r\nmoat-linux: running commands\r\n4\r\n\
                        [    2.345678] random: crng init done\r\nmoat: host CPU 0 asked for SYSTEM_OFF\r\n\
                        aarch64\r\n[not a stamp] stays\r\n\r\n4\r\nmoat-linux: exit status 3\r\n[    3.0] later\r\n";
-        assert_eq!(command_output(console), vec!["4", "aarch64", "[not a stamp] stays", "", "4"]);
+        assert_eq!(
+            command_output(console),
+            vec!["4", "aarch64", "[not a stamp] stays", "", "4"]
+        );
         assert_eq!(exit_status(console), Some(3));
         assert_eq!(exit_status("moat-linux: running commands\n"), None);
     }
@@ -607,7 +731,10 @@ mod tests {
         // Incomplete or malformed manifests are not trusted.
         assert_eq!(parse_manifest(&format_manifest(&entries[..1])), None);
         assert_eq!(parse_manifest(&text.replace(" kernel-file", "")), None);
-        assert_eq!(parse_manifest(&format!("{text}{}", format_manifest(&entries[1..]))), None);
+        assert_eq!(
+            parse_manifest(&format!("{text}{}", format_manifest(&entries[1..]))),
+            None
+        );
     }
 
     #[test]
@@ -616,7 +743,10 @@ mod tests {
             kernel_dependency("linux-image-6.1.0-56-arm64 (= 6.1.192-2)"),
             Some(("linux-image-6.1.0-56-arm64".into(), "6.1.192-2".into()))
         );
-        assert_eq!(kernel_dependency("linux-image-6.12.95+deb12-arm64 (= 6.12.95-1~bpo12+1)"), None);
+        assert_eq!(
+            kernel_dependency("linux-image-6.12.95+deb12-arm64 (= 6.12.95-1~bpo12+1)"),
+            None
+        );
         assert_eq!(kernel_dependency("linux-image-6.1.0-rt-arm64 (= 1)"), None);
     }
 
@@ -635,14 +765,24 @@ mod tests {
         std::fs::write(&path, b"abc").unwrap();
         let h = sha256_file(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
     fn initramfs_holds_init_console_and_commands() {
         let a = initramfs(b"BB", Some("nproc"));
         let text = String::from_utf8_lossy(&a);
-        for name in ["init\0", "dev/console\0", "bin/busybox\0", "bin/sh\0", "etc/moat-commands\0", "TRAILER!!!\0"] {
+        for name in [
+            "init\0",
+            "dev/console\0",
+            "bin/busybox\0",
+            "bin/sh\0",
+            "etc/moat-commands\0",
+            "TRAILER!!!\0",
+        ] {
             assert!(text.contains(name), "{name:?} missing");
         }
         assert!(text.contains("nproc\n"));

@@ -123,16 +123,36 @@ fn main() -> Result<()> {
             println!("test host: {}", images.test_host.display());
             Ok(())
         }
-        Command::Run { target: Some(RunTarget::Linux), cmd, host, initrd, append, dtb, gdb, mut machine } => {
+        Command::Run {
+            target: Some(RunTarget::Linux),
+            cmd,
+            host,
+            initrd,
+            append,
+            dtb,
+            gdb,
+            mut machine,
+        } => {
             if host.is_some() || initrd.is_some() || dtb.is_some() || gdb {
-                anyhow::bail!("`run linux` takes no --host, --initrd, --dtb or --gdb: it builds its own image");
+                anyhow::bail!(
+                    "`run linux` takes no --host, --initrd, --dtb or --gdb: it builds its own image"
+                );
             }
             if cmd.is_none() {
                 machine.timeout.get_or_insert(3600);
             }
             std::process::exit(linux::run(cmd.as_deref(), append.as_deref(), &machine)?);
         }
-        Command::Run { target: None, cmd: _, host, initrd, append, dtb, gdb, machine } => {
+        Command::Run {
+            target: None,
+            cmd: _,
+            host,
+            initrd,
+            append,
+            dtb,
+            gdb,
+            machine,
+        } => {
             tools::ensure_qemu()?;
             let built = image::build_all()?;
             let default_demo = host.is_none();
@@ -144,16 +164,25 @@ fn main() -> Result<()> {
                 semihosting_exit: true,
             };
             // The demo image carries the services images/demo.toml declares.
-            let services = if default_demo { Some(image::services_from(Path::new(DEMO_MANIFEST))?) } else { None };
+            let services = if default_demo {
+                Some(image::services_from(Path::new(DEMO_MANIFEST))?)
+            } else {
+                None
+            };
             let dtb_bytes = spec.dtb.as_deref().map(std::fs::read).transpose()?;
             let img = image::pack_image(&built.core, &spec, dtb_bytes, services.as_ref(), "run")?;
             let code = qemu::run_interactive(&img, &machine, gdb, &built)?;
             if default_demo {
-                println!("\nxtask: the demo host ran under Moat and powered the machine off (QEMU status {code}).");
+                println!(
+                    "\nxtask: the demo host ran under Moat and powered the machine off (QEMU status {code})."
+                );
             }
             std::process::exit(code);
         }
-        Command::Test { filter, integration_only } => tests::run_all(filter.as_deref(), integration_only),
+        Command::Test {
+            filter,
+            integration_only,
+        } => tests::run_all(filter.as_deref(), integration_only),
         Command::Bench => tests::bench(),
     }
 }

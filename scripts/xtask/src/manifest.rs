@@ -65,8 +65,16 @@ struct InterfaceInfo {
 fn interface(name: &str) -> Option<InterfaceInfo> {
     use moat_abi::services::{faulty, trace};
     match name {
-        "trace" => Some(InterfaceInfo { id: trace::SERVICE_ID, observes: true, decides: false }),
-        "faulty" => Some(InterfaceInfo { id: faulty::SERVICE_ID, observes: false, decides: false }),
+        "trace" => Some(InterfaceInfo {
+            id: trace::SERVICE_ID,
+            observes: true,
+            decides: false,
+        }),
+        "faulty" => Some(InterfaceInfo {
+            id: faulty::SERVICE_ID,
+            observes: false,
+            decides: false,
+        }),
         _ => None,
     }
 }
@@ -88,7 +96,11 @@ fn class_mask(service: &str, what: &str, names: &[String]) -> Result<u32> {
             Some(c) => mask |= c.bit(),
             None => bail!(
                 "service {service}: unknown trap class {n:?} in `{what}` (known: {})",
-                TrapClass::ALL.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ")
+                TrapClass::ALL
+                    .iter()
+                    .map(|c| c.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -97,7 +109,8 @@ fn class_mask(service: &str, what: &str, names: &[String]) -> Result<u32> {
 
 impl Manifest {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in {}", path.display()))
     }
 
@@ -110,22 +123,35 @@ impl Manifest {
     /// Every check that does not need the built binaries.
     fn check_static(&self) -> Result<()> {
         if self.services.len() > moat_package::MAX_SERVICES {
-            bail!("{} services declared; an image holds at most {}", self.services.len(), moat_package::MAX_SERVICES);
+            bail!(
+                "{} services declared; an image holds at most {}",
+                self.services.len(),
+                moat_package::MAX_SERVICES
+            );
         }
         let mut specs = Vec::new();
         for (i, s) in self.services.iter().enumerate() {
             if s.name.is_empty() || s.name.len() >= SERVICE_NAME_LEN {
-                bail!("service {:?}: names are 1 to {} bytes", s.name, SERVICE_NAME_LEN - 1);
+                bail!(
+                    "service {:?}: names are 1 to {} bytes",
+                    s.name,
+                    SERVICE_NAME_LEN - 1
+                );
             }
             if self.services[..i].iter().any(|t| t.name == s.name) {
                 bail!("service {}: declared twice", s.name);
             }
-            let info = interface(&s.interface)
-                .with_context(|| format!("service {}: unknown interface {:?}", s.name, s.interface))?;
-            let memory = parse_size(&s.memory)
-                .with_context(|| format!("service {}: memory {:?} is not a size", s.name, s.memory))?;
+            let info = interface(&s.interface).with_context(|| {
+                format!("service {}: unknown interface {:?}", s.name, s.interface)
+            })?;
+            let memory = parse_size(&s.memory).with_context(|| {
+                format!("service {}: memory {:?} is not a size", s.name, s.memory)
+            })?;
             if memory % 4096 != 0 || memory > u64::from(u32::MAX) {
-                bail!("service {}: memory must be a whole number of 4 KiB pages below 4 GiB", s.name);
+                bail!(
+                    "service {}: memory must be a whole number of 4 KiB pages below 4 GiB",
+                    s.name
+                );
             }
             if s.budget_us == 0 {
                 bail!("service {}: budget-us must be positive", s.name);
@@ -133,19 +159,36 @@ impl Manifest {
             let observes = class_mask(&s.name, "observes", &s.observes)?;
             let handles = class_mask(&s.name, "handles", &s.handles)?;
             if observes != 0 && !info.observes {
-                bail!("service {}: interface {} cannot observe traps", s.name, s.interface);
+                bail!(
+                    "service {}: interface {} cannot observe traps",
+                    s.name,
+                    s.interface
+                );
             }
             if handles != 0 && !info.decides {
-                bail!("service {}: interface {} cannot decide traps", s.name, s.interface);
+                bail!(
+                    "service {}: interface {} cannot decide traps",
+                    s.name,
+                    s.interface
+                );
             }
             let (first, count) = s.hypercalls.as_ref().map_or((0, 0), |h| (h.first, h.count));
-            specs.push(RouteSpec { first, count, observes, handles });
+            specs.push(RouteSpec {
+                first,
+                count,
+                observes,
+                handles,
+            });
         }
         RoutingTable::build(&specs).map_err(|e| {
             let name = |i: usize| self.services.get(i).map_or("?", |s| s.name.as_str());
             match e {
                 RoutingError::Overlap { first, second } => {
-                    anyhow::anyhow!("services {} and {} have overlapping hypercall ranges", name(first), name(second))
+                    anyhow::anyhow!(
+                        "services {} and {} have overlapping hypercall ranges",
+                        name(first),
+                        name(second)
+                    )
                 }
                 RoutingError::OutOfRange { service } => anyhow::anyhow!(
                     "service {}: hypercall range must lie within {:#x}..{:#x}",
@@ -153,7 +196,11 @@ impl Manifest {
                     moat_abi::hypercall::SERVICE_RANGE_START,
                     moat_abi::hypercall::SERVICE_RANGE_END
                 ),
-                RoutingError::TwoHandlers { class, first, second } => anyhow::anyhow!(
+                RoutingError::TwoHandlers {
+                    class,
+                    first,
+                    second,
+                } => anyhow::anyhow!(
                     "services {} and {} both handle {} traps",
                     name(first),
                     name(second),
@@ -172,7 +219,11 @@ impl Manifest {
         let info = interface(&s.interface).context("checked above")?;
         let memory = parse_size(&s.memory).context("checked above")?;
         if image.get(8..16) != Some(b"MOATSVC1".as_slice()) {
-            bail!("service {}: binary {} has no service header (is it built with moat-rt?)", s.name, s.binary);
+            bail!(
+                "service {}: binary {} has no service header (is it built with moat-rt?)",
+                s.name,
+                s.binary
+            );
         }
         let footprint = u64::from_le_bytes(image[24..32].try_into()?);
         if footprint + MIN_STACK > memory {
@@ -238,14 +289,28 @@ observes = ["smc"]
 
     #[test]
     fn overlapping_ranges() {
-        let text = format!("{GOOD}\n{}", GOOD.replace("host = \"test-host\"", "").replace("\"trace\"\ncrate", "\"trace2\"\ncrate").replace("0x1000", "0x1003"));
-        assert!(err(&text).contains("services trace and trace2 have overlapping hypercall ranges"), "{}", err(&text));
+        let text = format!(
+            "{GOOD}\n{}",
+            GOOD.replace("host = \"test-host\"", "")
+                .replace("\"trace\"\ncrate", "\"trace2\"\ncrate")
+                .replace("0x1000", "0x1003")
+        );
+        assert!(
+            err(&text).contains("services trace and trace2 have overlapping hypercall ranges"),
+            "{}",
+            err(&text)
+        );
     }
 
     #[test]
     fn unknown_things() {
-        assert!(err(&GOOD.replace("interface = \"trace\"", "interface = \"nope\"")).contains("unknown interface \"nope\""));
-        assert!(err(&GOOD.replace("[\"smc\"]", "[\"irq\"]")).contains("unknown trap class \"irq\""));
+        assert!(
+            err(&GOOD.replace("interface = \"trace\"", "interface = \"nope\""))
+                .contains("unknown interface \"nope\"")
+        );
+        assert!(
+            err(&GOOD.replace("[\"smc\"]", "[\"irq\"]")).contains("unknown trap class \"irq\"")
+        );
         assert!(err(&GOOD.replace("budget-us", "budget-ms")).contains("unknown field"));
         assert!(err(&GOOD.replace("\"64K\"", "\"lots\"")).contains("is not a size"));
         assert!(err(&GOOD.replace("0x1000", "0x10")).contains("hypercall range must lie within"));

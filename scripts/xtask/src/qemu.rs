@@ -27,7 +27,9 @@ fn machine_command(m: &MachineArgs, virtualization: bool, on_reset: OnReset) -> 
     let mte = if m.no_mte { "off" } else { "on" };
     let virt = if virtualization { "on" } else { "off" };
     c.arg("-M")
-        .arg(format!("virt,virtualization={virt},mte={mte},gic-version={gic}"))
+        .arg(format!(
+            "virt,virtualization={virt},mte={mte},gic-version={gic}"
+        ))
         .args(["-cpu", "max", "-smp", &m.smp.to_string(), "-m", &m.mem])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none"]);
     if on_reset == OnReset::Exit {
@@ -42,9 +44,17 @@ pub fn command(image: &Path, m: &MachineArgs, extra: &[&str]) -> Command {
 }
 
 /// As [`command`], choosing what a machine reset does.
-pub fn command_on_reset(image: &Path, m: &MachineArgs, extra: &[&str], on_reset: OnReset) -> Command {
+pub fn command_on_reset(
+    image: &Path,
+    m: &MachineArgs,
+    extra: &[&str],
+    on_reset: OnReset,
+) -> Command {
     let mut c = machine_command(m, true, on_reset);
-    c.args(["-semihosting-config", "enable=on,target=native"]).arg("-kernel").arg(image).args(extra);
+    c.args(["-semihosting-config", "enable=on,target=native"])
+        .arg("-kernel")
+        .arg(image)
+        .args(extra);
     c
 }
 
@@ -52,9 +62,19 @@ pub fn command_on_reset(image: &Path, m: &MachineArgs, extra: &[&str], on_reset:
 /// under Moat is compared with. `virtualization=off` makes QEMU enter the
 /// kernel at EL1, where it runs under Moat too, so both boots take the same
 /// path through the kernel (no KVM/EL2 setup in either).
-pub fn linux_direct_command(kernel: &Path, initrd: &Path, append: &str, m: &MachineArgs) -> Command {
+pub fn linux_direct_command(
+    kernel: &Path,
+    initrd: &Path,
+    append: &str,
+    m: &MachineArgs,
+) -> Command {
     let mut c = machine_command(m, false, OnReset::Exit);
-    c.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd).arg("-append").arg(append);
+    c.arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(append);
     c
 }
 
@@ -85,14 +105,26 @@ pub fn run_interactive(image: &Path, m: &MachineArgs, gdb: bool, built: &Built) 
             built.core_elf.display(),
             built.test_host_elf.display()
         );
-        println!("  (the test host is position-independent: add `-o <load address>` from the core's log)");
+        println!(
+            "  (the test host is position-independent: add `-o <load address>` from the core's log)"
+        );
     }
-    let mut child = cmd.stdin(Stdio::inherit()).spawn().context("starting qemu-system-aarch64")?;
-    let timeout = if gdb { Duration::from_secs(24 * 3600) } else { Duration::from_secs(m.timeout()) };
+    let mut child = cmd
+        .stdin(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-system-aarch64")?;
+    let timeout = if gdb {
+        Duration::from_secs(24 * 3600)
+    } else {
+        Duration::from_secs(m.timeout())
+    };
     match wait_with_timeout(&mut child, timeout)? {
         Some(code) => Ok(code),
         None => {
-            eprintln!("xtask: QEMU was stopped after {} s (--timeout)", m.timeout());
+            eprintln!(
+                "xtask: QEMU was stopped after {} s (--timeout)",
+                m.timeout()
+            );
             Ok(124)
         }
     }
@@ -145,13 +177,71 @@ pub struct Outcome {
     pub passed_after: Option<f64>,
 }
 
-/// Whether every pass pattern appears in `console` as often as it is listed.
-fn all_passed(pass: &[&str], console: &str) -> bool {
-    !pass.is_empty()
-        && pass.iter().enumerate().all(|(i, p)| {
-            let wanted = pass[..=i].iter().filter(|q| *q == p).count();
-            console.matches(p).count() >= wanted
-        })
+/// Matches a growing console against a harness's patterns. Complete lines
+/// are examined once each, so the cost stays linear however finely QEMU
+/// splits its output (the PL011 is written a character at a time).
+struct Watcher<'a> {
+    pass: &'a [&'a str],
+    fail: &'a [&'a str],
+    /// Byte offset of the first line not yet complete.
+    line_start: usize,
+    /// Occurrences of each pass pattern in the complete lines.
+    seen: Vec<usize>,
+}
+
+/// What the console shows so far.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// This line carries a fail pattern.
+    Failed(String),
+    /// Every pass pattern has appeared (as often as it is listed).
+    Passed,
+    Pending,
+}
+
+impl<'a> Watcher<'a> {
+    fn new(pass: &'a [&'a str], fail: &'a [&'a str]) -> Self {
+        Self {
+            pass,
+            fail,
+            line_start: 0,
+            seen: vec![0; pass.len()],
+        }
+    }
+
+    fn failing(&self, line: &str) -> bool {
+        self.fail.iter().any(|f| line.contains(f))
+    }
+
+    /// Looks at what was appended to `console` since the last call.
+    fn update(&mut self, console: &str) -> Progress {
+        let new = &console[self.line_start..];
+        let complete = new.rfind('\n').map_or(0, |i| i + 1);
+        for line in new[..complete].lines() {
+            if self.failing(line) {
+                return Progress::Failed(line.to_string());
+            }
+            for (seen, p) in self.seen.iter_mut().zip(self.pass) {
+                *seen += line.matches(p).count();
+            }
+        }
+        self.line_start += complete;
+        // The unfinished last line counts too, without being consumed.
+        let tail = &new[complete..];
+        if self.failing(tail) {
+            return Progress::Failed(tail.to_string());
+        }
+        let passed = !self.pass.is_empty()
+            && self.pass.iter().zip(&self.seen).all(|(p, seen)| {
+                let wanted = self.pass.iter().filter(|q| *q == p).count();
+                seen + tail.matches(p).count() >= wanted
+            });
+        if passed {
+            Progress::Passed
+        } else {
+            Progress::Pending
+        }
+    }
 }
 
 /// Boots `cmd`, watching its console. Any fail pattern ends the run at once.
@@ -190,6 +280,7 @@ pub fn run_harnessed(mut cmd: Command, h: &Harness<'_>) -> Result<Outcome> {
         console.push_str(&String::from_utf8_lossy(bytes));
     };
     let deadline = start + h.timeout;
+    let mut watcher = Watcher::new(h.pass, h.fail);
     let mut console = String::new();
     let mut verdict = None;
     let mut exit_code = None;
@@ -200,7 +291,12 @@ pub fn run_harnessed(mut cmd: Command, h: &Harness<'_>) -> Result<Outcome> {
             break;
         }
         match rx.recv_timeout((deadline - now).min(Duration::from_millis(50))) {
-            Ok(bytes) => take(&mut console, &bytes),
+            Ok(bytes) => {
+                take(&mut console, &bytes);
+                while let Ok(more) = rx.try_recv() {
+                    take(&mut console, &more);
+                }
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 exit_code = child.wait()?.code();
@@ -208,16 +304,19 @@ pub fn run_harnessed(mut cmd: Command, h: &Harness<'_>) -> Result<Outcome> {
             }
         }
         if verdict.is_none() {
-            if let Some(line) = console.lines().find(|l| h.fail.iter().any(|f| l.contains(f))) {
-                verdict = Some(Verdict::Failed(line.to_string()));
-                break;
-            }
-            if all_passed(h.pass, &console) {
-                verdict = Some(Verdict::Passed);
-                passed_after = Some(start.elapsed().as_secs_f64());
-                if h.after_pass == AfterPass::Stop {
+            match watcher.update(&console) {
+                Progress::Failed(line) => {
+                    verdict = Some(Verdict::Failed(line));
                     break;
                 }
+                Progress::Passed => {
+                    verdict = Some(Verdict::Passed);
+                    passed_after = Some(start.elapsed().as_secs_f64());
+                    if h.after_pass == AfterPass::Stop {
+                        break;
+                    }
+                }
+                Progress::Pending => {}
             }
         }
         if let Some(status) = child.try_wait()? {
@@ -236,10 +335,10 @@ pub fn run_harnessed(mut cmd: Command, h: &Harness<'_>) -> Result<Outcome> {
     }
     // Late output may still carry a fail pattern or complete the pass set.
     if verdict.is_none() || verdict == Some(Verdict::Passed) {
-        if let Some(line) = console.lines().find(|l| h.fail.iter().any(|f| l.contains(f))) {
-            verdict = Some(Verdict::Failed(line.to_string()));
-        } else if all_passed(h.pass, &console) {
-            verdict = Some(Verdict::Passed);
+        match Watcher::new(h.pass, h.fail).update(&console) {
+            Progress::Failed(line) => verdict = Some(Verdict::Failed(line)),
+            Progress::Passed => verdict = Some(Verdict::Passed),
+            Progress::Pending => {}
         }
     }
     let verdict = match verdict {
@@ -247,18 +346,56 @@ pub fn run_harnessed(mut cmd: Command, h: &Harness<'_>) -> Result<Outcome> {
         None if exit_code.is_some() => Verdict::Exited(exit_code),
         None => Verdict::TimedOut,
     };
-    Ok(Outcome { verdict, console, exit_code, seconds: start.elapsed().as_secs_f64(), passed_after })
+    Ok(Outcome {
+        verdict,
+        console,
+        exit_code,
+        seconds: start.elapsed().as_secs_f64(),
+        passed_after,
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::all_passed;
+    use super::{Progress, Watcher};
+
+    fn once(pass: &[&str], fail: &[&str], console: &str) -> Progress {
+        Watcher::new(pass, fail).update(console)
+    }
 
     #[test]
     fn repeated_pass_patterns_count_occurrences() {
-        assert!(all_passed(&["a", "b"], "b then a"));
-        assert!(!all_passed(&["boot", "boot"], "boot once"));
-        assert!(all_passed(&["boot", "x", "boot"], "boot x boot"));
-        assert!(!all_passed(&[], "anything"));
+        assert_eq!(once(&["a", "b"], &[], "b then\na"), Progress::Passed);
+        assert_eq!(
+            once(&["boot", "boot"], &[], "boot once\n"),
+            Progress::Pending
+        );
+        assert_eq!(
+            once(&["boot", "x", "boot"], &[], "boot\nx\nboot"),
+            Progress::Passed
+        );
+        assert_eq!(once(&[], &[], "anything\n"), Progress::Pending);
+    }
+
+    #[test]
+    fn output_split_anywhere_gives_the_same_result() {
+        let console = "moat: start\nline with PASS\nsecond PASS\nKernel panic - not syncing\n";
+        for step in [1, 2, 3, 7, console.len()] {
+            let mut w = Watcher::new(&["PASS", "PASS"], &["Kernel panic"]);
+            let mut shown = String::new();
+            let mut results = Vec::new();
+            for chunk in console.as_bytes().chunks(step) {
+                shown.push_str(std::str::from_utf8(chunk).unwrap());
+                results.push(w.update(&shown));
+            }
+            if step < console.len() {
+                assert!(results.contains(&Progress::Passed), "step {step}");
+            }
+            assert_eq!(
+                results.last(),
+                Some(&Progress::Failed("Kernel panic - not syncing".into())),
+                "step {step}"
+            );
+        }
     }
 }

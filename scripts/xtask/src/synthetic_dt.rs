@@ -46,7 +46,14 @@ pub fn virt_tree(parts: &Parts) -> Result<Vec<u8>> {
     w.end_node(cpus)?;
 
     let psci = w.begin_node("psci")?;
-    w.property_string_list("compatible", vec!["arm,psci-1.0".into(), "arm,psci-0.2".into(), "arm,psci".into()])?;
+    w.property_string_list(
+        "compatible",
+        vec![
+            "arm,psci-1.0".into(),
+            "arm,psci-0.2".into(),
+            "arm,psci".into(),
+        ],
+    )?;
     w.property_string("method", "smc")?;
     w.end_node(psci)?;
 
@@ -62,7 +69,10 @@ pub fn virt_tree(parts: &Parts) -> Result<Vec<u8>> {
 
     if parts.uart {
         let uart = w.begin_node("pl011@9000000")?;
-        w.property_string_list("compatible", vec!["arm,pl011".into(), "arm,primecell".into()])?;
+        w.property_string_list(
+            "compatible",
+            vec!["arm,pl011".into(), "arm,primecell".into()],
+        )?;
         w.property_array_u64("reg", &[0x0900_0000, 0x1000])?;
         w.end_node(uart)?;
     }

@@ -9,12 +9,12 @@
 //! initramfs whose `/init` runs the case's shell commands (see `linux.rs`),
 //! and check the commands' output line by line.
 
+use crate::MachineArgs;
 use crate::image::{self, Built, ImageSpec};
 use crate::linux::{self, Assets};
 use crate::qemu::{self, AfterPass, Harness, OnReset, Verdict};
 use crate::synthetic_dt::{self, Parts};
 use crate::tools::{self, cargo, run};
-use crate::MachineArgs;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,7 +23,13 @@ use std::time::Duration;
 const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: FAIL"];
 
 fn machine(smp: u32, gic: &str) -> MachineArgs {
-    MachineArgs { smp, mem: "1G".into(), gic: gic.into(), no_mte: false, timeout: Some(60) }
+    MachineArgs {
+        smp,
+        mem: "1G".into(),
+        gic: gic.into(),
+        no_mte: false,
+        timeout: Some(60),
+    }
 }
 
 /// Where a test's host payload comes from.
@@ -31,7 +37,9 @@ enum Host {
     TestHost,
     External,
     /// Debian's Linux with an initramfs running these shell commands.
-    Linux { commands: &'static str },
+    Linux {
+        commands: &'static str,
+    },
 }
 
 /// Which device tree the core boots with.
@@ -62,7 +70,11 @@ struct Case {
 }
 
 fn host_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str]) -> Case {
-    let mut pass = vec!["entering the host", "test-host: ok   running at EL1", "test-host: PASS"];
+    let mut pass = vec![
+        "entering the host",
+        "test-host: ok   running at EL1",
+        "test-host: PASS",
+    ];
     pass.extend_from_slice(extra_pass);
     Case {
         name,
@@ -98,12 +110,20 @@ fn bad_tree(name: &'static str, tree: Tree, message: &'static str) -> Case {
 fn cases() -> Vec<Case> {
     vec![
         host_boot("boot_gicv3", 1, "v3", &["GICv3"]),
-        host_boot("boot_gicv2_two_cpus", 2, "v2", &["GICv2", "test-host: CPU 1 online at EL1"]),
+        host_boot(
+            "boot_gicv2_two_cpus",
+            2,
+            "v2",
+            &["GICv2", "test-host: CPU 1 online at EL1"],
+        ),
         host_boot(
             "boot_four_cpus_through_psci_relay",
             4,
             "v3",
-            &["test-host: CPU 3 online at EL1", "test-host: ok   3 secondary CPU(s) ran at EL1"],
+            &[
+                "test-host: CPU 3 online at EL1",
+                "test-host: ok   3 secondary CPU(s) ran at EL1",
+            ],
         ),
         host_boot(
             "host_touching_hypervisor_memory_gets_an_abort",
@@ -122,20 +142,36 @@ fn cases() -> Vec<Case> {
             "v3",
             &["host CPU 0 asked for SYSTEM_OFF", "test-host: powering off"],
         ),
-        bad_tree("bad_dt_truncated", Tree::Truncated, "boot failed: device tree: device tree is truncated"),
+        bad_tree(
+            "bad_dt_truncated",
+            Tree::Truncated,
+            "boot failed: device tree: device tree is truncated",
+        ),
         bad_tree(
             "bad_dt_without_memory",
-            Tree::Synthetic(Parts { memory: false, uart: true, gic: true }),
+            Tree::Synthetic(Parts {
+                memory: false,
+                uart: true,
+                gic: true,
+            }),
             "boot failed: device tree: device tree has no memory node",
         ),
         bad_tree(
             "bad_dt_without_uart",
-            Tree::Synthetic(Parts { memory: true, uart: false, gic: true }),
+            Tree::Synthetic(Parts {
+                memory: true,
+                uart: false,
+                gic: true,
+            }),
             "boot failed: device tree: device tree has no PL011 UART",
         ),
         bad_tree(
             "bad_dt_without_gic",
-            Tree::Synthetic(Parts { memory: true, uart: true, gic: false }),
+            Tree::Synthetic(Parts {
+                memory: true,
+                uart: true,
+                gic: false,
+            }),
             "boot failed: device tree: device tree has no GICv2 or GICv3",
         ),
         Case {
@@ -144,7 +180,10 @@ fn cases() -> Vec<Case> {
             bootargs: Some("x=1 moat.test=external"),
             tree: Tree::Firmware,
             machine: machine(1, "v3"),
-            pass: vec!["raw binary", "external payload: bootargs=x=1 moat.test=external"],
+            pass: vec![
+                "raw binary",
+                "external payload: bootargs=x=1 moat.test=external",
+            ],
             fail: vec!["boot failed"],
             exit_code: Some(0),
             on_reset: OnReset::Exit,
@@ -152,12 +191,27 @@ fn cases() -> Vec<Case> {
             timeout: 30,
         },
         linux_boot("linux_one_cpu_gicv3", 1, "v3", &["GICv3"]),
-        linux_boot("linux_four_cpus_gicv3", 4, "v3", &["GICv3", "smp: Brought up 1 node, 4 CPUs"]),
-        linux_boot("linux_two_cpus_gicv2", 2, "v2", &["GICv2", "smp: Brought up 1 node, 2 CPUs"]),
+        linux_boot(
+            "linux_four_cpus_gicv3",
+            4,
+            "v3",
+            &["GICv3", "smp: Brought up 1 node, 4 CPUs"],
+        ),
+        linux_boot(
+            "linux_two_cpus_gicv2",
+            2,
+            "v2",
+            &["GICv2", "smp: Brought up 1 node, 2 CPUs"],
+        ),
         Case {
             check: Some(Box::new(check_sleep_one_second)),
             // Busybox's date has no %N; /proc/uptime counts in hundredths.
-            ..linux_case("linux_sleep_1_takes_one_second", 1, "v3", "cat /proc/uptime; sleep 1; cat /proc/uptime")
+            ..linux_case(
+                "linux_sleep_1_takes_one_second",
+                1,
+                "v3",
+                "cat /proc/uptime; sleep 1; cat /proc/uptime",
+            )
         },
         Case {
             pass: vec![
@@ -167,16 +221,34 @@ fn cases() -> Vec<Case> {
                 "still running",
             ],
             check: Some(Box::new(check_hypervisor_hidden)),
-            ..linux_case("linux_host_cannot_see_the_hypervisor", 1, "v3", HIDDEN_HYPERVISOR_COMMANDS)
+            ..linux_case(
+                "linux_host_cannot_see_the_hypervisor",
+                1,
+                "v3",
+                HIDDEN_HYPERVISOR_COMMANDS,
+            )
         },
         Case {
-            pass: vec![linux::MARKER_COMMANDS, "powering off now", "asked for SYSTEM_OFF"],
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "powering off now",
+                "asked for SYSTEM_OFF",
+            ],
             fail: [linux::FAIL_PATTERNS, &["not reached"]].concat(),
-            check: Some(Box::new(|console: &str| match linux::exit_status(console) {
-                None => Ok(()),
-                Some(s) => Err(format!("/init reported status {s}: the commands' poweroff did not end the machine")),
+            check: Some(Box::new(|console: &str| {
+                match linux::exit_status(console) {
+                    None => Ok(()),
+                    Some(s) => Err(format!(
+                        "/init reported status {s}: the commands' poweroff did not end the machine"
+                    )),
+                }
             })),
-            ..linux_case("linux_poweroff_ends_qemu_with_status_0", 1, "v3", "echo powering off now; poweroff -f; sleep 5; echo not reached")
+            ..linux_case(
+                "linux_poweroff_ends_qemu_with_status_0",
+                1,
+                "v3",
+                "echo powering off now; poweroff -f; sleep 5; echo not reached",
+            )
         },
         Case {
             // Two boots of the core and two of the shell: the second boot
@@ -204,7 +276,11 @@ fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -
         bootargs: None,
         tree: Tree::Firmware,
         machine: machine(smp, gic),
-        pass: vec![linux::MARKER_COMMANDS, "moat-linux: exit status 0", "asked for SYSTEM_OFF"],
+        pass: vec![
+            linux::MARKER_COMMANDS,
+            "moat-linux: exit status 0",
+            "asked for SYSTEM_OFF",
+        ],
         fail: linux::FAIL_PATTERNS.to_vec(),
         exit_code: Some(0),
         on_reset: OnReset::Exit,
@@ -215,7 +291,12 @@ fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -
 
 /// Linux boots on `smp` CPUs and sees all of them.
 fn linux_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str]) -> Case {
-    let mut case = linux_case(name, smp, gic, "nproc; uname -m; grep -c processor /proc/cpuinfo");
+    let mut case = linux_case(
+        name,
+        smp,
+        gic,
+        "nproc; uname -m; grep -c processor /proc/cpuinfo",
+    );
     case.pass.extend_from_slice(extra_pass);
     let n = smp.to_string();
     case.check = Some(expect_lines(vec![n.clone(), "aarch64".into(), n]));
@@ -226,7 +307,13 @@ fn linux_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static st
 fn expect_lines(expected: Vec<String>) -> Check {
     Box::new(move |console| {
         let got = linux::command_output(console);
-        if got == expected { Ok(()) } else { Err(format!("the commands printed {got:?}, expected {expected:?}")) }
+        if got == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "the commands printed {got:?}, expected {expected:?}"
+            ))
+        }
     })
 }
 
@@ -234,8 +321,13 @@ fn expect_lines(expected: Vec<String>) -> Check {
 fn check_sleep_one_second(console: &str) -> Result<(), String> {
     let out = linux::command_output(console);
     // "12.34 10.56": seconds since boot, then seconds idle.
-    let times: Vec<f64> = out.iter().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
-    let [before, after] = times[..] else { return Err(format!("expected two timestamps, got {out:?}")) };
+    let times: Vec<f64> = out
+        .iter()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    let [before, after] = times[..] else {
+        return Err(format!("expected two timestamps, got {out:?}"));
+    };
     let elapsed = after - before;
     if (0.9..=1.5).contains(&elapsed) {
         println!("    sleep 1 took {elapsed:.3} s in the guest");
@@ -272,14 +364,27 @@ fn check_hypervisor_hidden(console: &str) -> Result<(), String> {
     // "moat: carve-out 0x7e000000..0x80000000 (32 MiB: ...)"
     let (start, end) = console
         .lines()
-        .find_map(|l| l.strip_prefix("moat: carve-out ")?.split_once(' ')?.0.split_once(".."))
+        .find_map(|l| {
+            l.strip_prefix("moat: carve-out ")?
+                .split_once(' ')?
+                .0
+                .split_once("..")
+        })
         .and_then(|(a, b)| Some((hex(a)?, hex(b)?)))
         .ok_or("the core logged no carve-out")?;
     let out = linux::command_output(console);
-    let node = out.iter().find_map(|l| l.strip_prefix("carve-out node: ")).ok_or("no carve-out node found")?;
-    let base = node.strip_prefix("moat@").and_then(hex).ok_or(format!("odd node name {node:?}"))?;
+    let node = out
+        .iter()
+        .find_map(|l| l.strip_prefix("carve-out node: "))
+        .ok_or("no carve-out node found")?;
+    let base = node
+        .strip_prefix("moat@")
+        .and_then(hex)
+        .ok_or(format!("odd node name {node:?}"))?;
     if base != start {
-        return Err(format!("the guest's moat@ node says {base:#x}, the core's carve-out starts at {start:#x}"));
+        return Err(format!(
+            "the guest's moat@ node says {base:#x}, the core's carve-out starts at {start:#x}"
+        ));
     }
     // Top-level /proc/iomem lines: "40000000-7dffffff : System RAM".
     let resources: Vec<(u64, u64, &str)> = out
@@ -292,10 +397,19 @@ fn check_hypervisor_hidden(console: &str) -> Result<(), String> {
         })
         .collect();
     if !resources.contains(&(start, end - 1, "reserved")) {
-        return Err(format!("/proc/iomem has no \"reserved\" {start:x}-{:x}: {resources:x?}", end - 1));
+        return Err(format!(
+            "/proc/iomem has no \"reserved\" {start:x}-{:x}: {resources:x?}",
+            end - 1
+        ));
     }
-    if let Some(r) = resources.iter().find(|(a, b, n)| *n == "System RAM" && *a < end && *b >= start) {
-        return Err(format!("System RAM {:x}-{:x} overlaps the carve-out", r.0, r.1));
+    if let Some(r) = resources
+        .iter()
+        .find(|(a, b, n)| *n == "System RAM" && *a < end && *b >= start)
+    {
+        return Err(format!(
+            "System RAM {:x}-{:x} overlaps the carve-out",
+            r.0, r.1
+        ));
     }
     for (what, want) in [("devmem status: ", Some(135)), ("dd status: ", None)] {
         let status: i32 = out
@@ -318,19 +432,39 @@ pub fn build_external_payload() -> Result<PathBuf> {
     let target_dir = tools::target_dir().join("external-payload");
     run(cargo()
         .current_dir(&dir)
-        .args(["build", "--release", "--target", image::PAYLOAD_TARGET, "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            image::PAYLOAD_TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir))?;
-    let elf = target_dir.join(image::PAYLOAD_TARGET).join("release/external-payload");
+    let elf = target_dir
+        .join(image::PAYLOAD_TARGET)
+        .join("release/external-payload");
     let bin = tools::target_dir().join("images/external-payload.bin");
-    run(std::process::Command::new(tools::llvm_tool("rust-objcopy")?).arg("-O").arg("binary").arg(&elf).arg(&bin))?;
+    run(
+        std::process::Command::new(tools::llvm_tool("rust-objcopy")?)
+            .arg("-O")
+            .arg("binary")
+            .arg(&elf)
+            .arg(&bin),
+    )?;
     Ok(bin)
 }
 
-fn image_for(case: &Case, built: &Built, external: &Option<PathBuf>, assets: Option<&Assets>) -> Result<PathBuf> {
+fn image_for(
+    case: &Case,
+    built: &Built,
+    external: &Option<PathBuf>,
+    assets: Option<&Assets>,
+) -> Result<PathBuf> {
     let spec = match case.host {
         Host::Linux { commands } => {
             let assets = assets.context("Linux assets not fetched")?;
-            let initrd = linux::write_initramfs(assets, Some(commands), &format!("test-{}", case.name))?;
+            let initrd =
+                linux::write_initramfs(assets, Some(commands), &format!("test-{}", case.name))?;
             linux::image_spec(assets, &initrd, case.bootargs)
         }
         Host::TestHost | Host::External => ImageSpec {
@@ -347,7 +481,14 @@ fn image_for(case: &Case, built: &Built, external: &Option<PathBuf>, assets: Opt
     let dtb = match &case.tree {
         Tree::Firmware => None,
         Tree::Synthetic(parts) => Some(synthetic_dt::virt_tree(parts)?),
-        Tree::Truncated => Some(synthetic_dt::virt_tree(&Parts { memory: true, uart: true, gic: true })?[..96].to_vec()),
+        Tree::Truncated => Some(
+            synthetic_dt::virt_tree(&Parts {
+                memory: true,
+                uart: true,
+                gic: true,
+            })?[..96]
+                .to_vec(),
+        ),
     };
     image::pack_with_dtb_bytes(&built.core, &spec, dtb, &format!("test-{}", case.name))
 }
@@ -359,10 +500,19 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
     let external = Some(build_external_payload()?);
     let logs = tools::target_dir().join("test-logs");
     std::fs::create_dir_all(&logs)?;
-    let selected: Vec<Case> = cases().into_iter().filter(|c| filter.is_none_or(|f| c.name.contains(f))).collect();
-    let assets = if selected.iter().any(|c| matches!(c.host, Host::Linux { .. })) {
+    let selected: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
+        .collect();
+    let assets = if selected
+        .iter()
+        .any(|c| matches!(c.host, Host::Linux { .. }))
+    {
         let assets = linux::ensure_assets()?;
-        println!("xtask: Linux cases boot Debian {} with {}", assets.kernel_package, assets.busybox_package);
+        println!(
+            "xtask: Linux cases boot Debian {} with {}",
+            assets.kernel_package, assets.busybox_package
+        );
         Some(assets)
     } else {
         None
@@ -378,7 +528,11 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
             pass: &case.pass,
             fail: &fail,
             timeout: Duration::from_secs(case.timeout),
-            after_pass: if case.exit_code.is_some() { AfterPass::WaitForExit } else { AfterPass::Stop },
+            after_pass: if case.exit_code.is_some() {
+                AfterPass::WaitForExit
+            } else {
+                AfterPass::Stop
+            },
             echo: false,
         };
         let out = qemu::run_harnessed(cmd, &harness)?;
@@ -386,28 +540,55 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
         let problem = match (&out.verdict, out.exit_code) {
             (Verdict::Passed, _) if case.exit_code.is_none() => None,
             (Verdict::Passed, code) if code == case.exit_code => None,
-            (Verdict::Passed, code) => Some(format!("QEMU exit status {code:?}, expected {:?}", case.exit_code)),
+            (Verdict::Passed, code) => Some(format!(
+                "QEMU exit status {code:?}, expected {:?}",
+                case.exit_code
+            )),
             (Verdict::Failed(line), _) => Some(format!("fail pattern: {line}")),
             (Verdict::Exited(code), _) => Some(format!(
                 "QEMU exited ({code:?}) before every pass pattern appeared; missing: {:?}",
-                case.pass.iter().filter(|p| !out.console.contains(*p)).collect::<Vec<_>>()
+                case.pass
+                    .iter()
+                    .filter(|p| !out.console.contains(*p))
+                    .collect::<Vec<_>>()
             )),
             (Verdict::TimedOut, _) => Some(format!(
                 "timed out after {} s; missing: {:?}",
                 case.timeout,
-                case.pass.iter().filter(|p| !out.console.contains(*p)).collect::<Vec<_>>()
+                case.pass
+                    .iter()
+                    .filter(|p| !out.console.contains(*p))
+                    .collect::<Vec<_>>()
             )),
         };
-        let problem = problem.or_else(|| case.check.as_ref().and_then(|check| check(&out.console).err()));
+        let problem = problem.or_else(|| {
+            case.check
+                .as_ref()
+                .and_then(|check| check(&out.console).err())
+        });
         match problem {
             None => {
                 passed += 1;
-                println!("test integration::{} ... ok ({:.1} s)", case.name, out.seconds);
+                println!(
+                    "test integration::{} ... ok ({:.1} s)",
+                    case.name, out.seconds
+                );
             }
             Some(why) => {
                 println!("test integration::{} ... FAILED ({why})", case.name);
-                println!("---- console ({}) ----", logs.join(format!("{}.log", case.name)).display());
-                for line in out.console.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev() {
+                println!(
+                    "---- console ({}) ----",
+                    logs.join(format!("{}.log", case.name)).display()
+                );
+                for line in out
+                    .console
+                    .lines()
+                    .rev()
+                    .take(25)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                {
                     println!("  | {line}");
                 }
                 failed.push(case.name.to_string());
@@ -418,17 +599,54 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
 }
 
 fn unit_tests_and_lints() -> Result<()> {
-    run(cargo().args(["fmt", "--all", "--", "--check"])).context("cargo fmt --check: run `cargo fmt --all`")?;
-    run(cargo().args(["test", "--workspace", "--exclude", "moat-test-host", "--all-features"]))?;
-    run(cargo().args(["clippy", "--workspace", "--exclude", "moat-test-host", "--all-targets", "--all-features", "--", "-D", "warnings"]))?;
-    run(cargo().args(["clippy", "--package", "moat-kernel", "--target", image::CORE_TARGET, "--", "-D", "warnings"]))?;
-    run(cargo().args(["clippy", "--package", "moat-test-host", "--target", image::PAYLOAD_TARGET, "--", "-D", "warnings"]))?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("cargo fmt --check: run `cargo fmt --all`")?;
+    run(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "moat-test-host",
+        "--all-features",
+    ]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "moat-test-host",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args([
+        "clippy",
+        "--package",
+        "moat-kernel",
+        "--target",
+        image::CORE_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args([
+        "clippy",
+        "--package",
+        "moat-test-host",
+        "--target",
+        image::PAYLOAD_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     Ok(())
 }
 
 fn book() -> Result<()> {
     let mdbook = tools::ensure_mdbook()?;
-    run(std::process::Command::new(mdbook).arg("build").arg(tools::root().join("book")))
+    run(std::process::Command::new(mdbook)
+        .arg("build")
+        .arg(tools::root().join("book")))
 }
 
 pub fn run_all(filter: Option<&str>, integration_only: bool) -> Result<()> {
@@ -451,7 +669,10 @@ fn bench_value(console: &str, key: &str) -> Option<u64> {
         .lines()
         .filter(|l| l.contains("bench:"))
         .flat_map(|l| l.split_whitespace())
-        .find_map(|w| w.strip_prefix(&format!("{key}=")).and_then(|v| v.parse().ok()))
+        .find_map(|w| {
+            w.strip_prefix(&format!("{key}="))
+                .and_then(|v| v.parse().ok())
+        })
 }
 
 pub fn bench() -> Result<()> {
@@ -476,9 +697,13 @@ pub fn bench() -> Result<()> {
     let out = qemu::run_harnessed(cmd, &harness)?;
     std::fs::write(tools::target_dir().join("bench.log"), &out.console)?;
     if out.verdict != Verdict::Passed {
-        bail!("benchmark run failed ({:?}); console in target/bench.log", out.verdict);
+        bail!(
+            "benchmark run failed ({:?}); console in target/bench.log",
+            out.verdict
+        );
     }
-    let null_hvc = bench_value(&out.console, "null_hvc").context("no null_hvc figure in the console")?;
+    let null_hvc =
+        bench_value(&out.console, "null_hvc").context("no null_hvc figure in the console")?;
     println!("null_hvc: {null_hvc} instructions per round trip (host HVC -> core -> host)");
 
     let boot = linux_boot_times(&built)?;
@@ -511,7 +736,11 @@ fn round3(x: f64) -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Wall time from starting QEMU to the first command of Linux's `/init`,
@@ -543,7 +772,10 @@ fn linux_boot_times(built: &Built) -> Result<BootTimes> {
         let mut seconds = [0.0; 2];
         for (i, (label, cmd)) in [
             ("moat", qemu::command(&img, &m, &[])),
-            ("direct", qemu::linux_direct_command(&assets.kernel, &initrd, &bootargs, &m)),
+            (
+                "direct",
+                qemu::linux_direct_command(&assets.kernel, &initrd, &bootargs, &m),
+            ),
         ]
         .into_iter()
         .enumerate()
@@ -553,15 +785,27 @@ fn linux_boot_times(built: &Built) -> Result<BootTimes> {
             std::fs::write(&log, &out.console)?;
             seconds[i] = match (out.verdict, out.passed_after) {
                 (Verdict::Passed, Some(t)) => t,
-                (v, _) => bail!("Linux boot ({label}) failed: {v:?}; console in {}", log.display()),
+                (v, _) => bail!(
+                    "Linux boot ({label}) failed: {v:?}; console in {}",
+                    log.display()
+                ),
             };
         }
-        println!("  run {run}: under Moat {:.3} s, direct {:.3} s", seconds[0], seconds[1]);
+        println!(
+            "  run {run}: under Moat {:.3} s, direct {:.3} s",
+            seconds[0], seconds[1]
+        );
         moat.push(seconds[0]);
         direct.push(seconds[1]);
     }
     let (moat, direct) = (median(moat), median(direct));
     let ratio = moat / direct;
-    println!("linux_boot_ratio: {ratio:.3} (median under Moat {moat:.3} s / median direct {direct:.3} s)");
-    Ok(BootTimes { moat, direct, ratio })
+    println!(
+        "linux_boot_ratio: {ratio:.3} (median under Moat {moat:.3} s / median direct {direct:.3} s)"
+    );
+    Ok(BootTimes {
+        moat,
+        direct,
+        ratio,
+    })
 }

@@ -6,7 +6,10 @@ use std::process::Command;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root exists")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root exists")
 }
 
 /// `target/` under the workspace.
@@ -32,23 +35,40 @@ pub fn cargo() -> Command {
 
 /// The llvm-tools binary `name` (rust-objcopy, llvm-nm, ...) of the pinned toolchain.
 pub fn llvm_tool(name: &str) -> Result<PathBuf> {
-    let out = Command::new("rustc").args(["--print", "sysroot"]).current_dir(root()).output()?;
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .current_dir(root())
+        .output()?;
     let sysroot = String::from_utf8(out.stdout)?.trim().to_string();
-    let out = Command::new("rustc").args(["-vV"]).current_dir(root()).output()?;
+    let out = Command::new("rustc")
+        .args(["-vV"])
+        .current_dir(root())
+        .output()?;
     let host = String::from_utf8(out.stdout)?
         .lines()
         .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
         .context("rustc -vV names no host")?;
-    let path = Path::new(&sysroot).join("lib/rustlib").join(host).join("bin").join(name);
+    let path = Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(host)
+        .join("bin")
+        .join(name);
     if !path.exists() {
-        bail!("{} not found: run `rustup component add llvm-tools` (rust-toolchain.toml lists it)", path.display());
+        bail!(
+            "{} not found: run `rustup component add llvm-tools` (rust-toolchain.toml lists it)",
+            path.display()
+        );
     }
     Ok(path)
 }
 
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
 }
 
 fn is_debian_bookworm() -> bool {
@@ -59,9 +79,15 @@ fn is_debian_bookworm() -> bool {
 
 /// The major version of `qemu-system-aarch64`, if installed.
 fn qemu_major() -> Option<u32> {
-    let out = Command::new("qemu-system-aarch64").arg("--version").output().ok()?;
+    let out = Command::new("qemu-system-aarch64")
+        .arg("--version")
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let v = text.split_whitespace().skip_while(|w| *w != "version").nth(1)?;
+    let v = text
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)?;
     v.split('.').next()?.parse().ok()
 }
 
@@ -79,7 +105,9 @@ pub fn ensure_qemu() -> Result<()> {
     );
     if is_root() && is_debian_bookworm() {
         eprintln!("xtask: installing QEMU from bookworm-backports");
-        run(Command::new("sh").args(["-c", &commands]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("sh")
+            .args(["-c", &commands])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
         if qemu_major().is_some_and(|v| v >= 9) {
             return Ok(());
         }
@@ -107,12 +135,14 @@ pub fn ensure_mdbook() -> Result<PathBuf> {
         return Ok(cargo_bin);
     }
     eprintln!("xtask: installing mdbook (cargo install mdbook --locked; about two minutes)");
-    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
-        "install",
-        "mdbook",
-        "--locked",
-        "--version",
-        "0.5.4",
-    ]))?;
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+            "install",
+            "mdbook",
+            "--locked",
+            "--version",
+            "0.5.4",
+        ]),
+    )?;
     Ok(cargo_bin)
 }

@@ -61,11 +61,11 @@ moat_rt::service_main!(main);
 #[cfg(target_os = "none")]
 fn main() -> ! {
     let mut server = Faulty::default();
-    moat_rt::serve(|call| {
-        let mut reply = faulty::dispatch(&mut server, call);
+    moat_rt::serve(|header, body, reply_payload| {
+        let mut reply = faulty::dispatch_into(&mut server, header, body, reply_payload);
         if core::mem::take(&mut server.corrupt_next_reply) {
             // Answer for the wrong call: the core must refuse it.
-            reply.header.sequence = reply.header.sequence.wrapping_add(1);
+            reply.sequence = reply.sequence.wrapping_add(1);
         }
         reply
     })

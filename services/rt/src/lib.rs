@@ -12,7 +12,7 @@
 //! moat_rt::service_main!(main);
 //! fn main() -> ! {
 //!     let mut server = MyService::default();
-//!     moat_rt::serve(|call| my_interface::dispatch(&mut server, call))
+//!     moat_rt::serve(|header, body, reply| my_interface::dispatch_into(&mut server, header, body, reply))
 //! }
 //! ```
 //!
@@ -27,8 +27,9 @@
 
 use core::fmt;
 use moat_abi::hypercall;
-use moat_abi::ipc::{MESSAGE_SIZE, Message};
-use zerocopy::{FromBytes, IntoBytes};
+use moat_abi::ipc::{MessageHeader, PAYLOAD_SIZE};
+
+const HEADER_SIZE: usize = size_of::<MessageHeader>();
 
 core::arch::global_asm!(include_str!("entry.S"));
 
@@ -85,35 +86,57 @@ fn smccc_hvc(function: u32, args: [u64; 3]) -> [u64; 4] {
     r
 }
 
-fn ipc_read() -> Message {
-    let mut bytes = [0u8; MESSAGE_SIZE];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        // SAFETY: the IPC page is mapped read/write in this partition's
-        // stage-2 and stage-1 for its whole life; volatile because the core
-        // writes it between hypercalls.
-        *b = unsafe { core::ptr::read_volatile((IPC_PAGE + i) as *const u8) };
-    }
-    Message::read_from_bytes(&bytes).unwrap_or_default()
-}
-
-fn ipc_write_at(offset: usize, bytes: &[u8]) {
-    for (i, b) in bytes.iter().enumerate() {
-        // SAFETY: as in `ipc_read`; callers keep `offset + len` within the page.
-        unsafe { core::ptr::write_volatile((IPC_PAGE + offset + i) as *mut u8, *b) };
-    }
-}
-
 /// The receive loop: waits for a call, hands it to `handle`, sends back the
 /// reply, forever.
-pub fn serve(mut handle: impl FnMut(&Message) -> Message) -> ! {
+///
+/// `handle` gets the call's header and body (read in place from the IPC
+/// page) and a buffer for the reply's payload, and returns the reply's
+/// header; a generated `dispatch_into` has exactly this shape:
+///
+/// ```ignore
+/// moat_rt::serve(|header, body, reply| trace::dispatch_into(&mut server, header, body, reply))
+/// ```
+pub fn serve(
+    mut handle: impl FnMut(&MessageHeader, &[u8], &mut [u8; PAYLOAD_SIZE]) -> MessageHeader,
+) -> ! {
+    let mut reply_payload = [0u8; PAYLOAD_SIZE];
     // The first wait carries no reply: it tells the core the service is ready.
     hvc(hypercall::SVC_REPLY_WAIT, 0, 0, 0);
     loop {
-        let call = ipc_read();
-        let reply = handle(&call);
-        ipc_write_at(0, reply.as_bytes());
+        // SAFETY: the IPC page is page-aligned, mapped read/write in this
+        // partition for its whole life, and begins with a message header
+        // (every bit pattern is valid). The core writes it only while this
+        // service is stopped in a hypercall, whose `asm!` is a compiler
+        // barrier, so plain reads see its writes; the body is read in place
+        // and not written until `handle` has returned.
+        let header = unsafe { core::ptr::read(IPC_PAGE as *const MessageHeader) };
+        let len = (header.payload_len as usize).min(PAYLOAD_SIZE);
+        // SAFETY: as above; `len` is within the message's payload.
+        let body =
+            unsafe { core::slice::from_raw_parts((IPC_PAGE + HEADER_SIZE) as *const u8, len) };
+        let reply = handle(&header, body, &mut reply_payload);
+        let reply_len = (reply.payload_len as usize).min(PAYLOAD_SIZE);
+        // SAFETY: as above; the request body is no longer borrowed.
+        unsafe {
+            core::ptr::write(IPC_PAGE as *mut MessageHeader, reply);
+            core::ptr::copy_nonoverlapping(
+                reply_payload.as_ptr(),
+                (IPC_PAGE + HEADER_SIZE) as *mut u8,
+                reply_len,
+            );
+        }
         hvc(hypercall::SVC_REPLY_WAIT, 1, 0, 0);
     }
+}
+
+fn ipc_write_at(offset: usize, bytes: &[u8]) {
+    debug_assert!(offset + bytes.len() <= 4096);
+    // SAFETY: the IPC page is mapped read/write; callers keep
+    // `offset + len` within the page, and nothing else in this partition
+    // aliases it while this runs.
+    unsafe {
+        core::ptr::copy_nonoverlapping(bytes.as_ptr(), (IPC_PAGE + offset) as *mut u8, bytes.len())
+    };
 }
 
 /// Prints one line on the core's console, prefixed with the service's name.
@@ -131,7 +154,10 @@ pub fn log(args: fmt::Arguments<'_>) {
             Ok(())
         }
     }
-    let mut buf = Buf { bytes: [0; LOG_CAPACITY], len: 0 };
+    let mut buf = Buf {
+        bytes: [0; LOG_CAPACITY],
+        len: 0,
+    };
     let _ = fmt::write(&mut buf, args);
     ipc_write_at(LOG_OFFSET, &buf.bytes[..buf.len]);
     hvc(hypercall::SVC_LOG, buf.len as u64, 0, 0);

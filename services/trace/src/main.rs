@@ -14,7 +14,11 @@ struct Trace {
 
 impl trace::Server for Trace {
     fn observe(&mut self, trap: TrapDescriptor) -> Result<Empty, Error> {
-        let slot = self.counts.by_class.get_mut(trap.class as usize).ok_or(Error::InvalidParameters)?;
+        let slot = self
+            .counts
+            .by_class
+            .get_mut(trap.class as usize)
+            .ok_or(Error::InvalidParameters)?;
         *slot = slot.saturating_add(1);
         self.counts.total = self.counts.total.saturating_add(1);
         Ok(Empty)
@@ -41,7 +45,7 @@ moat_rt::service_main!(main);
 fn main() -> ! {
     let mut server = Trace::default();
     moat_rt::log!("ready: counting observed traps");
-    moat_rt::serve(|call| trace::dispatch(&mut server, call))
+    moat_rt::serve(|header, body, reply| trace::dispatch_into(&mut server, header, body, reply))
 }
 
 #[cfg(not(target_os = "none"))]
