@@ -36,6 +36,10 @@ pub struct CpuFeatures {
     pub pa_range: u8,
     /// ID_AA64PFR1_EL1.MTE >= 2 (tag storage present).
     pub mte: bool,
+    /// ID_AA64PFR1_EL1.MTE >= 1 (the MTE instructions and PSTATE.TCO exist).
+    pub mte_instructions: bool,
+    /// ID_AA64MMFR1_EL1.PAN != 0 (PSTATE.PAN exists).
+    pub pan: bool,
     /// ID_AA64PFR0_EL1.SVE != 0.
     pub sve: bool,
     /// ID_AA64PFR1_EL1.SME != 0.
@@ -58,6 +62,8 @@ impl CpuFeatures {
         Self {
             pa_range: field(mmfr0, 0),
             mte: field(pfr1, 8) >= 2,
+            mte_instructions: field(pfr1, 8) >= 1,
+            pan: field(mmfr1, 20) != 0,
             sve: field(pfr0, 32) != 0,
             sme: field(pfr1, 24) != 0,
             gic_sysregs: field(pfr0, 24) != 0,
@@ -127,9 +133,15 @@ pub const HOST_CNTHCTL: u64 = 0b11;
 /// may use ICC_SRE_EL1 to turn on its own system-register interface).
 pub const HOST_ICC_SRE_EL2: u64 = 0b1111;
 
-/// MDCR_EL2 for the host: HPMN = all counters belong to EL1, nothing trapped.
-pub fn host_mdcr(pmcr_n: u64) -> u64 {
-    pmcr_n & 0x1f
+/// MDCR_EL2.HPMD: event counting prohibited at EL2 (FEAT_PMUv3p1).
+pub const MDCR_HPMD: u64 = 1 << 17;
+
+/// MDCR_EL2 for the host: HPMN = all counters belong to EL1, nothing
+/// trapped. Counting at EL2 is prohibited unless `count_el2` (benchmark
+/// images only: otherwise the host could time the core's work).
+pub fn host_mdcr(pmcr_n: u64, count_el2: bool) -> u64 {
+    let hpmd = if count_el2 { 0 } else { MDCR_HPMD };
+    (pmcr_n & 0x1f) | hpmd
 }
 
 /// SCTLR_EL1 for a vCPU entering at reset: MMU and caches off, RES1 bits set.
@@ -194,6 +206,12 @@ mod tests {
         cpu.sve = true;
         cpu.sme = true;
         assert_eq!(host_cptr(&cpu), 0x22ff);
+    }
+
+    #[test]
+    fn el2_is_invisible_to_the_pmu_unless_benchmarking() {
+        assert_eq!(host_mdcr(6, false), 6 | MDCR_HPMD);
+        assert_eq!(host_mdcr(6, true), 6);
     }
 
     #[test]

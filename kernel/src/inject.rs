@@ -45,6 +45,8 @@ pub struct El1Context {
     pub sctlr_el1: u64,
     /// FEAT_MTE is implemented, so PSTATE.TCO is set on exception entry.
     pub mte_implemented: bool,
+    /// FEAT_PAN is implemented, so PSTATE.PAN follows SCTLR_EL1.SPAN.
+    pub pan_implemented: bool,
 }
 
 /// The register writes that deliver a synchronous exception to EL1.
@@ -92,7 +94,7 @@ pub const fn entry_pstate(old_pstate: u64, el1: &El1Context) -> u64 {
     // (SS, IL, BTYPE, UAO and the old mode are cleared).
     let mut new = old_pstate & (PSTATE_N_Z_C_V | PSTATE_DIT | PSTATE_PAN);
     new |= PSTATE_DAIF | PSTATE_MODE_EL1H;
-    if el1.sctlr_el1 & SCTLR_EL1_SPAN == 0 {
+    if el1.pan_implemented && el1.sctlr_el1 & SCTLR_EL1_SPAN == 0 {
         new |= PSTATE_PAN;
     }
     if el1.sctlr_el1 & SCTLR_EL1_DSSBS != 0 {
@@ -158,6 +160,7 @@ mod tests {
         vbar_el1: 0x4100_0000,
         sctlr_el1: 0,
         mte_implemented: true,
+        pan_implemented: true,
     };
 
     #[test]
@@ -190,6 +193,7 @@ mod tests {
             vbar_el1: 0,
             sctlr_el1: SCTLR_EL1_SPAN | SCTLR_EL1_DSSBS,
             mte_implemented: false,
+            pan_implemented: true,
         };
         // SPAN = 1 keeps the old PAN (here clear); DSSBS sets SSBS; no TCO.
         let p = entry_pstate(
@@ -200,6 +204,15 @@ mod tests {
         // SPAN = 1 with PAN already set keeps it.
         let p = entry_pstate(PSTATE_MODE_EL1H | PSTATE_PAN, &el1);
         assert_eq!(p & PSTATE_PAN, PSTATE_PAN);
+    }
+
+    #[test]
+    fn no_pan_without_feat_pan() {
+        let el1 = El1Context {
+            pan_implemented: false,
+            ..EL1
+        };
+        assert_eq!(entry_pstate(PSTATE_MODE_EL1H, &el1) & PSTATE_PAN, 0);
     }
 
     #[test]

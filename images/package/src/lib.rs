@@ -38,6 +38,11 @@ pub const PACKAGE_ALIGN: u64 = 4096;
 /// Package flag: the image runs under QEMU, so the core may end the emulation
 /// through semihosting (used to stop with a non-zero status on a fatal error).
 pub const FLAG_SEMIHOSTING_EXIT: u32 = 1 << 0;
+/// Package flag: a benchmark image. The host's PMU may count instructions
+/// executed at EL2 (MDCR_EL2.HPMD clear), so figures include the core's
+/// work. Without it EL2 is invisible to the host's counters, which would
+/// otherwise be a side channel into the core.
+pub const FLAG_BENCHMARK: u32 = 1 << 1;
 
 /// The fixed header at the start of the package.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]

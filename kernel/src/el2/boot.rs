@@ -15,7 +15,7 @@ use moat_kernel::el2config::{self, CpuFeatures};
 use moat_kernel::layout::{self, LayoutInput};
 use moat_kernel::regs::GuestRegs;
 use moat_kernel::s2plan;
-use moat_package::{FLAG_SEMIHOSTING_EXIT, Package, PackageHeader};
+use moat_package::{FLAG_BENCHMARK, FLAG_SEMIHOSTING_EXIT, Package, PackageHeader};
 use moat_platform::dt::{self, Conduit, Gic, Platform, Range};
 use moat_platform::firmware::FirmwareConduit;
 use moat_platform::hostdt::{self, HostDtEdits};
@@ -181,6 +181,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     let image = mmu::image_sections();
     let package = find_package(image.end);
+    let package_flags = package.flags;
     if package.flags & FLAG_SEMIHOSTING_EXIT != 0 {
         panic::allow_semihosting_exit();
     }
@@ -368,7 +369,10 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let host_el2 = HostEl2Config {
         hcr: el2config::host_hcr(&features, true),
         cptr: el2config::host_cptr(&features),
-        mdcr: el2config::host_mdcr(sysreg::pmu_counters(&features)),
+        mdcr: el2config::host_mdcr(
+            sysreg::pmu_counters(&features),
+            package_flags & FLAG_BENCHMARK != 0,
+        ),
         vtcr,
         vttbr,
     };

@@ -19,8 +19,8 @@ pub const WATCHDOG_INTID: u32 = 26;
 /// How this CPU reaches the GIC for the watchdog.
 #[derive(Clone, Copy, Debug)]
 pub enum GicAccess {
-    /// GICv3: this CPU's SGI/PPI frame (redistributor + 64 KiB).
-    V3 { sgi_frame: u64 },
+    /// GICv3: the distributor and this CPU's SGI/PPI frame (redistributor + 64 KiB).
+    V3 { distributor: u64, sgi_frame: u64 },
     /// GICv2: distributor and CPU interface.
     V2 {
         distributor: u64,
@@ -61,7 +61,10 @@ pub fn locate(gic: &Gic, affinity: u64) -> Option<GicAccess> {
             distributor: distributor.base,
             cpu_interface: cpu_interface.base,
         }),
-        Gic::V3 { redistributors, .. } => {
+        Gic::V3 {
+            distributor,
+            redistributors,
+        } => {
             // GICR_TYPER[63:32] holds Aff3.Aff2.Aff1.Aff0; frames are 128 KiB
             // (256 KiB with VLPIs); bit 4 (Last) ends a region.
             let want = ((affinity >> 8) & 0xff00_0000) | (affinity & 0xff_ffff);
@@ -72,6 +75,7 @@ pub fn locate(gic: &Gic, affinity: u64) -> Option<GicAccess> {
                     let typer = unsafe { read_volatile((frame + 0x8) as *const u64) };
                     if typer >> 32 == want {
                         return Some(GicAccess::V3 {
+                            distributor: distributor.base,
                             sgi_frame: frame + 0x1_0000,
                         });
                     }
@@ -92,9 +96,24 @@ pub fn locate(gic: &Gic, affinity: u64) -> Option<GicAccess> {
 
 /// Before a service run: PPI 26 enabled, highest priority, group 1, and the
 /// CPU interface letting it through. Returns the host's interface state.
+/// Group 1 at the distributor and the redistributor's wake state are
+/// re-established too if the host changed them (and left so: any GIC driver
+/// keeps them on).
 pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
     match *access {
-        GicAccess::V3 { sgi_frame } => {
+        GicAccess::V3 {
+            distributor,
+            sgi_frame,
+        } => {
+            // The host may have turned group 1 off or put this CPU's
+            // redistributor to sleep; the watchdog needs both.
+            if rd32(distributor) & 0x12 != 0x12 {
+                wr32(distributor, rd32(distributor) | 0x12);
+            }
+            let waker = sgi_frame - 0x1_0000 + 0x14;
+            if rd32(waker) & (1 << 1) != 0 {
+                wr32(waker, rd32(waker) & !(1 << 1));
+            }
             wr32(
                 sgi_frame + 0x80,
                 rd32(sgi_frame + 0x80) | (1 << WATCHDOG_INTID),
@@ -157,8 +176,15 @@ pub fn close_watchdog(access: &GicAccess, saved: SavedCpuInterface) {
 /// delivered before the host has initialised the GIC itself. Both are what
 /// any GICv3 driver sets; the host may reprogram them.
 pub fn prepare_cpu(gic: &Gic, access: &GicAccess) {
-    if let (Gic::V3 { distributor, .. }, GicAccess::V3 { sgi_frame }) = (gic, access) {
-        let d = distributor.base;
+    if let (
+        Gic::V3 { .. },
+        GicAccess::V3 {
+            distributor,
+            sgi_frame,
+        },
+    ) = (gic, access)
+    {
+        let d = *distributor;
         wr32(d, rd32(d) | 0x12); // ARE_NS | EnableGrp1NS
         let mut spins = 0;
         while rd32(d) & (1 << 31) != 0 && spins < 1_000_000 {

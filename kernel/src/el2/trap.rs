@@ -132,7 +132,8 @@ fn el1_context() -> El1Context {
     El1Context {
         vbar_el1: sysreg::vbar_el1(),
         sctlr_el1: sysreg::sctlr_el1(),
-        mte_implemented: super::boot::machine().cpu.mte,
+        mte_implemented: super::boot::machine().cpu.mte_instructions,
+        pan_implemented: super::boot::machine().cpu.pan,
     }
 }
 
