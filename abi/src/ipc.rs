@@ -15,7 +15,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const PAYLOAD_SIZE: usize = 232;
 /// Bytes of a whole message.
 pub const MESSAGE_SIZE: usize = 256;
-/// Payload bytes a host hypercall can carry in (x2..x7).
+/// Payload bytes a host hypercall can carry in (x1..x6).
 pub const HOST_REQUEST_BYTES: usize = 48;
 /// Payload bytes a reply can carry back to the host (x1..x7).
 pub const HOST_REPLY_BYTES: usize = 56;

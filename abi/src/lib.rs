@@ -36,8 +36,9 @@ pub mod smccc {
     pub const SMCCC_VERSION: u32 = 0x8000_0000;
     /// SMCCC_ARCH_FEATURES.
     pub const SMCCC_ARCH_FEATURES: u32 = 0x8000_0001;
-    /// The version the core implements: 1.1.
-    pub const IMPLEMENTED_VERSION: u64 = 0x1_0001;
+    /// The version the core implements: 1.2 (results may use x0..x7, as
+    /// routed service calls do).
+    pub const IMPLEMENTED_VERSION: u64 = 0x1_0002;
 
     /// Vendor-hyp general queries (32-bit convention, as SMCCC defines them).
     pub const VENDOR_HYP_CALL_UID: u32 = 0x8600_ff01;

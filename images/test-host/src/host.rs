@@ -391,7 +391,10 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
         format_args!("device tree's PSCI method is hvc (pointing at the core)"),
     );
     let v = hvc(ids::SMCCC_VERSION, [0; 3])[0];
-    c.check(v == 0x1_0001, format_args!("SMCCC_VERSION = {v:#x}"));
+    c.check(
+        v == ids::IMPLEMENTED_VERSION,
+        format_args!("SMCCC_VERSION = {v:#x}"),
+    );
     let v = hvc(smccc::psci::PSCI_VERSION, [0; 3])[0];
     c.check(
         v >= 0x1_0000 && v < 0x2_0000,

@@ -34,7 +34,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use moat_abi::Error;
 use moat_abi::hypercall;
-use moat_abi::ipc::{MESSAGE_SIZE, MessageHeader};
+use moat_abi::ipc::{MESSAGE_SIZE, MessageError, MessageHeader};
 use moat_abi::trap::TrapDescriptor;
 use moat_kernel::el2config::hcr;
 use moat_kernel::esr::Trap;
@@ -78,7 +78,22 @@ enum State {
 #[derive(Clone, Copy)]
 struct Pending {
     header: MessageHeader,
+    body: SmallBody,
     cpu: usize,
+}
+
+impl Pending {
+    /// Whether `header`/`body` from `cpu` is the suspended call issued again:
+    /// same caller, same operation, same request. (A re-issued host call has
+    /// a new sequence number.)
+    fn is_reissue(&self, header: &MessageHeader, body: &SmallBody, cpu: usize) -> bool {
+        let words = (header.payload_len as usize).div_ceil(8).min(SMALL_WORDS);
+        self.cpu == cpu
+            && self.header.service == header.service
+            && self.header.operation == header.operation
+            && self.header.payload_len == header.payload_len
+            && self.body[..words] == body[..words]
+    }
 }
 
 /// One service partition.
@@ -342,9 +357,14 @@ pub fn call(
             // Finish the suspended call first.
             match s.run(cpu) {
                 Exit::Reply => {
-                    if p.header == *header && p.cpu == cpu.index {
-                        let reply = s.ipc_read(body);
-                        return finish(s, &reply, &p.header);
+                    let reissue = p.is_reissue(header, body, cpu.index);
+                    let mut reply_body: SmallBody = [0; SMALL_WORDS];
+                    let reply = s.ipc_read(&mut reply_body);
+                    // The reply is checked against the call it answers either way.
+                    let verdict = finish(s, &reply, &p.header);
+                    if reissue || verdict.is_err() {
+                        *body = reply_body;
+                        return verdict;
                     }
                     // Its caller moved on; the result is dropped.
                 }
@@ -366,6 +386,7 @@ pub fn call(
             Exit::Preempted => {
                 *pending = Some(Pending {
                     header: *header,
+                    body: *body,
                     cpu: cpu.index,
                 });
                 Err(Error::Interrupted)
@@ -400,6 +421,9 @@ fn finish(
         Ok(_) if reply.payload_len as usize > SMALL_BODY => Err(Error::InvalidParameters),
         Ok(Ok(())) => Ok(Ok(reply.payload_len)),
         Ok(Err(e)) => Ok(Err(e)),
+        // A service built for another major ABI version answers in its own
+        // version: the caller learns so, and the service is not blamed.
+        Err(MessageError::Version(_)) => Err(Error::VersionMismatch),
         Err(e) => {
             s.fail(
                 "answered with a malformed reply",

@@ -639,7 +639,7 @@ pub fn run(commands: Option<&str>, append: Option<&str>, machine: &MachineArgs) 
         "linux-run",
     )?;
     if commands.is_none() {
-        return qemu::run_interactive(&img, machine, false, &built);
+        return qemu::run_shell(&img, machine);
     }
     let timeout = machine.timeout();
     let harness = Harness {

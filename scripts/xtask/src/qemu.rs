@@ -20,8 +20,15 @@ pub enum OnReset {
     Reboot,
 }
 
-/// The machine, CPU, memory and console options every run shares.
-fn machine_command(m: &MachineArgs, virtualization: bool, on_reset: OnReset) -> Command {
+/// The machine, CPU, memory and console options every run shares. The
+/// console is `serial` (`stdio`, or `mon:stdio` to let Ctrl-C through to
+/// the guest and keep Ctrl-A X for QEMU).
+fn machine_command(
+    m: &MachineArgs,
+    virtualization: bool,
+    on_reset: OnReset,
+    serial: &str,
+) -> Command {
     let mut c = Command::new("qemu-system-aarch64");
     let gic = if m.gic == "v2" { "2" } else { "3" };
     let mte = if m.no_mte { "off" } else { "on" };
@@ -31,7 +38,7 @@ fn machine_command(m: &MachineArgs, virtualization: bool, on_reset: OnReset) -> 
             "virt,virtualization={virt},mte={mte},gic-version={gic}"
         ))
         .args(["-cpu", "max", "-smp", &m.smp.to_string(), "-m", &m.mem])
-        .args(["-display", "none", "-serial", "stdio", "-monitor", "none"]);
+        .args(["-display", "none", "-serial", serial, "-monitor", "none"]);
     if on_reset == OnReset::Exit {
         c.arg("-no-reboot");
     }
@@ -50,7 +57,7 @@ pub fn command_on_reset(
     extra: &[&str],
     on_reset: OnReset,
 ) -> Command {
-    let mut c = machine_command(m, true, on_reset);
+    let mut c = machine_command(m, true, on_reset, "stdio");
     c.args(["-semihosting-config", "enable=on,target=native"])
         .arg("-kernel")
         .arg(image)
@@ -68,7 +75,7 @@ pub fn linux_direct_command(
     append: &str,
     m: &MachineArgs,
 ) -> Command {
-    let mut c = machine_command(m, false, OnReset::Exit);
+    let mut c = machine_command(m, false, OnReset::Exit, "stdio");
     c.arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
@@ -97,7 +104,7 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<Option<i32>
 /// Boots with the console on this terminal; returns QEMU's exit status.
 pub fn run_interactive(image: &Path, m: &MachineArgs, gdb: bool, built: &Built) -> Result<i32> {
     let extra: &[&str] = if gdb { &["-s", "-S"] } else { &[] };
-    let mut cmd = command(image, m, extra);
+    let cmd = command(image, m, extra);
     if gdb {
         println!("xtask: QEMU is halted with its gdbstub on localhost:1234. In another terminal:");
         println!(
@@ -109,22 +116,35 @@ pub fn run_interactive(image: &Path, m: &MachineArgs, gdb: bool, built: &Built) 
             "  (the test host is position-independent: add `-o <load address>` from the core's log)"
         );
     }
+    let timeout = if gdb { 24 * 3600 } else { m.timeout() };
+    wait_interactive(cmd, timeout)
+}
+
+/// Boots `image` with a shell on this terminal: Ctrl-C goes to the guest
+/// (QEMU's console multiplexer takes the terminal), Ctrl-A X quits QEMU.
+/// Returns QEMU's exit status.
+pub fn run_shell(image: &Path, m: &MachineArgs) -> Result<i32> {
+    let mut cmd = machine_command(m, true, OnReset::Exit, "mon:stdio");
+    cmd.args(["-semihosting-config", "enable=on,target=native"])
+        .arg("-kernel")
+        .arg(image);
+    eprintln!(
+        "xtask: Ctrl-A X quits QEMU; Ctrl-C goes to the shell; the run ends after {} s",
+        m.timeout()
+    );
+    wait_interactive(cmd, m.timeout())
+}
+
+/// Runs `cmd` on this terminal for up to `timeout` seconds.
+fn wait_interactive(mut cmd: Command, timeout: u64) -> Result<i32> {
     let mut child = cmd
         .stdin(Stdio::inherit())
         .spawn()
         .context("starting qemu-system-aarch64")?;
-    let timeout = if gdb {
-        Duration::from_secs(24 * 3600)
-    } else {
-        Duration::from_secs(m.timeout())
-    };
-    match wait_with_timeout(&mut child, timeout)? {
+    match wait_with_timeout(&mut child, Duration::from_secs(timeout))? {
         Some(code) => Ok(code),
         None => {
-            eprintln!(
-                "xtask: QEMU was stopped after {} s (--timeout)",
-                m.timeout()
-            );
+            eprintln!("xtask: QEMU was stopped after {timeout} s (--timeout)");
             Ok(124)
         }
     }
