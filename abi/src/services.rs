@@ -64,6 +64,67 @@ crate::service_interface! {
     }
 }
 
+/// Bytes of the host's command line the MTE policy sees.
+pub const MTE_CMDLINE_BYTES: usize = 176;
+
+/// What the MTE policy decides from at boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct MteBootInfo {
+    /// ID_AA64PFR1_EL1.MTE as the hardware reports it (0 none, 1 instructions
+    /// only, 2 full MTE, 3 MTE3).
+    pub hardware_level: u32,
+    /// Bytes of `command_line` in use.
+    pub command_line_len: u32,
+    /// The host's command line, as the boot package gives it (truncated).
+    pub command_line: [u8; MTE_CMDLINE_BYTES],
+}
+
+impl Default for MteBootInfo {
+    fn default() -> Self {
+        Self { hardware_level: 0, command_line_len: 0, command_line: [0; MTE_CMDLINE_BYTES] }
+    }
+}
+
+/// Why the host's MTE policy is what it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MteReason {
+    /// The hardware has no tag storage: nothing to police.
+    NoHardware = 0,
+    /// The default: the host uses MTE as the hardware offers it.
+    Default = 1,
+    /// The host's command line says `arm64.nomte`.
+    HostDisabled = 2,
+    /// `moat.host_mte=on` on the command line.
+    ForcedOn = 3,
+    /// `moat.host_mte=off` on the command line.
+    ForcedOff = 4,
+}
+
+/// The policy for the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct MtePolicy {
+    /// 1: the host may use MTE; 0: it sees hardware without MTE.
+    pub host_mte: u32,
+    /// An [`MteReason`].
+    pub reason: u32,
+}
+
+crate::service_interface! {
+    /// `mte`: the MTE policy. It decides at boot whether the host may use
+    /// MTE, and decides each trapped system-register access of a partition
+    /// whose MTE is off (hide it from the ID registers, refuse the MTE
+    /// registers with an Undefined Instruction exception).
+    pub mod mte: id = 3 {
+        /// The host's policy, from the hardware and its command line.
+        1 => fn configure(MteBootInfo) -> MtePolicy;
+        /// What to do with a trapped access.
+        2 => fn decide(TrapDescriptor) -> Verdict;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -109,8 +109,9 @@ pub struct TrapDescriptor {
     pub ipa: u64,
     /// System-register traps only.
     pub sysreg: SysRegAccess,
-    /// For MSR: the value being written.
-    pub write_value: u64,
+    /// For MSR: the value being written. For MRS of an ID register: the
+    /// value the hardware holds, for the service to edit.
+    pub value: u64,
 }
 
 const _: () = assert!(size_of::<TrapDescriptor>() == 56);

@@ -96,15 +96,18 @@ impl CpuFeatures {
 /// `host_mte` allows it.
 /// Clear: IMO/FMO/AMO (the host takes its own interrupts; the core is never in
 /// the interrupt path), TWI/TWE, TID3, TGE/E2H (the core is a plain nVHE EL2).
-/// With MTE implemented but the host's policy off, TID5 hides GMID_EL1 and
-/// ATA stays clear.
+/// With MTE implemented but the host's policy off, ATA stays clear (the MTE
+/// registers trap), TID5 traps GMID_EL1 and TID3 traps the ID registers so
+/// the policy can report hardware without MTE.
 pub fn host_hcr(cpu: &CpuFeatures, host_mte: bool) -> u64 {
     let mut v = hcr::VM | hcr::RW | hcr::API | hcr::APK | hcr::TSC;
     if cpu.mte {
         if host_mte {
             v |= hcr::ATA;
         } else {
-            v |= hcr::TID5;
+            // GMID_EL1 (TID5) and the ID registers (TID3) trap, so the
+            // policy can hide MTE; ATA clear makes the MTE registers trap.
+            v |= hcr::TID5 | hcr::TID3;
         }
     }
     v
@@ -196,7 +199,7 @@ mod tests {
         assert_eq!(host_hcr(&cpu, true), base);
         cpu.mte = true;
         assert_eq!(host_hcr(&cpu, true), base | hcr::ATA);
-        assert_eq!(host_hcr(&cpu, false), base | hcr::TID5);
+        assert_eq!(host_hcr(&cpu, false), base | hcr::TID5 | hcr::TID3);
     }
 
     #[test]

@@ -5,7 +5,8 @@
  */
 .equ STACK_SIZE, 0x4000
 .equ MAX_CPUS, 8
-.equ SCTLR_EL1_MMU_ON, (0x30d00800 | (1 << 0) | (1 << 2) | (1 << 12))
+/* M, C, I, and ATA (EL1 may access allocation tags, if EL2 allows it). */
+.equ SCTLR_EL1_MMU_ON, (0x30d00800 | (1 << 0) | (1 << 2) | (1 << 12) | (1 << 43))
 /* MAIR_EL1: 0 normal WB, 1 Device-nGnRE, 2 normal WB tagged. */
 .equ MAIR_EL1_VALUE, 0xf004ff
 .equ NORMAL_BLOCK, 0x701
@@ -137,6 +138,26 @@ el1_vectors:
     .balign 0x80
     sub     sp, sp, #272
     stp     x0, x1, [sp, #0]
+    mrs     x0, pmevcntr0_el0           /* for the UNDEF-delivery benchmark */
+    adrp    x1, VECTOR_ENTRY_COUNT
+    str     x0, [x1, :lo12:VECTOR_ENTRY_COUNT]
+    b       el1_sync_rest
+    park_vector
+    park_vector
+    park_vector
+    park_vector
+    park_vector
+    park_vector
+    park_vector
+    park_vector
+    park_vector
+    park_vector
+    park_vector
+
+/* The rest of the synchronous-exception path (the vector slot is 32
+ * instructions long). */
+.section .text.vectors, "ax"
+el1_sync_rest:
     stp     x2, x3, [sp, #16]
     stp     x4, x5, [sp, #32]
     stp     x6, x7, [sp, #48]
@@ -165,17 +186,6 @@ el1_vectors:
     ldr     x30, [sp, #160]
     add     sp, sp, #272
     eret
-    park_vector
-    park_vector
-    park_vector
-    park_vector
-    park_vector
-    park_vector
-    park_vector
-    park_vector
-    park_vector
-    park_vector
-    park_vector
 
 .section .bss.stacks, "aw", %nobits
 .balign 4096
@@ -184,3 +194,7 @@ STACKS:
 .global L1_TABLE
 L1_TABLE:
     .space  4096
+.balign 8
+.global VECTOR_ENTRY_COUNT
+VECTOR_ENTRY_COUNT:
+    .space  8

@@ -14,6 +14,7 @@ core::arch::global_asm!(include_str!("entry.S"));
 unsafe extern "C" {
     fn secondary_start();
     static L1_TABLE: u8;
+    static VECTOR_ENTRY_COUNT: u64;
 }
 
 static CONSOLE: Mutex<Option<Pl011Console>> = Mutex::new(None);
@@ -132,8 +133,16 @@ impl Checks {
     }
 }
 
-/// Makes every 1 GiB block that holds RAM normal memory in our map.
+/// Makes every 1 GiB block that holds RAM normal memory in our map: Tagged
+/// Normal (MAIR index 2) when the CPU reports MTE with tag storage, so tag
+/// instructions act on it; plain Normal otherwise.
+///
+/// The block holding this code changes attributes while live, from Normal to
+/// Tagged Normal (both write-back cacheable): acceptable for a test payload
+/// under QEMU, where no break-before-make is possible for the running code.
 fn map_ram(memory: &[Range]) {
+    let tagged = (sysreg!("id_aa64pfr1_el1") >> 8) & 0xf >= 2;
+    let attrs: u64 = if tagged { 0x709 } else { 0x701 };
     let table = core::ptr::addr_of!(L1_TABLE) as *mut u64;
     for bank in memory {
         let first = bank.base >> 30;
@@ -143,7 +152,7 @@ fn map_ram(memory: &[Range]) {
             // mapped as device memory and nothing in it has been touched, so
             // the change needs no break-before-make beyond the TLB flush.
             unsafe {
-                table.add(gib as usize).write_volatile((gib << 30) | 0x701);
+                table.add(gib as usize).write_volatile((gib << 30) | attrs);
                 core::arch::asm!("dsb ishst", "tlbi vmalle1", "dsb ish", "isb");
             }
         }
@@ -272,6 +281,115 @@ fn hvc6(function: u32, args: [u64; 6]) -> [u64; 8] {
     a[..6].copy_from_slice(&args);
     let r = smccc::hvc64(function, a);
     [r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]]
+}
+
+/// Executes `$insn` (one MRS or MSR) expecting an Undefined Instruction
+/// exception for exactly that instruction; evaluates to (taken, ESR, ELR == it).
+macro_rules! expect_undef {
+    ($insn:literal) => {{
+        EXCEPTIONS.store(0, Ordering::SeqCst);
+        EXPECT.store(Expect::SkipInstruction as u64, Ordering::SeqCst);
+        let at: u64;
+        // SAFETY: executes one system-register access that the policy
+        // turns into UNDEF; the handler skips it. x0 is scratch.
+        unsafe {
+            core::arch::asm!("adr {at}, 1f", "1:", $insn, at = out(reg) at, out("x0") _);
+        }
+        let taken = EXCEPTIONS.load(Ordering::SeqCst) == 1;
+        EXPECT.store(Expect::Nothing as u64, Ordering::SeqCst);
+        (taken, LAST_ESR.load(Ordering::SeqCst), LAST_ELR.load(Ordering::SeqCst) == at)
+    }};
+}
+
+/// Stores allocation tag 5 for the granule at `addr` with STG, then reads
+/// it back with LDG.
+fn stg_ldg(addr: u64) -> u64 {
+    let out: u64;
+    // SAFETY: `addr` is 16-byte aligned memory of our own; STG/LDG touch
+    // only its allocation tag.
+    unsafe {
+        core::arch::asm!(
+            ".arch_extension memtag",
+            "mov {t}, #0x0500000000000000",
+            "orr {t}, {t}, {a}",
+            "stg {t}, [{a}]",
+            "mov {o}, {a}",
+            "ldg {o}, [{a}]",
+            a = in(reg) addr, t = out(reg) _, o = out(reg) out,
+        );
+    }
+    (out >> 56) & 0xf
+}
+
+/// The MTE policy, seen from the host: with it off, hardware without MTE;
+/// with it on, MTE as the hardware has it.
+fn mte(c: &mut Checks, off: bool, dtb: &[u8]) {
+    let _ = dtb;
+    let pfr1 = sysreg!("id_aa64pfr1_el1");
+    let field = (pfr1 >> 8) & 0xf;
+    static mut GRANULES: [u64; 8] = [0; 8];
+    let granule = (core::ptr::addr_of_mut!(GRANULES) as u64 + 15) & !15;
+    if off {
+        say!("MTE policy expected off (command line)");
+        c.check(field == 0 && (pfr1 >> 40) & 0xf == 0 && (pfr1 >> 52) & 0xf == 0,
+            format_args!("ID_AA64PFR1_EL1 reports no MTE ({pfr1:#018x})"));
+        let pfr2 = sysreg!("s3_0_c0_c4_2");
+        c.check(pfr2 & 0xfff == 0, format_args!("ID_AA64PFR2_EL1 reports no MTE extensions ({pfr2:#x})"));
+        for (name, (taken, esr, at_insn)) in [
+            ("mrs gcr_el1", expect_undef!("mrs x0, s3_0_c1_c0_6")),
+            ("msr gcr_el1", expect_undef!("msr s3_0_c1_c0_6, x0")),
+            ("mrs rgsr_el1", expect_undef!("mrs x0, s3_0_c1_c0_5")),
+            ("msr rgsr_el1", expect_undef!("msr s3_0_c1_c0_5, x0")),
+            ("mrs tfsr_el1", expect_undef!("mrs x0, s3_0_c5_c6_0")),
+            ("msr tfsr_el1", expect_undef!("msr s3_0_c5_c6_0, x0")),
+            ("mrs tfsre0_el1", expect_undef!("mrs x0, s3_0_c5_c6_1")),
+            ("msr tfsre0_el1", expect_undef!("msr s3_0_c5_c6_1, x0")),
+            ("mrs gmid_el1", expect_undef!("mrs x0, s3_1_c0_c0_4")),
+        ] {
+            c.check(taken && esr == 0x0200_0000 && at_insn,
+                format_args!("{name}: Undefined Instruction at the instruction (ESR_EL1 {esr:#x}), handler skipped it"));
+        }
+        let tag = stg_ldg(granule);
+        c.check(tag == 0, format_args!("STG then LDG on our own memory: tag reads {tag} (tag access is disabled)"));
+    } else {
+        say!("MTE policy expected on");
+        c.check(field >= 2, format_args!("ID_AA64PFR1_EL1.MTE = {field}: MTE with tag storage"));
+        let v: u64;
+        // SAFETY: with the policy on, GCR_EL1 is ours to use; the old value
+        // is restored.
+        unsafe {
+            core::arch::asm!("mrs {old}, s3_0_c1_c0_6", "msr s3_0_c1_c0_6, {new}", "isb", "mrs {v}, s3_0_c1_c0_6",
+                "msr s3_0_c1_c0_6, {old}", old = out(reg) _, new = in(reg) 0x1_0005u64, v = out(reg) v);
+        }
+        c.check(v == 0x1_0005, format_args!("GCR_EL1 written and read back without a trap ({v:#x})"));
+        let tag = stg_ldg(granule);
+        c.check(tag == 5, format_args!("STG then LDG on our own memory: tag 5 reads back {tag}"));
+    }
+}
+
+/// Instructions from the host's `mrs gcr_el1` to the first instruction of its
+/// UNDEF handler (the vector entry), counted at EL1 and EL2.
+fn bench_mte_undef() -> u64 {
+    // SAFETY: programs PMU counter 0 as `bench_hvc` does.
+    unsafe {
+        core::arch::asm!(
+            "msr pmevtyper0_el0, {ty}", "msr pmcntenset_el0, {en}",
+            "mrs {t}, pmcr_el0", "orr {t}, {t}, #1", "msr pmcr_el0, {t}", "isb",
+            ty = in(reg) PMU_EL1_AND_EL2, en = in(reg) 1u64, t = out(reg) _,
+        );
+    }
+    EXPECT.store(Expect::SkipInstruction as u64, Ordering::SeqCst);
+    let before: u64;
+    // SAFETY: reads the counter, then the trapped register (the handler
+    // skips it); x0 is scratch.
+    unsafe {
+        core::arch::asm!("isb", "mrs {b}, pmevcntr0_el0", "mrs x0, s3_0_c1_c0_6", b = out(reg) before, out("x0") _);
+    }
+    // SAFETY: written by the vector with the counter value it read.
+    let at_vector = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(VECTOR_ENTRY_COUNT)) };
+    // The counter read happens after the vector's first two instructions
+    // (sub, stp); the count starts at the instruction after the `before` read.
+    at_vector.saturating_sub(before).saturating_sub(2)
 }
 
 /// The services of the demo image, seen from the host.
@@ -562,6 +680,9 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
     );
 
     services(&mut c);
+    let mte_off = bootargs.split(' ').any(|a| a == "arm64.nomte" || a == "moat.host_mte=off")
+        && !bootargs.split(' ').any(|a| a == "moat.host_mte=on");
+    mte(&mut c, mte_off, dtb);
 
     if bootargs.split(' ').any(|a| a == "moat.bench") {
         let (null, loop_cost) = bench_hvc(1000, hypercall::NULL);
@@ -576,6 +697,10 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
                 "bench: service_call_el2={at_el2} service_call_el1={} (where the instructions run)",
                 call - at_el2.min(call)
             );
+        }
+        if mte_off {
+            let undef = bench_mte_undef();
+            say!("bench: mte_sysreg_undef={undef} (host mrs gcr_el1 -> core -> mte service -> UNDEF at the host's vector)");
         }
     }
 

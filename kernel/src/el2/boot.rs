@@ -323,6 +323,14 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let created = super::service::create_all(&services, start_level)
         .unwrap_or_else(|e| fatal("service routing", e));
 
+    // The command line outlives the package (the MTE policy reads it).
+    let mut host_command_line: heapless::String<{ moat_abi::services::MTE_CMDLINE_BYTES }> = heapless::String::new();
+    for c in package.host_bootargs.or(platform.chosen.bootargs).unwrap_or("").chars() {
+        if host_command_line.push(c).is_err() {
+            break;
+        }
+    }
+
     // The package is consumed: keep what the core needs, forget borrowed strings.
     let platform: Platform<'static> = Platform {
         model: "",
@@ -367,7 +375,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     );
 
     let host_el2 = HostEl2Config {
-        hcr: el2config::host_hcr(&features, true),
+        hcr: core::sync::atomic::AtomicU64::new(el2config::host_hcr(&features, true)),
         cptr: el2config::host_cptr(&features),
         mdcr: el2config::host_mdcr(
             sysreg::pmu_counters(&features),
@@ -392,6 +400,24 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     prepare_cpu(boot_cpu);
     if created > 0 {
         super::service::start_all(boot_cpu);
+    }
+    // The host's MTE policy, if the image has a policy service.
+    let hardware_mte = ((arm_sysregs::read_id_aa64pfr1_el1().bits() >> 8) & 0xf) as u32;
+    match super::service::host_mte_policy(boot_cpu, hardware_mte, &host_command_line) {
+        None => crate::log!("no MTE policy service: the host gets MTE as the hardware offers it"),
+        Some(Ok(host_mte)) => {
+            let hcr = el2config::host_hcr(&features, host_mte);
+            machine.host_el2.hcr.store(hcr, core::sync::atomic::Ordering::Relaxed);
+            crate::log!(
+                "host MTE policy: {} (HCR_EL2 {hcr:#x})",
+                match (features.mte, host_mte) {
+                    (false, _) => "no MTE in hardware",
+                    (true, true) => "on: the host uses MTE directly",
+                    (true, false) => "off: tag access disabled, MTE registers and GMID_EL1 trapped, ID registers edited",
+                }
+            );
+        }
+        Some(Err(e)) => fatal("MTE policy", format_args!("the policy service did not answer ({e:?})")),
     }
     crate::log!(
         "entering the host at {:#x} on CPU {index} (EL1h, x0 = device tree)",

@@ -16,6 +16,13 @@ use moat_platform::dt::Gic;
 /// The EL2 physical timer's PPI.
 pub const WATCHDOG_INTID: u32 = 26;
 
+/// The CPU interface's priority mask while a service runs: the watchdog
+/// (priority 0) gets through; ordinary host interrupts (Linux gives every
+/// interrupt priority 0xa0) stay pending until the run ends, so they delay a
+/// call by at most its budget instead of interrupting it. Only host
+/// interrupts above this priority (pseudo-NMIs) suspend a call.
+pub const SERVICE_RUN_PMR: u64 = 0x80;
+
 /// How this CPU reaches the GIC for the watchdog.
 #[derive(Clone, Copy, Debug)]
 pub enum GicAccess {
@@ -127,7 +134,7 @@ pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
                 core::arch::asm!(
                     "mrs {p}, icc_pmr_el1", "mrs {g}, icc_igrpen1_el1",
                     "msr icc_pmr_el1, {ff}", "msr icc_igrpen1_el1, {one}", "isb",
-                    p = out(reg) pmr, g = out(reg) grpen, ff = in(reg) 0xffu64, one = in(reg) 1u64,
+                    p = out(reg) pmr, g = out(reg) grpen, ff = in(reg) SERVICE_RUN_PMR, one = in(reg) 1u64,
                     options(nostack, preserves_flags),
                 );
             }
@@ -144,7 +151,7 @@ pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
                 a: u64::from(rd32(cpu_interface + 0x4)),
                 b: u64::from(rd32(cpu_interface)),
             };
-            wr32(cpu_interface + 0x4, 0xff);
+            wr32(cpu_interface + 0x4, SERVICE_RUN_PMR as u32);
             wr32(cpu_interface, saved.b as u32 | 0b11);
             saved
         }

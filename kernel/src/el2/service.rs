@@ -78,7 +78,7 @@ enum State {
 #[derive(Clone, Copy)]
 struct Pending {
     header: MessageHeader,
-    body: SmallBody,
+    body: [u64; MAX_WORDS],
     cpu: usize,
 }
 
@@ -86,13 +86,20 @@ impl Pending {
     /// Whether `header`/`body` from `cpu` is the suspended call issued again:
     /// same caller, same operation, same request. (A re-issued host call has
     /// a new sequence number.)
-    fn is_reissue(&self, header: &MessageHeader, body: &SmallBody, cpu: usize) -> bool {
-        let words = (header.payload_len as usize).div_ceil(8).min(SMALL_WORDS);
+    fn is_reissue(&self, header: &MessageHeader, body: &[u64], cpu: usize) -> bool {
+        let words = (header.payload_len as usize).div_ceil(8).min(body.len()).min(MAX_WORDS);
         self.cpu == cpu
             && self.header.service == header.service
             && self.header.operation == header.operation
             && self.header.payload_len == header.payload_len
             && self.body[..words] == body[..words]
+    }
+
+    fn new(header: &MessageHeader, body: &[u64], cpu: usize) -> Self {
+        let mut copy = [0u64; MAX_WORDS];
+        let n = body.len().min(MAX_WORDS);
+        copy[..n].copy_from_slice(&body[..n]);
+        Self { header: *header, body: copy, cpu }
     }
 }
 
@@ -180,11 +187,11 @@ impl Service {
     /// Writes a call: its header and the `payload_len` bytes of its body
     /// (the service reads no further). Word-sized, aligned accesses only:
     /// this is on every call's path.
-    fn ipc_write(&self, header: &MessageHeader, body: &SmallBody) {
-        let words = (header.payload_len as usize).div_ceil(8).min(SMALL_WORDS);
+    fn ipc_write(&self, header: &MessageHeader, body: &[u64]) {
+        let words = (header.payload_len as usize).div_ceil(8).min(body.len()).min(MAX_WORDS);
         // SAFETY: the IPC page is a page-aligned page of the core's heap,
         // mapped read/write in the core's stage-1; the service is stopped
-        // while the core writes; header and body lie well inside the page.
+        // while the core writes; header and body lie inside the page.
         unsafe {
             core::ptr::write(self.ipc_page as *mut MessageHeader, *header);
             let dst = (self.ipc_page + HEADER_SIZE as u64) as *mut u64;
@@ -194,17 +201,27 @@ impl Service {
         }
     }
 
-    /// Copies the reply's header, and the first [`SMALL_BODY`] bytes of
-    /// its body into `body`, out of the IPC page before anything checks them.
-    /// Bytes past the reply's length are whatever the page held: callers
-    /// that pass a body on must clear them.
-    fn ipc_read(&self, body: &mut SmallBody) -> MessageHeader {
-        // SAFETY: as for `ipc_write`; both types are plain words, valid for
-        // any bit pattern.
-        unsafe {
-            *body = core::ptr::read((self.ipc_page + HEADER_SIZE as u64) as *const SmallBody);
-            core::ptr::read(self.ipc_page as *const MessageHeader)
+    /// Copies the reply's header, and as much of its body as `body` holds,
+    /// out of the IPC page before anything checks them. Bytes past the
+    /// reply's length are whatever the page held: callers that pass a body
+    /// on must clear them.
+    fn ipc_read(&self, body: &mut [u64]) -> MessageHeader {
+        if body.len() == SMALL_WORDS {
+            // The common case, as one fixed-size copy.
+            // SAFETY: as for `ipc_write`; plain words, valid for any bit pattern.
+            unsafe {
+                let src = (self.ipc_page + HEADER_SIZE as u64) as *const SmallBody;
+                body.copy_from_slice(&core::ptr::read(src));
+            }
+        } else {
+            let src = (self.ipc_page + HEADER_SIZE as u64) as *const u64;
+            for (i, w) in body.iter_mut().take(MAX_WORDS).enumerate() {
+                // SAFETY: as above; `i` stays inside the message.
+                *w = unsafe { src.add(i).read() };
+            }
         }
+        // SAFETY: as above.
+        unsafe { core::ptr::read(self.ipc_page as *const MessageHeader) }
     }
 
     /// Runs the service's vCPU on `cpu` until it replies, faults, overruns
@@ -302,7 +319,7 @@ impl Service {
             (*cpu.host_el1.get()).load();
             let h = &m.host_el2;
             sysreg::switch_el2(
-                h.hcr,
+                h.hcr.load(Ordering::Relaxed),
                 h.cptr,
                 h.mdcr,
                 moat_kernel::el2config::HOST_CNTHCTL,
@@ -321,6 +338,8 @@ pub const SMALL_WORDS: usize = 8;
 pub const SMALL_BODY: usize = SMALL_WORDS * 8;
 /// A body on the core's path, as little-endian words.
 pub type SmallBody = [u64; SMALL_WORDS];
+/// Words of the largest body a message carries.
+pub const MAX_WORDS: usize = moat_abi::ipc::PAYLOAD_SIZE / 8;
 const HEADER_SIZE: usize = size_of::<MessageHeader>();
 const _: () = assert!(HEADER_SIZE % 8 == 0 && HEADER_SIZE + SMALL_BODY <= MESSAGE_SIZE);
 
@@ -332,12 +351,12 @@ pub fn call(
     cpu: &PerCpu,
     index: usize,
     header: &MessageHeader,
-    body: &mut SmallBody,
+    body: &mut [u64],
 ) -> Result<Result<u32, Error>, Error> {
     let Some(s) = get(index) else {
         return Err(Error::NotSupported);
     };
-    if header.payload_len as usize > SMALL_BODY {
+    if header.payload_len as usize > (body.len() * 8).min(moat_abi::ipc::PAYLOAD_SIZE) {
         return Err(Error::InvalidParameters);
     }
     match s.state.compare_exchange(
@@ -358,12 +377,13 @@ pub fn call(
             match s.run(cpu) {
                 Exit::Reply => {
                     let reissue = p.is_reissue(header, body, cpu.index);
-                    let mut reply_body: SmallBody = [0; SMALL_WORDS];
-                    let reply = s.ipc_read(&mut reply_body);
+                    let mut reply_body = [0u64; MAX_WORDS];
+                    let reply = s.ipc_read(&mut reply_body[..body.len().min(MAX_WORDS)]);
                     // The reply is checked against the call it answers either way.
-                    let verdict = finish(s, &reply, &p.header);
+                    let verdict = finish(s, &reply, &p.header, body.len() * 8);
                     if reissue || verdict.is_err() {
-                        *body = reply_body;
+                        let n = body.len().min(MAX_WORDS);
+                        body[..n].copy_from_slice(&reply_body[..n]);
                         return verdict;
                     }
                     // Its caller moved on; the result is dropped.
@@ -381,14 +401,10 @@ pub fn call(
         match s.run(cpu) {
             Exit::Reply => {
                 let reply = s.ipc_read(body);
-                finish(s, &reply, header)
+                finish(s, &reply, header, body.len() * 8)
             }
             Exit::Preempted => {
-                *pending = Some(Pending {
-                    header: *header,
-                    body: *body,
-                    cpu: cpu.index,
-                });
+                *pending = Some(Pending::new(header, body, cpu.index));
                 Err(Error::Interrupted)
             }
             Exit::Fault(why, detail) => Err(fail(s, why, detail)),
@@ -416,9 +432,10 @@ fn finish(
     s: &Service,
     reply: &MessageHeader,
     call: &MessageHeader,
+    capacity: usize,
 ) -> Result<Result<u32, Error>, Error> {
     match reply.check_reply_to(call) {
-        Ok(_) if reply.payload_len as usize > SMALL_BODY => Err(Error::InvalidParameters),
+        Ok(_) if reply.payload_len as usize > capacity => Err(Error::InvalidParameters),
         Ok(Ok(())) => Ok(Ok(reply.payload_len)),
         Ok(Err(e)) => Ok(Err(e)),
         // A service built for another major ABI version answers in its own
@@ -698,4 +715,34 @@ pub fn package_services<'a>(
         .map(|r| (r, package.service_image(&r)))
         .take(moat_package::MAX_SERVICES)
         .collect()
+}
+
+/// Asks the MTE policy service (the service serving the `mte` interface,
+/// if the image has one) whether the host may use MTE.
+///
+/// `None`: the image has no MTE policy, and the host gets MTE as the hardware
+/// offers it. An MTE policy that cannot answer is an error: the core will
+/// not guess a security policy.
+pub fn host_mte_policy(cpu: &PerCpu, hardware_level: u32, command_line: &str) -> Option<Result<bool, Error>> {
+    use moat_abi::services::{MteBootInfo, MtePolicy, mte};
+    use zerocopy::FromBytes;
+    let all = SERVICES.get()?;
+    let index = all.list.iter().position(|s| s.interface_id == mte::SERVICE_ID)?;
+    let mut info = MteBootInfo { hardware_level, ..Default::default() };
+    let n = command_line.len().min(info.command_line.len());
+    info.command_line[..n].copy_from_slice(&command_line.as_bytes()[..n]);
+    info.command_line_len = n as u32;
+    let mut body = [0u64; size_of::<MteBootInfo>().div_ceil(8)];
+    body.as_mut_bytes()[..size_of::<MteBootInfo>()].copy_from_slice(info.as_bytes());
+    let header = MessageHeader::call(mte::SERVICE_ID, 1, next_sequence(index), size_of::<MteBootInfo>() as u32);
+    Some(match call(cpu, index, &header, &mut body) {
+        Ok(Ok(len)) if len as usize == size_of::<MtePolicy>() => {
+            match MtePolicy::read_from_bytes(&body.as_bytes()[..size_of::<MtePolicy>()]) {
+                Ok(p) => Ok(p.host_mte == 1),
+                Err(_) => Err(Error::InvalidParameters),
+            }
+        }
+        Ok(Ok(_)) => Err(Error::InvalidParameters),
+        Ok(Err(e)) | Err(e) => Err(e),
+    })
 }

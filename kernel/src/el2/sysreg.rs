@@ -64,7 +64,8 @@ pub fn write_el1_exception(esr: u64, elr: u64, spsr: u64, far: Option<u64>) {
 
 /// The per-CPU EL2 configuration for running the host.
 pub struct HostEl2Config {
-    pub hcr: u64,
+    /// Set once more after boot, when the MTE policy service has decided.
+    pub hcr: core::sync::atomic::AtomicU64,
     pub cptr: u64,
     pub mdcr: u64,
     pub vtcr: u64,
@@ -130,7 +131,7 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
         sr::write_sctlr_el1(sr::SctlrEl1::from_bits_retain(
             moat_kernel::el2config::SCTLR_EL1_RESET,
         ));
-        sr::write_hcr_el2(sr::HcrEl2::from_bits_retain(config.hcr));
+        sr::write_hcr_el2(sr::HcrEl2::from_bits_retain(config.hcr.load(core::sync::atomic::Ordering::Relaxed)));
         core::arch::asm!("isb", options(nostack, preserves_flags));
     }
 }
@@ -292,4 +293,38 @@ pub fn disarm_watchdog() -> bool {
             options(nostack, preserves_flags));
     }
     ctl & 0b101 == 0b101 // ENABLE and ISTATUS
+}
+
+macro_rules! id_group3 {
+    ($crm:expr, $op2:expr, $( ($m:literal, $o:literal) ),* $(,)?) => {
+        match ($crm, $op2) {
+            $(
+                ($m, $o) => {
+                    let v: u64;
+                    // SAFETY: reads an ID register (op0 3, op1 0, CRn 0):
+                    // no side effects; unallocated encodings read as zero.
+                    unsafe {
+                        core::arch::asm!(concat!("mrs {}, s3_0_c0_c", stringify!($m), "_", stringify!($o)), out(reg) v,
+                            options(nomem, nostack, preserves_flags));
+                    }
+                    Some(v)
+                }
+            )*
+            _ => None,
+        }
+    };
+}
+
+/// The value of the ID-group-3 register `(3, 0, 0, crm, op2)` (CRm 1..=7),
+/// as the hardware has it: what a trapped MRS would have read.
+pub fn read_id_register(crm: u8, op2: u8) -> Option<u64> {
+    id_group3!(crm, op2,
+        (1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7),
+        (2, 0), (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 6), (2, 7),
+        (3, 0), (3, 1), (3, 2), (3, 3), (3, 4), (3, 5), (3, 6), (3, 7),
+        (4, 0), (4, 1), (4, 2), (4, 3), (4, 4), (4, 5), (4, 6), (4, 7),
+        (5, 0), (5, 1), (5, 2), (5, 3), (5, 4), (5, 5), (5, 6), (5, 7),
+        (6, 0), (6, 1), (6, 2), (6, 3), (6, 4), (6, 5), (6, 6), (6, 7),
+        (7, 0), (7, 1), (7, 2), (7, 3), (7, 4), (7, 5), (7, 6), (7, 7),
+    )
 }

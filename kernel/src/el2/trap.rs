@@ -8,7 +8,7 @@
 use super::{cpu, hvc, service, sysreg};
 use moat_abi::hypercall;
 use moat_abi::trap::{SysRegAccess as SysRegDesc, TrapClass, TrapDescriptor};
-use moat_kernel::esr::{StageTwoAbort, Trap};
+use moat_kernel::esr::{StageTwoAbort, SysRegAccess, Trap};
 use moat_kernel::inject::{self, El1Context, Injection};
 use moat_kernel::regs::GuestRegs;
 
@@ -56,19 +56,25 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
             hvc::handle_call(this_cpu, regs, imm);
         }
         Trap::StageTwo(abort) => host_stage2_abort(regs, &abort),
-        Trap::SysReg(access) => {
-            crate::log!(
-                "host CPU {}: system register access op0={} op1={} CRn={} CRm={} op2={} at {:#x} is not implemented: UNDEFINED",
-                this_cpu.index,
-                access.op0,
-                access.op1,
-                access.crn,
-                access.crm,
-                access.op2,
-                regs.pc
-            );
-            inject_undef(regs);
-        }
+        Trap::SysReg(access) => match service::routes().and_then(|r| r.handler(TrapClass::SysReg)) {
+            Some(index) => {
+                let trap = describe(&Trap::SysReg(access), esr, regs, this_cpu.index);
+                decide(this_cpu, regs, index, &trap, &access);
+            }
+            None => {
+                crate::log!(
+                    "host CPU {}: system register access op0={} op1={} CRn={} CRm={} op2={} at {:#x} has no handler: UNDEFINED",
+                    this_cpu.index,
+                    access.op0,
+                    access.op1,
+                    access.crn,
+                    access.crm,
+                    access.op2,
+                    regs.pc
+                );
+                inject_undef(regs);
+            }
+        },
         Trap::Wfx { .. } | Trap::Other { .. } => {
             crate::log!(
                 "host CPU {}: unexpected trap ESR_EL2 {esr:#010x} at {:#x}: UNDEFINED",
@@ -115,9 +121,15 @@ fn describe(trap: &Trap, esr: u64, regs: &GuestRegs, cpu: usize) -> TrapDescript
                 is_read: u8::from(a.is_read),
                 reserved: 0,
             };
-            if !a.is_read {
-                d.write_value = regs.read_gpr(a.rt);
-            }
+            d.value = if a.is_read {
+                // ID-group-3 registers: the hardware value, for a policy to edit.
+                match (a.op0, a.op1, a.crn) {
+                    (3, 0, 0) => sysreg::read_id_register(a.crm, a.op2).unwrap_or(0),
+                    _ => 0,
+                }
+            } else {
+                regs.read_gpr(a.rt)
+            };
         }
         Trap::StageTwo(_) => {
             d.far = sysreg::far_el2();
@@ -126,6 +138,45 @@ fn describe(trap: &Trap, esr: u64, regs: &GuestRegs, cpu: usize) -> TrapDescript
         _ => {}
     }
     d
+}
+
+/// Asks the service that handles system-register traps, and applies its
+/// verdict. Anything but a well-formed verdict fails closed: the access is
+/// UNDEFINED, as on hardware without the feature.
+fn decide(cpu: &cpu::PerCpu, regs: &mut GuestRegs, index: usize, trap: &TrapDescriptor, access: &SysRegAccess) {
+    use moat_abi::Error;
+    use moat_abi::ipc::MessageHeader;
+    use moat_abi::trap::{Action, DECIDE_OPERATION, Verdict};
+    use zerocopy::{FromBytes, IntoBytes};
+    let Some(s) = service::get(index) else {
+        inject_undef(regs);
+        return;
+    };
+    let mut body: service::SmallBody = [0; service::SMALL_WORDS];
+    body.as_mut_bytes()[..size_of::<TrapDescriptor>()].copy_from_slice(trap.as_bytes());
+    let header = MessageHeader::call(
+        s.interface_id,
+        DECIDE_OPERATION,
+        service::next_sequence(index),
+        size_of::<TrapDescriptor>() as u32,
+    );
+    match service::call(cpu, index, &header, &mut body) {
+        Ok(Ok(len)) if len as usize == size_of::<Verdict>() => {
+            let verdict = Verdict::read_from_bytes(&body.as_bytes()[..size_of::<Verdict>()]).unwrap_or_default();
+            match verdict.action() {
+                Some(Action::Skip) => regs.pc = regs.pc.wrapping_add(4),
+                Some(Action::EmulateRead) if access.is_read => {
+                    regs.write_gpr(access.rt, verdict.value);
+                    regs.pc = regs.pc.wrapping_add(4);
+                }
+                _ => inject_undef(regs),
+            }
+        }
+        // The instruction runs again after the host's interrupt, and the
+        // suspended decision is finished then.
+        Err(Error::Interrupted) => {}
+        _ => inject_undef(regs),
+    }
 }
 
 fn el1_context() -> El1Context {

@@ -158,10 +158,12 @@ pub fn build_services(manifest: &Manifest) -> Result<ServiceSet> {
     Ok(set)
 }
 
-/// Loads and builds the services of the manifest at `path` (relative to the workspace).
-pub fn services_from(path: &Path) -> Result<ServiceSet> {
+/// Loads the manifest at `path` (relative to the workspace) and builds its
+/// services.
+pub fn services_from(path: &Path) -> Result<(Manifest, ServiceSet)> {
     let manifest = Manifest::load(&tools::root().join(path))?;
-    build_services(&manifest)
+    let set = build_services(&manifest)?;
+    Ok((manifest, set))
 }
 
 /// Packs an image with everything: payloads, an optional device tree and services.
@@ -181,7 +183,7 @@ pub fn pack_image(
     }
     // The linker wrote the core's footprint (image through BSS) at offset 16.
     let footprint = u64::from_le_bytes(image[16..24].try_into().expect("8 bytes")) as usize;
-    if footprint < image.len() || footprint % PACKAGE_ALIGN as usize != 0 {
+    if footprint < image.len() || !footprint.is_multiple_of(PACKAGE_ALIGN as usize) {
         bail!(
             "core footprint {footprint:#x} is inconsistent with its file size {:#x}",
             image.len()

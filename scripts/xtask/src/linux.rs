@@ -291,7 +291,7 @@ fn deb_file_name(package: &str, version: &str) -> String {
     format!("{package}_{}_arm64.deb", version.replace(':', "%3a"))
 }
 
-/// Finds the kernels the cached manifest names and checks every file. A
+/// The files the cache's manifest names, after checking every one. A
 /// damaged extracted file is extracted again from its verified `.deb`.
 fn cached_assets(dir: &Path) -> Option<Assets> {
     let entries = parse_manifest(&std::fs::read_to_string(dir.join(MANIFEST)).ok()?)?;
@@ -411,10 +411,19 @@ fn newer(a: &str, b: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A package to have in the cache, as apt describes it.
+struct Wanted {
+    role: String,
+    package: String,
+    version: String,
+    /// The `.deb`'s SHA256 from the package index.
+    sha256: String,
+}
+
 /// What to download: the unsigned build of the 6.1 kernel the newest
 /// `linux-image-arm64` of the configured suites depends on, and the candidate
 /// `busybox-static`. The same package lists always give the same choice.
-fn resolve() -> Result<Vec<(String, String, String, String)>> {
+fn resolve() -> Result<Vec<Wanted>> {
     let meta =
         output(Command::new("apt-cache").args(["show", &format!("{KERNEL_METAPACKAGE}:arm64")]))?;
     let mut best: Option<(String, String, String)> = None;
@@ -432,12 +441,12 @@ fn resolve() -> Result<Vec<(String, String, String, String)>> {
     let (_, image, image_version) = best.with_context(|| {
         format!("apt knows no {KERNEL_METAPACKAGE}:arm64 that depends on a 6.1 kernel")
     })?;
-    let mut wanted = vec![
+    let specs = [
         ("kernel", format!("{image}-unsigned:arm64={image_version}")),
         ("busybox", format!("{BUSYBOX_PACKAGE}:arm64")),
     ];
     let mut out = Vec::new();
-    for (role, spec) in wanted.drain(..) {
+    for (role, spec) in specs {
         let text = output(Command::new("apt-cache").args(["show", "--no-all-versions", &spec]))?;
         let s = stanzas(&text)
             .into_iter()
@@ -452,12 +461,12 @@ fn resolve() -> Result<Vec<(String, String, String, String)>> {
         if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
             bail!("apt-cache show {spec}: malformed SHA256 {sha:?}");
         }
-        out.push((
-            role.to_string(),
-            field("Package")?,
-            field("Version")?,
-            sha.to_ascii_lowercase(),
-        ));
+        out.push(Wanted {
+            role: role.to_string(),
+            package: field("Package")?,
+            version: field("Version")?,
+            sha256: sha.to_ascii_lowercase(),
+        });
     }
     Ok(out)
 }
@@ -516,7 +525,13 @@ fn fetch(dir: &Path) -> Result<Assets> {
         eprintln!("xtask: not root: using the package lists apt already has");
     }
     let mut entries = Vec::new();
-    for (role, package, version, sha256) in resolve()? {
+    for wanted in resolve()? {
+        let Wanted {
+            role,
+            package,
+            version,
+            sha256,
+        } = wanted;
         let deb = deb_file_name(&package, &version);
         let path = dir.join(&deb);
         if !file_matches(&path, &sha256) {
@@ -526,11 +541,8 @@ fn fetch(dir: &Path) -> Result<Assets> {
                 bail!("{deb} does not match the SHA256 apt published ({sha256})");
             }
         }
-        let extracted = if role == "kernel" {
-            format!("Image-{}", version.replace(':', "%3a"))
-        } else {
-            format!("busybox-{}", version.replace(':', "%3a"))
-        };
+        let stem = if role == "kernel" { "Image" } else { "busybox" };
+        let extracted = format!("{stem}-{}", version.replace(':', "%3a"));
         extract(&path, &role, &dir.join(&extracted))?;
         let extracted_sha256 = sha256_file(&dir.join(&extracted))?;
         eprintln!("xtask: cached {package} {version} (SHA256 {sha256} verified)");

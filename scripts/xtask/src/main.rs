@@ -163,9 +163,12 @@ fn main() -> Result<()> {
                 dtb,
                 semihosting_exit: true,
             };
-            // The demo image carries the services images/demo.toml declares.
+            // The demo image is what images/demo.toml declares: its host and services.
+            let mut spec = spec;
             let services = if default_demo {
-                Some(image::services_from(Path::new(DEMO_MANIFEST))?)
+                let (manifest, set) = image::services_from(Path::new(DEMO_MANIFEST))?;
+                spec.host = manifest.host_path(&built.test_host);
+                Some(set)
             } else {
                 None
             };

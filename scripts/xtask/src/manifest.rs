@@ -19,7 +19,8 @@ pub const MIN_STACK: u64 = 16 << 10;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// The host payload: "test-host" or a path.
+    /// The host payload: "test-host" (the workspace's test host) or a path
+    /// relative to the workspace.
     pub host: String,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceDecl>,
@@ -63,8 +64,9 @@ struct InterfaceInfo {
 }
 
 fn interface(name: &str) -> Option<InterfaceInfo> {
-    use moat_abi::services::{faulty, trace};
+    use moat_abi::services::{faulty, mte, trace};
     match name {
+        "mte" => Some(InterfaceInfo { id: mte::SERVICE_ID, observes: false, decides: true }),
         "trace" => Some(InterfaceInfo {
             id: trace::SERVICE_ID,
             observes: true,
@@ -108,6 +110,14 @@ fn class_mask(service: &str, what: &str, names: &[String]) -> Result<u32> {
 }
 
 impl Manifest {
+    /// The host payload this manifest names, given the built test host.
+    pub fn host_path(&self, test_host: &Path) -> std::path::PathBuf {
+        match self.host.as_str() {
+            "test-host" => test_host.to_path_buf(),
+            other => crate::tools::root().join(other),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -277,7 +287,7 @@ observes = ["smc"]
     #[test]
     fn the_demo_manifest_is_valid() {
         let m = Manifest::load(&crate::tools::root().join("images/demo.toml")).unwrap();
-        assert_eq!(m.services.len(), 5);
+        assert_eq!(m.services.len(), 6);
         assert_eq!(m.host, "test-host");
     }
 

@@ -33,7 +33,7 @@ fn machine(smp: u32, gic: &str) -> MachineArgs {
 }
 
 /// Where a test's host payload comes from.
-enum Host {
+enum Payload {
     TestHost,
     External,
     /// Debian's Linux with an initramfs running these shell commands.
@@ -54,7 +54,7 @@ type Check = Box<dyn Fn(&str) -> Result<(), String>>;
 
 struct Case {
     name: &'static str,
-    host: Host,
+    host: Payload,
     /// The host's command line (for Linux: added to the default one).
     bootargs: Option<&'static str>,
     tree: Tree,
@@ -78,7 +78,7 @@ fn host_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str
     pass.extend_from_slice(extra_pass);
     Case {
         name,
-        host: Host::TestHost,
+        host: Payload::TestHost,
         bootargs: None,
         tree: Tree::Firmware,
         machine: machine(smp, gic),
@@ -94,7 +94,7 @@ fn host_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str
 fn bad_tree(name: &'static str, tree: Tree, message: &'static str) -> Case {
     Case {
         name,
-        host: Host::TestHost,
+        host: Payload::TestHost,
         bootargs: None,
         tree,
         machine: machine(1, "v3"),
@@ -176,7 +176,7 @@ fn cases() -> Vec<Case> {
         ),
         Case {
             name: "external_raw_payload_sees_its_bootargs",
-            host: Host::External,
+            host: Payload::External,
             bootargs: Some("x=1 moat.test=external"),
             tree: Tree::Firmware,
             machine: machine(1, "v3"),
@@ -272,7 +272,7 @@ fn cases() -> Vec<Case> {
 fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -> Case {
     Case {
         name,
-        host: Host::Linux { commands },
+        host: Payload::Linux { commands },
         bootargs: None,
         tree: Tree::Firmware,
         machine: machine(smp, gic),
@@ -461,15 +461,15 @@ fn image_for(
     assets: Option<&Assets>,
 ) -> Result<PathBuf> {
     let spec = match case.host {
-        Host::Linux { commands } => {
+        Payload::Linux { commands } => {
             let assets = assets.context("Linux assets not fetched")?;
             let initrd =
                 linux::write_initramfs(assets, Some(commands), &format!("test-{}", case.name))?;
             linux::image_spec(assets, &initrd, case.bootargs)
         }
-        Host::TestHost | Host::External => ImageSpec {
+        Payload::TestHost | Payload::External => ImageSpec {
             host: match case.host {
-                Host::External => external.clone().context("external payload not built")?,
+                Payload::External => external.clone().context("external payload not built")?,
                 _ => built.test_host.clone(),
             },
             initrd: None,
@@ -506,7 +506,7 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
         .collect();
     let assets = if selected
         .iter()
-        .any(|c| matches!(c.host, Host::Linux { .. }))
+        .any(|c| matches!(c.host, Payload::Linux { .. }))
     {
         let assets = linux::ensure_assets()?;
         println!(

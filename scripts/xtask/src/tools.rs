@@ -122,10 +122,10 @@ pub fn ensure_qemu() -> Result<()> {
 
 /// mdbook, installed with cargo if missing.
 pub fn ensure_mdbook() -> Result<PathBuf> {
-    if let Ok(out) = Command::new("mdbook").arg("--version").output() {
-        if out.status.success() {
-            return Ok(PathBuf::from("mdbook"));
-        }
+    if let Ok(out) = Command::new("mdbook").arg("--version").output()
+        && out.status.success()
+    {
+        return Ok(PathBuf::from("mdbook"));
     }
     let cargo_bin = std::env::var("CARGO_HOME")
         .map(PathBuf::from)

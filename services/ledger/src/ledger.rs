@@ -1,0 +1,818 @@
+//! The ledger: operations, commit, queries and the invariant checker.
+
+use core::fmt;
+use core::mem::size_of;
+
+use crate::store::{Extent, Splice, Store};
+use crate::transaction::{Change, Op, Transaction};
+use crate::{LedgerError, Owner, PageState, Perms, PfnRange, ServiceId, VmId};
+
+/// Most VMs (alive, or dying with pages left) the ledger tracks at once.
+pub const MAX_VMS: usize = 64;
+/// Most RAM ranges, and most hypervisor ranges, of a boot layout.
+pub const MAX_BOOT_RANGES: usize = 32;
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VmStatus {
+    /// Created, may run, receive pages, share and unshare.
+    Alive,
+    /// Destroyed; its pages are waiting to be reclaimed.
+    Dying,
+}
+
+/// What the ledger knows of one VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VmRecord {
+    /// The handle.
+    pub vm: VmId,
+    /// Alive or dying.
+    pub status: VmStatus,
+    /// How many pages it owns (shared ones included).
+    pub pages: u64,
+}
+
+/// A broken ledger invariant, found by [`Ledger::check_invariants`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InvariantViolation {
+    /// An extent with no pages.
+    EmptyExtent {
+        /// Its index.
+        index: usize,
+    },
+    /// An extent whose end overflows.
+    ExtentOverflow {
+        /// Its index.
+        index: usize,
+    },
+    /// An extent that does not start after the previous one ends.
+    Unsorted {
+        /// Its index.
+        index: usize,
+    },
+    /// An extent continuing the previous one with the same state.
+    Unmerged {
+        /// Its index.
+        index: usize,
+    },
+    /// A RAM page no extent holds.
+    RamNotCovered {
+        /// The page.
+        pfn: u64,
+    },
+    /// An extent holds a page that is not RAM.
+    NotRam {
+        /// The page.
+        pfn: u64,
+    },
+    /// A page whose borrower is its owner.
+    SelfShare {
+        /// The first such page.
+        pfn: u64,
+    },
+    /// A share no operation can create (only host to hypervisor and VM to
+    /// host exist).
+    IllegalShare {
+        /// The first such page.
+        pfn: u64,
+    },
+    /// A page of the boot hypervisor ranges that is not the hypervisor's
+    /// alone.
+    HypervisorMemoryLost {
+        /// The first such page.
+        pfn: u64,
+    },
+    /// A page owned by a VM the table does not know.
+    UnknownVm {
+        /// The first such page.
+        pfn: u64,
+        /// The VM.
+        vm: VmId,
+    },
+    /// A VM record whose page count does not match its pages.
+    VmPageCount {
+        /// The VM.
+        vm: VmId,
+    },
+    /// Two records with one handle.
+    DuplicateVm {
+        /// The VM.
+        vm: VmId,
+    },
+    /// A dying VM with no page left that was not dropped.
+    DeadVmLingers {
+        /// The VM.
+        vm: VmId,
+    },
+}
+
+/// What a commit does, derived from the request again at commit time.
+enum Effect {
+    Pages {
+        splice: Splice,
+        vm: Option<(usize, VmPages)>,
+    },
+    CreateVm {
+        slot: usize,
+        vm: VmId,
+    },
+    DestroyVm {
+        slot: usize,
+    },
+}
+
+enum VmPages {
+    Add(u64),
+    Remove(u64),
+}
+
+/// The ownership of every page of RAM; see the crate documentation.
+///
+/// `S` is the extent buffer: its length is the capacity.
+#[derive(Clone)]
+pub struct Ledger<S> {
+    store: Store<S>,
+    vms: [Option<VmRecord>; MAX_VMS],
+    ram: [PfnRange; MAX_BOOT_RANGES],
+    ram_len: usize,
+    hyp: [PfnRange; MAX_BOOT_RANGES],
+    hyp_len: usize,
+    generation: u64,
+}
+
+/// The page must be `owner`'s and not shared.
+fn exclusive(owner: Owner) -> impl Fn(&Extent, u64) -> Result<(), LedgerError> {
+    move |e, pfn| {
+        if e.owner != owner {
+            Err(LedgerError::PageNotOwned { pfn })
+        } else if e.borrower.is_some() {
+            Err(LedgerError::PageShared { pfn })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The page must be `owner`'s and shared with `borrower`.
+fn shared(owner: Owner, borrower: Owner) -> impl Fn(&Extent, u64) -> Result<(), LedgerError> {
+    move |e, pfn| {
+        if e.owner != owner {
+            Err(LedgerError::PageNotOwned { pfn })
+        } else if e.borrower != Some(borrower) {
+            Err(LedgerError::PageNotShared { pfn })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The page must be `owner`'s, shared or not.
+fn owned(owner: Owner) -> impl Fn(&Extent, u64) -> Result<(), LedgerError> {
+    move |e, pfn| {
+        if e.owner != owner {
+            Err(LedgerError::PageNotOwned { pfn })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
+    /// The ledger at boot: every page of `ram` owned by the host, except
+    /// the pages of `hypervisor` (the core's carve-out, the services'
+    /// memory, anything else the host must never touch), owned by the
+    /// hypervisor. RAM ranges may come in any order and may touch but not
+    /// overlap; hypervisor ranges must lie inside RAM. `storage` is the
+    /// extent buffer (its previous contents are ignored).
+    pub fn new(
+        storage: S,
+        ram: &[PfnRange],
+        hypervisor: &[PfnRange],
+    ) -> Result<Self, LedgerError> {
+        if ram.len() > MAX_BOOT_RANGES || hypervisor.len() > MAX_BOOT_RANGES {
+            return Err(LedgerError::TooManyRanges);
+        }
+        let mut ledger = Self {
+            store: Store::new(storage),
+            vms: [None; MAX_VMS],
+            ram: [PfnRange::default(); MAX_BOOT_RANGES],
+            ram_len: ram.len(),
+            hyp: [PfnRange::default(); MAX_BOOT_RANGES],
+            hyp_len: hypervisor.len(),
+            generation: 0,
+        };
+        for (slot, range) in ledger.ram.iter_mut().zip(ram) {
+            range.checked_end()?;
+            *slot = *range;
+        }
+        let sorted = &mut ledger.ram[..ram.len()];
+        sorted.sort_unstable_by_key(|r| r.start);
+        for pair in sorted.windows(2) {
+            if pair[0].start + pair[0].count > pair[1].start {
+                return Err(LedgerError::RamOverlap);
+            }
+        }
+        for range in &ledger.ram[..ledger.ram_len] {
+            ledger.store.push(Extent {
+                start: range.start,
+                count: range.count,
+                owner: Owner::Host,
+                borrower: None,
+            })?;
+        }
+        for (slot, range) in ledger.hyp.iter_mut().zip(hypervisor) {
+            let end = range.checked_end()?;
+            ledger
+                .store
+                .check_range(range.start, end, |_, _| Ok(()))
+                .map_err(|e| match e {
+                    LedgerError::OutOfRam { pfn } => LedgerError::HypervisorOutsideRam { pfn },
+                    other => other,
+                })?;
+            let splice = ledger
+                .store
+                .plan_assign(range.start, end, Owner::Hypervisor, None);
+            if !ledger.store.fits(&splice) {
+                return Err(LedgerError::OutOfCapacity);
+            }
+            ledger.store.apply(&splice);
+            *slot = *range;
+        }
+        Ok(ledger)
+    }
+
+    // ---- Operations (prepare) -------------------------------------------
+
+    /// Prepares `op`: checks it against the current state and returns the
+    /// transaction that carries it out. Changes nothing.
+    pub fn prepare(&self, op: Op) -> Result<Transaction, LedgerError> {
+        self.plan(op).map(|(tx, _)| tx)
+    }
+
+    /// Host `Owned` → host `SharedOwned`, hypervisor `SharedBorrowed`.
+    /// The hypervisor gets a read-write mapping; the host keeps its own.
+    pub fn host_share_hyp(&self, pfn: u64, count: u64) -> Result<Transaction, LedgerError> {
+        self.prepare(Op::HostShareHyp {
+            range: PfnRange::new(pfn, count),
+        })
+    }
+
+    /// Host `SharedOwned` with the hypervisor → host `Owned`; the
+    /// hypervisor's mapping goes.
+    pub fn host_unshare_hyp(&self, pfn: u64, count: u64) -> Result<Transaction, LedgerError> {
+        self.prepare(Op::HostUnshareHyp {
+            range: PfnRange::new(pfn, count),
+        })
+    }
+
+    /// Host `Owned` → VM `Owned`, host `NoPage`: unmapped from the host,
+    /// zeroed and tag-scrubbed, mapped for the (alive) VM.
+    pub fn host_donate_vm(
+        &self,
+        pfn: u64,
+        count: u64,
+        vm: VmId,
+    ) -> Result<Transaction, LedgerError> {
+        self.prepare(Op::HostDonateVm {
+            range: PfnRange::new(pfn, count),
+            vm,
+        })
+    }
+
+    /// VM `Owned` → VM `SharedOwned`, host `SharedBorrowed` (read-write).
+    pub fn vm_share_host(
+        &self,
+        vm: VmId,
+        pfn: u64,
+        count: u64,
+    ) -> Result<Transaction, LedgerError> {
+        self.prepare(Op::VmShareHost {
+            vm,
+            range: PfnRange::new(pfn, count),
+        })
+    }
+
+    /// VM `SharedOwned` with the host → VM `Owned`; the host's mapping goes.
+    pub fn vm_unshare_host(
+        &self,
+        vm: VmId,
+        pfn: u64,
+        count: u64,
+    ) -> Result<Transaction, LedgerError> {
+        self.prepare(Op::VmUnshareHost {
+            vm,
+            range: PfnRange::new(pfn, count),
+        })
+    }
+
+    /// Registers a new, alive VM handle.
+    pub fn create_vm(&self, vm: VmId) -> Result<Transaction, LedgerError> {
+        self.prepare(Op::CreateVm { vm })
+    }
+
+    /// Marks an alive VM dying: it can no longer share or be donated to,
+    /// and its pages become reclaimable. A VM with no pages is dropped at
+    /// once. The transaction has no page changes: the core stops the VM's
+    /// vCPUs before applying it.
+    pub fn destroy_vm(&self, vm: VmId) -> Result<Transaction, LedgerError> {
+        self.prepare(Op::DestroyVm { vm })
+    }
+
+    /// A dying VM's pages (`Owned`, or `SharedOwned` with the host) →
+    /// host `Owned`: unmapped from the VM, zeroed and tag-scrubbed, mapped
+    /// for the host. The VM record goes with its last page.
+    pub fn reclaim(&self, vm: VmId, pfn: u64, count: u64) -> Result<Transaction, LedgerError> {
+        self.prepare(Op::Reclaim {
+            vm,
+            range: PfnRange::new(pfn, count),
+        })
+    }
+
+    /// Host `Owned` → service `Owned`: unmapped from the host, zeroed and
+    /// tag-scrubbed, mapped read-write for the service.
+    pub fn donate_service(
+        &self,
+        pfn: u64,
+        count: u64,
+        service: ServiceId,
+    ) -> Result<Transaction, LedgerError> {
+        self.prepare(Op::DonateService {
+            range: PfnRange::new(pfn, count),
+            service,
+        })
+    }
+
+    // ---- Commit ------------------------------------------------------------
+
+    /// Records a transaction the core has applied. Refuses with
+    /// [`LedgerError::Stale`] one prepared in another generation; one
+    /// prepared in this generation always commits.
+    pub fn commit(&mut self, tx: &Transaction) -> Result<(), LedgerError> {
+        if tx.generation() != self.generation {
+            return Err(LedgerError::Stale);
+        }
+        let (again, effect) = self.plan(tx.op())?;
+        if again != *tx {
+            return Err(LedgerError::Stale);
+        }
+        match effect {
+            Effect::Pages { splice, vm } => {
+                self.store.apply(&splice);
+                if let Some((slot, delta)) = vm
+                    && let Some(record) = &mut self.vms[slot]
+                {
+                    match delta {
+                        VmPages::Add(n) => record.pages += n,
+                        VmPages::Remove(n) => record.pages -= n,
+                    }
+                    if record.pages == 0 && record.status == VmStatus::Dying {
+                        self.vms[slot] = None;
+                    }
+                }
+            }
+            Effect::CreateVm { slot, vm } => {
+                self.vms[slot] = Some(VmRecord {
+                    vm,
+                    status: VmStatus::Alive,
+                    pages: 0,
+                });
+            }
+            Effect::DestroyVm { slot } => {
+                if let Some(record) = &mut self.vms[slot] {
+                    if record.pages == 0 {
+                        self.vms[slot] = None;
+                    } else {
+                        record.status = VmStatus::Dying;
+                    }
+                }
+            }
+        }
+        self.generation = self.generation.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Prepares and commits `op` at once, for callers with no mechanism
+    /// step in between (boot-time set-up, tests).
+    pub fn execute(&mut self, op: Op) -> Result<Transaction, LedgerError> {
+        let tx = self.prepare(op)?;
+        self.commit(&tx)?;
+        Ok(tx)
+    }
+
+    fn plan(&self, op: Op) -> Result<(Transaction, Effect), LedgerError> {
+        let tx = Transaction::new(op, self.generation);
+        let pages = |splice, vm| Effect::Pages { splice, vm };
+        Ok(match op {
+            Op::HostShareHyp { range } => {
+                let end = range.checked_end()?;
+                let splice = self.plan_pages(
+                    range.start,
+                    end,
+                    exclusive(Owner::Host),
+                    Owner::Host,
+                    Some(Owner::Hypervisor),
+                )?;
+                let tx = tx.with(Change::Map {
+                    party: Owner::Hypervisor,
+                    range,
+                    perms: Perms::RW,
+                });
+                (tx, pages(splice, None))
+            }
+            Op::HostUnshareHyp { range } => {
+                let end = range.checked_end()?;
+                let splice = self.plan_pages(
+                    range.start,
+                    end,
+                    shared(Owner::Host, Owner::Hypervisor),
+                    Owner::Host,
+                    None,
+                )?;
+                let tx = tx.with(Change::Unmap {
+                    party: Owner::Hypervisor,
+                    range,
+                });
+                (tx, pages(splice, None))
+            }
+            Op::HostDonateVm { range, vm } => {
+                let end = range.checked_end()?;
+                let slot = self.alive_vm(vm)?;
+                let splice = self.plan_pages(
+                    range.start,
+                    end,
+                    exclusive(Owner::Host),
+                    Owner::Vm(vm),
+                    None,
+                )?;
+                let tx = tx
+                    .with(Change::Unmap {
+                        party: Owner::Host,
+                        range,
+                    })
+                    .with_scrub(range)
+                    .with(Change::Map {
+                        party: Owner::Vm(vm),
+                        range,
+                        perms: Perms::RWX,
+                    });
+                (tx, pages(splice, Some((slot, VmPages::Add(range.count)))))
+            }
+            Op::VmShareHost { vm, range } => {
+                let end = range.checked_end()?;
+                self.alive_vm(vm)?;
+                let splice = self.plan_pages(
+                    range.start,
+                    end,
+                    exclusive(Owner::Vm(vm)),
+                    Owner::Vm(vm),
+                    Some(Owner::Host),
+                )?;
+                let tx = tx.with(Change::Map {
+                    party: Owner::Host,
+                    range,
+                    perms: Perms::RW,
+                });
+                (tx, pages(splice, None))
+            }
+            Op::VmUnshareHost { vm, range } => {
+                let end = range.checked_end()?;
+                self.alive_vm(vm)?;
+                let splice = self.plan_pages(
+                    range.start,
+                    end,
+                    shared(Owner::Vm(vm), Owner::Host),
+                    Owner::Vm(vm),
+                    None,
+                )?;
+                let tx = tx.with(Change::Unmap {
+                    party: Owner::Host,
+                    range,
+                });
+                (tx, pages(splice, None))
+            }
+            Op::CreateVm { vm } => {
+                if self.vm_slot(vm).is_some() {
+                    return Err(LedgerError::VmExists(vm));
+                }
+                let slot = self
+                    .vms
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(LedgerError::TooManyVms)?;
+                (tx, Effect::CreateVm { slot, vm })
+            }
+            Op::DestroyVm { vm } => {
+                let slot = self.alive_vm(vm)?;
+                (tx, Effect::DestroyVm { slot })
+            }
+            Op::Reclaim { vm, range } => {
+                let end = range.checked_end()?;
+                let slot = self.dying_vm(vm)?;
+                let splice = self.plan_pages(
+                    range.start,
+                    end,
+                    owned(Owner::Vm(vm)),
+                    Owner::Host,
+                    None,
+                )?;
+                let tx = tx
+                    .with(Change::Unmap {
+                        party: Owner::Vm(vm),
+                        range,
+                    })
+                    .with_scrub(range)
+                    .with(Change::Map {
+                        party: Owner::Host,
+                        range,
+                        perms: Perms::RWX,
+                    });
+                (tx, pages(splice, Some((slot, VmPages::Remove(range.count)))))
+            }
+            Op::DonateService { range, service } => {
+                let end = range.checked_end()?;
+                let splice = self.plan_pages(
+                    range.start,
+                    end,
+                    exclusive(Owner::Host),
+                    Owner::Service(service),
+                    None,
+                )?;
+                let tx = tx
+                    .with(Change::Unmap {
+                        party: Owner::Host,
+                        range,
+                    })
+                    .with_scrub(range)
+                    .with(Change::Map {
+                        party: Owner::Service(service),
+                        range,
+                        perms: Perms::RW,
+                    });
+                (tx, pages(splice, None))
+            }
+        })
+    }
+
+    /// Checks every page of `[start, end)` with `check`, then plans giving
+    /// them `(owner, borrower)` and checks there is room for it.
+    fn plan_pages(
+        &self,
+        start: u64,
+        end: u64,
+        check: impl Fn(&Extent, u64) -> Result<(), LedgerError>,
+        owner: Owner,
+        borrower: Option<Owner>,
+    ) -> Result<Splice, LedgerError> {
+        self.store.check_range(start, end, check)?;
+        let splice = self.store.plan_assign(start, end, owner, borrower);
+        if !self.store.fits(&splice) {
+            return Err(LedgerError::OutOfCapacity);
+        }
+        Ok(splice)
+    }
+
+    fn vm_slot(&self, vm: VmId) -> Option<usize> {
+        self.vms
+            .iter()
+            .position(|r| r.is_some_and(|r| r.vm == vm))
+    }
+
+    fn vm_with_status(&self, vm: VmId, status: VmStatus) -> Result<usize, LedgerError> {
+        let slot = self.vm_slot(vm).ok_or(LedgerError::NoSuchVm(vm))?;
+        match self.vms[slot] {
+            Some(record) if record.status == status => Ok(slot),
+            _ => Err(match status {
+                VmStatus::Alive => LedgerError::VmDying(vm),
+                VmStatus::Dying => LedgerError::VmAlive(vm),
+            }),
+        }
+    }
+
+    fn alive_vm(&self, vm: VmId) -> Result<usize, LedgerError> {
+        self.vm_with_status(vm, VmStatus::Alive)
+    }
+
+    fn dying_vm(&self, vm: VmId) -> Result<usize, LedgerError> {
+        self.vm_with_status(vm, VmStatus::Dying)
+    }
+
+    // ---- Queries -----------------------------------------------------------
+
+    /// The owner and borrower of `pfn`, or `None` if it is not RAM.
+    pub fn page(&self, pfn: u64) -> Option<(Owner, Option<Owner>)> {
+        self.store.find(pfn).map(|e| (e.owner, e.borrower))
+    }
+
+    /// `pfn` as `party` sees it (`NoPage` outside RAM).
+    pub fn state(&self, party: Owner, pfn: u64) -> PageState {
+        match self.page(pfn) {
+            Some((owner, borrower)) => PageState::of(party, owner, borrower),
+            None => PageState::NoPage,
+        }
+    }
+
+    /// The extents, in ascending order.
+    pub fn extents(&self) -> &[Extent] {
+        self.store.extents()
+    }
+
+    /// The extents overlapping `range`, in ascending order.
+    pub fn extents_in(&self, range: PfnRange) -> &[Extent] {
+        self.store
+            .overlapping(range.start, range.end().unwrap_or(u64::MAX))
+    }
+
+    /// What the ledger knows of `vm`.
+    pub fn vm(&self, vm: VmId) -> Option<VmRecord> {
+        self.vm_slot(vm).and_then(|slot| self.vms[slot])
+    }
+
+    /// Every VM the ledger tracks.
+    pub fn vms(&self) -> impl Iterator<Item = VmRecord> + '_ {
+        self.vms.iter().flatten().copied()
+    }
+
+    /// The RAM of the boot layout, sorted.
+    pub fn ram(&self) -> &[PfnRange] {
+        &self.ram[..self.ram_len]
+    }
+
+    /// The hypervisor ranges of the boot layout.
+    pub fn hypervisor(&self) -> &[PfnRange] {
+        &self.hyp[..self.hyp_len]
+    }
+
+    /// How many commits the ledger has seen.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// How many extents the buffer holds at most.
+    pub fn capacity(&self) -> usize {
+        self.store.capacity()
+    }
+
+    /// Bytes of ledger state in use: the extents (24 bytes each), the VM
+    /// records (16 bytes each) and the boot ranges (16 bytes each).
+    pub fn state_bytes(&self) -> usize {
+        self.extents().len() * size_of::<Extent>()
+            + self.vms().count() * size_of::<VmRecord>()
+            + (self.ram_len + self.hyp_len) * size_of::<PfnRange>()
+    }
+
+    /// Bytes the ledger reserves: the whole extent buffer and the fixed
+    /// tables, wherever the buffer lives.
+    pub fn footprint_bytes(&self) -> usize {
+        self.capacity() * size_of::<Extent>() + size_of::<Self>() - size_of::<S>()
+    }
+
+    // ---- Invariants --------------------------------------------------------
+
+    /// Verifies the ledger's invariants: the extents are non-empty, sorted,
+    /// non-overlapping and merged, and cover exactly the RAM; every share is
+    /// one the operations can create, between two distinct parties (the
+    /// owner `SharedOwned`, the borrower `SharedBorrowed`, nobody else
+    /// mapping); the boot hypervisor ranges are the hypervisor's alone; every
+    /// VM owning pages is in the table with the right page count.
+    ///
+    /// "Exactly one owner" holds by construction: an extent names one owner.
+    pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
+        let extents = self.extents();
+        for (index, e) in extents.iter().enumerate() {
+            if e.count == 0 {
+                return Err(InvariantViolation::EmptyExtent { index });
+            }
+            if e.start.checked_add(e.count).is_none() {
+                return Err(InvariantViolation::ExtentOverflow { index });
+            }
+            if let Some(prev) = index.checked_sub(1).map(|i| &extents[i]) {
+                if prev.end() > e.start {
+                    return Err(InvariantViolation::Unsorted { index });
+                }
+                if prev.end() == e.start && prev.same_state(e) {
+                    return Err(InvariantViolation::Unmerged { index });
+                }
+            }
+        }
+        self.check_coverage()?;
+
+        let mut pages = [0u64; MAX_VMS];
+        for e in extents {
+            let pfn = e.start;
+            match (e.owner, e.borrower) {
+                (owner, Some(borrower)) if owner == borrower => {
+                    return Err(InvariantViolation::SelfShare { pfn });
+                }
+                (_, None) | (Owner::Host, Some(Owner::Hypervisor)) => {}
+                (Owner::Vm(_), Some(Owner::Host)) => {}
+                _ => return Err(InvariantViolation::IllegalShare { pfn }),
+            }
+            if let Owner::Vm(vm) = e.owner {
+                let slot = self
+                    .vm_slot(vm)
+                    .ok_or(InvariantViolation::UnknownVm { pfn, vm })?;
+                pages[slot] += e.count;
+            }
+        }
+        for hyp in self.hypervisor() {
+            let end = hyp.start + hyp.count;
+            let mut next = hyp.start;
+            for e in self.store.overlapping(hyp.start, end) {
+                if e.start > next || e.owner != Owner::Hypervisor || e.borrower.is_some() {
+                    return Err(InvariantViolation::HypervisorMemoryLost { pfn: next });
+                }
+                next = e.end();
+            }
+            if next < end {
+                return Err(InvariantViolation::HypervisorMemoryLost { pfn: next });
+            }
+        }
+        for (slot, record) in self.vms.iter().enumerate() {
+            let Some(record) = record else { continue };
+            if self.vms[..slot].iter().flatten().any(|r| r.vm == record.vm) {
+                return Err(InvariantViolation::DuplicateVm { vm: record.vm });
+            }
+            if pages[slot] != record.pages {
+                return Err(InvariantViolation::VmPageCount { vm: record.vm });
+            }
+            if record.pages == 0 && record.status == VmStatus::Dying {
+                return Err(InvariantViolation::DeadVmLingers { vm: record.vm });
+            }
+        }
+        Ok(())
+    }
+
+    /// The extents cover exactly the union of the RAM ranges (sorted, and
+    /// the extents sorted and non-overlapping already).
+    fn check_coverage(&self) -> Result<(), InvariantViolation> {
+        let extents = self.extents();
+        let mut i = 0;
+        let ram = self.ram();
+        let mut r = 0;
+        while r < ram.len() {
+            // One run of touching RAM ranges.
+            let start = ram[r].start;
+            let mut end = ram[r].start + ram[r].count;
+            r += 1;
+            while r < ram.len() && ram[r].start == end {
+                end += ram[r].count;
+                r += 1;
+            }
+            let mut next = start;
+            while next < end {
+                let Some(e) = extents.get(i) else {
+                    return Err(InvariantViolation::RamNotCovered { pfn: next });
+                };
+                if e.start < next {
+                    return Err(InvariantViolation::NotRam { pfn: e.start });
+                }
+                if e.start > next {
+                    return Err(InvariantViolation::RamNotCovered { pfn: next });
+                }
+                if e.end() > end {
+                    return Err(InvariantViolation::NotRam { pfn: end });
+                }
+                next = e.end();
+                i += 1;
+            }
+        }
+        match extents.get(i) {
+            Some(e) => Err(InvariantViolation::NotRam { pfn: e.start }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<S: AsRef<[Extent]> + AsMut<[Extent]>> PartialEq for Ledger<S> {
+    /// Two ledgers are equal when their state in use is.
+    fn eq(&self, other: &Self) -> bool {
+        self.extents() == other.extents()
+            && self.vms == other.vms
+            && self.ram() == other.ram()
+            && self.hypervisor() == other.hypervisor()
+            && self.generation == other.generation
+    }
+}
+
+impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Eq for Ledger<S> {}
+
+impl<S: AsRef<[Extent]> + AsMut<[Extent]>> fmt::Debug for Ledger<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ledger")
+            .field("generation", &self.generation)
+            .field("capacity", &self.capacity())
+            .field("extents", &self.extents())
+            .field("vms", &VmList(self))
+            .field("ram", &self.ram())
+            .field("hypervisor", &self.hypervisor())
+            .finish()
+    }
+}
+
+struct VmList<'a, S>(&'a Ledger<S>);
+
+impl<S: AsRef<[Extent]> + AsMut<[Extent]>> fmt::Debug for VmList<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.vms()).finish()
+    }
+}
