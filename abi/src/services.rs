@@ -82,7 +82,11 @@ pub struct MteBootInfo {
 
 impl Default for MteBootInfo {
     fn default() -> Self {
-        Self { hardware_level: 0, command_line_len: 0, command_line: [0; MTE_CMDLINE_BYTES] }
+        Self {
+            hardware_level: 0,
+            command_line_len: 0,
+            command_line: [0; MTE_CMDLINE_BYTES],
+        }
     }
 }
 
@@ -103,7 +107,9 @@ pub enum MteReason {
 }
 
 /// The policy for the host.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct MtePolicy {
     /// 1: the host may use MTE; 0: it sees hardware without MTE.

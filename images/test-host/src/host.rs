@@ -331,10 +331,15 @@ fn mte(c: &mut Checks, off: bool, dtb: &[u8]) {
     let granule = (core::ptr::addr_of_mut!(GRANULES) as u64 + 15) & !15;
     if off {
         say!("MTE policy expected off (command line)");
-        c.check(field == 0 && (pfr1 >> 40) & 0xf == 0 && (pfr1 >> 52) & 0xf == 0,
-            format_args!("ID_AA64PFR1_EL1 reports no MTE ({pfr1:#018x})"));
+        c.check(
+            field == 0 && (pfr1 >> 40) & 0xf == 0 && (pfr1 >> 52) & 0xf == 0,
+            format_args!("ID_AA64PFR1_EL1 reports no MTE ({pfr1:#018x})"),
+        );
         let pfr2 = sysreg!("s3_0_c0_c4_2");
-        c.check(pfr2 & 0xfff == 0, format_args!("ID_AA64PFR2_EL1 reports no MTE extensions ({pfr2:#x})"));
+        c.check(
+            pfr2 & 0xfff == 0,
+            format_args!("ID_AA64PFR2_EL1 reports no MTE extensions ({pfr2:#x})"),
+        );
         for (name, (taken, esr, at_insn)) in [
             ("mrs gcr_el1", expect_undef!("mrs x0, s3_0_c1_c0_6")),
             ("msr gcr_el1", expect_undef!("msr s3_0_c1_c0_6, x0")),
@@ -350,10 +355,18 @@ fn mte(c: &mut Checks, off: bool, dtb: &[u8]) {
                 format_args!("{name}: Undefined Instruction at the instruction (ESR_EL1 {esr:#x}), handler skipped it"));
         }
         let tag = stg_ldg(granule);
-        c.check(tag == 0, format_args!("STG then LDG on our own memory: tag reads {tag} (tag access is disabled)"));
+        c.check(
+            tag == 0,
+            format_args!(
+                "STG then LDG on our own memory: tag reads {tag} (tag access is disabled)"
+            ),
+        );
     } else {
         say!("MTE policy expected on");
-        c.check(field >= 2, format_args!("ID_AA64PFR1_EL1.MTE = {field}: MTE with tag storage"));
+        c.check(
+            field >= 2,
+            format_args!("ID_AA64PFR1_EL1.MTE = {field}: MTE with tag storage"),
+        );
         let v: u64;
         // SAFETY: with the policy on, GCR_EL1 is ours to use; the old value
         // is restored.
@@ -361,9 +374,15 @@ fn mte(c: &mut Checks, off: bool, dtb: &[u8]) {
             core::arch::asm!("mrs {old}, s3_0_c1_c0_6", "msr s3_0_c1_c0_6, {new}", "isb", "mrs {v}, s3_0_c1_c0_6",
                 "msr s3_0_c1_c0_6, {old}", old = out(reg) _, new = in(reg) 0x1_0005u64, v = out(reg) v);
         }
-        c.check(v == 0x1_0005, format_args!("GCR_EL1 written and read back without a trap ({v:#x})"));
+        c.check(
+            v == 0x1_0005,
+            format_args!("GCR_EL1 written and read back without a trap ({v:#x})"),
+        );
         let tag = stg_ldg(granule);
-        c.check(tag == 5, format_args!("STG then LDG on our own memory: tag 5 reads back {tag}"));
+        c.check(
+            tag == 5,
+            format_args!("STG then LDG on our own memory: tag 5 reads back {tag}"),
+        );
     }
 }
 
@@ -680,7 +699,9 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
     );
 
     services(&mut c);
-    let mte_off = bootargs.split(' ').any(|a| a == "arm64.nomte" || a == "moat.host_mte=off")
+    let mte_off = bootargs
+        .split(' ')
+        .any(|a| a == "arm64.nomte" || a == "moat.host_mte=off")
         && !bootargs.split(' ').any(|a| a == "moat.host_mte=on");
     mte(&mut c, mte_off, dtb);
 
@@ -700,7 +721,9 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
         }
         if mte_off {
             let undef = bench_mte_undef();
-            say!("bench: mte_sysreg_undef={undef} (host mrs gcr_el1 -> core -> mte service -> UNDEF at the host's vector)");
+            say!(
+                "bench: mte_sysreg_undef={undef} (host mrs gcr_el1 -> core -> mte service -> UNDEF at the host's vector)"
+            );
         }
     }
 

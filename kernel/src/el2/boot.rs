@@ -324,8 +324,14 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         .unwrap_or_else(|e| fatal("service routing", e));
 
     // The command line outlives the package (the MTE policy reads it).
-    let mut host_command_line: heapless::String<{ moat_abi::services::MTE_CMDLINE_BYTES }> = heapless::String::new();
-    for c in package.host_bootargs.or(platform.chosen.bootargs).unwrap_or("").chars() {
+    let mut host_command_line: heapless::String<{ moat_abi::services::MTE_CMDLINE_BYTES }> =
+        heapless::String::new();
+    for c in package
+        .host_bootargs
+        .or(platform.chosen.bootargs)
+        .unwrap_or("")
+        .chars()
+    {
         if host_command_line.push(c).is_err() {
             break;
         }
@@ -407,17 +413,24 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         None => crate::log!("no MTE policy service: the host gets MTE as the hardware offers it"),
         Some(Ok(host_mte)) => {
             let hcr = el2config::host_hcr(&features, host_mte);
-            machine.host_el2.hcr.store(hcr, core::sync::atomic::Ordering::Relaxed);
+            machine
+                .host_el2
+                .hcr
+                .store(hcr, core::sync::atomic::Ordering::Relaxed);
             crate::log!(
                 "host MTE policy: {} (HCR_EL2 {hcr:#x})",
                 match (features.mte, host_mte) {
                     (false, _) => "no MTE in hardware",
                     (true, true) => "on: the host uses MTE directly",
-                    (true, false) => "off: tag access disabled, MTE registers and GMID_EL1 trapped, ID registers edited",
+                    (true, false) =>
+                        "off: tag access disabled, MTE registers and GMID_EL1 trapped, ID registers edited",
                 }
             );
         }
-        Some(Err(e)) => fatal("MTE policy", format_args!("the policy service did not answer ({e:?})")),
+        Some(Err(e)) => fatal(
+            "MTE policy",
+            format_args!("the policy service did not answer ({e:?})"),
+        ),
     }
     crate::log!(
         "entering the host at {:#x} on CPU {index} (EL1h, x0 = device tree)",

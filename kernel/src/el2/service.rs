@@ -87,7 +87,10 @@ impl Pending {
     /// same caller, same operation, same request. (A re-issued host call has
     /// a new sequence number.)
     fn is_reissue(&self, header: &MessageHeader, body: &[u64], cpu: usize) -> bool {
-        let words = (header.payload_len as usize).div_ceil(8).min(body.len()).min(MAX_WORDS);
+        let words = (header.payload_len as usize)
+            .div_ceil(8)
+            .min(body.len())
+            .min(MAX_WORDS);
         self.cpu == cpu
             && self.header.service == header.service
             && self.header.operation == header.operation
@@ -99,7 +102,11 @@ impl Pending {
         let mut copy = [0u64; MAX_WORDS];
         let n = body.len().min(MAX_WORDS);
         copy[..n].copy_from_slice(&body[..n]);
-        Self { header: *header, body: copy, cpu }
+        Self {
+            header: *header,
+            body: copy,
+            cpu,
+        }
     }
 }
 
@@ -188,7 +195,10 @@ impl Service {
     /// (the service reads no further). Word-sized, aligned accesses only:
     /// this is on every call's path.
     fn ipc_write(&self, header: &MessageHeader, body: &[u64]) {
-        let words = (header.payload_len as usize).div_ceil(8).min(body.len()).min(MAX_WORDS);
+        let words = (header.payload_len as usize)
+            .div_ceil(8)
+            .min(body.len())
+            .min(MAX_WORDS);
         // SAFETY: the IPC page is a page-aligned page of the core's heap,
         // mapped read/write in the core's stage-1; the service is stopped
         // while the core writes; header and body lie inside the page.
@@ -723,18 +733,33 @@ pub fn package_services<'a>(
 /// `None`: the image has no MTE policy, and the host gets MTE as the hardware
 /// offers it. An MTE policy that cannot answer is an error: the core will
 /// not guess a security policy.
-pub fn host_mte_policy(cpu: &PerCpu, hardware_level: u32, command_line: &str) -> Option<Result<bool, Error>> {
+pub fn host_mte_policy(
+    cpu: &PerCpu,
+    hardware_level: u32,
+    command_line: &str,
+) -> Option<Result<bool, Error>> {
     use moat_abi::services::{MteBootInfo, MtePolicy, mte};
     use zerocopy::FromBytes;
     let all = SERVICES.get()?;
-    let index = all.list.iter().position(|s| s.interface_id == mte::SERVICE_ID)?;
-    let mut info = MteBootInfo { hardware_level, ..Default::default() };
+    let index = all
+        .list
+        .iter()
+        .position(|s| s.interface_id == mte::SERVICE_ID)?;
+    let mut info = MteBootInfo {
+        hardware_level,
+        ..Default::default()
+    };
     let n = command_line.len().min(info.command_line.len());
     info.command_line[..n].copy_from_slice(&command_line.as_bytes()[..n]);
     info.command_line_len = n as u32;
     let mut body = [0u64; size_of::<MteBootInfo>().div_ceil(8)];
     body.as_mut_bytes()[..size_of::<MteBootInfo>()].copy_from_slice(info.as_bytes());
-    let header = MessageHeader::call(mte::SERVICE_ID, 1, next_sequence(index), size_of::<MteBootInfo>() as u32);
+    let header = MessageHeader::call(
+        mte::SERVICE_ID,
+        1,
+        next_sequence(index),
+        size_of::<MteBootInfo>() as u32,
+    );
     Some(match call(cpu, index, &header, &mut body) {
         Ok(Ok(len)) if len as usize == size_of::<MtePolicy>() => {
             match MtePolicy::read_from_bytes(&body.as_bytes()[..size_of::<MtePolicy>()]) {

@@ -56,25 +56,27 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
             hvc::handle_call(this_cpu, regs, imm);
         }
         Trap::StageTwo(abort) => host_stage2_abort(regs, &abort),
-        Trap::SysReg(access) => match service::routes().and_then(|r| r.handler(TrapClass::SysReg)) {
-            Some(index) => {
-                let trap = describe(&Trap::SysReg(access), esr, regs, this_cpu.index);
-                decide(this_cpu, regs, index, &trap, &access);
+        Trap::SysReg(access) => {
+            match service::routes().and_then(|r| r.handler(TrapClass::SysReg)) {
+                Some(index) => {
+                    let trap = describe(&Trap::SysReg(access), esr, regs, this_cpu.index);
+                    decide(this_cpu, regs, index, &trap, &access);
+                }
+                None => {
+                    crate::log!(
+                        "host CPU {}: system register access op0={} op1={} CRn={} CRm={} op2={} at {:#x} has no handler: UNDEFINED",
+                        this_cpu.index,
+                        access.op0,
+                        access.op1,
+                        access.crn,
+                        access.crm,
+                        access.op2,
+                        regs.pc
+                    );
+                    inject_undef(regs);
+                }
             }
-            None => {
-                crate::log!(
-                    "host CPU {}: system register access op0={} op1={} CRn={} CRm={} op2={} at {:#x} has no handler: UNDEFINED",
-                    this_cpu.index,
-                    access.op0,
-                    access.op1,
-                    access.crn,
-                    access.crm,
-                    access.op2,
-                    regs.pc
-                );
-                inject_undef(regs);
-            }
-        },
+        }
         Trap::Wfx { .. } | Trap::Other { .. } => {
             crate::log!(
                 "host CPU {}: unexpected trap ESR_EL2 {esr:#010x} at {:#x}: UNDEFINED",
@@ -143,7 +145,13 @@ fn describe(trap: &Trap, esr: u64, regs: &GuestRegs, cpu: usize) -> TrapDescript
 /// Asks the service that handles system-register traps, and applies its
 /// verdict. Anything but a well-formed verdict fails closed: the access is
 /// UNDEFINED, as on hardware without the feature.
-fn decide(cpu: &cpu::PerCpu, regs: &mut GuestRegs, index: usize, trap: &TrapDescriptor, access: &SysRegAccess) {
+fn decide(
+    cpu: &cpu::PerCpu,
+    regs: &mut GuestRegs,
+    index: usize,
+    trap: &TrapDescriptor,
+    access: &SysRegAccess,
+) {
     use moat_abi::Error;
     use moat_abi::ipc::MessageHeader;
     use moat_abi::trap::{Action, DECIDE_OPERATION, Verdict};
@@ -162,7 +170,8 @@ fn decide(cpu: &cpu::PerCpu, regs: &mut GuestRegs, index: usize, trap: &TrapDesc
     );
     match service::call(cpu, index, &header, &mut body) {
         Ok(Ok(len)) if len as usize == size_of::<Verdict>() => {
-            let verdict = Verdict::read_from_bytes(&body.as_bytes()[..size_of::<Verdict>()]).unwrap_or_default();
+            let verdict = Verdict::read_from_bytes(&body.as_bytes()[..size_of::<Verdict>()])
+                .unwrap_or_default();
             match verdict.action() {
                 Some(Action::Skip) => regs.pc = regs.pc.wrapping_add(4),
                 Some(Action::EmulateRead) if access.is_read => {

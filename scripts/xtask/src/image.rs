@@ -9,7 +9,7 @@ use crate::manifest::Manifest;
 use crate::tools::{self, cargo, llvm_tool, run};
 use anyhow::{Context, Result, bail};
 use moat_package::builder::PackageBuilder;
-use moat_package::{EntryKind, FLAG_SEMIHOSTING_EXIT, PACKAGE_ALIGN};
+use moat_package::{EntryKind, FLAG_BENCHMARK, FLAG_SEMIHOSTING_EXIT, PACKAGE_ALIGN};
 use std::path::{Path, PathBuf};
 
 pub const CORE_TARGET: &str = "aarch64-unknown-none-softfloat";
@@ -74,7 +74,7 @@ pub fn build_all() -> Result<Built> {
 }
 
 /// What goes into an image.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ImageSpec {
     pub host: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -83,6 +83,10 @@ pub struct ImageSpec {
     pub dtb: Option<PathBuf>,
     /// Let the core end a QEMU run through semihosting on a fatal error.
     pub semihosting_exit: bool,
+    /// The services to carry (built from a manifest).
+    pub services: Option<ServiceSet>,
+    /// A benchmark image: the host's PMU may count the core's work at EL2.
+    pub benchmark: bool,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -102,7 +106,7 @@ pub fn pack_with_dtb_bytes(
     dtb: Option<Vec<u8>>,
     name: &str,
 ) -> Result<PathBuf> {
-    pack_image(core, spec, dtb, None, name)
+    pack_image(core, spec, dtb, spec.services.as_ref(), name)
 }
 
 /// Built services, ready to pack: the service table and the images it names.
@@ -209,6 +213,9 @@ pub fn pack_image(
     }
     if spec.semihosting_exit {
         builder = builder.flags(FLAG_SEMIHOSTING_EXIT);
+    }
+    if spec.benchmark {
+        builder = builder.flags(FLAG_BENCHMARK);
     }
     image.extend_from_slice(&builder.build());
     let total = image.len() as u64;

@@ -622,14 +622,30 @@ pub fn write_initramfs(assets: &Assets, commands: Option<&str>, name: &str) -> R
     Ok(path)
 }
 
-/// The image spec for Linux under Moat.
-pub fn image_spec(assets: &Assets, initramfs: &Path, append: Option<&str>) -> ImageSpec {
+/// The manifest of Linux images: the services that run beside Linux.
+pub const LINUX_MANIFEST: &str = "images/linux.toml";
+
+/// The services of [`LINUX_MANIFEST`], built.
+pub fn services() -> Result<image::ServiceSet> {
+    Ok(image::services_from(Path::new(LINUX_MANIFEST))?.1)
+}
+
+/// The image spec for Linux under Moat, with the services of
+/// [`LINUX_MANIFEST`].
+pub fn image_spec(
+    assets: &Assets,
+    initramfs: &Path,
+    append: Option<&str>,
+    services: &image::ServiceSet,
+) -> ImageSpec {
     ImageSpec {
         host: assets.kernel.clone(),
         initrd: Some(initramfs.to_path_buf()),
         bootargs: Some(bootargs(append)),
         dtb: None,
         semihosting_exit: true,
+        services: Some(services.clone()),
+        ..Default::default()
     }
 }
 
@@ -645,9 +661,10 @@ pub fn run(commands: Option<&str>, append: Option<&str>, machine: &MachineArgs) 
     );
     let built = image::build_all()?;
     let initrd = write_initramfs(&assets, commands, "linux-run")?;
+    let services = services()?;
     let img = image::pack(
         &built.core,
-        &image_spec(&assets, &initrd, append),
+        &image_spec(&assets, &initrd, append, &services),
         "linux-run",
     )?;
     if commands.is_none() {

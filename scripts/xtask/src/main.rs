@@ -162,6 +162,7 @@ fn main() -> Result<()> {
                 bootargs: append,
                 dtb,
                 semihosting_exit: true,
+                ..Default::default()
             };
             // The demo image is what images/demo.toml declares: its host and services.
             let mut spec = spec;

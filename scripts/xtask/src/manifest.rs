@@ -66,7 +66,11 @@ struct InterfaceInfo {
 fn interface(name: &str) -> Option<InterfaceInfo> {
     use moat_abi::services::{faulty, mte, trace};
     match name {
-        "mte" => Some(InterfaceInfo { id: mte::SERVICE_ID, observes: false, decides: true }),
+        "mte" => Some(InterfaceInfo {
+            id: mte::SERVICE_ID,
+            observes: false,
+            decides: true,
+        }),
         "trace" => Some(InterfaceInfo {
             id: trace::SERVICE_ID,
             observes: true,

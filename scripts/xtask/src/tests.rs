@@ -190,6 +190,51 @@ fn cases() -> Vec<Case> {
             check: None,
             timeout: 30,
         },
+        host_boot(
+            "services_answer_and_failures_are_contained",
+            1,
+            "v3",
+            &[
+                "service trace ready",
+                "test-host: ok   trace service answers ping",
+                "test-host: ok   trace counted the traps it observes",
+                "service faulty-exception failed: reported an exception",
+                "service faulty-malformed failed: answered with a malformed reply",
+                "service faulty-spin failed: ran past its budget",
+                "service faulty-snoop failed: touched memory outside its partition",
+                "test-host: ok   faulty-snoop stays failed",
+                "test-host: ok   the trace service still answers after the others failed",
+            ],
+        ),
+        Case {
+            bootargs: Some("arm64.nomte"),
+            ..host_boot("mte_policy_off_by_arm64_nomte", 1, "v3", MTE_OFF_PASS)
+        },
+        Case {
+            bootargs: Some("moat.host_mte=off"),
+            ..host_boot("mte_policy_off_by_moat_host_mte_off", 1, "v3", MTE_OFF_PASS)
+        },
+        Case {
+            bootargs: Some("arm64.nomte moat.host_mte=on"),
+            ..host_boot(
+                "mte_policy_on",
+                1,
+                "v3",
+                &[
+                    "host MTE on (moat.host_mte=on)",
+                    "test-host: ok   ID_AA64PFR1_EL1.MTE = 3",
+                    "test-host: ok   GCR_EL1 written and read back without a trap",
+                    "test-host: ok   STG then LDG on our own memory: tag 5 reads back 5",
+                ],
+            )
+        },
+        linux_mte("linux_mte_off_by_arm64_nomte", Some("arm64.nomte"), "0"),
+        linux_mte(
+            "linux_mte_off_by_moat_host_mte_off",
+            Some("moat.host_mte=off"),
+            "0",
+        ),
+        linux_mte("linux_mte_on", None, "1"),
         linux_boot("linux_one_cpu_gicv3", 1, "v3", &["GICv3"]),
         linux_boot(
             "linux_four_cpus_gicv3",
@@ -287,6 +332,31 @@ fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -
         check: None,
         timeout: 180,
     }
+}
+
+/// What every MTE-off test-host run must show.
+const MTE_OFF_PASS: &[&str] = &[
+    "host MTE policy: off",
+    "test-host: ok   ID_AA64PFR1_EL1 reports no MTE",
+    "test-host: ok   ID_AA64PFR2_EL1 reports no MTE extensions",
+    "test-host: ok   mrs gcr_el1: Undefined Instruction",
+    "test-host: ok   msr gcr_el1: Undefined Instruction",
+    "test-host: ok   mrs rgsr_el1: Undefined Instruction",
+    "test-host: ok   msr rgsr_el1: Undefined Instruction",
+    "test-host: ok   mrs tfsr_el1: Undefined Instruction",
+    "test-host: ok   msr tfsr_el1: Undefined Instruction",
+    "test-host: ok   mrs tfsre0_el1: Undefined Instruction",
+    "test-host: ok   msr tfsre0_el1: Undefined Instruction",
+    "test-host: ok   mrs gmid_el1: Undefined Instruction",
+    "test-host: ok   STG then LDG on our own memory: tag reads 0",
+];
+
+/// Linux on QEMU with MTE: `grep -c ' mte' /proc/cpuinfo` prints `expected`.
+fn linux_mte(name: &'static str, append: Option<&'static str>, expected: &str) -> Case {
+    let mut case = linux_case(name, 1, "v3", "grep -c ' mte' /proc/cpuinfo || true");
+    case.bootargs = append;
+    case.check = Some(expect_lines(vec![expected.to_string()]));
+    case
 }
 
 /// Linux boots on `smp` CPUs and sees all of them.
@@ -454,18 +524,27 @@ pub fn build_external_payload() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The service sets the integration images carry.
+struct Services {
+    /// images/demo.toml: with the test host.
+    demo: image::ServiceSet,
+    /// images/linux.toml: with Linux.
+    linux: image::ServiceSet,
+}
+
 fn image_for(
     case: &Case,
     built: &Built,
     external: &Option<PathBuf>,
     assets: Option<&Assets>,
+    services: &Services,
 ) -> Result<PathBuf> {
     let spec = match case.host {
         Payload::Linux { commands } => {
             let assets = assets.context("Linux assets not fetched")?;
             let initrd =
                 linux::write_initramfs(assets, Some(commands), &format!("test-{}", case.name))?;
-            linux::image_spec(assets, &initrd, case.bootargs)
+            linux::image_spec(assets, &initrd, case.bootargs, &services.linux)
         }
         Payload::TestHost | Payload::External => ImageSpec {
             host: match case.host {
@@ -476,6 +555,10 @@ fn image_for(
             bootargs: case.bootargs.map(str::to_string),
             dtb: None,
             semihosting_exit: true,
+            // The test host runs with the demo image's services; the external
+            // payload, as any foreign host, with none.
+            services: matches!(case.host, Payload::TestHost).then(|| services.demo.clone()),
+            ..Default::default()
         },
     };
     let dtb = match &case.tree {
@@ -517,10 +600,14 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
     } else {
         None
     };
+    let services = Services {
+        demo: image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?.1,
+        linux: linux::services()?,
+    };
     let mut passed = 0;
     let mut failed = Vec::new();
     for case in selected {
-        let img = image_for(&case, &built, &external, assets.as_ref())?;
+        let img = image_for(&case, &built, &external, assets.as_ref(), &services)?;
         let cmd = qemu::command_on_reset(&img, &case.machine, &[], case.on_reset);
         let mut fail = case.fail.clone();
         fail.extend_from_slice(ALWAYS_FAIL);
@@ -678,17 +765,26 @@ fn bench_value(console: &str, key: &str) -> Option<u64> {
 pub fn bench() -> Result<()> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
+    // The demo image, with the MTE policy off so the UNDEF path can be timed.
+    let (_, demo) = image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?;
     let spec = ImageSpec {
         host: built.test_host.clone(),
         initrd: None,
-        bootargs: Some("moat.bench".into()),
+        bootargs: Some("moat.bench moat.host_mte=off".into()),
         dtb: None,
         semihosting_exit: true,
+        services: Some(demo),
+        benchmark: true,
     };
     let img = image::pack(&built.core, &spec, "bench")?;
     let cmd = qemu::command(&img, &machine(1, "v3"), &["-icount", "shift=0,sleep=off"]);
     let harness = Harness {
-        pass: &["bench: null_hvc=", "test-host: PASS"],
+        pass: &[
+            "bench: null_hvc=",
+            "bench: service_call=",
+            "bench: mte_sysreg_undef=",
+            "test-host: PASS",
+        ],
         fail: ALWAYS_FAIL,
         timeout: Duration::from_secs(120),
         after_pass: AfterPass::WaitForExit,
@@ -702,13 +798,27 @@ pub fn bench() -> Result<()> {
             out.verdict
         );
     }
-    let null_hvc =
-        bench_value(&out.console, "null_hvc").context("no null_hvc figure in the console")?;
+    let figure = |key: &str| {
+        bench_value(&out.console, key).with_context(|| format!("no {key} figure in the console"))
+    };
+    let null_hvc = figure("null_hvc")?;
+    let service_call = figure("service_call")?;
+    let service_call_el2 = figure("service_call_el2")?;
+    let mte_sysreg_undef = figure("mte_sysreg_undef")?;
     println!("null_hvc: {null_hvc} instructions per round trip (host HVC -> core -> host)");
+    println!(
+        "service_call: {service_call} instructions (host hypercall -> service -> reply -> host, empty message; {service_call_el2} of them at EL2)"
+    );
+    println!(
+        "mte_sysreg_undef: {mte_sysreg_undef} instructions from the host's mrs gcr_el1 to its UNDEF vector"
+    );
 
     let boot = linux_boot_times(&built)?;
     let json = serde_json::json!({
         "null_hvc": null_hvc,
+        "service_call": service_call,
+        "service_call_el2": service_call_el2,
+        "mte_sysreg_undef": mte_sysreg_undef,
         "linux_boot_ratio": round3(boot.ratio),
         "linux_boot_moat_seconds": round3(boot.moat),
         "linux_boot_direct_seconds": round3(boot.direct),
@@ -752,7 +862,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn linux_boot_times(built: &Built) -> Result<BootTimes> {
     let assets = linux::ensure_assets()?;
     let initrd = linux::write_initramfs(&assets, Some("true"), "bench-linux")?;
-    let spec = linux::image_spec(&assets, &initrd, None);
+    let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
     let img = image::pack(&built.core, &spec, "bench-linux")?;
     let m = machine(1, "v3");
     let bootargs = linux::bootargs(None);

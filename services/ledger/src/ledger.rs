@@ -184,11 +184,7 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
     /// hypervisor. RAM ranges may come in any order and may touch but not
     /// overlap; hypervisor ranges must lie inside RAM. `storage` is the
     /// extent buffer (its previous contents are ignored).
-    pub fn new(
-        storage: S,
-        ram: &[PfnRange],
-        hypervisor: &[PfnRange],
-    ) -> Result<Self, LedgerError> {
+    pub fn new(storage: S, ram: &[PfnRange], hypervisor: &[PfnRange]) -> Result<Self, LedgerError> {
         if ram.len() > MAX_BOOT_RANGES || hypervisor.len() > MAX_BOOT_RANGES {
             return Err(LedgerError::TooManyRanges);
         }
@@ -508,13 +504,8 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
             Op::Reclaim { vm, range } => {
                 let end = range.checked_end()?;
                 let slot = self.dying_vm(vm)?;
-                let splice = self.plan_pages(
-                    range.start,
-                    end,
-                    owned(Owner::Vm(vm)),
-                    Owner::Host,
-                    None,
-                )?;
+                let splice =
+                    self.plan_pages(range.start, end, owned(Owner::Vm(vm)), Owner::Host, None)?;
                 let tx = tx
                     .with(Change::Unmap {
                         party: Owner::Vm(vm),
@@ -526,7 +517,10 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
                         range,
                         perms: Perms::RWX,
                     });
-                (tx, pages(splice, Some((slot, VmPages::Remove(range.count)))))
+                (
+                    tx,
+                    pages(splice, Some((slot, VmPages::Remove(range.count)))),
+                )
             }
             Op::DonateService { range, service } => {
                 let end = range.checked_end()?;
@@ -572,9 +566,7 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
     }
 
     fn vm_slot(&self, vm: VmId) -> Option<usize> {
-        self.vms
-            .iter()
-            .position(|r| r.is_some_and(|r| r.vm == vm))
+        self.vms.iter().position(|r| r.is_some_and(|r| r.vm == vm))
     }
 
     fn vm_with_status(&self, vm: VmId, status: VmStatus) -> Result<usize, LedgerError> {

@@ -483,16 +483,36 @@ fn one_page_walks_the_whole_cycle() {
             [SO, SB, N, N, N],
         ),
         (Op::HostUnshareHyp { range: r }, Ok(()), [O, N, N, N, N]),
-        (Op::HostUnshareHyp { range: r }, not_shared(p), [O, N, N, N, N]),
-        (Op::HostDonateVm { range: r, vm: VM1 }, Ok(()), [N, N, O, N, N]),
+        (
+            Op::HostUnshareHyp { range: r },
+            not_shared(p),
+            [O, N, N, N, N],
+        ),
+        (
+            Op::HostDonateVm { range: r, vm: VM1 },
+            Ok(()),
+            [N, N, O, N, N],
+        ),
         (
             Op::HostDonateVm { range: r, vm: VM1 },
             not_owned(p),
             [N, N, O, N, N],
         ),
-        (Op::VmShareHost { vm: VM1, range: r }, Ok(()), [SB, N, SO, N, N]),
-        (Op::VmUnshareHost { vm: VM1, range: r }, Ok(()), [N, N, O, N, N]),
-        (Op::VmShareHost { vm: VM1, range: r }, Ok(()), [SB, N, SO, N, N]),
+        (
+            Op::VmShareHost { vm: VM1, range: r },
+            Ok(()),
+            [SB, N, SO, N, N],
+        ),
+        (
+            Op::VmUnshareHost { vm: VM1, range: r },
+            Ok(()),
+            [N, N, O, N, N],
+        ),
+        (
+            Op::VmShareHost { vm: VM1, range: r },
+            Ok(()),
+            [SB, N, SO, N, N],
+        ),
         (
             Op::Reclaim { vm: VM1, range: r },
             Err(LedgerError::VmAlive(VM1)),

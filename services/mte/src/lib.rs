@@ -65,14 +65,21 @@ pub fn host_policy(info: &MteBootInfo) -> MtePolicy {
         forced.unwrap_or(reason)
     };
     let host_mte = matches!(reason, MteReason::Default | MteReason::ForcedOn);
-    MtePolicy { host_mte: u32::from(host_mte), reason: reason as u32 }
+    MtePolicy {
+        host_mte: u32::from(host_mte),
+        reason: reason as u32,
+    }
 }
 
 fn encoding(a: &SysRegAccess) -> Encoding {
     (a.op0, a.op1, a.crn, a.crm, a.op2)
 }
 
-const UNDEF: Verdict = Verdict { action: Action::InjectUndef as u32, reserved: 0, value: 0 };
+const UNDEF: Verdict = Verdict {
+    action: Action::InjectUndef as u32,
+    reserved: 0,
+    value: 0,
+};
 
 /// What a trapped access by a partition whose MTE is off gets.
 pub fn decide(trap: &TrapDescriptor) -> Verdict {
@@ -92,7 +99,11 @@ pub fn decide(trap: &TrapDescriptor) -> Verdict {
         ID_AA64PFR2_EL1 => trap.value & !PFR2_MTE_FIELDS,
         _ => trap.value,
     };
-    Verdict { action: Action::EmulateRead as u32, reserved: 0, value }
+    Verdict {
+        action: Action::EmulateRead as u32,
+        reserved: 0,
+        value,
+    }
 }
 
 #[cfg(test)]
@@ -100,7 +111,10 @@ mod tests {
     use super::*;
 
     fn boot(level: u32, line: &str) -> MtePolicy {
-        let mut info = MteBootInfo { hardware_level: level, ..Default::default() };
+        let mut info = MteBootInfo {
+            hardware_level: level,
+            ..Default::default()
+        };
         info.command_line[..line.len()].copy_from_slice(line.as_bytes());
         info.command_line_len = line.len() as u32;
         host_policy(&info)
@@ -108,17 +122,57 @@ mod tests {
 
     #[test]
     fn host_policy_from_hardware_and_command_line() {
-        assert_eq!(boot(0, ""), MtePolicy { host_mte: 0, reason: MteReason::NoHardware as u32 });
-        assert_eq!(boot(1, "moat.host_mte=on"), MtePolicy { host_mte: 0, reason: MteReason::NoHardware as u32 });
-        assert_eq!(boot(2, "console=ttyAMA0"), MtePolicy { host_mte: 1, reason: MteReason::Default as u32 });
-        assert_eq!(boot(3, "console=ttyAMA0 arm64.nomte"), MtePolicy { host_mte: 0, reason: MteReason::HostDisabled as u32 });
-        assert_eq!(boot(3, "moat.host_mte=off"), MtePolicy { host_mte: 0, reason: MteReason::ForcedOff as u32 });
-        assert_eq!(boot(3, "arm64.nomte moat.host_mte=on"), MtePolicy { host_mte: 1, reason: MteReason::ForcedOn as u32 });
+        assert_eq!(
+            boot(0, ""),
+            MtePolicy {
+                host_mte: 0,
+                reason: MteReason::NoHardware as u32
+            }
+        );
+        assert_eq!(
+            boot(1, "moat.host_mte=on"),
+            MtePolicy {
+                host_mte: 0,
+                reason: MteReason::NoHardware as u32
+            }
+        );
+        assert_eq!(
+            boot(2, "console=ttyAMA0"),
+            MtePolicy {
+                host_mte: 1,
+                reason: MteReason::Default as u32
+            }
+        );
+        assert_eq!(
+            boot(3, "console=ttyAMA0 arm64.nomte"),
+            MtePolicy {
+                host_mte: 0,
+                reason: MteReason::HostDisabled as u32
+            }
+        );
+        assert_eq!(
+            boot(3, "moat.host_mte=off"),
+            MtePolicy {
+                host_mte: 0,
+                reason: MteReason::ForcedOff as u32
+            }
+        );
+        assert_eq!(
+            boot(3, "arm64.nomte moat.host_mte=on"),
+            MtePolicy {
+                host_mte: 1,
+                reason: MteReason::ForcedOn as u32
+            }
+        );
         // The last override wins; words must match whole.
         assert_eq!(boot(3, "moat.host_mte=on moat.host_mte=off").host_mte, 0);
         assert_eq!(boot(3, "xarm64.nomte moat.host_mte=offx").host_mte, 1);
         // A length past the buffer is clamped, not trusted.
-        let mut info = MteBootInfo { hardware_level: 2, command_line_len: u32::MAX, ..Default::default() };
+        let mut info = MteBootInfo {
+            hardware_level: 2,
+            command_line_len: u32::MAX,
+            ..Default::default()
+        };
         info.command_line[..11].copy_from_slice(b"arm64.nomte");
         assert_eq!(host_policy(&info).host_mte, 0);
     }
@@ -145,7 +199,11 @@ mod tests {
     fn mte_registers_are_undefined_both_ways() {
         for enc in [GCR_EL1, RGSR_EL1, TFSR_EL1, TFSRE0_EL1, GMID_EL1] {
             for read in [true, false] {
-                assert_eq!(decide(&sysreg(enc, read, 5)).action(), Some(Action::InjectUndef), "{enc:?} read={read}");
+                assert_eq!(
+                    decide(&sysreg(enc, read, 5)).action(),
+                    Some(Action::InjectUndef),
+                    "{enc:?} read={read}"
+                );
             }
         }
     }
@@ -164,12 +222,18 @@ mod tests {
         let pfr0 = 0x1301_0011_2111_0222;
         assert_eq!(decide(&sysreg((3, 0, 0, 4, 0), true, pfr0)).value, pfr0);
         // Writes to ID registers are refused.
-        assert_eq!(decide(&sysreg(ID_AA64PFR1_EL1, false, 0)).action(), Some(Action::InjectUndef));
+        assert_eq!(
+            decide(&sysreg(ID_AA64PFR1_EL1, false, 0)).action(),
+            Some(Action::InjectUndef)
+        );
     }
 
     #[test]
     fn anything_else_is_refused() {
-        assert_eq!(decide(&sysreg((3, 0, 1, 0, 0), true, 0)).action(), Some(Action::InjectUndef)); // SCTLR_EL1
+        assert_eq!(
+            decide(&sysreg((3, 0, 1, 0, 0), true, 0)).action(),
+            Some(Action::InjectUndef)
+        ); // SCTLR_EL1
         let mut t = sysreg(ID_AA64PFR1_EL1, true, 0);
         t.class = TrapClass::DataAbort as u32;
         assert_eq!(decide(&t).action(), Some(Action::InjectUndef));

@@ -22,7 +22,8 @@ impl mte::Server for Mte {
             if policy.host_mte == 1 { "on" } else { "off" },
             match policy.reason {
                 r if r == MteReason::NoHardware as u32 => "the hardware has no tag storage",
-                r if r == MteReason::HostDisabled as u32 => "arm64.nomte on the host's command line",
+                r if r == MteReason::HostDisabled as u32 =>
+                    "arm64.nomte on the host's command line",
                 r if r == MteReason::ForcedOn as u32 => "moat.host_mte=on",
                 r if r == MteReason::ForcedOff as u32 => "moat.host_mte=off",
                 _ => "default",
