@@ -194,23 +194,35 @@ impl fmt::Display for PackageError {
     }
 }
 
-/// FNV-1a, 64-bit. Enough to catch truncation and corruption in transit; the
-/// package is not a security boundary (whoever writes the image owns the machine).
-pub fn fnv1a(state: u64, bytes: &[u8]) -> u64 {
+/// The package checksum: FNV-1a's multiply-xor step applied to 64-bit
+/// little-endian words (a trailing partial word is zero-padded), so the core
+/// hashes tens of megabytes of payload in an eighth of the steps a
+/// byte-wise FNV-1a needs. Enough to catch truncation and corruption in
+/// transit; the package is not a security boundary (whoever writes the image
+/// owns the machine).
+pub fn hash_words(state: u64, bytes: &[u8]) -> u64 {
     let mut h = state;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    let (words, tail) = bytes.as_chunks::<8>();
+    for w in words {
+        h ^= u64::from_le_bytes(*w);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    if !tail.is_empty() {
+        let mut last = [0u8; 8];
+        last[..tail.len()].copy_from_slice(tail);
+        h ^= u64::from_le_bytes(last);
+        h = h.wrapping_mul(FNV_PRIME);
     }
     h
 }
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 fn checksum(package: &[u8]) -> u64 {
     // The checksum field sits at bytes 32..40 of the header and counts as zero.
-    let h = fnv1a(FNV_OFFSET, &package[..32]);
-    let h = fnv1a(h, &[0u8; 8]);
-    fnv1a(h, &package[40..])
+    let h = hash_words(FNV_OFFSET, &package[..32]);
+    let h = hash_words(h, &[0u8; 8]);
+    hash_words(h, &package[40..])
 }
 
 /// Most services an image carries.

@@ -21,8 +21,12 @@ use moat_platform::firmware::FirmwareConduit;
 use moat_platform::hostdt::{self, HostDtEdits};
 use spin::Once;
 
-/// Bytes of heap the carve-out reserves after the core's image.
-const HEAP_SIZE: u64 = 16 << 20;
+/// Bytes of heap the carve-out reserves after the core's image, before the
+/// host's stage-2 tables ([`HEAP_PER_GIB`]).
+const HEAP_BASE_SIZE: u64 = 16 << 20;
+/// Heap per GiB of RAM: the host's stage-2 maps RAM with 4 KiB pages (one
+/// 4 KiB table per 2 MiB).
+const HEAP_PER_GIB: u64 = 2 << 20;
 /// The host's VMID.
 const HOST_VMID: u16 = 0;
 
@@ -228,7 +232,13 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         memory: &platform.memory,
         reserved: &platform.reserved,
         image: image_range,
-        heap_size: HEAP_SIZE,
+        heap_size: HEAP_BASE_SIZE
+            + HEAP_PER_GIB
+                * platform
+                    .memory
+                    .iter()
+                    .map(|b| b.size.div_ceil(1 << 30))
+                    .sum::<u64>(),
         package: package_range,
         firmware_dtb: firmware_dtb_range,
         host_image: host_info,

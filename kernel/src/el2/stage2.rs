@@ -70,31 +70,45 @@ impl StageTwo {
         size: u64,
         access: Access,
     ) -> Result<(), &'static str> {
-        self.map_flags(ipa, pa, size, access.flags())
+        self.map_flags(ipa, pa, size, access.flags(), Constraints::empty())
     }
 
-    fn map_flags(&mut self, ipa: u64, pa: u64, size: u64, flags: S2) -> Result<(), &'static str> {
+    fn map_flags(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        flags: S2,
+        constraints: Constraints,
+    ) -> Result<(), &'static str> {
         let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
         let region = MemoryRegion::new(ipa as usize, end as usize);
         self.map
-            .map_range(
-                &region,
-                PhysicalAddress(pa as usize),
-                flags,
-                Constraints::empty(),
-            )
+            .map_range(&region, PhysicalAddress(pa as usize), flags, constraints)
             .map_err(|_| "stage-2 mapping failed")
     }
 
     /// An identity stage-2 from a plan (the host's).
+    ///
+    /// RAM is mapped with 4 KiB pages, devices with the largest blocks that
+    /// fit. Pages because ownership changes page by page (a donation must
+    /// not split a live block), and because an emulator that caches a
+    /// combined stage-1+2 translation at the larger of the two page sizes
+    /// must flush its whole TLB whenever the host invalidates one page
+    /// inside a stage-2 block: QEMU's TCG does, and Linux invalidates single
+    /// pages by the ten thousand while it boots. The cost is 2 MiB of tables
+    /// per GiB of host RAM, which the carve-out's heap is sized for.
     pub fn identity(start_level: usize, vmid: u16, plan: &[Region]) -> Result<Self, &'static str> {
         let mut s2 = Self::new(start_level, vmid);
         for r in plan {
-            let flags = match r.kind {
-                RegionKind::Ram => Access::ReadWriteExecute.flags(),
-                RegionKind::Device => DEVICE,
+            let (flags, constraints) = match r.kind {
+                RegionKind::Ram => (
+                    Access::ReadWriteExecute.flags(),
+                    Constraints::NO_BLOCK_MAPPINGS,
+                ),
+                RegionKind::Device => (DEVICE, Constraints::empty()),
             };
-            s2.map_flags(r.range.base, r.range.base, r.range.size, flags)?;
+            s2.map_flags(r.range.base, r.range.base, r.range.size, flags, constraints)?;
         }
         Ok(s2)
     }

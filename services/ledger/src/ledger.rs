@@ -647,7 +647,7 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
     /// Bytes of ledger state in use: the extents (24 bytes each), the VM
     /// records (16 bytes each) and the boot ranges (16 bytes each).
     pub fn state_bytes(&self) -> usize {
-        self.extents().len() * size_of::<Extent>()
+        core::mem::size_of_val(self.extents())
             + self.vms().count() * size_of::<VmRecord>()
             + (self.ram_len + self.hyp_len) * size_of::<PfnRange>()
     }
@@ -806,5 +806,170 @@ struct VmList<'a, S>(&'a Ledger<S>);
 impl<S: AsRef<[Extent]> + AsMut<[Extent]>> fmt::Debug for VmList<'_, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.0.vms()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The checker against ledgers corrupted on purpose: each invariant is
+    //! broken in turn and must be reported.
+
+    use super::*;
+
+    type Small = Ledger<[Extent; 16]>;
+
+    /// host | hyp | host | VM1 (2 pages) | host, and VM2 alive without pages.
+    fn ledger() -> Small {
+        let mut l = Ledger::new(
+            [Extent::EMPTY; 16],
+            &[PfnRange::new(0x100, 0x40)],
+            &[PfnRange::new(0x110, 0x10)],
+        )
+        .unwrap();
+        l.execute(Op::CreateVm { vm: 1 }).unwrap();
+        l.execute(Op::CreateVm { vm: 2 }).unwrap();
+        l.execute(Op::HostDonateVm {
+            range: PfnRange::new(0x128, 2),
+            vm: 1,
+        })
+        .unwrap();
+        l.check_invariants().unwrap();
+        assert_eq!(l.extents().len(), 5);
+        l
+    }
+
+    fn broken(corrupt: impl FnOnce(&mut Small)) -> InvariantViolation {
+        let mut l = ledger();
+        corrupt(&mut l);
+        l.check_invariants().unwrap_err()
+    }
+
+    fn extent(l: &mut Small, i: usize) -> &mut Extent {
+        &mut l.store.extents_mut()[i]
+    }
+
+    #[test]
+    fn empty_and_overflowing_extents() {
+        assert_eq!(
+            broken(|l| extent(l, 1).count = 0),
+            InvariantViolation::EmptyExtent { index: 1 }
+        );
+        assert_eq!(
+            broken(|l| extent(l, 4).count = u64::MAX),
+            InvariantViolation::ExtentOverflow { index: 4 }
+        );
+    }
+
+    #[test]
+    fn unsorted_overlapping_and_unmerged_extents() {
+        assert_eq!(
+            broken(|l| l.store.extents_mut().swap(1, 2)),
+            InvariantViolation::Unsorted { index: 2 }
+        );
+        assert_eq!(
+            broken(|l| extent(l, 0).count += 1),
+            InvariantViolation::Unsorted { index: 1 }
+        );
+        assert_eq!(
+            broken(|l| extent(l, 1).owner = Owner::Host),
+            InvariantViolation::Unmerged { index: 1 }
+        );
+    }
+
+    #[test]
+    fn coverage_of_ram() {
+        // A gap: the hypervisor extent starts one page late.
+        assert_eq!(
+            broken(|l| {
+                extent(l, 1).start += 1;
+                extent(l, 1).count -= 1;
+            }),
+            InvariantViolation::RamNotCovered { pfn: 0x110 }
+        );
+        // The last extent runs past the end of RAM.
+        assert_eq!(
+            broken(|l| extent(l, 4).count += 1),
+            InvariantViolation::NotRam { pfn: 0x140 }
+        );
+        // The first extent starts before RAM.
+        assert_eq!(
+            broken(|l| {
+                extent(l, 0).start -= 1;
+                extent(l, 0).count += 1;
+            }),
+            InvariantViolation::NotRam { pfn: 0xff }
+        );
+    }
+
+    #[test]
+    fn shares_between_exactly_two_parties() {
+        assert_eq!(
+            broken(|l| extent(l, 0).borrower = Some(Owner::Host)),
+            InvariantViolation::SelfShare { pfn: 0x100 }
+        );
+        // A VM page borrowed by the hypervisor, by another VM, by a service.
+        for borrower in [Owner::Hypervisor, Owner::Vm(2), Owner::Service(0)] {
+            assert_eq!(
+                broken(|l| extent(l, 3).borrower = Some(borrower)),
+                InvariantViolation::IllegalShare { pfn: 0x128 }
+            );
+        }
+        // Hypervisor memory borrowed by the host.
+        assert_eq!(
+            broken(|l| extent(l, 1).borrower = Some(Owner::Host)),
+            InvariantViolation::IllegalShare { pfn: 0x110 }
+        );
+        // A host page shared with a VM (pKVM's non-protected guest share,
+        // which Moat does not have).
+        assert_eq!(
+            broken(|l| extent(l, 0).borrower = Some(Owner::Vm(1))),
+            InvariantViolation::IllegalShare { pfn: 0x100 }
+        );
+    }
+
+    #[test]
+    fn hypervisor_memory_stays_the_hypervisors() {
+        assert_eq!(
+            broken(|l| {
+                extent(l, 1).owner = Owner::Vm(2);
+                let slot = l.vm_slot(2).unwrap();
+                l.vms[slot].as_mut().unwrap().pages = 0x10;
+            }),
+            InvariantViolation::HypervisorMemoryLost { pfn: 0x110 }
+        );
+        assert_eq!(
+            broken(|l| extent(l, 1).owner = Owner::Service(3)),
+            InvariantViolation::HypervisorMemoryLost { pfn: 0x110 }
+        );
+    }
+
+    #[test]
+    fn the_vm_table_matches_the_pages() {
+        assert_eq!(
+            broken(|l| extent(l, 3).owner = Owner::Vm(9)),
+            InvariantViolation::UnknownVm { pfn: 0x128, vm: 9 }
+        );
+        assert_eq!(
+            broken(|l| {
+                let slot = l.vm_slot(1).unwrap();
+                l.vms[slot].as_mut().unwrap().pages += 1;
+            }),
+            InvariantViolation::VmPageCount { vm: 1 }
+        );
+        assert_eq!(
+            broken(|l| {
+                let record = l.vm(1);
+                let free = l.vms.iter().position(Option::is_none).unwrap();
+                l.vms[free] = record;
+            }),
+            InvariantViolation::DuplicateVm { vm: 1 }
+        );
+        assert_eq!(
+            broken(|l| {
+                let slot = l.vm_slot(2).unwrap();
+                l.vms[slot].as_mut().unwrap().status = VmStatus::Dying;
+            }),
+            InvariantViolation::DeadVmLingers { vm: 2 }
+        );
     }
 }

@@ -224,7 +224,7 @@ impl PfnRange {
     /// The frames covering the bytes `[base, base + size)`, which must be
     /// page-aligned, non-empty and not overflow.
     pub const fn from_bytes(base: u64, size: u64) -> Result<Self, LedgerError> {
-        if base % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if !base.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(LedgerError::Unaligned);
         }
         if size == 0 {

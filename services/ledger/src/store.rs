@@ -214,6 +214,13 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Store<S> {
         self.len = new_len;
     }
 
+    /// The extents in use, writable: only for tests that corrupt the
+    /// ledger on purpose.
+    #[cfg(test)]
+    pub(crate) fn extents_mut(&mut self) -> &mut [Extent] {
+        &mut self.slots.as_mut()[..self.len]
+    }
+
     /// Appends an extent after every other one, merging if it continues the
     /// last. Boot only.
     pub(crate) fn push(&mut self, extent: Extent) -> Result<(), LedgerError> {
