@@ -162,8 +162,7 @@ pub fn vtcr(ipa_bits: u32, pa_range: u8) -> (u64, usize) {
     let (sl0, start_level) = if ipa_bits >= 40 { (0b10, 0) } else { (0b01, 1) };
     let ps = u64::from(pa_range.min(5));
     let v = (1 << 31) // RES1
-        | (ps << 16)
-        | (0b00 << 14) // TG0: 4 KiB
+        | (ps << 16) // TG0 (bits 15:14) = 0: 4 KiB granule
         | (0b11 << 12) // SH0: inner shareable
         | (0b01 << 10) // ORGN0: write-back
         | (0b01 << 8) // IRGN0: write-back

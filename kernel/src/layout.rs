@@ -188,7 +188,7 @@ fn place_upwards(
 ) -> Option<Range> {
     let mut cursor = from.max(bank.base);
     loop {
-        let base = align_up(cursor.checked_sub(offset).unwrap_or(0), align)?.checked_add(offset)?;
+        let base = align_up(cursor.saturating_sub(offset), align)?.checked_add(offset)?;
         let base = if base < cursor {
             base.checked_add(align)?
         } else {
@@ -409,8 +409,8 @@ mod tests {
             }
         );
         let raw = vec![0u8; 100];
-        assert_eq!(host_image_info(&raw).has_header, false);
+        assert!(!host_image_info(&raw).has_header);
         assert_eq!(host_image_info(&raw).effective_size, 100 + BLOCK_2M);
-        assert_eq!(host_image_info(&[]).has_header, false);
+        assert!(!host_image_info(&[]).has_header);
     }
 }

@@ -370,7 +370,7 @@ impl<'a> Package<'a> {
                 EntryKind::DeviceTree => out.device_tree.replace(data).is_some(),
                 EntryKind::ServiceTable => {
                     let n = data.len() / size_of::<ServiceRecord>();
-                    if data.len() % size_of::<ServiceRecord>() != 0 || n > MAX_SERVICES {
+                    if !data.len().is_multiple_of(size_of::<ServiceRecord>()) || n > MAX_SERVICES {
                         return Err(PackageError::BadServiceTable);
                     }
                     out.service_table = data;

@@ -534,12 +534,12 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
     );
     let v = hvc(smccc::psci::PSCI_VERSION, [0; 3])[0];
     c.check(
-        v >= 0x1_0000 && v < 0x2_0000,
+        (0x1_0000..0x2_0000).contains(&v),
         format_args!("PSCI_VERSION = {}.{}", v >> 16, v & 0xffff),
     );
     let v = smc_call(false, smccc::psci::PSCI_VERSION, [0; 3])[0];
     c.check(
-        v >= 0x1_0000 && v < 0x2_0000,
+        (0x1_0000..0x2_0000).contains(&v),
         format_args!(
             "PSCI_VERSION through a trapped SMC = {}.{}",
             v >> 16,

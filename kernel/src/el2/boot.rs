@@ -116,7 +116,7 @@ fn find_package(image_end: u64) -> Package<'static> {
 
 /// The firmware's device tree at `addr`, bounded by its header.
 fn firmware_dtb(addr: u64) -> &'static [u8] {
-    if addr == 0 || addr % 8 != 0 {
+    if addr == 0 || !addr.is_multiple_of(8) {
         fatal(
             "device tree",
             "the firmware passed no device tree address in x0",
@@ -360,9 +360,9 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         psci: platform.psci,
         devices_top: platform.devices_top,
     };
-    // SAFETY: the rest of the heap (under the package) is in the carve-out,
-    // mapped read/write, and nothing reads the package any more.
     if let Some(under) = heap_under(plan.heap, package_range) {
+        // SAFETY: the rest of the heap (under the package) is in the
+        // carve-out, mapped read/write, and nothing reads the package any more.
         unsafe { heap::add_region(under.base as usize, under.size as usize) };
     }
 

@@ -58,7 +58,7 @@ pub fn stop(code: u64) -> ! {
 fn print_backtrace(mut fp: u64) {
     let (lo, hi) = super::boot::stack_bounds();
     for depth in 0..16 {
-        if fp < lo || fp + 16 > hi || fp % 16 != 0 {
+        if fp < lo || fp + 16 > hi || !fp.is_multiple_of(16) {
             break;
         }
         // SAFETY: `fp` lies inside the core's stacks (checked above) and is

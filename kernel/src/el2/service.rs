@@ -351,7 +351,7 @@ pub type SmallBody = [u64; SMALL_WORDS];
 /// Words of the largest body a message carries.
 pub const MAX_WORDS: usize = moat_abi::ipc::PAYLOAD_SIZE / 8;
 const HEADER_SIZE: usize = size_of::<MessageHeader>();
-const _: () = assert!(HEADER_SIZE % 8 == 0 && HEADER_SIZE + SMALL_BODY <= MESSAGE_SIZE);
+const _: () = assert!(HEADER_SIZE.is_multiple_of(8) && HEADER_SIZE + SMALL_BODY <= MESSAGE_SIZE);
 
 /// Calls service `index` from `cpu` with `header` (a call header whose
 /// `payload_len` bytes of `body` are the request). On return `body` holds

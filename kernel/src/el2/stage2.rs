@@ -28,6 +28,10 @@ const DEVICE: S2 = S2::VALID
 
 /// What a partition may do with a range of normal memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(
+    clippy::enum_variant_names,
+    reason = "every access includes read; the names list the rest"
+)]
 pub enum Access {
     /// Read and execute (a service's text).
     ReadExecute,

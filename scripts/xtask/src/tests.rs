@@ -706,10 +706,21 @@ fn unit_tests_and_lints() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // What runs at EL2 and in service partitions, for its own target.
     run(cargo().args([
         "clippy",
         "--package",
         "moat-kernel",
+        "--package",
+        "moat-rt",
+        "--package",
+        "moat-service-trace",
+        "--package",
+        "moat-service-faulty",
+        "--package",
+        "moat-service-mte",
+        "--package",
+        "moat-ledger",
         "--target",
         image::CORE_TARGET,
         "--",

@@ -341,8 +341,12 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
     // ---- Commit ------------------------------------------------------------
 
     /// Records a transaction the core has applied. Refuses with
-    /// [`LedgerError::Stale`] one prepared in another generation; one
-    /// prepared in this generation always commits.
+    /// [`LedgerError::Stale`] one prepared in another generation. The
+    /// transaction is derived again from its request: if this ledger would
+    /// refuse the request now, that error is returned, and if it would
+    /// answer differently, `Stale`. A transaction prepared by this ledger in
+    /// the current generation always commits. A refused commit changes
+    /// nothing.
     pub fn commit(&mut self, tx: &Transaction) -> Result<(), LedgerError> {
         if tx.generation() != self.generation {
             return Err(LedgerError::Stale);

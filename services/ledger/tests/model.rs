@@ -441,7 +441,7 @@ fn assert_agree(l: &Ledger<Vec<Extent>>, m: &Model, thorough: bool) {
     }
 }
 
-/// Runs `ops` on a ledger with `capacity` extents and the model. With a
+/// Runs `actions` on a ledger with `capacity` extents and on the model. With a
 /// small capacity the ledger may refuse with `OutOfCapacity` where the
 /// model succeeds; the model then skips the operation.
 fn run(actions: &[Action], capacity: usize) -> Result<(), TestCaseError> {

@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use moat_abi::Error;
-use moat_abi::services::{MteBootInfo, MtePolicy, MteReason, mte};
+use moat_abi::services::{MteBootInfo, MtePolicy, mte};
 use moat_abi::trap::{TrapDescriptor, Verdict};
 
 #[derive(Default)]
@@ -21,11 +21,12 @@ impl mte::Server for Mte {
             "host MTE {} ({})",
             if policy.host_mte == 1 { "on" } else { "off" },
             match policy.reason {
-                r if r == MteReason::NoHardware as u32 => "the hardware has no tag storage",
-                r if r == MteReason::HostDisabled as u32 =>
+                r if r == moat_abi::services::MteReason::NoHardware as u32 =>
+                    "the hardware has no tag storage",
+                r if r == moat_abi::services::MteReason::HostDisabled as u32 =>
                     "arm64.nomte on the host's command line",
-                r if r == MteReason::ForcedOn as u32 => "moat.host_mte=on",
-                r if r == MteReason::ForcedOff as u32 => "moat.host_mte=off",
+                r if r == moat_abi::services::MteReason::ForcedOn as u32 => "moat.host_mte=on",
+                r if r == moat_abi::services::MteReason::ForcedOff as u32 => "moat.host_mte=off",
                 _ => "default",
             }
         );
