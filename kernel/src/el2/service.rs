@@ -382,7 +382,8 @@ pub fn call(
     let outcome = s.with_partition(cpu, || {
         // SAFETY: Busy is ours, so the pending slot is too.
         let pending = unsafe { &mut *s.pending.get() };
-        if let Some(p) = pending.take() {
+        // (Checked first: taking the 264-byte slot costs a copy on every call.)
+        if let Some(p) = pending.is_some().then(|| pending.take()).flatten() {
             // Finish the suspended call first.
             match s.run(cpu) {
                 Exit::Reply => {
