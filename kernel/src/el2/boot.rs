@@ -130,6 +130,21 @@ fn firmware_dtb(addr: u64) -> &'static [u8] {
     unsafe { bytes(addr, total.clamp(8, 2 << 20)) }
 }
 
+/// Waits for earlier cache maintenance to complete and drops stale
+/// instructions, so code the core wrote is what a partition fetches.
+fn complete_cache_maintenance() {
+    // SAFETY: barriers and instruction-cache invalidation have no memory effect.
+    unsafe {
+        core::arch::asm!(
+            "dsb sy",
+            "ic iallu",
+            "dsb sy",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
 /// The smallest data-cache line, in bytes (CTR_EL0.DminLine).
 fn dcache_line() -> u64 {
     let ctr: u64;
@@ -150,16 +165,7 @@ pub fn clean_dcache_to_poc(start: u64, len: u64) {
         unsafe { core::arch::asm!("dc cvac, {}", in(reg) addr, options(nostack, preserves_flags)) };
         addr += line;
     }
-    // SAFETY: barriers and instruction-cache invalidation have no memory effect.
-    unsafe {
-        core::arch::asm!(
-            "dsb sy",
-            "ic iallu",
-            "dsb sy",
-            "isb",
-            options(nostack, preserves_flags)
-        )
-    };
+    complete_cache_maintenance();
 }
 
 /// Copies `src` to physical `dst` and cleans it to PoC.
@@ -199,16 +205,7 @@ fn place(dst: u64, src: &[u8]) {
         unsafe { core::ptr::copy(tail.as_ptr(), at as *mut u8, tail.len()) };
         clean_dcache_to_poc(at, tail.len() as u64);
     } else {
-        // SAFETY: barriers and instruction-cache invalidation only.
-        unsafe {
-            core::arch::asm!(
-                "dsb sy",
-                "ic iallu",
-                "dsb sy",
-                "isb",
-                options(nostack, preserves_flags)
-            )
-        };
+        complete_cache_maintenance();
     }
 }
 

@@ -1,4 +1,6 @@
-//! Links the service at the fixed service IPA with the runtime's linker script.
+//! The build script of every service crate under `services/` (each names it
+//! with `build = "../rt/service-build.rs"`): links the service at the fixed
+//! service IPA with the runtime's linker script.
 fn main() {
     println!("cargo:rerun-if-changed=../rt/linker.ld");
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("none") {
