@@ -199,14 +199,19 @@ impl Service {
             .div_ceil(8)
             .min(body.len())
             .min(MAX_WORDS);
+        let header_words: [u64; HEADER_WORDS] = zerocopy::transmute!(*header);
+        let dst = self.ipc_page as *mut u64;
         // SAFETY: the IPC page is a page-aligned page of the core's heap,
         // mapped read/write in the core's stage-1; the service is stopped
         // while the core writes; header and body lie inside the page.
+        // (Volatile word stores: a generic byte copy here would cost more
+        // than the rest of the message path.)
         unsafe {
-            core::ptr::write(self.ipc_page as *mut MessageHeader, *header);
-            let dst = (self.ipc_page + HEADER_SIZE as u64) as *mut u64;
+            for (i, w) in header_words.iter().enumerate() {
+                dst.add(i).write_volatile(*w);
+            }
             for (i, w) in body.iter().take(words).enumerate() {
-                dst.add(i).write(*w);
+                dst.add(HEADER_WORDS + i).write_volatile(*w);
             }
         }
     }
@@ -216,22 +221,18 @@ impl Service {
     /// reply's length are whatever the page held: callers that pass a body
     /// on must clear them.
     fn ipc_read(&self, body: &mut [u64]) -> MessageHeader {
-        if body.len() == SMALL_WORDS {
-            // The common case, as one fixed-size copy.
-            // SAFETY: as for `ipc_write`; plain words, valid for any bit pattern.
-            unsafe {
-                let src = (self.ipc_page + HEADER_SIZE as u64) as *const SmallBody;
-                body.copy_from_slice(&core::ptr::read(src));
+        let src = self.ipc_page as *const u64;
+        let mut header_words = [0u64; HEADER_WORDS];
+        // SAFETY: as for `ipc_write`; plain words, valid for any bit pattern.
+        unsafe {
+            for (i, w) in header_words.iter_mut().enumerate() {
+                *w = src.add(i).read_volatile();
             }
-        } else {
-            let src = (self.ipc_page + HEADER_SIZE as u64) as *const u64;
             for (i, w) in body.iter_mut().take(MAX_WORDS).enumerate() {
-                // SAFETY: as above; `i` stays inside the message.
-                *w = unsafe { src.add(i).read() };
+                *w = src.add(HEADER_WORDS + i).read_volatile();
             }
         }
-        // SAFETY: as above.
-        unsafe { core::ptr::read(self.ipc_page as *const MessageHeader) }
+        zerocopy::transmute!(header_words)
     }
 
     /// Runs the service's vCPU on `cpu` until it replies, faults, overruns
@@ -351,6 +352,7 @@ pub type SmallBody = [u64; SMALL_WORDS];
 /// Words of the largest body a message carries.
 pub const MAX_WORDS: usize = moat_abi::ipc::PAYLOAD_SIZE / 8;
 const HEADER_SIZE: usize = size_of::<MessageHeader>();
+const HEADER_WORDS: usize = HEADER_SIZE / 8;
 const _: () = assert!(HEADER_SIZE.is_multiple_of(8) && HEADER_SIZE + SMALL_BODY <= MESSAGE_SIZE);
 
 /// Calls service `index` from `cpu` with `header` (a call header whose

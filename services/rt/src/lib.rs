@@ -30,6 +30,7 @@ use moat_abi::hypercall;
 use moat_abi::ipc::{MessageHeader, PAYLOAD_SIZE};
 
 const HEADER_SIZE: usize = size_of::<MessageHeader>();
+const HEADER_WORDS: usize = HEADER_SIZE / 8;
 
 core::arch::global_asm!(include_str!("entry.S"));
 
@@ -99,31 +100,45 @@ fn smccc_hvc(function: u32, args: [u64; 3]) -> [u64; 4] {
 pub fn serve(
     mut handle: impl FnMut(&MessageHeader, &[u8], &mut [u8; PAYLOAD_SIZE]) -> MessageHeader,
 ) -> ! {
-    let mut reply_payload = [0u8; PAYLOAD_SIZE];
+    /// The reply's payload, word-aligned so it can be stored a word at a time.
+    #[repr(C, align(8))]
+    struct Payload([u8; PAYLOAD_SIZE]);
+    let mut reply_payload = Payload([0; PAYLOAD_SIZE]);
+    let page = IPC_PAGE as *mut u64;
     // The first wait carries no reply: it tells the core the service is ready.
     hvc(hypercall::SVC_REPLY_WAIT, 0, 0, 0);
     loop {
-        // SAFETY: the IPC page is page-aligned, mapped read/write in this
-        // partition for its whole life, and begins with a message header
-        // (every bit pattern is valid). The core writes it only while this
-        // service is stopped in a hypercall, whose `asm!` is a compiler
-        // barrier, so plain reads see its writes; the body is read in place
-        // and not written until `handle` has returned.
-        let header = unsafe { core::ptr::read(IPC_PAGE as *const MessageHeader) };
+        // Word-sized volatile accesses: the IPC page is on every call's path,
+        // and a generic byte copy would cost more than the rest of it.
+        let mut header_words = [0u64; HEADER_WORDS];
+        for (i, w) in header_words.iter_mut().enumerate() {
+            // SAFETY: the IPC page is page-aligned, mapped read/write in this
+            // partition for its whole life, and begins with a message header
+            // (every bit pattern is valid). The core writes it only while this
+            // service is stopped in a hypercall.
+            *w = unsafe { page.add(i).read_volatile() };
+        }
+        let header: MessageHeader = zerocopy::transmute!(header_words);
         let len = (header.payload_len as usize).min(PAYLOAD_SIZE);
-        // SAFETY: as above; `len` is within the message's payload.
+        // SAFETY: as above; `len` is within the message's payload, which is
+        // read in place and not written until `handle` has returned.
         let body =
             unsafe { core::slice::from_raw_parts((IPC_PAGE + HEADER_SIZE) as *const u8, len) };
-        let reply = handle(&header, body, &mut reply_payload);
-        let reply_len = (reply.payload_len as usize).min(PAYLOAD_SIZE);
-        // SAFETY: as above; the request body is no longer borrowed.
+        let reply = handle(&header, body, &mut reply_payload.0);
+        let reply_words: [u64; HEADER_WORDS] = zerocopy::transmute!(reply);
+        let payload_words = (reply.payload_len as usize).min(PAYLOAD_SIZE).div_ceil(8);
+        let payload = reply_payload.0.as_ptr().cast::<u64>();
+        // SAFETY: as above; the request body is no longer borrowed, and
+        // `payload` is the 8-byte-aligned reply buffer, read in whole words
+        // within its length.
         unsafe {
-            core::ptr::write(IPC_PAGE as *mut MessageHeader, reply);
-            core::ptr::copy_nonoverlapping(
-                reply_payload.as_ptr(),
-                (IPC_PAGE + HEADER_SIZE) as *mut u8,
-                reply_len,
-            );
+            for (i, w) in reply_words.iter().enumerate() {
+                page.add(i).write_volatile(*w);
+            }
+            for i in 0..payload_words {
+                page.add(HEADER_WORDS + i)
+                    .write_volatile(payload.add(i).read());
+            }
         }
         hvc(hypercall::SVC_REPLY_WAIT, 1, 0, 0);
     }
