@@ -71,6 +71,10 @@ pub mod hypercall {
     pub const NULL: u32 = id(0);
     /// Returns [`crate::ABI_VERSION`] in x1.
     pub const ABI_VERSION: u32 = id(1);
+    /// Runs the consistency checker (the memory ledger against the host's
+    /// stage-2): 0 if they agree, `Denied` if not or if there is no ledger.
+    /// A debugging aid the tests call after each scenario.
+    pub const CHECK_CONSISTENCY: u32 = id(2);
 
     /// First function number the image manifest may route to services.
     /// Function `first + k - 1` of the range a service is given is its

@@ -131,6 +131,82 @@ crate::service_interface! {
     }
 }
 
+/// A range of page frames on the ledger interface.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct FrameRange {
+    pub start: u64,
+    pub count: u64,
+}
+
+/// Most RAM banks or hypervisor ranges the ledger is told about at boot.
+pub const LEDGER_BOOT_RANGES: usize = 6;
+
+/// What the ledger learns at boot: the RAM, and what of it the hypervisor
+/// (the core and its services) keeps.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct LedgerBoot {
+    pub ram_count: u32,
+    pub hypervisor_count: u32,
+    pub ram: [FrameRange; LEDGER_BOOT_RANGES],
+    pub hypervisor: [FrameRange; LEDGER_BOOT_RANGES],
+}
+
+/// The ledger's size after boot.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct LedgerSummary {
+    pub extents: u64,
+    pub state_bytes: u64,
+}
+
+/// A party on the ledger interface: kind 0 none, 1 host, 2 hypervisor,
+/// 3 service, 4 protected VM; `id` names the service or VM.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct Party {
+    pub kind: u32,
+    pub id: u32,
+}
+
+impl Party {
+    pub const NONE: u32 = 0;
+    pub const HOST: u32 = 1;
+    pub const HYPERVISOR: u32 = 2;
+    pub const SERVICE: u32 = 3;
+    pub const VM: u32 = 4;
+}
+
+/// One extent of the ledger: frames with one owner and at most one borrower.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct LedgerExtent {
+    pub frames: FrameRange,
+    pub owner: Party,
+    pub borrower: Party,
+}
+
+crate::service_interface! {
+    /// `ledger`: the record of who owns every page of RAM.
+    pub mod ledger: id = 4 {
+        /// Builds the ledger for this machine (once, at boot).
+        1 => fn boot(LedgerBoot) -> LedgerSummary;
+        /// Extent number `index` in address order; `NotSupported` past the last.
+        2 => fn extent(u64) -> LedgerExtent;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -240,13 +240,12 @@ fn checksum(package: &[u8], table_end: usize) -> u64 {
             Some(EntryKind::HostImage | EntryKind::HostInitrd)
         );
         let (offset, size) = (entry.offset.get() as usize, entry.size.get() as usize);
-        if let Some(bytes) = offset
-            .checked_add(size)
-            .and_then(|end| package.get(offset..end))
+        if !host_payload
+            && let Some(bytes) = offset
+                .checked_add(size)
+                .and_then(|end| package.get(offset..end))
         {
-            if !host_payload {
-                h = hash_words(h, bytes);
-            }
+            h = hash_words(h, bytes);
         }
     }
     h

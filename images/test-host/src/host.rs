@@ -727,6 +727,15 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
         }
     }
 
+    // The consistency checker, after everything above.
+    let v = hvc(hypercall::CHECK_CONSISTENCY, [0; 3])[0] as i64;
+    if v != Error::NotSupported.code() {
+        c.check(
+            v == 0,
+            format_args!("the ledger and the host's stage-2 agree after every check ({v})"),
+        );
+    }
+
     if c.failed == 0 {
         say!("PASS ({} checks)", c.passed);
     } else {

@@ -421,9 +421,11 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let device_top = platform.devices_top.max(platform.uart.regs.end());
     let regions = s2plan::host_regions(&platform.memory, &withheld, device_top, 1u64 << ipa_bits)
         .unwrap_or_else(|e| fatal("host stage-2 plan", format_args!("{e:?}")));
-    let vttbr = super::stage2::StageTwo::identity(start_level, HOST_VMID, &regions)
+    let host_stage2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, &regions)
         .unwrap_or_else(|e| fatal("host stage-2", e))
         .activate();
+    super::stage2::HOST.call_once(|| host_stage2);
+    let vttbr = host_stage2.vttbr();
     crate::log!(
         "host stage-2: {} regions, {}-bit IPA, VMID {HOST_VMID}; heap {} KiB used of {} MiB",
         regions.len(),
@@ -459,6 +461,23 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     if created > 0 {
         super::service::start_all(boot_cpu);
     }
+    // The memory ledger, if the image has one: built from this machine's
+    // RAM and the hypervisor's memory, then checked against the host's stage-2.
+    match super::service::ledger_boot(
+        boot_cpu,
+        &machine.platform.memory,
+        core::slice::from_ref(&machine.carve_out),
+    ) {
+        None => crate::log!("no memory ledger service in this image"),
+        Some(Ok((extents, bytes))) => {
+            crate::log!("memory ledger: {extents} extent(s), {bytes} bytes of state");
+            report_consistency(boot_cpu);
+        }
+        Some(Err(e)) => fatal(
+            "memory ledger",
+            format_args!("the ledger service did not answer ({e:?})"),
+        ),
+    }
     // The host's MTE policy, if the image has a policy service.
     let hardware_mte = ((arm_sysregs::read_id_aa64pfr1_el1().bits() >> 8) & 0xf) as u32;
     match super::service::host_mte_policy(boot_cpu, hardware_mte, &host_command_line) {
@@ -489,6 +508,31 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         plan.host_image.base
     );
     enter_host(index, plan.host_image.base, plan.host_dtb.base)
+}
+
+/// Runs the consistency checker (ledger against the host's stage-2) and
+/// logs the outcome; returns whether they agree.
+pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
+    let Some(host) = super::stage2::HOST.get() else {
+        return false;
+    };
+    match super::service::check_host_stage2(cpu, host) {
+        None => false,
+        Some(Ok(n)) => {
+            crate::log!(
+                "consistency: the ledger and the host's stage-2 agree ({n} extent(s) checked)"
+            );
+            true
+        }
+        Some(Err(m)) => {
+            crate::log!(
+                "consistency: MISMATCH at {:#x}: the ledger says the host {} map it, its stage-2 disagrees",
+                m.address,
+                if m.host_may_map { "may" } else { "may not" }
+            );
+            false
+        }
+    }
 }
 
 /// The heap minus the package: the part after it (usable while the package

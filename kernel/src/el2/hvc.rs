@@ -35,7 +35,7 @@ pub fn handle_call(this_cpu: &PerCpu, regs: &mut GuestRegs, imm: u16) {
         smccc::OWNER_VENDOR_HYP => {
             match super::service::routes().and_then(|r| r.hypercall(function)) {
                 Some((index, operation)) => service_call(this_cpu, regs, index, operation),
-                None => moat_call(regs, function),
+                None => moat_call(this_cpu, regs, function),
             }
         }
         _ => regs.x[0] = NOT_SUPPORTED,
@@ -54,10 +54,14 @@ fn arch_call(regs: &mut GuestRegs, function: u32) {
     };
 }
 
-fn moat_call(regs: &mut GuestRegs, function: u32) {
+fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
     match function {
         hypercall::NULL => regs.x[0] = 0,
         hypercall::ABI_VERSION => regs.set_smccc_result([0, u64::from(ABI_VERSION), 0, 0]),
+        hypercall::CHECK_CONSISTENCY => {
+            let ok = super::boot::report_consistency(this_cpu);
+            regs.x[0] = if ok { 0 } else { Error::Denied.to_x0() };
+        }
         smccc::VENDOR_HYP_CALL_UID => {
             let [a, b, c, d] = MOAT_UID.map(u64::from);
             regs.set_smccc_result([a, b, c, d]);

@@ -615,7 +615,7 @@ fn create(
         super::stage2::Access::ReadWrite,
     )
     .map_err(SetupError::StageTwo)?;
-    let vttbr = s2.activate();
+    let vttbr = s2.activate().vttbr();
 
     let mut name = heapless::String::new();
     let _ = name.push_str(record.name());
@@ -773,4 +773,115 @@ pub fn host_mte_policy(
         Ok(Ok(_)) => Err(Error::InvalidParameters),
         Ok(Err(e)) | Err(e) => Err(e),
     })
+}
+
+/// Builds the ledger (the service serving the `ledger` interface, if the
+/// image has one) from the machine's RAM and the hypervisor's memory, and
+/// returns its size: extents and bytes of state.
+pub fn ledger_boot(
+    cpu: &PerCpu,
+    ram: &[Range],
+    hypervisor: &[Range],
+) -> Option<Result<(u64, u64), Error>> {
+    use moat_abi::services::{FrameRange, LEDGER_BOOT_RANGES, LedgerBoot, LedgerSummary, ledger};
+    use zerocopy::FromBytes;
+    let all = SERVICES.get()?;
+    let index = all
+        .list
+        .iter()
+        .position(|s| s.interface_id == ledger::SERVICE_ID)?;
+    let frames = |r: &Range| FrameRange {
+        start: r.base / PAGE,
+        count: r.size / PAGE,
+    };
+    let mut boot = LedgerBoot::default();
+    for (slot, r) in boot.ram.iter_mut().zip(ram.iter().take(LEDGER_BOOT_RANGES)) {
+        *slot = frames(r);
+    }
+    for (slot, r) in boot
+        .hypervisor
+        .iter_mut()
+        .zip(hypervisor.iter().take(LEDGER_BOOT_RANGES))
+    {
+        *slot = frames(r);
+    }
+    boot.ram_count = ram.len().min(LEDGER_BOOT_RANGES) as u32;
+    boot.hypervisor_count = hypervisor.len().min(LEDGER_BOOT_RANGES) as u32;
+    let mut body = [0u64; size_of::<LedgerBoot>().div_ceil(8)];
+    body.as_mut_bytes()[..size_of::<LedgerBoot>()].copy_from_slice(boot.as_bytes());
+    let header = MessageHeader::call(
+        ledger::SERVICE_ID,
+        1,
+        next_sequence(index),
+        size_of::<LedgerBoot>() as u32,
+    );
+    Some(match call(cpu, index, &header, &mut body) {
+        Ok(Ok(len)) if len as usize == size_of::<LedgerSummary>() => {
+            LedgerSummary::read_from_bytes(&body.as_bytes()[..size_of::<LedgerSummary>()])
+                .map(|s| (s.extents, s.state_bytes))
+                .map_err(|_| Error::InvalidParameters)
+        }
+        Ok(Ok(_)) => Err(Error::InvalidParameters),
+        Ok(Err(e)) | Err(e) => Err(e),
+    })
+}
+
+/// Where the ledger and a stage-2 disagree.
+#[derive(Clone, Copy, Debug)]
+pub struct Mismatch {
+    /// The first IPA (= PA for the host) where they differ.
+    pub address: u64,
+    /// Whether the ledger says the host may map it.
+    pub host_may_map: bool,
+}
+
+/// The consistency checker: walks every extent of the ledger and checks the
+/// host's stage-2 against it — pages the host owns or borrows are mapped
+/// read/write, every other page is unmapped. Returns the extents checked.
+pub fn check_host_stage2(
+    cpu: &PerCpu,
+    host: &super::stage2::StageTwo,
+) -> Option<Result<u64, Mismatch>> {
+    use moat_abi::services::{LedgerExtent, Party, ledger};
+    use zerocopy::FromBytes;
+    let all = SERVICES.get()?;
+    let index = all
+        .list
+        .iter()
+        .position(|s| s.interface_id == ledger::SERVICE_ID)?;
+    let mut checked = 0u64;
+    loop {
+        let mut body: SmallBody = [checked, 0, 0, 0, 0, 0, 0, 0];
+        let header = MessageHeader::call(ledger::SERVICE_ID, 2, next_sequence(index), 8);
+        let extent = match call(cpu, index, &header, &mut body) {
+            Ok(Ok(len)) if len as usize == size_of::<LedgerExtent>() => {
+                match LedgerExtent::read_from_bytes(&body.as_bytes()[..size_of::<LedgerExtent>()]) {
+                    Ok(e) => e,
+                    Err(_) => {
+                        return Some(Err(Mismatch {
+                            address: 0,
+                            host_may_map: false,
+                        }));
+                    }
+                }
+            }
+            // Past the last extent.
+            Ok(Err(Error::NotSupported)) => return Some(Ok(checked)),
+            _ => {
+                return Some(Err(Mismatch {
+                    address: 0,
+                    host_may_map: false,
+                }));
+            }
+        };
+        let host_may_map = extent.owner.kind == Party::HOST || extent.borrower.kind == Party::HOST;
+        let (start, size) = (extent.frames.start * PAGE, extent.frames.count * PAGE);
+        if let Err(address) = host.check(start, size, host_may_map) {
+            return Some(Err(Mismatch {
+                address,
+                host_may_map,
+            }));
+        }
+        checked += 1;
+    }
 }

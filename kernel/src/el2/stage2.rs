@@ -51,6 +51,9 @@ impl Access {
     }
 }
 
+/// The host's stage-2, for the consistency checker.
+pub static HOST: spin::Once<&'static StageTwo> = spin::Once::new();
+
 /// A partition's stage-2.
 pub struct StageTwo {
     map: Mapping<IdTranslation<S2>, Stage2>,
@@ -117,12 +120,46 @@ impl StageTwo {
         Ok(s2)
     }
 
-    /// Marks the tables live and keeps them for the rest of the core's life;
-    /// returns the VTTBR_EL2 value (root table, VMID in bits [63:48]).
-    pub fn activate(self) -> u64 {
+    /// Marks the tables live and keeps them for the rest of the core's life.
+    pub fn activate(self) -> &'static Self {
         self.map.mark_active();
-        let vttbr = self.map.root_address().0 as u64 | (u64::from(self.vmid) << 48);
-        let _ = alloc::boxed::Box::leak(alloc::boxed::Box::new(self));
-        vttbr
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(self))
+    }
+
+    /// The VTTBR_EL2 value: root table, VMID in bits [63:48].
+    pub fn vttbr(&self) -> u64 {
+        self.map.root_address().0 as u64 | (u64::from(self.vmid) << 48)
+    }
+
+    /// Checks that every page of `[ipa, ipa + size)` is mapped read/write
+    /// (`mapped`) or not mapped at all (`!mapped`); returns the first IPA
+    /// that is not. The consistency checker compares this with the ledger.
+    pub fn check(&self, ipa: u64, size: u64, mapped: bool) -> Result<(), u64> {
+        let Some(end) = ipa.checked_add(size) else {
+            return Err(ipa);
+        };
+        let region = MemoryRegion::new(ipa as usize, end as usize);
+        let mut first_bad = None;
+        let result = self
+            .map
+            .walk_range(&region, &mut |range, descriptor, _level| {
+                let valid = descriptor.is_valid();
+                let ok = if mapped {
+                    valid && descriptor.flags().contains(S2::S2AP_ACCESS_RW)
+                } else {
+                    !valid
+                };
+                if ok {
+                    Ok(())
+                } else {
+                    first_bad = Some((range.start().0 as u64).max(ipa));
+                    Err(())
+                }
+            });
+        match (result, first_bad) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(at)) => Err(at),
+            (Err(_), None) => Err(ipa),
+        }
     }
 }

@@ -64,8 +64,13 @@ struct InterfaceInfo {
 }
 
 fn interface(name: &str) -> Option<InterfaceInfo> {
-    use moat_abi::services::{faulty, mte, trace};
+    use moat_abi::services::{faulty, ledger, mte, trace};
     match name {
+        "ledger" => Some(InterfaceInfo {
+            id: ledger::SERVICE_ID,
+            observes: false,
+            decides: false,
+        }),
         "mte" => Some(InterfaceInfo {
             id: mte::SERVICE_ID,
             observes: false,
@@ -291,7 +296,7 @@ observes = ["smc"]
     #[test]
     fn the_demo_manifest_is_valid() {
         let m = Manifest::load(&crate::tools::root().join("images/demo.toml")).unwrap();
-        assert_eq!(m.services.len(), 6);
+        assert_eq!(m.services.len(), 7);
         assert_eq!(m.host, "test-host");
     }
 

@@ -111,6 +111,17 @@ fn cases() -> Vec<Case> {
     vec![
         host_boot("boot_gicv3", 1, "v3", &["GICv3"]),
         host_boot(
+            "ledger_agrees_with_the_host_stage2",
+            1,
+            "v3",
+            &[
+                "service ledger ready",
+                "memory ledger: 3 extent(s)",
+                "consistency: the ledger and the host's stage-2 agree",
+                "test-host: ok   the ledger and the host's stage-2 agree after every check",
+            ],
+        ),
+        host_boot(
             "boot_gicv2_two_cpus",
             2,
             "v2",
