@@ -179,6 +179,32 @@ fn service_el2(vttbr: u64) -> (u64, u64, u64, u64, u64) {
 }
 
 impl Service {
+    /// Takes the service for one call. A service has one vCPU, so callers on
+    /// other CPUs wait their turn: a trapped instruction cannot be answered
+    /// "busy". The wait is bounded by a few budgets (the holder's watchdog
+    /// ends its run within one); past that the caller is told `Busy`.
+    fn acquire(&self) -> Result<(), Error> {
+        let (start, _) = sysreg::counter();
+        let patience = self.budget_ticks.saturating_mul(4);
+        loop {
+            match self.state.compare_exchange(
+                State::Ready as u8,
+                State::Busy as u8,
+                Ordering::Acquire,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(v) if v == State::Failed as u8 => return Err(Error::ServiceFailed),
+                Err(_) => {
+                    if sysreg::counter().0.wrapping_sub(start) > patience {
+                        return Err(Error::Busy);
+                    }
+                    core::hint::spin_loop();
+                }
+            }
+        }
+    }
+
     fn vcpu(&self) -> *mut Vcpu {
         self.vcpu.get()
     }
@@ -371,16 +397,7 @@ pub fn call(
     if header.payload_len as usize > (body.len() * 8).min(moat_abi::ipc::PAYLOAD_SIZE) {
         return Err(Error::InvalidParameters);
     }
-    match s.state.compare_exchange(
-        State::Ready as u8,
-        State::Busy as u8,
-        Ordering::Acquire,
-        Ordering::Acquire,
-    ) {
-        Ok(_) => {}
-        Err(v) if v == State::Failed as u8 => return Err(Error::ServiceFailed),
-        Err(_) => return Err(Error::Busy),
-    }
+    s.acquire()?;
     let outcome = s.with_partition(cpu, || {
         // SAFETY: Busy is ours, so the pending slot is too.
         let pending = unsafe { &mut *s.pending.get() };

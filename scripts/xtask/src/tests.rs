@@ -246,6 +246,18 @@ fn cases() -> Vec<Case> {
             "0",
         ),
         linux_mte("linux_mte_on", None, "1"),
+        Case {
+            // Four CPUs read their ID registers at once: the policy service
+            // must serve them in turn, never answer one of them "busy".
+            bootargs: Some("moat.host_mte=off"),
+            check: Some(expect_lines(vec!["4".into(), "0".into()])),
+            ..linux_case(
+                "linux_mte_off_on_four_cpus",
+                4,
+                "v3",
+                "nproc; grep -c ' mte' /proc/cpuinfo || true",
+            )
+        },
         linux_boot("linux_one_cpu_gicv3", 1, "v3", &["GICv3"]),
         linux_boot(
             "linux_four_cpus_gicv3",
