@@ -65,7 +65,7 @@ crate::service_interface! {
 }
 
 /// Bytes of the host's command line the MTE policy sees.
-pub const MTE_CMDLINE_BYTES: usize = 176;
+pub const MTE_CMDLINE_BYTES: usize = 216;
 
 /// What the MTE policy decides from at boot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -76,6 +76,10 @@ pub struct MteBootInfo {
     pub hardware_level: u32,
     /// Bytes of `command_line` in use.
     pub command_line_len: u32,
+    /// Bytes of the whole command line: more than `command_line_len` when it
+    /// did not fit.
+    pub command_line_total: u32,
+    pub reserved: u32,
     /// The host's command line, as the boot package gives it (truncated).
     pub command_line: [u8; MTE_CMDLINE_BYTES],
 }
@@ -85,6 +89,8 @@ impl Default for MteBootInfo {
         Self {
             hardware_level: 0,
             command_line_len: 0,
+            command_line_total: 0,
+            reserved: 0,
             command_line: [0; MTE_CMDLINE_BYTES],
         }
     }
@@ -104,6 +110,10 @@ pub enum MteReason {
     ForcedOn = 3,
     /// `moat.host_mte=off` on the command line.
     ForcedOff = 4,
+    /// The command line is longer than the policy can read: MTE is off, so
+    /// a switch the policy cannot see can never leave MTE usable by a host
+    /// that believes it disabled it.
+    CommandLineTooLong = 5,
 }
 
 /// The policy for the host.

@@ -375,15 +375,16 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let created = super::service::create_all(&services, start_level)
         .unwrap_or_else(|e| fatal("service routing", e));
 
-    // The command line outlives the package (the MTE policy reads it).
-    let mut host_command_line: heapless::String<{ moat_abi::services::MTE_CMDLINE_BYTES }> =
-        heapless::String::new();
-    for c in package
+    // The command line outlives the package (the MTE policy reads it, and
+    // must know when there is more than it was given).
+    let full_command_line = package
         .host_bootargs
         .or(platform.chosen.bootargs)
-        .unwrap_or("")
-        .chars()
-    {
+        .unwrap_or("");
+    let host_command_line_total = full_command_line.len();
+    let mut host_command_line: heapless::String<{ moat_abi::services::MTE_CMDLINE_BYTES }> =
+        heapless::String::new();
+    for c in full_command_line.chars() {
         if host_command_line.push(c).is_err() {
             break;
         }
@@ -480,7 +481,12 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     }
     // The host's MTE policy, if the image has a policy service.
     let hardware_mte = ((arm_sysregs::read_id_aa64pfr1_el1().bits() >> 8) & 0xf) as u32;
-    match super::service::host_mte_policy(boot_cpu, hardware_mte, &host_command_line) {
+    match super::service::host_mte_policy(
+        boot_cpu,
+        hardware_mte,
+        &host_command_line,
+        host_command_line_total,
+    ) {
         None => crate::log!("no MTE policy service: the host gets MTE as the hardware offers it"),
         Some(Ok(host_mte)) => {
             let hcr = el2config::host_hcr(&features, host_mte);

@@ -757,6 +757,7 @@ pub fn host_mte_policy(
     cpu: &PerCpu,
     hardware_level: u32,
     command_line: &str,
+    command_line_total: usize,
 ) -> Option<Result<bool, Error>> {
     use moat_abi::services::{MteBootInfo, MtePolicy, mte};
     use zerocopy::FromBytes;
@@ -772,6 +773,7 @@ pub fn host_mte_policy(
     let n = command_line.len().min(info.command_line.len());
     info.command_line[..n].copy_from_slice(&command_line.as_bytes()[..n]);
     info.command_line_len = n as u32;
+    info.command_line_total = command_line_total.min(u32::MAX as usize) as u32;
     let mut body = [0u64; size_of::<MteBootInfo>().div_ceil(8)];
     body.as_mut_bytes()[..size_of::<MteBootInfo>()].copy_from_slice(info.as_bytes());
     let header = MessageHeader::call(

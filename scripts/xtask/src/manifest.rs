@@ -191,6 +191,21 @@ impl Manifest {
                     s.interface
                 );
             }
+            // The core asks a handler about system-register traps only.
+            if handles & !TrapClass::SysReg.bit() != 0 {
+                bail!(
+                    "service {}: only `sysreg` traps can be handled by a service",
+                    s.name
+                );
+            }
+            // The MTE policy hides MTE by trapping the ID registers: without
+            // the handler for those traps the host could not boot.
+            if s.interface == "mte" && handles != TrapClass::SysReg.bit() {
+                bail!(
+                    "service {}: an `mte` policy must declare handles = [\"sysreg\"]",
+                    s.name
+                );
+            }
             let (first, count) = s.hypercalls.as_ref().map_or((0, 0), |h| (h.first, h.count));
             specs.push(RouteSpec {
                 first,
@@ -333,6 +348,25 @@ observes = ["smc"]
         assert!(err(&GOOD.replace("budget-us", "budget-ms")).contains("unknown field"));
         assert!(err(&GOOD.replace("\"64K\"", "\"lots\"")).contains("is not a size"));
         assert!(err(&GOOD.replace("0x1000", "0x10")).contains("hypercall range must lie within"));
+    }
+
+    #[test]
+    fn the_mte_policy_must_handle_sysreg_traps() {
+        let mte = GOOD
+            .replace("interface = \"trace\"", "interface = \"mte\"")
+            .replace("observes = [\"smc\"]", "");
+        assert!(err(&mte).contains("must declare handles"), "{}", err(&mte));
+        let wrong = mte.replace("budget-us = 1000", "budget-us = 1000\nhandles = [\"smc\"]");
+        assert!(
+            err(&wrong).contains("only `sysreg` traps"),
+            "{}",
+            err(&wrong)
+        );
+        let right = mte.replace(
+            "budget-us = 1000",
+            "budget-us = 1000\nhandles = [\"sysreg\"]",
+        );
+        assert!(Manifest::parse(&right).is_ok());
     }
 
     #[test]

@@ -51,12 +51,15 @@ pub fn host_policy(info: &MteBootInfo) -> MtePolicy {
     let line = core::str::from_utf8(bytes).unwrap_or("");
     let reason = if info.hardware_level < 2 {
         MteReason::NoHardware
+    } else if info.command_line_total as usize > len {
+        MteReason::CommandLineTooLong
     } else {
         let mut reason = MteReason::Default;
         let mut forced = None;
         for word in line.split_ascii_whitespace() {
             match word {
-                "arm64.nomte" => reason = MteReason::HostDisabled,
+                // Linux's own spelling, and the ID-register override it aliases.
+                "arm64.nomte" | "id_aa64pfr1.mte=0" => reason = MteReason::HostDisabled,
                 "moat.host_mte=on" => forced = Some(MteReason::ForcedOn),
                 "moat.host_mte=off" => forced = Some(MteReason::ForcedOff),
                 _ => {}
@@ -117,6 +120,7 @@ mod tests {
         };
         info.command_line[..line.len()].copy_from_slice(line.as_bytes());
         info.command_line_len = line.len() as u32;
+        info.command_line_total = line.len() as u32;
         host_policy(&info)
     }
 

@@ -27,6 +27,9 @@ impl mte::Server for Mte {
                     "arm64.nomte on the host's command line",
                 r if r == moat_abi::services::MteReason::ForcedOn as u32 => "moat.host_mte=on",
                 r if r == moat_abi::services::MteReason::ForcedOff as u32 => "moat.host_mte=off",
+                r if r == moat_abi::services::MteReason::CommandLineTooLong as u32 => {
+                    "the command line is too long to check: off, to be safe"
+                }
                 _ => "default",
             }
         );
