@@ -11,6 +11,8 @@ pub mod hcr {
     /// Trap ID group 3 (the ID_AA64* registers) — used for partitions whose
     /// feature view the core edits.
     pub const TID3: u64 = 1 << 18;
+    /// Trap ID group 2 (CTR_EL0, CCSIDR_EL1, CLIDR_EL1, CSSELR_EL1).
+    pub const TID2: u64 = 1 << 17;
     /// Trap WFI / WFE.
     pub const TWI: u64 = 1 << 13;
     pub const TWE: u64 = 1 << 14;

@@ -78,7 +78,7 @@ fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
 
 /// A host hypercall routed to a service: x1..x6 are the request's 48 bytes,
 /// the reply's 56 bytes come back in x1..x7 with the status in x0.
-fn service_call(this_cpu: &PerCpu, regs: &mut GuestRegs, index: usize, operation: u16) {
+pub fn service_call(this_cpu: &PerCpu, regs: &mut GuestRegs, index: usize, operation: u16) {
     use super::service;
     let Some(s) = service::get(index) else {
         regs.x[0] = NOT_SUPPORTED;

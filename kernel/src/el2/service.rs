@@ -162,12 +162,23 @@ fn service_el2(vttbr: u64) -> (u64, u64, u64, u64, u64) {
     // Physical interrupts to EL2 (the watchdog, and the host's, which
     // suspend the call), SMC and WFI/WFE trapped, pointer-authentication keys
     // trapped (the host's keys stay in the registers), no MTE tag access.
-    let hcr = hcr::VM | hcr::RW | hcr::IMO | hcr::FMO | hcr::AMO | hcr::TSC | hcr::TWI | hcr::TWE;
+    // TID2: cache-geometry registers (CSSELR_EL1 is the host's, unswitched).
+    let hcr = hcr::VM
+        | hcr::RW
+        | hcr::IMO
+        | hcr::FMO
+        | hcr::AMO
+        | hcr::TSC
+        | hcr::TWI
+        | hcr::TWE
+        | hcr::TID2;
     // FP/SIMD, SVE and SME trapped: services are built without them, and the
     // host's vector registers stay untouched in the CPU.
     let cptr = (1 << 13) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 8) | 0xff;
-    // PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped; HPMN unchanged.
-    let mdcr = sysreg::pmu_counters(&super::boot::machine().cpu)
+    // PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped; HPMN and HPMD
+    // as for the host, so the core's EL2 work stays invisible to the host's
+    // counters outside benchmark images.
+    let mdcr = super::boot::machine().host_el2.mdcr
         | (1 << 5)
         | (1 << 6)
         | (1 << 9)

@@ -153,7 +153,8 @@ pub fn pmu_counters(cpu: &CpuFeatures) -> u64 {
 ///
 /// Newer EL1 state (TCR2_EL1, permission indirection, overlays, GCS) is not
 /// listed: services never enable it and the host kernels Moat runs today do
-/// not either.
+/// not either. MDSCR_EL1 and CSSELR_EL1 are not switched because a service
+/// cannot reach them: MDCR_EL2.TDA and HCR_EL2.TID2 trap its accesses.
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C)]
 pub struct El1Context {
@@ -236,8 +237,6 @@ el1_context!(
     cntkctl_el1,
     cntv_ctl_el0,
     cntv_cval_el0,
-    mdscr_el1,
-    csselr_el1,
 );
 
 /// Switches this CPU's EL2 controls between a partition's values.

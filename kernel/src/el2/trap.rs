@@ -44,6 +44,16 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
     }
     // SAFETY: the host frame is the first field of its PerCpu slot.
     let this_cpu = unsafe { cpu::from_host_frame(frame) };
+    // A routed service call, when HVCs are not observed: straight to the
+    // service, past the general decode (this is every service call's path).
+    if esr == ESR_HVC0
+        && let Some(routes) = service::routes()
+        && !routes.is_observed(TrapClass::Hvc)
+        && let Some((index, operation)) = routes.hypercall(regs.x[0] as u32)
+    {
+        hvc::service_call(this_cpu, regs, index, operation);
+        return frame;
+    }
     let trap = Trap::decode(esr);
     if service::routes().is_some_and(|r| r.is_observed(class_of(&trap))) {
         service::notify_observers(this_cpu, &describe(&trap, esr, regs, this_cpu.index));
