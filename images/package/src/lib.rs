@@ -5,7 +5,9 @@
 //! core boots: the host payload, its initrd, its command line and, optionally,
 //! a device tree that replaces the firmware's. Firmware loads the whole file as
 //! if it were a Linux `Image`; the core finds the package right after its own
-//! footprint, checks it, and copies each item to where the host expects it.
+//! footprint, checks it, and gives each item to the host: a host payload
+//! that the builder [placed](builder::Placement) where the host needs it is
+//! used where it lies, anything else is copied.
 //!
 //! ```text
 //!  image start                                   image end
@@ -448,11 +450,46 @@ impl<'a> Package<'a> {
 pub mod builder {
     use super::*;
 
+    /// Where an entry's first byte should fall, so that the core can use it
+    /// where it lies instead of copying it.
+    ///
+    /// Addresses are counted from the origin [`PackageBuilder::at`] gives
+    /// the package's position in. The image builder counts from the core's
+    /// load address, which is 2 MiB aligned, so "0 modulo 2 MiB" there is a
+    /// 2 MiB boundary in RAM.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Placement {
+        /// A power of two, at least [`PACKAGE_ALIGN`].
+        pub align: u64,
+        /// The remainder modulo `align` the entry's address must have; a
+        /// multiple of 8.
+        pub offset: u64,
+        /// The lowest address the entry may start at.
+        pub not_before: u64,
+        /// The most padding the placement may add before the entry. If it
+        /// would need more, the entry is laid out as any other: placing it
+        /// would then cost more than it saves.
+        pub max_padding: u64,
+    }
+
+    impl Placement {
+        /// Where the entry goes if its plain (4 KiB aligned) position is
+        /// `plain`, both counted from the origin; `None` if that needs more
+        /// padding than allowed.
+        fn position(&self, plain: u64) -> Option<u64> {
+            let lowest = plain.max(self.not_before);
+            let steps = lowest.saturating_sub(self.offset).div_ceil(self.align);
+            let placed = steps.checked_mul(self.align)?.checked_add(self.offset)?;
+            (placed - plain <= self.max_padding).then_some(placed)
+        }
+    }
+
     /// Collects entries and lays them out.
     #[derive(Debug, Default)]
     pub struct PackageBuilder {
         flags: u32,
-        entries: Vec<(EntryKind, Vec<u8>)>,
+        at: u64,
+        entries: Vec<(EntryKind, Vec<u8>, Option<Placement>)>,
     }
 
     impl PackageBuilder {
@@ -465,20 +502,48 @@ pub mod builder {
             self
         }
 
-        pub fn entry(mut self, kind: EntryKind, bytes: Vec<u8>) -> Self {
-            self.entries.push((kind, bytes));
+        /// Where the package will start, counted from the origin of every
+        /// [`Placement`] (0 unless set). A multiple of [`PACKAGE_ALIGN`].
+        pub fn at(mut self, position: u64) -> Self {
+            assert!(position.is_multiple_of(PACKAGE_ALIGN));
+            self.at = position;
             self
         }
 
-        /// Lays out header, entry table and payloads (each payload 4 KiB
-        /// aligned so the core can copy page-aligned blocks).
+        pub fn entry(mut self, kind: EntryKind, bytes: Vec<u8>) -> Self {
+            self.entries.push((kind, bytes, None));
+            self
+        }
+
+        /// An entry placed as `placement` asks, when the padding allows.
+        pub fn entry_placed(
+            mut self,
+            kind: EntryKind,
+            bytes: Vec<u8>,
+            placement: Placement,
+        ) -> Self {
+            assert!(
+                placement.align.is_power_of_two()
+                    && placement.align >= PACKAGE_ALIGN
+                    && placement.offset < placement.align
+                    && placement.offset.is_multiple_of(8)
+            );
+            self.entries.push((kind, bytes, Some(placement)));
+            self
+        }
+
+        /// Lays out header, entry table and payloads in the order they were
+        /// added: each payload 4 KiB aligned, or where its placement asks.
         pub fn build(self) -> Vec<u8> {
             let table_end =
                 size_of::<PackageHeader>() + self.entries.len() * size_of::<EntryHeader>();
             let mut out = vec![0u8; table_end];
             let mut table = Vec::new();
-            for (kind, bytes) in &self.entries {
-                let offset = out.len().next_multiple_of(PACKAGE_ALIGN as usize);
+            for (kind, bytes, placement) in &self.entries {
+                let plain = out.len().next_multiple_of(PACKAGE_ALIGN as usize);
+                let offset = placement
+                    .and_then(|p| p.position(self.at + plain as u64))
+                    .map_or(plain, |placed| (placed - self.at) as usize);
                 out.resize(offset, 0);
                 out.extend_from_slice(bytes);
                 table.push(EntryHeader {
@@ -660,6 +725,92 @@ mod tests {
         assert_eq!(
             Package::parse(&builder.build()).unwrap_err(),
             PackageError::TooManyServices
+        );
+    }
+
+    #[test]
+    fn placed_entries_land_where_asked() {
+        use super::builder::Placement;
+        const MIB: u64 = 1 << 20;
+        // A package at 1440 KiB from a 2 MiB-aligned origin: a small entry,
+        // an initrd from 2 MiB on, an image at the next 2 MiB boundary.
+        let at = 0x16_8000;
+        let initrd = vec![0x11; 1_800_000];
+        let image = vec![0x22; 3 * MIB as usize];
+        let b = PackageBuilder::new()
+            .at(at)
+            .entry(EntryKind::HostBootargs, b"x=1".to_vec())
+            .entry_placed(
+                EntryKind::HostInitrd,
+                initrd.clone(),
+                Placement {
+                    align: PACKAGE_ALIGN,
+                    offset: 0,
+                    not_before: 2 * MIB,
+                    max_padding: initrd.len() as u64,
+                },
+            )
+            .entry_placed(
+                EntryKind::HostImage,
+                image.clone(),
+                Placement {
+                    align: 2 * MIB,
+                    offset: 0,
+                    not_before: 2 * MIB,
+                    max_padding: image.len() as u64,
+                },
+            )
+            .build();
+        let p = Package::parse(&b).unwrap();
+        let address = |s: &[u8]| at + (s.as_ptr() as usize - b.as_ptr() as usize) as u64;
+        assert_eq!(address(p.host_initrd.unwrap()), 2 * MIB);
+        assert_eq!(p.host_initrd, Some(&initrd[..]));
+        assert_eq!(address(p.host_image), 4 * MIB);
+        assert_eq!(p.host_image, &image[..]);
+        assert_eq!(p.host_bootargs, Some("x=1"));
+        // The image is the last entry: nothing follows it.
+        assert_eq!(at + b.len() as u64, 4 * MIB + image.len() as u64);
+
+        // An offset from the boundary.
+        let b = PackageBuilder::new()
+            .at(at)
+            .entry_placed(
+                EntryKind::HostImage,
+                vec![1; 100],
+                Placement {
+                    align: 2 * MIB,
+                    offset: 0x8_0000,
+                    not_before: 0,
+                    max_padding: 2 * MIB,
+                },
+            )
+            .build();
+        let p = Package::parse(&b).unwrap();
+        let address = |s: &[u8]| at + (s.as_ptr() as usize - b.as_ptr() as usize) as u64;
+        assert_eq!(address(p.host_image), 2 * MIB + 0x8_0000);
+    }
+
+    #[test]
+    fn placement_is_dropped_when_the_padding_costs_more() {
+        use super::builder::Placement;
+        let b = PackageBuilder::new()
+            .at(0x16_8000)
+            .entry_placed(
+                EntryKind::HostImage,
+                vec![3; 54_552],
+                Placement {
+                    align: 2 << 20,
+                    offset: 0,
+                    not_before: 0,
+                    max_padding: 54_552,
+                },
+            )
+            .build();
+        let p = Package::parse(&b).unwrap();
+        // Right after the entry table, as any entry.
+        assert_eq!(
+            p.host_image.as_ptr() as usize - b.as_ptr() as usize,
+            PACKAGE_ALIGN as usize
         );
     }
 

@@ -1,10 +1,11 @@
 //! Boot: from the firmware's hand-off to the host's first instruction.
 //!
-//! The order matters, because the boot package lies inside what becomes the
-//! heap: read the package and the device tree, plan the layout, switch to the
-//! final EL2 map, write the host's device tree and copy every payload out,
-//! and only then hand the heap region to the allocator and build the host's
-//! stage-2.
+//! The order matters, because the boot package lies in the core's own
+//! memory, and host payloads may be used where the package holds them: read
+//! the package and the device tree, plan the layout, switch to the final EL2
+//! map, write the host's device tree and copy out what is not used in place,
+//! hand the heap that is clear of the package to the allocator, and the rest
+//! only once the package is consumed; then build the host's stage-2.
 
 use super::cpu::{self, MAX_CPUS, PowerState};
 use super::sysreg::{self, HostEl2Config};
@@ -21,7 +22,7 @@ use moat_platform::firmware::FirmwareConduit;
 use moat_platform::hostdt::{self, HostDtEdits};
 use spin::Once;
 
-/// Bytes of heap the carve-out reserves after the core's image, before the
+/// Bytes of heap the carve-out reserves besides the core's image, before the
 /// host's stage-2 tables ([`HEAP_PER_GIB`]).
 const HEAP_BASE_SIZE: u64 = 16 << 20;
 /// Heap per GiB of RAM: the host's stage-2 maps RAM with 4 KiB pages (one
@@ -36,7 +37,9 @@ pub struct Machine {
     pub firmware: FirmwareConduit,
     pub cpu: CpuFeatures,
     pub host_el2: HostEl2Config,
-    pub carve_out: Range,
+    /// The hypervisor's memory (the core's image and its heap): one range,
+    /// or two when the host's payloads stay in place between them.
+    pub carve_out: layout::Pieces,
 }
 
 impl Machine {
@@ -55,7 +58,7 @@ impl Machine {
             .memory
             .iter()
             .any(|b| addr >= b.base && addr < b.end())
-            && !(addr >= self.carve_out.base && addr < self.carve_out.end())
+            && !self.carve_out.contains(addr)
     }
 }
 
@@ -170,9 +173,10 @@ pub fn clean_dcache_to_poc(start: u64, len: u64) {
 
 /// Copies `src` to physical `dst` and cleans it to PoC.
 ///
-/// Payloads are tens of megabytes (a Linux Image is 33 MiB), so the bulk is
-/// moved a 64-byte line at a time and each line is cleaned as it is written:
-/// one pass over the data instead of a copy and a second cleaning pass.
+/// A payload the host cannot use in place may be tens of megabytes (a Linux
+/// Image is 33 MiB), so the bulk is moved a 64-byte line at a time and each
+/// line is cleaned as it is written: one pass over the data instead of a copy
+/// and a second cleaning pass.
 fn place(dst: u64, src: &[u8]) {
     const LINE: usize = 64;
     let aligned = dst.is_multiple_of(8) && (src.as_ptr() as usize).is_multiple_of(8);
@@ -270,6 +274,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     };
     let image_range = Range::new(image.start, image.end - image.start).unwrap_or_default();
     let package_range = Range::new(image.end, package.total_size).unwrap_or_default();
+    let loaded_at = |bytes: &[u8]| Range::new(bytes.as_ptr() as u64, bytes.len() as u64);
     let plan = layout::plan(&LayoutInput {
         memory: &platform.memory,
         reserved: &platform.reserved,
@@ -284,17 +289,11 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         package: package_range,
         firmware_dtb: firmware_dtb_range,
         host_image: host_info,
-        initrd_size: package.host_initrd.map_or(0, |i| i.len() as u64),
+        host_image_at: package.host_image.as_ptr() as u64,
+        initrd: package.host_initrd.and_then(loaded_at),
     })
     .unwrap_or_else(|e| fatal("memory layout", e));
-    crate::log!(
-        "carve-out {:#x}..{:#x} ({} MiB: core image {} KiB, heap {} MiB)",
-        plan.carve_out.base,
-        plan.carve_out.end(),
-        mib(plan.carve_out.size),
-        image_range.size >> 10,
-        mib(plan.heap.size)
-    );
+    log_carve_out(&plan, image_range.size);
 
     // The core's final stage-1 map.
     let mut core_mmio: heapless::Vec<Range, 8> = heapless::Vec::new();
@@ -323,7 +322,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     // The host's device tree: the carve-out reserved, PSCI through the core.
     let edits = HostDtEdits {
-        reserve_no_map: core::slice::from_ref(&plan.carve_out),
+        reserve_no_map: plan.carve_out.as_slice(),
         bootargs: package.host_bootargs,
         initrd: plan.host_initrd,
         psci_conduit: platform.psci.map(|_| Conduit::Hvc),
@@ -334,25 +333,40 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         fatal("host device tree", "larger than 2 MiB");
     }
 
-    // Payloads out of the package.
-    place(plan.host_image.base, package.host_image);
-    if let (Some(dst), Some(initrd)) = (plan.host_initrd, package.host_initrd) {
+    // Payloads out of the package, unless the host uses them where they lie:
+    // the firmware that loaded the file cleaned it to the point of coherency
+    // (as it must for any Image it boots), and the core never writes there.
+    if !plan.host_image_in_place {
+        place(plan.host_image.base, package.host_image);
+    }
+    if let (Some(dst), Some(initrd), false) = (
+        plan.host_initrd,
+        package.host_initrd,
+        plan.host_initrd_in_place,
+    ) {
         place(dst.base, initrd);
     }
     place(plan.host_dtb.base, &host_dtb);
+    let placed = |in_place: bool| if in_place { "in place at" } else { "at" };
     crate::log!(
-        "host image ({}, {} KiB) at {:#x}; device tree ({} bytes) at {:#x}{}",
+        "host image ({}, {} KiB) {} {:#x}; device tree ({} bytes) at {:#x}{}",
         if host_info.has_header {
             "arm64 Image"
         } else {
             "raw binary"
         },
         package.host_image.len() >> 10,
+        placed(plan.host_image_in_place),
         plan.host_image.base,
         host_dtb.len(),
         plan.host_dtb.base,
         match plan.host_initrd {
-            Some(r) => alloc::format!("; initrd ({} KiB) at {:#x}", r.size >> 10, r.base),
+            Some(r) => alloc::format!(
+                "; initrd ({} KiB) {} {:#x}",
+                r.size >> 10,
+                placed(plan.host_initrd_in_place),
+                r.base
+            ),
             None => alloc::string::String::new(),
         }
     );
@@ -363,10 +377,18 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     // The heap that does not lie under the package can be used already; the
     // services are copied out of the package into it.
-    if let Some(piece) = heap_outside(plan.heap, package_range) {
-        // SAFETY: the piece is inside the carve-out's heap, mapped read/write,
-        // and disjoint from the package that is still being read.
-        unsafe { heap::add_region(piece.base as usize, piece.size as usize) };
+    let mut heap_later: heapless::Vec<Range, 2> = heapless::Vec::new();
+    for range in plan.heap.as_slice() {
+        let split = layout::heap_around_package(*range, package_range);
+        for piece in split.now.as_slice() {
+            // SAFETY: the piece is inside the carve-out's heap, mapped
+            // read/write, and disjoint from the package that is still being
+            // read and from every host payload.
+            unsafe { heap::add_region(piece.base as usize, piece.size as usize) };
+        }
+        if let Some(under) = split.later {
+            let _ = heap_later.push(under);
+        }
     }
     let features = sysreg::cpu_features();
     let ipa_bits = el2config::ipa_bits(&features);
@@ -403,7 +425,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         psci: platform.psci,
         devices_top: platform.devices_top,
     };
-    if let Some(under) = heap_under(plan.heap, package_range) {
+    for under in heap_later {
         // SAFETY: the rest of the heap (under the package) is in the
         // carve-out, mapped read/write, and nothing reads the package any more.
         unsafe { heap::add_region(under.base as usize, under.size as usize) };
@@ -411,7 +433,9 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     // The host's stage-2.
     let mut withheld: heapless::Vec<Range, 4> = heapless::Vec::new();
-    let _ = withheld.push(plan.carve_out);
+    for range in plan.carve_out.as_slice() {
+        let _ = withheld.push(*range);
+    }
     if let Gic::V2 {
         hyp_interface: Some(gich),
         ..
@@ -467,7 +491,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     match super::service::ledger_boot(
         boot_cpu,
         &machine.platform.memory,
-        core::slice::from_ref(&machine.carve_out),
+        machine.carve_out.as_slice(),
     ) {
         None => crate::log!("no memory ledger service in this image"),
         Some(Ok((extents, bytes))) => {
@@ -541,30 +565,29 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
     }
 }
 
-/// The heap minus the package: the part after it (usable while the package
-/// is still being read).
-fn heap_outside(heap: Range, package: Range) -> Option<Range> {
-    if !heap.overlaps(&package) {
-        return Some(heap);
+/// Logs the carve-out: the core's image and the heap, in one range or two.
+fn log_carve_out(plan: &layout::Layout, image_bytes: u64) {
+    match plan.carve_out.as_slice() {
+        [core, heap] => crate::log!(
+            "carve-out {:#x}..{:#x} ({} MiB: core image {} KiB, heap {} KiB) and {:#x}..{:#x} ({} MiB: heap); host payloads in place between them",
+            core.base,
+            core.end(),
+            mib(core.size),
+            image_bytes >> 10,
+            (plan.heap.size() - heap.size) >> 10,
+            heap.base,
+            heap.end(),
+            mib(heap.size)
+        ),
+        _ => crate::log!(
+            "carve-out {:#x}..{:#x} ({} MiB: core image {} KiB, heap {} MiB)",
+            plan.carve_out.as_slice().first().map_or(0, |r| r.base),
+            plan.carve_out.end(),
+            mib(plan.carve_out.size()),
+            image_bytes >> 10,
+            mib(plan.heap.size())
+        ),
     }
-    let start = package.end().next_multiple_of(layout::PAGE_SIZE);
-    if start < heap.end() {
-        Range::new(start, heap.end() - start)
-    } else {
-        None
-    }
-}
-
-/// The part of the heap under the package (added once it is consumed).
-fn heap_under(heap: Range, package: Range) -> Option<Range> {
-    if !heap.overlaps(&package) {
-        return None;
-    }
-    let end = package
-        .end()
-        .next_multiple_of(layout::PAGE_SIZE)
-        .min(heap.end());
-    Range::new(heap.base, end - heap.base)
 }
 
 /// Once per CPU: find its GIC path for the service watchdog, program this

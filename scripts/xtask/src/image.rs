@@ -2,14 +2,25 @@
 //!
 //! A Moat image is the core's flat binary padded to the end of its memory
 //! footprint, followed by the boot package (see `moat-package`). The arm64
-//! Image header's `image_size` is patched to cover the package, so firmware
-//! reserves room for all of it.
+//! Image header's `image_size` is patched to cover the package and the host
+//! image's BSS after it, so firmware reserves room for all of it.
+//!
+//! The package holds the core's own entries first (command line, device
+//! tree, services), where they fit in the rest of the core's 2 MiB block and
+//! so stay inside the carve-out. The host's payloads follow, placed for use
+//! in place when that costs less padding than the payload's own size (a
+//! Linux Image and its initramfs, not the small test payloads): the initrd
+//! from the first 2 MiB boundary after the core, the host image last, at a
+//! 2 MiB boundary plus its `text_offset`, with its BSS running past the end
+//! of the file. The core then boots them where QEMU loaded them instead of
+//! copying tens of megabytes.
 
 use crate::manifest::Manifest;
 use crate::tools::{self, cargo, llvm_tool, run};
 use anyhow::{Context, Result, bail};
-use moat_package::builder::PackageBuilder;
-use moat_package::{EntryKind, FLAG_BENCHMARK, FLAG_SEMIHOSTING_EXIT, PACKAGE_ALIGN};
+use moat_kernel::layout;
+use moat_package::builder::{PackageBuilder, Placement};
+use moat_package::{EntryKind, FLAG_BENCHMARK, FLAG_SEMIHOSTING_EXIT, PACKAGE_ALIGN, Package};
 use std::path::{Path, PathBuf};
 
 pub const CORE_TARGET: &str = "aarch64-unknown-none-softfloat";
@@ -170,6 +181,63 @@ pub fn services_from(path: &Path) -> Result<(Manifest, ServiceSet)> {
     Ok((manifest, set))
 }
 
+/// The boot package for a core whose footprint is `footprint` bytes: the
+/// core's own entries first, then the initrd, then the host image.
+fn build_package(
+    footprint: u64,
+    spec: &ImageSpec,
+    dtb: Option<Vec<u8>>,
+    services: Option<&ServiceSet>,
+) -> Result<Vec<u8>> {
+    // Addresses count from the core's load address, a 2 MiB boundary. The
+    // carve-out covers the core up to the end of its 2 MiB block, so a
+    // payload the core is to use in place must start after it.
+    let core_end = layout::core_block_end(footprint).context("core footprint")?;
+    let mut builder = PackageBuilder::new().at(footprint);
+    if let Some(args) = &spec.bootargs {
+        builder = builder.entry(EntryKind::HostBootargs, args.as_bytes().to_vec());
+    }
+    if let Some(dtb) = dtb {
+        builder = builder.entry(EntryKind::DeviceTree, dtb);
+    }
+    if let Some(set) = services.filter(|s| !s.images.is_empty()) {
+        builder = builder.entry(EntryKind::ServiceTable, set.table.clone());
+        for image in &set.images {
+            builder = builder.entry(EntryKind::ServiceImage, image.clone());
+        }
+    }
+    if let Some(initrd) = &spec.initrd {
+        let bytes = read(initrd)?;
+        let placement = Placement {
+            align: PACKAGE_ALIGN,
+            offset: 0,
+            not_before: core_end,
+            max_padding: bytes.len() as u64,
+        };
+        builder = builder.entry_placed(EntryKind::HostInitrd, bytes, placement);
+    }
+    let host = read(&spec.host)?;
+    let info = layout::host_image_info(&host);
+    builder = if info.text_offset.is_multiple_of(8) {
+        let placement = Placement {
+            align: layout::BLOCK_2M,
+            offset: info.text_offset,
+            not_before: core_end,
+            max_padding: host.len() as u64,
+        };
+        builder.entry_placed(EntryKind::HostImage, host, placement)
+    } else {
+        builder.entry(EntryKind::HostImage, host)
+    };
+    if spec.semihosting_exit {
+        builder = builder.flags(FLAG_SEMIHOSTING_EXIT);
+    }
+    if spec.benchmark {
+        builder = builder.flags(FLAG_BENCHMARK);
+    }
+    Ok(builder.build())
+}
+
 /// Packs an image with everything: payloads, an optional device tree and services.
 pub fn pack_image(
     core: &Path,
@@ -194,31 +262,16 @@ pub fn pack_image(
         );
     }
     image.resize(footprint, 0);
-
-    let mut builder = PackageBuilder::new().entry(EntryKind::HostImage, read(&spec.host)?);
-    if let Some(initrd) = &spec.initrd {
-        builder = builder.entry(EntryKind::HostInitrd, read(initrd)?);
-    }
-    if let Some(args) = &spec.bootargs {
-        builder = builder.entry(EntryKind::HostBootargs, args.as_bytes().to_vec());
-    }
-    if let Some(dtb) = dtb {
-        builder = builder.entry(EntryKind::DeviceTree, dtb);
-    }
-    if let Some(set) = services.filter(|s| !s.images.is_empty()) {
-        builder = builder.entry(EntryKind::ServiceTable, set.table.clone());
-        for image in &set.images {
-            builder = builder.entry(EntryKind::ServiceImage, image.clone());
-        }
-    }
-    if spec.semihosting_exit {
-        builder = builder.flags(FLAG_SEMIHOSTING_EXIT);
-    }
-    if spec.benchmark {
-        builder = builder.flags(FLAG_BENCHMARK);
-    }
-    image.extend_from_slice(&builder.build());
-    let total = image.len() as u64;
+    let package = build_package(footprint as u64, spec, dtb, services)?;
+    // The whole footprint in RAM: the file, and the host image's BSS when
+    // the image is the file's last bytes.
+    let host_end = {
+        let p = Package::parse(&package).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let at = p.host_image.as_ptr() as usize - package.as_ptr() as usize;
+        footprint as u64 + at as u64 + layout::host_image_info(p.host_image).effective_size
+    };
+    image.extend_from_slice(&package);
+    let total = (image.len() as u64).max(host_end);
     image[16..24].copy_from_slice(&total.to_le_bytes());
 
     let path = tools::target_dir()

@@ -437,7 +437,7 @@ fn check_sleep_one_second(console: &str) -> Result<(), String> {
 /// with `dd`, whose read() the kernel itself refuses for memory outside its
 /// linear map. Then one more command must still run.
 const HIDDEN_HYPERVISOR_COMMANDS: &str = "\
-node=$(ls /proc/device-tree/reserved-memory | grep '^moat@')
+node=$(ls /proc/device-tree/reserved-memory | grep -m 1 '^moat@')
 base=${node#moat@}
 echo \"carve-out node: $node\"
 cat /proc/iomem
