@@ -12,6 +12,7 @@ pub mod ipc;
 pub mod service;
 pub mod services;
 pub mod trap;
+pub mod vm;
 
 /// Re-exported so interface declarations expand without a direct dependency.
 pub use zerocopy;

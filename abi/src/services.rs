@@ -207,6 +207,71 @@ pub struct LedgerExtent {
     pub borrower: Party,
 }
 
+/// A memory request to the ledger: `op` is one of the `LedgerRequest::*`
+/// codes, `party` the VM (or service) it concerns, `frames` its pages.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct LedgerRequest {
+    pub op: u32,
+    pub party: u32,
+    pub frames: FrameRange,
+}
+
+impl LedgerRequest {
+    pub const HOST_SHARE_HYP: u32 = 1;
+    pub const HOST_UNSHARE_HYP: u32 = 2;
+    pub const HOST_DONATE_VM: u32 = 3;
+    pub const VM_SHARE_HOST: u32 = 4;
+    pub const VM_UNSHARE_HOST: u32 = 5;
+    pub const CREATE_VM: u32 = 6;
+    pub const DESTROY_VM: u32 = 7;
+    pub const RECLAIM: u32 = 8;
+}
+
+/// One stage-2 change of a transaction: `kind` 1 unmap, 2 map; `perms`
+/// R = 1, W = 2, X = 4 (maps only).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct LedgerChange {
+    pub kind: u32,
+    pub perms: u32,
+    pub party: Party,
+    pub frames: FrameRange,
+}
+
+impl LedgerChange {
+    pub const UNMAP: u32 = 1;
+    pub const MAP: u32 = 2;
+}
+
+/// Most changes a transaction carries.
+pub const LEDGER_MAX_CHANGES: usize = 2;
+
+/// The ledger's answer to a request: what the core must do, in order
+/// (every unmap, then zero and tag-scrub `scrub` if `has_scrub`, then every
+/// map), and the generation to commit it in.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct LedgerTransaction {
+    pub generation: u64,
+    pub request: LedgerRequest,
+    pub change_count: u32,
+    pub has_scrub: u32,
+    pub scrub: FrameRange,
+    pub changes: [LedgerChange; LEDGER_MAX_CHANGES],
+}
+
+const _: () = assert!(size_of::<LedgerRequest>() == 24);
+const _: () = assert!(size_of::<LedgerChange>() == 32);
+const _: () = assert!(size_of::<LedgerTransaction>() == 120);
+const _: () = assert!(size_of::<LedgerTransaction>() <= crate::ipc::PAYLOAD_SIZE);
+
 crate::service_interface! {
     /// `ledger`: the record of who owns every page of RAM.
     pub mod ledger: id = 4 {
@@ -214,6 +279,16 @@ crate::service_interface! {
         1 => fn boot(LedgerBoot) -> LedgerSummary;
         /// Extent number `index` in address order; `NotSupported` past the last.
         2 => fn extent(u64) -> LedgerExtent;
+        /// Checks a request and answers with its transaction; nothing changes
+        /// until `commit`. A refused request comes back as `InvalidParameters`
+        /// (malformed: empty, overflowing, not RAM, unknown VM), `Denied`
+        /// (a page or VM in the wrong state) or `NoMemory` (ledger full).
+        3 => fn prepare(LedgerRequest) -> LedgerTransaction;
+        /// Records the transaction last prepared, if it was prepared in this
+        /// generation (`Denied` otherwise); returns the new generation.
+        4 => fn commit(u64) -> u64;
+        /// The extent holding frame `pfn`; `NotSupported` if it is not RAM.
+        5 => fn lookup(u64) -> LedgerExtent;
     }
 }
 

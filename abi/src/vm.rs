@@ -1,0 +1,236 @@
+//! Memory ownership and protected VMs: the host's and guests' hypercalls,
+//! and the exit records `VCPU_RUN` returns.
+//!
+//! Every call is a fast SMC64 call in Moat's range (see [`crate::hypercall`]);
+//! x0 comes back as 0 or an [`crate::Error`] code. Addresses are byte
+//! addresses and sizes are page counts (4 KiB pages). A call that fails
+//! changes nothing.
+//!
+//! | call                  | x1       | x2          | x3         | x4    | returns            |
+//! |-----------------------|----------|-------------|------------|-------|--------------------|
+//! | [`HOST_SHARE_HYP`]    | PA       | pages       |            |       |                    |
+//! | [`HOST_UNSHARE_HYP`]  | PA       | pages       |            |       |                    |
+//! | [`VM_CREATE`]         | entry IPA| [`VmFlags`] |            |       | x1 = handle        |
+//! | [`VM_DONATE`]         | handle   | PA          | pages      | IPA   |                    |
+//! | [`VM_LOAD`]           | handle   | dest IPA    | source PA  | bytes |                    |
+//! | [`VCPU_RUN`]          | handle   | r0          | r1         | r2, x5 = r3 | x1..x7 = [`Exit`] |
+//! | [`VM_DESTROY`]        | handle   |             |            |       |                    |
+//! | [`VM_RECLAIM`]        | handle   | PA          | pages      |       |                    |
+//! | [`GUEST_SHARE_HOST`]  | IPA      | pages       |            |       | (from a guest)     |
+//! | [`GUEST_UNSHARE_HOST`]| IPA      | pages       |            |       | (from a guest)     |
+//!
+//! `VM_LOAD` copies `bytes` from host pages the host has shared with the
+//! hypervisor into the VM's memory; it is allowed only before the VM first
+//! runs (the host never writes into a VM that has run). `VCPU_RUN`'s r0..r3
+//! answer the previous exit: after [`ExitReason::Hvc`] they become the
+//! guest's x0..x3, after an MMIO read r0 becomes the loaded register; after
+//! any other exit they are ignored.
+
+use crate::hypercall::id;
+
+/// Host: share `pages` of its memory from `PA` with the hypervisor.
+pub const HOST_SHARE_HYP: u32 = id(0x10);
+/// Host: end a share with the hypervisor.
+pub const HOST_UNSHARE_HYP: u32 = id(0x11);
+/// Host: create a protected VM that will start at `entry` (an IPA), with
+/// [`VmFlags`]; x1 returns its handle.
+pub const VM_CREATE: u32 = id(0x12);
+/// Host: give `pages` of its memory from `PA` to a VM, mapped at `IPA`.
+/// The pages are zeroed (and their tags cleared) on the way.
+pub const VM_DONATE: u32 = id(0x13);
+/// Host: copy an image into a VM that has never run (see the module text).
+pub const VM_LOAD: u32 = id(0x14);
+/// Host: run the VM's vCPU until it exits; the exit comes back in x1..x7.
+pub const VCPU_RUN: u32 = id(0x15);
+/// Host: end a VM. It never runs again; its pages become reclaimable.
+pub const VM_DESTROY: u32 = id(0x16);
+/// Host: take back `pages` from `PA` of a destroyed VM (zeroed, tags cleared).
+/// The handle is free again once the VM owns no page.
+pub const VM_RECLAIM: u32 = id(0x17);
+/// Host: how many instructions the core retired for the last memory
+/// transaction on this CPU (benchmark images only; `NotSupported` otherwise).
+pub const LAST_TRANSACTION_COST: u32 = id(0x18);
+
+/// Guest: share `pages` of its own memory from `IPA` with the host.
+pub const GUEST_SHARE_HOST: u32 = id(0x20);
+/// Guest: end a share with the host.
+pub const GUEST_UNSHARE_HOST: u32 = id(0x21);
+
+/// Options of [`VM_CREATE`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmFlags(pub u64);
+
+impl VmFlags {
+    /// The VM may use MTE: tag access is enabled for it, its MTE registers
+    /// are switched with the vCPU, and its pages are tag-scrubbed on donate
+    /// and reclaim (as every page is). Off by default.
+    pub const MTE: u64 = 1 << 0;
+    /// Every flag the core knows; any other bit is `InvalidParameters`.
+    pub const KNOWN: u64 = Self::MTE;
+
+    /// Whether the VM asked for MTE.
+    pub const fn mte(self) -> bool {
+        self.0 & Self::MTE != 0
+    }
+}
+
+/// Most VMs alive (or awaiting reclaim) at once.
+pub const MAX_VMS: usize = 8;
+
+/// Why `VCPU_RUN` returned (x1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ExitReason {
+    /// The guest made a call the core does not serve: x2..x7 are its x0..x5.
+    Hvc = 1,
+    /// The guest accessed an IPA its stage-2 does not map: x2 = IPA, x3 =
+    /// [`MmioAccess`] bits, x4 = the value written (0 for a read).
+    Mmio = 2,
+    /// The guest waits for an interrupt (WFI/WFE).
+    Wfi = 3,
+    /// An interrupt for the host arrived; the host takes it on return and
+    /// may run the vCPU again.
+    Interrupt = 4,
+    /// The guest called PSCI SYSTEM_OFF (x2 = 0) or SYSTEM_RESET (x2 = 1):
+    /// the VM is off and never runs again. The machine is not affected.
+    Shutdown = 5,
+    /// The guest took an exception it cannot recover from at its own EL1
+    /// (x2 = ESR_EL2): the VM is off.
+    Crashed = 6,
+}
+
+impl ExitReason {
+    /// Every reason.
+    pub const ALL: [ExitReason; 6] = [
+        Self::Hvc,
+        Self::Mmio,
+        Self::Wfi,
+        Self::Interrupt,
+        Self::Shutdown,
+        Self::Crashed,
+    ];
+
+    /// The reason with this code.
+    pub fn from_u64(v: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| *r as u64 == v)
+    }
+}
+
+/// x3 of an [`ExitReason::Mmio`] exit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmioAccess(pub u64);
+
+impl MmioAccess {
+    /// Bit 0: a write.
+    pub const WRITE: u64 = 1;
+
+    /// Builds the bits: write or read, `size_log2` (0..=3) bytes, register `rt`.
+    pub const fn new(is_write: bool, size_log2: u8, rt: u8) -> Self {
+        Self(is_write as u64 | ((size_log2 as u64 & 3) << 8) | ((rt as u64 & 31) << 16))
+    }
+
+    /// Whether the access writes.
+    pub const fn is_write(self) -> bool {
+        self.0 & Self::WRITE != 0
+    }
+
+    /// Bytes accessed.
+    pub const fn size(self) -> u64 {
+        1 << ((self.0 >> 8) & 3)
+    }
+
+    /// The guest register (31 = zero register).
+    pub const fn register(self) -> u8 {
+        ((self.0 >> 16) & 31) as u8
+    }
+}
+
+/// A decoded `VCPU_RUN` result: x1..x7.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// x1.
+    pub reason: ExitReason,
+    /// x2..x7.
+    pub detail: [u64; 6],
+}
+
+impl Exit {
+    /// The registers x1..x7 that carry this exit.
+    pub const fn to_regs(&self) -> [u64; 7] {
+        let d = self.detail;
+        [self.reason as u64, d[0], d[1], d[2], d[3], d[4], d[5]]
+    }
+
+    /// Decodes x1..x7; `None` for an unknown reason.
+    pub fn from_regs(regs: [u64; 7]) -> Option<Self> {
+        let mut detail = [0; 6];
+        detail.copy_from_slice(&regs[1..]);
+        Some(Self {
+            reason: ExitReason::from_u64(regs[0])?,
+            detail,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smccc;
+
+    #[test]
+    fn calls_are_distinct_moat_calls_below_the_service_range() {
+        let all = [
+            HOST_SHARE_HYP,
+            HOST_UNSHARE_HYP,
+            VM_CREATE,
+            VM_DONATE,
+            VM_LOAD,
+            VCPU_RUN,
+            VM_DESTROY,
+            VM_RECLAIM,
+            LAST_TRANSACTION_COST,
+            GUEST_SHARE_HOST,
+            GUEST_UNSHARE_HOST,
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert_eq!(smccc::owner(*a), smccc::OWNER_VENDOR_HYP);
+            assert!((*a & 0xffff) < u32::from(crate::hypercall::SERVICE_RANGE_START));
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(VM_CREATE, 0xc600_0012);
+    }
+
+    #[test]
+    fn exits_round_trip() {
+        for reason in ExitReason::ALL {
+            let e = Exit {
+                reason,
+                detail: [1, 2, 3, 4, 5, 6],
+            };
+            assert_eq!(Exit::from_regs(e.to_regs()), Some(e));
+        }
+        assert_eq!(Exit::from_regs([0; 7]), None);
+        assert_eq!(Exit::from_regs([99, 0, 0, 0, 0, 0, 0]), None);
+    }
+
+    #[test]
+    fn mmio_access_bits() {
+        let a = MmioAccess::new(true, 2, 7);
+        assert!(a.is_write());
+        assert_eq!(a.size(), 4);
+        assert_eq!(a.register(), 7);
+        let r = MmioAccess::new(false, 3, 31);
+        assert!(!r.is_write());
+        assert_eq!(r.size(), 8);
+        assert_eq!(r.register(), 31);
+    }
+
+    #[test]
+    fn flags() {
+        assert!(VmFlags(VmFlags::MTE).mte());
+        assert!(!VmFlags(0).mte());
+        assert_eq!(VmFlags::KNOWN & !VmFlags::MTE, 0);
+    }
+}
