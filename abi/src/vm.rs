@@ -47,9 +47,6 @@ pub const VM_DESTROY: u32 = id(0x16);
 /// Host: take back `pages` from `PA` of a destroyed VM (zeroed, tags cleared).
 /// The handle is free again once the VM owns no page.
 pub const VM_RECLAIM: u32 = id(0x17);
-/// Host: how many instructions the core retired for the last memory
-/// transaction on this CPU (benchmark images only; `NotSupported` otherwise).
-pub const LAST_TRANSACTION_COST: u32 = id(0x18);
 
 /// Guest: share `pages` of its own memory from `IPA` with the host.
 pub const GUEST_SHARE_HOST: u32 = id(0x20);
@@ -188,7 +185,6 @@ mod tests {
             VCPU_RUN,
             VM_DESTROY,
             VM_RECLAIM,
-            LAST_TRANSACTION_COST,
             GUEST_SHARE_HOST,
             GUEST_UNSHARE_HOST,
         ];

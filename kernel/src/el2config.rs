@@ -29,6 +29,14 @@ pub mod hcr {
     pub const ATA: u64 = 1 << 56;
     /// Trap GMID_EL1 (ID group 5).
     pub const TID5: u64 = 1 << 58;
+    /// Trap data-cache maintenance by set/way.
+    pub const TSW: u64 = 1 << 22;
+    /// Trap ACTLR_EL1 (not switched between partitions).
+    pub const TACR: u64 = 1 << 21;
+    /// Trap implementation-defined system registers.
+    pub const TIDCP: u64 = 1 << 20;
+    /// Trap the LORegion registers.
+    pub const TLOR: u64 = 1 << 35;
 }
 
 /// What the core needs to know about the CPU to configure EL2.

@@ -119,6 +119,29 @@ pub struct MmioAccess {
     pub is_write: bool,
 }
 
+impl MmioAccess {
+    /// The register value a load of `raw` (the bytes the device returned,
+    /// in the low bits) leaves in the destination: truncated to the access
+    /// size, sign-extended if the load sign-extends, and cut to 32 bits for
+    /// a W register.
+    pub const fn loaded_value(&self, raw: u64) -> u64 {
+        let bits = 8u32 << self.size_log2;
+        let mut v = if bits >= 64 {
+            raw
+        } else {
+            raw & ((1u64 << bits) - 1)
+        };
+        if self.sign_extend && bits < 64 {
+            let shift = 64 - bits;
+            v = (((v << shift) as i64) >> shift) as u64;
+        }
+        if !self.sixty_four {
+            v &= 0xffff_ffff;
+        }
+        v
+    }
+}
+
 impl StageTwoAbort {
     pub const fn decode(ec: u8, iss: u32) -> Self {
         let is_instruction = ec == ec::IABT_LOW;
@@ -273,5 +296,41 @@ mod tests {
                 let _ = Trap::decode((ec << 26) | ESR_IL | iss);
             }
         }
+    }
+
+    #[test]
+    fn mmio_loads_truncate_and_extend() {
+        let byte = MmioAccess {
+            size_log2: 0,
+            sign_extend: true,
+            rt: 1,
+            sixty_four: true,
+            is_write: false,
+        };
+        assert_eq!(byte.loaded_value(0x1_80), 0xffff_ffff_ffff_ff80);
+        let word = MmioAccess {
+            size_log2: 2,
+            sign_extend: false,
+            rt: 1,
+            sixty_four: false,
+            is_write: false,
+        };
+        assert_eq!(word.loaded_value(0xdead_beef_cafe_f00d), 0xcafe_f00d);
+        let wsigned = MmioAccess {
+            size_log2: 1,
+            sign_extend: true,
+            rt: 1,
+            sixty_four: false,
+            is_write: false,
+        };
+        assert_eq!(wsigned.loaded_value(0x8000), 0xffff_8000);
+        let dword = MmioAccess {
+            size_log2: 3,
+            sign_extend: false,
+            rt: 1,
+            sixty_four: true,
+            is_write: false,
+        };
+        assert_eq!(dword.loaded_value(u64::MAX), u64::MAX);
     }
 }

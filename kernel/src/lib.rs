@@ -2,8 +2,8 @@
 //!
 //! Everything here is `no_std`, free of `asm!` and unit-tested on the
 //! development machine: trap decoding, exception injection, the EL2 register
-//! values, the boot memory layout, the host stage-2 plan and the PSCI relay's
-//! decisions. The code that runs at EL2 (`src/main.rs` and `src/el2/`) is a
+//! values, the boot memory layout, the host stage-2 plan, the PSCI relay's
+//! decisions and the core's check of the ledger's transactions. The code that runs at EL2 (`src/main.rs` and `src/el2/`) is a
 //! thin layer that reads and writes system registers around these functions.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
@@ -16,6 +16,7 @@ pub mod psci;
 pub mod regs;
 pub mod routing;
 pub mod s2plan;
+pub mod txcheck;
 
 /// The version string the core prints at boot.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -40,6 +40,10 @@ pub struct Machine {
     /// The hypervisor's memory (the core's image and its heap): one range,
     /// or two when the host's payloads stay in place between them.
     pub carve_out: layout::Pieces,
+    /// Where stage-2 walks start (from VTCR_EL2, shared by every partition).
+    pub stage2_start_level: usize,
+    /// Bits of intermediate physical address every stage-2 translates.
+    pub ipa_bits: u32,
 }
 
 impl Machine {
@@ -317,7 +321,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             }
         }
     }
-    mmu::switch_to_final_map(&platform.memory, &core_mmio)
+    mmu::switch_to_final_map(&platform.memory, &core_mmio, sysreg::cpu_features().mte)
         .unwrap_or_else(|e| fatal("EL2 page tables", e));
 
     // The host's device tree: the carve-out reserved, PSCI through the core.
@@ -449,8 +453,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let host_stage2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, &regions)
         .unwrap_or_else(|e| fatal("host stage-2", e))
         .activate();
-    super::stage2::HOST.call_once(|| host_stage2);
     let vttbr = host_stage2.vttbr();
+    super::stage2::HOST.call_once(|| spin::Mutex::new(host_stage2));
     crate::log!(
         "host stage-2: {} regions, {}-bit IPA, VMID {HOST_VMID}; heap {} KiB used of {} MiB",
         regions.len(),
@@ -475,6 +479,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         cpu: features,
         host_el2,
         carve_out: plan.carve_out,
+        stage2_start_level: start_level,
+        ipa_bits,
     });
 
     let boot_affinity = moat_kernel::psci::mpidr_affinity(sysreg::mpidr());
@@ -540,26 +546,52 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     enter_host(index, plan.host_image.base, plan.host_dtb.base)
 }
 
-/// Runs the consistency checker (ledger against the host's stage-2) and
-/// logs the outcome; returns whether they agree.
+/// Runs the consistency checker (the ledger against every partition's
+/// stage-2) and logs the outcome; returns whether they agree.
 pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
-    let Some(host) = super::stage2::HOST.get() else {
-        return false;
-    };
-    match super::service::check_host_stage2(cpu, host) {
-        None => false,
-        Some(Ok(n)) => {
+    use super::memory::{self, Mismatch};
+    match memory::check_consistency(cpu) {
+        Ok(c) => {
             crate::log!(
-                "consistency: the ledger and the host's stage-2 agree ({n} extent(s) checked)"
+                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host and {} VM(s) checked{})",
+                c.extents,
+                c.vms,
+                if c.vms_running > 0 {
+                    ", running VMs skipped"
+                } else {
+                    ""
+                }
             );
             true
         }
-        Some(Err(m)) => {
+        Err(Mismatch::Host {
+            address,
+            host_may_map,
+        }) => {
             crate::log!(
-                "consistency: MISMATCH at {:#x}: the ledger says the host {} map it, its stage-2 disagrees",
-                m.address,
-                if m.host_may_map { "may" } else { "may not" }
+                "consistency: MISMATCH at {address:#x}: the ledger says the host {} map it, its stage-2 disagrees",
+                if host_may_map { "may" } else { "may not" }
             );
+            false
+        }
+        Err(Mismatch::VmMapsForeign { handle, ipa, pa }) => {
+            crate::log!(
+                "consistency: MISMATCH: VM {handle} maps frame {pa:#x} at IPA {ipa:#x}, which the ledger does not give it"
+            );
+            false
+        }
+        Err(Mismatch::VmPageCount {
+            handle,
+            mapped,
+            owned,
+        }) => {
+            crate::log!(
+                "consistency: MISMATCH: VM {handle} maps {mapped} page(s), the ledger gives it {owned}"
+            );
+            false
+        }
+        Err(Mismatch::Ledger(e)) => {
+            crate::log!("consistency: the ledger could not be read ({e:?})");
             false
         }
     }

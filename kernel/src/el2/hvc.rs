@@ -55,6 +55,18 @@ fn arch_call(regs: &mut GuestRegs, function: u32) {
 }
 
 fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
+    if let Some(result) = super::vm::host_call(this_cpu, regs, function) {
+        match result {
+            Ok(()) => regs.x[0] = 0,
+            // As for a service call: with its interrupts unmasked the host
+            // takes its interrupt and then issues the call again.
+            Err(Error::Interrupted) if regs.pstate & PSTATE_I == 0 => {
+                regs.pc = regs.pc.wrapping_sub(4)
+            }
+            Err(e) => regs.x[0] = e.to_x0(),
+        }
+        return;
+    }
     match function {
         hypercall::NULL => regs.x[0] = 0,
         hypercall::ABI_VERSION => regs.set_smccc_result([0, u64::from(ABI_VERSION), 0, 0]),

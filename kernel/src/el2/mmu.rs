@@ -14,9 +14,27 @@ use moat_platform::dt::Range;
 
 /// Root level 1: 39-bit VA, matching TCR_EL2.T0SZ = 25 set at entry.
 const ROOT_LEVEL: usize = 1;
-/// MAIR_EL2 index 0: normal write-back memory; 1: Device-nGnRE.
+/// MAIR_EL2 index 0: normal write-back memory; 1: Device-nGnRE; 3: RAM
+/// (Tagged normal write-back where the hardware has MTE, so the core can
+/// scrub allocation tags; plain normal memory otherwise).
 const NORMAL: A = A::ATTRIBUTE_INDEX_0.union(A::INNER_SHAREABLE);
 const DEVICE: A = A::ATTRIBUTE_INDEX_1;
+const RAM: A = A::ATTRIBUTE_INDEX_3.union(A::INNER_SHAREABLE);
+/// MAIR_EL2 attribute 3 with and without tags.
+const MAIR_RAM_TAGGED: u64 = 0xf0 << 24;
+const MAIR_RAM_UNTAGGED: u64 = 0xff << 24;
+/// SCTLR_EL2.ATA: EL2 may access allocation tags (TCF stays 0: the core's
+/// own accesses are never tag-checked).
+const SCTLR_EL2_ATA: u64 = 1 << 43;
+
+/// Whether the core maps RAM Tagged and may write allocation tags.
+static TAG_ACCESS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Whether the core can scrub allocation tags (the hardware has MTE with
+/// tag storage, and the core's map of RAM is Tagged).
+pub fn el2_tag_access() -> bool {
+    TAG_ACCESS.load(core::sync::atomic::Ordering::Relaxed)
+}
 const COMMON: A = A::VALID.union(A::ACCESSED);
 
 /// SCTLR_EL2 with the final map: RES1 bits, M, C, SA, I and WXN.
@@ -71,13 +89,18 @@ fn region(base: u64, end: u64) -> MemoryRegion {
 
 /// Builds the core's final map and switches to it.
 ///
-/// `ram` is every RAM bank; `mmio` the device regions the core drives.
+/// `ram` is every RAM bank; `mmio` the device regions the core drives;
+/// `tagged` whether the hardware has MTE with tag storage.
 /// Returns an error naming the region that could not be mapped.
-pub fn switch_to_final_map(ram: &[Range], mmio: &[Range]) -> Result<(), &'static str> {
+pub fn switch_to_final_map(
+    ram: &[Range],
+    mmio: &[Range],
+    tagged: bool,
+) -> Result<(), &'static str> {
     let image = image_sections();
     let mut map = IdMap::new(ROOT_LEVEL, El2);
     for bank in ram {
-        map.map_range(&region(bank.base, bank.end()), COMMON | NORMAL | A::XN)
+        map.map_range(&region(bank.base, bank.end()), COMMON | RAM | A::XN)
             .map_err(|_| "RAM bank")?;
     }
     // The image's own permissions, split out of the RAM mapping above.
@@ -102,24 +125,36 @@ pub fn switch_to_final_map(ram: &[Range], mmio: &[Range]) -> Result<(), &'static
     let _ = Box::leak(Box::new(map));
 
     let tcr: u64;
-    let mair: u64;
+    let boot_mair: u64;
     // SAFETY: reading the EL2 translation controls entry.S programmed.
     unsafe {
-        core::arch::asm!("mrs {t}, tcr_el2", "mrs {m}, mair_el2", t = out(reg) tcr, m = out(reg) mair,
+        core::arch::asm!("mrs {t}, tcr_el2", "mrs {m}, mair_el2", t = out(reg) tcr, m = out(reg) boot_mair,
             options(nomem, nostack, preserves_flags));
     }
+    let (mair, sctlr) = if tagged {
+        (
+            boot_mair & !(0xff << 24) | MAIR_RAM_TAGGED,
+            SCTLR_EL2_FINAL | SCTLR_EL2_ATA,
+        )
+    } else {
+        (
+            boot_mair & !(0xff << 24) | MAIR_RAM_UNTAGGED,
+            SCTLR_EL2_FINAL,
+        )
+    };
     // SAFETY: the new tables map the running code, stack, data and console at
     // the same addresses with compatible attributes, so execution continues
     // seamlessly; enable_mmu_el2 invalidates the EL2 TLB after the switch.
     // BOOT_MMU is written before any secondary CPU is started.
     unsafe {
-        enable_mmu_el2(ttbr0, tcr, mair, SCTLR_EL2_FINAL);
+        enable_mmu_el2(ttbr0, tcr, mair, sctlr);
         BOOT_MMU = BootMmu {
             ttbr0,
             tcr,
             mair,
-            sctlr: SCTLR_EL2_FINAL,
+            sctlr,
         };
     }
+    TAG_ACCESS.store(tagged, core::sync::atomic::Ordering::Relaxed);
     Ok(())
 }

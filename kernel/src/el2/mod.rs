@@ -7,12 +7,14 @@ pub mod cpu;
 pub mod gic;
 pub mod heap;
 pub mod hvc;
+pub mod memory;
 pub mod mmu;
 pub mod panic;
 pub mod service;
 pub mod stage2;
 pub mod sysreg;
 pub mod trap;
+pub mod vm;
 
 core::arch::global_asm!(include_str!("../arch/entry.S"));
 core::arch::global_asm!(include_str!("../arch/vectors.S"));

@@ -51,8 +51,12 @@ impl Access {
     }
 }
 
-/// The host's stage-2, for the consistency checker.
-pub static HOST: spin::Once<&'static StageTwo> = spin::Once::new();
+/// The host's stage-2. Memory transactions change it (under the memory
+/// lock); the consistency checker reads it.
+pub static HOST: spin::Once<spin::Mutex<&'static mut StageTwo>> = spin::Once::new();
+
+/// Bytes in a page.
+const PAGE: u64 = 4096;
 
 /// A partition's stage-2.
 pub struct StageTwo {
@@ -121,9 +125,116 @@ impl StageTwo {
     }
 
     /// Marks the tables live and keeps them for the rest of the core's life.
-    pub fn activate(self) -> &'static Self {
+    pub fn activate(self) -> &'static mut Self {
         self.map.mark_active();
         alloc::boxed::Box::leak(alloc::boxed::Box::new(self))
+    }
+
+    /// Marks the tables live: from now on every change keeps to
+    /// break-before-make and is followed by TLB maintenance.
+    pub fn mark_live(&self) {
+        self.map.mark_active();
+    }
+
+    /// Marks the tables dead: no CPU will walk them again. The caller has
+    /// invalidated the VMID's TLB entries ([`flush_vmid`]).
+    pub fn mark_dead(&self) {
+        self.map.mark_inactive();
+    }
+
+    /// Creates the tables `[ipa, ipa + size)` needs at 4 KiB granularity,
+    /// with every entry invalid, so that a later [`StageTwo::map_pages`] of
+    /// the range cannot fail for want of memory. Changes no translation.
+    pub fn reserve(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+        self.map_flags(
+            ipa,
+            0,
+            size,
+            Access::ReadWrite.flags().difference(S2::VALID),
+            Constraints::NO_BLOCK_MAPPINGS,
+        )
+        .map_err(|_| "stage-2 tables: out of memory or outside the IPA space")
+    }
+
+    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with 4 KiB pages
+    /// (ownership moves page by page, so partition RAM is never a block).
+    /// On live tables the range must be unmapped: a map never replaces a
+    /// valid entry (break-before-make).
+    pub fn map_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        access: Access,
+    ) -> Result<(), &'static str> {
+        self.map_flags(
+            ipa,
+            pa,
+            size,
+            access.flags(),
+            Constraints::NO_BLOCK_MAPPINGS,
+        )
+    }
+
+    /// Removes every mapping of `[ipa, ipa + size)`. On live tables each
+    /// changed leaf is invalidated by IPA (TLBI IPAS2E1IS) with the current
+    /// VTTBR's VMID: call through [`with_vmid`].
+    pub fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+        self.map_flags(
+            ipa,
+            0,
+            size,
+            Access::ReadWrite.flags().difference(S2::VALID),
+            Constraints::NO_BLOCK_MAPPINGS,
+        )
+    }
+
+    /// The physical address `ipa` maps to, and whether the mapping is
+    /// writable; `None` if unmapped.
+    pub fn translate(&self, ipa: u64) -> Option<(u64, bool)> {
+        let page = ipa & !(PAGE - 1);
+        let region = MemoryRegion::new(page as usize, (page + PAGE) as usize);
+        let mut out = None;
+        let _ = self.map.walk_range(&region, &mut |range, d, _level| {
+            if d.is_valid() {
+                let offset = page - range.start().0 as u64;
+                out = Some((
+                    d.output_address().0 as u64 + offset + (ipa & (PAGE - 1)),
+                    d.flags().contains(S2::S2AP_ACCESS_RW),
+                ));
+            }
+            Ok(())
+        });
+        out
+    }
+
+    /// Calls `f(ipa, pa, size)` for every valid leaf in `[ipa, ipa + size)`,
+    /// in ascending order; stops at the first error `f` returns.
+    pub fn for_each_mapped<E>(
+        &self,
+        ipa: u64,
+        size: u64,
+        mut f: impl FnMut(u64, u64, u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Some(end) = ipa.checked_add(size) else {
+            return Ok(());
+        };
+        let region = MemoryRegion::new(ipa as usize, end as usize);
+        let mut failure = None;
+        let _ = self.map.walk_range(&region, &mut |range, d, _level| {
+            if d.is_valid() {
+                let (start, stop) = (range.start().0 as u64, range.end().0 as u64);
+                if let Err(e) = f(start, d.output_address().0 as u64, stop - start) {
+                    failure = Some(e);
+                    return Err(());
+                }
+            }
+            Ok(())
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// The VTTBR_EL2 value: root table, VMID in bits [63:48].
@@ -162,4 +273,64 @@ impl StageTwo {
             (Err(_), None) => Err(ipa),
         }
     }
+}
+
+/// Runs `f` (stage-2 changes of the partition whose VTTBR_EL2 value is
+/// `vttbr`) with that VTTBR loaded, so that the by-IPA invalidations the
+/// changes issue name its VMID, then invalidates the VMID's combined
+/// stage-1+2 entries, which a by-IPA invalidation does not reach.
+pub fn with_vmid<R>(vttbr: u64, f: impl FnOnce() -> R) -> R {
+    let previous = current_vttbr();
+    load_vttbr(vttbr);
+    let r = f();
+    // SAFETY: TLB maintenance for the loaded VMID only; the barriers make
+    // the invalidation complete on every CPU before the caller goes on.
+    unsafe {
+        core::arch::asm!(
+            "dsb ishst",
+            "tlbi vmalle1is",
+            "dsb ish",
+            "isb",
+            options(nostack, preserves_flags)
+        );
+    }
+    load_vttbr(previous);
+    r
+}
+
+/// Invalidates every TLB entry of the VMID in `vttbr` (stage-1 and
+/// stage-2), on every CPU: a VM's tables are about to be freed or its
+/// VMID reused.
+pub fn flush_vmid(vttbr: u64) {
+    let previous = current_vttbr();
+    load_vttbr(vttbr);
+    // SAFETY: TLB maintenance for the loaded VMID only.
+    unsafe {
+        core::arch::asm!(
+            "dsb ishst",
+            "tlbi vmalls12e1is",
+            "dsb ish",
+            "isb",
+            options(nostack, preserves_flags)
+        );
+    }
+    load_vttbr(previous);
+}
+
+fn current_vttbr() -> u64 {
+    let v: u64;
+    // SAFETY: reading VTTBR_EL2 has no side effects.
+    unsafe {
+        core::arch::asm!("mrs {}, vttbr_el2", out(reg) v, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+fn load_vttbr(v: u64) {
+    // SAFETY: the core runs at EL2 and no partition runs on this CPU while
+    // it handles a call; VTTBR_EL2 only names the VMID for TLB maintenance
+    // here and is restored before any partition is entered.
+    unsafe {
+        core::arch::asm!("msr vttbr_el2, {}", "isb", in(reg) v, options(nostack, preserves_flags))
+    };
 }

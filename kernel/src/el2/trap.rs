@@ -219,6 +219,20 @@ pub fn inject_undef(regs: &mut GuestRegs) {
     apply(regs, &inj);
 }
 
+/// Delivers a synchronous external abort for the access at `regs.pc`, as
+/// a bus error on it would.
+pub fn inject_abort(regs: &mut GuestRegs, is_instruction: bool, is_write: bool, far: u64) {
+    let inj = inject::external_abort(
+        regs.pc,
+        regs.pstate,
+        &el1_context(),
+        is_instruction,
+        is_write,
+        far,
+    );
+    apply(regs, &inj);
+}
+
 /// The host touched an IPA its stage-2 does not map: memory it does not own.
 /// It gets a synchronous external abort, as a bus error on that access would
 /// give it; the core keeps running.
@@ -237,15 +251,7 @@ fn host_stage2_abort(regs: &mut GuestRegs, abort: &StageTwoAbort) {
         regs.pc,
         abort.fault
     );
-    let inj = inject::external_abort(
-        regs.pc,
-        regs.pstate,
-        &el1_context(),
-        abort.is_instruction,
-        abort.is_write,
-        far,
-    );
-    apply(regs, &inj);
+    inject_abort(regs, abort.is_instruction, abort.is_write, far);
 }
 
 fn unexpected_vector(regs: &GuestRegs, kind: u64) {

@@ -5,8 +5,11 @@
 #![forbid(unsafe_code)]
 
 use moat_abi::Error;
-use moat_abi::services::{LedgerBoot, LedgerExtent, LedgerSummary, Party, ledger};
-use moat_ledger::{Extent, Ledger, Owner, PfnRange};
+use moat_abi::services::{
+    FrameRange, LEDGER_MAX_CHANGES, LedgerBoot, LedgerChange, LedgerExtent, LedgerRequest,
+    LedgerSummary, LedgerTransaction, Party, ledger,
+};
+use moat_ledger::{Change, Extent, Ledger, LedgerError, Op, Owner, PfnRange, Transaction};
 
 /// Extents the service can hold: the boot layout plus thousands of
 /// fragmenting operations (24 bytes each).
@@ -16,6 +19,92 @@ const CAPACITY: usize = 4096;
 struct Service<'a> {
     storage: Option<&'a mut [Extent]>,
     ledger: Option<Ledger<&'a mut [Extent]>>,
+    /// The transaction last prepared, waiting for the core to apply and
+    /// commit it. A later `prepare` replaces it.
+    prepared: Option<Transaction>,
+}
+
+/// The ledger's request for a wire request; `None` for an unknown code or
+/// a party id that is not a VM handle.
+fn op_of(request: &LedgerRequest) -> Option<Op> {
+    let range = PfnRange::new(request.frames.start, request.frames.count);
+    let vm = u16::try_from(request.party).ok();
+    Some(match request.op {
+        LedgerRequest::HOST_SHARE_HYP => Op::HostShareHyp { range },
+        LedgerRequest::HOST_UNSHARE_HYP => Op::HostUnshareHyp { range },
+        LedgerRequest::HOST_DONATE_VM => Op::HostDonateVm { range, vm: vm? },
+        LedgerRequest::VM_SHARE_HOST => Op::VmShareHost { vm: vm?, range },
+        LedgerRequest::VM_UNSHARE_HOST => Op::VmUnshareHost { vm: vm?, range },
+        LedgerRequest::CREATE_VM => Op::CreateVm { vm: vm? },
+        LedgerRequest::DESTROY_VM => Op::DestroyVm { vm: vm? },
+        LedgerRequest::RECLAIM => Op::Reclaim { vm: vm?, range },
+        _ => return None,
+    })
+}
+
+/// The ABI error for a refusal: malformed requests are `InvalidParameters`,
+/// pages or VMs in the wrong state `Denied`, a full ledger `NoMemory`.
+fn error_of(e: LedgerError) -> Error {
+    match e {
+        LedgerError::ZeroLength
+        | LedgerError::Unaligned
+        | LedgerError::Overflow
+        | LedgerError::OutOfRam { .. }
+        | LedgerError::NoSuchVm(_)
+        | LedgerError::TooManyRanges
+        | LedgerError::RamOverlap
+        | LedgerError::HypervisorOutsideRam { .. } => Error::InvalidParameters,
+        LedgerError::PageNotOwned { .. }
+        | LedgerError::PageShared { .. }
+        | LedgerError::PageNotShared { .. }
+        | LedgerError::VmExists(_)
+        | LedgerError::VmDying(_)
+        | LedgerError::VmAlive(_)
+        | LedgerError::Stale => Error::Denied,
+        LedgerError::TooManyVms | LedgerError::OutOfCapacity => Error::NoMemory,
+    }
+}
+
+fn frames(r: PfnRange) -> FrameRange {
+    FrameRange {
+        start: r.start,
+        count: r.count,
+    }
+}
+
+/// The wire form of a transaction answering `request`.
+fn encode(request: LedgerRequest, tx: &Transaction) -> LedgerTransaction {
+    let mut out = LedgerTransaction {
+        generation: tx.generation(),
+        request,
+        ..Default::default()
+    };
+    for (slot, change) in out.changes.iter_mut().zip(tx.changes()) {
+        *slot = match *change {
+            Change::Unmap { party: p, range } => LedgerChange {
+                kind: LedgerChange::UNMAP,
+                perms: 0,
+                party: party(Some(p)),
+                frames: frames(range),
+            },
+            Change::Map {
+                party: p,
+                range,
+                perms,
+            } => LedgerChange {
+                kind: LedgerChange::MAP,
+                perms: u32::from(perms.bits()),
+                party: party(Some(p)),
+                frames: frames(range),
+            },
+        };
+    }
+    out.change_count = tx.changes().len().min(LEDGER_MAX_CHANGES) as u32;
+    if let Some(scrub) = tx.scrub() {
+        out.has_scrub = 1;
+        out.scrub = frames(scrub);
+    }
+    out
 }
 
 fn party(owner: Option<Owner>) -> Party {
@@ -43,7 +132,7 @@ fn party(owner: Option<Owner>) -> Party {
     }
 }
 
-fn ranges(list: &[moat_abi::services::FrameRange], count: u32) -> Option<heapless_ranges::Ranges> {
+fn ranges(list: &[FrameRange], count: u32) -> Option<heapless_ranges::Ranges> {
     let n = count as usize;
     if n > list.len() {
         return None;
@@ -96,7 +185,40 @@ impl ledger::Server for Service<'_> {
             .and_then(|i| ledger.extents().get(i))
             .ok_or(Error::NotSupported)?;
         Ok(LedgerExtent {
-            frames: moat_abi::services::FrameRange {
+            frames: frames(PfnRange::new(e.start, e.count)),
+            owner: party(Some(e.owner)),
+            borrower: party(e.borrower),
+        })
+    }
+
+    fn prepare(&mut self, request: LedgerRequest) -> Result<LedgerTransaction, Error> {
+        let ledger = self.ledger.as_ref().ok_or(Error::Denied)?;
+        self.prepared = None;
+        let op = op_of(&request).ok_or(Error::InvalidParameters)?;
+        let tx = ledger.prepare(op).map_err(error_of)?;
+        self.prepared = Some(tx);
+        Ok(encode(request, &tx))
+    }
+
+    fn commit(&mut self, generation: u64) -> Result<u64, Error> {
+        let ledger = self.ledger.as_mut().ok_or(Error::Denied)?;
+        let tx = self.prepared.take().ok_or(Error::Denied)?;
+        if tx.generation() != generation {
+            return Err(Error::Denied);
+        }
+        ledger.commit(&tx).map_err(error_of)?;
+        Ok(ledger.generation())
+    }
+
+    fn lookup(&mut self, pfn: u64) -> Result<LedgerExtent, Error> {
+        let ledger = self.ledger.as_ref().ok_or(Error::Denied)?;
+        let e = ledger
+            .extents_in(PfnRange::new(pfn, 1))
+            .first()
+            .filter(|e| e.start <= pfn && pfn < e.end())
+            .ok_or(Error::NotSupported)?;
+        Ok(LedgerExtent {
+            frames: FrameRange {
                 start: e.start,
                 count: e.count,
             },
@@ -115,6 +237,7 @@ fn main() -> ! {
     let mut server = Service {
         storage: Some(&mut extents),
         ledger: None,
+        prepared: None,
     };
     moat_rt::serve(|header, body, reply| ledger::dispatch_into(&mut server, header, body, reply))
 }
@@ -124,5 +247,6 @@ fn main() {
     let _ = Service {
         storage: None,
         ledger: None,
+        prepared: None,
     };
 }

@@ -1,0 +1,522 @@
+//! Memory transactions: the ledger decides, the core checks and applies.
+//!
+//! Every change of page ownership follows one path:
+//!
+//! ```text
+//!   request ──▶ ledger.prepare ──▶ transaction ──▶ core checks it
+//!                                                     │ refused: nothing changed
+//!                                                     ▼
+//!          ledger.commit ◀── maps ◀── zero + tag-scrub ◀── unmaps (BBM, TLBI)
+//! ```
+//!
+//! The ledger service holds the policy (who may give what to whom); the core
+//! holds the mechanism and its own invariants, which it checks on every
+//! transaction whatever the ledger says: the core's memory never moves,
+//! every change stays inside the requested frames, the host only ever gets
+//! identity mappings of RAM, a page that leaves one party for another is
+//! scrubbed, and a VM's pages are mapped only at the IPA its donation named.
+//! Everything that can fail (table memory, the check) happens before the
+//! first visible change, so a transaction is applied whole or not at all.
+//!
+//! One transaction at a time, machine-wide ([`MEMORY`]): the ledger's
+//! generation check needs prepare → apply → commit to be one step, and two
+//! CPUs donating overlapping ranges must see one succeed and the other find
+//! the pages gone.
+
+use super::boot::machine;
+use super::cpu::PerCpu;
+use super::service::{self, SmallBody};
+use super::stage2::{self, Access, StageTwo};
+use alloc::vec::Vec;
+use moat_abi::Error;
+use moat_abi::ipc::MessageHeader;
+use moat_abi::services::{LedgerExtent, LedgerRequest, LedgerTransaction, Party, ledger};
+use moat_kernel::txcheck::{self, Perm, Step, Who};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Bytes in a page.
+pub const PAGE: u64 = 4096;
+
+/// Serialises memory transactions (and the checker) across CPUs. Lock
+/// order: a VM's slot first, then this.
+pub static MEMORY: spin::Mutex<()> = spin::Mutex::new(());
+
+/// Set when a transaction was applied but the ledger did not record it: the
+/// two no longer agree, and every later memory request is refused.
+static OUT_OF_SYNC: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// A VM's part in a transaction: its stage-2 and the record of where its
+/// frames sit in its IPA space.
+pub struct VmMemory<'a> {
+    pub handle: u16,
+    pub stage2: &'a mut StageTwo,
+    pub regions: &'a mut Vec<Region>,
+    /// For a donation: the IPA of the first donated frame.
+    pub donate_ipa: Option<u64>,
+}
+
+pub use moat_kernel::txcheck::Region;
+
+/// Most regions (separate donations) a VM may hold.
+pub const MAX_REGIONS: usize = 256;
+
+/// The service serving the ledger interface.
+fn ledger_index() -> Option<usize> {
+    (0..)
+        .map_while(service::get)
+        .position(|s| s.interface_id == ledger::SERVICE_ID)
+}
+
+/// One call to the ledger with `body` as the request; the reply's bytes.
+fn ledger_call(
+    cpu: &PerCpu,
+    index: usize,
+    operation: u16,
+    request: &[u8],
+    body: &mut [u64],
+) -> Result<usize, Error> {
+    body.fill(0);
+    body.as_mut_bytes()[..request.len()].copy_from_slice(request);
+    let header = MessageHeader::call(
+        ledger::SERVICE_ID,
+        operation,
+        service::next_sequence(index),
+        request.len() as u32,
+    );
+    match service::call(cpu, index, &header, body)? {
+        Ok(len) => Ok(len as usize),
+        Err(e) => Err(e),
+    }
+}
+
+/// Asks the ledger for the extent holding `pfn`.
+pub fn lookup(cpu: &PerCpu, pfn: u64) -> Result<LedgerExtent, Error> {
+    let index = ledger_index().ok_or(Error::NotSupported)?;
+    let mut body: SmallBody = [0; service::SMALL_WORDS];
+    let len = ledger_call(cpu, index, 5, pfn.as_bytes(), &mut body)?;
+    if len != size_of::<LedgerExtent>() {
+        return Err(Error::ServiceFailed);
+    }
+    LedgerExtent::read_from_bytes(&body.as_bytes()[..len]).map_err(|_| Error::ServiceFailed)
+}
+
+/// Extent number `n` of the ledger, or `None` past the last.
+fn extent(cpu: &PerCpu, index: usize, n: u64) -> Result<Option<LedgerExtent>, Error> {
+    let mut body: SmallBody = [0; service::SMALL_WORDS];
+    match ledger_call(cpu, index, 2, n.as_bytes(), &mut body) {
+        Ok(len) if len == size_of::<LedgerExtent>() => {
+            LedgerExtent::read_from_bytes(&body.as_bytes()[..len])
+                .map(Some)
+                .map_err(|_| Error::ServiceFailed)
+        }
+        Ok(_) => Err(Error::ServiceFailed),
+        Err(Error::NotSupported) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every extent of the ledger, in address order.
+pub fn all_extents(cpu: &PerCpu) -> Result<Vec<LedgerExtent>, Error> {
+    let index = ledger_index().ok_or(Error::NotSupported)?;
+    let mut out = Vec::new();
+    while let Some(e) = extent(cpu, index, out.len() as u64)? {
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Words of a transaction on the wire.
+const TX_WORDS: usize = size_of::<LedgerTransaction>().div_ceil(8);
+
+fn prepare(
+    cpu: &PerCpu,
+    index: usize,
+    request: &LedgerRequest,
+) -> Result<LedgerTransaction, Error> {
+    let mut body = [0u64; TX_WORDS];
+    let len = ledger_call(cpu, index, 3, request.as_bytes(), &mut body)?;
+    if len != size_of::<LedgerTransaction>() {
+        return Err(Error::ServiceFailed);
+    }
+    LedgerTransaction::read_from_bytes(&body.as_bytes()[..len]).map_err(|_| Error::ServiceFailed)
+}
+
+/// Commits the prepared transaction. The changes are already applied, so
+/// an interrupted commit is retried (the service finishes the suspended
+/// one first) rather than handed back to the caller.
+fn commit(cpu: &PerCpu, index: usize, generation: u64) -> Result<(), Error> {
+    let mut body: SmallBody = [0; service::SMALL_WORDS];
+    for _ in 0..64 {
+        match ledger_call(cpu, index, 4, generation.as_bytes(), &mut body) {
+            Err(Error::Interrupted) => continue,
+            Ok(8) => return Ok(()),
+            Ok(_) => return Err(Error::ServiceFailed),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Interrupted)
+}
+
+/// Runs one memory request through the ledger and applies it. `vm` is the
+/// VM the request concerns, locked by the caller.
+pub fn transact(
+    cpu: &PerCpu,
+    request: LedgerRequest,
+    mut vm: Option<VmMemory<'_>>,
+) -> Result<(), Error> {
+    let _serial = MEMORY.lock();
+    if OUT_OF_SYNC.load(core::sync::atomic::Ordering::Acquire) {
+        return Err(Error::ServiceFailed);
+    }
+    let index = ledger_index().ok_or(Error::NotSupported)?;
+    let tx = prepare(cpu, index, &request)?;
+    let m = machine();
+    let checked = txcheck::check(
+        &request,
+        &tx,
+        vm.as_ref().map(|v| v.handle),
+        &m.platform.memory,
+        m.carve_out.as_slice(),
+    )
+    .map_err(|why| {
+        crate::log!("memory: the ledger's transaction for {request:?} refused: {why}");
+        Error::Denied
+    })?;
+
+    // Everything that can fail, before anything changes: the VM's tables
+    // for a donation, and the VM's record of the frames it gives up.
+    let mut vm_unmaps: heapless::Vec<(u64, u64), 8> = heapless::Vec::new();
+    for step in checked.steps() {
+        match (step, vm.as_mut()) {
+            (
+                Step::Map {
+                    who: Who::Vm, size, ..
+                },
+                Some(v),
+            ) => {
+                let ipa = v.donate_ipa.ok_or(Error::Denied)?;
+                if v.regions.len() >= MAX_REGIONS {
+                    return Err(Error::NoMemory);
+                }
+                v.stage2.reserve(ipa, size).map_err(|_| Error::NoMemory)?;
+            }
+            (
+                Step::Unmap {
+                    who: Who::Vm,
+                    pa,
+                    size,
+                },
+                Some(v),
+            ) => {
+                let mut full = false;
+                txcheck::ipa_ranges(v.regions, pa, size, |ipa, n| {
+                    full |= vm_unmaps.push((ipa, n)).is_err();
+                })
+                .map_err(|why| {
+                    crate::log!("memory: VM {} frames {pa:#x}+{size:#x}: {why}", v.handle);
+                    Error::Denied
+                })?;
+                if full {
+                    return Err(Error::InvalidParameters);
+                }
+            }
+            (Step::Map { who: Who::Vm, .. } | Step::Unmap { who: Who::Vm, .. }, None) => {
+                return Err(Error::Denied);
+            }
+            _ => {}
+        }
+    }
+
+    // Nothing below can fail on a transaction that passed the checks (the
+    // tables it maps into exist); if it does anyway, the core and the
+    // ledger no longer agree, and memory requests stop.
+    let mut apply = || -> Result<(), &'static str> {
+        let host_vttbr = m.host_el2.vttbr;
+        // Unmaps: the page is gone from every TLB before anything else happens
+        // to it (break).
+        for step in checked.steps() {
+            if let Step::Unmap { who, pa, size } = step {
+                match who {
+                    Who::Host => {
+                        let mut host = host_stage2();
+                        stage2::with_vmid(host_vttbr, || host.unmap(pa, size))
+                            .map_err(|_| "a stage-2 change failed")?;
+                    }
+                    // The core maps all RAM at EL2 for zeroing and copying; its
+                    // share of a page is the ledger's record, not a mapping.
+                    Who::Hypervisor => {}
+                    Who::Vm => {
+                        if let Some(v) = vm.as_mut() {
+                            let vttbr = v.stage2.vttbr();
+                            for &(ipa, size) in &vm_unmaps {
+                                stage2::with_vmid(vttbr, || v.stage2.unmap(ipa, size))
+                                    .map_err(|_| "a stage-2 change failed")?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((pa, size)) = checked.scrub {
+            scrub_pages(pa, size);
+        }
+        // Maps (make).
+        for step in checked.steps() {
+            if let Step::Map {
+                who,
+                pa,
+                size,
+                perm,
+            } = step
+            {
+                let access = match perm {
+                    Perm::ReadExecute => Access::ReadExecute,
+                    Perm::ReadWrite => Access::ReadWrite,
+                    Perm::ReadWriteExecute => Access::ReadWriteExecute,
+                };
+                match who {
+                    Who::Host => {
+                        let mut host = host_stage2();
+                        stage2::with_vmid(host_vttbr, || host.map_pages(pa, pa, size, access))
+                            .map_err(|_| "a stage-2 change failed")?;
+                    }
+                    Who::Hypervisor => {}
+                    Who::Vm => {
+                        if let Some(v) = vm.as_mut() {
+                            let ipa = v.donate_ipa.unwrap_or(0);
+                            v.stage2
+                                .map_pages(ipa, pa, size, access)
+                                .map_err(|_| "a stage-2 change failed")?;
+                            v.regions.push(Region {
+                                ipa,
+                                pa,
+                                pages: size / PAGE,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for step in checked.steps() {
+            if let (
+                Step::Unmap {
+                    who: Who::Vm,
+                    pa,
+                    size,
+                },
+                Some(v),
+            ) = (step, vm.as_mut())
+            {
+                let left = txcheck::forget_frames(v.regions, pa, size).collect();
+                *v.regions = left;
+            }
+        }
+        Ok(())
+    };
+    if let Err(why) = apply() {
+        OUT_OF_SYNC.store(true, core::sync::atomic::Ordering::Release);
+        crate::log!(
+            "memory: applying a checked transaction failed ({why}); memory requests are refused from now on"
+        );
+        return Err(Error::Denied);
+    }
+    commit(cpu, index, tx.generation).inspect_err(|e| {
+        OUT_OF_SYNC.store(true, core::sync::atomic::Ordering::Release);
+        crate::log!(
+            "memory: the ledger did not record an applied transaction ({e:?}); memory requests are refused from now on"
+        );
+    })
+}
+
+/// The host's stage-2, locked.
+fn host_stage2() -> spin::MutexGuard<'static, &'static mut StageTwo> {
+    match stage2::HOST.get() {
+        Some(host) => host.lock(),
+        None => super::panic::park(),
+    }
+}
+
+/// DCZID_EL0's block size in bytes, or `None` if DC ZVA is prohibited.
+fn zero_block() -> Option<u64> {
+    let dczid: u64;
+    // SAFETY: reads DCZID_EL0.
+    unsafe {
+        core::arch::asm!("mrs {}, dczid_el0", out(reg) dczid, options(nomem, nostack, preserves_flags))
+    };
+    (dczid & (1 << 4) == 0).then(|| 4u64 << (dczid & 0xf))
+}
+
+fn dcache_line() -> u64 {
+    let ctr: u64;
+    // SAFETY: reads CTR_EL0.
+    unsafe {
+        core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags))
+    };
+    4u64 << ((ctr >> 16) & 0xf)
+}
+
+/// Zeroes `[pa, pa + size)` and, where MTE is present, sets its allocation
+/// tags to zero; then cleans data (and tags) to the point of coherency, so
+/// that no old byte or tag is left in memory for a non-cacheable alias.
+///
+/// The core maps all RAM at EL2 as Tagged normal memory when the hardware
+/// has MTE, with SCTLR_EL2.ATA set, so `DC GZVA` writes the tags.
+pub fn scrub_pages(pa: u64, size: u64) {
+    let tags = super::mmu::el2_tag_access();
+    let end = pa + size;
+    match zero_block() {
+        Some(block) => {
+            let mut addr = pa;
+            while addr < end {
+                if tags {
+                    // SAFETY: `addr` is RAM the core maps read/write and
+                    // Tagged; the page belongs to no partition while it is
+                    // scrubbed (the unmaps came first).
+                    unsafe {
+                        core::arch::asm!(".arch_extension memtag", "dc gzva, {}", in(reg) addr, options(nostack, preserves_flags))
+                    };
+                } else {
+                    // SAFETY: as above, without tags.
+                    unsafe {
+                        core::arch::asm!("dc zva, {}", in(reg) addr, options(nostack, preserves_flags))
+                    };
+                }
+                addr += block;
+            }
+        }
+        None => {
+            let mut addr = pa;
+            while addr < end {
+                // SAFETY: as above; plain stores where DC ZVA is prohibited.
+                unsafe { (addr as *mut u64).write_volatile(0) };
+                addr += 8;
+            }
+            if tags {
+                let mut addr = pa;
+                while addr < end {
+                    // SAFETY: as above; STZG zeroes one 16-byte granule and its tag.
+                    unsafe {
+                        core::arch::asm!(".arch_extension memtag", "stzg {0}, [{0}]", in(reg) addr, options(nostack, preserves_flags))
+                    };
+                    addr += 16;
+                }
+            }
+        }
+    }
+    let line = dcache_line();
+    let mut addr = pa;
+    while addr < end {
+        if tags {
+            // SAFETY: cache maintenance by VA of data and tags; no memory effect.
+            unsafe {
+                core::arch::asm!(".arch_extension memtag", "dc cgdvac, {}", in(reg) addr, options(nostack, preserves_flags))
+            };
+        } else {
+            // SAFETY: cache maintenance by VA; no memory effect.
+            unsafe {
+                core::arch::asm!("dc cvac, {}", in(reg) addr, options(nostack, preserves_flags))
+            };
+        }
+        addr += line;
+    }
+    // SAFETY: a barrier; completes the zeroing and cleaning.
+    unsafe { core::arch::asm!("dsb ish", options(nostack, preserves_flags)) };
+}
+
+/// Where the ledger and a partition's tables disagree.
+#[derive(Clone, Copy, Debug)]
+pub enum Mismatch {
+    /// The host's stage-2 at `address`: the ledger says the host may (or
+    /// may not) map it.
+    Host { address: u64, host_may_map: bool },
+    /// VM `handle` maps frame `pa` (at `ipa`) that the ledger does not give it.
+    VmMapsForeign { handle: u16, ipa: u64, pa: u64 },
+    /// VM `handle` maps `mapped` pages, the ledger gives it `owned`.
+    VmPageCount {
+        handle: u16,
+        mapped: u64,
+        owned: u64,
+    },
+    /// The ledger could not be read.
+    Ledger(Error),
+}
+
+/// What the checker covered.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Checked {
+    pub extents: u64,
+    pub vms: u64,
+    pub vms_running: u64,
+}
+
+/// The consistency checker: compares every partition's tables with the
+/// ledger. The host's stage-2 maps exactly the pages it owns or borrows;
+/// each VM's stage-2 maps only frames it owns or shares, and all of them.
+/// A VM running on another CPU is counted, not checked (its tables are
+/// not changing: donations to a running VM are refused).
+pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
+    let vms = super::vm::lock_all_idle();
+    let _serial = MEMORY.lock();
+    let extents = all_extents(cpu).map_err(Mismatch::Ledger)?;
+    let mut checked = Checked {
+        extents: extents.len() as u64,
+        vms_running: vms.running,
+        ..Default::default()
+    };
+    {
+        let host = host_stage2();
+        for e in &extents {
+            let host_may_map = e.owner.kind == Party::HOST || e.borrower.kind == Party::HOST;
+            let (start, size) = (e.frames.start * PAGE, e.frames.count * PAGE);
+            host.check(start, size, host_may_map)
+                .map_err(|address| Mismatch::Host {
+                    address,
+                    host_may_map,
+                })?;
+        }
+    }
+    for (handle, s2) in vms.stage2s() {
+        let owner_of = |pa: u64| {
+            let pfn = pa / PAGE;
+            let i = extents.partition_point(|e| e.frames.start + e.frames.count <= pfn);
+            extents
+                .get(i)
+                .filter(|e| e.frames.start <= pfn)
+                .map(|e| e.owner)
+        };
+        let mut mapped = 0u64;
+        let ipa_space = 1u64 << machine().ipa_bits;
+        s2.for_each_mapped(0, ipa_space, |ipa, pa, size| {
+            let mut page = 0;
+            while page < size {
+                match owner_of(pa + page) {
+                    Some(o) if o.kind == Party::VM && o.id == u32::from(handle) => {}
+                    _ => {
+                        return Err(Mismatch::VmMapsForeign {
+                            handle,
+                            ipa: ipa + page,
+                            pa: pa + page,
+                        });
+                    }
+                }
+                page += PAGE;
+            }
+            mapped += size / PAGE;
+            Ok(())
+        })?;
+        let owned: u64 = extents
+            .iter()
+            .filter(|e| e.owner.kind == Party::VM && e.owner.id == u32::from(handle))
+            .map(|e| e.frames.count)
+            .sum();
+        if owned != mapped {
+            return Err(Mismatch::VmPageCount {
+                handle,
+                mapped,
+                owned,
+            });
+        }
+        checked.vms += 1;
+    }
+    Ok(checked)
+}

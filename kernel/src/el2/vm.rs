@@ -1,0 +1,840 @@
+//! Protected VMs: partitions the host creates, gives memory to and runs, but
+//! can never look into.
+//!
+//! A VM is a slot of [`SLOTS`]: a stage-2 of its own with a VMID of its own,
+//! one vCPU (registers, EL1 system registers, FP/SIMD state), and the record
+//! of where the frames the host donated sit in its IPA space. Its memory
+//! arrives only through ledger transactions ([`super::memory`]); the host
+//! loads an image into it only before it first runs, from pages the host
+//! shared with the hypervisor for the purpose.
+//!
+//! `VCPU_RUN` is a nested partition run, like a service call: the core
+//! switches the CPU to the VM, enters it, and handles its traps until one of
+//! them is something only the host can answer; that becomes a typed exit
+//! record in the host's registers, as a KVM run loop returns to its VMM.
+//!
+//! ```text
+//!   Free ──create──▶ Alive ──vcpu_run──▶ Running ──exit──▶ Alive
+//!                      │  ╲                  │ SYSTEM_OFF / crash
+//!                      │   ╲                 ▼
+//!                   destroy  ╲────────────▶ Off
+//!                      ▼                     │ destroy
+//!                    Dying ◀─────────────────┘
+//!                      │ reclaim of its last page
+//!                      ▼
+//!                    Free
+//! ```
+
+use super::boot::machine;
+use super::cpu::{PerCpu, Vcpu};
+use super::memory::{self, MEMORY, PAGE, Region, VmMemory};
+use super::stage2::{self, StageTwo};
+use super::sysreg::{self, El1Context};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU8, Ordering};
+use moat_abi::Error;
+use moat_abi::services::{FrameRange, LedgerRequest, Party};
+use moat_abi::vm::{self as abi, Exit, ExitReason, MAX_VMS, MmioAccess, VmFlags};
+use moat_abi::{hypercall, smccc};
+use moat_kernel::el2config::hcr;
+use moat_kernel::esr::{self, Trap};
+use moat_kernel::regs::GuestRegs;
+
+/// A VM's vCPU kind: `VCPU_VM_BASE + handle`.
+pub const VCPU_VM_BASE: u64 = 0x100;
+/// VMIDs of VMs: `VMID_BASE + slot` (services use 1..=16).
+const VMID_BASE: u16 = 0x40;
+/// Most bytes one `VM_LOAD` copies.
+const MAX_LOAD: u64 = 64 << 20;
+
+/// Vector slot numbers passed by `vectors.S`.
+const LOWER_SYNC: u64 = 8;
+const LOWER_IRQ: u64 = 9;
+const LOWER_FIQ: u64 = 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Status {
+    Free = 0,
+    Alive = 1,
+    Running = 2,
+    Off = 3,
+    Dying = 4,
+}
+
+impl Status {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Alive,
+            2 => Self::Running,
+            3 => Self::Off,
+            4 => Self::Dying,
+            _ => Self::Free,
+        }
+    }
+}
+
+/// The FP/SIMD registers: the core itself never uses them, so the host's
+/// stay live in the CPU except while a VM runs.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct FpState {
+    q: [u128; 32],
+    fpsr: u64,
+    fpcr: u64,
+}
+
+impl FpState {
+    const ZERO: Self = Self {
+        q: [0; 32],
+        fpsr: 0,
+        fpcr: 0,
+    };
+
+    fn save(&mut self) {
+        let p = self as *mut Self as u64;
+        // SAFETY: stores the 32 vector registers and FPSR/FPCR into `self`
+        // (repr(C), 16-byte aligned, 528 bytes); CPTR_EL2.TFP is clear for
+        // the core while a VM is being switched.
+        unsafe {
+            core::arch::asm!(
+                ".arch_extension fp",
+                ".arch_extension simd",
+                "stp q0, q1, [{p}, #0]", "stp q2, q3, [{p}, #32]",
+                "stp q4, q5, [{p}, #64]", "stp q6, q7, [{p}, #96]",
+                "stp q8, q9, [{p}, #128]", "stp q10, q11, [{p}, #160]",
+                "stp q12, q13, [{p}, #192]", "stp q14, q15, [{p}, #224]",
+                "stp q16, q17, [{p}, #256]", "stp q18, q19, [{p}, #288]",
+                "stp q20, q21, [{p}, #320]", "stp q22, q23, [{p}, #352]",
+                "stp q24, q25, [{p}, #384]", "stp q26, q27, [{p}, #416]",
+                "stp q28, q29, [{p}, #448]", "stp q30, q31, [{p}, #480]",
+                "mrs {t}, fpsr", "str {t}, [{p}, #512]",
+                "mrs {t}, fpcr", "str {t}, [{p}, #520]",
+                p = in(reg) p, t = out(reg) _,
+                options(nostack, preserves_flags),
+            );
+        }
+    }
+
+    fn load(&self) {
+        let p = self as *const Self as u64;
+        // SAFETY: the inverse of `save`; the vector registers belong to
+        // whichever partition runs next.
+        unsafe {
+            core::arch::asm!(
+                ".arch_extension fp",
+                ".arch_extension simd",
+                "ldp q0, q1, [{p}, #0]", "ldp q2, q3, [{p}, #32]",
+                "ldp q4, q5, [{p}, #64]", "ldp q6, q7, [{p}, #96]",
+                "ldp q8, q9, [{p}, #128]", "ldp q10, q11, [{p}, #160]",
+                "ldp q12, q13, [{p}, #192]", "ldp q14, q15, [{p}, #224]",
+                "ldp q16, q17, [{p}, #256]", "ldp q18, q19, [{p}, #288]",
+                "ldp q20, q21, [{p}, #320]", "ldp q22, q23, [{p}, #352]",
+                "ldp q24, q25, [{p}, #384]", "ldp q26, q27, [{p}, #416]",
+                "ldp q28, q29, [{p}, #448]", "ldp q30, q31, [{p}, #480]",
+                "ldr {t}, [{p}, #512]", "msr fpsr, {t}",
+                "ldr {t}, [{p}, #520]", "msr fpcr, {t}",
+                p = in(reg) p, t = out(reg) _,
+                options(nostack, preserves_flags),
+            );
+        }
+    }
+}
+
+/// What the previous exit left for the host to answer.
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    None,
+    /// The host's r0..r3 become the guest's x0..x3.
+    Hvc,
+    /// The host's r0 is the loaded value.
+    MmioRead(esr::MmioAccess),
+}
+
+struct Vm {
+    handle: u16,
+    flags: VmFlags,
+    stage2: Box<StageTwo>,
+    regions: Vec<Region>,
+    vcpu: Box<Vcpu>,
+    el1: El1Context,
+    csselr: u64,
+    fp: Box<FpState>,
+    has_run: bool,
+    pending: Pending,
+}
+
+struct Slot {
+    status: AtomicU8,
+    vm: spin::Mutex<Option<Vm>>,
+}
+
+static SLOTS: [Slot; MAX_VMS] = [const {
+    Slot {
+        status: AtomicU8::new(Status::Free as u8),
+        vm: spin::Mutex::new(None),
+    }
+}; MAX_VMS];
+
+impl Slot {
+    fn status(&self) -> Status {
+        Status::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    fn set(&self, s: Status) {
+        self.status.store(s as u8, Ordering::Release);
+    }
+}
+
+fn slot_of(handle: u64) -> Result<(&'static Slot, u16), Error> {
+    let h = u16::try_from(handle).map_err(|_| Error::InvalidParameters)?;
+    let slot = usize::from(h)
+        .checked_sub(1)
+        .and_then(|i| SLOTS.get(i))
+        .ok_or(Error::InvalidParameters)?;
+    if slot.status() == Status::Free {
+        return Err(Error::InvalidParameters);
+    }
+    Ok((slot, h))
+}
+
+/// Bytes of `pages` pages, refusing zero and overflow.
+fn pages_bytes(pages: u64) -> Result<u64, Error> {
+    if pages == 0 {
+        return Err(Error::InvalidParameters);
+    }
+    pages.checked_mul(PAGE).ok_or(Error::InvalidParameters)
+}
+
+/// Checks a page-aligned, non-empty, non-overflowing byte range.
+fn checked_range(base: u64, pages: u64) -> Result<u64, Error> {
+    let size = pages_bytes(pages)?;
+    if !base.is_multiple_of(PAGE) {
+        return Err(Error::InvalidParameters);
+    }
+    base.checked_add(size).ok_or(Error::InvalidParameters)?;
+    Ok(size)
+}
+
+fn frames(pa: u64, pages: u64) -> FrameRange {
+    FrameRange {
+        start: pa / PAGE,
+        count: pages,
+    }
+}
+
+/// Serves a host hypercall of the VM family; `None` if `function` is not one.
+pub fn host_call(cpu: &PerCpu, regs: &mut GuestRegs, function: u32) -> Option<Result<(), Error>> {
+    let [_, a1, a2, a3, a4, a5, ..] = regs.x;
+    Some(match function {
+        abi::HOST_SHARE_HYP => host_share(cpu, a1, a2, LedgerRequest::HOST_SHARE_HYP),
+        abi::HOST_UNSHARE_HYP => host_share(cpu, a1, a2, LedgerRequest::HOST_UNSHARE_HYP),
+        abi::VM_CREATE => create(cpu, a1, a2).map(|handle| regs.x[1] = u64::from(handle)),
+        abi::VM_DONATE => donate(cpu, a1, a2, a3, a4),
+        abi::VM_LOAD => load(cpu, a1, a2, a3, a4),
+        abi::VCPU_RUN => run(cpu, a1, [a2, a3, a4, a5]).map(|exit| {
+            regs.x[1..8].copy_from_slice(&exit.to_regs());
+        }),
+        abi::VM_DESTROY => destroy(cpu, a1),
+        abi::VM_RECLAIM => reclaim(cpu, a1, a2, a3),
+        _ => return None,
+    })
+}
+
+fn host_share(cpu: &PerCpu, pa: u64, pages: u64, op: u32) -> Result<(), Error> {
+    checked_range(pa, pages)?;
+    memory::transact(
+        cpu,
+        LedgerRequest {
+            op,
+            party: 0,
+            frames: frames(pa, pages),
+        },
+        None,
+    )
+}
+
+fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
+    let flags = VmFlags(flags);
+    if flags.0 & !VmFlags::KNOWN != 0 || !entry.is_multiple_of(4) {
+        return Err(Error::InvalidParameters);
+    }
+    if flags.mte() && !machine().cpu.mte {
+        return Err(Error::NotSupported);
+    }
+    // Claim a free slot: Free → Alive under its lock.
+    let (index, slot, mut guard) = SLOTS
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| {
+            let g = s.vm.try_lock()?;
+            (s.status() == Status::Free && g.is_none()).then_some((i, s, g))
+        })
+        .ok_or(Error::NoMemory)?;
+    let handle = index as u16 + 1;
+    memory::transact(
+        cpu,
+        LedgerRequest {
+            op: LedgerRequest::CREATE_VM,
+            party: u32::from(handle),
+            frames: FrameRange::default(),
+        },
+        None,
+    )?;
+    let m = machine();
+    let stage2 = Box::new(StageTwo::new(
+        m.stage2_start_level,
+        VMID_BASE + index as u16,
+    ));
+    stage2.mark_live();
+    let mut vcpu = Box::new(Vcpu::new(VCPU_VM_BASE + u64::from(handle), 0));
+    vcpu.regs = GuestRegs::el1h_entry(entry, 0);
+    *guard = Some(Vm {
+        handle,
+        flags,
+        stage2,
+        regions: Vec::new(),
+        vcpu,
+        el1: El1Context::reset(),
+        csselr: 0,
+        fp: Box::new(FpState::ZERO),
+        has_run: false,
+        pending: Pending::None,
+    });
+    slot.set(Status::Alive);
+    crate::log!(
+        "VM {handle} created: entry {entry:#x}, VMID {}, MTE {}",
+        VMID_BASE + index as u16,
+        if flags.mte() { "on" } else { "off" }
+    );
+    Ok(handle)
+}
+
+/// Locks an idle VM; `Busy` while it runs on another CPU.
+fn lock_idle(slot: &'static Slot) -> Result<spin::MutexGuard<'static, Option<Vm>>, Error> {
+    let guard = slot.vm.try_lock().ok_or(Error::Busy)?;
+    if guard.is_none() {
+        return Err(Error::InvalidParameters);
+    }
+    Ok(guard)
+}
+
+fn donate(cpu: &PerCpu, handle: u64, pa: u64, pages: u64, ipa: u64) -> Result<(), Error> {
+    let size = checked_range(pa, pages)?;
+    checked_range(ipa, pages)?;
+    if ipa + size > 1u64 << machine().ipa_bits {
+        return Err(Error::InvalidParameters);
+    }
+    let (slot, handle) = slot_of(handle)?;
+    let mut guard = lock_idle(slot)?;
+    let vm = guard.as_mut().ok_or(Error::InvalidParameters)?;
+    // The IPA range must be free in the VM: a donation never replaces a page.
+    if vm
+        .stage2
+        .for_each_mapped(ipa, size, |_, _, _| Err(()))
+        .is_err()
+    {
+        return Err(Error::InvalidParameters);
+    }
+    memory::transact(
+        cpu,
+        LedgerRequest {
+            op: LedgerRequest::HOST_DONATE_VM,
+            party: u32::from(handle),
+            frames: frames(pa, pages),
+        },
+        Some(VmMemory {
+            handle,
+            stage2: &mut vm.stage2,
+            regions: &mut vm.regions,
+            donate_ipa: Some(ipa),
+        }),
+    )
+}
+
+/// Copies `bytes` from host pages shared with the hypervisor into a VM
+/// that has never run.
+fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(), Error> {
+    if bytes == 0 || bytes > MAX_LOAD {
+        return Err(Error::InvalidParameters);
+    }
+    let src_end = src.checked_add(bytes).ok_or(Error::InvalidParameters)?;
+    ipa.checked_add(bytes).ok_or(Error::InvalidParameters)?;
+    let (slot, _) = slot_of(handle)?;
+    let guard = lock_idle(slot)?;
+    let vm = guard.as_ref().ok_or(Error::InvalidParameters)?;
+    if vm.has_run || slot.status() != Status::Alive {
+        return Err(Error::Denied);
+    }
+    // Holding the memory lock keeps the host from ending the share while
+    // the core copies.
+    let _serial = MEMORY.lock();
+    // The source: every page the host's, shared with the hypervisor.
+    let mut pfn = src / PAGE;
+    while pfn < src_end.div_ceil(PAGE) {
+        let e = memory::lookup(cpu, pfn).map_err(|e| match e {
+            Error::NotSupported => Error::InvalidParameters,
+            e => e,
+        })?;
+        if e.owner.kind != Party::HOST || e.borrower.kind != Party::HYPERVISOR {
+            return Err(Error::Denied);
+        }
+        pfn = e.frames.start + e.frames.count;
+    }
+    // The destination: every page mapped in the VM, hence the VM's.
+    let mut done = 0;
+    while done < bytes {
+        let at = ipa + done;
+        let (pa, writable) = vm.stage2.translate(at).ok_or(Error::InvalidParameters)?;
+        if !writable {
+            return Err(Error::Denied);
+        }
+        let chunk = (PAGE - (at % PAGE)).min(bytes - done);
+        let from = src + done;
+        // SAFETY: `from..from + chunk` is host RAM the host shared with the
+        // hypervisor (checked above, and the memory lock keeps it so), `pa..`
+        // is a frame the VM owns and that never ran; both lie in RAM the
+        // core maps read/write, and they cannot overlap (one is the host's,
+        // the other the VM's).
+        unsafe {
+            core::ptr::copy_nonoverlapping(from as *const u8, pa as *mut u8, chunk as usize);
+        }
+        super::boot::clean_dcache_to_poc(pa, chunk);
+        done += chunk;
+    }
+    Ok(())
+}
+
+fn destroy(cpu: &PerCpu, handle: u64) -> Result<(), Error> {
+    let (slot, handle) = slot_of(handle)?;
+    match slot.status() {
+        Status::Running => return Err(Error::Busy),
+        Status::Dying => return Err(Error::Denied),
+        _ => {}
+    }
+    let mut guard = lock_idle(slot)?;
+    memory::transact(
+        cpu,
+        LedgerRequest {
+            op: LedgerRequest::DESTROY_VM,
+            party: u32::from(handle),
+            frames: FrameRange::default(),
+        },
+        None,
+    )?;
+    slot.set(Status::Dying);
+    crate::log!("VM {handle} destroyed; its pages await reclaim");
+    free_if_empty(slot, &mut guard);
+    Ok(())
+}
+
+fn reclaim(cpu: &PerCpu, handle: u64, pa: u64, pages: u64) -> Result<(), Error> {
+    checked_range(pa, pages)?;
+    let (slot, handle) = slot_of(handle)?;
+    if slot.status() != Status::Dying {
+        return Err(Error::Denied);
+    }
+    let mut guard = lock_idle(slot)?;
+    let vm = guard.as_mut().ok_or(Error::InvalidParameters)?;
+    memory::transact(
+        cpu,
+        LedgerRequest {
+            op: LedgerRequest::RECLAIM,
+            party: u32::from(handle),
+            frames: frames(pa, pages),
+        },
+        Some(VmMemory {
+            handle,
+            stage2: &mut vm.stage2,
+            regions: &mut vm.regions,
+            donate_ipa: None,
+        }),
+    )?;
+    free_if_empty(slot, &mut guard);
+    Ok(())
+}
+
+/// A dying VM with no page left is gone: its VMID's TLB entries are
+/// invalidated, its tables freed, its handle free again.
+fn free_if_empty(slot: &Slot, guard: &mut Option<Vm>) {
+    let empty = guard.as_ref().is_some_and(|vm| vm.regions.is_empty());
+    if slot.status() != Status::Dying || !empty {
+        return;
+    }
+    if let Some(vm) = guard.take() {
+        stage2::flush_vmid(vm.stage2.vttbr());
+        vm.stage2.mark_dead();
+        crate::log!("VM {} has no page left: freed", vm.handle);
+    }
+    slot.set(Status::Free);
+}
+
+/// The EL2 controls while a VM runs.
+fn vm_el2(vm: &Vm) -> (u64, u64, u64, u64, u64) {
+    let m = machine();
+    // Physical interrupts to EL2 (they are the host's), SMC, WFI/WFE, set/way
+    // cache maintenance, ACTLR, implementation-defined and LORegion
+    // registers trapped; pointer authentication trapped (the host's keys
+    // are in the registers).
+    let mut hcr = hcr::VM
+        | hcr::RW
+        | hcr::IMO
+        | hcr::FMO
+        | hcr::AMO
+        | hcr::TSC
+        | hcr::TWI
+        | hcr::TWE
+        | hcr::TSW
+        | hcr::TACR
+        | hcr::TIDCP
+        | hcr::TLOR;
+    if m.cpu.mte {
+        if vm.flags.mte() {
+            hcr |= hcr::ATA;
+        } else {
+            // Tag access off: the MTE registers trap (ATA clear) and so does
+            // GMID_EL1.
+            hcr |= hcr::TID5;
+        }
+    }
+    // FP/SIMD allowed (switched by the core); SVE and SME trapped.
+    let cptr = (1 << 13) | (1 << 12) | (1 << 9) | (1 << 8) | 0xff;
+    // PMU and debug registers trapped, as for services.
+    let mdcr = m.host_el2.mdcr | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11);
+    // The counter is readable; the physical timer is the host's.
+    let cnthctl = 0b01;
+    (hcr, cptr, mdcr, cnthctl, vm.stage2.vttbr())
+}
+
+fn csselr() -> u64 {
+    let v: u64;
+    // SAFETY: reads CSSELR_EL1.
+    unsafe {
+        core::arch::asm!("mrs {}, csselr_el1", out(reg) v, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+fn set_csselr(v: u64) {
+    // SAFETY: CSSELR_EL1 only selects which cache CCSIDR_EL1 describes.
+    unsafe {
+        core::arch::asm!("msr csselr_el1, {}", in(reg) v, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// How one entry into the VM ended, as the run loop sees it.
+enum Step {
+    Resume,
+    Exit(Exit),
+    /// The VM can never run again (shut down or crashed); the exit says why.
+    End(Exit),
+}
+
+fn exit(reason: ExitReason, detail: [u64; 6]) -> Exit {
+    Exit { reason, detail }
+}
+
+fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
+    let (slot, _) = slot_of(handle)?;
+    let mut guard = lock_idle(slot)?;
+    match slot.status() {
+        Status::Alive => {}
+        Status::Off | Status::Dying => return Err(Error::Denied),
+        _ => return Err(Error::Busy),
+    }
+    let vm = guard.as_mut().ok_or(Error::InvalidParameters)?;
+    slot.set(Status::Running);
+    match core::mem::replace(&mut vm.pending, Pending::None) {
+        Pending::Hvc => vm.vcpu.regs.x[..4].copy_from_slice(&answer),
+        Pending::MmioRead(access) => {
+            let v = access.loaded_value(answer[0]);
+            vm.vcpu.regs.write_gpr(access.rt, v);
+        }
+        Pending::None => {}
+    }
+    vm.has_run = true;
+    vm.vcpu.cpu = cpu.index as u64;
+
+    let mut host_fp = FpState::ZERO;
+    let host_csselr = csselr();
+    // SAFETY: this CPU holds the VM's slot; the host's EL1 state is saved
+    // before the VM's is loaded and restored after.
+    unsafe {
+        (*cpu.host_el1.get()).save();
+        vm.el1.load();
+    }
+    host_fp.save();
+    vm.fp.load();
+    set_csselr(vm.csselr);
+    let (h, c, md, ct, v) = vm_el2(vm);
+    // SAFETY: the VM's stage-2 is live and its EL1 state is loaded.
+    unsafe { sysreg::switch_el2(h, c, md, ct, v) };
+
+    let outcome = loop {
+        // SAFETY: the vCPU frame is complete, the VM's EL1 and EL2 state is
+        // loaded, and `nested` is this CPU's save area; the VM's next trap
+        // returns here through `leave_nested`.
+        unsafe { enter_nested(&mut *vm.vcpu, cpu.nested.get()) };
+        match handle_exit(cpu, vm) {
+            Step::Resume => continue,
+            Step::Exit(e) => break (e, Status::Alive),
+            Step::End(e) => break (e, Status::Off),
+        }
+    };
+
+    vm.csselr = csselr();
+    vm.fp.save();
+    // SAFETY: as above, in reverse.
+    unsafe {
+        vm.el1.save();
+        (*cpu.host_el1.get()).load();
+    }
+    host_fp.load();
+    set_csselr(host_csselr);
+    let hel2 = &machine().host_el2;
+    // SAFETY: back to the host's own controls and stage-2.
+    unsafe {
+        sysreg::switch_el2(
+            hel2.hcr.load(Ordering::Relaxed),
+            hel2.cptr,
+            hel2.mdcr,
+            moat_kernel::el2config::HOST_CNTHCTL,
+            hel2.vttbr,
+        )
+    };
+    let (e, status) = outcome;
+    slot.set(status);
+    Ok(e)
+}
+
+unsafe extern "C" {
+    fn enter_nested(frame: *mut Vcpu, save: *mut super::cpu::NestedSave);
+}
+
+/// Handles one trap from a running VM.
+fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
+    let vector = vm.vcpu.exit_vector;
+    let esr_el2 = vm.vcpu.exit_esr;
+    match vector {
+        LOWER_SYNC => {}
+        LOWER_IRQ | LOWER_FIQ => return Step::Exit(exit(ExitReason::Interrupt, [0; 6])),
+        _ => {
+            crate::log!(
+                "VM {}: SError or unexpected vector {vector}: VM off",
+                vm.handle
+            );
+            return Step::End(exit(ExitReason::Crashed, [esr_el2, 0, 0, 0, 0, 0]));
+        }
+    }
+    let trap = Trap::decode(esr_el2);
+    if matches!(trap, Trap::Hvc { imm: 0 }) {
+        return guest_call(cpu, vm);
+    }
+    if matches!(trap, Trap::Smc { imm: 0 }) {
+        vm.vcpu.regs.pc = vm.vcpu.regs.pc.wrapping_add(4);
+        return guest_call(cpu, vm);
+    }
+    let regs = &mut vm.vcpu.regs;
+    match trap {
+        Trap::Hvc { .. } | Trap::Smc { .. } => {
+            regs.x[0] = smccc::NOT_SUPPORTED;
+            Step::Resume
+        }
+        Trap::Wfx { .. } => {
+            regs.pc = regs.pc.wrapping_add(4);
+            Step::Exit(exit(ExitReason::Wfi, [0; 6]))
+        }
+        Trap::StageTwo(abort) => {
+            let ipa = sysreg::fault_ipa();
+            match abort.access {
+                Some(access) if !abort.is_instruction && !abort.s1ptw => {
+                    let value = if access.is_write {
+                        regs.read_gpr(access.rt)
+                    } else {
+                        vm.pending = Pending::MmioRead(access);
+                        0
+                    };
+                    regs.pc = regs.pc.wrapping_add(4);
+                    let bits = MmioAccess::new(access.is_write, access.size_log2, access.rt);
+                    Step::Exit(exit(ExitReason::Mmio, [ipa, bits.0, value, 0, 0, 0]))
+                }
+                _ => {
+                    // No syndrome to emulate from (a pair, a fetch, a table
+                    // walk): what a bus error on that access would give it.
+                    super::trap::inject_abort(
+                        regs,
+                        abort.is_instruction,
+                        abort.is_write,
+                        sysreg::far_el2(),
+                    );
+                    Step::Resume
+                }
+            }
+        }
+        Trap::SysReg(access) => {
+            // Set/way cache maintenance (DC ISW/CSW/CISW) is a no-op: the
+            // VM's memory is cleaned to the point of coherency whenever it
+            // changes hands, and set/way operations cannot be virtualised.
+            if access.op0 == 1 && access.crn == 7 && matches!(access.crm, 6 | 10 | 14) {
+                regs.pc = regs.pc.wrapping_add(4);
+            } else {
+                super::trap::inject_undef(regs);
+            }
+            Step::Resume
+        }
+        Trap::Other { .. } => {
+            super::trap::inject_undef(regs);
+            Step::Resume
+        }
+    }
+}
+
+/// PSCI function ids a VM may call.
+const PSCI_VERSION: u32 = 0x8400_0000;
+const PSCI_FEATURES: u32 = 0x8400_000a;
+const PSCI_SYSTEM_OFF: u32 = 0x8400_0008;
+const PSCI_SYSTEM_RESET: u32 = 0x8400_0009;
+
+/// A hypercall from the guest: the core serves its memory calls and the
+/// PSCI calls that end it; everything else goes to the host.
+fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
+    let x = vm.vcpu.regs.x;
+    let function = x[0] as u32;
+    let result = match function {
+        abi::GUEST_SHARE_HOST => guest_share(cpu, vm, x[1], x[2], LedgerRequest::VM_SHARE_HOST),
+        abi::GUEST_UNSHARE_HOST => guest_share(cpu, vm, x[1], x[2], LedgerRequest::VM_UNSHARE_HOST),
+        hypercall::ABI_VERSION => {
+            vm.vcpu
+                .regs
+                .set_smccc_result([0, u64::from(moat_abi::ABI_VERSION), 0, 0]);
+            return Step::Resume;
+        }
+        smccc::SMCCC_VERSION => {
+            vm.vcpu.regs.x[0] = smccc::IMPLEMENTED_VERSION;
+            return Step::Resume;
+        }
+        PSCI_VERSION => {
+            vm.vcpu.regs.x[0] = 0x1_0000;
+            return Step::Resume;
+        }
+        PSCI_FEATURES => {
+            vm.vcpu.regs.x[0] = match x[1] as u32 {
+                PSCI_VERSION | PSCI_FEATURES | PSCI_SYSTEM_OFF | PSCI_SYSTEM_RESET => 0,
+                _ => smccc::NOT_SUPPORTED,
+            };
+            return Step::Resume;
+        }
+        PSCI_SYSTEM_OFF | PSCI_SYSTEM_RESET => {
+            let reset = u64::from(function == PSCI_SYSTEM_RESET);
+            crate::log!(
+                "VM {} asked for {}: the VM is off",
+                vm.handle,
+                if reset == 1 {
+                    "SYSTEM_RESET"
+                } else {
+                    "SYSTEM_OFF"
+                }
+            );
+            return Step::End(exit(ExitReason::Shutdown, [reset, 0, 0, 0, 0, 0]));
+        }
+        _ => {
+            vm.pending = Pending::Hvc;
+            return Step::Exit(exit(ExitReason::Hvc, [x[0], x[1], x[2], x[3], x[4], x[5]]));
+        }
+    };
+    vm.vcpu.regs.x[0] = match result {
+        Ok(()) => 0,
+        Err(e) => e.to_x0(),
+    };
+    Step::Resume
+}
+
+/// GUEST_SHARE_HOST / GUEST_UNSHARE_HOST: the IPA range must be mapped in
+/// the VM and backed by contiguous frames.
+fn guest_share(cpu: &PerCpu, vm: &mut Vm, ipa: u64, pages: u64, op: u32) -> Result<(), Error> {
+    let size = checked_range(ipa, pages)?;
+    let (first, _) = vm.stage2.translate(ipa).ok_or(Error::InvalidParameters)?;
+    let mut at = PAGE;
+    while at < size {
+        match vm.stage2.translate(ipa + at) {
+            Some((pa, _)) if pa == first + at => {}
+            _ => return Err(Error::InvalidParameters),
+        }
+        at += PAGE;
+    }
+    // The transaction changes only the host's stage-2; the VM keeps its
+    // mapping (the ledger never names the VM in a share's changes).
+    outside_vm(cpu, vm, |vm| {
+        memory::transact(
+            cpu,
+            LedgerRequest {
+                op,
+                party: u32::from(vm.handle),
+                frames: frames(first, pages),
+            },
+            Some(VmMemory {
+                handle: vm.handle,
+                stage2: &mut vm.stage2,
+                regions: &mut vm.regions,
+                donate_ipa: None,
+            }),
+        )
+    })
+}
+
+/// Runs `f` (which may call services) in the middle of a VM run with the
+/// host's EL1 state back in the CPU, so that a service call saves and
+/// restores the host's state, not the VM's; then loads the VM's again.
+/// The VM's FP/SIMD and CSSELR_EL1 stay live: services cannot reach them
+/// (CPTR_EL2.TFP and HCR_EL2.TID2 trap them).
+fn outside_vm<R>(cpu: &PerCpu, vm: &mut Vm, f: impl FnOnce(&mut Vm) -> R) -> R {
+    // SAFETY: this CPU runs the VM (its slot is held); the VM's EL1 state is
+    // saved before the host's is loaded, and loaded again after.
+    unsafe {
+        vm.el1.save();
+        (*cpu.host_el1.get()).load();
+    }
+    let r = f(vm);
+    let (h, c, md, ct, v) = vm_el2(vm);
+    // SAFETY: as above; a service call in `f` restored the host's EL1 state
+    // and EL2 controls, which are now replaced by the VM's again.
+    unsafe {
+        vm.el1.load();
+        sysreg::switch_el2(h, c, md, ct, v);
+    }
+    r
+}
+
+/// Every idle VM's stage-2, locked, for the consistency checker.
+pub struct IdleVms {
+    guards: Vec<spin::MutexGuard<'static, Option<Vm>>>,
+    /// VMs running on other CPUs (not checked).
+    pub running: u64,
+}
+
+impl IdleVms {
+    /// Handle and stage-2 of each idle VM.
+    pub fn stage2s(&self) -> impl Iterator<Item = (u16, &StageTwo)> {
+        self.guards
+            .iter()
+            .filter_map(|g| g.as_ref().map(|vm| (vm.handle, &*vm.stage2)))
+    }
+}
+
+/// Locks every VM that is not running (before the memory lock: the lock
+/// order is slot, then memory).
+pub fn lock_all_idle() -> IdleVms {
+    let mut out = IdleVms {
+        guards: Vec::new(),
+        running: 0,
+    };
+    for slot in &SLOTS {
+        match slot.vm.try_lock() {
+            Some(g) if g.is_some() => out.guards.push(g),
+            Some(_) => {}
+            None => out.running += 1,
+        }
+    }
+    out
+}
