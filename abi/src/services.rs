@@ -114,6 +114,10 @@ pub enum MteReason {
     /// a switch the policy cannot see can never leave MTE usable by a host
     /// that believes it disabled it.
     CommandLineTooLong = 5,
+    /// A protected VM that did not ask for MTE: off, as in pKVM.
+    VmDefaultOff = 6,
+    /// A protected VM created with MTE on, on hardware with tag storage.
+    VmRequested = 7,
 }
 
 /// The policy for the host.
@@ -128,6 +132,34 @@ pub struct MtePolicy {
     pub reason: u32,
 }
 
+/// A new protected VM, as the MTE policy sees it.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct VmMteRequest {
+    /// The VM's handle.
+    pub vm: u32,
+    /// 1: the host created it with `VmFlags::MTE`.
+    pub requested: u32,
+    /// ID_AA64PFR1_EL1.MTE as the hardware reports it.
+    pub hardware_level: u32,
+    pub reserved: u32,
+}
+
+/// The policy for one protected VM.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct VmMtePolicy {
+    /// 1: the VM may use MTE (tag access on, MTE registers switched with
+    /// its vCPU); 0: it sees hardware without MTE.
+    pub mte: u32,
+    /// An [`MteReason`].
+    pub reason: u32,
+}
+
 crate::service_interface! {
     /// `mte`: the MTE policy. It decides at boot whether the host may use
     /// MTE, and decides each trapped system-register access of a partition
@@ -138,6 +170,8 @@ crate::service_interface! {
         1 => fn configure(MteBootInfo) -> MtePolicy;
         /// What to do with a trapped access.
         2 => fn decide(TrapDescriptor) -> Verdict;
+        /// A new protected VM's policy.
+        3 => fn vm_policy(VmMteRequest) -> VmMtePolicy;
     }
 }
 

@@ -3,6 +3,9 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+/// [`TrapDescriptor::partition`] of protected VM `handle` is this plus `handle`.
+pub const PARTITION_VM_BASE: u16 = 0x100;
+
 /// The class of a trap, as the manifest names it for routing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -95,7 +98,8 @@ pub struct SysRegAccess {
 pub struct TrapDescriptor {
     /// A [`TrapClass`].
     pub class: u32,
-    /// The partition that trapped.
+    /// The partition that trapped: 0 the host, [`PARTITION_VM_BASE`] + handle
+    /// a protected VM.
     pub partition: u16,
     /// The physical CPU's logical index.
     pub cpu: u16,

@@ -112,7 +112,7 @@ fn class_of(trap: &Trap) -> TrapClass {
 }
 
 /// The typed descriptor services receive.
-fn describe(trap: &Trap, esr: u64, regs: &GuestRegs, cpu: usize) -> TrapDescriptor {
+pub fn describe(trap: &Trap, esr: u64, regs: &GuestRegs, cpu: usize) -> TrapDescriptor {
     let mut d = TrapDescriptor {
         class: class_of(trap) as u32,
         partition: 0,
@@ -162,13 +162,27 @@ fn decide(
     trap: &TrapDescriptor,
     access: &SysRegAccess,
 ) {
+    let answer = ask(cpu, index, trap);
+    apply_verdict(regs, answer, access);
+}
+
+/// A handler service's answer to a trapped access.
+pub enum Answer {
+    Verdict(moat_abi::trap::Verdict),
+    /// An interrupt suspended the decision: run the instruction again.
+    Interrupted,
+    /// No well-formed answer.
+    Refused,
+}
+
+/// Sends `trap` to handler service `index` for a verdict.
+pub fn ask(cpu: &cpu::PerCpu, index: usize, trap: &TrapDescriptor) -> Answer {
     use moat_abi::Error;
     use moat_abi::ipc::MessageHeader;
-    use moat_abi::trap::{Action, DECIDE_OPERATION, Verdict};
+    use moat_abi::trap::{DECIDE_OPERATION, Verdict};
     use zerocopy::{FromBytes, IntoBytes};
     let Some(s) = service::get(index) else {
-        inject_undef(regs);
-        return;
+        return Answer::Refused;
     };
     let mut body: service::SmallBody = [0; service::SMALL_WORDS];
     body.as_mut_bytes()[..size_of::<TrapDescriptor>()].copy_from_slice(trap.as_bytes());
@@ -180,21 +194,32 @@ fn decide(
     );
     match service::call(cpu, index, &header, &mut body) {
         Ok(Ok(len)) if len as usize == size_of::<Verdict>() => {
-            let verdict = Verdict::read_from_bytes(&body.as_bytes()[..size_of::<Verdict>()])
-                .unwrap_or_default();
-            match verdict.action() {
-                Some(Action::Skip) => regs.pc = regs.pc.wrapping_add(4),
-                Some(Action::EmulateRead) if access.is_read => {
-                    regs.write_gpr(access.rt, verdict.value);
-                    regs.pc = regs.pc.wrapping_add(4);
-                }
-                _ => inject_undef(regs),
+            match Verdict::read_from_bytes(&body.as_bytes()[..size_of::<Verdict>()]) {
+                Ok(v) => Answer::Verdict(v),
+                Err(_) => Answer::Refused,
             }
         }
-        // The instruction runs again after the host's interrupt, and the
+        // The instruction runs again after the interrupt, and the
         // suspended decision is finished then.
-        Err(Error::Interrupted) => {}
-        _ => inject_undef(regs),
+        Err(Error::Interrupted) => Answer::Interrupted,
+        _ => Answer::Refused,
+    }
+}
+
+/// Applies a verdict to the trapped partition, whose EL1 state is loaded.
+pub fn apply_verdict(regs: &mut GuestRegs, answer: Answer, access: &SysRegAccess) {
+    use moat_abi::trap::Action;
+    match answer {
+        Answer::Verdict(verdict) => match verdict.action() {
+            Some(Action::Skip) => regs.pc = regs.pc.wrapping_add(4),
+            Some(Action::EmulateRead) if access.is_read => {
+                regs.write_gpr(access.rt, verdict.value);
+                regs.pc = regs.pc.wrapping_add(4);
+            }
+            _ => inject_undef(regs),
+        },
+        Answer::Interrupted => {}
+        Answer::Refused => inject_undef(regs),
     }
 }
 

@@ -35,6 +35,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU8, Ordering};
 use moat_abi::Error;
 use moat_abi::services::{FrameRange, LedgerRequest, Party};
+use moat_abi::trap::{PARTITION_VM_BASE, TrapClass};
 use moat_abi::vm::{self as abi, Exit, ExitReason, MAX_VMS, MmioAccess, VmFlags};
 use moat_abi::{hypercall, smccc};
 use moat_kernel::el2config::hcr;
@@ -154,7 +155,9 @@ enum Pending {
 
 struct Vm {
     handle: u16,
-    flags: VmFlags,
+    /// MTE on for this VM, as the policy decided.
+    mte: bool,
+    mte_regs: MteRegs,
     stage2: Box<StageTwo>,
     regions: Vec<Region>,
     vcpu: Box<Vcpu>,
@@ -273,6 +276,8 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         })
         .ok_or(Error::NoMemory)?;
     let handle = index as u16 + 1;
+    // The policy first: a refusal must leave the ledger untouched.
+    let mte = mte_policy(cpu, handle, flags)?;
     memory::transact(
         cpu,
         LedgerRequest {
@@ -292,7 +297,8 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
     vcpu.regs = GuestRegs::el1h_entry(entry, 0);
     *guard = Some(Vm {
         handle,
-        flags,
+        mte,
+        mte_regs: MteRegs::default(),
         stage2,
         regions: Vec::new(),
         vcpu,
@@ -306,7 +312,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
     crate::log!(
         "VM {handle} created: entry {entry:#x}, VMID {}, MTE {}",
         VMID_BASE + index as u16,
-        if flags.mte() { "on" } else { "off" }
+        if mte { "on" } else { "off" }
     );
     Ok(handle)
 }
@@ -490,12 +496,16 @@ fn vm_el2(vm: &Vm) -> (u64, u64, u64, u64, u64) {
         | hcr::TIDCP
         | hcr::TLOR;
     if m.cpu.mte {
-        if vm.flags.mte() {
+        if vm.mte {
             hcr |= hcr::ATA;
         } else {
             // Tag access off: the MTE registers trap (ATA clear) and so does
-            // GMID_EL1.
+            // GMID_EL1; with a policy service to edit them, so do the ID
+            // registers, which then read as hardware without MTE.
             hcr |= hcr::TID5;
+            if sysreg_handler().is_some() {
+                hcr |= hcr::TID3;
+            }
         }
     }
     // FP/SIMD allowed (switched by the core); SVE and SME trapped.
@@ -567,6 +577,11 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     host_fp.save();
     vm.fp.load();
     set_csselr(vm.csselr);
+    let mut host_mte = MteRegs::default();
+    if vm.mte {
+        host_mte.save();
+        vm.mte_regs.load();
+    }
     let (h, c, md, ct, v) = vm_el2(vm);
     // SAFETY: the VM's stage-2 is live and its EL1 state is loaded.
     unsafe { sysreg::switch_el2(h, c, md, ct, v) };
@@ -583,6 +598,10 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         }
     };
 
+    if vm.mte {
+        vm.mte_regs.save();
+        host_mte.load();
+    }
     vm.csselr = csselr();
     vm.fp.save();
     // SAFETY: as above, in reverse.
@@ -678,14 +697,114 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
             // changes hands, and set/way operations cannot be virtualised.
             if access.op0 == 1 && access.crn == 7 && matches!(access.crm, 6 | 10 | 14) {
                 regs.pc = regs.pc.wrapping_add(4);
-            } else {
-                super::trap::inject_undef(regs);
+                return Step::Resume;
             }
+            // Everything else goes to the policy service that handles system
+            // registers (the MTE policy), as the host's traps do.
+            let Some(index) = sysreg_handler() else {
+                super::trap::inject_undef(regs);
+                return Step::Resume;
+            };
+            let mut trap = super::trap::describe(&Trap::SysReg(access), esr_el2, regs, cpu.index);
+            trap.partition = PARTITION_VM_BASE + vm.handle;
+            let answer = outside_vm(cpu, vm, |_| super::trap::ask(cpu, index, &trap));
+            super::trap::apply_verdict(&mut vm.vcpu.regs, answer, &access);
             Step::Resume
         }
         Trap::Other { .. } => {
             super::trap::inject_undef(regs);
             Step::Resume
+        }
+    }
+}
+
+/// The service that handles system-register traps, if the image has one.
+fn sysreg_handler() -> Option<usize> {
+    super::service::routes().and_then(|r| r.handler(TrapClass::SysReg))
+}
+
+/// Asks the MTE policy service, if there is one, whether a new VM gets MTE.
+/// Without one, a VM gets MTE when it asks and the hardware has it.
+fn mte_policy(cpu: &PerCpu, handle: u16, flags: VmFlags) -> Result<bool, Error> {
+    use moat_abi::ipc::MessageHeader;
+    use moat_abi::services::{VmMtePolicy, VmMteRequest, mte};
+    use zerocopy::{FromBytes, IntoBytes};
+    let hardware_level = ((arm_sysregs::read_id_aa64pfr1_el1().bits() >> 8) & 0xf) as u32;
+    let Some(index) = (0..)
+        .map_while(super::service::get)
+        .position(|s| s.interface_id == mte::SERVICE_ID)
+    else {
+        return Ok(flags.mte() && machine().cpu.mte);
+    };
+    let request = VmMteRequest {
+        vm: u32::from(handle),
+        requested: u32::from(flags.mte()),
+        hardware_level,
+        reserved: 0,
+    };
+    let mut body = [0u64; super::service::SMALL_WORDS];
+    body.as_mut_bytes()[..size_of::<VmMteRequest>()].copy_from_slice(request.as_bytes());
+    let header = MessageHeader::call(
+        mte::SERVICE_ID,
+        3,
+        super::service::next_sequence(index),
+        size_of::<VmMteRequest>() as u32,
+    );
+    match super::service::call(cpu, index, &header, &mut body)? {
+        Ok(len) if len as usize == size_of::<VmMtePolicy>() => {
+            let p = VmMtePolicy::read_from_bytes(&body.as_bytes()[..size_of::<VmMtePolicy>()])
+                .map_err(|_| Error::ServiceFailed)?;
+            // The policy may refuse MTE to a VM that asked; it may never
+            // grant it to one that did not, or on hardware without it.
+            match (p.mte == 1, flags.mte()) {
+                (true, true) if machine().cpu.mte => Ok(true),
+                (false, false) => Ok(false),
+                (false, true) => Err(Error::Denied),
+                _ => Err(Error::ServiceFailed),
+            }
+        }
+        Ok(_) => Err(Error::ServiceFailed),
+        Err(e) => Err(e),
+    }
+}
+
+/// The MTE registers of an MTE-on VM, switched with its vCPU: the tag
+/// generation controls and the tag-check fault status.
+#[derive(Clone, Copy, Debug, Default)]
+struct MteRegs {
+    gcr: u64,
+    rgsr: u64,
+    tfsr: u64,
+    tfsre0: u64,
+}
+
+impl MteRegs {
+    fn save(&mut self) {
+        // SAFETY: reads GCR_EL1, RGSR_EL1, TFSR_EL1 and TFSRE0_EL1 (by
+        // encoding), which exist when the hardware has tag storage (the
+        // only case an MTE-on VM exists).
+        unsafe {
+            core::arch::asm!(
+                "mrs {g}, s3_0_c1_c0_6", "mrs {r}, s3_0_c1_c0_5",
+                "mrs {t}, s3_0_c5_c6_0", "mrs {e}, s3_0_c5_c6_1",
+                g = out(reg) self.gcr, r = out(reg) self.rgsr,
+                t = out(reg) self.tfsr, e = out(reg) self.tfsre0,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+    }
+
+    fn load(&self) {
+        // SAFETY: as for `save`; the registers belong to the partition
+        // about to run.
+        unsafe {
+            core::arch::asm!(
+                "msr s3_0_c1_c0_6, {g}", "msr s3_0_c1_c0_5, {r}",
+                "msr s3_0_c5_c6_0, {t}", "msr s3_0_c5_c6_1, {e}",
+                g = in(reg) self.gcr, r = in(reg) self.rgsr,
+                t = in(reg) self.tfsr, e = in(reg) self.tfsre0,
+                options(nomem, nostack, preserves_flags),
+            );
         }
     }
 }

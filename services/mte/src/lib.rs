@@ -21,7 +21,7 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
-use moat_abi::services::{MteBootInfo, MtePolicy, MteReason};
+use moat_abi::services::{MteBootInfo, MtePolicy, MteReason, VmMtePolicy, VmMteRequest};
 use moat_abi::trap::{Action, SysRegAccess, TrapClass, TrapDescriptor, Verdict};
 
 /// `(op0, op1, CRn, CRm, op2)` of a system register.
@@ -84,6 +84,21 @@ const UNDEF: Verdict = Verdict {
     value: 0,
 };
 
+/// A protected VM's policy: MTE only if the host asked for it and the
+/// hardware has tag storage; off otherwise (upstream pKVM offers protected
+/// VMs no MTE at all).
+pub fn vm_policy(request: &VmMteRequest) -> VmMtePolicy {
+    let (mte, reason) = match (request.requested != 0, request.hardware_level >= 2) {
+        (true, true) => (1, MteReason::VmRequested),
+        (true, false) => (0, MteReason::NoHardware),
+        (false, _) => (0, MteReason::VmDefaultOff),
+    };
+    VmMtePolicy {
+        mte,
+        reason: reason as u32,
+    }
+}
+
 /// What a trapped access by a partition whose MTE is off gets.
 pub fn decide(trap: &TrapDescriptor) -> Verdict {
     if trap.class != TrapClass::SysReg as u32 {
@@ -112,6 +127,24 @@ pub fn decide(trap: &TrapDescriptor) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vms_get_mte_only_when_asked_and_present() {
+        let ask = |requested, hardware_level| {
+            vm_policy(&VmMteRequest {
+                vm: 1,
+                requested,
+                hardware_level,
+                reserved: 0,
+            })
+        };
+        assert_eq!(ask(1, 2).mte, 1);
+        assert_eq!(ask(1, 3).reason, MteReason::VmRequested as u32);
+        assert_eq!(ask(1, 1).mte, 0);
+        assert_eq!(ask(1, 0).reason, MteReason::NoHardware as u32);
+        assert_eq!(ask(0, 3).mte, 0);
+        assert_eq!(ask(0, 3).reason, MteReason::VmDefaultOff as u32);
+    }
 
     fn boot(level: u32, line: &str) -> MtePolicy {
         let mut info = MteBootInfo {

@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use moat_abi::Error;
-use moat_abi::services::{MteBootInfo, MtePolicy, mte};
+use moat_abi::services::{MteBootInfo, MtePolicy, VmMtePolicy, VmMteRequest, mte};
 use moat_abi::trap::{TrapDescriptor, Verdict};
 
 #[derive(Default)]
@@ -39,6 +39,17 @@ impl mte::Server for Mte {
     fn decide(&mut self, trap: TrapDescriptor) -> Result<Verdict, Error> {
         // Only partitions whose MTE is off have their accesses trapped.
         Ok(moat_mte_policy::decide(&trap))
+    }
+
+    fn vm_policy(&mut self, request: VmMteRequest) -> Result<VmMtePolicy, Error> {
+        let policy = moat_mte_policy::vm_policy(&request);
+        #[cfg(target_os = "none")]
+        moat_rt::log!(
+            "VM {} MTE {}",
+            request.vm,
+            if policy.mte == 1 { "on" } else { "off" }
+        );
+        Ok(policy)
     }
 }
 
