@@ -553,8 +553,9 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
     match memory::check_consistency(cpu) {
         Ok(c) => {
             crate::log!(
-                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host and {} VM(s) checked{})",
+                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s) and {} VM(s) checked{})",
                 c.extents,
+                c.services,
                 c.vms,
                 if c.vms_running > 0 {
                     ", running VMs skipped"
@@ -577,6 +578,12 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
         Err(Mismatch::VmMapsForeign { handle, ipa, pa }) => {
             crate::log!(
                 "consistency: MISMATCH: VM {handle} maps frame {pa:#x} at IPA {ipa:#x}, which the ledger does not give it"
+            );
+            false
+        }
+        Err(Mismatch::ServiceMapsForeign { index, ipa, pa }) => {
+            crate::log!(
+                "consistency: MISMATCH: service {index} maps frame {pa:#x} at IPA {ipa:#x}, which is not the hypervisor's"
             );
             false
         }

@@ -431,6 +431,9 @@ pub enum Mismatch {
     Host { address: u64, host_may_map: bool },
     /// VM `handle` maps frame `pa` (at `ipa`) that the ledger does not give it.
     VmMapsForeign { handle: u16, ipa: u64, pa: u64 },
+    /// Service `index` maps frame `pa` (at `ipa`), which is not the
+    /// hypervisor's.
+    ServiceMapsForeign { index: usize, ipa: u64, pa: u64 },
     /// VM `handle` maps `mapped` pages, the ledger gives it `owned`.
     VmPageCount {
         handle: u16,
@@ -445,6 +448,7 @@ pub enum Mismatch {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Checked {
     pub extents: u64,
+    pub services: u64,
     pub vms: u64,
     pub vms_running: u64,
 }
@@ -475,17 +479,40 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
                 })?;
         }
     }
+    let owner_of = |pa: u64| {
+        let pfn = pa / PAGE;
+        let i = extents.partition_point(|e| e.frames.start + e.frames.count <= pfn);
+        extents
+            .get(i)
+            .filter(|e| e.frames.start <= pfn)
+            .map(|e| e.owner)
+    };
+    let ipa_space = 1u64 << machine().ipa_bits;
+    // Services map only the hypervisor's memory (their images, stacks and
+    // IPC pages come from the core's heap).
+    for (index, s2) in (0..)
+        .map_while(service::get)
+        .enumerate()
+        .filter_map(|(i, s)| s.stage2.map(|s2| (i, s2)))
+    {
+        s2.for_each_mapped(0, ipa_space, |ipa, pa, size| {
+            let mut page = 0;
+            while page < size {
+                if owner_of(pa + page).is_none_or(|o| o.kind != Party::HYPERVISOR) {
+                    return Err(Mismatch::ServiceMapsForeign {
+                        index,
+                        ipa: ipa + page,
+                        pa: pa + page,
+                    });
+                }
+                page += PAGE;
+            }
+            Ok(())
+        })?;
+        checked.services += 1;
+    }
     for (handle, s2) in vms.stage2s() {
-        let owner_of = |pa: u64| {
-            let pfn = pa / PAGE;
-            let i = extents.partition_point(|e| e.frames.start + e.frames.count <= pfn);
-            extents
-                .get(i)
-                .filter(|e| e.frames.start <= pfn)
-                .map(|e| e.owner)
-        };
         let mut mapped = 0u64;
-        let ipa_space = 1u64 << machine().ipa_bits;
         s2.for_each_mapped(0, ipa_space, |ipa, pa, size| {
             let mut page = 0;
             while page < size {

@@ -116,6 +116,8 @@ pub struct Service {
     pub interface_id: u16,
     pub vmid: u16,
     vttbr: u64,
+    /// The service's stage-2, for the consistency checker.
+    pub stage2: Option<&'static super::stage2::StageTwo>,
     memory: Range,
     ipc_page: u64,
     budget_ticks: u64,
@@ -643,7 +645,8 @@ fn create(
         super::stage2::Access::ReadWrite,
     )
     .map_err(SetupError::StageTwo)?;
-    let vttbr = s2.activate().vttbr();
+    let stage2 = s2.activate();
+    let vttbr = stage2.vttbr();
 
     let mut name = heapless::String::new();
     let _ = name.push_str(record.name());
@@ -661,6 +664,7 @@ fn create(
         interface_id: record.interface_id.get(),
         vmid,
         vttbr,
+        stage2: Some(stage2),
         memory: Range::new(base, memory).unwrap_or_default(),
         ipc_page,
         budget_ticks: budget_ticks.max(1),
@@ -704,6 +708,7 @@ pub fn create_all(
                     interface_id: record.interface_id.get(),
                     vmid: 0,
                     vttbr: 0,
+                    stage2: None,
                     memory: Range::default(),
                     ipc_page: 0,
                     budget_ticks: 1,
