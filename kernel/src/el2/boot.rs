@@ -493,7 +493,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         super::service::start_all(boot_cpu);
     }
     // The memory ledger, if the image has one: built from this machine's
-    // RAM and the hypervisor's memory, then checked against the host's stage-2.
+    // RAM and the hypervisor's memory.
     match super::service::ledger_boot(
         boot_cpu,
         &machine.platform.memory,
@@ -501,8 +501,10 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     ) {
         None => crate::log!("no memory ledger service in this image"),
         Some(Ok((extents, bytes))) => {
+            // The consistency checker is a debugging aid the host invokes
+            // (CHECK_CONSISTENCY); walking every page of the host's stage-2
+            // at each boot would cost tens of milliseconds.
             crate::log!("memory ledger: {extents} extent(s), {bytes} bytes of state");
-            report_consistency(boot_cpu);
         }
         Some(Err(e)) => fatal(
             "memory ledger",
