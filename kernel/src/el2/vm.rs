@@ -317,13 +317,22 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
     Ok(handle)
 }
 
-/// Locks an idle VM; `Busy` while it runs on another CPU.
+/// Locks an idle VM; `Busy` while it runs. Another CPU's call on the same
+/// VM (a donation, a load) holds the lock only for one transaction, so
+/// that is waited for: two CPUs donating to one VM are served in turn.
 fn lock_idle(slot: &'static Slot) -> Result<spin::MutexGuard<'static, Option<Vm>>, Error> {
-    let guard = slot.vm.try_lock().ok_or(Error::Busy)?;
-    if guard.is_none() {
-        return Err(Error::InvalidParameters);
+    loop {
+        if slot.status() == Status::Running {
+            return Err(Error::Busy);
+        }
+        if let Some(guard) = slot.vm.try_lock() {
+            if guard.is_none() {
+                return Err(Error::InvalidParameters);
+            }
+            return Ok(guard);
+        }
+        core::hint::spin_loop();
     }
-    Ok(guard)
 }
 
 fn donate(cpu: &PerCpu, handle: u64, pa: u64, pages: u64, ipa: u64) -> Result<(), Error> {
