@@ -10,7 +10,13 @@
 //!   RAM and not the hypervisor's own memory (which never moves);
 //! - every change is for the host, the hypervisor or the one VM the request
 //!   names, with permissions the core gives;
-//! - frames that leave one party for another are scrubbed on the way.
+//! - frames that leave one party for another are scrubbed on the way;
+//! - the transaction has the shape its kind of request allows: a share
+//!   only adds the borrower's mapping (read/write, never executable), an
+//!   unshare only removes it, a donation and a reclaim move the frames from
+//!   the one party to the other with a scrub, and creating or destroying a
+//!   VM changes no mapping. So no page ever becomes writable by a second
+//!   party except as a share the ledger records.
 //!
 //! A transaction that fails any of these is refused whole.
 
@@ -187,7 +193,46 @@ pub fn check(
             }
         }
     }
+    shape_ok(request.op, &steps, scrub.is_some())?;
     Ok(Checked { steps, scrub })
+}
+
+/// The one shape each kind of request may have.
+fn shape_ok(
+    op: u32,
+    steps: &[Option<Step>; LEDGER_MAX_CHANGES],
+    scrubbed: bool,
+) -> Result<(), &'static str> {
+    use Who::{Host, Hypervisor, Vm};
+    let shape = |s: &Option<Step>| match *s {
+        None => None,
+        Some(Step::Unmap { who, .. }) => Some((false, who, None)),
+        Some(Step::Map { who, perm, .. }) => Some((true, who, Some(perm))),
+    };
+    let got = [shape(&steps[0]), shape(&steps[1])];
+    let map = |who, perm| Some((true, who, Some(perm)));
+    let unmap = |who| Some((false, who, None));
+    let rw = Perm::ReadWrite;
+    let rwx = Perm::ReadWriteExecute;
+    let allowed = match op {
+        LedgerRequest::HOST_SHARE_HYP => got == [map(Hypervisor, rw), None] && !scrubbed,
+        LedgerRequest::HOST_UNSHARE_HYP => got == [unmap(Hypervisor), None] && !scrubbed,
+        LedgerRequest::VM_SHARE_HOST => got == [map(Host, rw), None] && !scrubbed,
+        LedgerRequest::VM_UNSHARE_HOST => got == [unmap(Host), None] && !scrubbed,
+        LedgerRequest::HOST_DONATE_VM => got == [unmap(Host), map(Vm, rwx)] && scrubbed,
+        LedgerRequest::RECLAIM => {
+            // A reclaimed page the VM still shared with the host is already
+            // mapped for the host; the ledger maps the whole range again.
+            got == [unmap(Vm), map(Host, rwx)] && scrubbed
+        }
+        LedgerRequest::CREATE_VM | LedgerRequest::DESTROY_VM => got == [None, None] && !scrubbed,
+        _ => false,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err("a transaction of a shape its request does not allow")
+    }
 }
 
 /// `pages` frames from `pa`, mapped at `ipa` in a VM.
@@ -428,6 +473,48 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn each_request_allows_one_shape() {
+        // A donation that leaves the host its mapping: two writers.
+        let (request, mut tx) = donation();
+        tx.changes[0] = change(LedgerChange::MAP, 3, party(Party::HOST, 0), 0x50000, 4);
+        assert!(check(&request, &tx, Some(VM), &RAM, &CARVE).is_err());
+        // A donation presented as a share.
+        let (mut request, mut tx) = donation();
+        request.op = LedgerRequest::VM_SHARE_HOST;
+        tx.request = request;
+        assert!(check(&request, &tx, Some(VM), &RAM, &CARVE).is_err());
+        // A share that gives the borrower execute permission.
+        let request = LedgerRequest {
+            op: LedgerRequest::HOST_SHARE_HYP,
+            party: 0,
+            frames: FrameRange {
+                start: 0x50000,
+                count: 1,
+            },
+        };
+        let mut tx = LedgerTransaction {
+            request,
+            change_count: 1,
+            ..Default::default()
+        };
+        tx.changes[0] = change(
+            LedgerChange::MAP,
+            7,
+            party(Party::HYPERVISOR, 0),
+            0x50000,
+            1,
+        );
+        assert!(check(&request, &tx, None, &RAM, &CARVE).is_err());
+        tx.changes[0].perms = 3;
+        assert!(check(&request, &tx, None, &RAM, &CARVE).is_ok());
+        // An unknown request kind.
+        let mut bad = request;
+        bad.op = 99;
+        tx.request = bad;
+        assert!(check(&bad, &tx, None, &RAM, &CARVE).is_err());
     }
 
     #[test]

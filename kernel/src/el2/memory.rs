@@ -277,8 +277,17 @@ pub fn transact(
                 match who {
                     Who::Host => {
                         let mut host = host_stage2();
-                        stage2::with_vmid(host_vttbr, || host.map_pages(pa, pa, size, access))
-                            .map_err(|_| "a stage-2 change failed")?;
+                        // A reclaimed page the VM had shared is still mapped
+                        // for the host, read/write only: break that mapping
+                        // before making the owner's.
+                        let live = host.for_each_mapped(pa, size, |_, _, _| Err(())).is_err();
+                        stage2::with_vmid(host_vttbr, || {
+                            if live {
+                                host.unmap(pa, size)?;
+                            }
+                            host.map_pages(pa, pa, size, access)
+                        })
+                        .map_err(|_| "a stage-2 change failed")?;
                     }
                     Who::Hypervisor => {}
                     Who::Vm => {
