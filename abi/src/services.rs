@@ -132,6 +132,13 @@ pub struct MtePolicy {
     pub reason: u32,
 }
 
+/// ID_AA64PFR1_EL1 fields that describe MTE: MTE [11:8], MTE_frac [43:40],
+/// MTEX [55:52]. A partition whose MTE is off reads them as zero.
+pub const PFR1_MTE_FIELDS: u64 = (0xf << 8) | (0xf << 40) | (0xf << 52);
+/// ID_AA64PFR2_EL1 fields that describe MTE: MTEPERM [3:0],
+/// MTESTOREONLY [7:4], MTEFAR [11:8].
+pub const PFR2_MTE_FIELDS: u64 = 0xfff;
+
 /// A new protected VM, as the MTE policy sees it.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,

@@ -91,8 +91,9 @@ pub enum ExitReason {
     /// The guest called PSCI SYSTEM_OFF (x2 = 0) or SYSTEM_RESET (x2 = 1):
     /// the VM is off and never runs again. The machine is not affected.
     Shutdown = 5,
-    /// The guest took an exception it cannot recover from at its own EL1
-    /// (x2 = ESR_EL2): the VM is off.
+    /// The VM stopped on an exception the core does not deliver to it (an
+    /// SError, or an exception vector that cannot occur for a correctly
+    /// configured VM; x2 = ESR_EL2): the VM is off.
     Crashed = 6,
 }
 

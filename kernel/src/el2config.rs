@@ -37,6 +37,9 @@ pub mod hcr {
     pub const TIDCP: u64 = 1 << 20;
     /// Trap the LORegion registers.
     pub const TLOR: u64 = 1 << 35;
+    /// Force broadcast of EL1 TLB maintenance and branch-predictor
+    /// invalidation (a vCPU may have run on another CPU).
+    pub const FB: u64 = 1 << 9;
 }
 
 /// What the core needs to know about the CPU to configure EL2.

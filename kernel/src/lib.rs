@@ -17,6 +17,7 @@ pub mod regs;
 pub mod routing;
 pub mod s2plan;
 pub mod txcheck;
+pub mod vmfeatures;
 
 /// The version string the core prints at boot.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -172,12 +172,14 @@ static ONLINE: AtomicU32 = AtomicU32::new(0);
 
 #[unsafe(no_mangle)]
 extern "C" fn host_secondary_main(index: u64) -> ! {
-    let mpidr = sysreg!("mpidr_el1");
-    say!(
-        "CPU {index} online at EL{} (MPIDR {mpidr:#x})",
-        current_el()
-    );
-    ONLINE.fetch_add(1, Ordering::SeqCst);
+    if !vm::secondary(index) {
+        let mpidr = sysreg!("mpidr_el1");
+        say!(
+            "CPU {index} online at EL{} (MPIDR {mpidr:#x})",
+            current_el()
+        );
+        ONLINE.fetch_add(1, Ordering::SeqCst);
+    }
     hvc(smccc::psci::PSCI_CPU_OFF, [0; 3]);
     say!("FAIL (CPU_OFF returned on CPU {index})");
     loop {
@@ -320,6 +322,9 @@ fn stg_ldg(addr: u64) -> u64 {
     }
     (out >> 56) & 0xf
 }
+
+#[path = "vm.rs"]
+mod vm;
 
 /// The MTE policy, seen from the host: with it off, hardware without MTE;
 /// with it on, MTE as the hardware has it.
@@ -704,8 +709,10 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
         .any(|a| a == "arm64.nomte" || a == "moat.host_mte=off")
         && !bootargs.split(' ').any(|a| a == "moat.host_mte=on");
     mte(&mut c, mte_off, dtb);
+    let bench = bootargs.split(' ').any(|a| a == "moat.bench");
+    vm::scenarios(&mut c, &platform, dtb, !mte_off, bench);
 
-    if bootargs.split(' ').any(|a| a == "moat.bench") {
+    if bench {
         let (null, loop_cost) = bench_hvc(1000, hypercall::NULL);
         say!("bench: null_hvc={null} (loop overhead {loop_cost} per iteration subtracted)");
         if hvc(TRACE_PING, [0; 3])[0] == 0 {

@@ -5,6 +5,8 @@
 //! through the core, that its own memory works and the hypervisor's memory
 //! answers with a synchronous external abort it can handle, that secondary
 //! CPUs come up through the PSCI relay, and that SYSTEM_OFF ends the machine.
+//! It also runs protected VMs with the guest it carries (`images/guest`) and
+//! plays a hostile host against them (see `src/vm.rs`).
 //! Each check prints one `test-host:` line; the last line is either
 //! `test-host: PASS (N checks)` or `test-host: FAIL (...)`.
 //!

@@ -41,6 +41,7 @@ use moat_abi::{hypercall, smccc};
 use moat_kernel::el2config::hcr;
 use moat_kernel::esr::{self, Trap};
 use moat_kernel::regs::GuestRegs;
+use moat_kernel::vmfeatures;
 
 /// A VM's vCPU kind: `VCPU_VM_BASE + handle`.
 pub const VCPU_VM_BASE: u64 = 0x100;
@@ -165,6 +166,8 @@ struct Vm {
     csselr: u64,
     fp: Box<FpState>,
     has_run: bool,
+    /// The CPU the vCPU last ran on.
+    last_cpu: Option<usize>,
     pending: Pending,
 }
 
@@ -306,6 +309,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         csselr: 0,
         fp: Box::new(FpState::ZERO),
         has_run: false,
+        last_cpu: None,
         pending: Pending::None,
     });
     slot.set(Status::Alive);
@@ -343,6 +347,10 @@ fn donate(cpu: &PerCpu, handle: u64, pa: u64, pages: u64, ipa: u64) -> Result<()
     }
     let (slot, handle) = slot_of(handle)?;
     let mut guard = lock_idle(slot)?;
+    // A VM that is off never runs again: it gets no more memory.
+    if slot.status() == Status::Off {
+        return Err(Error::Denied);
+    }
     let vm = guard.as_mut().ok_or(Error::InvalidParameters)?;
     // The IPA range must be free in the VM: a donation never replaces a page.
     if vm
@@ -504,17 +512,18 @@ fn vm_el2(vm: &Vm) -> (u64, u64, u64, u64, u64) {
         | hcr::TACR
         | hcr::TIDCP
         | hcr::TLOR;
+    // The ID registers trap, and read as the hardware without what the VM
+    // is not given (`moat_kernel::vmfeatures`). TLB maintenance the guest
+    // issues for its own CPU is broadcast (FB): its vCPU may have run on
+    // another CPU.
+    hcr |= hcr::TID3 | hcr::FB;
     if m.cpu.mte {
         if vm.mte {
             hcr |= hcr::ATA;
         } else {
             // Tag access off: the MTE registers trap (ATA clear) and so does
-            // GMID_EL1; with a policy service to edit them, so do the ID
-            // registers, which then read as hardware without MTE.
+            // GMID_EL1.
             hcr |= hcr::TID5;
-            if sysreg_handler().is_some() {
-                hcr |= hcr::TID3;
-            }
         }
     }
     // FP/SIMD allowed (switched by the core); SVE and SME trapped.
@@ -573,6 +582,8 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         Pending::None => {}
     }
     vm.has_run = true;
+    let migrated = vm.last_cpu != Some(cpu.index);
+    vm.last_cpu = Some(cpu.index);
     vm.vcpu.cpu = cpu.index as u64;
 
     let mut host_fp = FpState::ZERO;
@@ -594,6 +605,19 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     let (h, c, md, ct, v) = vm_el2(vm);
     // SAFETY: the VM's stage-2 is live and its EL1 state is loaded.
     unsafe { sysreg::switch_el2(h, c, md, ct, v) };
+    if migrated {
+        // This CPU may hold the VMID's entries from an earlier run that
+        // the guest has since invalidated on another CPU.
+        // SAFETY: local TLB maintenance for the VM's VMID, just loaded.
+        unsafe {
+            core::arch::asm!(
+                "tlbi vmalls12e1",
+                "dsb nsh",
+                "isb",
+                options(nostack, preserves_flags)
+            )
+        };
+    }
 
     let outcome = loop {
         // SAFETY: the vCPU frame is complete, the VM's EL1 and EL2 state is
@@ -665,7 +689,13 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
     }
     let regs = &mut vm.vcpu.regs;
     match trap {
-        Trap::Hvc { .. } | Trap::Smc { .. } => {
+        Trap::Hvc { .. } => {
+            regs.x[0] = smccc::NOT_SUPPORTED;
+            Step::Resume
+        }
+        Trap::Smc { .. } => {
+            // A trapped SMC leaves ELR at the SMC itself.
+            regs.pc = regs.pc.wrapping_add(4);
             regs.x[0] = smccc::NOT_SUPPORTED;
             Step::Resume
         }
@@ -678,7 +708,13 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
             match abort.access {
                 Some(access) if !abort.is_instruction && !abort.s1ptw => {
                     let value = if access.is_write {
-                        regs.read_gpr(access.rt)
+                        let bits = 8u32 << access.size_log2;
+                        let v = regs.read_gpr(access.rt);
+                        if bits >= 64 {
+                            v
+                        } else {
+                            v & ((1u64 << bits) - 1)
+                        }
                     } else {
                         vm.pending = Pending::MmioRead(access);
                         0
@@ -705,6 +741,14 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
             // VM's memory is cleaned to the point of coherency whenever it
             // changes hands, and set/way operations cannot be virtualised.
             if access.op0 == 1 && access.crn == 7 && matches!(access.crm, 6 | 10 | 14) {
+                regs.pc = regs.pc.wrapping_add(4);
+                return Step::Resume;
+            }
+            // ID group 3: the hardware's value, less what the VM lacks.
+            if access.is_read && (access.op0, access.op1, access.crn) == (3, 0, 0) {
+                let hardware = sysreg::read_id_register(access.crm, access.op2).unwrap_or(0);
+                let value = vmfeatures::vm_view(access.crm, access.op2, hardware, vm.mte);
+                regs.write_gpr(access.rt, value);
                 regs.pc = regs.pc.wrapping_add(4);
                 return Step::Resume;
             }
@@ -871,11 +915,23 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
             return Step::Exit(exit(ExitReason::Hvc, [x[0], x[1], x[2], x[3], x[4], x[5]]));
         }
     };
-    vm.vcpu.regs.x[0] = match result {
-        Ok(()) => 0,
-        Err(e) => e.to_x0(),
-    };
-    Step::Resume
+    match result {
+        // An interrupt for the host arrived while the ledger ran: the host
+        // takes it, and the guest issues the call again when it next runs
+        // (the ledger finishes the suspended request first).
+        Err(Error::Interrupted) => {
+            vm.vcpu.regs.pc = vm.vcpu.regs.pc.wrapping_sub(4);
+            Step::Exit(exit(ExitReason::Interrupt, [0; 6]))
+        }
+        Ok(()) => {
+            vm.vcpu.regs.x[0] = 0;
+            Step::Resume
+        }
+        Err(e) => {
+            vm.vcpu.regs.x[0] = e.to_x0();
+            Step::Resume
+        }
+    }
 }
 
 /// GUEST_SHARE_HOST / GUEST_UNSHARE_HOST: the IPA range must be mapped in

@@ -46,7 +46,8 @@ fn objcopy(elf: &Path, bin: &Path) -> Result<()> {
         .arg(bin))
 }
 
-/// Builds the core and the test host (release, with debug info).
+/// Builds the core, the guest and the test host that carries it (release,
+/// with debug info).
 pub fn build_all() -> Result<Built> {
     run(cargo().args([
         "build",
@@ -58,16 +59,32 @@ pub fn build_all() -> Result<Built> {
         "--target",
         CORE_TARGET,
     ]))?;
+    let out = tools::target_dir().join("images");
+    std::fs::create_dir_all(&out)?;
+    // The test host carries the protected-VM guest: build it first.
     run(cargo().args([
         "build",
         "--release",
         "--package",
-        "moat-test-host",
+        "moat-guest",
         "--target",
         PAYLOAD_TARGET,
     ]))?;
-    let out = tools::target_dir().join("images");
-    std::fs::create_dir_all(&out)?;
+    let guest_elf = tools::target_dir()
+        .join(PAYLOAD_TARGET)
+        .join("release/guest");
+    let guest = out.join("guest.bin");
+    objcopy(&guest_elf, &guest)?;
+    run(cargo()
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "moat-test-host",
+            "--target",
+            PAYLOAD_TARGET,
+        ])
+        .env("MOAT_GUEST_BIN", &guest))?;
     let core_elf = tools::target_dir().join(CORE_TARGET).join("release/moat");
     let test_host_elf = tools::target_dir()
         .join(PAYLOAD_TARGET)

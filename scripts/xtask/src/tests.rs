@@ -117,7 +117,7 @@ fn cases() -> Vec<Case> {
             &[
                 "service ledger ready",
                 "memory ledger: 3 extent(s)",
-                "consistency: the ledger and the host's stage-2 agree",
+                "consistency: the ledger and the stage-2 tables agree",
                 "test-host: ok   the ledger and the host's stage-2 agree after every check",
             ],
         ),
@@ -239,6 +239,133 @@ fn cases() -> Vec<Case> {
                 ],
             )
         },
+        host_boot(
+            "vm_demo_guest_runs_and_talks_to_the_host",
+            1,
+            "v3",
+            VM_DEMO_PASS,
+        ),
+        host_boot(
+            "vm_guest_cannot_reach_outside_its_memory",
+            1,
+            "v3",
+            &[
+                "test-host: ok   vm demo: guest sharing IPA 0x40010000, outside its memory, is refused",
+                "test-host: ok   vm demo: guest read of IPA 0x9000000 outside its memory: MMIO exit (IPA 0x9000000, 8 bytes, write false)",
+                "test-host: ok   vm demo: guest 4-byte write of 0xcafef00d to IPA 0x9000010: MMIO exit",
+                "test-host: ok   vm demo: the value the host answered the MMIO read with reached the guest (0x1122334455667788)",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after the demo (0)",
+            ],
+        ),
+        host_boot(
+            "vm_host_cannot_touch_donated_memory",
+            1,
+            "v3",
+            &[
+                "test-host: ok   vm demo: host read of the guest's page at",
+                "test-host: ok   vm hostile: host read of donated page",
+                "test-host: ok   vm hostile: host write of donated page",
+                "test-host: ok   vm hostile: host STG on donated page",
+                "test-host: ok   vm hostile: host LDG on donated page",
+                "test-host: ok   vm hostile: host DC GVA on donated page",
+                "test-host: ok   vm hostile: host DC GZVA on donated page",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after the host's accesses to the VM's pages were refused (0)",
+                "test-host: ok   vm hostile access: the reclaimed pages read as zero",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after the host touched donated memory (0)",
+            ],
+        ),
+        Case {
+            bootargs: Some("arm64.nomte"),
+            ..host_boot(
+                "vm_host_without_mte_policy_still_cannot_touch_donated_memory",
+                1,
+                "v3",
+                &[
+                    "test-host: vm mte: skipping the MTE VM: the host's MTE policy is off",
+                    "test-host: vm hostile: skipping STG, LDG, DC GVA and DC GZVA on a donated page: the host's MTE policy is off",
+                    "test-host: ok   vm hostile: host read of donated page",
+                    "test-host: ok   vm hostile: host write of donated page",
+                    "test-host: ok   vm demo: guest powered off with PSCI SYSTEM_OFF",
+                    "test-host: ok   vm: the ledger and the host's stage-2 agree after the host touched donated memory (0)",
+                ],
+            )
+        },
+        host_boot(
+            "vm_refused_donations_reclaims_and_shares",
+            1,
+            "v3",
+            &[
+                "test-host: ok   vm refusals: two VMs created",
+                "test-host: ok   vm refusals: VM_CREATE with an unknown flag: InvalidParameters",
+                "test-host: ok   vm refusals: donate 4 pages at",
+                "test-host: ok   vm refusals: donate the same pages again to the same VM: Denied",
+                "test-host: ok   vm refusals: donate one of them to another VM: Denied",
+                "test-host: ok   vm refusals: donate hypervisor memory at",
+                "test-host: ok   vm refusals: donate a range that overflows (0xfffffffffffff000, 2 pages): InvalidParameters",
+                "test-host: ok   vm refusals: donate a range running past the end of RAM",
+                "test-host: ok   vm refusals: donate an unaligned PA",
+                "test-host: ok   vm refusals: donate zero pages: InvalidParameters",
+                "test-host: ok   vm refusals: reclaim from a VM that is alive: Denied",
+                "test-host: ok   vm refusals: unshare a page never shared with the hypervisor: Denied",
+                "test-host: ok   vm refusals: donate a page shared with the hypervisor: Denied",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after the refusals, with a VM holding pages (0)",
+                "test-host: ok   vm refusals: reclaim a page never donated, from a destroyed VM: Denied",
+                "test-host: ok   vm refusals: reclaim the pages actually donated: 0",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after the refused donations, reclaims and shares (0)",
+            ],
+        ),
+        host_boot(
+            "vm_lifecycle_refusals",
+            1,
+            "v3",
+            &[
+                "test-host: ok   vm lifecycle: the guest ran and powered off",
+                "test-host: ok   vm lifecycle: VM_LOAD after the VM has run: Denied",
+                "test-host: ok   vm lifecycle: reclaim from a VM that is off but not destroyed: Denied",
+                "test-host: ok   vm lifecycle: VCPU_RUN on a destroyed VM",
+                "test-host: ok   vm lifecycle: reclaim after destroy = 0",
+                "test-host: ok   vm lifecycle: VCPU_RUN on an unknown handle",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after running VMs that are gone (0)",
+            ],
+        ),
+        host_boot(
+            "vm_mte_tags_scrubbed_on_donation",
+            1,
+            "v3",
+            &[
+                "test-host: ok   vm mte demo: VM_CREATE(entry 0x40000000, flags 0x1) = 0",
+                "test-host: ok   vm mte demo: the host tagged the page it is about to donate (tag 10 reads back 10)",
+                "test-host: ok   vm mte demo: the page the host tagged 10 before donation reads tag 0 in the guest",
+                "test-host: ok   vm mte demo: the guest's own tags work (tag 3 stored, 3 read back)",
+                "test-host: ok   vm mte demo: guest powered off with PSCI SYSTEM_OFF",
+                "test-host: ok   vm mte demo: the reclaimed pages read as zero",
+                "test-host: ok   vm mte demo: the reclaimed pages' tags read as 0",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after the MTE demo (0)",
+            ],
+        ),
+        host_boot(
+            "vm_two_cpus_running_vm_and_racing_donations",
+            2,
+            "v3",
+            &[
+                "test-host: vm: CPU 1 serving calls for the boot CPU",
+                "test-host: ok   vm running: the guest is counting on CPU 1",
+                "test-host: ok   vm running: reclaim from a VM running on CPU 1: Denied",
+                "test-host: ok   vm running: destroy a VM running on CPU 1: Busy",
+                "test-host: ok   vm running: VCPU_RUN of a vCPU running on CPU 1 is refused",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after the refusals, with the VM running on another CPU (0)",
+                "test-host: ok   vm running: the guest kept running through all that",
+                "test-host: ok   vm running: an interrupt for the host (SGI 8 to CPU 1) ended VCPU_RUN with an Interrupt exit",
+                "test-host: ok   vm running: the host on CPU 1 then took the interrupt (INTID Some(8))",
+                "test-host: ok   vm running: VCPU_RUN again on CPU 1: the guest counts on where it was",
+                "test-host: ok   vm running: told to stop, the guest unshared its page and powered off on CPU 1",
+                "test-host: ok   vm running: the reclaimed pages read as zero",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after a VM running on another CPU (0)",
+                "test-host: ok   vm race: two CPUs donating overlapping ranges at once: one succeeded and the other was Denied in 16 of 16 rounds",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after two CPUs racing for the same pages (0)",
+                "test-host: ok   vm: CPU 1 stopped serving and is off",
+            ],
+        ),
         linux_mte("linux_mte_off_by_arm64_nomte", Some("arm64.nomte"), "0"),
         linux_mte(
             "linux_mte_off_by_moat_host_mte_off",
@@ -356,6 +483,27 @@ fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -
         timeout: 180,
     }
 }
+
+/// The protected-VM demo, start to finish.
+const VM_DEMO_PASS: &[&str] = &[
+    "test-host: ok   vm demo: VM_CREATE(entry 0x40000000, flags 0x0) = 0",
+    "test-host: ok   vm demo: VM_DONATE of 16 pages at",
+    "test-host: ok   vm demo: guest image",
+    "test-host: vm: guest said hello",
+    "test-host: ok   vm demo: guest said hello with the value it computed in its memory",
+    "test-host: ok   vm demo: guest shared its page at IPA",
+    "test-host: vm: message through shared page: \"greetings from the protected VM, number ",
+    "test-host: ok   vm demo: host read the guest's message at PA",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the guest shared a page with the host (0)",
+    "test-host: ok   vm demo: guest read the host's reply in the shared page",
+    "test-host: ok   vm demo: guest ended its share (GUEST_UNSHARE_HOST = 0)",
+    "test-host: ok   vm demo: guest WFI: Wfi exit, running it again",
+    "test-host: ok   vm demo: guest powered off with PSCI SYSTEM_OFF: Shutdown exit (x2 = 0)",
+    "test-host: ok   vm demo: VM_DESTROY = 0",
+    "test-host: ok   vm demo: VM_RECLAIM of 16 pages at",
+    "test-host: ok   vm demo: the reclaimed pages read as zero",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the demo (0)",
+];
 
 /// What every MTE-off test-host run must show.
 const MTE_OFF_PASS: &[&str] = &[
@@ -754,6 +902,8 @@ fn unit_tests_and_lints() -> Result<()> {
         "clippy",
         "--package",
         "moat-test-host",
+        "--package",
+        "moat-guest",
         "--target",
         image::PAYLOAD_TARGET,
         "--",
@@ -811,7 +961,12 @@ pub fn bench() -> Result<()> {
         benchmark: true,
     };
     let img = image::pack(&built.core, &spec, "bench")?;
-    let cmd = qemu::command(&img, &machine(1, "v3"), &["-icount", "shift=0,sleep=off"]);
+    // 2 GiB of RAM: room for the host to donate a 1 GiB range to a VM.
+    let bench_machine = MachineArgs {
+        mem: "2G".into(),
+        ..machine(1, "v3")
+    };
+    let cmd = qemu::command(&img, &bench_machine, &["-icount", "shift=0,sleep=off"]);
     let harness = Harness {
         pass: &[
             "bench: null_hvc=",
@@ -846,9 +1001,21 @@ pub fn bench() -> Result<()> {
     println!(
         "mte_sysreg_undef: {mte_sysreg_undef} instructions from the host's mrs gcr_el1 to its UNDEF vector"
     );
+    // Protected VMs: per-page costs of giving a range to a VM and taking it
+    // back, and a guest exit's round trip through the host. Reported (null
+    // when the run did not measure one) without targets.
+    let mut vm_figures = serde_json::Map::new();
+    for key in VM_BENCH_KEYS {
+        let value = bench_value(&out.console, key);
+        match value {
+            Some(v) => println!("{key}: {v} instructions{}", vm_bench_unit(key)),
+            None => println!("{key}: not measured (see target/bench.log)"),
+        }
+        vm_figures.insert(key.to_string(), serde_json::json!(value));
+    }
 
     let boot = linux_boot_times(&built)?;
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "null_hvc": null_hvc,
         "service_call": service_call,
         "service_call_el2": service_call_el2,
@@ -857,10 +1024,34 @@ pub fn bench() -> Result<()> {
         "linux_boot_moat_seconds": round3(boot.moat),
         "linux_boot_direct_seconds": round3(boot.direct),
     });
+    if let Some(map) = json.as_object_mut() {
+        map.extend(vm_figures);
+    }
     let path = tools::target_dir().join("bench.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
     println!("xtask: wrote {}", path.display());
     Ok(())
+}
+
+/// The test host's protected-VM figures (`bench:` lines): instructions per
+/// page to donate and to reclaim ranges of 1, 512 and 262144 pages (1 GiB),
+/// and per guest exit round trip.
+const VM_BENCH_KEYS: [&str; 7] = [
+    "donate_page_1",
+    "donate_page_512",
+    "donate_page_262144",
+    "reclaim_page_1",
+    "reclaim_page_512",
+    "reclaim_page_262144",
+    "vm_exit_roundtrip",
+];
+
+fn vm_bench_unit(key: &str) -> &'static str {
+    if key == "vm_exit_roundtrip" {
+        " per round trip (guest hvc -> core -> host sees the exit -> VCPU_RUN -> guest)"
+    } else {
+        " per page"
+    }
 }
 
 /// Boots of Linux timed with and without Moat, one after the other.

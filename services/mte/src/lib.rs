@@ -35,12 +35,7 @@ pub const GMID_EL1: Encoding = (3, 1, 0, 0, 4);
 pub const ID_AA64PFR1_EL1: Encoding = (3, 0, 0, 4, 1);
 pub const ID_AA64PFR2_EL1: Encoding = (3, 0, 0, 4, 2);
 
-/// ID_AA64PFR1_EL1 fields that describe MTE: MTE [11:8], MTE_frac [43:40],
-/// MTEX [55:52].
-pub const PFR1_MTE_FIELDS: u64 = (0xf << 8) | (0xf << 40) | (0xf << 52);
-/// ID_AA64PFR2_EL1 fields that describe MTE: MTEPERM [3:0],
-/// MTESTOREONLY [7:4], MTEFAR [11:8].
-pub const PFR2_MTE_FIELDS: u64 = 0xfff;
+pub use moat_abi::services::{PFR1_MTE_FIELDS, PFR2_MTE_FIELDS};
 
 /// The host's policy.
 pub fn host_policy(info: &MteBootInfo) -> MtePolicy {

@@ -1,0 +1,217 @@
+//! The guest's body (aarch64 only).
+
+use crate::protocol::*;
+use core::ptr::{addr_of, addr_of_mut};
+use moat_abi::vm::{GUEST_SHARE_HOST, GUEST_UNSHARE_HOST};
+
+core::arch::global_asm!(include_str!("entry.S"));
+
+unsafe extern "C" {
+    fn guest_off() -> !;
+}
+
+/// One page of the guest's memory.
+#[repr(C, align(4096))]
+struct Page([u64; 512]);
+
+/// The page the guest shares with the host.
+static mut SHARED_PAGE: Page = Page([0; 512]);
+/// Where the guest computes its hello value.
+static mut WORK: [u64; HELLO_WORDS] = [0; HELLO_WORDS];
+/// A granule the guest tags itself (MTE VMs).
+static mut OWN_GRANULE: Page = Page([0; 512]);
+
+/// An SMCCC call: x0 = `function`, x1..x5 = `args`; returns x0..x3.
+fn hvc(function: u32, args: [u64; 5]) -> [u64; 4] {
+    let r: [u64; 4];
+    // SAFETY: a hypercall; the core or the host answers in x0..x3 and, as
+    // SMCCC 1.2 allows, may change x4..x17, which are declared clobbered.
+    unsafe {
+        let (r0, r1, r2, r3);
+        core::arch::asm!(
+            "hvc #0",
+            inlateout("x0") u64::from(function) => r0,
+            inlateout("x1") args[0] => r1,
+            inlateout("x2") args[1] => r2,
+            inlateout("x3") args[2] => r3,
+            inlateout("x4") args[3] => _,
+            inlateout("x5") args[4] => _,
+            lateout("x6") _, lateout("x7") _, lateout("x8") _, lateout("x9") _,
+            lateout("x10") _, lateout("x11") _, lateout("x12") _, lateout("x13") _,
+            lateout("x14") _, lateout("x15") _, lateout("x16") _, lateout("x17") _,
+            options(nostack),
+        );
+        r = [r0, r1, r2, r3];
+    }
+    r
+}
+
+fn shared_ipa() -> u64 {
+    addr_of!(SHARED_PAGE) as u64
+}
+
+fn shared_word(i: usize) -> *mut u64 {
+    // SAFETY: `i` is below 512, within the page.
+    unsafe { (addr_of_mut!(SHARED_PAGE) as *mut u64).add(i % 512) }
+}
+
+fn shared_bytes() -> *mut u8 {
+    addr_of_mut!(SHARED_PAGE) as *mut u8
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn guest_main(mode: u64, flags: u64) {
+    match mode {
+        MODE_DEMO => demo(flags),
+        MODE_SPIN => spin(),
+        MODE_PING => ping(),
+        _ => {}
+    }
+}
+
+/// Writes the hello pattern into memory, reads it back and hashes it.
+fn compute_hello() -> u64 {
+    let work = addr_of_mut!(WORK) as *mut u64;
+    for i in 0..HELLO_WORDS {
+        // SAFETY: within `WORK`, which only this CPU touches.
+        unsafe { work.add(i).write_volatile(pattern(i as u64)) };
+    }
+    let mut hash = fnv1a(&[]);
+    for i in 0..HELLO_WORDS {
+        // SAFETY: as above.
+        let w = unsafe { work.add(i).read_volatile() };
+        hash = fnv1a_from(hash, &w.to_le_bytes());
+    }
+    hash
+}
+
+/// Writes `n` in decimal at `at`; returns the digits written.
+fn write_decimal(at: *mut u8, mut n: u64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: the caller leaves 20 bytes at `at`.
+        unsafe { at.add(i).write_volatile(digits[len - 1 - i]) };
+    }
+    len
+}
+
+fn demo(flags: u64) {
+    // (a) Hello, with a value computed in our own memory.
+    hvc(HELLO, [compute_hello(), 0, 0, 0, 0]);
+
+    // (b) A message through a shared page, and the host's reply.
+    let ipa = shared_ipa();
+    let shared = hvc(GUEST_SHARE_HOST, [ipa, 1, 0, 0, 0])[0];
+    let page = shared_bytes();
+    for (i, b) in MESSAGE_PREFIX.iter().enumerate() {
+        // SAFETY: within our shared page (the prefix is far shorter).
+        unsafe { page.add(i).write_volatile(*b) };
+    }
+    // SAFETY: the prefix and 20 digits fit well before REPLY_OFFSET.
+    let digits = write_decimal(unsafe { page.add(MESSAGE_PREFIX.len()) }, message_number());
+    let len = MESSAGE_PREFIX.len() + digits;
+    let answer = hvc(SHARED, [ipa, shared, len as u64, 0, 0]);
+    let reply_len = (answer[1] as usize).min(4096 - REPLY_OFFSET);
+    let mut hash = fnv1a(&[]);
+    for i in 0..reply_len {
+        // SAFETY: within the page's second half.
+        let b = unsafe { page.add(REPLY_OFFSET + i).read_volatile() };
+        hash = fnv1a_from(hash, &[b]);
+    }
+    hvc(REPLY_SEEN, [hash, reply_len as u64, answer[0], 0, 0]);
+
+    // (c) A page that is not ours.
+    let r = hvc(GUEST_SHARE_HOST, [FOREIGN_IPA, 1, 0, 0, 0])[0];
+    hvc(SHARE_FOREIGN, [r, FOREIGN_IPA, 0, 0, 0]);
+
+    // (d) End the share.
+    let r = hvc(GUEST_UNSHARE_HOST, [ipa, 1, 0, 0, 0])[0];
+    hvc(UNSHARED, [r, ipa, 0, 0, 0]);
+
+    // (e) Outside our memory: an MMIO read the host answers, then a write.
+    let v: u64;
+    // SAFETY: a single load from an IPA our stage-2 does not map; the core
+    // turns it into an exit and the host supplies the value.
+    unsafe {
+        core::arch::asm!("ldr {v}, [{a}]", v = out(reg) v, a = in(reg) MMIO_READ_IPA, options(nostack));
+    }
+    // SAFETY: a single 4-byte store outside our memory, as above.
+    unsafe {
+        core::arch::asm!("str {v:w}, [{a}]", v = in(reg) MMIO_WRITE_VALUE, a = in(reg) MMIO_WRITE_IPA, options(nostack));
+    }
+    hvc(MMIO_VALUE, [v, 0, 0, 0, 0]);
+
+    // (f) Tags of a page the host tagged before donating it.
+    if flags & FLAG_MTE != 0 {
+        let host_tagged = ldg(TAG_PAGE_IPA);
+        let own = addr_of!(OWN_GRANULE) as u64;
+        stg(own, 3);
+        hvc(TAGS, [host_tagged, ldg(own), 0, 0, 0]);
+    }
+
+    // (g) Wait for an interrupt once.
+    // SAFETY: WFI has no effect on memory; the core turns it into an exit.
+    unsafe { core::arch::asm!("wfi", options(nostack)) };
+}
+
+/// The allocation tag of the granule at `addr`.
+fn ldg(addr: u64) -> u64 {
+    let out: u64;
+    // SAFETY: `addr` is 16-byte aligned memory of ours, mapped Tagged Normal
+    // in an MTE VM; LDG reads only its tag.
+    unsafe {
+        core::arch::asm!(".arch_extension memtag", "ldg {o}, [{a}]", a = in(reg) addr, o = inout(reg) addr => out, options(nostack));
+    }
+    (out >> 56) & 0xf
+}
+
+/// Sets the allocation tag of the granule at `addr`.
+fn stg(addr: u64, tag: u64) {
+    // SAFETY: as for `ldg`; STG changes only the granule's tag.
+    unsafe {
+        core::arch::asm!(".arch_extension memtag", "stg {t}, [{a}]", a = in(reg) addr, t = in(reg) addr | (tag << 56), options(nostack));
+    }
+}
+
+/// Shares a page, then counts in it until the host writes [`STOP`].
+fn spin() {
+    let ipa = shared_ipa();
+    let r = hvc(GUEST_SHARE_HOST, [ipa, 1, 0, 0, 0])[0];
+    hvc(SPINNING, [ipa, r, 0, 0, 0]);
+    let mut n = 0u64;
+    loop {
+        n += 1;
+        // SAFETY: words of our shared page; the host writes word 1.
+        unsafe {
+            shared_word(0).write_volatile(n);
+            if shared_word(1).read_volatile() == STOP {
+                break;
+            }
+        }
+    }
+    hvc(GUEST_UNSHARE_HOST, [ipa, 1, 0, 0, 0]);
+}
+
+/// Exits to the host until it answers [`STOP`].
+fn ping() {
+    let mut n = 0;
+    while hvc(PING, [n, 0, 0, 0, 0])[0] != STOP {
+        n += 1;
+    }
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    hvc(FAULT, [0, 0, 0, 0, 0]);
+    // SAFETY: powers the VM off; never returns.
+    unsafe { guest_off() }
+}

@@ -1,0 +1,117 @@
+//! What the guest and the test host say to each other.
+//!
+//! The guest reaches the host only through hypercalls the core does not
+//! serve: each becomes an `ExitReason::Hvc` exit whose x2..x7 are the
+//! guest's x0..x5, and the host's answer (r0..r3 of its next `VCPU_RUN`)
+//! comes back in the guest's x0..x3. The function ids below are in the
+//! vendor-hypervisor range, below anything the core serves. The test host
+//! includes this file too, so both sides use the same numbers; each side
+//! uses part of it.
+#![allow(dead_code)]
+
+use moat_abi::hypercall::id;
+
+/// Guest: what should I do? Made at entry, MMU off. Answer: r0 = a `MODE_*`,
+/// r1 = `FLAG_*` bits.
+pub const CONFIG: u32 = id(0x800);
+/// Guest: hello; x1 = [`hello_value`] as the guest computed it in its memory.
+pub const HELLO: u32 = id(0x801);
+/// Guest: my page at IPA x1 is shared with you (x2 = `GUEST_SHARE_HOST`'s
+/// result) and holds a message of x3 bytes. Answer: r0 = 0 once the host
+/// has written its reply at [`REPLY_OFFSET`], r1 = the reply's length.
+pub const SHARED: u32 = id(0x802);
+/// Guest: I read your reply: x1 = [`fnv1a`] of its bytes, x2 = its length.
+pub const REPLY_SEEN: u32 = id(0x803);
+/// Guest: sharing IPA x2, which I do not own, returned x1.
+pub const SHARE_FOREIGN: u32 = id(0x804);
+/// Guest: `GUEST_UNSHARE_HOST` of IPA x2 returned x1.
+pub const UNSHARED: u32 = id(0x805);
+/// Guest: my read of [`MMIO_READ_IPA`] loaded x1.
+pub const MMIO_VALUE: u32 = id(0x806);
+/// Guest: the tag of [`TAG_PAGE_IPA`]'s first granule is x1; a tag I stored
+/// in my own memory reads back as x2.
+pub const TAGS: u32 = id(0x807);
+/// Guest (spin mode): page x1 is shared (x2 = the share's result); I now
+/// count in its first word until its second word is [`STOP`].
+pub const SPINNING: u32 = id(0x808);
+/// Guest (ping mode): round trip x1. Answer r0 = [`STOP`] ends the loop.
+pub const PING: u32 = id(0x809);
+/// Guest: I took an exception I cannot handle: x1 = ESR_EL1, x2 = ELR_EL1,
+/// x3 = FAR_EL1 (x1 = 0: a panic). The guest powers off next.
+pub const FAULT: u32 = id(0x80f);
+
+/// Modes (the answer to [`CONFIG`]).
+pub const MODE_DEMO: u64 = 0;
+pub const MODE_SPIN: u64 = 1;
+pub const MODE_PING: u64 = 2;
+/// Power off at once.
+pub const MODE_OFF: u64 = 3;
+/// The VM was created with MTE: the guest maps its memory Tagged and tests tags.
+pub const FLAG_MTE: u64 = 1;
+
+/// Ends the spin and ping loops.
+pub const STOP: u64 = 0x5709_5709;
+
+/// Where the guest's memory starts (its entry point) and how many pages it has.
+pub const BASE_IPA: u64 = 0x4000_0000;
+pub const PAGES: u64 = 16;
+pub const PAGE_SIZE: u64 = 4096;
+/// The page the guest's image leaves free; the host tags it before donation.
+pub const TAG_PAGE_IPA: u64 = BASE_IPA + (PAGES - 1) * PAGE_SIZE;
+/// Just past the guest's memory: it tries to share this page.
+pub const FOREIGN_IPA: u64 = BASE_IPA + PAGES * PAGE_SIZE;
+/// Outside the guest's stage-2: a read here becomes an MMIO exit.
+pub const MMIO_READ_IPA: u64 = 0x0900_0000;
+/// A 4-byte write of [`MMIO_WRITE_VALUE`] here, after the read.
+pub const MMIO_WRITE_IPA: u64 = 0x0900_0010;
+pub const MMIO_WRITE_VALUE: u64 = 0xcafe_f00d;
+
+/// The message the guest writes at the start of its shared page, followed by
+/// the decimal [`message_number`].
+pub const MESSAGE_PREFIX: &[u8] = b"greetings from the protected VM, number ";
+/// Where in the shared page the host writes its reply.
+pub const REPLY_OFFSET: usize = 2048;
+
+/// Words the guest writes to its memory and hashes for [`HELLO`].
+pub const HELLO_WORDS: usize = 512;
+
+/// Word `i` of the hello pattern.
+pub const fn pattern(i: u64) -> u64 {
+    let mut x = i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 29;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^ (x >> 32)
+}
+
+/// FNV-1a, one byte at a time, continuing from `hash`.
+pub const fn fnv1a_from(mut hash: u64, bytes: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+/// FNV-1a of `bytes`.
+pub const fn fnv1a(bytes: &[u8]) -> u64 {
+    fnv1a_from(0xcbf2_9ce4_8422_2325, bytes)
+}
+
+/// What the guest reports in [`HELLO`]: FNV-1a of the pattern's words,
+/// little-endian.
+pub const fn hello_value() -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < HELLO_WORDS as u64 {
+        hash = fnv1a_from(hash, &pattern(i).to_le_bytes());
+        i += 1;
+    }
+    hash
+}
+
+/// The number in the guest's message.
+pub const fn message_number() -> u64 {
+    hello_value() % 1_000_000_007
+}
