@@ -153,7 +153,8 @@ fn complete_cache_maintenance() {
 }
 
 /// The smallest data-cache line, in bytes (CTR_EL0.DminLine).
-fn dcache_line() -> u64 {
+/// The smallest data-cache line, from CTR_EL0.DminLine.
+pub fn dcache_line() -> u64 {
     let ctr: u64;
     // SAFETY: reads CTR_EL0.
     unsafe {

@@ -62,9 +62,7 @@ pub const MAX_REGIONS: usize = 256;
 
 /// The service serving the ledger interface.
 fn ledger_index() -> Option<usize> {
-    (0..)
-        .map_while(service::get)
-        .position(|s| s.interface_id == ledger::SERVICE_ID)
+    service::index_of(ledger::SERVICE_ID)
 }
 
 /// One call to the ledger with `body` as the request; the reply's bytes.
@@ -355,15 +353,6 @@ fn zero_block() -> Option<u64> {
     (dczid & (1 << 4) == 0).then(|| 4u64 << (dczid & 0xf))
 }
 
-fn dcache_line() -> u64 {
-    let ctr: u64;
-    // SAFETY: reads CTR_EL0.
-    unsafe {
-        core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags))
-    };
-    4u64 << ((ctr >> 16) & 0xf)
-}
-
 /// Zeroes `[pa, pa + size)` and, where MTE is present, sets its allocation
 /// tags to zero; then cleans data (and tags) to the point of coherency, so
 /// that no old byte or tag is left in memory for a non-cacheable alias.
@@ -412,7 +401,7 @@ pub fn scrub_pages(pa: u64, size: u64) {
             }
         }
     }
-    let line = dcache_line();
+    let line = super::boot::dcache_line();
     let mut addr = pa;
     while addr < end {
         if tags {

@@ -777,11 +777,7 @@ pub fn host_mte_policy(
 ) -> Option<Result<bool, Error>> {
     use moat_abi::services::{MteBootInfo, MtePolicy, mte};
     use zerocopy::FromBytes;
-    let all = SERVICES.get()?;
-    let index = all
-        .list
-        .iter()
-        .position(|s| s.interface_id == mte::SERVICE_ID)?;
+    let index = index_of(mte::SERVICE_ID)?;
     let mut info = MteBootInfo {
         hardware_level,
         ..Default::default()
@@ -820,11 +816,7 @@ pub fn ledger_boot(
 ) -> Option<Result<(u64, u64), Error>> {
     use moat_abi::services::{FrameRange, LEDGER_BOOT_RANGES, LedgerBoot, LedgerSummary, ledger};
     use zerocopy::FromBytes;
-    let all = SERVICES.get()?;
-    let index = all
-        .list
-        .iter()
-        .position(|s| s.interface_id == ledger::SERVICE_ID)?;
+    let index = index_of(ledger::SERVICE_ID)?;
     let frames = |r: &Range| FrameRange {
         start: r.base / PAGE,
         count: r.size / PAGE,
@@ -859,4 +851,13 @@ pub fn ledger_boot(
         Ok(Ok(_)) => Err(Error::InvalidParameters),
         Ok(Err(e)) | Err(e) => Err(e),
     })
+}
+
+/// The service serving interface `interface_id`, if the image has one.
+pub fn index_of(interface_id: u16) -> Option<usize> {
+    SERVICES
+        .get()?
+        .list
+        .iter()
+        .position(|s| s.interface_id == interface_id)
 }

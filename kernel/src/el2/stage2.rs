@@ -146,14 +146,8 @@ impl StageTwo {
     /// with every entry invalid, so that a later [`StageTwo::map_pages`] of
     /// the range cannot fail for want of memory. Changes no translation.
     pub fn reserve(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
-        self.map_flags(
-            ipa,
-            0,
-            size,
-            Access::ReadWrite.flags().difference(S2::VALID),
-            Constraints::NO_BLOCK_MAPPINGS,
-        )
-        .map_err(|_| "stage-2 tables: out of memory or outside the IPA space")
+        self.invalidate_entries(ipa, size)
+            .map_err(|_| "stage-2 tables: out of memory or outside the IPA space")
     }
 
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with 4 KiB pages
@@ -180,6 +174,12 @@ impl StageTwo {
     /// changed leaf is invalidated by IPA (TLBI IPAS2E1IS) with the current
     /// VTTBR's VMID: call through [`with_vmid`].
     pub fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+        self.invalidate_entries(ipa, size)
+    }
+
+    /// Writes invalid 4 KiB entries over `[ipa, ipa + size)`, creating the
+    /// tables that needs.
+    fn invalidate_entries(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
         self.map_flags(
             ipa,
             0,

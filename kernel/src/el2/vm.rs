@@ -783,10 +783,7 @@ fn mte_policy(cpu: &PerCpu, handle: u16, flags: VmFlags) -> Result<bool, Error> 
     use moat_abi::services::{VmMtePolicy, VmMteRequest, mte};
     use zerocopy::{FromBytes, IntoBytes};
     let hardware_level = ((arm_sysregs::read_id_aa64pfr1_el1().bits() >> 8) & 0xf) as u32;
-    let Some(index) = (0..)
-        .map_while(super::service::get)
-        .position(|s| s.interface_id == mte::SERVICE_ID)
-    else {
+    let Some(index) = super::service::index_of(mte::SERVICE_ID) else {
         return Ok(flags.mte() && machine().cpu.mte);
     };
     let request = VmMteRequest {
