@@ -42,6 +42,8 @@
 //!      vm alive; zero + tag-scrub
 //!
 //!     host Owned --donate_service(s): zero + tag-scrub--> service s Owned, host NoPage
+//!     (implemented and tested here, but with no request code on the wire and
+//!     no hypercall path yet: nothing in the core issues it)
 //!
 //!     hypervisor pages: Owned by the hypervisor, NoPage for every other party,
 //!     and no operation moves them.
@@ -98,15 +100,18 @@
 //!    requires), then that the extent buffer has room for the result. It
 //!    returns a [`Transaction`] or a [`LedgerError`]; either way the ledger is
 //!    unchanged (it cannot change: the method borrows it immutably).
-//! 2. **Apply.** The core checks the transaction against its own mechanism
-//!    invariants (its own memory is never handed out, a page writable by two
-//!    partitions is shared in the ledger, ...) and applies it whole: every
-//!    [`Change::Unmap`] first (break-before-make, TLB invalidation), then
-//!    zeroes and tag-scrubs [`Transaction::scrub`], then every
-//!    [`Change::Map`]. [`Transaction::changes`] lists the unmaps before the
-//!    maps. If the core refuses or cannot apply the transaction, it rolls
-//!    its own changes back and simply drops the transaction: the ledger
-//!    never saw it.
+//! 2. **Apply.** The core checks the transaction against its own rules (its
+//!    own memory never moves, every change stays inside the requested frames,
+//!    an owner change is scrubbed, and the transaction has the one shape its
+//!    request allows, so no page becomes writable by a second party except as
+//!    a share recorded here) and applies it whole: every [`Change::Unmap`]
+//!    first (break-before-make, TLB invalidation), then zeroes and
+//!    tag-scrubs [`Transaction::scrub`], then every [`Change::Map`].
+//!    [`Transaction::changes`] lists the unmaps before the maps. If the core
+//!    refuses the transaction, or cannot reserve what applying it needs, it
+//!    drops it before changing anything: the ledger never hears of it. If
+//!    applying fails after that, the core does not commit and refuses every
+//!    later memory request (it fails closed rather than undo).
 //! 3. **Commit.** [`Ledger::commit`] records the new ownership. It refuses,
 //!    with [`LedgerError::Stale`], a transaction prepared before any other
 //!    commit (each commit advances [`Ledger::generation`]), and it derives
@@ -138,8 +143,11 @@
 //! - Reclaim requires the VM to have been destroyed first; pKVM also offers a
 //!   forced reclaim of a live guest's page (poisoning it). Reclaimed pages,
 //!   and donated pages, are zeroed *and* tag-scrubbed, not only zeroed.
-//! - Sharing with the hypervisor returns a `Map` for it at once; pKVM maps at
-//!   EL2 lazily on first pin. The core may defer that mapping.
+//! - Sharing with the hypervisor returns a `Map` for it, but the core never
+//!   makes that mapping: it maps all RAM at EL2 from boot (to zero, scrub and
+//!   copy partition memory), so a hypervisor share is a record here, which
+//!   the core consults before it reads host memory on the host's behalf.
+//!   pKVM maps a page the host shares at EL2 when it is first pinned.
 //! - Operations take whole ranges (`pfn, count`) and are all-or-nothing across
 //!   the range, instead of one page or one block per call.
 #![no_std]
