@@ -5,9 +5,10 @@
  * image), zero the BSS and enter Rust.
  */
 .equ STACK_SIZE, 0x2000
-/* M, C, I; SA/SA0, the RES1 bits; ATA (bit 43) is added for an MTE VM. */
+/* M, C, I; SA/SA0, the RES1 bits; ATA (bit 43) is added for an MTE VM (and
+ * for an MTE-off VM whose guest tries tags anyway, FLAG_TRY_TAGS). */
 .equ SCTLR_EL1_MMU_ON, (0x30d00800 | (1 << 0) | (1 << 2) | (1 << 12))
-/* MAIR_EL1: 0 Normal WB (Tagged for an MTE VM), 1 Device-nGnRE. */
+/* MAIR_EL1: 0 Normal WB (Tagged as ATA above), 1 Device-nGnRE. */
 .equ MAIR_PLAIN, 0x04ff
 .equ MAIR_TAGGED, 0x04f0
 .equ NORMAL_BLOCK, 0x701
@@ -35,7 +36,7 @@ _start:
 
     mov     x0, #MAIR_PLAIN
     mov     x1, #MAIR_TAGGED
-    tst     x20, #1
+    tst     x20, #3                     /* FLAG_MTE | FLAG_TRY_TAGS */
     csel    x0, x1, x0, ne
     msr     mair_el1, x0
     mrs     x1, id_aa64mmfr0_el1
@@ -56,7 +57,7 @@ _start:
     isb
     movz    x1, #(SCTLR_EL1_MMU_ON & 0xffff)
     movk    x1, #((SCTLR_EL1_MMU_ON >> 16) & 0xffff), lsl #16
-    tst     x20, #1
+    tst     x20, #3                     /* FLAG_MTE | FLAG_TRY_TAGS */
     b.eq    1f
     orr     x1, x1, #(1 << 43)          /* ATA: EL1 may access allocation tags */
 1:  msr     sctlr_el1, x1
@@ -88,9 +89,27 @@ guest_off:
 4:  wfi
     b       4b
 
-/* Every exception is fatal: report it to the host, then power off. */
-.macro fatal_vector
+/* An exception the guest does not expect: report it to the host (x4 = the
+ * vector's offset), then power off. */
+.macro fatal_vector offset
     .balign 0x80
+    mov     x4, #\offset
+    b       fatal
+.endm
+
+.balign 2048
+guest_vectors:
+    .irp    offset, 0x000, 0x080, 0x100, 0x180
+    fatal_vector \offset
+    .endr
+    /* 0x200: current EL with SP_ELx, synchronous. */
+    .balign 0x80
+    b       current_sync
+    .irp    offset, 0x280, 0x300, 0x380, 0x400, 0x480, 0x500, 0x580, 0x600, 0x680, 0x700, 0x780
+    fatal_vector \offset
+    .endr
+
+fatal:
     mrs     x1, esr_el1
     mrs     x2, elr_el1
     mrs     x3, far_el1
@@ -98,13 +117,38 @@ guest_off:
     movk    x0, #(FAULT >> 16), lsl #16
     hvc     #0
     b       guest_off
-.endm
 
-.balign 2048
-guest_vectors:
-    .rept 16
-    fatal_vector
-    .endr
+/*
+ * A synchronous exception from the guest itself. While TRAP_STATE's first
+ * word is non-zero the guest expects one: count it, keep ESR_EL1 and
+ * ELR_EL1, skip the instruction and return. Otherwise it is fatal. Until
+ * the check passes only x0 is used, saved in TPIDR_EL1, so this works before
+ * the stack is set up.
+ */
+current_sync:
+    msr     tpidr_el1, x0
+    adrp    x0, TRAP_STATE
+    ldr     x0, [x0, :lo12:TRAP_STATE]
+    cbz     x0, 1f
+    mrs     x0, tpidr_el1
+    stp     x0, x1, [sp, #-32]!
+    stp     x2, x3, [sp, #16]
+    adrp    x0, TRAP_STATE
+    add     x0, x0, :lo12:TRAP_STATE
+    ldr     x3, [x0, #8]
+    add     x3, x3, #1
+    mrs     x1, esr_el1
+    mrs     x2, elr_el1
+    str     x3, [x0, #8]
+    stp     x1, x2, [x0, #16]
+    add     x2, x2, #4
+    msr     elr_el1, x2
+    ldp     x2, x3, [sp, #16]
+    ldp     x0, x1, [sp], #32
+    eret
+1:  mrs     x0, tpidr_el1
+    mov     x4, #0x200
+    b       fatal
 
 /* The identity map: 1 GiB blocks, Normal for the guest's gigabyte, Device
  * for the rest of the low 4 GiB (so a stray access is an MMIO exit). */
@@ -121,3 +165,10 @@ L1_TABLE:
 .balign 16
 STACK:
     .space  STACK_SIZE
+
+/* Armed (non-zero: expect exceptions), count, last ESR_EL1, last ELR_EL1. */
+.section .bss.trap, "aw", %nobits
+.balign 8
+.global TRAP_STATE
+TRAP_STATE:
+    .space  32

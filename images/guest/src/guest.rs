@@ -8,6 +8,9 @@ core::arch::global_asm!(include_str!("entry.S"));
 
 unsafe extern "C" {
     fn guest_off() -> !;
+    /// `entry.S`'s record of expected exceptions: armed, count, last
+    /// ESR_EL1, last ELR_EL1.
+    static mut TRAP_STATE: [u64; 4];
 }
 
 /// One page of the guest's memory.
@@ -65,6 +68,8 @@ extern "C" fn guest_main(mode: u64, flags: u64) {
         MODE_DEMO => demo(flags),
         MODE_SPIN => spin(),
         MODE_PING => ping(),
+        MODE_MTE_PROBE => mte_probe(flags),
+        MODE_SHARED_AT_EXIT => shared_at_exit(),
         _ => {}
     }
 }
@@ -207,6 +212,161 @@ fn ping() {
     while hvc(PING, [n, 0, 0, 0, 0])[0] != STOP {
         n += 1;
     }
+}
+
+fn trap_word(i: usize) -> *mut u64 {
+    // SAFETY: `i` is below 4, within `TRAP_STATE`.
+    unsafe { (addr_of_mut!(TRAP_STATE) as *mut u64).add(i % 4) }
+}
+
+/// Expect exceptions from here on: the handler at VBAR_EL1 + 0x200 counts
+/// them and skips each faulting instruction.
+fn arm_traps() {
+    // SAFETY: words of `TRAP_STATE`; the handler only runs on this CPU,
+    // within the asm blocks that follow.
+    unsafe {
+        trap_word(1).write_volatile(0);
+        trap_word(2).write_volatile(0);
+        trap_word(3).write_volatile(0);
+        trap_word(0).write_volatile(1);
+    }
+}
+
+/// Stop expecting exceptions; returns (count, last ESR_EL1, last ELR_EL1).
+fn disarm_traps() -> (u64, u64, u64) {
+    // SAFETY: as for `arm_traps`.
+    unsafe {
+        trap_word(0).write_volatile(0);
+        (
+            trap_word(1).read_volatile(),
+            trap_word(2).read_volatile(),
+            trap_word(3).read_volatile(),
+        )
+    }
+}
+
+/// Reads a system register by name or encoding.
+macro_rules! mrs {
+    ($reg:literal) => {{
+        let v: u64;
+        // SAFETY: reads a register without side effects (an ID register,
+        // or an MTE register of an MTE-on VM).
+        unsafe { core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) v, options(nostack)) };
+        v
+    }};
+}
+
+/// Writes a system register by encoding.
+macro_rules! msr {
+    ($reg:literal, $v:expr) => {{
+        // SAFETY: writes an MTE register of an MTE-on VM: tag generation
+        // and tag-check status of this VM only.
+        unsafe { core::arch::asm!(concat!("msr ", $reg, ", {}"), "isb", in(reg) $v, options(nostack)) };
+    }};
+}
+
+/// Executes `$insn` (one MRS into x0, or one MSR of xzr) with the
+/// exception handler armed; evaluates to the instruction's address.
+macro_rules! probe {
+    ($insn:literal) => {{
+        let at: u64;
+        // SAFETY: one system-register access; if it raises an exception, the
+        // armed handler skips it. An MSR writes zero to an MTE register of
+        // this VM. x0 is scratch.
+        unsafe {
+            core::arch::asm!("adr {at}, 1f", "1:", $insn, "isb", at = out(reg) at, out("x0") _, options(nostack));
+        }
+        at
+    }};
+}
+
+/// GCR_EL1, RGSR_EL1, TFSR_EL1, TFSRE0_EL1 (by encoding).
+fn mte_regs() -> [u64; 4] {
+    [
+        mrs!("s3_0_c1_c0_6"),
+        mrs!("s3_0_c1_c0_5"),
+        mrs!("s3_0_c5_c6_0"),
+        mrs!("s3_0_c5_c6_1"),
+    ]
+}
+
+/// What the VM sees of MTE and of the features it lacks.
+fn mte_probe(flags: u64) {
+    hvc(
+        ID_REGS,
+        [
+            mrs!("s3_0_c0_c4_0"),
+            mrs!("s3_0_c0_c4_1"),
+            mrs!("s3_0_c0_c4_2"),
+            mrs!("s3_0_c0_c6_1"),
+            mrs!("s3_0_c0_c6_2"),
+        ],
+    );
+    hvc(
+        ID_REGS_MORE,
+        [
+            mrs!("s3_0_c0_c4_4"),
+            mrs!("s3_0_c0_c4_5"),
+            mrs!("s3_0_c0_c5_0"),
+            0,
+            0,
+        ],
+    );
+
+    // The MTE registers: each access in its own armed window, in the order
+    // of MTE_ACCESSES.
+    let mut total = 0;
+    for i in 0..MTE_ACCESSES.len() {
+        arm_traps();
+        let at = match i {
+            0 => probe!("mrs x0, s3_0_c1_c0_6"),
+            1 => probe!("msr s3_0_c1_c0_6, xzr"),
+            2 => probe!("mrs x0, s3_0_c1_c0_5"),
+            3 => probe!("msr s3_0_c1_c0_5, xzr"),
+            4 => probe!("mrs x0, s3_0_c5_c6_0"),
+            5 => probe!("msr s3_0_c5_c6_0, xzr"),
+            6 => probe!("mrs x0, s3_0_c5_c6_1"),
+            7 => probe!("msr s3_0_c5_c6_1, xzr"),
+            _ => probe!("mrs x0, s3_1_c0_c0_4"),
+        };
+        let (n, esr, elr) = disarm_traps();
+        total += n;
+        hvc(MTE_ACCESS, [i as u64, n, esr, elr, at]);
+    }
+    hvc(MTE_ACCESSES_DONE, [total, 0, 0, 0, 0]);
+
+    // Tags on a granule of our own.
+    let own = addr_of!(OWN_GRANULE) as u64 + 16;
+    arm_traps();
+    stg(own, PROBE_TAG);
+    let tag = ldg(own);
+    let (n, _, _) = disarm_traps();
+    hvc(TAG_PROBE, [tag, n, 0, 0, 0]);
+
+    // The MTE registers keep the guest's values across an exit.
+    if flags & FLAG_MTE != 0 {
+        let [g, r, t, e] = GUEST_MTE_REGS;
+        msr!("s3_0_c1_c0_6", g);
+        msr!("s3_0_c1_c0_5", r);
+        msr!("s3_0_c5_c6_0", t);
+        msr!("s3_0_c5_c6_1", e);
+        let [g, r, t, e] = mte_regs();
+        hvc(MTE_REGS_SET, [g, r, t, e, 0]);
+        let [g, r, t, e] = mte_regs();
+        hvc(MTE_REGS_AGAIN, [g, r, t, e, 0]);
+    }
+}
+
+/// Shares a page, fills it with the hello pattern and powers off with the
+/// share still in place.
+fn shared_at_exit() {
+    let ipa = shared_ipa();
+    let r = hvc(GUEST_SHARE_HOST, [ipa, 1, 0, 0, 0])[0];
+    for i in 0..512 {
+        // SAFETY: words of our shared page.
+        unsafe { shared_word(i).write_volatile(pattern(i as u64)) };
+    }
+    hvc(LEFT_SHARED, [ipa, r, 0, 0, 0]);
 }
 
 #[panic_handler]

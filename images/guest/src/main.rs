@@ -15,7 +15,11 @@
 //! allocation tag of a page the host tagged before donating it (MTE VMs
 //! only), waits for an interrupt once and powers off. Other modes spin on a
 //! shared page or loop on a hypercall, for the host's concurrency cases and
-//! benchmarks.
+//! benchmarks; probe what the VM sees of MTE and of the features it lacks
+//! (ID registers, the MTE system registers, whose Undefined Instruction
+//! exceptions the guest catches at VBAR_EL1 + 0x200 and counts, tags on its
+//! own memory, MTE registers kept across an exit); or power off with a page
+//! still shared with the host.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -37,8 +37,37 @@ pub const SPINNING: u32 = id(0x808);
 /// Guest (ping mode): round trip x1. Answer r0 = [`STOP`] ends the loop.
 pub const PING: u32 = id(0x809);
 /// Guest: I took an exception I cannot handle: x1 = ESR_EL1, x2 = ELR_EL1,
-/// x3 = FAR_EL1 (x1 = 0: a panic). The guest powers off next.
+/// x3 = FAR_EL1, x4 = the vector's offset from VBAR_EL1 (x1 = 0: a panic).
+/// The guest powers off next.
 pub const FAULT: u32 = id(0x80f);
+/// Guest (MTE probe): my ID registers read x1 = ID_AA64PFR0_EL1, x2 =
+/// ID_AA64PFR1_EL1, x3 = ID_AA64PFR2_EL1, x4 = ID_AA64ISAR1_EL1, x5 =
+/// ID_AA64ISAR2_EL1.
+pub const ID_REGS: u32 = id(0x80a);
+/// Guest (MTE probe): and x1 = ID_AA64ZFR0_EL1, x2 = ID_AA64SMFR0_EL1,
+/// x3 = ID_AA64DFR0_EL1.
+pub const ID_REGS_MORE: u32 = id(0x80b);
+/// Guest (MTE probe): access x1 of [`MTE_ACCESSES`] took x2 synchronous
+/// exceptions at VBAR_EL1 + 0x200 (the last with ESR_EL1 x3 and ELR_EL1
+/// x4); the instruction is at x5. The handler skipped the instruction.
+pub const MTE_ACCESS: u32 = id(0x80c);
+/// Guest (MTE probe): the accesses of [`MTE_ACCESSES`] took x1 exceptions
+/// in all.
+pub const MTE_ACCESSES_DONE: u32 = id(0x80d);
+/// Guest (MTE probe): STG of tag [`PROBE_TAG`] to a granule of mine, then
+/// LDG of it, read tag x1; the two took x2 exceptions.
+pub const TAG_PROBE: u32 = id(0x80e);
+/// Guest (MTE probe, MTE-on VM): I wrote [`GUEST_MTE_REGS`]; read back at
+/// once, GCR_EL1, RGSR_EL1, TFSR_EL1 and TFSRE0_EL1 are x1..x4. Answer once
+/// the host has set its own values in its registers.
+pub const MTE_REGS_SET: u32 = id(0x810);
+/// Guest (MTE probe, MTE-on VM): read again after the host ran, the same
+/// registers are x1..x4.
+pub const MTE_REGS_AGAIN: u32 = id(0x811);
+/// Guest (shared at exit): my page at IPA x1 is shared with you (x2 =
+/// `GUEST_SHARE_HOST`'s result) and holds [`pattern`] words; I power off
+/// next without ending the share.
+pub const LEFT_SHARED: u32 = id(0x812);
 
 /// Modes (the answer to [`CONFIG`]).
 pub const MODE_DEMO: u64 = 0;
@@ -46,8 +75,36 @@ pub const MODE_SPIN: u64 = 1;
 pub const MODE_PING: u64 = 2;
 /// Power off at once.
 pub const MODE_OFF: u64 = 3;
+/// Read the ID registers, try the MTE system registers and tag instructions
+/// and report what happened; in an MTE-on VM, also keep values in the MTE
+/// registers across an exit.
+pub const MODE_MTE_PROBE: u64 = 4;
+/// Share a page, fill it, and power off without ending the share.
+pub const MODE_SHARED_AT_EXIT: u64 = 5;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.
 pub const FLAG_MTE: u64 = 1;
+/// The VM was created without MTE, but the guest maps its memory Tagged and
+/// sets SCTLR_EL1.ATA anyway, as if it had MTE.
+pub const FLAG_TRY_TAGS: u64 = 2;
+
+/// The MTE system-register accesses the MTE probe makes, in order (MSRs
+/// write zero).
+pub const MTE_ACCESSES: [&str; 9] = [
+    "mrs gcr_el1",
+    "msr gcr_el1",
+    "mrs rgsr_el1",
+    "msr rgsr_el1",
+    "mrs tfsr_el1",
+    "msr tfsr_el1",
+    "mrs tfsre0_el1",
+    "msr tfsre0_el1",
+    "mrs gmid_el1",
+];
+/// The tag the MTE probe stores in its own memory.
+pub const PROBE_TAG: u64 = 0xb;
+/// What an MTE-on VM's guest writes to GCR_EL1 (Exclude 0x5a5a, RRND 0),
+/// RGSR_EL1 (SEED 0xabcd, TAG 3), TFSR_EL1 (TF0) and TFSRE0_EL1 (TF0).
+pub const GUEST_MTE_REGS: [u64; 4] = [0x5a5a, 0xab_cd03, 0b01, 0b1];
 
 /// Ends the spin and ping loops.
 pub const STOP: u64 = 0x5709_5709;

@@ -9,6 +9,13 @@
 //! donating it (MTE VMs), waits for an interrupt and powers off. The host
 //! then destroys the VM and takes its pages back, zeroed.
 //!
+//! The MTE probes run the guest in a VM without MTE and in one with it: the
+//! first must see no MTE (ID registers, an Undefined Instruction exception
+//! for every MTE system register, tags that read zero even when it maps its
+//! memory Tagged), the second must keep its MTE registers across exits while
+//! the host keeps its own. Another guest powers off with a page still shared
+//! with the host, which must get every page back whole.
+//!
 //! The hostile cases are a host misbehaving: touching donated pages, giving
 //! away what it does not own or twice, taking back what it never gave or
 //! from a VM that is alive or running, racing another CPU for the same pages,
@@ -377,8 +384,8 @@ impl Guest {
                     c.check(
                         false,
                         format_args!(
-                            "{}: the guest faulted (ESR_EL1 {:#x}, ELR_EL1 {:#x}, FAR_EL1 {:#x})",
-                            self.name, d[1], d[2], d[3]
+                            "{}: the guest faulted (ESR_EL1 {:#x}, ELR_EL1 {:#x}, FAR_EL1 {:#x}, at VBAR_EL1 + {:#x})",
+                            self.name, d[1], d[2], d[3], d[4]
                         ),
                     );
                     return None;
@@ -537,6 +544,18 @@ pub(super) fn scenarios(
         }
         Err(why) => say!("vm mte: skipping the MTE VM: {why} (ID_AA64PFR1_EL1.MTE = {mte_field})"),
     }
+    let tags = hardware_tags();
+    mte_probe(c, &mut ram, false, tags);
+    consistent(c, "the MTE-off VM's probes");
+    match mte {
+        Ok(()) => {
+            mte_probe(c, &mut ram, true, tags);
+            consistent(c, "the MTE-on VM's probes");
+        }
+        Err(why) => say!("vm mte on: skipping the MTE-on VM's probes: {why}"),
+    }
+    shared_at_exit(c, &mut ram);
+    consistent(c, "a destroyed VM's pages were reclaimed, one still shared");
     hostile_access(c, &mut ram, mte);
     consistent(c, "the host touched donated memory");
     hostile_donations(c, &mut ram, dtb);
@@ -749,6 +768,453 @@ fn demo_exits(c: &mut Checks, g: &mut Guest, mte: bool) -> Option<()> {
         ),
     );
     Some(())
+}
+
+/// Whether the hardware has MTE with tag storage. With the host's MTE
+/// policy off the host's ID registers do not say, but a VM may still be
+/// given MTE: a VM created with it tells.
+fn hardware_tags() -> bool {
+    if cpu_mte() >= 2 {
+        return true;
+    }
+    let (r, h) = vm_create(p::BASE_IPA, VmFlags::MTE);
+    if r.ok() {
+        destroy(h);
+    }
+    say!(
+        "vm: VM_CREATE with MTE = {r}: the hardware has tag storage: {}",
+        r.ok()
+    );
+    r.ok()
+}
+
+/// The host's GCR_EL1, RGSR_EL1, TFSR_EL1 and TFSRE0_EL1 (by encoding).
+fn host_mte_regs() -> [u64; 4] {
+    [
+        sysreg!("s3_0_c1_c0_6"),
+        sysreg!("s3_0_c1_c0_5"),
+        sysreg!("s3_0_c5_c6_0"),
+        sysreg!("s3_0_c5_c6_1"),
+    ]
+}
+
+fn set_host_mte_regs(v: [u64; 4]) {
+    // SAFETY: with the host's MTE policy on these registers are the host's:
+    // tag generation (nothing here generates random tags) and tag-check
+    // fault status (nothing here checks tags).
+    unsafe {
+        core::arch::asm!(
+            "msr s3_0_c1_c0_6, {g}", "msr s3_0_c1_c0_5, {r}",
+            "msr s3_0_c5_c6_0, {t}", "msr s3_0_c5_c6_1, {e}", "isb",
+            g = in(reg) v[0], r = in(reg) v[1], t = in(reg) v[2], e = in(reg) v[3],
+            options(nostack),
+        );
+    }
+}
+
+/// What the host writes to its own MTE registers while an MTE-on VM is
+/// between runs: GCR_EL1 (Exclude 0xff), RGSR_EL1 (SEED 0x1234, TAG 5),
+/// TFSR_EL1 (TF1), TFSRE0_EL1 (clear); each differs from
+/// [`p::GUEST_MTE_REGS`].
+const HOST_MTE_REGS: [u64; 4] = [0xff, 0x12_3405, 0b10, 0];
+
+/// Register values, shown as `[0x.., 0x.., ..]`.
+struct Hex<'a>(&'a [u64]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[")?;
+        for (i, v) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{v:#x}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+/// Reads `addr` with the exception handler armed: `None` if it aborted.
+fn try_read(addr: u64) -> Option<u64> {
+    EXCEPTIONS.store(0, Ordering::SeqCst);
+    EXPECT.store(Expect::SkipInstruction as u64, Ordering::SeqCst);
+    let v = read_u64(addr);
+    let taken = EXCEPTIONS.load(Ordering::SeqCst);
+    EXPECT.store(Expect::Nothing as u64, Ordering::SeqCst);
+    (taken == 0).then_some(v)
+}
+
+/// Writes `addr` with the exception handler armed: whether it did not abort.
+fn try_write(addr: u64, v: u64) -> bool {
+    EXCEPTIONS.store(0, Ordering::SeqCst);
+    EXPECT.store(Expect::SkipInstruction as u64, Ordering::SeqCst);
+    write_u64(addr, v);
+    let taken = EXCEPTIONS.load(Ordering::SeqCst);
+    EXPECT.store(Expect::Nothing as u64, Ordering::SeqCst);
+    taken == 0
+}
+
+/// A page read with the handler armed: (words unlike `want(i)`, aborts).
+fn page_differs(page: u64, want: impl Fn(u64) -> u64) -> (u64, u64) {
+    let (mut differ, mut aborts) = (0, 0);
+    for i in 0..PAGE / 8 {
+        match try_read(page + i * 8) {
+            Some(v) => differ += u64::from(v != want(i)),
+            None => aborts += 1,
+        }
+    }
+    (differ, aborts)
+}
+
+/// A VM's view of MTE and of the features it lacks, from inside: its ID
+/// registers, the MTE system registers, and tags on its own memory. An
+/// MTE-off VM must see no MTE at all, even when its guest maps its memory
+/// Tagged and sets SCTLR_EL1.ATA; an MTE-on VM must own its MTE registers,
+/// switched with the vCPU both ways.
+fn mte_probe(c: &mut Checks, ram: &mut Ram, vm_mte: bool, hardware_tags: bool) {
+    let name = if vm_mte { "vm mte on" } else { "vm mte off" };
+    let flags = if vm_mte { VmFlags::MTE } else { 0 };
+    let Some(mut g) = Guest::new(c, ram, name, flags, |_, _| {}) else {
+        return;
+    };
+    let _ = mte_probe_exits(c, &mut g, vm_mte, hardware_tags);
+    g.end(c, true);
+}
+
+fn mte_probe_exits(c: &mut Checks, g: &mut Guest, vm_mte: bool, hardware_tags: bool) -> Option<()> {
+    use moat_abi::services::{PFR1_MTE_FIELDS, PFR2_MTE_FIELDS};
+    let name = g.name;
+    let flags = if vm_mte {
+        p::FLAG_MTE
+    } else {
+        p::FLAG_TRY_TAGS
+    };
+    g.start(c, p::MODE_MTE_PROBE, flags)?;
+
+    let [pfr0, pfr1, pfr2, isar1, isar2] = g.expect_hvc(c, p::ID_REGS, "ID registers")?;
+    let [zfr0, smfr0, dfr0, _, _] = g.expect_hvc(c, p::ID_REGS_MORE, "more ID registers")?;
+    let host = [
+        sysreg!("id_aa64pfr0_el1"),
+        sysreg!("id_aa64pfr1_el1"),
+        sysreg!("s3_0_c0_c4_2"),
+        sysreg!("id_aa64isar1_el1"),
+        sysreg!("s3_0_c0_c6_2"),
+    ];
+    say!(
+        "{name}: the guest reads ID_AA64PFR0_EL1 {pfr0:#018x} PFR1 {pfr1:#018x} PFR2 {pfr2:#x} ISAR1 {isar1:#018x} ISAR2 {isar2:#018x} ZFR0 {zfr0:#x} SMFR0 {smfr0:#x} DFR0 {dfr0:#018x}"
+    );
+    say!(
+        "{name}: the host reads ID_AA64PFR0_EL1 {:#018x} PFR1 {:#018x} PFR2 {:#x} ISAR1 {:#018x} ISAR2 {:#018x}",
+        host[0],
+        host[1],
+        host[2],
+        host[3],
+        host[4]
+    );
+    let field = |v: u64, shift: u32| (v >> shift) & 0xf;
+    if vm_mte {
+        c.check(
+            field(pfr1, 8) >= 2 && field(pfr1, 8) == field(host[1], 8),
+            format_args!(
+                "{name}: ID_AA64PFR1_EL1.MTE = {} in the guest (the host's: {}): MTE with tag storage",
+                field(pfr1, 8),
+                field(host[1], 8)
+            ),
+        );
+    } else {
+        c.check(
+            pfr1 & PFR1_MTE_FIELDS == 0 && pfr2 & PFR2_MTE_FIELDS == 0,
+            format_args!(
+                "{name}: the guest's ID registers report no MTE: ID_AA64PFR1_EL1.MTE = {}, MTE_frac = {}, MTEX = {}; ID_AA64PFR2_EL1 MTE fields {:#x}",
+                field(pfr1, 8),
+                field(pfr1, 40),
+                field(pfr1, 52),
+                pfr2 & PFR2_MTE_FIELDS
+            ),
+        );
+    }
+    c.check(
+        field(pfr1, 24) == 0 && smfr0 == 0,
+        format_args!(
+            "{name}: no SME in the guest: ID_AA64PFR1_EL1.SME = {}, ID_AA64SMFR0_EL1 = {smfr0:#x}",
+            field(pfr1, 24)
+        ),
+    );
+    c.check(
+        field(pfr0, 32) == 0 && zfr0 == 0,
+        format_args!(
+            "{name}: no SVE in the guest: ID_AA64PFR0_EL1.SVE = {} (the host's: {}), ID_AA64ZFR0_EL1 = {zfr0:#x}",
+            field(pfr0, 32),
+            field(host[0], 32)
+        ),
+    );
+    c.check(
+        field(pfr0, 40) == 0 && field(pfr0, 44) == 0,
+        format_args!(
+            "{name}: no MPAM or AMU in the guest: ID_AA64PFR0_EL1.MPAM = {}, AMU = {}",
+            field(pfr0, 40),
+            field(pfr0, 44)
+        ),
+    );
+    c.check(
+        [4, 8, 24, 28].iter().all(|s| field(isar1, *s) == 0)
+            && field(isar2, 8) == 0
+            && field(isar2, 12) == 0,
+        format_args!(
+            "{name}: no pointer authentication in the guest: ID_AA64ISAR1_EL1 APA {} API {} GPA {} GPI {} (the host's: {} {} {} {}), ID_AA64ISAR2_EL1 GPA3 {} APA3 {}",
+            field(isar1, 4),
+            field(isar1, 8),
+            field(isar1, 24),
+            field(isar1, 28),
+            field(host[3], 4),
+            field(host[3], 8),
+            field(host[3], 24),
+            field(host[3], 28),
+            field(isar2, 8),
+            field(isar2, 12)
+        ),
+    );
+    c.check(
+        field(dfr0, 8) == 0 && field(dfr0, 32) == 0,
+        format_args!(
+            "{name}: no PMU or SPE in the guest: ID_AA64DFR0_EL1.PMUVer = {}, PMSVer = {}",
+            field(dfr0, 8),
+            field(dfr0, 32)
+        ),
+    );
+    const ISAR1_PAUTH: u64 = (0xff << 4) | (0xff << 24);
+    c.check(
+        pfr0 & 0xffff_ffff == host[0] & 0xffff_ffff
+            && pfr1 & 0xff == host[1] & 0xff
+            && isar1 & !ISAR1_PAUTH == host[3] & !ISAR1_PAUTH,
+        format_args!(
+            "{name}: the guest's other features are the host's: ID_AA64PFR0_EL1[31:0] {:#x} (host {:#x}), ID_AA64PFR1_EL1[7:0] {:#x} (host {:#x}), ID_AA64ISAR1_EL1 less pointer authentication {:#x} (host {:#x})",
+            pfr0 & 0xffff_ffff,
+            host[0] & 0xffff_ffff,
+            pfr1 & 0xff,
+            host[1] & 0xff,
+            isar1 & !ISAR1_PAUTH,
+            host[3] & !ISAR1_PAUTH
+        ),
+    );
+
+    for (i, what) in p::MTE_ACCESSES.iter().enumerate() {
+        let [index, taken, esr, elr, at] = g.expect_hvc(c, p::MTE_ACCESS, "MTE register access")?;
+        if vm_mte {
+            c.check(
+                index == i as u64 && taken == 0,
+                format_args!(
+                    "{name}: {what} in the guest: no exception ({taken} taken; access {index})"
+                ),
+            );
+        } else {
+            c.check(
+                index == i as u64 && taken == 1 && esr == 0x0200_0000 && elr == at,
+                format_args!(
+                    "{name}: {what} in the guest: Undefined Instruction at VBAR_EL1 + 0x200 ({taken} exception(s), ESR_EL1 {esr:#x}, ELR_EL1 {elr:#x}, instruction at {at:#x}; access {index}), the guest skipped it"
+                ),
+            );
+        }
+    }
+    let [total, ..] = g.expect_hvc(c, p::MTE_ACCESSES_DONE, "MTE register accesses done")?;
+    let want = if vm_mte {
+        0
+    } else {
+        p::MTE_ACCESSES.len() as u64
+    };
+    c.check(
+        total == want,
+        format_args!(
+            "{name}: the guest counted {total} exception(s) over its {} MTE register accesses (expected {want})",
+            p::MTE_ACCESSES.len()
+        ),
+    );
+
+    let [tag, taken, ..] = g.expect_hvc(c, p::TAG_PROBE, "tag probe")?;
+    let tag_stored = p::PROBE_TAG;
+    if vm_mte {
+        c.check(
+            tag == tag_stored && taken == 0,
+            format_args!(
+                "{name}: STG of tag {tag_stored} then LDG on the guest's own memory: tag reads {tag} ({taken} exceptions)"
+            ),
+        );
+    } else if hardware_tags {
+        c.check(
+            tag == 0 && taken == 0,
+            format_args!(
+                "{name}: STG of tag {tag_stored} then LDG on the guest's own memory, mapped Tagged with SCTLR_EL1.ATA set: tag reads {tag} ({taken} exceptions; tag access is disabled for the VM)"
+            ),
+        );
+    } else {
+        // Without tag storage the instructions are NOPs (FEAT_MTE) or
+        // undefined (no MTE at all).
+        c.check(
+            tag == 0 && (taken == 0 || taken == 2),
+            format_args!(
+                "{name}: STG of tag {tag_stored} then LDG on the guest's own memory: tag reads {tag} ({taken} exceptions; no tag storage)"
+            ),
+        );
+    }
+
+    if vm_mte {
+        let host_before = host_mte_regs();
+        let set = g.expect_hvc(c, p::MTE_REGS_SET, "MTE registers set")?;
+        c.check(
+            set[..4] == p::GUEST_MTE_REGS,
+            format_args!(
+                "{name}: the guest wrote GCR_EL1, RGSR_EL1, TFSR_EL1, TFSRE0_EL1 = {} and read back {}",
+                Hex(&p::GUEST_MTE_REGS),
+                Hex(&set[..4])
+            ),
+        );
+        let host_between = host_mte_regs();
+        c.check(
+            host_between == host_before,
+            format_args!(
+                "{name}: after the guest's exit the host's GCR_EL1, RGSR_EL1, TFSR_EL1, TFSRE0_EL1 are its own again ({}; before the run {})",
+                Hex(&host_between),
+                Hex(&host_before)
+            ),
+        );
+        set_host_mte_regs(HOST_MTE_REGS);
+        let mine = host_mte_regs();
+        let again = g.expect_hvc(c, p::MTE_REGS_AGAIN, "MTE registers again");
+        let host_after = host_mte_regs();
+        set_host_mte_regs(host_before);
+        let again = again?;
+        c.check(
+            again[..4] == p::GUEST_MTE_REGS,
+            format_args!(
+                "{name}: the host set its own values ({}) and ran the VM again: the guest reads its own GCR_EL1, RGSR_EL1, TFSR_EL1, TFSRE0_EL1 back ({}, expected {})",
+                Hex(&mine),
+                Hex(&again[..4]),
+                Hex(&p::GUEST_MTE_REGS)
+            ),
+        );
+        c.check(
+            mine == HOST_MTE_REGS && host_after == HOST_MTE_REGS,
+            format_args!(
+                "{name}: back in the host, its GCR_EL1, RGSR_EL1, TFSR_EL1, TFSRE0_EL1 are still its own ({}, expected {})",
+                Hex(&host_after),
+                Hex(&HOST_MTE_REGS)
+            ),
+        );
+    }
+
+    let e = g.expect_exit(c, ExitReason::Shutdown)?;
+    c.check(
+        e.detail[0] == 0,
+        format_args!(
+            "{name}: the guest powered off (Shutdown exit, x2 = {})",
+            e.detail[0]
+        ),
+    );
+    Some(())
+}
+
+/// A VM that powers off with a page still shared with the host: the host
+/// destroys it and takes every page back, the shared one included, which
+/// must then be the host's again, zeroed.
+fn shared_at_exit(c: &mut Checks, ram: &mut Ram) {
+    let name = "vm shared at exit";
+    let Some(mut g) = Guest::new(c, ram, name, 0, |_, _| {}) else {
+        return;
+    };
+    let left = g
+        .start(c, p::MODE_SHARED_AT_EXIT, 0)
+        .and_then(|()| g.expect_hvc(c, p::LEFT_SHARED, "page left shared"));
+    let Some([ipa, r, ..]) = left else {
+        g.end(c, false);
+        return;
+    };
+    let r = Code(r);
+    let in_memory = (p::BASE_IPA..p::BASE_IPA + p::PAGES * PAGE).contains(&ipa) && ipa % PAGE == 0;
+    c.check(
+        r.ok() && in_memory,
+        format_args!("{name}: the guest shared its page at IPA {ipa:#x} (GUEST_SHARE_HOST = {r})"),
+    );
+    if !r.ok() || !in_memory {
+        g.end(c, false);
+        return;
+    }
+    let page = g.pa_of(ipa);
+    let (differ, aborts) = page_differs(page, p::pattern);
+    c.check(
+        differ == 0 && aborts == 0,
+        format_args!(
+            "{name}: the host reads the guest's words in the shared page at PA {page:#x} ({differ} differ, {aborts} aborts)"
+        ),
+    );
+    let off = g.expect_exit(c, ExitReason::Shutdown);
+    c.check(
+        off.is_some(),
+        format_args!("{name}: the guest powered off without ending its share"),
+    );
+    consistent(c, "a VM powered off with a page still shared with the host");
+    let (differ, aborts) = page_differs(page, p::pattern);
+    say!(
+        "{name}: with the VM off, the host's read of the shared page: {differ} words differ, {aborts} aborts"
+    );
+    let d = destroy(g.handle);
+    c.check(d.ok(), format_args!("{name}: VM_DESTROY = {d}"));
+    consistent(c, "destroying a VM with a page still shared with the host");
+    let (differ, aborts) = page_differs(page, p::pattern);
+    say!(
+        "{name}: with the VM destroyed, the host's read of the shared page: {differ} words differ, {aborts} aborts"
+    );
+    let r = reclaim(g.handle, g.pa, g.pages);
+    c.check(
+        r.ok(),
+        format_args!(
+            "{name}: VM_RECLAIM of all {} pages at {:#x}, one still shared with the host = {r}",
+            g.pages, g.pa
+        ),
+    );
+    if !r.ok() {
+        return;
+    }
+    let (nonzero, aborts) = page_differs(page, |_| 0);
+    c.check(
+        nonzero == 0 && aborts == 0,
+        format_args!(
+            "{name}: the formerly shared page at PA {page:#x} reads as zero ({nonzero} non-zero words, {aborts} aborts)"
+        ),
+    );
+    let mut write_aborts = 0;
+    for i in 0..PAGE / 8 {
+        write_aborts += u64::from(!try_write(page + i * 8, !p::pattern(i)));
+    }
+    let (differ, aborts) = page_differs(page, |i| !p::pattern(i));
+    c.check(
+        write_aborts == 0 && differ == 0 && aborts == 0,
+        format_args!(
+            "{name}: the host writes and reads back the formerly shared page: it is the host's again ({write_aborts} write aborts, {differ} words differ, {aborts} read aborts)"
+        ),
+    );
+    for i in 0..PAGE / 8 {
+        try_write(page + i * 8, 0);
+    }
+    let (mut nonzero, mut aborts) = (0, 0);
+    for n in 0..g.pages {
+        let (z, a) = page_differs(g.pa + n * PAGE, |_| 0);
+        nonzero += z;
+        aborts += a;
+    }
+    c.check(
+        nonzero == 0 && aborts == 0,
+        format_args!(
+            "{name}: all {} reclaimed pages are the host's and read as zero ({nonzero} non-zero words, {aborts} aborts)",
+            g.pages
+        ),
+    );
+    let (r, _) = vcpu_run(g.handle, [0; 4]);
+    c.check(
+        r.is(Error::InvalidParameters),
+        format_args!(
+            "{name}: with its last page reclaimed the VM is gone: VCPU_RUN on its handle = {r} (expected InvalidParameters)"
+        ),
+    );
 }
 
 /// The host touching pages it gave a VM.
