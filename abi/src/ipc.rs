@@ -271,12 +271,25 @@ pub fn decode_request<T: FromBytes + KnownLayout + Immutable>(
 ) -> Result<T, MessageError> {
     let (value, rest) =
         T::read_from_prefix(body).map_err(|_| MessageError::Length(body.len() as u32))?;
-    // A word at a time: this runs on every call a service receives.
-    let (words, tail) = rest.as_chunks::<8>();
-    if words.iter().any(|w| u64::from_ne_bytes(*w) != 0) || tail.iter().any(|b| *b != 0) {
+    if !all_zero(rest) {
         return Err(MessageError::Length(body.len() as u32));
     }
     Ok(value)
+}
+
+/// Whether every byte of `bytes` is zero. This runs on every call a service
+/// receives, on targets where an unaligned word load is split into bytes:
+/// the aligned middle is read as whole words (message bodies are
+/// word-aligned in the IPC page), only the ragged ends byte by byte.
+fn all_zero(bytes: &[u8]) -> bool {
+    let head = bytes.as_ptr().align_offset(8).min(bytes.len());
+    let (head, rest) = bytes.split_at(head);
+    let (middle, tail) = rest.split_at(rest.len() - rest.len() % 8);
+    let middle_zero = match <[u64]>::ref_from_bytes(middle) {
+        Ok(words) => words.iter().all(|w| *w == 0),
+        Err(_) => middle.iter().all(|b| *b == 0),
+    };
+    middle_zero && head.iter().all(|b| *b == 0) && tail.iter().all(|b| *b == 0)
 }
 
 #[cfg(test)]
@@ -335,6 +348,33 @@ mod tests {
         let mut m = good;
         m.header.abi_version = ABI_VERSION | 5;
         assert!(m.check_reply(&call.header).is_ok());
+    }
+
+    #[test]
+    fn request_padding_must_be_zero_wherever_the_body_lies() {
+        // Every alignment and length, with a stray byte at every position.
+        let mut buf = [0u64; 8];
+        for start in 0..8 {
+            for len in 8..40 {
+                let bytes = &mut buf.as_mut_bytes()[start..start + len];
+                bytes.fill(0);
+                assert_eq!(decode_request::<u64>(bytes), Ok(0));
+                for stray in 0..len {
+                    bytes.fill(0);
+                    bytes[stray] = 1;
+                    let expected = if stray < 8 {
+                        Ok(1u64 << (8 * stray))
+                    } else {
+                        Err(MessageError::Length(len as u32))
+                    };
+                    assert_eq!(
+                        decode_request::<u64>(bytes),
+                        expected,
+                        "start {start} len {len} stray {stray}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub mod hcr {
     pub const TID3: u64 = 1 << 18;
     /// Trap ID group 2 (CTR_EL0, CCSIDR_EL1, CLIDR_EL1, CSSELR_EL1).
     pub const TID2: u64 = 1 << 17;
+    /// Trap EL1 writes to the virtual-memory controls (SCTLR_EL1, TTBRn_EL1,
+    /// TCR_EL1, MAIR_EL1, AMAIR_EL1, CONTEXTIDR_EL1, ESR_EL1, FAR_EL1,
+    /// AFSRn_EL1) — used for services once they have started.
+    pub const TVM: u64 = 1 << 26;
     /// Trap WFI / WFE.
     pub const TWI: u64 = 1 << 13;
     pub const TWE: u64 = 1 << 14;

@@ -128,6 +128,7 @@ impl RoutingTable {
     }
 
     /// The service and operation a host function id is routed to.
+    #[inline]
     pub fn hypercall(&self, function: u32) -> Option<(usize, u16)> {
         if function & 0xffff_0000 != hypercall::id(0) {
             return None;

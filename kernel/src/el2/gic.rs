@@ -129,11 +129,13 @@ pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
             wr32(sgi_frame + 0x100, 1 << WATCHDOG_INTID); // ISENABLER0
             let (pmr, grpen): (u64, u64);
             // SAFETY: the physical CPU interface's priority mask and group-1
-            // enable, saved here and restored by `close_watchdog`.
+            // enable, saved here and restored by `close_watchdog`. No ISB:
+            // they matter once the service runs, and the ERET into it is a
+            // context synchronization event (SCTLR_EL2.EOS).
             unsafe {
                 core::arch::asm!(
                     "mrs {p}, icc_pmr_el1", "mrs {g}, icc_igrpen1_el1",
-                    "msr icc_pmr_el1, {ff}", "msr icc_igrpen1_el1, {one}", "isb",
+                    "msr icc_pmr_el1, {ff}", "msr icc_igrpen1_el1, {one}",
                     p = out(reg) pmr, g = out(reg) grpen, ff = in(reg) SERVICE_RUN_PMR, one = in(reg) 1u64,
                     options(nostack, preserves_flags),
                 );
@@ -162,10 +164,12 @@ pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
 pub fn close_watchdog(access: &GicAccess, saved: SavedCpuInterface) {
     match *access {
         GicAccess::V3 { .. } => {
-            // SAFETY: restores what `open_watchdog` saved.
+            // SAFETY: restores what `open_watchdog` saved. No ISB: the core
+            // runs with interrupts masked, and the ERET back into the host
+            // synchronizes the writes.
             unsafe {
                 core::arch::asm!(
-                    "msr icc_pmr_el1, {p}", "msr icc_igrpen1_el1, {g}", "isb",
+                    "msr icc_pmr_el1, {p}", "msr icc_igrpen1_el1, {g}",
                     p = in(reg) saved.a, g = in(reg) saved.b,
                     options(nostack, preserves_flags),
                 );

@@ -103,10 +103,10 @@ pub fn service_call(this_cpu: &PerCpu, regs: &mut GuestRegs, index: usize, opera
     let header = MessageHeader::call(
         s.interface_id,
         operation,
-        service::next_sequence(index),
+        s.next_sequence(),
         HOST_REQUEST_BYTES as u32,
     );
-    match service::call(this_cpu, index, &header, &mut body) {
+    match s.call(this_cpu, &header, &mut body) {
         Ok(Ok(len)) if len as usize <= HOST_REPLY_BYTES => {
             // Bytes past the reply's length come back as zero, never as
             // whatever the service left in its IPC page.

@@ -160,12 +160,16 @@ enum Exit {
     Fault(&'static str, u64),
 }
 
-fn service_el2(vttbr: u64) -> (u64, u64, u64, u64, u64) {
+fn service_el2(vttbr: u64, started: bool) -> (u64, u64, u64, u64, u64) {
     // Physical interrupts to EL2 (the watchdog, and the host's, which
     // suspend the call), SMC and WFI/WFE trapped, pointer-authentication keys
     // trapped (the host's keys stay in the registers), no MTE tag access.
     // TID2: cache-geometry registers (CSSELR_EL1 is the host's, unswitched).
-    let hcr = hcr::VM
+    // TVM once started: the service's translation controls are fixed (see
+    // `with_partition`).
+    let tvm = if started { hcr::TVM } else { 0 };
+    let hcr = tvm
+        | hcr::VM
         | hcr::RW
         | hcr::IMO
         | hcr::FMO
@@ -197,7 +201,9 @@ impl Service {
     /// "busy". The wait is bounded by a few budgets (the holder's watchdog
     /// ends its run within one); past that the caller is told `Busy`.
     fn acquire(&self) -> Result<(), Error> {
-        let (start, _) = sysreg::counter();
+        // The clock starts at the first refusal: a free service (the usual
+        // case) costs one compare-exchange.
+        let mut start = None;
         let patience = self.budget_ticks.saturating_mul(4);
         loop {
             match self.state.compare_exchange(
@@ -209,7 +215,8 @@ impl Service {
                 Ok(_) => return Ok(()),
                 Err(v) if v == State::Failed as u8 => return Err(Error::ServiceFailed),
                 Err(_) => {
-                    if sysreg::counter().0.wrapping_sub(start) > patience {
+                    let now = sysreg::now();
+                    if now.wrapping_sub(*start.get_or_insert(now)) > patience {
                         return Err(Error::Busy);
                     }
                     core::hint::spin_loop();
@@ -231,26 +238,35 @@ impl Service {
     }
 
     /// Writes a call: its header and the `payload_len` bytes of its body
-    /// (the service reads no further). Word-sized, aligned accesses only:
-    /// this is on every call's path.
+    /// (the service reads no further), or the whole body if it is a
+    /// [`SmallBody`] (see [`call`]). Volatile word accesses, so the copies
+    /// stay word loads and stores: on every call's path, a call to the
+    /// generic (byte-aligned) `memcpy` would cost more than the rest of the
+    /// message path. A small body's fixed length unrolls its copy.
     fn ipc_write(&self, header: &MessageHeader, body: &[u64]) {
-        let words = (header.payload_len as usize)
-            .div_ceil(8)
-            .min(body.len())
-            .min(MAX_WORDS);
         let header_words: [u64; HEADER_WORDS] = zerocopy::transmute!(*header);
         let dst = self.ipc_page as *mut u64;
         // SAFETY: the IPC page is a page-aligned page of the core's heap,
         // mapped read/write in the core's stage-1; the service is stopped
-        // while the core writes; header and body lie inside the page.
-        // (Volatile word stores: a generic byte copy here would cost more
-        // than the rest of the message path.)
+        // while the core writes; header and body lie inside the page
+        // (HEADER_WORDS + MAX_WORDS words).
         unsafe {
             for (i, w) in header_words.iter().enumerate() {
                 dst.add(i).write_volatile(*w);
             }
-            for (i, w) in body.iter().take(words).enumerate() {
-                dst.add(HEADER_WORDS + i).write_volatile(*w);
+            let dst = dst.add(HEADER_WORDS);
+            if let Ok(small) = <&SmallBody>::try_from(body) {
+                for (i, w) in small.iter().enumerate() {
+                    dst.add(i).write_volatile(*w);
+                }
+            } else {
+                let words = (header.payload_len as usize)
+                    .div_ceil(8)
+                    .min(body.len())
+                    .min(MAX_WORDS);
+                for (i, w) in body[..words].iter().enumerate() {
+                    dst.add(i).write_volatile(*w);
+                }
             }
         }
     }
@@ -267,8 +283,15 @@ impl Service {
             for (i, w) in header_words.iter_mut().enumerate() {
                 *w = src.add(i).read_volatile();
             }
-            for (i, w) in body.iter_mut().take(MAX_WORDS).enumerate() {
-                *w = src.add(HEADER_WORDS + i).read_volatile();
+            let src = src.add(HEADER_WORDS);
+            if let Ok(small) = <&mut SmallBody>::try_from(&mut *body) {
+                for (i, w) in small.iter_mut().enumerate() {
+                    *w = src.add(i).read_volatile();
+                }
+            } else {
+                for (i, w) in body.iter_mut().take(MAX_WORDS).enumerate() {
+                    *w = src.add(i).read_volatile();
+                }
             }
         }
         zerocopy::transmute!(header_words)
@@ -278,8 +301,7 @@ impl Service {
     /// its budget or is interrupted. EL1 and EL2 state must already be the
     /// service's.
     fn run(&self, cpu: &PerCpu) -> Exit {
-        let (start, _) = sysreg::counter();
-        let deadline = start.saturating_add(self.budget_ticks);
+        let deadline = sysreg::now().saturating_add(self.budget_ticks);
         // SAFETY: this CPU holds the service (Busy), so its vCPU is ours.
         let vcpu = unsafe { &mut *self.vcpu() };
         vcpu.cpu = cpu.index as u64;
@@ -346,7 +368,22 @@ impl Service {
     }
 
     /// Switches this CPU to the service, runs `f`, and switches back.
-    fn with_partition<R>(&self, cpu: &PerCpu, f: impl FnOnce() -> R) -> R {
+    ///
+    /// The host's EL1 context is saved and restored whole: the service's
+    /// is loaded over all of it, so the service sees none of the host's and
+    /// the host finds its own as it left it.
+    ///
+    /// A service's context is set up by its own entry code during its first
+    /// run (`started` false) and saved whole after it. From then on, a run
+    /// that ends in a reply saves only SP_EL1: a started service runs with
+    /// HCR_EL2.TVM, so its translation and fault-status controls cannot
+    /// change (a write traps and fails it), and the other EL1 registers it
+    /// could write (the thread IDs, VBAR, PAR, the virtual timer) are
+    /// written only by `moat-rt`'s entry code, before its first reply, so at
+    /// a reply they hold what they held then. (A change would be undone at
+    /// its next run, never shown to anyone else.) A run an interrupt
+    /// suspends, which stops the service anywhere, saves it whole.
+    fn with_partition<R>(&self, cpu: &PerCpu, started: bool, f: impl FnOnce() -> R) -> R {
         let m = super::boot::machine();
         let gic = cpu.gic_access();
         // SAFETY: this CPU holds the service; the host's EL1 state is saved
@@ -355,7 +392,7 @@ impl Service {
         unsafe {
             (*cpu.host_el1.get()).save();
             (*self.el1.get()).load();
-            let (h, c, md, ct, v) = service_el2(self.vttbr);
+            let (h, c, md, ct, v) = service_el2(self.vttbr, started);
             sysreg::switch_el2(h, c, md, ct, v);
         }
         let saved = gic.as_ref().map(gic::open_watchdog);
@@ -363,9 +400,15 @@ impl Service {
         if let (Some(access), Some(saved)) = (gic.as_ref(), saved) {
             gic::close_watchdog(access, saved);
         }
-        // SAFETY: as above, in reverse.
+        // SAFETY: as above, in reverse. (`pending` is this CPU's while it
+        // holds the service; it is set exactly when this run was suspended.)
         unsafe {
-            (*self.el1.get()).save();
+            let el1 = &mut *self.el1.get();
+            if started && (*self.pending.get()).is_none() {
+                el1.save_sp_el1();
+            } else {
+                el1.save();
+            }
             (*cpu.host_el1.get()).load();
             let h = &m.host_el2;
             sysreg::switch_el2(
@@ -395,8 +438,11 @@ const HEADER_WORDS: usize = HEADER_SIZE / 8;
 const _: () = assert!(HEADER_SIZE.is_multiple_of(8) && HEADER_SIZE + SMALL_BODY <= MESSAGE_SIZE);
 
 /// Calls service `index` from `cpu` with `header` (a call header whose
-/// `payload_len` bytes of `body` are the request). On return `body` holds
-/// the reply's body; bytes past its length are unspecified.
+/// `payload_len` bytes of `body` are the request). A [`SmallBody`] goes to
+/// the service whole, so its words past the request must be zero (they
+/// are in every caller: the core never sends what it did not mean to).
+/// On return `body` holds the reply's body; bytes past its length are
+/// unspecified.
 /// Returns the service's checked answer: its length, or the error it chose.
 pub fn call(
     cpu: &PerCpu,
@@ -404,63 +450,105 @@ pub fn call(
     header: &MessageHeader,
     body: &mut [u64],
 ) -> Result<Result<u32, Error>, Error> {
-    let Some(s) = get(index) else {
-        return Err(Error::NotSupported);
-    };
-    if header.payload_len as usize > (body.len() * 8).min(moat_abi::ipc::PAYLOAD_SIZE) {
-        return Err(Error::InvalidParameters);
+    match get(index) {
+        Some(s) => s.call(cpu, header, body),
+        None => Err(Error::NotSupported),
     }
-    s.acquire()?;
-    let outcome = s.with_partition(cpu, || {
-        // SAFETY: Busy is ours, so the pending slot is too.
-        let pending = unsafe { &mut *s.pending.get() };
-        // (Checked first: taking the 264-byte slot costs a copy on every call.)
-        if let Some(p) = pending.is_some().then(|| pending.take()).flatten() {
-            // Finish the suspended call first.
-            match s.run(cpu) {
+}
+
+impl Service {
+    /// [`call`], for a caller that has the service already.
+    pub fn call(
+        &self,
+        cpu: &PerCpu,
+        header: &MessageHeader,
+        body: &mut [u64],
+    ) -> Result<Result<u32, Error>, Error> {
+        if header.payload_len as usize > (body.len() * 8).min(moat_abi::ipc::PAYLOAD_SIZE) {
+            return Err(Error::InvalidParameters);
+        }
+        debug_assert!(
+            body.len() != SMALL_WORDS
+                || body[(header.payload_len as usize).div_ceil(8)..]
+                    .iter()
+                    .all(|w| *w == 0)
+        );
+        self.acquire()?;
+        let outcome = self.with_partition(cpu, true, || {
+            // SAFETY: Busy is ours, so the pending slot is too.
+            let pending = unsafe { &mut *self.pending.get() };
+            if pending.is_some()
+                && let Some(verdict) = self.finish_pending(cpu, pending, header, body)
+            {
+                return verdict;
+            }
+            self.ipc_write(header, body);
+            // SAFETY: Busy is ours, so the vCPU is too; SVC_REPLY_WAIT returns 0.
+            unsafe { (*self.vcpu()).regs.x[0] = 0 };
+            match self.run(cpu) {
                 Exit::Reply => {
-                    let reissue = p.is_reissue(header, body, cpu.index);
-                    let mut reply_body = [0u64; MAX_WORDS];
-                    let reply = s.ipc_read(&mut reply_body[..body.len().min(MAX_WORDS)]);
-                    // The reply is checked against the call it answers either way.
-                    let verdict = finish(s, &reply, &p.header, body.len() * 8);
-                    if reissue || verdict.is_err() {
-                        let n = body.len().min(MAX_WORDS);
-                        body[..n].copy_from_slice(&reply_body[..n]);
-                        return verdict;
-                    }
-                    // Its caller moved on; the result is dropped.
+                    let reply = self.ipc_read(body);
+                    finish(self, &reply, header, body.len() * 8)
                 }
                 Exit::Preempted => {
-                    *pending = Some(p);
-                    return Err(Error::Interrupted);
+                    *pending = Some(Pending::new(header, body, cpu.index));
+                    Err(Error::Interrupted)
                 }
-                Exit::Fault(why, detail) => return Err(fail(s, why, detail)),
+                Exit::Fault(why, detail) => Err(fail(self, why, detail)),
             }
-        }
-        s.ipc_write(header, body);
-        // SAFETY: Busy is ours, so the vCPU is too; SVC_REPLY_WAIT returns 0.
-        unsafe { (*s.vcpu()).regs.x[0] = 0 };
-        match s.run(cpu) {
+        });
+        // A failed service stays failed; otherwise it is free again.
+        let _ = self.state.compare_exchange(
+            State::Busy as u8,
+            State::Ready as u8,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
+        outcome
+    }
+
+    /// Finishes the call an interrupt suspended, before `header`/`body`.
+    /// Returns the verdict for this caller if that call was its own (issued
+    /// again) or cannot be finished; `None` when the new call may go ahead.
+    /// Out of line: rare, and its buffers would cost every call a larger
+    /// stack frame.
+    #[cold]
+    #[inline(never)]
+    fn finish_pending(
+        &self,
+        cpu: &PerCpu,
+        pending: &mut Option<Pending>,
+        header: &MessageHeader,
+        body: &mut [u64],
+    ) -> Option<Result<Result<u32, Error>, Error>> {
+        let p = pending.take()?;
+        match self.run(cpu) {
             Exit::Reply => {
-                let reply = s.ipc_read(body);
-                finish(s, &reply, header, body.len() * 8)
+                let reissue = p.is_reissue(header, body, cpu.index);
+                let mut reply_body = [0u64; MAX_WORDS];
+                let reply = self.ipc_read(&mut reply_body[..body.len().min(MAX_WORDS)]);
+                // The reply is checked against the call it answers either way.
+                let verdict = finish(self, &reply, &p.header, body.len() * 8);
+                if reissue || verdict.is_err() {
+                    let n = body.len().min(MAX_WORDS);
+                    body[..n].copy_from_slice(&reply_body[..n]);
+                    return Some(verdict);
+                }
+                // Its caller moved on; the result is dropped.
+                None
             }
             Exit::Preempted => {
-                *pending = Some(Pending::new(header, body, cpu.index));
-                Err(Error::Interrupted)
+                *pending = Some(p);
+                Some(Err(Error::Interrupted))
             }
-            Exit::Fault(why, detail) => Err(fail(s, why, detail)),
+            Exit::Fault(why, detail) => Some(Err(fail(self, why, detail))),
         }
-    });
-    // A failed service stays failed; otherwise it is free again.
-    let _ = s.state.compare_exchange(
-        State::Busy as u8,
-        State::Ready as u8,
-        Ordering::Release,
-        Ordering::Relaxed,
-    );
-    outcome
+    }
+
+    /// The next sequence number for a call to this service.
+    pub fn next_sequence(&self) -> u32 {
+        self.sequence.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 fn fail(s: &Service, why: &'static str, detail: u64) -> Error {
@@ -496,7 +584,20 @@ fn finish(
 
 /// The next sequence number for a call to `s`.
 pub fn next_sequence(index: usize) -> u32 {
-    get(index).map_or(0, |s| s.sequence.fetch_add(1, Ordering::Relaxed))
+    get(index).map_or(0, Service::next_sequence)
+}
+
+/// A trap descriptor as a message body: word by word, the rest zero (a
+/// byte copy here would be a call to the generic `memcpy`).
+pub fn trap_body(trap: &TrapDescriptor) -> SmallBody {
+    const WORDS: usize = size_of::<TrapDescriptor>() / 8;
+    const _: () = assert!(size_of::<TrapDescriptor>() == WORDS * 8 && WORDS <= SMALL_WORDS);
+    let words: [u64; WORDS] = zerocopy::transmute!(*trap);
+    let mut body: SmallBody = [0; SMALL_WORDS];
+    for (b, w) in body.iter_mut().zip(words) {
+        *b = w;
+    }
+    body
 }
 
 /// Tells every service that observes `trap`'s class about it.
@@ -512,8 +613,7 @@ pub fn notify_observers(cpu: &PerCpu, trap: &TrapDescriptor) {
         let Some(s) = all.list.get(index) else {
             continue;
         };
-        let mut body: SmallBody = [0; SMALL_WORDS];
-        body.as_mut_bytes()[..size_of::<TrapDescriptor>()].copy_from_slice(trap.as_bytes());
+        let mut body = trap_body(trap);
         let header = MessageHeader::call(
             s.interface_id,
             moat_abi::trap::OBSERVE_OPERATION,
@@ -733,7 +833,7 @@ pub fn start_all(cpu: &PerCpu) {
         if s.state.load(Ordering::Relaxed) == State::Failed as u8 {
             continue;
         }
-        let started = s.with_partition(cpu, || s.run(cpu));
+        let started = s.with_partition(cpu, false, || s.run(cpu));
         match started {
             Exit::Reply => {
                 s.state.store(State::Ready as u8, Ordering::Release);

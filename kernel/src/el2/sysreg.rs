@@ -175,20 +175,28 @@ impl El1Context {
 }
 
 macro_rules! el1_context {
-    ($($reg:ident),* $(,)?) => {
-        const EL1_REGS: usize = [$(stringify!($reg)),*].len();
+    ($(($a:ident, $b:ident)),* $(,)?) => {
+        const EL1_REGS: usize = 2 * [$(stringify!($a)),*].len();
 
         impl El1Context {
             /// Saves this CPU's EL1 state.
             #[inline(always)]
             pub fn save(&mut self) {
-                let mut i = 0;
-                $(
-                    // SAFETY: reading an EL1 register from EL2 has no side effects.
-                    unsafe { core::arch::asm!(concat!("mrs {}, ", stringify!($reg)), out(reg) self.regs[i], options(nomem, nostack, preserves_flags)) };
-                    i += 1;
-                )*
-                let _ = i;
+                // SAFETY: reading an EL1 register from EL2 has no side
+                // effects; the stores stay within `regs` (two words per pair).
+                unsafe {
+                    core::arch::asm!(
+                        $(
+                            concat!("mrs {a}, ", stringify!($a)),
+                            concat!("mrs {b}, ", stringify!($b)),
+                            "stp {a}, {b}, [{p}], #16",
+                        )*
+                        p = inout(reg) self.regs.as_mut_ptr() => _,
+                        a = out(reg) _,
+                        b = out(reg) _,
+                        options(nostack, preserves_flags),
+                    );
+                }
             }
 
             /// Loads this context into the CPU's EL1 registers.
@@ -199,45 +207,59 @@ macro_rules! el1_context {
             /// belongs to (the current EL1 state must already be saved).
             #[inline(always)]
             pub unsafe fn load(&self) {
-                let mut i = 0;
-                $(
-                    // SAFETY: per the function contract: EL1 state is the
-                    // partition's and nothing at EL2 depends on it.
-                    unsafe { core::arch::asm!(concat!("msr ", stringify!($reg), ", {}"), in(reg) self.regs[i], options(nomem, nostack, preserves_flags)) };
-                    i += 1;
-                )*
-                let _ = i;
+                // SAFETY: per the function contract: EL1 state is the
+                // partition's and nothing at EL2 depends on it; the loads
+                // stay within `regs`.
+                unsafe {
+                    core::arch::asm!(
+                        $(
+                            "ldp {a}, {b}, [{p}], #16",
+                            concat!("msr ", stringify!($a), ", {a}"),
+                            concat!("msr ", stringify!($b), ", {b}"),
+                        )*
+                        p = inout(reg) self.regs.as_ptr() => _,
+                        a = out(reg) _,
+                        b = out(reg) _,
+                        options(nostack, preserves_flags, readonly),
+                    );
+                }
             }
         }
     };
 }
 
+// In pairs, each pair stored as one `stp`. SP_EL1 is word `SP_EL1_WORD`.
 el1_context!(
-    sctlr_el1,
-    ttbr0_el1,
-    ttbr1_el1,
-    tcr_el1,
-    mair_el1,
-    amair_el1,
-    vbar_el1,
-    contextidr_el1,
-    tpidr_el1,
-    tpidr_el0,
-    tpidrro_el0,
-    sp_el0,
-    sp_el1,
-    elr_el1,
-    spsr_el1,
-    esr_el1,
-    far_el1,
-    afsr0_el1,
-    afsr1_el1,
-    par_el1,
-    cpacr_el1,
-    cntkctl_el1,
-    cntv_ctl_el0,
-    cntv_cval_el0,
+    (sctlr_el1, ttbr0_el1),
+    (ttbr1_el1, tcr_el1),
+    (mair_el1, amair_el1),
+    (vbar_el1, contextidr_el1),
+    (tpidr_el1, tpidr_el0),
+    (tpidrro_el0, sp_el0),
+    (sp_el1, elr_el1),
+    (spsr_el1, esr_el1),
+    (far_el1, afsr0_el1),
+    (afsr1_el1, par_el1),
+    (cpacr_el1, cntkctl_el1),
+    (cntv_ctl_el0, cntv_cval_el0),
 );
+
+/// Where SP_EL1 is in an [`El1Context`].
+const SP_EL1_WORD: usize = 12;
+
+impl El1Context {
+    /// Saves SP_EL1 alone: the one EL1 register a running service changes
+    /// (see `service`: the rest of a service's context is fixed once it has
+    /// started).
+    #[inline(always)]
+    pub fn save_sp_el1(&mut self) {
+        // SAFETY: reading SP_EL1 from EL2 has no side effects.
+        unsafe {
+            core::arch::asm!("mrs {}, sp_el1", out(reg) self.regs[SP_EL1_WORD],
+                options(nomem, nostack, preserves_flags));
+        }
+    }
+}
 
 /// Switches this CPU's EL2 controls between a partition's values.
 ///
@@ -247,8 +269,10 @@ el1_context!(
 /// belong to, and `vttbr` names a live stage-2.
 #[inline(always)]
 pub unsafe fn switch_el2(hcr: u64, cptr: u64, mdcr: u64, cnthctl: u64, vttbr: u64) {
-    // SAFETY: per the function contract. The ISB makes the new stage-2 and
-    // trap controls take effect before the ERET that follows.
+    // SAFETY: per the function contract. No ISB: nothing the core does at
+    // EL2 depends on these controls, and the ERET into the partition is a
+    // context synchronization event (SCTLR_EL2.EOS is set), which makes the
+    // new stage-2 and trap controls take effect for it.
     unsafe {
         core::arch::asm!(
             "msr vttbr_el2, {vttbr}",
@@ -256,7 +280,6 @@ pub unsafe fn switch_el2(hcr: u64, cptr: u64, mdcr: u64, cnthctl: u64, vttbr: u6
             "msr cptr_el2, {cptr}",
             "msr mdcr_el2, {mdcr}",
             "msr cnthctl_el2, {cnthctl}",
-            "isb",
             vttbr = in(reg) vttbr, hcr = in(reg) hcr, cptr = in(reg) cptr,
             mdcr = in(reg) mdcr, cnthctl = in(reg) cnthctl,
             options(nostack, preserves_flags),
@@ -275,11 +298,24 @@ pub fn counter() -> (u64, u64) {
     (now, freq)
 }
 
+/// The generic counter now.
+pub fn now() -> u64 {
+    let now: u64;
+    // SAFETY: reads the physical counter (the ISB keeps the read in order).
+    unsafe {
+        core::arch::asm!("isb", "mrs {n}, cntpct_el0", n = out(reg) now,
+            options(nomem, nostack, preserves_flags));
+    }
+    now
+}
+
 /// Arms the EL2 physical timer to fire at counter value `deadline`.
 pub fn arm_watchdog(deadline: u64) {
-    // SAFETY: CNTHP_* is the core's own timer; nothing else uses it.
+    // SAFETY: CNTHP_* is the core's own timer; nothing else uses it. No ISB:
+    // the ERET into the service that follows synchronizes the writes
+    // (SCTLR_EL2.EOS), and the timer only matters once the service runs.
     unsafe {
-        core::arch::asm!("msr cnthp_cval_el2, {d}", "msr cnthp_ctl_el2, {c}", "isb", d = in(reg) deadline, c = in(reg) 1u64,
+        core::arch::asm!("msr cnthp_cval_el2, {d}", "msr cnthp_ctl_el2, {c}", d = in(reg) deadline, c = in(reg) 1u64,
             options(nostack, preserves_flags));
     }
 }

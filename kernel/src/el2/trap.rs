@@ -23,10 +23,10 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
     if super::panic::is_stopping() {
         super::panic::park();
     }
+    let esr = sysreg::esr_el2();
     // SAFETY: TPIDR_EL2 pointed at a vCPU frame, which the vector just
     // filled; the vCPU is stopped while the core runs.
     let regs = unsafe { &mut *frame };
-    let esr = sysreg::esr_el2();
     // The null hypercall is the floor of every call's cost; answer it first,
     // for any partition (it changes nothing but x0).
     if vector_kind == LOWER_SYNC && esr == ESR_HVC0 && regs.x[0] as u32 == hypercall::NULL {
@@ -38,22 +38,36 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
     if kind != cpu::VCPU_HOST {
         service::exit_from_service(frame.cast(), vector_kind);
     }
-    if vector_kind != LOWER_SYNC {
-        unexpected_vector(regs, vector_kind);
-        return frame;
-    }
-    // SAFETY: the host frame is the first field of its PerCpu slot.
-    let this_cpu = unsafe { cpu::from_host_frame(frame) };
     // A routed service call, when HVCs are not observed: straight to the
     // service, past the general decode (this is every service call's path).
-    if esr == ESR_HVC0
+    if vector_kind == LOWER_SYNC
+        && esr == ESR_HVC0
         && let Some(routes) = service::routes()
         && !routes.is_observed(TrapClass::Hvc)
         && let Some((index, operation)) = routes.hypercall(regs.x[0] as u32)
     {
+        // SAFETY: the host frame is the first field of its PerCpu slot.
+        let this_cpu = unsafe { cpu::from_host_frame(frame) };
         hvc::service_call(this_cpu, regs, index, operation);
         return frame;
     }
+    host_trap(frame, vector_kind, esr);
+    frame
+}
+
+/// Every other exception from the host: decoded, shown to the services that
+/// observe its class, and handled. Kept out of line so the hot paths above
+/// do not pay for its stack frame.
+#[inline(never)]
+fn host_trap(frame: *mut GuestRegs, vector_kind: u64, esr: u64) {
+    // SAFETY: as in `handle_lower_exception`, whose frame this is.
+    let regs = unsafe { &mut *frame };
+    if vector_kind != LOWER_SYNC {
+        unexpected_vector(regs, vector_kind);
+        return;
+    }
+    // SAFETY: the host frame is the first field of its PerCpu slot.
+    let this_cpu = unsafe { cpu::from_host_frame(frame) };
     let trap = Trap::decode(esr);
     if service::routes().is_some_and(|r| r.is_observed(class_of(&trap))) {
         service::notify_observers(this_cpu, &describe(&trap, esr, regs, this_cpu.index));
@@ -96,7 +110,6 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
             inject_undef(regs);
         }
     }
-    frame
 }
 
 /// The routing class of a decoded trap.
@@ -184,15 +197,14 @@ pub fn ask(cpu: &cpu::PerCpu, index: usize, trap: &TrapDescriptor) -> Answer {
     let Some(s) = service::get(index) else {
         return Answer::Refused;
     };
-    let mut body: service::SmallBody = [0; service::SMALL_WORDS];
-    body.as_mut_bytes()[..size_of::<TrapDescriptor>()].copy_from_slice(trap.as_bytes());
+    let mut body = service::trap_body(trap);
     let header = MessageHeader::call(
         s.interface_id,
         DECIDE_OPERATION,
-        service::next_sequence(index),
+        s.next_sequence(),
         size_of::<TrapDescriptor>() as u32,
     );
-    match service::call(cpu, index, &header, &mut body) {
+    match s.call(cpu, &header, &mut body) {
         Ok(Ok(len)) if len as usize == size_of::<Verdict>() => {
             match Verdict::read_from_bytes(&body.as_bytes()[..size_of::<Verdict>()]) {
                 Ok(v) => Answer::Verdict(v),
