@@ -52,6 +52,10 @@ pub enum Misbehaviour {
     Spin = 3,
     /// Read memory outside its partition (the host's RAM).
     ReadForeignMemory = 4,
+    /// Rewrite its own translation controls (TTBR0_EL1) after it started:
+    /// the core loads a started service's translation registers without
+    /// saving them back, so it traps such writes (HCR_EL2.TVM).
+    RewriteTranslation = 5,
 }
 
 crate::service_interface! {

@@ -270,11 +270,12 @@ fn bench_hvc_filtered(n: u64, function: u32, filter: u64) -> (u64, u64) {
 const TRACE_COUNTS: u32 = hypercall::id(0x1001);
 const TRACE_RESET: u32 = hypercall::id(0x1002);
 const TRACE_PING: u32 = hypercall::id(0x1003);
-const FAULTY: [(&str, u16, Misbehaviour); 4] = [
+const FAULTY: [(&str, u16, Misbehaviour); 5] = [
     ("faulty-exception", 0x1100, Misbehaviour::Exception),
     ("faulty-malformed", 0x1110, Misbehaviour::MalformedReply),
     ("faulty-spin", 0x1120, Misbehaviour::Spin),
     ("faulty-snoop", 0x1130, Misbehaviour::ReadForeignMemory),
+    ("faulty-remap", 0x1140, Misbehaviour::RewriteTranslation),
 ];
 
 /// An SMCCC call with x1..x6.

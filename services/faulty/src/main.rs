@@ -31,6 +31,7 @@ impl faulty::Server for Faulty {
                 let v = run_time::read(FOREIGN_ADDRESS);
                 return Err(if v == 0 { Error::Denied } else { Error::Busy });
             }
+            x if x == Misbehaviour::RewriteTranslation as u64 => run_time::rewrite_translation(),
             _ => return Err(Error::InvalidParameters),
         }
         Ok(Empty)
@@ -45,6 +46,9 @@ mod run_time {
     pub fn read(address: u64) -> u64 {
         moat_rt::read_word_at(address)
     }
+    pub fn rewrite_translation() {
+        moat_rt::rewrite_translation_base();
+    }
 }
 
 #[cfg(not(target_os = "none"))]
@@ -53,6 +57,7 @@ mod run_time {
     pub fn read(_: u64) -> u64 {
         0
     }
+    pub fn rewrite_translation() {}
 }
 
 #[cfg(target_os = "none")]

@@ -202,6 +202,17 @@ pub fn undefined_instruction() {
     unsafe { core::arch::asm!("udf #0", options(nomem, nostack)) };
 }
 
+/// Writes TTBR0_EL1 with the value it holds (for containment tests: a
+/// started service may not change its translation controls).
+pub fn rewrite_translation_base() {
+    // SAFETY: writes TTBR0_EL1 back unchanged, so translation is the same
+    // whether or not the write traps; a trap is taken to the core, which
+    // stops this service.
+    unsafe {
+        core::arch::asm!("mrs {t}, ttbr0_el1", "msr ttbr0_el1, {t}", t = out(reg) _, options(nostack, preserves_flags))
+    };
+}
+
 /// Reads a word at an arbitrary address (for containment tests: reading
 /// outside the partition must fault in its stage-2).
 pub fn read_word_at(address: u64) -> u64 {
