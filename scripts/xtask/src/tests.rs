@@ -214,6 +214,8 @@ fn cases() -> Vec<Case> {
                 "service faulty-spin failed: ran past its budget",
                 "service faulty-snoop failed: touched memory outside its partition",
                 "test-host: ok   faulty-snoop stays failed",
+                "service faulty-remap failed: trapped to the core",
+                "test-host: ok   faulty-remap stays failed",
                 "test-host: ok   the trace service still answers after the others failed",
             ],
         ),
