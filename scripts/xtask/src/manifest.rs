@@ -311,7 +311,7 @@ observes = ["smc"]
     #[test]
     fn the_demo_manifest_is_valid() {
         let m = Manifest::load(&crate::tools::root().join("images/demo.toml")).unwrap();
-        assert_eq!(m.services.len(), 7);
+        assert_eq!(m.services.len(), 8);
         assert_eq!(m.host, "test-host");
     }
 
