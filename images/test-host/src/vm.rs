@@ -22,6 +22,11 @@
 //! and driving VMs that are gone. Each must come back refused with an exact
 //! error, and the ledger must agree with the host's stage-2 after every
 //! scenario (`CHECK_CONSISTENCY`).
+//!
+//! With `moat.rogue_ledger` on its command line (the image
+//! `images/rogue-ledger.toml`, whose ledger lies about chosen requests) the
+//! host runs only the rogue-ledger scenario: every lie refused, nothing
+//! changed, and honest answers still working.
 
 use super::{
     CONSOLE, Checks, EXCEPTIONS, EXPECT, Expect, LAST_ESR, LAST_FAR, PMU_EL1_AND_EL2, hvc, hvc6,
@@ -1403,6 +1408,166 @@ fn hostile_donations(c: &mut Checks, ram: &mut Ram, dtb: &[u8]) {
         d.ok(),
         format_args!("vm refusals: VM_DESTROY of the second VM = {d}"),
     );
+}
+
+/// With `moat.rogue_ledger` on the command line: runs only
+/// [`rogue_ledger`], says the verdict and powers off; otherwise returns.
+pub(super) fn rogue_ledger_if_asked(
+    c: &mut Checks,
+    platform: &Platform<'_>,
+    dtb: &[u8],
+    bootargs: &str,
+) {
+    if !bootargs.split(' ').any(|a| a == "moat.rogue_ledger") {
+        return;
+    }
+    rogue_ledger(c, platform, dtb);
+    if c.failed == 0 {
+        say!("PASS ({} checks)", c.passed);
+    } else {
+        say!(
+            "FAIL ({} of {} checks failed)",
+            c.failed,
+            c.passed + c.failed
+        );
+    }
+    say!("powering off through PSCI SYSTEM_OFF");
+    super::system_off()
+}
+
+/// The requests the rogue ledger (`services/rogue-ledger`) lies about: a
+/// donation of this many pages, and what its transaction does wrong.
+const LIES: [(u64, &str); 9] = [
+    (1, "the host keeps its mapping"),
+    (2, "no scrub"),
+    (3, "one page past the request"),
+    (4, "the hypervisor's pages instead"),
+    (5, "the answer to a donation to another VM"),
+    (6, "mapped for the host instead"),
+    (7, "mapped for another VM"),
+    (9, "a write-only mapping"),
+    (10, "the map before the unmap"),
+];
+
+/// Under the rogue ledger (`images/rogue-ledger.toml`): every transaction
+/// it lies in is refused whole, the host's pages stay the host's, with
+/// their contents, and the ledger still agrees with the stage-2 tables;
+/// honest answers still work, to a whole guest run.
+fn rogue_ledger(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
+    const PAGES: u64 = 10;
+    let mut ram = Ram::new(platform, dtb);
+    let (Some(pa), Some(hyp)) = (ram.take(PAGES, PAGE), hypervisor_region(dtb)) else {
+        c.check(
+            false,
+            format_args!("rogue ledger: free host RAM and the hypervisor's region"),
+        );
+        return;
+    };
+    let (r, handle) = vm_create(p::BASE_IPA, 0);
+    c.check(
+        r.ok(),
+        format_args!("rogue ledger: VM_CREATE = {r}, handle {handle:#x}"),
+    );
+    if !r.ok() {
+        return;
+    }
+    let words = PAGES * PAGE / 8;
+    let pattern = |i: u64| (pa + i * 8) ^ 0xa5a5_5a5a_0f0f_f0f0;
+    for i in 0..words {
+        write_u64(pa + i * 8, pattern(i));
+    }
+    // Every word read back unchanged and written again, none aborting.
+    let intact = |c: &mut Checks, after: fmt::Arguments<'_>| {
+        let (mut differ, mut aborts) = (0, 0);
+        for i in 0..words {
+            match try_read(pa + i * 8) {
+                Some(v) => differ += u64::from(v != pattern(i)),
+                None => aborts += 1,
+            }
+            aborts += u64::from(!try_write(pa + i * 8, pattern(i)));
+        }
+        c.check(
+            differ == 0 && aborts == 0,
+            format_args!(
+                "rogue ledger: the host's {PAGES} pages at {pa:#x} are still its own after {after} ({differ} words changed, {aborts} aborts)"
+            ),
+        );
+    };
+    for (pages, lie) in LIES {
+        let r = donate(handle, pa, pages, p::BASE_IPA);
+        c.check(
+            r.is(Error::Denied),
+            format_args!(
+                "rogue ledger: donating {pages} page(s), answered with {lie}: {r} (expected Denied)"
+            ),
+        );
+        intact(c, format_args!("the lie about {pages} page(s)"));
+        consistent(c, "a lying ledger's donation was refused");
+    }
+    let s = share_hyp(pa, 1);
+    let u = unshare_hyp(pa, 1);
+    c.check(
+        s.is(Error::Denied) && u.is(Error::Denied),
+        format_args!(
+            "rogue ledger: sharing 1 page with the hypervisor, answered with an executable mapping: {s} (expected Denied); nothing was shared: unsharing it is {u} (expected Denied)"
+        ),
+    );
+    intact(c, format_args!("the executable share"));
+    consistent(c, "a lying ledger's share was refused");
+    let at_hyp = donate(handle, hyp.base, 1, p::BASE_IPA);
+    let last = ram.last_page();
+    let past_ram = donate(handle, last, 2, p::BASE_IPA);
+    c.check(
+        at_hyp.is(Error::Denied) && past_ram.is(Error::Denied),
+        format_args!(
+            "rogue ledger: donations the ledger accepts though they are not the host's RAM to give: hypervisor memory at {:#x}: {at_hyp}, past the end of RAM at {last:#x}: {past_ram} (expected Denied)",
+            hyp.base
+        ),
+    );
+    consistent(c, "a lying ledger's forged donations were refused");
+
+    // Honest answers.
+    const HONEST: u64 = 8;
+    let r = donate(handle, pa, HONEST, p::BASE_IPA);
+    c.check(
+        r.ok(),
+        format_args!("rogue ledger: an honest donation of {HONEST} pages at {pa:#x} = {r}"),
+    );
+    if r.ok() {
+        expect_abort(
+            c,
+            format_args!("rogue ledger: host read of a page it donated"),
+            pa,
+            pa + PAGE,
+            Some(false),
+            || {
+                let _ = read_u64(pa);
+            },
+        );
+    }
+    consistent(c, "an honest donation");
+    let d = destroy(handle);
+    let r = reclaim(handle, pa, HONEST);
+    c.check(
+        d.ok() && r.ok(),
+        format_args!("rogue ledger: VM_DESTROY = {d}, VM_RECLAIM of the {HONEST} pages = {r}"),
+    );
+    let (mut nonzero, mut aborts) = (0, 0);
+    for i in 0..HONEST * PAGE / 8 {
+        match try_read(pa + i * 8) {
+            Some(v) => nonzero += u64::from(v != 0),
+            None => aborts += 1,
+        }
+    }
+    c.check(
+        nonzero == 0 && aborts == 0,
+        format_args!(
+            "rogue ledger: the reclaimed pages read as zero ({nonzero} non-zero words, {aborts} aborts)"
+        ),
+    );
+    consistent(c, "a reclaim through a lying ledger");
+    demo(c, &mut ram, false);
+    consistent(c, "the demo, with a lying ledger");
 }
 
 /// Driving VMs that ran, are gone, or never were.

@@ -35,6 +35,11 @@ fn machine(smp: u32, gic: &str) -> MachineArgs {
 /// Where a test's host payload comes from.
 enum Payload {
     TestHost,
+    /// The test host, with the services of this manifest instead of the
+    /// demo image's.
+    TestHostWith {
+        manifest: &'static str,
+    },
     External,
     /// Debian's Linux with an initramfs running these shell commands.
     Linux {
@@ -427,6 +432,14 @@ fn cases() -> Vec<Case> {
                 "test-host: ok   vm: CPU 1 stopped serving and is off",
             ],
         ),
+        Case {
+            host: Payload::TestHostWith {
+                manifest: ROGUE_LEDGER_MANIFEST,
+            },
+            bootargs: Some("moat.rogue_ledger"),
+            check: Some(Box::new(check_rogue_refusals)),
+            ..host_boot("core_refuses_a_lying_ledger", 1, "v3", ROGUE_LEDGER_PASS)
+        },
         linux_mte("linux_mte_off_by_arm64_nomte", Some("arm64.nomte"), "0"),
         linux_mte(
             "linux_mte_off_by_moat_host_mte_off",
@@ -522,6 +535,78 @@ fn cases() -> Vec<Case> {
             ..linux_case("linux_reboot_boots_again", 1, "v3", "reboot -f")
         },
     ]
+}
+
+/// The image whose ledger lies: `services/rogue-ledger` in the ledger's place.
+const ROGUE_LEDGER_MANIFEST: &str = "images/rogue-ledger.toml";
+
+const ROGUE_LEDGER_PASS: &[&str] = &[
+    "service rogue-ledger ready",
+    "test-host: ok   rogue ledger: VM_CREATE = 0",
+    "test-host: ok   rogue ledger: donating 1 page(s), answered with the host keeps its mapping: Denied",
+    "test-host: ok   rogue ledger: donating 2 page(s), answered with no scrub: Denied",
+    "test-host: ok   rogue ledger: donating 3 page(s), answered with one page past the request: Denied",
+    "test-host: ok   rogue ledger: donating 4 page(s), answered with the hypervisor's pages instead: Denied",
+    "test-host: ok   rogue ledger: donating 5 page(s), answered with the answer to a donation to another VM: Denied",
+    "test-host: ok   rogue ledger: donating 6 page(s), answered with mapped for the host instead: Denied",
+    "test-host: ok   rogue ledger: donating 7 page(s), answered with mapped for another VM: Denied",
+    "test-host: ok   rogue ledger: donating 9 page(s), answered with a write-only mapping: Denied",
+    "test-host: ok   rogue ledger: donating 10 page(s), answered with the map before the unmap: Denied",
+    "test-host: ok   rogue ledger: sharing 1 page with the hypervisor, answered with an executable mapping: Denied",
+    "test-host: ok   rogue ledger: the host's 10 pages at",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after a lying ledger's donation was refused (0)",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after a lying ledger's share was refused (0)",
+    "test-host: ok   rogue ledger: donations the ledger accepts though they are not the host's RAM to give",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after a lying ledger's forged donations were refused (0)",
+    "test-host: ok   rogue ledger: an honest donation of 8 pages at",
+    "test-host: ok   rogue ledger: host read of a page it donated: synchronous external abort",
+    "test-host: ok   rogue ledger: VM_DESTROY = 0, VM_RECLAIM of the 8 pages = 0",
+    "test-host: ok   rogue ledger: the reclaimed pages read as zero (0 non-zero words, 0 aborts)",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after a reclaim through a lying ledger (0)",
+    "test-host: ok   vm demo: guest powered off with PSCI SYSTEM_OFF",
+    "test-host: ok   vm demo: the reclaimed pages read as zero",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the demo, with a lying ledger (0)",
+];
+
+/// The core's refusals of the rogue ledger's transactions, in order: the
+/// request's operation and page count, and the rule its answer broke.
+const ROGUE_REFUSALS: &[(u32, u64, &str)] = &[
+    (3, 1, "a transaction of a shape its request does not allow"),
+    (3, 2, "frames change owner without being scrubbed"),
+    (3, 3, "a change outside the requested frames"),
+    (3, 4, "a change outside the requested frames"),
+    (3, 5, "the transaction answers another request"),
+    (3, 6, "a transaction of a shape its request does not allow"),
+    (3, 7, "a change for a party the request does not name"),
+    (3, 9, "a mapping with permissions the core does not give"),
+    (3, 10, "an unmap after a map"),
+    (1, 1, "a transaction of a shape its request does not allow"),
+    (3, 1, "a change of the hypervisor's own memory"),
+    (3, 2, "a change of frames that are not RAM"),
+];
+
+/// The core logged exactly the refusals [`ROGUE_REFUSALS`] lists, in order,
+/// and no other.
+fn check_rogue_refusals(console: &str) -> Result<(), String> {
+    const REFUSAL: &str = "memory: the ledger's transaction for ";
+    let got: Vec<&str> = console.lines().filter(|l| l.contains(REFUSAL)).collect();
+    if got.len() != ROGUE_REFUSALS.len() {
+        return Err(format!(
+            "{} refusals logged, expected {}: {got:#?}",
+            got.len(),
+            ROGUE_REFUSALS.len()
+        ));
+    }
+    for (line, (op, count, why)) in got.iter().zip(ROGUE_REFUSALS) {
+        let request = format!("{REFUSAL}LedgerRequest {{ op: {op}, party: ");
+        let tail = format!(", count: {count} }} }} refused: {why}");
+        if !line.contains(&request) || !line.ends_with(&tail) {
+            return Err(format!(
+                "refusal {line:?}, expected op {op}, {count} page(s), refused: {why}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Linux under Moat running `commands`, which must end with status 0.
@@ -789,6 +874,8 @@ struct Services {
     demo: image::ServiceSet,
     /// images/linux.toml: with Linux.
     linux: image::ServiceSet,
+    /// The other manifests the selected cases name, built.
+    others: Vec<(&'static str, image::ServiceSet)>,
 }
 
 fn image_for(
@@ -805,7 +892,7 @@ fn image_for(
                 linux::write_initramfs(assets, Some(commands), &format!("test-{}", case.name))?;
             linux::image_spec(assets, &initrd, case.bootargs, &services.linux)
         }
-        Payload::TestHost | Payload::External => ImageSpec {
+        Payload::TestHost | Payload::TestHostWith { .. } | Payload::External => ImageSpec {
             host: match case.host {
                 Payload::External => external.clone().context("external payload not built")?,
                 _ => built.test_host.clone(),
@@ -814,9 +901,22 @@ fn image_for(
             bootargs: case.bootargs.map(str::to_string),
             dtb: None,
             semihosting_exit: true,
-            // The test host runs with the demo image's services; the external
-            // payload, as any foreign host, with none.
-            services: matches!(case.host, Payload::TestHost).then(|| services.demo.clone()),
+            // The test host runs with the demo image's services, or with
+            // those of the manifest its case names; the external payload, as
+            // any foreign host, with none.
+            services: match case.host {
+                Payload::TestHost => Some(services.demo.clone()),
+                Payload::TestHostWith { manifest } => Some(
+                    services
+                        .others
+                        .iter()
+                        .find(|(m, _)| *m == manifest)
+                        .context("services not built")?
+                        .1
+                        .clone(),
+                ),
+                _ => None,
+            },
             ..Default::default()
         },
     };
@@ -859,10 +959,19 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
     } else {
         None
     };
-    let services = Services {
+    let mut services = Services {
         demo: image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?.1,
         linux: linux::services()?,
+        others: Vec::new(),
     };
+    for case in &selected {
+        if let Payload::TestHostWith { manifest } = case.host
+            && !services.others.iter().any(|(m, _)| *m == manifest)
+        {
+            let set = image::services_from(std::path::Path::new(manifest))?.1;
+            services.others.push((manifest, set));
+        }
+    }
     let mut passed = 0;
     let mut failed = Vec::new();
     for case in selected {
@@ -980,6 +1089,8 @@ fn unit_tests_and_lints() -> Result<()> {
         "moat-service-mte",
         "--package",
         "moat-ledger",
+        "--package",
+        "moat-service-rogue-ledger",
         "--target",
         image::CORE_TARGET,
         "--",

@@ -1,0 +1,505 @@
+//! A test fixture, never part of a real image: a memory ledger that lies.
+//!
+//! It serves the `ledger` interface with the real ledger
+//! ([`moat_ledger::Ledger`]) underneath, and answers `boot`, `extent`,
+//! `lookup` and most requests honestly. A few requests, chosen by the
+//! request itself so that one boot can exercise them all, get a
+//! transaction tampered with in a way the core's own check
+//! (`moat_kernel::txcheck`) must refuse; see [`Lie`] and [`lie_for`]. The
+//! integration test `core_refuses_a_lying_ledger` boots the test host with
+//! this service in the ledger's place (`images/rogue-ledger.toml`) and
+//! expects every lie refused, with nothing changed.
+//!
+//! A lie is never committed: the core refuses it before it applies
+//! anything, and should a commit come anyway, [`Rogue::commit`] refuses it.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+use moat_abi::Error;
+use moat_abi::services::{
+    FrameRange, LEDGER_BOOT_RANGES, LEDGER_MAX_CHANGES, LedgerBoot, LedgerChange, LedgerExtent,
+    LedgerRequest, LedgerSummary, LedgerTransaction, Party, ledger,
+};
+use moat_ledger::{Change, Extent, Ledger, LedgerError, Op, Owner, PfnRange, Transaction};
+
+/// The ways the rogue ledger lies. Each names the request that triggers it:
+/// a donation to a VM (`HOST_DONATE_VM`) of a given number of frames, or a
+/// share of one frame with the hypervisor. Donations of 8 frames or more
+/// than 10, and every other request, are answered honestly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lie {
+    /// Donation of 1 frame: the host's mapping is left in place, so the
+    /// host and the VM would both write the page.
+    KeepHostMapping,
+    /// Donation of 2 frames: no scrub, so the VM would read the host's data.
+    NoScrub,
+    /// Donation of 3 frames: the map and the scrub take one frame more.
+    PastTheRequest,
+    /// Donation of 4 frames: the map and the scrub point at the first
+    /// frames of the hypervisor's carve-out.
+    IntoTheCarveOut,
+    /// Donation of 5 frames: the transaction answers a donation to another
+    /// VM.
+    AnotherRequest,
+    /// Donation of 6 frames: the frames are mapped read/write/execute for
+    /// the host instead of the VM.
+    MapForTheHost,
+    /// Donation of 7 frames: the frames are mapped for another VM.
+    MapForAnotherVm,
+    /// Donation of 9 frames: a write-only mapping.
+    WriteOnly,
+    /// Donation of 10 frames: the map comes before the unmap.
+    MapBeforeUnmap,
+    /// Share of 1 frame with the hypervisor: the hypervisor's mapping is
+    /// executable.
+    ExecutableShare,
+    /// A donation of frames that are not the host's RAM to give (beyond
+    /// RAM, or the hypervisor's): the real ledger refuses it; this one
+    /// answers with a well-formed donation.
+    Forged,
+}
+
+/// The lie for `request`, given the ledger's RAM and hypervisor frames;
+/// `None`: the request is answered honestly.
+pub fn lie_for(request: &LedgerRequest, ram: &[PfnRange], hyp: &[PfnRange]) -> Option<Lie> {
+    let frames = request.frames;
+    match request.op {
+        LedgerRequest::HOST_DONATE_VM => {
+            let end = frames.start.checked_add(frames.count)?;
+            let in_ram = ram
+                .iter()
+                .any(|r| r.start <= frames.start && r.end().is_some_and(|e| end <= e));
+            let in_hyp = hyp
+                .iter()
+                .any(|h| h.start < end && h.end().is_some_and(|e| frames.start < e));
+            if frames.count > 0 && (!in_ram || in_hyp) {
+                return Some(Lie::Forged);
+            }
+            Some(match frames.count {
+                1 => Lie::KeepHostMapping,
+                2 => Lie::NoScrub,
+                3 => Lie::PastTheRequest,
+                4 => Lie::IntoTheCarveOut,
+                5 => Lie::AnotherRequest,
+                6 => Lie::MapForTheHost,
+                7 => Lie::MapForAnotherVm,
+                9 => Lie::WriteOnly,
+                10 => Lie::MapBeforeUnmap,
+                _ => return None,
+            })
+        }
+        LedgerRequest::HOST_SHARE_HYP if frames.count == 1 => Some(Lie::ExecutableShare),
+        _ => None,
+    }
+}
+
+/// `honest` (the real ledger's answer to `request`, a donation's being
+/// `[unmap host, map VM RWX]` with a scrub), tampered with as `lie` says.
+/// `hyp` is the hypervisor's first range; `generation` the ledger's.
+pub fn tamper(
+    lie: Lie,
+    request: &LedgerRequest,
+    honest: Option<LedgerTransaction>,
+    hyp: FrameRange,
+    generation: u64,
+) -> LedgerTransaction {
+    let vm = |id: u32, perms: u32, frames: FrameRange| LedgerChange {
+        kind: LedgerChange::MAP,
+        perms,
+        party: Party {
+            kind: Party::VM,
+            id,
+        },
+        frames,
+    };
+    let rwx = 0b111;
+    let mut tx = honest.unwrap_or_else(|| LedgerTransaction {
+        generation,
+        request: *request,
+        change_count: 2,
+        has_scrub: 1,
+        scrub: request.frames,
+        changes: [
+            LedgerChange {
+                kind: LedgerChange::UNMAP,
+                perms: 0,
+                party: Party {
+                    kind: Party::HOST,
+                    id: 0,
+                },
+                frames: request.frames,
+            },
+            vm(request.party, rwx, request.frames),
+        ],
+    });
+    let other = request.party.wrapping_add(1);
+    match lie {
+        Lie::KeepHostMapping => {
+            tx.changes = [tx.changes[1], LedgerChange::default()];
+            tx.change_count = 1;
+        }
+        Lie::NoScrub => {
+            tx.has_scrub = 0;
+            tx.scrub = FrameRange::default();
+        }
+        Lie::PastTheRequest => {
+            tx.changes[1].frames.count += 1;
+            tx.scrub.count += 1;
+        }
+        Lie::IntoTheCarveOut => {
+            let frames = FrameRange {
+                start: hyp.start,
+                count: request.frames.count,
+            };
+            tx.changes[1].frames = frames;
+            tx.scrub = frames;
+        }
+        Lie::AnotherRequest => {
+            tx.request.party = other;
+            tx.changes[1].party.id = other;
+        }
+        Lie::MapForTheHost => {
+            tx.changes[1].party = Party {
+                kind: Party::HOST,
+                id: 0,
+            };
+            tx.changes[1].perms = rwx;
+        }
+        Lie::MapForAnotherVm => tx.changes[1].party.id = other,
+        Lie::WriteOnly => tx.changes[1].perms = 0b010,
+        Lie::MapBeforeUnmap => tx.changes.swap(0, 1),
+        Lie::ExecutableShare => tx.changes[0].perms = rwx,
+        Lie::Forged => {}
+    }
+    tx
+}
+
+/// The `ledger` service, lying as [`lie_for`] says.
+pub struct Rogue<'a> {
+    storage: Option<&'a mut [Extent]>,
+    ledger: Option<Ledger<&'a mut [Extent]>>,
+    /// The transaction last prepared honestly; `None` after a lie.
+    prepared: Option<Transaction>,
+}
+
+impl<'a> Rogue<'a> {
+    /// A service that builds its ledger in `storage` at `boot`.
+    pub fn new(storage: Option<&'a mut [Extent]>) -> Self {
+        Self {
+            storage,
+            ledger: None,
+            prepared: None,
+        }
+    }
+}
+
+/// The real ledger's request for a wire request.
+fn op_of(request: &LedgerRequest) -> Option<Op> {
+    let range = PfnRange::new(request.frames.start, request.frames.count);
+    let vm = u16::try_from(request.party).ok();
+    Some(match request.op {
+        LedgerRequest::HOST_SHARE_HYP => Op::HostShareHyp { range },
+        LedgerRequest::HOST_UNSHARE_HYP => Op::HostUnshareHyp { range },
+        LedgerRequest::HOST_DONATE_VM => Op::HostDonateVm { range, vm: vm? },
+        LedgerRequest::VM_SHARE_HOST => Op::VmShareHost { vm: vm?, range },
+        LedgerRequest::VM_UNSHARE_HOST => Op::VmUnshareHost { vm: vm?, range },
+        LedgerRequest::CREATE_VM => Op::CreateVm { vm: vm? },
+        LedgerRequest::DESTROY_VM => Op::DestroyVm { vm: vm? },
+        LedgerRequest::RECLAIM => Op::Reclaim { vm: vm?, range },
+        _ => return None,
+    })
+}
+
+/// The ABI error for a refusal (as the real service maps them).
+fn error_of(e: LedgerError) -> Error {
+    match e {
+        LedgerError::PageNotOwned { .. }
+        | LedgerError::PageShared { .. }
+        | LedgerError::PageNotShared { .. }
+        | LedgerError::VmExists(_)
+        | LedgerError::VmDying(_)
+        | LedgerError::VmAlive(_)
+        | LedgerError::Stale => Error::Denied,
+        LedgerError::TooManyVms | LedgerError::OutOfCapacity => Error::NoMemory,
+        _ => Error::InvalidParameters,
+    }
+}
+
+fn frames(r: PfnRange) -> FrameRange {
+    FrameRange {
+        start: r.start,
+        count: r.count,
+    }
+}
+
+fn party(owner: Option<Owner>) -> Party {
+    let (kind, id) = match owner {
+        None => (Party::NONE, 0),
+        Some(Owner::Host) => (Party::HOST, 0),
+        Some(Owner::Hypervisor) => (Party::HYPERVISOR, 0),
+        Some(Owner::Service(s)) => (Party::SERVICE, u32::from(s)),
+        Some(Owner::Vm(v)) => (Party::VM, u32::from(v)),
+    };
+    Party { kind, id }
+}
+
+fn extent_of(e: &Extent) -> LedgerExtent {
+    LedgerExtent {
+        frames: frames(PfnRange::new(e.start, e.count)),
+        owner: party(Some(e.owner)),
+        borrower: party(e.borrower),
+    }
+}
+
+/// The honest wire form of `tx`, the answer to `request`.
+fn encode(request: LedgerRequest, tx: &Transaction) -> LedgerTransaction {
+    let mut out = LedgerTransaction {
+        generation: tx.generation(),
+        request,
+        ..Default::default()
+    };
+    for (slot, change) in out.changes.iter_mut().zip(tx.changes()) {
+        *slot = match *change {
+            Change::Unmap { party: p, range } => LedgerChange {
+                kind: LedgerChange::UNMAP,
+                perms: 0,
+                party: party(Some(p)),
+                frames: frames(range),
+            },
+            Change::Map {
+                party: p,
+                range,
+                perms,
+            } => LedgerChange {
+                kind: LedgerChange::MAP,
+                perms: u32::from(perms.bits()),
+                party: party(Some(p)),
+                frames: frames(range),
+            },
+        };
+    }
+    out.change_count = tx.changes().len().min(LEDGER_MAX_CHANGES) as u32;
+    if let Some(scrub) = tx.scrub() {
+        out.has_scrub = 1;
+        out.scrub = frames(scrub);
+    }
+    out
+}
+
+impl ledger::Server for Rogue<'_> {
+    fn boot(&mut self, boot: LedgerBoot) -> Result<LedgerSummary, Error> {
+        let storage = self.storage.take().ok_or(Error::Denied)?;
+        let ranges = |list: &[FrameRange], n: u32| {
+            let n = n as usize;
+            let mut out = [PfnRange::default(); LEDGER_BOOT_RANGES];
+            for (slot, r) in out.iter_mut().zip(list.get(..n)?) {
+                *slot = PfnRange::new(r.start, r.count);
+            }
+            Some((out, n))
+        };
+        let (ram, nram) = ranges(&boot.ram, boot.ram_count).ok_or(Error::InvalidParameters)?;
+        let (hyp, nhyp) =
+            ranges(&boot.hypervisor, boot.hypervisor_count).ok_or(Error::InvalidParameters)?;
+        let ledger = Ledger::new(storage, &ram[..nram], &hyp[..nhyp])
+            .map_err(|_| Error::InvalidParameters)?;
+        let summary = LedgerSummary {
+            extents: ledger.extents().len() as u64,
+            state_bytes: ledger.state_bytes() as u64,
+        };
+        self.ledger = Some(ledger);
+        Ok(summary)
+    }
+
+    fn extent(&mut self, index: u64) -> Result<LedgerExtent, Error> {
+        let ledger = self.ledger.as_ref().ok_or(Error::Denied)?;
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| ledger.extents().get(i))
+            .map(extent_of)
+            .ok_or(Error::NotSupported)
+    }
+
+    fn prepare(&mut self, request: LedgerRequest) -> Result<LedgerTransaction, Error> {
+        let ledger = self.ledger.as_ref().ok_or(Error::Denied)?;
+        self.prepared = None;
+        let op = op_of(&request).ok_or(Error::InvalidParameters)?;
+        let honest = ledger.prepare(op);
+        match lie_for(&request, ledger.ram(), ledger.hypervisor()) {
+            None => {
+                let tx = honest.map_err(error_of)?;
+                self.prepared = Some(tx);
+                Ok(encode(request, &tx))
+            }
+            // A forged donation answers a request the real ledger refuses.
+            Some(Lie::Forged) => Ok(tamper(
+                Lie::Forged,
+                &request,
+                None,
+                FrameRange::default(),
+                ledger.generation(),
+            )),
+            // Any other lie starts from the honest answer.
+            Some(lie) => {
+                let tx = honest.map_err(error_of)?;
+                let hyp = ledger.hypervisor().first().copied().unwrap_or_default();
+                Ok(tamper(
+                    lie,
+                    &request,
+                    Some(encode(request, &tx)),
+                    frames(hyp),
+                    tx.generation(),
+                ))
+            }
+        }
+    }
+
+    fn commit(&mut self, generation: u64) -> Result<u64, Error> {
+        let ledger = self.ledger.as_mut().ok_or(Error::Denied)?;
+        // Nothing honest pending (the last prepare lied): refused.
+        let tx = self.prepared.take().ok_or(Error::Denied)?;
+        if tx.generation() != generation {
+            return Err(Error::Denied);
+        }
+        ledger.commit(&tx).map_err(error_of)?;
+        Ok(ledger.generation())
+    }
+
+    fn lookup(&mut self, pfn: u64) -> Result<LedgerExtent, Error> {
+        let ledger = self.ledger.as_ref().ok_or(Error::Denied)?;
+        ledger
+            .extents_in(PfnRange::new(pfn, 1))
+            .first()
+            .filter(|e| e.start <= pfn && pfn < e.end())
+            .map(extent_of)
+            .ok_or(Error::NotSupported)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ledger::Server as _;
+    use moat_kernel::txcheck;
+    use moat_platform::dt::Range;
+
+    const RAM: (u64, u64) = (0x40000, 0x40000);
+    const HYP: (u64, u64) = (0x40200, 0x1400);
+    const VM: u32 = 1;
+    const AT: u64 = 0x70000;
+
+    fn booted(storage: &mut [Extent]) -> Rogue<'_> {
+        let mut rogue = Rogue::new(Some(storage));
+        let mut boot = LedgerBoot {
+            ram_count: 1,
+            hypervisor_count: 1,
+            ..Default::default()
+        };
+        boot.ram[0] = FrameRange {
+            start: RAM.0,
+            count: RAM.1,
+        };
+        boot.hypervisor[0] = FrameRange {
+            start: HYP.0,
+            count: HYP.1,
+        };
+        rogue.boot(boot).unwrap();
+        let create = LedgerRequest {
+            op: LedgerRequest::CREATE_VM,
+            party: VM,
+            frames: FrameRange::default(),
+        };
+        let tx = rogue.prepare(create).unwrap();
+        rogue.commit(tx.generation).unwrap();
+        rogue
+    }
+
+    fn check(request: &LedgerRequest, tx: &LedgerTransaction) -> Result<(), &'static str> {
+        let ram = [Range {
+            base: RAM.0 << 12,
+            size: RAM.1 << 12,
+        }];
+        let carve_out = [Range {
+            base: HYP.0 << 12,
+            size: HYP.1 << 12,
+        }];
+        txcheck::check(request, tx, Some(VM as u16), &ram, &carve_out).map(|_| ())
+    }
+
+    fn request(op: u32, start: u64, count: u64) -> LedgerRequest {
+        LedgerRequest {
+            op,
+            party: if op == LedgerRequest::HOST_DONATE_VM {
+                VM
+            } else {
+                0
+            },
+            frames: FrameRange { start, count },
+        }
+    }
+
+    /// Every lie is one the core's check refuses, for the reason expected;
+    /// none of them can be committed; honest answers still pass and commit.
+    #[test]
+    fn every_lie_is_refused_by_the_core_and_never_committed() {
+        let donate = LedgerRequest::HOST_DONATE_VM;
+        let cases = [
+            (request(donate, AT, 1), "a transaction of a shape"),
+            (
+                request(donate, AT, 2),
+                "frames change owner without being scrubbed",
+            ),
+            (
+                request(donate, AT, 3),
+                "a change outside the requested frames",
+            ),
+            (
+                request(donate, AT, 4),
+                "a change outside the requested frames",
+            ),
+            (
+                request(donate, AT, 5),
+                "the transaction answers another request",
+            ),
+            (request(donate, AT, 6), "a transaction of a shape"),
+            (
+                request(donate, AT, 7),
+                "a change for a party the request does not name",
+            ),
+            (
+                request(donate, AT, 9),
+                "a mapping with permissions the core does not give",
+            ),
+            (request(donate, AT, 10), "an unmap after a map"),
+            (
+                request(LedgerRequest::HOST_SHARE_HYP, AT, 1),
+                "a transaction of a shape",
+            ),
+            (
+                request(donate, HYP.0, 1),
+                "a change of the hypervisor's own memory",
+            ),
+            (
+                request(donate, RAM.0 + RAM.1 - 1, 2),
+                "a change of frames that are not RAM",
+            ),
+        ];
+        let mut storage = [Extent::EMPTY; 64];
+        let mut rogue = booted(&mut storage);
+        for (req, why) in cases {
+            let tx = rogue.prepare(req).unwrap();
+            let refused = check(&req, &tx).unwrap_err();
+            assert!(refused.starts_with(why), "{req:?}: {refused}");
+            assert_eq!(rogue.commit(tx.generation), Err(Error::Denied));
+        }
+        for (op, at, count) in [
+            (donate, AT, 8),
+            (donate, AT + 8, 16),
+            (LedgerRequest::HOST_SHARE_HYP, AT + 24, 2),
+        ] {
+            let req = request(op, at, count);
+            let tx = rogue.prepare(req).unwrap();
+            assert_eq!(check(&req, &tx), Ok(()));
+            rogue.commit(tx.generation).unwrap();
+        }
+    }
+}
