@@ -6,8 +6,8 @@
 //! transaction it checks that:
 //!
 //! - the transaction answers the request the core sent;
-//! - every change and the scrub stay inside the requested frames, which are
-//!   RAM and not the hypervisor's own memory (which never moves);
+//! - every change and the scrub cover exactly the requested frames, which
+//!   are RAM and not the hypervisor's own memory (which never moves);
 //! - every change is for the host, the hypervisor or the one VM the request
 //!   names, with permissions the core gives;
 //! - frames that leave one party for another are scrubbed on the way;
@@ -115,6 +115,11 @@ pub fn check(
         let requested = requested.ok_or("a change for a request that names no pages")?;
         if !inside(requested, r) {
             return Err("a change outside the requested frames");
+        }
+        // Every change moves the whole range: a change of part of it would
+        // leave the rest with its old owner's mapping next to the new one.
+        if r != requested {
+            return Err("a change of only part of the requested frames");
         }
         if !ram.iter().any(|b| inside((b.base, b.size), r)) {
             return Err("a change of frames that are not RAM");
@@ -444,6 +449,26 @@ mod tests {
         );
         let (request, mut tx) = donation();
         tx.changes[0].frames.start = u64::MAX / 2;
+        assert!(check(&request, &tx, Some(VM), &RAM, &CARVE).is_err());
+    }
+
+    #[test]
+    fn a_change_of_part_of_the_range_is_refused() {
+        // The host keeps frame 1 while the VM maps both: two writers.
+        let (request, mut tx) = donation();
+        tx.changes[0].frames.count = 1;
+        assert_eq!(
+            check(&request, &tx, Some(VM), &RAM, &CARVE),
+            Err("a change of only part of the requested frames")
+        );
+        // The unmap and the map name different frames.
+        let (request, mut tx) = donation();
+        tx.changes[1].frames.start += 1;
+        tx.changes[1].frames.count -= 1;
+        assert!(check(&request, &tx, Some(VM), &RAM, &CARVE).is_err());
+        // A scrub of part of the range.
+        let (request, mut tx) = donation();
+        tx.scrub.count = 3;
         assert!(check(&request, &tx, Some(VM), &RAM, &CARVE).is_err());
     }
 

@@ -1437,7 +1437,7 @@ pub(super) fn rogue_ledger_if_asked(
 
 /// The requests the rogue ledger (`services/rogue-ledger`) lies about: a
 /// donation of this many pages, and what its transaction does wrong.
-const LIES: [(u64, &str); 9] = [
+const LIES: [(u64, &str); 10] = [
     (1, "the host keeps its mapping"),
     (2, "no scrub"),
     (3, "one page past the request"),
@@ -1447,6 +1447,7 @@ const LIES: [(u64, &str); 9] = [
     (7, "mapped for another VM"),
     (9, "a write-only mapping"),
     (10, "the map before the unmap"),
+    (11, "the host's mapping removed from one page only"),
 ];
 
 /// Under the rogue ledger (`images/rogue-ledger.toml`): every transaction
@@ -1454,7 +1455,7 @@ const LIES: [(u64, &str); 9] = [
 /// their contents, and the ledger still agrees with the stage-2 tables;
 /// honest answers still work, to a whole guest run.
 fn rogue_ledger(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
-    const PAGES: u64 = 10;
+    const PAGES: u64 = 12;
     let mut ram = Ram::new(platform, dtb);
     let (Some(pa), Some(hyp)) = (ram.take(PAGES, PAGE), hypervisor_region(dtb)) else {
         c.check(
@@ -1546,6 +1547,20 @@ fn rogue_ledger(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
         );
     }
     consistent(c, "an honest donation");
+    // 12 pages from `pa`: the VM owns the first 8 now. The rogue ledger
+    // approves the donation anyway; the core sees in the host's stage-2
+    // that they are not the host's.
+    let r = donate(handle, pa, 12, p::BASE_IPA + (1 << 20));
+    c.check(
+        r.is(Error::Denied),
+        format_args!(
+            "rogue ledger: donating 12 pages of which the VM owns 8, approved by the ledger: {r} (expected Denied)"
+        ),
+    );
+    consistent(
+        c,
+        "a lying ledger's donation of pages the host does not own was refused",
+    );
     let d = destroy(handle);
     let r = reclaim(handle, pa, HONEST);
     c.check(

@@ -181,6 +181,23 @@ pub fn transact(
         Error::Denied
     })?;
 
+    // The core's own view of ownership: pages the host gives away (to a VM
+    // or, as a share, to the hypervisor) must be mapped in its stage-2 as
+    // an owner's, whatever the ledger says.
+    if matches!(
+        request.op,
+        LedgerRequest::HOST_DONATE_VM | LedgerRequest::HOST_SHARE_HYP
+    ) && let Some((pa, size)) = checked
+        .scrub
+        .or_else(|| checked.steps().next().map(step_range))
+        && !host_stage2().maps_as_owner(pa, size)
+    {
+        crate::log!(
+            "memory: the ledger's transaction for {request:?} refused: the host does not own those frames"
+        );
+        return Err(Error::Denied);
+    }
+
     // Everything that can fail, before anything changes: the VM's tables
     // for a donation, and the VM's record of the frames it gives up.
     let mut vm_unmaps: heapless::Vec<(u64, u64), 8> = heapless::Vec::new();
@@ -333,6 +350,13 @@ pub fn transact(
             "memory: the ledger did not record an applied transaction ({e:?}); memory requests are refused from now on"
         );
     })
+}
+
+/// The frames a step changes.
+fn step_range(step: Step) -> (u64, u64) {
+    match step {
+        Step::Unmap { pa, size, .. } | Step::Map { pa, size, .. } => (pa, size),
+    }
 }
 
 /// The host's stage-2, locked.

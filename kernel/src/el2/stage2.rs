@@ -242,6 +242,26 @@ impl StageTwo {
         self.map.root_address().0 as u64 | (u64::from(self.vmid) << 48)
     }
 
+    /// Whether every page of `[ipa, ipa + size)` is mapped with an owner's
+    /// access (read, write and execute): a borrowed page is never
+    /// executable, an unmapped one is not the partition's at all.
+    pub fn maps_as_owner(&self, ipa: u64, size: u64) -> bool {
+        let Some(end) = ipa.checked_add(size) else {
+            return false;
+        };
+        let region = MemoryRegion::new(ipa as usize, end as usize);
+        self.map
+            .walk_range(&region, &mut |_, d, _| {
+                let f = d.flags();
+                if d.is_valid() && f.contains(S2::S2AP_ACCESS_RW) && !f.contains(S2::XN) {
+                    Ok(())
+                } else {
+                    Err(())
+                }
+            })
+            .is_ok()
+    }
+
     /// Checks that every page of `[ipa, ipa + size)` is mapped read/write
     /// (`mapped`) or not mapped at all (`!mapped`); returns the first IPA
     /// that is not. The consistency checker compares this with the ledger.

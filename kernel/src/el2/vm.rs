@@ -393,17 +393,40 @@ fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(),
     // Holding the memory lock keeps the host from ending the share while
     // the core copies.
     let _serial = MEMORY.lock();
-    // The source: every page the host's, shared with the hypervisor.
-    let mut pfn = src / PAGE;
-    while pfn < src_end.div_ceil(PAGE) {
+    // The source: RAM outside the hypervisor's memory (the core's own
+    // check), every page the host's and shared with the hypervisor (the
+    // ledger's record, each answer checked to hold the page asked about).
+    let m = machine();
+    let (first, last) = (src & !(PAGE - 1), src_end.next_multiple_of(PAGE));
+    if !m
+        .platform
+        .memory
+        .iter()
+        .any(|b| first >= b.base && last <= b.end())
+        || m.carve_out
+            .as_slice()
+            .iter()
+            .any(|c| first < c.end() && c.base < last)
+    {
+        return Err(Error::InvalidParameters);
+    }
+    let mut pfn = first / PAGE;
+    while pfn < last / PAGE {
         let e = memory::lookup(cpu, pfn).map_err(|e| match e {
             Error::NotSupported => Error::InvalidParameters,
             e => e,
         })?;
+        let end = e.frames.start.saturating_add(e.frames.count);
+        if e.frames.start > pfn || end <= pfn {
+            crate::log!(
+                "VM_LOAD: the ledger answered a lookup of frame {pfn:#x} with another extent"
+            );
+            return Err(Error::Denied);
+        }
         if e.owner.kind != Party::HOST || e.borrower.kind != Party::HYPERVISOR {
             return Err(Error::Denied);
         }
-        pfn = e.frames.start + e.frames.count;
+        pfn = end;
     }
     // The destination: every page mapped in the VM, hence the VM's.
     let mut done = 0;

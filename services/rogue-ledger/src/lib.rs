@@ -25,7 +25,7 @@ use moat_ledger::{Change, Extent, Ledger, LedgerError, Op, Owner, PfnRange, Tran
 /// The ways the rogue ledger lies. Each names the request that triggers it:
 /// a donation to a VM (`HOST_DONATE_VM`) of a given number of frames, or a
 /// share of one frame with the hypervisor. Donations of 8 frames or more
-/// than 10, and every other request, are answered honestly.
+/// than 12, and every other request, are answered honestly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lie {
     /// Donation of 1 frame: the host's mapping is left in place, so the
@@ -50,6 +50,12 @@ pub enum Lie {
     WriteOnly,
     /// Donation of 10 frames: the map comes before the unmap.
     MapBeforeUnmap,
+    /// Donation of 11 frames: the host's mapping is removed from the first
+    /// frame only, while the VM maps them all.
+    PartialUnmap,
+    /// Donation of 12 frames: a well-formed donation whoever owns the
+    /// frames (the real ledger refuses frames the host does not own).
+    NotTheHosts,
     /// Share of 1 frame with the hypervisor: the hypervisor's mapping is
     /// executable.
     ExecutableShare,
@@ -85,6 +91,8 @@ pub fn lie_for(request: &LedgerRequest, ram: &[PfnRange], hyp: &[PfnRange]) -> O
                 7 => Lie::MapForAnotherVm,
                 9 => Lie::WriteOnly,
                 10 => Lie::MapBeforeUnmap,
+                11 => Lie::PartialUnmap,
+                12 => Lie::NotTheHosts,
                 _ => return None,
             })
         }
@@ -168,6 +176,8 @@ pub fn tamper(
         Lie::MapForAnotherVm => tx.changes[1].party.id = other,
         Lie::WriteOnly => tx.changes[1].perms = 0b010,
         Lie::MapBeforeUnmap => tx.changes.swap(0, 1),
+        Lie::PartialUnmap => tx.changes[0].frames.count = 1,
+        Lie::NotTheHosts => {}
         Lie::ExecutableShare => tx.changes[0].perms = rwx,
         Lie::Forged => {}
     }
@@ -331,8 +341,8 @@ impl ledger::Server for Rogue<'_> {
                 Ok(encode(request, &tx))
             }
             // A forged donation answers a request the real ledger refuses.
-            Some(Lie::Forged) => Ok(tamper(
-                Lie::Forged,
+            Some(lie @ (Lie::Forged | Lie::NotTheHosts)) => Ok(tamper(
+                lie,
                 &request,
                 None,
                 FrameRange::default(),
@@ -471,6 +481,10 @@ mod tests {
             ),
             (request(donate, AT, 10), "an unmap after a map"),
             (
+                request(donate, AT, 11),
+                "a change of only part of the requested frames",
+            ),
+            (
                 request(LedgerRequest::HOST_SHARE_HYP, AT, 1),
                 "a transaction of a shape",
             ),
@@ -491,6 +505,13 @@ mod tests {
             assert!(refused.starts_with(why), "{req:?}: {refused}");
             assert_eq!(rogue.commit(tx.generation), Err(Error::Denied));
         }
+        // A well-formed donation of frames the host does not own passes the
+        // transaction check: only the core's own stage-2 can tell (the
+        // integration test shows it refusing).
+        let req = request(donate, AT, 12);
+        let tx = rogue.prepare(req).unwrap();
+        assert_eq!(check(&req, &tx), Ok(()));
+        assert_eq!(rogue.commit(tx.generation), Err(Error::Denied));
         for (op, at, count) in [
             (donate, AT, 8),
             (donate, AT + 8, 16),
