@@ -156,6 +156,7 @@
 mod ledger;
 mod store;
 mod transaction;
+pub mod wire;
 
 pub use ledger::{InvariantViolation, Ledger, MAX_BOOT_RANGES, MAX_VMS, VmRecord, VmStatus};
 pub use store::Extent;

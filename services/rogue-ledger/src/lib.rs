@@ -17,10 +17,10 @@
 
 use moat_abi::Error;
 use moat_abi::services::{
-    FrameRange, LEDGER_BOOT_RANGES, LEDGER_MAX_CHANGES, LedgerBoot, LedgerChange, LedgerExtent,
-    LedgerRequest, LedgerSummary, LedgerTransaction, Party, ledger,
+    FrameRange, LedgerBoot, LedgerChange, LedgerExtent, LedgerRequest, LedgerSummary,
+    LedgerTransaction, Party, ledger,
 };
-use moat_ledger::{Change, Extent, Ledger, LedgerError, Op, Owner, PfnRange, Transaction};
+use moat_ledger::{Extent, Ledger, PfnRange, Transaction};
 
 /// The ways the rogue ledger lies. Each names the request that triggers it:
 /// a donation to a VM (`HOST_DONATE_VM`) of a given number of frames, or a
@@ -203,115 +203,12 @@ impl<'a> Rogue<'a> {
     }
 }
 
-/// The real ledger's request for a wire request.
-fn op_of(request: &LedgerRequest) -> Option<Op> {
-    let range = PfnRange::new(request.frames.start, request.frames.count);
-    let vm = u16::try_from(request.party).ok();
-    Some(match request.op {
-        LedgerRequest::HOST_SHARE_HYP => Op::HostShareHyp { range },
-        LedgerRequest::HOST_UNSHARE_HYP => Op::HostUnshareHyp { range },
-        LedgerRequest::HOST_DONATE_VM => Op::HostDonateVm { range, vm: vm? },
-        LedgerRequest::VM_SHARE_HOST => Op::VmShareHost { vm: vm?, range },
-        LedgerRequest::VM_UNSHARE_HOST => Op::VmUnshareHost { vm: vm?, range },
-        LedgerRequest::CREATE_VM => Op::CreateVm { vm: vm? },
-        LedgerRequest::DESTROY_VM => Op::DestroyVm { vm: vm? },
-        LedgerRequest::RECLAIM => Op::Reclaim { vm: vm?, range },
-        _ => return None,
-    })
-}
-
-/// The ABI error for a refusal (as the real service maps them).
-fn error_of(e: LedgerError) -> Error {
-    match e {
-        LedgerError::PageNotOwned { .. }
-        | LedgerError::PageShared { .. }
-        | LedgerError::PageNotShared { .. }
-        | LedgerError::VmExists(_)
-        | LedgerError::VmDying(_)
-        | LedgerError::VmAlive(_)
-        | LedgerError::Stale => Error::Denied,
-        LedgerError::TooManyVms | LedgerError::OutOfCapacity => Error::NoMemory,
-        _ => Error::InvalidParameters,
-    }
-}
-
-fn frames(r: PfnRange) -> FrameRange {
-    FrameRange {
-        start: r.start,
-        count: r.count,
-    }
-}
-
-fn party(owner: Option<Owner>) -> Party {
-    let (kind, id) = match owner {
-        None => (Party::NONE, 0),
-        Some(Owner::Host) => (Party::HOST, 0),
-        Some(Owner::Hypervisor) => (Party::HYPERVISOR, 0),
-        Some(Owner::Service(s)) => (Party::SERVICE, u32::from(s)),
-        Some(Owner::Vm(v)) => (Party::VM, u32::from(v)),
-    };
-    Party { kind, id }
-}
-
-fn extent_of(e: &Extent) -> LedgerExtent {
-    LedgerExtent {
-        frames: frames(PfnRange::new(e.start, e.count)),
-        owner: party(Some(e.owner)),
-        borrower: party(e.borrower),
-    }
-}
-
-/// The honest wire form of `tx`, the answer to `request`.
-fn encode(request: LedgerRequest, tx: &Transaction) -> LedgerTransaction {
-    let mut out = LedgerTransaction {
-        generation: tx.generation(),
-        request,
-        ..Default::default()
-    };
-    for (slot, change) in out.changes.iter_mut().zip(tx.changes()) {
-        *slot = match *change {
-            Change::Unmap { party: p, range } => LedgerChange {
-                kind: LedgerChange::UNMAP,
-                perms: 0,
-                party: party(Some(p)),
-                frames: frames(range),
-            },
-            Change::Map {
-                party: p,
-                range,
-                perms,
-            } => LedgerChange {
-                kind: LedgerChange::MAP,
-                perms: u32::from(perms.bits()),
-                party: party(Some(p)),
-                frames: frames(range),
-            },
-        };
-    }
-    out.change_count = tx.changes().len().min(LEDGER_MAX_CHANGES) as u32;
-    if let Some(scrub) = tx.scrub() {
-        out.has_scrub = 1;
-        out.scrub = frames(scrub);
-    }
-    out
-}
+use moat_ledger::wire::{encode, error_of, extent_of, frames, op_of};
 
 impl ledger::Server for Rogue<'_> {
     fn boot(&mut self, boot: LedgerBoot) -> Result<LedgerSummary, Error> {
         let storage = self.storage.take().ok_or(Error::Denied)?;
-        let ranges = |list: &[FrameRange], n: u32| {
-            let n = n as usize;
-            let mut out = [PfnRange::default(); LEDGER_BOOT_RANGES];
-            for (slot, r) in out.iter_mut().zip(list.get(..n)?) {
-                *slot = PfnRange::new(r.start, r.count);
-            }
-            Some((out, n))
-        };
-        let (ram, nram) = ranges(&boot.ram, boot.ram_count).ok_or(Error::InvalidParameters)?;
-        let (hyp, nhyp) =
-            ranges(&boot.hypervisor, boot.hypervisor_count).ok_or(Error::InvalidParameters)?;
-        let ledger = Ledger::new(storage, &ram[..nram], &hyp[..nhyp])
-            .map_err(|_| Error::InvalidParameters)?;
+        let ledger = moat_ledger::wire::boot(storage, &boot)?;
         let summary = LedgerSummary {
             extents: ledger.extents().len() as u64,
             state_bytes: ledger.state_bytes() as u64,
