@@ -145,6 +145,54 @@ pub fn host_cptr(cpu: &CpuFeatures) -> u64 {
     v
 }
 
+/// HCR_EL2 bits every nested partition (a service or a protected VM) runs
+/// with: stage-2 on, AArch64 EL1, physical interrupts to EL2 (they are the
+/// host's, or the core's watchdog), SMC and WFI/WFE trapped. Pointer
+/// authentication is trapped (API, APK clear): the keys in the registers
+/// are the host's.
+pub const NESTED_HCR: u64 =
+    hcr::VM | hcr::RW | hcr::IMO | hcr::FMO | hcr::AMO | hcr::TSC | hcr::TWI | hcr::TWE;
+
+/// HCR_EL2 for a service: cache-geometry registers trapped (CSSELR_EL1 is
+/// the host's, unswitched) and, once it has started, its translation
+/// controls fixed (TVM: the core loads them and never saves them back).
+pub const fn service_hcr(started: bool) -> u64 {
+    let tvm = if started { hcr::TVM } else { 0 };
+    NESTED_HCR | hcr::TID2 | tvm
+}
+
+/// HCR_EL2 for a protected VM: set/way maintenance, ACTLR_EL1,
+/// implementation-defined and LORegion registers trapped; ID registers
+/// trapped and answered by the core; EL1 TLB maintenance broadcast (its
+/// vCPU may have run on another CPU); tag access only with MTE on, and
+/// GMID_EL1 trapped with it off.
+pub fn vm_hcr(cpu: &CpuFeatures, mte: bool) -> u64 {
+    let mut v = NESTED_HCR | hcr::TSW | hcr::TACR | hcr::TIDCP | hcr::TLOR | hcr::TID3 | hcr::FB;
+    if cpu.mte {
+        v |= if mte { hcr::ATA } else { hcr::TID5 };
+    }
+    v
+}
+
+/// CPTR_EL2 (nVHE) for a service: FP/SIMD (TFP), SVE (TZ) and SME (TSM)
+/// trapped; services are built without them and the host's vector
+/// registers stay untouched in the CPU. Bits 13, 9 and 7:0 are RES1.
+pub const SERVICE_CPTR: u64 = (1 << 13) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 8) | 0xff;
+/// CPTR_EL2 for a protected VM: FP/SIMD allowed (the core switches the
+/// V registers), SVE and SME trapped.
+pub const VM_CPTR: u64 = (1 << 13) | (1 << 12) | (1 << 9) | (1 << 8) | 0xff;
+
+/// MDCR_EL2 for a nested partition: the host's (HPMN, HPMD: the core's
+/// work stays invisible to the host's counters outside benchmark images)
+/// plus the PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped.
+pub const fn nested_mdcr(host_mdcr: u64) -> u64 {
+    host_mdcr | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11)
+}
+
+/// CNTHCTL_EL2 for a nested partition: the counter is readable; the
+/// physical timer is not (it is the host's).
+pub const NESTED_CNTHCTL: u64 = 0b01;
+
 /// CNTHCTL_EL2 (E2H = 0): EL1 may read the physical counter and use the
 /// physical timer (EL1PCTEN, EL1PCEN).
 pub const HOST_CNTHCTL: u64 = 0b11;
@@ -206,6 +254,26 @@ mod tests {
         assert_eq!(vtcr(44, 4), (0x8004_3594, 0));
         // 36-bit: T0SZ 28, level 1.
         assert_eq!(vtcr(36, 1), (0x8001_355c, 1));
+    }
+
+    #[test]
+    fn nested_partitions_trap_what_they_must() {
+        for h in [service_hcr(false), service_hcr(true)] {
+            assert_eq!(h & NESTED_HCR, NESTED_HCR);
+            assert_eq!(h & (hcr::API | hcr::APK | hcr::ATA), 0);
+        }
+        assert_eq!(service_hcr(true) & hcr::TVM, hcr::TVM);
+        assert_eq!(service_hcr(false) & hcr::TVM, 0);
+        let mut cpu = CpuFeatures::default();
+        assert_eq!(vm_hcr(&cpu, true) & (hcr::ATA | hcr::TID5), 0);
+        cpu.mte = true;
+        assert_eq!(vm_hcr(&cpu, true) & (hcr::ATA | hcr::TID5), hcr::ATA);
+        assert_eq!(vm_hcr(&cpu, false) & (hcr::ATA | hcr::TID5), hcr::TID5);
+        assert_eq!(vm_hcr(&cpu, false) & hcr::TID3, hcr::TID3);
+        // FP/SIMD: trapped for services, the VM's own.
+        assert_eq!(SERVICE_CPTR & (1 << 10), 1 << 10);
+        assert_eq!(VM_CPTR & (1 << 10), 0);
+        assert_eq!(nested_mdcr(0x11) & 0x1f, 0x11);
     }
 
     #[test]

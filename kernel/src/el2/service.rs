@@ -36,7 +36,6 @@ use moat_abi::Error;
 use moat_abi::hypercall;
 use moat_abi::ipc::{MESSAGE_SIZE, MessageError, MessageHeader};
 use moat_abi::trap::TrapDescriptor;
-use moat_kernel::el2config::hcr;
 use moat_kernel::esr::Trap;
 use moat_kernel::regs::GuestRegs;
 use moat_kernel::routing::{RouteSpec, RoutingTable};
@@ -161,38 +160,15 @@ enum Exit {
 }
 
 fn service_el2(vttbr: u64, started: bool) -> (u64, u64, u64, u64, u64) {
-    // Physical interrupts to EL2 (the watchdog, and the host's, which
-    // suspend the call), SMC and WFI/WFE trapped, pointer-authentication keys
-    // trapped (the host's keys stay in the registers), no MTE tag access.
-    // TID2: cache-geometry registers (CSSELR_EL1 is the host's, unswitched).
-    // TVM once started: the service's translation controls are fixed (see
-    // `with_partition`).
-    let tvm = if started { hcr::TVM } else { 0 };
-    let hcr = tvm
-        | hcr::VM
-        | hcr::RW
-        | hcr::IMO
-        | hcr::FMO
-        | hcr::AMO
-        | hcr::TSC
-        | hcr::TWI
-        | hcr::TWE
-        | hcr::TID2;
-    // FP/SIMD, SVE and SME trapped: services are built without them, and the
-    // host's vector registers stay untouched in the CPU.
-    let cptr = (1 << 13) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 8) | 0xff;
-    // PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped; HPMN and HPMD
-    // as for the host, so the core's EL2 work stays invisible to the host's
-    // counters outside benchmark images.
-    let mdcr = super::boot::machine().host_el2.mdcr
-        | (1 << 5)
-        | (1 << 6)
-        | (1 << 9)
-        | (1 << 10)
-        | (1 << 11);
-    // The counter is readable; the physical timer is not (it is the host's).
-    let cnthctl = 0b01;
-    (hcr, cptr, mdcr, cnthctl, vttbr)
+    use moat_kernel::el2config::{NESTED_CNTHCTL, SERVICE_CPTR, nested_mdcr, service_hcr};
+    let mdcr = nested_mdcr(super::boot::machine().host_el2.mdcr);
+    (
+        service_hcr(started),
+        SERVICE_CPTR,
+        mdcr,
+        NESTED_CNTHCTL,
+        vttbr,
+    )
 }
 
 impl Service {

@@ -38,7 +38,6 @@ use moat_abi::services::{FrameRange, LedgerRequest, Party};
 use moat_abi::trap::{PARTITION_VM_BASE, TrapClass};
 use moat_abi::vm::{self as abi, Exit, ExitReason, MAX_VMS, MmioAccess, VmFlags};
 use moat_abi::{hypercall, smccc};
-use moat_kernel::el2config::hcr;
 use moat_kernel::esr::{self, Trap};
 use moat_kernel::regs::GuestRegs;
 use moat_kernel::vmfeatures;
@@ -518,44 +517,11 @@ fn free_if_empty(slot: &Slot, guard: &mut Option<Vm>) {
 
 /// The EL2 controls while a VM runs.
 fn vm_el2(vm: &Vm) -> (u64, u64, u64, u64, u64) {
+    use moat_kernel::el2config::{NESTED_CNTHCTL, VM_CPTR, nested_mdcr, vm_hcr};
     let m = machine();
-    // Physical interrupts to EL2 (they are the host's), SMC, WFI/WFE, set/way
-    // cache maintenance, ACTLR, implementation-defined and LORegion
-    // registers trapped; pointer authentication trapped (the host's keys
-    // are in the registers).
-    let mut hcr = hcr::VM
-        | hcr::RW
-        | hcr::IMO
-        | hcr::FMO
-        | hcr::AMO
-        | hcr::TSC
-        | hcr::TWI
-        | hcr::TWE
-        | hcr::TSW
-        | hcr::TACR
-        | hcr::TIDCP
-        | hcr::TLOR;
-    // The ID registers trap, and read as the hardware without what the VM
-    // is not given (`moat_kernel::vmfeatures`). TLB maintenance the guest
-    // issues for its own CPU is broadcast (FB): its vCPU may have run on
-    // another CPU.
-    hcr |= hcr::TID3 | hcr::FB;
-    if m.cpu.mte {
-        if vm.mte {
-            hcr |= hcr::ATA;
-        } else {
-            // Tag access off: the MTE registers trap (ATA clear) and so does
-            // GMID_EL1.
-            hcr |= hcr::TID5;
-        }
-    }
-    // FP/SIMD allowed (switched by the core); SVE and SME trapped.
-    let cptr = (1 << 13) | (1 << 12) | (1 << 9) | (1 << 8) | 0xff;
-    // PMU and debug registers trapped, as for services.
-    let mdcr = m.host_el2.mdcr | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11);
-    // The counter is readable; the physical timer is the host's.
-    let cnthctl = 0b01;
-    (hcr, cptr, mdcr, cnthctl, vm.stage2.vttbr())
+    let hcr = vm_hcr(&m.cpu, vm.mte);
+    let mdcr = nested_mdcr(m.host_el2.mdcr);
+    (hcr, VM_CPTR, mdcr, NESTED_CNTHCTL, vm.stage2.vttbr())
 }
 
 fn csselr() -> u64 {
