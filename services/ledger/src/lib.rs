@@ -154,11 +154,13 @@
 #![forbid(unsafe_code)]
 
 mod ledger;
+mod server;
 mod store;
 mod transaction;
 pub mod wire;
 
 pub use ledger::{InvariantViolation, Ledger, MAX_BOOT_RANGES, MAX_VMS, VmRecord, VmStatus};
+pub use server::LedgerServer;
 pub use store::Extent;
 pub use transaction::{Change, MAX_CHANGES, Op, Transaction};
 

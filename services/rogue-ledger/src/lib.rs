@@ -20,7 +20,7 @@ use moat_abi::services::{
     FrameRange, LedgerBoot, LedgerChange, LedgerExtent, LedgerRequest, LedgerSummary,
     LedgerTransaction, Party, ledger,
 };
-use moat_ledger::{Extent, Ledger, PfnRange, Transaction};
+use moat_ledger::{Extent, LedgerServer, PfnRange};
 
 /// The ways the rogue ledger lies. Each names the request that triggers it:
 /// a donation to a VM (`HOST_DONATE_VM`) of a given number of frames, or a
@@ -184,71 +184,55 @@ pub fn tamper(
     tx
 }
 
-/// The `ledger` service, lying as [`lie_for`] says.
+/// The `ledger` service, lying as [`lie_for`] says: the real
+/// [`LedgerServer`] underneath, with `prepare` wrapped.
 pub struct Rogue<'a> {
-    storage: Option<&'a mut [Extent]>,
-    ledger: Option<Ledger<&'a mut [Extent]>>,
-    /// The transaction last prepared honestly; `None` after a lie.
-    prepared: Option<Transaction>,
+    honest: LedgerServer<'a>,
 }
 
 impl<'a> Rogue<'a> {
     /// A service that builds its ledger in `storage` at `boot`.
     pub fn new(storage: Option<&'a mut [Extent]>) -> Self {
         Self {
-            storage,
-            ledger: None,
-            prepared: None,
+            honest: LedgerServer::new(storage),
         }
     }
 }
 
-use moat_ledger::wire::{encode, error_of, extent_of, frames, op_of};
+use moat_ledger::wire::{encode, error_of, frames, op_of};
 
 impl ledger::Server for Rogue<'_> {
     fn boot(&mut self, boot: LedgerBoot) -> Result<LedgerSummary, Error> {
-        let storage = self.storage.take().ok_or(Error::Denied)?;
-        let ledger = moat_ledger::wire::boot(storage, &boot)?;
-        let summary = LedgerSummary {
-            extents: ledger.extents().len() as u64,
-            state_bytes: ledger.state_bytes() as u64,
-        };
-        self.ledger = Some(ledger);
-        Ok(summary)
+        self.honest.boot(boot)
     }
 
     fn extent(&mut self, index: u64) -> Result<LedgerExtent, Error> {
-        let ledger = self.ledger.as_ref().ok_or(Error::Denied)?;
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| ledger.extents().get(i))
-            .map(extent_of)
-            .ok_or(Error::NotSupported)
+        self.honest.extent(index)
     }
 
     fn prepare(&mut self, request: LedgerRequest) -> Result<LedgerTransaction, Error> {
-        let ledger = self.ledger.as_ref().ok_or(Error::Denied)?;
-        self.prepared = None;
+        let ledger = self.honest.ledger().ok_or(Error::Denied)?;
+        let Some(lie) = lie_for(&request, ledger.ram(), ledger.hypervisor()) else {
+            return self.honest.prepare(request);
+        };
         let op = op_of(&request).ok_or(Error::InvalidParameters)?;
         let honest = ledger.prepare(op);
-        match lie_for(&request, ledger.ram(), ledger.hypervisor()) {
-            None => {
-                let tx = honest.map_err(error_of)?;
-                self.prepared = Some(tx);
-                Ok(encode(request, &tx))
-            }
+        let generation = ledger.generation();
+        let hyp = ledger.hypervisor().first().copied().unwrap_or_default();
+        // A lie is never committed: nothing waits for `commit`.
+        self.honest.forget_prepared();
+        match lie {
             // A forged donation answers a request the real ledger refuses.
-            Some(lie @ (Lie::Forged | Lie::NotTheHosts)) => Ok(tamper(
+            Lie::Forged | Lie::NotTheHosts => Ok(tamper(
                 lie,
                 &request,
                 None,
                 FrameRange::default(),
-                ledger.generation(),
+                generation,
             )),
             // Any other lie starts from the honest answer.
-            Some(lie) => {
+            _ => {
                 let tx = honest.map_err(error_of)?;
-                let hyp = ledger.hypervisor().first().copied().unwrap_or_default();
                 Ok(tamper(
                     lie,
                     &request,
@@ -261,24 +245,12 @@ impl ledger::Server for Rogue<'_> {
     }
 
     fn commit(&mut self, generation: u64) -> Result<u64, Error> {
-        let ledger = self.ledger.as_mut().ok_or(Error::Denied)?;
-        // Nothing honest pending (the last prepare lied): refused.
-        let tx = self.prepared.take().ok_or(Error::Denied)?;
-        if tx.generation() != generation {
-            return Err(Error::Denied);
-        }
-        ledger.commit(&tx).map_err(error_of)?;
-        Ok(ledger.generation())
+        // After a lie nothing is pending, and the commit is refused.
+        self.honest.commit(generation)
     }
 
     fn lookup(&mut self, pfn: u64) -> Result<LedgerExtent, Error> {
-        let ledger = self.ledger.as_ref().ok_or(Error::Denied)?;
-        ledger
-            .extents_in(PfnRange::new(pfn, 1))
-            .first()
-            .filter(|e| e.start <= pfn && pfn < e.end())
-            .map(extent_of)
-            .ok_or(Error::NotSupported)
+        self.honest.lookup(pfn)
     }
 }
 
