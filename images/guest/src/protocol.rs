@@ -69,6 +69,13 @@ pub const MTE_REGS_AGAIN: u32 = id(0x811);
 /// next without ending the share.
 pub const LEFT_SHARED: u32 = id(0x812);
 
+/// Guest (vector probe): V0..V31 hold [`vector_byte`]`(i)` in every byte;
+/// answer once the host has used its own vector registers.
+pub const VECTORS_SET: u32 = id(0x813);
+/// Guest (vector probe): x1 = how many of V0..V31 did not keep their value
+/// across the exit.
+pub const VECTORS_CHECKED: u32 = id(0x814);
+
 /// Modes (the answer to [`CONFIG`]).
 pub const MODE_DEMO: u64 = 0;
 pub const MODE_SPIN: u64 = 1;
@@ -81,6 +88,8 @@ pub const MODE_OFF: u64 = 3;
 pub const MODE_MTE_PROBE: u64 = 4;
 /// Share a page, fill it, and power off without ending the share.
 pub const MODE_SHARED_AT_EXIT: u64 = 5;
+/// Fill V0..V31, exit, and check they survived the host's run.
+pub const MODE_VECTORS: u64 = 6;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.
 pub const FLAG_MTE: u64 = 1;
 /// The VM was created without MTE, but the guest maps its memory Tagged and
@@ -171,4 +180,9 @@ pub const fn hello_value() -> u64 {
 /// The number in the guest's message.
 pub const fn message_number() -> u64 {
     hello_value() % 1_000_000_007
+}
+
+/// The byte the vector probe puts in every lane of V`i`.
+pub const fn vector_byte(i: usize) -> u8 {
+    0x40 + i as u8
 }

@@ -561,6 +561,8 @@ pub(super) fn scenarios(
     }
     shared_at_exit(c, &mut ram);
     consistent(c, "a destroyed VM's pages were reclaimed, one still shared");
+    vectors(c, &mut ram);
+    consistent(c, "the vector-register probe");
     hostile_access(c, &mut ram, mte);
     consistent(c, "the host touched donated memory");
     hostile_donations(c, &mut ram, dtb);
@@ -1116,6 +1118,147 @@ fn mte_probe_exits(c: &mut Checks, g: &mut Guest, vm_mte: bool, hardware_tags: b
         ),
     );
     Some(())
+}
+
+/// The host's vector registers while a VM runs: V1, V8, V15 and V30 keep a
+/// pattern across a `VCPU_RUN` in which the guest fills all 32 of its own,
+/// and with SVE so do the whole Z0 and Z31 at the host's full vector length
+/// (the guest's writes of V0 and V31 would zero their upper bits). Returns
+/// the run's result, the exit, the V registers that changed and the Z bytes
+/// that changed (`None` without SVE).
+fn run_keeping_vectors(handle: u64, answer: [u64; 4]) -> (Code, [u64; 7], u64, Option<u64>) {
+    let sve = (sysreg!("id_aa64pfr0_el1") >> 32) & 0xf != 0;
+    let mut v = [0u128; 4];
+    let mut z = [0u8; 512];
+    let mut vl = 0u64;
+    let (r0, r1, r2, r3, r4, r5, r6, r7): (u64, u64, u64, u64, u64, u64, u64, u64);
+    if sve {
+        // SAFETY: enables SVE at EL1 (CPACR_EL1.ZEN) at the longest vector
+        // length (ZCR_EL1.LEN, capped by the hardware and the core), which
+        // the core leaves to the host; fills Z0 and Z31 (and V1, V8, V15,
+        // V30), runs the VM with VCPU_RUN and stores them into `z` (two
+        // vector lengths: at most 2 x 256 bytes) and `v`. Every register
+        // written is declared.
+        unsafe {
+            core::arch::asm!(
+                ".arch_extension sve",
+                "mrs {t}, cpacr_el1", "orr {t}, {t}, #(3 << 16)", "msr cpacr_el1, {t}", "isb",
+                "mov {t}, #0x1ff", "msr s3_0_c1_c2_0, {t}", "isb",
+                "rdvl {vl}, #1",
+                "index z0.b, #1, #1",
+                "index z31.b, #-1, #-1",
+                "movi v1.16b, #0x11", "movi v8.16b, #0x88",
+                "movi v15.16b, #0xf5", "movi v30.16b, #0x3c",
+                "hvc #0",
+                "str z0, [{z}]",
+                "str z31, [{z}, #1, mul vl]",
+                "stp q1, q8, [{v}]", "stp q15, q30, [{v}, #32]",
+                t = out(reg) _, vl = out(reg) vl,
+                z = in(reg) z.as_mut_ptr(), v = in(reg) v.as_mut_ptr(),
+                inlateout("x0") u64::from(abi::VCPU_RUN) => r0,
+                inlateout("x1") handle => r1,
+                inlateout("x2") answer[0] => r2,
+                inlateout("x3") answer[1] => r3,
+                inlateout("x4") answer[2] => r4,
+                inlateout("x5") answer[3] => r5,
+                lateout("x6") r6, lateout("x7") r7,
+                lateout("x8") _, lateout("x9") _, lateout("x10") _, lateout("x11") _,
+                lateout("x12") _, lateout("x13") _, lateout("x14") _, lateout("x15") _,
+                lateout("x16") _, lateout("x17") _,
+                out("v0") _, out("v1") _, out("v8") _, out("v15") _, out("v30") _, out("v31") _,
+                options(nostack),
+            );
+        }
+    } else {
+        // SAFETY: as above without SVE: V1, V8, V15 and V30 only.
+        unsafe {
+            core::arch::asm!(
+                "movi v1.16b, #0x11", "movi v8.16b, #0x88",
+                "movi v15.16b, #0xf5", "movi v30.16b, #0x3c",
+                "hvc #0",
+                "stp q1, q8, [{v}]", "stp q15, q30, [{v}, #32]",
+                v = in(reg) v.as_mut_ptr(),
+                inlateout("x0") u64::from(abi::VCPU_RUN) => r0,
+                inlateout("x1") handle => r1,
+                inlateout("x2") answer[0] => r2,
+                inlateout("x3") answer[1] => r3,
+                inlateout("x4") answer[2] => r4,
+                inlateout("x5") answer[3] => r5,
+                lateout("x6") r6, lateout("x7") r7,
+                lateout("x8") _, lateout("x9") _, lateout("x10") _, lateout("x11") _,
+                lateout("x12") _, lateout("x13") _, lateout("x14") _, lateout("x15") _,
+                lateout("x16") _, lateout("x17") _,
+                out("v1") _, out("v8") _, out("v15") _, out("v30") _,
+                options(nostack),
+            );
+        }
+    }
+    let lost_v = [0x11u8, 0x88, 0xf5, 0x3c]
+        .iter()
+        .zip(v)
+        .filter(|(b, got)| *got != u128::from_ne_bytes([**b; 16]))
+        .count() as u64;
+    let lost_z = sve.then(|| {
+        let vl = (vl as usize).min(256);
+        (0..vl)
+            .filter(|&i| {
+                z[i] != (i as u8).wrapping_add(1) || z[vl + i] != 255u8.wrapping_sub(i as u8)
+            })
+            .count() as u64
+    });
+    (Code(r0), [r1, r2, r3, r4, r5, r6, r7], lost_v, lost_z)
+}
+
+/// The VM's vector registers and the host's are each the partition's own:
+/// the guest fills V0..V31 and exits; the host's own V registers (and with
+/// SVE, its whole Z registers) survived the run; the host runs the guest
+/// again, and the guest finds its 32 registers as it left them.
+fn vectors(c: &mut Checks, ram: &mut Ram) {
+    let name = "vm vectors";
+    let Some(mut g) = Guest::new(c, ram, name, 0, |_, _| {}) else {
+        return;
+    };
+    if g.start(c, p::MODE_VECTORS, 0).is_none() {
+        g.end(c, false);
+        return;
+    }
+    let (r, regs, lost_v, lost_z) = run_keeping_vectors(g.handle, core::mem::take(&mut g.answer));
+    let exit = Exit::from_regs(regs);
+    let set = r.ok()
+        && exit.is_some_and(|e| {
+            e.reason == ExitReason::Hvc && e.detail[0] == u64::from(p::VECTORS_SET)
+        });
+    c.check(
+        set,
+        format_args!("{name}: the guest filled its 32 vector registers and exited ({r}, {exit:?})"),
+    );
+    c.check(
+        lost_v == 0,
+        format_args!(
+            "{name}: the host's V1, V8, V15 and V30 survived the guest's run ({lost_v} changed)"
+        ),
+    );
+    match lost_z {
+        Some(n) => c.check(
+            n == 0,
+            format_args!(
+                "{name}: the host's Z0 and Z31 survived the guest's run at its full vector length ({n} bytes changed)"
+            ),
+        ),
+        None => say!("{name}: no SVE: only the V registers are checked"),
+    }
+    if let Some(args) = g.expect_hvc(c, p::VECTORS_CHECKED, "VECTORS_CHECKED") {
+        c.check(
+            args[0] == 0,
+            format_args!(
+                "{name}: the guest's 32 vector registers survived the host's run ({} changed)",
+                args[0]
+            ),
+        );
+    }
+    let off = g.expect_exit(c, ExitReason::Shutdown).is_some();
+    c.check(off, format_args!("{name}: the guest powered off"));
+    g.end(c, false);
 }
 
 /// A VM that powers off with a page still shared with the host: the host

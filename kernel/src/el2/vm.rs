@@ -143,6 +143,91 @@ impl FpState {
     }
 }
 
+/// The host's SVE vector registers, at the full vector length, while a VM
+/// runs: the VM's FP/SIMD instructions write the low 128 bits of each Z
+/// register and zero the rest, which would otherwise be lost to the host.
+/// (The predicate registers and FFR are out of the VM's reach: SVE traps.)
+struct SveSave {
+    z: Box<[u8]>,
+}
+
+impl SveSave {
+    /// A save area for this CPU's vector length, if the CPU has SVE.
+    fn new() -> Option<Self> {
+        if !machine().cpu.sve {
+            return None;
+        }
+        let vl: u64;
+        // SAFETY: reads the vector length at EL2 (the largest, ZCR_EL2.LEN
+        // being the maximum); SVE is enabled at EL2 while the core handles
+        // a host call (CPTR_EL2.TZ is clear in the host's configuration).
+        unsafe {
+            core::arch::asm!(".arch_extension sve", "rdvl {}, #1", out(reg) vl, options(nomem, nostack, preserves_flags))
+        };
+        Some(Self {
+            z: alloc::vec![0u8; 32 * vl as usize].into_boxed_slice(),
+        })
+    }
+
+    fn save(&mut self) {
+        let p = self.z.as_mut_ptr();
+        // SAFETY: stores Z0..Z31 at the EL2 vector length into the area
+        // sized for it at creation (32 vector lengths); runs under the host's
+        // CPTR_EL2, which does not trap SVE.
+        unsafe {
+            core::arch::asm!(
+                ".arch_extension sve",
+                "str z0, [{p}, #0, mul vl]", "str z1, [{p}, #1, mul vl]",
+                "str z2, [{p}, #2, mul vl]", "str z3, [{p}, #3, mul vl]",
+                "str z4, [{p}, #4, mul vl]", "str z5, [{p}, #5, mul vl]",
+                "str z6, [{p}, #6, mul vl]", "str z7, [{p}, #7, mul vl]",
+                "str z8, [{p}, #8, mul vl]", "str z9, [{p}, #9, mul vl]",
+                "str z10, [{p}, #10, mul vl]", "str z11, [{p}, #11, mul vl]",
+                "str z12, [{p}, #12, mul vl]", "str z13, [{p}, #13, mul vl]",
+                "str z14, [{p}, #14, mul vl]", "str z15, [{p}, #15, mul vl]",
+                "str z16, [{p}, #16, mul vl]", "str z17, [{p}, #17, mul vl]",
+                "str z18, [{p}, #18, mul vl]", "str z19, [{p}, #19, mul vl]",
+                "str z20, [{p}, #20, mul vl]", "str z21, [{p}, #21, mul vl]",
+                "str z22, [{p}, #22, mul vl]", "str z23, [{p}, #23, mul vl]",
+                "str z24, [{p}, #24, mul vl]", "str z25, [{p}, #25, mul vl]",
+                "str z26, [{p}, #26, mul vl]", "str z27, [{p}, #27, mul vl]",
+                "str z28, [{p}, #28, mul vl]", "str z29, [{p}, #29, mul vl]",
+                "str z30, [{p}, #30, mul vl]", "str z31, [{p}, #31, mul vl]",
+                p = in(reg) p,
+                options(nostack, preserves_flags),
+            );
+        }
+    }
+
+    fn load(&self) {
+        let p = self.z.as_ptr();
+        // SAFETY: the inverse of `save`, under the host's CPTR_EL2 again.
+        unsafe {
+            core::arch::asm!(
+                ".arch_extension sve",
+                "ldr z0, [{p}, #0, mul vl]", "ldr z1, [{p}, #1, mul vl]",
+                "ldr z2, [{p}, #2, mul vl]", "ldr z3, [{p}, #3, mul vl]",
+                "ldr z4, [{p}, #4, mul vl]", "ldr z5, [{p}, #5, mul vl]",
+                "ldr z6, [{p}, #6, mul vl]", "ldr z7, [{p}, #7, mul vl]",
+                "ldr z8, [{p}, #8, mul vl]", "ldr z9, [{p}, #9, mul vl]",
+                "ldr z10, [{p}, #10, mul vl]", "ldr z11, [{p}, #11, mul vl]",
+                "ldr z12, [{p}, #12, mul vl]", "ldr z13, [{p}, #13, mul vl]",
+                "ldr z14, [{p}, #14, mul vl]", "ldr z15, [{p}, #15, mul vl]",
+                "ldr z16, [{p}, #16, mul vl]", "ldr z17, [{p}, #17, mul vl]",
+                "ldr z18, [{p}, #18, mul vl]", "ldr z19, [{p}, #19, mul vl]",
+                "ldr z20, [{p}, #20, mul vl]", "ldr z21, [{p}, #21, mul vl]",
+                "ldr z22, [{p}, #22, mul vl]", "ldr z23, [{p}, #23, mul vl]",
+                "ldr z24, [{p}, #24, mul vl]", "ldr z25, [{p}, #25, mul vl]",
+                "ldr z26, [{p}, #26, mul vl]", "ldr z27, [{p}, #27, mul vl]",
+                "ldr z28, [{p}, #28, mul vl]", "ldr z29, [{p}, #29, mul vl]",
+                "ldr z30, [{p}, #30, mul vl]", "ldr z31, [{p}, #31, mul vl]",
+                p = in(reg) p,
+                options(nostack, preserves_flags),
+            );
+        }
+    }
+}
+
 /// What the previous exit left for the host to answer.
 #[derive(Clone, Copy, Debug)]
 enum Pending {
@@ -164,6 +249,8 @@ struct Vm {
     el1: El1Context,
     csselr: u64,
     fp: Box<FpState>,
+    /// The host's full SVE registers during a run (CPUs with SVE).
+    host_sve: Option<SveSave>,
     has_run: bool,
     /// The CPU the vCPU last ran on.
     last_cpu: Option<usize>,
@@ -307,6 +394,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         el1: El1Context::reset(),
         csselr: 0,
         fp: Box::new(FpState::ZERO),
+        host_sve: SveSave::new(),
         has_run: false,
         last_cpu: None,
         pending: Pending::None,
@@ -584,6 +672,9 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         vm.el1.load();
     }
     host_fp.save();
+    if let Some(sve) = vm.host_sve.as_mut() {
+        sve.save();
+    }
     vm.fp.load();
     set_csselr(vm.csselr);
     let mut host_mte = MteRegs::default();
@@ -631,7 +722,6 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         vm.el1.save();
         (*cpu.host_el1.get()).load();
     }
-    host_fp.load();
     set_csselr(host_csselr);
     let hel2 = &machine().host_el2;
     // SAFETY: back to the host's own controls and stage-2.
@@ -644,6 +734,15 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
             hel2.vttbr,
         )
     };
+    host_fp.load();
+    if let Some(sve) = vm.host_sve.as_ref() {
+        // The host's CPTR_EL2, which lets SVE through, must be in effect
+        // before the first SVE instruction (`switch_el2` leaves the
+        // synchronization to the ERET).
+        // SAFETY: a barrier.
+        unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+        sve.load();
+    }
     let (e, status) = outcome;
     slot.set(status);
     Ok(e)

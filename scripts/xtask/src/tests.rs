@@ -253,6 +253,18 @@ fn cases() -> Vec<Case> {
             VM_DEMO_PASS,
         ),
         host_boot(
+            "vm_vector_registers_are_each_partitions_own",
+            1,
+            "v3",
+            &[
+                "test-host: ok   vm vectors: the guest filled its 32 vector registers and exited",
+                "test-host: ok   vm vectors: the host's V1, V8, V15 and V30 survived the guest's run (0 changed)",
+                "test-host: ok   vm vectors: the host's Z0 and Z31 survived the guest's run at its full vector length (0 bytes changed)",
+                "test-host: ok   vm vectors: the guest's 32 vector registers survived the host's run (0 changed)",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after the vector-register probe (0)",
+            ],
+        ),
+        host_boot(
             "vm_guest_cannot_reach_outside_its_memory",
             1,
             "v3",
