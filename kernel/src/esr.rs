@@ -5,6 +5,10 @@
 //! dispatcher's `match` is exhaustive and nothing falls through silently.
 
 /// Exception class values (ESR_ELx.EC, bits [31:26]).
+/// ESR_EL2 of `hvc #0` from AArch64 EL1 (EC 0x16, IL set, immediate 0):
+/// the syndrome of every fast-path hypercall.
+pub const HVC0: u64 = 0x5a00_0000;
+
 pub mod ec {
     pub const UNKNOWN: u8 = 0x00;
     pub const WFX: u8 = 0x01;

@@ -513,7 +513,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         ),
     }
     // The host's MTE policy, if the image has a policy service.
-    let hardware_mte = ((arm_sysregs::read_id_aa64pfr1_el1().bits() >> 8) & 0xf) as u32;
+    let hardware_mte = sysreg::mte_level();
     match super::service::host_mte_policy(
         boot_cpu,
         hardware_mte,

@@ -25,14 +25,13 @@
 
 use super::boot::machine;
 use super::cpu::PerCpu;
-use super::service::{self, SmallBody};
+use super::service;
 use super::stage2::{self, Access, StageTwo};
 use alloc::vec::Vec;
 use moat_abi::Error;
-use moat_abi::ipc::MessageHeader;
-use moat_abi::services::{LedgerExtent, LedgerRequest, LedgerTransaction, Party, ledger};
+use moat_abi::services::ledger::{self, Operation};
+use moat_abi::services::{LedgerExtent, LedgerRequest, LedgerTransaction, Party};
 use moat_kernel::txcheck::{self, Perm, Step, Who};
-use zerocopy::{FromBytes, IntoBytes};
 
 /// Bytes in a page.
 pub const PAGE: u64 = 4096;
@@ -65,91 +64,35 @@ fn ledger_index() -> Option<usize> {
     service::index_of(ledger::SERVICE_ID)
 }
 
-/// One call to the ledger with `body` as the request; the reply's bytes.
-fn ledger_call(
-    cpu: &PerCpu,
-    index: usize,
-    operation: u16,
-    request: &[u8],
-    body: &mut [u64],
-) -> Result<usize, Error> {
-    body.fill(0);
-    body.as_mut_bytes()[..request.len()].copy_from_slice(request);
-    let header = MessageHeader::call(
-        ledger::SERVICE_ID,
-        operation,
-        service::next_sequence(index),
-        request.len() as u32,
-    );
-    match service::call(cpu, index, &header, body)? {
-        Ok(len) => Ok(len as usize),
-        Err(e) => Err(e),
-    }
-}
-
 /// Asks the ledger for the extent holding `pfn`.
 pub fn lookup(cpu: &PerCpu, pfn: u64) -> Result<LedgerExtent, Error> {
     let index = ledger_index().ok_or(Error::NotSupported)?;
-    let mut body: SmallBody = [0; service::SMALL_WORDS];
-    let len = ledger_call(cpu, index, 5, pfn.as_bytes(), &mut body)?;
-    if len != size_of::<LedgerExtent>() {
-        return Err(Error::ServiceFailed);
-    }
-    LedgerExtent::read_from_bytes(&body.as_bytes()[..len]).map_err(|_| Error::ServiceFailed)
-}
-
-/// Extent number `n` of the ledger, or `None` past the last.
-fn extent(cpu: &PerCpu, index: usize, n: u64) -> Result<Option<LedgerExtent>, Error> {
-    let mut body: SmallBody = [0; service::SMALL_WORDS];
-    match ledger_call(cpu, index, 2, n.as_bytes(), &mut body) {
-        Ok(len) if len == size_of::<LedgerExtent>() => {
-            LedgerExtent::read_from_bytes(&body.as_bytes()[..len])
-                .map(Some)
-                .map_err(|_| Error::ServiceFailed)
-        }
-        Ok(_) => Err(Error::ServiceFailed),
-        Err(Error::NotSupported) => Ok(None),
-        Err(e) => Err(e),
-    }
+    service::call_typed(cpu, index, Operation::lookup as u16, &pfn)
 }
 
 /// Every extent of the ledger, in address order.
 pub fn all_extents(cpu: &PerCpu) -> Result<Vec<LedgerExtent>, Error> {
     let index = ledger_index().ok_or(Error::NotSupported)?;
     let mut out = Vec::new();
-    while let Some(e) = extent(cpu, index, out.len() as u64)? {
-        out.push(e);
+    loop {
+        let n = out.len() as u64;
+        match service::call_typed(cpu, index, Operation::extent as u16, &n) {
+            Ok(e) => out.push(e),
+            // Past the last extent.
+            Err(Error::NotSupported) => return Ok(out),
+            Err(e) => return Err(e),
+        }
     }
-    Ok(out)
-}
-
-/// Words of a transaction on the wire.
-const TX_WORDS: usize = size_of::<LedgerTransaction>().div_ceil(8);
-
-fn prepare(
-    cpu: &PerCpu,
-    index: usize,
-    request: &LedgerRequest,
-) -> Result<LedgerTransaction, Error> {
-    let mut body = [0u64; TX_WORDS];
-    let len = ledger_call(cpu, index, 3, request.as_bytes(), &mut body)?;
-    if len != size_of::<LedgerTransaction>() {
-        return Err(Error::ServiceFailed);
-    }
-    LedgerTransaction::read_from_bytes(&body.as_bytes()[..len]).map_err(|_| Error::ServiceFailed)
 }
 
 /// Commits the prepared transaction. The changes are already applied, so
 /// an interrupted commit is retried (the service finishes the suspended
 /// one first) rather than handed back to the caller.
 fn commit(cpu: &PerCpu, index: usize, generation: u64) -> Result<(), Error> {
-    let mut body: SmallBody = [0; service::SMALL_WORDS];
     for _ in 0..64 {
-        match ledger_call(cpu, index, 4, generation.as_bytes(), &mut body) {
+        match service::call_typed::<u64, u64>(cpu, index, Operation::commit as u16, &generation) {
             Err(Error::Interrupted) => continue,
-            Ok(8) => return Ok(()),
-            Ok(_) => return Err(Error::ServiceFailed),
-            Err(e) => return Err(e),
+            result => return result.map(|_| ()),
         }
     }
     Err(Error::Interrupted)
@@ -167,7 +110,8 @@ pub fn transact(
         return Err(Error::ServiceFailed);
     }
     let index = ledger_index().ok_or(Error::NotSupported)?;
-    let tx = prepare(cpu, index, &request)?;
+    let tx: LedgerTransaction =
+        service::call_typed(cpu, index, Operation::prepare as u16, &request)?;
     let m = machine();
     let checked = txcheck::check(
         &request,
@@ -291,18 +235,11 @@ pub fn transact(
                 };
                 match who {
                     Who::Host => {
+                        // (A reclaimed page the VM had shared is still
+                        // mapped for the host, read/write only.)
                         let mut host = host_stage2();
-                        // A reclaimed page the VM had shared is still mapped
-                        // for the host, read/write only: break that mapping
-                        // before making the owner's.
-                        let live = host.for_each_mapped(pa, size, |_, _, _| Err(())).is_err();
-                        stage2::with_vmid(host_vttbr, || {
-                            if live {
-                                host.unmap(pa, size)?;
-                            }
-                            host.map_pages(pa, pa, size, access)
-                        })
-                        .map_err(|_| "a stage-2 change failed")?;
+                        stage2::with_vmid(host_vttbr, || host.remap_pages(pa, pa, size, access))
+                            .map_err(|_| "a stage-2 change failed")?;
                     }
                     Who::Hypervisor => {}
                     Who::Vm => {

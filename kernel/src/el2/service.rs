@@ -54,16 +54,8 @@ pub const MIN_STACK: u64 = 16 << 10;
 const LOG_OFFSET: u64 = 2048;
 const PAGE: u64 = 4096;
 
-/// Vector slot numbers passed by `vectors.S`.
-const LOWER_SYNC: u64 = 8;
-const LOWER_IRQ: u64 = 9;
-/// ESR_EL2 of `hvc #0` from AArch64 EL1.
-const ESR_HVC0: u64 = 0x5a00_0000;
-
-unsafe extern "C" {
-    fn enter_nested(frame: *mut Vcpu, save: *mut super::cpu::NestedSave);
-    fn leave_nested(save: *mut super::cpu::NestedSave) -> !;
-}
+use super::cpu::{LOWER_IRQ, LOWER_SYNC, enter_nested, leave_nested};
+use moat_kernel::esr::HVC0 as ESR_HVC0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -563,6 +555,37 @@ pub fn next_sequence(index: usize) -> u32 {
     get(index).map_or(0, Service::next_sequence)
 }
 
+/// Calls `operation` of service `index` with `request` and decodes its
+/// reply, which must be exactly an `R`. For the core's calls off the hot
+/// paths (boot, memory transactions, VM creation); a routed host call and a
+/// trapped access build their bodies word by word instead. An error the
+/// service answered and an error of the call itself both come back as the
+/// error; a reply of another size is `InvalidParameters`.
+pub fn call_typed<Q, R>(cpu: &PerCpu, index: usize, operation: u16, request: &Q) -> Result<R, Error>
+where
+    Q: IntoBytes + zerocopy::Immutable,
+    R: zerocopy::FromBytes,
+{
+    const { assert!(size_of::<Q>() <= moat_abi::ipc::PAYLOAD_SIZE) };
+    let s = get(index).ok_or(Error::NotSupported)?;
+    let mut body = [0u64; MAX_WORDS];
+    body.as_mut_bytes()[..size_of::<Q>()].copy_from_slice(request.as_bytes());
+    let header = MessageHeader::call(
+        s.interface_id,
+        operation,
+        s.next_sequence(),
+        size_of::<Q>() as u32,
+    );
+    match s.call(cpu, &header, &mut body)? {
+        Ok(len) if len as usize == size_of::<R>() => {
+            R::read_from_bytes(&body.as_bytes()[..size_of::<R>()])
+                .map_err(|_| Error::InvalidParameters)
+        }
+        Ok(_) => Err(Error::InvalidParameters),
+        Err(e) => Err(e),
+    }
+}
+
 /// A trap descriptor as a message body: word by word, the rest zero (a
 /// byte copy here would be a call to the generic `memcpy`).
 pub fn trap_body(trap: &TrapDescriptor) -> SmallBody {
@@ -852,7 +875,6 @@ pub fn host_mte_policy(
     command_line_total: usize,
 ) -> Option<Result<bool, Error>> {
     use moat_abi::services::{MteBootInfo, MtePolicy, mte};
-    use zerocopy::FromBytes;
     let index = index_of(mte::SERVICE_ID)?;
     let mut info = MteBootInfo {
         hardware_level,
@@ -862,24 +884,9 @@ pub fn host_mte_policy(
     info.command_line[..n].copy_from_slice(&command_line.as_bytes()[..n]);
     info.command_line_len = n as u32;
     info.command_line_total = command_line_total.min(u32::MAX as usize) as u32;
-    let mut body = [0u64; size_of::<MteBootInfo>().div_ceil(8)];
-    body.as_mut_bytes()[..size_of::<MteBootInfo>()].copy_from_slice(info.as_bytes());
-    let header = MessageHeader::call(
-        mte::SERVICE_ID,
-        1,
-        next_sequence(index),
-        size_of::<MteBootInfo>() as u32,
-    );
-    Some(match call(cpu, index, &header, &mut body) {
-        Ok(Ok(len)) if len as usize == size_of::<MtePolicy>() => {
-            match MtePolicy::read_from_bytes(&body.as_bytes()[..size_of::<MtePolicy>()]) {
-                Ok(p) => Ok(p.host_mte == 1),
-                Err(_) => Err(Error::InvalidParameters),
-            }
-        }
-        Ok(Ok(_)) => Err(Error::InvalidParameters),
-        Ok(Err(e)) | Err(e) => Err(e),
-    })
+    let policy: Result<MtePolicy, Error> =
+        call_typed(cpu, index, mte::Operation::configure as u16, &info);
+    Some(policy.map(|p| p.host_mte == 1))
 }
 
 /// Builds the ledger (the service serving the `ledger` interface, if the
@@ -891,7 +898,6 @@ pub fn ledger_boot(
     hypervisor: &[Range],
 ) -> Option<Result<(u64, u64), Error>> {
     use moat_abi::services::{FrameRange, LEDGER_BOOT_RANGES, LedgerBoot, LedgerSummary, ledger};
-    use zerocopy::FromBytes;
     let index = index_of(ledger::SERVICE_ID)?;
     let frames = |r: &Range| FrameRange {
         start: r.base / PAGE,
@@ -910,23 +916,9 @@ pub fn ledger_boot(
     }
     boot.ram_count = ram.len().min(LEDGER_BOOT_RANGES) as u32;
     boot.hypervisor_count = hypervisor.len().min(LEDGER_BOOT_RANGES) as u32;
-    let mut body = [0u64; size_of::<LedgerBoot>().div_ceil(8)];
-    body.as_mut_bytes()[..size_of::<LedgerBoot>()].copy_from_slice(boot.as_bytes());
-    let header = MessageHeader::call(
-        ledger::SERVICE_ID,
-        1,
-        next_sequence(index),
-        size_of::<LedgerBoot>() as u32,
-    );
-    Some(match call(cpu, index, &header, &mut body) {
-        Ok(Ok(len)) if len as usize == size_of::<LedgerSummary>() => {
-            LedgerSummary::read_from_bytes(&body.as_bytes()[..size_of::<LedgerSummary>()])
-                .map(|s| (s.extents, s.state_bytes))
-                .map_err(|_| Error::InvalidParameters)
-        }
-        Ok(Ok(_)) => Err(Error::InvalidParameters),
-        Ok(Err(e)) | Err(e) => Err(e),
-    })
+    let summary: Result<LedgerSummary, Error> =
+        call_typed(cpu, index, ledger::Operation::boot as u16, &boot);
+    Some(summary.map(|s| (s.extents, s.state_bytes)))
 }
 
 /// The service serving interface `interface_id`, if the image has one.

@@ -170,6 +170,22 @@ impl StageTwo {
         )
     }
 
+    /// As [`StageTwo::map_pages`], over a range some of which may be mapped
+    /// already (with other permissions): the old entries are broken first
+    /// (unmapped and invalidated), then the new ones made.
+    pub fn remap_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        access: Access,
+    ) -> Result<(), &'static str> {
+        if self.for_each_mapped(ipa, size, |_, _, _| Err(())).is_err() {
+            self.unmap(ipa, size)?;
+        }
+        self.map_pages(ipa, pa, size, access)
+    }
+
     /// Removes every mapping of `[ipa, ipa + size)`. On live tables each
     /// changed leaf is invalidated by IPA (TLBI IPAS2E1IS) with the current
     /// VTTBR's VMID: call through [`with_vmid`].
@@ -338,19 +354,15 @@ pub fn flush_vmid(vttbr: u64) {
 }
 
 fn current_vttbr() -> u64 {
-    let v: u64;
-    // SAFETY: reading VTTBR_EL2 has no side effects.
-    unsafe {
-        core::arch::asm!("mrs {}, vttbr_el2", out(reg) v, options(nomem, nostack, preserves_flags))
-    };
-    v
+    arm_sysregs::read_vttbr_el2().bits()
 }
 
 fn load_vttbr(v: u64) {
-    // SAFETY: the core runs at EL2 and no partition runs on this CPU while
-    // it handles a call; VTTBR_EL2 only names the VMID for TLB maintenance
-    // here and is restored before any partition is entered.
-    unsafe {
-        core::arch::asm!("msr vttbr_el2, {}", "isb", in(reg) v, options(nostack, preserves_flags))
-    };
+    // SAFETY: `v` is a live stage-2's VTTBR_EL2 value (the caller's, or the
+    // one read back); the core runs at EL2 and no partition runs on this CPU
+    // while it handles a call, so VTTBR_EL2 only names the VMID for TLB
+    // maintenance here, and it is restored before any partition is entered.
+    unsafe { arm_sysregs::write_vttbr_el2(arm_sysregs::VttbrEl2::from_bits_retain(v)) };
+    // SAFETY: a barrier: the VMID is in effect for the maintenance that follows.
+    unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
 }

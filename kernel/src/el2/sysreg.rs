@@ -19,6 +19,12 @@ pub fn cpu_features() -> CpuFeatures {
     )
 }
 
+/// ID_AA64PFR1_EL1.MTE as the hardware reports it (0 none, 1 instructions
+/// only, 2 full MTE, 3 MTE3): what the MTE policy decides from.
+pub fn mte_level() -> u32 {
+    ((sr::read_id_aa64pfr1_el1().bits() >> 8) & 0xf) as u32
+}
+
 pub fn esr_el2() -> u64 {
     sr::read_esr_el2().bits()
 }

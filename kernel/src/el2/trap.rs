@@ -12,11 +12,8 @@ use moat_kernel::esr::{StageTwoAbort, SysRegAccess, Trap};
 use moat_kernel::inject::{self, El1Context, Injection};
 use moat_kernel::regs::GuestRegs;
 
-/// Vector slot numbers passed by `vectors.S`.
-const LOWER_SYNC: u64 = 8;
-
-/// ESR_EL2 of `hvc #0` from AArch64 EL1.
-const ESR_HVC0: u64 = 0x5a00_0000;
+use super::cpu::LOWER_SYNC;
+use moat_kernel::esr::HVC0 as ESR_HVC0;
 
 #[unsafe(no_mangle)]
 extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) -> *mut GuestRegs {

@@ -26,7 +26,7 @@
 //! ```
 
 use super::boot::machine;
-use super::cpu::{PerCpu, Vcpu};
+use super::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, PerCpu, Vcpu, enter_nested};
 use super::memory::{self, MEMORY, PAGE, Region, VmMemory};
 use super::stage2::{self, StageTwo};
 use super::sysreg::{self, El1Context};
@@ -48,11 +48,6 @@ pub const VCPU_VM_BASE: u64 = 0x100;
 const VMID_BASE: u16 = 0x40;
 /// Most bytes one `VM_LOAD` copies.
 const MAX_LOAD: u64 = 64 << 20;
-
-/// Vector slot numbers passed by `vectors.S`.
-const LOWER_SYNC: u64 = 8;
-const LOWER_IRQ: u64 = 9;
-const LOWER_FIQ: u64 = 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -139,6 +134,77 @@ impl FpState {
                 p = in(reg) p, t = out(reg) _,
                 options(nostack, preserves_flags),
             );
+        }
+    }
+
+    /// Saves only FPSR and FPCR (the V registers are saved as part of Z).
+    fn save_control(&mut self) {
+        // SAFETY: reads FPSR and FPCR; CPTR_EL2.TFP is clear here.
+        unsafe {
+            core::arch::asm!(
+                ".arch_extension fp",
+                "mrs {s}, fpsr", "mrs {c}, fpcr",
+                s = out(reg) self.fpsr, c = out(reg) self.fpcr,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+    }
+
+    /// Loads only FPSR and FPCR.
+    fn load_control(&self) {
+        // SAFETY: writes FPSR and FPCR, the host's own, back.
+        unsafe {
+            core::arch::asm!(
+                ".arch_extension fp",
+                "msr fpsr, {s}", "msr fpcr, {c}",
+                s = in(reg) self.fpsr, c = in(reg) self.fpcr,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+    }
+}
+
+/// The host's vector state while a VM runs: on a CPU with SVE its whole Z
+/// registers (which hold the V registers) and FPSR/FPCR, otherwise its V
+/// registers and FPSR/FPCR. Kept with the VM, so a run allocates nothing.
+struct HostVectors {
+    fp: FpState,
+    sve: Option<SveSave>,
+}
+
+impl HostVectors {
+    fn new() -> Self {
+        Self {
+            fp: FpState::ZERO,
+            sve: SveSave::new(),
+        }
+    }
+
+    /// Saves the host's vectors; the host's CPTR_EL2 is in effect.
+    fn save(&mut self) {
+        match self.sve.as_mut() {
+            Some(z) => {
+                z.save();
+                self.fp.save_control();
+            }
+            None => self.fp.save(),
+        }
+    }
+
+    /// Loads the host's vectors back, right after `switch_el2` returned the
+    /// CPU to the host's controls.
+    fn load(&self) {
+        match self.sve.as_ref() {
+            Some(z) => {
+                // The host's CPTR_EL2, which lets SVE through, must be in
+                // effect before the first SVE instruction (`switch_el2`
+                // leaves the synchronization to the ERET).
+                // SAFETY: a barrier.
+                unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+                z.load();
+                self.fp.load_control();
+            }
+            None => self.fp.load(),
         }
     }
 }
@@ -247,10 +313,10 @@ struct Vm {
     regions: Vec<Region>,
     vcpu: Box<Vcpu>,
     el1: El1Context,
-    csselr: u64,
+    csselr: arm_sysregs::CsselrEl1,
     fp: Box<FpState>,
-    /// The host's full SVE registers during a run (CPUs with SVE).
-    host_sve: Option<SveSave>,
+    /// The host's vector state during a run.
+    host_vectors: Box<HostVectors>,
     has_run: bool,
     /// The CPU the vCPU last ran on.
     last_cpu: Option<usize>,
@@ -392,9 +458,9 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         regions: Vec::new(),
         vcpu,
         el1: El1Context::reset(),
-        csselr: 0,
+        csselr: arm_sysregs::CsselrEl1::empty(),
         fp: Box::new(FpState::ZERO),
-        host_sve: SveSave::new(),
+        host_vectors: Box::new(HostVectors::new()),
         has_run: false,
         last_cpu: None,
         pending: Pending::None,
@@ -612,22 +678,6 @@ fn vm_el2(vm: &Vm) -> (u64, u64, u64, u64, u64) {
     (hcr, VM_CPTR, mdcr, NESTED_CNTHCTL, vm.stage2.vttbr())
 }
 
-fn csselr() -> u64 {
-    let v: u64;
-    // SAFETY: reads CSSELR_EL1.
-    unsafe {
-        core::arch::asm!("mrs {}, csselr_el1", out(reg) v, options(nomem, nostack, preserves_flags))
-    };
-    v
-}
-
-fn set_csselr(v: u64) {
-    // SAFETY: CSSELR_EL1 only selects which cache CCSIDR_EL1 describes.
-    unsafe {
-        core::arch::asm!("msr csselr_el1, {}", in(reg) v, options(nomem, nostack, preserves_flags))
-    };
-}
-
 /// How one entry into the VM ended, as the run loop sees it.
 enum Step {
     Resume,
@@ -663,20 +713,16 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     vm.last_cpu = Some(cpu.index);
     vm.vcpu.cpu = cpu.index as u64;
 
-    let mut host_fp = FpState::ZERO;
-    let host_csselr = csselr();
+    let host_csselr = arm_sysregs::read_csselr_el1();
     // SAFETY: this CPU holds the VM's slot; the host's EL1 state is saved
     // before the VM's is loaded and restored after.
     unsafe {
         (*cpu.host_el1.get()).save();
         vm.el1.load();
     }
-    host_fp.save();
-    if let Some(sve) = vm.host_sve.as_mut() {
-        sve.save();
-    }
+    vm.host_vectors.save();
     vm.fp.load();
-    set_csselr(vm.csselr);
+    arm_sysregs::write_csselr_el1(vm.csselr);
     let mut host_mte = MteRegs::default();
     if vm.mte {
         host_mte.save();
@@ -715,14 +761,14 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         vm.mte_regs.save();
         host_mte.load();
     }
-    vm.csselr = csselr();
+    vm.csselr = arm_sysregs::read_csselr_el1();
     vm.fp.save();
     // SAFETY: as above, in reverse.
     unsafe {
         vm.el1.save();
         (*cpu.host_el1.get()).load();
     }
-    set_csselr(host_csselr);
+    arm_sysregs::write_csselr_el1(host_csselr);
     let hel2 = &machine().host_el2;
     // SAFETY: back to the host's own controls and stage-2.
     unsafe {
@@ -734,22 +780,10 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
             hel2.vttbr,
         )
     };
-    host_fp.load();
-    if let Some(sve) = vm.host_sve.as_ref() {
-        // The host's CPTR_EL2, which lets SVE through, must be in effect
-        // before the first SVE instruction (`switch_el2` leaves the
-        // synchronization to the ERET).
-        // SAFETY: a barrier.
-        unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
-        sve.load();
-    }
+    vm.host_vectors.load();
     let (e, status) = outcome;
     slot.set(status);
     Ok(e)
-}
-
-unsafe extern "C" {
-    fn enter_nested(frame: *mut Vcpu, save: *mut super::cpu::NestedSave);
 }
 
 /// Handles one trap from a running VM.
@@ -867,10 +901,8 @@ fn sysreg_handler() -> Option<usize> {
 /// Asks the MTE policy service, if there is one, whether a new VM gets MTE.
 /// Without one, a VM gets MTE when it asks and the hardware has it.
 fn mte_policy(cpu: &PerCpu, handle: u16, flags: VmFlags) -> Result<bool, Error> {
-    use moat_abi::ipc::MessageHeader;
     use moat_abi::services::{VmMtePolicy, VmMteRequest, mte};
-    use zerocopy::{FromBytes, IntoBytes};
-    let hardware_level = ((arm_sysregs::read_id_aa64pfr1_el1().bits() >> 8) & 0xf) as u32;
+    let hardware_level = sysreg::mte_level();
     let Some(index) = super::service::index_of(mte::SERVICE_ID) else {
         return Ok(flags.mte() && machine().cpu.mte);
     };
@@ -880,29 +912,15 @@ fn mte_policy(cpu: &PerCpu, handle: u16, flags: VmFlags) -> Result<bool, Error> 
         hardware_level,
         reserved: 0,
     };
-    let mut body = [0u64; super::service::SMALL_WORDS];
-    body.as_mut_bytes()[..size_of::<VmMteRequest>()].copy_from_slice(request.as_bytes());
-    let header = MessageHeader::call(
-        mte::SERVICE_ID,
-        3,
-        super::service::next_sequence(index),
-        size_of::<VmMteRequest>() as u32,
-    );
-    match super::service::call(cpu, index, &header, &mut body)? {
-        Ok(len) if len as usize == size_of::<VmMtePolicy>() => {
-            let p = VmMtePolicy::read_from_bytes(&body.as_bytes()[..size_of::<VmMtePolicy>()])
-                .map_err(|_| Error::ServiceFailed)?;
-            // The policy may refuse MTE to a VM that asked; it may never
-            // grant it to one that did not, or on hardware without it.
-            match (p.mte == 1, flags.mte()) {
-                (true, true) if machine().cpu.mte => Ok(true),
-                (false, false) => Ok(false),
-                (false, true) => Err(Error::Denied),
-                _ => Err(Error::ServiceFailed),
-            }
-        }
-        Ok(_) => Err(Error::ServiceFailed),
-        Err(e) => Err(e),
+    let p: VmMtePolicy =
+        super::service::call_typed(cpu, index, mte::Operation::vm_policy as u16, &request)?;
+    // The policy may refuse MTE to a VM that asked; it may never grant it
+    // to one that did not, or on hardware without it.
+    match (p.mte == 1, flags.mte()) {
+        (true, true) if machine().cpu.mte => Ok(true),
+        (false, false) => Ok(false),
+        (false, true) => Err(Error::Denied),
+        _ => Err(Error::ServiceFailed),
     }
 }
 
@@ -947,11 +965,7 @@ impl MteRegs {
     }
 }
 
-/// PSCI function ids a VM may call.
-const PSCI_VERSION: u32 = 0x8400_0000;
-const PSCI_FEATURES: u32 = 0x8400_000a;
-const PSCI_SYSTEM_OFF: u32 = 0x8400_0008;
-const PSCI_SYSTEM_RESET: u32 = 0x8400_0009;
+use ::smccc::psci::{PSCI_FEATURES, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET, PSCI_VERSION};
 
 /// A hypercall from the guest: the core serves its memory calls and the
 /// PSCI calls that end it; everything else goes to the host.

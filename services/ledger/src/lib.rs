@@ -160,7 +160,7 @@ mod transaction;
 pub mod wire;
 
 pub use ledger::{InvariantViolation, Ledger, MAX_BOOT_RANGES, MAX_VMS, VmRecord, VmStatus};
-pub use server::LedgerServer;
+pub use server::{LedgerServer, SERVICE_CAPACITY};
 pub use store::Extent;
 pub use transaction::{Change, MAX_CHANGES, Op, Transaction};
 

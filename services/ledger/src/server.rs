@@ -8,6 +8,10 @@ use moat_abi::services::{
     LedgerBoot, LedgerExtent, LedgerRequest, LedgerSummary, LedgerTransaction, ledger,
 };
 
+/// Extents a ledger service holds: the boot layout plus thousands of
+/// fragmenting operations (24 bytes each; see the crate documentation).
+pub const SERVICE_CAPACITY: usize = 4096;
+
 /// A ledger behind the `ledger` interface. It is built at `boot` in the
 /// extent buffer it was given, answers each `prepare` with a transaction
 /// and keeps it until `commit` records it (a later `prepare` replaces it).

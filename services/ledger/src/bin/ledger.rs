@@ -8,18 +8,13 @@
 
 use moat_ledger::{Extent, LedgerServer};
 
-/// Extents the service can hold: the boot layout plus thousands of
-/// fragmenting operations (24 bytes each).
-#[cfg(target_os = "none")]
-const CAPACITY: usize = 4096;
-
 #[cfg(target_os = "none")]
 moat_rt::service_main!(main);
 
 #[cfg(target_os = "none")]
 fn main() -> ! {
     use moat_abi::services::ledger;
-    let mut extents = [Extent::EMPTY; CAPACITY];
+    let mut extents = [Extent::EMPTY; moat_ledger::SERVICE_CAPACITY];
     let mut server = LedgerServer::new(Some(&mut extents));
     moat_rt::serve(|header, body, reply| ledger::dispatch_into(&mut server, header, body, reply))
 }

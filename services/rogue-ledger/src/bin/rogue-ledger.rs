@@ -6,17 +6,13 @@
 use moat_ledger::Extent;
 use moat_rogue_ledger::Rogue;
 
-/// Extents the service can hold, as the real ledger service.
-#[cfg(target_os = "none")]
-const CAPACITY: usize = 4096;
-
 #[cfg(target_os = "none")]
 moat_rt::service_main!(main);
 
 #[cfg(target_os = "none")]
 fn main() -> ! {
     use moat_abi::services::ledger;
-    let mut extents = [Extent::EMPTY; CAPACITY];
+    let mut extents = [Extent::EMPTY; moat_ledger::SERVICE_CAPACITY];
     let mut server = Rogue::new(Some(&mut extents));
     moat_rt::serve(|header, body, reply| ledger::dispatch_into(&mut server, header, body, reply))
 }
