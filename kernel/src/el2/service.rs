@@ -568,15 +568,30 @@ where
 {
     const { assert!(size_of::<Q>() <= moat_abi::ipc::PAYLOAD_SIZE) };
     let s = get(index).ok_or(Error::NotSupported)?;
-    let mut body = [0u64; MAX_WORDS];
-    body.as_mut_bytes()[..size_of::<Q>()].copy_from_slice(request.as_bytes());
     let header = MessageHeader::call(
         s.interface_id,
         operation,
         s.next_sequence(),
         size_of::<Q>() as u32,
     );
-    match s.call(cpu, &header, &mut body)? {
+    // Small messages (most) take the call path's unrolled copies.
+    if size_of::<Q>().max(size_of::<R>()) <= SMALL_BODY {
+        let mut body: SmallBody = [0; SMALL_WORDS];
+        body.as_mut_bytes()[..size_of::<Q>()].copy_from_slice(request.as_bytes());
+        typed_reply(s.call(cpu, &header, &mut body)?, &body)
+    } else {
+        let mut body = [0u64; MAX_WORDS];
+        body.as_mut_bytes()[..size_of::<Q>()].copy_from_slice(request.as_bytes());
+        typed_reply(s.call(cpu, &header, &mut body)?, &body)
+    }
+}
+
+/// Decodes the reply of [`call_typed`]: exactly an `R`, or the error.
+fn typed_reply<R: zerocopy::FromBytes>(
+    answer: Result<u32, Error>,
+    body: &[u64],
+) -> Result<R, Error> {
+    match answer {
         Ok(len) if len as usize == size_of::<R>() => {
             R::read_from_bytes(&body.as_bytes()[..size_of::<R>()])
                 .map_err(|_| Error::InvalidParameters)
