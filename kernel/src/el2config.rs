@@ -236,10 +236,16 @@ pub fn vtcr(ipa_bits: u32, pa_range: u8) -> (u64, usize) {
     (v, start_level)
 }
 
-/// The IPA size the core gives partitions: what the CPU implements, capped
-/// at 48 bits (no LPA2).
-pub fn ipa_bits(cpu: &CpuFeatures) -> u32 {
-    cpu.pa_bits().min(48)
+/// The IPA size the core gives partitions: enough for `platform_top` (one
+/// past the highest RAM or device address the host may be given), at least
+/// 32 bits, at most what the CPU implements and 48 (no LPA2).
+///
+/// No larger than the platform needs because every stage-2 walk (the CPU's,
+/// or an emulator's for each TLB fill) is one level shorter up to 39 bits,
+/// where the walk starts at level 1 ([`vtcr`]).
+pub fn ipa_bits(cpu: &CpuFeatures, platform_top: u64) -> u32 {
+    let needed = u64::BITS - platform_top.saturating_sub(1).leading_zeros();
+    needed.max(32).min(cpu.pa_bits().min(48))
 }
 
 #[cfg(test)]
@@ -310,6 +316,22 @@ mod tests {
         let f = CpuFeatures::from_id_regs(0, 1 << 8, 2, 0, 0xf << 8);
         assert!(!f.mte, "MTE = 1 has no tag storage");
         assert!(!f.pmuv3, "PMUVer 0xf is IMPLEMENTATION DEFINED, not PMUv3");
-        assert_eq!(ipa_bits(&f), 40);
+        assert_eq!(ipa_bits(&f, 1 << 40), 40);
+    }
+
+    #[test]
+    fn ipa_space_fits_the_platform() {
+        let cpu = CpuFeatures::from_id_regs(0, 0, 5, 0, 0); // 48-bit PA
+        // QEMU virt: devices up to the high ECAM just above 256 GiB.
+        assert_eq!(ipa_bits(&cpu, 0x40_2000_0000), 39);
+        assert_eq!(vtcr(39, 5).1, 1, "39 bits start at level 1");
+        // Exactly a power of two needs no more bits; one byte past does.
+        assert_eq!(ipa_bits(&cpu, 1 << 39), 39);
+        assert_eq!(ipa_bits(&cpu, (1 << 39) + 1), 40);
+        // Never below 32 bits, never above the CPU's PA size or 48.
+        assert_eq!(ipa_bits(&cpu, 0x4000_0000), 32);
+        assert_eq!(ipa_bits(&cpu, u64::MAX), 48);
+        let small = CpuFeatures::from_id_regs(0, 0, 1, 0, 0); // 36-bit PA
+        assert_eq!(ipa_bits(&small, 1 << 40), 36);
     }
 }

@@ -396,7 +396,9 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         }
     }
     let features = sysreg::cpu_features();
-    let ipa_bits = el2config::ipa_bits(&features);
+    let device_top = platform.devices_top.max(platform.uart.regs.end());
+    let ram_top = platform.memory.iter().map(Range::end).max().unwrap_or(0);
+    let ipa_bits = el2config::ipa_bits(&features, device_top.max(ram_top));
     let (vtcr, start_level) = el2config::vtcr(ipa_bits, features.pa_range);
     let services = super::service::package_services(&package);
     let created = super::service::create_all(&services, start_level)
@@ -448,7 +450,6 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     {
         let _ = withheld.push(*gich);
     }
-    let device_top = platform.devices_top.max(platform.uart.regs.end());
     let regions = s2plan::host_regions(&platform.memory, &withheld, device_top, 1u64 << ipa_bits)
         .unwrap_or_else(|e| fatal("host stage-2 plan", format_args!("{e:?}")));
     let host_stage2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, &regions)
