@@ -101,6 +101,35 @@ pub fn build_all() -> Result<Built> {
     })
 }
 
+/// The null hypervisor the Linux boot benchmark compares Moat with
+/// (`images/el2-stub`), as a raw arm64 Image, and the address its kernel
+/// must be loaded at (the word at offset 0x40 of the stub).
+pub fn build_el2_stub() -> Result<(PathBuf, u64)> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "moat-el2-stub",
+        "--target",
+        PAYLOAD_TARGET,
+    ]))?;
+    let elf = tools::target_dir()
+        .join(PAYLOAD_TARGET)
+        .join("release/el2-stub");
+    let bin = tools::target_dir().join("images/el2-stub.bin");
+    objcopy(&elf, &bin)?;
+    let bytes = read(&bin)?;
+    let kernel_at = bytes
+        .get(0x40..0x48)
+        .and_then(|w| w.try_into().ok())
+        .map(u64::from_le_bytes)
+        .context("the EL2 stub has no kernel address at offset 0x40")?;
+    if kernel_at % (2 << 20) != 0 {
+        bail!("the EL2 stub's kernel address {kernel_at:#x} is not 2 MiB aligned");
+    }
+    Ok((bin, kernel_at))
+}
+
 /// What goes into an image.
 #[derive(Clone, Debug, Default)]
 pub struct ImageSpec {

@@ -85,6 +85,33 @@ pub fn linux_direct_command(
     c
 }
 
+/// QEMU booting the same Linux through the null hypervisor
+/// (`images/el2-stub`): firmware enters the stub at EL2 with the device
+/// tree, initramfs and command line it would give Linux; the stub enters the
+/// kernel, loaded at `kernel_at`, at EL1 with nothing trapped and no stage-2.
+pub fn linux_el2_stub_command(
+    stub: &Path,
+    kernel: &Path,
+    kernel_at: u64,
+    initrd: &Path,
+    append: &str,
+    m: &MachineArgs,
+) -> Command {
+    let mut c = machine_command(m, true, OnReset::Exit, "stdio");
+    c.arg("-kernel")
+        .arg(stub)
+        .arg("-device")
+        .arg(format!(
+            "loader,file={},addr={kernel_at:#x},force-raw=on",
+            kernel.display()
+        ))
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(append);
+    c
+}
+
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<Option<i32>> {
     let deadline = Instant::now() + timeout;
     loop {

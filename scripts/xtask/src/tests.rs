@@ -1119,6 +1119,8 @@ fn unit_tests_and_lints() -> Result<()> {
         "moat-test-host",
         "--package",
         "moat-guest",
+        "--package",
+        "moat-el2-stub",
         "--target",
         image::PAYLOAD_TARGET,
         "--",
@@ -1161,7 +1163,7 @@ fn bench_value(console: &str, key: &str) -> Option<u64> {
         })
 }
 
-pub fn bench() -> Result<()> {
+pub fn bench(emulator_cost: bool) -> Result<()> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
     // The demo image, with the MTE policy off so the UNDEF path can be timed.
@@ -1234,7 +1236,8 @@ pub fn bench() -> Result<()> {
         vm_figures.insert(alias.to_string(), v);
     }
 
-    let boot = linux_boot_times(&built)?;
+    let boots = LinuxBoots::prepare(&built)?;
+    let boot = linux_boot_times(&boots)?;
     let mut json = serde_json::json!({
         "null_hvc": null_hvc,
         "service_call": service_call,
@@ -1243,9 +1246,44 @@ pub fn bench() -> Result<()> {
         "linux_boot_ratio": round3(boot.ratio),
         "linux_boot_moat_seconds": round3(boot.moat),
         "linux_boot_direct_seconds": round3(boot.direct),
+        "linux_boot_el2_stub_seconds": round3(boot.el2_stub),
+        "linux_boot_el2_stub_ratio": round3(boot.el2_stub_ratio),
+        "linux_boot_moat_over_el2_stub": round3(boot.moat_over_el2_stub),
     });
     if let Some(map) = json.as_object_mut() {
         map.extend(vm_figures);
+        if emulator_cost {
+            let [moat, direct, stub] = emulator_instructions(&boots)?;
+            let ratio = |a: u64, b: u64| round3(a as f64 / b as f64);
+            println!(
+                "linux_boot_emulator_ratio: {:.3} (QEMU's instructions under Moat / direct); null hypervisor / direct {:.3}; Moat / null hypervisor {:.3}",
+                ratio(moat, direct),
+                ratio(stub, direct),
+                ratio(moat, stub)
+            );
+            map.extend([
+                (
+                    "linux_boot_emulator_instructions_moat".to_string(),
+                    moat.into(),
+                ),
+                (
+                    "linux_boot_emulator_instructions_direct".to_string(),
+                    direct.into(),
+                ),
+                (
+                    "linux_boot_emulator_instructions_el2_stub".to_string(),
+                    stub.into(),
+                ),
+                (
+                    "linux_boot_emulator_ratio".to_string(),
+                    ratio(moat, direct).into(),
+                ),
+                (
+                    "linux_boot_emulator_el2_stub_ratio".to_string(),
+                    ratio(stub, direct).into(),
+                ),
+            ]);
+        }
     }
     let path = tools::target_dir().join("bench.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
@@ -1274,16 +1312,24 @@ fn vm_bench_unit(key: &str) -> &'static str {
     }
 }
 
-/// Boots of Linux timed with and without Moat, one after the other. Single
-/// boots under emulation vary by tens of percent on a busy machine; nine
-/// interleaved pairs keep the medians' ratio steady to a few percent.
+/// Boots of Linux timed under Moat, under the null hypervisor and without
+/// either, in turn. Single boots under emulation vary by tens of percent on
+/// a busy machine; nine rounds, each starting with a different one of the
+/// three, keep the medians' ratios steady to a few percent.
 const LINUX_BOOT_RUNS: usize = 9;
 
-/// Median Linux boot times (seconds) and their ratio.
+/// Median Linux boot times (seconds) and their ratios.
 struct BootTimes {
     moat: f64,
     direct: f64,
+    el2_stub: f64,
+    /// Under Moat / direct: the figure the design sets a target for.
     ratio: f64,
+    /// Under the null hypervisor / direct: what the emulator charges for
+    /// running the kernel below an EL2 at all.
+    el2_stub_ratio: f64,
+    /// Under Moat / under the null hypervisor: Moat's own share.
+    moat_over_el2_stub: f64,
 }
 
 fn round3(x: f64) -> f64 {
@@ -1300,19 +1346,155 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The three ways the benchmark boots Linux, in [`LinuxBoots::command`]'s
+/// numbering.
+const LABELS: [&str; 3] = ["moat", "direct", "el2-stub"];
+
+/// The same kernel, initramfs (its `/init` runs `true` and powers off) and
+/// command line, ready to boot under Moat, directly, or through the null
+/// hypervisor.
+struct LinuxBoots {
+    kernel_package: String,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    bootargs: String,
+    moat_image: PathBuf,
+    stub: PathBuf,
+    kernel_at: u64,
+    machine: MachineArgs,
+}
+
+impl LinuxBoots {
+    fn prepare(built: &Built) -> Result<Self> {
+        let assets = linux::ensure_assets()?;
+        let initrd = linux::write_initramfs(&assets, Some("true"), "bench-linux")?;
+        let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
+        let moat_image = image::pack(&built.core, &spec, "bench-linux")?;
+        let (stub, kernel_at) = image::build_el2_stub()?;
+        Ok(Self {
+            kernel_package: assets.kernel_package.clone(),
+            kernel: assets.kernel.clone(),
+            initrd,
+            bootargs: linux::bootargs(None),
+            moat_image,
+            stub,
+            kernel_at,
+            machine: machine(1, "v3"),
+        })
+    }
+
+    /// QEMU's command line for boot `which` (an index into [`LABELS`]).
+    fn command(&self, which: usize, extra: &[&str]) -> std::process::Command {
+        let m = &self.machine;
+        let mut c = match which {
+            0 => qemu::command(&self.moat_image, m, &[]),
+            1 => qemu::linux_direct_command(&self.kernel, &self.initrd, &self.bootargs, m),
+            _ => qemu::linux_el2_stub_command(
+                &self.stub,
+                &self.kernel,
+                self.kernel_at,
+                &self.initrd,
+                &self.bootargs,
+                m,
+            ),
+        };
+        c.args(extra);
+        c
+    }
+}
+
+/// The emulator's own work for each of the three boots, start to power-off:
+/// host instructions QEMU executes, counted by Valgrind (cachegrind without
+/// cache simulation), with `-icount shift=0,sleep=off` so the guest runs the
+/// same instruction stream at the same virtual times every run. Unlike wall
+/// time it does not move with the machine's load, so it tells where the
+/// emulator's time goes to within a fraction of a percent.
+fn emulator_instructions(boots: &LinuxBoots) -> Result<[u64; 3]> {
+    tools::ensure_valgrind()?;
+    println!(
+        "emulator cost: QEMU's own instructions for each boot to power-off, under valgrind with icount (a few minutes)"
+    );
+    let logs: Vec<PathBuf> = LABELS
+        .iter()
+        .map(|l| tools::target_dir().join(format!("bench-linux-{l}.valgrind.log")))
+        .collect();
+    let start = |which: usize| -> Result<std::process::Child> {
+        let qemu = boots.command(which, &["-icount", "shift=0,sleep=off"]);
+        let log = std::fs::File::create(&logs[which])?;
+        let mut c = std::process::Command::new("valgrind");
+        c.args([
+            "--tool=cachegrind",
+            "--cache-sim=no",
+            "--smc-check=all-non-file",
+            "--cachegrind-out-file=/dev/null",
+        ])
+        .arg(qemu.get_program())
+        .args(qemu.get_args())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        Ok(c.spawn()?)
+    };
+    let finish = |which: usize, mut child: std::process::Child| -> Result<u64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30 * 60);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let text = std::fs::read_to_string(&logs[which])?;
+                let count = text
+                    .lines()
+                    .find_map(|l| {
+                        l.split_once("I   refs:")
+                            .map(|(_, n)| n.trim().replace(',', ""))
+                    })
+                    .and_then(|n| n.parse().ok());
+                return match (status.success(), text.contains(linux::MARKER_INIT), count) {
+                    (true, true, Some(n)) => Ok(n),
+                    _ => bail!(
+                        "the {} boot under valgrind did not run to power-off ({status}); log in {}",
+                        LABELS[which],
+                        logs[which].display()
+                    ),
+                };
+            }
+            if std::time::Instant::now() >= deadline {
+                // Only the valgrind this function started, by its own handle.
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the {} boot under valgrind took over 30 minutes",
+                    LABELS[which]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // Two at a time: each keeps one host CPU busy.
+    let mut counts = [0u64; 3];
+    let (a, b) = (start(0)?, start(1)?);
+    counts[0] = finish(0, a)?;
+    let c = start(2)?;
+    counts[1] = finish(1, b)?;
+    counts[2] = finish(2, c)?;
+    for (label, n) in LABELS.iter().zip(counts) {
+        println!("  {label}: {n} host instructions");
+    }
+    Ok(counts)
+}
+
 /// Wall time from starting QEMU to the first command of Linux's `/init`,
-/// under Moat and with QEMU booting the same kernel, initramfs and command
-/// line itself at EL1 (`virtualization=off`: Linux runs at EL1 exactly as it
-/// does under Moat, with no EL2 to set up). Runs alternate between the two
-/// so a change in the machine's load affects both alike; wall time, not
-/// icount, because the figure is how long a user waits for a shell.
-fn linux_boot_times(built: &Built) -> Result<BootTimes> {
-    let assets = linux::ensure_assets()?;
-    let initrd = linux::write_initramfs(&assets, Some("true"), "bench-linux")?;
-    let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
-    let img = image::pack(&built.core, &spec, "bench-linux")?;
-    let m = machine(1, "v3");
-    let bootargs = linux::bootargs(None);
+/// for the same kernel, initramfs and command line booted three ways:
+/// - under Moat;
+/// - directly by QEMU at EL1 (`virtualization=off`: Linux runs at EL1 as it
+///   does under Moat, with no EL2 to set up): the baseline;
+/// - through the null hypervisor (`images/el2-stub`): EL2 present but doing
+///   nothing, which isolates the emulator's price for EL2 (QEMU checks
+///   HCR_EL2 on every pointer-authentication instruction and on many system
+///   register accesses at EL1 once EL2 exists) from Moat's own.
+///
+/// Each round runs all three, starting with a different one, so a change in
+/// the machine's load falls on each alike; wall time, not icount, because the
+/// figure is how long a user waits for a shell.
+fn linux_boot_times(boots: &LinuxBoots) -> Result<BootTimes> {
     let harness = Harness {
         pass: &[linux::MARKER_INIT],
         fail: linux::FAIL_PATTERNS,
@@ -1321,26 +1503,19 @@ fn linux_boot_times(built: &Built) -> Result<BootTimes> {
         echo: false,
     };
     println!(
-        "linux boot: QEMU start to /init's first command, Debian {}, 1 CPU, {} runs each",
-        assets.kernel_package, LINUX_BOOT_RUNS
+        "linux boot: QEMU start to /init's first command, Debian {}, 1 CPU, {} rounds of three boots",
+        boots.kernel_package, LINUX_BOOT_RUNS
     );
-    let (mut moat, mut direct) = (Vec::new(), Vec::new());
-    for run in 1..=LINUX_BOOT_RUNS {
-        let mut seconds = [0.0; 2];
-        for (i, (label, cmd)) in [
-            ("moat", qemu::command(&img, &m, &[])),
-            (
-                "direct",
-                qemu::linux_direct_command(&assets.kernel, &initrd, &bootargs, &m),
-            ),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let out = qemu::run_harnessed(cmd, &harness)?;
+    let mut seconds: [Vec<f64>; 3] = Default::default();
+    for round in 0..LINUX_BOOT_RUNS {
+        let mut this_round = [0.0; 3];
+        for k in 0..LABELS.len() {
+            let which = (round + k) % LABELS.len();
+            let label = LABELS[which];
+            let out = qemu::run_harnessed(boots.command(which, &[]), &harness)?;
             let log = tools::target_dir().join(format!("bench-linux-{label}.log"));
             std::fs::write(&log, &out.console)?;
-            seconds[i] = match (out.verdict, out.passed_after) {
+            this_round[which] = match (out.verdict, out.passed_after) {
                 (Verdict::Passed, Some(t)) => t,
                 (v, _) => bail!(
                     "Linux boot ({label}) failed: {v:?}; console in {}",
@@ -1349,20 +1524,36 @@ fn linux_boot_times(built: &Built) -> Result<BootTimes> {
             };
         }
         println!(
-            "  run {run}: under Moat {:.3} s, direct {:.3} s",
-            seconds[0], seconds[1]
+            "  round {}: under Moat {:.3} s, direct {:.3} s, null hypervisor {:.3} s",
+            round + 1,
+            this_round[0],
+            this_round[1],
+            this_round[2]
         );
-        moat.push(seconds[0]);
-        direct.push(seconds[1]);
+        for (all, t) in seconds.iter_mut().zip(this_round) {
+            all.push(t);
+        }
     }
-    let (moat, direct) = (median(moat), median(direct));
-    let ratio = moat / direct;
-    println!(
-        "linux_boot_ratio: {ratio:.3} (median under Moat {moat:.3} s / median direct {direct:.3} s)"
-    );
-    Ok(BootTimes {
+    let [moat, direct, el2_stub] = seconds.map(median);
+    let times = BootTimes {
         moat,
         direct,
-        ratio,
-    })
+        el2_stub,
+        ratio: moat / direct,
+        el2_stub_ratio: el2_stub / direct,
+        moat_over_el2_stub: moat / el2_stub,
+    };
+    println!(
+        "linux_boot_ratio: {:.3} (median under Moat {moat:.3} s / median direct {direct:.3} s)",
+        times.ratio
+    );
+    println!(
+        "linux_boot_el2_stub_ratio: {:.3} (null hypervisor {el2_stub:.3} s / direct: the emulator's price for EL2)",
+        times.el2_stub_ratio
+    );
+    println!(
+        "linux_boot_moat_over_el2_stub: {:.3} (Moat's own share: under Moat / null hypervisor)",
+        times.moat_over_el2_stub
+    );
+    Ok(times)
 }

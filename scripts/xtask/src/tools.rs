@@ -120,6 +120,34 @@ pub fn ensure_qemu() -> Result<()> {
     )
 }
 
+/// Valgrind (for `cargo xtask bench --emulator-cost`), installed from
+/// Debian if missing.
+pub fn ensure_valgrind() -> Result<()> {
+    let present = || {
+        Command::new("valgrind")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if present() {
+        return Ok(());
+    }
+    let commands = "apt-get install -y valgrind";
+    if is_root() && is_debian_bookworm() {
+        eprintln!("xtask: installing valgrind");
+        run(Command::new("sh")
+            .args(["-c", commands])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        if present() {
+            return Ok(());
+        }
+    }
+    bail!(
+        "counting the emulator's instructions needs valgrind. On Debian, as root:\n  {commands}\n\
+         Elsewhere, install valgrind with your package manager."
+    )
+}
+
 /// mdbook, installed with cargo if missing.
 pub fn ensure_mdbook() -> Result<PathBuf> {
     if let Ok(out) = Command::new("mdbook").arg("--version").output()
