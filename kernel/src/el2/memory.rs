@@ -343,22 +343,24 @@ pub fn scrub_pages(pa: u64, size: u64) {
                 addr += block;
             }
         }
+        // DC ZVA prohibited: STZG zeroes a 16-byte granule and its tag at
+        // once; without tags, plain stores.
+        None if tags => {
+            let mut addr = pa;
+            while addr < end {
+                // SAFETY: as above; STZG writes one granule's data and tag.
+                unsafe {
+                    core::arch::asm!(".arch_extension memtag", "stzg {0}, [{0}]", in(reg) addr, options(nostack, preserves_flags))
+                };
+                addr += 16;
+            }
+        }
         None => {
             let mut addr = pa;
             while addr < end {
-                // SAFETY: as above; plain stores where DC ZVA is prohibited.
+                // SAFETY: as above; plain stores.
                 unsafe { (addr as *mut u64).write_volatile(0) };
                 addr += 8;
-            }
-            if tags {
-                let mut addr = pa;
-                while addr < end {
-                    // SAFETY: as above; STZG zeroes one 16-byte granule and its tag.
-                    unsafe {
-                        core::arch::asm!(".arch_extension memtag", "stzg {0}, [{0}]", in(reg) addr, options(nostack, preserves_flags))
-                    };
-                    addr += 16;
-                }
             }
         }
     }
