@@ -38,7 +38,8 @@ pub struct Built {
     pub test_host_elf: PathBuf,
 }
 
-fn objcopy(elf: &Path, bin: &Path) -> Result<()> {
+/// Turns an ELF into the raw binary firmware loads.
+pub fn objcopy(elf: &Path, bin: &Path) -> Result<()> {
     run(std::process::Command::new(llvm_tool("rust-objcopy")?)
         .arg("-O")
         .arg("binary")
@@ -62,19 +63,7 @@ pub fn build_all() -> Result<Built> {
     let out = tools::target_dir().join("images");
     std::fs::create_dir_all(&out)?;
     // The test host carries the protected-VM guest: build it first.
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "moat-guest",
-        "--target",
-        PAYLOAD_TARGET,
-    ]))?;
-    let guest_elf = tools::target_dir()
-        .join(PAYLOAD_TARGET)
-        .join("release/guest");
-    let guest = out.join("guest.bin");
-    objcopy(&guest_elf, &guest)?;
+    let guest = build_payload("moat-guest", "guest")?;
     run(cargo()
         .args([
             "build",
@@ -101,23 +90,33 @@ pub fn build_all() -> Result<Built> {
     })
 }
 
-/// The null hypervisor the Linux boot benchmark compares Moat with
-/// (`images/el2-stub`), as a raw arm64 Image, and the address its kernel
-/// must be loaded at (the word at offset 0x40 of the stub).
-pub fn build_el2_stub() -> Result<(PathBuf, u64)> {
+/// Builds the bare-metal binary `bin` of workspace package `package`
+/// (release, for the payload target) to `target/images/{bin}.bin`.
+fn build_payload(package: &str, bin: &str) -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",
         "--package",
-        "moat-el2-stub",
+        package,
         "--target",
         PAYLOAD_TARGET,
     ]))?;
     let elf = tools::target_dir()
         .join(PAYLOAD_TARGET)
-        .join("release/el2-stub");
-    let bin = tools::target_dir().join("images/el2-stub.bin");
-    objcopy(&elf, &bin)?;
+        .join("release")
+        .join(bin);
+    let out = tools::target_dir().join("images");
+    std::fs::create_dir_all(&out)?;
+    let raw = out.join(format!("{bin}.bin"));
+    objcopy(&elf, &raw)?;
+    Ok(raw)
+}
+
+/// The null hypervisor the Linux boot benchmark compares Moat with
+/// (`images/el2-stub`), as a raw arm64 Image, and the address its kernel
+/// must be loaded at (the word at offset 0x40 of the stub).
+pub fn build_el2_stub() -> Result<(PathBuf, u64)> {
+    let bin = build_payload("moat-el2-stub", "el2-stub")?;
     let bytes = read(&bin)?;
     let kernel_at = bytes
         .get(0x40..0x48)

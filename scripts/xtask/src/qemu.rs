@@ -76,13 +76,14 @@ pub fn linux_direct_command(
     m: &MachineArgs,
 ) -> Command {
     let mut c = machine_command(m, false, OnReset::Exit, "stdio");
-    c.arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(append);
+    c.arg("-kernel").arg(kernel);
+    linux_boot_args(&mut c, initrd, append);
     c
+}
+
+/// The initramfs and command line firmware hands a Linux kernel.
+fn linux_boot_args(c: &mut Command, initrd: &Path, append: &str) {
+    c.arg("-initrd").arg(initrd).arg("-append").arg(append);
 }
 
 /// QEMU booting the same Linux through the null hypervisor
@@ -98,17 +99,11 @@ pub fn linux_el2_stub_command(
     m: &MachineArgs,
 ) -> Command {
     let mut c = machine_command(m, true, OnReset::Exit, "stdio");
-    c.arg("-kernel")
-        .arg(stub)
-        .arg("-device")
-        .arg(format!(
-            "loader,file={},addr={kernel_at:#x},force-raw=on",
-            kernel.display()
-        ))
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(append);
+    c.arg("-kernel").arg(stub).arg("-device").arg(format!(
+        "loader,file={},addr={kernel_at:#x},force-raw=on",
+        kernel.display()
+    ));
+    linux_boot_args(&mut c, initrd, append);
     c
 }
 

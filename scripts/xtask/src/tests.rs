@@ -874,13 +874,7 @@ pub fn build_external_payload() -> Result<PathBuf> {
         .join(image::PAYLOAD_TARGET)
         .join("release/external-payload");
     let bin = tools::target_dir().join("images/external-payload.bin");
-    run(
-        std::process::Command::new(tools::llvm_tool("rust-objcopy")?)
-            .arg("-O")
-            .arg("binary")
-            .arg(&elf)
-            .arg(&bin),
-    )?;
+    image::objcopy(&elf, &bin)?;
     Ok(bin)
 }
 

@@ -94,6 +94,20 @@ fn qemu_major() -> Option<u32> {
 const BACKPORTS_LIST: &str = "/etc/apt/sources.list.d/bookworm-backports.list";
 const BACKPORTS_LINE: &str = "deb http://deb.debian.org/debian bookworm-backports main";
 
+/// Runs the shell `commands` that install `what`, if this is Debian 12 and
+/// we are root; returns whether it ran them (elsewhere the caller prints
+/// them for the user to run).
+fn install_on_debian(what: &str, commands: &str) -> Result<bool> {
+    if !(is_root() && is_debian_bookworm()) {
+        return Ok(false);
+    }
+    eprintln!("xtask: installing {what}");
+    run(Command::new("sh")
+        .args(["-c", commands])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(true)
+}
+
 /// QEMU 9 or newer (10 from bookworm-backports on Debian 12).
 pub fn ensure_qemu() -> Result<()> {
     if qemu_major().is_some_and(|v| v >= 9) {
@@ -103,11 +117,7 @@ pub fn ensure_qemu() -> Result<()> {
         "echo '{BACKPORTS_LINE}' > {BACKPORTS_LIST} && apt-get update && \
          apt-get install -y -t bookworm-backports qemu-system-arm"
     );
-    if is_root() && is_debian_bookworm() {
-        eprintln!("xtask: installing QEMU from bookworm-backports");
-        run(Command::new("sh")
-            .args(["-c", &commands])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if install_on_debian("QEMU from bookworm-backports", &commands)? {
         if qemu_major().is_some_and(|v| v >= 9) {
             return Ok(());
         }
@@ -133,14 +143,8 @@ pub fn ensure_valgrind() -> Result<()> {
         return Ok(());
     }
     let commands = "apt-get install -y valgrind";
-    if is_root() && is_debian_bookworm() {
-        eprintln!("xtask: installing valgrind");
-        run(Command::new("sh")
-            .args(["-c", commands])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-        if present() {
-            return Ok(());
-        }
+    if install_on_debian("valgrind", commands)? && present() {
+        return Ok(());
     }
     bail!(
         "counting the emulator's instructions needs valgrind. On Debian, as root:\n  {commands}\n\
