@@ -512,7 +512,10 @@ fn fetch(dir: &Path) -> Result<Assets> {
     if root {
         let foreign = output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
         if !foreign.lines().any(|a| a.trim() == "arm64") {
-            eprintln!("xtask: dpkg --add-architecture arm64");
+            eprintln!(
+                "xtask: dpkg --add-architecture arm64 (so that apt can download Debian's \
+                 arm64 kernel and busybox packages; nothing arm64 is installed)"
+            );
             tools::run(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
         }
         eprintln!("xtask: apt-get update (the Debian package cache is incomplete)");

@@ -120,8 +120,18 @@ enum Command {
 /// The manifest of the default image.
 pub const DEMO_MANIFEST: &str = "images/demo.toml";
 
-fn main() -> Result<()> {
+fn main() {
     let cli = Cli::parse();
+    // Errors a user can cause end in one readable message and the fix,
+    // never a backtrace (anyhow's Debug form would print one whenever
+    // RUST_BACKTRACE is set).
+    if let Err(e) = tools::ensure_toolchain().and_then(|()| dispatch(cli)) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build => {
             let images = image::build_all()?;

@@ -62,6 +62,131 @@ pub fn llvm_tool(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The rustup targets and components `rust-toolchain.toml` lists.
+fn pinned_toolchain() -> Result<(String, Vec<String>, Vec<String>)> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        toolchain: Toolchain,
+    }
+    #[derive(serde::Deserialize)]
+    struct Toolchain {
+        channel: String,
+        #[serde(default)]
+        components: Vec<String>,
+        #[serde(default)]
+        targets: Vec<String>,
+    }
+    let path = root().join("rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file: File =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok((
+        file.toolchain.channel,
+        file.toolchain.targets,
+        file.toolchain.components,
+    ))
+}
+
+/// What `rustup <what> list --installed` prints for the pinned toolchain,
+/// one name a line.
+fn rustup_installed(what: &str, channel: &str) -> Result<Vec<String>> {
+    let out = Command::new("rustup")
+        .args([what, "list", "--installed", "--toolchain", channel])
+        .current_dir(root())
+        .output()
+        .context("starting rustup")?;
+    if !out.status.success() {
+        bail!(
+            "rustup {what} list failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect())
+}
+
+/// Makes sure the targets and components `rust-toolchain.toml` lists are
+/// installed before anything is built: rustup can be set not to fetch them
+/// by itself, and without them the aarch64 builds fail with "can't find
+/// crate for `core`". Installs them with rustup, or says the command.
+pub fn ensure_toolchain() -> Result<()> {
+    let (channel, targets, components) = pinned_toolchain()?;
+    let fix = format!(
+        "rustup toolchain install {channel} --profile minimal --component {} --target {}",
+        components.join(","),
+        targets.join(",")
+    );
+    if Command::new("rustup").arg("--version").output().is_err() {
+        // A toolchain without rustup: check the sysroot for the targets.
+        let sysroot = Command::new("rustc")
+            .args(["--print", "sysroot"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let lib = Path::new(&sysroot).join("lib/rustlib");
+        let missing: Vec<_> = targets.iter().filter(|t| !lib.join(t).exists()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "the Rust toolchain lacks the targets {missing:?} and rustup is not installed; \
+             install rustup and run:\n  {fix}"
+        );
+    }
+    let installed_targets = rustup_installed("target", &channel)?;
+    let installed_components = rustup_installed("component", &channel)?;
+    let missing_targets: Vec<&String> = targets
+        .iter()
+        .filter(|t| !installed_targets.contains(t))
+        .collect();
+    // Components are listed with the host triple appended
+    // (`llvm-tools-x86_64-unknown-linux-gnu`).
+    let missing_components: Vec<&String> = components
+        .iter()
+        .filter(|c| {
+            !installed_components
+                .iter()
+                .any(|i| i == *c || i.starts_with(&format!("{c}-")))
+        })
+        .collect();
+    if missing_targets.is_empty() && missing_components.is_empty() {
+        return Ok(());
+    }
+    let mut what: Vec<String> = missing_targets.iter().map(|t| t.to_string()).collect();
+    what.extend(missing_components.iter().map(|c| c.to_string()));
+    eprintln!(
+        "xtask: adding {} to Rust {channel} (rust-toolchain.toml lists them)",
+        what.join(", ")
+    );
+    let rustup = |args: &[&str]| {
+        Command::new("rustup")
+            .args(args)
+            .args(["--toolchain", &channel])
+            .current_dir(root())
+            .status()
+            .context("starting rustup")
+    };
+    let mut status = std::process::ExitStatus::default();
+    if !missing_targets.is_empty() {
+        let mut args = vec!["target", "add"];
+        args.extend(missing_targets.iter().map(|t| t.as_str()));
+        status = rustup(&args)?;
+    }
+    if status.success() && !missing_components.is_empty() {
+        let mut args = vec!["component", "add"];
+        args.extend(missing_components.iter().map(|c| c.as_str()));
+        status = rustup(&args)?;
+    }
+    if !status.success() {
+        bail!("rustup could not install the pinned toolchain's parts ({status}); run:\n  {fix}");
+    }
+    Ok(())
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     Command::new("id")
@@ -91,33 +216,82 @@ fn qemu_major() -> Option<u32> {
     v.split('.').next()?.parse().ok()
 }
 
-const BACKPORTS_LIST: &str = "/etc/apt/sources.list.d/bookworm-backports.list";
+const BACKPORTS_LIST: &str = "/etc/apt/sources.list.d/moat-bookworm-backports.list";
 const BACKPORTS_LINE: &str = "deb http://deb.debian.org/debian bookworm-backports main";
 
-/// Runs the shell `commands` that install `what`, if this is Debian 12 and
-/// we are root; returns whether it ran them (elsewhere the caller prints
-/// them for the user to run).
-fn install_on_debian(what: &str, commands: &str) -> Result<bool> {
+/// Whether some apt source already names bookworm-backports (one-line
+/// `.list` files or deb822 `.sources` files).
+fn backports_configured() -> bool {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        files.extend(dir.filter_map(|e| e.ok().map(|e| e.path())));
+    }
+    files.iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|text| {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.starts_with('#'))
+                .any(|l| l.contains("bookworm-backports"))
+        })
+    })
+}
+
+/// Where apt's output goes while the xtask installs something: shown only
+/// when the install fails.
+fn apt_log() -> PathBuf {
+    target_dir().join("apt.log")
+}
+
+/// Runs the shell `commands` that install `what` (saying `why` in one
+/// line), if this is Debian 12 and we are root; returns whether it ran them
+/// (elsewhere the caller prints them for the user to run). Their output goes
+/// to `target/apt.log`, printed only if they fail.
+fn install_on_debian(what: &str, why: &str, commands: &str) -> Result<bool> {
     if !(is_root() && is_debian_bookworm()) {
         return Ok(false);
     }
-    eprintln!("xtask: installing {what}");
-    run(Command::new("sh")
+    eprintln!("xtask: installing {what} ({why}); apt's output goes to target/apt.log");
+    let log = apt_log();
+    std::fs::create_dir_all(target_dir())?;
+    let out = Command::new("sh")
         .args(["-c", commands])
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .context("starting sh")?;
+    let mut text = out.stdout;
+    text.extend_from_slice(&out.stderr);
+    std::fs::write(&log, &text).with_context(|| format!("writing {}", log.display()))?;
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&text));
+        bail!(
+            "installing {what} failed ({}); the commands were:\n  {commands}",
+            out.status
+        );
+    }
     Ok(true)
 }
 
-/// QEMU 9 or newer (10 from bookworm-backports on Debian 12).
+/// QEMU 9 or newer (10 from bookworm-backports on Debian 12): only the
+/// package that holds `qemu-system-aarch64`, without recommends (no GUI,
+/// audio or GL stacks), and a backports source only where none exists.
 pub fn ensure_qemu() -> Result<()> {
     if qemu_major().is_some_and(|v| v >= 9) {
         return Ok(());
     }
+    let add_source = if backports_configured() {
+        String::new()
+    } else {
+        format!("echo '{BACKPORTS_LINE}' > {BACKPORTS_LIST} && ")
+    };
     let commands = format!(
-        "echo '{BACKPORTS_LINE}' > {BACKPORTS_LIST} && apt-get update && \
-         apt-get install -y -t bookworm-backports qemu-system-arm"
+        "{add_source}apt-get update && \
+         apt-get install -y --no-install-recommends -t bookworm-backports qemu-system-arm"
     );
-    if install_on_debian("QEMU from bookworm-backports", &commands)? {
+    if install_on_debian(
+        "qemu-system-arm from bookworm-backports",
+        "the integration tests boot Moat under QEMU 9 or newer",
+        &commands,
+    )? {
         if qemu_major().is_some_and(|v| v >= 9) {
             return Ok(());
         }
@@ -142,8 +316,13 @@ pub fn ensure_valgrind() -> Result<()> {
     if present() {
         return Ok(());
     }
-    let commands = "apt-get install -y valgrind";
-    if install_on_debian("valgrind", commands)? && present() {
+    let commands = "apt-get install -y --no-install-recommends valgrind";
+    if install_on_debian(
+        "valgrind",
+        "--emulator-cost counts QEMU's own instructions under it",
+        commands,
+    )? && present()
+    {
         return Ok(());
     }
     bail!(
