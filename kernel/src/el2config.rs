@@ -145,6 +145,61 @@ pub fn host_cptr(cpu: &CpuFeatures) -> u64 {
     v
 }
 
+/// The CPU interface's priority mask while a service runs: the watchdog
+/// (priority 0) gets through; ordinary host interrupts (Linux gives every
+/// interrupt priority 0xa0) stay pending until the run ends, so they delay a
+/// call by at most its budget instead of interrupting it. Only host
+/// interrupts above this priority (pseudo-NMIs) suspend a call.
+pub const SERVICE_RUN_PMR: u64 = 0x80;
+
+/// What a run lets through the CPU interface besides the watchdog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMask {
+    /// A service call a host interrupt may suspend: [`SERVICE_RUN_PMR`].
+    Service,
+    /// A service call that must run to its reply (a memory transaction, a
+    /// boot-time call): only priority 0, the watchdog's.
+    Transaction,
+    /// A protected VM: whatever the host's own mask lets through (its
+    /// interrupts end the run), and the backstop.
+    Vm,
+}
+
+/// The priority mask for a run: `host_pmr` is the host's own, `implemented`
+/// the bits the CPU interface implements (what 0xff reads back as). The
+/// lowest non-zero mask lets exactly priority 0 through.
+pub const fn run_pmr(mask: RunMask, host_pmr: u64, implemented: u64) -> u64 {
+    let only_priority_0 = implemented & implemented.wrapping_neg();
+    match mask {
+        RunMask::Service => SERVICE_RUN_PMR,
+        RunMask::Transaction => only_priority_0,
+        RunMask::Vm if host_pmr > only_priority_0 => host_pmr,
+        RunMask::Vm => only_priority_0,
+    }
+}
+
+/// How many slices a second of counter time holds: a VM runs for at most
+/// one (10 ms) before its vCPU returns to the host, whatever the guest does
+/// and whatever timer the host uses.
+pub const VM_SLICES_PER_SECOND: u64 = 100;
+
+/// The counter value at which a VM run must end at the latest (the EL2
+/// timer is armed for it while the VM runs). The guest's virtual timer
+/// replaces the host's in the CPU during the run, so the host's own
+/// deadline is kept here: if the host's CNTV_CTL_EL0 has ENABLE set and
+/// IMASK clear, the run ends at its CNTV_CVAL_EL0 (the host's CNTVOFF_EL2
+/// is 0, so that is a physical counter value), and then the host, with its
+/// timer back, takes the interrupt. The host's physical timer is never
+/// switched out (a VM cannot reach it) and ends a run by itself.
+pub const fn vm_run_deadline(now: u64, freq: u64, host_cntv_ctl: u64, host_cntv_cval: u64) -> u64 {
+    let slice_end = now.saturating_add(freq / VM_SLICES_PER_SECOND);
+    if host_cntv_ctl & 0b11 == 0b01 && host_cntv_cval < slice_end {
+        host_cntv_cval
+    } else {
+        slice_end
+    }
+}
+
 /// HCR_EL2 bits every nested partition (a service or a protected VM) runs
 /// with: stage-2 on, AArch64 EL1, physical interrupts to EL2 (they are the
 /// host's, or the core's watchdog), SMC and WFI/WFE trapped. Pointer
@@ -251,6 +306,43 @@ pub fn ipa_bits(cpu: &CpuFeatures, platform_top: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_runs_end_by_the_hosts_timer_or_a_slice() {
+        let (now, freq) = (1_000_000, 62_500_000);
+        let slice = now + freq / VM_SLICES_PER_SECOND;
+        // No host timer armed, or armed but masked, or disabled: one slice.
+        assert_eq!(vm_run_deadline(now, freq, 0, now + 10), slice);
+        assert_eq!(vm_run_deadline(now, freq, 0b11, now + 10), slice);
+        assert_eq!(vm_run_deadline(now, freq, 0b10, now + 10), slice);
+        // Armed and unmasked: its deadline, if sooner (a past one included).
+        assert_eq!(vm_run_deadline(now, freq, 0b01, now + 10), now + 10);
+        assert_eq!(vm_run_deadline(now, freq, 0b101, now - 5), now - 5);
+        assert_eq!(vm_run_deadline(now, freq, 0b01, slice + 1), slice);
+        // The counter's end does not wrap.
+        assert_eq!(vm_run_deadline(u64::MAX - 1, freq, 0, 0), u64::MAX);
+    }
+
+    #[test]
+    fn run_masks_let_the_watchdog_through() {
+        // 5 priority bits (0xf8 implemented): the lowest mask is 0x08.
+        assert_eq!(run_pmr(RunMask::Transaction, 0xf0, 0xf8), 0x08);
+        // 4 bits: 0x10; 8 bits: 0x01.
+        assert_eq!(run_pmr(RunMask::Transaction, 0xf0, 0xf0), 0x10);
+        assert_eq!(run_pmr(RunMask::Transaction, 0xf0, 0xff), 0x01);
+        assert_eq!(run_pmr(RunMask::Service, 0, 0xf8), SERVICE_RUN_PMR);
+        // A VM run keeps the host's mask, or opens it just for priority 0.
+        assert_eq!(run_pmr(RunMask::Vm, 0xf0, 0xf8), 0xf0);
+        assert_eq!(run_pmr(RunMask::Vm, 0, 0xf8), 0x08);
+        // Every mask lets priority 0 (the watchdog) through: priority < mask.
+        for implemented in [0xf0, 0xf8, 0xfc, 0xfe, 0xff] {
+            for host in [0u64, 0x08, 0x80, 0xf0, 0xff] {
+                for m in [RunMask::Service, RunMask::Transaction, RunMask::Vm] {
+                    assert!(run_pmr(m, host, implemented) > 0);
+                }
+            }
+        }
+    }
 
     #[test]
     fn vtcr_for_common_pa_ranges() {

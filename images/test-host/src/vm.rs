@@ -38,6 +38,8 @@ use moat_abi::vm::{self as abi, Exit, ExitReason, MmioAccess, VmFlags};
 use moat_abi::{Error, hypercall, smccc as ids};
 use moat_platform::dt::{Platform, Range};
 
+#[path = "vm/interrupts.rs"]
+mod interrupts;
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
 use protocol as p;
@@ -569,6 +571,7 @@ pub(super) fn scenarios(
     consistent(c, "the refused donations, reclaims and shares");
     hostile_runs(c, &mut ram);
     consistent(c, "running VMs that are gone");
+    interrupts::hostile_interrupts(c, &mut ram, platform);
     match Remote::start(c, platform) {
         Some(mut remote) => {
             running_elsewhere(c, &mut ram, &mut remote);

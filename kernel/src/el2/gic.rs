@@ -1,27 +1,39 @@
 //! The little of the interrupt controller the core touches: the EL2 timer's
-//! interrupt (PPI 26), which is the watchdog that bounds a service call.
+//! interrupt (PPI 26), which is the watchdog that bounds a service call and
+//! the backstop that bounds a VM run.
 //!
-//! The host owns the GIC. While a service runs, physical interrupts are
-//! routed to EL2 (HCR_EL2.IMO), and the core makes sure PPI 26 can reach it:
-//! enabled in this CPU's redistributor (GICv3) or banked distributor
-//! registers (GICv2), and the CPU interface open to it. The host's own
-//! CPU-interface settings are saved before and restored after, so the host
-//! never sees them change. A host that disables PPI 26 behind the core's back
-//! between two calls only delays its own service calls' timeouts: every
-//! service run re-enables it first.
+//! The host owns the GIC. While a service or a VM runs, physical interrupts
+//! are routed to EL2 (HCR_EL2.IMO/FMO), and the core makes sure PPI 26 can
+//! reach it: enabled in this CPU's redistributor (GICv3) or banked
+//! distributor registers (GICv2), at priority 0, and the CPU interface open
+//! to it. The host's own CPU-interface settings are saved before and
+//! restored after, so the host never sees them change. A host that disables
+//! PPI 26 behind the core's back between two runs gains nothing: every run
+//! re-enables it first.
+//!
+//! The priority mask during a run depends on what runs ([`RunMask`]). The
+//! host chooses its interrupts' priorities (any value, 0 included), so a
+//! call that must finish cannot rely on the mask alone: a host interrupt
+//! that still gets through is held back ([`hold_back`]) — disabled at the
+//! distributor for the rest of the call and enabled again after it
+//! ([`release`]), still pending for the host to take.
 
 use core::ptr::{read_volatile, write_volatile};
+use moat_kernel::el2config::{RunMask, run_pmr};
 use moat_platform::dt::Gic;
 
 /// The EL2 physical timer's PPI.
 pub const WATCHDOG_INTID: u32 = 26;
 
-/// The CPU interface's priority mask while a service runs: the watchdog
-/// (priority 0) gets through; ordinary host interrupts (Linux gives every
-/// interrupt priority 0xa0) stay pending until the run ends, so they delay a
-/// call by at most its budget instead of interrupting it. Only host
-/// interrupts above this priority (pseudo-NMIs) suspend a call.
-pub const SERVICE_RUN_PMR: u64 = 0x80;
+/// INTIDs at or above this are special (1020..1023) or LPIs (8192..), which
+/// have no enable bit in the distributor.
+const FIRST_SPECIAL_INTID: u32 = 1020;
+
+/// Host interrupts held back during one call (see [`hold_back`]).
+#[derive(Debug, Default)]
+pub struct HeldBack {
+    intids: heapless::Vec<u32, 8>,
+}
 
 /// How this CPU reaches the GIC for the watchdog.
 #[derive(Clone, Copy, Debug)]
@@ -101,12 +113,12 @@ pub fn locate(gic: &Gic, affinity: u64) -> Option<GicAccess> {
     }
 }
 
-/// Before a service run: PPI 26 enabled, highest priority, group 1, and the
-/// CPU interface letting it through. Returns the host's interface state.
-/// Group 1 at the distributor and the redistributor's wake state are
-/// re-established too if the host changed them (and left so: any GIC driver
-/// keeps them on).
-pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
+/// Before a run: PPI 26 enabled, highest priority, group 1, and the CPU
+/// interface letting it through with the mask `mask` asks for. Returns the
+/// host's interface state. Group 1 at the distributor and the
+/// redistributor's wake state are re-established too if the host changed
+/// them (and left so: any GIC driver keeps them on).
+pub fn open_watchdog(access: &GicAccess, mask: RunMask) -> SavedCpuInterface {
     match *access {
         GicAccess::V3 {
             distributor,
@@ -127,16 +139,25 @@ pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
             ); // IGROUPR0
             wr8(sgi_frame + 0x400 + u64::from(WATCHDOG_INTID), 0); // IPRIORITYR
             wr32(sgi_frame + 0x100, 1 << WATCHDOG_INTID); // ISENABLER0
-            let (pmr, grpen): (u64, u64);
+            let (pmr, grpen, implemented): (u64, u64, u64);
             // SAFETY: the physical CPU interface's priority mask and group-1
-            // enable, saved here and restored by `close_watchdog`. No ISB:
-            // they matter once the service runs, and the ERET into it is a
-            // context synchronization event (SCTLR_EL2.EOS).
+            // enable, saved here and restored by `close_watchdog`; writing
+            // 0xff and reading it back gives the implemented priority bits
+            // (the mask is rewritten below before anything is signalled:
+            // the core runs with interrupts masked). No ISB before the run:
+            // the ERET into it is a context synchronization event
+            // (SCTLR_EL2.EOS).
             unsafe {
                 core::arch::asm!(
                     "mrs {p}, icc_pmr_el1", "mrs {g}, icc_igrpen1_el1",
-                    "msr icc_pmr_el1, {ff}", "msr icc_igrpen1_el1, {one}",
-                    p = out(reg) pmr, g = out(reg) grpen, ff = in(reg) SERVICE_RUN_PMR, one = in(reg) 1u64,
+                    "msr icc_pmr_el1, {ff}", "isb", "mrs {i}, icc_pmr_el1",
+                    p = out(reg) pmr, g = out(reg) grpen, i = out(reg) implemented,
+                    ff = in(reg) 0xffu64,
+                    options(nostack, preserves_flags),
+                );
+                core::arch::asm!(
+                    "msr icc_pmr_el1, {m}", "msr icc_igrpen1_el1, {one}",
+                    m = in(reg) run_pmr(mask, pmr, implemented), one = in(reg) 1u64,
                     options(nostack, preserves_flags),
                 );
             }
@@ -153,7 +174,12 @@ pub fn open_watchdog(access: &GicAccess) -> SavedCpuInterface {
                 a: u64::from(rd32(cpu_interface + 0x4)),
                 b: u64::from(rd32(cpu_interface)),
             };
-            wr32(cpu_interface + 0x4, SERVICE_RUN_PMR as u32);
+            wr32(cpu_interface + 0x4, 0xff);
+            let implemented = u64::from(rd32(cpu_interface + 0x4));
+            wr32(
+                cpu_interface + 0x4,
+                run_pmr(mask, saved.a, implemented) as u32,
+            );
             wr32(cpu_interface, saved.b as u32 | 0b11);
             saved
         }
@@ -178,6 +204,95 @@ pub fn close_watchdog(access: &GicAccess, saved: SavedCpuInterface) {
         GicAccess::V2 { cpu_interface, .. } => {
             wr32(cpu_interface + 0x4, saved.a as u32);
             wr32(cpu_interface, saved.b as u32);
+        }
+    }
+}
+
+/// The pending host interrupt that just interrupted a call that must finish
+/// (see [`RunMask::Transaction`]): disabled at the distributor (or this
+/// CPU's redistributor) until [`release`], so the call can go on. It stays
+/// pending, so the host takes it once the call is over. Returns `false` if
+/// it cannot be held back (an LPI, which has no enable bit, or more
+/// distinct interrupts than `held` keeps); the caller must then close the
+/// CPU interface for the rest of the call.
+pub fn hold_back(access: &GicAccess, held: &mut HeldBack) -> bool {
+    let intid = match *access {
+        GicAccess::V3 { .. } => {
+            let (g1, g0): (u64, u64);
+            // SAFETY: reads the highest-priority pending interrupt of each
+            // group without acknowledging it.
+            unsafe {
+                core::arch::asm!(
+                    "mrs {a}, icc_hppir1_el1", "mrs {b}, icc_hppir0_el1",
+                    a = out(reg) g1, b = out(reg) g0,
+                    options(nomem, nostack, preserves_flags),
+                );
+            }
+            let g1 = (g1 & 0xff_ffff) as u32;
+            if !(FIRST_SPECIAL_INTID..8192).contains(&g1) {
+                g1
+            } else {
+                (g0 & 0xff_ffff) as u32
+            }
+        }
+        GicAccess::V2 { cpu_interface, .. } => rd32(cpu_interface + 0x18) & 0x3ff,
+    };
+    if intid == 1023 {
+        // Nothing pending any more (the host's device dropped its line):
+        // the call simply goes on.
+        return true;
+    }
+    if intid == WATCHDOG_INTID {
+        // The host made the core's own timer interrupt pending (the timer
+        // itself had not fired, or the caller would not be here): drop the
+        // forged pending state, which is not the host's to keep.
+        write_bit(access, intid, 0x280);
+        return true;
+    }
+    // An interrupt that comes back once held back cannot be disabled (some
+    // GICs keep SGIs always enabled): the caller falls back.
+    if intid >= FIRST_SPECIAL_INTID
+        || held.intids.contains(&intid)
+        || held.intids.push(intid).is_err()
+    {
+        return false;
+    }
+    write_bit(access, intid, 0x180);
+    true
+}
+
+/// Enables again every interrupt [`hold_back`] disabled.
+pub fn release(access: &GicAccess, held: &HeldBack) {
+    for &intid in &held.intids {
+        write_bit(access, intid, 0x100);
+    }
+}
+
+/// Closes the CPU interface to every interrupt (priority mask 0) for the
+/// rest of a call that must finish: the last resort of [`hold_back`]. The
+/// watchdog cannot reach the core either until `close_watchdog`.
+pub fn mask_all(access: &GicAccess) {
+    match *access {
+        // SAFETY: the CPU interface's priority mask; the core runs with
+        // interrupts masked and `close_watchdog` restores the host's mask.
+        GicAccess::V3 { .. } => unsafe {
+            core::arch::asm!("msr icc_pmr_el1, xzr", options(nostack, preserves_flags));
+        },
+        GicAccess::V2 { cpu_interface, .. } => wr32(cpu_interface + 0x4, 0),
+    }
+}
+
+/// Writes `intid`'s bit in the set-or-clear register bank at `bank`
+/// (ISENABLER 0x100, ICENABLER 0x180, ICPENDR 0x280): SGIs and PPIs in this
+/// CPU's SGI frame (GICv3) or the banked distributor registers (GICv2), SPIs
+/// in the distributor.
+fn write_bit(access: &GicAccess, intid: u32, bank: u64) {
+    let offset = bank + 4 * u64::from(intid / 32);
+    let bit = 1 << (intid % 32);
+    match *access {
+        GicAccess::V3 { sgi_frame, .. } if intid < 32 => wr32(sgi_frame + offset, bit),
+        GicAccess::V3 { distributor, .. } | GicAccess::V2 { distributor, .. } => {
+            wr32(distributor + offset, bit)
         }
     }
 }

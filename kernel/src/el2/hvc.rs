@@ -106,7 +106,7 @@ pub fn service_call(this_cpu: &PerCpu, regs: &mut GuestRegs, index: usize, opera
         s.next_sequence(),
         HOST_REQUEST_BYTES as u32,
     );
-    match s.call(this_cpu, &header, &mut body) {
+    match s.call(this_cpu, &header, &mut body, service::Preemption::Allowed) {
         Ok(Ok(len)) if len as usize <= HOST_REPLY_BYTES => {
             // Bytes past the reply's length come back as zero, never as
             // whatever the service left in its IPC page.

@@ -85,17 +85,12 @@ pub fn all_extents(cpu: &PerCpu) -> Result<Vec<LedgerExtent>, Error> {
     }
 }
 
-/// Commits the prepared transaction. The changes are already applied, so
-/// an interrupted commit is retried (the service finishes the suspended
-/// one first) rather than handed back to the caller.
+/// Commits the prepared transaction. The changes are already applied; the
+/// call runs to its reply whatever the host's interrupts (the core's calls
+/// are never suspended, see `service::Preemption`), so only a failed
+/// ledger can leave the two out of step.
 fn commit(cpu: &PerCpu, index: usize, generation: u64) -> Result<(), Error> {
-    for _ in 0..64 {
-        match service::call_typed::<u64, u64>(cpu, index, Operation::commit as u16, &generation) {
-            Err(Error::Interrupted) => continue,
-            result => return result.map(|_| ()),
-        }
-    }
-    Err(Error::Interrupted)
+    service::call_typed::<u64, u64>(cpu, index, Operation::commit as u16, &generation).map(|_| ())
 }
 
 /// Runs one memory request through the ledger and applies it. `vm` is the

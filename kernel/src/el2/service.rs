@@ -18,13 +18,25 @@
 //!
 //! To the core a call is a function call: [`enter_nested`] runs the service
 //! until it traps and returns. A service that faults, answers with a reply
-//! that does not match the call, or runs past its budget is marked failed;
-//! the caller gets [`Error::ServiceFailed`], and so does every later caller
-//! (the system fails closed). An interrupt for the host that arrives while a
-//! service runs suspends the call: the service's registers stay saved, the
-//! caller is told [`Error::Interrupted`] (or, with its interrupts unmasked,
-//! simply re-executes the call), and the next call to that service finishes
-//! the suspended one first.
+//! that does not match the call, or is still running after
+//! [`OVERRUN_LIMIT`] budgets is marked failed; the caller gets
+//! [`Error::ServiceFailed`], and so does every later caller (the system fails
+//! closed). The budget is checked every budget (the watchdog), not enforced
+//! at the first expiry: under emulation on a loaded machine the counter runs
+//! on while the emulator is descheduled, and a call that takes two budgets
+//! there is slow, not stuck.
+//!
+//! Two kinds of call ([`Preemption`]). A call the host made (a routed
+//! hypercall, a trapped access) may be suspended by a host interrupt above
+//! [`SERVICE_RUN_PMR`](moat_kernel::el2config::SERVICE_RUN_PMR): the service's registers stay saved, the caller is
+//! told [`Error::Interrupted`] (or, with its interrupts unmasked, simply
+//! re-executes the call), and the next call to that service finishes the
+//! suspended one first. A call of the core's own (boot, a memory
+//! transaction, VM creation) runs to its reply whatever the host's
+//! interrupts: only priority 0 passes the mask, and a host interrupt the
+//! host gave priority 0 is held back at the distributor until the call is
+//! over ([`gic::hold_back`]). A transaction's commit therefore cannot be
+//! lost to an interrupt.
 
 use super::cpu::{PerCpu, VCPU_SERVICE_BASE, Vcpu};
 use super::gic;
@@ -54,7 +66,31 @@ pub const MIN_STACK: u64 = 16 << 10;
 const LOG_OFFSET: u64 = 2048;
 const PAGE: u64 = 4096;
 
-use super::cpu::{LOWER_IRQ, LOWER_SYNC, enter_nested, leave_nested};
+use super::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, enter_nested, leave_nested};
+use moat_kernel::el2config::RunMask;
+
+/// Budgets a call may take before its service is failed as stuck.
+pub const OVERRUN_LIMIT: u64 = 64;
+
+/// Whether a host interrupt may suspend a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preemption {
+    /// A host interrupt above [`SERVICE_RUN_PMR`](moat_kernel::el2config::SERVICE_RUN_PMR) suspends the call: calls
+    /// the host makes (routed hypercalls, trapped accesses).
+    Allowed,
+    /// The call runs to its reply (or its service's failure): the core's
+    /// own calls, whose callers cannot be handed back half done.
+    Never,
+}
+
+impl Preemption {
+    fn mask(self) -> RunMask {
+        match self {
+            Preemption::Allowed => RunMask::Service,
+            Preemption::Never => RunMask::Transaction,
+        }
+    }
+}
 use moat_kernel::esr::HVC0 as ESR_HVC0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,13 +202,14 @@ fn service_el2(vttbr: u64, started: bool) -> (u64, u64, u64, u64, u64) {
 impl Service {
     /// Takes the service for one call. A service has one vCPU, so callers on
     /// other CPUs wait their turn: a trapped instruction cannot be answered
-    /// "busy". The wait is bounded by a few budgets (the holder's watchdog
-    /// ends its run within one); past that the caller is told `Busy`.
+    /// "busy". The wait is bounded by the longest a holder may run
+    /// ([`OVERRUN_LIMIT`] budgets) and one more; past that the caller is
+    /// told `Busy`.
     fn acquire(&self) -> Result<(), Error> {
         // The clock starts at the first refusal: a free service (the usual
         // case) costs one compare-exchange.
         let mut start = None;
-        let patience = self.budget_ticks.saturating_mul(4);
+        let patience = self.budget_ticks.saturating_mul(OVERRUN_LIMIT + 1);
         loop {
             match self.state.compare_exchange(
                 State::Ready as u8,
@@ -265,11 +302,29 @@ impl Service {
         zerocopy::transmute!(header_words)
     }
 
-    /// Runs the service's vCPU on `cpu` until it replies, faults, overruns
-    /// its budget or is interrupted. EL1 and EL2 state must already be the
-    /// service's.
-    fn run(&self, cpu: &PerCpu) -> Exit {
-        let deadline = sysreg::now().saturating_add(self.budget_ticks);
+    /// Runs the service's vCPU on `cpu` until it replies, faults, runs for
+    /// [`OVERRUN_LIMIT`] budgets or (if `preemption` allows) is interrupted.
+    /// EL1 and EL2 state must already be the service's, and the CPU
+    /// interface open as `with_partition` leaves it.
+    fn run(&self, cpu: &PerCpu, preemption: Preemption) -> Exit {
+        let gic = cpu.gic_access();
+        let mut held = gic::HeldBack::default();
+        let exit = self.run_held(cpu, preemption, gic.as_ref(), &mut held);
+        if let Some(access) = gic.as_ref() {
+            gic::release(access, &held);
+        }
+        exit
+    }
+
+    fn run_held(
+        &self,
+        cpu: &PerCpu,
+        preemption: Preemption,
+        gic: Option<&gic::GicAccess>,
+        held: &mut gic::HeldBack,
+    ) -> Exit {
+        let mut deadline = sysreg::now().saturating_add(self.budget_ticks);
+        let mut budgets = 1;
         // SAFETY: this CPU holds the service (Busy), so its vCPU is ours.
         let vcpu = unsafe { &mut *self.vcpu() };
         vcpu.cpu = cpu.index as u64;
@@ -280,14 +335,34 @@ impl Service {
             // next trap returns here through `leave_nested`.
             unsafe { enter_nested(self.vcpu(), cpu.nested.get()) };
             let fired = sysreg::disarm_watchdog();
+            if fired {
+                // Another budget gone: stuck only once it has taken
+                // OVERRUN_LIMIT of them. The exit is handled below as usual.
+                if budgets >= OVERRUN_LIMIT {
+                    return Exit::Fault(
+                        "ran past its budget (the budgets it took in detail)",
+                        budgets,
+                    );
+                }
+                budgets += 1;
+                deadline = sysreg::now().saturating_add(self.budget_ticks);
+            }
             match vcpu.exit_vector {
                 LOWER_SYNC => {}
-                LOWER_IRQ if fired => return Exit::Fault("ran past its budget", self.budget_ticks),
-                LOWER_IRQ => return Exit::Preempted,
+                // The watchdog's own interrupt: handled above.
+                LOWER_IRQ if fired => continue,
+                // A host interrupt.
+                LOWER_IRQ | LOWER_FIQ => {
+                    if preemption == Preemption::Allowed {
+                        return Exit::Preempted;
+                    }
+                    match gic {
+                        Some(access) if !gic::hold_back(access, held) => gic::mask_all(access),
+                        _ => {}
+                    }
+                    continue;
+                }
                 v => return Exit::Fault("took an unexpected exception", v),
-            }
-            if fired {
-                return Exit::Fault("ran past its budget", self.budget_ticks);
             }
             let esr = vcpu.exit_esr;
             // The reply is the common case; skip the general decode for it.
@@ -351,7 +426,13 @@ impl Service {
     /// a reply they hold what they held then. (A change would be undone at
     /// its next run, never shown to anyone else.) A run an interrupt
     /// suspends, which stops the service anywhere, saves it whole.
-    fn with_partition<R>(&self, cpu: &PerCpu, started: bool, f: impl FnOnce() -> R) -> R {
+    fn with_partition<R>(
+        &self,
+        cpu: &PerCpu,
+        started: bool,
+        mask: RunMask,
+        f: impl FnOnce() -> R,
+    ) -> R {
         let m = super::boot::machine();
         let gic = cpu.gic_access();
         // SAFETY: this CPU holds the service; the host's EL1 state is saved
@@ -363,7 +444,7 @@ impl Service {
             let (h, c, md, ct, v) = service_el2(self.vttbr, started);
             sysreg::switch_el2(h, c, md, ct, v);
         }
-        let saved = gic.as_ref().map(gic::open_watchdog);
+        let saved = gic.as_ref().map(|access| gic::open_watchdog(access, mask));
         let r = f();
         if let (Some(access), Some(saved)) = (gic.as_ref(), saved) {
             gic::close_watchdog(access, saved);
@@ -417,9 +498,10 @@ pub fn call(
     index: usize,
     header: &MessageHeader,
     body: &mut [u64],
+    preemption: Preemption,
 ) -> Result<Result<u32, Error>, Error> {
     match get(index) {
-        Some(s) => s.call(cpu, header, body),
+        Some(s) => s.call(cpu, header, body, preemption),
         None => Err(Error::NotSupported),
     }
 }
@@ -431,6 +513,7 @@ impl Service {
         cpu: &PerCpu,
         header: &MessageHeader,
         body: &mut [u64],
+        preemption: Preemption,
     ) -> Result<Result<u32, Error>, Error> {
         if header.payload_len as usize > (body.len() * 8).min(moat_abi::ipc::PAYLOAD_SIZE) {
             return Err(Error::InvalidParameters);
@@ -442,18 +525,18 @@ impl Service {
                     .all(|w| *w == 0)
         );
         self.acquire()?;
-        let outcome = self.with_partition(cpu, true, || {
+        let outcome = self.with_partition(cpu, true, preemption.mask(), || {
             // SAFETY: Busy is ours, so the pending slot is too.
             let pending = unsafe { &mut *self.pending.get() };
             if pending.is_some()
-                && let Some(verdict) = self.finish_pending(cpu, pending, header, body)
+                && let Some(verdict) = self.finish_pending(cpu, pending, header, body, preemption)
             {
                 return verdict;
             }
             self.ipc_write(header, body);
             // SAFETY: Busy is ours, so the vCPU is too; SVC_REPLY_WAIT returns 0.
             unsafe { (*self.vcpu()).regs.x[0] = 0 };
-            match self.run(cpu) {
+            match self.run(cpu, preemption) {
                 Exit::Reply => {
                     let reply = self.ipc_read(body);
                     finish(self, &reply, header, body.len() * 8)
@@ -488,9 +571,10 @@ impl Service {
         pending: &mut Option<Pending>,
         header: &MessageHeader,
         body: &mut [u64],
+        preemption: Preemption,
     ) -> Option<Result<Result<u32, Error>, Error>> {
         let p = pending.take()?;
-        match self.run(cpu) {
+        match self.run(cpu, preemption) {
             Exit::Reply => {
                 let reissue = p.is_reissue(header, body, cpu.index);
                 let mut reply_body = [0u64; MAX_WORDS];
@@ -578,11 +662,11 @@ where
     if size_of::<Q>().max(size_of::<R>()) <= SMALL_BODY {
         let mut body: SmallBody = [0; SMALL_WORDS];
         body.as_mut_bytes()[..size_of::<Q>()].copy_from_slice(request.as_bytes());
-        typed_reply(s.call(cpu, &header, &mut body)?, &body)
+        typed_reply(s.call(cpu, &header, &mut body, Preemption::Never)?, &body)
     } else {
         let mut body = [0u64; MAX_WORDS];
         body.as_mut_bytes()[..size_of::<Q>()].copy_from_slice(request.as_bytes());
-        typed_reply(s.call(cpu, &header, &mut body)?, &body)
+        typed_reply(s.call(cpu, &header, &mut body, Preemption::Never)?, &body)
     }
 }
 
@@ -636,7 +720,7 @@ pub fn notify_observers(cpu: &PerCpu, trap: &TrapDescriptor) {
         );
         // A notice is one-way: the reply's content does not matter, and a
         // suspended notice is finished by the service's next call.
-        let _ = call(cpu, index, &header, &mut body);
+        let _ = call(cpu, index, &header, &mut body, Preemption::Allowed);
     }
 }
 
@@ -847,7 +931,9 @@ pub fn start_all(cpu: &PerCpu) {
         if s.state.load(Ordering::Relaxed) == State::Failed as u8 {
             continue;
         }
-        let started = s.with_partition(cpu, false, || s.run(cpu));
+        let started = s.with_partition(cpu, false, RunMask::Transaction, || {
+            s.run(cpu, Preemption::Never)
+        });
         match started {
             Exit::Reply => {
                 s.state.store(State::Ready as u8, Ordering::Release);

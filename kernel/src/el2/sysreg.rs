@@ -252,6 +252,17 @@ el1_context!(
 
 /// Where SP_EL1 is in an [`El1Context`].
 const SP_EL1_WORD: usize = 12;
+/// Where CNTV_CTL_EL0 (and after it CNTV_CVAL_EL0) is in an [`El1Context`]:
+/// the last pair.
+const CNTV_CTL_WORD: usize = 22;
+const _: () = assert!(EL1_REGS == CNTV_CTL_WORD + 2);
+
+impl El1Context {
+    /// The virtual timer this context holds: CNTV_CTL_EL0, CNTV_CVAL_EL0.
+    pub fn virtual_timer(&self) -> (u64, u64) {
+        (self.regs[CNTV_CTL_WORD], self.regs[CNTV_CTL_WORD + 1])
+    }
+}
 
 impl El1Context {
     /// Saves SP_EL1 alone: the one EL1 register a running service changes

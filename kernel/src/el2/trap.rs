@@ -201,7 +201,7 @@ pub fn ask(cpu: &cpu::PerCpu, index: usize, trap: &TrapDescriptor) -> Answer {
         s.next_sequence(),
         size_of::<TrapDescriptor>() as u32,
     );
-    match s.call(cpu, &header, &mut body) {
+    match s.call(cpu, &header, &mut body, service::Preemption::Allowed) {
         Ok(Ok(len)) if len as usize == size_of::<Verdict>() => {
             match Verdict::read_from_bytes(&body.as_bytes()[..size_of::<Verdict>()]) {
                 Ok(v) => Answer::Verdict(v),

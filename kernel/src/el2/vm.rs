@@ -38,6 +38,7 @@ use moat_abi::services::{FrameRange, LedgerRequest, Party};
 use moat_abi::trap::{PARTITION_VM_BASE, TrapClass};
 use moat_abi::vm::{self as abi, Exit, ExitReason, MAX_VMS, MmioAccess, VmFlags};
 use moat_abi::{hypercall, smccc};
+use moat_kernel::el2config::{self, RunMask};
 use moat_kernel::esr::{self, Trap};
 use moat_kernel::regs::GuestRegs;
 use moat_kernel::vmfeatures;
@@ -745,11 +746,28 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         };
     }
 
+    // The run ends by the host's own timer or after one slice at the latest
+    // (the backstop: the EL2 timer, which the CPU interface lets through).
+    // SAFETY: the host's EL1 state was saved above and is not written
+    // again until the run ends.
+    let (host_cntv_ctl, host_cntv_cval) = unsafe { (*cpu.host_el1.get()).virtual_timer() };
+    let (now, freq) = sysreg::counter();
+    let deadline = el2config::vm_run_deadline(now, freq, host_cntv_ctl, host_cntv_cval);
+    let gic = cpu.gic_access();
+    let saved_icc = gic
+        .as_ref()
+        .map(|access| super::gic::open_watchdog(access, RunMask::Vm));
     let outcome = loop {
+        // Armed again before every entry: a service call made on the VM's
+        // behalf (`outside_vm`) uses the same timer for its own watchdog.
+        sysreg::arm_watchdog(deadline);
         // SAFETY: the vCPU frame is complete, the VM's EL1 and EL2 state is
         // loaded, and `nested` is this CPU's save area; the VM's next trap
         // returns here through `leave_nested`.
         unsafe { enter_nested(&mut *vm.vcpu, cpu.nested.get()) };
+        // The backstop's interrupt ends the run as an Interrupt exit, like
+        // any host interrupt; disarming it drops its level.
+        sysreg::disarm_watchdog();
         match handle_exit(cpu, vm) {
             Step::Resume => continue,
             Step::Exit(e) => break (e, Status::Alive),
@@ -757,6 +775,9 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         }
     };
 
+    if let (Some(access), Some(saved)) = (gic.as_ref(), saved_icc) {
+        super::gic::close_watchdog(access, saved);
+    }
     if vm.mte {
         vm.mte_regs.save();
         host_mte.load();

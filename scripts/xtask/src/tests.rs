@@ -265,6 +265,32 @@ fn cases() -> Vec<Case> {
             ],
         ),
         host_boot(
+            "attack_guest_keeps_its_cpu",
+            1,
+            "v3",
+            &[
+                "test-host: ok   attack guest keeps cpu (host on its virtual timer): VCPU_RUN of a spinning guest",
+                "test-host: ok   attack guest keeps cpu (host on its virtual timer): then the host took INTID 27",
+                "test-host: ok   attack guest keeps cpu (host on its physical timer): VCPU_RUN of a spinning guest",
+                "test-host: ok   attack guest keeps cpu (host on its physical timer): then the host took INTID 30",
+                "test-host: ok   attack guest keeps cpu (host with no timer armed): VCPU_RUN of a spinning guest",
+                "test-host: ok   attack guest keeps cpu (host with no timer armed): then the host took INTID 1023",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after a spinning guest was stopped by the host's timer (0)",
+            ],
+        ),
+        host_boot(
+            "attack_interrupt_priority_during_transaction",
+            1,
+            "v3",
+            &[
+                "test-host: ok   attack interrupt during transaction: with SGI 8 pending at priority 0x20: VM_CREATE 0, VM_DONATE 0 and 0, VM_DESTROY 0, VM_RECLAIM 0 and 0",
+                "test-host: ok   attack interrupt during transaction: the host's SGI (priority 0x20) was still pending afterwards and taken (INTID 8)",
+                "test-host: ok   attack interrupt during transaction: with SGI 8 pending at priority 0x0: VM_CREATE 0, VM_DONATE 0 and 0, VM_DESTROY 0, VM_RECLAIM 0 and 0",
+                "test-host: ok   attack interrupt during transaction: the host's SGI (priority 0x0) was still pending afterwards and taken (INTID 8)",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after memory transactions made with a high-priority host interrupt pending (0)",
+            ],
+        ),
+        host_boot(
             "vm_guest_cannot_reach_outside_its_memory",
             1,
             "v3",

@@ -271,11 +271,25 @@ fn install_on_debian(what: &str, why: &str, commands: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// Where QEMU finds the option ROM of its default network card
+/// (virtio-net-pci), without which `-M virt` refuses to start.
+const NIC_ROMS: [&str; 2] = [
+    "/usr/share/qemu/efi-virtio.rom",
+    "/usr/lib/ipxe/qemu/efi-virtio.rom",
+];
+
+fn nic_rom_present() -> bool {
+    NIC_ROMS.iter().any(|p| Path::new(p).exists())
+}
+
 /// QEMU 9 or newer (10 from bookworm-backports on Debian 12): only the
-/// package that holds `qemu-system-aarch64`, without recommends (no GUI,
-/// audio or GL stacks), and a backports source only where none exists.
+/// package that holds `qemu-system-aarch64` and the network card ROM QEMU
+/// loads for `virt` (ipxe-qemu), without recommends (no GUI, audio or GL
+/// stacks), and a backports source only where none exists.
 pub fn ensure_qemu() -> Result<()> {
-    if qemu_major().is_some_and(|v| v >= 9) {
+    let ready =
+        || qemu_major().is_some_and(|v| v >= 9) && (!is_debian_bookworm() || nic_rom_present());
+    if ready() {
         return Ok(());
     }
     let add_source = if backports_configured() {
@@ -285,17 +299,19 @@ pub fn ensure_qemu() -> Result<()> {
     };
     let commands = format!(
         "{add_source}apt-get update && \
-         apt-get install -y --no-install-recommends -t bookworm-backports qemu-system-arm"
+         apt-get install -y --no-install-recommends -t bookworm-backports qemu-system-arm ipxe-qemu"
     );
     if install_on_debian(
-        "qemu-system-arm from bookworm-backports",
+        "qemu-system-arm and ipxe-qemu from bookworm-backports",
         "the integration tests boot Moat under QEMU 9 or newer",
         &commands,
     )? {
-        if qemu_major().is_some_and(|v| v >= 9) {
+        if ready() {
             return Ok(());
         }
-        bail!("QEMU is still older than 9 after installing from bookworm-backports");
+        bail!(
+            "QEMU is still older than 9, or has no efi-virtio.rom, after installing from bookworm-backports"
+        );
     }
     bail!(
         "Moat needs qemu-system-aarch64 9 or newer (found {:?}). On Debian 12, as root:\n  {commands}\n\
