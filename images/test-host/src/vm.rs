@@ -119,8 +119,25 @@ fn load(handle: u64, ipa: u64, src: u64, bytes: u64) -> Code {
     Code(call(abi::VM_LOAD, [handle, ipa, src, bytes, 0, 0])[0])
 }
 
-/// `VCPU_RUN` with the answer to the previous exit: x0 and the exit.
+/// `VCPU_RUN` with the answer to the previous exit: x0 and the exit. An
+/// `Interrupt` exit is run through, as a VMM does: this host keeps its
+/// interrupts masked, so such an exit is the core's backstop (a run lasts
+/// 10 ms at most) or an interrupt a case does not look at. Cases that look
+/// at `Interrupt` exits use [`vcpu_run_once`].
 fn vcpu_run(handle: u64, answer: [u64; 4]) -> (Code, [u64; 7]) {
+    let mut answer = answer;
+    loop {
+        let (r, regs) = vcpu_run_once(handle, answer);
+        if !(r.ok() && regs[0] == ExitReason::Interrupt as u64) {
+            return (r, regs);
+        }
+        // An Interrupt exit consumes no answer.
+        answer = [0; 4];
+    }
+}
+
+/// One `VCPU_RUN`, whatever exit ends it.
+fn vcpu_run_once(handle: u64, answer: [u64; 4]) -> (Code, [u64; 7]) {
     let r = call(
         abi::VCPU_RUN,
         [handle, answer[0], answer[1], answer[2], answer[3], 0],
@@ -369,9 +386,23 @@ impl Guest {
         self.pa + (ipa - p::BASE_IPA)
     }
 
-    /// Runs the vCPU with the pending answer; prints the exit.
+    /// Runs the vCPU with the pending answer (through `Interrupt` exits);
+    /// prints the exit.
     fn run(&mut self, c: &mut Checks) -> Option<Exit> {
-        let (r, regs) = vcpu_run(self.handle, core::mem::take(&mut self.answer));
+        self.run_with(c, vcpu_run)
+    }
+
+    /// [`Guest::run`], but an `Interrupt` exit is returned too.
+    fn run_once(&mut self, c: &mut Checks) -> Option<Exit> {
+        self.run_with(c, vcpu_run_once)
+    }
+
+    fn run_with(
+        &mut self,
+        c: &mut Checks,
+        run: fn(u64, [u64; 4]) -> (Code, [u64; 7]),
+    ) -> Option<Exit> {
+        let (r, regs) = run(self.handle, core::mem::take(&mut self.answer));
         let exit = Exit::from_regs(regs);
         match exit {
             Some(e) if r.ok() => {
@@ -1225,7 +1256,19 @@ fn vectors(c: &mut Checks, ram: &mut Ram) {
         g.end(c, false);
         return;
     }
-    let (r, regs, lost_v, lost_z) = run_keeping_vectors(g.handle, core::mem::take(&mut g.answer));
+    let (mut r, mut regs, mut lost_v, mut lost_z) =
+        run_keeping_vectors(g.handle, core::mem::take(&mut g.answer));
+    // The core's backstop may end a run before the guest's exit: the host's
+    // registers are checked across every run until then.
+    while r.ok() && regs[0] == ExitReason::Interrupt as u64 {
+        let again = run_keeping_vectors(g.handle, [0; 4]);
+        (r, regs) = (again.0, again.1);
+        lost_v += again.2;
+        lost_z = match (lost_z, again.3) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
     let exit = Exit::from_regs(regs);
     let set = r.ok()
         && exit.is_some_and(|e| {
@@ -1802,6 +1845,8 @@ const STOP_SGI: u64 = 8;
 static REDISTRIBUTORS: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
 /// This CPU's interface state before `gic_setup`: PMR, IGRPEN1.
 static SAVED_ICC: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+/// Set while `gic_setup` has the serving CPU's interface open.
+static GIC_OPEN: AtomicBool = AtomicBool::new(false);
 
 /// This CPU's SGI/PPI frame (GICv3), found by affinity as the core does.
 fn sgi_frame() -> Option<u64> {
@@ -1867,6 +1912,7 @@ fn gic_setup() -> u64 {
     }
     SAVED_ICC[0].store(pmr, Ordering::SeqCst);
     SAVED_ICC[1].store(grpen, Ordering::SeqCst);
+    GIC_OPEN.store(true, Ordering::SeqCst);
     0
 }
 
@@ -1887,6 +1933,7 @@ fn gic_ack() -> u64 {
             i = out(reg) intid, options(nostack),
         );
     }
+    GIC_OPEN.store(false, Ordering::SeqCst);
     if let Some(sgi) = sgi_frame() {
         gic_write32(sgi + 0x180, 1 << STOP_SGI); // ICENABLER0
     }
@@ -1955,6 +2002,7 @@ pub(super) fn secondary(index: u64) -> bool {
         let r = match function {
             OP_GIC_SETUP => [gic_setup(), 0, 0, 0, 0, 0, 0, 0],
             OP_GIC_ACK => [gic_ack(), 0, 0, 0, 0, 0, 0, 0],
+            abi::VCPU_RUN => remote_vcpu_run(args),
             _ => hvc6(function, args),
         };
         for (slot, v) in RESULT.iter().zip(r) {
@@ -1962,6 +2010,33 @@ pub(super) fn secondary(index: u64) -> bool {
         }
         DONE.store(seq, Ordering::SeqCst);
     }
+}
+
+/// `VCPU_RUN` on a serving CPU: an `Interrupt` exit is run through unless
+/// this CPU's GIC interface (opened by `gic_setup`) has an interrupt
+/// pending for the host, which is what the cases there wait for.
+fn remote_vcpu_run(args: [u64; 6]) -> [u64; 8] {
+    let mut args = args;
+    loop {
+        let r = hvc6(abi::VCPU_RUN, args);
+        if !(r[0] == 0 && r[1] == ExitReason::Interrupt as u64) || host_interrupt_pending() {
+            return r;
+        }
+        args[1..5].fill(0);
+    }
+}
+
+/// Whether this CPU's GIC interface, if `gic_setup` opened it, has a
+/// group-1 interrupt pending.
+fn host_interrupt_pending() -> bool {
+    if !GIC_OPEN.load(Ordering::SeqCst) {
+        return false;
+    }
+    let intid: u64;
+    // SAFETY: reads the highest-priority pending interrupt without
+    // acknowledging it (the system-register interface is on: `gic_setup`).
+    unsafe { core::arch::asm!("mrs {}, icc_hppir1_el1", out(reg) intid, options(nomem, nostack)) };
+    intid & 0xff_ffff < 1020
 }
 
 fn wait_for(flag: &AtomicU64, value: u64) -> bool {

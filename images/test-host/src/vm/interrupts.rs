@@ -188,18 +188,20 @@ fn guest_keeps_cpu(c: &mut Checks, ram: &mut Ram, timer: HostTimer) {
     // The host's tick, 2 ms away.
     let deadline = start + freq / 500;
     set_timer(timer, Some(deadline));
-    let exit = g.run(c);
+    let exit = g.run_once(c);
     let (end, _) = clock();
     let taken = saved.map(|_| acknowledge()).unwrap_or(1023);
     set_timer(timer, None);
     if let Some(s) = saved {
         restore_local(intid, s);
     }
+    // How far the guest got (on a loaded machine the host's 2 ms can pass
+    // before the guest has run at all: it is shown, not required).
     let counted = read_u64(counter);
     let micros = |ticks: u64| ticks.saturating_mul(1_000_000) / freq.max(1);
     let ok = exit.is_some_and(|e| e.reason == ExitReason::Interrupt);
     c.check(
-        ok && counted > 0,
+        ok,
         format_args!(
             "{name}: VCPU_RUN of a spinning guest (it counted to {counted}) came back with an Interrupt exit after {} us of guest time",
             micros(end - start)
@@ -223,17 +225,7 @@ fn guest_keeps_cpu(c: &mut Checks, ram: &mut Ram, timer: HostTimer) {
         ),
     );
     write_u64(counter + 8, p::STOP);
-    // The backstop may end a run before the guest has looked at its page.
-    let mut off = None;
-    for _ in 0..16 {
-        match g.run(c) {
-            Some(e) if e.reason == ExitReason::Interrupt => continue,
-            e => {
-                off = e.filter(|e| e.reason == ExitReason::Shutdown);
-                break;
-            }
-        }
-    }
+    let off = g.expect_exit(c, ExitReason::Shutdown);
     c.check(
         off.is_some(),
         format_args!("{name}: told to stop, the guest powered off"),
