@@ -38,6 +38,9 @@ use moat_abi::vm::{self as abi, Exit, ExitReason, MmioAccess, VmFlags};
 use moat_abi::{Error, hypercall, smccc as ids};
 use moat_platform::dt::{Platform, Range};
 
+#[path = "cpu_attacks.rs"]
+mod cpu_attacks;
+
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
 use protocol as p;
@@ -563,6 +566,9 @@ pub(super) fn scenarios(
     consistent(c, "a destroyed VM's pages were reclaimed, one still shared");
     vectors(c, &mut ram);
     consistent(c, "the vector-register probe");
+    cpu_attacks::sme_streaming(c, &mut ram);
+    cpu_attacks::pmu_counts_guest(c, &mut ram);
+    cpu_attacks::breakpoint_in_guest(c, &mut ram);
     hostile_access(c, &mut ram, mte);
     consistent(c, "the host touched donated memory");
     hostile_donations(c, &mut ram, dtb);
