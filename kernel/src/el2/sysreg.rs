@@ -93,6 +93,8 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
         sr::write_vtcr_el2(sr::VtcrEl2::from_bits_retain(config.vtcr));
         sr::write_vttbr_el2(sr::VttbrEl2::from_bits_retain(config.vttbr));
         core::arch::asm!(
+            // The TLBI names the VMID in VTTBR_EL2: the direct write must be
+            // synchronized before a later instruction is sure to see it.
             "isb",
             "tlbi vmalls12e1",
             "dsb nsh",
@@ -129,6 +131,8 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
             sr::write_icc_sre_el2(sr::IccSreEl2::from_bits_retain(
                 moat_kernel::el2config::HOST_ICC_SRE_EL2,
             ));
+            // ICC_SRE_EL2.SRE must be in effect (a context synchronization
+            // event after the write) before the ICH_* access below.
             core::arch::asm!("isb", options(nostack, preserves_flags));
             sr::write_ich_hcr_el2(sr::IchHcrEl2::from_bits_retain(0));
         }
@@ -149,6 +153,8 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
         sr::write_hcr_el2(sr::HcrEl2::from_bits_retain(
             config.hcr.load(core::sync::atomic::Ordering::Relaxed),
         ));
+        // Every write above in effect before the next instruction (the
+        // vector lengths `vector_lengths` reads depend on ZCR_EL2/SMCR_EL2).
         core::arch::asm!("isb", options(nostack, preserves_flags));
     }
 }
@@ -219,15 +225,17 @@ const PMCR_E: u64 = 1;
 impl ParkedHostMonitors {
     /// Saves the host's controls and turns them all off: MDSCR_EL1 zero (no
     /// breakpoint, watchpoint or software-step exception), PMCR_EL0.E clear
-    /// (no counter counts), TRFCR_EL1 zero (no trace at EL0 or EL1).
+    /// (no counter counts), TRFCR_EL1 zero (no trace at EL0 or EL1). With
+    /// `pmu_sees_all` (benchmark images, which count the core's own work
+    /// too: MDCR_EL2.HPMD clear) the counters are left running.
     ///
     /// # Safety
     ///
     /// The CPU is at EL2 about to run a VM; the host's EL1 state is saved
     /// (these registers are not part of it).
-    pub unsafe fn park(cpu: &CpuFeatures) -> Self {
+    pub unsafe fn park(cpu: &CpuFeatures, pmu_sees_all: bool) -> Self {
         let mdscr = sr::read_mdscr_el1().bits();
-        let pmcr = cpu.pmuv3.then(|| sr::read_pmcr_el0().bits());
+        let pmcr = (cpu.pmuv3 && !pmu_sees_all).then(|| sr::read_pmcr_el0().bits());
         let trfcr = cpu.trace_filter.then(|| {
             let v: u64;
             // SAFETY: reads TRFCR_EL1 (FEAT_TRF), no side effects.

@@ -202,8 +202,9 @@ impl HostVectors {
         match self.sve.as_ref() {
             Some(z) => {
                 // The host's CPTR_EL2, which lets SVE through, must be in
-                // effect before the first SVE instruction (`switch_el2`
-                // leaves the synchronization to the ERET).
+                // effect before the first SVE instruction: a direct write
+                // needs a context synchronization event (`switch_el2` leaves
+                // it to the ERET, which comes too late here).
                 // SAFETY: a barrier.
                 unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
                 z.load();
@@ -769,8 +770,10 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     }
     vm.host_vectors.save();
     vm.fp.load();
+    let m = machine();
+    let benchmark = m.host_el2.mdcr & moat_kernel::el2config::MDCR_HPMD == 0;
     // SAFETY: the host's EL1 state is saved and the VM's about to run.
-    let host_monitors = unsafe { sysreg::ParkedHostMonitors::park(&machine().cpu) };
+    let host_monitors = unsafe { sysreg::ParkedHostMonitors::park(&m.cpu, benchmark) };
     arm_sysregs::write_csselr_el1(vm.csselr);
     let mut host_mte = MteRegs::default();
     if vm.mte {
