@@ -15,7 +15,7 @@
 //! instruction), so a pass means the core stopped it, not that it was inert.
 
 use super::super::{CONSOLE, EXCEPTIONS, EXPECT, Expect, LAST_ESR};
-use super::{Checks, Code, ExitReason, Guest, Ram, abi, consistent, p};
+use super::{Checks, Code, ExitReason, Guest, Ram, abi, consistent, p, pmu_now, pmu_start};
 use core::fmt::Write as _;
 use core::sync::atomic::Ordering;
 use moat_abi::Error;
@@ -303,35 +303,15 @@ pub(super) fn sme_streaming(c: &mut Checks, ram: &mut Ram) {
 /// excludes EL0; NSH, bit 27, clear excludes EL2).
 const PMU_EL1_ONLY: u64 = 0x08 | (1 << 30);
 
-/// Programs event counter 1 with `PMU_EL1_ONLY` and enables it.
-fn pmu_count_el1() {
-    // SAFETY: PMU counter 1 is ours (MDCR_EL2.HPMN gives EL1 every counter);
-    // PMCR_EL0.E is set, keeping the other bits.
-    unsafe {
-        core::arch::asm!(
-            "msr pmevtyper1_el0, {ty}", "msr pmcntenset_el0, {en}",
-            "mrs {t}, pmcr_el0", "orr {t}, {t}, #1", "msr pmcr_el0, {t}", "isb",
-            ty = in(reg) PMU_EL1_ONLY, en = in(reg) 2u64, t = out(reg) _,
-        );
-    }
-}
-
-fn pmu_counter1() -> u64 {
-    let v: u64;
-    // SAFETY: reads PMU counter 1.
-    unsafe { core::arch::asm!("isb", "mrs {v}, pmevcntr1_el0", "isb", v = out(reg) v) };
-    v
-}
-
 /// The host's own `n`-iteration loop, counted.
 fn count_host_loop(n: u64) -> u64 {
-    let start = pmu_counter1();
+    let start = pmu_now();
     // SAFETY: a register-only loop.
     unsafe {
         core::arch::asm!("1:", "subs {n}, {n}, #1", "b.ne 1b", n = inout(reg) n => _,
             options(nomem, nostack));
     }
-    pmu_counter1() - start
+    pmu_now() - start
 }
 
 /// The PMU attack: does the host's EL1 instruction counter count the guest?
@@ -343,7 +323,7 @@ pub(super) fn pmu_counts_guest(c: &mut Checks, ram: &mut Ram) {
         return;
     }
     const SPINS: u64 = 1_000_000;
-    pmu_count_el1();
+    pmu_start(PMU_EL1_ONLY);
     let own = count_host_loop(SPINS);
     if own == 0 {
         // QEMU counts retired instructions only with -icount.
@@ -363,9 +343,9 @@ pub(super) fn pmu_counts_guest(c: &mut Checks, ram: &mut Ram) {
         && g.expect_hvc(c, p::SPIN_READY, "SPIN_READY").is_some();
     if ready {
         g.answer = [SPINS, 0, 0, 0];
-        let start = pmu_counter1();
+        let start = pmu_now();
         let spun = g.expect_hvc(c, p::SPUN, "SPUN");
-        let seen = pmu_counter1() - start;
+        let seen = pmu_now() - start;
         c.check(
             spun.is_some_and(|a| a[0] == SPINS) && seen < SPINS / 2,
             format_args!(
@@ -383,8 +363,8 @@ pub(super) fn pmu_counts_guest(c: &mut Checks, ram: &mut Ram) {
         let off = g.expect_exit(c, ExitReason::Shutdown).is_some();
         c.check(off, format_args!("{name}: the guest powered off"));
     }
-    // SAFETY: disables counter 1 again (PMCNTENCLR_EL0).
-    unsafe { core::arch::asm!("msr pmcntenclr_el0, {}", in(reg) 2u64) };
+    // SAFETY: disables counter 0 again (PMCNTENCLR_EL0).
+    unsafe { core::arch::asm!("msr pmcntenclr_el0, {}", in(reg) 1u64) };
     g.end(c, true);
     consistent(c, "the host's PMU counted across a VM run");
 }

@@ -2316,14 +2316,15 @@ fn race(c: &mut Checks, ram: &mut Ram, remote: &mut Remote) {
     );
 }
 
-/// Programs PMU counter 0 to count instructions at EL1 and EL2.
-fn pmu_start() {
+/// Programs PMU counter 0 to count the event and levels of `filter`
+/// (a PMEVTYPER value) and enables it.
+fn pmu_start(filter: u64) {
     // SAFETY: PMU counter 0 is ours, as in the other benchmarks.
     unsafe {
         core::arch::asm!(
             "msr pmevtyper0_el0, {ty}", "msr pmcntenset_el0, {en}",
             "mrs {t}, pmcr_el0", "orr {t}, {t}, #1", "msr pmcr_el0, {t}", "isb",
-            ty = in(reg) PMU_EL1_AND_EL2, en = in(reg) 1u64, t = out(reg) _,
+            ty = in(reg) filter, en = in(reg) 1u64, t = out(reg) _,
         );
     }
 }
@@ -2344,7 +2345,7 @@ fn count<T>(f: impl FnOnce() -> T) -> (T, u64) {
 
 /// `bench:` lines for donating and reclaiming ranges, and an exit's round trip.
 fn benchmarks(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
-    pmu_start();
+    pmu_start(PMU_EL1_AND_EL2);
     for pages in [1u64, 512, 262_144] {
         // Every range from a fresh search: the scenarios gave back what they took.
         let mut ram = Ram::new(platform, dtb);
