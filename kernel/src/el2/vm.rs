@@ -218,8 +218,8 @@ impl HostVectors {
 /// The largest SVE vector length (bytes) of any CPU brought up so far, as
 /// `sysreg::vector_lengths` read it with ZCR_EL2.LEN all ones.
 static MAX_SVE_BYTES: AtomicU64 = AtomicU64::new(0);
-/// The same for SME's streaming vector length (kept for the log and the
-/// refusal below: no save area holds streaming state).
+/// The same for SME's streaming vector length, for the log: no save area
+/// holds streaming state (`run` refuses a host in streaming mode).
 static MAX_SVL_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Notes the vector lengths a CPU reported at bring-up.
