@@ -41,6 +41,8 @@ pub mod hcr {
     pub const TIDCP: u64 = 1 << 20;
     /// Trap the LORegion registers.
     pub const TLOR: u64 = 1 << 35;
+    /// Trap EL1 accesses to the RAS error record registers (ERR*, ERX*).
+    pub const TERR: u64 = 1 << 36;
     /// Force broadcast of EL1 TLB maintenance and branch-predictor
     /// invalidation (a vCPU may have run on another CPU).
     pub const FB: u64 = 1 << 9;
@@ -69,6 +71,16 @@ pub struct CpuFeatures {
     pub fgt: bool,
     /// ID_AA64DFR0_EL1.PMUVer is a PMUv3 version.
     pub pmuv3: bool,
+    /// ID_AA64DFR0_EL1.TraceVer != 0: a trace unit with system registers.
+    pub trace: bool,
+    /// ID_AA64DFR0_EL1.TraceFilt != 0: TRFCR_EL1/EL2 exist (FEAT_TRF).
+    pub trace_filter: bool,
+    /// ID_AA64DFR0_EL1.PMSVer != 0: the statistical profiling extension.
+    pub spe: bool,
+    /// ID_AA64PFR0_EL1.AMU != 0: activity monitors.
+    pub amu: bool,
+    /// ID_AA64PFR0_EL1.RAS != 0: error record registers.
+    pub ras: bool,
 }
 
 impl CpuFeatures {
@@ -87,6 +99,11 @@ impl CpuFeatures {
             hcx: field(mmfr1, 40) != 0,
             fgt: field(mmfr0, 56) != 0,
             pmuv3: pmuver != 0 && pmuver != 0xf,
+            trace: field(dfr0, 4) != 0,
+            trace_filter: field(dfr0, 40) != 0,
+            spe: field(dfr0, 32) != 0,
+            amu: field(pfr0, 44) != 0,
+            ras: field(pfr0, 28) != 0,
         }
     }
 
@@ -220,11 +237,19 @@ pub const fn service_hcr(started: bool) -> u64 {
 /// implementation-defined and LORegion registers trapped; ID registers
 /// trapped and answered by the core; EL1 TLB maintenance broadcast (its
 /// vCPU may have run on another CPU); tag access only with MTE on, and
-/// GMID_EL1 trapped with it off.
+/// GMID_EL1 trapped with it off; the RAS error records (which describe
+/// errors in anyone's memory, and which an EL1 write could clear) trapped.
+///
+/// TEA stays clear: a synchronous external abort on the VM's own access
+/// goes to the VM, which is what the hardware would do without the core;
+/// SErrors, which may belong to anyone, reach the core (AMO).
 pub fn vm_hcr(cpu: &CpuFeatures, mte: bool) -> u64 {
     let mut v = NESTED_HCR | hcr::TSW | hcr::TACR | hcr::TIDCP | hcr::TLOR | hcr::TID3 | hcr::FB;
     if cpu.mte {
         v |= if mte { hcr::ATA } else { hcr::TID5 };
+    }
+    if cpu.ras {
+        v |= hcr::TERR;
     }
     v
 }
@@ -234,14 +259,42 @@ pub fn vm_hcr(cpu: &CpuFeatures, mte: bool) -> u64 {
 /// registers stay untouched in the CPU. Bits 13, 9 and 7:0 are RES1.
 pub const SERVICE_CPTR: u64 = (1 << 13) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 8) | 0xff;
 /// CPTR_EL2 for a protected VM: FP/SIMD allowed (the core switches the
-/// V registers), SVE and SME trapped.
-pub const VM_CPTR: u64 = (1 << 13) | (1 << 12) | (1 << 9) | (1 << 8) | 0xff;
+/// V registers), SVE and SME trapped; where they exist, the trace unit's
+/// system registers (TTA: the trace unit is the host's, and would trace
+/// it) and the activity monitors (TAM: their counters run across every
+/// partition, a clock of the host's work) trapped. TTA and TAM are RES0
+/// without the feature, so they are set only with it.
+pub fn vm_cptr(cpu: &CpuFeatures) -> u64 {
+    let mut v: u64 = (1 << 13) | (1 << 12) | (1 << 9) | (1 << 8) | 0xff;
+    if cpu.trace {
+        v |= 1 << 20;
+    }
+    if cpu.amu {
+        v |= 1 << 30;
+    }
+    v
+}
 
 /// MDCR_EL2 for a nested partition: the host's (HPMN, HPMD: the core's
 /// work stays invisible to the host's counters outside benchmark images)
 /// plus the PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped.
 pub const fn nested_mdcr(host_mdcr: u64) -> u64 {
     host_mdcr | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11)
+}
+
+/// MDCR_EL2 for a protected VM: a nested partition's, plus the trace
+/// filter (TTRF) and the profiling controls (TPMS) trapped where they exist
+/// (RES0 otherwise). The host's own debug, PMU and trace controls are parked
+/// while the VM runs (`ParkedHostMonitors` in the core's sysreg layer).
+pub fn vm_mdcr(cpu: &CpuFeatures, host_mdcr: u64) -> u64 {
+    let mut v = nested_mdcr(host_mdcr);
+    if cpu.trace_filter {
+        v |= 1 << 19;
+    }
+    if cpu.spe {
+        v |= 1 << 14;
+    }
+    v
 }
 
 /// CNTHCTL_EL2 for a nested partition: the counter is readable; the
@@ -370,8 +423,33 @@ mod tests {
         assert_eq!(vm_hcr(&cpu, false) & hcr::TID3, hcr::TID3);
         // FP/SIMD: trapped for services, the VM's own.
         assert_eq!(SERVICE_CPTR & (1 << 10), 1 << 10);
-        assert_eq!(VM_CPTR & (1 << 10), 0);
+        assert_eq!(vm_cptr(&cpu) & (1 << 10), 0);
         assert_eq!(nested_mdcr(0x11) & 0x1f, 0x11);
+        // PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped for every
+        // nested partition.
+        assert_eq!(nested_mdcr(0) & 0xe60, 0xe60);
+    }
+
+    #[test]
+    fn vm_traps_follow_the_features_present() {
+        let mut cpu = CpuFeatures::default();
+        // Without trace, AMU, TRF, SPE or RAS: their RES0 trap bits clear.
+        assert_eq!(vm_cptr(&cpu) & (1 << 20 | 1 << 30), 0);
+        assert_eq!(vm_mdcr(&cpu, 0) & (1 << 19 | 1 << 14), 0);
+        assert_eq!(vm_hcr(&cpu, false) & hcr::TERR, 0);
+        cpu.trace = true;
+        cpu.amu = true;
+        cpu.trace_filter = true;
+        cpu.spe = true;
+        cpu.ras = true;
+        assert_eq!(vm_cptr(&cpu) & (1 << 20 | 1 << 30), 1 << 20 | 1 << 30);
+        assert_eq!(
+            vm_mdcr(&cpu, 3) & (1 << 19 | 1 << 14 | 0x1f),
+            1 << 19 | 1 << 14 | 3
+        );
+        assert_eq!(vm_hcr(&cpu, false) & hcr::TERR, hcr::TERR);
+        // SVE and SME stay trapped for a VM.
+        assert_eq!(vm_cptr(&cpu) & (1 << 8 | 1 << 12), 1 << 8 | 1 << 12);
     }
 
     #[test]
@@ -404,6 +482,11 @@ mod tests {
         // MTE = 2 in PFR1[11:8], SVE in PFR0[35:32], PARange 5.
         let f = CpuFeatures::from_id_regs(1 << 32 | 1 << 24, 2 << 8, 5, 0, 1 << 8);
         assert!(f.mte && f.sve && f.gic_sysregs && f.pmuv3 && !f.sme);
+        assert!(!(f.trace || f.trace_filter || f.spe || f.amu || f.ras));
+        // RAS in PFR0[31:28], AMU in PFR0[47:44]; TraceVer DFR0[7:4],
+        // PMSVer DFR0[35:32], TraceFilt DFR0[43:40].
+        let f = CpuFeatures::from_id_regs(1 << 28 | 1 << 44, 0, 5, 0, 1 << 4 | 1 << 32 | 1 << 40);
+        assert!(f.trace && f.trace_filter && f.spe && f.amu && f.ras);
         assert_eq!(f.pa_bits(), 48);
         let f = CpuFeatures::from_id_regs(0, 1 << 8, 2, 0, 0xf << 8);
         assert!(!f.mte, "MTE = 1 has no tag storage");

@@ -112,10 +112,40 @@ pub const fn mpidr_affinity(mpidr: u64) -> u64 {
     mpidr & 0xff_00ff_ffff
 }
 
-/// Whether a PSCI power_state (original format) requests a powerdown state,
-/// after which the CPU resumes at the entry point rather than returning.
-pub const fn is_powerdown_state(power_state: u64) -> bool {
-    power_state & (1 << 16) != 0
+/// How firmware lays out CPU_SUSPEND's power_state argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerStateFormat {
+    /// StateID in bits [15:0], StateType (1: powerdown) in bit 16,
+    /// PowerLevel in bits [25:24].
+    Original,
+    /// StateID in bits [27:0], StateType in bit 30.
+    Extended,
+}
+
+impl PowerStateFormat {
+    /// The format PSCI_FEATURES(CPU_SUSPEND) reports in bit 1 of its flags
+    /// (PSCI 1.0 and later). A negative answer (PSCI 0.2 has no
+    /// PSCI_FEATURES, or CPU_SUSPEND is missing) means the original format.
+    pub const fn from_features(answer: u64) -> Self {
+        if (answer as i64) >= 0 && answer & (1 << 1) != 0 {
+            Self::Extended
+        } else {
+            Self::Original
+        }
+    }
+}
+
+/// Whether a CPU_SUSPEND power_state in `format` requests a powerdown
+/// state, after which the CPU resumes at the entry point rather than
+/// returning. The bit is the StateType field of the format firmware uses:
+/// reading the other format's bit would take a powerdown for a standby
+/// (the CPU would come back through the core's entry with no resume point).
+pub const fn is_powerdown_state(power_state: u64, format: PowerStateFormat) -> bool {
+    let bit = match format {
+        PowerStateFormat::Original => 16,
+        PowerStateFormat::Extended => 30,
+    };
+    power_state & (1 << bit) != 0
 }
 
 #[cfg(test)]
@@ -192,7 +222,38 @@ mod tests {
     fn affinity_and_power_state() {
         assert_eq!(mpidr_affinity(0x8000_0001), 1);
         assert_eq!(mpidr_affinity(0xff_8100_0203), 0xff_0000_0203);
-        assert!(is_powerdown_state(1 << 16));
-        assert!(!is_powerdown_state(0));
+        use PowerStateFormat::{Extended, Original};
+        assert!(is_powerdown_state(1 << 16, Original));
+        assert!(!is_powerdown_state(0, Original));
+        assert!(!is_powerdown_state(1 << 30, Original));
+        // Extended: StateType is bit 30; bit 16 is part of the StateID.
+        assert!(is_powerdown_state(1 << 30, Extended));
+        assert!(!is_powerdown_state(1 << 16, Extended));
+        assert!(!is_powerdown_state(0x0fff_ffff, Extended));
+    }
+
+    #[test]
+    fn power_state_format_from_features() {
+        assert_eq!(
+            PowerStateFormat::from_features(0b10),
+            PowerStateFormat::Extended
+        );
+        assert_eq!(
+            PowerStateFormat::from_features(0b01),
+            PowerStateFormat::Original
+        );
+        assert_eq!(
+            PowerStateFormat::from_features(0),
+            PowerStateFormat::Original
+        );
+        // NOT_SUPPORTED (-1) has every bit set: still the original format.
+        assert_eq!(
+            PowerStateFormat::from_features(u64::MAX),
+            PowerStateFormat::Original
+        );
+        assert_eq!(
+            PowerStateFormat::from_features(-2i64 as u64),
+            PowerStateFormat::Original
+        );
     }
 }

@@ -71,6 +71,8 @@ extern "C" fn guest_main(mode: u64, flags: u64) {
         MODE_MTE_PROBE => mte_probe(flags),
         MODE_SHARED_AT_EXIT => shared_at_exit(),
         MODE_VECTORS => vectors(),
+        MODE_SPIN_COUNT => spin_count(),
+        MODE_DEBUG_PROBE => debug_probe(),
         _ => {}
     }
 }
@@ -205,6 +207,59 @@ fn spin() {
         }
     }
     hvc(GUEST_UNSHARE_HOST, [ipa, 1, 0, 0, 0]);
+}
+
+/// Spins as many iterations as the host asks, between two exits: what a
+/// host counter must not see.
+fn spin_count() {
+    let n = hvc(SPIN_READY, [0; 5])[0].max(1);
+    // SAFETY: a register-only loop of SUBS and B.NE, `n` times.
+    unsafe {
+        core::arch::asm!("1:", "subs {n}, {n}, #1", "b.ne 1b", n = inout(reg) n => _,
+            options(nomem, nostack));
+    }
+    hvc(SPUN, [n, 0, 0, 0, 0]);
+}
+
+core::arch::global_asm!(
+    ".text",
+    ".balign 4",
+    ".global debug_probe_target",
+    "debug_probe_target:",
+    "    nop",
+    "    ret",
+);
+
+unsafe extern "C" {
+    /// An instruction the host may put a breakpoint on (the NOP; the
+    /// handler skips it if a breakpoint fires).
+    fn debug_probe_target();
+}
+
+/// The word the debug probe writes and reads.
+static mut DEBUG_WORD: u64 = 0;
+
+/// Reports [`debug_probe_target`] and [`DEBUG_WORD`], then, with debug
+/// exceptions unmasked, runs the one and writes and reads the other,
+/// counting every exception that reaches the vector.
+fn debug_probe() {
+    let target = debug_probe_target as *const () as u64;
+    let word = addr_of_mut!(DEBUG_WORD);
+    hvc(DEBUG_TARGETS, [target, word as u64, 0, 0, 0]);
+    arm_traps();
+    let read: u64;
+    // SAFETY: unmasks debug exceptions (PSTATE.D) for the call and the
+    // store and load of our own word, then masks them again; an exception
+    // in between is counted and skipped by the armed handler.
+    unsafe {
+        core::arch::asm!("msr daifclr, #8", "isb", options(nostack));
+        debug_probe_target();
+        word.write_volatile(DEBUG_WORD_VALUE);
+        read = word.read_volatile();
+        core::arch::asm!("msr daifset, #8", "isb", options(nostack));
+    }
+    let (count, esr, elr) = disarm_traps();
+    hvc(DEBUG_DONE, [count, esr, elr, read, 0]);
 }
 
 /// Exits to the host until it answers [`STOP`].

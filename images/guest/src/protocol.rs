@@ -76,6 +76,19 @@ pub const VECTORS_SET: u32 = id(0x813);
 /// across the exit.
 pub const VECTORS_CHECKED: u32 = id(0x814);
 
+/// Guest (counted spin): ready; answer r0 = the iterations to spin.
+pub const SPIN_READY: u32 = id(0x815);
+/// Guest (counted spin): I spun x1 iterations of a two-instruction loop.
+pub const SPUN: u32 = id(0x816);
+/// Guest (debug probe): x1 = the address of an instruction I will execute,
+/// x2 = the address of a word I will write and read, once you answer.
+pub const DEBUG_TARGETS: u32 = id(0x817);
+/// Guest (debug probe): with debug exceptions unmasked (PSTATE.D clear) I
+/// executed the instruction and wrote and read the word: x1 exceptions
+/// reached my vector (the last with ESR_EL1 x2, ELR_EL1 x3), the word read
+/// back x4.
+pub const DEBUG_DONE: u32 = id(0x818);
+
 /// Modes (the answer to [`CONFIG`]).
 pub const MODE_DEMO: u64 = 0;
 pub const MODE_SPIN: u64 = 1;
@@ -90,6 +103,13 @@ pub const MODE_MTE_PROBE: u64 = 4;
 pub const MODE_SHARED_AT_EXIT: u64 = 5;
 /// Fill V0..V31, exit, and check they survived the host's run.
 pub const MODE_VECTORS: u64 = 6;
+/// Spin a number of iterations the host chooses, between two exits.
+pub const MODE_SPIN_COUNT: u64 = 7;
+/// Report an instruction and a word, then execute and touch them with debug
+/// exceptions unmasked, counting the exceptions taken.
+pub const MODE_DEBUG_PROBE: u64 = 8;
+/// What the debug probe writes to its word.
+pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.
 pub const FLAG_MTE: u64 = 1;
 /// The VM was created without MTE, but the guest maps its memory Tagged and

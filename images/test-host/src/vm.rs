@@ -38,8 +38,10 @@ use moat_abi::vm::{self as abi, Exit, ExitReason, MmioAccess, VmFlags};
 use moat_abi::{Error, hypercall, smccc as ids};
 use moat_platform::dt::{Platform, Range};
 
-#[path = "vm/interrupts.rs"]
-mod interrupts;
+#[path = "cpu_attacks.rs"]
+mod cpu_attacks;
+#[path = "interrupt_attacks.rs"]
+mod interrupt_attacks;
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
 use protocol as p;
@@ -596,13 +598,16 @@ pub(super) fn scenarios(
     consistent(c, "a destroyed VM's pages were reclaimed, one still shared");
     vectors(c, &mut ram);
     consistent(c, "the vector-register probe");
+    cpu_attacks::sme_streaming(c, &mut ram);
+    cpu_attacks::pmu_counts_guest(c, &mut ram);
+    cpu_attacks::breakpoint_in_guest(c, &mut ram);
     hostile_access(c, &mut ram, mte);
     consistent(c, "the host touched donated memory");
     hostile_donations(c, &mut ram, dtb);
     consistent(c, "the refused donations, reclaims and shares");
     hostile_runs(c, &mut ram);
     consistent(c, "running VMs that are gone");
-    interrupts::hostile_interrupts(c, &mut ram, platform);
+    interrupt_attacks::hostile_interrupts(c, &mut ram, platform);
     match Remote::start(c, platform) {
         Some(mut remote) => {
             running_elsewhere(c, &mut ram, &mut remote);
@@ -2388,14 +2393,15 @@ fn race(c: &mut Checks, ram: &mut Ram, remote: &mut Remote) {
     );
 }
 
-/// Programs PMU counter 0 to count instructions at EL1 and EL2.
-fn pmu_start() {
+/// Programs PMU counter 0 to count the event and levels of `filter`
+/// (a PMEVTYPER value) and enables it.
+fn pmu_start(filter: u64) {
     // SAFETY: PMU counter 0 is ours, as in the other benchmarks.
     unsafe {
         core::arch::asm!(
             "msr pmevtyper0_el0, {ty}", "msr pmcntenset_el0, {en}",
             "mrs {t}, pmcr_el0", "orr {t}, {t}, #1", "msr pmcr_el0, {t}", "isb",
-            ty = in(reg) PMU_EL1_AND_EL2, en = in(reg) 1u64, t = out(reg) _,
+            ty = in(reg) filter, en = in(reg) 1u64, t = out(reg) _,
         );
     }
 }
@@ -2416,7 +2422,7 @@ fn count<T>(f: impl FnOnce() -> T) -> (T, u64) {
 
 /// `bench:` lines for donating and reclaiming ranges, and an exit's round trip.
 fn benchmarks(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
-    pmu_start();
+    pmu_start(PMU_EL1_AND_EL2);
     for pages in [1u64, 512, 262_144] {
         // Every range from a fresh search: the scenarios gave back what they took.
         let mut ram = Ram::new(platform, dtb);

@@ -649,6 +649,10 @@ fn prepare_cpu(slot: &cpu::PerCpu) {
         }
         sysreg::configure_for_host(&m.cpu, &m.host_el2);
     }
+    // SAFETY: the host's controls were just programmed on this CPU and
+    // SVCR cleared: SVE and SME are open to EL2, not in streaming mode.
+    let (sve, sme) = unsafe { sysreg::vector_lengths(&m.cpu) };
+    super::vm::record_vector_lengths(sve, sme);
 }
 
 /// Configures this CPU for the host and enters it at `entry` with `x0`.

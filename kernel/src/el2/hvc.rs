@@ -191,7 +191,7 @@ fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
             entry,
             context,
         } => {
-            let powerdown = psci::is_powerdown_state(power_state);
+            let powerdown = psci::is_powerdown_state(power_state, suspend_format());
             if powerdown {
                 this_cpu.set_host_entry(entry, context);
                 this_cpu.set_power(PowerState::Suspended);
@@ -207,6 +207,19 @@ fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
         }
         PsciCall::NotSupported => psci_result(regs, ret::NOT_SUPPORTED),
     }
+}
+
+/// The power_state format firmware uses, asked once with
+/// PSCI_FEATURES(CPU_SUSPEND): the same answer the host gets when it asks
+/// (the relay forwards that query), so host and core read the argument alike.
+fn suspend_format() -> psci::PowerStateFormat {
+    static FORMAT: spin::Once<psci::PowerStateFormat> = spin::Once::new();
+    *FORMAT.call_once(|| {
+        let mut args = [0u64; 17];
+        args[0] = u64::from(smccc_psci::PSCI_CPU_SUSPEND_64);
+        let answer = machine().firmware.call(smccc_psci::PSCI_FEATURES, args)[0];
+        psci::PowerStateFormat::from_features(answer)
+    })
 }
 
 /// CPU_ON through the core: the firmware starts the CPU in the core's

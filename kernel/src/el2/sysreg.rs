@@ -93,6 +93,8 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
         sr::write_vtcr_el2(sr::VtcrEl2::from_bits_retain(config.vtcr));
         sr::write_vttbr_el2(sr::VttbrEl2::from_bits_retain(config.vttbr));
         core::arch::asm!(
+            // The TLBI names the VMID in VTTBR_EL2: the direct write must be
+            // synchronized before a later instruction is sure to see it.
             "isb",
             "tlbi vmalls12e1",
             "dsb nsh",
@@ -100,14 +102,23 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
             options(nostack, preserves_flags)
         );
         sr::write_cptr_el2(sr::CptrEl2::from_bits_retain(config.cptr));
+        // The SVE and SME accesses below depend on the new CPTR_EL2: a
+        // direct write is only guaranteed to affect instructions after a
+        // context synchronization event.
         core::arch::asm!("isb", options(nostack, preserves_flags));
+        if cpu.sme {
+            // No host state exists yet on this CPU: leave streaming mode and
+            // turn ZA off, whatever firmware or an earlier host left.
+            core::arch::asm!("msr s3_3_c4_c2_2, xzr", options(nostack, preserves_flags));
+        }
         if cpu.sve {
-            // ZCR_EL2.LEN = max: the host may use every vector length the CPU has.
-            core::arch::asm!("msr s3_4_c1_c2_0, {v}", v = in(reg) 0x1ffu64, options(nostack, preserves_flags));
+            // ZCR_EL2.LEN all ones: the host may use every vector length the
+            // CPU has (the core reads the result back, `vector_lengths`).
+            core::arch::asm!("msr s3_4_c1_c2_0, {v}", v = in(reg) ZCR_LEN_MAX, options(nostack, preserves_flags));
         }
         if cpu.sme {
-            // SMCR_EL2: FA64 | EZT0 | LEN = max.
-            core::arch::asm!("msr s3_4_c1_c2_6, {v}", v = in(reg) (0xc000_0000u64 | 0x1ff), options(nostack, preserves_flags));
+            // SMCR_EL2: FA64 | EZT0 | LEN all ones.
+            core::arch::asm!("msr s3_4_c1_c2_6, {v}", v = in(reg) (0xc000_0000u64 | ZCR_LEN_MAX), options(nostack, preserves_flags));
         }
         sr::write_mdcr_el2(sr::MdcrEl2::from_bits_retain(config.mdcr));
         sr::write_cnthctl_el2(sr::CnthctlEl2::from_bits_retain(
@@ -120,6 +131,8 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
             sr::write_icc_sre_el2(sr::IccSreEl2::from_bits_retain(
                 moat_kernel::el2config::HOST_ICC_SRE_EL2,
             ));
+            // ICC_SRE_EL2.SRE must be in effect (a context synchronization
+            // event after the write) before the ICH_* access below.
             core::arch::asm!("isb", options(nostack, preserves_flags));
             sr::write_ich_hcr_el2(sr::IchHcrEl2::from_bits_retain(0));
         }
@@ -140,7 +153,126 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
         sr::write_hcr_el2(sr::HcrEl2::from_bits_retain(
             config.hcr.load(core::sync::atomic::Ordering::Relaxed),
         ));
+        // Every write above in effect before the next instruction (the
+        // vector lengths `vector_lengths` reads depend on ZCR_EL2/SMCR_EL2).
         core::arch::asm!("isb", options(nostack, preserves_flags));
+    }
+}
+
+/// ZCR_EL2.LEN / SMCR_EL2.LEN all ones: the largest vector length the
+/// hardware implements (a write of an unimplemented length selects the
+/// largest implemented one below it).
+const ZCR_LEN_MAX: u64 = 0xf;
+
+/// The vector lengths in force at EL2, in bytes: SVE's (non-streaming) and
+/// SME's streaming one; 0 for a feature the CPU lacks. With LEN all ones in
+/// ZCR_EL2 and SMCR_EL2 (`configure_for_host`), these are the largest the
+/// hardware allows, what every save area of vector state is sized from.
+///
+/// # Safety
+///
+/// Runs at EL2 under the host's CPTR_EL2 (TZ and TSM clear), after
+/// `configure_for_host` on this CPU, with PSTATE.SM clear (RDVL reads the
+/// streaming length in streaming mode).
+pub unsafe fn vector_lengths(cpu: &CpuFeatures) -> (u64, u64) {
+    let (mut sve, mut sme) = (0, 0);
+    // SAFETY: per the function contract; RDVL and RDSVL only read the
+    // effective vector lengths.
+    unsafe {
+        if cpu.sve {
+            core::arch::asm!(".arch_extension sve", "rdvl {}, #1", out(reg) sve,
+                options(nomem, nostack, preserves_flags));
+        }
+        if cpu.sme {
+            core::arch::asm!(".arch_extension sme", "rdsvl {}, #1", out(reg) sme,
+                options(nomem, nostack, preserves_flags));
+        }
+    }
+    (sve, sme)
+}
+
+/// SVCR (PSTATE.SM in bit 0, PSTATE.ZA in bit 1) as the calling partition
+/// left it; 0 on a CPU without SME. Exception entry does not change it, so
+/// at EL2 it is the host's.
+pub fn streaming_state(cpu: &CpuFeatures) -> u64 {
+    if !cpu.sme {
+        return 0;
+    }
+    let v: u64;
+    // SAFETY: reads SVCR, which the host's CPTR_EL2 (TSM clear) lets EL2
+    // read; no side effects.
+    unsafe {
+        core::arch::asm!("mrs {}, s3_3_c4_c2_2", out(reg) v, options(nomem, nostack, preserves_flags));
+    }
+    v
+}
+
+/// The host's self-hosted debug, PMU and trace controls, parked while a VM
+/// runs: without this the host's breakpoints and watchpoints (MDSCR_EL1.MDE,
+/// KDE) would fire inside the VM, its event and cycle counters would count
+/// the VM's EL1 work, and its trace filter could trace it. The VM cannot
+/// reach any of these registers (MDCR_EL2.TDA, TPM, TPMCR, TTRF trap them).
+pub struct ParkedHostMonitors {
+    mdscr: u64,
+    pmcr: Option<u64>,
+    trfcr: Option<u64>,
+}
+
+/// PMCR_EL0.E: the enable of every counter below MDCR_EL2.HPMN and of the
+/// cycle counter (the host's HPMN gives it all of them).
+const PMCR_E: u64 = 1;
+
+impl ParkedHostMonitors {
+    /// Saves the host's controls and turns them all off: MDSCR_EL1 zero (no
+    /// breakpoint, watchpoint or software-step exception), PMCR_EL0.E clear
+    /// (no counter counts), TRFCR_EL1 zero (no trace at EL0 or EL1). With
+    /// `pmu_sees_all` (benchmark images, which count the core's own work
+    /// too: MDCR_EL2.HPMD clear) the counters are left running.
+    ///
+    /// # Safety
+    ///
+    /// The CPU is at EL2 about to run a VM; the host's EL1 state is saved
+    /// (these registers are not part of it).
+    pub unsafe fn park(cpu: &CpuFeatures, pmu_sees_all: bool) -> Self {
+        let mdscr = sr::read_mdscr_el1().bits();
+        let pmcr = (cpu.pmuv3 && !pmu_sees_all).then(|| sr::read_pmcr_el0().bits());
+        let trfcr = cpu.trace_filter.then(|| {
+            let v: u64;
+            // SAFETY: reads TRFCR_EL1 (FEAT_TRF), no side effects.
+            unsafe {
+                core::arch::asm!("mrs {}, s3_0_c1_c2_1", out(reg) v, options(nomem, nostack, preserves_flags));
+            }
+            v
+        });
+        // SAFETY: per the function contract: the registers are the host's,
+        // saved above; zero disables without resetting anything (PMCR_EL0's
+        // reset bits P and C read as zero, so they are written as zero). No
+        // ISB: the ERET into the VM is a context synchronization event
+        // (SCTLR_EL2.EOS), after which the writes are in effect for it.
+        unsafe {
+            sr::write_mdscr_el1(sr::MdscrEl1::from_bits_retain(0));
+            if let Some(v) = pmcr {
+                sr::write_pmcr_el0(sr::PmcrEl0::from_bits_retain(v & !PMCR_E));
+            }
+            if trfcr.is_some() {
+                core::arch::asm!("msr s3_0_c1_c2_1, xzr", options(nostack, preserves_flags));
+            }
+        }
+        Self { mdscr, pmcr, trfcr }
+    }
+
+    /// Puts the host's controls back (the ERET into the host synchronizes).
+    pub fn restore(self) {
+        // SAFETY: writes back the host's own values, saved by `park`.
+        unsafe {
+            sr::write_mdscr_el1(sr::MdscrEl1::from_bits_retain(self.mdscr));
+            if let Some(v) = self.pmcr {
+                sr::write_pmcr_el0(sr::PmcrEl0::from_bits_retain(v));
+            }
+            if let Some(v) = self.trfcr {
+                core::arch::asm!("msr s3_0_c1_c2_1, {}", in(reg) v, options(nostack, preserves_flags));
+            }
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use super::stage2::{self, StageTwo};
 use super::sysreg::{self, El1Context};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use moat_abi::Error;
 use moat_abi::services::{FrameRange, LedgerRequest, Party};
 use moat_abi::trap::{PARTITION_VM_BASE, TrapClass};
@@ -181,6 +181,11 @@ impl HostVectors {
         }
     }
 
+    /// Whether the host's vector state can be saved here now.
+    fn fits(&self) -> bool {
+        self.sve.as_ref().is_none_or(SveSave::fits)
+    }
+
     /// Saves the host's vectors; the host's CPTR_EL2 is in effect.
     fn save(&mut self) {
         match self.sve.as_mut() {
@@ -198,8 +203,9 @@ impl HostVectors {
         match self.sve.as_ref() {
             Some(z) => {
                 // The host's CPTR_EL2, which lets SVE through, must be in
-                // effect before the first SVE instruction (`switch_el2`
-                // leaves the synchronization to the ERET).
+                // effect before the first SVE instruction: a direct write
+                // needs a context synchronization event (`switch_el2` leaves
+                // it to the ERET, which comes too late here).
                 // SAFETY: a barrier.
                 unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
                 z.load();
@@ -210,37 +216,61 @@ impl HostVectors {
     }
 }
 
+/// The largest SVE vector length (bytes) of any CPU brought up so far, as
+/// `sysreg::vector_lengths` read it with ZCR_EL2.LEN all ones.
+static MAX_SVE_BYTES: AtomicU64 = AtomicU64::new(0);
+/// The same for SME's streaming vector length, for the log: no save area
+/// holds streaming state (`run` refuses a host in streaming mode).
+static MAX_SVL_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Notes the vector lengths a CPU reported at bring-up.
+pub fn record_vector_lengths(sve: u64, sme: u64) {
+    let old_sve = MAX_SVE_BYTES.fetch_max(sve, Ordering::Relaxed);
+    let old_sme = MAX_SVL_BYTES.fetch_max(sme, Ordering::Relaxed);
+    if sve > old_sve || sme > old_sme {
+        crate::log!("vector lengths: SVE {sve} bytes, SME streaming {sme} bytes");
+    }
+}
+
 /// The host's SVE vector registers, at the full vector length, while a VM
 /// runs: the VM's FP/SIMD instructions write the low 128 bits of each Z
 /// register and zero the rest, which would otherwise be lost to the host.
 /// (The predicate registers and FFR are out of the VM's reach: SVE traps.)
+/// Never used in streaming mode: `VCPU_RUN` refuses a host in it.
 struct SveSave {
     z: Box<[u8]>,
 }
 
 impl SveSave {
-    /// A save area for this CPU's vector length, if the CPU has SVE.
+    /// A save area for the largest vector length the hardware allows, if
+    /// the CPU has SVE; never the length in force when the host asks (a
+    /// host in streaming mode would report SME's).
     fn new() -> Option<Self> {
         if !machine().cpu.sve {
             return None;
         }
+        let vl = MAX_SVE_BYTES.load(Ordering::Relaxed) as usize;
+        Some(Self {
+            z: alloc::vec![0u8; 32 * vl].into_boxed_slice(),
+        })
+    }
+
+    /// Whether Z0..Z31 at the vector length in force now fit the area.
+    fn fits(&self) -> bool {
         let vl: u64;
-        // SAFETY: reads the vector length at EL2 (the largest, ZCR_EL2.LEN
-        // being the maximum); SVE is enabled at EL2 while the core handles
-        // a host call (CPTR_EL2.TZ is clear in the host's configuration).
+        // SAFETY: reads the vector length at EL2; runs under the host's
+        // CPTR_EL2, which does not trap SVE.
         unsafe {
             core::arch::asm!(".arch_extension sve", "rdvl {}, #1", out(reg) vl, options(nomem, nostack, preserves_flags))
         };
-        Some(Self {
-            z: alloc::vec![0u8; 32 * vl as usize].into_boxed_slice(),
-        })
+        vl.checked_mul(32).is_some_and(|b| b <= self.z.len() as u64)
     }
 
     fn save(&mut self) {
         let p = self.z.as_mut_ptr();
-        // SAFETY: stores Z0..Z31 at the EL2 vector length into the area
-        // sized for it at creation (32 vector lengths); runs under the host's
-        // CPTR_EL2, which does not trap SVE.
+        // SAFETY: stores Z0..Z31 at the EL2 vector length into the area,
+        // which `run` checked they fit (`fits`) with PSTATE.SM clear; runs
+        // under the host's CPTR_EL2, which does not trap SVE.
         unsafe {
             core::arch::asm!(
                 ".arch_extension sve",
@@ -672,11 +702,17 @@ fn free_if_empty(slot: &Slot, guard: &mut Option<Vm>) {
 
 /// The EL2 controls while a VM runs.
 fn vm_el2(vm: &Vm) -> (u64, u64, u64, u64, u64) {
-    use moat_kernel::el2config::{NESTED_CNTHCTL, VM_CPTR, nested_mdcr, vm_hcr};
+    use moat_kernel::el2config::{NESTED_CNTHCTL, vm_cptr, vm_hcr, vm_mdcr};
     let m = machine();
     let hcr = vm_hcr(&m.cpu, vm.mte);
-    let mdcr = nested_mdcr(m.host_el2.mdcr);
-    (hcr, VM_CPTR, mdcr, NESTED_CNTHCTL, vm.stage2.vttbr())
+    let mdcr = vm_mdcr(&m.cpu, m.host_el2.mdcr);
+    (
+        hcr,
+        vm_cptr(&m.cpu),
+        mdcr,
+        NESTED_CNTHCTL,
+        vm.stage2.vttbr(),
+    )
 }
 
 /// How one entry into the VM ended, as the run loop sees it.
@@ -692,6 +728,13 @@ fn exit(reason: ExitReason, detail: [u64; 6]) -> Exit {
 }
 
 fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
+    // A host in SME streaming mode, or with ZA on, is refused before
+    // anything is touched: its Z registers are at the streaming length,
+    // which no save area is sized for, and its ZA/ZT0 storage would have
+    // to be saved too. The VM therefore always runs with SVCR clear.
+    if sysreg::streaming_state(&machine().cpu) != 0 {
+        return Err(Error::Denied);
+    }
     let (slot, _) = slot_of(handle)?;
     let mut guard = lock_idle(slot)?;
     match slot.status() {
@@ -700,6 +743,11 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         _ => return Err(Error::Busy),
     }
     let vm = guard.as_mut().ok_or(Error::InvalidParameters)?;
+    // A CPU with a longer vector length than any before it came up after
+    // the VM was created.
+    if !vm.host_vectors.fits() {
+        return Err(Error::Denied);
+    }
     slot.set(Status::Running);
     match core::mem::replace(&mut vm.pending, Pending::None) {
         Pending::Hvc => vm.vcpu.regs.x[..4].copy_from_slice(&answer),
@@ -723,6 +771,10 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     }
     vm.host_vectors.save();
     vm.fp.load();
+    let m = machine();
+    let benchmark = m.host_el2.mdcr & moat_kernel::el2config::MDCR_HPMD == 0;
+    // SAFETY: the host's EL1 state is saved and the VM's about to run.
+    let host_monitors = unsafe { sysreg::ParkedHostMonitors::park(&m.cpu, benchmark) };
     arm_sysregs::write_csselr_el1(vm.csselr);
     let mut host_mte = MteRegs::default();
     if vm.mte {
@@ -738,6 +790,10 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         // SAFETY: local TLB maintenance for the VM's VMID, just loaded.
         unsafe {
             core::arch::asm!(
+                // TLBI VMALLS12E1 acts on the VMID in VTTBR_EL2, and a
+                // direct write of it is only certain to be seen by later
+                // instructions after a context synchronization event.
+                "isb",
                 "tlbi vmalls12e1",
                 "dsb nsh",
                 "isb",
@@ -782,6 +838,7 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         vm.mte_regs.save();
         host_mte.load();
     }
+    host_monitors.restore();
     vm.csselr = arm_sysregs::read_csselr_el1();
     vm.fp.save();
     // SAFETY: as above, in reverse.

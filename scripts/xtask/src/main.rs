@@ -46,6 +46,14 @@ pub struct MachineArgs {
     /// Run QEMU without MTE (mte=on is the default: MTE is what Moat polices).
     #[arg(long)]
     pub no_mte: bool,
+    /// QEMU's CPU model and properties (e.g. `max,sve-max-vq=1`).
+    #[arg(long, default_value = "max")]
+    pub cpu: String,
+    /// One instruction per nanosecond of virtual time (`-icount
+    /// shift=0,sleep=off`): exact, repeatable instruction counts, and the
+    /// only mode in which QEMU's PMU counts retired instructions.
+    #[arg(long)]
+    pub icount: bool,
     /// Seconds before the run is stopped [default: 60; 3600 for a Linux shell].
     #[arg(long)]
     pub timeout: Option<u64>,

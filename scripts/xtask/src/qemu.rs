@@ -37,10 +37,13 @@ fn machine_command(
         .arg(format!(
             "virt,virtualization={virt},mte={mte},gic-version={gic}"
         ))
-        .args(["-cpu", "max", "-smp", &m.smp.to_string(), "-m", &m.mem])
+        .args(["-cpu", &m.cpu, "-smp", &m.smp.to_string(), "-m", &m.mem])
         .args(["-display", "none", "-serial", serial, "-monitor", "none"]);
     if on_reset == OnReset::Exit {
         c.arg("-no-reboot");
+    }
+    if m.icount {
+        c.args(["-icount", "shift=0,sleep=off"]);
     }
     c
 }

@@ -19,6 +19,18 @@ use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The SME streaming-mode attack's lines, on any CPU with SME.
+const ATTACK_SME_PASS: &[&str] = &[
+    "vector lengths: SVE",
+    "test-host: ok   attack sme streaming: VCPU_RUN from streaming mode with ZA on (SMSTART), streaming vector length",
+    "test-host: ok   attack sme streaming: after VCPU_RUN from streaming mode with ZA on (SMSTART) the host's state is intact: SVCR 0x3, 0 Z bytes, 0 P bytes and 0 ZA bytes changed",
+    "test-host: ok   attack sme streaming: VCPU_RUN from ZA on outside streaming mode (SMSTART ZA)",
+    "test-host: ok   attack sme streaming: after VCPU_RUN from ZA on outside streaming mode (SMSTART ZA) the host's state is intact: SVCR 0x2, 0 Z bytes, 0 P bytes and 0 ZA bytes changed",
+    "test-host: ok   attack sme streaming: out of streaming mode the host runs the VM, which finds its vector registers intact and powers off",
+    "test-host: ok   attack sme streaming: the reclaimed pages read as zero",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the SME streaming-mode VCPU_RUN attempts (0)",
+];
+
 /// Lines that always mean failure, whatever the test.
 const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: FAIL"];
 
@@ -28,6 +40,8 @@ fn machine(smp: u32, gic: &str) -> MachineArgs {
         mem: "1G".into(),
         gic: gic.into(),
         no_mte: false,
+        cpu: "max".into(),
+        icount: false,
         timeout: Some(60),
     }
 }
@@ -262,6 +276,56 @@ fn cases() -> Vec<Case> {
                 "test-host: ok   vm vectors: the host's Z0 and Z31 survived the guest's run at its full vector length (0 bytes changed)",
                 "test-host: ok   vm vectors: the guest's 32 vector registers survived the host's run (0 changed)",
                 "test-host: ok   vm: the ledger and the host's stage-2 agree after the vector-register probe (0)",
+            ],
+        ),
+        Case {
+            // 128-bit SVE, streaming vector lengths up to 2048 bits: a
+            // host Z register in streaming mode is 16 times an SVE one.
+            machine: MachineArgs {
+                cpu: "max,sve-max-vq=1".into(),
+                ..machine(1, "v3")
+            },
+            ..host_boot("attack_sme_streaming_vcpu_run", 1, "v3", ATTACK_SME_PASS)
+        },
+        host_boot(
+            "attack_sme_streaming_vcpu_run_cpu_max",
+            1,
+            "v3",
+            ATTACK_SME_PASS,
+        ),
+        Case {
+            // QEMU's PMU counts retired instructions only under -icount.
+            machine: MachineArgs {
+                icount: true,
+                ..machine(1, "v3")
+            },
+            ..host_boot(
+                "attack_host_pmu_counts_guest",
+                1,
+                "v3",
+                &[
+                    "test-host: ok   attack pmu: the host's EL1 instruction counter counts its own 1000000-iteration loop",
+                    "test-host: ok   attack pmu: the guest spun 1000000 iterations (2000000 instructions) while the host's EL1 counter ran: it counted",
+                    "test-host: ok   attack pmu: after the run the host's counter counts its own loop again",
+                    "test-host: ok   attack pmu: the guest powered off",
+                    "test-host: ok   attack pmu: the reclaimed pages read as zero",
+                    "test-host: ok   vm: the ledger and the host's stage-2 agree after the host's PMU counted across a VM run (0)",
+                ],
+            )
+        },
+        host_boot(
+            "attack_host_breakpoint_in_guest",
+            1,
+            "v3",
+            &[
+                "test-host: ok   attack breakpoint: the host's hardware breakpoint fires on its own instruction (1 exception, ESR_EL1 0xc6000022)",
+                "test-host: ok   attack breakpoint: with the host's breakpoint on guest instruction",
+                "the guest ran through both undisturbed: 0 exceptions",
+                "test-host: ok   attack breakpoint: the host took no debug exception from inside the VM",
+                "test-host: ok   attack breakpoint: after the run the host's MDSCR_EL1 is its own",
+                "test-host: ok   attack breakpoint: ... and its breakpoint still fires on its own instruction (1 exception, ESR_EL1 0xc6000022)",
+                "test-host: ok   attack breakpoint: the guest powered off",
+                "test-host: ok   vm: the ledger and the host's stage-2 agree after the host's breakpoint and watchpoint on guest addresses (0)",
             ],
         ),
         host_boot(
@@ -1201,9 +1265,10 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
     // 2 GiB of RAM: room for the host to donate a 1 GiB range to a VM.
     let bench_machine = MachineArgs {
         mem: "2G".into(),
+        icount: true,
         ..machine(1, "v3")
     };
-    let cmd = qemu::command(&img, &bench_machine, &["-icount", "shift=0,sleep=off"]);
+    let cmd = qemu::command(&img, &bench_machine, &[]);
     let harness = Harness {
         pass: &[
             "bench: null_hvc=",
