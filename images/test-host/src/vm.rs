@@ -1690,6 +1690,7 @@ fn rogue_ledger(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
         );
     }
     consistent(c, "an honest donation");
+    load_from_another_vm(c, &mut ram, pa);
     // 12 pages from `pa`: the VM owns the first 8 now. The rogue ledger
     // approves the donation anyway; the core sees in the host's stage-2
     // that they are not the host's.
@@ -1726,6 +1727,49 @@ fn rogue_ledger(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
     consistent(c, "a reclaim through a lying ledger");
     demo(c, &mut ram, false);
     consistent(c, "the demo, with a lying ledger");
+}
+
+/// Under the rogue ledger, whose lookups answer a VM's frames as the
+/// host's shared with the hypervisor: a `VM_LOAD` into a second VM from
+/// `victim` (a frame the first VM owns) must be refused, nothing copied.
+fn load_from_another_vm(c: &mut Checks, ram: &mut Ram, victim: u64) {
+    const PAGES: u64 = 8;
+    let Some(pa) = ram.take(PAGES, PAGE) else {
+        c.check(
+            false,
+            format_args!("rogue ledger: free host RAM for a second VM"),
+        );
+        return;
+    };
+    let (r, handle) = vm_create(p::BASE_IPA, 0);
+    let d = if r.ok() {
+        donate(handle, pa, PAGES, p::BASE_IPA)
+    } else {
+        r
+    };
+    let l = load(handle, p::BASE_IPA, victim, PAGE);
+    c.check(
+        r.ok() && d.ok() && l.is(Error::Denied),
+        format_args!(
+            "rogue ledger: VM_LOAD into a second VM from a frame the first VM owns, which the ledger calls the host's: {l} (expected Denied; create {r}, donate {d})"
+        ),
+    );
+    consistent(c, "a lying ledger's VM_LOAD source was refused");
+    let x = destroy(handle);
+    let back = reclaim(handle, pa, PAGES);
+    let (mut nonzero, mut aborts) = (0, 0);
+    for i in 0..PAGES * PAGE / 8 {
+        match try_read(pa + i * 8) {
+            Some(v) => nonzero += u64::from(v != 0),
+            None => aborts += 1,
+        }
+    }
+    c.check(
+        x.ok() && back.ok() && nonzero == 0 && aborts == 0,
+        format_args!(
+            "rogue ledger: the second VM destroyed ({x}) and its pages reclaimed ({back}), zeroed ({nonzero} non-zero words, {aborts} aborts)"
+        ),
+    );
 }
 
 /// Driving VMs that ran, are gone, or never were.

@@ -10,6 +10,10 @@
 //! this service in the ledger's place (`images/rogue-ledger.toml`) and
 //! expects every lie refused, with nothing changed.
 //!
+//! Its `lookup` lies too ([`lookup_lie`]): a frame a VM owns is answered
+//! as the host's, shared with the hypervisor, which is what `VM_LOAD` asks
+//! of its source.
+//!
 //! A lie is never committed: the core refuses it before it applies
 //! anything, and should a commit come anyway, [`Rogue::commit`] refuses it.
 #![cfg_attr(not(test), no_std)]
@@ -98,6 +102,30 @@ pub fn lie_for(request: &LedgerRequest, ram: &[PfnRange], hyp: &[PfnRange]) -> O
         }
         LedgerRequest::HOST_SHARE_HYP if frames.count == 1 => Some(Lie::ExecutableShare),
         _ => None,
+    }
+}
+
+/// The rogue answer to a lookup whose honest answer is `honest`: a frame a
+/// VM owns is reported as the host's, shared with the hypervisor (the one
+/// frame asked about), so that a `VM_LOAD` from it would copy that VM's
+/// memory; every other answer is honest.
+pub fn lookup_lie(pfn: u64, honest: LedgerExtent) -> LedgerExtent {
+    if honest.owner.kind != Party::VM {
+        return honest;
+    }
+    LedgerExtent {
+        frames: FrameRange {
+            start: pfn,
+            count: 1,
+        },
+        owner: Party {
+            kind: Party::HOST,
+            id: 0,
+        },
+        borrower: Party {
+            kind: Party::HYPERVISOR,
+            id: 0,
+        },
     }
 }
 
@@ -250,7 +278,7 @@ impl ledger::Server for Rogue<'_> {
     }
 
     fn lookup(&mut self, pfn: u64) -> Result<LedgerExtent, Error> {
-        self.honest.lookup(pfn)
+        self.honest.lookup(pfn).map(|e| lookup_lie(pfn, e))
     }
 }
 
@@ -381,6 +409,11 @@ mod tests {
         let tx = rogue.prepare(req).unwrap();
         assert_eq!(check(&req, &tx), Ok(()));
         assert_eq!(rogue.commit(tx.generation), Err(Error::Denied));
+        // Frames a VM owns are looked up as the host's, shared with the
+        // hypervisor; the host's own frames honestly.
+        let host_frame = rogue.lookup(AT + 40).unwrap();
+        assert_eq!(host_frame.owner.kind, Party::HOST);
+        assert_eq!(host_frame.borrower.kind, Party::NONE);
         for (op, at, count) in [
             (donate, AT, 8),
             (donate, AT + 8, 16),
@@ -391,5 +424,17 @@ mod tests {
             assert_eq!(check(&req, &tx), Ok(()));
             rogue.commit(tx.generation).unwrap();
         }
+        let vm_frame = rogue.lookup(AT + 1).unwrap();
+        assert_eq!(
+            (vm_frame.owner.kind, vm_frame.borrower.kind),
+            (Party::HOST, Party::HYPERVISOR)
+        );
+        assert_eq!(
+            vm_frame.frames,
+            FrameRange {
+                start: AT + 1,
+                count: 1
+            }
+        );
     }
 }
