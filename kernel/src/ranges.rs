@@ -27,11 +27,11 @@ fn table_span(level: usize) -> u32 {
     12 + 9 * (4 - level as u32)
 }
 
-/// The most table pages below the root that mapping `[start, end)` with
-/// 4 KiB pages can create in a stage-2 whose walk starts at `start_level`
-/// (0..=3): one table per aligned span of each level the range touches,
-/// counting those that exist already. `None` for a backwards range or a
-/// start level out of 0..=3; zero for an empty range.
+/// The table pages mapping `[start, end)` with 4 KiB pages creates below
+/// an entry at `level` (0..=3) that is not a table yet (the root, for an
+/// empty stage-2 whose walk starts there): one table per aligned span of
+/// each deeper level the range touches. `None` for a backwards range or a
+/// level out of 0..=3; zero for an empty range.
 pub fn worst_case_tables(start_level: usize, start: u64, end: u64) -> Option<u64> {
     if start > end || start_level > 3 {
         return None;

@@ -40,6 +40,8 @@ use moat_platform::dt::{Platform, Range};
 
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
+
+mod attack;
 use protocol as p;
 
 /// The guest's raw binary, linked at [`p::BASE_IPA`]; empty when the test
@@ -1554,17 +1556,19 @@ fn hostile_donations(c: &mut Checks, ram: &mut Ram, dtb: &[u8]) {
 }
 
 /// With `moat.rogue_ledger` on the command line: runs only
-/// [`rogue_ledger`], says the verdict and powers off; otherwise returns.
-pub(super) fn rogue_ledger_if_asked(
-    c: &mut Checks,
-    platform: &Platform<'_>,
-    dtb: &[u8],
-    bootargs: &str,
-) {
-    if !bootargs.split(' ').any(|a| a == "moat.rogue_ledger") {
+/// [`rogue_ledger`]; with `moat.attack=NAME`, only that attack
+/// ([`attack`]); then says the verdict and powers off. Otherwise returns.
+pub(super) fn alone_if_asked(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8], bootargs: &str) {
+    let mut args = bootargs.split(' ');
+    if args.clone().any(|a| a == "moat.rogue_ledger") {
+        rogue_ledger(c, platform, dtb);
+    } else if let Some(name) = args.find_map(|a| a.strip_prefix("moat.attack=")) {
+        if !attack::run(c, platform, dtb, name) {
+            c.check(false, format_args!("attack: no attack named {name}"));
+        }
+    } else {
         return;
     }
-    rogue_ledger(c, platform, dtb);
     if c.failed == 0 {
         say!("PASS ({} checks)", c.passed);
     } else {

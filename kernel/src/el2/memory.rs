@@ -91,19 +91,25 @@ pub fn all_extents(cpu: &PerCpu) -> Result<Vec<LedgerExtent>, Error> {
     }
 }
 
-/// Collects `items` into a new vector, or `NoMemory` (and no vector) if
-/// the heap cannot hold them: nothing on a hypercall path may allocate by
-/// a path that panics when the heap is out.
-pub fn try_collect<T>(items: impl Iterator<Item = T>) -> Result<Vec<T>, Error> {
-    let mut out = Vec::new();
-    for item in items {
-        if out.len() == out.capacity() {
-            out.try_reserve(out.len().max(4))
-                .map_err(|_| Error::NoMemory)?;
+/// Drops frames `[pa, pa + size)` from a VM's record in place: a reclaim
+/// must work when the heap is out, so nothing is allocated (the room for a
+/// region that splits in two was reserved before the change began).
+fn forget_in_place(regions: &mut Vec<Region>, pa: u64, size: u64) {
+    let mut i = 0;
+    while i < regions.len() {
+        match txcheck::cut(&regions[i], pa, size) {
+            [None, None] => {
+                regions.swap_remove(i);
+                continue;
+            }
+            [Some(one), None] | [None, Some(one)] => regions[i] = one,
+            [Some(head), Some(tail)] => {
+                regions[i] = head;
+                regions.push(tail);
+            }
         }
-        out.push(item);
+        i += 1;
     }
-    Ok(out)
 }
 
 /// Commits the prepared transaction. The changes are already applied, so
@@ -227,7 +233,7 @@ fn transact_serialised(
     let mut host_ranges: heapless::Vec<(u64, u64), { 2 * LEDGER_MAX_CHANGES }> =
         heapless::Vec::new();
     let mut vm_ranges: heapless::Vec<(u64, u64), { 8 + LEDGER_MAX_CHANGES }> = heapless::Vec::new();
-    let mut vm_left: Option<Vec<Region>> = None;
+    let mut vm_forgets = 0;
     let mut vm_maps = false;
     for step in checked.steps() {
         let pushed = match step {
@@ -257,9 +263,15 @@ fn transact_serialised(
                 pa,
                 size,
             } => {
-                let v = vm.as_ref().ok_or(Error::Denied)?;
-                let from = vm_left.as_deref().unwrap_or(v.regions);
-                vm_left = Some(try_collect(txcheck::forget_frames(from, pa, size))?);
+                vm_forgets += 1;
+                // A region that loses frames from its middle becomes two.
+                let v = vm.as_mut().ok_or(Error::Denied)?;
+                let splits = v
+                    .regions
+                    .iter()
+                    .filter(|r| matches!(txcheck::cut(r, pa, size), [Some(_), Some(_)]))
+                    .count();
+                v.regions.try_reserve(splits).map_err(|_| Error::NoMemory)?;
                 true
             }
             _ => true,
@@ -268,9 +280,9 @@ fn transact_serialised(
             return Err(Error::InvalidParameters);
         }
     }
-    // No transaction both gives a VM frames and takes some away: the
-    // record's update below relies on it.
-    if vm_maps && vm_left.is_some() {
+    // No transaction both gives a VM frames and takes some away, or takes
+    // two ranges: the record's room reserved above relies on it.
+    if (vm_maps && vm_forgets > 0) || vm_forgets > 1 {
         return Err(Error::Denied);
     }
     if vm_ranges.extend_from_slice(&vm_unmaps).is_err() {
@@ -360,8 +372,18 @@ fn transact_serialised(
                 }
             }
         }
-        if let (Some(left), Some(v)) = (vm_left.take(), vm.as_mut()) {
-            *v.regions = left;
+        for step in checked.steps() {
+            if let (
+                Step::Unmap {
+                    who: Who::Vm,
+                    pa,
+                    size,
+                },
+                Some(v),
+            ) = (step, vm.as_mut())
+            {
+                forget_in_place(v.regions, pa, size);
+            }
         }
         Ok(())
     };

@@ -9,8 +9,9 @@
 //! The library's table allocation cannot fail (its hook returns a page or
 //! nothing at all), so no change on a hypercall path lets it reach the
 //! heap: each stage-2 has a [`TablePool`], every page-granular change first
-//! fills it with as many pages as the change could possibly need
-//! ([`moat_kernel::ranges::worst_case_tables`]), failing cleanly with
+//! fills it with the table pages the change would create (the subtree
+//! below every entry on its way that is not a table yet,
+//! [`moat_kernel::ranges::worst_case_tables`]), failing cleanly with
 //! nothing changed when the heap cannot give them, and the library then
 //! takes its tables from the pool only.
 
@@ -211,7 +212,6 @@ const PAGE: u64 = 4096;
 pub struct StageTwo {
     map: Mapping<PooledTables, Stage2>,
     vmid: u16,
-    start_level: usize,
 }
 
 impl StageTwo {
@@ -225,7 +225,6 @@ impl StageTwo {
         Ok(Self {
             map: Mapping::new(tables, start_level, Stage2),
             vmid,
-            start_level,
         })
     }
 
@@ -233,19 +232,39 @@ impl StageTwo {
         &self.map.translation().pool
     }
 
-    /// Fills the table pool with the most pages the changes of `ranges`
-    /// (IPA start and size each) could create between them, so that making
-    /// them, one after the other, never reaches the heap. `NoMemory` with
-    /// nothing changed if the heap cannot give that many.
+    /// Fills the table pool with the pages that page-granular changes of
+    /// `ranges` (IPA start and size each) would create between them, so
+    /// that making them, one after the other, never reaches the heap: the
+    /// tables missing now, counted per range, cover every table created
+    /// for the first time, and a table a change frees goes to the pool,
+    /// ready for the change that needs it again. `NoMemory` with nothing
+    /// changed if the heap cannot give that many.
     pub fn reserve_tables(&self, ranges: &[(u64, u64)]) -> Result<(), MapError> {
         let mut pages = 0u64;
         for &(ipa, size) in ranges {
-            let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
-            let tables =
-                worst_case_tables(self.start_level, ipa, end).ok_or("stage-2 range backwards")?;
+            let tables = self.missing_tables(ipa, size)?;
             pages = pages.checked_add(tables).ok_or(MapError::NoMemory)?;
         }
         self.pool().fill(pages)
+    }
+
+    /// The table pages mapping `[ipa, ipa + size)` with 4 KiB pages would
+    /// create: the whole subtree below every entry on the way that is not
+    /// a table yet (invalid, or a block to split).
+    fn missing_tables(&self, ipa: u64, size: u64) -> Result<u64, MapError> {
+        let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
+        let region = MemoryRegion::new(ipa as usize, end as usize);
+        let mut pages = 0u64;
+        self.map
+            .walk_range(&region, &mut |chunk, _, level| {
+                let (lo, hi) = (chunk.start().0 as u64, chunk.end().0 as u64);
+                pages = worst_case_tables(level, lo, hi)
+                    .and_then(|t| pages.checked_add(t))
+                    .ok_or(())?;
+                Ok(())
+            })
+            .map_err(|_| MapError::Refused("stage-2 range outside the IPA space"))?;
+        Ok(pages)
     }
 
     /// Gives the pages left in the table pool back to the heap.

@@ -452,6 +452,15 @@ fn cases() -> Vec<Case> {
             check: Some(Box::new(check_rogue_refusals)),
             ..host_boot("core_refuses_a_lying_ledger", 1, "v3", ROGUE_LEDGER_PASS)
         },
+        Case {
+            bootargs: Some("moat.attack=boundary_arguments"),
+            ..host_boot("attack_boundary_arguments", 1, "v3", ATTACK_BOUNDARY_PASS)
+        },
+        Case {
+            bootargs: Some("moat.attack=table_exhaustion"),
+            timeout: 300,
+            ..host_boot("attack_table_heap_exhaustion", 1, "v3", ATTACK_TABLES_PASS)
+        },
         linux_mte("linux_mte_off_by_arm64_nomte", Some("arm64.nomte"), "0"),
         linux_mte(
             "linux_mte_off_by_moat_host_mte_off",
@@ -548,6 +557,51 @@ fn cases() -> Vec<Case> {
         },
     ]
 }
+
+/// Every host hypercall with boundary arguments (`moat.attack=boundary_arguments`).
+const ATTACK_BOUNDARY_PASS: &[&str] = &[
+    "test-host: ok   boundary: the fixture: ",
+    "test-host: ok   boundary: HOST_SHARE_HYP with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: HOST_SHARE_HYP with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: HOST_UNSHARE_HYP with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: HOST_UNSHARE_HYP with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_CREATE with entry IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_DONATE with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_DONATE with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_DONATE with IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_LOAD with destination IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_LOAD with source PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_LOAD with bytes = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_LOAD with source PA (0x800 bytes) = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_RECLAIM with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_RECLAIM with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VCPU_RUN with r0 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_DESTROY with unused x2 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: GUEST_SHARE_HOST with IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: GUEST_SHARE_HOST with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: GUEST_UNSHARE_HOST with IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: GUEST_UNSHARE_HOST with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: NULL with x1 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: ABI_VERSION with x1 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: CHECK_CONSISTENCY with x1 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: SVC_REPLY_WAIT with x1 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: SVC_LOG with length = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: SVC_FAULT with FAR = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: 156 calls, the core still answers (NULL = 0), every legal call undone",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after every hypercall with boundary arguments (0)",
+    "test-host: ok   boundary: the fixture taken back (destroy 0, 0 failed reclaims or unshares, 8 of 8 pages of the destroyed VM reclaimed)",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the boundary fixture was taken back (0)",
+];
+
+/// Stage-2 table memory run out (`moat.attack=table_exhaustion`).
+const ATTACK_TABLES_PASS: &[&str] = &[
+    "test-host: ok   tables: after ",
+    "(expected NoMemory); the refused pages are still the host's: true",
+    "test-host: ok   tables: the core still answers (NULL = 0)",
+    "donations reclaimed (0 failures)",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the stage-2 table memory ran out and was given back (0)",
+    "test-host: ok   tables: a new VM gets a straddling donation again (create 0, donate 0, destroy 0, reclaim 0)",
+];
 
 /// The image whose ledger lies: `services/rogue-ledger` in the ledger's place.
 const ROGUE_LEDGER_MANIFEST: &str = "images/rogue-ledger.toml";
