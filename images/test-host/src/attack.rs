@@ -372,11 +372,15 @@ fn boundary_arguments(c: &mut Checks, ram: &mut Ram) {
 }
 
 /// The donations `table_exhaustion` made (too many for the stack).
-static DONATIONS: [AtomicU64; MAX_VMS * PER_VM as usize] =
-    [const { AtomicU64::new(0) }; MAX_VMS * PER_VM as usize];
+static DONATIONS: [AtomicU64; MAX_VMS * PER_VM as usize + DRAIN as usize] =
+    [const { AtomicU64::new(0) }; MAX_VMS * PER_VM as usize + DRAIN as usize];
+/// Most one-table donations that finish off the heap.
+const DRAIN: u64 = 8;
 
 /// Bytes in 1 GiB.
 const GIB: u64 = 1 << 30;
+/// Bytes a last-level table maps.
+const BLOCK: u64 = 2 << 20;
 /// Donations one VM takes before the next VM is used: below the core's
 /// limit on a VM's separate donations.
 const PER_VM: u64 = 240;
@@ -387,6 +391,9 @@ const PER_VM: u64 = 240;
 fn table_exhaustion(c: &mut Checks, ram: &mut Ram) {
     let mut vms: heapless::Vec<u64, MAX_VMS> = heapless::Vec::new();
     let mut n = 0;
+    // First a whole 2 MiB of the host's, which frees the host's table for
+    // it: taking it back must not depend on the heap the VMs exhaust.
+    let chunk = ram.take(BLOCK / PAGE, BLOCK);
     let mut refusal = None;
     'vms: while vms.len() < MAX_VMS {
         let (r, handle) = vm_create(p::BASE_IPA, 0);
@@ -395,6 +402,13 @@ fn table_exhaustion(c: &mut Checks, ram: &mut Ram) {
             break;
         }
         let _ = vms.push(handle);
+        if let (Some(pa), 1) = (chunk, vms.len()) {
+            let r = donate(handle, pa, BLOCK / PAGE, 2 * GIB + BLOCK);
+            c.check(
+                r.ok(),
+                format_args!("tables: donate a whole 2 MiB at {pa:#x} = {r}"),
+            );
+        }
         for k in 1..=PER_VM {
             let Some(pa) = ram.take(2, PAGE) else {
                 break 'vms;
@@ -412,6 +426,23 @@ fn table_exhaustion(c: &mut Checks, ram: &mut Ram) {
             }
             refusal = Some(("VM_DONATE", r, pa));
             break 'vms;
+        }
+    }
+    // The straddle refused needed four table pages: up to three may be
+    // left. Donations that need one table each take them, so that the
+    // heap has no page left at all.
+    if let (Some(("VM_DONATE", _, _)), Some(&handle)) = (refusal, vms.last()) {
+        for j in 1..=DRAIN {
+            let Some(pa) = ram.take(2, PAGE) else {
+                break;
+            };
+            let r = donate(handle, pa, 2, GIB + j * BLOCK);
+            if !r.ok() {
+                refusal = Some(("VM_DONATE", r, pa));
+                break;
+            }
+            DONATIONS[n].store(pa | handle, Ordering::Relaxed);
+            n += 1;
         }
     }
     let Some((call, code, pa)) = refusal else {
@@ -441,10 +472,17 @@ fn table_exhaustion(c: &mut Checks, ram: &mut Ram) {
         alive == 0,
         format_args!("tables: the core still answers (NULL = {})", Code(alive)),
     );
-    // Everything back.
+    // Everything back: the 2 MiB first, while the heap is still out.
     let mut failures = 0;
     for &h in &vms {
         failures += u32::from(!destroy(h).ok());
+    }
+    if let (Some(pa), Some(&first)) = (chunk, vms.first()) {
+        let r = reclaim(first, pa, BLOCK / PAGE);
+        c.check(
+            r.ok(),
+            format_args!("tables: with the heap out, the host takes its whole 2 MiB back: {r}"),
+        );
     }
     for d in &DONATIONS[..n] {
         let v = d.load(Ordering::Relaxed);

@@ -134,9 +134,11 @@ pub fn transact(
 ) -> Result<(), Error> {
     let _serial = MEMORY.lock();
     let result = transact_serialised(cpu, request, &mut vm);
-    // Table pages reserved and not needed go back to the heap, whether the
-    // transaction went through or not.
-    host_stage2().release_spare_tables();
+    // A VM's table pages reserved and not needed go back to the heap,
+    // whether the transaction went through or not. The host's stay in its
+    // pool: they are the tables it booted with, freed when it gave a whole
+    // 2 MiB away, and it needs them to map its pages again when they come
+    // back, however little of the heap the VMs have left.
     if let Some(v) = vm.as_ref() {
         v.stage2.release_spare_tables();
     }
