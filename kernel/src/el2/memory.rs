@@ -229,11 +229,11 @@ fn transact_serialised(
             _ => {}
         }
     }
-    // The table pages every change below could need, and the VM's record
-    // as it will be: reserved now, so that applying allocates nothing. (A
-    // remap of the host's pages is an unmap and a map.)
-    let mut host_ranges: heapless::Vec<(u64, u64), { 2 * LEDGER_MAX_CHANGES }> =
-        heapless::Vec::new();
+    // The table pages every change below could need, and room in the VM's
+    // record: reserved now, so that applying allocates nothing. (A remap of
+    // the host's pages creates the tables it lacks once: its unmap makes
+    // them, its map finds them.)
+    let mut host_ranges: heapless::Vec<(u64, u64), LEDGER_MAX_CHANGES> = heapless::Vec::new();
     let mut vm_ranges: heapless::Vec<(u64, u64), { 8 + LEDGER_MAX_CHANGES }> = heapless::Vec::new();
     let mut vm_forgets = 0;
     let mut vm_maps = false;
@@ -249,7 +249,7 @@ fn transact_serialised(
                 pa,
                 size,
                 ..
-            } => host_ranges.push((pa, size)).is_ok() && host_ranges.push((pa, size)).is_ok(),
+            } => host_ranges.push((pa, size)).is_ok(),
             Step::Map {
                 who: Who::Vm, size, ..
             } => {
