@@ -169,16 +169,9 @@ fn nobody() -> Party {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::txcheck::tests::{CARVE, RAM};
     use moat_abi::services::FrameRange;
 
-    const RAM: [Range; 1] = [Range {
-        base: 0x4000_0000,
-        size: 0x4000_0000,
-    }];
-    const CARVE: [Range; 1] = [Range {
-        base: 0x4020_0000,
-        size: 0x0200_0000,
-    }];
     /// Frames the host owns.
     const HOST_FRAMES: (u64, u64) = (0x5000_0000, 0x10_0000);
     /// Frames VM 1 owns, the first 4 of them shared with the host.

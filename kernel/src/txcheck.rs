@@ -308,15 +308,15 @@ pub fn forget_frames(regions: &[Region], pa: u64, size: u64) -> impl Iterator<It
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use moat_abi::services::FrameRange;
 
-    const RAM: [Range; 1] = [Range {
+    pub(crate) const RAM: [Range; 1] = [Range {
         base: 0x4000_0000,
         size: 0x4000_0000,
     }];
-    const CARVE: [Range; 1] = [Range {
+    pub(crate) const CARVE: [Range; 1] = [Range {
         base: 0x4020_0000,
         size: 0x0200_0000,
     }];

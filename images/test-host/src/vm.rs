@@ -1761,13 +1761,9 @@ fn load_from_another_vm(c: &mut Checks, ram: &mut Ram, victim: u64) {
     consistent(c, "a lying ledger's VM_LOAD source was refused");
     let x = destroy(handle);
     let back = reclaim(handle, pa, PAGES);
-    let (mut nonzero, mut aborts) = (0, 0);
-    for i in 0..PAGES * PAGE / 8 {
-        match try_read(pa + i * 8) {
-            Some(v) => nonzero += u64::from(v != 0),
-            None => aborts += 1,
-        }
-    }
+    let (nonzero, aborts) = (0..PAGES)
+        .map(|i| page_differs(pa + i * PAGE, |_| 0))
+        .fold((0, 0), |(n, a), (dn, da)| (n + dn, a + da));
     c.check(
         x.ok() && back.ok() && nonzero == 0 && aborts == 0,
         format_args!(
