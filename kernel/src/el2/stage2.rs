@@ -376,7 +376,7 @@ impl StageTwo {
     /// `ipa`, and that entry's bits, when `ipa` is mapped by a valid page
     /// entry at index 0 of its table.
     fn last_level_entry(&self, ipa: u64) -> Option<(usize, u64)> {
-        let region = MemoryRegion::new(ipa as usize, (ipa + PAGE) as usize);
+        let region = MemoryRegion::new(ipa as usize, ipa.checked_add(PAGE)? as usize);
         let mut found = None;
         let _ = self.map.walk_range(&region, &mut |range, d, level| {
             if level == 3 && d.is_valid() && range.start().0 as u64 == ipa {
@@ -474,7 +474,7 @@ impl StageTwo {
     /// writable; `None` if unmapped.
     pub fn translate(&self, ipa: u64) -> Option<(u64, bool)> {
         let page = ipa & !(PAGE - 1);
-        let region = MemoryRegion::new(page as usize, (page + PAGE) as usize);
+        let region = MemoryRegion::new(page as usize, page.checked_add(PAGE)? as usize);
         let mut out = None;
         let _ = self.map.walk_range(&region, &mut |range, d, _level| {
             if d.is_valid() {
