@@ -3,8 +3,11 @@
 //! Everything here is `no_std`, free of `asm!` and unit-tested on the
 //! development machine: trap decoding, exception injection, the EL2 register
 //! values, the boot memory layout, the host stage-2 plan, the PSCI relay's
-//! decisions and the core's check of the ledger's transactions. The code that runs at EL2 (`src/main.rs` and `src/el2/`) is a
-//! thin layer that reads and writes system registers around these functions.
+//! decisions, the checked arithmetic of hypercall ranges, the core's check
+//! of the ledger's transactions and the consistency checker's rules for a
+//! stage-2 entry. The code that runs at EL2 (`src/main.rs` and `src/el2/`)
+//! is a thin layer that reads and writes system registers around these
+//! functions.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -12,7 +15,9 @@ pub mod el2config;
 pub mod esr;
 pub mod inject;
 pub mod layout;
+pub mod mapcheck;
 pub mod psci;
+pub mod ranges;
 pub mod regs;
 pub mod routing;
 pub mod s2plan;

@@ -278,36 +278,45 @@ pub fn ipa_ranges(
     Ok(())
 }
 
+/// What is left of region `r` once frames `[pa, pa + size)` are dropped
+/// from it: `r` itself if it holds none of them, otherwise the part below
+/// them and the part above them (either may be empty).
+pub fn cut(r: &Region, pa: u64, size: u64) -> [Option<Region>; 2] {
+    let end = pa + size;
+    if r.pa_end() <= pa || r.pa >= end {
+        return [Some(*r), None];
+    }
+    let head = (r.pa < pa).then(|| Region {
+        ipa: r.ipa,
+        pa: r.pa,
+        pages: (pa - r.pa) / PAGE,
+    });
+    let tail = (r.pa_end() > end).then(|| Region {
+        ipa: r.ipa + (end - r.pa),
+        pa: end,
+        pages: (r.pa_end() - end) / PAGE,
+    });
+    [head, tail]
+}
+
 /// Drops frames `[pa, pa + size)` from `regions`, splitting regions that
 /// hold them partly; returns the regions left.
 pub fn forget_frames(regions: &[Region], pa: u64, size: u64) -> impl Iterator<Item = Region> + '_ {
-    let end = pa + size;
-    regions.iter().flat_map(move |r| {
-        let head = (r.pa < pa && r.pa_end() > pa).then(|| Region {
-            ipa: r.ipa,
-            pa: r.pa,
-            pages: (pa - r.pa) / PAGE,
-        });
-        let tail = (r.pa < end && r.pa_end() > end).then(|| Region {
-            ipa: r.ipa + (end - r.pa),
-            pa: end,
-            pages: (r.pa_end() - end) / PAGE,
-        });
-        let untouched = (r.pa_end() <= pa || r.pa >= end).then_some(*r);
-        untouched.into_iter().chain(head).chain(tail)
-    })
+    regions
+        .iter()
+        .flat_map(move |r| cut(r, pa, size).into_iter().flatten())
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use moat_abi::services::FrameRange;
 
-    const RAM: [Range; 1] = [Range {
+    pub(crate) const RAM: [Range; 1] = [Range {
         base: 0x4000_0000,
         size: 0x4000_0000,
     }];
-    const CARVE: [Range; 1] = [Range {
+    pub(crate) const CARVE: [Range; 1] = [Range {
         base: 0x4020_0000,
         size: 0x0200_0000,
     }];

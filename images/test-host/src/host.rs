@@ -704,7 +704,7 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
         format_args!("{online} secondary CPU(s) ran at EL1"),
     );
 
-    vm::rogue_ledger_if_asked(&mut c, &platform, dtb, bootargs);
+    vm::alone_if_asked(&mut c, &platform, dtb, bootargs);
     services(&mut c);
     let mte_off = bootargs
         .split(' ')

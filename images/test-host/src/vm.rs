@@ -44,6 +44,8 @@ mod cpu_attacks;
 mod interrupt_attacks;
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
+
+mod attack;
 use protocol as p;
 
 /// The guest's raw binary, linked at [`p::BASE_IPA`]; empty when the test
@@ -1605,17 +1607,19 @@ fn hostile_donations(c: &mut Checks, ram: &mut Ram, dtb: &[u8]) {
 }
 
 /// With `moat.rogue_ledger` on the command line: runs only
-/// [`rogue_ledger`], says the verdict and powers off; otherwise returns.
-pub(super) fn rogue_ledger_if_asked(
-    c: &mut Checks,
-    platform: &Platform<'_>,
-    dtb: &[u8],
-    bootargs: &str,
-) {
-    if !bootargs.split(' ').any(|a| a == "moat.rogue_ledger") {
+/// [`rogue_ledger`]; with `moat.attack=NAME`, only that attack
+/// ([`attack`]); then says the verdict and powers off. Otherwise returns.
+pub(super) fn alone_if_asked(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8], bootargs: &str) {
+    let mut args = bootargs.split(' ');
+    if args.clone().any(|a| a == "moat.rogue_ledger") {
+        rogue_ledger(c, platform, dtb);
+    } else if let Some(name) = args.find_map(|a| a.strip_prefix("moat.attack=")) {
+        if !attack::run(c, platform, dtb, name) {
+            c.check(false, format_args!("attack: no attack named {name}"));
+        }
+    } else {
         return;
     }
-    rogue_ledger(c, platform, dtb);
     if c.failed == 0 {
         say!("PASS ({} checks)", c.passed);
     } else {
@@ -1709,6 +1713,18 @@ fn rogue_ledger(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
     );
     intact(c, format_args!("the executable share"));
     consistent(c, "a lying ledger's share was refused");
+    // An honest share whose commit the ledger then refuses: nothing may
+    // change, and the core must not stop serving memory requests.
+    let s = share_hyp(pa, 2);
+    let u = unshare_hyp(pa, 2);
+    c.check(
+        s.is(Error::Denied) && u.is(Error::Denied),
+        format_args!(
+            "rogue ledger: sharing 2 pages with the hypervisor, the ledger's commit refused: {s} (expected Denied); nothing was shared: unsharing them is {u} (expected Denied)"
+        ),
+    );
+    intact(c, format_args!("the refused commit"));
+    consistent(c, "a lying ledger refused its own commit");
     let at_hyp = donate(handle, hyp.base, 1, p::BASE_IPA);
     let last = ram.last_page();
     let past_ram = donate(handle, last, 2, p::BASE_IPA);
@@ -1741,6 +1757,7 @@ fn rogue_ledger(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
         );
     }
     consistent(c, "an honest donation");
+    load_from_another_vm(c, &mut ram, pa);
     // 12 pages from `pa`: the VM owns the first 8 now. The rogue ledger
     // approves the donation anyway; the core sees in the host's stage-2
     // that they are not the host's.
@@ -1777,6 +1794,45 @@ fn rogue_ledger(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
     consistent(c, "a reclaim through a lying ledger");
     demo(c, &mut ram, false);
     consistent(c, "the demo, with a lying ledger");
+}
+
+/// Under the rogue ledger, whose lookups answer a VM's frames as the
+/// host's shared with the hypervisor: a `VM_LOAD` into a second VM from
+/// `victim` (a frame the first VM owns) must be refused, nothing copied.
+fn load_from_another_vm(c: &mut Checks, ram: &mut Ram, victim: u64) {
+    const PAGES: u64 = 8;
+    let Some(pa) = ram.take(PAGES, PAGE) else {
+        c.check(
+            false,
+            format_args!("rogue ledger: free host RAM for a second VM"),
+        );
+        return;
+    };
+    let (r, handle) = vm_create(p::BASE_IPA, 0);
+    let d = if r.ok() {
+        donate(handle, pa, PAGES, p::BASE_IPA)
+    } else {
+        r
+    };
+    let l = load(handle, p::BASE_IPA, victim, PAGE);
+    c.check(
+        r.ok() && d.ok() && l.is(Error::Denied),
+        format_args!(
+            "rogue ledger: VM_LOAD into a second VM from a frame the first VM owns, which the ledger calls the host's: {l} (expected Denied; create {r}, donate {d})"
+        ),
+    );
+    consistent(c, "a lying ledger's VM_LOAD source was refused");
+    let x = destroy(handle);
+    let back = reclaim(handle, pa, PAGES);
+    let (nonzero, aborts) = (0..PAGES)
+        .map(|i| page_differs(pa + i * PAGE, |_| 0))
+        .fold((0, 0), |(n, a), (dn, da)| (n + dn, a + da));
+    c.check(
+        x.ok() && back.ok() && nonzero == 0 && aborts == 0,
+        format_args!(
+            "rogue ledger: the second VM destroyed ({x}) and its pages reclaimed ({back}), zeroed ({nonzero} non-zero words, {aborts} aborts)"
+        ),
+    );
 }
 
 /// Driving VMs that ran, are gone, or never were.

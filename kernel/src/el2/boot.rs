@@ -579,15 +579,12 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
             );
             false
         }
-        Err(Mismatch::VmMapsForeign { handle, ipa, pa }) => {
+        Err(Mismatch::Forged { whose, leaf }) => {
             crate::log!(
-                "consistency: MISMATCH: VM {handle} maps frame {pa:#x} at IPA {ipa:#x}, which the ledger does not give it"
-            );
-            false
-        }
-        Err(Mismatch::ServiceMapsForeign { index, ipa, pa }) => {
-            crate::log!(
-                "consistency: MISMATCH: service {index} maps frame {pa:#x} at IPA {ipa:#x}, which is not the hypervisor's"
+                "consistency: MISMATCH: {whose} maps frame {:#x} at IPA {:#x}: {}",
+                leaf.pa,
+                leaf.ipa,
+                leaf.why.describe()
             );
             false
         }
@@ -599,6 +596,10 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
             crate::log!(
                 "consistency: MISMATCH: VM {handle} maps {mapped} page(s), the ledger gives it {owned}"
             );
+            false
+        }
+        Err(Mismatch::NoMemory) => {
+            crate::log!("consistency: not checked: the heap has no room for the checker's records");
             false
         }
         Err(Mismatch::Ledger(e)) => {

@@ -7,7 +7,10 @@
 //! region, and grows to the whole heap of the carve-out once the package has
 //! been consumed.
 
+use alloc::boxed::Box;
 use buddy_system_allocator::LockedHeap;
+use core::alloc::Layout;
+use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// Buddy orders up to 2^32 bytes.
@@ -51,4 +54,22 @@ pub fn total_bytes() -> usize {
 /// Bytes currently allocated.
 pub fn used_bytes() -> usize {
     HEAP.lock().stats_alloc_actual()
+}
+
+/// `value` in a new box, or `None` if the heap cannot hold it: `Box::new`
+/// would panic instead, which no hypercall path may do.
+pub fn try_box<T>(value: T) -> Option<Box<T>> {
+    let layout = Layout::new::<T>();
+    if layout.size() == 0 {
+        return Some(Box::new(value));
+    }
+    // SAFETY: a non-zero-sized layout.
+    let p = NonNull::new(unsafe { alloc::alloc::alloc(layout) }.cast::<T>())?;
+    // SAFETY: `p` is a fresh allocation with `T`'s layout from the global
+    // allocator, the one `Box` frees with; writing `value` initialises it
+    // before the box owns it.
+    unsafe {
+        p.as_ptr().write(value);
+        Some(Box::from_raw(p.as_ptr()))
+    }
 }

@@ -3,10 +3,15 @@
 //! Every change of page ownership follows one path:
 //!
 //! ```text
-//!   request ──▶ ledger.prepare ──▶ transaction ──▶ core checks it
+//!   request ──▶ ledger.prepare ──▶ transaction ──▶ core checks it,
+//!                                                   reserves table memory
 //!                                                     │ refused: nothing changed
 //!                                                     ▼
-//!          ledger.commit ◀── maps ◀── zero + tag-scrub ◀── unmaps (BBM, TLBI)
+//!                                                ledger.commit
+//!                                                     │ refused or failed:
+//!                                                     │ nothing changed
+//!                                                     ▼
+//!                       maps ◀── zero + tag-scrub ◀── unmaps (BBM, TLBI)
 //! ```
 //!
 //! The ledger service holds the policy (who may give what to whom); the core
@@ -15,11 +20,13 @@
 //! every change stays inside the requested frames, the host only ever gets
 //! identity mappings of RAM, a page that leaves one party for another is
 //! scrubbed, and a VM's pages are mapped only at the IPA its donation named.
-//! Everything that can fail (table memory, the check) happens before the
-//! first visible change, so a transaction is applied whole or not at all.
+//! Everything that can fail (table memory, the check, the ledger's commit)
+//! happens before the first visible change, so a transaction is applied
+//! whole or not at all, and a ledger that refuses or fails to commit leaves
+//! the core's tables and its own records as they were.
 //!
 //! One transaction at a time, machine-wide ([`MEMORY`]): the ledger's
-//! generation check needs prepare → apply → commit to be one step, and two
+//! generation check needs prepare → commit → apply to be one step, and two
 //! CPUs donating overlapping ranges must see one succeed and the other find
 //! the pages gone.
 
@@ -30,7 +37,10 @@ use super::stage2::{self, Access, StageTwo};
 use alloc::vec::Vec;
 use moat_abi::Error;
 use moat_abi::services::ledger::{self, Operation};
-use moat_abi::services::{LedgerExtent, LedgerRequest, LedgerTransaction, Party};
+use moat_abi::services::{
+    LEDGER_MAX_CHANGES, LedgerExtent, LedgerRequest, LedgerTransaction, Party,
+};
+use moat_kernel::mapcheck::{self, Mapper};
 use moat_kernel::txcheck::{self, Perm, Step, Who};
 
 /// Bytes in a page.
@@ -77,7 +87,10 @@ pub fn all_extents(cpu: &PerCpu) -> Result<Vec<LedgerExtent>, Error> {
     loop {
         let n = out.len() as u64;
         match service::call_typed(cpu, index, Operation::extent as u16, &n) {
-            Ok(e) => out.push(e),
+            Ok(e) => {
+                out.try_reserve(1).map_err(|_| Error::NoMemory)?;
+                out.push(e);
+            }
             // Past the last extent.
             Err(Error::NotSupported) => return Ok(out),
             Err(e) => return Err(e),
@@ -85,10 +98,30 @@ pub fn all_extents(cpu: &PerCpu) -> Result<Vec<LedgerExtent>, Error> {
     }
 }
 
-/// Commits the prepared transaction. The changes are already applied; the
-/// call runs to its reply whatever the host's interrupts (the core's calls
-/// are never suspended, see `service::Preemption`), so only a failed
-/// ledger can leave the two out of step.
+/// Drops frames `[pa, pa + size)` from a VM's record in place: a reclaim
+/// must work when the heap is out, so nothing is allocated (the room for a
+/// region that splits in two was reserved before the change began).
+fn forget_in_place(regions: &mut Vec<Region>, pa: u64, size: u64) {
+    let mut i = 0;
+    while i < regions.len() {
+        match txcheck::cut(&regions[i], pa, size) {
+            [None, None] => {
+                regions.swap_remove(i);
+                continue;
+            }
+            [Some(one), None] | [None, Some(one)] => regions[i] = one,
+            [Some(head), Some(tail)] => {
+                regions[i] = head;
+                regions.push(tail);
+            }
+        }
+        i += 1;
+    }
+}
+
+/// Commits the prepared transaction, before any of its changes is applied.
+/// The call runs to its reply whatever the host's interrupts (the core's
+/// calls are never suspended, see `service::Preemption`).
 fn commit(cpu: &PerCpu, index: usize, generation: u64) -> Result<(), Error> {
     service::call_typed::<u64, u64>(cpu, index, Operation::commit as u16, &generation).map(|_| ())
 }
@@ -101,6 +134,23 @@ pub fn transact(
     mut vm: Option<VmMemory<'_>>,
 ) -> Result<(), Error> {
     let _serial = MEMORY.lock();
+    let result = transact_serialised(cpu, request, &mut vm);
+    // A VM's table pages reserved and not needed go back to the heap,
+    // whether the transaction went through or not. The host's stay in its
+    // pool: they are the tables it booted with, freed when it gave a whole
+    // 2 MiB away, and it needs them to map its pages again when they come
+    // back, however little of the heap the VMs have left.
+    if let Some(v) = vm.as_ref() {
+        v.stage2.release_spare_tables();
+    }
+    result
+}
+
+fn transact_serialised(
+    cpu: &PerCpu,
+    request: LedgerRequest,
+    vm: &mut Option<VmMemory<'_>>,
+) -> Result<(), Error> {
     if OUT_OF_SYNC.load(core::sync::atomic::Ordering::Acquire) {
         return Err(Error::ServiceFailed);
     }
@@ -129,7 +179,7 @@ pub fn transact(
     ) && let Some((pa, size)) = checked
         .scrub
         .or_else(|| checked.steps().next().map(step_range))
-        && !host_stage2().maps_as_owner(pa, size)
+        && !host_owns(pa, size)
     {
         crate::log!(
             "memory: the ledger's transaction for {request:?} refused: the host does not own those frames"
@@ -180,10 +230,93 @@ pub fn transact(
             _ => {}
         }
     }
+    // The table pages every change below could need, and room in the VM's
+    // record: reserved now, so that applying allocates nothing. (A remap of
+    // the host's pages creates the tables it lacks once: its unmap makes
+    // them, its map finds them.)
+    let mut host_ranges: heapless::Vec<(u64, u64), LEDGER_MAX_CHANGES> = heapless::Vec::new();
+    let mut vm_ranges: heapless::Vec<(u64, u64), { 8 + LEDGER_MAX_CHANGES }> = heapless::Vec::new();
+    let mut vm_forgets = 0;
+    let mut vm_maps = false;
+    for step in checked.steps() {
+        let pushed = match step {
+            Step::Unmap {
+                who: Who::Host,
+                pa,
+                size,
+            } => host_ranges.push((pa, size)).is_ok(),
+            Step::Map {
+                who: Who::Host,
+                pa,
+                size,
+                ..
+            } => host_ranges.push((pa, size)).is_ok(),
+            Step::Map {
+                who: Who::Vm, size, ..
+            } => {
+                vm_maps = true;
+                let ipa = vm
+                    .as_ref()
+                    .and_then(|v| v.donate_ipa)
+                    .ok_or(Error::Denied)?;
+                vm_ranges.push((ipa, size)).is_ok()
+            }
+            Step::Unmap {
+                who: Who::Vm,
+                pa,
+                size,
+            } => {
+                vm_forgets += 1;
+                // A region that loses frames from its middle becomes two.
+                let v = vm.as_mut().ok_or(Error::Denied)?;
+                let splits = v
+                    .regions
+                    .iter()
+                    .filter(|r| matches!(txcheck::cut(r, pa, size), [Some(_), Some(_)]))
+                    .count();
+                v.regions.try_reserve(splits).map_err(|_| Error::NoMemory)?;
+                true
+            }
+            _ => true,
+        };
+        if !pushed {
+            return Err(Error::InvalidParameters);
+        }
+    }
+    // No transaction both gives a VM frames and takes some away, or takes
+    // two ranges: the record's room reserved above relies on it.
+    if (vm_maps && vm_forgets > 0) || vm_forgets > 1 {
+        return Err(Error::Denied);
+    }
+    if vm_ranges.extend_from_slice(&vm_unmaps).is_err() {
+        return Err(Error::InvalidParameters);
+    }
+    host_stage2()
+        .reserve_tables(&host_ranges)
+        .map_err(|_| Error::NoMemory)?;
+    if let Some(v) = vm.as_mut() {
+        v.stage2
+            .reserve_tables(&vm_ranges)
+            .map_err(|_| Error::NoMemory)?;
+        if vm_maps {
+            v.regions.try_reserve(1).map_err(|_| Error::NoMemory)?;
+        }
+    }
+
+    // The ledger records the transaction before anything changes: the
+    // MEMORY lock keeps every reader of the ledger out until the changes
+    // below are in, so nobody can see the order, and a commit the ledger
+    // refuses (or cannot give: it failed) leaves both sides as they were —
+    // the request fails with the ledger's error and nothing is out of step.
+    commit(cpu, index, tx.generation).inspect_err(|e| {
+        crate::log!(
+            "memory: the ledger did not commit the transaction for {request:?} ({e:?}); nothing was changed"
+        );
+    })?;
 
     // Nothing below can fail on a transaction that passed the checks (the
-    // tables it maps into exist); if it does anyway, the core and the
-    // ledger no longer agree, and memory requests stop.
+    // tables it maps into are reserved); if it does anyway, the core and
+    // the ledger no longer agree, and memory requests stop.
     let mut apply = || -> Result<(), &'static str> {
         let host_vttbr = m.host_el2.vttbr;
         // Unmaps: the page is gone from every TLB before anything else happens
@@ -263,8 +396,7 @@ pub fn transact(
                 Some(v),
             ) = (step, vm.as_mut())
             {
-                let left = txcheck::forget_frames(v.regions, pa, size).collect();
-                *v.regions = left;
+                forget_in_place(v.regions, pa, size);
             }
         }
         Ok(())
@@ -272,16 +404,11 @@ pub fn transact(
     if let Err(why) = apply() {
         OUT_OF_SYNC.store(true, core::sync::atomic::Ordering::Release);
         crate::log!(
-            "memory: applying a checked transaction failed ({why}); memory requests are refused from now on"
+            "memory: applying a committed transaction failed ({why}); memory requests are refused from now on"
         );
         return Err(Error::Denied);
     }
-    commit(cpu, index, tx.generation).inspect_err(|e| {
-        OUT_OF_SYNC.store(true, core::sync::atomic::Ordering::Release);
-        crate::log!(
-            "memory: the ledger did not record an applied transaction ({e:?}); memory requests are refused from now on"
-        );
-    })
+    Ok(())
 }
 
 /// The frames a step changes.
@@ -289,6 +416,14 @@ fn step_range(step: Step) -> (u64, u64) {
     match step {
         Step::Unmap { pa, size, .. } | Step::Map { pa, size, .. } => (pa, size),
     }
+}
+
+/// Whether the host's stage-2 maps every page of `[pa, pa + size)` with an
+/// owner's access: the core's own view of what the host may give away or
+/// have copied. The caller holds [`MEMORY`], so the answer stands until it
+/// lets go.
+pub fn host_owns(pa: u64, size: u64) -> bool {
+    host_stage2().maps_as_owner(pa, size)
 }
 
 /// The host's stage-2, locked.
@@ -385,11 +520,12 @@ pub enum Mismatch {
     /// The host's stage-2 at `address`: the ledger says the host may (or
     /// may not) map it.
     Host { address: u64, host_may_map: bool },
-    /// VM `handle` maps frame `pa` (at `ipa`) that the ledger does not give it.
-    VmMapsForeign { handle: u16, ipa: u64, pa: u64 },
-    /// Service `index` maps frame `pa` (at `ipa`), which is not the
-    /// hypervisor's.
-    ServiceMapsForeign { index: usize, ipa: u64, pa: u64 },
+    /// A partition's stage-2 holds an entry the core's rules forbid
+    /// (`moat_kernel::mapcheck`).
+    Forged {
+        whose: Whose,
+        leaf: mapcheck::Forged,
+    },
     /// VM `handle` maps `mapped` pages, the ledger gives it `owned`.
     VmPageCount {
         handle: u16,
@@ -398,6 +534,26 @@ pub enum Mismatch {
     },
     /// The ledger could not be read.
     Ledger(Error),
+    /// The heap had no room for the checker's own records.
+    NoMemory,
+}
+
+/// Whose stage-2 a [`Mismatch::Forged`] entry is in.
+#[derive(Clone, Copy, Debug)]
+pub enum Whose {
+    Host,
+    Vm(u16),
+    Service(usize),
+}
+
+impl core::fmt::Display for Whose {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Whose::Host => write!(f, "the host"),
+            Whose::Vm(handle) => write!(f, "VM {handle}"),
+            Whose::Service(index) => write!(f, "service {index}"),
+        }
+    }
 }
 
 /// What the checker covered.
@@ -415,9 +571,12 @@ pub struct Checked {
 /// A VM running on another CPU is counted, not checked (its tables are
 /// not changing: donations to a running VM are refused).
 pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
-    let vms = super::vm::lock_all_idle();
+    let vms = super::vm::lock_all_idle().map_err(|_| Mismatch::NoMemory)?;
     let _serial = MEMORY.lock();
-    let extents = all_extents(cpu).map_err(Mismatch::Ledger)?;
+    let extents = all_extents(cpu).map_err(|e| match e {
+        Error::NoMemory => Mismatch::NoMemory,
+        e => Mismatch::Ledger(e),
+    })?;
     let mut checked = Checked {
         extents: extents.len() as u64,
         vms_running: vms.running,
@@ -427,7 +586,12 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
         let host = host_stage2();
         for e in &extents {
             let host_may_map = e.owner.kind == Party::HOST || e.borrower.kind == Party::HOST;
-            let (start, size) = (e.frames.start * PAGE, e.frames.count * PAGE);
+            let (Some(start), Some(size)) = (
+                e.frames.start.checked_mul(PAGE),
+                e.frames.count.checked_mul(PAGE),
+            ) else {
+                return Err(Mismatch::Ledger(Error::InvalidParameters));
+            };
             host.check(start, size, host_may_map)
                 .map_err(|address| Mismatch::Host {
                     address,
@@ -435,15 +599,30 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
                 })?;
         }
     }
-    let owner_of = |pa: u64| {
-        let pfn = pa / PAGE;
-        let i = extents.partition_point(|e| e.frames.start + e.frames.count <= pfn);
-        extents
-            .get(i)
-            .filter(|e| e.frames.start <= pfn)
-            .map(|e| e.owner)
+    // Every valid entry of every partition's tables, by output address.
+    let m = machine();
+    let extent_of = |pfn: u64| {
+        let i = extents.partition_point(|e| e.frames.start.saturating_add(e.frames.count) <= pfn);
+        extents.get(i).filter(|e| e.frames.start <= pfn).copied()
     };
-    let ipa_space = 1u64 << machine().ipa_bits;
+    let ipa_space = 1u64 << m.ipa_bits;
+    let leaves = |s2: &StageTwo, mapper: Mapper<'_>, whose: Whose, mapped: &mut u64| {
+        s2.for_each_mapped(0, ipa_space, |ipa, pa, size| {
+            mapcheck::check_leaf(
+                mapper,
+                ipa,
+                pa,
+                size,
+                &m.platform.memory,
+                m.carve_out.as_slice(),
+                extent_of,
+            )
+            .map_err(|leaf| Mismatch::Forged { whose, leaf })?;
+            *mapped += size / PAGE;
+            Ok(())
+        })
+    };
+    leaves(&host_stage2(), Mapper::Host, Whose::Host, &mut 0)?;
     // Services map only the hypervisor's memory (their images, stacks and
     // IPC pages come from the core's heap).
     for (index, s2) in (0..)
@@ -451,42 +630,13 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
         .enumerate()
         .filter_map(|(i, s)| s.stage2.map(|s2| (i, s2)))
     {
-        s2.for_each_mapped(0, ipa_space, |ipa, pa, size| {
-            let mut page = 0;
-            while page < size {
-                if owner_of(pa + page).is_none_or(|o| o.kind != Party::HYPERVISOR) {
-                    return Err(Mismatch::ServiceMapsForeign {
-                        index,
-                        ipa: ipa + page,
-                        pa: pa + page,
-                    });
-                }
-                page += PAGE;
-            }
-            Ok(())
-        })?;
+        leaves(s2, Mapper::Service, Whose::Service(index), &mut 0)?;
         checked.services += 1;
     }
-    for (handle, s2) in vms.stage2s() {
+    for (handle, s2, regions) in vms.stage2s() {
         let mut mapped = 0u64;
-        s2.for_each_mapped(0, ipa_space, |ipa, pa, size| {
-            let mut page = 0;
-            while page < size {
-                match owner_of(pa + page) {
-                    Some(o) if o.kind == Party::VM && o.id == u32::from(handle) => {}
-                    _ => {
-                        return Err(Mismatch::VmMapsForeign {
-                            handle,
-                            ipa: ipa + page,
-                            pa: pa + page,
-                        });
-                    }
-                }
-                page += PAGE;
-            }
-            mapped += size / PAGE;
-            Ok(())
-        })?;
+        let mapper = Mapper::Vm { handle, regions };
+        leaves(s2, mapper, Whose::Vm(handle), &mut mapped)?;
         let owned: u64 = extents
             .iter()
             .filter(|e| e.owner.kind == Party::VM && e.owner.id == u32::from(handle))

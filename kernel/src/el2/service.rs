@@ -744,7 +744,7 @@ pub enum SetupError {
     BadHeader,
     TooLarge { footprint: u64, memory: u64 },
     NoMemory,
-    StageTwo(&'static str),
+    StageTwo(super::stage2::MapError),
 }
 
 impl core::fmt::Display for SetupError {
@@ -821,7 +821,7 @@ fn create(
     super::boot::clean_dcache_to_poc(base, memory);
 
     let vmid = 1 + index as u16;
-    let mut s2 = super::stage2::StageTwo::new(start_level, vmid);
+    let mut s2 = super::stage2::StageTwo::new(start_level, vmid).map_err(SetupError::StageTwo)?;
     s2.map(
         SERVICE_BASE_IPA,
         base,

@@ -5,12 +5,162 @@
 //! descriptors. VTCR_EL2 and the VMID are the core's (aarch64-paging leaves
 //! both to the caller). The core runs identity-mapped, so table memory from
 //! its heap is addressed the same by the core and by the walker.
+//!
+//! The library's table allocation cannot fail (its hook returns a page or
+//! nothing at all), so no change on a hypercall path lets it reach the
+//! heap: each stage-2 has a [`TablePool`], every page-granular change first
+//! fills it with the table pages the change would create (the subtree
+//! below every entry on its way that is not a table yet,
+//! [`moat_kernel::ranges::worst_case_tables`]), failing cleanly with
+//! nothing changed when the heap cannot give them, and the library then
+//! takes its tables from the pool only.
 
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes as S2};
-use aarch64_paging::idmap::IdTranslation;
-use aarch64_paging::paging::{Constraints, MemoryRegion, Stage2};
+use aarch64_paging::paging::{Constraints, MemoryRegion, PageTable, Stage2, Translation};
+use alloc::alloc::Layout;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
+use moat_kernel::ranges::worst_case_tables;
 use moat_kernel::s2plan::{Region, RegionKind};
+
+/// Why a stage-2 change did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// The heap could not give the table pages the change might need.
+    NoMemory,
+    /// The range runs outside the IPA space, or the library refused it.
+    Refused(&'static str),
+}
+
+impl core::fmt::Display for MapError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoMemory => write!(f, "out of memory for stage-2 tables"),
+            Self::Refused(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl From<&'static str> for MapError {
+    fn from(why: &'static str) -> Self {
+        Self::Refused(why)
+    }
+}
+
+/// The layout of one table page.
+const TABLE: Layout = Layout::new::<PageTable<S2>>();
+
+/// Free table pages of one stage-2, linked through their first word
+/// (0 ends the list). Atomics only so that a stage-2 can sit in a shared
+/// static; every change runs under the stage-2's own lock.
+struct TablePool {
+    head: AtomicUsize,
+    count: AtomicUsize,
+}
+
+impl TablePool {
+    const fn new() -> Self {
+        Self {
+            head: AtomicUsize::new(0),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Takes pages from the heap until the pool holds `pages`; on failure
+    /// the pool keeps what it got (free pages, invisible to any walker).
+    fn fill(&self, pages: u64) -> Result<(), MapError> {
+        while (self.len() as u64) < pages {
+            // SAFETY: a page-sized, page-aligned allocation (non-zero size).
+            let page = unsafe { alloc::alloc::alloc(TABLE) };
+            let page = NonNull::new(page).ok_or(MapError::NoMemory)?;
+            self.push(page.cast());
+        }
+        Ok(())
+    }
+
+    fn push(&self, page: NonNull<PageTable<S2>>) {
+        let next = self.head.load(Ordering::Relaxed);
+        // SAFETY: `page` is a whole table page from `TABLE`'s allocation that
+        // nothing refers to any more (free, or just allocated); its first
+        // word holds the link.
+        unsafe { page.cast::<usize>().write(next) };
+        self.head
+            .store(page.as_ptr().expose_provenance(), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A zeroed page from the pool, if it has one.
+    fn pop(&self) -> Option<NonNull<PageTable<S2>>> {
+        let page = NonNull::new(core::ptr::with_exposed_provenance_mut::<PageTable<S2>>(
+            self.head.load(Ordering::Relaxed),
+        ))?;
+        // SAFETY: the head is a free page of the list (its address exposed
+        // by `push`), whose first word is the next link; once unlinked the
+        // page is the caller's, zeroed as the library expects.
+        unsafe {
+            self.head
+                .store(page.cast::<usize>().read(), Ordering::Relaxed);
+            page.cast::<u8>().write_bytes(0, TABLE.size());
+        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        Some(page)
+    }
+
+    /// Gives every pooled page back to the heap.
+    fn drain(&self) {
+        while let Some(page) = self.pop() {
+            // SAFETY: every pooled page came from `alloc` with `TABLE`.
+            unsafe { alloc::alloc::dealloc(page.as_ptr().cast(), TABLE) };
+        }
+    }
+}
+
+impl Drop for TablePool {
+    fn drop(&mut self) {
+        self.drain();
+    }
+}
+
+/// The library's view of table memory: identity-mapped pages from the
+/// stage-2's pool.
+struct PooledTables {
+    pool: TablePool,
+}
+
+impl Translation<S2> for PooledTables {
+    fn allocate_table(&mut self) -> (NonNull<PageTable<S2>>, PhysicalAddress) {
+        // Every change that may create tables filled the pool first, except
+        // while the core builds the tables it boots with (block mappings of
+        // devices), which may take from the heap directly.
+        let table = match self.pool.pop() {
+            Some(t) => t,
+            None => {
+                if self.pool.fill(1).is_err() {
+                    crate::log!("stage-2: out of memory for tables while the core boots");
+                    super::panic::park();
+                }
+                self.pool.pop().unwrap_or_else(|| super::panic::park())
+            }
+        };
+        // The core runs identity-mapped: the table's address is its
+        // physical address (and exposed, for the walks that read it back).
+        (table, PhysicalAddress(table.as_ptr().expose_provenance()))
+    }
+
+    unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<S2>>) {
+        self.pool.push(page_table);
+    }
+
+    fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<S2>> {
+        NonNull::new(core::ptr::with_exposed_provenance_mut(pa.0))
+            .unwrap_or_else(|| super::panic::park())
+    }
+}
 
 /// Normal write-back memory: combined with the partition's stage-1
 /// attributes, the stronger (stage-1) type wins.
@@ -60,30 +210,76 @@ const PAGE: u64 = 4096;
 
 /// A partition's stage-2.
 pub struct StageTwo {
-    map: Mapping<IdTranslation<S2>, Stage2>,
+    map: Mapping<PooledTables, Stage2>,
     vmid: u16,
 }
 
 impl StageTwo {
-    /// An empty stage-2 whose walk starts at `start_level` (from VTCR_EL2).
-    pub fn new(start_level: usize, vmid: u16) -> Self {
-        Self {
-            map: Mapping::new(IdTranslation::new(), start_level, Stage2),
+    /// An empty stage-2 whose walk starts at `start_level` (from VTCR_EL2);
+    /// `NoMemory` if the heap has no page for its root table.
+    pub fn new(start_level: usize, vmid: u16) -> Result<Self, MapError> {
+        let tables = PooledTables {
+            pool: TablePool::new(),
+        };
+        tables.pool.fill(1)?;
+        Ok(Self {
+            map: Mapping::new(tables, start_level, Stage2),
             vmid,
+        })
+    }
+
+    fn pool(&self) -> &TablePool {
+        &self.map.translation().pool
+    }
+
+    /// Fills the table pool with the pages that page-granular changes of
+    /// `ranges` (IPA start and size each) would create between them, so
+    /// that making them, one after the other, never reaches the heap: the
+    /// tables missing now, counted per range, cover every table created
+    /// for the first time, and a table a change frees goes to the pool,
+    /// ready for the change that needs it again. `NoMemory` with nothing
+    /// changed if the heap cannot give that many.
+    pub fn reserve_tables(&self, ranges: &[(u64, u64)]) -> Result<(), MapError> {
+        let mut pages = 0u64;
+        for &(ipa, size) in ranges {
+            let tables = self.missing_tables(ipa, size)?;
+            pages = pages.checked_add(tables).ok_or(MapError::NoMemory)?;
         }
+        self.pool().fill(pages)
+    }
+
+    /// The table pages mapping `[ipa, ipa + size)` with 4 KiB pages would
+    /// create: the whole subtree below every entry on the way that is not
+    /// a table yet (invalid, or a block to split).
+    fn missing_tables(&self, ipa: u64, size: u64) -> Result<u64, MapError> {
+        let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
+        let region = MemoryRegion::new(ipa as usize, end as usize);
+        let mut pages = 0u64;
+        self.map
+            .walk_range(&region, &mut |chunk, _, level| {
+                let (lo, hi) = (chunk.start().0 as u64, chunk.end().0 as u64);
+                pages = worst_case_tables(level, lo, hi)
+                    .and_then(|t| pages.checked_add(t))
+                    .ok_or(())?;
+                Ok(())
+            })
+            .map_err(|_| MapError::Refused("stage-2 range outside the IPA space"))?;
+        Ok(pages)
+    }
+
+    /// Gives the pages left in the table pool back to the heap.
+    pub fn release_spare_tables(&self) {
+        self.pool().drain();
     }
 
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)`.
-    pub fn map(
-        &mut self,
-        ipa: u64,
-        pa: u64,
-        size: u64,
-        access: Access,
-    ) -> Result<(), &'static str> {
+    pub fn map(&mut self, ipa: u64, pa: u64, size: u64, access: Access) -> Result<(), MapError> {
         self.map_flags(ipa, pa, size, access.flags(), Constraints::empty())
     }
 
+    /// Writes the entries of `[ipa, ipa + size)`. A page-granular change
+    /// (every change on a hypercall path) first fills the table pool for
+    /// its worst case; block mappings are made only while the core boots.
     fn map_flags(
         &mut self,
         ipa: u64,
@@ -91,12 +287,16 @@ impl StageTwo {
         size: u64,
         flags: S2,
         constraints: Constraints,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), MapError> {
         let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
+        pa.checked_add(size).ok_or("stage-2 range overflows")?;
+        if constraints.contains(Constraints::NO_BLOCK_MAPPINGS) {
+            self.reserve_tables(&[(ipa, size)])?;
+        }
         let region = MemoryRegion::new(ipa as usize, end as usize);
         self.map
             .map_range(&region, PhysicalAddress(pa as usize), flags, constraints)
-            .map_err(|_| "stage-2 mapping failed")
+            .map_err(|_| MapError::Refused("stage-2 mapping failed"))
     }
 
     /// An identity stage-2 from a plan (the host's).
@@ -109,8 +309,8 @@ impl StageTwo {
     /// inside a stage-2 block: QEMU's TCG does, and Linux invalidates single
     /// pages by the ten thousand while it boots. The cost is 2 MiB of tables
     /// per GiB of host RAM, which the carve-out's heap is sized for.
-    pub fn identity(start_level: usize, vmid: u16, plan: &[Region]) -> Result<Self, &'static str> {
-        let mut s2 = Self::new(start_level, vmid);
+    pub fn identity(start_level: usize, vmid: u16, plan: &[Region]) -> Result<Self, MapError> {
+        let mut s2 = Self::new(start_level, vmid)?;
         for r in plan {
             let (base, size) = (r.range.base, r.range.size);
             match r.kind {
@@ -135,12 +335,7 @@ impl StageTwo {
     /// a time: the same attribute bits the library chose, in the layout the
     /// architecture fixes for a 4 KiB-granule last-level table. The ragged
     /// ends of the range go through the library as usual.
-    fn map_identity_pages(
-        &mut self,
-        base: u64,
-        size: u64,
-        access: Access,
-    ) -> Result<(), &'static str> {
+    fn map_identity_pages(&mut self, base: u64, size: u64, access: Access) -> Result<(), MapError> {
         const CHUNK: u64 = 2 << 20;
         const ENTRIES: u64 = CHUNK / PAGE;
         let flags = access.flags();
@@ -181,7 +376,7 @@ impl StageTwo {
     /// `ipa`, and that entry's bits, when `ipa` is mapped by a valid page
     /// entry at index 0 of its table.
     fn last_level_entry(&self, ipa: u64) -> Option<(usize, u64)> {
-        let region = MemoryRegion::new(ipa as usize, (ipa + PAGE) as usize);
+        let region = MemoryRegion::new(ipa as usize, ipa.checked_add(PAGE)? as usize);
         let mut found = None;
         let _ = self.map.walk_range(&region, &mut |range, d, level| {
             if level == 3 && d.is_valid() && range.start().0 as u64 == ipa {
@@ -216,9 +411,8 @@ impl StageTwo {
     /// Creates the tables `[ipa, ipa + size)` needs at 4 KiB granularity,
     /// with every entry invalid, so that a later [`StageTwo::map_pages`] of
     /// the range cannot fail for want of memory. Changes no translation.
-    pub fn reserve(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+    pub fn reserve(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
         self.invalidate_entries(ipa, size)
-            .map_err(|_| "stage-2 tables: out of memory or outside the IPA space")
     }
 
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with 4 KiB pages
@@ -231,7 +425,7 @@ impl StageTwo {
         pa: u64,
         size: u64,
         access: Access,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), MapError> {
         self.map_flags(
             ipa,
             pa,
@@ -250,7 +444,7 @@ impl StageTwo {
         pa: u64,
         size: u64,
         access: Access,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), MapError> {
         if self.for_each_mapped(ipa, size, |_, _, _| Err(())).is_err() {
             self.unmap(ipa, size)?;
         }
@@ -260,13 +454,13 @@ impl StageTwo {
     /// Removes every mapping of `[ipa, ipa + size)`. On live tables each
     /// changed leaf is invalidated by IPA (TLBI IPAS2E1IS) with the current
     /// VTTBR's VMID: call through [`with_vmid`].
-    pub fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+    pub fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
         self.invalidate_entries(ipa, size)
     }
 
     /// Writes invalid 4 KiB entries over `[ipa, ipa + size)`, creating the
     /// tables that needs.
-    fn invalidate_entries(&mut self, ipa: u64, size: u64) -> Result<(), &'static str> {
+    fn invalidate_entries(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
         self.map_flags(
             ipa,
             0,
@@ -280,7 +474,7 @@ impl StageTwo {
     /// writable; `None` if unmapped.
     pub fn translate(&self, ipa: u64) -> Option<(u64, bool)> {
         let page = ipa & !(PAGE - 1);
-        let region = MemoryRegion::new(page as usize, (page + PAGE) as usize);
+        let region = MemoryRegion::new(page as usize, page.checked_add(PAGE)? as usize);
         let mut out = None;
         let _ = self.map.walk_range(&region, &mut |range, d, _level| {
             if d.is_valid() {

@@ -27,6 +27,7 @@
 
 use super::boot::machine;
 use super::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, PerCpu, Vcpu, enter_nested};
+use super::heap::try_box;
 use super::memory::{self, MEMORY, PAGE, Region, VmMemory};
 use super::stage2::{self, StageTwo};
 use super::sysreg::{self, El1Context};
@@ -40,6 +41,7 @@ use moat_abi::vm::{self as abi, Exit, ExitReason, MAX_VMS, MmioAccess, VmFlags};
 use moat_abi::{hypercall, smccc};
 use moat_kernel::el2config::{self, RunMask};
 use moat_kernel::esr::{self, Trap};
+use moat_kernel::ranges::page_span;
 use moat_kernel::regs::GuestRegs;
 use moat_kernel::vmfeatures;
 
@@ -462,7 +464,18 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         })
         .ok_or(Error::NoMemory)?;
     let handle = index as u16 + 1;
-    // The policy first: a refusal must leave the ledger untouched.
+    // The VM's memory first (the heap may be out), then the policy: a
+    // failure or a refusal must leave the ledger untouched.
+    let m = machine();
+    let no_memory = |_| Error::NoMemory;
+    let stage2 =
+        StageTwo::new(m.stage2_start_level, VMID_BASE + index as u16).map_err(no_memory)?;
+    let stage2 = try_box(stage2).ok_or(Error::NoMemory)?;
+    let mut vcpu =
+        try_box(Vcpu::new(VCPU_VM_BASE + u64::from(handle), 0)).ok_or(Error::NoMemory)?;
+    vcpu.regs = GuestRegs::el1h_entry(entry, 0);
+    let fp = try_box(FpState::ZERO).ok_or(Error::NoMemory)?;
+    let host_vectors = try_box(HostVectors::new()).ok_or(Error::NoMemory)?;
     let mte = mte_policy(cpu, handle, flags)?;
     memory::transact(
         cpu,
@@ -473,14 +486,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         },
         None,
     )?;
-    let m = machine();
-    let stage2 = Box::new(StageTwo::new(
-        m.stage2_start_level,
-        VMID_BASE + index as u16,
-    ));
     stage2.mark_live();
-    let mut vcpu = Box::new(Vcpu::new(VCPU_VM_BASE + u64::from(handle), 0));
-    vcpu.regs = GuestRegs::el1h_entry(entry, 0);
     *guard = Some(Vm {
         handle,
         mte,
@@ -490,8 +496,8 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         vcpu,
         el1: El1Context::reset(),
         csselr: arm_sysregs::CsselrEl1::empty(),
-        fp: Box::new(FpState::ZERO),
-        host_vectors: Box::new(HostVectors::new()),
+        fp,
+        host_vectors,
         has_run: false,
         last_cpu: None,
         pending: Pending::None,
@@ -526,7 +532,8 @@ fn lock_idle(slot: &'static Slot) -> Result<spin::MutexGuard<'static, Option<Vm>
 fn donate(cpu: &PerCpu, handle: u64, pa: u64, pages: u64, ipa: u64) -> Result<(), Error> {
     let size = checked_range(pa, pages)?;
     checked_range(ipa, pages)?;
-    if ipa + size > 1u64 << machine().ipa_bits {
+    let ipa_end = ipa.checked_add(size).ok_or(Error::InvalidParameters)?;
+    if ipa_end > 1u64 << machine().ipa_bits {
         return Err(Error::InvalidParameters);
     }
     let (slot, handle) = slot_of(handle)?;
@@ -566,7 +573,7 @@ fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(),
     if bytes == 0 || bytes > MAX_LOAD {
         return Err(Error::InvalidParameters);
     }
-    let src_end = src.checked_add(bytes).ok_or(Error::InvalidParameters)?;
+    let (first, last) = page_span(src, bytes).ok_or(Error::InvalidParameters)?;
     ipa.checked_add(bytes).ok_or(Error::InvalidParameters)?;
     let (slot, _) = slot_of(handle)?;
     let guard = lock_idle(slot)?;
@@ -577,11 +584,13 @@ fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(),
     // Holding the memory lock keeps the host from ending the share while
     // the core copies.
     let _serial = MEMORY.lock();
-    // The source: RAM outside the hypervisor's memory (the core's own
-    // check), every page the host's and shared with the hypervisor (the
-    // ledger's record, each answer checked to hold the page asked about).
+    // The source: RAM outside the hypervisor's memory and mapped for the
+    // host as an owner's (the core's own checks, on its own tables), every
+    // page the host's and shared with the hypervisor (the ledger's record,
+    // each answer checked to hold the page asked about). The ledger alone
+    // is not enough: a ledger that names another VM's frames as the host's
+    // would have the core copy that VM's memory into this one.
     let m = machine();
-    let (first, last) = (src & !(PAGE - 1), src_end.next_multiple_of(PAGE));
     if !m
         .platform
         .memory
@@ -593,6 +602,12 @@ fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(),
             .any(|c| first < c.end() && c.base < last)
     {
         return Err(Error::InvalidParameters);
+    }
+    if !memory::host_owns(first, last - first) {
+        crate::log!(
+            "VM_LOAD: source {first:#x}..{last:#x} is not mapped for the host as its own: refused"
+        );
+        return Err(Error::Denied);
     }
     let mut pfn = first / PAGE;
     while pfn < last / PAGE {
@@ -1175,21 +1190,26 @@ pub struct IdleVms {
 }
 
 impl IdleVms {
-    /// Handle and stage-2 of each idle VM.
-    pub fn stage2s(&self) -> impl Iterator<Item = (u16, &StageTwo)> {
-        self.guards
-            .iter()
-            .filter_map(|g| g.as_ref().map(|vm| (vm.handle, &*vm.stage2)))
+    /// Handle, stage-2 and the record of where its frames sit, of each
+    /// idle VM.
+    pub fn stage2s(&self) -> impl Iterator<Item = (u16, &StageTwo, &[Region])> {
+        self.guards.iter().filter_map(|g| {
+            g.as_ref()
+                .map(|vm| (vm.handle, &*vm.stage2, vm.regions.as_slice()))
+        })
     }
 }
 
 /// Locks every VM that is not running (before the memory lock: the lock
 /// order is slot, then memory).
-pub fn lock_all_idle() -> IdleVms {
+pub fn lock_all_idle() -> Result<IdleVms, Error> {
     let mut out = IdleVms {
         guards: Vec::new(),
         running: 0,
     };
+    out.guards
+        .try_reserve(SLOTS.len())
+        .map_err(|_| Error::NoMemory)?;
     for slot in &SLOTS {
         match slot.vm.try_lock() {
             Some(g) if g.is_some() => out.guards.push(g),
@@ -1197,5 +1217,5 @@ pub fn lock_all_idle() -> IdleVms {
             None => out.running += 1,
         }
     }
-    out
+    Ok(out)
 }

@@ -542,6 +542,15 @@ fn cases() -> Vec<Case> {
             check: Some(Box::new(check_rogue_refusals)),
             ..host_boot("core_refuses_a_lying_ledger", 1, "v3", ROGUE_LEDGER_PASS)
         },
+        Case {
+            bootargs: Some("moat.attack=boundary_arguments"),
+            ..host_boot("attack_boundary_arguments", 1, "v3", ATTACK_BOUNDARY_PASS)
+        },
+        Case {
+            bootargs: Some("moat.attack=table_exhaustion"),
+            timeout: 300,
+            ..host_boot("attack_table_heap_exhaustion", 1, "v3", ATTACK_TABLES_PASS)
+        },
         linux_mte("linux_mte_off_by_arm64_nomte", Some("arm64.nomte"), "0"),
         linux_mte(
             "linux_mte_off_by_moat_host_mte_off",
@@ -639,6 +648,53 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Every host hypercall with boundary arguments (`moat.attack=boundary_arguments`).
+const ATTACK_BOUNDARY_PASS: &[&str] = &[
+    "test-host: ok   boundary: the fixture: ",
+    "test-host: ok   boundary: HOST_SHARE_HYP with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: HOST_SHARE_HYP with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: HOST_UNSHARE_HYP with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: HOST_UNSHARE_HYP with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_CREATE with entry IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_DONATE with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_DONATE with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_DONATE with IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_LOAD with destination IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_LOAD with source PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_LOAD with bytes = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_LOAD with source PA (0x800 bytes) = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_RECLAIM with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_RECLAIM with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VCPU_RUN with r0 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: VM_DESTROY with unused x2 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: GUEST_SHARE_HOST with IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: GUEST_SHARE_HOST with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: GUEST_UNSHARE_HOST with IPA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: GUEST_UNSHARE_HOST with pages = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: NULL with x1 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: ABI_VERSION with x1 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: CHECK_CONSISTENCY with x1 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: SVC_REPLY_WAIT with x1 = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: SVC_LOG with length = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: SVC_FAULT with FAR = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
+    "test-host: ok   boundary: 156 calls, the core still answers (NULL = 0), every legal call undone",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after every hypercall with boundary arguments (0)",
+    "test-host: ok   boundary: the fixture taken back (destroy 0, 0 failed reclaims or unshares, 8 of 8 pages of the destroyed VM reclaimed)",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the boundary fixture was taken back (0)",
+];
+
+/// Stage-2 table memory run out (`moat.attack=table_exhaustion`).
+const ATTACK_TABLES_PASS: &[&str] = &[
+    "test-host: ok   tables: after ",
+    "(expected NoMemory); the refused pages are still the host's: true",
+    "test-host: ok   tables: donate a whole 2 MiB at ",
+    "test-host: ok   tables: the core still answers (NULL = 0)",
+    "test-host: ok   tables: with the heap out, the host takes its whole 2 MiB back: 0",
+    "donations reclaimed (0 failures)",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the stage-2 table memory ran out and was given back (0)",
+    "test-host: ok   tables: a new VM gets a straddling donation again (create 0, donate 0, destroy 0, reclaim 0)",
+];
+
 /// The image whose ledger lies: `services/rogue-ledger` in the ledger's place.
 const ROGUE_LEDGER_MANIFEST: &str = "images/rogue-ledger.toml";
 
@@ -659,10 +715,15 @@ const ROGUE_LEDGER_PASS: &[&str] = &[
     "test-host: ok   rogue ledger: the host's 12 pages at",
     "test-host: ok   vm: the ledger and the host's stage-2 agree after a lying ledger's donation was refused (0)",
     "test-host: ok   vm: the ledger and the host's stage-2 agree after a lying ledger's share was refused (0)",
+    "test-host: ok   rogue ledger: sharing 2 pages with the hypervisor, the ledger's commit refused: Denied",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after a lying ledger refused its own commit (0)",
     "test-host: ok   rogue ledger: donations the ledger accepts though they are not the host's RAM to give",
     "test-host: ok   vm: the ledger and the host's stage-2 agree after a lying ledger's forged donations were refused (0)",
     "test-host: ok   rogue ledger: an honest donation of 8 pages at",
     "test-host: ok   rogue ledger: host read of a page it donated: synchronous external abort",
+    "test-host: ok   rogue ledger: VM_LOAD into a second VM from a frame the first VM owns, which the ledger calls the host's: Denied",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after a lying ledger's VM_LOAD source was refused (0)",
+    "test-host: ok   rogue ledger: the second VM destroyed (0) and its pages reclaimed (0), zeroed (0 non-zero words, 0 aborts)",
     "test-host: ok   rogue ledger: donating 12 pages of which the VM owns 8, approved by the ledger: Denied",
     "test-host: ok   rogue ledger: VM_DESTROY = 0, VM_RECLAIM of the 8 pages = 0",
     "test-host: ok   rogue ledger: the reclaimed pages read as zero (0 non-zero words, 0 aborts)",

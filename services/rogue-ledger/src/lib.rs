@@ -10,8 +10,14 @@
 //! this service in the ledger's place (`images/rogue-ledger.toml`) and
 //! expects every lie refused, with nothing changed.
 //!
+//! Its `lookup` lies too ([`lookup_lie`]): a frame a VM owns is answered
+//! as the host's, shared with the hypervisor, which is what `VM_LOAD` asks
+//! of its source.
+//!
 //! A lie is never committed: the core refuses it before it applies
 //! anything, and should a commit come anyway, [`Rogue::commit`] refuses it.
+//! One request is answered honestly and its commit refused
+//! ([`Lie::RefusedCommit`]): the core must then change nothing and go on.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -63,6 +69,10 @@ pub enum Lie {
     /// RAM, or the hypervisor's): the real ledger refuses it; this one
     /// answers with a well-formed donation.
     Forged,
+    /// Share of 2 frames with the hypervisor: an honest transaction, whose
+    /// commit is then refused (a ledger that changed its mind, or lost
+    /// the transaction).
+    RefusedCommit,
 }
 
 /// The lie for `request`, given the ledger's RAM and hypervisor frames;
@@ -97,7 +107,32 @@ pub fn lie_for(request: &LedgerRequest, ram: &[PfnRange], hyp: &[PfnRange]) -> O
             })
         }
         LedgerRequest::HOST_SHARE_HYP if frames.count == 1 => Some(Lie::ExecutableShare),
+        LedgerRequest::HOST_SHARE_HYP if frames.count == 2 => Some(Lie::RefusedCommit),
         _ => None,
+    }
+}
+
+/// The rogue answer to a lookup whose honest answer is `honest`: a frame a
+/// VM owns is reported as the host's, shared with the hypervisor (the one
+/// frame asked about), so that a `VM_LOAD` from it would copy that VM's
+/// memory; every other answer is honest.
+pub fn lookup_lie(pfn: u64, honest: LedgerExtent) -> LedgerExtent {
+    if honest.owner.kind != Party::VM {
+        return honest;
+    }
+    LedgerExtent {
+        frames: FrameRange {
+            start: pfn,
+            count: 1,
+        },
+        owner: Party {
+            kind: Party::HOST,
+            id: 0,
+        },
+        borrower: Party {
+            kind: Party::HYPERVISOR,
+            id: 0,
+        },
     }
 }
 
@@ -179,7 +214,7 @@ pub fn tamper(
         Lie::PartialUnmap => tx.changes[0].frames.count = 1,
         Lie::NotTheHosts => {}
         Lie::ExecutableShare => tx.changes[0].perms = rwx,
-        Lie::Forged => {}
+        Lie::Forged | Lie::RefusedCommit => {}
     }
     tx
 }
@@ -188,6 +223,8 @@ pub fn tamper(
 /// [`LedgerServer`] underneath, with `prepare` wrapped.
 pub struct Rogue<'a> {
     honest: LedgerServer<'a>,
+    /// The prepared transaction's commit will be refused.
+    refuse_commit: bool,
 }
 
 impl<'a> Rogue<'a> {
@@ -195,6 +232,7 @@ impl<'a> Rogue<'a> {
     pub fn new(storage: Option<&'a mut [Extent]>) -> Self {
         Self {
             honest: LedgerServer::new(storage),
+            refuse_commit: false,
         }
     }
 }
@@ -212,9 +250,14 @@ impl ledger::Server for Rogue<'_> {
 
     fn prepare(&mut self, request: LedgerRequest) -> Result<LedgerTransaction, Error> {
         let ledger = self.honest.ledger().ok_or(Error::Denied)?;
+        self.refuse_commit = false;
         let Some(lie) = lie_for(&request, ledger.ram(), ledger.hypervisor()) else {
             return self.honest.prepare(request);
         };
+        if lie == Lie::RefusedCommit {
+            self.refuse_commit = true;
+            return self.honest.prepare(request);
+        }
         let op = op_of(&request).ok_or(Error::InvalidParameters)?;
         let honest = ledger.prepare(op);
         let generation = ledger.generation();
@@ -245,12 +288,17 @@ impl ledger::Server for Rogue<'_> {
     }
 
     fn commit(&mut self, generation: u64) -> Result<u64, Error> {
+        if core::mem::take(&mut self.refuse_commit) {
+            // The honest transaction is dropped unrecorded.
+            self.honest.forget_prepared();
+            return Err(Error::Denied);
+        }
         // After a lie nothing is pending, and the commit is refused.
         self.honest.commit(generation)
     }
 
     fn lookup(&mut self, pfn: u64) -> Result<LedgerExtent, Error> {
-        self.honest.lookup(pfn)
+        self.honest.lookup(pfn).map(|e| lookup_lie(pfn, e))
     }
 }
 
@@ -314,6 +362,25 @@ mod tests {
             },
             frames: FrameRange { start, count },
         }
+    }
+
+    /// The refused commit: an honest transaction the core's check accepts,
+    /// whose commit is refused; the ledger records nothing, and the next
+    /// request prepares and commits as usual.
+    #[test]
+    fn a_refused_commit_records_nothing() {
+        let mut storage = [Extent::EMPTY; 64];
+        let mut rogue = booted(&mut storage);
+        let share = request(LedgerRequest::HOST_SHARE_HYP, AT, 2);
+        let tx = rogue.prepare(share).unwrap();
+        assert_eq!(check(&share, &tx), Ok(()));
+        assert_eq!(rogue.commit(tx.generation), Err(Error::Denied));
+        let owner = rogue.lookup(AT).unwrap();
+        assert_eq!(owner.owner.kind, Party::HOST);
+        assert_eq!(owner.borrower.kind, Party::NONE);
+        let donate = request(LedgerRequest::HOST_DONATE_VM, AT, 8);
+        let tx = rogue.prepare(donate).unwrap();
+        rogue.commit(tx.generation).unwrap();
     }
 
     /// Every lie is one the core's check refuses, for the reason expected;
@@ -381,15 +448,32 @@ mod tests {
         let tx = rogue.prepare(req).unwrap();
         assert_eq!(check(&req, &tx), Ok(()));
         assert_eq!(rogue.commit(tx.generation), Err(Error::Denied));
+        // Frames a VM owns are looked up as the host's, shared with the
+        // hypervisor; the host's own frames honestly.
+        let host_frame = rogue.lookup(AT + 40).unwrap();
+        assert_eq!(host_frame.owner.kind, Party::HOST);
+        assert_eq!(host_frame.borrower.kind, Party::NONE);
         for (op, at, count) in [
             (donate, AT, 8),
             (donate, AT + 8, 16),
-            (LedgerRequest::HOST_SHARE_HYP, AT + 24, 2),
+            (LedgerRequest::HOST_SHARE_HYP, AT + 24, 3),
         ] {
             let req = request(op, at, count);
             let tx = rogue.prepare(req).unwrap();
             assert_eq!(check(&req, &tx), Ok(()));
             rogue.commit(tx.generation).unwrap();
         }
+        let vm_frame = rogue.lookup(AT + 1).unwrap();
+        assert_eq!(
+            (vm_frame.owner.kind, vm_frame.borrower.kind),
+            (Party::HOST, Party::HYPERVISOR)
+        );
+        assert_eq!(
+            vm_frame.frames,
+            FrameRange {
+                start: AT + 1,
+                count: 1
+            }
+        );
     }
 }
