@@ -176,11 +176,12 @@ struct HostVectors {
 }
 
 impl HostVectors {
-    fn new() -> Self {
-        Self {
+    /// `None`: no memory for the SVE save area.
+    fn new() -> Option<Self> {
+        Some(Self {
             fp: FpState::ZERO,
-            sve: SveSave::new(),
-        }
+            sve: SveSave::new()?,
+        })
     }
 
     /// Whether the host's vector state can be saved here now.
@@ -245,16 +246,21 @@ struct SveSave {
 
 impl SveSave {
     /// A save area for the largest vector length the hardware allows, if
-    /// the CPU has SVE; never the length in force when the host asks (a
-    /// host in streaming mode would report SME's).
-    fn new() -> Option<Self> {
+    /// the CPU has SVE (`Some(None)`: no SVE); never the length in force
+    /// when the host asks (a host in streaming mode would report SME's).
+    /// `None`: no memory for it (a VM_CREATE on an exhausted heap fails
+    /// with `NoMemory`, it does not panic).
+    fn new() -> Option<Option<Self>> {
         if !machine().cpu.sve {
-            return None;
+            return Some(None);
         }
-        let vl = MAX_SVE_BYTES.load(Ordering::Relaxed) as usize;
-        Some(Self {
-            z: alloc::vec![0u8; 32 * vl].into_boxed_slice(),
-        })
+        let bytes = 32 * MAX_SVE_BYTES.load(Ordering::Relaxed) as usize;
+        let mut z = Vec::new();
+        z.try_reserve_exact(bytes).ok()?;
+        z.resize(bytes, 0u8);
+        Some(Some(Self {
+            z: z.into_boxed_slice(),
+        }))
     }
 
     /// Whether Z0..Z31 at the vector length in force now fit the area.
@@ -475,7 +481,8 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         try_box(Vcpu::new(VCPU_VM_BASE + u64::from(handle), 0)).ok_or(Error::NoMemory)?;
     vcpu.regs = GuestRegs::el1h_entry(entry, 0);
     let fp = try_box(FpState::ZERO).ok_or(Error::NoMemory)?;
-    let host_vectors = try_box(HostVectors::new()).ok_or(Error::NoMemory)?;
+    let host_vectors =
+        try_box(HostVectors::new().ok_or(Error::NoMemory)?).ok_or(Error::NoMemory)?;
     let mte = mte_policy(cpu, handle, flags)?;
     memory::transact(
         cpu,
