@@ -396,7 +396,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         }
     }
     let features = sysreg::cpu_features();
-    let device_top = platform.devices_top.max(platform.uart.regs.end());
+    let device_top = platform.devices_top().max(platform.uart.regs.end());
     let ram_top = platform.memory.iter().map(Range::end).max().unwrap_or(0);
     let ipa_bits = el2config::ipa_bits(&features, device_top.max(ram_top));
     let (vtcr, start_level) = el2config::vtcr(ipa_bits, features.pa_range);
@@ -430,7 +430,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         uart: platform.uart,
         gic: platform.gic,
         psci: platform.psci,
-        devices_top: platform.devices_top,
+        devices: platform.devices,
     };
     for under in heap_later {
         // SAFETY: the rest of the heap (under the package) is in the
@@ -438,32 +438,60 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         unsafe { heap::add_region(under.base as usize, under.size as usize) };
     }
 
-    // The host's stage-2.
-    let mut withheld: heapless::Vec<Range, 4> = heapless::Vec::new();
+    // The host's stage-2: the RAM and device windows the device tree
+    // describes, less what the core keeps. Everything withheld is logged.
+    let mut withheld: heapless::Vec<(Range, &str), 4> = heapless::Vec::new();
     for range in plan.carve_out.as_slice() {
-        let _ = withheld.push(*range);
+        let _ = withheld.push((*range, "the hypervisor's memory"));
     }
     if let Gic::V2 {
         hyp_interface: Some(gich),
         ..
     } = &platform.gic
     {
-        let _ = withheld.push(*gich);
+        let _ = withheld.push((*gich, "the GICv2 hypervisor interface"));
     }
-    let regions = s2plan::host_regions(&platform.memory, &withheld, device_top, 1u64 << ipa_bits)
-        .unwrap_or_else(|e| fatal("host stage-2 plan", format_args!("{e:?}")));
-    let host_stage2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, &regions)
+    let withheld_ranges: heapless::Vec<Range, 4> = withheld.iter().map(|(r, _)| *r).collect();
+    let host_plan = s2plan::host_regions(
+        &platform.memory,
+        &platform.devices,
+        &withheld_ranges,
+        1u64 << ipa_bits,
+    )
+    .unwrap_or_else(|e| fatal("host stage-2 plan", format_args!("{e:?}")));
+    let regions = &host_plan.regions;
+    let host_stage2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, regions)
         .unwrap_or_else(|e| fatal("host stage-2", e))
         .activate();
     let vttbr = host_stage2.vttbr();
     super::stage2::HOST.call_once(|| spin::Mutex::new(host_stage2));
     crate::log!(
-        "host stage-2: {} regions, {}-bit IPA, VMID {HOST_VMID}; heap {} KiB used of {} MiB",
+        "host stage-2: {} regions, {}-bit IPA (CPU: {}-bit PA; highest described address {:#x}), VMID {HOST_VMID}; heap {} KiB used of {} MiB",
         regions.len(),
         ipa_bits,
+        features.pa_bits(),
+        device_top.max(ram_top) - 1,
         heap::used_bytes() >> 10,
         heap::total_bytes() >> 20
     );
+    crate::log!(
+        "host devices: {} window(s) from the device tree (reg and bus ranges), mapped as device memory",
+        platform.devices.len()
+    );
+    for (range, what) in &withheld {
+        crate::log!(
+            "withheld from the host: {:#x}..{:#x} ({what})",
+            range.base,
+            range.end()
+        );
+    }
+    if let Some(beyond) = host_plan.beyond_ipa {
+        crate::log!(
+            "withheld from the host: {:#x}..{:#x} (beyond the {ipa_bits}-bit IPA space the CPU allows)",
+            beyond.base,
+            beyond.end()
+        );
+    }
 
     let host_el2 = HostEl2Config {
         hcr: core::sync::atomic::AtomicU64::new(el2config::host_hcr(&features, true)),
