@@ -989,7 +989,8 @@ fn mte_probe_exits(c: &mut Checks, g: &mut Guest, vm_mte: bool, hardware_tags: b
             field(dfr0, 32)
         ),
     );
-    const ISAR1_PAUTH: u64 = (0xff << 4) | (0xff << 24);
+    // Pointer authentication, and LS64 (not given to VMs either).
+    const ISAR1_PAUTH: u64 = (0xff << 4) | (0xff << 24) | (0xf << 60);
     c.check(
         pfr0 & 0xffff_ffff == host[0] & 0xffff_ffff
             && pfr1 & 0xff == host[1] & 0xff
