@@ -236,6 +236,18 @@ fn backports_configured() -> bool {
     })
 }
 
+/// Adds the bookworm-backports apt source, as root, unless some source
+/// names it already. Returns whether it was added.
+pub fn ensure_backports_source() -> Result<bool> {
+    if backports_configured() || !is_root() {
+        return Ok(false);
+    }
+    eprintln!("xtask: adding {BACKPORTS_LIST} ({BACKPORTS_LINE})");
+    std::fs::write(BACKPORTS_LIST, format!("{BACKPORTS_LINE}\n"))
+        .with_context(|| format!("writing {BACKPORTS_LIST}"))?;
+    Ok(true)
+}
+
 /// Where apt's output goes while the xtask installs something: shown only
 /// when the install fails.
 fn apt_log() -> PathBuf {
