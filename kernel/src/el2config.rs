@@ -669,13 +669,9 @@ pub fn vm_view(hw: &IdRegs, mte: bool) -> IdRegs {
 pub fn host_controls(hw: &IdRegs, view: &IdRegs, pmcr_n: u64, count_el2: bool) -> El2Controls {
     let mut c = El2Controls {
         hcr: hcr::VM | hcr::RW | hcr::TSC,
-        hcrx: 0,
         cptr: cptr::RES1,
-        mdcr: 0,
-        fgt: FineGrainedTraps::default(),
         cnthctl: HOST_CNTHCTL,
-        zcr: None,
-        smcr: None,
+        ..Default::default()
     };
     apply_features(&mut c, hw, view);
     if view != hw {
@@ -755,14 +751,9 @@ fn apply_features(c: &mut El2Controls, hw: &IdRegs, view: &IdRegs) {
 pub fn vm_controls(hw: &IdRegs, mte: bool) -> El2Controls {
     let view = vm_view(hw, mte);
     let mut c = El2Controls {
-        hcr: 0,
-        hcrx: 0,
         cptr: cptr::RES1,
-        mdcr: 0,
-        fgt: FineGrainedTraps::default(),
         cnthctl: NESTED_CNTHCTL,
-        zcr: None,
-        smcr: None,
+        ..Default::default()
     };
     apply_features(&mut c, hw, &view);
     c

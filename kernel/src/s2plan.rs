@@ -107,7 +107,7 @@ pub fn host_regions(
     }
     // Whole pages: a window of 0x18 bytes needs its page mapped. Windows
     // that share a page after rounding are mapped once.
-    let mut pending: Option<(u64, u64)> = None;
+    let mut pages: heapless::Vec<(u64, u64), MAX_REGIONS> = heapless::Vec::new();
     let mut top = 0;
     for window in devices {
         let start = window.base & !(PAGE - 1);
@@ -116,29 +116,16 @@ pub fn host_regions(
             .checked_next_multiple_of(PAGE)
             .unwrap_or(!(PAGE - 1));
         top = top.max(end);
-        pending = match pending {
-            Some((s, e)) if start <= e => Some((s, e.max(end))),
-            Some((s, e)) => {
-                push_minus_holes(
-                    &mut out,
-                    s,
-                    e.min(ipa_limit),
-                    &device_holes,
-                    RegionKind::Device,
-                )?;
-                Some((start, end))
-            }
-            None => Some((start, end)),
-        };
+        match pages.last_mut() {
+            Some((_, e)) if start <= *e => *e = (*e).max(end),
+            _ => pages
+                .push((start, end))
+                .map_err(|_| PlanError::TooManyRegions)?,
+        }
     }
-    if let Some((s, e)) = pending {
-        push_minus_holes(
-            &mut out,
-            s,
-            e.min(ipa_limit),
-            &device_holes,
-            RegionKind::Device,
-        )?;
+    for (start, end) in pages {
+        let end = end.min(ipa_limit);
+        push_minus_holes(&mut out, start, end, &device_holes, RegionKind::Device)?;
     }
     for bank in ram {
         let end = bank.end().min(ipa_limit);
@@ -162,22 +149,10 @@ mod tests {
         Range::new(base, size).unwrap()
     }
 
-    /// QEMU virt's device windows (see platform/tests/discover.rs).
-    const VIRT_DEVICES: [(u64, u64); 10] = [
-        (0x0, 0x801_0000),
-        (0x808_0000, 0xf8_1000),
-        (0x901_0000, 0x1000),
-        (0x902_0000, 0x18),
-        (0x903_0000, 0x1000),
-        (0xa00_0000, 0x4000),
-        (0xc00_0000, 0x200_0000),
-        (0x1000_0000, 0x2f00_0000),
-        (0x40_1000_0000, 0x1000_0000),
-        (0x80_0000_0000, 0x80_0000_0000),
-    ];
-
-    fn virt_devices() -> [Range; 10] {
-        VIRT_DEVICES.map(|(b, s)| r(b, s))
+    /// QEMU virt's device windows, as discovery finds them in its tree.
+    fn virt_devices() -> heapless::Vec<Range, { moat_platform::dt::MAX_DEVICE_WINDOWS }> {
+        let dtb = include_bytes!("../../platform/testdata/qemu-virt-gicv3.dtb");
+        moat_platform::dt::discover(dtb).unwrap().devices
     }
 
     fn device(base: u64, size: u64) -> Region {

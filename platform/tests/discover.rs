@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use moat_platform::dt::{
-    Chosen, Conduit, Cpu, DtError, EnableMethod, Gic, MAX_CPUS, MAX_MEMORY_RANGES, MAX_NODE_DEPTH,
-    Platform, Psci, Range, Uart, UartKind, discover,
+    Chosen, Conduit, Cpu, DtError, EnableMethod, Gic, MAX_CPUS, MAX_DEVICE_WINDOWS,
+    MAX_MEMORY_RANGES, MAX_NODE_DEPTH, Platform, Psci, Range, Uart, UartKind, discover,
 };
 use vm_fdt::FdtWriter;
 
@@ -16,6 +16,22 @@ fn range(base: u64, size: u64) -> Range {
 
 fn ranges<const N: usize>(list: &[(u64, u64)]) -> heapless::Vec<Range, N> {
     list.iter().map(|&(base, size)| range(base, size)).collect()
+}
+
+/// QEMU `virt`'s device windows: `gic`, the flash and GIC windows that
+/// differ between GICv2 and GICv3, then those after the PL011 both share.
+fn virt_windows(gic: &[(u64, u64)]) -> heapless::Vec<Range, MAX_DEVICE_WINDOWS> {
+    const SHARED: [(u64, u64); 8] = [
+        (0x901_0000, 0x1000),
+        (0x902_0000, 0x18),
+        (0x903_0000, 0x1000),
+        (0xa00_0000, 0x4000),
+        (0xc00_0000, 0x200_0000),
+        (0x1000_0000, 0x2f00_0000),
+        (0x40_1000_0000, 0x1000_0000),
+        (0x80_0000_0000, 0x80_0000_0000),
+    ];
+    ranges(&[gic, &SHARED].concat())
 }
 
 fn psci_cpus(mpidrs: &[u64]) -> heapless::Vec<Cpu, MAX_CPUS> {
@@ -64,18 +80,7 @@ fn qemu_virt_gicv3() {
         // 32-bit memory and I/O windows (ranges, adjacent), its high ECAM
         // (reg) and its 64-bit memory window (ranges), where Linux puts
         // 64-bit BARs.
-        devices: ranges(&[
-            (0x0, 0x801_0000),
-            (0x808_0000, 0xf8_1000),
-            (0x901_0000, 0x1000),
-            (0x902_0000, 0x18),
-            (0x903_0000, 0x1000),
-            (0xa00_0000, 0x4000),
-            (0xc00_0000, 0x200_0000),
-            (0x1000_0000, 0x2f00_0000),
-            (0x40_1000_0000, 0x1000_0000),
-            (0x80_0000_0000, 0x80_0000_0000),
-        ]),
+        devices: virt_windows(&[(0x0, 0x801_0000), (0x808_0000, 0xf8_1000)]),
     };
     assert_eq!(discover(&dtb), Ok(expected));
 }
@@ -106,18 +111,10 @@ fn qemu_virt_gicv2() {
         },
         // As with GICv3, but GICv2's distributor, CPU interface, GICH and
         // GICV sit between the flash and the PL011.
-        devices: ranges(&[
+        devices: virt_windows(&[
             (0x0, 0x802_1000),
             (0x803_0000, 0x2_0000),
             (0x900_0000, 0x1000),
-            (0x901_0000, 0x1000),
-            (0x902_0000, 0x18),
-            (0x903_0000, 0x1000),
-            (0xa00_0000, 0x4000),
-            (0xc00_0000, 0x200_0000),
-            (0x1000_0000, 0x2f00_0000),
-            (0x40_1000_0000, 0x1000_0000),
-            (0x80_0000_0000, 0x80_0000_0000),
         ]),
     };
     let platform = discover(&dtb).unwrap();

@@ -68,17 +68,14 @@ pub fn write_el1_exception(esr: u64, elr: u64, spsr: u64, far: Option<u64>) {
     }
 }
 
-/// The per-CPU EL2 configuration for running the host.
+/// The per-CPU EL2 configuration for running the host: its derived
+/// controls (read through `Deref`: `config.cptr`, `config.hcrx`, ...),
+/// with `HCR_EL2` apart because the MTE policy service sets it once more
+/// after boot, and the host's stage-2.
 pub struct HostEl2Config {
-    /// Set once more after boot, when the MTE policy service has decided.
+    /// Shadows `controls.hcr`, which is only the value before the policy.
     pub hcr: core::sync::atomic::AtomicU64,
-    pub cptr: u64,
-    pub mdcr: u64,
-    pub hcrx: u64,
-    pub fgt: FineGrainedTraps,
-    pub zcr: Option<u64>,
-    pub smcr: Option<u64>,
-    pub cnthctl: u64,
+    controls: El2Controls,
     pub vtcr: u64,
     pub vttbr: u64,
 }
@@ -88,16 +85,18 @@ impl HostEl2Config {
     pub fn new(c: &El2Controls, vtcr: u64, vttbr: u64) -> Self {
         Self {
             hcr: core::sync::atomic::AtomicU64::new(c.hcr),
-            cptr: c.cptr,
-            mdcr: c.mdcr,
-            hcrx: c.hcrx,
-            fgt: c.fgt,
-            zcr: c.zcr,
-            smcr: c.smcr,
-            cnthctl: c.cnthctl,
+            controls: *c,
             vtcr,
             vttbr,
         }
+    }
+}
+
+impl core::ops::Deref for HostEl2Config {
+    type Target = El2Controls;
+
+    fn deref(&self) -> &El2Controls {
+        &self.controls
     }
 }
 

@@ -894,6 +894,15 @@ mod tests {
         );
     }
 
+    /// The archive as text, after checking it holds every one of `names`.
+    fn holds(archive: &[u8], names: &[&str]) -> String {
+        let text = String::from_utf8_lossy(archive).into_owned();
+        for name in names {
+            assert!(text.contains(name), "{name:?} missing");
+        }
+        text
+    }
+
     #[test]
     fn initramfs_holds_modules_in_load_order_and_the_probe() {
         let dir = std::env::temp_dir().join(format!("xtask-modules-{}", std::process::id()));
@@ -916,18 +925,18 @@ mod tests {
         };
         let a = initramfs(b"BB", None, &extras).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        let text = String::from_utf8_lossy(&a);
-        for name in [
-            "lib/modules/6.1.0-57-arm64/kernel/drivers/virtio\0",
-            "lib/modules/6.1.0-57-arm64/kernel/drivers/virtio/a.ko\0",
-            "lib/modules/6.1.0-57-arm64/modules.dep\0",
-            "etc/moat-modules\0",
-            "bin/moat-probe\0",
-            "KO-A",
-            "PROBE",
-        ] {
-            assert!(text.contains(name), "{name:?} missing");
-        }
+        let text = holds(
+            &a,
+            &[
+                "lib/modules/6.1.0-57-arm64/kernel/drivers/virtio\0",
+                "lib/modules/6.1.0-57-arm64/kernel/drivers/virtio/a.ko\0",
+                "lib/modules/6.1.0-57-arm64/modules.dep\0",
+                "etc/moat-modules\0",
+                "bin/moat-probe\0",
+                "KO-A",
+                "PROBE",
+            ],
+        );
         let order = "/lib/modules/6.1.0-57-arm64/kernel/drivers/virtio/a.ko\n\
                      /lib/modules/6.1.0-57-arm64/kernel/drivers/virtio/b.ko\n";
         assert!(text.contains(order), "load order");
@@ -937,17 +946,17 @@ mod tests {
     #[test]
     fn initramfs_holds_init_console_and_commands() {
         let a = initramfs(b"BB", Some("nproc"), &Extras::default()).unwrap();
-        let text = String::from_utf8_lossy(&a);
-        for name in [
-            "init\0",
-            "dev/console\0",
-            "bin/busybox\0",
-            "bin/sh\0",
-            "etc/moat-commands\0",
-            "TRAILER!!!\0",
-        ] {
-            assert!(text.contains(name), "{name:?} missing");
-        }
+        let text = holds(
+            &a,
+            &[
+                "init\0",
+                "dev/console\0",
+                "bin/busybox\0",
+                "bin/sh\0",
+                "etc/moat-commands\0",
+                "TRAILER!!!\0",
+            ],
+        );
         assert!(text.contains("nproc\n"));
         let none = initramfs(b"BB", None, &Extras::default()).unwrap();
         assert!(!String::from_utf8_lossy(&none).contains("moat-commands\0"));

@@ -1015,21 +1015,7 @@ fn check_hypervisor_hidden(console: &str) -> Result<(), String> {
 /// Builds the payload in `images/external-payload`, a cargo project of its
 /// own outside the workspace, to a raw binary.
 pub fn build_external_payload() -> Result<PathBuf> {
-    let dir = tools::root().join("images/external-payload");
-    let target_dir = tools::target_dir().join("external-payload");
-    run(cargo()
-        .current_dir(&dir)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            image::PAYLOAD_TARGET,
-            "--target-dir",
-        ])
-        .arg(&target_dir))?;
-    let elf = target_dir
-        .join(image::PAYLOAD_TARGET)
-        .join("release/external-payload");
+    let elf = tools::build_outside_workspace("external-payload", image::PAYLOAD_TARGET)?;
     let bin = tools::target_dir().join("images/external-payload.bin");
     image::objcopy(&elf, &bin)?;
     Ok(bin)
