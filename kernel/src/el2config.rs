@@ -1,6 +1,14 @@
 //! The EL2 control-register values the core runs a host with, each bit
 //! explained. Computed from the CPU's ID registers so the same code serves
-//! QEMU's `max` CPU (SVE, SME, MTE), a Cortex-A72 (none of them) and an FVP.
+//! QEMU's `max` CPU (SVE, SME, MTE, MOPS), a Cortex-A72 (none of them) and
+//! an FVP.
+//!
+//! [`host_controls`] is the one place the host's feature controls come
+//! from: a table of features ([`FEATURES`]: ID field, the control that
+//! gives it, whether VMs get it) applied to what the hardware has and what
+//! the host is told, so every feature the host's ID registers show works
+//! and every one they hide is disabled. [`vm_view`] and [`vm_controls`]
+//! apply the same table to protected VMs.
 
 /// HCR_EL2 bits the core uses.
 pub mod hcr {
