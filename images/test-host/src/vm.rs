@@ -1038,6 +1038,17 @@ fn mte_probe_exits(c: &mut Checks, g: &mut Guest, vm_mte: bool, hardware_tags: b
         ),
     );
 
+    for (i, what) in p::HOST_STATE_ACCESSES.iter().enumerate() {
+        let [index, taken, esr, elr, at] =
+            g.expect_hvc(c, p::HOST_STATE_ACCESS, "host state access")?;
+        c.check(
+            index == i as u64 && taken == 1 && esr == 0x0200_0000 && elr == at,
+            format_args!(
+                "{name}: {what} in the guest: Undefined Instruction, the host's register is out of reach ({taken} exception(s), ESR_EL1 {esr:#x}, ELR_EL1 {elr:#x}, instruction at {at:#x})"
+            ),
+        );
+    }
+
     let [tag, taken, ..] = g.expect_hvc(c, p::TAG_PROBE, "tag probe")?;
     let tag_stored = p::PROBE_TAG;
     if vm_mte {
