@@ -1,6 +1,14 @@
 //! The EL2 control-register values the core runs a host with, each bit
 //! explained. Computed from the CPU's ID registers so the same code serves
-//! QEMU's `max` CPU (SVE, SME, MTE), a Cortex-A72 (none of them) and an FVP.
+//! QEMU's `max` CPU (SVE, SME, MTE, MOPS), a Cortex-A72 (none of them) and
+//! an FVP.
+//!
+//! [`host_controls`] is the one place the host's feature controls come
+//! from: a table of features ([`FEATURES`]: ID field, the control that
+//! gives it, whether VMs get it) applied to what the hardware has and what
+//! the host is told, so every feature the host's ID registers show works
+//! and every one they hide is disabled. [`vm_view`] and [`vm_controls`]
+//! apply the same table to protected VMs.
 
 /// HCR_EL2 bits the core uses.
 pub mod hcr {
@@ -33,6 +41,8 @@ pub mod hcr {
     pub const ATA: u64 = 1 << 56;
     /// Trap GMID_EL1 (ID group 5).
     pub const TID5: u64 = 1 << 58;
+    /// EL1/EL0 may use SCXTNUM_EL1/SCXTNUM_EL0 (FEAT_CSV2_2).
+    pub const EN_SCXT: u64 = 1 << 53;
     /// Trap data-cache maintenance by set/way.
     pub const TSW: u64 = 1 << 22;
     /// Trap ACTLR_EL1 (not switched between partitions).
@@ -81,6 +91,9 @@ pub struct CpuFeatures {
     pub amu: bool,
     /// ID_AA64PFR0_EL1.RAS != 0: error record registers.
     pub ras: bool,
+    /// ID_AA64MMFR0_EL1.FGT >= 2: the second set of fine-grained trap
+    /// registers exists.
+    pub fgt2: bool,
 }
 
 impl CpuFeatures {
@@ -104,6 +117,7 @@ impl CpuFeatures {
             spe: field(dfr0, 32) != 0,
             amu: field(pfr0, 44) != 0,
             ras: field(pfr0, 28) != 0,
+            fgt2: field(mmfr0, 56) >= 2,
         }
     }
 
@@ -121,45 +135,651 @@ impl CpuFeatures {
     }
 }
 
-/// HCR_EL2 for the host.
-///
-/// Set: VM (the host runs under its stage-2), RW (AArch64 EL1), API/APK (the
-/// host's pointer authentication is its own business), TSC (SMCs reach the
-/// core, so the host cannot talk to firmware behind its back — PSCI CPU_ON
-/// in particular must go through the relay), ATA when MTE is implemented and
-/// `host_mte` allows it.
-/// Clear: IMO/FMO/AMO (the host takes its own interrupts; the core is never in
-/// the interrupt path), TWI/TWE, TID3, TGE/E2H (the core is a plain nVHE EL2).
-/// With MTE implemented but the host's policy off, ATA stays clear (the MTE
-/// registers trap), TID5 traps GMID_EL1 and TID3 traps the ID registers so
-/// the policy can report hardware without MTE.
-pub fn host_hcr(cpu: &CpuFeatures, host_mte: bool) -> u64 {
-    let mut v = hcr::VM | hcr::RW | hcr::API | hcr::APK | hcr::TSC;
-    if cpu.mte {
-        if host_mte {
-            v |= hcr::ATA;
-        } else {
-            // GMID_EL1 (TID5) and the ID registers (TID3) trap, so the
-            // policy can hide MTE; ATA clear makes the MTE registers trap.
-            v |= hcr::TID5 | hcr::TID3;
-        }
-    }
-    v
+/// The ID registers EL2's controls are derived from, as raw values: the
+/// hardware's, or a partition's view of them (the hardware's with features
+/// taken out).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdRegs {
+    pub pfr0: u64,
+    pub pfr1: u64,
+    pub pfr2: u64,
+    pub zfr0: u64,
+    pub smfr0: u64,
+    pub dfr0: u64,
+    pub isar0: u64,
+    pub isar1: u64,
+    pub isar2: u64,
+    pub mmfr0: u64,
+    pub mmfr1: u64,
+    pub mmfr2: u64,
+    pub mmfr3: u64,
 }
 
-/// CPTR_EL2 (nVHE layout) that traps nothing the host may use: FP/SIMD
-/// (TFP, bit 10), SVE (TZ, bit 8) and SME (TSM, bit 12) are all left to EL1.
-/// Bits 13, 9 and 7:0 are RES1; TZ and TSM are RES1 too when the feature is
-/// absent.
-pub fn host_cptr(cpu: &CpuFeatures) -> u64 {
-    let mut v: u64 = (1 << 13) | (1 << 9) | 0xff;
-    if !cpu.sve {
-        v |= 1 << 8;
+/// One ID register of [`IdRegs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdReg {
+    Pfr0,
+    Pfr1,
+    Pfr2,
+    Zfr0,
+    Smfr0,
+    Dfr0,
+    Isar0,
+    Isar1,
+    Isar2,
+    Mmfr0,
+    Mmfr1,
+    Mmfr2,
+    Mmfr3,
+}
+
+impl IdReg {
+    /// Every register, in [`IdRegs`] order.
+    pub const ALL: [IdReg; 13] = [
+        IdReg::Pfr0,
+        IdReg::Pfr1,
+        IdReg::Pfr2,
+        IdReg::Zfr0,
+        IdReg::Smfr0,
+        IdReg::Dfr0,
+        IdReg::Isar0,
+        IdReg::Isar1,
+        IdReg::Isar2,
+        IdReg::Mmfr0,
+        IdReg::Mmfr1,
+        IdReg::Mmfr2,
+        IdReg::Mmfr3,
+    ];
+
+    /// `(CRm, op2)` of its encoding (op0 3, op1 0, CRn 0).
+    pub const fn encoding(self) -> (u8, u8) {
+        match self {
+            IdReg::Pfr0 => (4, 0),
+            IdReg::Pfr1 => (4, 1),
+            IdReg::Pfr2 => (4, 2),
+            IdReg::Zfr0 => (4, 4),
+            IdReg::Smfr0 => (4, 5),
+            IdReg::Dfr0 => (5, 0),
+            IdReg::Isar0 => (6, 0),
+            IdReg::Isar1 => (6, 1),
+            IdReg::Isar2 => (6, 2),
+            IdReg::Mmfr0 => (7, 0),
+            IdReg::Mmfr1 => (7, 1),
+            IdReg::Mmfr2 => (7, 2),
+            IdReg::Mmfr3 => (7, 3),
+        }
     }
-    if !cpu.sme {
-        v |= 1 << 12;
+
+    /// The register with this `(CRm, op2)`, if [`IdRegs`] holds it.
+    pub fn from_encoding(crm: u8, op2: u8) -> Option<IdReg> {
+        IdReg::ALL.into_iter().find(|r| r.encoding() == (crm, op2))
     }
-    v
+}
+
+impl IdRegs {
+    /// Reads every register with `read(crm, op2)`.
+    pub fn read(mut read: impl FnMut(u8, u8) -> u64) -> Self {
+        let mut regs = IdRegs::default();
+        for reg in IdReg::ALL {
+            let (crm, op2) = reg.encoding();
+            *regs.get_mut(reg) = read(crm, op2);
+        }
+        regs
+    }
+
+    pub const fn get(&self, reg: IdReg) -> u64 {
+        match reg {
+            IdReg::Pfr0 => self.pfr0,
+            IdReg::Pfr1 => self.pfr1,
+            IdReg::Pfr2 => self.pfr2,
+            IdReg::Zfr0 => self.zfr0,
+            IdReg::Smfr0 => self.smfr0,
+            IdReg::Dfr0 => self.dfr0,
+            IdReg::Isar0 => self.isar0,
+            IdReg::Isar1 => self.isar1,
+            IdReg::Isar2 => self.isar2,
+            IdReg::Mmfr0 => self.mmfr0,
+            IdReg::Mmfr1 => self.mmfr1,
+            IdReg::Mmfr2 => self.mmfr2,
+            IdReg::Mmfr3 => self.mmfr3,
+        }
+    }
+
+    pub fn get_mut(&mut self, reg: IdReg) -> &mut u64 {
+        match reg {
+            IdReg::Pfr0 => &mut self.pfr0,
+            IdReg::Pfr1 => &mut self.pfr1,
+            IdReg::Pfr2 => &mut self.pfr2,
+            IdReg::Zfr0 => &mut self.zfr0,
+            IdReg::Smfr0 => &mut self.smfr0,
+            IdReg::Dfr0 => &mut self.dfr0,
+            IdReg::Isar0 => &mut self.isar0,
+            IdReg::Isar1 => &mut self.isar1,
+            IdReg::Isar2 => &mut self.isar2,
+            IdReg::Mmfr0 => &mut self.mmfr0,
+            IdReg::Mmfr1 => &mut self.mmfr1,
+            IdReg::Mmfr2 => &mut self.mmfr2,
+            IdReg::Mmfr3 => &mut self.mmfr3,
+        }
+    }
+
+    /// The 4-bit field at `shift` of `reg`.
+    pub const fn field(&self, reg: IdReg, shift: u32) -> u64 {
+        (self.get(reg) >> shift) & 0xf
+    }
+
+    /// Whether `feature` is present: any of its fields reaches its level.
+    pub fn has(&self, feature: &Feature) -> bool {
+        feature.id.iter().any(|f| f.present_in(self))
+    }
+
+    /// These registers without `feature`: each of its fields lowered to
+    /// the level below the one that means present (0 for most; for a
+    /// signed field, 0xf: "not implemented"), so a lower level of the same
+    /// field — LS64 when LS64_V is hidden — stays.
+    pub fn without(mut self, feature: &Feature) -> Self {
+        for f in feature.id {
+            if !f.present_in(&self) {
+                continue;
+            }
+            let below = if f.signed { 0xf } else { f.min - 1 };
+            let value = self.get_mut(f.reg);
+            *value = (*value & !(0xf << f.shift)) | (below << f.shift);
+        }
+        self
+    }
+
+    /// The CPU facts the core needs besides the controls.
+    pub fn cpu_features(&self) -> CpuFeatures {
+        CpuFeatures::from_id_regs(self.pfr0, self.pfr1, self.mmfr0, self.mmfr1, self.dfr0)
+    }
+}
+
+/// A 4-bit ID-register field and the level from which it means "present".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdField {
+    pub reg: IdReg,
+    pub shift: u32,
+    /// Lowest value that means present.
+    pub min: u64,
+    /// A signed field (FP, AdvSIMD): 0xf means not implemented.
+    pub signed: bool,
+}
+
+impl IdField {
+    const fn at(reg: IdReg, shift: u32, min: u64) -> Self {
+        Self {
+            reg,
+            shift,
+            min,
+            signed: false,
+        }
+    }
+
+    fn present_in(&self, regs: &IdRegs) -> bool {
+        let v = regs.field(self.reg, self.shift);
+        if self.signed {
+            v < 8 && v >= self.min
+        } else {
+            v >= self.min
+        }
+    }
+}
+
+/// An EL2 control a feature needs, in the form "what giving the feature to
+/// EL1/EL0 takes".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// HCR_EL2 bits set.
+    Hcr(u64),
+    /// HCRX_EL2 bits set (FEAT_HCX; the bits are RES0 without the feature).
+    Hcrx(u64),
+    /// A CPTR_EL2 trap bit cleared. `res1_when_absent`: the bit is RES1 on
+    /// a CPU without the feature (TZ, TSM), rather than RES0 (TAM).
+    CptrTrap { bit: u64, res1_when_absent: bool },
+    /// HFGRTR_EL2 and HFGWTR_EL2 negative-polarity bits set (a clear `n`
+    /// bit traps the register: the reset value traps what it names).
+    FgtRw(u64),
+    /// HFGITR_EL2 negative-polarity bits set.
+    FgtInsn(u64),
+    /// HDFGRTR_EL2 / HDFGWTR_EL2 negative-polarity bits set.
+    FgtDebug { read: u64, write: u64 },
+    /// MDCR_EL2 bits set (buffer ownership given to EL1).
+    Mdcr(u64),
+}
+
+/// An architectural feature: where the ID registers say whether it is
+/// there, and what EL2 must do for EL1/EL0 to use it.
+#[derive(Clone, Copy, Debug)]
+pub struct Feature {
+    pub name: &'static str,
+    /// Present if any of these fields reaches its level.
+    pub id: &'static [IdField],
+    pub controls: &'static [Control],
+    /// Whether protected VMs are given it (otherwise their ID registers
+    /// hide it and its controls stay at their trapping values).
+    pub vm: bool,
+}
+
+/// HCRX_EL2 bits.
+pub mod hcrx {
+    pub const EN_AS0: u64 = 1 << 0;
+    pub const EN_ALS: u64 = 1 << 1;
+    pub const EN_ASR: u64 = 1 << 2;
+    pub const MSC_EN: u64 = 1 << 11;
+    pub const TCR2_EN: u64 = 1 << 14;
+    pub const SCTLR2_EN: u64 = 1 << 15;
+    pub const PTTWI: u64 = 1 << 16;
+    pub const D128_EN: u64 = 1 << 17;
+    pub const EN_IDCP128: u64 = 1 << 21;
+    pub const GCS_EN: u64 = 1 << 22;
+    pub const EN_FPM: u64 = 1 << 23;
+}
+
+/// CPTR_EL2 (nVHE layout) bits.
+pub mod cptr {
+    /// RES1: bits 13, 9 and 7:0.
+    pub const RES1: u64 = (1 << 13) | (1 << 9) | 0xff;
+    pub const TZ: u64 = 1 << 8;
+    pub const TFP: u64 = 1 << 10;
+    pub const TSM: u64 = 1 << 12;
+    pub const TAM: u64 = 1 << 30;
+}
+
+use IdReg::*;
+
+/// Every feature whose use at EL1/EL0 an EL2 control gates. Adding one is
+/// adding a row: its ID fields, its controls, whether VMs get it.
+pub const FEATURES: &[Feature] = &[
+    Feature {
+        name: "FP/AdvSIMD",
+        id: &[IdField {
+            reg: Pfr0,
+            shift: 16,
+            min: 0,
+            signed: true,
+        }],
+        controls: &[Control::CptrTrap {
+            bit: cptr::TFP,
+            res1_when_absent: false,
+        }],
+        vm: true,
+    },
+    Feature {
+        name: "SVE",
+        id: &[IdField::at(Pfr0, 32, 1)],
+        controls: &[Control::CptrTrap {
+            bit: cptr::TZ,
+            res1_when_absent: true,
+        }],
+        vm: false,
+    },
+    Feature {
+        name: "SME",
+        id: &[IdField::at(Pfr1, 24, 1)],
+        controls: &[
+            Control::CptrTrap {
+                bit: cptr::TSM,
+                res1_when_absent: true,
+            },
+            // nTPIDR2_EL0, nSMPRI_EL1.
+            Control::FgtRw((1 << 55) | (1 << 54)),
+        ],
+        vm: false,
+    },
+    Feature {
+        name: "AMU",
+        id: &[IdField::at(Pfr0, 44, 1)],
+        controls: &[Control::CptrTrap {
+            bit: cptr::TAM,
+            res1_when_absent: false,
+        }],
+        vm: false,
+    },
+    Feature {
+        name: "MPAM",
+        id: &[IdField::at(Pfr0, 40, 1)],
+        controls: &[],
+        vm: false,
+    },
+    Feature {
+        name: "MTE",
+        id: &[IdField::at(Pfr1, 8, 2)],
+        controls: &[Control::Hcr(hcr::ATA)],
+        vm: true,
+    },
+    Feature {
+        name: "PAuth",
+        id: &[
+            IdField::at(Isar1, 4, 1),
+            IdField::at(Isar1, 8, 1),
+            IdField::at(Isar1, 24, 1),
+            IdField::at(Isar1, 28, 1),
+            IdField::at(Isar2, 8, 1),
+            IdField::at(Isar2, 12, 1),
+        ],
+        controls: &[Control::Hcr(hcr::API | hcr::APK)],
+        vm: false,
+    },
+    Feature {
+        name: "CSV2_2 (SCXTNUM)",
+        id: &[IdField::at(Pfr0, 56, 2)],
+        controls: &[Control::Hcr(hcr::EN_SCXT)],
+        vm: false,
+    },
+    Feature {
+        name: "MOPS",
+        id: &[IdField::at(Isar2, 16, 1)],
+        controls: &[Control::Hcrx(hcrx::MSC_EN)],
+        vm: true,
+    },
+    Feature {
+        name: "TCR2",
+        id: &[IdField::at(Mmfr3, 0, 1)],
+        controls: &[Control::Hcrx(hcrx::TCR2_EN)],
+        vm: false,
+    },
+    Feature {
+        name: "SCTLR2",
+        id: &[IdField::at(Mmfr3, 4, 1)],
+        controls: &[Control::Hcrx(hcrx::SCTLR2_EN)],
+        vm: false,
+    },
+    Feature {
+        name: "S1PIE",
+        id: &[IdField::at(Mmfr3, 8, 1)],
+        // nPIR_EL1, nPIRE0_EL1.
+        controls: &[Control::FgtRw((1 << 58) | (1 << 57))],
+        vm: false,
+    },
+    Feature {
+        name: "S1POE",
+        id: &[IdField::at(Mmfr3, 16, 1)],
+        // nPOR_EL1, nPOR_EL0.
+        controls: &[Control::FgtRw((1 << 60) | (1 << 59))],
+        vm: false,
+    },
+    Feature {
+        name: "AIE",
+        id: &[IdField::at(Mmfr3, 24, 1)],
+        // nAMAIR2_EL1, nMAIR2_EL1.
+        controls: &[Control::FgtRw((1 << 63) | (1 << 62))],
+        vm: false,
+    },
+    Feature {
+        name: "D128",
+        id: &[IdField::at(Mmfr3, 32, 1)],
+        controls: &[Control::Hcrx(hcrx::D128_EN)],
+        vm: false,
+    },
+    Feature {
+        name: "THE",
+        id: &[IdField::at(Pfr1, 48, 1)],
+        // PTTWI, and nRCWMASK_EL1.
+        controls: &[Control::Hcrx(hcrx::PTTWI), Control::FgtRw(1 << 56)],
+        vm: false,
+    },
+    Feature {
+        name: "GCS",
+        id: &[IdField::at(Pfr1, 44, 1)],
+        controls: &[
+            Control::Hcrx(hcrx::GCS_EN),
+            // nGCS_EL1, nGCS_EL0.
+            Control::FgtRw((1 << 53) | (1 << 52)),
+            // nGCSEPP, nGCSSTR_EL1, nGCSPUSHM_EL1.
+            Control::FgtInsn((1 << 59) | (1 << 58) | (1 << 57)),
+        ],
+        vm: false,
+    },
+    Feature {
+        name: "FPMR",
+        id: &[IdField::at(Pfr2, 32, 1)],
+        controls: &[Control::Hcrx(hcrx::EN_FPM)],
+        vm: false,
+    },
+    Feature {
+        name: "LS64",
+        id: &[IdField::at(Isar1, 60, 1)],
+        controls: &[Control::Hcrx(hcrx::EN_ALS)],
+        vm: false,
+    },
+    Feature {
+        name: "LS64_V",
+        id: &[IdField::at(Isar1, 60, 2)],
+        controls: &[Control::Hcrx(hcrx::EN_ASR)],
+        vm: false,
+    },
+    Feature {
+        name: "LS64_ACCDATA",
+        id: &[IdField::at(Isar1, 60, 3)],
+        // EnAS0, and nACCDATA_EL1.
+        controls: &[Control::Hcrx(hcrx::EN_AS0), Control::FgtRw(1 << 50)],
+        vm: false,
+    },
+    Feature {
+        name: "SYSREG128",
+        id: &[IdField::at(Isar2, 32, 1)],
+        controls: &[Control::Hcrx(hcrx::EN_IDCP128)],
+        vm: false,
+    },
+    Feature {
+        name: "PMUv3",
+        id: &[IdField::at(Dfr0, 8, 1)],
+        // HPMN comes from PMCR_EL0.N (see `host_controls`).
+        controls: &[],
+        vm: false,
+    },
+    Feature {
+        name: "SPE",
+        id: &[IdField::at(Dfr0, 32, 1)],
+        // E2PB = 0b11: EL1 owns the profiling buffer.
+        controls: &[Control::Mdcr(0b11 << 12)],
+        vm: false,
+    },
+    Feature {
+        name: "SPEv1p2",
+        id: &[IdField::at(Dfr0, 32, 3)],
+        // nPMSNEVFR_EL1.
+        controls: &[Control::FgtDebug {
+            read: 1 << 62,
+            write: 1 << 62,
+        }],
+        vm: false,
+    },
+    Feature {
+        name: "TRBE",
+        id: &[IdField::at(Dfr0, 44, 1)],
+        // E2TB = 0b11: EL1 owns the trace buffer.
+        controls: &[Control::Mdcr(0b11 << 24)],
+        vm: false,
+    },
+    Feature {
+        name: "BRBE",
+        id: &[IdField::at(Dfr0, 52, 1)],
+        controls: &[
+            // nBRBDATA, nBRBCTL, nBRBIDR (read); nBRBDATA, nBRBCTL (write).
+            Control::FgtDebug {
+                read: (1 << 61) | (1 << 60) | (1 << 59),
+                write: (1 << 61) | (1 << 60),
+            },
+            // nBRBIALL, nBRBINJ.
+            Control::FgtInsn((1 << 56) | (1 << 55)),
+        ],
+        vm: false,
+    },
+];
+
+/// The feature called `name` in [`FEATURES`].
+pub fn feature(name: &str) -> Option<&'static Feature> {
+    FEATURES.iter().find(|f| f.name == name)
+}
+
+/// The fine-grained trap registers (FEAT_FGT; the `2` set with FEAT_FGT2,
+/// written as zero: every trap they hold is positive).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FineGrainedTraps {
+    pub hfgrtr: u64,
+    pub hfgwtr: u64,
+    pub hfgitr: u64,
+    pub hdfgrtr: u64,
+    pub hdfgwtr: u64,
+}
+
+/// The EL2 controls of a partition, each derived from its ID registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct El2Controls {
+    pub hcr: u64,
+    /// Written only with FEAT_HCX (HCRX_EL2 is UNDEFINED without it).
+    pub hcrx: u64,
+    pub cptr: u64,
+    pub mdcr: u64,
+    /// Written only with FEAT_FGT.
+    pub fgt: FineGrainedTraps,
+    pub cnthctl: u64,
+    /// ZCR_EL2, when the partition has SVE.
+    pub zcr: Option<u64>,
+    /// SMCR_EL2, when the partition has SME.
+    pub smcr: Option<u64>,
+}
+
+/// ZCR_EL2 / SMCR_EL2 LEN all ones (a 4-bit field; the bits above it are
+/// RES0): every vector length the CPU has (a write of an unimplemented
+/// length selects the largest implemented one below it).
+const VECTOR_LEN_MAX: u64 = 0xf;
+/// SMCR_EL2.FA64 (FEAT_SME_FA64) and EZT0 (SME2's ZT0).
+const SMCR_FA64: u64 = 1 << 31;
+const SMCR_EZT0: u64 = 1 << 30;
+
+/// What the host is told: the hardware's ID registers, without MTE when
+/// its policy is off (as the MTE policy service edits them: the same
+/// fields).
+pub fn host_view(hw: &IdRegs, host_mte: bool) -> IdRegs {
+    use moat_abi::services::{PFR1_MTE_FIELDS, PFR2_MTE_FIELDS};
+    let mut view = *hw;
+    if !host_mte {
+        view.pfr1 &= !PFR1_MTE_FIELDS;
+        view.pfr2 &= !PFR2_MTE_FIELDS;
+    }
+    view
+}
+
+/// What a protected VM is told: the hardware's ID registers without every
+/// feature it is not given ([`Feature::vm`]), without MTE unless `mte`, and
+/// without SVE's and SME's own feature registers.
+pub fn vm_view(hw: &IdRegs, mte: bool) -> IdRegs {
+    let mut view = *hw;
+    for f in FEATURES.iter().filter(|f| !f.vm) {
+        view = view.without(f);
+    }
+    if !mte {
+        view = host_view(&view, false);
+    }
+    // The SVE and SME feature registers describe features VMs lack.
+    view.zfr0 = 0;
+    view.smfr0 = 0;
+    view
+}
+
+/// The host's EL2 controls: every feature its ID registers (`view`) show
+/// works, every feature the hardware (`hw`) has and the view hides is
+/// disabled, and nothing else is trapped.
+///
+/// Besides the table: HCR_EL2 VM, RW and TSC always (stage-2 on, AArch64
+/// EL1, firmware calls through the core); TID3 when the view differs from
+/// the hardware (the core's policy answers ID-register reads) and TID5 when
+/// it hides MTE the hardware has (GMID_EL1). MDCR_EL2.HPMN gives EL1 all
+/// `pmcr_n` counters; HPMD keeps EL2 out of them unless `count_el2`.
+pub fn host_controls(hw: &IdRegs, view: &IdRegs, pmcr_n: u64, count_el2: bool) -> El2Controls {
+    let mut c = El2Controls {
+        hcr: hcr::VM | hcr::RW | hcr::TSC,
+        cptr: cptr::RES1,
+        cnthctl: HOST_CNTHCTL,
+        ..Default::default()
+    };
+    apply_features(&mut c, hw, view);
+    if view != hw {
+        c.hcr |= hcr::TID3;
+    }
+    let mte = feature("MTE").is_some_and(|f| hw.has(f) && !view.has(f));
+    if mte {
+        c.hcr |= hcr::TID5;
+    }
+    if let Some(pmu) = feature("PMUv3")
+        && view.has(pmu)
+        && view.field(Dfr0, 8) != 0xf
+    {
+        c.mdcr |= pmcr_n & 0x1f;
+    }
+    if !count_el2 {
+        c.mdcr |= MDCR_HPMD;
+    }
+    c
+}
+
+/// Sets the table's controls: each feature the view shows (and the hardware
+/// has) gets what it needs; every other trap stays set.
+fn apply_features(c: &mut El2Controls, hw: &IdRegs, view: &IdRegs) {
+    for f in FEATURES {
+        let implemented = hw.has(f);
+        let given = implemented && view.has(f);
+        for control in f.controls {
+            match *control {
+                Control::CptrTrap {
+                    bit,
+                    res1_when_absent,
+                } => {
+                    let trap = if implemented {
+                        !given
+                    } else {
+                        res1_when_absent
+                    };
+                    if trap {
+                        c.cptr |= bit;
+                    }
+                }
+                _ if !given => {}
+                Control::Hcr(bits) => c.hcr |= bits,
+                Control::Hcrx(bits) => c.hcrx |= bits,
+                Control::FgtRw(bits) => {
+                    c.fgt.hfgrtr |= bits;
+                    c.fgt.hfgwtr |= bits;
+                }
+                Control::FgtInsn(bits) => c.fgt.hfgitr |= bits,
+                Control::FgtDebug { read, write } => {
+                    c.fgt.hdfgrtr |= read;
+                    c.fgt.hdfgwtr |= write;
+                }
+                Control::Mdcr(bits) => c.mdcr |= bits,
+            }
+        }
+    }
+    if feature("SVE").is_some_and(|f| hw.has(f) && view.has(f)) {
+        c.zcr = Some(VECTOR_LEN_MAX);
+    }
+    if feature("SME").is_some_and(|f| hw.has(f) && view.has(f)) {
+        let mut smcr = VECTOR_LEN_MAX;
+        if view.smfr0 >> 63 != 0 {
+            smcr |= SMCR_FA64;
+        }
+        if view.field(Pfr1, 24) >= 2 {
+            smcr |= SMCR_EZT0;
+        }
+        c.smcr = Some(smcr);
+    }
+}
+
+/// The controls a protected VM's view needs from the feature table: its
+/// HCRX_EL2 (MOPS when it is shown), and the trap bits its other controls
+/// ([`vm_hcr`], [`vm_cptr`]) must agree with.
+pub fn vm_controls(hw: &IdRegs, mte: bool) -> El2Controls {
+    let view = vm_view(hw, mte);
+    let mut c = El2Controls {
+        cptr: cptr::RES1,
+        cnthctl: NESTED_CNTHCTL,
+        ..Default::default()
+    };
+    apply_features(&mut c, hw, &view);
+    c
 }
 
 /// The CPU interface's priority mask while a service runs: the watchdog
@@ -275,11 +895,14 @@ pub fn vm_cptr(cpu: &CpuFeatures) -> u64 {
     v
 }
 
-/// MDCR_EL2 for a nested partition: the host's (HPMN, HPMD: the core's
+/// MDCR_EL2 for a nested partition: the host's HPMN and HPMD (the core's
 /// work stays invisible to the host's counters outside benchmark images)
-/// plus the PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped.
+/// plus the PMU (TPM, TPMCR) and debug (TDA, TDOSA, TDRA) trapped. The
+/// host's profiling and trace buffer ownership (E2PB, E2TB) is not carried
+/// over: at 0 the buffers belong to EL2 and a nested partition's accesses
+/// to them trap.
 pub const fn nested_mdcr(host_mdcr: u64) -> u64 {
-    host_mdcr | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11)
+    (host_mdcr & (0x1f | MDCR_HPMD)) | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11)
 }
 
 /// MDCR_EL2 for a protected VM: a nested partition's, plus the trace
@@ -311,14 +934,6 @@ pub const HOST_ICC_SRE_EL2: u64 = 0b1111;
 
 /// MDCR_EL2.HPMD: event counting prohibited at EL2 (FEAT_PMUv3p1).
 pub const MDCR_HPMD: u64 = 1 << 17;
-
-/// MDCR_EL2 for the host: HPMN = all counters belong to EL1, nothing
-/// trapped. Counting at EL2 is prohibited unless `count_el2` (benchmark
-/// images only: otherwise the host could time the core's work).
-pub fn host_mdcr(pmcr_n: u64, count_el2: bool) -> u64 {
-    let hpmd = if count_el2 { 0 } else { MDCR_HPMD };
-    (pmcr_n & 0x1f) | hpmd
-}
 
 /// SCTLR_EL1 for a vCPU entering at reset: MMU and caches off, RES1 bits set.
 pub const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
@@ -452,29 +1067,197 @@ mod tests {
         assert_eq!(vm_cptr(&cpu) & (1 << 8 | 1 << 12), 1 << 8 | 1 << 12);
     }
 
+    /// Registers with every feature of the table present, each field at
+    /// its highest level a row asks for, and FEAT_HCX and FEAT_FGT.
+    fn everything() -> IdRegs {
+        let mut hw = IdRegs::default();
+        for f in FEATURES {
+            for field in f.id {
+                let level = if field.signed { 1 } else { field.min };
+                let value = hw.get_mut(field.reg);
+                let current = (*value >> field.shift) & 0xf;
+                *value = (*value & !(0xf << field.shift)) | (current.max(level) << field.shift);
+            }
+        }
+        hw.mmfr1 |= 1 << 40; // HCX
+        hw.mmfr0 |= 1 << 56; // FGT
+        hw.smfr0 |= 1 << 63; // FA64
+        hw
+    }
+
+    /// Whether `c` gives EL1/EL0 what `control` controls.
+    fn allows(c: &El2Controls, control: &Control) -> bool {
+        match *control {
+            Control::Hcr(bits) => c.hcr & bits == bits,
+            Control::Hcrx(bits) => c.hcrx & bits == bits,
+            Control::CptrTrap { bit, .. } => c.cptr & bit == 0,
+            Control::FgtRw(bits) => c.fgt.hfgrtr & bits == bits && c.fgt.hfgwtr & bits == bits,
+            Control::FgtInsn(bits) => c.fgt.hfgitr & bits == bits,
+            Control::FgtDebug { read, write } => {
+                c.fgt.hdfgrtr & read == read && c.fgt.hdfgwtr & write == write
+            }
+            Control::Mdcr(bits) => c.mdcr & bits == bits,
+        }
+    }
+
+    #[test]
+    fn every_shown_feature_works_and_every_hidden_one_is_disabled() {
+        let hw = everything();
+        let full = host_controls(&hw, &hw, 0, false);
+        for f in FEATURES {
+            assert!(hw.has(f), "{} present", f.name);
+            let hidden = hw.without(f);
+            assert!(!hidden.has(f), "{} hidden", f.name);
+            let c = host_controls(&hw, &hidden, 0, false);
+            for control in f.controls {
+                assert!(allows(&full, control), "{}: {control:?} given", f.name);
+                assert!(!allows(&c, control), "{}: {control:?} withheld", f.name);
+            }
+            // Hiding a feature makes the core answer ID-register reads.
+            assert_eq!(c.hcr & hcr::TID3, hcr::TID3, "{}", f.name);
+        }
+        assert_eq!(full.hcr & hcr::TID3, 0);
+    }
+
+    #[test]
+    fn absent_features_get_no_enable_bits() {
+        // Bits for features the CPU lacks are RES0 (TZ and TSM are RES1).
+        let c = host_controls(&IdRegs::default(), &IdRegs::default(), 0, true);
+        assert_eq!(c.hcrx, 0);
+        assert_eq!(c.fgt, FineGrainedTraps::default());
+        assert_eq!(c.cptr, cptr::RES1 | cptr::TZ | cptr::TSM);
+        assert_eq!(c.hcr, hcr::VM | hcr::RW | hcr::TSC);
+        assert_eq!(c.mdcr, 0);
+        assert_eq!((c.zcr, c.smcr), (None, None));
+    }
+
+    #[test]
+    fn mops_shown_is_mops_enabled() {
+        let mut hw = IdRegs {
+            mmfr1: 1 << 40,
+            ..Default::default()
+        };
+        assert_eq!(host_controls(&hw, &hw, 0, false).hcrx & hcrx::MSC_EN, 0);
+        hw.isar2 |= 1 << 16;
+        let c = host_controls(&hw, &hw, 0, false);
+        assert_eq!(
+            c.hcrx,
+            hcrx::MSC_EN,
+            "MCE2 stays clear: MOPS exceptions go to EL1"
+        );
+    }
+
     #[test]
     fn hcr_follows_mte_policy() {
-        let mut cpu = CpuFeatures::default();
-        let base = hcr::VM | hcr::RW | hcr::API | hcr::APK | hcr::TSC;
-        assert_eq!(host_hcr(&cpu, true), base);
-        cpu.mte = true;
-        assert_eq!(host_hcr(&cpu, true), base | hcr::ATA);
-        assert_eq!(host_hcr(&cpu, false), base | hcr::TID5 | hcr::TID3);
+        let mut hw = everything();
+        hw.isar1 &= !(0xff << 4 | 0xff << 24);
+        hw.isar2 &= !(0xff << 8);
+        hw.pfr0 &= !(0xf << 56);
+        let base = hcr::VM | hcr::RW | hcr::TSC;
+        let on = host_controls(&hw, &host_view(&hw, true), 0, false);
+        let off = host_controls(&hw, &host_view(&hw, false), 0, false);
+        assert_eq!(on.hcr, base | hcr::ATA);
+        assert_eq!(off.hcr, base | hcr::TID5 | hcr::TID3);
+        // MTE changes HCR_EL2 alone, so the policy's late decision need
+        // only rewrite it.
+        assert_eq!(El2Controls { hcr: 0, ..on }, El2Controls { hcr: 0, ..off });
+        // Without MTE in hardware, the policy has nothing to hide.
+        hw.pfr1 &= !(0xf << 8);
+        assert_eq!(
+            host_controls(&hw, &host_view(&hw, false), 0, false).hcr,
+            base
+        );
     }
 
     #[test]
     fn cptr_res1_bits_follow_features() {
-        let mut cpu = CpuFeatures::default();
-        assert_eq!(host_cptr(&cpu), 0x33ff);
-        cpu.sve = true;
-        cpu.sme = true;
-        assert_eq!(host_cptr(&cpu), 0x22ff);
+        let mut hw = IdRegs::default();
+        assert_eq!(host_controls(&hw, &hw, 0, false).cptr, 0x33ff);
+        hw.pfr0 |= 1 << 32 | 1 << 44; // SVE, AMU
+        hw.pfr1 |= 1 << 24; // SME
+        assert_eq!(host_controls(&hw, &hw, 0, false).cptr, 0x22ff);
+        // FP hidden (0xf: not implemented): TFP traps it.
+        let view = hw.without(feature("FP/AdvSIMD").unwrap());
+        assert_eq!(host_controls(&hw, &view, 0, false).cptr, 0x26ff);
+        // AMU hidden: TAM traps the counters.
+        let view = hw.without(feature("AMU").unwrap());
+        assert_eq!(
+            host_controls(&hw, &view, 0, false).cptr & cptr::TAM,
+            cptr::TAM
+        );
+    }
+
+    #[test]
+    fn vector_lengths_and_sme_controls() {
+        let mut hw = IdRegs {
+            pfr0: 1 << 32,
+            pfr1: 1 << 24,
+            ..Default::default()
+        };
+        let c = host_controls(&hw, &hw, 0, false);
+        assert_eq!((c.zcr, c.smcr), (Some(0xf), Some(0xf)));
+        hw.pfr1 = 2 << 24; // SME2: ZT0
+        hw.smfr0 = 1 << 63; // FA64
+        let c = host_controls(&hw, &hw, 0, false);
+        assert_eq!(c.smcr, Some(0xf | SMCR_FA64 | SMCR_EZT0));
     }
 
     #[test]
     fn el2_is_invisible_to_the_pmu_unless_benchmarking() {
-        assert_eq!(host_mdcr(6, false), 6 | MDCR_HPMD);
-        assert_eq!(host_mdcr(6, true), 6);
+        let hw = IdRegs {
+            dfr0: 6 << 8,
+            ..Default::default()
+        };
+        assert_eq!(host_controls(&hw, &hw, 6, false).mdcr, 6 | MDCR_HPMD);
+        assert_eq!(host_controls(&hw, &hw, 6, true).mdcr, 6);
+        let imp_def = IdRegs {
+            dfr0: 0xf << 8,
+            ..Default::default()
+        };
+        assert_eq!(host_controls(&imp_def, &imp_def, 6, true).mdcr, 0);
+        // Nested partitions keep HPMN and HPMD, never the buffers' owner.
+        let spe = IdRegs {
+            dfr0: 6 << 8 | 1 << 32 | 1 << 44,
+            ..Default::default()
+        };
+        let host = host_controls(&spe, &spe, 6, false).mdcr;
+        assert_eq!(host & (0b11 << 12 | 0b11 << 24), 0b11 << 12 | 0b11 << 24);
+        assert_eq!(nested_mdcr(host) & (0b11 << 12 | 0b11 << 24), 0);
+        assert_eq!(nested_mdcr(host) & (0x1f | MDCR_HPMD), 6 | MDCR_HPMD);
+    }
+
+    #[test]
+    fn vms_are_told_only_what_they_are_given() {
+        let hw = everything();
+        for mte in [false, true] {
+            let view = vm_view(&hw, mte);
+            for f in FEATURES {
+                let shown = view.has(f);
+                let expected = f.vm && (f.name != "MTE" || mte);
+                assert_eq!(shown, expected, "{} (VM MTE {mte})", f.name);
+            }
+            let c = vm_controls(&hw, mte);
+            // The VM's CPTR_EL2 (`vm_cptr`) agrees with the table.
+            let cpu = hw.cpu_features();
+            assert_eq!(c.cptr, vm_cptr(&cpu));
+            let pauth_mte = hcr::API | hcr::APK | hcr::ATA;
+            assert_eq!(vm_hcr(&cpu, mte) & pauth_mte, c.hcr & pauth_mte);
+            assert_eq!(c.hcrx, hcrx::MSC_EN, "MOPS only");
+            assert_eq!(c.fgt, FineGrainedTraps::default());
+        }
+    }
+
+    #[test]
+    fn hiding_a_level_keeps_the_levels_below() {
+        let hw = IdRegs {
+            isar1: 3 << 60, // LS64_ACCDATA
+            ..Default::default()
+        };
+        let view = hw.without(feature("LS64_ACCDATA").unwrap());
+        assert_eq!(view.isar1, 2 << 60);
+        assert!(view.has(feature("LS64_V").unwrap()));
+        let fp = hw.without(feature("FP/AdvSIMD").unwrap());
+        assert_eq!(fp.field(Pfr0, 16), 0xf);
     }
 
     #[test]

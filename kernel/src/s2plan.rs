@@ -1,15 +1,23 @@
 //! What the host's stage-2 maps: an identity map of the RAM and devices the
-//! host may use, with the core's memory and the core's own devices absent.
+//! device tree describes, with the core's memory and the core's own devices
+//! absent.
 //!
 //! RAM is mapped as normal memory (the host's stage-1 attributes decide the
-//! final type), everything else below the top of the devices the device tree
-//! names is mapped as Device-nGnRE and never executable. Holes are left for
-//! the carve-out and for MMIO the core keeps (a GICv2 hypervisor interface).
+//! final type). Every device window the tree describes — each node's `reg`
+//! and each bus's `ranges`, among them the PCIe windows where the host puts
+//! the BARs it assigns — is mapped as Device-nGnRE and never executable,
+//! rounded out to whole pages. Nothing else is: an address the tree does
+//! not describe is not the host's to touch. Holes are left for the
+//! carve-out and for MMIO the core keeps (a GICv2 hypervisor interface);
+//! what lies beyond the IPA size the CPU allows is reported, not mapped.
 
 use moat_platform::dt::Range;
 
 /// Most regions a plan holds.
-pub const MAX_REGIONS: usize = 64;
+pub const MAX_REGIONS: usize = 128;
+
+/// The stage-2 granule: device windows are rounded out to it.
+const PAGE: u64 = 4096;
 
 /// How a region is mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,35 +74,71 @@ fn push_minus_holes(
     Ok(())
 }
 
+/// The host's stage-2 plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPlan {
+    /// What is mapped, sorted by base.
+    pub regions: heapless::Vec<Region, MAX_REGIONS>,
+    /// The part of the described address space at or above the IPA limit
+    /// (from the limit to the top of the highest window), if any: not
+    /// mapped, because the CPU cannot translate it.
+    pub beyond_ipa: Option<Range>,
+}
+
 /// Plans the host's stage-2.
 ///
 /// * `ram`: the RAM banks, sorted and disjoint.
+/// * `devices`: the device windows the device tree describes, sorted.
 /// * `withheld`: memory and MMIO the host must not reach (carve-out, core devices).
-/// * `device_top`: one past the highest device address to map.
 /// * `ipa_limit`: one past the highest IPA the stage-2 can translate.
 pub fn host_regions(
     ram: &[Range],
+    devices: &[Range],
     withheld: &[Range],
-    device_top: u64,
     ipa_limit: u64,
-) -> Result<heapless::Vec<Region, MAX_REGIONS>, PlanError> {
+) -> Result<HostPlan, PlanError> {
     let mut out = heapless::Vec::new();
-    // Devices: everything below `device_top` that is not RAM. RAM banks are
-    // holes in the device window, and so is anything withheld.
-    let top = device_top.min(ipa_limit);
+    // RAM banks are holes in the device windows, and so is anything withheld.
     let mut device_holes: heapless::Vec<Range, { MAX_REGIONS * 2 }> = heapless::Vec::new();
     for r in ram.iter().chain(withheld) {
         device_holes
             .push(*r)
             .map_err(|_| PlanError::TooManyRegions)?;
     }
-    push_minus_holes(&mut out, 0, top, &device_holes, RegionKind::Device)?;
+    // Whole pages: a window of 0x18 bytes needs its page mapped. Windows
+    // that share a page after rounding are mapped once.
+    let mut pages: heapless::Vec<(u64, u64), MAX_REGIONS> = heapless::Vec::new();
+    let mut top = 0;
+    for window in devices {
+        let start = window.base & !(PAGE - 1);
+        let end = window
+            .end()
+            .checked_next_multiple_of(PAGE)
+            .unwrap_or(!(PAGE - 1));
+        top = top.max(end);
+        match pages.last_mut() {
+            Some((_, e)) if start <= *e => *e = (*e).max(end),
+            _ => pages
+                .push((start, end))
+                .map_err(|_| PlanError::TooManyRegions)?,
+        }
+    }
+    for (start, end) in pages {
+        let end = end.min(ipa_limit);
+        push_minus_holes(&mut out, start, end, &device_holes, RegionKind::Device)?;
+    }
     for bank in ram {
         let end = bank.end().min(ipa_limit);
+        top = top.max(bank.end());
         push_minus_holes(&mut out, bank.base, end, withheld, RegionKind::Ram)?;
     }
     out.sort_unstable_by_key(|r| r.range.base);
-    Ok(out)
+    Ok(HostPlan {
+        regions: out,
+        beyond_ipa: top
+            .checked_sub(ipa_limit)
+            .and_then(|size| Range::new(ipa_limit, size)),
+    })
 }
 
 #[cfg(test)]
@@ -105,18 +149,36 @@ mod tests {
         Range::new(base, size).unwrap()
     }
 
+    /// QEMU virt's device windows, as discovery finds them in its tree.
+    fn virt_devices() -> heapless::Vec<Range, { moat_platform::dt::MAX_DEVICE_WINDOWS }> {
+        let dtb = include_bytes!("../../platform/testdata/qemu-virt-gicv3.dtb");
+        moat_platform::dt::discover(dtb).unwrap().devices
+    }
+
+    fn device(base: u64, size: u64) -> Region {
+        Region {
+            range: r(base, size),
+            kind: RegionKind::Device,
+        }
+    }
+
     #[test]
     fn qemu_virt_layout() {
         let ram = [r(0x4000_0000, 0x4000_0000)];
         let carve = r(0x4020_0000, 0x120_0000);
-        let plan = host_regions(&ram, &[carve], 0x100_0000_0000, 1 << 48).unwrap();
+        let plan = host_regions(&ram, &virt_devices(), &[carve], 1 << 48).unwrap();
         assert_eq!(
-            plan.as_slice(),
+            plan.regions.as_slice(),
             &[
-                Region {
-                    range: r(0, 0x4000_0000),
-                    kind: RegionKind::Device
-                },
+                device(0, 0x801_0000),
+                device(0x808_0000, 0xf8_1000),
+                device(0x901_0000, 0x1000),
+                // fw-cfg's 0x18 bytes: its page.
+                device(0x902_0000, 0x1000),
+                device(0x903_0000, 0x1000),
+                device(0xa00_0000, 0x4000),
+                device(0xc00_0000, 0x200_0000),
+                device(0x1000_0000, 0x2f00_0000),
                 Region {
                     range: r(0x4000_0000, 0x20_0000),
                     kind: RegionKind::Ram
@@ -125,41 +187,64 @@ mod tests {
                     range: r(0x4140_0000, 0x3ec0_0000),
                     kind: RegionKind::Ram
                 },
-                Region {
-                    range: r(0x8000_0000, 0x100_0000_0000 - 0x8000_0000),
-                    kind: RegionKind::Device
-                },
+                device(0x40_1000_0000, 0x1000_0000),
+                // The PCIe 64-bit window, where 64-bit BARs go.
+                device(0x80_0000_0000, 0x80_0000_0000),
             ]
         );
+        assert_eq!(plan.beyond_ipa, None);
+    }
+
+    #[test]
+    fn undescribed_addresses_stay_unmapped() {
+        let ram = [r(0x4000_0000, 0x4000_0000)];
+        let plan = host_regions(&ram, &virt_devices(), &[], 1 << 40).unwrap();
+        for hole in [
+            0x801_0000,
+            0x900_1000 + 0x1_0000,
+            0x3f00_0000,
+            0x8000_0000,
+            0x40_0000_0000,
+        ] {
+            assert!(
+                !plan
+                    .regions
+                    .iter()
+                    .any(|g| g.range.contains_range(&r(hole, 1))),
+                "{hole:#x} mapped"
+            );
+        }
     }
 
     #[test]
     fn withheld_mmio_punches_the_device_window() {
         let ram = [r(0x4000_0000, 0x1000_0000)];
         let gich = r(0x0803_0000, 0x1_0000);
-        let plan = host_regions(&ram, &[gich], 0x4000_0000, 1 << 40).unwrap();
-        assert_eq!(plan[0].range, r(0, 0x0803_0000));
-        assert_eq!(plan[1].range, r(0x0804_0000, 0x4000_0000 - 0x0804_0000));
-        assert_eq!(plan[2].range, ram[0]);
-        assert_eq!(plan.len(), 3);
+        let plan = host_regions(&ram, &[r(0x800_0000, 0x5_0000)], &[gich], 1 << 40).unwrap();
+        assert_eq!(plan.regions[0].range, r(0x800_0000, 0x3_0000));
+        assert_eq!(plan.regions[1].range, r(0x0804_0000, 0x1_0000));
+        assert_eq!(plan.regions[2].range, ram[0]);
+        assert_eq!(plan.regions.len(), 3);
     }
 
     #[test]
     fn nothing_withheld_is_ever_mapped() {
         let ram = [r(0x8000_0000, 0x8000_0000), r(0x8_8000_0000, 0x8000_0000)];
+        let devices = [r(0x1c09_0000, 0x1000), r(0x2f00_0000, 0x1_0000)];
         let withheld = [
             r(0x8100_0000, 0x200_0000),
             r(0x1c09_0000, 0x1000),
             r(0x8_8000_0000, 0x1000),
         ];
-        let plan = host_regions(&ram, &withheld, 0x10_0000_0000, 1 << 44).unwrap();
-        for region in &plan {
+        let plan = host_regions(&ram, &devices, &withheld, 1 << 44).unwrap();
+        for region in &plan.regions {
             for w in &withheld {
                 assert!(!region.range.overlaps(w), "{region:?} overlaps {w:?}");
             }
         }
         // RAM is covered except the withheld parts.
         let ram_mapped: u64 = plan
+            .regions
             .iter()
             .filter(|r| r.kind == RegionKind::Ram)
             .map(|r| r.range.size)
@@ -168,9 +253,19 @@ mod tests {
     }
 
     #[test]
-    fn ipa_limit_caps_the_map() {
+    fn a_device_window_over_ram_leaves_ram_normal() {
         let ram = [r(0x4000_0000, 0x4000_0000)];
-        let plan = host_regions(&ram, &[], 1 << 45, 1 << 40).unwrap();
-        assert!(plan.iter().all(|r| r.range.end() <= 1 << 40));
+        let plan = host_regions(&ram, &[r(0x3fff_f000, 0x4000_2000)], &[], 1 << 40).unwrap();
+        assert_eq!(plan.regions[0], device(0x3fff_f000, 0x1000));
+        assert_eq!(plan.regions[1].kind, RegionKind::Ram);
+        assert_eq!(plan.regions[2], device(0x8000_0000, 0x1000));
+    }
+
+    #[test]
+    fn ipa_limit_caps_the_map_and_says_what_it_left_out() {
+        let ram = [r(0x4000_0000, 0x4000_0000)];
+        let plan = host_regions(&ram, &virt_devices(), &[], 1 << 39).unwrap();
+        assert!(plan.regions.iter().all(|r| r.range.end() <= 1 << 39));
+        assert_eq!(plan.beyond_ipa, Some(r(1 << 39, 1 << 39)));
     }
 }

@@ -2,6 +2,9 @@
 //! features the core does not give VMs taken out, so a guest that probes
 //! them never reaches an instruction that traps.
 //!
+//! The feature table in [`crate::el2config`] says which features VMs are
+//! given; this answers a trapped read from it.
+//!
 //! A VM runs with SVE and SME trapped (CPTR_EL2.TZ, TSM: only the 128-bit
 //! FP/SIMD registers are switched), pointer authentication trapped
 //! (HCR_EL2.API/APK clear: the keys in the registers are the host's), the
@@ -10,51 +13,20 @@
 //! service's decision, taken when the VM is created; a VM whose MTE is off
 //! reads the MTE fields as zero, as the policy edits them for the host.
 
-/// `(CRm, op2)` of the ID group-3 registers (op0 = 3, op1 = 0, CRn = 0)
-/// this module edits.
-pub mod reg {
-    pub const ID_AA64PFR0_EL1: (u8, u8) = (4, 0);
-    pub const ID_AA64PFR1_EL1: (u8, u8) = (4, 1);
-    pub const ID_AA64PFR2_EL1: (u8, u8) = (4, 2);
-    pub const ID_AA64ZFR0_EL1: (u8, u8) = (4, 4);
-    pub const ID_AA64SMFR0_EL1: (u8, u8) = (4, 5);
-    pub const ID_AA64DFR0_EL1: (u8, u8) = (5, 0);
-    pub const ID_AA64ISAR1_EL1: (u8, u8) = (6, 1);
-    pub const ID_AA64ISAR2_EL1: (u8, u8) = (6, 2);
-}
-
-const fn field(shift: u32) -> u64 {
-    0xf << shift
-}
-
-/// ID_AA64PFR0_EL1: SVE [35:32], MPAM [43:40], AMU [47:44].
-const PFR0_HIDDEN: u64 = field(32) | field(40) | field(44);
-/// ID_AA64PFR1_EL1: SME [27:24].
-const PFR1_HIDDEN: u64 = field(24);
-/// ID_AA64DFR0_EL1: PMUVer [11:8], PMSVer [35:32].
-const DFR0_HIDDEN: u64 = field(8) | field(32);
-/// ID_AA64ISAR1_EL1: APA [7:4], API [11:8], GPA [27:24], GPI [31:28].
-const ISAR1_HIDDEN: u64 = field(4) | field(8) | field(24) | field(28);
-/// ID_AA64ISAR2_EL1: GPA3 [11:8], APA3 [15:12].
-const ISAR2_HIDDEN: u64 = field(8) | field(12);
+use crate::el2config;
 
 /// The value a VM whose MTE is `mte` reads from the ID register
-/// `(crm, op2)` whose hardware value is `value`.
-pub const fn vm_view(crm: u8, op2: u8, value: u64, mte: bool) -> u64 {
-    use moat_abi::services::{PFR1_MTE_FIELDS, PFR2_MTE_FIELDS};
-    match (crm, op2) {
-        reg::ID_AA64PFR0_EL1 => value & !PFR0_HIDDEN,
-        reg::ID_AA64PFR1_EL1 if mte => value & !PFR1_HIDDEN,
-        reg::ID_AA64PFR1_EL1 => value & !(PFR1_HIDDEN | PFR1_MTE_FIELDS),
-        reg::ID_AA64PFR2_EL1 if mte => value,
-        reg::ID_AA64PFR2_EL1 => value & !PFR2_MTE_FIELDS,
-        // The SVE and SME feature registers describe features the VM lacks.
-        reg::ID_AA64ZFR0_EL1 | reg::ID_AA64SMFR0_EL1 => 0,
-        reg::ID_AA64DFR0_EL1 => value & !DFR0_HIDDEN,
-        reg::ID_AA64ISAR1_EL1 => value & !ISAR1_HIDDEN,
-        reg::ID_AA64ISAR2_EL1 => value & !ISAR2_HIDDEN,
-        _ => value,
-    }
+/// `(crm, op2)` whose hardware value is `value`: the register's part of
+/// [`el2config::vm_view`], which takes out every feature the feature table
+/// does not give VMs (and MTE unless `mte`). Registers the table does not
+/// describe read as the hardware has them.
+pub fn vm_view(crm: u8, op2: u8, value: u64, mte: bool) -> u64 {
+    let Some(reg) = el2config::IdReg::from_encoding(crm, op2) else {
+        return value;
+    };
+    let mut hw = el2config::IdRegs::default();
+    *hw.get_mut(reg) = value;
+    el2config::vm_view(&hw, mte).get(reg)
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ pub const MAX_RESERVED_RANGES: usize = 32;
 pub const MAX_CPUS: usize = 16;
 /// Most GICv3 redistributor regions.
 pub const MAX_REDIST_REGIONS: usize = 4;
+/// Most device windows (merged `reg` and bus `ranges` windows outside RAM).
+pub const MAX_DEVICE_WINDOWS: usize = 96;
 /// Deepest node nesting accepted, counting the root as depth 1. Real trees
 /// stay well under this; the limit bounds the fixed-size stacks discovery
 /// walks the tree with.
@@ -161,9 +163,20 @@ pub struct Platform<'a> {
     pub gic: Gic,
     pub psci: Option<Psci>,
     pub chosen: Chosen<'a>,
-    /// One past the highest device (non-RAM) address any `reg` in the tree
-    /// names, after `ranges` translation; used to size the host's stage-2.
-    pub devices_top: u64,
+    /// Every device window the tree describes, as CPU physical addresses:
+    /// the `reg` of every node and the parent side of every bus node's
+    /// `ranges` (a PCIe host bridge's memory and I/O windows, where the
+    /// BARs the host assigns will lie), leaving out CPUs, memory nodes,
+    /// reservations and anything inside RAM. Sorted; windows that overlap
+    /// or touch are merged. The host's stage-2 maps these as device memory.
+    pub devices: Vec<Range, MAX_DEVICE_WINDOWS>,
+}
+
+impl Platform<'_> {
+    /// One past the highest device address the tree describes (0 if none).
+    pub fn devices_top(&self) -> u64 {
+        self.devices.last().map_or(0, Range::end)
+    }
 }
 
 /// Why discovery failed. `Display` gives a sentence naming the problem.
@@ -292,7 +305,7 @@ pub fn discover(dtb: &[u8]) -> Result<Platform<'_>, DtError> {
         .or(first_uart)
         .ok_or(DtError::NoUart)?;
     let gic = gic.ok_or(DtError::NoGic)?;
-    let devices_top = devices_top(&tree, &memory)?;
+    let devices = device_windows(&tree, &memory)?;
 
     Ok(Platform {
         model: root.string("model").unwrap_or(""),
@@ -304,7 +317,7 @@ pub fn discover(dtb: &[u8]) -> Result<Platform<'_>, DtError> {
         gic,
         psci,
         chosen,
-        devices_top,
+        devices,
     })
 }
 
@@ -1197,10 +1210,44 @@ fn psci(node: Node<'_>) -> Result<Psci, DtError> {
     Ok(Psci { conduit })
 }
 
-/// One past the highest translated `reg` outside RAM, leaving out CPUs,
-/// memory nodes and reservations.
-fn devices_top(tree: &Tree<'_>, memory: &[Range]) -> Result<u64, DtError> {
-    let mut top = 0;
+/// The windows a bus node opens onto its parent: the parent side of each
+/// `ranges` entry, translated to CPU physical addresses. Nothing for a node
+/// without `ranges`, with an empty (identity) one, or whose entries cannot
+/// be read or translated (such a bus is not CPU-addressable).
+fn bus_windows<'x, 'a>(
+    ancestors: &'x [Level<'a>],
+    node: Node<'a>,
+) -> impl Iterator<Item = (u64, u64)> + 'x
+where
+    'a: 'x,
+{
+    let bus = Level::of(node).ok();
+    let entry = bus.zip(ancestors.last()).and_then(|(bus, outer)| {
+        let child = to_usize(bus.address_cells).checked_mul(4)?;
+        let parent = to_usize(outer.address_cells).checked_mul(4)?;
+        let size = to_usize(bus.size_cells).checked_mul(4)?;
+        let ranges = bus.ranges.filter(|r| !r.is_empty())?;
+        let total = child.checked_add(parent)?.checked_add(size)?;
+        (total != 0 && ranges.len().is_multiple_of(total)).then_some((ranges, child, parent, total))
+    });
+    entry
+        .into_iter()
+        .flat_map(move |(ranges, child, parent, total)| {
+            ranges.chunks_exact(total).filter_map(move |window| {
+                let (parent_side, size) = window.get(child..)?.split_at_checked(parent)?;
+                let base = translate(ancestors, read_cells(parent_side)?)?;
+                Some((base, read_cells(size)?))
+            })
+        })
+}
+
+/// Every device window: translated `reg`s and bus `ranges` windows outside
+/// RAM, leaving out CPUs, memory nodes and reservations; sorted and merged.
+fn device_windows(
+    tree: &Tree<'_>,
+    memory: &[Range],
+) -> Result<Vec<Range, MAX_DEVICE_WINDOWS>, DtError> {
+    let mut windows = Vec::new();
     tree.walk(|ancestors, node| {
         if ancestors.is_empty() {
             return Ok(());
@@ -1211,16 +1258,15 @@ fn devices_top(tree: &Tree<'_>, memory: &[Range]) -> Result<u64, DtError> {
         {
             return Ok(());
         }
-        if let Ok(Some(regs)) = regs(ancestors, node) {
-            for (base, size) in regs.flatten() {
-                if let Some(region) = Range::new(base, size)
-                    && !memory.iter().any(|bank| bank.contains_range(&region))
-                {
-                    top = top.max(region.end());
-                }
+        let regs = regs(ancestors, node).ok().flatten().into_iter().flatten();
+        for (base, size) in regs.flatten().chain(bus_windows(ancestors, node)) {
+            if let Some(window) = Range::new(base, size)
+                && !memory.iter().any(|bank| bank.contains_range(&window))
+            {
+                add_bank(&mut windows, window).map_err(|_| DtError::TooMany("device windows"))?;
             }
         }
         Ok(())
     })?;
-    Ok(top)
+    Ok(windows)
 }

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use moat_platform::dt::{
-    Chosen, Conduit, Cpu, DtError, EnableMethod, Gic, MAX_CPUS, MAX_MEMORY_RANGES, MAX_NODE_DEPTH,
-    Platform, Psci, Range, Uart, UartKind, discover,
+    Chosen, Conduit, Cpu, DtError, EnableMethod, Gic, MAX_CPUS, MAX_DEVICE_WINDOWS,
+    MAX_MEMORY_RANGES, MAX_NODE_DEPTH, Platform, Psci, Range, Uart, UartKind, discover,
 };
 use vm_fdt::FdtWriter;
 
@@ -16,6 +16,22 @@ fn range(base: u64, size: u64) -> Range {
 
 fn ranges<const N: usize>(list: &[(u64, u64)]) -> heapless::Vec<Range, N> {
     list.iter().map(|&(base, size)| range(base, size)).collect()
+}
+
+/// QEMU `virt`'s device windows: `gic`, the flash and GIC windows that
+/// differ between GICv2 and GICv3, then those after the PL011 both share.
+fn virt_windows(gic: &[(u64, u64)]) -> heapless::Vec<Range, MAX_DEVICE_WINDOWS> {
+    const SHARED: [(u64, u64); 8] = [
+        (0x901_0000, 0x1000),
+        (0x902_0000, 0x18),
+        (0x903_0000, 0x1000),
+        (0xa00_0000, 0x4000),
+        (0xc00_0000, 0x200_0000),
+        (0x1000_0000, 0x2f00_0000),
+        (0x40_1000_0000, 0x1000_0000),
+        (0x80_0000_0000, 0x80_0000_0000),
+    ];
+    ranges(&[gic, &SHARED].concat())
 }
 
 fn psci_cpus(mpidrs: &[u64]) -> heapless::Vec<Cpu, MAX_CPUS> {
@@ -57,8 +73,14 @@ fn qemu_virt_gicv3() {
             stdout_path: Some("/pl011@9000000"),
             initrd: None,
         },
-        // The high PCIe ECAM window, 0x40_1000_0000 + 256 MiB.
-        devices_top: 0x40_2000_0000,
+        // Every reg and bus window outside RAM, merged where they touch:
+        // the flash banks with the GIC distributor; the ITS,
+        // redistributors and PL011; PL031; fw-cfg; GPIO; the virtio-mmio
+        // transports; the platform bus (ranges); the PCIe host bridge's
+        // 32-bit memory and I/O windows (ranges, adjacent), its high ECAM
+        // (reg) and its 64-bit memory window (ranges), where Linux puts
+        // 64-bit BARs.
+        devices: virt_windows(&[(0x0, 0x801_0000), (0x808_0000, 0xf8_1000)]),
     };
     assert_eq!(discover(&dtb), Ok(expected));
 }
@@ -87,7 +109,13 @@ fn qemu_virt_gicv2() {
             stdout_path: Some("/pl011@9000000"),
             initrd: None,
         },
-        devices_top: 0x40_2000_0000,
+        // As with GICv3, but GICv2's distributor, CPU interface, GICH and
+        // GICV sit between the flash and the PL011.
+        devices: virt_windows(&[
+            (0x0, 0x802_1000),
+            (0x803_0000, 0x2_0000),
+            (0x900_0000, 0x1000),
+        ]),
     };
     let platform = discover(&dtb).unwrap();
     assert_eq!(platform.gic.version(), 2);
@@ -118,8 +146,20 @@ fn fvp_base_revc() {
             conduit: Conduit::Smc,
         }),
         chosen: Chosen::default(),
-        // pci@40000000's ECAM, 0x4000_0000 + 256 MiB.
-        devices_top: 0x5000_0000,
+        // The flash, video and motherboard buses (ranges) below the GIC;
+        // the highest is pci@40000000: its ECAM (reg) and the 32-bit
+        // memory window after it (ranges).
+        devices: ranges(&[
+            (0x800_0000, 0x1800_0000),
+            (0x2b40_0000, 0x10_0000),
+            (0x2c00_0000, 0x2000),
+            (0x2c01_0000, 0x2000),
+            (0x2c02_f000, 0x2000),
+            (0x2f00_0000, 0x1_0000),
+            (0x2f02_0000, 0x2_0000),
+            (0x2f10_0000, 0x20_0000),
+            (0x4000_0000, 0x2000_0000),
+        ]),
     };
     assert_eq!(discover(&dtb), Ok(expected));
 }
@@ -164,7 +204,9 @@ fn qemu_raspberry_pi_4() {
             stdout_path: Some("serial1:115200n8"),
             initrd: None,
         },
-        devices_top: 0xff84_8000,
+        // The SoC bus's window onto its peripherals (ranges), which holds
+        // every device node under it, and the window of the bus above 4 GiB.
+        devices: ranges(&[(0xfc00_0000, 0x400_0000), (0x6_0000_0000, 0x4000_0000)]),
     };
     assert_eq!(discover(&dtb), Ok(expected));
 }
@@ -347,7 +389,7 @@ fn small_complete_tree() {
     );
     assert_eq!(platform.chosen, Chosen::default());
     // The PL011 ends at 0x900_1000; the redistributors end at 0x900_0000.
-    assert_eq!(platform.devices_top, 0x900_1000);
+    assert_eq!(platform.devices_top(), 0x900_1000);
 }
 
 #[test]
@@ -1098,7 +1140,56 @@ fn devices_top_ignores_ram_cpus_and_reservations() {
             });
         });
     });
-    assert_eq!(discover(&dtb).unwrap().devices_top, 0x8000_1000);
+    assert_eq!(discover(&dtb).unwrap().devices_top(), 0x8000_1000);
+}
+
+/// A PCIe host bridge as QEMU's `virt` describes it: the ECAM in `reg`,
+/// the I/O, 32-bit and 64-bit memory windows only in `ranges`.
+#[test]
+fn bus_windows_are_device_windows() {
+    let dtb = tree(|w| {
+        complete(w);
+        node(w, "pcie@10000000", |w| {
+            w.property_string("device_type", "pci").unwrap();
+            w.property_u32("#address-cells", 3).unwrap();
+            w.property_u32("#size-cells", 2).unwrap();
+            w.property_array_u64("reg", &[0x40_1000_0000, 0x1000_0000])
+                .unwrap();
+            #[rustfmt::skip]
+            w.property_array_u32("ranges", &[
+                // I/O: PCI 0 at CPU 0x3eff0000, 64 KiB.
+                0x0100_0000, 0, 0, 0, 0x3eff_0000, 0, 0x1_0000,
+                // 32-bit memory, identity, 0x10000000 + 0x2eff0000.
+                0x0200_0000, 0, 0x1000_0000, 0, 0x1000_0000, 0, 0x2eff_0000,
+                // 64-bit memory at 512 GiB, 512 GiB long.
+                0x0300_0000, 0x80, 0, 0x80, 0, 0x80, 0,
+            ])
+            .unwrap();
+        });
+        // A bus whose parent has no ranges: not CPU-addressable, not mapped.
+        node(w, "i2c", |w| {
+            w.property_u32("#address-cells", 1).unwrap();
+            w.property_u32("#size-cells", 1).unwrap();
+            node(w, "mux@50", |w| {
+                w.property_u32("#address-cells", 1).unwrap();
+                w.property_u32("#size-cells", 1).unwrap();
+                w.property_array_u32("ranges", &[0, 0x7000_0000, 0x1000])
+                    .unwrap();
+            });
+        });
+    });
+    let platform = discover(&dtb).unwrap();
+    let has = |base: u64, size: u64| {
+        platform
+            .devices
+            .iter()
+            .any(|d| d.contains_range(&range(base, size)))
+    };
+    assert!(has(0x1000_0000, 0x2f00_0000), "{:x?}", platform.devices);
+    assert!(has(0x40_1000_0000, 0x1000_0000));
+    assert!(has(0x80_0000_0000, 0x80_0000_0000));
+    assert!(!has(0x7000_0000, 0x1000));
+    assert_eq!(platform.devices_top(), 0x100_0000_0000);
 }
 
 #[test]

@@ -442,6 +442,14 @@ fn mte_probe(flags: u64) {
     }
     hvc(MTE_ACCESSES_DONE, [total, 0, 0, 0, 0]);
 
+    // The host's own EL0/EL1 state the VM must not reach.
+    for i in 0..HOST_STATE_ACCESSES.len() {
+        arm_traps();
+        let at = probe!("mrs x0, s3_3_c13_c0_5");
+        let (n, esr, elr) = disarm_traps();
+        hvc(HOST_STATE_ACCESS, [i as u64, n, esr, elr, at]);
+    }
+
     // Tags on a granule of our own.
     let own = addr_of!(OWN_GRANULE) as u64 + 16;
     arm_traps();

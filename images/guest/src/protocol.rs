@@ -64,6 +64,10 @@ pub const MTE_REGS_SET: u32 = id(0x810);
 /// Guest (MTE probe, MTE-on VM): read again after the host ran, the same
 /// registers are x1..x4.
 pub const MTE_REGS_AGAIN: u32 = id(0x811);
+/// Guest (MTE probe): access x1 of [`HOST_STATE_ACCESSES`] took x2
+/// synchronous exceptions at VBAR_EL1 + 0x200 (the last with ESR_EL1 x3
+/// and ELR_EL1 x4); the instruction is at x5.
+pub const HOST_STATE_ACCESS: u32 = id(0x815);
 /// Guest (shared at exit): my page at IPA x1 is shared with you (x2 =
 /// `GUEST_SHARE_HOST`'s result) and holds [`pattern`] words; I power off
 /// next without ending the share.
@@ -129,6 +133,11 @@ pub const MTE_ACCESSES: [&str; 9] = [
     "msr tfsre0_el1",
     "mrs gmid_el1",
 ];
+/// Accesses to EL0/EL1 registers the host may use and a VM is not given,
+/// which stay live in the CPU while a VM runs (the core does not switch
+/// them): each must be UNDEFINED in the VM. TPIDR2_EL0 is SME's, opened to
+/// the host by a negative fine-grained trap bit.
+pub const HOST_STATE_ACCESSES: [&str; 1] = ["mrs tpidr2_el0"];
 /// The tag the MTE probe stores in its own memory.
 pub const PROBE_TAG: u64 = 0xb;
 /// What an MTE-on VM's guest writes to GCR_EL1 (Exclude 0x5a5a, RRND 0),

@@ -1036,7 +1036,8 @@ fn mte_probe_exits(c: &mut Checks, g: &mut Guest, vm_mte: bool, hardware_tags: b
             field(dfr0, 32)
         ),
     );
-    const ISAR1_PAUTH: u64 = (0xff << 4) | (0xff << 24);
+    // Pointer authentication, and LS64 (not given to VMs either).
+    const ISAR1_PAUTH: u64 = (0xff << 4) | (0xff << 24) | (0xf << 60);
     c.check(
         pfr0 & 0xffff_ffff == host[0] & 0xffff_ffff
             && pfr1 & 0xff == host[1] & 0xff
@@ -1083,6 +1084,17 @@ fn mte_probe_exits(c: &mut Checks, g: &mut Guest, vm_mte: bool, hardware_tags: b
             p::MTE_ACCESSES.len()
         ),
     );
+
+    for (i, what) in p::HOST_STATE_ACCESSES.iter().enumerate() {
+        let [index, taken, esr, elr, at] =
+            g.expect_hvc(c, p::HOST_STATE_ACCESS, "host state access")?;
+        c.check(
+            index == i as u64 && taken == 1 && esr == 0x0200_0000 && elr == at,
+            format_args!(
+                "{name}: {what} in the guest: Undefined Instruction, the host's register is out of reach ({taken} exception(s), ESR_EL1 {esr:#x}, ELR_EL1 {elr:#x}, instruction at {at:#x})"
+            ),
+        );
+    }
 
     let [tag, taken, ..] = g.expect_hvc(c, p::TAG_PROBE, "tag probe")?;
     let tag_stored = p::PROBE_TAG;

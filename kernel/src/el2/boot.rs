@@ -36,6 +36,8 @@ pub struct Machine {
     pub platform: Platform<'static>,
     pub firmware: FirmwareConduit,
     pub cpu: CpuFeatures,
+    /// HCRX_EL2 for a protected VM without and with MTE.
+    pub vm_hcrx: [u64; 2],
     pub host_el2: HostEl2Config,
     /// The hypervisor's memory (the core's image and its heap): one range,
     /// or two when the host's payloads stay in place between them.
@@ -395,8 +397,9 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             let _ = heap_later.push(under);
         }
     }
-    let features = sysreg::cpu_features();
-    let device_top = platform.devices_top.max(platform.uart.regs.end());
+    let hw_id = sysreg::id_regs();
+    let features = hw_id.cpu_features();
+    let device_top = platform.devices_top().max(platform.uart.regs.end());
     let ram_top = platform.memory.iter().map(Range::end).max().unwrap_or(0);
     let ipa_bits = el2config::ipa_bits(&features, device_top.max(ram_top));
     let (vtcr, start_level) = el2config::vtcr(ipa_bits, features.pa_range);
@@ -430,7 +433,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         uart: platform.uart,
         gic: platform.gic,
         psci: platform.psci,
-        devices_top: platform.devices_top,
+        devices: platform.devices,
     };
     for under in heap_later {
         // SAFETY: the rest of the heap (under the package) is in the
@@ -438,47 +441,72 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         unsafe { heap::add_region(under.base as usize, under.size as usize) };
     }
 
-    // The host's stage-2.
-    let mut withheld: heapless::Vec<Range, 4> = heapless::Vec::new();
+    // The host's stage-2: the RAM and device windows the device tree
+    // describes, less what the core keeps. Everything withheld is logged.
+    let mut withheld: heapless::Vec<(Range, &str), 4> = heapless::Vec::new();
     for range in plan.carve_out.as_slice() {
-        let _ = withheld.push(*range);
+        let _ = withheld.push((*range, "the hypervisor's memory"));
     }
     if let Gic::V2 {
         hyp_interface: Some(gich),
         ..
     } = &platform.gic
     {
-        let _ = withheld.push(*gich);
+        let _ = withheld.push((*gich, "the GICv2 hypervisor interface"));
     }
-    let regions = s2plan::host_regions(&platform.memory, &withheld, device_top, 1u64 << ipa_bits)
-        .unwrap_or_else(|e| fatal("host stage-2 plan", format_args!("{e:?}")));
-    let host_stage2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, &regions)
+    let withheld_ranges: heapless::Vec<Range, 4> = withheld.iter().map(|(r, _)| *r).collect();
+    let host_plan = s2plan::host_regions(
+        &platform.memory,
+        &platform.devices,
+        &withheld_ranges,
+        1u64 << ipa_bits,
+    )
+    .unwrap_or_else(|e| fatal("host stage-2 plan", format_args!("{e:?}")));
+    let regions = &host_plan.regions;
+    let host_stage2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, regions)
         .unwrap_or_else(|e| fatal("host stage-2", e))
         .activate();
     let vttbr = host_stage2.vttbr();
     super::stage2::HOST.call_once(|| spin::Mutex::new(host_stage2));
     crate::log!(
-        "host stage-2: {} regions, {}-bit IPA, VMID {HOST_VMID}; heap {} KiB used of {} MiB",
+        "host stage-2: {} regions, {}-bit IPA (CPU: {}-bit PA; highest described address {:#x}), VMID {HOST_VMID}; heap {} KiB used of {} MiB",
         regions.len(),
         ipa_bits,
+        features.pa_bits(),
+        device_top.max(ram_top) - 1,
         heap::used_bytes() >> 10,
         heap::total_bytes() >> 20
     );
+    crate::log!(
+        "host devices: {} window(s) from the device tree (reg and bus ranges), mapped as device memory",
+        platform.devices.len()
+    );
+    for (range, what) in &withheld {
+        crate::log!(
+            "withheld from the host: {:#x}..{:#x} ({what})",
+            range.base,
+            range.end()
+        );
+    }
+    if let Some(beyond) = host_plan.beyond_ipa {
+        crate::log!(
+            "withheld from the host: {:#x}..{:#x} (beyond the {ipa_bits}-bit IPA space the CPU allows)",
+            beyond.base,
+            beyond.end()
+        );
+    }
 
-    let host_el2 = HostEl2Config {
-        hcr: core::sync::atomic::AtomicU64::new(el2config::host_hcr(&features, true)),
-        cptr: el2config::host_cptr(&features),
-        mdcr: el2config::host_mdcr(
-            sysreg::pmu_counters(&features),
-            package_flags & FLAG_BENCHMARK != 0,
-        ),
-        vtcr,
-        vttbr,
-    };
+    // Until the MTE policy decides, the host is told what the hardware has.
+    let pmcr_n = sysreg::pmu_counters(&features);
+    let count_el2 = package_flags & FLAG_BENCHMARK != 0;
+    let host_controls = el2config::host_controls(&hw_id, &hw_id, pmcr_n, count_el2);
+    let host_el2 = HostEl2Config::new(&host_controls, vtcr, vttbr);
+    log_host_features(&hw_id, &host_controls);
     let machine = MACHINE.call_once(|| Machine {
         firmware: FirmwareConduit::new(platform.psci.map(|p| p.conduit)),
         platform,
         cpu: features,
+        vm_hcrx: [false, true].map(|mte| el2config::vm_controls(&hw_id, mte).hcrx),
         host_el2,
         carve_out: plan.carve_out,
         stage2_start_level: start_level,
@@ -523,7 +551,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     ) {
         None => crate::log!("no MTE policy service: the host gets MTE as the hardware offers it"),
         Some(Ok(host_mte)) => {
-            let hcr = el2config::host_hcr(&features, host_mte);
+            let view = el2config::host_view(&hw_id, host_mte);
+            let hcr = el2config::host_controls(&hw_id, &view, pmcr_n, count_el2).hcr;
             machine
                 .host_el2
                 .hcr
@@ -607,6 +636,29 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
             false
         }
     }
+}
+
+/// Logs the features of the table the host gets and the controls that give
+/// them.
+fn log_host_features(hw: &el2config::IdRegs, c: &el2config::El2Controls) {
+    let mut names = alloc::string::String::new();
+    for f in el2config::FEATURES.iter().filter(|f| hw.has(f)) {
+        if !names.is_empty() {
+            names.push_str(", ");
+        }
+        names.push_str(f.name);
+    }
+    crate::log!("host features the EL2 controls give: {names}");
+    crate::log!(
+        "host EL2 controls: HCR_EL2 {:#x}, HCRX_EL2 {:#x}, CPTR_EL2 {:#x}, MDCR_EL2 {:#x}, HFGRTR_EL2 {:#x}, HFGITR_EL2 {:#x}, HDFGRTR_EL2 {:#x}",
+        c.hcr,
+        c.hcrx,
+        c.cptr,
+        c.mdcr,
+        c.fgt.hfgrtr,
+        c.fgt.hfgitr,
+        c.fgt.hdfgrtr
+    );
 }
 
 /// Logs the carve-out: the core's image and the heap, in one range or two.

@@ -443,6 +443,13 @@ impl Service {
             (*self.el1.get()).load();
             let (h, c, md, ct, v) = service_el2(self.vttbr, started);
             sysreg::switch_el2(h, c, md, ct, v);
+            // Services are given none of the features HCRX_EL2 and the
+            // fine-grained traps open.
+            sysreg::switch_feature_controls(
+                &m.cpu,
+                0,
+                &moat_kernel::el2config::FineGrainedTraps::default(),
+            );
         }
         let saved = gic.as_ref().map(|access| gic::open_watchdog(access, mask));
         let r = f();
@@ -464,9 +471,10 @@ impl Service {
                 h.hcr.load(Ordering::Relaxed),
                 h.cptr,
                 h.mdcr,
-                moat_kernel::el2config::HOST_CNTHCTL,
+                h.cnthctl,
                 h.vttbr,
             );
+            sysreg::switch_feature_controls(&m.cpu, h.hcrx, &h.fgt);
         }
         r
     }

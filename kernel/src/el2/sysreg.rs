@@ -6,17 +6,17 @@
 //! `u64` values computed by the host-tested logic in `moat_kernel`.
 
 use arm_sysregs as sr;
-use moat_kernel::el2config::CpuFeatures;
+use moat_kernel::el2config::{CpuFeatures, El2Controls, FineGrainedTraps, IdRegs};
 
-/// The ID registers the core configures EL2 from.
+/// The ID registers the core derives EL2's controls from, as the hardware
+/// has them.
+pub fn id_regs() -> IdRegs {
+    IdRegs::read(|crm, op2| read_id_register(crm, op2).unwrap_or(0))
+}
+
+/// What the core needs to know about the CPU.
 pub fn cpu_features() -> CpuFeatures {
-    CpuFeatures::from_id_regs(
-        sr::read_id_aa64pfr0_el1().bits(),
-        sr::read_id_aa64pfr1_el1().bits(),
-        sr::read_id_aa64mmfr0_el1().bits(),
-        sr::read_id_aa64mmfr1_el1().bits(),
-        sr::read_id_aa64dfr0_el1().bits(),
-    )
+    id_regs().cpu_features()
 }
 
 /// ID_AA64PFR1_EL1.MTE as the hardware reports it (0 none, 1 instructions
@@ -68,14 +68,65 @@ pub fn write_el1_exception(esr: u64, elr: u64, spsr: u64, far: Option<u64>) {
     }
 }
 
-/// The per-CPU EL2 configuration for running the host.
+/// The per-CPU EL2 configuration for running the host: its derived
+/// controls (read through `Deref`: `config.cptr`, `config.hcrx`, ...),
+/// with `HCR_EL2` apart because the MTE policy service sets it once more
+/// after boot, and the host's stage-2.
 pub struct HostEl2Config {
-    /// Set once more after boot, when the MTE policy service has decided.
+    /// Shadows `controls.hcr`, which is only the value before the policy.
     pub hcr: core::sync::atomic::AtomicU64,
-    pub cptr: u64,
-    pub mdcr: u64,
+    controls: El2Controls,
     pub vtcr: u64,
     pub vttbr: u64,
+}
+
+impl HostEl2Config {
+    /// The host's configuration from its derived controls.
+    pub fn new(c: &El2Controls, vtcr: u64, vttbr: u64) -> Self {
+        Self {
+            hcr: core::sync::atomic::AtomicU64::new(c.hcr),
+            controls: *c,
+            vtcr,
+            vttbr,
+        }
+    }
+}
+
+impl core::ops::Deref for HostEl2Config {
+    type Target = El2Controls;
+
+    fn deref(&self) -> &El2Controls {
+        &self.controls
+    }
+}
+
+/// Writes HCRX_EL2 and the fine-grained trap registers, each only if the
+/// CPU implements it (HCRX_EL2 is UNDEFINED without FEAT_HCX, the trap
+/// registers without FEAT_FGT). The world switch calls this on the way into
+/// a nested partition (whose values enable nothing the host's EL1 state
+/// could reach it through: TCR2_EL1, SCTLR2_EL1, GCS and the permission
+/// and overlay registers are the host's, live in the CPU) and back.
+///
+/// # Safety
+///
+/// The caller is about to enter (or has just left) the partition the
+/// values belong to; the ERET into it synchronizes the writes.
+#[inline(always)]
+pub unsafe fn switch_feature_controls(cpu: &CpuFeatures, hcrx: u64, fgt: &FineGrainedTraps) {
+    // SAFETY: per the function contract; these controls only affect EL1
+    // and EL0, never the core's own EL2 regime.
+    unsafe {
+        if cpu.hcx {
+            sr::write_hcrx_el2(sr::HcrxEl2::from_bits_retain(hcrx));
+        }
+        if cpu.fgt {
+            sr::write_hfgrtr_el2(sr::HfgrtrEl2::from_bits_retain(fgt.hfgrtr));
+            sr::write_hfgwtr_el2(sr::HfgwtrEl2::from_bits_retain(fgt.hfgwtr));
+            sr::write_hfgitr_el2(sr::HfgitrEl2::from_bits_retain(fgt.hfgitr));
+            sr::write_hdfgrtr_el2(sr::HdfgrtrEl2::from_bits_retain(fgt.hdfgrtr));
+            sr::write_hdfgwtr_el2(sr::HdfgwtrEl2::from_bits_retain(fgt.hdfgwtr));
+        }
+    }
 }
 
 /// Programs this CPU's EL2 controls for the host and resets its EL1 state.
@@ -111,19 +162,16 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
             // turn ZA off, whatever firmware or an earlier host left.
             core::arch::asm!("msr s3_3_c4_c2_2, xzr", options(nostack, preserves_flags));
         }
-        if cpu.sve {
-            // ZCR_EL2.LEN all ones: the host may use every vector length the
-            // CPU has (the core reads the result back, `vector_lengths`).
-            core::arch::asm!("msr s3_4_c1_c2_0, {v}", v = in(reg) ZCR_LEN_MAX, options(nostack, preserves_flags));
+        // ZCR_EL2 and SMCR_EL2 as derived: present only when the host has
+        // SVE / SME (FA64 and EZT0 only when the CPU has them).
+        if let (true, Some(zcr)) = (cpu.sve, config.zcr) {
+            core::arch::asm!("msr s3_4_c1_c2_0, {v}", v = in(reg) zcr, options(nostack, preserves_flags));
         }
-        if cpu.sme {
-            // SMCR_EL2: FA64 | EZT0 | LEN all ones.
-            core::arch::asm!("msr s3_4_c1_c2_6, {v}", v = in(reg) (0xc000_0000u64 | ZCR_LEN_MAX), options(nostack, preserves_flags));
+        if let (true, Some(smcr)) = (cpu.sme, config.smcr) {
+            core::arch::asm!("msr s3_4_c1_c2_6, {v}", v = in(reg) smcr, options(nostack, preserves_flags));
         }
         sr::write_mdcr_el2(sr::MdcrEl2::from_bits_retain(config.mdcr));
-        sr::write_cnthctl_el2(sr::CnthctlEl2::from_bits_retain(
-            moat_kernel::el2config::HOST_CNTHCTL,
-        ));
+        sr::write_cnthctl_el2(sr::CnthctlEl2::from_bits_retain(config.cnthctl));
         sr::write_cntvoff_el2(sr::CntvoffEl2::from_bits_retain(0));
         sr::write_vpidr_el2(sr::VpidrEl2::from_bits_retain(sr::read_midr_el1().bits()));
         sr::write_vmpidr_el2(sr::VmpidrEl2::from_bits_retain(sr::read_mpidr_el1().bits()));
@@ -136,16 +184,20 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
             core::arch::asm!("isb", options(nostack, preserves_flags));
             sr::write_ich_hcr_el2(sr::IchHcrEl2::from_bits_retain(0));
         }
-        if cpu.hcx {
-            sr::write_hcrx_el2(sr::HcrxEl2::from_bits_retain(0));
+        // HCRX_EL2 and the fine-grained traps as derived (their reset
+        // values are UNKNOWN, and a clear negative-polarity bit traps).
+        switch_feature_controls(cpu, config.hcrx, &config.fgt);
+        if cpu.fgt && cpu.amu {
+            sr::write_hafgrtr_el2(sr::HafgrtrEl2::from_bits_retain(0));
         }
-        if cpu.fgt {
-            // No fine-grained traps: the host owns its EL1.
-            sr::write_hfgrtr_el2(sr::HfgrtrEl2::from_bits_retain(0));
-            sr::write_hfgwtr_el2(sr::HfgwtrEl2::from_bits_retain(0));
-            sr::write_hfgitr_el2(sr::HfgitrEl2::from_bits_retain(0));
-            sr::write_hdfgrtr_el2(sr::HdfgrtrEl2::from_bits_retain(0));
-            sr::write_hdfgwtr_el2(sr::HdfgwtrEl2::from_bits_retain(0));
+        if cpu.fgt2 {
+            // The second set holds positive traps only for the features the
+            // table knows: zero traps none of them.
+            sr::write_hfgrtr2_el2(sr::Hfgrtr2El2::from_bits_retain(0));
+            sr::write_hfgwtr2_el2(sr::Hfgwtr2El2::from_bits_retain(0));
+            sr::write_hfgitr2_el2(sr::Hfgitr2El2::from_bits_retain(0));
+            sr::write_hdfgrtr2_el2(sr::Hdfgrtr2El2::from_bits_retain(0));
+            sr::write_hdfgwtr2_el2(sr::Hdfgwtr2El2::from_bits_retain(0));
         }
         sr::write_sctlr_el1(sr::SctlrEl1::from_bits_retain(
             moat_kernel::el2config::SCTLR_EL1_RESET,
@@ -158,11 +210,6 @@ pub unsafe fn configure_for_host(cpu: &CpuFeatures, config: &HostEl2Config) {
         core::arch::asm!("isb", options(nostack, preserves_flags));
     }
 }
-
-/// ZCR_EL2.LEN / SMCR_EL2.LEN all ones: the largest vector length the
-/// hardware implements (a write of an unimplemented length selects the
-/// largest implemented one below it).
-const ZCR_LEN_MAX: u64 = 0xf;
 
 /// The vector lengths in force at EL2, in bytes: SVE's (non-streaming) and
 /// SME's streaming one; 0 for a feature the CPU lacks. With LEN all ones in

@@ -737,6 +737,25 @@ fn vm_el2(vm: &Vm) -> (u64, u64, u64, u64, u64) {
     )
 }
 
+/// Loads the VM's HCRX_EL2 (derived from what its ID registers show) and
+/// fine-grained traps (none of the features they open is a VM's).
+///
+/// # Safety
+///
+/// The CPU is about to enter the VM.
+unsafe fn enter_vm_feature_controls(vm: &Vm) {
+    let m = machine();
+    let hcrx = m.vm_hcrx[usize::from(vm.mte)];
+    // SAFETY: per the function contract.
+    unsafe {
+        sysreg::switch_feature_controls(
+            &m.cpu,
+            hcrx,
+            &moat_kernel::el2config::FineGrainedTraps::default(),
+        )
+    };
+}
+
 /// How one entry into the VM ended, as the run loop sees it.
 enum Step {
     Resume,
@@ -805,7 +824,10 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     }
     let (h, c, md, ct, v) = vm_el2(vm);
     // SAFETY: the VM's stage-2 is live and its EL1 state is loaded.
-    unsafe { sysreg::switch_el2(h, c, md, ct, v) };
+    unsafe {
+        sysreg::switch_el2(h, c, md, ct, v);
+        enter_vm_feature_controls(vm);
+    }
     if migrated {
         // This CPU may hold the VMID's entries from an earlier run that
         // the guest has since invalidated on another CPU.
@@ -876,9 +898,10 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
             hel2.hcr.load(Ordering::Relaxed),
             hel2.cptr,
             hel2.mdcr,
-            moat_kernel::el2config::HOST_CNTHCTL,
+            hel2.cnthctl,
             hel2.vttbr,
-        )
+        );
+        sysreg::switch_feature_controls(&machine().cpu, hel2.hcrx, &hel2.fgt);
     };
     vm.host_vectors.load();
     let (e, status) = outcome;
@@ -1185,6 +1208,7 @@ fn outside_vm<R>(cpu: &PerCpu, vm: &mut Vm, f: impl FnOnce(&mut Vm) -> R) -> R {
     unsafe {
         vm.el1.load();
         sysreg::switch_el2(h, c, md, ct, v);
+        enter_vm_feature_controls(vm);
     }
     r
 }

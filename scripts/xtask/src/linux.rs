@@ -6,6 +6,11 @@
 //! `--cmd` commands, prints their exit status and powers the machine off.
 //! The tests and the boot-time benchmark use the same pieces.
 //!
+//! `--kernel IMAGE` and `--kernel-package NAME` boot another kernel
+//! (`kernels.rs`). The initramfs also carries the modules of the kernel's
+//! own package that a run needs, which `/init` loads first (`modules.rs`),
+//! and the feature probe, `/bin/moat-probe` (`probe.rs`).
+//!
 //! The kernel and busybox come from Debian's archive through apt and are kept
 //! in a cache outside the work tree (`${XDG_CACHE_HOME:-$HOME/.cache}/moat/debian`),
 //! so a fresh clone does not download them again. A manifest in the cache
@@ -17,6 +22,9 @@
 use crate::MachineArgs;
 use crate::cpio;
 use crate::image::{self, ImageSpec};
+use crate::kernels::{self, Kernel};
+use crate::modules::{self, Modules};
+use crate::probe;
 use crate::qemu::{self, AfterPass, Harness, Verdict};
 use crate::tools;
 use anyhow::{Context, Result, bail};
@@ -33,8 +41,12 @@ pub const MARKER_COMMANDS: &str = "moat-linux: running commands";
 /// Printed after the commands, followed by their exit status.
 pub const MARKER_STATUS: &str = "moat-linux: exit status ";
 
+/// Printed by `/init` for a module that would not load, followed by its path.
+pub const MARKER_MODULE_FAILED: &str = "moat-linux: could not load module ";
+
 /// Console lines that mean the kernel or the core failed, whatever the run.
 pub const FAIL_PATTERNS: &[&str] = &[
+    MARKER_MODULE_FAILED,
     "Kernel panic",
     "Oops",
     "BUG:",
@@ -84,6 +96,12 @@ echo "{MARKER_INIT}"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# The kernel's own modules this run needs, dependencies first.
+if [ -f /etc/moat-modules ]; then
+    while read -r module; do
+        insmod "$module" || echo "{MARKER_MODULE_FAILED}$module"
+    done < /etc/moat-modules
+fi
 if [ -f /etc/moat-commands ]; then
     echo "{MARKER_COMMANDS}"
     sh /etc/moat-commands
@@ -99,9 +117,18 @@ poweroff -f
     )
 }
 
-/// An initramfs (newc cpio) with busybox, `/init` and, if given, the commands
-/// `/init` runs instead of starting a shell.
-pub fn initramfs(busybox: &[u8], commands: Option<&str>) -> Vec<u8> {
+/// What an initramfs carries besides busybox and `/init`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras<'a> {
+    /// The kernel's modules `/init` loads, in order.
+    pub modules: Option<&'a Modules>,
+    /// The feature probe, as `/bin/moat-probe`.
+    pub probe: Option<&'a [u8]>,
+}
+
+/// An initramfs (newc cpio) with busybox, `/init`, the `extras` and, if
+/// given, the commands `/init` runs instead of starting a shell.
+pub fn initramfs(busybox: &[u8], commands: Option<&str>, extras: &Extras) -> Result<Vec<u8>> {
     let mut w = cpio::Writer::new();
     for dir in [
         "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root",
@@ -119,7 +146,40 @@ pub fn initramfs(busybox: &[u8], commands: Option<&str>) -> Vec<u8> {
         text.push('\n');
         w.file("etc/moat-commands", 0o644, text.as_bytes());
     }
-    w.finish()
+    if let Some(probe) = extras.probe {
+        w.file("bin/moat-probe", 0o755, probe);
+    }
+    if let Some(m) = extras.modules.filter(|m| !m.load_order.is_empty()) {
+        let base = format!("lib/modules/{}", m.release);
+        let mut dirs: Vec<String> = vec!["lib".into(), "lib/modules".into(), base.clone()];
+        let mut list = String::new();
+        for path in &m.load_order {
+            let mut at = base.clone();
+            for part in path
+                .split('/')
+                .rev()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                at = format!("{at}/{part}");
+                if !dirs.contains(&at) {
+                    dirs.push(at.clone());
+                }
+            }
+            list.push_str(&format!("/{base}/{path}\n"));
+        }
+        for d in &dirs {
+            w.dir(d, 0o755);
+        }
+        for path in &m.load_order {
+            w.file(&format!("{base}/{path}"), 0o644, &m.read(path)?);
+        }
+        w.file(&format!("{base}/modules.dep"), 0o644, m.dep.as_bytes());
+        w.file("etc/moat-modules", 0o644, list.as_bytes());
+    }
+    Ok(w.finish())
 }
 
 /// The exit status `/init` reported for the commands.
@@ -179,6 +239,9 @@ pub struct Assets {
     /// "package version" of each.
     pub kernel_package: String,
     pub busybox_package: String,
+    /// The verified `.deb` the kernel came from, whose modules a run packs
+    /// into its initramfs (none for a bare Image).
+    pub kernel_deb: Option<PathBuf>,
 }
 
 /// Where the Debian packages are kept across clones of the repository.
@@ -261,7 +324,7 @@ fn format_manifest(entries: &[Entry]) -> String {
     s
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
     let mut file =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -281,13 +344,13 @@ fn sha256_file(path: &Path) -> Result<String> {
         .collect())
 }
 
-fn file_matches(path: &Path, sha256: &str) -> bool {
+pub(crate) fn file_matches(path: &Path, sha256: &str) -> bool {
     path.is_file() && sha256_file(path).is_ok_and(|h| h == sha256)
 }
 
 /// The `.deb` name apt-get download gives a package (an epoch's colon is
 /// written `%3a`).
-fn deb_file_name(package: &str, version: &str) -> String {
+pub(crate) fn deb_file_name(package: &str, version: &str) -> String {
     format!("{package}_{}_arm64.deb", version.replace(':', "%3a"))
 }
 
@@ -328,6 +391,7 @@ fn assets_from(dir: &Path, entries: &[Entry]) -> Assets {
         busybox: dir.join(&b.extracted),
         kernel_package: format!("{} {}", k.package, k.version),
         busybox_package: format!("{} {}", b.package, b.version),
+        kernel_deb: Some(dir.join(&k.deb)),
     }
 }
 
@@ -362,7 +426,7 @@ fn have(program: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -376,7 +440,7 @@ fn output(cmd: &mut Command) -> Result<String> {
 
 /// The control-file stanzas `apt-cache show` prints, one map each (only the
 /// first line of every field).
-fn stanzas(text: &str) -> Vec<HashMap<String, String>> {
+pub(crate) fn stanzas(text: &str) -> Vec<HashMap<String, String>> {
     text.split("\n\n")
         .map(|block| {
             block
@@ -404,7 +468,7 @@ fn kernel_dependency(depends: &str) -> Option<(String, String)> {
 }
 
 /// `a` is a later Debian version than `b`.
-fn newer(a: &str, b: &str) -> bool {
+pub(crate) fn newer(a: &str, b: &str) -> bool {
     Command::new("dpkg")
         .args(["--compare-versions", a, "gt", b])
         .status()
@@ -472,7 +536,7 @@ fn resolve() -> Result<Vec<Wanted>> {
 }
 
 /// Extracts the kernel Image or busybox from a `.deb` to `dest`.
-fn extract(deb: &Path, role: &str, dest: &Path) -> Result<()> {
+pub(crate) fn extract(deb: &Path, role: &str, dest: &Path) -> Result<()> {
     let tmp = dest.with_extension("unpack");
     let _ = std::fs::remove_dir_all(&tmp);
     tools::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;
@@ -489,7 +553,7 @@ fn extract(deb: &Path, role: &str, dest: &Path) -> Result<()> {
         tmp.join("bin/busybox")
     };
     let bytes = std::fs::read(&found).with_context(|| format!("reading {}", found.display()))?;
-    if role == "kernel" && (bytes.len() < 64 || &bytes[56..60] != b"ARM\x64") {
+    if role == "kernel" && !is_arm64_image(&bytes) {
         bail!("{} is not a raw arm64 Image", found.display());
     }
     let partial = dest.with_extension("partial");
@@ -497,6 +561,11 @@ fn extract(deb: &Path, role: &str, dest: &Path) -> Result<()> {
     std::fs::rename(&partial, dest)?;
     std::fs::remove_dir_all(&tmp)?;
     Ok(())
+}
+
+/// Whether `bytes` start with an arm64 Linux Image header.
+pub fn is_arm64_image(bytes: &[u8]) -> bool {
+    bytes.get(56..60) == Some(b"ARM\x64")
 }
 
 /// Fetches what the cache lacks: `apt-get update` (as root), then
@@ -569,7 +638,13 @@ fn fetch(dir: &Path) -> Result<Assets> {
     Ok(assets_from(dir, &entries))
 }
 
-fn download(dir: &Path, package: &str, version: &str, dest: &Path, root: bool) -> Result<()> {
+pub(crate) fn download(
+    dir: &Path,
+    package: &str,
+    version: &str,
+    dest: &Path,
+    root: bool,
+) -> Result<()> {
     let partial = dir.join("partial");
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
@@ -613,15 +688,26 @@ fn remove_stale(dir: &Path, entries: &[Entry]) {
     }
 }
 
-/// Writes an initramfs for `commands` to `target/images/<name>.cpio`.
+/// Writes an initramfs for `commands` to `target/images/<name>.cpio`, with
+/// the modules of the kernel's package a run needs and the feature probe.
 pub fn write_initramfs(assets: &Assets, commands: Option<&str>, name: &str) -> Result<PathBuf> {
     let busybox = std::fs::read(&assets.busybox)
         .with_context(|| format!("reading {}", assets.busybox.display()))?;
+    let modules = assets
+        .kernel_deb
+        .as_deref()
+        .map(modules::from_deb)
+        .transpose()?;
+    let probe = std::fs::read(probe::build()?)?;
+    let extras = Extras {
+        modules: modules.as_ref(),
+        probe: Some(&probe),
+    };
     let path = tools::target_dir()
         .join("images")
         .join(format!("{name}.cpio"));
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-    std::fs::write(&path, initramfs(&busybox, commands))?;
+    std::fs::write(&path, initramfs(&busybox, commands, &extras)?)?;
     Ok(path)
 }
 
@@ -655,9 +741,14 @@ pub fn image_spec(
 /// `cargo xtask run linux`: boots Linux under Moat. With `commands`, runs
 /// them, shows the console as it comes, and returns their exit status; without,
 /// gives a shell on this terminal and returns QEMU's status.
-pub fn run(commands: Option<&str>, append: Option<&str>, machine: &MachineArgs) -> Result<i32> {
+pub fn run(
+    commands: Option<&str>,
+    append: Option<&str>,
+    machine: &MachineArgs,
+    kernel: &Kernel,
+) -> Result<i32> {
     tools::ensure_qemu()?;
-    let assets = ensure_assets()?;
+    let assets = kernels::assets(kernel)?;
     eprintln!(
         "xtask: Linux: Debian {}; {}",
         assets.kernel_package, assets.busybox_package
@@ -803,21 +894,71 @@ mod tests {
         );
     }
 
-    #[test]
-    fn initramfs_holds_init_console_and_commands() {
-        let a = initramfs(b"BB", Some("nproc"));
-        let text = String::from_utf8_lossy(&a);
-        for name in [
-            "init\0",
-            "dev/console\0",
-            "bin/busybox\0",
-            "bin/sh\0",
-            "etc/moat-commands\0",
-            "TRAILER!!!\0",
-        ] {
+    /// The archive as text, after checking it holds every one of `names`.
+    fn holds(archive: &[u8], names: &[&str]) -> String {
+        let text = String::from_utf8_lossy(archive).into_owned();
+        for name in names {
             assert!(text.contains(name), "{name:?} missing");
         }
+        text
+    }
+
+    #[test]
+    fn initramfs_holds_modules_in_load_order_and_the_probe() {
+        let dir = std::env::temp_dir().join(format!("xtask-modules-{}", std::process::id()));
+        let files = dir.join("files/kernel/drivers/virtio");
+        std::fs::create_dir_all(&files).unwrap();
+        std::fs::write(files.join("a.ko"), b"KO-A").unwrap();
+        std::fs::write(files.join("b.ko"), b"KO-B").unwrap();
+        let m = Modules {
+            release: "6.1.0-57-arm64".into(),
+            load_order: vec![
+                "kernel/drivers/virtio/a.ko".into(),
+                "kernel/drivers/virtio/b.ko".into(),
+            ],
+            dep: "kernel/drivers/virtio/a.ko: \nkernel/drivers/virtio/b.ko: kernel/drivers/virtio/a.ko\n".into(),
+            dir: dir.clone(),
+        };
+        let extras = Extras {
+            modules: Some(&m),
+            probe: Some(b"PROBE"),
+        };
+        let a = initramfs(b"BB", None, &extras).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let text = holds(
+            &a,
+            &[
+                "lib/modules/6.1.0-57-arm64/kernel/drivers/virtio\0",
+                "lib/modules/6.1.0-57-arm64/kernel/drivers/virtio/a.ko\0",
+                "lib/modules/6.1.0-57-arm64/modules.dep\0",
+                "etc/moat-modules\0",
+                "bin/moat-probe\0",
+                "KO-A",
+                "PROBE",
+            ],
+        );
+        let order = "/lib/modules/6.1.0-57-arm64/kernel/drivers/virtio/a.ko\n\
+                     /lib/modules/6.1.0-57-arm64/kernel/drivers/virtio/b.ko\n";
+        assert!(text.contains(order), "load order");
+        assert!(init_script().contains("insmod"));
+    }
+
+    #[test]
+    fn initramfs_holds_init_console_and_commands() {
+        let a = initramfs(b"BB", Some("nproc"), &Extras::default()).unwrap();
+        let text = holds(
+            &a,
+            &[
+                "init\0",
+                "dev/console\0",
+                "bin/busybox\0",
+                "bin/sh\0",
+                "etc/moat-commands\0",
+                "TRAILER!!!\0",
+            ],
+        );
         assert!(text.contains("nproc\n"));
-        assert!(!String::from_utf8_lossy(&initramfs(b"BB", None)).contains("moat-commands\0"));
+        let none = initramfs(b"BB", None, &Extras::default()).unwrap();
+        assert!(!String::from_utf8_lossy(&none).contains("moat-commands\0"));
     }
 }

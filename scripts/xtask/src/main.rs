@@ -13,8 +13,11 @@
 
 mod cpio;
 mod image;
+mod kernels;
 mod linux;
 mod manifest;
+mod modules;
+mod probe;
 mod qemu;
 mod synthetic_dt;
 mod tests;
@@ -74,6 +77,8 @@ enum RunTarget {
     Linux,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Build the core and the demo payloads.
@@ -100,6 +105,15 @@ enum Command {
         /// A device tree to boot with instead of the firmware's.
         #[arg(long)]
         dtb: Option<PathBuf>,
+        /// With `linux`: boot this arm64 Linux Image instead of Debian
+        /// bookworm's kernel (no modules are packed).
+        #[arg(long, requires = "target", conflicts_with = "kernel_package")]
+        kernel: Option<PathBuf>,
+        /// With `linux`: boot this Debian arm64 kernel package, fetched with
+        /// apt into its own cache folder (`*` matches any text; the newest
+        /// match wins), e.g. 'linux-image-6.12.*+deb12-arm64-unsigned'.
+        #[arg(long, requires = "target")]
+        kernel_package: Option<String>,
         /// Start QEMU's gdbstub halted and print the gdb command line.
         #[arg(long)]
         gdb: bool,
@@ -155,6 +169,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             append,
             dtb,
             gdb,
+            kernel,
+            kernel_package,
             mut machine,
         } => {
             if host.is_some() || initrd.is_some() || dtb.is_some() || gdb {
@@ -165,7 +181,17 @@ fn dispatch(cli: Cli) -> Result<()> {
             if cmd.is_none() {
                 machine.timeout.get_or_insert(3600);
             }
-            std::process::exit(linux::run(cmd.as_deref(), append.as_deref(), &machine)?);
+            let kernel = match (kernel, kernel_package) {
+                (Some(image), _) => kernels::Kernel::Image(image),
+                (None, Some(package)) => kernels::Kernel::Package(package),
+                (None, None) => kernels::Kernel::Default,
+            };
+            std::process::exit(linux::run(
+                cmd.as_deref(),
+                append.as_deref(),
+                &machine,
+                &kernel,
+            )?);
         }
         Command::Run {
             target: None,
@@ -175,6 +201,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             append,
             dtb,
             gdb,
+            kernel: _,
+            kernel_package: _,
             machine,
         } => {
             tools::ensure_qemu()?;

@@ -23,6 +23,11 @@ pub enum OnReset {
 /// The machine, CPU, memory and console options every run shares. The
 /// console is `serial` (`stdio`, or `mon:stdio` to let Ctrl-C through to
 /// the guest and keep Ctrl-A X for QEMU).
+///
+/// No network card (QEMU's default one needs an option ROM that a QEMU
+/// installed without recommends lacks), and one virtio-rng on PCIe: a PCI
+/// device whose 64-bit BAR Linux places in the host bridge's 64-bit window,
+/// and a source of bytes the tests can read from `/dev/hwrng`.
 fn machine_command(
     m: &MachineArgs,
     virtualization: bool,
@@ -38,7 +43,8 @@ fn machine_command(
             "virt,virtualization={virt},mte={mte},gic-version={gic}"
         ))
         .args(["-cpu", &m.cpu, "-smp", &m.smp.to_string(), "-m", &m.mem])
-        .args(["-display", "none", "-serial", serial, "-monitor", "none"]);
+        .args(["-display", "none", "-serial", serial, "-monitor", "none"])
+        .args(["-nic", "none", "-device", "virtio-rng-pci"]);
     if on_reset == OnReset::Exit {
         c.arg("-no-reboot");
     }

@@ -11,11 +11,13 @@
 
 use crate::MachineArgs;
 use crate::image::{self, Built, ImageSpec};
+use crate::kernels::{self, Kernel};
 use crate::linux::{self, Assets};
 use crate::qemu::{self, AfterPass, Harness, OnReset, Verdict};
 use crate::synthetic_dt::{self, Parts};
 use crate::tools::{self, cargo, run};
 use anyhow::{Context, Result, bail};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -86,6 +88,19 @@ struct Case {
     on_reset: OnReset,
     check: Option<Check>,
     timeout: u64,
+    /// For Linux: the kernel booted.
+    kernel: Kernel,
+    /// For Linux: also boot the same kernel and initramfs on bare QEMU
+    /// (no EL2) and require the feature probe's report to be the same.
+    bare_reference: Option<BareReference>,
+}
+
+/// How the bare-QEMU reference boot of a Linux case is set up.
+#[derive(Clone, Copy, Debug)]
+struct BareReference {
+    /// QEMU's machine without MTE (`mte=off`): what a host whose MTE
+    /// policy is off must look like.
+    without_mte: bool,
 }
 
 fn host_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str]) -> Case {
@@ -107,6 +122,8 @@ fn host_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str
         on_reset: OnReset::Exit,
         check: None,
         timeout: 60,
+        kernel: Kernel::Default,
+        bare_reference: None,
     }
 }
 
@@ -123,6 +140,8 @@ fn bad_tree(name: &'static str, tree: Tree, message: &'static str) -> Case {
         on_reset: OnReset::Exit,
         check: None,
         timeout: 30,
+        kernel: Kernel::Default,
+        bare_reference: None,
     }
 }
 
@@ -219,6 +238,8 @@ fn cases() -> Vec<Case> {
             on_reset: OnReset::Exit,
             check: None,
             timeout: 30,
+            kernel: Kernel::Default,
+            bare_reference: None,
         },
         host_boot(
             "services_answer_and_failures_are_contained",
@@ -472,6 +493,7 @@ fn cases() -> Vec<Case> {
                 "test-host: ok   vm mte on: no SME in the guest: ID_AA64PFR1_EL1.SME = 0, ID_AA64SMFR0_EL1 = 0x0",
                 "test-host: ok   vm mte on: no SVE in the guest: ID_AA64PFR0_EL1.SVE = 0",
                 "test-host: ok   vm mte on: no pointer authentication in the guest: ID_AA64ISAR1_EL1 APA 0 API 0 GPA 0 GPI 0",
+                "test-host: ok   vm mte on: mrs tpidr2_el0 in the guest: Undefined Instruction, the host's register is out of reach (1 exception(s), ESR_EL1 0x2000000,",
                 "test-host: ok   vm mte on: mrs gcr_el1 in the guest: no exception (0 taken; access 0)",
                 "test-host: ok   vm mte on: msr gcr_el1 in the guest: no exception (0 taken; access 1)",
                 "test-host: ok   vm mte on: mrs rgsr_el1 in the guest: no exception (0 taken; access 2)",
@@ -551,6 +573,26 @@ fn cases() -> Vec<Case> {
             timeout: 300,
             ..host_boot("attack_table_heap_exhaustion", 1, "v3", ATTACK_TABLES_PASS)
         },
+        host_fidelity(
+            "linux_6_1_host_sees_what_bare_qemu_shows",
+            Kernel::Default,
+            None,
+        ),
+        host_fidelity(
+            "linux_6_1_mte_off_host_sees_a_machine_without_mte",
+            Kernel::Default,
+            Some("moat.host_mte=off"),
+        ),
+        host_fidelity(
+            "linux_6_12_host_sees_what_bare_qemu_shows",
+            Kernel::Package(NEWER_KERNEL.into()),
+            None,
+        ),
+        host_fidelity(
+            "linux_6_12_mte_off_host_sees_a_machine_without_mte",
+            Kernel::Package(NEWER_KERNEL.into()),
+            Some("moat.host_mte=off"),
+        ),
         linux_mte("linux_mte_off_by_arm64_nomte", Some("arm64.nomte"), "0"),
         linux_mte(
             "linux_mte_off_by_moat_host_mte_off",
@@ -794,6 +836,122 @@ fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -
         on_reset: OnReset::Exit,
         check: None,
         timeout: 180,
+        kernel: Kernel::Default,
+        bare_reference: None,
+    }
+}
+
+/// The newer kernel the fidelity cases boot besides bookworm's 6.1: the
+/// newest 6.12 Debian builds for bookworm (bookworm-backports and the
+/// bookworm updates), fetched into its own cache folder.
+const NEWER_KERNEL: &str = "linux-image-6.12.*+deb12-arm64-unsigned";
+
+/// What the fidelity cases run: the feature probe, and 16 bytes from the
+/// virtio-rng on PCIe (its driver a module on 6.1, its BAR in the PCIe
+/// host bridge's 64-bit window).
+const FIDELITY_COMMANDS: &str = "moat-probe; head -c 16 /dev/hwrng | od -x";
+
+/// Linux (`kernel`) under Moat on 2 CPUs with GICv3 and a virtio-rng on
+/// PCIe: the feature probe finds every advertised feature working, the
+/// entropy source gives bytes, and the probe's report is the one the same
+/// kernel gives on bare QEMU — without MTE there when the host's MTE
+/// policy is off (`append` holds `moat.host_mte=off`).
+fn host_fidelity(name: &'static str, kernel: Kernel, append: Option<&'static str>) -> Case {
+    let without_mte = append.is_some_and(|a| a.contains("moat.host_mte=off"));
+    Case {
+        bootargs: append,
+        kernel,
+        bare_reference: Some(BareReference { without_mte }),
+        check: Some(Box::new(move |console| {
+            check_probe_and_hwrng(console, without_mte)
+        })),
+        timeout: 300,
+        pass: vec![
+            linux::MARKER_COMMANDS,
+            "probe: faults in advertised features: 0",
+            "moat-linux: exit status 0",
+            "asked for SYSTEM_OFF",
+        ],
+        fail: [
+            linux::FAIL_PATTERNS,
+            &["faulted\r", "denied", "probe: cannot"],
+        ]
+        .concat(),
+        ..linux_case(name, 2, "v3", FIDELITY_COMMANDS)
+    }
+}
+
+/// The probe's lines, in order.
+fn probe_report(console: &str) -> Vec<String> {
+    linux::command_output(console)
+        .into_iter()
+        .filter(|l| l.starts_with("probe: "))
+        .collect()
+}
+
+/// The probe ran, found nothing advertised but broken, and MTE is
+/// advertised exactly when it should be; `od` printed 16 bytes.
+fn check_probe_and_hwrng(console: &str, without_mte: bool) -> Result<(), String> {
+    let report = probe_report(console);
+    if report.len() < 3 {
+        return Err(format!("no probe report: {report:?}"));
+    }
+    if let Some(bad) = report.iter().find(|l| l.ends_with(" faulted")) {
+        return Err(format!("an advertised feature does not work: {bad}"));
+    }
+    let mte = if without_mte {
+        "probe: mte missing"
+    } else {
+        "probe: mte ok"
+    };
+    if !report.iter().any(|l| l == mte) {
+        return Err(format!("expected {mte:?} in {report:?}"));
+    }
+    // od -x: "0000000 bc16 ab47 da5b 26e5 bbbf fa25 c922 373e", then "0000020".
+    let out = linux::command_output(console);
+    let bytes = out.iter().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words.len() == 9
+            && words[0] == "0000000"
+            && words[1..]
+                .iter()
+                .all(|w| w.len() == 4 && w.chars().all(|c| c.is_ascii_hexdigit()))
+    });
+    if !bytes || !out.iter().any(|l| l == "0000020") {
+        return Err(format!("no 16 bytes from /dev/hwrng: {out:?}"));
+    }
+    Ok(())
+}
+
+/// Boots `kernel` with `initrd` on bare QEMU (no EL2, so no hypervisor)
+/// and returns the feature probe's report.
+fn bare_probe_report(
+    case: &Case,
+    reference: BareReference,
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+) -> Result<Vec<String>, String> {
+    let mut m = case.machine.clone();
+    m.no_mte = reference.without_mte;
+    let cmd = qemu::linux_direct_command(kernel, initrd, &linux::bootargs(case.bootargs), &m);
+    let fail = [linux::FAIL_PATTERNS, ALWAYS_FAIL].concat();
+    let harness = Harness {
+        pass: &[linux::MARKER_STATUS],
+        fail: &fail,
+        timeout: Duration::from_secs(case.timeout),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(cmd, &harness).map_err(|e| format!("bare QEMU: {e:#}"))?;
+    let log = tools::target_dir()
+        .join("test-logs")
+        .join(format!("{}.bare.log", case.name));
+    let _ = std::fs::write(log, &out.console);
+    match out.verdict {
+        Verdict::Passed => Ok(probe_report(&out.console)),
+        other => Err(format!(
+            "the bare-QEMU reference boot did not finish: {other:?}"
+        )),
     }
 }
 
@@ -839,6 +997,7 @@ const VM_MTE_OFF_PASS: &[&str] = &[
     "test-host: ok   vm mte off: msr tfsre0_el1 in the guest: Undefined Instruction at VBAR_EL1 + 0x200 (1 exception(s), ESR_EL1 0x2000000,",
     "test-host: ok   vm mte off: mrs gmid_el1 in the guest: Undefined Instruction at VBAR_EL1 + 0x200 (1 exception(s), ESR_EL1 0x2000000,",
     "test-host: ok   vm mte off: the guest counted 9 exception(s) over its 9 MTE register accesses (expected 9)",
+    "test-host: ok   vm mte off: mrs tpidr2_el0 in the guest: Undefined Instruction, the host's register is out of reach (1 exception(s), ESR_EL1 0x2000000,",
     "test-host: ok   vm mte off: STG of tag 11 then LDG on the guest's own memory, mapped Tagged with SCTLR_EL1.ATA set: tag reads 0 (0 exceptions;",
     "test-host: ok   vm mte off: the guest powered off (Shutdown exit, x2 = 0)",
     "test-host: ok   vm mte off: the reclaimed pages read as zero (0 non-zero words)",
@@ -1009,21 +1168,7 @@ fn check_hypervisor_hidden(console: &str) -> Result<(), String> {
 /// Builds the payload in `images/external-payload`, a cargo project of its
 /// own outside the workspace, to a raw binary.
 pub fn build_external_payload() -> Result<PathBuf> {
-    let dir = tools::root().join("images/external-payload");
-    let target_dir = tools::target_dir().join("external-payload");
-    run(cargo()
-        .current_dir(&dir)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            image::PAYLOAD_TARGET,
-            "--target-dir",
-        ])
-        .arg(&target_dir))?;
-    let elf = target_dir
-        .join(image::PAYLOAD_TARGET)
-        .join("release/external-payload");
+    let elf = tools::build_outside_workspace("external-payload", image::PAYLOAD_TARGET)?;
     let bin = tools::target_dir().join("images/external-payload.bin");
     image::objcopy(&elf, &bin)?;
     Ok(bin)
@@ -1039,18 +1184,23 @@ struct Services {
     others: Vec<(&'static str, image::ServiceSet)>,
 }
 
+/// The image a case boots, and for Linux the initramfs in it.
 fn image_for(
     case: &Case,
     built: &Built,
     external: &Option<PathBuf>,
-    assets: Option<&Assets>,
+    assets: &HashMap<Kernel, Assets>,
     services: &Services,
-) -> Result<PathBuf> {
+) -> Result<(PathBuf, Option<PathBuf>)> {
+    let mut initramfs = None;
     let spec = match case.host {
         Payload::Linux { commands } => {
-            let assets = assets.context("Linux assets not fetched")?;
+            let assets = assets
+                .get(&case.kernel)
+                .context("Linux assets not fetched")?;
             let initrd =
                 linux::write_initramfs(assets, Some(commands), &format!("test-{}", case.name))?;
+            initramfs = Some(initrd.clone());
             linux::image_spec(assets, &initrd, case.bootargs, &services.linux)
         }
         Payload::TestHost | Payload::TestHostWith { .. } | Payload::External => ImageSpec {
@@ -1093,7 +1243,9 @@ fn image_for(
                 .to_vec(),
         ),
     };
-    image::pack_with_dtb_bytes(&built.core, &spec, dtb, &format!("test-{}", case.name))
+    let image =
+        image::pack_with_dtb_bytes(&built.core, &spec, dtb, &format!("test-{}", case.name))?;
+    Ok((image, initramfs))
 }
 
 /// Runs the integration tests; returns (passed, failed names).
@@ -1107,19 +1259,17 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
         .into_iter()
         .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
         .collect();
-    let assets = if selected
-        .iter()
-        .any(|c| matches!(c.host, Payload::Linux { .. }))
-    {
-        let assets = linux::ensure_assets()?;
-        println!(
-            "xtask: Linux cases boot Debian {} with {}",
-            assets.kernel_package, assets.busybox_package
-        );
-        Some(assets)
-    } else {
-        None
-    };
+    let mut assets: HashMap<Kernel, Assets> = HashMap::new();
+    for case in &selected {
+        if matches!(case.host, Payload::Linux { .. }) && !assets.contains_key(&case.kernel) {
+            let a = kernels::assets(&case.kernel)?;
+            println!(
+                "xtask: Linux cases boot Debian {} with {}",
+                a.kernel_package, a.busybox_package
+            );
+            assets.insert(case.kernel.clone(), a);
+        }
+    }
     let mut services = Services {
         demo: image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?.1,
         linux: linux::services()?,
@@ -1136,7 +1286,7 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
     let mut passed = 0;
     let mut failed = Vec::new();
     for case in selected {
-        let img = image_for(&case, &built, &external, assets.as_ref(), &services)?;
+        let (img, initramfs) = image_for(&case, &built, &external, &assets, &services)?;
         let cmd = qemu::command_on_reset(&img, &case.machine, &[], case.on_reset);
         let mut fail = case.fail.clone();
         fail.extend_from_slice(ALWAYS_FAIL);
@@ -1181,6 +1331,19 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
             case.check
                 .as_ref()
                 .and_then(|check| check(&out.console).err())
+        });
+        let problem = problem.or_else(|| {
+            let reference = case.bare_reference?;
+            let kernel = &assets.get(&case.kernel)?.kernel;
+            let initrd = initramfs.as_deref()?;
+            let under_moat = probe_report(&out.console);
+            match bare_probe_report(&case, reference, kernel, initrd) {
+                Err(e) => Some(e),
+                Ok(bare) if bare == under_moat => None,
+                Ok(bare) => Some(format!(
+                    "the probe under Moat reported {under_moat:?}, on bare QEMU {bare:?}"
+                )),
+            }
         });
         match problem {
             None => {
@@ -1272,6 +1435,23 @@ fn unit_tests_and_lints() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The feature probe, a project of its own for aarch64 Linux.
+    let probe_dir = tools::root().join("images/probe");
+    run(cargo()
+        .current_dir(&probe_dir)
+        .args(["fmt", "--", "--check"]))
+    .context("cargo fmt --check in images/probe: run `cargo fmt` there")?;
+    run(cargo()
+        .current_dir(&probe_dir)
+        .args([
+            "clippy",
+            "--release",
+            "--target",
+            crate::probe::TARGET,
+            "--target-dir",
+        ])
+        .arg(tools::target_dir().join("probe"))
+        .args(["--", "-D", "warnings"]))?;
     Ok(())
 }
 

@@ -33,6 +33,18 @@ pub fn cargo() -> Command {
     c
 }
 
+/// Builds `images/<name>`, a cargo project of its own outside the
+/// workspace, in release mode for `target`, into `target/<name>/`; returns
+/// the path of its binary `name`.
+pub fn build_outside_workspace(name: &str, target: &str) -> Result<PathBuf> {
+    let target_dir = target_dir().join(name);
+    run(cargo()
+        .current_dir(root().join("images").join(name))
+        .args(["build", "--release", "--target", target, "--target-dir"])
+        .arg(&target_dir))?;
+    Ok(target_dir.join(target).join("release").join(name))
+}
+
 /// The llvm-tools binary `name` (rust-objcopy, llvm-nm, ...) of the pinned toolchain.
 pub fn llvm_tool(name: &str) -> Result<PathBuf> {
     let out = Command::new("rustc")
@@ -234,6 +246,18 @@ fn backports_configured() -> bool {
                 .any(|l| l.contains("bookworm-backports"))
         })
     })
+}
+
+/// Adds the bookworm-backports apt source, as root, unless some source
+/// names it already. Returns whether it was added.
+pub fn ensure_backports_source() -> Result<bool> {
+    if backports_configured() || !is_root() {
+        return Ok(false);
+    }
+    eprintln!("xtask: adding {BACKPORTS_LIST} ({BACKPORTS_LINE})");
+    std::fs::write(BACKPORTS_LIST, format!("{BACKPORTS_LINE}\n"))
+        .with_context(|| format!("writing {BACKPORTS_LIST}"))?;
+    Ok(true)
 }
 
 /// Where apt's output goes while the xtask installs something: shown only
