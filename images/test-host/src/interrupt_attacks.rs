@@ -11,7 +11,7 @@
 
 use super::{
     CONSOLE, Checks, Code, ExitReason, Guest, PAGE, REDISTRIBUTORS, Ram, STOP_SGI, consistent,
-    destroy, donate, gic_read32, gic_write32, p, read_u64, reclaim, send_stop_sgi, sgi_frame,
+    destroy, donate, gic_open, gic_write32, p, read_u64, reclaim, send_stop_sgi, sgi_frame,
     vm_create, write_u64,
 };
 use core::fmt::Write as _;
@@ -65,31 +65,6 @@ fn set_timer(timer: HostTimer, at: Option<u64>) {
     }
 }
 
-/// Enables `intid` (an SGI or PPI of this CPU) in group 1 at `priority` and
-/// opens the CPU interface (PMR 0xf0, group 1 on). Returns the interface's
-/// old PMR and group-1 enable.
-fn enable_local(intid: u64, priority: u8) -> Option<(u64, u64)> {
-    let sgi = sgi_frame()?;
-    let bit = 1u32 << intid;
-    gic_write32(sgi + 0x80, gic_read32(sgi + 0x80) | bit); // IGROUPR0
-    // SAFETY: IPRIORITYR is byte-accessible; this is `intid`'s byte.
-    unsafe { core::ptr::write_volatile((sgi + 0x400 + intid) as *mut u8, priority) };
-    gic_write32(sgi + 0x100, bit); // ISENABLER0
-    let (pmr, grpen): (u64, u64);
-    // SAFETY: this CPU's GIC interface (SRE on), its priority mask and
-    // group-1 enable; `restore_local` puts them back.
-    unsafe {
-        core::arch::asm!(
-            "mrs {t}, icc_sre_el1", "orr {t}, {t}, #1", "msr icc_sre_el1, {t}", "isb",
-            "mrs {p}, icc_pmr_el1", "mrs {g}, icc_igrpen1_el1",
-            "msr icc_pmr_el1, {ff}", "msr icc_igrpen1_el1, {one}", "isb",
-            t = out(reg) _, p = out(reg) pmr, g = out(reg) grpen,
-            ff = in(reg) 0xf0u64, one = in(reg) 1u64, options(nostack),
-        );
-    }
-    Some((pmr, grpen))
-}
-
 /// Acknowledges the highest-priority pending group-1 interrupt and ends it;
 /// returns its INTID (1023: nothing pending).
 fn acknowledge() -> u64 {
@@ -105,7 +80,7 @@ fn acknowledge() -> u64 {
     intid & 0xff_ffff
 }
 
-/// Disables `intid` again and restores the CPU interface.
+/// Disables `intid` again and restores the CPU interface `gic_open` opened.
 fn restore_local(intid: u64, saved: (u64, u64)) {
     if let Some(sgi) = sgi_frame() {
         gic_write32(sgi + 0x180, 1 << intid); // ICENABLER0
@@ -182,7 +157,7 @@ fn guest_keeps_cpu(c: &mut Checks, ram: &mut Ram, timer: HostTimer) {
     let saved = if timer == HostTimer::None {
         None
     } else {
-        enable_local(intid, HOST_PRIORITY)
+        gic_open(intid, HOST_PRIORITY)
     };
     let (start, freq) = clock();
     // The host's tick, 2 ms away.
@@ -243,7 +218,7 @@ fn transaction_under_interrupt(c: &mut Checks, ram: &mut Ram, priority: u8) {
         c.check(false, format_args!("{name}: free host RAM"));
         return;
     };
-    let Some(saved) = enable_local(STOP_SGI, priority) else {
+    let Some(saved) = gic_open(STOP_SGI, priority) else {
         c.check(false, format_args!("{name}: this CPU's redistributor"));
         return;
     };

@@ -1721,28 +1721,34 @@ fn rogue_ledger(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
         intact(c, format_args!("the lie about {pages} page(s)"));
         consistent(c, "a lying ledger's donation was refused");
     }
-    let s = share_hyp(pa, 1);
-    let u = unshare_hyp(pa, 1);
-    c.check(
-        s.is(Error::Denied) && u.is(Error::Denied),
-        format_args!(
-            "rogue ledger: sharing 1 page with the hypervisor, answered with an executable mapping: {s} (expected Denied); nothing was shared: unsharing it is {u} (expected Denied)"
+    // A share with an executable mapping; then an honest share whose
+    // commit the ledger refuses: nothing may change either time, and the
+    // core must not stop serving memory requests.
+    for (pages, lie, after, checked) in [
+        (
+            1,
+            "page with the hypervisor, answered with an executable mapping",
+            "the executable share",
+            "a lying ledger's share was refused",
         ),
-    );
-    intact(c, format_args!("the executable share"));
-    consistent(c, "a lying ledger's share was refused");
-    // An honest share whose commit the ledger then refuses: nothing may
-    // change, and the core must not stop serving memory requests.
-    let s = share_hyp(pa, 2);
-    let u = unshare_hyp(pa, 2);
-    c.check(
-        s.is(Error::Denied) && u.is(Error::Denied),
-        format_args!(
-            "rogue ledger: sharing 2 pages with the hypervisor, the ledger's commit refused: {s} (expected Denied); nothing was shared: unsharing them is {u} (expected Denied)"
+        (
+            2,
+            "pages with the hypervisor, the ledger's commit refused",
+            "the refused commit",
+            "a lying ledger refused its own commit",
         ),
-    );
-    intact(c, format_args!("the refused commit"));
-    consistent(c, "a lying ledger refused its own commit");
+    ] {
+        let s = share_hyp(pa, pages);
+        let u = unshare_hyp(pa, pages);
+        c.check(
+            s.is(Error::Denied) && u.is(Error::Denied),
+            format_args!(
+                "rogue ledger: sharing {pages} {lie}: {s} (expected Denied); nothing was shared: unsharing is {u} (expected Denied)"
+            ),
+        );
+        intact(c, format_args!("{after}"));
+        consistent(c, checked);
+    }
     let at_hyp = donate(handle, hyp.base, 1, p::BASE_IPA);
     let last = ram.last_page();
     let past_ram = donate(handle, last, 2, p::BASE_IPA);
@@ -1963,23 +1969,21 @@ fn gic_read32(addr: u64) -> u32 {
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 
-/// Enables [`STOP_SGI`] (group 1, priority 0x80) at this CPU's
-/// redistributor and opens the CPU interface to it. Interrupts stay masked
-/// in PSTATE: while the host runs the SGI only pends; while a vCPU runs on
-/// this CPU it goes to the core, which ends `VCPU_RUN`.
-fn gic_setup() -> u64 {
-    let Some(sgi) = sgi_frame() else {
-        return ids::NOT_SUPPORTED;
-    };
-    let bit = 1u32 << STOP_SGI;
+/// Enables `intid` (an SGI or PPI of this CPU) in group 1 at `priority`
+/// and opens the CPU interface to it (PMR 0xf0, group 1 on). Returns the
+/// interface's old PMR and group-1 enable; `None` without a GICv3
+/// redistributor for this CPU.
+fn gic_open(intid: u64, priority: u8) -> Option<(u64, u64)> {
+    let sgi = sgi_frame()?;
+    let bit = 1u32 << intid;
     gic_write32(sgi + 0x80, gic_read32(sgi + 0x80) | bit); // IGROUPR0
-    // SAFETY: IPRIORITYR is byte-accessible; this is STOP_SGI's byte.
-    unsafe { core::ptr::write_volatile((sgi + 0x400 + STOP_SGI) as *mut u8, 0x80) };
+    // SAFETY: IPRIORITYR is byte-accessible; this is `intid`'s byte.
+    unsafe { core::ptr::write_volatile((sgi + 0x400 + intid) as *mut u8, priority) };
     gic_write32(sgi + 0x100, bit); // ISENABLER0
     let (pmr, grpen): (u64, u64);
     // SAFETY: system-register access to this CPU's GIC interface (SRE), its
-    // priority mask and group-1 enable; the old values are kept for
-    // `gic_ack` to restore.
+    // priority mask and group-1 enable; the old values are returned for the
+    // caller to restore.
     unsafe {
         core::arch::asm!(
             "mrs {t}, icc_sre_el1", "orr {t}, {t}, #1", "msr icc_sre_el1, {t}", "isb",
@@ -1989,6 +1993,17 @@ fn gic_setup() -> u64 {
             ff = in(reg) 0xf0u64, one = in(reg) 1u64, options(nostack),
         );
     }
+    Some((pmr, grpen))
+}
+
+/// Enables [`STOP_SGI`] (group 1, priority 0x80) at this CPU's
+/// redistributor and opens the CPU interface to it. Interrupts stay masked
+/// in PSTATE: while the host runs the SGI only pends; while a vCPU runs on
+/// this CPU it goes to the core, which ends `VCPU_RUN`.
+fn gic_setup() -> u64 {
+    let Some((pmr, grpen)) = gic_open(STOP_SGI, 0x80) else {
+        return ids::NOT_SUPPORTED;
+    };
     SAVED_ICC[0].store(pmr, Ordering::SeqCst);
     SAVED_ICC[1].store(grpen, Ordering::SeqCst);
     GIC_OPEN.store(true, Ordering::SeqCst);
