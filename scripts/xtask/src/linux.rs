@@ -17,6 +17,7 @@
 use crate::MachineArgs;
 use crate::cpio;
 use crate::image::{self, ImageSpec};
+use crate::linux_vm;
 use crate::qemu::{self, AfterPass, Harness, Verdict};
 use crate::tools;
 use anyhow::{Context, Result, bail};
@@ -76,6 +77,8 @@ pub fn bootargs(append: Option<&str>) -> String {
 
 /// The `/init` script. It runs as PID 1 with the initramfs as its root.
 fn init_script() -> String {
+    let module = linux_vm::MODULE_PATH;
+    let start = linux_vm::START_VM;
     format!(
         r#"#!/bin/sh
 # PID 1 of the initramfs `cargo xtask run linux` writes.
@@ -91,6 +94,9 @@ if [ -f /etc/moat-commands ]; then
     poweroff -f
 fi
 echo "moat-linux: shell on the console; 'poweroff -f' ends the machine"
+if [ -f /{module} ]; then
+    echo "moat-linux: start a protected VM with: {start}"
+fi
 # A session of its own with the console as controlling terminal: job
 # control and Ctrl-C work in the shell.
 setsid cttyhack sh
@@ -99,9 +105,14 @@ poweroff -f
     )
 }
 
-/// An initramfs (newc cpio) with busybox, `/init` and, if given, the commands
-/// `/init` runs instead of starting a shell.
-pub fn initramfs(busybox: &[u8], commands: Option<&str>) -> Vec<u8> {
+/// An initramfs (newc cpio) with busybox, `/init`, the `extra` files (path,
+/// mode, contents) and, if given, the commands `/init` runs instead of
+/// starting a shell.
+pub fn initramfs(
+    busybox: &[u8],
+    extra: &[(&str, u32, Vec<u8>)],
+    commands: Option<&str>,
+) -> Vec<u8> {
     let mut w = cpio::Writer::new();
     for dir in [
         "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root",
@@ -114,6 +125,9 @@ pub fn initramfs(busybox: &[u8], commands: Option<&str>) -> Vec<u8> {
     w.file("bin/busybox", 0o755, busybox)
         .symlink("bin/sh", "busybox");
     w.file("init", 0o755, init_script().as_bytes());
+    for (path, mode, bytes) in extra {
+        w.file(path, *mode, bytes);
+    }
     if let Some(commands) = commands {
         let mut text = commands.to_string();
         text.push('\n');
@@ -261,7 +275,7 @@ fn format_manifest(entries: &[Entry]) -> String {
     s
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+pub fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
     let mut file =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -281,7 +295,7 @@ fn sha256_file(path: &Path) -> Result<String> {
         .collect())
 }
 
-fn file_matches(path: &Path, sha256: &str) -> bool {
+pub fn file_matches(path: &Path, sha256: &str) -> bool {
     path.is_file() && sha256_file(path).is_ok_and(|h| h == sha256)
 }
 
@@ -355,14 +369,14 @@ fn manual_commands(dir: &Path) -> String {
     )
 }
 
-fn have(program: &str) -> bool {
+pub fn have(program: &str) -> bool {
     Command::new(program)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -376,7 +390,7 @@ fn output(cmd: &mut Command) -> Result<String> {
 
 /// The control-file stanzas `apt-cache show` prints, one map each (only the
 /// first line of every field).
-fn stanzas(text: &str) -> Vec<HashMap<String, String>> {
+pub fn stanzas(text: &str) -> Vec<HashMap<String, String>> {
     text.split("\n\n")
         .map(|block| {
             block
@@ -570,6 +584,12 @@ fn fetch(dir: &Path) -> Result<Assets> {
 }
 
 fn download(dir: &Path, package: &str, version: &str, dest: &Path, root: bool) -> Result<()> {
+    download_spec(dir, &format!("{package}:arm64={version}"), dest, root)
+}
+
+/// `apt-get download SPEC` (`package:arch=version`) into `dest`, through a
+/// scratch directory in `dir`.
+pub fn download_spec(dir: &Path, spec: &str, dest: &Path, root: bool) -> Result<()> {
     let partial = dir.join("partial");
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
@@ -581,8 +601,8 @@ fn download(dir: &Path, package: &str, version: &str, dest: &Path, root: bool) -
         // below in any case.
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
-    eprintln!("xtask: apt-get download {package}:arm64={version}");
-    tools::run(cmd.arg(format!("{package}:arm64={version}")))?;
+    eprintln!("xtask: apt-get download {spec}");
+    tools::run(cmd.arg(spec))?;
     let got = std::fs::read_dir(&partial)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
@@ -613,15 +633,26 @@ fn remove_stale(dir: &Path, entries: &[Entry]) {
     }
 }
 
-/// Writes an initramfs for `commands` to `target/images/<name>.cpio`.
-pub fn write_initramfs(assets: &Assets, commands: Option<&str>, name: &str) -> Result<PathBuf> {
+/// Writes an initramfs for `commands` to `target/images/<name>.cpio`, with
+/// the protected-VM pieces if given.
+pub fn write_initramfs(
+    assets: &Assets,
+    vm: Option<&linux_vm::Pieces>,
+    commands: Option<&str>,
+    name: &str,
+) -> Result<PathBuf> {
     let busybox = std::fs::read(&assets.busybox)
         .with_context(|| format!("reading {}", assets.busybox.display()))?;
+    let mut extra = Vec::new();
+    for (path, mode, file) in vm.iter().flat_map(|v| v.files()) {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        extra.push((path, mode, bytes));
+    }
     let path = tools::target_dir()
         .join("images")
         .join(format!("{name}.cpio"));
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-    std::fs::write(&path, initramfs(&busybox, commands))?;
+    std::fs::write(&path, initramfs(&busybox, &extra, commands))?;
     Ok(path)
 }
 
@@ -663,7 +694,15 @@ pub fn run(commands: Option<&str>, append: Option<&str>, machine: &MachineArgs) 
         assets.kernel_package, assets.busybox_package
     );
     let built = image::build_all()?;
-    let initrd = write_initramfs(&assets, commands, "linux-run")?;
+    let vm = linux_vm::build(&assets, &built)?;
+    eprintln!(
+        "xtask: the initramfs has /{}, /{} and /{}; start a protected VM with: {}",
+        linux_vm::MODULE_PATH,
+        linux_vm::VMM_PATH,
+        linux_vm::GUEST_PATH,
+        linux_vm::START_VM
+    );
+    let initrd = write_initramfs(&assets, Some(&vm), commands, "linux-run")?;
     let services = services()?;
     let img = image::pack(
         &built.core,
@@ -805,7 +844,7 @@ mod tests {
 
     #[test]
     fn initramfs_holds_init_console_and_commands() {
-        let a = initramfs(b"BB", Some("nproc"));
+        let a = initramfs(b"BB", &[("moat.ko", 0o644, b"KO".to_vec())], Some("nproc"));
         let text = String::from_utf8_lossy(&a);
         for name in [
             "init\0",
@@ -813,11 +852,12 @@ mod tests {
             "bin/busybox\0",
             "bin/sh\0",
             "etc/moat-commands\0",
+            "moat.ko\0",
             "TRAILER!!!\0",
         ] {
             assert!(text.contains(name), "{name:?} missing");
         }
         assert!(text.contains("nproc\n"));
-        assert!(!String::from_utf8_lossy(&initramfs(b"BB", None)).contains("moat-commands\0"));
+        assert!(!String::from_utf8_lossy(&initramfs(b"BB", &[], None)).contains("moat-commands\0"));
     }
 }

@@ -14,6 +14,7 @@
 mod cpio;
 mod image;
 mod linux;
+mod linux_vm;
 mod manifest;
 mod qemu;
 mod synthetic_dt;

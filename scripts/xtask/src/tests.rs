@@ -12,6 +12,7 @@
 use crate::MachineArgs;
 use crate::image::{self, Built, ImageSpec};
 use crate::linux::{self, Assets};
+use crate::linux_vm;
 use crate::qemu::{self, AfterPass, Harness, OnReset, Verdict};
 use crate::synthetic_dt::{self, Parts};
 use crate::tools::{self, cargo, run};
@@ -621,6 +622,76 @@ fn cases() -> Vec<Case> {
                 "echo powering off now; poweroff -f; sleep 5; echo not reached",
             )
         },
+        linux_protected_vm("linux_protected_vm_from_userspace", "v3"),
+        linux_protected_vm("linux_protected_vm_from_userspace_gicv2", "v2"),
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "guest heard: memory check",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
+            check: Some(Box::new(check_memfree_restored)),
+            ..linux_case(
+                "linux_protected_vm_gives_its_memory_back",
+                2,
+                "v3",
+                VM_MEMFREE_COMMANDS,
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "type a line:",
+                "killed: status 137",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
+            check: Some(Box::new(check_memfree_restored)),
+            ..linux_case(
+                "linux_protected_vm_killed_vmm_frees_the_vm",
+                2,
+                "v3",
+                VM_KILL_COMMANDS,
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "both VMs alive",
+                "first: guest heard: ",
+                "second: guest heard: ",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
+            check: Some(Box::new(check_memfree_restored)),
+            ..linux_case(
+                "linux_protected_vms_on_two_cpus_at_once",
+                2,
+                "v3",
+                VM_PAIR_COMMANDS,
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "100 VMs ran",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
+            check: Some(Box::new(check_memfree_restored)),
+            timeout: 600,
+            ..linux_case(
+                "linux_protected_vm_100_lives_leak_nothing",
+                2,
+                "v3",
+                VM_CYCLE_COMMANDS,
+            )
+        },
         Case {
             // Two boots of the core and two of the shell: the second boot
             // after the reset reached the shell. It would reboot for ever,
@@ -637,6 +708,132 @@ fn cases() -> Vec<Case> {
             ..linux_case("linux_reboot_boots_again", 1, "v3", "reboot -f")
         },
     ]
+}
+
+/// What `moat-vmm` prints when the VM or the VMM failed.
+const VMM_FAIL_PATTERNS: &[&str] = &[
+    "moat-vmm: guest crashed",
+    "moat-vmm: VM",
+    "moat-vmm: opening",
+];
+
+/// `moat.ko` and `moat-vmm` under Linux on two CPUs: the guest's greeting
+/// and the line the VMM gave it on its standard input come back through the
+/// emulated PL011, and the VMM's exit status (the pipeline's) is 0.
+fn linux_protected_vm(name: &'static str, gic: &str) -> Case {
+    Case {
+        pass: vec![
+            linux::MARKER_COMMANDS,
+            "Hello from a Moat protected VM",
+            "guest heard: a line from the host",
+            "moat-linux: exit status 0",
+            "asked for SYSTEM_OFF",
+        ],
+        fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
+        ..linux_case(
+            name,
+            2,
+            gic,
+            "insmod /moat.ko && echo 'a line from the host' | moat-vmm run /guest.bin",
+        )
+    }
+}
+
+/// MemFree around a VM with 16 MiB of memory: read, VM run to its end,
+/// read again; then the core's consistency check.
+const VM_MEMFREE_COMMANDS: &str = "\
+insmod /moat.ko || exit 1
+free_kib() { set -- $(grep '^MemFree:' /proc/meminfo); echo $2; }
+sync; before=$(free_kib)
+echo 'memory check' | moat-vmm run --mem 16M /guest.bin || exit 2
+sync; after=$(free_kib)
+echo \"memfree before $before after $after\"
+moat-vmm check";
+
+/// A VMM killed with SIGKILL while its VM runs (the guest waits for a line
+/// that never comes): the module's release destroys the VM and reclaims its
+/// 16 MiB, and the core's tables still agree.
+const VM_KILL_COMMANDS: &str = "\
+insmod /moat.ko || exit 1
+free_kib() { set -- $(grep '^MemFree:' /proc/meminfo); echo $2; }
+sync; before=$(free_kib)
+sleep 1000 | moat-vmm run --mem 16M /guest.bin > /tmp/out &
+vmm=$!
+n=0
+until grep -q 'type a line' /tmp/out; do n=$((n + 1)); [ $n -lt 600 ] || exit 3; sleep 0.1; done
+cat /tmp/out; echo
+kill -9 $vmm
+wait $vmm
+echo \"killed: status $?\"
+sync; after=$(free_kib)
+echo \"memfree before $before after $after\"
+moat-vmm check";
+
+/// Two VMs alive at once, one per CPU: each VMM's input ends only after
+/// both have greeted.
+const VM_PAIR_COMMANDS: &str = "\
+insmod /moat.ko || exit 1
+free_kib() { set -- $(grep '^MemFree:' /proc/meminfo); echo $2; }
+sync; before=$(free_kib)
+mkfifo /tmp/in1 /tmp/in2
+taskset 1 moat-vmm run --mem 8M /guest.bin < /tmp/in1 > /tmp/out1 & a=$!
+taskset 2 moat-vmm run --mem 8M /guest.bin < /tmp/in2 > /tmp/out2 & b=$!
+exec 3> /tmp/in1 4> /tmp/in2
+n=0
+until grep -q 'type a line' /tmp/out1 && grep -q 'type a line' /tmp/out2; do
+    n=$((n + 1)); [ $n -lt 600 ] || exit 3; sleep 0.1
+done
+echo 'both VMs alive'
+echo one >&3; echo two >&4; exec 3>&- 4>&-
+wait $a || exit 4
+wait $b || exit 5
+while read -r l; do echo \"first: $l\"; done < /tmp/out1
+while read -r l; do echo \"second: $l\"; done < /tmp/out2
+sync; after=$(free_kib)
+echo \"memfree before $before after $after\"
+moat-vmm check";
+
+/// One hundred VMs created, run to their end and destroyed, one after
+/// another.
+const VM_CYCLE_COMMANDS: &str = "\
+insmod /moat.ko || exit 1
+free_kib() { set -- $(grep '^MemFree:' /proc/meminfo); echo $2; }
+echo warm-up | moat-vmm run /guest.bin > /dev/null || exit 2
+sync; before=$(free_kib)
+i=0
+while [ $i -lt 100 ]; do
+    echo $i | moat-vmm run /guest.bin > /dev/null || exit 2
+    i=$((i + 1))
+done
+echo \"$i VMs ran\"
+sync; after=$(free_kib)
+echo \"memfree before $before after $after\"
+moat-vmm check";
+
+/// The VM's 16 MiB came back: MemFree after the VM is within 64 pages of
+/// MemFree before it (a leak would be 4096 pages).
+fn check_memfree_restored(console: &str) -> Result<(), String> {
+    let out = linux::command_output(console);
+    let line = out
+        .iter()
+        .find_map(|l| l.strip_prefix("memfree before "))
+        .ok_or_else(|| format!("no MemFree line in {out:?}"))?;
+    let nums: Vec<i64> = line
+        .split(" after ")
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let [before, after] = nums[..] else {
+        return Err(format!("malformed MemFree line {line:?}"));
+    };
+    let lost = before - after;
+    println!("    MemFree before the VM {before} KiB, after {after} KiB ({lost} KiB less)");
+    if lost <= 256 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{lost} KiB of MemFree did not come back after the VM"
+        ))
+    }
 }
 
 /// The image whose ledger lies: `services/rogue-ledger` in the ledger's place.
@@ -982,14 +1179,18 @@ fn image_for(
     case: &Case,
     built: &Built,
     external: &Option<PathBuf>,
-    assets: Option<&Assets>,
+    linux_host: Option<&(Assets, linux_vm::Pieces)>,
     services: &Services,
 ) -> Result<PathBuf> {
     let spec = match case.host {
         Payload::Linux { commands } => {
-            let assets = assets.context("Linux assets not fetched")?;
-            let initrd =
-                linux::write_initramfs(assets, Some(commands), &format!("test-{}", case.name))?;
+            let (assets, vm) = linux_host.context("Linux assets not fetched")?;
+            let initrd = linux::write_initramfs(
+                assets,
+                Some(vm),
+                Some(commands),
+                &format!("test-{}", case.name),
+            )?;
             linux::image_spec(assets, &initrd, case.bootargs, &services.linux)
         }
         Payload::TestHost | Payload::TestHostWith { .. } | Payload::External => ImageSpec {
@@ -1046,7 +1247,7 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
         .into_iter()
         .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
         .collect();
-    let assets = if selected
+    let linux_host = if selected
         .iter()
         .any(|c| matches!(c.host, Payload::Linux { .. }))
     {
@@ -1055,7 +1256,8 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
             "xtask: Linux cases boot Debian {} with {}",
             assets.kernel_package, assets.busybox_package
         );
-        Some(assets)
+        let vm = linux_vm::build(&assets, &built)?;
+        Some((assets, vm))
     } else {
         None
     };
@@ -1075,7 +1277,7 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
     let mut passed = 0;
     let mut failed = Vec::new();
     for case in selected {
-        let img = image_for(&case, &built, &external, assets.as_ref(), &services)?;
+        let img = image_for(&case, &built, &external, linux_host.as_ref(), &services)?;
         let cmd = qemu::command_on_reset(&img, &case.machine, &[], case.on_reset);
         let mut fail = case.fail.clone();
         fail.extend_from_slice(ALWAYS_FAIL);
@@ -1207,6 +1409,17 @@ fn unit_tests_and_lints() -> Result<()> {
         "moat-el2-stub",
         "--target",
         image::PAYLOAD_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The VMM, for the Linux target it runs on.
+    run(cargo().args([
+        "clippy",
+        "--package",
+        "moat-vmm",
+        "--target",
+        linux_vm::VMM_TARGET,
         "--",
         "-D",
         "warnings",
@@ -1456,7 +1669,7 @@ struct LinuxBoots {
 impl LinuxBoots {
     fn prepare(built: &Built) -> Result<Self> {
         let assets = linux::ensure_assets()?;
-        let initrd = linux::write_initramfs(&assets, Some("true"), "bench-linux")?;
+        let initrd = linux::write_initramfs(&assets, None, Some("true"), "bench-linux")?;
         let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
         let moat_image = image::pack(&built.core, &spec, "bench-linux")?;
         let (stub, kernel_at) = image::build_el2_stub()?;

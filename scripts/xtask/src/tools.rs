@@ -373,3 +373,30 @@ pub fn ensure_mdbook() -> Result<PathBuf> {
     )?;
     Ok(cargo_bin)
 }
+
+/// The cross compiler `moat.ko` is built with: Debian's
+/// `gcc-aarch64-linux-gnu` (gcc 12, the compiler Debian built its arm64
+/// kernel with), installed from Debian if missing.
+pub fn ensure_cross_gcc() -> Result<()> {
+    let present = || {
+        Command::new("aarch64-linux-gnu-gcc-12")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if present() {
+        return Ok(());
+    }
+    let commands = "apt-get install -y --no-install-recommends gcc-aarch64-linux-gnu make";
+    if install_on_debian(
+        "gcc-aarch64-linux-gnu",
+        "moat.ko, the Linux host's module for protected VMs, is C built against Debian's arm64 headers",
+        commands,
+    )? && present()
+    {
+        return Ok(());
+    }
+    bail!(
+        "building moat.ko needs Debian's arm64 cross compiler. On Debian 12, as root:\n  {commands}"
+    )
+}
