@@ -382,6 +382,30 @@ static int moat_release(struct inode *inode, struct file *file)
 	return 0;
 }
 
+#ifdef MOAT_TEST_HOOKS
+/*
+ * Tests only (built with MOAT_TEST_HOOKS=y, never into the module the
+ * xtask ships): maps the file's first donated block into the caller, as a
+ * rogue module could. The core has unmapped it from the host's stage-2, so
+ * the first access takes a synchronous external abort: SIGBUS.
+ */
+static int moat_mmap_donated(struct file *file, struct vm_area_struct *vma)
+{
+	struct moat_file *mf = file->private_data;
+	unsigned long size = vma->vm_end - vma->vm_start;
+	int ret = -ENOENT;
+
+	mutex_lock(&mf->lock);
+	if (mf->nr_blocks && vma->vm_pgoff == 0 &&
+	    size <= (PAGE_SIZE << mf->blocks[0].order))
+		ret = remap_pfn_range(vma, vma->vm_start,
+				      page_to_pfn(mf->blocks[0].page), size,
+				      vma->vm_page_prot);
+	mutex_unlock(&mf->lock);
+	return ret;
+}
+#endif
+
 static const struct file_operations moat_fops = {
 	.owner = THIS_MODULE,
 	.open = moat_open,
@@ -389,6 +413,9 @@ static const struct file_operations moat_fops = {
 	.unlocked_ioctl = moat_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
 	.llseek = noop_llseek,
+#ifdef MOAT_TEST_HOOKS
+	.mmap = moat_mmap_donated,
+#endif
 };
 
 static struct miscdevice moat_dev = {

@@ -113,6 +113,37 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Tests only, with the test build of `moat.ko` (`MOAT_TEST_HOOKS`): maps
+    /// the first page this file's VM was given into this process and reads
+    /// its first word. The core has taken the page from the host, so the
+    /// read must never return: it aborts, and Linux sends SIGBUS.
+    pub fn read_donated_page(&self) -> io::Result<u64> {
+        let page = 4096;
+        // SAFETY: a new shared read-only mapping of one page of the device,
+        // at an address the kernel chooses; no existing memory is affected.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                self.file.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `at` is the start of the page-sized mapping made above,
+        // aligned for a u64.
+        let word = unsafe { (at as *const u64).read_volatile() };
+        // SAFETY: unmaps exactly the mapping made above, no longer used.
+        unsafe { libc::munmap(at, page) };
+        Ok(word)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

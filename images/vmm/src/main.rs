@@ -71,6 +71,11 @@ enum Command {
     /// Ask the core whether its memory ledger and the host's stage-2 agree
     /// (CHECK_CONSISTENCY); exit status 0 if they do.
     Check,
+    /// Tests only, with the test build of moat.ko: create a VM, give it
+    /// one page, map that page into this process and read it. The read must
+    /// end this process with SIGBUS.
+    #[command(hide = true)]
+    ReadDonated,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -284,10 +289,30 @@ fn check() -> ExitCode {
     }
 }
 
+fn read_donated() -> ExitCode {
+    let result = Device::open().and_then(|dev| {
+        dev.create(p::BASE_IPA, 0)?;
+        dev.donate(p::BASE_IPA, p::PAGE_SIZE)?;
+        println!("moat-vmm: reading the page donated to the VM");
+        dev.read_donated_page()
+    });
+    match result {
+        Ok(word) => {
+            println!("moat-vmm: read the VM's page: {word:#x}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("moat-vmm: reading the donated page: {e}");
+            ExitCode::from(STATUS_VMM_FAILED)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let (guest, mem, mte) = match Cli::parse().command {
         Command::Run { guest, mem, mte } => (guest, mem, mte),
         Command::Check => return check(),
+        Command::ReadDonated => return read_donated(),
     };
     let status = match run(&guest, mem, mte) {
         Ok(End::Off) => STATUS_OFF,

@@ -694,7 +694,7 @@ pub fn run(commands: Option<&str>, append: Option<&str>, machine: &MachineArgs) 
         assets.kernel_package, assets.busybox_package
     );
     let built = image::build_all()?;
-    let vm = linux_vm::build(&assets, &built)?;
+    let vm = linux_vm::build(&assets, &built, false)?;
     eprintln!(
         "xtask: the initramfs has /{}, /{} and /{}; start a protected VM with: {}",
         linux_vm::MODULE_PATH,

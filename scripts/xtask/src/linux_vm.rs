@@ -26,6 +26,8 @@ pub const VMM_TARGET: &str = "aarch64-unknown-linux-musl";
 pub const MODULE_PATH: &str = "moat.ko";
 pub const VMM_PATH: &str = "bin/moat-vmm";
 pub const GUEST_PATH: &str = "guest.bin";
+/// The test build of the module (test images only).
+pub const TEST_MODULE_PATH: &str = "moat-test.ko";
 
 /// The command that starts a VM from the initramfs's shell.
 pub const START_VM: &str = "insmod /moat.ko && moat-vmm run /guest.bin";
@@ -36,16 +38,22 @@ pub struct Pieces {
     pub module: PathBuf,
     pub vmm: PathBuf,
     pub guest: PathBuf,
+    /// `moat.ko` with `MOAT_TEST_HOOKS`: for test images only.
+    pub test_module: Option<PathBuf>,
 }
 
 impl Pieces {
     /// (path in the initramfs, mode, file) of each piece.
-    pub fn files(&self) -> [(&'static str, u32, &Path); 3] {
-        [
-            (MODULE_PATH, 0o644, &self.module),
-            (VMM_PATH, 0o755, &self.vmm),
-            (GUEST_PATH, 0o644, &self.guest),
-        ]
+    pub fn files(&self) -> Vec<(&'static str, u32, &Path)> {
+        let mut files = vec![
+            (MODULE_PATH, 0o644, self.module.as_path()),
+            (VMM_PATH, 0o755, self.vmm.as_path()),
+            (GUEST_PATH, 0o644, self.guest.as_path()),
+        ];
+        if let Some(test_module) = &self.test_module {
+            files.push((TEST_MODULE_PATH, 0o644, test_module.as_path()));
+        }
+        files
     }
 }
 
@@ -164,14 +172,15 @@ fn extract_headers(abi: &str, debs: &[PathBuf]) -> Result<PathBuf> {
 }
 
 /// Builds `moat.ko` against `headers`, in a copy of its sources under
-/// `target/` (kbuild writes beside the sources).
-fn build_module(abi: &str, headers: &Path) -> Result<PathBuf> {
+/// `target/` (kbuild writes beside the sources); with `test_hooks`, the
+/// test-only build.
+fn build_module(abi: &str, headers: &Path, test_hooks: bool) -> Result<PathBuf> {
     tools::ensure_cross_gcc()?;
     let src = tools::root().join("images/linux-module");
     let build = tools::target_dir()
         .join("linux-module")
         .join(abi)
-        .join("build");
+        .join(if test_hooks { "build-test" } else { "build" });
     std::fs::create_dir_all(&build)?;
     for name in ["moat.c", "moat_uapi.h", "Kbuild"] {
         let from = src.join(name);
@@ -187,6 +196,7 @@ fn build_module(abi: &str, headers: &Path) -> Result<PathBuf> {
         .arg(headers)
         .arg(format!("M={}", build.display()))
         .args(["ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-", "modules"])
+        .args(test_hooks.then_some("MOAT_TEST_HOOKS=y"))
         .output()
         .context("starting make")?;
     if !out.status.success() {
@@ -226,17 +236,22 @@ fn build_vmm() -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Builds the three pieces for the kernel of `assets`; `built` is the image
-/// build that made the guest.
-pub fn build(assets: &Assets, built: &image::Built) -> Result<Pieces> {
+/// Builds the pieces for the kernel of `assets`; `built` is the image build
+/// that made the guest. `for_tests` adds the test build of the module.
+pub fn build(assets: &Assets, built: &image::Built, for_tests: bool) -> Result<Pieces> {
     let (abi, version) = kernel_abi(&assets.kernel_package)
         .with_context(|| format!("unexpected kernel package {:?}", assets.kernel_package))?;
     let debs = ensure_headers(&abi, &version)?;
     let headers = extract_headers(&abi, &debs)?;
     Ok(Pieces {
-        module: build_module(&abi, &headers)?,
+        module: build_module(&abi, &headers, false)?,
         vmm: build_vmm()?,
         guest: built.guest.clone(),
+        test_module: if for_tests {
+            Some(build_module(&abi, &headers, true)?)
+        } else {
+            None
+        },
     })
 }
 
