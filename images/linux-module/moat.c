@@ -204,6 +204,12 @@ static long moat_donate(struct moat_file *mf, void __user *uarg)
 	if (!req.size || !PAGE_ALIGNED(req.size) || !PAGE_ALIGNED(req.ipa) ||
 	    check_add_overflow(req.ipa, req.size, &end))
 		return -EINVAL;
+	/*
+	 * Not a limit on VMs, which is the core's to set: the page allocator
+	 * would otherwise be driven into the OOM killer before refusing.
+	 */
+	if ((req.size >> PAGE_SHIFT) > (u64)max(si_mem_available(), 0L))
+		return -ENOMEM;
 	ipa = req.ipa;
 	left = req.size >> PAGE_SHIFT;
 	while (left) {

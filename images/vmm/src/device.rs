@@ -88,12 +88,14 @@ impl Device {
 
     /// `VM_LOAD` of `image` at `ipa`.
     pub fn load(&self, ipa: u64, image: &[u8]) -> io::Result<()> {
-        let mut arg = Load {
-            ipa,
-            addr: image.as_ptr() as u64,
-            size: image.len() as u64,
-        };
-        self.ioctl(LOAD, &mut arg)
+        self.load_from(ipa, image.as_ptr() as u64, image.len() as u64)
+    }
+
+    /// `VM_LOAD` of `size` bytes at address `addr` of this process: the
+    /// module reads them with `copy_from_user`, so any address is safe to
+    /// pass (a bad one is `EFAULT`).
+    pub fn load_from(&self, ipa: u64, addr: u64, size: u64) -> io::Result<()> {
+        self.ioctl(LOAD, &mut Load { ipa, addr, size })
     }
 
     /// `VCPU_RUN` with `answer`; returns x1..x7 of the exit.

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 mod device;
 mod pl011;
+mod probe;
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
 
@@ -76,6 +77,11 @@ enum Command {
     /// end this process with SIGBUS.
     #[command(hide = true)]
     ReadDonated,
+    /// Tests only: hostile arguments to every ioctl, each refused with its
+    /// errno; GUEST is loaded to run a VM to its end. Exit status 0 if every
+    /// probe came out as expected.
+    #[command(hide = true)]
+    ProbeErrors { guest: std::path::PathBuf },
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -289,6 +295,18 @@ fn check() -> ExitCode {
     }
 }
 
+fn probe_errors(guest: &std::path::Path) -> ExitCode {
+    let result = std::fs::read(guest).and_then(|image| probe::run(&image));
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(STATUS_VMM_FAILED),
+        Err(e) => {
+            eprintln!("moat-vmm: probes: {e}");
+            ExitCode::from(STATUS_VMM_FAILED)
+        }
+    }
+}
+
 fn read_donated() -> ExitCode {
     let result = Device::open().and_then(|dev| {
         dev.create(p::BASE_IPA, 0)?;
@@ -313,6 +331,7 @@ fn main() -> ExitCode {
         Command::Run { guest, mem, mte } => (guest, mem, mte),
         Command::Check => return check(),
         Command::ReadDonated => return read_donated(),
+        Command::ProbeErrors { guest } => return probe_errors(&guest),
     };
     let status = match run(&guest, mem, mte) {
         Ok(End::Off) => STATUS_OFF,

@@ -622,74 +622,65 @@ fn cases() -> Vec<Case> {
                 "echo powering off now; poweroff -f; sleep 5; echo not reached",
             )
         },
-        linux_protected_vm("linux_protected_vm_from_userspace", "v3"),
-        linux_protected_vm("linux_protected_vm_from_userspace_gicv2", "v2"),
-        Case {
-            pass: vec![
-                linux::MARKER_COMMANDS,
-                "guest heard: memory check",
-                "moat-vmm: the ledger and the host's stage-2 agree",
-                "moat-linux: exit status 0",
-            ],
-            fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
-            check: Some(Box::new(check_memfree_restored)),
-            ..linux_case(
-                "linux_protected_vm_gives_its_memory_back",
-                2,
-                "v3",
-                VM_MEMFREE_COMMANDS,
-            )
-        },
-        Case {
-            pass: vec![
-                linux::MARKER_COMMANDS,
-                "type a line:",
-                "killed: status 137",
-                "moat-vmm: the ledger and the host's stage-2 agree",
-                "moat-linux: exit status 0",
-            ],
-            fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
-            check: Some(Box::new(check_memfree_restored)),
-            ..linux_case(
-                "linux_protected_vm_killed_vmm_frees_the_vm",
-                2,
-                "v3",
-                VM_KILL_COMMANDS,
-            )
-        },
-        Case {
-            pass: vec![
-                linux::MARKER_COMMANDS,
+        linux_protected_vm(
+            "linux_protected_vm_from_userspace",
+            "v3",
+            "insmod /moat.ko && echo 'a line from the host' | moat-vmm run /guest.bin",
+            "guest heard: a line from the host",
+        ),
+        // The command `cargo xtask run linux` suggests, as it is: its input
+        // is empty, and the guest reads the end of it.
+        linux_protected_vm(
+            "linux_protected_vm_from_userspace_gicv2",
+            "v2",
+            linux_vm::START_VM,
+            "guest heard: ",
+        ),
+        linux_vm_memory_case(
+            "linux_protected_vm_gives_its_memory_back",
+            VM_MEMFREE_COMMANDS,
+            &["guest heard: memory check"],
+        ),
+        linux_vm_memory_case(
+            "linux_protected_vm_killed_vmm_frees_the_vm",
+            VM_KILL_COMMANDS,
+            &["type a line:", "killed: status 137"],
+        ),
+        linux_vm_memory_case(
+            "linux_protected_vms_on_two_cpus_at_once",
+            VM_PAIR_COMMANDS,
+            &[
                 "both VMs alive",
-                "first: guest heard: ",
-                "second: guest heard: ",
-                "moat-vmm: the ledger and the host's stage-2 agree",
-                "moat-linux: exit status 0",
+                "first: guest heard: one",
+                "second: guest heard: two",
             ],
-            fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
-            check: Some(Box::new(check_memfree_restored)),
-            ..linux_case(
-                "linux_protected_vms_on_two_cpus_at_once",
-                2,
-                "v3",
-                VM_PAIR_COMMANDS,
+        ),
+        Case {
+            timeout: 600,
+            ..linux_vm_memory_case(
+                "linux_protected_vm_100_lives_leak_nothing",
+                VM_CYCLE_COMMANDS,
+                &["100 VMs ran"],
             )
         },
         Case {
             pass: vec![
                 linux::MARKER_COMMANDS,
-                "100 VMs ran",
+                "moat-vmm: probes: 23 as expected, 0 not",
                 "moat-vmm: the ledger and the host's stage-2 agree",
                 "moat-linux: exit status 0",
             ],
-            fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
-            check: Some(Box::new(check_memfree_restored)),
-            timeout: 600,
+            fail: [
+                linux::FAIL_PATTERNS,
+                VMM_FAIL_PATTERNS,
+                &["NOT AS EXPECTED"],
+            ]
+            .concat(),
             ..linux_case(
-                "linux_protected_vm_100_lives_leak_nothing",
+                "linux_protected_vm_bad_ioctl_arguments_refused",
                 2,
                 "v3",
-                VM_CYCLE_COMMANDS,
+                "insmod /moat.ko && moat-vmm probe-errors /guest.bin && moat-vmm check",
             )
         },
         Case {
@@ -742,25 +733,56 @@ const VMM_FAIL_PATTERNS: &[&str] = &[
     "moat-vmm: opening",
 ];
 
-/// `moat.ko` and `moat-vmm` under Linux on two CPUs: the guest's greeting
-/// and the line the VMM gave it on its standard input come back through the
-/// emulated PL011, and the VMM's exit status (the pipeline's) is 0.
-fn linux_protected_vm(name: &'static str, gic: &str) -> Case {
+/// `commands` (see [`vm_prelude`]) on Linux with two CPUs: they print the
+/// `expected` lines, the free pages come back after the VMs
+/// ([`check_memfree_restored`]) and the core's checker is clean at the end.
+fn linux_vm_memory_case(
+    name: &'static str,
+    commands: &'static str,
+    expected: &[&'static str],
+) -> Case {
+    let mut pass = vec![linux::MARKER_COMMANDS];
+    pass.extend_from_slice(expected);
+    pass.extend([
+        "moat-vmm: the ledger and the host's stage-2 agree",
+        "moat-linux: exit status 0",
+    ]);
+    Case {
+        pass,
+        fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
+        check: Some(Box::new(check_memfree_restored)),
+        ..linux_case(name, 2, "v3", commands)
+    }
+}
+
+/// `moat.ko` and `moat-vmm` under Linux on two CPUs running `commands`: the
+/// guest's greeting and what it `heard` on the VMM's standard input come
+/// back through the emulated PL011, and the VMM's exit status (the
+/// commands') is 0.
+fn linux_protected_vm(
+    name: &'static str,
+    gic: &str,
+    commands: &'static str,
+    heard: &'static str,
+) -> Case {
     Case {
         pass: vec![
             linux::MARKER_COMMANDS,
             "Hello from a Moat protected VM",
-            "guest heard: a line from the host",
+            heard,
             "moat-linux: exit status 0",
             "asked for SYSTEM_OFF",
         ],
         fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
-        ..linux_case(
-            name,
-            2,
-            gic,
-            "insmod /moat.ko && echo 'a line from the host' | moat-vmm run /guest.bin",
-        )
+        check: Some(Box::new(move |console: &str| {
+            let out = linux::command_output(console);
+            if out.iter().any(|l| l == heard) {
+                Ok(())
+            } else {
+                Err(format!("no line {heard:?} in {out:?}"))
+            }
+        })),
+        ..linux_case(name, 2, gic, commands)
     }
 }
 
