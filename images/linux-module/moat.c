@@ -191,7 +191,11 @@ static int moat_track(struct moat_file *mf, struct page *page, unsigned int orde
 	return 0;
 }
 
-/* Donates @size bytes of fresh kernel pages at @ipa, in blocks of up to 2 MiB. */
+/*
+ * Donates @size bytes of fresh kernel pages at @ipa, in blocks of up to
+ * 2 MiB. A failure part way leaves the blocks already donated with the VM:
+ * they come back when it is destroyed.
+ */
 static long moat_donate(struct moat_file *mf, void __user *uarg)
 {
 	struct moat_donate req;
@@ -216,6 +220,10 @@ static long moat_donate(struct moat_file *mf, void __user *uarg)
 		unsigned int order = min_t(unsigned int, ilog2(left), MOAT_DONATE_MAX_ORDER);
 		struct page *page = NULL;
 		long ret;
+
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		cond_resched();
 
 		/* The IPA must be aligned to the block for a block mapping. */
 		while (order && !IS_ALIGNED(ipa, PAGE_SIZE << order))
@@ -273,6 +281,12 @@ static long moat_load(struct moat_file *mf, void __user *uarg)
 		u64 pages = DIV_ROUND_UP(n, PAGE_SIZE);
 		phys_addr_t pa = page_to_phys(buf);
 		long unshared;
+
+		if (fatal_signal_pending(current)) {
+			ret = -EINTR;
+			break;
+		}
+		cond_resched();
 
 		if (copy_from_user(page_address(buf),
 				   u64_to_user_ptr(req.addr + done), n)) {

@@ -652,6 +652,7 @@ fn cases() -> Vec<Case> {
             "linux_protected_vm_gives_its_memory_back",
             VM_MEMFREE_COMMANDS,
             &["guest heard: memory check"],
+            LOOSE_PAGES,
         ),
         linux_vm_memory_case(
             "linux_protected_vm_killed_vmm_frees_the_vm",
@@ -662,6 +663,7 @@ fn cases() -> Vec<Case> {
                 "killed: status 137",
                 "module unloaded after the VM",
             ],
+            LOOSE_PAGES,
         ),
         linux_vm_memory_case(
             "linux_protected_vms_on_two_cpus_at_once",
@@ -671,6 +673,7 @@ fn cases() -> Vec<Case> {
                 "first: guest heard: one",
                 "second: guest heard: two",
             ],
+            LOOSE_PAGES,
         ),
         Case {
             timeout: 600,
@@ -678,6 +681,7 @@ fn cases() -> Vec<Case> {
                 "linux_protected_vm_100_lives_leak_nothing",
                 VM_CYCLE_COMMANDS,
                 &["100 VMs ran"],
+                64,
             )
         },
         Case {
@@ -750,13 +754,20 @@ const VMM_FAIL_PATTERNS: &[&str] = &[
     "moat-vmm: opening",
 ];
 
+/// How many free pages a case with 16 MiB of VM memory (4096 pages) may end
+/// with fewer than it started: what the kernel's own state moves by (up to
+/// about 40 pages measured), with room.
+const LOOSE_PAGES: i64 = 256;
+
 /// `commands` (see [`vm_prelude`]) on Linux with two CPUs: they print the
-/// `expected` lines, the free pages come back after the VMs
-/// ([`check_memfree_restored`]) and the core's checker is clean at the end.
+/// `expected` lines, the free pages come back after the VMs to within
+/// `slack` pages ([`check_memfree_restored`]) and the core's checker is
+/// clean at the end.
 fn linux_vm_memory_case(
     name: &'static str,
     commands: &'static str,
     expected: &[&'static str],
+    slack: i64,
 ) -> Case {
     let unexpected = ["unloaded under a live VM"];
     let mut pass = vec![linux::MARKER_COMMANDS];
@@ -768,7 +779,9 @@ fn linux_vm_memory_case(
     Case {
         pass,
         fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS, &unexpected].concat(),
-        check: Some(Box::new(check_memfree_restored)),
+        check: Some(Box::new(move |console: &str| {
+            check_memfree_restored(console, slack)
+        })),
         ..linux_case(name, 2, "v3", commands)
     }
 }
@@ -924,10 +937,10 @@ echo \"free pages before $before after $after\"
 moat-vmm check"
 );
 
-/// The VMs' memory came back: the free pages after the VMs are within 64
-/// pages of the count before them (a VM's 16 MiB is 4096 pages; a page
-/// lost in each of a hundred VMs, 100).
-fn check_memfree_restored(console: &str) -> Result<(), String> {
+/// The VMs' memory came back: the free pages after the VMs are within
+/// `slack` pages of the count before them (a VM's 16 MiB is 4096 pages; a
+/// page lost in each of a hundred VMs, 100).
+fn check_memfree_restored(console: &str, slack: i64) -> Result<(), String> {
     let out = linux::command_output(console);
     let line = out
         .iter()
@@ -942,7 +955,7 @@ fn check_memfree_restored(console: &str) -> Result<(), String> {
     };
     let lost = before - after;
     println!("    free pages before the VMs {before}, after {after} ({lost} fewer)");
-    if lost.abs() <= 64 {
+    if lost.abs() <= slack {
         Ok(())
     } else {
         Err(format!("{lost} fewer free pages after the VMs than before"))
