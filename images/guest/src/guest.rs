@@ -106,7 +106,8 @@ fn console_read() -> Option<u8> {
     }
 }
 
-/// Console mode: a greeting, one line read and echoed, then power off.
+/// Console mode: a greeting, one line read and echoed, then power off (or,
+/// for the line [`CONSOLE_CRASH`], an undefined instruction).
 fn console() {
     console_write(CONSOLE_GREETING.as_bytes());
     console_write(b"\ntype a line: ");
@@ -124,6 +125,12 @@ fn console() {
     console_write(b"\nguest heard: ");
     console_write(&line[..len]);
     console_write(b"\n");
+    if &line[..len] == CONSOLE_CRASH {
+        console_write(b"crashing on purpose\n");
+        // SAFETY: a permanently undefined instruction: the guest's own
+        // vector reports it to the VMM (FAULT) and powers off.
+        unsafe { core::arch::asm!("udf #0", options(nomem, nostack)) };
+    }
 }
 
 /// Writes the hello pattern into memory, reads it back and hashes it.

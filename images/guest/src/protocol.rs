@@ -109,7 +109,8 @@ pub const MODE_SPIN_COUNT: u64 = 7;
 /// exceptions unmasked, counting the exceptions taken.
 pub const MODE_DEBUG_PROBE: u64 = 8;
 /// Talk through the PL011 the VMM emulates at [`CONSOLE_IPA`]: print
-/// [`CONSOLE_GREETING`], read a line, echo it and power off.
+/// [`CONSOLE_GREETING`], read a line, echo it and power off (crash, for
+/// [`CONSOLE_CRASH`]).
 pub const MODE_CONSOLE: u64 = 9;
 /// What the debug probe writes to its word.
 pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;
@@ -160,6 +161,9 @@ pub const MMIO_WRITE_VALUE: u64 = 0xcafe_f00d;
 pub const CONSOLE_IPA: u64 = 0x0900_0000;
 /// The first line the console mode prints.
 pub const CONSOLE_GREETING: &str = "Hello from a Moat protected VM";
+/// The line that makes the console mode crash (an undefined instruction,
+/// reported to the VMM as a [`FAULT`]), for the VMM's crash handling.
+pub const CONSOLE_CRASH: &[u8] = b"crash";
 /// PL011 registers and flags the console mode uses.
 pub const PL011_DR: u64 = 0x000;
 pub const PL011_FR: u64 = 0x018;

@@ -648,6 +648,26 @@ fn cases() -> Vec<Case> {
             case.pass.push("VMID 64, MTE on");
             case
         },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "crashing on purpose",
+                "moat-vmm: guest crashed: the guest reported an exception: ESR_EL1 0x2000000",
+                "vmm status 2",
+                "guest heard: after the crash",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            ..linux_case(
+                "linux_protected_vm_guest_crash_ends_the_vmm_with_status_2",
+                2,
+                "v3",
+                "insmod /moat.ko || exit 1\n\
+                 echo crash | moat-vmm run /guest.bin\n\
+                 echo \"vmm status $?\"\n\
+                 echo 'after the crash' | moat-vmm run /guest.bin && moat-vmm check",
+            )
+        },
         linux_vm_memory_case(
             "linux_protected_vm_gives_its_memory_back",
             VM_MEMFREE_COMMANDS,
