@@ -3,6 +3,7 @@
 //! The layouts mirror `moat_uapi.h`: 64-bit fields only, so they have no
 //! padding. This is the VMM's only `unsafe` code: an `ioctl` system call
 //! has no safe wrapper in the standard library.
+#![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -8,6 +8,8 @@
 //! into it. The VM ends with the device file: when the VMM exits or is
 //! killed, the module destroys the VM and takes its memory back.
 
+#![deny(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use moat_abi::Error;
 use moat_abi::vm::{ExitReason, MmioAccess, VmFlags};
@@ -371,5 +373,9 @@ mod tests {
         use clap::CommandFactory;
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("0x0900_0000  PL011"));
+        assert_eq!(p::CONSOLE_IPA, 0x0900_0000);
+        assert_eq!(p::BASE_IPA, 0x4000_0000);
+        assert!(help.contains(&format!("CONFIG\n({:#x})", p::CONFIG)));
+        assert!(help.contains(&format!("FAULT ({:#x})", p::FAULT)));
     }
 }

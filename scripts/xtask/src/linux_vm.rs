@@ -259,6 +259,61 @@ pub fn build(assets: &Assets, built: &image::Built, for_tests: bool) -> Result<P
 mod tests {
     use super::*;
 
+    /// The `#define NAME value` lines of the module's source.
+    fn module_defines() -> Vec<(String, i64)> {
+        let src = std::fs::read_to_string(tools::root().join("images/linux-module/moat.c"))
+            .expect("moat.c");
+        src.lines()
+            .filter_map(|l| {
+                let mut f = l.strip_prefix("#define ")?.split_whitespace();
+                let (name, value) = (f.next()?, f.next()?);
+                let v = match value.strip_prefix("0x") {
+                    Some(hex) => i64::from_str_radix(hex, 16).ok()?,
+                    None => value.parse().ok()?,
+                };
+                Some((name.to_string(), v))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn module_speaks_the_abi() {
+        use moat_abi::{Error, hypercall, vm};
+        let defines = module_defines();
+        let get = |name: &str| {
+            defines
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("moat.c defines no {name}"))
+                .1
+        };
+        for (name, id) in [
+            ("MOAT_CHECK_CONSISTENCY", hypercall::CHECK_CONSISTENCY),
+            ("MOAT_HOST_SHARE_HYP", vm::HOST_SHARE_HYP),
+            ("MOAT_HOST_UNSHARE_HYP", vm::HOST_UNSHARE_HYP),
+            ("MOAT_VM_CREATE", vm::VM_CREATE),
+            ("MOAT_VM_DONATE", vm::VM_DONATE),
+            ("MOAT_VM_LOAD", vm::VM_LOAD),
+            ("MOAT_VCPU_RUN", vm::VCPU_RUN),
+            ("MOAT_VM_DESTROY", vm::VM_DESTROY),
+            ("MOAT_VM_RECLAIM", vm::VM_RECLAIM),
+        ] {
+            assert_eq!(get(name), i64::from(id), "{name}");
+        }
+        for (name, e) in [
+            ("MOAT_NOT_SUPPORTED", Error::NotSupported),
+            ("MOAT_INVALID_PARAMETERS", Error::InvalidParameters),
+            ("MOAT_DENIED", Error::Denied),
+            ("MOAT_NO_MEMORY", Error::NoMemory),
+            ("MOAT_BUSY", Error::Busy),
+            ("MOAT_SERVICE_FAILED", Error::ServiceFailed),
+            ("MOAT_VERSION_MISMATCH", Error::VersionMismatch),
+            ("MOAT_INTERRUPTED", Error::Interrupted),
+        ] {
+            assert_eq!(get(name), e.code(), "{name}");
+        }
+    }
+
     #[test]
     fn header_packages_of_the_kernel() {
         let (abi, version) = kernel_abi("linux-image-6.1.0-57-arm64-unsigned 6.1.192-3").unwrap();
