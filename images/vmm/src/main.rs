@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
 
+mod bench;
 mod device;
 mod pl011;
 mod probe;
@@ -84,6 +85,14 @@ enum Command {
     /// probe came out as expected.
     #[command(hide = true)]
     ProbeErrors { guest: std::path::PathBuf },
+    /// Measures: GUEST (the Moat guest) in its ping mode, COUNT exits to
+    /// this process and back, timed with the virtual counter.
+    #[command(hide = true)]
+    BenchExits {
+        guest: std::path::PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+    },
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -297,6 +306,25 @@ fn check() -> ExitCode {
     }
 }
 
+fn bench_exits(guest: &std::path::Path, count: u64) -> ExitCode {
+    let count = count.max(1);
+    match std::fs::read(guest).and_then(|image| bench::run(&image, count)) {
+        Ok(m) => {
+            let ns = m.elapsed.as_nanos() / u128::from(count);
+            println!(
+                "moat-vmm: {count} HVC exits to this process and back: {ns} ns each \
+                 ({} Interrupt exits among them; under -icount shift=0, ns = instructions)",
+                m.interrupts
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("moat-vmm: bench-exits: {e}");
+            ExitCode::from(STATUS_VMM_FAILED)
+        }
+    }
+}
+
 fn probe_errors(guest: &std::path::Path) -> ExitCode {
     let result = std::fs::read(guest).and_then(|image| probe::run(&image));
     match result {
@@ -334,6 +362,7 @@ fn main() -> ExitCode {
         Command::Check => return check(),
         Command::ReadDonated => return read_donated(),
         Command::ProbeErrors { guest } => return probe_errors(&guest),
+        Command::BenchExits { guest, count } => return bench_exits(&guest, count),
     };
     let status = match run(&guest, mem, mte) {
         Ok(End::Off) => STATUS_OFF,
