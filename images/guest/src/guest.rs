@@ -73,7 +73,63 @@ extern "C" fn guest_main(mode: u64, flags: u64) {
         MODE_VECTORS => vectors(),
         MODE_SPIN_COUNT => spin_count(),
         MODE_DEBUG_PROBE => debug_probe(),
+        MODE_CONSOLE => console(),
         _ => {}
+    }
+}
+
+fn uart_register(offset: u64) -> *mut u32 {
+    (CONSOLE_IPA + offset) as *mut u32
+}
+
+fn console_write(bytes: &[u8]) {
+    for &b in bytes {
+        // SAFETY: a single 32-bit store to the emulated UART's data
+        // register: outside the VM's memory, an MMIO exit the VMM answers.
+        unsafe { uart_register(PL011_DR).write_volatile(u32::from(b)) };
+    }
+}
+
+/// The next byte from the UART, `None` at a break (end of input). Waits
+/// with WFI while the receive FIFO is empty: the VMM then waits for input.
+fn console_read() -> Option<u8> {
+    loop {
+        // SAFETY: a 32-bit load from the emulated UART's flag register.
+        let flags = unsafe { uart_register(PL011_FR).read_volatile() };
+        if flags & PL011_FR_RXFE == 0 {
+            // SAFETY: a 32-bit load from the emulated UART's data register.
+            let data = unsafe { uart_register(PL011_DR).read_volatile() };
+            return (data & PL011_DR_BE == 0).then_some(data as u8);
+        }
+        // SAFETY: waits for an event; the VMM's answer is running us again.
+        unsafe { core::arch::asm!("wfi", options(nomem, nostack)) };
+    }
+}
+
+/// Console mode: a greeting, one line read and echoed, then power off (or,
+/// for the line [`CONSOLE_CRASH`], an undefined instruction).
+fn console() {
+    console_write(CONSOLE_GREETING.as_bytes());
+    console_write(b"\ntype a line: ");
+    let mut line = [0u8; 128];
+    let mut len = 0;
+    while let Some(b) = console_read() {
+        if b == b'\n' || b == b'\r' {
+            break;
+        }
+        if len < line.len() {
+            line[len] = b;
+            len += 1;
+        }
+    }
+    console_write(b"\nguest heard: ");
+    console_write(&line[..len]);
+    console_write(b"\n");
+    if &line[..len] == CONSOLE_CRASH {
+        console_write(b"crashing on purpose\n");
+        // SAFETY: a permanently undefined instruction: the guest's own
+        // vector reports it to the VMM (FAULT) and powers off.
+        unsafe { core::arch::asm!("udf #0", options(nomem, nostack)) };
     }
 }
 

@@ -19,7 +19,9 @@
 //! (ID registers, the MTE system registers, whose Undefined Instruction
 //! exceptions the guest catches at VBAR_EL1 + 0x200 and counts, tags on its
 //! own memory, MTE registers kept across an exit); or power off with a page
-//! still shared with the host.
+//! still shared with the host. In console mode, run by `moat-vmm` under
+//! Linux, it talks through the PL011 the VMM emulates from MMIO exits: a
+//! greeting, one line read and echoed, power off.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -112,6 +112,10 @@ pub const MODE_SPIN_COUNT: u64 = 7;
 /// Report an instruction and a word, then execute and touch them with debug
 /// exceptions unmasked, counting the exceptions taken.
 pub const MODE_DEBUG_PROBE: u64 = 8;
+/// Talk through the PL011 the VMM emulates at [`CONSOLE_IPA`]: print
+/// [`CONSOLE_GREETING`], read a line, echo it and power off (crash, for
+/// [`CONSOLE_CRASH`]).
+pub const MODE_CONSOLE: u64 = 9;
 /// What the debug probe writes to its word.
 pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.
@@ -160,6 +164,22 @@ pub const MMIO_READ_IPA: u64 = 0x0900_0000;
 /// A 4-byte write of [`MMIO_WRITE_VALUE`] here, after the read.
 pub const MMIO_WRITE_IPA: u64 = 0x0900_0010;
 pub const MMIO_WRITE_VALUE: u64 = 0xcafe_f00d;
+
+/// The PL011 `moat-vmm` emulates from MMIO exits (outside the guest's
+/// memory, so every access is an exit).
+pub const CONSOLE_IPA: u64 = 0x0900_0000;
+/// The first line the console mode prints.
+pub const CONSOLE_GREETING: &str = "Hello from a Moat protected VM";
+/// The line that makes the console mode crash (an undefined instruction,
+/// reported to the VMM as a [`FAULT`]), for the VMM's crash handling.
+pub const CONSOLE_CRASH: &[u8] = b"crash";
+/// PL011 registers and flags the console mode uses.
+pub const PL011_DR: u64 = 0x000;
+pub const PL011_FR: u64 = 0x018;
+/// FR: the receive FIFO is empty.
+pub const PL011_FR_RXFE: u32 = 1 << 4;
+/// DR, read: a break was received (the VMM's end of input).
+pub const PL011_DR_BE: u32 = 1 << 10;
 
 /// The message the guest writes at the start of its shared page, followed by
 /// the decimal [`message_number`].

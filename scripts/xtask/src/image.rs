@@ -36,6 +36,8 @@ pub struct Built {
     /// The test host's flat binary.
     pub test_host: PathBuf,
     pub test_host_elf: PathBuf,
+    /// The protected-VM guest's flat binary.
+    pub guest: PathBuf,
 }
 
 /// Turns an ELF into the raw binary firmware loads.
@@ -87,6 +89,7 @@ pub fn build_all() -> Result<Built> {
         core_elf,
         test_host,
         test_host_elf,
+        guest,
     })
 }
 

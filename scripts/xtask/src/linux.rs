@@ -23,6 +23,7 @@ use crate::MachineArgs;
 use crate::cpio;
 use crate::image::{self, ImageSpec};
 use crate::kernels::{self, Kernel};
+use crate::linux_vm;
 use crate::modules::{self, Modules};
 use crate::probe;
 use crate::qemu::{self, AfterPass, Harness, Verdict};
@@ -88,6 +89,8 @@ pub fn bootargs(append: Option<&str>) -> String {
 
 /// The `/init` script. It runs as PID 1 with the initramfs as its root.
 fn init_script() -> String {
+    let module = linux_vm::MODULE_PATH;
+    let start = linux_vm::START_VM;
     format!(
         r#"#!/bin/sh
 # PID 1 of the initramfs `cargo xtask run linux` writes.
@@ -104,11 +107,16 @@ if [ -f /etc/moat-modules ]; then
 fi
 if [ -f /etc/moat-commands ]; then
     echo "{MARKER_COMMANDS}"
-    sh /etc/moat-commands
+    # Unattended: nobody types on this console, so a command that reads its
+    # input sees the end at once instead of waiting for ever.
+    sh /etc/moat-commands < /dev/null
     echo "{MARKER_STATUS}$?"
     poweroff -f
 fi
 echo "moat-linux: shell on the console; 'poweroff -f' ends the machine"
+if [ -f /{module} ]; then
+    echo "moat-linux: start a protected VM with: {start}"
+fi
 # A session of its own with the console as controlling terminal: job
 # control and Ctrl-C work in the shell.
 setsid cttyhack sh
@@ -124,6 +132,8 @@ pub struct Extras<'a> {
     pub modules: Option<&'a Modules>,
     /// The feature probe, as `/bin/moat-probe`.
     pub probe: Option<&'a [u8]>,
+    /// More files: path, mode, contents (the protected-VM pieces).
+    pub files: &'a [(&'a str, u32, Vec<u8>)],
 }
 
 /// An initramfs (newc cpio) with busybox, `/init`, the `extras` and, if
@@ -148,6 +158,9 @@ pub fn initramfs(busybox: &[u8], commands: Option<&str>, extras: &Extras) -> Res
     }
     if let Some(probe) = extras.probe {
         w.file("bin/moat-probe", 0o755, probe);
+    }
+    for (path, mode, bytes) in extras.files {
+        w.file(path, *mode, bytes);
     }
     if let Some(m) = extras.modules.filter(|m| !m.load_order.is_empty()) {
         let base = format!("lib/modules/{}", m.release);
@@ -419,7 +432,7 @@ fn manual_commands(dir: &Path) -> String {
     )
 }
 
-fn have(program: &str) -> bool {
+pub fn have(program: &str) -> bool {
     Command::new(program)
         .arg("--version")
         .output()
@@ -645,6 +658,12 @@ pub(crate) fn download(
     dest: &Path,
     root: bool,
 ) -> Result<()> {
+    download_spec(dir, &format!("{package}:arm64={version}"), dest, root)
+}
+
+/// `apt-get download SPEC` (`package:arch=version`) into `dest`, through a
+/// scratch directory in `dir`.
+pub(crate) fn download_spec(dir: &Path, spec: &str, dest: &Path, root: bool) -> Result<()> {
     let partial = dir.join("partial");
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
@@ -656,8 +675,8 @@ pub(crate) fn download(
         // below in any case.
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
-    eprintln!("xtask: apt-get download {package}:arm64={version}");
-    tools::run(cmd.arg(format!("{package}:arm64={version}")))?;
+    eprintln!("xtask: apt-get download {spec}");
+    tools::run(cmd.arg(spec))?;
     let got = std::fs::read_dir(&partial)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
@@ -689,8 +708,14 @@ fn remove_stale(dir: &Path, entries: &[Entry]) {
 }
 
 /// Writes an initramfs for `commands` to `target/images/<name>.cpio`, with
-/// the modules of the kernel's package a run needs and the feature probe.
-pub fn write_initramfs(assets: &Assets, commands: Option<&str>, name: &str) -> Result<PathBuf> {
+/// the modules of the kernel's package a run needs, the feature probe and
+/// the protected-VM pieces if given.
+pub fn write_initramfs(
+    assets: &Assets,
+    vm: Option<&linux_vm::Pieces>,
+    commands: Option<&str>,
+    name: &str,
+) -> Result<PathBuf> {
     let busybox = std::fs::read(&assets.busybox)
         .with_context(|| format!("reading {}", assets.busybox.display()))?;
     let modules = assets
@@ -699,9 +724,15 @@ pub fn write_initramfs(assets: &Assets, commands: Option<&str>, name: &str) -> R
         .map(modules::from_deb)
         .transpose()?;
     let probe = std::fs::read(probe::build()?)?;
+    let mut files = Vec::new();
+    for (path, mode, file) in vm.iter().flat_map(|v| v.files()) {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        files.push((path, mode, bytes));
+    }
     let extras = Extras {
         modules: modules.as_ref(),
         probe: Some(&probe),
+        files: &files,
     };
     let path = tools::target_dir()
         .join("images")
@@ -754,7 +785,24 @@ pub fn run(
         assets.kernel_package, assets.busybox_package
     );
     let built = image::build_all()?;
-    let initrd = write_initramfs(&assets, commands, "linux-run")?;
+    // The module is built against the default kernel's headers only.
+    let vm = if *kernel == Kernel::Default {
+        let vm = linux_vm::build(&assets, &built, false)?;
+        eprintln!(
+            "xtask: the initramfs has /{}, /{} and /{}; start a protected VM with: {}",
+            linux_vm::MODULE_PATH,
+            linux_vm::VMM_PATH,
+            linux_vm::GUEST_PATH,
+            linux_vm::START_VM
+        );
+        Some(vm)
+    } else {
+        eprintln!(
+            "xtask: another kernel than the default: no moat.ko or moat-vmm in the initramfs"
+        );
+        None
+    };
+    let initrd = write_initramfs(&assets, vm.as_ref(), commands, "linux-run")?;
     let services = services()?;
     let img = image::pack(
         &built.core,
@@ -904,7 +952,7 @@ mod tests {
     }
 
     #[test]
-    fn initramfs_holds_modules_in_load_order_and_the_probe() {
+    fn initramfs_holds_modules_in_load_order_the_probe_and_more_files() {
         let dir = std::env::temp_dir().join(format!("xtask-modules-{}", std::process::id()));
         let files = dir.join("files/kernel/drivers/virtio");
         std::fs::create_dir_all(&files).unwrap();
@@ -919,9 +967,11 @@ mod tests {
             dep: "kernel/drivers/virtio/a.ko: \nkernel/drivers/virtio/b.ko: kernel/drivers/virtio/a.ko\n".into(),
             dir: dir.clone(),
         };
+        let files = [("moat.ko", 0o644, b"KO".to_vec())];
         let extras = Extras {
             modules: Some(&m),
             probe: Some(b"PROBE"),
+            files: &files,
         };
         let a = initramfs(b"BB", None, &extras).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -933,6 +983,7 @@ mod tests {
                 "lib/modules/6.1.0-57-arm64/modules.dep\0",
                 "etc/moat-modules\0",
                 "bin/moat-probe\0",
+                "moat.ko\0",
                 "KO-A",
                 "PROBE",
             ],

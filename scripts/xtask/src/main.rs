@@ -15,6 +15,7 @@ mod cpio;
 mod image;
 mod kernels;
 mod linux;
+mod linux_vm;
 mod manifest;
 mod modules;
 mod probe;

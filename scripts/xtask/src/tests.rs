@@ -13,6 +13,7 @@ use crate::MachineArgs;
 use crate::image::{self, Built, ImageSpec};
 use crate::kernels::{self, Kernel};
 use crate::linux::{self, Assets};
+use crate::linux_vm;
 use crate::qemu::{self, AfterPass, Harness, OnReset, Verdict};
 use crate::synthetic_dt::{self, Parts};
 use crate::tools::{self, cargo, run};
@@ -672,6 +673,133 @@ fn cases() -> Vec<Case> {
                 "echo powering off now; poweroff -f; sleep 5; echo not reached",
             )
         },
+        linux_protected_vm(
+            "linux_protected_vm_from_userspace",
+            "v3",
+            "insmod /moat.ko && echo 'a line from the host' | moat-vmm run /guest.bin",
+            "guest heard: a line from the host",
+        ),
+        // The command `cargo xtask run linux` suggests, as it is: its input
+        // is empty, and the guest reads the end of it.
+        linux_protected_vm(
+            "linux_protected_vm_from_userspace_gicv2",
+            "v2",
+            linux_vm::START_VM,
+            "guest heard: ",
+        ),
+        // The core's MTE policy grants MTE to a VM that asks, on a CPU with
+        // it: the guest maps its memory Tagged.
+        {
+            let mut case = linux_protected_vm(
+                "linux_protected_vm_with_mte",
+                "v3",
+                "insmod /moat.ko && echo tagged | moat-vmm run --mte /guest.bin",
+                "guest heard: tagged",
+            );
+            case.pass.push("VMID 64, MTE on");
+            case
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "crashing on purpose",
+                "moat-vmm: guest crashed: the guest reported an exception: ESR_EL1 0x2000000",
+                "vmm status 2",
+                "guest heard: after the crash",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            ..linux_case(
+                "linux_protected_vm_guest_crash_ends_the_vmm_with_status_2",
+                2,
+                "v3",
+                "insmod /moat.ko || exit 1\n\
+                 echo crash | moat-vmm run /guest.bin\n\
+                 echo \"vmm status $?\"\n\
+                 echo 'after the crash' | moat-vmm run /guest.bin && moat-vmm check",
+            )
+        },
+        linux_vm_memory_case(
+            "linux_protected_vm_gives_its_memory_back",
+            VM_MEMFREE_COMMANDS,
+            &["guest heard: memory check"],
+            LOOSE_PAGES,
+        ),
+        linux_vm_memory_case(
+            "linux_protected_vm_killed_vmm_frees_the_vm",
+            VM_KILL_COMMANDS,
+            &[
+                "type a line:",
+                "rmmod refused while the VM lives",
+                "killed: status 137",
+                "module unloaded after the VM",
+            ],
+            LOOSE_PAGES,
+        ),
+        linux_vm_memory_case(
+            "linux_protected_vms_on_two_cpus_at_once",
+            VM_PAIR_COMMANDS,
+            &[
+                "both VMs alive",
+                "first: guest heard: one",
+                "second: guest heard: two",
+            ],
+            LOOSE_PAGES,
+        ),
+        Case {
+            timeout: 600,
+            ..linux_vm_memory_case(
+                "linux_protected_vm_100_lives_leak_nothing",
+                VM_CYCLE_COMMANDS,
+                &["100 VMs ran"],
+                64,
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "moat-vmm: probes: 23 as expected, 0 not",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                VMM_FAIL_PATTERNS,
+                &["NOT AS EXPECTED"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_bad_ioctl_arguments_refused",
+                2,
+                "v3",
+                "insmod /moat.ko && moat-vmm probe-errors /guest.bin && moat-vmm check",
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "moat-vmm: reading the page donated to the VM",
+                "synchronous external abort injected",
+                "rogue read: status 135",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                VMM_FAIL_PATTERNS,
+                &[
+                    "moat-vmm: read the VM's page",
+                    "moat-vmm: reading the donated page:",
+                ],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_page_mapped_into_a_process_aborts",
+                2,
+                "v3",
+                VM_ROGUE_MAP_COMMANDS,
+            )
+        },
         Case {
             // Two boots of the core and two of the shell: the second boot
             // after the reset reached the shell. It would reboot for ever,
@@ -736,6 +864,220 @@ const ATTACK_TABLES_PASS: &[&str] = &[
     "test-host: ok   vm: the ledger and the host's stage-2 agree after the stage-2 table memory ran out and was given back (0)",
     "test-host: ok   tables: a new VM gets a straddling donation again (create 0, donate 0, destroy 0, reclaim 0)",
 ];
+/// What `moat-vmm` prints when the VM or the VMM failed.
+const VMM_FAIL_PATTERNS: &[&str] = &[
+    "moat-vmm: guest crashed",
+    "moat-vmm: VM",
+    "moat-vmm: opening",
+];
+
+/// How many free pages a case with 16 MiB of VM memory (4096 pages) may end
+/// with fewer than it started: what the kernel's own state moves by (up to
+/// about 40 pages measured), with room.
+const LOOSE_PAGES: i64 = 256;
+
+/// `commands` (see [`vm_prelude`]) on Linux with two CPUs: they print the
+/// `expected` lines, the free pages come back after the VMs to within
+/// `slack` pages ([`check_memfree_restored`]) and the core's checker is
+/// clean at the end.
+fn linux_vm_memory_case(
+    name: &'static str,
+    commands: &'static str,
+    expected: &[&'static str],
+    slack: i64,
+) -> Case {
+    let unexpected = ["unloaded under a live VM"];
+    let mut pass = vec![linux::MARKER_COMMANDS];
+    pass.extend_from_slice(expected);
+    pass.extend([
+        "moat-vmm: the ledger and the host's stage-2 agree",
+        "moat-linux: exit status 0",
+    ]);
+    Case {
+        pass,
+        fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS, &unexpected].concat(),
+        check: Some(Box::new(move |console: &str| {
+            check_memfree_restored(console, slack)
+        })),
+        ..linux_case(name, 2, "v3", commands)
+    }
+}
+
+/// `moat.ko` and `moat-vmm` under Linux on two CPUs running `commands`: the
+/// guest's greeting and what it `heard` on the VMM's standard input come
+/// back through the emulated PL011, and the VMM's exit status (the
+/// commands') is 0.
+fn linux_protected_vm(
+    name: &'static str,
+    gic: &str,
+    commands: &'static str,
+    heard: &'static str,
+) -> Case {
+    Case {
+        pass: vec![
+            linux::MARKER_COMMANDS,
+            "Hello from a Moat protected VM",
+            heard,
+            "moat-linux: exit status 0",
+            "asked for SYSTEM_OFF",
+        ],
+        fail: [linux::FAIL_PATTERNS, VMM_FAIL_PATTERNS].concat(),
+        check: Some(Box::new(move |console: &str| {
+            let out = linux::command_output(console);
+            if out.iter().any(|l| l == heard) {
+                Ok(())
+            } else {
+                Err(format!("no line {heard:?} in {out:?}"))
+            }
+        })),
+        ..linux_case(name, 2, gic, commands)
+    }
+}
+
+/// Loads the module, runs a first VM to warm up what a VMM's first run
+/// allocates for good (slabs, the module's own data), and defines
+/// `free_pages`: the zones' free pages plus the pages waiting on the per-CPU
+/// free lists (`/proc/zoneinfo`), after dropping the clean caches. MemFree
+/// alone leaves the per-CPU lists out, which hold up to a few MiB of freed
+/// blocks, order 9 among them.
+macro_rules! vm_prelude {
+    () => {
+        "\
+insmod /moat.ko || exit 1
+echo warm-up | moat-vmm run /guest.bin > /dev/null || exit 2
+free_pages() {
+    sync
+    echo 3 > /proc/sys/vm/drop_caches
+    t=0
+    while read -r a b c; do
+        case \"$a $b\" in
+        'pages free') t=$((t + c)) ;;
+        count:*) t=$((t + b)) ;;
+        esac
+    done < /proc/zoneinfo
+    echo $t
+}
+"
+    };
+}
+
+/// Free pages around a VM with 16 MiB of memory: read, VM run to its end,
+/// read again; then the core's consistency check.
+const VM_MEMFREE_COMMANDS: &str = concat!(
+    vm_prelude!(),
+    "\
+before=$(free_pages)
+echo 'memory check' | moat-vmm run --mem 16M /guest.bin || exit 2
+after=$(free_pages)
+echo \"free pages before $before after $after\"
+moat-vmm check"
+);
+
+/// A VMM killed with SIGKILL while its VM runs (the guest waits for a line
+/// that never comes: the shell holds the VMM's input open); the module
+/// refuses to unload before, and unloads after: the module's release destroys the VM and reclaims its
+/// 16 MiB, and the core's tables still agree.
+const VM_KILL_COMMANDS: &str = concat!(
+    vm_prelude!(),
+    "\
+before=$(free_pages)
+mkfifo /tmp/in
+moat-vmm run --mem 16M /guest.bin < /tmp/in > /tmp/out &
+vmm=$!
+exec 3> /tmp/in
+n=0
+until grep -q 'type a line' /tmp/out; do n=$((n + 1)); [ $n -lt 600 ] || exit 3; sleep 0.1; done
+cat /tmp/out; echo
+if rmmod moat; then echo 'unloaded under a live VM'; else echo 'rmmod refused while the VM lives'; fi
+kill -9 $vmm
+wait $vmm
+echo \"killed: status $?\"
+after=$(free_pages)
+echo \"free pages before $before after $after\"
+moat-vmm check || exit 4
+rmmod moat && echo 'module unloaded after the VM'"
+);
+
+/// Two VMs alive at once, one per CPU: each VMM's input ends only after
+/// both have greeted.
+const VM_PAIR_COMMANDS: &str = concat!(
+    vm_prelude!(),
+    "\
+before=$(free_pages)
+mkfifo /tmp/in1 /tmp/in2
+taskset 1 moat-vmm run --mem 8M /guest.bin < /tmp/in1 > /tmp/out1 & a=$!
+taskset 2 moat-vmm run --mem 8M /guest.bin < /tmp/in2 > /tmp/out2 & b=$!
+exec 3> /tmp/in1 4> /tmp/in2
+n=0
+until grep -q 'type a line' /tmp/out1 && grep -q 'type a line' /tmp/out2; do
+    n=$((n + 1)); [ $n -lt 600 ] || exit 3; sleep 0.1
+done
+echo 'both VMs alive'
+echo one >&3; echo two >&4; exec 3>&- 4>&-
+wait $a || exit 4
+wait $b || exit 5
+while read -r l; do echo \"first: $l\"; done < /tmp/out1
+while read -r l; do echo \"second: $l\"; done < /tmp/out2
+after=$(free_pages)
+echo \"free pages before $before after $after\"
+moat-vmm check"
+);
+
+/// The test build of the module maps a page donated to a VM into a
+/// process, as a rogue module could; the process's read must abort (SIGBUS,
+/// status 135), and the VM still goes away cleanly with its process.
+const VM_ROGUE_MAP_COMMANDS: &str = "\
+insmod /moat-test.ko || exit 1
+moat-vmm read-donated
+echo \"rogue read: status $?\"
+moat-vmm check";
+
+/// One hundred VMs created, run to their end and destroyed, one after
+/// another, after twenty more that let the kernel's caches for processes
+/// grow to their size: a page kept per VM would show as 100.
+const VM_CYCLE_COMMANDS: &str = concat!(
+    vm_prelude!(),
+    "\
+lives() {
+    i=0
+    while [ $i -lt $1 ]; do
+        echo $i | moat-vmm run /guest.bin > /dev/null || exit 2
+        i=$((i + 1))
+    done
+}
+lives 20
+before=$(free_pages)
+lives 100
+echo \"$i VMs ran\"
+after=$(free_pages)
+echo \"free pages before $before after $after\"
+moat-vmm check"
+);
+
+/// The VMs' memory came back: the free pages after the VMs are within
+/// `slack` pages of the count before them (a VM's 16 MiB is 4096 pages; a
+/// page lost in each of a hundred VMs, 100).
+fn check_memfree_restored(console: &str, slack: i64) -> Result<(), String> {
+    let out = linux::command_output(console);
+    let line = out
+        .iter()
+        .find_map(|l| l.strip_prefix("free pages before "))
+        .ok_or_else(|| format!("no free-pages line in {out:?}"))?;
+    let nums: Vec<i64> = line
+        .split(" after ")
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let [before, after] = nums[..] else {
+        return Err(format!("malformed free-pages line {line:?}"));
+    };
+    let lost = before - after;
+    println!("    free pages before the VMs {before}, after {after} ({lost} fewer)");
+    if lost.abs() <= slack {
+        Ok(())
+    } else {
+        Err(format!("{lost} fewer free pages after the VMs than before"))
+    }
+}
 
 /// The image whose ledger lies: `services/rogue-ledger` in the ledger's place.
 const ROGUE_LEDGER_MANIFEST: &str = "images/rogue-ledger.toml";
@@ -1190,6 +1532,7 @@ fn image_for(
     built: &Built,
     external: &Option<PathBuf>,
     assets: &HashMap<Kernel, Assets>,
+    vm_pieces: Option<&linux_vm::Pieces>,
     services: &Services,
 ) -> Result<(PathBuf, Option<PathBuf>)> {
     let mut initramfs = None;
@@ -1198,8 +1541,10 @@ fn image_for(
             let assets = assets
                 .get(&case.kernel)
                 .context("Linux assets not fetched")?;
+            // The module is built for the default kernel only.
+            let vm = vm_pieces.filter(|_| case.kernel == Kernel::Default);
             let initrd =
-                linux::write_initramfs(assets, Some(commands), &format!("test-{}", case.name))?;
+                linux::write_initramfs(assets, vm, Some(commands), &format!("test-{}", case.name))?;
             initramfs = Some(initrd.clone());
             linux::image_spec(assets, &initrd, case.bootargs, &services.linux)
         }
@@ -1270,6 +1615,10 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
             assets.insert(case.kernel.clone(), a);
         }
     }
+    let vm_pieces = match assets.get(&Kernel::Default) {
+        Some(default) => Some(linux_vm::build(default, &built, true)?),
+        None => None,
+    };
     let mut services = Services {
         demo: image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?.1,
         linux: linux::services()?,
@@ -1286,7 +1635,14 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
     let mut passed = 0;
     let mut failed = Vec::new();
     for case in selected {
-        let (img, initramfs) = image_for(&case, &built, &external, &assets, &services)?;
+        let (img, initramfs) = image_for(
+            &case,
+            &built,
+            &external,
+            &assets,
+            vm_pieces.as_ref(),
+            &services,
+        )?;
         let cmd = qemu::command_on_reset(&img, &case.machine, &[], case.on_reset);
         let mut fail = case.fail.clone();
         fail.extend_from_slice(ALWAYS_FAIL);
@@ -1452,6 +1808,17 @@ fn unit_tests_and_lints() -> Result<()> {
         ])
         .arg(tools::target_dir().join("probe"))
         .args(["--", "-D", "warnings"]))?;
+    // The VMM, for the Linux target it runs on.
+    run(cargo().args([
+        "clippy",
+        "--package",
+        "moat-vmm",
+        "--target",
+        linux_vm::VMM_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     Ok(())
 }
 
@@ -1697,7 +2064,7 @@ struct LinuxBoots {
 impl LinuxBoots {
     fn prepare(built: &Built) -> Result<Self> {
         let assets = linux::ensure_assets()?;
-        let initrd = linux::write_initramfs(&assets, Some("true"), "bench-linux")?;
+        let initrd = linux::write_initramfs(&assets, None, Some("true"), "bench-linux")?;
         let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
         let moat_image = image::pack(&built.core, &spec, "bench-linux")?;
         let (stub, kernel_at) = image::build_el2_stub()?;

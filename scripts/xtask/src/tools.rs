@@ -344,30 +344,42 @@ pub fn ensure_qemu() -> Result<()> {
     )
 }
 
-/// Valgrind (for `cargo xtask bench --emulator-cost`), installed from
-/// Debian if missing.
-pub fn ensure_valgrind() -> Result<()> {
-    let present = || {
-        Command::new("valgrind")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if present() {
-        return Ok(());
-    }
-    let commands = "apt-get install -y --no-install-recommends valgrind";
-    if install_on_debian(
-        "valgrind",
-        "--emulator-cost counts QEMU's own instructions under it",
-        commands,
-    )? && present()
-    {
+/// Whether `program --version` runs and succeeds.
+fn runs(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `program`, installed from Debian with `commands` (`what`, `why`: see
+/// [`install_on_debian`]) if it does not run; `needed_for` starts the error
+/// that prints the commands when it cannot be installed.
+fn ensure_from_debian(
+    program: &str,
+    commands: &str,
+    what: &str,
+    why: &str,
+    needed_for: &str,
+) -> Result<()> {
+    if runs(program) || (install_on_debian(what, why, commands)? && runs(program)) {
         return Ok(());
     }
     bail!(
-        "counting the emulator's instructions needs valgrind. On Debian, as root:\n  {commands}\n\
-         Elsewhere, install valgrind with your package manager."
+        "{needed_for}. On Debian 12, as root:\n  {commands}\n\
+         Elsewhere, install {what} with your package manager."
+    )
+}
+
+/// Valgrind (for `cargo xtask bench --emulator-cost`), installed from
+/// Debian if missing.
+pub fn ensure_valgrind() -> Result<()> {
+    ensure_from_debian(
+        "valgrind",
+        "apt-get install -y --no-install-recommends valgrind",
+        "valgrind",
+        "--emulator-cost counts QEMU's own instructions under it",
+        "counting the emulator's instructions needs valgrind",
     )
 }
 
@@ -396,4 +408,17 @@ pub fn ensure_mdbook() -> Result<PathBuf> {
         ]),
     )?;
     Ok(cargo_bin)
+}
+
+/// The cross compiler `moat.ko` is built with: Debian's
+/// `gcc-aarch64-linux-gnu` (gcc 12, the compiler Debian built its arm64
+/// kernel with), installed from Debian if missing.
+pub fn ensure_cross_gcc() -> Result<()> {
+    ensure_from_debian(
+        "aarch64-linux-gnu-gcc-12",
+        "apt-get install -y --no-install-recommends gcc-aarch64-linux-gnu make",
+        "gcc-aarch64-linux-gnu",
+        "moat.ko, the Linux host's module for protected VMs, is C built against Debian's arm64 headers",
+        "building moat.ko needs Debian's arm64 cross compiler",
+    )
 }
