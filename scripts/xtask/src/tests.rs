@@ -1929,9 +1929,15 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         vm_figures.insert(alias.to_string(), v);
     }
 
+    let vmm_exit_roundtrip = vmm_exit_roundtrip(&built)?;
+    println!(
+        "vmm_exit_roundtrip: {vmm_exit_roundtrip} instructions per round trip (guest hvc -> core -> moat.ko -> moat-vmm in Linux userspace -> MOAT_RUN -> guest)"
+    );
+
     let boots = LinuxBoots::prepare(&built)?;
     let boot = linux_boot_times(&boots)?;
     let mut json = serde_json::json!({
+        "vmm_exit_roundtrip": vmm_exit_roundtrip,
         "null_hvc": null_hvc,
         "service_call": service_call,
         "service_call_el2": service_call_el2,
@@ -1986,6 +1992,49 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")?;
     println!("xtask: wrote {}", path.display());
     Ok(())
+}
+
+/// Round trips `moat-vmm bench-exits` times.
+const VMM_BENCH_EXITS: u64 = 20_000;
+
+/// Instructions per exit from a protected VM to `moat-vmm` in the Linux
+/// host's userspace and back: Debian's kernel under Moat, one CPU, icount
+/// (a nanosecond of the 1 GHz counter is an instruction), the VMM timing
+/// [`VMM_BENCH_EXITS`] `Hvc` exits of the guest's ping mode with the
+/// virtual counter.
+fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
+    let assets = linux::ensure_assets()?;
+    let vm = linux_vm::build(&assets, built, false)?;
+    let commands = format!(
+        "insmod /{} && moat-vmm bench-exits /{} --count {VMM_BENCH_EXITS}",
+        linux_vm::MODULE_PATH,
+        linux_vm::GUEST_PATH
+    );
+    let initrd = linux::write_initramfs(&assets, Some(&vm), Some(&commands), "bench-vmm")?;
+    let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
+    let img = image::pack(&built.core, &spec, "bench-vmm")?;
+    let cmd = qemu::command(&img, &machine(1, "v3"), &["-icount", "shift=0,sleep=off"]);
+    let harness = Harness {
+        pass: &[linux::MARKER_STATUS],
+        fail: linux::FAIL_PATTERNS,
+        timeout: Duration::from_secs(900),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(cmd, &harness)?;
+    std::fs::write(tools::target_dir().join("bench-vmm.log"), &out.console)?;
+    out.console
+        .lines()
+        .find_map(|l| {
+            l.split_once("HVC exits to this process and back: ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .filter(|_| linux::exit_status(&out.console) == Some(0))
+        .context("moat-vmm bench-exits gave no figure; console in target/bench-vmm.log")
 }
 
 /// The test host's protected-VM figures (`bench:` lines): instructions per
