@@ -133,6 +133,7 @@ struct moat_block {
 
 /* What one open file of /dev/moat holds. */
 struct moat_file {
+	/* Serialises this file's ioctls: one VM, one caller at a time. */
 	struct mutex lock;
 	bool has_vm;
 	u64 handle;

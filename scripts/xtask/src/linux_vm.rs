@@ -237,12 +237,23 @@ fn build_vmm() -> Result<PathBuf> {
 }
 
 /// Builds the pieces for the kernel of `assets`; `built` is the image build
-/// that made the guest. `for_tests` adds the test build of the module.
+/// that made the guest. `for_tests` adds the test build of the module, and
+/// checks the module's sources with the kernel's `checkpatch.pl` first.
 pub fn build(assets: &Assets, built: &image::Built, for_tests: bool) -> Result<Pieces> {
     let (abi, version) = kernel_abi(&assets.kernel_package)
         .with_context(|| format!("unexpected kernel package {:?}", assets.kernel_package))?;
     let debs = ensure_headers(&abi, &version)?;
     let headers = extract_headers(&abi, &debs)?;
+    if for_tests {
+        // The module as a kernel maintainer would take it.
+        let mut parts = abi.split('.');
+        let series = format!(
+            "{}.{}",
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default()
+        );
+        crate::checkpatch::check_module(&series)?;
+    }
     Ok(Pieces {
         module: build_module(&abi, &headers, false)?,
         vmm: build_vmm()?,

@@ -11,6 +11,7 @@
 //! Missing tools (QEMU >= 9, mdbook) are installed on Debian when running as
 //! root; elsewhere the exact command to run is printed.
 
+mod checkpatch;
 mod cpio;
 mod image;
 mod kernels;
