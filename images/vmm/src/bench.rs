@@ -61,3 +61,36 @@ pub fn run(guest: &[u8], count: u64) -> io::Result<Measured> {
         interrupts,
     })
 }
+
+/// Where `bench-kvm` puts its guest's memory, as the Moat guest's.
+const KVM_GUEST_IPA: u64 = p::BASE_IPA;
+/// An address with nothing behind it in the KVM guest: a store there is an
+/// MMIO exit to this process.
+const KVM_MMIO_IPA: u64 = 0x1000_0000;
+
+/// The KVM guest: `movz x2, #0x1000, lsl #16` (x2 = [`KVM_MMIO_IPA`]), then
+/// `str x1, [x2]` and `b` back to it for ever: one MMIO exit per loop.
+const KVM_GUEST: [u32; 3] = [0xd2a2_0002, 0xf900_0041, 0x17ff_ffff];
+
+/// `bench-kvm`: `count` round trips after the first through Linux KVM, each
+/// a `KVM_RUN` ending in an MMIO exit (the store) and the next `KVM_RUN`
+/// completing it.
+pub fn run_kvm(count: u64) -> io::Result<Duration> {
+    const _: () = assert!(KVM_MMIO_IPA == (0x1000 << 16));
+    let mut vm = crate::device::kvm::Vm::new(KVM_GUEST_IPA, 16 << 10, &KVM_GUEST)?;
+    let mut start = None;
+    for exits in 0..=count {
+        if exits == 1 {
+            start = Some(Instant::now());
+        }
+        let reason = vm.run()?;
+        if reason != crate::device::kvm::EXIT_MMIO {
+            return Err(io::Error::other(format!(
+                "KVM_RUN exit {reason} after {exits} MMIO exits"
+            )));
+        }
+    }
+    start
+        .map(|s| s.elapsed())
+        .ok_or_else(|| io::Error::other("no round trip timed"))
+}

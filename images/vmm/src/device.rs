@@ -1,4 +1,5 @@
-//! `/dev/moat`: the ioctls of the kernel module (`images/linux-module`).
+//! `/dev/moat`: the ioctls of the kernel module (`images/linux-module`);
+//! and, in [`kvm`], the few `/dev/kvm` ones `bench-kvm` compares with.
 //!
 //! The layouts mirror `moat_uapi.h`: 64-bit fields only, so they have no
 //! padding. This is the VMM's only `unsafe` code: an `ioctl` system call
@@ -144,6 +145,217 @@ impl Device {
         // SAFETY: unmaps exactly the mapping made above, no longer used.
         unsafe { libc::munmap(at, page) };
         Ok(word)
+    }
+}
+
+/// Linux's `/dev/kvm`, for `bench-kvm`: the same kind of exit through KVM,
+/// to compare with. Layouts and numbers from the arm64 KVM uapi.
+pub mod kvm {
+    use std::fs::{File, OpenOptions};
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+    const KVMIO: u64 = 0xae;
+    const WRITE: u64 = 1;
+    const READ: u64 = 2;
+
+    const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+        (dir << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+    }
+
+    /// `struct kvm_userspace_memory_region`.
+    #[repr(C)]
+    struct MemoryRegion {
+        slot: u32,
+        flags: u32,
+        guest_phys_addr: u64,
+        memory_size: u64,
+        userspace_addr: u64,
+    }
+
+    /// `struct kvm_one_reg`.
+    #[repr(C)]
+    struct OneReg {
+        id: u64,
+        addr: u64,
+    }
+
+    /// `struct kvm_vcpu_init`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct VcpuInit {
+        target: u32,
+        features: [u32; 7],
+    }
+
+    const CREATE_VM: u64 = ioc(0, 0x01, 0);
+    const GET_VCPU_MMAP_SIZE: u64 = ioc(0, 0x04, 0);
+    const CREATE_VCPU: u64 = ioc(0, 0x41, 0);
+    const SET_USER_MEMORY_REGION: u64 = ioc(WRITE, 0x46, size_of::<MemoryRegion>());
+    const RUN: u64 = ioc(0, 0x80, 0);
+    const SET_ONE_REG: u64 = ioc(WRITE, 0xac, size_of::<OneReg>());
+    const ARM_VCPU_INIT: u64 = ioc(WRITE, 0xae, size_of::<VcpuInit>());
+    const ARM_PREFERRED_TARGET: u64 = ioc(READ, 0xaf, size_of::<VcpuInit>());
+
+    /// `KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE` and the offset
+    /// of `regs.pc` in `struct kvm_regs` (31 x registers and sp before it)
+    /// in 32-bit words.
+    const REG_PC: u64 = 0x6000_0000_0000_0000 | 0x0030_0000_0000_0000 | 0x0010_0000 | (32 * 8 / 4);
+
+    /// `KVM_EXIT_MMIO`.
+    pub const EXIT_MMIO: u32 = 6;
+    /// Offset of `exit_reason` in `struct kvm_run`.
+    const RUN_EXIT_REASON: usize = 8;
+
+    /// Issues `request` on `fd` with `arg` (a pointer or a plain value).
+    fn ioctl(fd: RawFd, request: u64, arg: u64) -> io::Result<i32> {
+        // SAFETY: every request made here either takes no argument or takes a
+        // pointer to a live value of the exact layout its number encodes,
+        // borrowed for the call's duration.
+        let r = unsafe { libc::ioctl(fd, request as _, arg) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+
+    /// An anonymous or file mapping this module made, unmapped on drop.
+    struct Mapping {
+        at: *mut libc::c_void,
+        len: usize,
+    }
+
+    impl Mapping {
+        fn new(len: usize, flags: libc::c_int, fd: RawFd) -> io::Result<Self> {
+            // SAFETY: a new read-write mapping at an address the kernel
+            // chooses; no existing memory is affected.
+            let at = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    fd,
+                    0,
+                )
+            };
+            if at == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Self { at, len })
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: unmaps exactly the mapping `new` made; nothing refers
+            // to it any more.
+            unsafe { libc::munmap(self.at, self.len) };
+        }
+    }
+
+    /// A KVM VM with `len` bytes of memory at `ipa`, holding `program`, and
+    /// one vCPU about to run it from its first instruction.
+    pub struct Vm {
+        // Field order is drop order: the vCPU's run area and file first,
+        // then the VM, then its memory.
+        run: Mapping,
+        vcpu: File,
+        _vm: File,
+        _memory: Mapping,
+    }
+
+    impl Vm {
+        pub fn new(ipa: u64, len: usize, program: &[u32]) -> io::Result<Self> {
+            let kvm = OpenOptions::new().read(true).write(true).open("/dev/kvm")?;
+            let vm = owned(ioctl(kvm.as_raw_fd(), CREATE_VM, 0)?);
+            let memory = Mapping::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)?;
+            let words = len / 4;
+            if program.len() > words {
+                return Err(io::Error::other("the program does not fit"));
+            }
+            // SAFETY: `memory` is a fresh, page-aligned, writable mapping of
+            // `len` bytes that nothing else refers to yet; `program` fits.
+            let guest = unsafe { std::slice::from_raw_parts_mut(memory.at.cast::<u32>(), words) };
+            guest[..program.len()].copy_from_slice(program);
+            let mut region = MemoryRegion {
+                slot: 0,
+                flags: 0,
+                guest_phys_addr: ipa,
+                memory_size: len as u64,
+                userspace_addr: memory.at as u64,
+            };
+            ioctl(
+                vm.as_raw_fd(),
+                SET_USER_MEMORY_REGION,
+                &raw mut region as u64,
+            )?;
+            let vcpu = owned(ioctl(vm.as_raw_fd(), CREATE_VCPU, 0)?);
+            let mut init = VcpuInit::default();
+            ioctl(vm.as_raw_fd(), ARM_PREFERRED_TARGET, &raw mut init as u64)?;
+            ioctl(vcpu.as_raw_fd(), ARM_VCPU_INIT, &raw mut init as u64)?;
+            // KVM_ARM_VCPU_INIT leaves the vCPU in EL1h with interrupts
+            // masked and the MMU off; only the PC needs setting.
+            let mut pc = ipa;
+            let mut reg = OneReg {
+                id: REG_PC,
+                addr: &raw mut pc as u64,
+            };
+            ioctl(vcpu.as_raw_fd(), SET_ONE_REG, &raw mut reg as u64)?;
+            let run_len = ioctl(kvm.as_raw_fd(), GET_VCPU_MMAP_SIZE, 0)?;
+            let run_len = usize::try_from(run_len).map_err(io::Error::other)?;
+            if run_len < RUN_EXIT_REASON + 4 {
+                return Err(io::Error::other("kvm_run is too small"));
+            }
+            let run = Mapping::new(run_len, libc::MAP_SHARED, vcpu.as_raw_fd())?;
+            Ok(Self {
+                run,
+                vcpu,
+                _vm: vm,
+                _memory: memory,
+            })
+        }
+
+        /// `KVM_RUN`; returns `exit_reason`.
+        pub fn run(&mut self) -> io::Result<u32> {
+            ioctl(self.vcpu.as_raw_fd(), RUN, 0)?;
+            // SAFETY: the run area is a live shared mapping of at least
+            // RUN_EXIT_REASON + 4 bytes (checked in `new`), page-aligned, so
+            // the u32 is aligned; KVM writes it only during KVM_RUN.
+            Ok(unsafe {
+                self.run
+                    .at
+                    .cast::<u8>()
+                    .add(RUN_EXIT_REASON)
+                    .cast::<u32>()
+                    .read_volatile()
+            })
+        }
+    }
+
+    /// Takes ownership of a descriptor an ioctl just returned.
+    fn owned(fd: i32) -> File {
+        // SAFETY: `fd` is a new descriptor KVM just created for this
+        // process, owned by nothing else.
+        unsafe { File::from_raw_fd(fd) }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn ioctl_numbers_match_linux_encoding() {
+            assert_eq!(CREATE_VM, 0xae01);
+            assert_eq!(CREATE_VCPU, 0xae41);
+            assert_eq!(SET_USER_MEMORY_REGION, 0x4020_ae46);
+            assert_eq!(RUN, 0xae80);
+            assert_eq!(SET_ONE_REG, 0x4010_aeac);
+            assert_eq!(ARM_VCPU_INIT, 0x4020_aeae);
+            assert_eq!(ARM_PREFERRED_TARGET, 0x8020_aeaf);
+            assert_eq!(REG_PC, 0x6030_0000_0010_0040);
+        }
     }
 }
 

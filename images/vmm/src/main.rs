@@ -93,6 +93,14 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         count: u64,
     },
+    /// Measures, for comparison: COUNT MMIO exits of a minimal Linux KVM
+    /// guest to this process and back (needs /dev/kvm), timed with the
+    /// virtual counter.
+    #[command(hide = true)]
+    BenchKvm {
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+    },
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -325,6 +333,24 @@ fn bench_exits(guest: &std::path::Path, count: u64) -> ExitCode {
     }
 }
 
+fn bench_kvm(count: u64) -> ExitCode {
+    let count = count.max(1);
+    match bench::run_kvm(count) {
+        Ok(elapsed) => {
+            let ns = elapsed.as_nanos() / u128::from(count);
+            println!(
+                "moat-vmm: {count} KVM MMIO exits to this process and back: {ns} ns each \
+                 (under -icount shift=0, ns = instructions)"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("moat-vmm: bench-kvm: {e}");
+            ExitCode::from(STATUS_VMM_FAILED)
+        }
+    }
+}
+
 fn probe_errors(guest: &std::path::Path) -> ExitCode {
     let result = std::fs::read(guest).and_then(|image| probe::run(&image));
     match result {
@@ -363,6 +389,7 @@ fn main() -> ExitCode {
         Command::ReadDonated => return read_donated(),
         Command::ProbeErrors { guest } => return probe_errors(&guest),
         Command::BenchExits { guest, count } => return bench_exits(&guest, count),
+        Command::BenchKvm { count } => return bench_kvm(count),
     };
     let status = match run(&guest, mem, mte) {
         Ok(End::Off) => STATUS_OFF,

@@ -90,6 +90,21 @@ pub fn linux_direct_command(
     c
 }
 
+/// As [`linux_direct_command`] but with `virtualization=on`: QEMU enters the
+/// kernel at EL2, so Linux has KVM (in VHE mode on `-cpu max`). For
+/// comparing Moat's exits with KVM's on the same emulator and kernel.
+pub fn linux_direct_el2_command(
+    kernel: &Path,
+    initrd: &Path,
+    append: &str,
+    m: &MachineArgs,
+) -> Command {
+    let mut c = machine_command(m, true, OnReset::Exit, "stdio");
+    c.arg("-kernel").arg(kernel);
+    linux_boot_args(&mut c, initrd, append);
+    c
+}
+
 /// The initramfs and command line firmware hands a Linux kernel.
 fn linux_boot_args(c: &mut Command, initrd: &Path, append: &str) {
     c.arg("-initrd").arg(initrd).arg("-append").arg(append);

@@ -1934,10 +1934,16 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         "vmm_exit_roundtrip: {vmm_exit_roundtrip} instructions per round trip (guest hvc -> core -> moat.ko -> moat-vmm in Linux userspace -> MOAT_RUN -> guest)"
     );
 
+    let kvm_exit_roundtrip = kvm_exit_roundtrip(&built)?;
+    println!(
+        "kvm_exit_roundtrip: {kvm_exit_roundtrip} instructions per round trip (guest MMIO store -> Linux KVM at EL2 (VHE) -> moat-vmm bench-kvm in userspace -> KVM_RUN -> guest; no Moat)"
+    );
+
     let boots = LinuxBoots::prepare(&built)?;
     let boot = linux_boot_times(&boots)?;
     let mut json = serde_json::json!({
         "vmm_exit_roundtrip": vmm_exit_roundtrip,
+        "kvm_exit_roundtrip": kvm_exit_roundtrip,
         "null_hvc": null_hvc,
         "service_call": service_call,
         "service_call_el2": service_call_el2,
@@ -2035,6 +2041,46 @@ fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
         })
         .filter(|_| linux::exit_status(&out.console) == Some(0))
         .context("moat-vmm bench-exits gave no figure; console in target/bench-vmm.log")
+}
+
+/// Instructions per exit of a minimal Linux KVM guest to `moat-vmm
+/// bench-kvm` and back, for comparison with [`vmm_exit_roundtrip`]: the same
+/// Debian kernel booted directly at EL2 (no Moat; KVM in VHE mode), one CPU,
+/// icount, [`VMM_BENCH_EXITS`] `KVM_RUN` calls each ending in an MMIO exit.
+fn kvm_exit_roundtrip(built: &Built) -> Result<u64> {
+    let assets = linux::ensure_assets()?;
+    let vm = linux_vm::build(&assets, built, false)?;
+    let commands = format!("moat-vmm bench-kvm --count {VMM_BENCH_EXITS}");
+    let initrd = linux::write_initramfs(&assets, Some(&vm), Some(&commands), "bench-kvm")?;
+    let m = MachineArgs {
+        icount: true,
+        ..machine(1, "v3")
+    };
+    let cmd = qemu::linux_direct_el2_command(&assets.kernel, &initrd, &linux::bootargs(None), &m);
+    let harness = Harness {
+        pass: &[linux::MARKER_STATUS],
+        fail: linux::FAIL_PATTERNS,
+        timeout: Duration::from_secs(900),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(cmd, &harness)?;
+    std::fs::write(tools::target_dir().join("bench-kvm.log"), &out.console)?;
+    if !out.console.contains("VHE mode initialized successfully") {
+        bail!("KVM did not start in VHE mode; console in target/bench-kvm.log");
+    }
+    out.console
+        .lines()
+        .find_map(|l| {
+            l.split_once("KVM MMIO exits to this process and back: ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .filter(|_| linux::exit_status(&out.console) == Some(0))
+        .context("moat-vmm bench-kvm gave no figure; console in target/bench-kvm.log")
 }
 
 /// The test host's protected-VM figures (`bench:` lines): instructions per
