@@ -147,7 +147,7 @@ fn bad_tree(name: &'static str, tree: Tree, message: &'static str) -> Case {
 }
 
 fn cases() -> Vec<Case> {
-    vec![
+    let mut cases = vec![
         host_boot("boot_gicv3", 1, "v3", &["GICv3"]),
         host_boot(
             "ledger_agrees_with_the_host_stage2",
@@ -719,87 +719,6 @@ fn cases() -> Vec<Case> {
                  echo 'after the crash' | moat-vmm run /guest.bin && moat-vmm check",
             )
         },
-        linux_vm_memory_case(
-            "linux_protected_vm_gives_its_memory_back",
-            VM_MEMFREE_COMMANDS,
-            &["guest heard: memory check"],
-            LOOSE_PAGES,
-        ),
-        linux_vm_memory_case(
-            "linux_protected_vm_killed_vmm_frees_the_vm",
-            VM_KILL_COMMANDS,
-            &[
-                "type a line:",
-                "rmmod refused while the VM lives",
-                "killed: status 137",
-                "module unloaded after the VM",
-            ],
-            LOOSE_PAGES,
-        ),
-        linux_vm_memory_case(
-            "linux_protected_vms_on_two_cpus_at_once",
-            VM_PAIR_COMMANDS,
-            &[
-                "both VMs alive",
-                "first: guest heard: one",
-                "second: guest heard: two",
-            ],
-            LOOSE_PAGES,
-        ),
-        Case {
-            timeout: 600,
-            ..linux_vm_memory_case(
-                "linux_protected_vm_100_lives_leak_nothing",
-                VM_CYCLE_COMMANDS,
-                &["100 VMs ran"],
-                64,
-            )
-        },
-        Case {
-            pass: vec![
-                linux::MARKER_COMMANDS,
-                "moat-vmm: probes: 23 as expected, 0 not",
-                "moat-vmm: the ledger and the host's stage-2 agree",
-                "moat-linux: exit status 0",
-            ],
-            fail: [
-                linux::FAIL_PATTERNS,
-                VMM_FAIL_PATTERNS,
-                &["NOT AS EXPECTED"],
-            ]
-            .concat(),
-            ..linux_case(
-                "linux_protected_vm_bad_ioctl_arguments_refused",
-                2,
-                "v3",
-                "insmod /moat.ko && moat-vmm probe-errors /guest.bin && moat-vmm check",
-            )
-        },
-        Case {
-            pass: vec![
-                linux::MARKER_COMMANDS,
-                "moat-vmm: reading the page donated to the VM",
-                "synchronous external abort injected",
-                "rogue read: status 135",
-                "moat-vmm: the ledger and the host's stage-2 agree",
-                "moat-linux: exit status 0",
-            ],
-            fail: [
-                linux::FAIL_PATTERNS,
-                VMM_FAIL_PATTERNS,
-                &[
-                    "moat-vmm: read the VM's page",
-                    "moat-vmm: reading the donated page:",
-                ],
-            ]
-            .concat(),
-            ..linux_case(
-                "linux_protected_vm_page_mapped_into_a_process_aborts",
-                2,
-                "v3",
-                VM_ROGUE_MAP_COMMANDS,
-            )
-        },
         Case {
             // Two boots of the core and two of the shell: the second boot
             // after the reset reached the shell. It would reboot for ever,
@@ -815,7 +734,10 @@ fn cases() -> Vec<Case> {
             on_reset: OnReset::Reboot,
             ..linux_case("linux_reboot_boots_again", 1, "v3", "reboot -f")
         },
-    ]
+    ];
+    cases.extend(linux_vm_hostile_cases("v3"));
+    cases.extend(linux_vm_hostile_cases("v2"));
+    cases
 }
 
 /// Every host hypercall with boundary arguments (`moat.attack=boundary_arguments`).
@@ -876,6 +798,118 @@ const VMM_FAIL_PATTERNS: &[&str] = &[
 /// about 40 pages measured), with room.
 const LOOSE_PAGES: i64 = 256;
 
+/// The hostile cases of protected VMs under Linux, on `gic` ("v3" or
+/// "v2"): memory given back, a killed VMM, two VMs at once, 100 lives, bad
+/// ioctl arguments, and a donated page mapped into a process.
+fn linux_vm_hostile_cases(gic: &'static str) -> Vec<Case> {
+    let name = |v3: &'static str, v2: &'static str| if gic == "v2" { v2 } else { v3 };
+    vec![
+        linux_vm_memory_case(
+            name(
+                "linux_protected_vm_gives_its_memory_back",
+                "linux_protected_vm_gives_its_memory_back_gicv2",
+            ),
+            VM_MEMFREE_COMMANDS,
+            &["guest heard: memory check"],
+            LOOSE_PAGES,
+            gic,
+        ),
+        linux_vm_memory_case(
+            name(
+                "linux_protected_vm_killed_vmm_frees_the_vm",
+                "linux_protected_vm_killed_vmm_frees_the_vm_gicv2",
+            ),
+            VM_KILL_COMMANDS,
+            &[
+                "type a line:",
+                "rmmod refused while the VM lives",
+                "killed: status 137",
+                "module unloaded after the VM",
+            ],
+            LOOSE_PAGES,
+            gic,
+        ),
+        linux_vm_memory_case(
+            name(
+                "linux_protected_vms_on_two_cpus_at_once",
+                "linux_protected_vms_on_two_cpus_at_once_gicv2",
+            ),
+            VM_PAIR_COMMANDS,
+            &[
+                "both VMs alive",
+                "first: guest heard: one",
+                "second: guest heard: two",
+            ],
+            LOOSE_PAGES,
+            gic,
+        ),
+        Case {
+            timeout: 600,
+            ..linux_vm_memory_case(
+                name(
+                    "linux_protected_vm_100_lives_leak_nothing",
+                    "linux_protected_vm_100_lives_leak_nothing_gicv2",
+                ),
+                VM_CYCLE_COMMANDS,
+                &["100 VMs ran"],
+                64,
+                gic,
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "moat-vmm: probes: 23 as expected, 0 not",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                VMM_FAIL_PATTERNS,
+                &["NOT AS EXPECTED"],
+            ]
+            .concat(),
+            ..linux_case(
+                name(
+                    "linux_protected_vm_bad_ioctl_arguments_refused",
+                    "linux_protected_vm_bad_ioctl_arguments_refused_gicv2",
+                ),
+                2,
+                gic,
+                "insmod /moat.ko && moat-vmm probe-errors /guest.bin && moat-vmm check",
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "moat-vmm: reading the page donated to the VM",
+                "synchronous external abort injected",
+                "rogue read: status 135",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                VMM_FAIL_PATTERNS,
+                &[
+                    "moat-vmm: read the VM's page",
+                    "moat-vmm: reading the donated page:",
+                ],
+            ]
+            .concat(),
+            ..linux_case(
+                name(
+                    "linux_protected_vm_page_mapped_into_a_process_aborts",
+                    "linux_protected_vm_page_mapped_into_a_process_aborts_gicv2",
+                ),
+                2,
+                gic,
+                VM_ROGUE_MAP_COMMANDS,
+            )
+        },
+    ]
+}
+
 /// `commands` (see [`vm_prelude`]) on Linux with two CPUs: they print the
 /// `expected` lines, the free pages come back after the VMs to within
 /// `slack` pages ([`check_memfree_restored`]) and the core's checker is
@@ -885,6 +919,7 @@ fn linux_vm_memory_case(
     commands: &'static str,
     expected: &[&'static str],
     slack: i64,
+    gic: &'static str,
 ) -> Case {
     let unexpected = ["unloaded under a live VM"];
     let mut pass = vec![linux::MARKER_COMMANDS];
@@ -899,7 +934,7 @@ fn linux_vm_memory_case(
         check: Some(Box::new(move |console: &str| {
             check_memfree_restored(console, slack)
         })),
-        ..linux_case(name, 2, "v3", commands)
+        ..linux_case(name, 2, gic, commands)
     }
 }
 
