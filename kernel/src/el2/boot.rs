@@ -692,15 +692,18 @@ fn prepare_cpu(slot: &cpu::PerCpu) {
     let m = machine();
     // SAFETY: only this CPU writes its own slot's GIC path, before its host runs.
     unsafe {
+        // First: it opens the GIC's system registers to EL2, which the
+        // priority-bit probe below reads.
+        sysreg::configure_for_host(&m.cpu, &m.host_el2);
         if (*slot.gic.get()).is_none() {
             let affinity = moat_kernel::psci::mpidr_affinity(sysreg::mpidr());
-            let access = super::gic::locate(&m.platform.gic, affinity);
-            if let Some(a) = &access {
+            let mut access = super::gic::locate(&m.platform.gic, affinity);
+            if let Some(a) = access.as_mut() {
                 super::gic::prepare_cpu(&m.platform.gic, a);
+                super::gic::probe_priority_bits(a);
             }
             *slot.gic.get() = access;
         }
-        sysreg::configure_for_host(&m.cpu, &m.host_el2);
     }
     // SAFETY: the host's controls were just programmed on this CPU and
     // SVCR cleared: SVE and SME are open to EL2, not in streaming mode.

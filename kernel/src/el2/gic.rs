@@ -35,15 +35,23 @@ pub struct HeldBack {
     intids: heapless::Vec<u32, 8>,
 }
 
-/// How this CPU reaches the GIC for the watchdog.
+/// How this CPU reaches the GIC for the watchdog. `priority_bits` is the
+/// priority-mask bits its CPU interface implements (what a write of 0xff
+/// reads back as), learnt once at bring-up by [`probe_priority_bits`]
+/// rather than on every run; the run masks are computed from it.
 #[derive(Clone, Copy, Debug)]
 pub enum GicAccess {
     /// GICv3: the distributor and this CPU's SGI/PPI frame (redistributor + 64 KiB).
-    V3 { distributor: u64, sgi_frame: u64 },
+    V3 {
+        distributor: u64,
+        sgi_frame: u64,
+        priority_bits: u64,
+    },
     /// GICv2: distributor and CPU interface.
     V2 {
         distributor: u64,
         cpu_interface: u64,
+        priority_bits: u64,
     },
 }
 
@@ -79,6 +87,7 @@ pub fn locate(gic: &Gic, affinity: u64) -> Option<GicAccess> {
         } => Some(GicAccess::V2 {
             distributor: distributor.base,
             cpu_interface: cpu_interface.base,
+            priority_bits: 0xff,
         }),
         Gic::V3 {
             distributor,
@@ -96,6 +105,7 @@ pub fn locate(gic: &Gic, affinity: u64) -> Option<GicAccess> {
                         return Some(GicAccess::V3 {
                             distributor: distributor.base,
                             sgi_frame: frame + 0x1_0000,
+                            priority_bits: 0xff,
                         });
                     }
                     if typer & (1 << 4) != 0 {
@@ -123,6 +133,7 @@ pub fn open_watchdog(access: &GicAccess, mask: RunMask) -> SavedCpuInterface {
         GicAccess::V3 {
             distributor,
             sgi_frame,
+            priority_bits,
         } => {
             // The host may have turned group 1 off or put this CPU's
             // redistributor to sleep; the watchdog needs both.
@@ -139,25 +150,20 @@ pub fn open_watchdog(access: &GicAccess, mask: RunMask) -> SavedCpuInterface {
             ); // IGROUPR0
             wr8(sgi_frame + 0x400 + u64::from(WATCHDOG_INTID), 0); // IPRIORITYR
             wr32(sgi_frame + 0x100, 1 << WATCHDOG_INTID); // ISENABLER0
-            let (pmr, grpen, implemented): (u64, u64, u64);
+            let (pmr, grpen): (u64, u64);
             // SAFETY: the physical CPU interface's priority mask and group-1
-            // enable, saved here and restored by `close_watchdog`; writing
-            // 0xff and reading it back gives the implemented priority bits
-            // (the mask is rewritten below before anything is signalled:
-            // the core runs with interrupts masked). No ISB before the run:
-            // the ERET into it is a context synchronization event
-            // (SCTLR_EL2.EOS).
+            // enable, saved here and restored by `close_watchdog`. No ISB:
+            // they matter once the run starts, and the ERET into it is a
+            // context synchronization event (SCTLR_EL2.EOS).
             unsafe {
                 core::arch::asm!(
                     "mrs {p}, icc_pmr_el1", "mrs {g}, icc_igrpen1_el1",
-                    "msr icc_pmr_el1, {ff}", "isb", "mrs {i}, icc_pmr_el1",
-                    p = out(reg) pmr, g = out(reg) grpen, i = out(reg) implemented,
-                    ff = in(reg) 0xffu64,
-                    options(nostack, preserves_flags),
+                    p = out(reg) pmr, g = out(reg) grpen,
+                    options(nomem, nostack, preserves_flags),
                 );
                 core::arch::asm!(
                     "msr icc_pmr_el1, {m}", "msr icc_igrpen1_el1, {one}",
-                    m = in(reg) run_pmr(mask, pmr, implemented), one = in(reg) 1u64,
+                    m = in(reg) run_pmr(mask, pmr, priority_bits), one = in(reg) 1u64,
                     options(nostack, preserves_flags),
                 );
             }
@@ -166,6 +172,7 @@ pub fn open_watchdog(access: &GicAccess, mask: RunMask) -> SavedCpuInterface {
         GicAccess::V2 {
             distributor,
             cpu_interface,
+            priority_bits,
         } => {
             wr8(distributor + 0x400 + u64::from(WATCHDOG_INTID), 0);
             wr32(distributor + 0x100, 1 << WATCHDOG_INTID);
@@ -174,11 +181,9 @@ pub fn open_watchdog(access: &GicAccess, mask: RunMask) -> SavedCpuInterface {
                 a: u64::from(rd32(cpu_interface + 0x4)),
                 b: u64::from(rd32(cpu_interface)),
             };
-            wr32(cpu_interface + 0x4, 0xff);
-            let implemented = u64::from(rd32(cpu_interface + 0x4));
             wr32(
                 cpu_interface + 0x4,
-                run_pmr(mask, saved.a, implemented) as u32,
+                run_pmr(mask, saved.a, priority_bits) as u32,
             );
             wr32(cpu_interface, saved.b as u32 | 0b11);
             saved
@@ -297,6 +302,41 @@ fn write_bit(access: &GicAccess, intid: u32, bank: u64) {
     }
 }
 
+/// Once per CPU, with the GIC's system-register interface open to EL2
+/// (`configure_for_host`): learns which priority-mask bits this CPU
+/// interface implements, by writing 0xff and reading it back, and puts the
+/// mask back as it was.
+pub fn probe_priority_bits(access: &mut GicAccess) {
+    match access {
+        GicAccess::V3 { priority_bits, .. } => {
+            let bits: u64;
+            // SAFETY: this CPU's priority mask, restored before the host
+            // runs; the core runs with interrupts masked meanwhile. The ISB
+            // makes the write visible to the read-back (a system-register
+            // write is synchronized by a context synchronization event).
+            unsafe {
+                core::arch::asm!(
+                    "mrs {old}, icc_pmr_el1", "msr icc_pmr_el1, {ff}", "isb",
+                    "mrs {bits}, icc_pmr_el1", "msr icc_pmr_el1, {old}",
+                    old = out(reg) _, bits = out(reg) bits, ff = in(reg) 0xffu64,
+                    options(nostack, preserves_flags),
+                );
+            }
+            *priority_bits = bits;
+        }
+        GicAccess::V2 {
+            cpu_interface,
+            priority_bits,
+            ..
+        } => {
+            let old = rd32(*cpu_interface + 0x4);
+            wr32(*cpu_interface + 0x4, 0xff);
+            *priority_bits = u64::from(rd32(*cpu_interface + 0x4));
+            wr32(*cpu_interface + 0x4, old);
+        }
+    }
+}
+
 /// Once per CPU before the host runs: wake this CPU's redistributor and turn
 /// on affinity routing and group 1 in the distributor (GICv3), so PPIs can be
 /// delivered before the host has initialised the GIC itself. Both are what
@@ -307,6 +347,7 @@ pub fn prepare_cpu(gic: &Gic, access: &GicAccess) {
         GicAccess::V3 {
             distributor,
             sgi_frame,
+            ..
         },
     ) = (gic, access)
     {

@@ -2054,7 +2054,24 @@ fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
     let initrd = linux::write_initramfs(&assets, Some(&vm), Some(&commands), "bench-vmm")?;
     let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
     let img = image::pack(&built.core, &spec, "bench-vmm")?;
-    let cmd = qemu::command(&img, &machine(1, "v3"), &["-icount", "shift=0,sleep=off"]);
+    let cmd = qemu::command(&img, &bench_linux_machine(), &[]);
+    let (_, figure) = exit_bench(cmd, "bench-vmm", "HVC exits to this process and back: ")?;
+    Ok(figure)
+}
+
+/// One CPU, GICv3, icount: the machine of the exit benchmarks.
+fn bench_linux_machine() -> MachineArgs {
+    MachineArgs {
+        icount: true,
+        ..machine(1, "v3")
+    }
+}
+
+/// Runs `cmd`, a Linux boot whose `/init` runs one `moat-vmm` benchmark,
+/// keeps its console in `target/<log>.log`, and returns the console and
+/// the figure the VMM printed after `marker` (the commands must have ended
+/// with status 0).
+fn exit_bench(cmd: std::process::Command, log: &str, marker: &str) -> Result<(String, u64)> {
     let harness = Harness {
         pass: &[linux::MARKER_STATUS],
         fail: linux::FAIL_PATTERNS,
@@ -2063,11 +2080,12 @@ fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
         echo: false,
     };
     let out = qemu::run_harnessed(cmd, &harness)?;
-    std::fs::write(tools::target_dir().join("bench-vmm.log"), &out.console)?;
-    out.console
+    std::fs::write(tools::target_dir().join(format!("{log}.log")), &out.console)?;
+    let figure = out
+        .console
         .lines()
         .find_map(|l| {
-            l.split_once("HVC exits to this process and back: ")?
+            l.split_once(marker)?
                 .1
                 .split_whitespace()
                 .next()?
@@ -2075,7 +2093,8 @@ fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
                 .ok()
         })
         .filter(|_| linux::exit_status(&out.console) == Some(0))
-        .context("moat-vmm bench-exits gave no figure; console in target/bench-vmm.log")
+        .with_context(|| format!("the benchmark gave no figure; console in target/{log}.log"))?;
+    Ok((out.console, figure))
 }
 
 /// Instructions per exit of a minimal Linux KVM guest to `moat-vmm
@@ -2087,35 +2106,21 @@ fn kvm_exit_roundtrip(built: &Built) -> Result<u64> {
     let vm = linux_vm::build(&assets, built, false)?;
     let commands = format!("moat-vmm bench-kvm --count {VMM_BENCH_EXITS}");
     let initrd = linux::write_initramfs(&assets, Some(&vm), Some(&commands), "bench-kvm")?;
-    let m = MachineArgs {
-        icount: true,
-        ..machine(1, "v3")
-    };
-    let cmd = qemu::linux_direct_el2_command(&assets.kernel, &initrd, &linux::bootargs(None), &m);
-    let harness = Harness {
-        pass: &[linux::MARKER_STATUS],
-        fail: linux::FAIL_PATTERNS,
-        timeout: Duration::from_secs(900),
-        after_pass: AfterPass::WaitForExit,
-        echo: false,
-    };
-    let out = qemu::run_harnessed(cmd, &harness)?;
-    std::fs::write(tools::target_dir().join("bench-kvm.log"), &out.console)?;
-    if !out.console.contains("VHE mode initialized successfully") {
+    let cmd = qemu::linux_direct_el2_command(
+        &assets.kernel,
+        &initrd,
+        &linux::bootargs(None),
+        &bench_linux_machine(),
+    );
+    let (console, figure) = exit_bench(
+        cmd,
+        "bench-kvm",
+        "KVM MMIO exits to this process and back: ",
+    )?;
+    if !console.contains("VHE mode initialized successfully") {
         bail!("KVM did not start in VHE mode; console in target/bench-kvm.log");
     }
-    out.console
-        .lines()
-        .find_map(|l| {
-            l.split_once("KVM MMIO exits to this process and back: ")?
-                .1
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .filter(|_| linux::exit_status(&out.console) == Some(0))
-        .context("moat-vmm bench-kvm gave no figure; console in target/bench-kvm.log")
+    Ok(figure)
 }
 
 /// The test host's protected-VM figures (`bench:` lines): instructions per
