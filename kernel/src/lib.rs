@@ -14,6 +14,7 @@
 pub mod el2config;
 pub mod esr;
 pub mod inject;
+pub mod its;
 pub mod layout;
 pub mod mapcheck;
 pub mod psci;

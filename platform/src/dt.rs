@@ -321,6 +321,35 @@ pub fn discover(dtb: &[u8]) -> Result<Platform<'_>, DtError> {
     })
 }
 
+/// Most GICv3 ITSs [`gic_its`] reports.
+pub const MAX_ITS: usize = 4;
+
+/// The register frames of every available `arm,gic-v3-its` node (its
+/// control frame, then the translation frame 64 KiB above it), as CPU
+/// physical addresses, in tree order. An ITS the CPU cannot address is
+/// left out.
+pub fn gic_its(dtb: &[u8]) -> Result<Vec<Range, MAX_ITS>, DtError> {
+    let tree = Tree::open(dtb)?;
+    let mut out = Vec::new();
+    tree.walk(|ancestors, node| {
+        if !node.is_compatible(&["arm,gic-v3-its"]) || !node.is_available() {
+            return Ok(());
+        }
+        let first = match regs(ancestors, node) {
+            Ok(Some(mut regs)) => regs.next(),
+            Err(RegFault::Unaddressable) => return Ok(()),
+            _ => None,
+        };
+        let frames = match first {
+            Some(Ok((base, size))) => Range::new(base, size),
+            _ => None,
+        }
+        .ok_or(DtError::BadReg("a GICv3 ITS node"))?;
+        out.push(frames).map_err(|_| DtError::TooMany("GICv3 ITSs"))
+    })?;
+    Ok(out)
+}
+
 const FDT_MAGIC: u32 = 0xd00d_feed;
 const HEADER_LEN: usize = 40;
 /// The format version read; older trees lack `size_dt_struct`.

@@ -175,7 +175,9 @@ fn transact_serialised(
     // an owner's, whatever the ledger says.
     if matches!(
         request.op,
-        LedgerRequest::HOST_DONATE_VM | LedgerRequest::HOST_SHARE_HYP
+        LedgerRequest::HOST_DONATE_VM
+            | LedgerRequest::HOST_SHARE_HYP
+            | LedgerRequest::HOST_DONATE_HYP
     ) && let Some((pa, size)) = checked
         .scrub
         .or_else(|| checked.steps().next().map(step_range))
