@@ -224,6 +224,9 @@ fn mib(bytes: u64) -> u64 {
     bytes >> 20
 }
 
+/// Pages of GIC registers the host's stage-2 may leave out (see `its`).
+const WITHHELD_GIC_PAGES: usize = dt::MAX_ITS + 16;
+
 #[unsafe(no_mangle)]
 extern "C" fn primary_main(fdt_addr: u64) -> ! {
     heap::init_early();
@@ -303,7 +306,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     log_carve_out(&plan, image_range.size);
 
     // The core's final stage-1 map.
-    let mut core_mmio: heapless::Vec<Range, 8> = heapless::Vec::new();
+    let its_frames = dt::gic_its(dtb).unwrap_or_else(|e| fatal("device tree (GICv3 ITS)", e));
+    let mut core_mmio: heapless::Vec<Range, { 8 + dt::MAX_ITS }> = heapless::Vec::new();
     let _ = core_mmio.push(platform.uart.regs);
     match &platform.gic {
         Gic::V2 {
@@ -322,10 +326,21 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             for r in redistributors {
                 let _ = core_mmio.push(*r);
             }
+            // Each ITS's control frame (its translation frame is the host's).
+            for its in &its_frames {
+                let _ =
+                    core_mmio.push(Range::new(its.base, its.size.min(0x1_0000)).unwrap_or(*its));
+            }
         }
     }
     mmu::switch_to_final_map(&platform.memory, &core_mmio, sysreg::cpu_features().mte)
         .unwrap_or_else(|e| fatal("EL2 page tables", e));
+    let (its_count, redistributor_count) = super::its::init(&platform.gic, &its_frames);
+    if its_count + redistributor_count > 0 {
+        crate::log!(
+            "GICv3: {its_count} ITS(s) and {redistributor_count} redistributor(s): their table registers emulated, the command queue checked and shadowed"
+        );
+    }
 
     // The host's device tree: the carve-out reserved, PSCI through the core.
     let edits = HostDtEdits {
@@ -443,7 +458,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     // The host's stage-2: the RAM and device windows the device tree
     // describes, less what the core keeps. Everything withheld is logged.
-    let mut withheld: heapless::Vec<(Range, &str), 4> = heapless::Vec::new();
+    let mut withheld: heapless::Vec<(Range, &str), { 4 + WITHHELD_GIC_PAGES }> =
+        heapless::Vec::new();
     for range in plan.carve_out.as_slice() {
         let _ = withheld.push((*range, "the hypervisor's memory"));
     }
@@ -454,7 +470,11 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     {
         let _ = withheld.push((*gich, "the GICv2 hypervisor interface"));
     }
-    let withheld_ranges: heapless::Vec<Range, 4> = withheld.iter().map(|(r, _)| *r).collect();
+    for page in super::its::withheld() {
+        let _ = withheld.push((page, "a GICv3 ITS or LPI register page, emulated"));
+    }
+    let withheld_ranges: heapless::Vec<Range, { 4 + WITHHELD_GIC_PAGES }> =
+        withheld.iter().map(|(r, _)| *r).collect();
     let host_plan = s2plan::host_regions(
         &platform.memory,
         &platform.devices,

@@ -1223,10 +1223,13 @@ fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -
 /// bookworm updates), fetched into its own cache folder.
 const NEWER_KERNEL: &str = "linux-image-6.12.*+deb12-arm64-unsigned";
 
-/// What the fidelity cases run: the feature probe, and 16 bytes from the
+/// What the fidelity cases run: the feature probe, 16 bytes from the
 /// virtio-rng on PCIe (its driver a module on 6.1, its BAR in the PCIe
-/// host bridge's 64-bit window).
-const FIDELITY_COMMANDS: &str = "moat-probe; head -c 16 /dev/hwrng | od -x";
+/// host bridge's 64-bit window), and the interrupts the GICv3 ITS
+/// delivers (the virtio-rng's MSI-X vectors, through the ITS the core
+/// emulates).
+const FIDELITY_COMMANDS: &str =
+    "moat-probe; head -c 16 /dev/hwrng | od -x; grep ITS /proc/interrupts";
 
 /// Linux (`kernel`) under Moat on 2 CPUs with GICv3 and a virtio-rng on
 /// PCIe: the feature probe finds every advertised feature working, the
@@ -1246,6 +1249,8 @@ fn host_fidelity(name: &'static str, kernel: Kernel, append: Option<&'static str
         pass: vec![
             linux::MARKER_COMMANDS,
             "probe: faults in advertised features: 0",
+            // `grep ITS /proc/interrupts`: the chip name of an ITS vector.
+            " ITS-",
             "moat-linux: exit status 0",
             "asked for SYSTEM_OFF",
         ],
@@ -1296,6 +1301,20 @@ fn check_probe_and_hwrng(console: &str, without_mte: bool) -> Result<(), String>
     });
     if !bytes || !out.iter().any(|l| l == "0000020") {
         return Err(format!("no 16 bytes from /dev/hwrng: {out:?}"));
+    }
+    // "  13:   1   0   ITS-MSI 16384 Edge      virtio0-config": an MSI the
+    // ITS translated, counted at least once on some CPU.
+    let delivered = out.iter().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words.iter().any(|w| w.starts_with("ITS-"))
+            && words
+                .iter()
+                .skip(1)
+                .take_while(|w| w.chars().all(|c| c.is_ascii_digit()))
+                .any(|w| *w != "0")
+    });
+    if !delivered {
+        return Err(format!("no interrupt delivered through the ITS: {out:?}"));
     }
     Ok(())
 }
