@@ -574,6 +574,22 @@ fn cases() -> Vec<Case> {
             timeout: 300,
             ..host_boot("attack_table_heap_exhaustion", 1, "v3", ATTACK_TABLES_PASS)
         },
+        its_attack(
+            "attack_its_device_table",
+            "moat.attack=its_device_table",
+            ATTACK_ITS_DEVICE_TABLE_PASS,
+        ),
+        its_attack("attack_its_itt", "moat.attack=its_itt", ATTACK_ITS_ITT_PASS),
+        its_attack(
+            "attack_its_command_queue",
+            "moat.attack=its_command_queue",
+            ATTACK_ITS_COMMAND_QUEUE_PASS,
+        ),
+        its_attack(
+            "attack_lpi_pending_table",
+            "moat.attack=lpi_pending_table",
+            ATTACK_LPI_TABLES_PASS,
+        ),
         host_fidelity(
             "linux_6_1_host_sees_what_bare_qemu_shows",
             Kernel::Default,
@@ -741,6 +757,53 @@ fn cases() -> Vec<Case> {
 }
 
 /// Every host hypercall with boundary arguments (`moat.attack=boundary_arguments`).
+/// A host aiming the GICv3 ITS or the redistributors' LPI tables at memory
+/// it does not own (`moat.attack=NAME`, `images/test-host/src/its_attacks.rs`).
+fn its_attack(name: &'static str, bootargs: &'static str, pass: &[&'static str]) -> Case {
+    let mut case = host_boot(name, 1, "v3", pass);
+    case.bootargs = Some(bootargs);
+    case.pass.extend_from_slice(ITS_ATTACK_PASS);
+    case.fail
+        .extend_from_slice(&["test-host: FAIL", "MISMATCH"]);
+    case
+}
+
+/// Every ITS case: the honest flow works after the attack, the core answers
+/// and the ledger agrees with the host's stage-2.
+const ITS_ATTACK_PASS: &[&str] = &[
+    "test-host: ok   its: the core still answers after ",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after ",
+];
+
+const ATTACK_ITS_DEVICE_TABLE_PASS: &[&str] = &[
+    "test-host: ok   its: LPIs on with the host's own property and pending tables",
+    "test-host: ok   its: GITS_BASER with the device table at the VM's page ",
+    "test-host: ok   its: MAPD with the device table at a VM's page never lands",
+    "test-host: ok   its: with tables in the host's own memory, MAPD, MAPTI and INT deliver LPI 8193",
+    "test-host: ok   its: the host reads its device table while the ITS uses it: synchronous external abort",
+];
+
+const ATTACK_ITS_ITT_PASS: &[&str] = &[
+    "test-host: ok   its: MAPD with the ITT at a VM's page ",
+    "test-host: ok   its: MAPD with the ITT at the hypervisor's memory ",
+    "test-host: ok   its: VM_DONATE of the ITS's device table refused (Denied",
+    "test-host: ok   its: with tables in the host's own memory, MAPD, MAPTI and INT deliver LPI 8193",
+];
+
+const ATTACK_ITS_COMMAND_QUEUE_PASS: &[&str] = &[
+    "test-host: ok   its: GITS_CBASER at the VM's page ",
+    "test-host: ok   its: VM_DONATE of the command queue in use refused (Denied",
+    "test-host: ok   its: the queue still works after the refused donation",
+    "test-host: ok   its: with tables in the host's own memory, MAPD, MAPTI and INT deliver LPI 8193",
+];
+
+const ATTACK_LPI_TABLES_PASS: &[&str] = &[
+    "test-host: ok   its: GICR_PENDBASER at the VM's page ",
+    "test-host: ok   its: GICR_PROPBASER at the VM's page ",
+    "test-host: ok   its: with the host's own tables LPIs come on and LPI 8193 is delivered",
+    "test-host: ok   its: the host reads its pending table while the redistributor uses it: synchronous external abort",
+];
+
 const ATTACK_BOUNDARY_PASS: &[&str] = &[
     "test-host: ok   boundary: the fixture: ",
     "test-host: ok   boundary: HOST_SHARE_HYP with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
