@@ -28,6 +28,8 @@ use moat_platform::dt::{Gic, Platform};
 /// The LPI the attacks try to raise, and the one the honest flow raises.
 const ATTACK_LPI: u64 = 8192;
 const HONEST_LPI: u64 = 8193;
+/// The LPIs of the ITT attacks, one per attempt (a device each).
+const ITT_ATTACK_LPIS: [u64; 2] = [8194, 8195];
 /// LPI INTID bits the cases give the redistributor (GICR_PROPBASER.IDbits
 /// + 1): a two-page property table and a one-page pending table.
 const LPI_BITS: u64 = 14;
@@ -190,7 +192,12 @@ impl LpiTables {
         let pend = ram.take(16, 0x1_0000)?;
         zero(prop, 2);
         zero(pend, 1);
-        for lpi in [ATTACK_LPI, HONEST_LPI] {
+        for lpi in [
+            ATTACK_LPI,
+            HONEST_LPI,
+            ITT_ATTACK_LPIS[0],
+            ITT_ATTACK_LPIS[1],
+        ] {
             // SAFETY: the property table's byte for `lpi`, in our RAM.
             unsafe { core::ptr::write_volatile((prop + lpi - 8192) as *mut u8, 0xa0 | 1) };
         }
@@ -479,21 +486,22 @@ fn itt(c: &mut Checks, g: &Gic3, ram: &mut Ram, dtb: &[u8]) {
     w64(ct, (r64(ct) & (0x1f << 48 | 7 << 56)) | table_value(col));
     let mut queue = Queue::install(g, q);
     w32(g.its + GITS_CTLR, 1);
-    for (what, bad) in [("a VM's page", page), ("the hypervisor's memory", carve)] {
+    let attempts = [("a VM's page", page), ("the hypervisor's memory", carve)];
+    for (device, ((what, bad), lpi)) in (3..).zip(attempts.into_iter().zip(ITT_ATTACK_LPIS)) {
         let taken = queue.send(
             g,
             &[
                 mapc(0, g.target),
-                mapd(1, bad),
-                mapti(1, 0, ATTACK_LPI, 0),
-                int(1, 0),
+                mapd(device, bad),
+                mapti(device, 0, lpi, 0),
+                int(device, 0),
                 sync(g.target),
             ],
         );
         c.check(
-            taken && !lpi_taken(ATTACK_LPI),
+            taken && !lpi_taken(lpi),
             format_args!(
-                "its: MAPD with the ITT at {what} ({bad:#x}) never lands (GITS_CREADR moved on, no LPI {ATTACK_LPI})"
+                "its: MAPD with the ITT at {what} ({bad:#x}) never lands (GITS_CREADR moved on, no LPI {lpi})"
             ),
         );
     }

@@ -763,8 +763,8 @@ fn its_attack(name: &'static str, bootargs: &'static str, pass: &[&'static str])
     let mut case = host_boot(name, 1, "v3", pass);
     case.bootargs = Some(bootargs);
     case.pass.extend_from_slice(ITS_ATTACK_PASS);
-    case.fail
-        .extend_from_slice(&["test-host: FAIL", "MISMATCH"]);
+    // ("test-host: FAIL" fails every case already.)
+    case.fail.push("MISMATCH");
     case
 }
 
