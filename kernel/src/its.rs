@@ -595,6 +595,61 @@ pub fn check(cmd: &Command, limits: &Limits<'_>) -> Result<(), Refusal> {
     }
 }
 
+/// How a table or queue the GIC hardware uses must be held, for the
+/// consistency checker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// Written by the hardware (device, collection, pending tables): the
+    /// hypervisor's alone, the host's stage-2 without it.
+    Donated,
+    /// Read by the hardware and written by the host (property table, the
+    /// host's command queue): the host's, shared with the hypervisor.
+    Pinned,
+    /// The core's own (its command queue, every ITT): inside the carve-out.
+    Core,
+}
+
+/// Checks that `[pa, pa + size)` is held as `holding` says: `extent_of`
+/// gives the ledger's extent of a frame, `carve_out` the hypervisor's
+/// memory. Returns the first frame that is not, and why.
+pub fn check_holding(
+    holding: Holding,
+    pa: u64,
+    size: u64,
+    carve_out: &[moat_platform::dt::Range],
+    extent_of: impl Fn(u64) -> Option<moat_abi::services::LedgerExtent>,
+) -> Result<(), (u64, &'static str)> {
+    use moat_abi::services::Party;
+    let end = pa.checked_add(size).ok_or((pa, "a range that overflows"))?;
+    if holding == Holding::Core {
+        return if carve_out.iter().any(|c| c.base <= pa && end <= c.end()) {
+            Ok(())
+        } else {
+            Err((pa, "the core's table lies outside the hypervisor's memory"))
+        };
+    }
+    let mut frame = pa / PAGE;
+    while frame < end.div_ceil(PAGE) {
+        let e = extent_of(frame).ok_or((frame * PAGE, "a table outside RAM"))?;
+        let ok = match holding {
+            Holding::Donated => e.owner.kind == Party::HYPERVISOR && e.borrower.kind == Party::NONE,
+            _ => e.owner.kind == Party::HOST && e.borrower.kind == Party::HYPERVISOR,
+        };
+        if !ok {
+            return Err((
+                frame * PAGE,
+                match holding {
+                    Holding::Donated => "a table the hardware writes is not the hypervisor's alone",
+                    _ => "a table the hardware reads is not shared with the hypervisor",
+                },
+            ));
+        }
+        // The rest of this extent is held the same way.
+        frame = e.frames.start.saturating_add(e.frames.count).max(frame + 1);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -808,5 +863,40 @@ mod tests {
             check(&Command::Invall { collection: 0 }, &none),
             Err(Refusal::Collection)
         );
+    }
+
+    #[test]
+    fn tables_are_held_as_the_hardware_needs() {
+        use moat_abi::services::{FrameRange, LedgerExtent, Party};
+        use moat_platform::dt::Range;
+        let party = |kind| Party { kind, id: 0 };
+        // Frames 0x40000..0x40010 the hypervisor's, 0x40010..0x40020 the
+        // host's shared with it, the rest the host's alone.
+        let extent_of = |pfn: u64| {
+            let (start, owner, borrower) = match pfn {
+                0x40000..0x40010 => (0x40000, Party::HYPERVISOR, Party::NONE),
+                0x40010..0x40020 => (0x40010, Party::HOST, Party::HYPERVISOR),
+                0x40020..0x80000 => (0x40020, Party::HOST, Party::NONE),
+                _ => return None,
+            };
+            Some(LedgerExtent {
+                frames: FrameRange { start, count: 0x10 },
+                owner: party(owner),
+                borrower: party(borrower),
+            })
+        };
+        let carve = [Range::new(0x4000_0000, 0x1_0000).unwrap()];
+        let check = |h, pa, size| check_holding(h, pa, size, &carve, extent_of);
+        assert_eq!(check(Holding::Donated, 0x4000_0000, 0x1_0000), Ok(()));
+        assert_eq!(check(Holding::Pinned, 0x4001_0000, 0x2000), Ok(()));
+        assert_eq!(check(Holding::Core, 0x4000_1000, 0x100), Ok(()));
+        assert_eq!(
+            check(Holding::Donated, 0x4000_f000, 0x2000).unwrap_err().0,
+            0x4001_0000
+        );
+        assert!(check(Holding::Pinned, 0x4002_0000, 0x1000).is_err());
+        assert!(check(Holding::Donated, 0x8000_0000, 0x1000).is_err());
+        assert!(check(Holding::Core, 0x4000_f000, 0x2000).is_err());
+        assert!(check(Holding::Donated, u64::MAX - 0xfff, 0x2000).is_err());
     }
 }

@@ -388,6 +388,7 @@ fn honest_flow(c: &mut Checks, g: &Gic3, devices: u64, collections: u64, queue: 
             read_u64(devices);
         },
     );
+    consistent(c, "the ITS took the host's tables");
     its_off(g);
 }
 
@@ -652,6 +653,7 @@ fn lpi_tables(c: &mut Checks, g: &Gic3, ram: &mut Ram, _dtb: &[u8]) {
             read_u64(lpi.pend);
         },
     );
+    consistent(c, "the redistributor took the host's tables");
     its_off(g);
     release(c, handle, page);
 }

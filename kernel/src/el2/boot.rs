@@ -606,10 +606,11 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
     match memory::check_consistency(cpu) {
         Ok(c) => {
             crate::log!(
-                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s) and {} VM(s) checked{})",
+                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s), {} VM(s) and {} GIC table(s) checked{})",
                 c.extents,
                 c.services,
                 c.vms,
+                c.gic_tables,
                 if c.vms_running > 0 {
                     ", running VMs skipped"
                 } else {
@@ -645,6 +646,10 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
             crate::log!(
                 "consistency: MISMATCH: VM {handle} maps {mapped} page(s), the ledger gives it {owned}"
             );
+            false
+        }
+        Err(Mismatch::Gic { address, why }) => {
+            crate::log!("consistency: MISMATCH at {address:#x}: {why}");
             false
         }
         Err(Mismatch::NoMemory) => {

@@ -286,6 +286,129 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
     counts
 }
 
+/// The GIC state held for the consistency checker: taken before the
+/// memory lock, as every emulated access takes them.
+pub struct Held(spin::MutexGuard<'static, State>);
+
+/// Locks the GIC state for [`Held::check`]; `None` without an ITS or
+/// redistributor the core emulates.
+pub fn hold() -> Option<Held> {
+    STATE.get().map(|s| Held(s.lock()))
+}
+
+/// A table or register the checker found wrong: its address and why.
+pub type Finding = (u64, &'static str);
+
+impl Held {
+    /// Checks every table and queue the GIC hardware uses: the ones the
+    /// core took are held as the hardware needs (`logic::check_holding`
+    /// against the ledger, and the host's stage-2 through `host_maps`,
+    /// which says whether every page of a range is mapped for the host or
+    /// none is), and the hardware's registers name exactly those. Returns
+    /// how many tables and queues it checked.
+    pub fn check(
+        &self,
+        carve_out: &[Range],
+        extent_of: impl Fn(u64) -> Option<moat_abi::services::LedgerExtent> + Copy,
+        host_maps: impl Fn(u64, u64, bool) -> bool,
+    ) -> Result<u64, Finding> {
+        use logic::Holding;
+        let state = &self.0;
+        let mut count = 0;
+        let mut held = |holding, pa: u64, size: u64| -> Result<(), Finding> {
+            logic::check_holding(holding, pa, size, carve_out, extent_of)?;
+            let mapped = match holding {
+                Holding::Donated => Some(false),
+                Holding::Pinned => Some(true),
+                Holding::Core => None,
+            };
+            if let Some(m) = mapped
+                && !host_maps(pa, size, m)
+            {
+                return Err((
+                    pa,
+                    "the host's stage-2 disagrees with how a GIC table is held",
+                ));
+            }
+            count += 1;
+            Ok(())
+        };
+        for ((pa, size), _) in &state.pinned {
+            held(Holding::Pinned, *pa, *size)?;
+        }
+        for its in &state.its {
+            held(Holding::Core, its.shadow, SHADOW_QUEUE_BYTES)?;
+            for itt in &its.itts {
+                held(Holding::Core, itt.pa, itt.bytes)?;
+            }
+            for (n, table) in its.tables.iter().enumerate() {
+                let hw = rd64(its.base + gits::BASER0 + 8 * n as u64);
+                let in_use = logic::decode_baser(hw & !logic::BASER_INDIRECT)
+                    .ok()
+                    .flatten();
+                match (table, in_use) {
+                    (Some(t), Some(u)) if (t.pa, t.size) == (u.pa, u.size) => {
+                        held(Holding::Donated, t.pa, t.size)?;
+                    }
+                    (_, None) if hw & logic::BASER_VALID == 0 => {
+                        if let Some(t) = table {
+                            held(Holding::Donated, t.pa, t.size)?;
+                        }
+                    }
+                    _ => {
+                        return Err((
+                            its.base + gits::BASER0 + 8 * n as u64,
+                            "a GITS_BASER names a table the core did not take",
+                        ));
+                    }
+                }
+            }
+            let cbaser = rd64(its.base + gits::CBASER);
+            if let Some((pa, _)) = logic::decode_cbaser(cbaser)
+                && pa != its.shadow
+            {
+                return Err((
+                    its.base + gits::CBASER,
+                    "the ITS reads a queue not the core's",
+                ));
+            }
+            if let Some((pa, size)) = its.host_queue
+                && !state.pinned.iter().any(|(r, _)| *r == (pa, size))
+            {
+                return Err((pa, "the host's command queue in use is not shared"));
+            }
+        }
+        for r in &state.redistributors {
+            if let Some((pa, size)) = r.pending {
+                held(Holding::Donated, pa, size)?;
+            }
+            if rd32(r.base + gicr::CTLR) & gicr::CTLR_ENABLE_LPIS == 0 {
+                continue;
+            }
+            let prop = rd64(r.base + gicr::PROPBASER) & (((1 << 52) - 1) & !0xfff);
+            let pend = rd64(r.base + gicr::PENDBASER) & (((1 << 52) - 1) & !0xffff);
+            if r.property.map(|(pa, _)| pa) != Some(prop) {
+                return Err((
+                    r.base + gicr::PROPBASER,
+                    "LPIs on with a property table the core did not take",
+                ));
+            }
+            if r.pending.map(|(pa, _)| pa) != Some(pend) {
+                return Err((
+                    r.base + gicr::PENDBASER,
+                    "LPIs on with a pending table the core did not take",
+                ));
+            }
+            if let Some((pa, size)) = r.property
+                && !state.pinned.iter().any(|(p, _)| *p == (pa, size))
+            {
+                return Err((pa, "a property table in use is not shared"));
+            }
+        }
+        Ok(count)
+    }
+}
+
 /// The result of emulating one access.
 enum Emulated {
     /// A read's value.

@@ -538,6 +538,10 @@ pub enum Mismatch {
     Ledger(Error),
     /// The heap had no room for the checker's own records.
     NoMemory,
+    /// A table or queue the GIC hardware uses (the ITS's tables and
+    /// queues, the redistributors' LPI tables) is not held as it must be,
+    /// or a GIC register names memory the core did not take.
+    Gic { address: u64, why: &'static str },
 }
 
 /// Whose stage-2 a [`Mismatch::Forged`] entry is in.
@@ -565,6 +569,8 @@ pub struct Checked {
     pub services: u64,
     pub vms: u64,
     pub vms_running: u64,
+    /// Tables and queues of the GIC hardware checked.
+    pub gic_tables: u64,
 }
 
 /// The consistency checker: compares every partition's tables with the
@@ -574,6 +580,8 @@ pub struct Checked {
 /// not changing: donations to a running VM are refused).
 pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
     let vms = super::vm::lock_all_idle().map_err(|_| Mismatch::NoMemory)?;
+    // The GIC's lock before the memory lock, as its emulation takes them.
+    let gic = super::its::hold();
     let _serial = MEMORY.lock();
     let extents = all_extents(cpu).map_err(|e| match e {
         Error::NoMemory => Mismatch::NoMemory,
@@ -607,6 +615,16 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
         let i = extents.partition_point(|e| e.frames.start.saturating_add(e.frames.count) <= pfn);
         extents.get(i).filter(|e| e.frames.start <= pfn).copied()
     };
+    // The GIC hardware's tables: held as the hardware needs, named by
+    // its registers.
+    if let Some(gic) = &gic {
+        let host = host_stage2();
+        checked.gic_tables = gic
+            .check(m.carve_out.as_slice(), extent_of, |pa, size, mapped| {
+                host.check(pa, size, mapped).is_ok()
+            })
+            .map_err(|(address, why)| Mismatch::Gic { address, why })?;
+    }
     let ipa_space = 1u64 << m.ipa_bits;
     let leaves = |s2: &StageTwo, mapper: Mapper<'_>, whose: Whose, mapped: &mut u64| {
         s2.for_each_mapped(0, ipa_space, |ipa, pa, size| {
