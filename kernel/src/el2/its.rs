@@ -239,6 +239,14 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
         pinned: heapless::Vec::new(),
     };
     for (base, processor) in redistributor_frames(gic) {
+        if rd32(base + gicr::CTLR) & gicr::CTLR_ENABLE_LPIS != 0 {
+            // LPIs the firmware turned on may not turn off again: the
+            // tables it gave stay in use, which the core cannot vouch for.
+            crate::log!(
+                "GICR {base:#x}: LPIs already on at boot with GICR_PENDBASER {:#x}: left as they are",
+                rd64(base + gicr::PENDBASER)
+            );
+        }
         let _ = state.redistributors.push(Redistributor {
             base,
             processor,
@@ -249,19 +257,33 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
         });
     }
     for frame in its_frames {
-        let Some(shadow) = Itt::allocate(u32::MAX, 0, SHADOW_QUEUE_BYTES) else {
-            continue;
-        };
         let base = frame.base;
         let typer = rd64(base + gits::TYPER);
-        // The hardware starts with no queue and no tables of the host's.
-        if rd32(base + gits::CTLR) & gits::CTLR_ENABLED == 0 {
-            wr64(base + gits::CBASER, 0);
-            for n in 0..gits::BASERS {
-                let at = base + gits::BASER0 + 8 * n;
-                wr64(at, rd64(at) & !logic::BASER_VALID);
-            }
+        // The hardware starts with no queue and no tables: an ITS the
+        // firmware left on is turned off first (its tables may lie in what
+        // is now the host's memory).
+        wr32(
+            base + gits::CTLR,
+            rd32(base + gits::CTLR) & !gits::CTLR_ENABLED,
+        );
+        let mut polls = 0;
+        while !its_quiet(base) && polls < PATIENCE {
+            polls += 1;
+            core::hint::spin_loop();
         }
+        if !its_quiet(base) {
+            crate::log!("ITS {base:#x}: does not go quiet; left out (the host cannot reach it)");
+            continue;
+        }
+        wr64(base + gits::CBASER, 0);
+        for n in 0..gits::BASERS {
+            let at = base + gits::BASER0 + 8 * n;
+            wr64(at, rd64(at) & !logic::BASER_VALID);
+        }
+        let Some(shadow) = Itt::allocate(u32::MAX, 0, SHADOW_QUEUE_BYTES) else {
+            crate::log!("ITS {base:#x}: no memory for the core's command queue; left off");
+            continue;
+        };
         let _ = state.its.push(Its {
             base,
             typer: ItsTyper::decode(typer),
@@ -1055,6 +1077,17 @@ fn enable_lpis(cpu: &PerCpu, state: &mut State, index: usize) -> bool {
             return false;
         }
     };
+    // Tables of an earlier enable go back once the redistributor has
+    // finished turning LPIs off (GICR_CTLR.RWP).
+    let mut polls = 0;
+    while rd32(base + gicr::CTLR) & (1 << 3) != 0 {
+        polls += 1;
+        if polls == PATIENCE {
+            crate::log!("GICR {base:#x}: LPIs left off: the redistributor is still busy");
+            return false;
+        }
+        core::hint::spin_loop();
+    }
     if let Some((pa, size)) = state.redistributors[index].property.take() {
         state.unpin(cpu, pa, size);
     }
