@@ -118,6 +118,12 @@ impl Itt {
         })
     }
 
+    /// Keeps the block allocated for good (nothing but [`Itt::free`]
+    /// returns one to the heap): for memory the hardware may still use.
+    fn keep(self) {
+        let Self { .. } = self;
+    }
+
     fn free(self) {
         if let Some(layout) = Self::layout(self.bytes) {
             // SAFETY: allocated by `allocate` with this layout; the
@@ -301,7 +307,7 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
             refused: 0,
         });
         // The shadow queue lives as long as the core.
-        core::mem::forget(shadow);
+        shadow.keep();
     }
     let counts = (state.its.len(), state.redistributors.len());
     STATE.call_once(|| spin::Mutex::new(state));
@@ -460,7 +466,7 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
         Some(a)
             if !abort.is_instruction
                 && (a.size_log2 == 2 || a.size_log2 == 3)
-                && offset % (1 << a.size_log2) == 0 =>
+                && offset.is_multiple_of(1 << a.size_log2) =>
         {
             a
         }
@@ -960,7 +966,7 @@ fn forward(state: &mut State, index: usize, command: &Command, itt: Option<Itt>)
             );
             // The ITT stays allocated: the hardware may still use it.
             if let Some(i) = itt {
-                core::mem::forget(i);
+                i.keep();
             }
             return;
         }
@@ -981,7 +987,7 @@ fn forward(state: &mut State, index: usize, command: &Command, itt: Option<Itt>)
             } else {
                 // No room to remember it: the hardware keeps it; the core
                 // never frees what it cannot account for.
-                core::mem::forget(new);
+                new.keep();
             }
         }
     }
