@@ -21,6 +21,7 @@ mod manifest;
 mod modules;
 mod probe;
 mod qemu;
+mod size;
 mod synthetic_dt;
 mod tests;
 mod tools;
@@ -131,6 +132,9 @@ enum Command {
         #[arg(long)]
         integration_only: bool,
     },
+    /// Print the core's size: its flat binary against the budget, each
+    /// section, and the largest functions.
+    Size,
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
         /// Also count the emulator's own instructions for the three Linux
@@ -241,6 +245,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             filter,
             integration_only,
         } => tests::run_all(filter.as_deref(), integration_only),
+        Command::Size => size::report(),
         Command::Bench { emulator_cost } => tests::bench(emulator_cost),
     }
 }
