@@ -11,6 +11,7 @@
 //! Missing tools (QEMU >= 9, mdbook) are installed on Debian when running as
 //! root; elsewhere the exact command to run is printed.
 
+mod abi_reference;
 mod checkpatch;
 mod cpio;
 mod image;
@@ -132,6 +133,8 @@ enum Command {
         #[arg(long)]
         integration_only: bool,
     },
+    /// Write the book's ABI reference from the `abi` crate.
+    AbiReference,
     /// Print the core's size: its flat binary against the budget, each
     /// section, and the largest functions.
     Size,
@@ -246,6 +249,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             integration_only,
         } => tests::run_all(filter.as_deref(), integration_only),
         Command::Size => size::report(),
+        Command::AbiReference => abi_reference::write(),
         Command::Bench { emulator_cost } => tests::bench(emulator_cost),
     }
 }
