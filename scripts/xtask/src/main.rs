@@ -13,6 +13,7 @@
 
 mod abi_reference;
 mod checkpatch;
+mod coverage;
 mod cpio;
 mod image;
 mod kernels;
@@ -133,6 +134,8 @@ enum Command {
         #[arg(long)]
         integration_only: bool,
     },
+    /// Line coverage of the core (`kernel/src`) by its host tests.
+    Coverage,
     /// Write the book's ABI reference from the `abi` crate.
     AbiReference,
     /// Print the core's size: its flat binary against the budget, each
@@ -250,6 +253,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         } => tests::run_all(filter.as_deref(), integration_only),
         Command::Size => size::report(),
         Command::AbiReference => abi_reference::write(),
+        Command::Coverage => coverage::report().map(|_| ()),
         Command::Bench { emulator_cost } => tests::bench(emulator_cost),
     }
 }

@@ -1867,6 +1867,7 @@ fn book() -> Result<()> {
 pub fn run_all(filter: Option<&str>, integration_only: bool) -> Result<()> {
     if !integration_only && filter.is_none() {
         unit_tests_and_lints()?;
+        crate::coverage::report()?;
         book()?;
         println!("xtask: unit tests, lints and the book passed");
     }
