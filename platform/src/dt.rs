@@ -593,7 +593,7 @@ impl<'a> Tree<'a> {
 
     /// Calls `visit` on every node in tree order with the node's ancestors
     /// (root first; empty for the root itself).
-    fn walk(
+    pub(crate) fn walk(
         &self,
         mut visit: impl FnMut(&[Level<'a>], Node<'a>) -> Result<(), DtError>,
     ) -> Result<(), DtError> {
@@ -689,7 +689,7 @@ impl<'a> Node<'a> {
     }
 
     /// Whether `status` is absent, `okay` or `ok`.
-    fn is_available(self) -> bool {
+    pub(crate) fn is_available(self) -> bool {
         self.property("status").is_none() || matches!(self.string("status"), Some("okay" | "ok"))
     }
 
@@ -862,7 +862,7 @@ fn through_window(ranges: &[u8], bus: &Level<'_>, outer: &Level<'_>, address: u6
 
 /// Why a node's `reg` could not be turned into CPU physical ranges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RegFault {
+pub(crate) enum RegFault {
     /// The node is not on a CPU-addressable bus: an ancestor has no `ranges`,
     /// no window holds the address, or the cells are not a plain address.
     Unaddressable,
@@ -872,7 +872,7 @@ enum RegFault {
 
 /// The entries of a `reg` as `(base, size)`, bases translated to CPU
 /// physical addresses.
-struct Regs<'x, 'a> {
+pub(crate) struct Regs<'x, 'a> {
     ancestors: &'x [Level<'a>],
     rest: &'a [u8],
     address_bytes: usize,
@@ -880,7 +880,7 @@ struct Regs<'x, 'a> {
 }
 
 /// `node`'s `reg` entries; `Ok(None)` if it has no `reg`.
-fn regs<'x, 'a>(
+pub(crate) fn regs<'x, 'a>(
     ancestors: &'x [Level<'a>],
     node: Node<'a>,
 ) -> Result<Option<Regs<'x, 'a>>, RegFault> {

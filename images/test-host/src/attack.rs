@@ -25,6 +25,8 @@ pub(super) fn run(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8], name: &st
     match name {
         "boundary_arguments" => boundary_arguments(c, &mut Ram::new(platform, dtb)),
         "table_exhaustion" => table_exhaustion(c, &mut Ram::new(platform, dtb)),
+        "dma_smmu" => super::dma::through_smmu(c, platform, dtb),
+        "dma_withheld" => super::dma::withheld(c, dtb),
         _ => return false,
     }
     true

@@ -46,6 +46,7 @@ mod interrupt_attacks;
 mod protocol;
 
 mod attack;
+mod dma;
 use protocol as p;
 
 /// The guest's raw binary, linked at [`p::BASE_IPA`]; empty when the test

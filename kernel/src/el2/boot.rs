@@ -247,6 +247,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         None => (firmware_dtb(fdt_addr), "firmware"),
     };
     let platform = dt::discover(dtb).unwrap_or_else(|e| fatal("device tree", e));
+    let smmu = moat_platform::iommu::find_smmu_v3(dtb).unwrap_or_else(|e| fatal("device tree", e));
     // SAFETY: the discovered PL011 is in a 1 GiB block the early map made
     // device memory (the core and the tree are not in MMIO space), and the
     // final map maps it as device memory too.
@@ -324,6 +325,9 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             }
         }
     }
+    if let Some(smmu) = &smmu {
+        let _ = core_mmio.push(smmu.regs);
+    }
     mmu::switch_to_final_map(&platform.memory, &core_mmio, sysreg::cpu_features().mte)
         .unwrap_or_else(|e| fatal("EL2 page tables", e));
 
@@ -333,6 +337,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         bootargs: package.host_bootargs,
         initrd: plan.host_initrd,
         psci_conduit: platform.psci.map(|_| Conduit::Hvc),
+        hide_smmu_v3: smmu.is_some(),
     };
     let host_dtb: Vec<u8> = hostdt::rewrite_for_host(dtb, &edits)
         .unwrap_or_else(|e| fatal("host device tree", format_args!("{e:?}")));
@@ -443,7 +448,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     // The host's stage-2: the RAM and device windows the device tree
     // describes, less what the core keeps. Everything withheld is logged.
-    let mut withheld: heapless::Vec<(Range, &str), 4> = heapless::Vec::new();
+    let mut withheld: heapless::Vec<(Range, &str), 8> = heapless::Vec::new();
     for range in plan.carve_out.as_slice() {
         let _ = withheld.push((*range, "the hypervisor's memory"));
     }
@@ -454,7 +459,10 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     {
         let _ = withheld.push((*gich, "the GICv2 hypervisor interface"));
     }
-    let withheld_ranges: heapless::Vec<Range, 4> = withheld.iter().map(|(r, _)| *r).collect();
+    if let Some(smmu) = &smmu {
+        let _ = withheld.push((smmu.regs, "the SMMUv3, which the core programs"));
+    }
+    let withheld_ranges: heapless::Vec<Range, 8> = withheld.iter().map(|(r, _)| *r).collect();
     let host_plan = s2plan::host_regions(
         &platform.memory,
         &platform.devices,
@@ -494,6 +502,10 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             beyond.base,
             beyond.end()
         );
+    }
+
+    if let Some(desc) = &smmu {
+        super::smmu::boot(desc, vtcr, vttbr, ipa_bits);
     }
 
     // Until the MTE policy decides, the host is told what the hardware has.
@@ -586,10 +598,11 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
     match memory::check_consistency(cpu) {
         Ok(c) => {
             crate::log!(
-                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s) and {} VM(s) checked{})",
+                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s), {} VM(s) and {} SMMU stream(s) checked{})",
                 c.extents,
                 c.services,
                 c.vms,
+                c.smmu_streams,
                 if c.vms_running > 0 {
                     ", running VMs skipped"
                 } else {
@@ -624,6 +637,12 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
         }) => {
             crate::log!(
                 "consistency: MISMATCH: VM {handle} maps {mapped} page(s), the ledger gives it {owned}"
+            );
+            false
+        }
+        Err(Mismatch::Smmu(why)) => {
+            crate::log!(
+                "consistency: MISMATCH: the SMMU's stream table no longer sends every stream through the host's stage-2: {why}"
             );
             false
         }

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod mmu;
 pub mod panic;
 pub mod service;
+pub mod smmu;
 pub mod stage2;
 pub mod sysreg;
 pub mod trap;

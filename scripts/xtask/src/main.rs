@@ -62,6 +62,11 @@ pub struct MachineArgs {
     /// Seconds before the run is stopped [default: 60; 3600 for a Linux shell].
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Put an SMMUv3 with stage-2 translation in front of the PCIe root
+    /// complex (`-M virt,iommu=smmuv3`, `arm-smmuv3.stage=2`); Moat takes
+    /// it and sends every PCIe device's DMA through the host's stage-2.
+    #[arg(long)]
+    pub smmu: bool,
 }
 
 impl MachineArgs {

@@ -38,13 +38,27 @@ fn machine_command(
     let gic = if m.gic == "v2" { "2" } else { "3" };
     let mte = if m.no_mte { "off" } else { "on" };
     let virt = if virtualization { "on" } else { "off" };
+    let iommu = if m.smmu { ",iommu=smmuv3" } else { "" };
     c.arg("-M")
         .arg(format!(
-            "virt,virtualization={virt},mte={mte},gic-version={gic}"
+            "virt,virtualization={virt},mte={mte},gic-version={gic}{iommu}"
         ))
         .args(["-cpu", &m.cpu, "-smp", &m.smp.to_string(), "-m", &m.mem])
         .args(["-display", "none", "-serial", serial, "-monitor", "none"])
-        .args(["-nic", "none", "-device", "virtio-rng-pci"]);
+        .args(["-nic", "none", "-device"]);
+    // Behind an SMMU, the device takes the IOMMU's path (QEMU's virtio
+    // devices otherwise reach memory directly, which no real device could),
+    // which needs the modern interface.
+    c.arg(if m.smmu {
+        "virtio-rng-pci,disable-legacy=on,iommu_platform=on"
+    } else {
+        "virtio-rng-pci"
+    });
+    if m.smmu {
+        // QEMU's SMMUv3 offers stage 1 only unless told otherwise; Moat
+        // needs stage 2.
+        c.args(["-global", "arm-smmuv3.stage=2"]);
+    }
     if on_reset == OnReset::Exit {
         c.arg("-no-reboot");
     }

@@ -34,6 +34,25 @@ const ATTACK_SME_PASS: &[&str] = &[
     "test-host: ok   vm: the ledger and the host's stage-2 agree after the SME streaming-mode VCPU_RUN attempts (0)",
 ];
 
+/// The SMMU's DMA attack: a device behind the SMMU the core owns writes
+/// into a host page, a page donated to a VM, the hypervisor's memory, and
+/// a host page again.
+const ATTACK_DMA_SMMU_PASS: &[&str] = &[
+    "withheld from the host: 0x9050000..0x9070000 (the SMMUv3, which the core programs)",
+    "smmu: SMMUv3 at 0x9050000 owned by the core: streams 0x0..0x1000 translate through the host's stage-2",
+    "smmu: streams from 0x1000 up have no entry",
+    "test-host: ok   dma: virtio-rng-pci at 00:",
+    "test-host: ok   dma: into a host page: the device answered (true) and wrote",
+    "test-host: ok   dma: into a page the host is about to donate: the device answered (true) and wrote",
+    "smmu: fault F_TRANSLATION (0x10) stream ",
+    "test-host: ok   dma: a DMA into the page just donated to a VM at ",
+    "test-host: ok   dma: the VM finds 0 non-zero words in its page: the device's write never landed",
+    "test-host: ok   dma: a DMA into the hypervisor's carve-out at ",
+    "test-host: ok   dma: after the refused DMAs, into a host page again: the device answered (true) and wrote",
+    "SMMU stream(s) checked",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the DMA attacks (0)",
+];
+
 /// Lines that always mean failure, whatever the test.
 const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: FAIL"];
 
@@ -46,6 +65,15 @@ fn machine(smp: u32, gic: &str) -> MachineArgs {
         cpu: "max".into(),
         icount: false,
         timeout: Some(60),
+        smmu: false,
+    }
+}
+
+/// [`machine`] with an SMMUv3 (stage 2) in front of the PCIe root complex.
+fn machine_with_smmu(smp: u32, gic: &str) -> MachineArgs {
+    MachineArgs {
+        smmu: true,
+        ..machine(smp, gic)
     }
 }
 
@@ -568,6 +596,11 @@ fn cases() -> Vec<Case> {
         Case {
             bootargs: Some("moat.attack=boundary_arguments"),
             ..host_boot("attack_boundary_arguments", 1, "v3", ATTACK_BOUNDARY_PASS)
+        },
+        Case {
+            bootargs: Some("moat.attack=dma_smmu"),
+            machine: machine_with_smmu(1, "v3"),
+            ..host_boot("attack_dma_through_the_smmu", 1, "v3", ATTACK_DMA_SMMU_PASS)
         },
         Case {
             bootargs: Some("moat.attack=table_exhaustion"),
