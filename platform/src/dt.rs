@@ -739,7 +739,7 @@ impl Tree<'_> {
 }
 
 /// A node name without its unit address.
-pub(crate) fn base_name(name: &str) -> &str {
+pub fn base_name(name: &str) -> &str {
     name.split('@').next().unwrap_or(name)
 }
 
@@ -1214,7 +1214,7 @@ fn psci(node: Node<'_>) -> Result<Psci, DtError> {
 /// `ranges` entry, translated to CPU physical addresses. Nothing for a node
 /// without `ranges`, with an empty (identity) one, or whose entries cannot
 /// be read or translated (such a bus is not CPU-addressable).
-fn bus_windows<'x, 'a>(
+pub(crate) fn bus_windows<'x, 'a>(
     ancestors: &'x [Level<'a>],
     node: Node<'a>,
 ) -> impl Iterator<Item = (u64, u64)> + 'x

@@ -38,6 +38,10 @@ pub struct HostDtEdits<'a> {
     /// without an IOMMU driver (their DMA goes through the SMMU's stage-2,
     /// which is the host's own).
     pub hide_smmu_v3: bool,
+    /// Nodes (by name with unit address) the host is not given: each gets
+    /// `status = "disabled"`, so that the host's drivers leave alone the
+    /// MMIO its stage-2 does not map.
+    pub disable_nodes: &'a [&'a str],
 }
 
 /// Why a rewrite failed.
@@ -170,16 +174,18 @@ impl Rewriter<'_, '_> {
         };
 
         match role {
-            Role::Copied if self.edits.hide_smmu_v3 => {
-                let smmu = node.is_compatible(&crate::iommu::SMMU_V3_COMPATIBLE);
+            Role::Copied if self.edits.hide_smmu_v3 || !self.edits.disable_nodes.is_empty() => {
+                let hide = self.edits.hide_smmu_v3;
+                let disable = (hide && node.is_compatible(&crate::iommu::SMMU_V3_COMPATIBLE))
+                    || (depth > 0 && self.edits.disable_nodes.contains(&node.name));
                 for (name, value) in node.properties() {
                     match name {
-                        "iommu-map" | "iommu-map-mask" | "iommus" => {}
-                        "status" if smmu => {}
+                        "iommu-map" | "iommu-map-mask" | "iommus" if hide => {}
+                        "status" if disable => {}
                         _ => writer.property(name, value).map_err(output)?,
                     }
                 }
-                if smmu {
+                if disable {
                     writer
                         .property_string("status", "disabled")
                         .map_err(output)?;

@@ -43,6 +43,8 @@ pub struct SmmuV3 {
     pub regs: Range,
     /// The streams bus masters use, in tree order.
     pub streams: heapless::Vec<StreamRange, MAX_STREAM_RANGES>,
+    /// The node's phandle, which bus masters name it by.
+    pub phandle: Option<u32>,
 }
 
 impl SmmuV3 {
@@ -81,6 +83,7 @@ pub fn find_smmu_v3(dtb: &[u8]) -> Result<Option<SmmuV3>, DtError> {
     let mut smmu = SmmuV3 {
         regs,
         streams: heapless::Vec::new(),
+        phandle,
     };
     let Some(phandle) = phandle else {
         // Nothing can point at an SMMU without a phandle.

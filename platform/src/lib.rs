@@ -15,6 +15,7 @@
 extern crate alloc;
 
 pub mod console;
+pub mod devices;
 pub mod dt;
 pub mod firmware;
 #[cfg(feature = "alloc")]

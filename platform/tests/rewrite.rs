@@ -26,6 +26,7 @@ fn full_edits(regions: &[Range]) -> HostDtEdits<'_> {
         initrd: Some(INITRD),
         psci_conduit: Some(Conduit::Hvc),
         hide_smmu_v3: false,
+        disable_nodes: &[],
     }
 }
 
@@ -663,4 +664,24 @@ fn a_withheld_smmu_v3_is_disabled_and_nothing_points_at_it() {
         discover(&host).unwrap().devices,
         discover(&dtb).unwrap().devices
     );
+}
+
+#[test]
+fn withheld_devices_are_disabled_in_the_hosts_tree() {
+    let dtb = load("qemu-virt-gicv3.dtb");
+    let edits = HostDtEdits {
+        disable_nodes: &["fw-cfg@9020000", "virtio_mmio@a000000"],
+        ..HostDtEdits::default()
+    };
+    let host = rewrite_for_host(&dtb, &edits).unwrap();
+    let mut seen = Vec::new();
+    moat_platform::devices::classify(&host, None, |d| seen.push(d.name)).unwrap();
+    assert!(!seen.contains(&"fw-cfg@9020000"));
+    assert!(!seen.contains(&"virtio_mmio@a000000"));
+    assert!(seen.contains(&"virtio_mmio@a000200"));
+    assert_eq!(seen.len() + 2, {
+        let mut all = 0;
+        moat_platform::devices::classify(&dtb, None, |_| all += 1).unwrap();
+        all
+    });
 }

@@ -17,10 +17,11 @@
 //!   a fault each time; a page the device reached a moment before stops
 //!   being reachable in the transaction that donates it; the device and
 //!   the host go on, and a later DMA into a host page lands again.
-//! - `dma_withheld`: the DMA-capable devices without an SMMU that the image
-//!   did not name (QEMU virt's virtio-mmio transports and fw_cfg, whose DMA
-//!   interface writes any guest physical address) are not in the host's
-//!   stage-2: touching them is a synchronous external abort.
+//! - `dma_withheld` (run on plain `-M virt`): the DMA-capable devices
+//!   without an SMMU that the image did not name (QEMU virt's virtio-mmio
+//!   transports and fw_cfg, whose DMA interface writes any guest physical
+//!   address, and the PCIe host bridge, whose devices master DMA) are not
+//!   in the host's stage-2: touching them is a synchronous external abort.
 
 use super::{
     Checks, Guest, PAGE, Ram, consistent, expect_abort, hvc, hypervisor_region, p, read_u64,
@@ -418,7 +419,11 @@ pub(super) fn withheld(c: &mut Checks, dtb: &[u8]) {
         let Some(compatible) = node.compatible().map(|c| c.first()) else {
             continue;
         };
-        if !matches!(compatible, "virtio,mmio" | "qemu,fw-cfg-mmio") {
+        // Without an SMMU in front of it, the PCIe host bridge too.
+        if !matches!(
+            compatible,
+            "virtio,mmio" | "qemu,fw-cfg-mmio" | "pci-host-ecam-generic"
+        ) {
             continue;
         }
         let Some(reg) = node.reg().and_then(|mut r| r.next()) else {

@@ -331,6 +331,12 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     mmu::switch_to_final_map(&platform.memory, &core_mmio, sysreg::cpu_features().mte)
         .unwrap_or_else(|e| fatal("EL2 page tables", e));
 
+    // Every device accounted for: DMA-capable devices without an SMMU are
+    // withheld unless the image names them.
+    let withheld_devices =
+        super::devices::decide(dtb, smmu.as_ref(), package.unprotected_dma.unwrap_or(""))
+            .unwrap_or_else(|e| fatal("device tree", e));
+
     // The host's device tree: the carve-out reserved, PSCI through the core.
     let edits = HostDtEdits {
         reserve_no_map: plan.carve_out.as_slice(),
@@ -338,6 +344,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         initrd: plan.host_initrd,
         psci_conduit: platform.psci.map(|_| Conduit::Hvc),
         hide_smmu_v3: smmu.is_some(),
+        disable_nodes: &withheld_devices.names,
     };
     let host_dtb: Vec<u8> = hostdt::rewrite_for_host(dtb, &edits)
         .unwrap_or_else(|e| fatal("host device tree", format_args!("{e:?}")));
@@ -448,21 +455,26 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     // The host's stage-2: the RAM and device windows the device tree
     // describes, less what the core keeps. Everything withheld is logged.
-    let mut withheld: heapless::Vec<(Range, &str), 8> = heapless::Vec::new();
+    let mut withheld: Vec<(Range, &str)> = Vec::new();
     for range in plan.carve_out.as_slice() {
-        let _ = withheld.push((*range, "the hypervisor's memory"));
+        withheld.push((*range, "the hypervisor's memory"));
     }
     if let Gic::V2 {
         hyp_interface: Some(gich),
         ..
     } = &platform.gic
     {
-        let _ = withheld.push((*gich, "the GICv2 hypervisor interface"));
+        withheld.push((*gich, "the GICv2 hypervisor interface"));
     }
     if let Some(smmu) = &smmu {
-        let _ = withheld.push((smmu.regs, "the SMMUv3, which the core programs"));
+        withheld.push((smmu.regs, "the SMMUv3, which the core programs"));
     }
-    let withheld_ranges: heapless::Vec<Range, 8> = withheld.iter().map(|(r, _)| *r).collect();
+    let device_pages = s2plan::whole_pages(&withheld_devices.windows)
+        .unwrap_or_else(|e| fatal("withheld devices", format_args!("{e:?}")));
+    for range in device_pages {
+        withheld.push((range, "DMA-capable devices without an SMMU"));
+    }
+    let withheld_ranges: Vec<Range> = withheld.iter().map(|(r, _)| *r).collect();
     let host_plan = s2plan::host_regions(
         &platform.memory,
         &platform.devices,

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod console;
 pub mod cpu;
+pub mod devices;
 pub mod gic;
 pub mod heap;
 pub mod hvc;

@@ -24,6 +24,12 @@ pub struct Manifest {
     pub host: String,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceDecl>,
+    /// DMA-capable devices without an SMMU the host is given anyway, by
+    /// device-tree node name (`virtio_mmio`, `fw-cfg@9020000`, `pcie`):
+    /// without a name here the core withholds such a device, because it
+    /// can write any physical address.
+    #[serde(default, rename = "unprotected-dma")]
+    pub unprotected_dma: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +147,11 @@ impl Manifest {
 
     /// Every check that does not need the built binaries.
     fn check_static(&self) -> Result<()> {
+        for name in &self.unprotected_dma {
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_whitespace) {
+                bail!("unprotected-dma: {name:?} is not a device-tree node name");
+            }
+        }
         if self.services.len() > moat_package::MAX_SERVICES {
             bail!(
                 "{} services declared; an image holds at most {}",

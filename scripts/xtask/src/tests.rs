@@ -53,6 +53,21 @@ const ATTACK_DMA_SMMU_PASS: &[&str] = &[
     "test-host: ok   vm: the ledger and the host's stage-2 agree after the DMA attacks (0)",
 ];
 
+/// DMA-capable devices without an SMMU the image does not name: listed,
+/// withheld, and aborting when the host touches them.
+const ATTACK_DMA_WITHHELD_PASS: &[&str] = &[
+    "device fw-cfg@9020000 at 0x9020000: DMA-capable without an SMMU: WITHHELD from the host (the image does not name it)",
+    "device virtio_mmio@a000000 at 0xa000000 and 31 more like it: DMA-capable without an SMMU: WITHHELD from the host",
+    "device pcie@10000000 at 0x4010000000: DMA-capable without an SMMU: WITHHELD from the host",
+    "device pl011@9000000 at 0x9000000: no bus mastering: given to the host",
+    "withheld from the host: 0x9020000..0x9021000 (DMA-capable devices without an SMMU)",
+    "withheld from the host: 0xa000000..0xa004000 (DMA-capable devices without an SMMU)",
+    "test-host: ok   dma: a read of qemu,fw-cfg-mmio at 0x9020000: synchronous external abort",
+    "test-host: ok   dma: a read of virtio,mmio at 0xa000000: synchronous external abort",
+    "test-host: ok   dma: a read of pci-host-ecam-generic at 0x4010000000: synchronous external abort",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after touching the withheld devices (0)",
+];
+
 /// Lines that always mean failure, whatever the test.
 const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: FAIL"];
 
@@ -601,6 +616,15 @@ fn cases() -> Vec<Case> {
             bootargs: Some("moat.attack=dma_smmu"),
             machine: machine_with_smmu(1, "v3"),
             ..host_boot("attack_dma_through_the_smmu", 1, "v3", ATTACK_DMA_SMMU_PASS)
+        },
+        Case {
+            bootargs: Some("moat.attack=dma_withheld"),
+            ..host_boot(
+                "attack_dma_devices_without_an_smmu_are_withheld",
+                1,
+                "v3",
+                ATTACK_DMA_WITHHELD_PASS,
+            )
         },
         Case {
             bootargs: Some("moat.attack=table_exhaustion"),
