@@ -13,6 +13,7 @@
 
 mod checkpatch;
 mod cpio;
+mod disk;
 mod image;
 mod kernels;
 mod linux;
@@ -67,6 +68,10 @@ pub struct MachineArgs {
     /// it and sends every PCIe device's DMA through the host's stage-2.
     #[arg(long)]
     pub smmu: bool,
+    /// Attach this raw disk image as a virtio-blk PCI device (made, a
+    /// 16 MiB FAT volume holding `hello.txt`, if the file does not exist).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
 }
 
 impl MachineArgs {
@@ -188,6 +193,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             if cmd.is_none() {
                 machine.timeout.get_or_insert(3600);
             }
+            if let Some(d) = &machine.disk {
+                disk::ensure(d)?;
+            }
             let kernel = match (kernel, kernel_package) {
                 (Some(image), _) => kernels::Kernel::Image(image),
                 (None, Some(package)) => kernels::Kernel::Package(package),
@@ -213,6 +221,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             machine,
         } => {
             tools::ensure_qemu()?;
+            if let Some(d) = &machine.disk {
+                disk::ensure(d)?;
+            }
             let built = image::build_all()?;
             let default_demo = host.is_none();
             let spec = image::ImageSpec {

@@ -59,6 +59,17 @@ fn machine_command(
         // needs stage 2.
         c.args(["-global", "arm-smmuv3.stage=2"]);
     }
+    if let Some(disk) = &m.disk {
+        c.arg("-drive").arg(format!(
+            "file={},if=none,id=disk0,format=raw",
+            disk.display()
+        ));
+        c.arg("-device").arg(if m.smmu {
+            "virtio-blk-pci,drive=disk0,disable-legacy=on,iommu_platform=on"
+        } else {
+            "virtio-blk-pci,drive=disk0"
+        });
+    }
     if on_reset == OnReset::Exit {
         c.arg("-no-reboot");
     }
