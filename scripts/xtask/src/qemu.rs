@@ -27,7 +27,9 @@ pub enum OnReset {
 /// No network card (QEMU's default one needs an option ROM that a QEMU
 /// installed without recommends lacks), and one virtio-rng on PCIe: a PCI
 /// device whose 64-bit BAR Linux places in the host bridge's 64-bit window,
-/// and a source of bytes the tests can read from `/dev/hwrng`.
+/// and a source of bytes the tests can read from `/dev/hwrng`. With
+/// `--smmu`, an SMMUv3 with stage 2 in front of PCIe, and with `--disk`, a
+/// virtio-blk on PCIe.
 fn machine_command(
     m: &MachineArgs,
     virtualization: bool,
