@@ -2533,6 +2533,9 @@ fn benchmarks(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
             given / pages,
             taken / pages
         );
+        say!(
+            "bench: donate_total_{pages}={given} (instructions for the whole {pages}-page donation)"
+        );
     }
 
     let mut ram = Ram::new(platform, dtb);

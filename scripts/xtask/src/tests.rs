@@ -1983,6 +1983,28 @@ fn bench_value(console: &str, key: &str) -> Option<u64> {
         })
 }
 
+/// Runs the benchmark image `img` on `machine`; its console, also kept in
+/// `target/<log>`.
+fn bench_console(img: &std::path::Path, machine: &MachineArgs, log: &str) -> Result<String> {
+    let cmd = qemu::command(img, machine, &[]);
+    let harness = Harness {
+        pass: &["bench: donate_total_512=", "test-host: PASS"],
+        fail: ALWAYS_FAIL,
+        timeout: Duration::from_secs(120),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(cmd, &harness)?;
+    std::fs::write(tools::target_dir().join(log), &out.console)?;
+    if out.verdict != Verdict::Passed {
+        bail!(
+            "benchmark run failed ({:?}); console in target/{log}",
+            out.verdict
+        );
+    }
+    Ok(out.console)
+}
+
 pub fn bench(emulator_cost: bool) -> Result<()> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
@@ -2057,6 +2079,24 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         vm_figures.insert(alias.to_string(), v);
     }
 
+    // Keeping the SMMU in step: the same 512-page donation on a machine
+    // whose SMMU the core owns, less the donation without one, per page.
+    let smmu_console = bench_console(
+        &img,
+        &MachineArgs {
+            smmu: true,
+            ..bench_machine.clone()
+        },
+        "bench-smmu.log",
+    )?;
+    let without = figure("donate_total_512")?;
+    let with = bench_value(&smmu_console, "donate_total_512")
+        .context("no donate_total_512 figure in the SMMU run's console")?;
+    let smmu_sync_per_page = (with as f64 - without as f64) / 512.0;
+    println!(
+        "smmu_sync_per_page: {smmu_sync_per_page:.2} instructions per page of a 512-page donation for the SMMU's invalidation ({with} with the SMMU, {without} without)"
+    );
+
     let vmm_exit_roundtrip = vmm_exit_roundtrip(&built)?;
     println!(
         "vmm_exit_roundtrip: {vmm_exit_roundtrip} instructions per round trip (guest hvc -> core -> moat.ko -> moat-vmm in Linux userspace -> MOAT_RUN -> guest)"
@@ -2082,6 +2122,7 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         "linux_boot_el2_stub_seconds": round3(boot.el2_stub),
         "linux_boot_el2_stub_ratio": round3(boot.el2_stub_ratio),
         "linux_boot_moat_over_el2_stub": round3(boot.moat_over_el2_stub),
+        "smmu_sync_per_page": round3(smmu_sync_per_page),
     });
     if let Some(map) = json.as_object_mut() {
         map.extend(vm_figures);
