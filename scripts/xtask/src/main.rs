@@ -11,7 +11,9 @@
 //! Missing tools (QEMU >= 9, mdbook) are installed on Debian when running as
 //! root; elsewhere the exact command to run is printed.
 
+mod abi_reference;
 mod checkpatch;
+mod coverage;
 mod cpio;
 mod disk;
 mod image;
@@ -22,6 +24,7 @@ mod manifest;
 mod modules;
 mod probe;
 mod qemu;
+mod size;
 mod synthetic_dt;
 mod tests;
 mod tools;
@@ -141,6 +144,13 @@ enum Command {
         #[arg(long)]
         integration_only: bool,
     },
+    /// Line coverage of the core (`kernel/src`) by its host tests.
+    Coverage,
+    /// Write the book's ABI reference from the `abi` crate.
+    AbiReference,
+    /// Print the core's size: its flat binary against the budget, each
+    /// section, and the largest functions.
+    Size,
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
         /// Also count the emulator's own instructions for the three Linux
@@ -257,6 +267,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             filter,
             integration_only,
         } => tests::run_all(filter.as_deref(), integration_only),
+        Command::Size => size::report(),
+        Command::AbiReference => abi_reference::write(),
+        Command::Coverage => coverage::report().map(|_| ()),
         Command::Bench { emulator_cost } => tests::bench(emulator_cost),
     }
 }

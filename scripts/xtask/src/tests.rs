@@ -1960,6 +1960,7 @@ fn book() -> Result<()> {
 pub fn run_all(filter: Option<&str>, integration_only: bool) -> Result<()> {
     if !integration_only && filter.is_none() {
         unit_tests_and_lints()?;
+        crate::coverage::report()?;
         book()?;
         println!("xtask: unit tests, lints and the book passed");
     }
@@ -2107,6 +2108,14 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         "kvm_exit_roundtrip: {kvm_exit_roundtrip} instructions per round trip (guest MMIO store -> Linux KVM at EL2 (VHE) -> moat-vmm bench-kvm in userspace -> KVM_RUN -> guest; no Moat)"
     );
 
+    let boot_instructions = linux_boot_instructions(&built)?;
+    println!(
+        "linux_boot_instructions_ratio: {:.4} ({} instructions under Moat, {} directly at EL1, reset to /init's first command, 1 CPU, icount)",
+        boot_instructions.ratio(),
+        boot_instructions.moat,
+        boot_instructions.direct
+    );
+
     let boots = LinuxBoots::prepare(&built)?;
     let boot = linux_boot_times(&boots)?;
     let mut json = serde_json::json!({
@@ -2116,6 +2125,10 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         "service_call": service_call,
         "service_call_el2": service_call_el2,
         "mte_sysreg_undef": mte_sysreg_undef,
+        "linux_boot_instructions_ratio": (boot_instructions.ratio() * 10_000.0).round() / 10_000.0,
+        "linux_boot_instructions_moat": boot_instructions.moat,
+        "linux_boot_instructions_direct": boot_instructions.direct,
+        "core_bytes": std::fs::metadata(&built.core)?.len(),
         "linux_boot_ratio": round3(boot.ratio),
         "linux_boot_moat_seconds": round3(boot.moat),
         "linux_boot_direct_seconds": round3(boot.direct),
@@ -2191,6 +2204,68 @@ fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
     let cmd = qemu::command(&img, &bench_linux_machine(), &[]);
     let (_, figure) = exit_bench(cmd, "bench-vmm", "HVC exits to this process and back: ")?;
     Ok(figure)
+}
+
+/// Instructions from reset to the first command of `/init`, under Moat
+/// and with the same kernel and initramfs booted directly at EL1.
+struct BootInstructions {
+    moat: u64,
+    direct: u64,
+}
+
+impl BootInstructions {
+    fn ratio(&self) -> f64 {
+        self.moat as f64 / self.direct as f64
+    }
+}
+
+/// Boots Debian's kernel twice under `-icount shift=0,sleep=off` on one
+/// CPU — under Moat (its boot included) and directly on QEMU at EL1 — with
+/// an initramfs whose `/init` reads the virtual counter first. QEMU 10's
+/// counter runs at 1 GHz, so with icount one tick is one instruction: the
+/// figures do not depend on how busy this machine is.
+fn linux_boot_instructions(built: &Built) -> Result<BootInstructions> {
+    let assets = linux::ensure_assets()?;
+    let initrd = linux::write_initramfs_with(
+        &assets,
+        None,
+        Some("true"),
+        "bench-boot-instructions",
+        vec![(linux::BOOT_COUNTER_FLAG, 0o644, Vec::new())],
+    )?;
+    let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
+    let img = image::pack(&built.core, &spec, "bench-boot-instructions")?;
+    let m = bench_linux_machine();
+    let harness = Harness {
+        pass: &[linux::MARKER_INIT],
+        fail: linux::FAIL_PATTERNS,
+        timeout: Duration::from_secs(300),
+        after_pass: AfterPass::Stop,
+        echo: false,
+    };
+    let count = |label: &str, cmd: std::process::Command| -> Result<u64> {
+        let out = qemu::run_harnessed(cmd, &harness)?;
+        let log = tools::target_dir().join(format!("bench-boot-instructions-{label}.log"));
+        std::fs::write(&log, &out.console)?;
+        if out.verdict != Verdict::Passed {
+            bail!(
+                "Linux boot ({label}) failed: {:?}; console in {}",
+                out.verdict,
+                log.display()
+            );
+        }
+        out.console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("probe: counter="))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no `probe: counter=` line; console in {}", log.display()))
+    };
+    let moat = count("moat", qemu::command(&img, &m, &[]))?;
+    let direct = count(
+        "direct",
+        qemu::linux_direct_command(&assets.kernel, &initrd, &linux::bootargs(None), &m),
+    )?;
+    Ok(BootInstructions { moat, direct })
 }
 
 /// One CPU, GICv3, icount: the machine of the exit benchmarks.
