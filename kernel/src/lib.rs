@@ -22,6 +22,7 @@ pub mod ranges;
 pub mod regs;
 pub mod routing;
 pub mod s2plan;
+pub mod smmu;
 pub mod txcheck;
 pub mod vmfeatures;
 

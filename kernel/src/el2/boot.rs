@@ -224,9 +224,6 @@ fn mib(bytes: u64) -> u64 {
     bytes >> 20
 }
 
-/// Pages of GIC registers the host's stage-2 may leave out (see `its`).
-const WITHHELD_GIC_PAGES: usize = dt::MAX_ITS + 16;
-
 #[unsafe(no_mangle)]
 extern "C" fn primary_main(fdt_addr: u64) -> ! {
     heap::init_early();
@@ -250,6 +247,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         None => (firmware_dtb(fdt_addr), "firmware"),
     };
     let platform = dt::discover(dtb).unwrap_or_else(|e| fatal("device tree", e));
+    let smmu = moat_platform::iommu::find_smmu_v3(dtb).unwrap_or_else(|e| fatal("device tree", e));
     // SAFETY: the discovered PL011 is in a 1 GiB block the early map made
     // device memory (the core and the tree are not in MMIO space), and the
     // final map maps it as device memory too.
@@ -333,6 +331,9 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             }
         }
     }
+    if let Some(smmu) = &smmu {
+        let _ = core_mmio.push(smmu.regs);
+    }
     mmu::switch_to_final_map(&platform.memory, &core_mmio, sysreg::cpu_features().mte)
         .unwrap_or_else(|e| fatal("EL2 page tables", e));
     let (its_count, redistributor_count) = super::its::init(&platform.gic, &its_frames);
@@ -342,12 +343,20 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         );
     }
 
+    // Every device accounted for: DMA-capable devices without an SMMU are
+    // withheld unless the image names them.
+    let withheld_devices =
+        super::devices::decide(dtb, smmu.as_ref(), package.unprotected_dma.unwrap_or(""))
+            .unwrap_or_else(|e| fatal("device tree", e));
+
     // The host's device tree: the carve-out reserved, PSCI through the core.
     let edits = HostDtEdits {
         reserve_no_map: plan.carve_out.as_slice(),
         bootargs: package.host_bootargs,
         initrd: plan.host_initrd,
         psci_conduit: platform.psci.map(|_| Conduit::Hvc),
+        hide_smmu_v3: smmu.is_some(),
+        disable_nodes: &withheld_devices.names,
     };
     let host_dtb: Vec<u8> = hostdt::rewrite_for_host(dtb, &edits)
         .unwrap_or_else(|e| fatal("host device tree", format_args!("{e:?}")));
@@ -458,23 +467,29 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     // The host's stage-2: the RAM and device windows the device tree
     // describes, less what the core keeps. Everything withheld is logged.
-    let mut withheld: heapless::Vec<(Range, &str), { 4 + WITHHELD_GIC_PAGES }> =
-        heapless::Vec::new();
+    let mut withheld: Vec<(Range, &str)> = Vec::new();
     for range in plan.carve_out.as_slice() {
-        let _ = withheld.push((*range, "the hypervisor's memory"));
+        withheld.push((*range, "the hypervisor's memory"));
     }
     if let Gic::V2 {
         hyp_interface: Some(gich),
         ..
     } = &platform.gic
     {
-        let _ = withheld.push((*gich, "the GICv2 hypervisor interface"));
+        withheld.push((*gich, "the GICv2 hypervisor interface"));
     }
     for page in super::its::withheld() {
-        let _ = withheld.push((page, "a GICv3 ITS or LPI register page, emulated"));
+        withheld.push((page, "a GICv3 ITS or LPI register page, emulated"));
     }
-    let withheld_ranges: heapless::Vec<Range, { 4 + WITHHELD_GIC_PAGES }> =
-        withheld.iter().map(|(r, _)| *r).collect();
+    if let Some(smmu) = &smmu {
+        withheld.push((smmu.regs, "the SMMUv3, which the core programs"));
+    }
+    let device_pages = s2plan::whole_pages(&withheld_devices.windows)
+        .unwrap_or_else(|e| fatal("withheld devices", format_args!("{e:?}")));
+    for range in device_pages {
+        withheld.push((range, "DMA-capable devices without an SMMU"));
+    }
+    let withheld_ranges: Vec<Range> = withheld.iter().map(|(r, _)| *r).collect();
     let host_plan = s2plan::host_regions(
         &platform.memory,
         &platform.devices,
@@ -514,6 +529,10 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             beyond.base,
             beyond.end()
         );
+    }
+
+    if let Some(desc) = &smmu {
+        super::smmu::boot(desc, vtcr, vttbr, ipa_bits);
     }
 
     // Until the MTE policy decides, the host is told what the hardware has.
@@ -606,11 +625,12 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
     match memory::check_consistency(cpu) {
         Ok(c) => {
             crate::log!(
-                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s), {} VM(s) and {} GIC table(s) checked{})",
+                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s), {} VM(s), {} GIC table(s) and {} SMMU stream(s) checked{})",
                 c.extents,
                 c.services,
                 c.vms,
                 c.gic_tables,
+                c.smmu_streams,
                 if c.vms_running > 0 {
                     ", running VMs skipped"
                 } else {
@@ -650,6 +670,12 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
         }
         Err(Mismatch::Gic { address, why }) => {
             crate::log!("consistency: MISMATCH at {address:#x}: {why}");
+            false
+        }
+        Err(Mismatch::Smmu(why)) => {
+            crate::log!(
+                "consistency: MISMATCH: the SMMU's stream table no longer sends every stream through the host's stage-2: {why}"
+            );
             false
         }
         Err(Mismatch::NoMemory) => {

@@ -15,6 +15,7 @@ mod abi_reference;
 mod checkpatch;
 mod coverage;
 mod cpio;
+mod disk;
 mod image;
 mod kernels;
 mod linux;
@@ -65,6 +66,15 @@ pub struct MachineArgs {
     /// Seconds before the run is stopped [default: 60; 3600 for a Linux shell].
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Put an SMMUv3 with stage-2 translation in front of the PCIe root
+    /// complex (`-M virt,iommu=smmuv3`, `arm-smmuv3.stage=2`); Moat takes
+    /// it and sends every PCIe device's DMA through the host's stage-2.
+    #[arg(long)]
+    pub smmu: bool,
+    /// Attach this raw disk image as a virtio-blk PCI device (made, a
+    /// 16 MiB FAT volume holding `hello.txt`, if the file does not exist).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
 }
 
 impl MachineArgs {
@@ -193,6 +203,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             if cmd.is_none() {
                 machine.timeout.get_or_insert(3600);
             }
+            if let Some(d) = &machine.disk {
+                disk::ensure(d)?;
+            }
             let kernel = match (kernel, kernel_package) {
                 (Some(image), _) => kernels::Kernel::Image(image),
                 (None, Some(package)) => kernels::Kernel::Package(package),
@@ -218,6 +231,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             machine,
         } => {
             tools::ensure_qemu()?;
+            if let Some(d) = &machine.disk {
+                disk::ensure(d)?;
+            }
             let built = image::build_all()?;
             let default_demo = host.is_none();
             let spec = image::ImageSpec {

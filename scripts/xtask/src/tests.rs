@@ -34,6 +34,40 @@ const ATTACK_SME_PASS: &[&str] = &[
     "test-host: ok   vm: the ledger and the host's stage-2 agree after the SME streaming-mode VCPU_RUN attempts (0)",
 ];
 
+/// The SMMU's DMA attack: a device behind the SMMU the core owns writes
+/// into a host page, a page donated to a VM, the hypervisor's memory, and
+/// a host page again.
+const ATTACK_DMA_SMMU_PASS: &[&str] = &[
+    "withheld from the host: 0x9050000..0x9070000 (the SMMUv3, which the core programs)",
+    "smmu: SMMUv3 at 0x9050000 owned by the core: streams 0x0..0x1000 translate through the host's stage-2",
+    "smmu: streams from 0x1000 up have no entry",
+    "test-host: ok   dma: virtio-rng-pci at 00:",
+    "test-host: ok   dma: into a host page: the device answered (true) and wrote",
+    "test-host: ok   dma: into a page the host is about to donate: the device answered (true) and wrote",
+    "smmu: fault F_TRANSLATION (0x10) stream ",
+    "test-host: ok   dma: a DMA into the page just donated to a VM at ",
+    "test-host: ok   dma: the VM finds 0 non-zero words in its page: the device's write never landed",
+    "test-host: ok   dma: a DMA into the hypervisor's carve-out at ",
+    "test-host: ok   dma: after the refused DMAs, into a host page again: the device answered (true) and wrote",
+    "SMMU stream(s) checked",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the DMA attacks (0)",
+];
+
+/// DMA-capable devices without an SMMU the image does not name: listed,
+/// withheld, and aborting when the host touches them.
+const ATTACK_DMA_WITHHELD_PASS: &[&str] = &[
+    "device fw-cfg@9020000 at 0x9020000: DMA-capable without an SMMU: WITHHELD from the host (the image does not name it)",
+    "device virtio_mmio@a000000 at 0xa000000 and 31 more like it: DMA-capable without an SMMU: WITHHELD from the host",
+    "device pcie@10000000 at 0x4010000000: DMA-capable without an SMMU: WITHHELD from the host",
+    "device pl011@9000000 at 0x9000000: no bus mastering: given to the host",
+    "withheld from the host: 0x9020000..0x9021000 (DMA-capable devices without an SMMU)",
+    "withheld from the host: 0xa000000..0xa004000 (DMA-capable devices without an SMMU)",
+    "test-host: ok   dma: a read of qemu,fw-cfg-mmio at 0x9020000: synchronous external abort",
+    "test-host: ok   dma: a read of virtio,mmio at 0xa000000: synchronous external abort",
+    "test-host: ok   dma: a read of pci-host-ecam-generic at 0x4010000000: synchronous external abort",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after touching the withheld devices (0)",
+];
+
 /// Lines that always mean failure, whatever the test.
 const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: FAIL"];
 
@@ -46,6 +80,16 @@ fn machine(smp: u32, gic: &str) -> MachineArgs {
         cpu: "max".into(),
         icount: false,
         timeout: Some(60),
+        smmu: false,
+        disk: None,
+    }
+}
+
+/// [`machine`] with an SMMUv3 (stage 2) in front of the PCIe root complex.
+fn machine_with_smmu(smp: u32, gic: &str) -> MachineArgs {
+    MachineArgs {
+        smmu: true,
+        ..machine(smp, gic)
     }
 }
 
@@ -570,6 +614,20 @@ fn cases() -> Vec<Case> {
             ..host_boot("attack_boundary_arguments", 1, "v3", ATTACK_BOUNDARY_PASS)
         },
         Case {
+            bootargs: Some("moat.attack=dma_smmu"),
+            machine: machine_with_smmu(1, "v3"),
+            ..host_boot("attack_dma_through_the_smmu", 1, "v3", ATTACK_DMA_SMMU_PASS)
+        },
+        Case {
+            bootargs: Some("moat.attack=dma_withheld"),
+            ..host_boot(
+                "attack_dma_devices_without_an_smmu_are_withheld",
+                1,
+                "v3",
+                ATTACK_DMA_WITHHELD_PASS,
+            )
+        },
+        Case {
             bootargs: Some("moat.attack=table_exhaustion"),
             timeout: 300,
             ..host_boot("attack_table_heap_exhaustion", 1, "v3", ATTACK_TABLES_PASS)
@@ -590,6 +648,7 @@ fn cases() -> Vec<Case> {
             "moat.attack=lpi_pending_table",
             ATTACK_LPI_TABLES_PASS,
         ),
+        linux_disk_behind_the_smmu(),
         host_fidelity(
             "linux_6_1_host_sees_what_bare_qemu_shows",
             Kernel::Default,
@@ -1488,6 +1547,36 @@ fn linux_mte(name: &'static str, append: Option<&'static str>, expected: &str) -
     case
 }
 
+/// What the disk case runs: read the disk's file, write one, read it back
+/// from the disk (unmounted between, so nothing comes from the page
+/// cache), and show that the disk's interrupts are MSI-X through the ITS.
+const DISK_COMMANDS: &str = "mkdir -p /mnt && mount -t vfat /dev/vda /mnt && cat /mnt/hello.txt \
+    && echo written-through-the-smmu > /mnt/new.txt && umount /mnt \
+    && mount -t vfat /dev/vda /mnt && cat /mnt/new.txt && umount /mnt \
+    && grep ITS-MSI /proc/interrupts | grep -q virtio && echo virtio-msix-through-the-its";
+
+/// Linux on 2 CPUs with a virtio-blk disk and a virtio-rng behind the SMMU
+/// the core owns: the disk works (its DMA through the host's stage-2), its
+/// interrupts are MSI-X through the ITS, and the SMMU records no fault.
+fn linux_disk_behind_the_smmu() -> Case {
+    let mut case = linux_case("linux_disk_behind_the_smmu", 2, "v3", DISK_COMMANDS);
+    case.machine = MachineArgs {
+        disk: Some(tools::target_dir().join("test-disk.img")),
+        ..machine_with_smmu(2, "v3")
+    };
+    case.pass.extend_from_slice(&[
+        "smmu: SMMUv3 at 0x9050000 owned by the core",
+        "DMA behind the SMMU the core owns: given to the host",
+    ]);
+    case.fail.push("smmu: fault");
+    case.check = Some(expect_lines(vec![
+        crate::disk::FILE_TEXT.trim_end().to_string(),
+        "written-through-the-smmu".into(),
+        "virtio-msix-through-the-its".into(),
+    ]));
+    case
+}
+
 /// Linux boots on `smp` CPUs and sees all of them.
 fn linux_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str]) -> Case {
     let mut case = linux_case(
@@ -1653,6 +1742,10 @@ fn image_for(
     services: &Services,
 ) -> Result<(PathBuf, Option<PathBuf>)> {
     let mut initramfs = None;
+    // A case's disk starts as a fresh image every run (the case writes to it).
+    if let Some(d) = &case.machine.disk {
+        crate::disk::make(d)?;
+    }
     let spec = match case.host {
         Payload::Linux { commands } => {
             let assets = assets
@@ -1973,6 +2066,28 @@ fn bench_value(console: &str, key: &str) -> Option<u64> {
         })
 }
 
+/// Runs the benchmark image `img` on `machine`; its console, also kept in
+/// `target/<log>`.
+fn bench_console(img: &std::path::Path, machine: &MachineArgs, log: &str) -> Result<String> {
+    let cmd = qemu::command(img, machine, &[]);
+    let harness = Harness {
+        pass: &["bench: donate_total_512=", "test-host: PASS"],
+        fail: ALWAYS_FAIL,
+        timeout: Duration::from_secs(120),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(cmd, &harness)?;
+    std::fs::write(tools::target_dir().join(log), &out.console)?;
+    if out.verdict != Verdict::Passed {
+        bail!(
+            "benchmark run failed ({:?}); console in target/{log}",
+            out.verdict
+        );
+    }
+    Ok(out.console)
+}
+
 pub fn bench(emulator_cost: bool) -> Result<()> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
@@ -2047,6 +2162,24 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         vm_figures.insert(alias.to_string(), v);
     }
 
+    // Keeping the SMMU in step: the same 512-page donation on a machine
+    // whose SMMU the core owns, less the donation without one, per page.
+    let smmu_console = bench_console(
+        &img,
+        &MachineArgs {
+            smmu: true,
+            ..bench_machine.clone()
+        },
+        "bench-smmu.log",
+    )?;
+    let without = figure("donate_total_512")?;
+    let with = bench_value(&smmu_console, "donate_total_512")
+        .context("no donate_total_512 figure in the SMMU run's console")?;
+    let smmu_sync_per_page = (with as f64 - without as f64) / 512.0;
+    println!(
+        "smmu_sync_per_page: {smmu_sync_per_page:.2} instructions per page of a 512-page donation for the SMMU's invalidation ({with} with the SMMU, {without} without)"
+    );
+
     let vmm_exit_roundtrip = vmm_exit_roundtrip(&built)?;
     println!(
         "vmm_exit_roundtrip: {vmm_exit_roundtrip} instructions per round trip (guest hvc -> core -> moat.ko -> moat-vmm in Linux userspace -> MOAT_RUN -> guest)"
@@ -2084,6 +2217,7 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         "linux_boot_el2_stub_seconds": round3(boot.el2_stub),
         "linux_boot_el2_stub_ratio": round3(boot.el2_stub_ratio),
         "linux_boot_moat_over_el2_stub": round3(boot.moat_over_el2_stub),
+        "smmu_sync_per_page": round3(smmu_sync_per_page),
     });
     if let Some(map) = json.as_object_mut() {
         map.extend(vm_figures);
