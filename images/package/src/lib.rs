@@ -605,6 +605,22 @@ mod tests {
     }
 
     #[test]
+    fn unprotected_dma_names() {
+        let bytes = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![0xaa; 64])
+            .entry(EntryKind::UnprotectedDma, b"pcie\nfw-cfg".to_vec())
+            .build();
+        let p = Package::parse(&bytes).unwrap();
+        assert_eq!(p.unprotected_dma, Some("pcie\nfw-cfg"));
+        assert_eq!(Package::parse(&sample()).unwrap().unprotected_dma, None);
+        let bad = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![0xaa; 64])
+            .entry(EntryKind::UnprotectedDma, vec![0xff])
+            .build();
+        assert_eq!(Package::parse(&bad).unwrap_err(), PackageError::BadDeviceNames);
+    }
+
+    #[test]
     fn round_trip() {
         let bytes = sample();
         let p = Package::parse(&bytes).unwrap();

@@ -348,6 +348,22 @@ observes = ["smc"]
     }
 
     #[test]
+    fn unprotected_dma_names_devices() {
+        let named = GOOD.replace(
+            "host = \"test-host\"",
+            "host = \"test-host\"\nunprotected-dma = [\"pcie\", \"virtio_mmio@a000000\"]",
+        );
+        let m = Manifest::parse(&named).unwrap();
+        assert_eq!(m.unprotected_dma, ["pcie", "virtio_mmio@a000000"]);
+        assert!(Manifest::parse(GOOD).unwrap().unprotected_dma.is_empty());
+        let bad = GOOD.replace(
+            "host = \"test-host\"",
+            "host = \"test-host\"\nunprotected-dma = [\"two words\"]",
+        );
+        assert!(err(&bad).contains("is not a device-tree node name"), "{}", err(&bad));
+    }
+
+    #[test]
     fn unknown_things() {
         assert!(
             err(&GOOD.replace("interface = \"trace\"", "interface = \"nope\""))
