@@ -32,11 +32,13 @@ struct moat_load {
 };
 
 /*
- * VCPU_RUN: @answer is r0..r3 (the answer to the previous exit); on return
- * @exit holds x1..x7 (the exit reason and its details).
+ * VCPU_RUN: @answer is r0..r3 (the answer to the previous exit), @inject
+ * up to two interrupts to make pending in a VmFlags::VGIC VM (0: none);
+ * on return @exit holds x1..x7 (the exit reason and its details).
  */
 struct moat_run {
 	__u64 answer[4];
+	__u64 inject[2];
 	__u64 exit[7];
 };
 

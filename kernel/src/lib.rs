@@ -22,6 +22,7 @@ pub mod regs;
 pub mod routing;
 pub mod s2plan;
 pub mod txcheck;
+pub mod vgic;
 pub mod vmfeatures;
 
 /// The version string the core prints at boot.

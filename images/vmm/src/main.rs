@@ -24,6 +24,7 @@ mod pl011;
 mod probe;
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
+mod vgic_probe;
 
 use device::Device;
 use pl011::Pl011;
@@ -85,6 +86,15 @@ enum Command {
     /// probe came out as expected.
     #[command(hide = true)]
     ProbeErrors { guest: std::path::PathBuf },
+    /// Tests only: GUEST (the Moat guest) in its interrupt probe, with a
+    /// virtual GIC (or, with --no-vgic, without: only the fired-timer
+    /// spin). Exit status 0 if every interrupt arrived as expected.
+    #[command(hide = true)]
+    ProbeVgic {
+        guest: std::path::PathBuf,
+        #[arg(long)]
+        no_vgic: bool,
+    },
     /// Measures: GUEST (the Moat guest) in its ping mode, COUNT exits to
     /// this process and back, timed with the virtual counter.
     #[command(hide = true)]
@@ -260,6 +270,11 @@ fn run_loop(dev: &Device, machine: &mut Machine) -> std::io::Result<End> {
                     detail[0]
                 )));
             }
+            Some(ExitReason::Sgi) => {
+                return Ok(End::Crashed(
+                    "an SGI from a VM without a virtual GIC".into(),
+                ));
+            }
             None => {
                 return Ok(End::Crashed(format!("unknown exit {:#x}", regs[0])));
             }
@@ -363,6 +378,23 @@ fn probe_errors(guest: &std::path::Path) -> ExitCode {
     }
 }
 
+fn probe_vgic(guest: &std::path::Path, vgic: bool) -> ExitCode {
+    match std::fs::read(guest).and_then(|image| vgic_probe::run(&image, vgic)) {
+        Ok(true) => {
+            println!("vgic probe: passed");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("vgic probe: FAILED");
+            ExitCode::from(STATUS_VMM_FAILED)
+        }
+        Err(e) => {
+            eprintln!("moat-vmm: probe-vgic: {e}");
+            ExitCode::from(STATUS_VMM_FAILED)
+        }
+    }
+}
+
 fn read_donated() -> ExitCode {
     let result = Device::open().and_then(|dev| {
         dev.create(p::BASE_IPA, 0)?;
@@ -388,6 +420,7 @@ fn main() -> ExitCode {
         Command::Check => return check(),
         Command::ReadDonated => return read_donated(),
         Command::ProbeErrors { guest } => return probe_errors(&guest),
+        Command::ProbeVgic { guest, no_vgic } => return probe_vgic(&guest, !no_vgic),
         Command::BenchExits { guest, count } => return bench_exits(&guest, count),
         Command::BenchKvm { count } => return bench_kvm(count),
     };

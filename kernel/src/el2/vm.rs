@@ -31,13 +31,14 @@ use super::heap::try_box;
 use super::memory::{self, MEMORY, PAGE, Region, VmMemory};
 use super::stage2::{self, StageTwo};
 use super::sysreg::{self, El1Context};
+use super::vgic::{self, VgicCpu};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use moat_abi::Error;
 use moat_abi::services::{FrameRange, LedgerRequest, Party};
 use moat_abi::trap::{PARTITION_VM_BASE, TrapClass};
-use moat_abi::vm::{self as abi, Exit, ExitReason, MAX_VMS, MmioAccess, VmFlags};
+use moat_abi::vm::{self as abi, Exit, ExitReason, Injection, MAX_VMS, MmioAccess, VmFlags};
 use moat_abi::{hypercall, smccc};
 use moat_kernel::el2config::{self, RunMask};
 use moat_kernel::esr::{self, Trap};
@@ -360,6 +361,8 @@ struct Vm {
     /// The CPU the vCPU last ran on.
     last_cpu: Option<usize>,
     pending: Pending,
+    /// The virtual CPU interface, for a VM created with `VmFlags::VGIC`.
+    vgic: Option<Box<VgicCpu>>,
 }
 
 struct Slot {
@@ -430,7 +433,7 @@ pub fn host_call(cpu: &PerCpu, regs: &mut GuestRegs, function: u32) -> Option<Re
         abi::VM_CREATE => create(cpu, a1, a2).map(|handle| regs.x[1] = u64::from(handle)),
         abi::VM_DONATE => donate(cpu, a1, a2, a3, a4),
         abi::VM_LOAD => load(cpu, a1, a2, a3, a4),
-        abi::VCPU_RUN => run(cpu, a1, [a2, a3, a4, a5]).map(|exit| {
+        abi::VCPU_RUN => run(cpu, a1, [a2, a3, a4, a5], [regs.x[6], regs.x[7]]).map(|exit| {
             regs.x[1..8].copy_from_slice(&exit.to_regs());
         }),
         abi::VM_DESTROY => destroy(cpu, a1),
@@ -460,6 +463,10 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
     if flags.mte() && !machine().cpu.mte {
         return Err(Error::NotSupported);
     }
+    let gicv3 = matches!(machine().platform.gic, moat_platform::dt::Gic::V3 { .. });
+    if flags.vgic() && !(gicv3 && machine().cpu.gic_sysregs) {
+        return Err(Error::NotSupported);
+    }
     // Claim a free slot: Free → Alive under its lock.
     let (index, slot, mut guard) = SLOTS
         .iter()
@@ -483,6 +490,11 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
     let fp = try_box(FpState::ZERO).ok_or(Error::NoMemory)?;
     let host_vectors =
         try_box(HostVectors::new().ok_or(Error::NoMemory)?).ok_or(Error::NoMemory)?;
+    let vgic = if flags.vgic() {
+        Some(try_box(VgicCpu::new(vgic::geometry())).ok_or(Error::NoMemory)?)
+    } else {
+        None
+    };
     let mte = mte_policy(cpu, handle, flags)?;
     memory::transact(
         cpu,
@@ -508,6 +520,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         has_run: false,
         last_cpu: None,
         pending: Pending::None,
+        vgic,
     });
     slot.set(Status::Alive);
     crate::log!(
@@ -768,7 +781,7 @@ fn exit(reason: ExitReason, detail: [u64; 6]) -> Exit {
     Exit { reason, detail }
 }
 
-fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
+fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<Exit, Error> {
     // A host in SME streaming mode, or with ZA on, is refused before
     // anything is touched: its Z registers are at the streaming length,
     // which no save area is sized for, and its ZA/ZT0 storage would have
@@ -788,6 +801,29 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     // the VM was created.
     if !vm.host_vectors.fits() {
         return Err(Error::Denied);
+    }
+    // The injections, all checked before any is taken.
+    let mut injections = [(0u32, 0u8); 2];
+    let mut count = 0;
+    for word in inject {
+        match Injection(word).decode() {
+            None => {}
+            Some(Ok(irq)) => {
+                injections[count] = irq;
+                count += 1;
+            }
+            Some(Err(())) => return Err(Error::InvalidParameters),
+        }
+    }
+    if count > 0 {
+        let v = vm.vgic.as_mut().ok_or(Error::InvalidParameters)?;
+        if !v.has_room(count) {
+            return Err(Error::NoMemory);
+        }
+        for &(intid, priority) in &injections[..count] {
+            v.inject(intid, priority)
+                .map_err(|_| Error::InvalidParameters)?;
+        }
     }
     slot.set(Status::Running);
     match core::mem::replace(&mut vm.pending, Pending::None) {
@@ -857,7 +893,19 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     let saved_icc = gic
         .as_ref()
         .map(|access| super::gic::open_watchdog(access, RunMask::Vm));
+    let mut borrowed = gic
+        .as_ref()
+        .map(|access| vgic::borrow_ppis(access, vm.vgic.is_some()));
+    if let Some(v) = vm.vgic.as_ref() {
+        v.load();
+    }
     let outcome = loop {
+        if let Some(v) = vm.vgic.as_mut() {
+            let timer_line = v.before_entry();
+            if let (Some(access), Some(b)) = (gic.as_ref(), borrowed.as_mut()) {
+                vgic::set_timer_ppi(access, b, timer_line);
+            }
+        }
         // Armed again before every entry: a service call made on the VM's
         // behalf (`outside_vm`) uses the same timer for its own watchdog.
         sysreg::arm_watchdog(deadline);
@@ -868,13 +916,20 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         // The backstop's interrupt ends the run as an Interrupt exit, like
         // any host interrupt; disarming it drops its level.
         sysreg::disarm_watchdog();
-        match handle_exit(cpu, vm) {
+        let maintenance = vm.vgic.as_mut().is_some_and(|v| v.after_exit());
+        match handle_exit(cpu, vm, maintenance, deadline) {
             Step::Resume => continue,
             Step::Exit(e) => break (e, Status::Alive),
             Step::End(e) => break (e, Status::Off),
         }
     };
 
+    if let Some(v) = vm.vgic.as_mut() {
+        v.save();
+    }
+    if let (Some(access), Some(b)) = (gic.as_ref(), borrowed) {
+        vgic::return_ppis(access, b, vm.vgic.is_some());
+    }
     if let (Some(access), Some(saved)) = (gic.as_ref(), saved_icc) {
         super::gic::close_watchdog(access, saved);
     }
@@ -909,13 +964,25 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     Ok(e)
 }
 
-/// Handles one trap from a running VM.
-fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
+/// Handles one trap from a running VM. `maintenance`: the virtual CPU
+/// interface raised a maintenance interrupt (already dealt with);
+/// `deadline`: when the run must end.
+fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> Step {
     let vector = vm.vcpu.exit_vector;
     let esr_el2 = vm.vcpu.exit_esr;
     match vector {
         LOWER_SYNC => {}
-        LOWER_IRQ | LOWER_FIQ => return Step::Exit(exit(ExitReason::Interrupt, [0; 6])),
+        LOWER_IRQ | LOWER_FIQ => {
+            // The core's own business (a maintenance interrupt, or the
+            // guest's timer firing on a line that is the guest's for the
+            // run) goes back into the guest, which `before_entry` handles;
+            // anything else is the host's. Never past the deadline.
+            let ours = maintenance || vm.vgic.as_ref().is_some_and(|v| v.timer_due());
+            if ours && sysreg::now() < deadline {
+                return Step::Resume;
+            }
+            return Step::Exit(exit(ExitReason::Interrupt, [0; 6]));
+        }
         _ => {
             crate::log!(
                 "VM {}: SError or unexpected vector {vector}: VM off",
@@ -944,9 +1011,21 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
             regs.x[0] = smccc::NOT_SUPPORTED;
             Step::Resume
         }
-        Trap::Wfx { .. } => {
+        Trap::Wfx { is_wfe } => {
             regs.pc = regs.pc.wrapping_add(4);
-            Step::Exit(exit(ExitReason::Wfi, [0; 6]))
+            match vm.vgic.as_mut() {
+                // A virtual-GIC guest's WFE waits for another vCPU's SEV,
+                // which the core cannot see: it just goes on (a spin). Its
+                // WFI ends at once if an interrupt is pending; otherwise
+                // the host learns when the guest's timer wants it back.
+                Some(_) if is_wfe => Step::Resume,
+                Some(v) if v.would_wake() => Step::Resume,
+                Some(v) => {
+                    let wake = v.timer_deadline();
+                    Step::Exit(exit(ExitReason::Wfi, [wake, 0, 0, 0, 0, 0]))
+                }
+                None => Step::Exit(exit(ExitReason::Wfi, [0; 6])),
+            }
         }
         Trap::StageTwo(abort) => {
             let ipa = sysreg::fault_ipa();
@@ -989,6 +1068,12 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
                 regs.pc = regs.pc.wrapping_add(4);
                 return Step::Resume;
             }
+            // A virtual-GIC guest's SGIs: the host routes them.
+            if let (Some(_), Some(which)) = (vm.vgic.as_ref(), sgi_register(&access)) {
+                let value = regs.read_gpr(access.rt);
+                regs.pc = regs.pc.wrapping_add(4);
+                return Step::Exit(exit(ExitReason::Sgi, [value, which, 0, 0, 0, 0]));
+            }
             // ID group 3: the hardware's value, less what the VM lacks.
             if access.is_read && (access.op0, access.op1, access.crn) == (3, 0, 0) {
                 let hardware = sysreg::read_id_register(access.crm, access.op2).unwrap_or(0);
@@ -1013,6 +1098,21 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
             super::trap::inject_undef(regs);
             Step::Resume
         }
+    }
+}
+
+/// Which SGI-generation register a trapped write is: 0 ICC_SGI1R_EL1, 1
+/// ICC_ASGI1R_EL1, 2 ICC_SGI0R_EL1 (they trap while HCR_EL2.IMO/FMO are
+/// set).
+fn sgi_register(a: &esr::SysRegAccess) -> Option<u64> {
+    if a.is_read || (a.op0, a.crn, a.crm) != (3, 12, 11) {
+        return None;
+    }
+    match (a.op1, a.op2) {
+        (0, 5) => Some(0),
+        (1, 6) => Some(1),
+        (2, 7) => Some(2),
+        _ => None,
     }
 }
 
@@ -1200,6 +1300,9 @@ fn outside_vm<R>(cpu: &PerCpu, vm: &mut Vm, f: impl FnOnce(&mut Vm) -> R) -> R {
     unsafe {
         vm.el1.save();
         (*cpu.host_el1.get()).load();
+    }
+    if vm.vgic.is_some() {
+        VgicCpu::pause();
     }
     let r = f(vm);
     let (h, c, md, ct, v) = vm_el2(vm);

@@ -699,6 +699,54 @@ fn cases() -> Vec<Case> {
             case.pass.push("VMID 64, MTE on");
             case
         },
+        // A virtual GIC: the guest's timer arrives as PPI 27, an SPI the
+        // VMM injects and an SGI the guest sends itself arrive through the
+        // list registers, and a fired timer the guest leaves pending does
+        // not end every run.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "vgic probe: timer interrupt 27 after",
+                "acknowledged after: 27",
+                "vgic probe: injected SPI acknowledged as 40, own SGI as 5",
+                "vgic probe: passed",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["vgic probe: FAILED", "moat-vmm: probe-vgic"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_virtual_gic_delivers_timer_spi_and_sgi",
+                1,
+                "v3",
+                "insmod /moat.ko && moat-vmm probe-vgic /guest.bin && moat-vmm check",
+            )
+        },
+        // Without a virtual GIC the guest's fired timer must not end every
+        // run either (its physical PPI is the guest's during the run), on
+        // either GIC.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "acknowledged after: 0",
+                "vgic probe: passed",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["vgic probe: FAILED", "moat-vmm: probe-vgic"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_fired_timer_does_not_end_every_run_gicv2",
+                1,
+                "v2",
+                "insmod /moat.ko && moat-vmm probe-vgic --no-vgic /guest.bin",
+            )
+        },
         Case {
             pass: vec![
                 linux::MARKER_COMMANDS,
