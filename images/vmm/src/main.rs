@@ -20,6 +20,8 @@ use std::time::Duration;
 
 mod bench;
 mod device;
+mod gicv3;
+mod linux_guest;
 mod pl011;
 mod probe;
 #[path = "../../guest/src/protocol.rs"]
@@ -62,16 +64,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a protected VM, load GUEST into it and run it.
+    /// Create a protected VM, load GUEST into it and run it; or, with
+    /// --kernel, boot a Linux kernel Image in it.
     Run {
         /// A raw binary image, entered at its first byte.
-        guest: std::path::PathBuf,
-        /// The VM's memory: bytes, or with a K, M or G suffix.
-        #[arg(long, default_value = "1M", value_parser = parse_size)]
-        mem: u64,
+        #[arg(required_unless_present = "kernel")]
+        guest: Option<std::path::PathBuf>,
+        /// The VM's memory: bytes, or with a K, M or G suffix (default 1M,
+        /// 256M with --kernel).
+        #[arg(long, value_parser = parse_size)]
+        mem: Option<u64>,
         /// Create the VM with MTE (the core's MTE policy decides).
         #[arg(long)]
         mte: bool,
+        /// An arm64 Linux Image to boot (its memory all private: console,
+        /// interrupt controller and timer are emulated or virtual).
+        #[arg(long, conflicts_with = "guest")]
+        kernel: Option<std::path::PathBuf>,
+        /// The initramfs for --kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<std::path::PathBuf>,
+        /// vCPUs for --kernel.
+        #[arg(long, default_value_t = 1, requires = "kernel")]
+        cpus: usize,
+        /// Commands the guest's /init runs (given to it in its device tree
+        /// as /chosen/moat,cmd) before it powers off.
+        #[arg(long, requires = "kernel")]
+        cmd: Option<String>,
+        /// The kernel command line for --kernel.
+        #[arg(long, default_value = "console=ttyAMA0 quiet", requires = "kernel")]
+        append: String,
     },
     /// Ask the core whether its memory ledger and the host's stage-2 agree
     /// (CHECK_CONSISTENCY); exit status 0 if they do.
@@ -414,9 +436,77 @@ fn read_donated() -> ExitCode {
     }
 }
 
+fn run_linux(
+    kernel: &std::path::Path,
+    initrd: Option<&std::path::Path>,
+    mem: u64,
+    cpus: usize,
+    cmd: Option<&str>,
+    append: &str,
+) -> Result<linux_guest::End, String> {
+    let read =
+        |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+    let kernel = read(kernel)?;
+    let initrd = match initrd {
+        Some(p) => read(p)?,
+        None => Vec::new(),
+    };
+    linux_guest::run(
+        &linux_guest::Options {
+            kernel: &kernel,
+            initrd: &initrd,
+            mem,
+            cpus,
+            cmd,
+            bootargs: append,
+        },
+        spawn_input(),
+    )
+}
+
 fn main() -> ExitCode {
     let (guest, mem, mte) = match Cli::parse().command {
-        Command::Run { guest, mem, mte } => (guest, mem, mte),
+        Command::Run {
+            kernel: Some(kernel),
+            initrd,
+            mem,
+            cpus,
+            cmd,
+            append,
+            ..
+        } => {
+            let mem = mem.unwrap_or(256 << 20);
+            let end = run_linux(
+                &kernel,
+                initrd.as_deref(),
+                mem,
+                cpus,
+                cmd.as_deref(),
+                &append,
+            );
+            return ExitCode::from(match end {
+                Ok(linux_guest::End::Off) => STATUS_OFF,
+                Ok(linux_guest::End::Reset) => STATUS_RESET,
+                Ok(linux_guest::End::Crashed(why)) => {
+                    eprintln!("moat-vmm: guest crashed: {why}");
+                    STATUS_CRASHED
+                }
+                Err(e) => {
+                    eprintln!("moat-vmm: {e}");
+                    STATUS_VMM_FAILED
+                }
+            });
+        }
+        Command::Run {
+            guest: Some(guest),
+            mem,
+            mte,
+            ..
+        } => (guest, mem.unwrap_or(1 << 20), mte),
+        Command::Run { .. } => {
+            eprintln!("moat-vmm: run needs a GUEST or --kernel");
+            return ExitCode::from(STATUS_VMM_FAILED);
+        }
         Command::Check => return check(),
         Command::ReadDonated => return read_donated(),
         Command::ProbeErrors { guest } => return probe_errors(&guest),

@@ -48,6 +48,9 @@ use moat_kernel::vmfeatures;
 
 /// A VM's vCPU kind: `VCPU_VM_BASE + handle`.
 pub const VCPU_VM_BASE: u64 = 0x100;
+/// What a VM's vCPU reads in MPIDR_EL1: bit 31 (RES1) and Aff0 = 0, its
+/// one vCPU.
+const VCPU_MPIDR: u64 = 1 << 31;
 /// VMIDs of VMs: `VMID_BASE + slot` (services use 1..=16).
 const VMID_BASE: u16 = 0x40;
 /// Most bytes one `VM_LOAD` copies.
@@ -864,6 +867,10 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         sysreg::switch_el2(h, c, md, ct, v);
         enter_vm_feature_controls(vm);
     }
+    // The guest's MPIDR_EL1 names its vCPU (Aff0 = its index, bit 31
+    // RES1), not the physical CPU it happens to run on: a guest matches it
+    // against the CPUs its device tree lists.
+    sysreg::set_vmpidr(VCPU_MPIDR);
     if migrated {
         // This CPU may hold the VMID's entries from an earlier run that
         // the guest has since invalidated on another CPU.
@@ -946,6 +953,7 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         (*cpu.host_el1.get()).load();
     }
     arm_sysregs::write_csselr_el1(host_csselr);
+    sysreg::set_vmpidr(sysreg::mpidr());
     let hel2 = &machine().host_el2;
     // SAFETY: back to the host's own controls and stage-2.
     unsafe {
@@ -1073,6 +1081,18 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
                 let value = regs.read_gpr(access.rt);
                 regs.pc = regs.pc.wrapping_add(4);
                 return Step::Exit(exit(ExitReason::Sgi, [value, which, 0, 0, 0, 0]));
+            }
+            // The debug registers (op0 2: MDSCR_EL1, the OS lock, the
+            // breakpoints and watchpoints) of a virtual-GIC guest, a
+            // general-purpose kernel that resets them as it boots: they read
+            // as zero and ignore writes. The hardware's stay parked for the
+            // host either way (MDCR_EL2.TDA, TDOSA keep them trapped).
+            if vm.vgic.is_some() && access.op0 == 2 {
+                if access.is_read {
+                    regs.write_gpr(access.rt, 0);
+                }
+                regs.pc = regs.pc.wrapping_add(4);
+                return Step::Resume;
             }
             // ID group 3: the hardware's value, less what the VM lacks.
             if access.is_read && (access.op0, access.op1, access.crn) == (3, 0, 0) {

@@ -141,7 +141,7 @@ pub struct Extras<'a> {
 pub fn initramfs(busybox: &[u8], commands: Option<&str>, extras: &Extras) -> Result<Vec<u8>> {
     let mut w = cpio::Writer::new();
     for dir in [
-        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root",
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root", "guest",
     ] {
         w.dir(dir, 0o755);
     }
@@ -725,7 +725,14 @@ pub fn write_initramfs(
         .transpose()?;
     let probe = std::fs::read(probe::build()?)?;
     let mut files = Vec::new();
-    for (path, mode, file) in vm.iter().flat_map(|v| v.files()) {
+    let linux_guest = vm
+        .filter(|_| linux_vm::Pieces::wants_linux_guest(commands))
+        .map(|v| v.linux_guest_files());
+    for (path, mode, file) in vm
+        .iter()
+        .flat_map(|v| v.files())
+        .chain(linux_guest.into_iter().flatten())
+    {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         files.push((path, mode, bytes));
     }

@@ -1,0 +1,524 @@
+//! `moat-vmm run --kernel IMAGE --initrd INITRD`: a Linux kernel as a
+//! protected VM, all of its memory private.
+//!
+//! The kernel, its initramfs and its device tree are loaded into donated
+//! memory before the first run (after it, the host can write nothing into
+//! the VM), and the guest needs no shared memory at all: its console is a
+//! PL011 emulated from MMIO exits, its interrupt controller a GICv3 whose
+//! CPU interface is the core's virtual one (`VmFlags::VGIC`) and whose
+//! distributor and redistributors are emulated here ([`crate::gicv3`]), and
+//! its timer the architecture's virtual timer, which the core delivers as
+//! PPI 27. The arm64 boot protocol is followed: the Image at a 2 MiB
+//! aligned base plus its `text_offset`, x0 = the device tree's address,
+//! MMU and caches off, interrupts masked. The VM starts at a four-word
+//! trampoline the VMM loads, which sets x0 and branches to the Image (the
+//! core starts every VM with x0..x30 zero).
+//!
+//! Device map (IPAs):
+//!
+//! | IPA | what |
+//! |---|---|
+//! | 0x0800_0000 | GICv3 distributor, 64 KiB |
+//! | 0x080a_0000 | GICv3 redistributors, 128 KiB per vCPU |
+//! | 0x0900_0000 | PL011 (`arm,sbsa-uart`), SPI 1 (INTID 33) |
+//! | 0x4000_0000 | RAM (`--mem`): Image at the start, initramfs, then the device tree and trampoline in the last 2 MiB |
+
+use crate::device::{self, Device};
+use crate::gicv3::{self, Gic};
+use crate::pl011::{self, Pl011};
+use moat_abi::vm::{ExitReason, Injection, MmioAccess, VmFlags};
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::mpsc;
+use std::time::Duration;
+use vm_fdt::FdtWriter;
+
+/// Where RAM starts.
+pub const RAM_BASE: u64 = 0x4000_0000;
+/// The UART.
+pub const UART_BASE: u64 = 0x0900_0000;
+/// The UART's SPI (INTID 32 + 1).
+pub const UART_SPI: u32 = 1;
+/// The arm64 Image header's magic ("ARM\x64" at byte 56).
+const IMAGE_MAGIC: u32 = 0x644d_5241;
+const PAGE: u64 = 4096;
+
+/// The Image header fields the loader needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageHeader {
+    pub text_offset: u64,
+    pub image_size: u64,
+}
+
+/// Parses an arm64 Image's header.
+pub fn parse_image(image: &[u8]) -> Result<ImageHeader, String> {
+    let word = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(image.get(at..at + 8)?.try_into().ok()?))
+    };
+    let magic = image
+        .get(56..60)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if magic != Some(IMAGE_MAGIC) {
+        return Err("not an arm64 Image (no ARM\\x64 magic at byte 56)".into());
+    }
+    let text_offset = word(8).ok_or("short header")?;
+    let mut image_size = word(16).ok_or("short header")?;
+    if image_size == 0 {
+        // Kernels before 3.17: the size is unknown; the file is a lower bound.
+        image_size = image.len() as u64;
+    }
+    Ok(ImageHeader {
+        text_offset,
+        image_size,
+    })
+}
+
+/// Where everything goes in the VM's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub kernel: u64,
+    pub initrd: u64,
+    pub initrd_end: u64,
+    pub fdt: u64,
+    pub trampoline: u64,
+}
+
+/// Places the Image, the initramfs and the device tree in `mem` bytes.
+pub fn layout(header: ImageHeader, initrd_len: u64, mem: u64) -> Result<Layout, String> {
+    let kernel = RAM_BASE + header.text_offset;
+    let kernel_end = kernel
+        .checked_add(header.image_size)
+        .ok_or("image size overflows")?;
+    let ram_end = RAM_BASE + mem;
+    // The device tree in its own 2 MiB block at the end, the trampoline in
+    // its last page.
+    let fdt = ram_end
+        .checked_sub(2 << 20)
+        .filter(|f| *f >= kernel_end)
+        .ok_or("not enough memory for the kernel")?;
+    let trampoline = ram_end - PAGE;
+    let initrd_end = fdt;
+    let initrd = initrd_end
+        .checked_sub(initrd_len.next_multiple_of(PAGE))
+        .filter(|i| *i >= kernel_end.next_multiple_of(PAGE))
+        .ok_or("not enough memory for the kernel and the initramfs")?;
+    Ok(Layout {
+        kernel,
+        initrd,
+        initrd_end: initrd + initrd_len,
+        fdt,
+        trampoline,
+    })
+}
+
+/// The trampoline: x0 = the device tree, then a branch to the kernel.
+pub fn trampoline(fdt: u64, kernel: u64) -> [u8; 32] {
+    let words: [u32; 4] = [
+        0x5800_0080, // ldr x0, #16
+        0x5800_00a4, // ldr x4, #20 (from +4: the word at +24)
+        0xd61f_0080, // br x4
+        0xd503_201f, // nop (aligns the literals)
+    ];
+    let mut out = [0u8; 32];
+    for (i, w) in words.iter().enumerate() {
+        out[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    out[16..24].copy_from_slice(&fdt.to_le_bytes());
+    out[24..32].copy_from_slice(&kernel.to_le_bytes());
+    out
+}
+
+/// The guest's device tree.
+pub fn device_tree(
+    cpus: usize,
+    mem: u64,
+    layout: &Layout,
+    bootargs: &str,
+    cmd: Option<&str>,
+    gicr_size: u64,
+) -> Result<Vec<u8>, vm_fdt::Error> {
+    const GIC_PHANDLE: u32 = 1;
+    // GIC interrupt specifiers: type (0 SPI, 1 PPI), number, flags.
+    const LEVEL_HIGH: u32 = 4;
+    let mut f = FdtWriter::new()?;
+    let root = f.begin_node("")?;
+    f.property_string("compatible", "moat,protected-vm")?;
+    f.property_u32("#address-cells", 2)?;
+    f.property_u32("#size-cells", 2)?;
+    f.property_u32("interrupt-parent", GIC_PHANDLE)?;
+
+    let chosen = f.begin_node("chosen")?;
+    f.property_string("bootargs", bootargs)?;
+    f.property_string("stdout-path", &format!("/uart@{UART_BASE:x}"))?;
+    f.property_u64("linux,initrd-start", layout.initrd)?;
+    f.property_u64("linux,initrd-end", layout.initrd_end)?;
+    if let Some(cmd) = cmd {
+        f.property_string("moat,cmd", cmd)?;
+    }
+    f.end_node(chosen)?;
+
+    let memory = f.begin_node(&format!("memory@{RAM_BASE:x}"))?;
+    f.property_string("device_type", "memory")?;
+    f.property_array_u64("reg", &[RAM_BASE, mem])?;
+    f.end_node(memory)?;
+
+    let cpus_node = f.begin_node("cpus")?;
+    f.property_u32("#address-cells", 1)?;
+    f.property_u32("#size-cells", 0)?;
+    for i in 0..cpus {
+        let cpu = f.begin_node(&format!("cpu@{i}"))?;
+        f.property_string("device_type", "cpu")?;
+        f.property_string("compatible", "arm,armv8")?;
+        f.property_u32("reg", i as u32)?;
+        f.property_string("enable-method", "psci")?;
+        f.end_node(cpu)?;
+    }
+    f.end_node(cpus_node)?;
+
+    let psci = f.begin_node("psci")?;
+    f.property_string_list(
+        "compatible",
+        vec!["arm,psci-1.0".into(), "arm,psci-0.2".into()],
+    )?;
+    f.property_string("method", "hvc")?;
+    f.end_node(psci)?;
+
+    let gic = f.begin_node(&format!("interrupt-controller@{:x}", gicv3::GICD_BASE))?;
+    f.property_string("compatible", "arm,gic-v3")?;
+    f.property_u32("#interrupt-cells", 3)?;
+    f.property_null("interrupt-controller")?;
+    f.property_u32("#redistributor-regions", 1)?;
+    f.property_array_u64(
+        "reg",
+        &[
+            gicv3::GICD_BASE,
+            gicv3::GICD_SIZE,
+            gicv3::GICR_BASE,
+            gicr_size,
+        ],
+    )?;
+    f.property_phandle(GIC_PHANDLE)?;
+    f.end_node(gic)?;
+
+    let timer = f.begin_node("timer")?;
+    f.property_string("compatible", "arm,armv8-timer")?;
+    f.property_array_u32(
+        "interrupts",
+        &[
+            1, 13, LEVEL_HIGH, // secure physical
+            1, 14, LEVEL_HIGH, // non-secure physical
+            1, 11, LEVEL_HIGH, // virtual: INTID 27
+            1, 10, LEVEL_HIGH, // hypervisor
+        ],
+    )?;
+    f.property_null("always-on")?;
+    f.end_node(timer)?;
+
+    let uart = f.begin_node(&format!("uart@{UART_BASE:x}"))?;
+    f.property_string("compatible", "arm,sbsa-uart")?;
+    f.property_array_u64("reg", &[UART_BASE, pl011::SIZE])?;
+    f.property_array_u32("interrupts", &[0, UART_SPI, LEVEL_HIGH])?;
+    f.property_u32("current-speed", 115_200)?;
+    f.end_node(uart)?;
+
+    f.end_node(root)?;
+    f.finish()
+}
+
+/// What `run` needs.
+pub struct Options<'a> {
+    pub kernel: &'a [u8],
+    pub initrd: &'a [u8],
+    pub mem: u64,
+    pub cpus: usize,
+    pub cmd: Option<&'a str>,
+    pub bootargs: &'a str,
+}
+
+/// How the guest ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    Off,
+    Reset,
+    Crashed(String),
+}
+
+/// PSCI function ids the VMM serves (the core serves the version, the
+/// features and SYSTEM_OFF/RESET itself).
+const PSCI_MIGRATE_INFO_TYPE: u32 = 0x8400_0006;
+
+/// The one vCPU's devices and pending interrupts.
+struct Machine {
+    uart: Pl011,
+    gic: Gic,
+    input: mpsc::Receiver<Option<u8>>,
+    input_ended: bool,
+    out: io::Stdout,
+    /// Interrupts to inject, oldest first.
+    queued: VecDeque<Injection>,
+}
+
+impl Machine {
+    fn take_input(&mut self, wait: Option<Duration>) {
+        if self.input_ended {
+            return;
+        }
+        let first = match wait {
+            Some(d) => self.input.recv_timeout(d).ok(),
+            None => self.input.try_recv().ok(),
+        };
+        for item in first.into_iter().chain(self.input.try_iter()) {
+            match item {
+                Some(b) => self.uart.receive(b),
+                // No break at the end of input: Linux would take a break
+                // followed by a character for a magic SysRq.
+                None => {
+                    self.input_ended = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn mmio(&mut self, ipa: u64, access: MmioAccess, value: u64) -> u64 {
+        if let Some(v) = self.gic.mmio(ipa, access.is_write(), access.size(), value) {
+            return v;
+        }
+        if let Some(offset) = ipa.checked_sub(UART_BASE).filter(|o| *o < pl011::SIZE) {
+            if access.is_write() {
+                if let Some(byte) = self.uart.write(offset, value) {
+                    let _ = self.out.write_all(&[byte]);
+                    if byte == b'\n' {
+                        let _ = self.out.flush();
+                    }
+                }
+                return 0;
+            }
+            if !self.uart.has_input() {
+                self.take_input(None);
+            }
+            return u64::from(self.uart.read(offset));
+        }
+        eprintln!(
+            "moat-vmm: {} of {} bytes at {ipa:#x}: no device there",
+            if access.is_write() { "write" } else { "read" },
+            access.size()
+        );
+        0
+    }
+
+    /// The injections for the next run: the UART's line while it is up,
+    /// SPIs the guest made pending, then whatever is queued.
+    fn injections(&mut self) -> [u64; 2] {
+        let uart = 32 + UART_SPI;
+        if self.uart.interrupt_line() && self.gic.spi_target(uart) == 0 {
+            if let Some(p) = self.gic.deliverable(0, uart) {
+                let inj = Injection::new(uart, p);
+                if !self.queued.contains(&inj) {
+                    self.queued.push_back(inj);
+                }
+            }
+        }
+        for intid in self.gic.take_soft_pending() {
+            if let Some(p) = self.gic.deliverable(0, intid) {
+                self.queued.push_back(Injection::new(intid, p));
+            }
+        }
+        let mut out = [0; 2];
+        for slot in &mut out {
+            match self.queued.pop_front() {
+                Some(i) => *slot = i.0,
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// An SGI the guest sent: ICC_SGI1R_EL1's INTID (27:24), target list
+    /// (15:0) at affinity 0 (the only cluster), or IRM (40: all others).
+    fn sgi(&mut self, value: u64) {
+        let intid = ((value >> 24) & 0xf) as u32;
+        let to_self = value & (1 << 40) == 0 && value & 1 != 0;
+        if to_self {
+            if let Some(p) = self.gic.deliverable(0, intid) {
+                self.queued.push_back(Injection::new(intid, p));
+            }
+        }
+    }
+}
+
+/// Loads and runs the guest until it powers off.
+pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, String> {
+    if options.cpus != 1 {
+        return Err(format!(
+            "--cpus {}: a protected VM has one vCPU in this version",
+            options.cpus
+        ));
+    }
+    let header = parse_image(options.kernel)?;
+    let layout = layout(header, options.initrd.len() as u64, options.mem)?;
+    let gic = Gic::new(options.cpus);
+    let fdt = device_tree(
+        options.cpus,
+        options.mem,
+        &layout,
+        options.bootargs,
+        options.cmd,
+        gic.gicr_size(),
+    )
+    .map_err(|e| format!("building the device tree: {e}"))?;
+    let dev = Device::open().map_err(|e| {
+        format!(
+            "opening {}: {e} (is moat.ko loaded? `insmod moat.ko`)",
+            device::PATH
+        )
+    })?;
+    dev.create(layout.trampoline, VmFlags::VGIC)
+        .map_err(|e| format!("VM_CREATE: {e}"))?;
+    dev.donate(RAM_BASE, options.mem)
+        .map_err(|e| format!("VM_DONATE of {} bytes: {e}", options.mem))?;
+    for (what, at, bytes) in [
+        ("the kernel", layout.kernel, options.kernel),
+        ("the initramfs", layout.initrd, options.initrd),
+        ("the device tree", layout.fdt, fdt.as_slice()),
+        (
+            "the trampoline",
+            layout.trampoline,
+            &trampoline(layout.fdt, layout.kernel)[..],
+        ),
+    ] {
+        if !bytes.is_empty() {
+            dev.load(at, bytes)
+                .map_err(|e| format!("VM_LOAD of {what}: {e}"))?;
+        }
+    }
+    let mut machine = Machine {
+        uart: Pl011::new(),
+        gic,
+        input,
+        input_ended: false,
+        out: io::stdout(),
+        queued: VecDeque::new(),
+    };
+    let end = run_loop(&dev, &mut machine).map_err(|e| format!("VCPU_RUN: {e}"));
+    let _ = machine.out.flush();
+    end
+}
+
+fn run_loop(dev: &Device, machine: &mut Machine) -> io::Result<End> {
+    let mut answer = [0u64; 4];
+    loop {
+        let inject = machine.injections();
+        let regs = dev.run_injecting(answer, inject)?;
+        answer = [0; 4];
+        let detail = [regs[1], regs[2], regs[3], regs[4], regs[5], regs[6]];
+        match ExitReason::from_u64(regs[0]) {
+            Some(ExitReason::Hvc) => {
+                let function = detail[0] as u32;
+                answer[0] = match function {
+                    // Migration is not a thing here: "not present".
+                    PSCI_MIGRATE_INFO_TYPE => 2,
+                    _ => moat_abi::Error::NotSupported.to_x0(),
+                };
+            }
+            Some(ExitReason::Mmio) => {
+                answer[0] = machine.mmio(detail[0], MmioAccess(detail[1]), detail[2]);
+            }
+            Some(ExitReason::Wfi) => {
+                // Nothing pending: wait for the guest's timer or for input.
+                let _ = machine.out.flush();
+                if !machine.uart.has_input() {
+                    let wait = device::until(detail[0]).min(Duration::from_millis(100));
+                    if machine.input_ended {
+                        std::thread::sleep(wait);
+                    } else {
+                        machine.take_input(Some(wait));
+                    }
+                }
+            }
+            Some(ExitReason::Interrupt) => {}
+            Some(ExitReason::Sgi) => machine.sgi(detail[0]),
+            Some(ExitReason::Shutdown) => {
+                return Ok(if detail[0] == 1 { End::Reset } else { End::Off });
+            }
+            Some(ExitReason::Crashed) => {
+                return Ok(End::Crashed(format!(
+                    "the core stopped the VM (ESR_EL2 {:#x})",
+                    detail[0]
+                )));
+            }
+            None => return Ok(End::Crashed(format!("unknown exit {:#x}", regs[0]))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_image(text_offset: u64, image_size: u64) -> Vec<u8> {
+        let mut v = vec![0u8; 64];
+        v[8..16].copy_from_slice(&text_offset.to_le_bytes());
+        v[16..24].copy_from_slice(&image_size.to_le_bytes());
+        v[56..60].copy_from_slice(&IMAGE_MAGIC.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn image_header() {
+        let h = parse_image(&fake_image(0, 40 << 20)).unwrap();
+        assert_eq!(h.image_size, 40 << 20);
+        assert!(parse_image(&[0; 64]).is_err());
+        assert!(parse_image(&[0; 10]).is_err());
+    }
+
+    #[test]
+    fn layout_keeps_things_apart() {
+        let h = ImageHeader {
+            text_offset: 0,
+            image_size: 40 << 20,
+        };
+        let l = layout(h, 3 << 20, 256 << 20).unwrap();
+        assert_eq!(l.kernel, RAM_BASE);
+        assert!(l.initrd >= RAM_BASE + (40 << 20));
+        assert!(l.initrd_end <= l.fdt);
+        assert_eq!(l.fdt % (2 << 20), 0);
+        assert_eq!(l.trampoline, RAM_BASE + (256 << 20) - PAGE);
+        assert!(layout(h, 3 << 20, 32 << 20).is_err());
+        assert!(layout(h, 250 << 20, 256 << 20).is_err());
+    }
+
+    #[test]
+    fn trampoline_carries_its_addresses() {
+        let t = trampoline(0x4fe0_0000, 0x4000_0000);
+        assert_eq!(&t[16..24], &0x4fe0_0000u64.to_le_bytes());
+        assert_eq!(&t[24..32], &0x4000_0000u64.to_le_bytes());
+        // LDR (literal) x0: imm19 = 4 words ahead.
+        assert_eq!(u32::from_le_bytes(t[0..4].try_into().unwrap()), 0x5800_0080);
+    }
+
+    #[test]
+    fn device_tree_parses() {
+        let l = Layout {
+            kernel: RAM_BASE,
+            initrd: RAM_BASE + (64 << 20),
+            initrd_end: RAM_BASE + (66 << 20),
+            fdt: RAM_BASE + (254 << 20),
+            trampoline: RAM_BASE + (256 << 20) - PAGE,
+        };
+        let dtb =
+            device_tree(2, 256 << 20, &l, "console=ttyAMA0", Some("nproc"), 0x4_0000).unwrap();
+        assert_eq!(&dtb[0..4], &0xd00d_feedu32.to_be_bytes());
+        let text = String::from_utf8_lossy(&dtb);
+        for needle in [
+            "arm,gic-v3",
+            "arm,armv8-timer",
+            "arm,sbsa-uart",
+            "psci",
+            "cpu@1",
+            "nproc",
+        ] {
+            assert!(text.contains(needle), "{needle}");
+        }
+    }
+}
