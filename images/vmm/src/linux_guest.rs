@@ -311,12 +311,13 @@ impl Machine {
     /// SPIs the guest made pending, then whatever is queued.
     fn injections(&mut self) -> [u64; 2] {
         let uart = 32 + UART_SPI;
-        if self.uart.interrupt_line() && self.gic.spi_target(uart) == 0 {
-            if let Some(p) = self.gic.deliverable(0, uart) {
-                let inj = Injection::new(uart, p);
-                if !self.queued.contains(&inj) {
-                    self.queued.push_back(inj);
-                }
+        if self.uart.interrupt_line()
+            && self.gic.spi_target(uart) == 0
+            && let Some(p) = self.gic.deliverable(0, uart)
+        {
+            let inj = Injection::new(uart, p);
+            if !self.queued.contains(&inj) {
+                self.queued.push_back(inj);
             }
         }
         for intid in self.gic.take_soft_pending() {
@@ -339,10 +340,8 @@ impl Machine {
     fn sgi(&mut self, value: u64) {
         let intid = ((value >> 24) & 0xf) as u32;
         let to_self = value & (1 << 40) == 0 && value & 1 != 0;
-        if to_self {
-            if let Some(p) = self.gic.deliverable(0, intid) {
-                self.queued.push_back(Injection::new(intid, p));
-            }
+        if to_self && let Some(p) = self.gic.deliverable(0, intid) {
+            self.queued.push_back(Injection::new(intid, p));
         }
     }
 }

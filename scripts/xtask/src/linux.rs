@@ -802,6 +802,12 @@ pub fn run(
             linux_vm::GUEST_PATH,
             linux_vm::START_VM
         );
+        eprintln!(
+            "xtask: and /{} and /{}; boot Debian's kernel as a protected VM with: {}",
+            linux_vm::LINUX_GUEST_KERNEL_PATH,
+            linux_vm::LINUX_GUEST_INITRD_PATH,
+            linux_vm::START_LINUX_VM
+        );
         Some(vm)
     } else {
         eprintln!(
