@@ -56,6 +56,36 @@ pub const GUEST_SHARE_HOST: u32 = id(0x20);
 /// Guest: end a share with the host.
 pub const GUEST_UNSHARE_HOST: u32 = id(0x21);
 
+/// The pKVM guest ABI (upstream Linux's KVM/arm64 vendor hypercalls), which
+/// the core serves to a guest so that a kernel with the pKVM guest driver
+/// finds its memory-sharing calls. The function ids are KVM's.
+pub mod pkvm {
+    /// SMCCC vendor-hypervisor Call UID (32-bit): answered with KVM's UID.
+    pub const CALL_UID: u32 = 0x8600_ff01;
+    /// KVM's UID, `28b46fb6-2ec5-11e9-a9ca-4b564d003a74`, as x0..x3.
+    pub const UID: [u64; 4] = [0xb66f_b428, 0xe911_c52e, 0x564b_caa9, 0x743a_004d];
+    /// KVM_FEATURES: x0 = the bitmap of the functions served.
+    pub const FEATURES: u32 = 0x8600_0000;
+    /// HYP_MEMINFO: x0 = the granule of sharing, in bytes.
+    pub const HYP_MEMINFO: u32 = 0xc600_0002;
+    /// MEM_SHARE, x1 = the IPA of one granule: shares it with the host.
+    pub const MEM_SHARE: u32 = 0xc600_0003;
+    /// MEM_UNSHARE, x1 = the IPA of one granule: ends the share.
+    pub const MEM_UNSHARE: u32 = 0xc600_0004;
+    /// Function numbers in the FEATURES bitmap.
+    pub const FUNC_FEATURES: u32 = 0;
+    pub const FUNC_HYP_MEMINFO: u32 = 2;
+    pub const FUNC_MEM_SHARE: u32 = 3;
+    pub const FUNC_MEM_UNSHARE: u32 = 4;
+    /// What FEATURES answers.
+    pub const FEATURE_BITS: u64 = (1 << FUNC_FEATURES)
+        | (1 << FUNC_HYP_MEMINFO)
+        | (1 << FUNC_MEM_SHARE)
+        | (1 << FUNC_MEM_UNSHARE);
+    /// SMCCC's "invalid parameter", what a refused share answers.
+    pub const INVALID_PARAMETER: u64 = -3i64 as u64;
+}
+
 /// Options of [`VM_CREATE`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VmFlags(pub u64);

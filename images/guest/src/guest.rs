@@ -75,6 +75,7 @@ extern "C" fn guest_main(mode: u64, flags: u64) {
         MODE_DEBUG_PROBE => debug_probe(),
         MODE_CONSOLE => console(),
         MODE_VGIC_PROBE => vgic_probe(flags),
+        MODE_PKVM_PROBE => pkvm_probe(),
         _ => {}
     }
 }
@@ -652,4 +653,25 @@ fn vgic_probe(flags: u64) {
         end_of_interrupt(sgi);
     }
     hvc(VGIC_DONE, [spi, sgi, 0, 0, 0]);
+}
+
+/// The pKVM probe (see `MODE_PKVM_PROBE`): what a Linux kernel's pKVM
+/// guest driver asks, and a share and unshare of one page its way.
+fn pkvm_probe() {
+    use moat_abi::vm::pkvm;
+    let uid = hvc(pkvm::CALL_UID, [0; 5]);
+    let uid_is_kvm = u64::from(uid == pkvm::UID);
+    let features = hvc(pkvm::FEATURES, [0; 5])[0];
+    let granule = hvc(pkvm::HYP_MEMINFO, [0; 5])[0];
+    hvc(PKVM_IDS, [uid_is_kvm, features, granule, 0, 0]);
+    let ipa = shared_ipa();
+    let share = hvc(pkvm::MEM_SHARE, [ipa, 0, 0, 0, 0])[0];
+    let share_again = hvc(pkvm::MEM_SHARE, [ipa, 0, 0, 0, 0])[0];
+    let unshare = hvc(pkvm::MEM_UNSHARE, [ipa, 0, 0, 0, 0])[0];
+    let unshare_again = hvc(pkvm::MEM_UNSHARE, [ipa, 0, 0, 0, 0])[0];
+    let foreign = hvc(pkvm::MEM_SHARE, [UNBACKED_IPA, 0, 0, 0, 0])[0];
+    hvc(
+        PKVM_SHARES,
+        [share, share_again, unshare, unshare_again, foreign],
+    );
 }

@@ -115,6 +115,15 @@ pub const PROBE_SGI: u64 = 5;
 /// Iterations of the interrupt probe's spin with a fired timer.
 pub const PROBE_SPIN: u64 = 20_000_000;
 
+/// Guest (pKVM probe): x1 = 1 if the vendor-hypervisor UID is KVM's, x2 =
+/// the KVM features bitmap, x3 = HYP_MEMINFO's granule.
+pub const PKVM_IDS: u32 = id(0x81e);
+/// Guest (pKVM probe): MEM_SHARE of my shared page gave x1, again x2;
+/// MEM_UNSHARE x3, again x4; MEM_SHARE of an IPA I do not have x5.
+pub const PKVM_SHARES: u32 = id(0x81f);
+/// An IPA no guest of the VMM has memory at.
+pub const UNBACKED_IPA: u64 = 0x7000_0000;
+
 /// Modes (the answer to [`CONFIG`]).
 pub const MODE_DEMO: u64 = 0;
 pub const MODE_SPIN: u64 = 1;
@@ -142,6 +151,9 @@ pub const MODE_CONSOLE: u64 = 9;
 /// timer, take an injected SPI and an SGI sent to itself ([`FLAG_VGIC`];
 /// without it, only the spin).
 pub const MODE_VGIC_PROBE: u64 = 10;
+
+/// pKVM probe: the pKVM guest ABI's discovery and share calls.
+pub const MODE_PKVM_PROBE: u64 = 11;
 
 /// What the debug probe writes to its word.
 pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;

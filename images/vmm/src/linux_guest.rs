@@ -233,7 +233,14 @@ pub struct Options<'a> {
     pub cpus: usize,
     pub cmd: Option<&'a str>,
     pub bootargs: &'a str,
+    /// Tests only (with the module's test build): once the guest prints
+    /// [`INIT_MARKER`], map the VM's first page into this process and read
+    /// it, as a rogue host process would. The read must kill the VMM.
+    pub read_own_memory_at_init: bool,
 }
+
+/// The Linux guest's first line from userspace (its `/init`'s).
+pub const INIT_MARKER: &[u8] = b"moat-guest: init started";
 
 /// How the guest ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -256,6 +263,9 @@ struct Machine {
     out: io::Stdout,
     /// Interrupts to inject, oldest first.
     queued: VecDeque<Injection>,
+    /// The console line being written, and whether [`INIT_MARKER`] was seen.
+    line: Vec<u8>,
+    saw_init: bool,
 }
 
 impl Machine {
@@ -290,6 +300,10 @@ impl Machine {
                     let _ = self.out.write_all(&[byte]);
                     if byte == b'\n' {
                         let _ = self.out.flush();
+                        self.saw_init |= self.line.trim_ascii_end() == INIT_MARKER;
+                        self.line.clear();
+                    } else if self.line.len() < 256 {
+                        self.line.push(byte);
                     }
                 }
                 return 0;
@@ -398,15 +412,25 @@ pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, 
         input_ended: false,
         out: io::stdout(),
         queued: VecDeque::new(),
+        line: Vec::new(),
+        saw_init: false,
     };
-    let end = run_loop(&dev, &mut machine).map_err(|e| format!("VCPU_RUN: {e}"));
+    let end = run_loop(&dev, &mut machine, options.read_own_memory_at_init)
+        .map_err(|e| format!("VCPU_RUN: {e}"));
     let _ = machine.out.flush();
     end
 }
 
-fn run_loop(dev: &Device, machine: &mut Machine) -> io::Result<End> {
+fn run_loop(dev: &Device, machine: &mut Machine, rogue_read: bool) -> io::Result<End> {
     let mut answer = [0u64; 4];
     loop {
+        if rogue_read && machine.saw_init {
+            let _ = machine.out.flush();
+            println!("moat-vmm: reading the Linux guest's first page");
+            let word = dev.read_donated_page()?;
+            println!("moat-vmm: read the Linux guest's page: {word:#x}");
+            return Ok(End::Crashed("the rogue read came back".into()));
+        }
         let inject = machine.injections();
         let regs = dev.run_injecting(answer, inject)?;
         answer = [0; 4];

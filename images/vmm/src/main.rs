@@ -22,6 +22,7 @@ mod bench;
 mod device;
 mod gicv3;
 mod linux_guest;
+mod pkvm_probe;
 mod pl011;
 mod probe;
 #[path = "../../guest/src/protocol.rs"]
@@ -94,6 +95,11 @@ enum Command {
         /// The kernel command line for --kernel.
         #[arg(long, default_value = "console=ttyAMA0 quiet", requires = "kernel")]
         append: String,
+        /// Tests only, with the test build of moat.ko: once the Linux
+        /// guest's /init runs, map its first page into this process and
+        /// read it (which must end this process with SIGBUS).
+        #[arg(long, hide = true, requires = "kernel")]
+        read_own_memory_at_init: bool,
     },
     /// Ask the core whether its memory ledger and the host's stage-2 agree
     /// (CHECK_CONSISTENCY); exit status 0 if they do.
@@ -117,6 +123,10 @@ enum Command {
         #[arg(long)]
         no_vgic: bool,
     },
+    /// Tests only: GUEST (the Moat guest) in its pKVM probe. Exit status
+    /// 0 if the core answered the pKVM guest ABI as expected.
+    #[command(hide = true)]
+    ProbePkvm { guest: std::path::PathBuf },
     /// Measures: GUEST (the Moat guest) in its ping mode, COUNT exits to
     /// this process and back, timed with the virtual counter.
     #[command(hide = true)]
@@ -443,6 +453,7 @@ fn run_linux(
     cpus: usize,
     cmd: Option<&str>,
     append: &str,
+    read_own_memory_at_init: bool,
 ) -> Result<linux_guest::End, String> {
     let read =
         |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
@@ -459,6 +470,7 @@ fn run_linux(
             cpus,
             cmd,
             bootargs: append,
+            read_own_memory_at_init,
         },
         spawn_input(),
     )
@@ -473,6 +485,7 @@ fn main() -> ExitCode {
             cpus,
             cmd,
             append,
+            read_own_memory_at_init,
             ..
         } => {
             let mem = mem.unwrap_or(256 << 20);
@@ -483,6 +496,7 @@ fn main() -> ExitCode {
                 cpus,
                 cmd.as_deref(),
                 &append,
+                read_own_memory_at_init,
             );
             return ExitCode::from(match end {
                 Ok(linux_guest::End::Off) => STATUS_OFF,
@@ -511,6 +525,22 @@ fn main() -> ExitCode {
         Command::ReadDonated => return read_donated(),
         Command::ProbeErrors { guest } => return probe_errors(&guest),
         Command::ProbeVgic { guest, no_vgic } => return probe_vgic(&guest, !no_vgic),
+        Command::ProbePkvm { guest } => {
+            return match std::fs::read(&guest).and_then(|image| pkvm_probe::run(&image)) {
+                Ok(true) => {
+                    println!("pkvm probe: passed");
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    println!("pkvm probe: FAILED");
+                    ExitCode::from(STATUS_VMM_FAILED)
+                }
+                Err(e) => {
+                    eprintln!("moat-vmm: probe-pkvm: {e}");
+                    ExitCode::from(STATUS_VMM_FAILED)
+                }
+            };
+        }
         Command::BenchExits { guest, count } => return bench_exits(&guest, count),
         Command::BenchKvm { count } => return bench_kvm(count),
     };

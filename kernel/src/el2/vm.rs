@@ -38,7 +38,7 @@ use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use moat_abi::Error;
 use moat_abi::services::{FrameRange, LedgerRequest, Party};
 use moat_abi::trap::{PARTITION_VM_BASE, TrapClass};
-use moat_abi::vm::{self as abi, Exit, ExitReason, Injection, MAX_VMS, MmioAccess, VmFlags};
+use moat_abi::vm::{self as abi, Exit, ExitReason, Injection, MAX_VMS, MmioAccess, VmFlags, pkvm};
 use moat_abi::{hypercall, smccc};
 use moat_kernel::el2config::{self, RunMask};
 use moat_kernel::esr::{self, Trap};
@@ -1227,6 +1227,45 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
         smccc::SMCCC_VERSION => {
             vm.vcpu.regs.x[0] = smccc::IMPLEMENTED_VERSION;
             return Step::Resume;
+        }
+        // The pKVM guest ABI: a kernel with the pKVM guest driver checks
+        // the UID, then the features, and shares its bounce buffers one
+        // granule at a time. Served as Moat's own guest share.
+        pkvm::CALL_UID => {
+            vm.vcpu.regs.set_smccc_result(pkvm::UID);
+            return Step::Resume;
+        }
+        pkvm::FEATURES => {
+            vm.vcpu.regs.set_smccc_result([pkvm::FEATURE_BITS, 0, 0, 0]);
+            return Step::Resume;
+        }
+        pkvm::HYP_MEMINFO => {
+            let answer = if x[1..4] == [0, 0, 0] {
+                PAGE
+            } else {
+                pkvm::INVALID_PARAMETER
+            };
+            vm.vcpu.regs.set_smccc_result([answer, 0, 0, 0]);
+            return Step::Resume;
+        }
+        pkvm::MEM_SHARE | pkvm::MEM_UNSHARE if x[2..4] != [0, 0] => {
+            vm.vcpu.regs.x[0] = pkvm::INVALID_PARAMETER;
+            return Step::Resume;
+        }
+        pkvm::MEM_SHARE | pkvm::MEM_UNSHARE => {
+            let op = if function == pkvm::MEM_SHARE {
+                LedgerRequest::VM_SHARE_HOST
+            } else {
+                LedgerRequest::VM_UNSHARE_HOST
+            };
+            match guest_share(cpu, vm, x[1], 1, op) {
+                Err(Error::Interrupted) => Err(Error::Interrupted),
+                Ok(()) => Ok(()),
+                Err(_) => {
+                    vm.vcpu.regs.x[0] = pkvm::INVALID_PARAMETER;
+                    return Step::Resume;
+                }
+            }
         }
         PSCI_VERSION => {
             vm.vcpu.regs.x[0] = 0x1_0000;

@@ -725,6 +725,28 @@ fn cases() -> Vec<Case> {
                 "insmod /moat.ko && moat-vmm probe-vgic /guest.bin && moat-vmm check",
             )
         },
+        // The pKVM guest ABI, as a kernel's pKVM guest driver uses it.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "pkvm probe: UID is KVM's: true, features 0x1d, granule 4096",
+                "pkvm probe: share 0, again -3, unshare 0, again -3, unbacked IPA -3",
+                "pkvm probe: passed",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["pkvm probe: FAILED", "moat-vmm: probe-pkvm"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_pkvm_guest_abi",
+                1,
+                "v3",
+                "insmod /moat.ko && moat-vmm probe-pkvm /guest.bin && moat-vmm check",
+            )
+        },
         // Without a virtual GIC the guest's fired timer must not end every
         // run either (its physical PPI is the guest's during the run), on
         // either GIC.
@@ -784,6 +806,7 @@ fn cases() -> Vec<Case> {
         },
     ];
     cases.extend(linux_vm_hostile_cases("v3"));
+    cases.extend(linux_guest_cases());
     cases.extend(linux_vm_hostile_cases("v2"));
     cases
 }
@@ -1114,6 +1137,146 @@ insmod /moat-test.ko || exit 1
 moat-vmm read-donated
 echo \"rogue read: status $?\"
 moat-vmm check";
+
+/// Debian's kernel (the host's own) as a protected VM: it boots to its
+/// busybox `/init`, runs the commands and powers off; the timer ticked
+/// through the virtual GIC (a non-zero count for INTID 27 in the guest's
+/// /proc/interrupts).
+const LINUX_GUEST_COMMANDS: &str = "insmod /moat.ko && moat-vmm run --kernel /guest/Image \
+     --initrd /guest/initrd --cmd \"nproc; uname -r; cat /proc/interrupts | head\" \
+     && moat-vmm check";
+
+/// A Linux guest mid-boot whose VMM is killed: everything comes back.
+const LINUX_GUEST_KILL_COMMANDS: &str = concat!(
+    vm_prelude!(),
+    "\
+before=$(free_pages)
+moat-vmm run --kernel /guest/Image --initrd /guest/initrd --append console=ttyAMA0 \
+    --cmd 'echo not reached' > /tmp/out 2>&1 &
+vmm=$!
+n=0
+until grep -q 'Memory:' /tmp/out; do n=$((n + 1)); [ $n -lt 3000 ] || exit 3; sleep 0.1; done
+echo 'the Linux guest is booting'
+kill -9 $vmm
+wait $vmm
+echo \"killed: status $?\"
+grep -q 'moat-guest: init started' /tmp/out && echo 'the guest had finished booting'
+after=$(free_pages)
+echo \"free pages before $before after $after\"
+moat-vmm check || exit 4
+rmmod moat && echo 'module unloaded after the VM'"
+);
+
+/// A booted Linux guest whose VMM maps one of its pages (through the
+/// module's test build) and reads it.
+const LINUX_GUEST_ROGUE_MAP_COMMANDS: &str = "\
+insmod /moat-test.ko || exit 1
+moat-vmm run --kernel /guest/Image --initrd /guest/initrd --read-own-memory-at-init
+echo \"rogue read: status $?\"
+moat-vmm check";
+
+/// The timer count of INTID 27 in the guest's /proc/interrupts.
+fn check_guest_timer_ticked(console: &str) -> Result<(), String> {
+    let ticks = console
+        .lines()
+        .filter(|l| l.contains("GICv3  27 Level") && l.contains("arch_timer"))
+        .find_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .ok_or("no arch_timer line for INTID 27 in the guest's /proc/interrupts")?;
+    println!("    guest timer interrupts: {ticks}");
+    if ticks > 0 {
+        Ok(())
+    } else {
+        Err("the guest's timer never interrupted it".into())
+    }
+}
+
+/// The Linux guest's cases (GICv3 only: the virtual GIC needs it).
+fn linux_guest_cases() -> Vec<Case> {
+    const GUEST_FAIL: &[&str] = &[
+        "moat-vmm: guest crashed",
+        "moat-vmm: VM",
+        "moat-vmm: opening",
+        "moat-vmm: VCPU_RUN",
+        "moat-vmm: building",
+        "moat-vmm: reading",
+    ];
+    vec![
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                linux_vm::GUEST_MARKER_INIT,
+                linux_vm::GUEST_MARKER_COMMANDS,
+                "6.1.0-",
+                "arch_timer",
+                "moat-guest: exit status 0",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                GUEST_FAIL,
+                &["moat-guest: exit status 1"],
+            ]
+            .concat(),
+            check: Some(Box::new(check_guest_timer_ticked)),
+            timeout: 900,
+            ..linux_case(
+                "linux_guest_debian_kernel_boots_as_protected_vm",
+                2,
+                "v3",
+                LINUX_GUEST_COMMANDS,
+            )
+        },
+        Case {
+            timeout: 900,
+            fail: [
+                linux::FAIL_PATTERNS,
+                GUEST_FAIL,
+                &[
+                    "unloaded under a live VM",
+                    "the guest had finished booting",
+                    "not reached",
+                ],
+            ]
+            .concat(),
+            ..linux_vm_memory_case(
+                "linux_guest_killed_vmm_mid_boot_frees_everything",
+                LINUX_GUEST_KILL_COMMANDS,
+                &[
+                    "the Linux guest is booting",
+                    "killed: status 137",
+                    "module unloaded after the VM",
+                ],
+                LOOSE_PAGES,
+                "v3",
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                linux_vm::GUEST_MARKER_INIT,
+                "moat-vmm: reading the Linux guest's first page",
+                "synchronous external abort injected",
+                "rogue read: status 135",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &GUEST_FAIL[..1],
+                &["moat-vmm: read the Linux guest's page"],
+            ]
+            .concat(),
+            timeout: 900,
+            ..linux_case(
+                "linux_guest_page_mapped_into_a_process_aborts",
+                2,
+                "v3",
+                LINUX_GUEST_ROGUE_MAP_COMMANDS,
+            )
+        },
+    ]
+}
 
 /// One hundred VMs created, run to their end and destroyed, one after
 /// another, after twenty more that let the kernel's caches for processes
