@@ -33,7 +33,9 @@ pub const HOST_SHARE_HYP: u32 = id(0x10);
 /// Host: end a share with the hypervisor.
 pub const HOST_UNSHARE_HYP: u32 = id(0x11);
 /// Host: create a protected VM that will start at `entry` (an IPA), with
-/// [`VmFlags`]; x1 returns its handle.
+/// [`VmFlags`] and, in x3, its vCPUs (0 or 1: one; up to [`MAX_VCPUS`] for
+/// a [`VmFlags::VGIC`] VM); x1 returns its handle. vCPU 0 starts at
+/// `entry`; the others are off until the guest's PSCI CPU_ON.
 pub const VM_CREATE: u32 = id(0x12);
 /// Host: give `pages` of its memory from `PA` to a VM, mapped at `IPA`.
 /// The pages are zeroed (and their tags cleared) on the way.
@@ -192,11 +194,28 @@ pub enum ExitReason {
     /// ICC_SGI0R_EL1). The host delivers them to the target vCPUs with
     /// [`Injection`]s.
     Sgi = 7,
+    /// A vCPU's power changed, or it has none: x2 = [`POWER_IS_OFF`] (the
+    /// vCPU asked to run is off: nothing ran) or [`POWER_STARTED`] (the
+    /// guest's PSCI CPU_ON, served, started vCPU x3: run it).
+    VcpuPower = 8,
+}
+
+/// x2 of [`ExitReason::VcpuPower`]: the vCPU is off (PSCI CPU_OFF, or never
+/// started); nothing ran.
+pub const POWER_IS_OFF: u64 = 0;
+/// x2 of [`ExitReason::VcpuPower`]: vCPU x3 was started by this vCPU's
+/// CPU_ON.
+pub const POWER_STARTED: u64 = 1;
+/// Most vCPUs in one VM ([`VM_CREATE`]'s x3; 0 means 1).
+pub const MAX_VCPUS: u64 = 8;
+/// [`VCPU_RUN`]'s x1: the handle in bits 15:0, the vCPU in bits 31:16.
+pub const fn run_target(handle: u16, vcpu: u16) -> u64 {
+    handle as u64 | (vcpu as u64) << 16
 }
 
 impl ExitReason {
     /// Every reason.
-    pub const ALL: [ExitReason; 7] = [
+    pub const ALL: [ExitReason; 8] = [
         Self::Hvc,
         Self::Mmio,
         Self::Wfi,
@@ -204,6 +223,7 @@ impl ExitReason {
         Self::Shutdown,
         Self::Crashed,
         Self::Sgi,
+        Self::VcpuPower,
     ];
 
     /// The reason with this code.

@@ -166,6 +166,7 @@ static long moat_create(struct moat_file *mf, void __user *uarg)
 		return -EEXIST;
 	args[0] = req.entry;
 	args[1] = req.flags;
+	args[2] = req.vcpus;
 	ret = moat_call(MOAT_VM_CREATE, args, out);
 	if (ret)
 		return ret;
@@ -323,7 +324,9 @@ static long moat_run(struct moat_file *mf, void __user *uarg)
 		return -EFAULT;
 	if (!mf->has_vm)
 		return -ENOENT;
-	args[0] = mf->handle;
+	if (req.vcpu > 0xffff)
+		return -EINVAL;
+	args[0] = mf->handle | (req.vcpu << 16);
 	memcpy(&args[1], req.answer, sizeof(req.answer));
 	memcpy(&args[5], req.inject, sizeof(req.inject));
 	ret = moat_call(MOAT_VCPU_RUN, args, req.exit);

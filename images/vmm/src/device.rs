@@ -17,6 +17,7 @@ pub const PATH: &str = "/dev/moat";
 struct Create {
     entry: u64,
     flags: u64,
+    vcpus: u64,
 }
 
 #[repr(C)]
@@ -35,6 +36,7 @@ struct Load {
 /// `MOAT_RUN`'s argument: the answer in, the exit (x1..x7) out.
 #[repr(C)]
 struct Run {
+    vcpu: u64,
     answer: [u64; 4],
     inject: [u64; 2],
     exit: [u64; 7],
@@ -81,7 +83,19 @@ impl Device {
 
     /// `VM_CREATE` for this file's VM.
     pub fn create(&self, entry: u64, flags: u64) -> io::Result<()> {
-        self.ioctl(CREATE, &mut Create { entry, flags })
+        self.create_with_vcpus(entry, flags, 1)
+    }
+
+    /// `VM_CREATE` with `vcpus` vCPUs.
+    pub fn create_with_vcpus(&self, entry: u64, flags: u64, vcpus: u64) -> io::Result<()> {
+        self.ioctl(
+            CREATE,
+            &mut Create {
+                entry,
+                flags,
+                vcpus,
+            },
+        )
     }
 
     /// `VM_DONATE` of `size` bytes of kernel memory at `ipa`.
@@ -109,7 +123,13 @@ impl Device {
     /// `VCPU_RUN` with `answer` and up to two interrupts to make pending
     /// (`moat_abi::vm::Injection` words, 0 for none).
     pub fn run_injecting(&self, answer: [u64; 4], inject: [u64; 2]) -> io::Result<[u64; 7]> {
+        self.run_vcpu(0, answer, inject)
+    }
+
+    /// `VCPU_RUN` of vCPU `vcpu`.
+    pub fn run_vcpu(&self, vcpu: u64, answer: [u64; 4], inject: [u64; 2]) -> io::Result<[u64; 7]> {
         let mut arg = Run {
+            vcpu,
             answer,
             inject,
             exit: [0; 7],
@@ -406,9 +426,9 @@ mod tests {
 
     #[test]
     fn ioctl_numbers_match_linux_encoding() {
-        // _IOW(0xb7, 0, 16 bytes), _IOWR(0xb7, 3, 104 bytes), _IO(0xb7, 4).
-        assert_eq!(CREATE, 0x4010_b700);
-        assert_eq!(RUN, 0xc068_b703);
+        // _IOW(0xb7, 0, 24 bytes), _IOWR(0xb7, 3, 112 bytes), _IO(0xb7, 4).
+        assert_eq!(CREATE, 0x4018_b700);
+        assert_eq!(RUN, 0xc070_b703);
         assert_eq!(CHECK, 0xb704);
     }
 }

@@ -29,7 +29,7 @@ use crate::pl011::{self, Pl011};
 use moat_abi::vm::{ExitReason, Injection, MmioAccess, VmFlags};
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::mpsc;
+use std::sync::{Condvar, Mutex, mpsc};
 use std::time::Duration;
 use vm_fdt::FdtWriter;
 
@@ -254,42 +254,60 @@ pub enum End {
 /// features and SYSTEM_OFF/RESET itself).
 const PSCI_MIGRATE_INFO_TYPE: u32 = 0x8400_0006;
 
-/// The one vCPU's devices and pending interrupts.
+/// The VM's devices and each vCPU's pending interrupts, shared by the vCPU
+/// threads (one lock: every exit's work is a few register updates).
 struct Machine {
     uart: Pl011,
     gic: Gic,
-    input: mpsc::Receiver<Option<u8>>,
-    input_ended: bool,
     out: io::Stdout,
-    /// Interrupts to inject, oldest first.
-    queued: VecDeque<Injection>,
+    /// Interrupts to inject into each vCPU, oldest first.
+    queued: Vec<VecDeque<Injection>>,
     /// The console line being written, and whether [`INIT_MARKER`] was seen.
     line: Vec<u8>,
     saw_init: bool,
+    /// How the guest ended, once it has: every vCPU thread then stops.
+    ended: Option<End>,
 }
 
-impl Machine {
-    fn take_input(&mut self, wait: Option<Duration>) {
-        if self.input_ended {
-            return;
-        }
-        let first = match wait {
-            Some(d) => self.input.recv_timeout(d).ok(),
-            None => self.input.try_recv().ok(),
-        };
-        for item in first.into_iter().chain(self.input.try_iter()) {
-            match item {
-                Some(b) => self.uart.receive(b),
-                // No break at the end of input: Linux would take a break
-                // followed by a character for a magic SysRq.
-                None => {
-                    self.input_ended = true;
-                    break;
-                }
-            }
+/// The machine and a wake-up per vCPU (an injection queued for it, input
+/// arrived, the guest ended, or CPU_ON started it).
+struct Shared {
+    machine: Mutex<Machine>,
+    wake: Vec<Condvar>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake_all(&self) {
+        for c in &self.wake {
+            c.notify_all();
         }
     }
 
+    fn end(&self, end: End) {
+        let mut m = self.lock();
+        if m.ended.is_none() {
+            m.ended = Some(end);
+        }
+        drop(m);
+        self.wake_all();
+    }
+
+    /// Waits up to `wait` for a wake-up of vCPU `index`, unless it already
+    /// has something to do.
+    fn idle(&self, index: usize, wait: Duration) {
+        let m = self.lock();
+        if m.ended.is_some() || !m.queued[index].is_empty() || m.uart.has_input() {
+            return;
+        }
+        let _ = self.wake[index].wait_timeout(m, wait);
+    }
+}
+
+impl Machine {
     fn mmio(&mut self, ipa: u64, access: MmioAccess, value: u64) -> u64 {
         if let Some(v) = self.gic.mmio(ipa, access.is_write(), access.size(), value) {
             return v;
@@ -308,9 +326,6 @@ impl Machine {
                 }
                 return 0;
             }
-            if !self.uart.has_input() {
-                self.take_input(None);
-            }
             return u64::from(self.uart.read(offset));
         }
         eprintln!(
@@ -321,27 +336,33 @@ impl Machine {
         0
     }
 
-    /// The injections for the next run: the UART's line while it is up,
-    /// SPIs the guest made pending, then whatever is queued.
-    fn injections(&mut self) -> [u64; 2] {
+    /// The injections for vCPU `index`'s next run: the UART's line while it
+    /// is up (if routed there), SPIs the guest made pending, then whatever
+    /// is queued.
+    fn injections(&mut self, index: usize) -> [u64; 2] {
         let uart = 32 + UART_SPI;
+        let target = self.gic.spi_target(uart);
         if self.uart.interrupt_line()
-            && self.gic.spi_target(uart) == 0
-            && let Some(p) = self.gic.deliverable(0, uart)
+            && let Some(p) = self.gic.deliverable(target, uart)
+            && let Some(q) = self.queued.get_mut(target)
         {
             let inj = Injection::new(uart, p);
-            if !self.queued.contains(&inj) {
-                self.queued.push_back(inj);
+            if !q.contains(&inj) {
+                q.push_back(inj);
             }
         }
         for intid in self.gic.take_soft_pending() {
-            if let Some(p) = self.gic.deliverable(0, intid) {
-                self.queued.push_back(Injection::new(intid, p));
+            let target = self.gic.spi_target(intid);
+            if let (Some(p), Some(q)) = (
+                self.gic.deliverable(target, intid),
+                self.queued.get_mut(target),
+            ) {
+                q.push_back(Injection::new(intid, p));
             }
         }
         let mut out = [0; 2];
         for slot in &mut out {
-            match self.queued.pop_front() {
+            match self.queued[index].pop_front() {
                 Some(i) => *slot = i.0,
                 None => break,
             }
@@ -349,23 +370,64 @@ impl Machine {
         out
     }
 
-    /// An SGI the guest sent: ICC_SGI1R_EL1's INTID (27:24), target list
-    /// (15:0) at affinity 0 (the only cluster), or IRM (40: all others).
-    fn sgi(&mut self, value: u64) {
-        let intid = ((value >> 24) & 0xf) as u32;
-        let to_self = value & (1 << 40) == 0 && value & 1 != 0;
-        if to_self && let Some(p) = self.gic.deliverable(0, intid) {
-            self.queued.push_back(Injection::new(intid, p));
+    /// Injections a run did not take (the vCPU was off) go back first.
+    fn requeue(&mut self, index: usize, inject: [u64; 2]) {
+        for word in inject.into_iter().rev().filter(|w| *w != 0) {
+            self.queued[index].push_front(Injection(word));
         }
+    }
+
+    /// An SGI vCPU `from` sent: ICC_SGI1R_EL1's INTID (27:24), Aff1
+    /// (23:16, must be 0: one cluster), target list (15:0), or IRM (40:
+    /// every other vCPU). Returns the vCPUs to wake.
+    fn sgi(&mut self, from: usize, value: u64) -> Vec<usize> {
+        let intid = ((value >> 24) & 0xf) as u32;
+        let vcpus = self.queued.len();
+        let targets: Vec<usize> = if value & (1 << 40) != 0 {
+            (0..vcpus).filter(|t| *t != from).collect()
+        } else if (value >> 16) & 0xff != 0 || (value >> 32) & 0xff != 0 {
+            Vec::new()
+        } else {
+            (0..vcpus.min(16))
+                .filter(|t| value & (1 << t) != 0)
+                .collect()
+        };
+        let mut woken = Vec::new();
+        for t in targets {
+            if let Some(p) = self.gic.deliverable(t, intid) {
+                let inj = Injection::new(intid, p);
+                if !self.queued[t].contains(&inj) {
+                    self.queued[t].push_back(inj);
+                }
+                woken.push(t);
+            }
+        }
+        woken
+    }
+}
+
+/// Forwards standard input to the UART, waking the vCPUs.
+fn forward_input(shared: &Shared, input: mpsc::Receiver<Option<u8>>) {
+    // No break at the end of input: Linux would take a break followed by a
+    // character for a magic SysRq.
+    while let Ok(Some(b)) = input.recv() {
+        let mut m = shared.lock();
+        if m.ended.is_some() {
+            return;
+        }
+        m.uart.receive(b);
+        drop(m);
+        shared.wake_all();
     }
 }
 
 /// Loads and runs the guest until it powers off.
 pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, String> {
-    if options.cpus != 1 {
+    if options.cpus == 0 || options.cpus as u64 > moat_abi::vm::MAX_VCPUS {
         return Err(format!(
-            "--cpus {}: a protected VM has one vCPU in this version",
-            options.cpus
+            "--cpus {}: between 1 and {}",
+            options.cpus,
+            moat_abi::vm::MAX_VCPUS
         ));
     }
     let header = parse_image(options.kernel)?;
@@ -386,7 +448,7 @@ pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, 
             device::PATH
         )
     })?;
-    dev.create(layout.trampoline, VmFlags::VGIC)
+    dev.create_with_vcpus(layout.trampoline, VmFlags::VGIC, options.cpus as u64)
         .map_err(|e| format!("VM_CREATE: {e}"))?;
     dev.donate(RAM_BASE, options.mem)
         .map_err(|e| format!("VM_DONATE of {} bytes: {e}", options.mem))?;
@@ -405,34 +467,77 @@ pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, 
                 .map_err(|e| format!("VM_LOAD of {what}: {e}"))?;
         }
     }
-    let mut machine = Machine {
-        uart: Pl011::new(),
-        gic,
-        input,
-        input_ended: false,
-        out: io::stdout(),
-        queued: VecDeque::new(),
-        line: Vec::new(),
-        saw_init: false,
+    let shared = Shared {
+        machine: Mutex::new(Machine {
+            uart: Pl011::new(),
+            gic,
+            out: io::stdout(),
+            queued: vec![VecDeque::new(); options.cpus],
+            line: Vec::new(),
+            saw_init: false,
+            ended: None,
+        }),
+        wake: (0..options.cpus).map(|_| Condvar::new()).collect(),
     };
-    let end = run_loop(&dev, &mut machine, options.read_own_memory_at_init)
-        .map_err(|e| format!("VCPU_RUN: {e}"));
-    let _ = machine.out.flush();
-    end
+    let rogue = options.read_own_memory_at_init;
+    let failure = std::thread::scope(|scope| {
+        let shared = &shared;
+        let dev = &dev;
+        // The input thread is not joined: it may wait on standard input
+        // for ever, and ends with the process.
+        std::thread::Builder::new()
+            .name("input".into())
+            .spawn_scoped(scope, move || forward_input(shared, input))
+            .ok();
+        let threads: Vec<_> = (1..options.cpus)
+            .map(|index| scope.spawn(move || vcpu_loop(dev, shared, index, false)))
+            .collect();
+        let mut failure = vcpu_loop(dev, shared, 0, rogue).err();
+        shared.end(End::Off);
+        for t in threads {
+            if let Ok(Err(e)) = t.join() {
+                failure.get_or_insert(e);
+            }
+        }
+        failure
+    });
+    let mut m = shared.lock();
+    let _ = m.out.flush();
+    if let Some(e) = failure {
+        return Err(format!("VCPU_RUN: {e}"));
+    }
+    Ok(m.ended.take().unwrap_or(End::Off))
 }
 
-fn run_loop(dev: &Device, machine: &mut Machine, rogue_read: bool) -> io::Result<End> {
+/// One vCPU's thread: runs it and answers its exits until the guest ends.
+fn vcpu_loop(dev: &Device, shared: &Shared, index: usize, rogue_read: bool) -> io::Result<()> {
     let mut answer = [0u64; 4];
     loop {
-        if rogue_read && machine.saw_init {
-            let _ = machine.out.flush();
-            println!("moat-vmm: reading the Linux guest's first page");
-            let word = dev.read_donated_page()?;
-            println!("moat-vmm: read the Linux guest's page: {word:#x}");
-            return Ok(End::Crashed("the rogue read came back".into()));
-        }
-        let inject = machine.injections();
-        let regs = dev.run_injecting(answer, inject)?;
+        let inject = {
+            let mut m = shared.lock();
+            if m.ended.is_some() {
+                return Ok(());
+            }
+            if rogue_read && m.saw_init {
+                let _ = m.out.flush();
+                drop(m);
+                println!("moat-vmm: reading the Linux guest's first page");
+                let word = dev.read_donated_page()?;
+                println!("moat-vmm: read the Linux guest's page: {word:#x}");
+                shared.end(End::Crashed("the rogue read came back".into()));
+                return Ok(());
+            }
+            m.injections(index)
+        };
+        let regs = match dev.run_vcpu(index as u64, answer, inject) {
+            Ok(regs) => regs,
+            // Another vCPU powered the VM off meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) && index != 0 => return Ok(()),
+            Err(e) => {
+                shared.end(End::Crashed(format!("VCPU_RUN of vCPU {index}: {e}")));
+                return Err(e);
+            }
+        };
         answer = [0; 4];
         let detail = [regs[1], regs[2], regs[3], regs[4], regs[5], regs[6]];
         match ExitReason::from_u64(regs[0]) {
@@ -445,32 +550,49 @@ fn run_loop(dev: &Device, machine: &mut Machine, rogue_read: bool) -> io::Result
                 };
             }
             Some(ExitReason::Mmio) => {
-                answer[0] = machine.mmio(detail[0], MmioAccess(detail[1]), detail[2]);
+                answer[0] = shared
+                    .lock()
+                    .mmio(detail[0], MmioAccess(detail[1]), detail[2]);
             }
             Some(ExitReason::Wfi) => {
-                // Nothing pending: wait for the guest's timer or for input.
-                let _ = machine.out.flush();
-                if !machine.uart.has_input() {
-                    let wait = device::until(detail[0]).min(Duration::from_millis(100));
-                    if machine.input_ended {
-                        std::thread::sleep(wait);
-                    } else {
-                        machine.take_input(Some(wait));
-                    }
-                }
+                // Nothing pending: wait for the guest's timer, an
+                // injection or input.
+                let _ = io::stdout().flush();
+                let wait = device::until(detail[0]).min(Duration::from_millis(100));
+                shared.idle(index, wait);
             }
             Some(ExitReason::Interrupt) => {}
-            Some(ExitReason::Sgi) => machine.sgi(detail[0]),
+            Some(ExitReason::Sgi) => {
+                let woken = shared.lock().sgi(index, detail[0]);
+                for t in woken {
+                    shared.wake[t].notify_all();
+                }
+            }
+            Some(ExitReason::VcpuPower) if detail[0] == moat_abi::vm::POWER_STARTED => {
+                if let Some(c) = shared.wake.get(detail[1] as usize) {
+                    c.notify_all();
+                }
+            }
+            Some(ExitReason::VcpuPower) => {
+                // Off: nothing ran; wait until CPU_ON (or the end).
+                shared.lock().requeue(index, inject);
+                shared.idle(index, Duration::from_millis(100));
+            }
             Some(ExitReason::Shutdown) => {
-                return Ok(if detail[0] == 1 { End::Reset } else { End::Off });
+                shared.end(if detail[0] == 1 { End::Reset } else { End::Off });
+                return Ok(());
             }
             Some(ExitReason::Crashed) => {
-                return Ok(End::Crashed(format!(
+                shared.end(End::Crashed(format!(
                     "the core stopped the VM (ESR_EL2 {:#x})",
                     detail[0]
                 )));
+                return Ok(());
             }
-            None => return Ok(End::Crashed(format!("unknown exit {:#x}", regs[0]))),
+            None => {
+                shared.end(End::Crashed(format!("unknown exit {:#x}", regs[0])));
+                return Ok(());
+            }
         }
     }
 }

@@ -302,10 +302,11 @@ fn run_loop(dev: &Device, machine: &mut Machine) -> std::io::Result<End> {
                     detail[0]
                 )));
             }
-            Some(ExitReason::Sgi) => {
-                return Ok(End::Crashed(
-                    "an SGI from a VM without a virtual GIC".into(),
-                ));
+            Some(ExitReason::Sgi | ExitReason::VcpuPower) => {
+                return Ok(End::Crashed(format!(
+                    "exit {} from a VM with one vCPU and no virtual GIC",
+                    regs[0]
+                )));
             }
             None => {
                 return Ok(End::Crashed(format!("unknown exit {:#x}", regs[0])));

@@ -48,8 +48,8 @@ use moat_kernel::vmfeatures;
 
 /// A VM's vCPU kind: `VCPU_VM_BASE + handle`.
 pub const VCPU_VM_BASE: u64 = 0x100;
-/// What a VM's vCPU reads in MPIDR_EL1: bit 31 (RES1) and Aff0 = 0, its
-/// one vCPU.
+/// What a VM's vCPU reads in MPIDR_EL1: bit 31 (RES1), with Aff0 = the
+/// vCPU's index.
 const VCPU_MPIDR: u64 = 1 << 31;
 /// VMIDs of VMs: `VMID_BASE + slot` (services use 1..=16).
 const VMID_BASE: u16 = 0x40;
@@ -366,6 +366,63 @@ struct Vm {
     pending: Pending,
     /// The virtual CPU interface, for a VM created with `VmFlags::VGIC`.
     vgic: Option<Box<VgicCpu>>,
+    /// Which vCPU the fields above hold (`vcpu` .. `vgic`); the others wait
+    /// in `parked`. The vCPUs of one VM take turns on the VM's slot: one
+    /// runs at a time, on one physical CPU.
+    loaded: usize,
+    parked: Vec<Option<ParkedVcpu>>,
+    /// Each vCPU's PSCI power state.
+    power: Vec<Power>,
+}
+
+/// A vCPU's state while another vCPU of its VM is the loaded one.
+struct ParkedVcpu {
+    vcpu: Box<Vcpu>,
+    el1: El1Context,
+    csselr: arm_sysregs::CsselrEl1,
+    fp: Box<FpState>,
+    mte_regs: MteRegs,
+    pending: Pending,
+    last_cpu: Option<usize>,
+    vgic: Option<Box<VgicCpu>>,
+}
+
+/// A vCPU's PSCI power state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Power {
+    On,
+    Off,
+    /// Started by CPU_ON; it enters at `entry` with x0 = `context` on its
+    /// next run.
+    Starting {
+        entry: u64,
+        context: u64,
+    },
+}
+
+impl Vm {
+    /// Makes vCPU `index` the loaded one, parking the one that was.
+    fn select_vcpu(&mut self, index: usize) -> Result<(), Error> {
+        if index == self.loaded {
+            return Ok(());
+        }
+        let mut other = self
+            .parked
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or(Error::InvalidParameters)?;
+        core::mem::swap(&mut self.vcpu, &mut other.vcpu);
+        core::mem::swap(&mut self.el1, &mut other.el1);
+        core::mem::swap(&mut self.csselr, &mut other.csselr);
+        core::mem::swap(&mut self.fp, &mut other.fp);
+        core::mem::swap(&mut self.mte_regs, &mut other.mte_regs);
+        core::mem::swap(&mut self.pending, &mut other.pending);
+        core::mem::swap(&mut self.last_cpu, &mut other.last_cpu);
+        core::mem::swap(&mut self.vgic, &mut other.vgic);
+        self.parked[self.loaded] = Some(other);
+        self.loaded = index;
+        Ok(())
+    }
 }
 
 struct Slot {
@@ -433,7 +490,7 @@ pub fn host_call(cpu: &PerCpu, regs: &mut GuestRegs, function: u32) -> Option<Re
     Some(match function {
         abi::HOST_SHARE_HYP => host_share(cpu, a1, a2, LedgerRequest::HOST_SHARE_HYP),
         abi::HOST_UNSHARE_HYP => host_share(cpu, a1, a2, LedgerRequest::HOST_UNSHARE_HYP),
-        abi::VM_CREATE => create(cpu, a1, a2).map(|handle| regs.x[1] = u64::from(handle)),
+        abi::VM_CREATE => create(cpu, a1, a2, a3).map(|handle| regs.x[1] = u64::from(handle)),
         abi::VM_DONATE => donate(cpu, a1, a2, a3, a4),
         abi::VM_LOAD => load(cpu, a1, a2, a3, a4),
         abi::VCPU_RUN => run(cpu, a1, [a2, a3, a4, a5], [regs.x[6], regs.x[7]]).map(|exit| {
@@ -458,9 +515,15 @@ fn host_share(cpu: &PerCpu, pa: u64, pages: u64, op: u32) -> Result<(), Error> {
     )
 }
 
-fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
+fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error> {
     let flags = VmFlags(flags);
     if flags.0 & !VmFlags::KNOWN != 0 || !entry.is_multiple_of(4) {
+        return Err(Error::InvalidParameters);
+    }
+    // Several vCPUs only with a virtual GIC (there is no other way for
+    // them to signal each other).
+    let vcpus = vcpus.max(1);
+    if vcpus > abi::MAX_VCPUS || (vcpus > 1 && !flags.vgic()) {
         return Err(Error::InvalidParameters);
     }
     if flags.mte() && !machine().cpu.mte {
@@ -498,6 +561,29 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
     } else {
         None
     };
+    let mut parked = Vec::new();
+    parked
+        .try_reserve(vcpus as usize)
+        .map_err(|_| Error::NoMemory)?;
+    parked.push(None);
+    for _ in 1..vcpus {
+        parked.push(Some(ParkedVcpu {
+            vcpu: try_box(Vcpu::new(VCPU_VM_BASE + u64::from(handle), 0)).ok_or(Error::NoMemory)?,
+            el1: El1Context::reset(),
+            csselr: arm_sysregs::CsselrEl1::empty(),
+            fp: try_box(FpState::ZERO).ok_or(Error::NoMemory)?,
+            mte_regs: MteRegs::default(),
+            pending: Pending::None,
+            last_cpu: None,
+            vgic: Some(try_box(VgicCpu::new(vgic::geometry())).ok_or(Error::NoMemory)?),
+        }));
+    }
+    let mut power = Vec::new();
+    power
+        .try_reserve(vcpus as usize)
+        .map_err(|_| Error::NoMemory)?;
+    power.push(Power::On);
+    power.resize(vcpus as usize, Power::Off);
     let mte = mte_policy(cpu, handle, flags)?;
     memory::transact(
         cpu,
@@ -524,6 +610,9 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         last_cpu: None,
         pending: Pending::None,
         vgic,
+        loaded: 0,
+        parked,
+        power,
     });
     slot.set(Status::Alive);
     crate::log!(
@@ -784,7 +873,12 @@ fn exit(reason: ExitReason, detail: [u64; 6]) -> Exit {
     Exit { reason, detail }
 }
 
-fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<Exit, Error> {
+fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<Exit, Error> {
+    // x1: the handle in bits 15:0, the vCPU in bits 31:16.
+    if target >> 32 != 0 {
+        return Err(Error::InvalidParameters);
+    }
+    let (handle, index) = (target & 0xffff, ((target >> 16) & 0xffff) as usize);
     // A host in SME streaming mode, or with ZA on, is refused before
     // anything is touched: its Z registers are at the streaming length,
     // which no save area is sized for, and its ZA/ZT0 storage would have
@@ -804,6 +898,31 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     // the VM was created.
     if !vm.host_vectors.fits() {
         return Err(Error::Denied);
+    }
+    match vm.power.get(index).copied() {
+        None => return Err(Error::InvalidParameters),
+        Some(Power::Off) => {
+            return Ok(exit(
+                ExitReason::VcpuPower,
+                [abi::POWER_IS_OFF, 0, 0, 0, 0, 0],
+            ));
+        }
+        Some(Power::On) => vm.select_vcpu(index)?,
+        Some(Power::Starting { entry, context }) => {
+            // CPU_ON's reset: the entry point, x0 = the context, every
+            // other register as at creation.
+            vm.select_vcpu(index)?;
+            vm.vcpu.regs = GuestRegs::el1h_entry(entry, context);
+            vm.el1 = El1Context::reset();
+            *vm.fp = FpState::ZERO;
+            vm.csselr = arm_sysregs::CsselrEl1::empty();
+            vm.mte_regs = MteRegs::default();
+            vm.pending = Pending::None;
+            if let Some(v) = vm.vgic.as_mut() {
+                **v = VgicCpu::new(vgic::geometry());
+            }
+            vm.power[index] = Power::On;
+        }
     }
     // The injections, all checked before any is taken.
     let mut injections = [(0u32, 0u8); 2];
@@ -870,7 +989,7 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     // The guest's MPIDR_EL1 names its vCPU (Aff0 = its index, bit 31
     // RES1), not the physical CPU it happens to run on: a guest matches it
     // against the CPUs its device tree lists.
-    sysreg::set_vmpidr(VCPU_MPIDR);
+    sysreg::set_vmpidr(VCPU_MPIDR | vm.loaded as u64);
     if migrated {
         // This CPU may hold the VMID's entries from an earlier run that
         // the guest has since invalidated on another CPU.
@@ -1208,7 +1327,55 @@ impl MteRegs {
     }
 }
 
-use ::smccc::psci::{PSCI_FEATURES, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET, PSCI_VERSION};
+use ::smccc::psci::{
+    PSCI_AFFINITY_INFO_32, PSCI_AFFINITY_INFO_64, PSCI_CPU_OFF, PSCI_CPU_ON_32, PSCI_CPU_ON_64,
+    PSCI_FEATURES, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET, PSCI_VERSION,
+};
+
+/// PSCI's return codes for the vCPU calls, as 64-bit registers.
+const PSCI_INVALID_PARAMETERS: u64 = -2i64 as u64;
+const PSCI_ALREADY_ON: u64 = -4i64 as u64;
+const PSCI_ON_PENDING: u64 = -5i64 as u64;
+const PSCI_INVALID_ADDRESS: u64 = -9i64 as u64;
+
+/// The vCPU an MPIDR names (Aff0 = the index, bit 31 ignored, every other
+/// affinity 0), if the VM has it.
+fn vcpu_of(vm: &Vm, mpidr: u64) -> Option<usize> {
+    let mpidr = mpidr & !(1 << 31);
+    if mpidr > 0xff {
+        return None;
+    }
+    let index = mpidr as usize;
+    (index < vm.power.len()).then_some(index)
+}
+
+/// PSCI CPU_ON: the target vCPU starts at `entry` with x0 = `context` on
+/// its next run; this vCPU's run ends so that the host can run it.
+fn cpu_on(vm: &mut Vm, function: u32, mpidr: u64, entry: u64, context: u64) -> Step {
+    let (entry, context) = if function == PSCI_CPU_ON_32 {
+        (entry & 0xffff_ffff, context & 0xffff_ffff)
+    } else {
+        (entry, context)
+    };
+    let answer = match vcpu_of(vm, mpidr) {
+        None => PSCI_INVALID_PARAMETERS,
+        Some(_) if !entry.is_multiple_of(4) => PSCI_INVALID_ADDRESS,
+        Some(t) => match vm.power[t] {
+            Power::On => PSCI_ALREADY_ON,
+            Power::Starting { .. } => PSCI_ON_PENDING,
+            Power::Off => {
+                vm.power[t] = Power::Starting { entry, context };
+                vm.vcpu.regs.x[0] = 0;
+                return Step::Exit(exit(
+                    ExitReason::VcpuPower,
+                    [abi::POWER_STARTED, t as u64, 0, 0, 0, 0],
+                ));
+            }
+        },
+    };
+    vm.vcpu.regs.x[0] = answer;
+    Step::Resume
+}
 
 /// A hypercall from the guest: the core serves its memory calls and the
 /// PSCI calls that end it; everything else goes to the host.
@@ -1274,7 +1441,32 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
         PSCI_FEATURES => {
             vm.vcpu.regs.x[0] = match x[1] as u32 {
                 PSCI_VERSION | PSCI_FEATURES | PSCI_SYSTEM_OFF | PSCI_SYSTEM_RESET => 0,
+                PSCI_CPU_ON_32
+                | PSCI_CPU_ON_64
+                | PSCI_CPU_OFF
+                | PSCI_AFFINITY_INFO_32
+                | PSCI_AFFINITY_INFO_64 => 0,
                 _ => smccc::NOT_SUPPORTED,
+            };
+            return Step::Resume;
+        }
+        PSCI_CPU_ON_32 | PSCI_CPU_ON_64 => return cpu_on(vm, function, x[1], x[2], x[3]),
+        PSCI_CPU_OFF => {
+            let me = vm.loaded;
+            vm.power[me] = Power::Off;
+            return Step::Exit(exit(
+                ExitReason::VcpuPower,
+                [abi::POWER_IS_OFF, 0, 0, 0, 0, 0],
+            ));
+        }
+        PSCI_AFFINITY_INFO_32 | PSCI_AFFINITY_INFO_64 => {
+            vm.vcpu.regs.x[0] = match (vcpu_of(vm, x[1]), x[2]) {
+                (Some(t), 0) => match vm.power[t] {
+                    Power::On => 0,
+                    Power::Off => 1,
+                    Power::Starting { .. } => 2,
+                },
+                _ => PSCI_INVALID_PARAMETERS,
             };
             return Step::Resume;
         }
