@@ -1143,7 +1143,7 @@ moat-vmm check";
 /// through the virtual GIC (a non-zero count for INTID 27 in the guest's
 /// /proc/interrupts).
 const LINUX_GUEST_COMMANDS: &str = "insmod /moat.ko && moat-vmm run --kernel /guest/Image \
-     --initrd /guest/initrd --cmd \"nproc; uname -r; cat /proc/interrupts | head\" \
+     --initrd /guest/initrd --cpus 2 --cmd \"nproc; uname -r; cat /proc/interrupts | head\" \
      && moat-vmm check";
 
 /// A Linux guest mid-boot whose VMM is killed: everything comes back.
@@ -1175,19 +1175,44 @@ moat-vmm run --kernel /guest/Image --initrd /guest/initrd --read-own-memory-at-i
 echo \"rogue read: status $?\"
 moat-vmm check";
 
-/// The timer count of INTID 27 in the guest's /proc/interrupts.
-fn check_guest_timer_ticked(console: &str) -> Result<(), String> {
-    let ticks = console
-        .lines()
-        .filter(|l| l.contains("GICv3  27 Level") && l.contains("arch_timer"))
-        .find_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .ok_or("no arch_timer line for INTID 27 in the guest's /proc/interrupts")?;
-    println!("    guest timer interrupts: {ticks}");
-    if ticks > 0 {
-        Ok(())
-    } else {
-        Err("the guest's timer never interrupted it".into())
+/// The guest's two vCPUs: `nproc` said 2, and its /proc/interrupts shows
+/// timer interrupts (INTID 27) on both and IPIs between them.
+fn check_guest_smp(console: &str) -> Result<(), String> {
+    let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
+    let start = lines
+        .iter()
+        .position(|l| *l == linux_vm::GUEST_MARKER_COMMANDS)
+        .ok_or("the guest never ran its commands")?;
+    if lines.get(start + 1) != Some(&"2") {
+        return Err(format!("nproc printed {:?}, not 2", lines.get(start + 1)));
     }
+    let counts = |l: &str| -> Vec<u64> {
+        l.split_whitespace()
+            .skip(1)
+            .take(2)
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let timer = lines[start..]
+        .iter()
+        .find(|l| l.contains("GICv3  27 Level") && l.contains("arch_timer"))
+        .map(|l| counts(l))
+        .ok_or("no arch_timer line for INTID 27 in the guest's /proc/interrupts")?;
+    let ipis: u64 = lines[start..]
+        .iter()
+        .filter(|l| l.trim_start().starts_with("IPI"))
+        .map(|l| counts(l).iter().sum::<u64>())
+        .sum();
+    println!("    guest timer interrupts per vCPU: {timer:?}; IPIs: {ipis}");
+    if timer.len() != 2 || timer.contains(&0) {
+        return Err(format!(
+            "timer interrupts per vCPU {timer:?}: not both ticking"
+        ));
+    }
+    if ipis == 0 {
+        return Err("no IPI between the guest's vCPUs".into());
+    }
+    Ok(())
 }
 
 /// The Linux guest's cases (GICv3 only: the virtual GIC needs it).
@@ -1218,10 +1243,10 @@ fn linux_guest_cases() -> Vec<Case> {
                 &["moat-guest: exit status 1"],
             ]
             .concat(),
-            check: Some(Box::new(check_guest_timer_ticked)),
+            check: Some(Box::new(check_guest_smp)),
             timeout: 900,
             ..linux_case(
-                "linux_guest_debian_kernel_boots_as_protected_vm",
+                "linux_guest_debian_kernel_boots_as_protected_vm_on_two_vcpus",
                 2,
                 "v3",
                 LINUX_GUEST_COMMANDS,
