@@ -123,6 +123,10 @@ enum Command {
         #[arg(long)]
         no_vgic: bool,
     },
+    /// Measures: prints the generic counter and its frequency (for the
+    /// Linux guest boot benchmark, from inside the guest).
+    #[command(hide = true)]
+    Counter,
     /// Tests only: GUEST (the Moat guest) in its pKVM probe. Exit status
     /// 0 if the core answered the pKVM guest ABI as expected.
     #[command(hide = true)]
@@ -526,6 +530,11 @@ fn main() -> ExitCode {
         Command::ReadDonated => return read_donated(),
         Command::ProbeErrors { guest } => return probe_errors(&guest),
         Command::ProbeVgic { guest, no_vgic } => return probe_vgic(&guest, !no_vgic),
+        Command::Counter => {
+            let (now, freq) = device::counter();
+            println!("moat-vmm: counter {now} frequency {freq}");
+            return ExitCode::SUCCESS;
+        }
         Command::ProbePkvm { guest } => {
             return match std::fs::read(&guest).and_then(|image| pkvm_probe::run(&image)) {
                 Ok(true) => {

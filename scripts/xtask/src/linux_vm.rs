@@ -287,7 +287,10 @@ pub fn build(assets: &Assets, built: &image::Built, for_tests: bool) -> Result<P
         } else {
             None
         },
-        linux_guest: (assets.kernel.clone(), write_linux_guest_initramfs(assets)?),
+        linux_guest: (
+            assets.kernel.clone(),
+            write_linux_guest_initramfs(assets, None)?,
+        ),
     })
 }
 
@@ -303,6 +306,11 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "{GUEST_MARKER_INIT}"
+# The boot benchmark: the counter now, from the guest's own userspace.
+if grep -q moat.bench /proc/cmdline; then
+    /bin/moat-vmm counter
+    poweroff -f
+fi
 cmd=/sys/firmware/devicetree/base/chosen/moat,cmd
 if [ -f "$cmd" ]; then
     echo "{GUEST_MARKER_COMMANDS}"
@@ -323,8 +331,9 @@ pub const GUEST_MARKER_COMMANDS: &str = "moat-guest: running commands";
 /// Followed by the commands' exit status.
 pub const GUEST_MARKER_STATUS: &str = "moat-guest: exit status ";
 
-/// The Linux guest's initramfs: busybox and its `/init`.
-fn write_linux_guest_initramfs(assets: &Assets) -> Result<PathBuf> {
+/// The Linux guest's initramfs: busybox and its `/init`; for the boot
+/// benchmark, `moat-vmm` too (whose `counter` reads the counter).
+pub fn write_linux_guest_initramfs(assets: &Assets, vmm: Option<&Path>) -> Result<PathBuf> {
     let busybox = std::fs::read(&assets.busybox)
         .with_context(|| format!("reading {}", assets.busybox.display()))?;
     let mut w = crate::cpio::Writer::new();
@@ -337,7 +346,14 @@ fn write_linux_guest_initramfs(assets: &Assets) -> Result<PathBuf> {
     w.file("bin/busybox", 0o755, &busybox)
         .symlink("bin/sh", "busybox");
     w.file("init", 0o755, linux_guest_init().as_bytes());
-    let path = tools::target_dir().join("images").join("linux-guest.cpio");
+    let name = if let Some(vmm) = vmm {
+        let bytes = std::fs::read(vmm).with_context(|| format!("reading {}", vmm.display()))?;
+        w.file("bin/moat-vmm", 0o755, &bytes);
+        "linux-guest-bench.cpio"
+    } else {
+        "linux-guest.cpio"
+    };
+    let path = tools::target_dir().join("images").join(name);
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
     std::fs::write(&path, w.finish())?;
     Ok(path)

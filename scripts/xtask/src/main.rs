@@ -138,6 +138,10 @@ enum Command {
         /// minutes more).
         #[arg(long)]
         emulator_cost: bool,
+        /// Only the Linux guest's boot (`linux_guest_boot_instructions`):
+        /// a few minutes instead of the whole set.
+        #[arg(long)]
+        only_linux_guest: bool,
     },
 }
 
@@ -241,6 +245,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             filter,
             integration_only,
         } => tests::run_all(filter.as_deref(), integration_only),
-        Command::Bench { emulator_cost } => tests::bench(emulator_cost),
+        Command::Bench {
+            emulator_cost,
+            only_linux_guest,
+        } => tests::bench(emulator_cost, only_linux_guest),
     }
 }

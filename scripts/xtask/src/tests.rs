@@ -930,7 +930,7 @@ fn linux_vm_hostile_cases(gic: &'static str) -> Vec<Case> {
         Case {
             pass: vec![
                 linux::MARKER_COMMANDS,
-                "moat-vmm: probes: 23 as expected, 0 not",
+                "moat-vmm: probes: 28 as expected, 0 not",
                 "moat-vmm: the ledger and the host's stage-2 agree",
                 "moat-linux: exit status 0",
             ],
@@ -2126,9 +2126,17 @@ fn bench_value(console: &str, key: &str) -> Option<u64> {
         })
 }
 
-pub fn bench(emulator_cost: bool) -> Result<()> {
+pub fn bench(emulator_cost: bool, only_linux_guest: bool) -> Result<()> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
+    if only_linux_guest {
+        let (moat, direct) = linux_guest_boot_instructions(&built)?;
+        println!(
+            "linux_guest_boot_instructions: {moat} under Moat / {direct} booted directly = {:.3}",
+            moat as f64 / direct as f64
+        );
+        return Ok(());
+    }
     // The demo image, with the MTE policy off so the UNDEF path can be timed.
     let (_, demo) = image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?;
     let spec = ImageSpec {
@@ -2210,9 +2218,20 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         "kvm_exit_roundtrip: {kvm_exit_roundtrip} instructions per round trip (guest MMIO store -> Linux KVM at EL2 (VHE) -> moat-vmm bench-kvm in userspace -> KVM_RUN -> guest; no Moat)"
     );
 
+    let guest_boot = linux_guest_boot_instructions(&built)?;
+    println!(
+        "linux_guest_boot_instructions: {} under Moat (VM creation to the guest's first userspace line, 1 vCPU) / {} booted directly = {:.3}",
+        guest_boot.0,
+        guest_boot.1,
+        guest_boot.0 as f64 / guest_boot.1 as f64
+    );
+
     let boots = LinuxBoots::prepare(&built)?;
     let boot = linux_boot_times(&boots)?;
     let mut json = serde_json::json!({
+        "linux_guest_boot_instructions": guest_boot.0,
+        "linux_guest_boot_direct_instructions": guest_boot.1,
+        "linux_guest_boot_ratio": round3(guest_boot.0 as f64 / guest_boot.1 as f64),
         "vmm_exit_roundtrip": vmm_exit_roundtrip,
         "kvm_exit_roundtrip": kvm_exit_roundtrip,
         "null_hvc": null_hvc,
@@ -2293,6 +2312,71 @@ fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
     let cmd = qemu::command(&img, &bench_linux_machine(), &[]);
     let (_, figure) = exit_bench(cmd, "bench-vmm", "HVC exits to this process and back: ")?;
     Ok(figure)
+}
+
+/// The counter figure after `marker` on the console, in nanoseconds (under
+/// icount, instructions), given the frequency on the same line.
+fn counter_ns(console: &str, marker: &str) -> Option<u64> {
+    console.lines().find_map(|l| {
+        let rest = l.split_once(marker)?.1;
+        let mut words = rest.split_whitespace();
+        let ticks: u64 = words.next()?.parse().ok()?;
+        let freq: u64 = match (words.next(), words.next()) {
+            (Some("frequency"), Some(f)) => f.parse().ok()?,
+            _ => 1_000_000_000,
+        };
+        u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(freq.max(1))).ok()
+    })
+}
+
+/// Instructions from a Linux guest's creation to its first userspace line:
+/// Debian's kernel and the guest's initramfs as a protected VM (one vCPU)
+/// under Linux under Moat, against the same kernel and initramfs booted
+/// directly by QEMU, both on one CPU under icount. The guest's `/init`
+/// reads the counter itself (`moat-vmm counter`); the VMM reads it just
+/// before `VM_CREATE`. Returns (under Moat, direct).
+fn linux_guest_boot_instructions(built: &Built) -> Result<(u64, u64)> {
+    let assets = linux::ensure_assets()?;
+    let mut vm = linux_vm::build(&assets, built, false)?;
+    let bench_initrd = linux_vm::write_linux_guest_initramfs(&assets, Some(&vm.vmm))?;
+    vm.linux_guest.1 = bench_initrd.clone();
+    let append = "console=ttyAMA0 quiet moat.bench";
+    let commands = format!(
+        "insmod /moat.ko && moat-vmm run --kernel /guest/Image --initrd /guest/initrd --append '{append}'"
+    );
+    let initrd = linux::write_initramfs(&assets, Some(&vm), Some(&commands), "bench-guest")?;
+    let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
+    let img = image::pack(&built.core, &spec, "bench-guest")?;
+    let cmd = qemu::command(&img, &bench_linux_machine(), &[]);
+    let (console, _) = exit_bench(cmd, "bench-guest", "moat-vmm: counter ")?;
+    let start = counter_ns(&console, "moat-vmm: VM_CREATE at counter ")
+        .context("no VM_CREATE counter; console in target/bench-guest.log")?;
+    let end = counter_ns(&console, "moat-vmm: counter ")
+        .context("no guest counter; console in target/bench-guest.log")?;
+    let under_moat = end
+        .checked_sub(start)
+        .context("the guest's counter is before the VM's creation")?;
+    let direct_cmd = qemu::linux_direct_command(
+        &assets.kernel,
+        &bench_initrd,
+        append,
+        &bench_linux_machine(),
+    );
+    let harness = Harness {
+        pass: &["moat-vmm: counter "],
+        fail: linux::FAIL_PATTERNS,
+        timeout: Duration::from_secs(900),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(direct_cmd, &harness)?;
+    std::fs::write(
+        tools::target_dir().join("bench-guest-direct.log"),
+        &out.console,
+    )?;
+    let direct = counter_ns(&out.console, "moat-vmm: counter ")
+        .context("no counter from the direct boot; console in target/bench-guest-direct.log")?;
+    Ok((under_moat, direct))
 }
 
 /// One CPU, GICv3, icount: the machine of the exit benchmarks.
