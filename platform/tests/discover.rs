@@ -1328,3 +1328,19 @@ fn mutated_small_trees_never_panic() {
     let dtb = with_nops(&tree(complete));
     fuzz("small tree with NOPs", &dtb, fuzz_rounds(10_000), 7);
 }
+
+#[test]
+fn the_gicv3_its_frames_are_found() {
+    let dtb = load("qemu-virt-gicv3.dtb");
+    let its = moat_platform::dt::gic_its(&dtb).unwrap();
+    assert_eq!(
+        its.as_slice(),
+        &[Range::new(0x0808_0000, 0x2_0000).unwrap()]
+    );
+    // A GICv2 machine has none.
+    assert!(
+        moat_platform::dt::gic_its(&load("qemu-virt-gicv2.dtb"))
+            .unwrap()
+            .is_empty()
+    );
+}
