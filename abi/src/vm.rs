@@ -10,10 +10,10 @@
 //! |-----------------------|----------|-------------|------------|-------|--------------------|
 //! | [`HOST_SHARE_HYP`]    | PA       | pages       |            |       |                    |
 //! | [`HOST_UNSHARE_HYP`]  | PA       | pages       |            |       |                    |
-//! | [`VM_CREATE`]         | entry IPA| [`VmFlags`] |            |       | x1 = handle        |
+//! | [`VM_CREATE`]         | entry IPA| [`VmFlags`] | vCPUs      |       | x1 = handle        |
 //! | [`VM_DONATE`]         | handle   | PA          | pages      | IPA   |                    |
 //! | [`VM_LOAD`]           | handle   | dest IPA    | source PA  | bytes |                    |
-//! | [`VCPU_RUN`]          | handle   | r0          | r1         | r2, x5 = r3, x6/x7 = [`Injection`] | x1..x7 = [`Exit`] |
+//! | [`VCPU_RUN`]          | handle (31:16 vCPU) | r0          | r1         | r2, x5 = r3, x6/x7 = [`Injection`] | x1..x7 = [`Exit`] |
 //! | [`VM_DESTROY`]        | handle   |             |            |       |                    |
 //! | [`VM_RECLAIM`]        | handle   | PA          | pages      |       |                    |
 //! | [`GUEST_SHARE_HOST`]  | IPA      | pages       |            |       | (from a guest)     |
