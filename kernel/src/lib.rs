@@ -24,6 +24,7 @@ pub mod routing;
 pub mod s2plan;
 pub mod smmu;
 pub mod txcheck;
+pub mod vgic;
 pub mod vmfeatures;
 
 /// The version string the core prints at boot.

@@ -17,6 +17,7 @@ pub mod smmu;
 pub mod stage2;
 pub mod sysreg;
 pub mod trap;
+pub mod vgic;
 pub mod vm;
 
 core::arch::global_asm!(include_str!("../arch/entry.S"));

@@ -143,7 +143,7 @@ pub struct Extras<'a> {
 pub fn initramfs(busybox: &[u8], commands: Option<&str>, extras: &Extras) -> Result<Vec<u8>> {
     let mut w = cpio::Writer::new();
     for dir in [
-        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root",
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root", "guest",
     ] {
         w.dir(dir, 0o755);
     }
@@ -742,7 +742,14 @@ pub fn write_initramfs_with(
         .transpose()?;
     let probe = std::fs::read(probe::build()?)?;
     let mut files = Vec::new();
-    for (path, mode, file) in vm.iter().flat_map(|v| v.files()) {
+    let linux_guest = vm
+        .filter(|_| linux_vm::Pieces::wants_linux_guest(commands))
+        .map(|v| v.linux_guest_files());
+    for (path, mode, file) in vm
+        .iter()
+        .flat_map(|v| v.files())
+        .chain(linux_guest.into_iter().flatten())
+    {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         files.push((path, mode, bytes));
     }
@@ -812,6 +819,12 @@ pub fn run(
             linux_vm::VMM_PATH,
             linux_vm::GUEST_PATH,
             linux_vm::START_VM
+        );
+        eprintln!(
+            "xtask: and /{} and /{}; boot Debian's kernel as a protected VM with: {}",
+            linux_vm::LINUX_GUEST_KERNEL_PATH,
+            linux_vm::LINUX_GUEST_INITRD_PATH,
+            linux_vm::START_LINUX_VM
         );
         Some(vm)
     } else {

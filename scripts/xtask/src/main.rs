@@ -63,7 +63,8 @@ pub struct MachineArgs {
     /// only mode in which QEMU's PMU counts retired instructions.
     #[arg(long)]
     pub icount: bool,
-    /// Seconds before the run is stopped [default: 60; 3600 for a Linux shell].
+    /// Seconds before the run is stopped [default: 60; 3600 for a Linux
+    /// shell; 900 for commands that boot the Linux guest].
     #[arg(long)]
     pub timeout: Option<u64>,
     /// Put an SMMUv3 with stage-2 translation in front of the PCIe root
@@ -158,6 +159,10 @@ enum Command {
         /// minutes more).
         #[arg(long)]
         emulator_cost: bool,
+        /// Only the Linux guest's boot (`linux_guest_boot_instructions`):
+        /// a few minutes instead of the whole set.
+        #[arg(long)]
+        only_linux_guest: bool,
     },
 }
 
@@ -202,6 +207,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             if cmd.is_none() {
                 machine.timeout.get_or_insert(3600);
+            }
+            // A Linux guest booting inside Linux under Moat, all emulated:
+            // minutes, not seconds.
+            if cmd
+                .as_deref()
+                .is_some_and(|c| c.contains(linux_vm::LINUX_GUEST_KERNEL_PATH))
+            {
+                machine.timeout.get_or_insert(900);
             }
             if let Some(d) = &machine.disk {
                 disk::ensure(d)?;
@@ -270,6 +283,9 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Size => size::report(),
         Command::AbiReference => abi_reference::write(),
         Command::Coverage => coverage::report().map(|_| ()),
-        Command::Bench { emulator_cost } => tests::bench(emulator_cost),
+        Command::Bench {
+            emulator_cost,
+            only_linux_guest,
+        } => tests::bench(emulator_cost, only_linux_guest),
     }
 }

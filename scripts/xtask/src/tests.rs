@@ -774,6 +774,76 @@ fn cases() -> Vec<Case> {
             case.pass.push("VMID 64, MTE on");
             case
         },
+        // A virtual GIC: the guest's timer arrives as PPI 27, an SPI the
+        // VMM injects and an SGI the guest sends itself arrive through the
+        // list registers, and a fired timer the guest leaves pending does
+        // not end every run.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "vgic probe: timer interrupt 27 after",
+                "acknowledged after: 27",
+                "vgic probe: injected SPI acknowledged as 40, own SGI as 5",
+                "vgic probe: passed",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["vgic probe: FAILED", "moat-vmm: probe-vgic"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_virtual_gic_delivers_timer_spi_and_sgi",
+                1,
+                "v3",
+                "insmod /moat.ko && moat-vmm probe-vgic /guest.bin && moat-vmm check",
+            )
+        },
+        // The pKVM guest ABI, as a kernel's pKVM guest driver uses it.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "pkvm probe: UID is KVM's: true, features 0x1d, granule 4096",
+                "pkvm probe: share 0, again -3, unshare 0, again -3, unbacked IPA -3",
+                "pkvm probe: passed",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["pkvm probe: FAILED", "moat-vmm: probe-pkvm"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_pkvm_guest_abi",
+                1,
+                "v3",
+                "insmod /moat.ko && moat-vmm probe-pkvm /guest.bin && moat-vmm check",
+            )
+        },
+        // Without a virtual GIC the guest's fired timer must not end every
+        // run either (its physical PPI is the guest's during the run), on
+        // either GIC.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "acknowledged after: 0",
+                "vgic probe: passed",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["vgic probe: FAILED", "moat-vmm: probe-vgic"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_fired_timer_does_not_end_every_run_gicv2",
+                1,
+                "v2",
+                "insmod /moat.ko && moat-vmm probe-vgic --no-vgic /guest.bin",
+            )
+        },
         Case {
             pass: vec![
                 linux::MARKER_COMMANDS,
@@ -811,6 +881,7 @@ fn cases() -> Vec<Case> {
         },
     ];
     cases.extend(linux_vm_hostile_cases("v3"));
+    cases.extend(linux_guest_cases());
     cases.extend(linux_vm_hostile_cases("v2"));
     cases
 }
@@ -981,7 +1052,7 @@ fn linux_vm_hostile_cases(gic: &'static str) -> Vec<Case> {
         Case {
             pass: vec![
                 linux::MARKER_COMMANDS,
-                "moat-vmm: probes: 23 as expected, 0 not",
+                "moat-vmm: probes: 28 as expected, 0 not",
                 "moat-vmm: the ledger and the host's stage-2 agree",
                 "moat-linux: exit status 0",
             ],
@@ -1188,6 +1259,171 @@ insmod /moat-test.ko || exit 1
 moat-vmm read-donated
 echo \"rogue read: status $?\"
 moat-vmm check";
+
+/// Debian's kernel (the host's own) as a protected VM: it boots to its
+/// busybox `/init`, runs the commands and powers off; the timer ticked
+/// through the virtual GIC (a non-zero count for INTID 27 in the guest's
+/// /proc/interrupts).
+const LINUX_GUEST_COMMANDS: &str = "insmod /moat.ko && moat-vmm run --kernel /guest/Image \
+     --initrd /guest/initrd --cpus 2 --cmd \"nproc; uname -r; cat /proc/interrupts | head\" \
+     && moat-vmm check";
+
+/// A Linux guest mid-boot whose VMM is killed: everything comes back.
+const LINUX_GUEST_KILL_COMMANDS: &str = concat!(
+    vm_prelude!(),
+    "\
+before=$(free_pages)
+moat-vmm run --kernel /guest/Image --initrd /guest/initrd --append console=ttyAMA0 \
+    --cmd 'echo not reached' > /tmp/out 2>&1 &
+vmm=$!
+n=0
+until grep -q 'Memory:' /tmp/out; do n=$((n + 1)); [ $n -lt 3000 ] || exit 3; sleep 0.1; done
+echo 'the Linux guest is booting'
+kill -9 $vmm
+wait $vmm
+echo \"killed: status $?\"
+grep -q 'moat-guest: init started' /tmp/out && echo 'the guest had finished booting'
+after=$(free_pages)
+echo \"free pages before $before after $after\"
+moat-vmm check || exit 4
+rmmod moat && echo 'module unloaded after the VM'"
+);
+
+/// A booted Linux guest whose VMM maps one of its pages (through the
+/// module's test build) and reads it.
+const LINUX_GUEST_ROGUE_MAP_COMMANDS: &str = "\
+insmod /moat-test.ko || exit 1
+moat-vmm run --kernel /guest/Image --initrd /guest/initrd --read-own-memory-at-init
+echo \"rogue read: status $?\"
+moat-vmm check";
+
+/// The guest's two vCPUs: `nproc` said 2, and its /proc/interrupts shows
+/// timer interrupts (INTID 27) on both and IPIs between them.
+fn check_guest_smp(console: &str) -> Result<(), String> {
+    let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
+    let start = lines
+        .iter()
+        .position(|l| *l == linux_vm::GUEST_MARKER_COMMANDS)
+        .ok_or("the guest never ran its commands")?;
+    if lines.get(start + 1) != Some(&"2") {
+        return Err(format!("nproc printed {:?}, not 2", lines.get(start + 1)));
+    }
+    let counts = |l: &str| -> Vec<u64> {
+        l.split_whitespace()
+            .skip(1)
+            .take(2)
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let timer = lines[start..]
+        .iter()
+        .find(|l| l.contains("GICv3  27 Level") && l.contains("arch_timer"))
+        .map(|l| counts(l))
+        .ok_or("no arch_timer line for INTID 27 in the guest's /proc/interrupts")?;
+    let ipis: u64 = lines[start..]
+        .iter()
+        .filter(|l| l.trim_start().starts_with("IPI"))
+        .map(|l| counts(l).iter().sum::<u64>())
+        .sum();
+    println!("    guest timer interrupts per vCPU: {timer:?}; IPIs: {ipis}");
+    if timer.len() != 2 || timer.contains(&0) {
+        return Err(format!(
+            "timer interrupts per vCPU {timer:?}: not both ticking"
+        ));
+    }
+    if ipis == 0 {
+        return Err("no IPI between the guest's vCPUs".into());
+    }
+    Ok(())
+}
+
+/// The Linux guest's cases (GICv3 only: the virtual GIC needs it).
+fn linux_guest_cases() -> Vec<Case> {
+    const GUEST_FAIL: &[&str] = &[
+        "moat-vmm: guest crashed",
+        "moat-vmm: VM",
+        "moat-vmm: opening",
+        "moat-vmm: VCPU_RUN",
+        "moat-vmm: building",
+        "moat-vmm: reading",
+    ];
+    vec![
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                linux_vm::GUEST_MARKER_INIT,
+                linux_vm::GUEST_MARKER_COMMANDS,
+                "6.1.0-",
+                "arch_timer",
+                "moat-guest: exit status 0",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                GUEST_FAIL,
+                &["moat-guest: exit status 1"],
+            ]
+            .concat(),
+            check: Some(Box::new(check_guest_smp)),
+            timeout: 900,
+            ..linux_case(
+                "linux_guest_debian_kernel_boots_as_protected_vm_on_two_vcpus",
+                2,
+                "v3",
+                LINUX_GUEST_COMMANDS,
+            )
+        },
+        Case {
+            timeout: 900,
+            fail: [
+                linux::FAIL_PATTERNS,
+                GUEST_FAIL,
+                &[
+                    "unloaded under a live VM",
+                    "the guest had finished booting",
+                    "not reached",
+                ],
+            ]
+            .concat(),
+            ..linux_vm_memory_case(
+                "linux_guest_killed_vmm_mid_boot_frees_everything",
+                LINUX_GUEST_KILL_COMMANDS,
+                &[
+                    "the Linux guest is booting",
+                    "killed: status 137",
+                    "module unloaded after the VM",
+                ],
+                LOOSE_PAGES,
+                "v3",
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                linux_vm::GUEST_MARKER_INIT,
+                "moat-vmm: reading the Linux guest's first page",
+                "synchronous external abort injected",
+                "rogue read: status 135",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &GUEST_FAIL[..1],
+                &["moat-vmm: read the Linux guest's page"],
+            ]
+            .concat(),
+            timeout: 900,
+            ..linux_case(
+                "linux_guest_page_mapped_into_a_process_aborts",
+                2,
+                "v3",
+                LINUX_GUEST_ROGUE_MAP_COMMANDS,
+            )
+        },
+    ]
+}
 
 /// One hundred VMs created, run to their end and destroyed, one after
 /// another, after twenty more that let the kernel's caches for processes
@@ -2088,9 +2324,17 @@ fn bench_console(img: &std::path::Path, machine: &MachineArgs, log: &str) -> Res
     Ok(out.console)
 }
 
-pub fn bench(emulator_cost: bool) -> Result<()> {
+pub fn bench(emulator_cost: bool, only_linux_guest: bool) -> Result<()> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
+    if only_linux_guest {
+        let (moat, direct) = linux_guest_boot_instructions(&built)?;
+        println!(
+            "linux_guest_boot_instructions: {moat} under Moat / {direct} booted directly = {:.3}",
+            moat as f64 / direct as f64
+        );
+        return Ok(());
+    }
     // The demo image, with the MTE policy off so the UNDEF path can be timed.
     let (_, demo) = image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?;
     let spec = ImageSpec {
@@ -2190,6 +2434,14 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         "kvm_exit_roundtrip: {kvm_exit_roundtrip} instructions per round trip (guest MMIO store -> Linux KVM at EL2 (VHE) -> moat-vmm bench-kvm in userspace -> KVM_RUN -> guest; no Moat)"
     );
 
+    let guest_boot = linux_guest_boot_instructions(&built)?;
+    println!(
+        "linux_guest_boot_instructions: {} under Moat (VM creation to the guest's first userspace line, 1 vCPU) / {} booted directly = {:.3}",
+        guest_boot.0,
+        guest_boot.1,
+        guest_boot.0 as f64 / guest_boot.1 as f64
+    );
+
     let boot_instructions = linux_boot_instructions(&built)?;
     println!(
         "linux_boot_instructions_ratio: {:.4} ({} instructions under Moat, {} directly at EL1, reset to /init's first command, 1 CPU, icount)",
@@ -2201,6 +2453,9 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
     let boots = LinuxBoots::prepare(&built)?;
     let boot = linux_boot_times(&boots)?;
     let mut json = serde_json::json!({
+        "linux_guest_boot_instructions": guest_boot.0,
+        "linux_guest_boot_direct_instructions": guest_boot.1,
+        "linux_guest_boot_ratio": round3(guest_boot.0 as f64 / guest_boot.1 as f64),
         "vmm_exit_roundtrip": vmm_exit_roundtrip,
         "kvm_exit_roundtrip": kvm_exit_roundtrip,
         "null_hvc": null_hvc,
@@ -2286,6 +2541,71 @@ fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
     let cmd = qemu::command(&img, &bench_linux_machine(), &[]);
     let (_, figure) = exit_bench(cmd, "bench-vmm", "HVC exits to this process and back: ")?;
     Ok(figure)
+}
+
+/// The counter figure after `marker` on the console, in nanoseconds (under
+/// icount, instructions), given the frequency on the same line.
+fn counter_ns(console: &str, marker: &str) -> Option<u64> {
+    console.lines().find_map(|l| {
+        let rest = l.split_once(marker)?.1;
+        let mut words = rest.split_whitespace();
+        let ticks: u64 = words.next()?.parse().ok()?;
+        let freq: u64 = match (words.next(), words.next()) {
+            (Some("frequency"), Some(f)) => f.parse().ok()?,
+            _ => 1_000_000_000,
+        };
+        u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(freq.max(1))).ok()
+    })
+}
+
+/// Instructions from a Linux guest's creation to its first userspace line:
+/// Debian's kernel and the guest's initramfs as a protected VM (one vCPU)
+/// under Linux under Moat, against the same kernel and initramfs booted
+/// directly by QEMU, both on one CPU under icount. The guest's `/init`
+/// reads the counter itself (`moat-vmm counter`); the VMM reads it just
+/// before `VM_CREATE`. Returns (under Moat, direct).
+fn linux_guest_boot_instructions(built: &Built) -> Result<(u64, u64)> {
+    let assets = linux::ensure_assets()?;
+    let mut vm = linux_vm::build(&assets, built, false)?;
+    let bench_initrd = linux_vm::write_linux_guest_initramfs(&assets, Some(&vm.vmm))?;
+    vm.linux_guest.1 = bench_initrd.clone();
+    let append = "console=ttyAMA0 quiet moat.bench";
+    let commands = format!(
+        "insmod /moat.ko && moat-vmm run --kernel /guest/Image --initrd /guest/initrd --append '{append}'"
+    );
+    let initrd = linux::write_initramfs(&assets, Some(&vm), Some(&commands), "bench-guest")?;
+    let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
+    let img = image::pack(&built.core, &spec, "bench-guest")?;
+    let cmd = qemu::command(&img, &bench_linux_machine(), &[]);
+    let (console, _) = exit_bench(cmd, "bench-guest", "moat-vmm: counter ")?;
+    let start = counter_ns(&console, "moat-vmm: VM_CREATE at counter ")
+        .context("no VM_CREATE counter; console in target/bench-guest.log")?;
+    let end = counter_ns(&console, "moat-vmm: counter ")
+        .context("no guest counter; console in target/bench-guest.log")?;
+    let under_moat = end
+        .checked_sub(start)
+        .context("the guest's counter is before the VM's creation")?;
+    let direct_cmd = qemu::linux_direct_command(
+        &assets.kernel,
+        &bench_initrd,
+        append,
+        &bench_linux_machine(),
+    );
+    let harness = Harness {
+        pass: &["moat-vmm: counter "],
+        fail: linux::FAIL_PATTERNS,
+        timeout: Duration::from_secs(900),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(direct_cmd, &harness)?;
+    std::fs::write(
+        tools::target_dir().join("bench-guest-direct.log"),
+        &out.console,
+    )?;
+    let direct = counter_ns(&out.console, "moat-vmm: counter ")
+        .context("no counter from the direct boot; console in target/bench-guest-direct.log")?;
+    Ok((under_moat, direct))
 }
 
 /// Instructions from reset to the first command of `/init`, under Moat
