@@ -19,3 +19,4 @@ pub mod dt;
 pub mod firmware;
 #[cfg(feature = "alloc")]
 pub mod hostdt;
+pub mod quirks;

@@ -10,6 +10,7 @@ pub mod hvc;
 pub mod memory;
 pub mod mmu;
 pub mod panic;
+pub mod power;
 pub mod service;
 pub mod stage2;
 pub mod sysreg;

@@ -20,6 +20,7 @@
 //! network.
 
 use crate::MachineArgs;
+use crate::boards::{self, Board};
 use crate::cpio;
 use crate::image::{self, ImageSpec};
 use crate::kernels::{self, Kernel};
@@ -784,7 +785,14 @@ pub fn run(
         "xtask: Linux: Debian {}; {}",
         assets.kernel_package, assets.busybox_package
     );
-    let built = image::build_all()?;
+    boards::prepare(machine.board)?;
+    let built = image::build_for(machine.board)?;
+    let earlycon = machine.board.earlycon();
+    let append = match (earlycon.as_deref(), append) {
+        (Some(e), Some(a)) => Some(format!("{e} {a}")),
+        (e, a) => e.or(a).map(str::to_string),
+    };
+    let append = append.as_deref();
     // The module is built against the default kernel's headers only.
     let vm = if *kernel == Kernel::Default {
         let vm = linux_vm::build(&assets, &built, false)?;
@@ -802,12 +810,16 @@ pub fn run(
         );
         None
     };
-    let initrd = write_initramfs(&assets, vm.as_ref(), commands, "linux-run")?;
+    let name = match machine.board {
+        Board::Virt => "linux-run".to_string(),
+        board => format!("linux-run-{}", board.name()),
+    };
+    let initrd = write_initramfs(&assets, vm.as_ref(), commands, &name)?;
     let services = services()?;
     let img = image::pack(
         &built.core,
         &image_spec(&assets, &initrd, append, &services),
-        "linux-run",
+        &name,
     )?;
     if commands.is_none() {
         return qemu::run_shell(&img, machine);

@@ -11,6 +11,7 @@
 //! Missing tools (QEMU >= 9, mdbook) are installed on Debian when running as
 //! root; elsewhere the exact command to run is printed.
 
+mod boards;
 mod checkpatch;
 mod cpio;
 mod image;
@@ -39,6 +40,10 @@ struct Cli {
 /// Options shared by everything that boots an image.
 #[derive(clap::Args, Clone, Debug)]
 pub struct MachineArgs {
+    /// The board: QEMU `virt`, a Raspberry Pi 4 (QEMU `raspi4b`; four
+    /// CPUs and 2 GiB, whatever --smp and --mem say) or Arm's FVP.
+    #[arg(long, value_enum, default_value_t = boards::Board::Virt)]
+    pub board: boards::Board,
     /// Number of CPUs.
     #[arg(long, default_value_t = 1)]
     pub smp: u32,
@@ -208,7 +213,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             machine,
         } => {
             tools::ensure_qemu()?;
-            let built = image::build_all()?;
+            boards::prepare(machine.board)?;
+            let built = image::build_for(machine.board)?;
             let default_demo = host.is_none();
             let spec = image::ImageSpec {
                 host: host.unwrap_or_else(|| built.test_host.clone()),

@@ -3,7 +3,9 @@
 //! fail patterns with a timeout.
 
 use crate::MachineArgs;
+use crate::boards::{self, Board};
 use crate::image::Built;
+use crate::tools;
 use anyhow::{Context, Result};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -35,16 +37,30 @@ fn machine_command(
     serial: &str,
 ) -> Command {
     let mut c = Command::new("qemu-system-aarch64");
-    let gic = if m.gic == "v2" { "2" } else { "3" };
-    let mte = if m.no_mte { "off" } else { "on" };
-    let virt = if virtualization { "on" } else { "off" };
-    c.arg("-M")
-        .arg(format!(
-            "virt,virtualization={virt},mte={mte},gic-version={gic}"
-        ))
-        .args(["-cpu", &m.cpu, "-smp", &m.smp.to_string(), "-m", &m.mem])
-        .args(["-display", "none", "-serial", serial, "-monitor", "none"])
-        .args(["-nic", "none", "-device", "virtio-rng-pci"]);
+    match m.board {
+        Board::Rpi4 => {
+            // The board's own CPUs (four Cortex-A72), RAM and tree: QEMU
+            // fills in the memory node and starts the kernel at EL2 with the
+            // secondaries parked on the tree's spin table, as the Pi's
+            // firmware does. `boards::prepare` extracted the tree.
+            c.args(["-M", "raspi4b", "-dtb"])
+                .arg(tools::target_dir().join("boards").join(boards::RPI4_DTB))
+                .args(["-smp", &boards::RPI4_CPUS.to_string()])
+                .args(["-m", boards::RPI4_MEMORY]);
+        }
+        Board::Virt | Board::Fvp => {
+            let gic = if m.gic == "v2" { "2" } else { "3" };
+            let mte = if m.no_mte { "off" } else { "on" };
+            let virt = if virtualization { "on" } else { "off" };
+            c.arg("-M")
+                .arg(format!(
+                    "virt,virtualization={virt},mte={mte},gic-version={gic}"
+                ))
+                .args(["-cpu", &m.cpu, "-smp", &m.smp.to_string(), "-m", &m.mem])
+                .args(["-nic", "none", "-device", "virtio-rng-pci"]);
+        }
+    }
+    c.args(["-display", "none", "-serial", serial, "-monitor", "none"]);
     if on_reset == OnReset::Exit {
         c.arg("-no-reboot");
     }

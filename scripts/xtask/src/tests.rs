@@ -10,6 +10,7 @@
 //! and check the commands' output line by line.
 
 use crate::MachineArgs;
+use crate::boards::{self, Board};
 use crate::image::{self, Built, ImageSpec};
 use crate::kernels::{self, Kernel};
 use crate::linux::{self, Assets};
@@ -39,6 +40,7 @@ const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: F
 
 fn machine(smp: u32, gic: &str) -> MachineArgs {
     MachineArgs {
+        board: Board::Virt,
         smp,
         mem: "1G".into(),
         gic: gic.into(),
