@@ -64,16 +64,38 @@ impl Board {
         }
     }
 
-    /// The `earlycon=` the host's command line gets on this board (the
-    /// kernel finds `virt`'s PL011 through the tree's stdout-path; the
-    /// Pi 4's stdout-path names its mini UART, not the PL011 in use).
-    pub fn earlycon(self) -> Option<String> {
+    /// What the host's command line gets on this board under QEMU.
+    ///
+    /// On the Pi 4: `earlycon` on the PL011 (the kernel finds `virt`'s
+    /// PL011 through the tree's stdout-path; the Pi's stdout-path names its
+    /// mini UART). Then what QEMU's `raspi4b` lacks, not the board: it does
+    /// not model the HDMI block's interrupt controller or the BSC I2C
+    /// controllers (their probes take an external abort) nor the clock
+    /// gates Linux turns off when unused (`clk_ignore_unused`). The same
+    /// kernel boots bare on `raspi4b` only with these.
+    pub fn qemu_host_bootargs(self) -> Option<String> {
+        match self {
+            Board::Virt | Board::Fvp => None,
+            Board::Rpi4 => Some(format!(
+                "{} {RPI4_QEMU_QUIRKS}",
+                Board::Rpi4.hardware_host_bootargs().unwrap_or_default()
+            )),
+        }
+    }
+
+    /// What the host's command line gets on the board itself.
+    pub fn hardware_host_bootargs(self) -> Option<String> {
         match self {
             Board::Virt | Board::Fvp => None,
             Board::Rpi4 => Some(format!("earlycon=pl011,mmio32,{RPI4_PL011:#x}")),
         }
     }
 }
+
+/// Kernel options for what QEMU's `raspi4b` does not model (see
+/// [`Board::qemu_host_bootargs`]).
+pub const RPI4_QEMU_QUIRKS: &str =
+    "clk_ignore_unused initcall_blacklist=brcmstb_l2_driver_init,brcmstb_i2c_driver_init";
 
 /// Fetches what running on `board` needs besides the image (the Pi 4's
 /// device tree).

@@ -787,7 +787,7 @@ pub fn run(
     );
     boards::prepare(machine.board)?;
     let built = image::build_for(machine.board)?;
-    let earlycon = machine.board.earlycon();
+    let earlycon = machine.board.qemu_host_bootargs();
     let append = match (earlycon.as_deref(), append) {
         (Some(e), Some(a)) => Some(format!("{e} {a}")),
         (e, a) => e.or(a).map(str::to_string),
