@@ -242,8 +242,9 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         None => (firmware_dtb(fdt_addr), "firmware"),
     };
     // The console is the board's, from its tree, from the very first line:
-    // no board's UART address is built in. A tree without a usable PL011
-    // leaves the core silent (it has nowhere to say so).
+    // no board's UART address is built in. Without a usable PL011 the core
+    // has no console; under QEMU its lines (the reason the boot fails) go
+    // out through semihosting instead.
     if let Some(uart) = dt::console_uart(dtb) {
         // SAFETY: the early map makes every 1 GiB block other than the
         // core's and the device tree's device memory, and a UART is in

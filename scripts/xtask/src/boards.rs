@@ -92,6 +92,14 @@ impl Board {
     }
 }
 
+/// A Linux host's extra command line on `board` under QEMU, then `append`.
+pub fn linux_append(board: Board, append: Option<&str>) -> Option<String> {
+    match (board.qemu_host_bootargs(), append) {
+        (Some(b), Some(a)) => Some(format!("{b} {a}")),
+        (b, a) => b.or(a.map(str::to_string)),
+    }
+}
+
 /// Kernel options for what QEMU's `raspi4b` does not model (see
 /// [`Board::qemu_host_bootargs`]).
 pub const RPI4_QEMU_QUIRKS: &str =

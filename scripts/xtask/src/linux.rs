@@ -196,11 +196,12 @@ pub fn initramfs(busybox: &[u8], commands: Option<&str>, extras: &Extras) -> Res
     Ok(w.finish())
 }
 
-/// The exit status `/init` reported for the commands.
+/// The exit status `/init` reported for the commands. The marker may
+/// follow output that did not end its line (`cat /proc/device-tree/model`).
 pub fn exit_status(console: &str) -> Option<i32> {
     console.lines().find_map(|l| {
-        l.trim_end_matches('\r')
-            .strip_prefix(MARKER_STATUS)?
+        let l = l.trim_end_matches('\r');
+        l[l.find(MARKER_STATUS)? + MARKER_STATUS.len()..]
             .trim()
             .parse()
             .ok()
@@ -233,8 +234,12 @@ pub fn command_output(console: &str) -> Vec<String> {
         if line == MARKER_COMMANDS {
             inside = true;
             out.clear();
-        } else if line.starts_with(MARKER_STATUS) {
+        } else if let Some(at) = line.find(MARKER_STATUS) {
             if inside {
+                // Output whose last line had no newline ends where the marker starts.
+                if at > 0 {
+                    out.push(line[..at].to_string());
+                }
                 break;
             }
         } else if inside && !is_log_line(line) {
@@ -787,11 +792,7 @@ pub fn run(
     );
     boards::prepare(machine.board)?;
     let built = image::build_for(machine.board)?;
-    let earlycon = machine.board.qemu_host_bootargs();
-    let append = match (earlycon.as_deref(), append) {
-        (Some(e), Some(a)) => Some(format!("{e} {a}")),
-        (e, a) => e.or(a).map(str::to_string),
-    };
+    let append = boards::linux_append(machine.board, append);
     let append = append.as_deref();
     // The module is built against the default kernel's headers only.
     let vm = if *kernel == Kernel::Default {
@@ -885,6 +886,16 @@ mod tests {
         );
         assert_eq!(exit_status(console), Some(3));
         assert_eq!(exit_status("moat-linux: running commands\n"), None);
+    }
+
+    #[test]
+    fn output_without_a_final_newline_is_kept() {
+        let console = "moat-linux: running commands\r\n4\r\nRaspberry Pi 4 Model B\0moat-linux: exit status 0\r\n";
+        assert_eq!(
+            command_output(console),
+            vec!["4", "Raspberry Pi 4 Model B\0"]
+        );
+        assert_eq!(exit_status(console), Some(0));
     }
 
     #[test]
