@@ -14,6 +14,7 @@
 mod boards;
 mod checkpatch;
 mod cpio;
+mod cpu_models;
 mod image;
 mod kernels;
 mod linux;
@@ -22,6 +23,7 @@ mod manifest;
 mod modules;
 mod probe;
 mod qemu;
+mod sdcard;
 mod synthetic_dt;
 mod tests;
 mod tools;
@@ -56,6 +58,11 @@ pub struct MachineArgs {
     /// Run QEMU without MTE (mte=on is the default: MTE is what Moat polices).
     #[arg(long)]
     pub no_mte: bool,
+    /// No 64-bit PCIe memory window above 512 GiB on `virt`
+    /// (`highmem-mmio=off`): for CPUs with fewer than 44 PA bits, which
+    /// Moat gives 39 IPA bits (the window would be withheld from the host).
+    #[arg(long)]
+    pub no_highmem_mmio: bool,
     /// QEMU's CPU model and properties (e.g. `max,sve-max-vq=1`).
     #[arg(long, default_value = "max")]
     pub cpu: String,
@@ -127,6 +134,14 @@ enum Command {
         #[command(flatten)]
         machine: MachineArgs,
     },
+    /// Write the files a board boots Moat from (the Raspberry Pi 4's boot
+    /// partition: the Moat image with Linux, config.txt, the device tree).
+    Image {
+        #[arg(long, value_enum)]
+        board: boards::Board,
+        /// The folder to write them to (created if missing).
+        out: PathBuf,
+    },
     /// Run every test: unit tests, QEMU integration tests, the book.
     Test {
         /// Only run integration tests whose name contains this.
@@ -135,6 +150,11 @@ enum Command {
         /// Skip the host unit tests, lints and the book.
         #[arg(long)]
         integration_only: bool,
+        /// The CPU models of the CPU-model cases (Linux boot and a protected
+        /// VM on QEMU virt with each): `all`, `default` (cortex-a57,
+        /// neoverse-n1, a64fx) or a comma-separated list.
+        #[arg(long)]
+        cpus: Option<String>,
     },
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
@@ -246,7 +266,17 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Test {
             filter,
             integration_only,
-        } => tests::run_all(filter.as_deref(), integration_only),
+            cpus,
+        } => tests::run_all(filter.as_deref(), integration_only, cpus.as_deref()),
+        Command::Image { board, out } => {
+            for file in sdcard::write(board, &out)? {
+                println!("wrote {}", file.display());
+            }
+            println!(
+                "xtask: copy these to the FAT boot partition beside the Raspberry Pi firmware (start4.elf, fixup4.dat, overlays/disable-bt.dtbo); see the book's \"Raspberry Pi 4\" chapter"
+            );
+            Ok(())
+        }
         Command::Bench { emulator_cost } => tests::bench(emulator_cost),
     }
 }

@@ -52,9 +52,14 @@ fn machine_command(
             let gic = if m.gic == "v2" { "2" } else { "3" };
             let mte = if m.no_mte { "off" } else { "on" };
             let virt = if virtualization { "on" } else { "off" };
+            let highmem_mmio = if m.no_highmem_mmio {
+                ",highmem-mmio=off"
+            } else {
+                ""
+            };
             c.arg("-M")
                 .arg(format!(
-                    "virt,virtualization={virt},mte={mte},gic-version={gic}"
+                    "virt,virtualization={virt},mte={mte},gic-version={gic}{highmem_mmio}"
                 ))
                 .args(["-cpu", &m.cpu, "-smp", &m.smp.to_string(), "-m", &m.mem])
                 .args(["-nic", "none", "-device", "virtio-rng-pci"]);

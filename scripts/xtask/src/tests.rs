@@ -11,6 +11,7 @@
 
 use crate::MachineArgs;
 use crate::boards::{self, Board};
+use crate::cpu_models;
 use crate::image::{self, Built, ImageSpec};
 use crate::kernels::{self, Kernel};
 use crate::linux::{self, Assets};
@@ -41,6 +42,7 @@ const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: F
 fn machine(smp: u32, gic: &str) -> MachineArgs {
     MachineArgs {
         board: Board::Virt,
+        no_highmem_mmio: false,
         smp,
         mem: "1G".into(),
         gic: gic.into(),
@@ -148,7 +150,7 @@ fn bad_tree(name: &'static str, tree: Tree, message: &'static str) -> Case {
     }
 }
 
-fn cases() -> Vec<Case> {
+fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
     let mut cases = vec![
         host_boot("boot_gicv3", 1, "v3", &["GICv3"]),
         host_boot(
@@ -789,6 +791,7 @@ fn cases() -> Vec<Case> {
     ];
     cases.extend(linux_vm_hostile_cases("v3"));
     cases.extend(linux_vm_hostile_cases("v2"));
+    cases.extend(models.iter().map(cpu_model_case));
     cases
 }
 
@@ -988,6 +991,32 @@ fn linux_vm_memory_case(
         })),
         ..linux_case(name, 2, gic, commands)
     }
+}
+
+/// Linux under Moat on two CPUs of `model` (QEMU `virt`, GICv3, MTE only
+/// where the model has it), and a protected VM run from its userspace.
+fn cpu_model_case(model: &cpu_models::Model) -> Case {
+    let heard = "guest heard: a line from the host";
+    let mut case = linux_protected_vm(
+        model.case,
+        "v3",
+        "nproc; insmod /moat.ko && echo 'a line from the host' | moat-vmm run /guest.bin",
+        heard,
+    );
+    case.machine.cpu = model.name.into();
+    case.machine.no_mte = !model.mte;
+    case.machine.no_highmem_mmio = model.pa_bits < 44;
+    case.pass.push("host features the EL2 controls give:");
+    case.pass.push("smp: Brought up 1 node, 2 CPUs");
+    case.check = Some(Box::new(move |console: &str| {
+        let out = linux::command_output(console);
+        if out.first().map(String::as_str) == Some("2") && out.iter().any(|l| l == heard) {
+            Ok(())
+        } else {
+            Err(format!("expected nproc 2 then {heard:?}, got {out:?}"))
+        }
+    }));
+    case
 }
 
 /// `case` on the Raspberry Pi 4 under QEMU's `raspi4b` (four Cortex-A72,
@@ -1712,13 +1741,13 @@ fn image_for(
 }
 
 /// Runs the integration tests; returns (passed, failed names).
-fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
+fn integration(filter: Option<&str>, models: &[cpu_models::Model]) -> Result<(u32, Vec<String>)> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
     let external = Some(build_external_payload()?);
     let logs = tools::target_dir().join("test-logs");
     std::fs::create_dir_all(&logs)?;
-    let selected: Vec<Case> = cases()
+    let selected: Vec<Case> = cases(models)
         .into_iter()
         .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
         .collect();
@@ -1958,13 +1987,14 @@ fn book() -> Result<()> {
         .arg(tools::root().join("book")))
 }
 
-pub fn run_all(filter: Option<&str>, integration_only: bool) -> Result<()> {
+pub fn run_all(filter: Option<&str>, integration_only: bool, cpus: Option<&str>) -> Result<()> {
+    let models = cpu_models::select(cpus)?;
     if !integration_only && filter.is_none() {
         unit_tests_and_lints()?;
         book()?;
         println!("xtask: unit tests, lints and the book passed");
     }
-    let (passed, failed) = integration(filter)?;
+    let (passed, failed) = integration(filter, &models)?;
     println!("integration: {passed} passed, {} failed", failed.len());
     if !failed.is_empty() {
         bail!("integration tests failed: {}", failed.join(", "));
