@@ -784,6 +784,11 @@ pub fn run(
     machine: &MachineArgs,
     kernel: &Kernel,
 ) -> Result<i32> {
+    if machine.board == Board::Fvp {
+        bail!(
+            "run --board fvp linux is not supported: the FVP runs the demo image (cargo xtask run --board fvp)"
+        );
+    }
     tools::ensure_qemu()?;
     let assets = kernels::assets(kernel)?;
     eprintln!(

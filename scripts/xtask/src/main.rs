@@ -15,6 +15,7 @@ mod boards;
 mod checkpatch;
 mod cpio;
 mod cpu_models;
+mod fvp;
 mod image;
 mod kernels;
 mod linux;
@@ -232,6 +233,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             kernel_package: _,
             machine,
         } => {
+            if machine.board == boards::Board::Fvp {
+                if host.is_some() || initrd.is_some() || dtb.is_some() || gdb {
+                    anyhow::bail!("run --board fvp boots the demo image only");
+                }
+                std::process::exit(fvp::run(machine.smp)?);
+            }
             tools::ensure_qemu()?;
             boards::prepare(machine.board)?;
             let built = image::build_for(machine.board)?;

@@ -1992,7 +1992,11 @@ pub fn run_all(filter: Option<&str>, integration_only: bool, cpus: Option<&str>)
     if !integration_only && filter.is_none() {
         unit_tests_and_lints()?;
         book()?;
-        println!("xtask: unit tests, lints and the book passed");
+        let fvp = crate::fvp::build_image()?;
+        println!(
+            "xtask: unit tests, lints and the book passed; the FVP's image builds ({})",
+            fvp.display()
+        );
     }
     let (passed, failed) = integration(filter, &models)?;
     println!("integration: {passed} passed, {} failed", failed.len());
