@@ -1,8 +1,8 @@
 //! The CPU models Moat is tested on under QEMU `virt`.
 //!
 //! Each model has a different set of the features the core must detect
-//! rather than assume (VHE, SVE, SME, MTE, pointer authentication, FEAT_S2FWB,
-//! 16-bit VMIDs, 52-bit PAs): `cargo xtask test --cpus all` boots Linux under
+//! rather than assume (SVE, SME, MTE, pointer authentication, the PA size):
+//! `cargo xtask test --cpus all` boots Linux under
 //! Moat on every one and runs a protected VM from its userspace; the default
 //! run takes [`DEFAULT`], three models that differ the most from `max`, which
 //! every other case uses.
@@ -33,49 +33,49 @@ pub const ALL: [Model; 7] = [
         pa_bits: 44,
         case: "cpu_model_cortex_a57",
         mte: false,
-        features: "Armv8.0: no VHE, SVE, PAuth or MTE; 8-bit VMIDs; 44-bit PA",
+        features: "Armv8.0, 44-bit PA: FP/AdvSIMD and PMUv3 only",
     },
     Model {
         name: "cortex-a72",
         pa_bits: 44,
         case: "cpu_model_cortex_a72",
         mte: false,
-        features: "Armv8.0 (the Raspberry Pi 4's CPU): as the A57",
+        features: "Armv8.0, 44-bit PA (the Raspberry Pi 4's CPU): as the A57",
     },
     Model {
         name: "cortex-a76",
         pa_bits: 40,
         case: "cpu_model_cortex_a76",
         mte: false,
-        features: "Armv8.2: VHE, 16-bit VMIDs; no SVE, PAuth or MTE",
+        features: "Armv8.2, 40-bit PA: no SVE, PAuth or MTE; 39-bit IPA",
     },
     Model {
         name: "neoverse-n1",
         pa_bits: 48,
         case: "cpu_model_neoverse_n1",
         mte: false,
-        features: "Armv8.2: as the A76",
+        features: "Armv8.2, 48-bit PA: no SVE, PAuth or MTE",
     },
     Model {
         name: "neoverse-v1",
         pa_bits: 48,
         case: "cpu_model_neoverse_v1",
         mte: false,
-        features: "Armv8.4: SVE (256-bit), PAuth, FEAT_S2FWB; no MTE or SME",
+        features: "Armv8.4, 48-bit PA: SVE (256-bit), PAuth; no MTE or SME",
     },
     Model {
         name: "a64fx",
         pa_bits: 40,
         case: "cpu_model_a64fx",
         mte: false,
-        features: "Armv8.2 with SVE (512-bit); no PAuth or MTE",
+        features: "Armv8.2, 40-bit PA: SVE (512-bit); no PAuth or MTE; 39-bit IPA",
     },
     Model {
         name: "max",
         pa_bits: 52,
         case: "cpu_model_max",
         mte: true,
-        features: "everything QEMU has: MTE, SVE, SME, PAuth, FEAT_S2FWB, LPA",
+        features: "52-bit PA: SVE and SME (2048-bit), MTE, PAuth, CSV2_2, MOPS",
     },
 ];
 

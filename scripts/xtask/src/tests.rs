@@ -1993,9 +1993,12 @@ pub fn run_all(filter: Option<&str>, integration_only: bool, cpus: Option<&str>)
         unit_tests_and_lints()?;
         book()?;
         let fvp = crate::fvp::build_image()?;
+        let sd = tools::target_dir().join("rpi4-boot");
+        crate::sdcard::write(Board::Rpi4, &sd)?;
         println!(
-            "xtask: unit tests, lints and the book passed; the FVP's image builds ({})",
-            fvp.display()
+            "xtask: unit tests, lints and the book passed; the FVP's image builds ({}); the Pi 4's boot files are written and checked ({})",
+            fvp.display(),
+            sd.display()
         );
     }
     let (passed, failed) = integration(filter, &models)?;
