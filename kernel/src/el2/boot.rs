@@ -779,13 +779,16 @@ extern "C" fn secondary_main(index: u64) -> ! {
     let Some(slot) = cpu::get(index) else {
         panic::park()
     };
+    let core_powers_cpus = MACHINE.get().is_some_and(|m| m.core_powers_cpus);
     match slot.power() {
-        PowerState::OnPending | PowerState::Suspended => {}
         // Arrived from the spin table, or turned off by the host: wait in
-        // the core until CPU_ON gives this CPU an entry point.
-        PowerState::Off if MACHINE.get().is_some_and(|m| m.core_powers_cpus) => {
+        // the core until CPU_ON gives this CPU an entry point. A CPU_ON that
+        // came before the CPU got here left its go flag set, which the wait
+        // consumes at once, so no flag outlives the entry it was set for.
+        PowerState::Off | PowerState::OnPending if core_powers_cpus => {
             super::power::wait_for_cpu_on(slot);
         }
+        PowerState::OnPending | PowerState::Suspended => {}
         other => {
             crate::log!("CPU {index} entered the core in state {other:?}; parking it");
             panic::park()
