@@ -37,6 +37,17 @@ pub struct HostDtEdits<'a> {
     /// core starts and stops the CPUs, the host only ever asks it. For boards
     /// whose firmware parks the secondaries on a spin table.
     pub cpus_via_psci: bool,
+    /// The core owns the SMMUv3 (its frames are not in the host's stage-2):
+    /// every `arm,smmu-v3` node is marked `status = "disabled"` and the
+    /// `iommu-map`, `iommu-map-mask` and `iommus` properties that would send
+    /// the host's drivers to it are dropped, so the host's devices work
+    /// without an IOMMU driver (their DMA goes through the SMMU's stage-2,
+    /// which is the host's own).
+    pub hide_smmu_v3: bool,
+    /// Nodes (by name with unit address) the host is not given: each gets
+    /// `status = "disabled"`, so that the host's drivers leave alone the
+    /// MMIO its stage-2 does not map.
+    pub disable_nodes: &'a [&'a str],
 }
 
 /// Why a rewrite failed.
@@ -177,6 +188,23 @@ impl Rewriter<'_, '_> {
         };
 
         match role {
+            Role::Copied if self.edits.hide_smmu_v3 || !self.edits.disable_nodes.is_empty() => {
+                let hide = self.edits.hide_smmu_v3;
+                let disable = (hide && node.is_compatible(&crate::iommu::SMMU_V3_COMPATIBLE))
+                    || (depth > 0 && self.edits.disable_nodes.contains(&node.name));
+                for (name, value) in node.properties() {
+                    match name {
+                        "iommu-map" | "iommu-map-mask" | "iommus" if hide => {}
+                        "status" if disable => {}
+                        _ => writer.property(name, value).map_err(output)?,
+                    }
+                }
+                if disable {
+                    writer
+                        .property_string("status", "disabled")
+                        .map_err(output)?;
+                }
+            }
             Role::Copied => copy_properties(writer, node)?,
             Role::Chosen => self.chosen_properties(writer, Some(node))?,
             Role::Psci => self.psci_properties(writer, node)?,

@@ -1357,3 +1357,19 @@ fn early_console_matches_discovery_on_real_trees() {
     );
     assert_eq!(console_uart(b"not a tree"), None);
 }
+
+#[test]
+fn the_gicv3_its_frames_are_found() {
+    let dtb = load("qemu-virt-gicv3.dtb");
+    let its = moat_platform::dt::gic_its(&dtb).unwrap();
+    assert_eq!(
+        its.as_slice(),
+        &[Range::new(0x0808_0000, 0x2_0000).unwrap()]
+    );
+    // A GICv2 machine has none.
+    assert!(
+        moat_platform::dt::gic_its(&load("qemu-virt-gicv2.dtb"))
+            .unwrap()
+            .is_empty()
+    );
+}

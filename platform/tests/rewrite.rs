@@ -26,6 +26,8 @@ fn full_edits(regions: &[Range]) -> HostDtEdits<'_> {
         initrd: Some(INITRD),
         psci_conduit: Some(Conduit::Hvc),
         cpus_via_psci: false,
+        hide_smmu_v3: false,
+        disable_nodes: &[],
     }
 }
 
@@ -711,4 +713,44 @@ fn spin_table_cpus_become_psci_cpus() {
     .unwrap();
     assert_eq!(discover(&plain).unwrap().cpus, before.cpus);
     assert!(discover(&plain).unwrap().psci.is_none());
+}
+
+#[test]
+fn a_withheld_smmu_v3_is_disabled_and_nothing_points_at_it() {
+    let dtb = load("qemu-virt-smmuv3.dtb");
+    assert!(moat_platform::iommu::find_smmu_v3(&dtb).unwrap().is_some());
+    let edits = HostDtEdits {
+        hide_smmu_v3: true,
+        ..HostDtEdits::default()
+    };
+    let host = rewrite_for_host(&dtb, &edits).unwrap();
+    assert_eq!(moat_platform::iommu::find_smmu_v3(&host).unwrap(), None);
+    let has = |bytes: &[u8], what: &[u8]| bytes.windows(what.len()).any(|w| w == what);
+    assert!(has(&dtb, b"iommu-map\0"));
+    assert!(!has(&host, b"iommu-map\0"));
+    // The rest of the tree is what it was.
+    assert_eq!(
+        discover(&host).unwrap().devices,
+        discover(&dtb).unwrap().devices
+    );
+}
+
+#[test]
+fn withheld_devices_are_disabled_in_the_hosts_tree() {
+    let dtb = load("qemu-virt-gicv3.dtb");
+    let edits = HostDtEdits {
+        disable_nodes: &["fw-cfg@9020000", "virtio_mmio@a000000"],
+        ..HostDtEdits::default()
+    };
+    let host = rewrite_for_host(&dtb, &edits).unwrap();
+    let mut seen = Vec::new();
+    moat_platform::devices::classify(&host, None, |d| seen.push(d.name)).unwrap();
+    assert!(!seen.contains(&"fw-cfg@9020000"));
+    assert!(!seen.contains(&"virtio_mmio@a000000"));
+    assert!(seen.contains(&"virtio_mmio@a000200"));
+    assert_eq!(seen.len() + 2, {
+        let mut all = 0;
+        moat_platform::devices::classify(&dtb, None, |_| all += 1).unwrap();
+        all
+    });
 }

@@ -93,6 +93,10 @@ pub const DEBUG_TARGETS: u32 = id(0x817);
 /// back x4.
 pub const DEBUG_DONE: u32 = id(0x818);
 
+/// Guest (peek): x1 of the words of the page at [`TAG_PAGE_IPA`] are not
+/// zero (a page the host's devices were told to write into).
+pub const PEEKED: u32 = id(0x819);
+
 /// Modes (the answer to [`CONFIG`]).
 pub const MODE_DEMO: u64 = 0;
 pub const MODE_SPIN: u64 = 1;
@@ -116,6 +120,8 @@ pub const MODE_DEBUG_PROBE: u64 = 8;
 /// [`CONSOLE_GREETING`], read a line, echo it and power off (crash, for
 /// [`CONSOLE_CRASH`]).
 pub const MODE_CONSOLE: u64 = 9;
+/// Count the non-zero words of [`TAG_PAGE_IPA`], report them and power off.
+pub const MODE_PEEK: u64 = 10;
 /// What the debug probe writes to its word.
 pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.

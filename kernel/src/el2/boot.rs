@@ -258,6 +258,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         sysreg::mpidr()
     );
     let platform = dt::discover(dtb).unwrap_or_else(|e| fatal("device tree", e));
+    let smmu = moat_platform::iommu::find_smmu_v3(dtb).unwrap_or_else(|e| fatal("device tree", e));
     crate::log!(
         "platform \"{}\" ({}, device tree from {dtb_source}): {} CPU(s), GICv{}, PSCI {}",
         platform.model,
@@ -310,7 +311,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     log_carve_out(&plan, image_range.size);
 
     // The core's final stage-1 map.
-    let mut core_mmio: heapless::Vec<Range, 8> = heapless::Vec::new();
+    let its_frames = dt::gic_its(dtb).unwrap_or_else(|e| fatal("device tree (GICv3 ITS)", e));
+    let mut core_mmio: heapless::Vec<Range, { 8 + dt::MAX_ITS }> = heapless::Vec::new();
     let _ = core_mmio.push(platform.uart.regs);
     match &platform.gic {
         Gic::V2 {
@@ -329,7 +331,15 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             for r in redistributors {
                 let _ = core_mmio.push(*r);
             }
+            // Each ITS's control frame (its translation frame is the host's).
+            for its in &its_frames {
+                let _ =
+                    core_mmio.push(Range::new(its.base, its.size.min(0x1_0000)).unwrap_or(*its));
+            }
         }
+    }
+    if let Some(smmu) = &smmu {
+        let _ = core_mmio.push(smmu.regs);
     }
     // Without PSCI firmware the core ends the machine itself, through the
     // board's quirk (the BCM2835 watchdog on a Raspberry Pi 4).
@@ -357,6 +367,18 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     }
     mmu::switch_to_final_map(&platform.memory, &core_mmio, sysreg::cpu_features().mte)
         .unwrap_or_else(|e| fatal("EL2 page tables", e));
+    let (its_count, redistributor_count) = super::its::init(&platform.gic, &its_frames);
+    if its_count + redistributor_count > 0 {
+        crate::log!(
+            "GICv3: {its_count} ITS(s) and {redistributor_count} redistributor(s): their table registers emulated, the command queue checked and shadowed"
+        );
+    }
+
+    // Every device accounted for: DMA-capable devices without an SMMU are
+    // withheld unless the image names them.
+    let withheld_devices =
+        super::devices::decide(dtb, smmu.as_ref(), package.unprotected_dma.unwrap_or(""))
+            .unwrap_or_else(|e| fatal("device tree", e));
 
     // The host's device tree: the carve-out reserved, PSCI through the core.
     let edits = HostDtEdits {
@@ -365,6 +387,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         initrd: plan.host_initrd,
         psci_conduit: (platform.psci.is_some() || core_powers_cpus).then_some(Conduit::Hvc),
         cpus_via_psci: core_powers_cpus && spin_table,
+        hide_smmu_v3: smmu.is_some(),
+        disable_nodes: &withheld_devices.names,
     };
     let host_dtb: Vec<u8> = hostdt::rewrite_for_host(dtb, &edits)
         .unwrap_or_else(|e| fatal("host device tree", format_args!("{e:?}")));
@@ -475,18 +499,29 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     // The host's stage-2: the RAM and device windows the device tree
     // describes, less what the core keeps. Everything withheld is logged.
-    let mut withheld: heapless::Vec<(Range, &str), 4> = heapless::Vec::new();
+    let mut withheld: Vec<(Range, &str)> = Vec::new();
     for range in plan.carve_out.as_slice() {
-        let _ = withheld.push((*range, "the hypervisor's memory"));
+        withheld.push((*range, "the hypervisor's memory"));
     }
     if let Gic::V2 {
         hyp_interface: Some(gich),
         ..
     } = &platform.gic
     {
-        let _ = withheld.push((*gich, "the GICv2 hypervisor interface"));
+        withheld.push((*gich, "the GICv2 hypervisor interface"));
     }
-    let withheld_ranges: heapless::Vec<Range, 4> = withheld.iter().map(|(r, _)| *r).collect();
+    for page in super::its::withheld() {
+        withheld.push((page, "a GICv3 ITS or LPI register page, emulated"));
+    }
+    if let Some(smmu) = &smmu {
+        withheld.push((smmu.regs, "the SMMUv3, which the core programs"));
+    }
+    let device_pages = s2plan::whole_pages(&withheld_devices.windows)
+        .unwrap_or_else(|e| fatal("withheld devices", format_args!("{e:?}")));
+    for range in device_pages {
+        withheld.push((range, "DMA-capable devices without an SMMU"));
+    }
+    let withheld_ranges: Vec<Range> = withheld.iter().map(|(r, _)| *r).collect();
     let host_plan = s2plan::host_regions(
         &platform.memory,
         &platform.devices,
@@ -526,6 +561,10 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             beyond.base,
             beyond.end()
         );
+    }
+
+    if let Some(desc) = &smmu {
+        super::smmu::boot(desc, vtcr, vttbr, ipa_bits);
     }
 
     // Until the MTE policy decides, the host is told what the hardware has.
@@ -628,10 +667,12 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
     match memory::check_consistency(cpu) {
         Ok(c) => {
             crate::log!(
-                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s) and {} VM(s) checked{})",
+                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s), {} VM(s), {} GIC table(s) and {} SMMU stream(s) checked{})",
                 c.extents,
                 c.services,
                 c.vms,
+                c.gic_tables,
+                c.smmu_streams,
                 if c.vms_running > 0 {
                     ", running VMs skipped"
                 } else {
@@ -666,6 +707,16 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
         }) => {
             crate::log!(
                 "consistency: MISMATCH: VM {handle} maps {mapped} page(s), the ledger gives it {owned}"
+            );
+            false
+        }
+        Err(Mismatch::Gic { address, why }) => {
+            crate::log!("consistency: MISMATCH at {address:#x}: {why}");
+            false
+        }
+        Err(Mismatch::Smmu(why)) => {
+            crate::log!(
+                "consistency: MISMATCH: the SMMU's stream table no longer sends every stream through the host's stage-2: {why}"
             );
             false
         }

@@ -441,15 +441,20 @@ pub fn host_call(cpu: &PerCpu, regs: &mut GuestRegs, function: u32) -> Option<Re
 
 fn host_share(cpu: &PerCpu, pa: u64, pages: u64, op: u32) -> Result<(), Error> {
     checked_range(pa, pages)?;
-    memory::transact(
-        cpu,
-        LedgerRequest {
-            op,
-            party: 0,
-            frames: frames(pa, pages),
-        },
-        None,
-    )
+    let request = LedgerRequest {
+        op,
+        party: 0,
+        frames: frames(pa, pages),
+    };
+    if op == LedgerRequest::HOST_UNSHARE_HYP {
+        // A page the interrupt controller reads (an LPI property table, an
+        // ITS command queue) stays shared while it is in use.
+        return super::its::unless_pinned(pa, pages.saturating_mul(memory::PAGE), || {
+            memory::transact(cpu, request, None)
+        })
+        .unwrap_or(Err(Error::Denied));
+    }
+    memory::transact(cpu, request, None)
 }
 
 fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {

@@ -209,13 +209,18 @@ pub fn pack_with_dtb_bytes(
 pub struct ServiceSet {
     pub table: Vec<u8>,
     pub images: Vec<Vec<u8>>,
+    /// The manifest's `unprotected-dma` device names.
+    pub unprotected_dma: Vec<String>,
 }
 
 /// Builds every service a manifest declares and checks each against its
 /// budget.
 pub fn build_services(manifest: &Manifest) -> Result<ServiceSet> {
     use zerocopy::IntoBytes;
-    let mut set = ServiceSet::default();
+    let mut set = ServiceSet {
+        unprotected_dma: manifest.unprotected_dma.clone(),
+        ..ServiceSet::default()
+    };
     let mut built: Vec<(String, u32)> = Vec::new();
     for (i, s) in manifest.services.iter().enumerate() {
         let index = match built.iter().find(|(b, _)| *b == s.binary) {
@@ -283,6 +288,12 @@ fn build_package(
     }
     if let Some(dtb) = dtb {
         builder = builder.entry(EntryKind::DeviceTree, dtb);
+    }
+    if let Some(set) = services.filter(|s| !s.unprotected_dma.is_empty()) {
+        builder = builder.entry(
+            EntryKind::UnprotectedDma,
+            set.unprotected_dma.join("\n").into_bytes(),
+        );
     }
     if let Some(set) = services.filter(|s| !s.images.is_empty()) {
         builder = builder.entry(EntryKind::ServiceTable, set.table.clone());

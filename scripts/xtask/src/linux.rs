@@ -95,6 +95,8 @@ fn init_script() -> String {
     format!(
         r#"#!/bin/sh
 # PID 1 of the initramfs `cargo xtask run linux` writes.
+# The boot benchmark's clock: instructions run since reset, read first.
+[ -f /{BOOT_COUNTER_FLAG} ] && /bin/moat-probe counter
 echo "{MARKER_INIT}"
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -722,6 +724,21 @@ pub fn write_initramfs(
     commands: Option<&str>,
     name: &str,
 ) -> Result<PathBuf> {
+    write_initramfs_with(assets, vm, commands, name, Vec::new())
+}
+
+/// The file whose presence makes `/init` print the virtual counter
+/// (`probe: counter=N`) before anything else.
+pub const BOOT_COUNTER_FLAG: &str = "etc/moat-boot-counter";
+
+/// [`write_initramfs`] with `more` files (path, mode, contents) added.
+pub fn write_initramfs_with(
+    assets: &Assets,
+    vm: Option<&linux_vm::Pieces>,
+    commands: Option<&str>,
+    name: &str,
+    more: Vec<(&str, u32, Vec<u8>)>,
+) -> Result<PathBuf> {
     let busybox = std::fs::read(&assets.busybox)
         .with_context(|| format!("reading {}", assets.busybox.display()))?;
     let modules = assets
@@ -735,6 +752,7 @@ pub fn write_initramfs(
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         files.push((path, mode, bytes));
     }
+    files.extend(more);
     let extras = Extras {
         modules: modules.as_ref(),
         probe: Some(&probe),

@@ -11,10 +11,13 @@
 //! Missing tools (QEMU >= 9, mdbook) are installed on Debian when running as
 //! root; elsewhere the exact command to run is printed.
 
+mod abi_reference;
 mod boards;
 mod checkpatch;
+mod coverage;
 mod cpio;
 mod cpu_models;
+mod disk;
 mod fvp;
 mod image;
 mod kernels;
@@ -25,6 +28,7 @@ mod modules;
 mod probe;
 mod qemu;
 mod sdcard;
+mod size;
 mod synthetic_dt;
 mod tests;
 mod tools;
@@ -75,6 +79,15 @@ pub struct MachineArgs {
     /// Seconds before the run is stopped [default: 60; 3600 for a Linux shell].
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Put an SMMUv3 with stage-2 translation in front of the PCIe root
+    /// complex (`-M virt,iommu=smmuv3`, `arm-smmuv3.stage=2`); Moat takes
+    /// it and sends every PCIe device's DMA through the host's stage-2.
+    #[arg(long)]
+    pub smmu: bool,
+    /// Attach this raw disk image as a virtio-blk PCI device (made, a
+    /// 16 MiB FAT volume holding `hello.txt`, if the file does not exist).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
 }
 
 impl MachineArgs {
@@ -157,6 +170,13 @@ enum Command {
         #[arg(long)]
         cpus: Option<String>,
     },
+    /// Line coverage of the core (`kernel/src`) by its host tests.
+    Coverage,
+    /// Write the book's ABI reference from the `abi` crate.
+    AbiReference,
+    /// Print the core's size: its flat binary against the budget, each
+    /// section, and the largest functions.
+    Size,
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
         /// Also count the emulator's own instructions for the three Linux
@@ -209,6 +229,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             if cmd.is_none() {
                 machine.timeout.get_or_insert(3600);
             }
+            if let Some(d) = &machine.disk {
+                disk::ensure(d)?;
+            }
             let kernel = match (kernel, kernel_package) {
                 (Some(image), _) => kernels::Kernel::Image(image),
                 (None, Some(package)) => kernels::Kernel::Package(package),
@@ -241,6 +264,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             tools::ensure_qemu()?;
             boards::prepare(machine.board)?;
+            if let Some(d) = &machine.disk {
+                disk::ensure(d)?;
+            }
             let built = image::build_for(machine.board)?;
             let default_demo = host.is_none();
             let spec = image::ImageSpec {
@@ -275,6 +301,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             integration_only,
             cpus,
         } => tests::run_all(filter.as_deref(), integration_only, cpus.as_deref()),
+        Command::Size => size::report(),
+        Command::AbiReference => abi_reference::write(),
+        Command::Coverage => coverage::report().map(|_| ()),
         Command::Image { board, out } => {
             for file in sdcard::write(board, &out)? {
                 println!("wrote {}", file.display());

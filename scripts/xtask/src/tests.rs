@@ -36,6 +36,40 @@ const ATTACK_SME_PASS: &[&str] = &[
     "test-host: ok   vm: the ledger and the host's stage-2 agree after the SME streaming-mode VCPU_RUN attempts (0)",
 ];
 
+/// The SMMU's DMA attack: a device behind the SMMU the core owns writes
+/// into a host page, a page donated to a VM, the hypervisor's memory, and
+/// a host page again.
+const ATTACK_DMA_SMMU_PASS: &[&str] = &[
+    "withheld from the host: 0x9050000..0x9070000 (the SMMUv3, which the core programs)",
+    "smmu: SMMUv3 at 0x9050000 owned by the core: streams 0x0..0x1000 translate through the host's stage-2",
+    "smmu: streams from 0x1000 up have no entry",
+    "test-host: ok   dma: virtio-rng-pci at 00:",
+    "test-host: ok   dma: into a host page: the device answered (true) and wrote",
+    "test-host: ok   dma: into a page the host is about to donate: the device answered (true) and wrote",
+    "smmu: fault F_TRANSLATION (0x10) stream ",
+    "test-host: ok   dma: a DMA into the page just donated to a VM at ",
+    "test-host: ok   dma: the VM finds 0 non-zero words in its page: the device's write never landed",
+    "test-host: ok   dma: a DMA into the hypervisor's carve-out at ",
+    "test-host: ok   dma: after the refused DMAs, into a host page again: the device answered (true) and wrote",
+    "SMMU stream(s) checked",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the DMA attacks (0)",
+];
+
+/// DMA-capable devices without an SMMU the image does not name: listed,
+/// withheld, and aborting when the host touches them.
+const ATTACK_DMA_WITHHELD_PASS: &[&str] = &[
+    "device fw-cfg@9020000 at 0x9020000: DMA-capable without an SMMU: WITHHELD from the host (the image does not name it)",
+    "device virtio_mmio@a000000 at 0xa000000 and 31 more like it: DMA-capable without an SMMU: WITHHELD from the host",
+    "device pcie@10000000 at 0x4010000000: DMA-capable without an SMMU: WITHHELD from the host",
+    "device pl011@9000000 at 0x9000000: no bus mastering: given to the host",
+    "withheld from the host: 0x9020000..0x9021000 (DMA-capable devices without an SMMU)",
+    "withheld from the host: 0xa000000..0xa004000 (DMA-capable devices without an SMMU)",
+    "test-host: ok   dma: a read of qemu,fw-cfg-mmio at 0x9020000: synchronous external abort",
+    "test-host: ok   dma: a read of virtio,mmio at 0xa000000: synchronous external abort",
+    "test-host: ok   dma: a read of pci-host-ecam-generic at 0x4010000000: synchronous external abort",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after touching the withheld devices (0)",
+];
+
 /// Lines that always mean failure, whatever the test.
 const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: FAIL"];
 
@@ -50,6 +84,16 @@ fn machine(smp: u32, gic: &str) -> MachineArgs {
         cpu: "max".into(),
         icount: false,
         timeout: Some(60),
+        smmu: false,
+        disk: None,
+    }
+}
+
+/// [`machine`] with an SMMUv3 (stage 2) in front of the PCIe root complex.
+fn machine_with_smmu(smp: u32, gic: &str) -> MachineArgs {
+    MachineArgs {
+        smmu: true,
+        ..machine(smp, gic)
     }
 }
 
@@ -574,10 +618,41 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
             ..host_boot("attack_boundary_arguments", 1, "v3", ATTACK_BOUNDARY_PASS)
         },
         Case {
+            bootargs: Some("moat.attack=dma_smmu"),
+            machine: machine_with_smmu(1, "v3"),
+            ..host_boot("attack_dma_through_the_smmu", 1, "v3", ATTACK_DMA_SMMU_PASS)
+        },
+        Case {
+            bootargs: Some("moat.attack=dma_withheld"),
+            ..host_boot(
+                "attack_dma_devices_without_an_smmu_are_withheld",
+                1,
+                "v3",
+                ATTACK_DMA_WITHHELD_PASS,
+            )
+        },
+        Case {
             bootargs: Some("moat.attack=table_exhaustion"),
             timeout: 300,
             ..host_boot("attack_table_heap_exhaustion", 1, "v3", ATTACK_TABLES_PASS)
         },
+        its_attack(
+            "attack_its_device_table",
+            "moat.attack=its_device_table",
+            ATTACK_ITS_DEVICE_TABLE_PASS,
+        ),
+        its_attack("attack_its_itt", "moat.attack=its_itt", ATTACK_ITS_ITT_PASS),
+        its_attack(
+            "attack_its_command_queue",
+            "moat.attack=its_command_queue",
+            ATTACK_ITS_COMMAND_QUEUE_PASS,
+        ),
+        its_attack(
+            "attack_lpi_pending_table",
+            "moat.attack=lpi_pending_table",
+            ATTACK_LPI_TABLES_PASS,
+        ),
+        linux_disk_behind_the_smmu(),
         host_fidelity(
             "linux_6_1_host_sees_what_bare_qemu_shows",
             Kernel::Default,
@@ -796,6 +871,53 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
 }
 
 /// Every host hypercall with boundary arguments (`moat.attack=boundary_arguments`).
+/// A host aiming the GICv3 ITS or the redistributors' LPI tables at memory
+/// it does not own (`moat.attack=NAME`, `images/test-host/src/its_attacks.rs`).
+fn its_attack(name: &'static str, bootargs: &'static str, pass: &[&'static str]) -> Case {
+    let mut case = host_boot(name, 1, "v3", pass);
+    case.bootargs = Some(bootargs);
+    case.pass.extend_from_slice(ITS_ATTACK_PASS);
+    // ("test-host: FAIL" fails every case already.)
+    case.fail.push("MISMATCH");
+    case
+}
+
+/// Every ITS case: the honest flow works after the attack, the core answers
+/// and the ledger agrees with the host's stage-2.
+const ITS_ATTACK_PASS: &[&str] = &[
+    "test-host: ok   its: the core still answers after ",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after ",
+];
+
+const ATTACK_ITS_DEVICE_TABLE_PASS: &[&str] = &[
+    "test-host: ok   its: LPIs on with the host's own property and pending tables",
+    "test-host: ok   its: GITS_BASER with the device table at the VM's page ",
+    "test-host: ok   its: MAPD with the device table at a VM's page never lands",
+    "test-host: ok   its: with tables in the host's own memory, MAPD, MAPTI and INT deliver LPI 8193",
+    "test-host: ok   its: the host reads its device table while the ITS uses it: synchronous external abort",
+];
+
+const ATTACK_ITS_ITT_PASS: &[&str] = &[
+    "test-host: ok   its: MAPD with the ITT at a VM's page ",
+    "test-host: ok   its: MAPD with the ITT at the hypervisor's memory ",
+    "test-host: ok   its: VM_DONATE of the ITS's device table refused (Denied",
+    "test-host: ok   its: with tables in the host's own memory, MAPD, MAPTI and INT deliver LPI 8193",
+];
+
+const ATTACK_ITS_COMMAND_QUEUE_PASS: &[&str] = &[
+    "test-host: ok   its: GITS_CBASER at the VM's page ",
+    "test-host: ok   its: VM_DONATE of the command queue in use refused (Denied",
+    "test-host: ok   its: the queue still works after the refused donation",
+    "test-host: ok   its: with tables in the host's own memory, MAPD, MAPTI and INT deliver LPI 8193",
+];
+
+const ATTACK_LPI_TABLES_PASS: &[&str] = &[
+    "test-host: ok   its: GICR_PENDBASER at the VM's page ",
+    "test-host: ok   its: GICR_PROPBASER at the VM's page ",
+    "test-host: ok   its: with the host's own tables LPIs come on and LPI 8193 is delivered",
+    "test-host: ok   its: the host reads its pending table while the redistributor uses it: synchronous external abort",
+];
+
 const ATTACK_BOUNDARY_PASS: &[&str] = &[
     "test-host: ok   boundary: the fixture: ",
     "test-host: ok   boundary: HOST_SHARE_HYP with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
@@ -1334,10 +1456,13 @@ fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -
 /// bookworm updates), fetched into its own cache folder.
 const NEWER_KERNEL: &str = "linux-image-6.12.*+deb12-arm64-unsigned";
 
-/// What the fidelity cases run: the feature probe, and 16 bytes from the
+/// What the fidelity cases run: the feature probe, 16 bytes from the
 /// virtio-rng on PCIe (its driver a module on 6.1, its BAR in the PCIe
-/// host bridge's 64-bit window).
-const FIDELITY_COMMANDS: &str = "moat-probe; head -c 16 /dev/hwrng | od -x";
+/// host bridge's 64-bit window), and the interrupts the GICv3 ITS
+/// delivers (the virtio-rng's MSI-X vectors, through the ITS the core
+/// emulates).
+const FIDELITY_COMMANDS: &str =
+    "moat-probe; head -c 16 /dev/hwrng | od -x; grep ITS /proc/interrupts";
 
 /// Linux (`kernel`) under Moat on 2 CPUs with GICv3 and a virtio-rng on
 /// PCIe: the feature probe finds every advertised feature working, the
@@ -1357,6 +1482,8 @@ fn host_fidelity(name: &'static str, kernel: Kernel, append: Option<&'static str
         pass: vec![
             linux::MARKER_COMMANDS,
             "probe: faults in advertised features: 0",
+            // `grep ITS /proc/interrupts`: the chip name of an ITS vector.
+            " ITS-",
             "moat-linux: exit status 0",
             "asked for SYSTEM_OFF",
         ],
@@ -1407,6 +1534,20 @@ fn check_probe_and_hwrng(console: &str, without_mte: bool) -> Result<(), String>
     });
     if !bytes || !out.iter().any(|l| l == "0000020") {
         return Err(format!("no 16 bytes from /dev/hwrng: {out:?}"));
+    }
+    // "  13:   1   0   ITS-MSI 16384 Edge      virtio0-config": an MSI the
+    // ITS translated, counted at least once on some CPU.
+    let delivered = out.iter().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words.iter().any(|w| w.starts_with("ITS-"))
+            && words
+                .iter()
+                .skip(1)
+                .take_while(|w| w.chars().all(|c| c.is_ascii_digit()))
+                .any(|w| *w != "0")
+    });
+    if !delivered {
+        return Err(format!("no interrupt delivered through the ITS: {out:?}"));
     }
     Ok(())
 }
@@ -1514,6 +1655,36 @@ fn linux_mte(name: &'static str, append: Option<&'static str>, expected: &str) -
     let mut case = linux_case(name, 1, "v3", "grep -c ' mte' /proc/cpuinfo || true");
     case.bootargs = append;
     case.check = Some(expect_lines(vec![expected.to_string()]));
+    case
+}
+
+/// What the disk case runs: read the disk's file, write one, read it back
+/// from the disk (unmounted between, so nothing comes from the page
+/// cache), and show that the disk's interrupts are MSI-X through the ITS.
+const DISK_COMMANDS: &str = "mkdir -p /mnt && mount -t vfat /dev/vda /mnt && cat /mnt/hello.txt \
+    && echo written-through-the-smmu > /mnt/new.txt && umount /mnt \
+    && mount -t vfat /dev/vda /mnt && cat /mnt/new.txt && umount /mnt \
+    && grep ITS-MSI /proc/interrupts | grep -q virtio && echo virtio-msix-through-the-its";
+
+/// Linux on 2 CPUs with a virtio-blk disk and a virtio-rng behind the SMMU
+/// the core owns: the disk works (its DMA through the host's stage-2), its
+/// interrupts are MSI-X through the ITS, and the SMMU records no fault.
+fn linux_disk_behind_the_smmu() -> Case {
+    let mut case = linux_case("linux_disk_behind_the_smmu", 2, "v3", DISK_COMMANDS);
+    case.machine = MachineArgs {
+        disk: Some(tools::target_dir().join("test-disk.img")),
+        ..machine_with_smmu(2, "v3")
+    };
+    case.pass.extend_from_slice(&[
+        "smmu: SMMUv3 at 0x9050000 owned by the core",
+        "DMA behind the SMMU the core owns: given to the host",
+    ]);
+    case.fail.push("smmu: fault");
+    case.check = Some(expect_lines(vec![
+        crate::disk::FILE_TEXT.trim_end().to_string(),
+        "written-through-the-smmu".into(),
+        "virtio-msix-through-the-its".into(),
+    ]));
     case
 }
 
@@ -1683,6 +1854,10 @@ fn image_for(
     services: &Services,
 ) -> Result<(PathBuf, Option<PathBuf>)> {
     let mut initramfs = None;
+    // A case's disk starts as a fresh image every run (the case writes to it).
+    if let Some(d) = &case.machine.disk {
+        crate::disk::make(d)?;
+    }
     let spec = match case.host {
         Payload::Linux { commands } => {
             let assets = assets
@@ -1991,6 +2166,7 @@ pub fn run_all(filter: Option<&str>, integration_only: bool, cpus: Option<&str>)
     let models = cpu_models::select(cpus)?;
     if !integration_only && filter.is_none() {
         unit_tests_and_lints()?;
+        crate::coverage::report()?;
         book()?;
         let fvp = crate::fvp::build_image()?;
         let sd = tools::target_dir().join("rpi4-boot");
@@ -2019,6 +2195,28 @@ fn bench_value(console: &str, key: &str) -> Option<u64> {
             w.strip_prefix(&format!("{key}="))
                 .and_then(|v| v.parse().ok())
         })
+}
+
+/// Runs the benchmark image `img` on `machine`; its console, also kept in
+/// `target/<log>`.
+fn bench_console(img: &std::path::Path, machine: &MachineArgs, log: &str) -> Result<String> {
+    let cmd = qemu::command(img, machine, &[]);
+    let harness = Harness {
+        pass: &["bench: donate_total_512=", "test-host: PASS"],
+        fail: ALWAYS_FAIL,
+        timeout: Duration::from_secs(120),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(cmd, &harness)?;
+    std::fs::write(tools::target_dir().join(log), &out.console)?;
+    if out.verdict != Verdict::Passed {
+        bail!(
+            "benchmark run failed ({:?}); console in target/{log}",
+            out.verdict
+        );
+    }
+    Ok(out.console)
 }
 
 pub fn bench(emulator_cost: bool) -> Result<()> {
@@ -2095,6 +2293,24 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         vm_figures.insert(alias.to_string(), v);
     }
 
+    // Keeping the SMMU in step: the same 512-page donation on a machine
+    // whose SMMU the core owns, less the donation without one, per page.
+    let smmu_console = bench_console(
+        &img,
+        &MachineArgs {
+            smmu: true,
+            ..bench_machine.clone()
+        },
+        "bench-smmu.log",
+    )?;
+    let without = figure("donate_total_512")?;
+    let with = bench_value(&smmu_console, "donate_total_512")
+        .context("no donate_total_512 figure in the SMMU run's console")?;
+    let smmu_sync_per_page = (with as f64 - without as f64) / 512.0;
+    println!(
+        "smmu_sync_per_page: {smmu_sync_per_page:.2} instructions per page of a 512-page donation for the SMMU's invalidation ({with} with the SMMU, {without} without)"
+    );
+
     let vmm_exit_roundtrip = vmm_exit_roundtrip(&built)?;
     println!(
         "vmm_exit_roundtrip: {vmm_exit_roundtrip} instructions per round trip (guest hvc -> core -> moat.ko -> moat-vmm in Linux userspace -> MOAT_RUN -> guest)"
@@ -2103,6 +2319,14 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
     let kvm_exit_roundtrip = kvm_exit_roundtrip(&built)?;
     println!(
         "kvm_exit_roundtrip: {kvm_exit_roundtrip} instructions per round trip (guest MMIO store -> Linux KVM at EL2 (VHE) -> moat-vmm bench-kvm in userspace -> KVM_RUN -> guest; no Moat)"
+    );
+
+    let boot_instructions = linux_boot_instructions(&built)?;
+    println!(
+        "linux_boot_instructions_ratio: {:.4} ({} instructions under Moat, {} directly at EL1, reset to /init's first command, 1 CPU, icount)",
+        boot_instructions.ratio(),
+        boot_instructions.moat,
+        boot_instructions.direct
     );
 
     let boots = LinuxBoots::prepare(&built)?;
@@ -2114,12 +2338,17 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         "service_call": service_call,
         "service_call_el2": service_call_el2,
         "mte_sysreg_undef": mte_sysreg_undef,
+        "linux_boot_instructions_ratio": (boot_instructions.ratio() * 10_000.0).round() / 10_000.0,
+        "linux_boot_instructions_moat": boot_instructions.moat,
+        "linux_boot_instructions_direct": boot_instructions.direct,
+        "core_bytes": std::fs::metadata(&built.core)?.len(),
         "linux_boot_ratio": round3(boot.ratio),
         "linux_boot_moat_seconds": round3(boot.moat),
         "linux_boot_direct_seconds": round3(boot.direct),
         "linux_boot_el2_stub_seconds": round3(boot.el2_stub),
         "linux_boot_el2_stub_ratio": round3(boot.el2_stub_ratio),
         "linux_boot_moat_over_el2_stub": round3(boot.moat_over_el2_stub),
+        "smmu_sync_per_page": round3(smmu_sync_per_page),
     });
     if let Some(map) = json.as_object_mut() {
         map.extend(vm_figures);
@@ -2188,6 +2417,68 @@ fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
     let cmd = qemu::command(&img, &bench_linux_machine(), &[]);
     let (_, figure) = exit_bench(cmd, "bench-vmm", "HVC exits to this process and back: ")?;
     Ok(figure)
+}
+
+/// Instructions from reset to the first command of `/init`, under Moat
+/// and with the same kernel and initramfs booted directly at EL1.
+struct BootInstructions {
+    moat: u64,
+    direct: u64,
+}
+
+impl BootInstructions {
+    fn ratio(&self) -> f64 {
+        self.moat as f64 / self.direct as f64
+    }
+}
+
+/// Boots Debian's kernel twice under `-icount shift=0,sleep=off` on one
+/// CPU — under Moat (its boot included) and directly on QEMU at EL1 — with
+/// an initramfs whose `/init` reads the virtual counter first. QEMU 10's
+/// counter runs at 1 GHz, so with icount one tick is one instruction: the
+/// figures do not depend on how busy this machine is.
+fn linux_boot_instructions(built: &Built) -> Result<BootInstructions> {
+    let assets = linux::ensure_assets()?;
+    let initrd = linux::write_initramfs_with(
+        &assets,
+        None,
+        Some("true"),
+        "bench-boot-instructions",
+        vec![(linux::BOOT_COUNTER_FLAG, 0o644, Vec::new())],
+    )?;
+    let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
+    let img = image::pack(&built.core, &spec, "bench-boot-instructions")?;
+    let m = bench_linux_machine();
+    let harness = Harness {
+        pass: &[linux::MARKER_INIT],
+        fail: linux::FAIL_PATTERNS,
+        timeout: Duration::from_secs(300),
+        after_pass: AfterPass::Stop,
+        echo: false,
+    };
+    let count = |label: &str, cmd: std::process::Command| -> Result<u64> {
+        let out = qemu::run_harnessed(cmd, &harness)?;
+        let log = tools::target_dir().join(format!("bench-boot-instructions-{label}.log"));
+        std::fs::write(&log, &out.console)?;
+        if out.verdict != Verdict::Passed {
+            bail!(
+                "Linux boot ({label}) failed: {:?}; console in {}",
+                out.verdict,
+                log.display()
+            );
+        }
+        out.console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("probe: counter="))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no `probe: counter=` line; console in {}", log.display()))
+    };
+    let moat = count("moat", qemu::command(&img, &m, &[]))?;
+    let direct = count(
+        "direct",
+        qemu::linux_direct_command(&assets.kernel, &initrd, &linux::bootargs(None), &m),
+    )?;
+    Ok(BootInstructions { moat, direct })
 }
 
 /// One CPU, GICv3, icount: the machine of the exit benchmarks.
