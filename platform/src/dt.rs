@@ -321,6 +321,70 @@ pub fn discover(dtb: &[u8]) -> Result<Platform<'_>, DtError> {
     })
 }
 
+/// The console alone, read before anything else so that a board's very
+/// first line goes to the UART its tree names: `/chosen/stdout-path` if it
+/// names an enabled PL011, otherwise the first enabled PL011 (a Raspberry
+/// Pi 4's tree points stdout-path at its mini UART, which is not a PL011).
+/// The same choice [`discover`] makes; `None` if the tree cannot be read or
+/// has no usable PL011.
+pub fn console_uart(dtb: &[u8]) -> Option<Uart> {
+    let tree = Tree::open(dtb).ok()?;
+    let root = tree.root().ok()?;
+    let mut chosen = None;
+    let mut aliases = None;
+    for child in root.children() {
+        match base_name(child.name) {
+            "chosen" if chosen.is_none() => chosen = Some(child),
+            "aliases" if aliases.is_none() => aliases = Some(child),
+            _ => {}
+        }
+    }
+    let target = stdout_target(chosen.and_then(|c| c.string("stdout-path")), aliases);
+    let mut first = None;
+    let mut named: Option<Option<Uart>> = None;
+    let walked = tree.walk(|ancestors, node| {
+        if ancestors.is_empty() {
+            return Ok(());
+        }
+        let available = node.is_available();
+        if named.is_none() && target.is_some_and(|path| path_is(ancestors, node.name, path)) {
+            named = Some(if available {
+                pl011(ancestors, node)
+            } else {
+                None
+            });
+        }
+        if available && first.is_none() {
+            first = pl011(ancestors, node);
+        }
+        Ok(())
+    });
+    walked.ok()?;
+    named.flatten().or(first)
+}
+
+/// The first `reg` entry, as a CPU physical address, of the first enabled
+/// node compatible with one of `compatible` (a board quirk's device).
+/// `None` if the tree cannot be read or has no such CPU-addressable node.
+pub fn first_reg_of(dtb: &[u8], compatible: &[&str]) -> Option<Range> {
+    let tree = Tree::open(dtb).ok()?;
+    let mut found = None;
+    tree.walk(|ancestors, node| {
+        if found.is_none()
+            && !ancestors.is_empty()
+            && node.is_available()
+            && node.is_compatible(compatible)
+            && let Ok(Some(mut regs)) = regs(ancestors, node)
+            && let Some(Ok((base, size))) = regs.next()
+        {
+            found = Range::new(base, size);
+        }
+        Ok(())
+    })
+    .ok()?;
+    found
+}
+
 /// Most GICv3 ITSs [`gic_its`] reports.
 pub const MAX_ITS: usize = 4;
 
@@ -706,7 +770,7 @@ impl<'a> Node<'a> {
     }
 
     /// The first string of property `name`.
-    fn string(self, name: &str) -> Option<&'a str> {
+    pub(crate) fn string(self, name: &str) -> Option<&'a str> {
         let value = self.property(name)?;
         core::str::from_utf8(value.split(|&byte| byte == 0).next()?).ok()
     }

@@ -12,6 +12,7 @@ pub mod its;
 pub mod memory;
 pub mod mmu;
 pub mod panic;
+pub mod power;
 pub mod service;
 pub mod smmu;
 pub mod stage2;

@@ -12,10 +12,13 @@
 //! root; elsewhere the exact command to run is printed.
 
 mod abi_reference;
+mod boards;
 mod checkpatch;
 mod coverage;
 mod cpio;
+mod cpu_models;
 mod disk;
+mod fvp;
 mod image;
 mod kernels;
 mod linux;
@@ -24,6 +27,7 @@ mod manifest;
 mod modules;
 mod probe;
 mod qemu;
+mod sdcard;
 mod size;
 mod synthetic_dt;
 mod tests;
@@ -43,6 +47,10 @@ struct Cli {
 /// Options shared by everything that boots an image.
 #[derive(clap::Args, Clone, Debug)]
 pub struct MachineArgs {
+    /// The board: QEMU `virt`, a Raspberry Pi 4 (QEMU `raspi4b`; four
+    /// CPUs and 2 GiB, whatever --smp and --mem say) or Arm's FVP.
+    #[arg(long, value_enum, default_value_t = boards::Board::Virt)]
+    pub board: boards::Board,
     /// Number of CPUs.
     #[arg(long, default_value_t = 1)]
     pub smp: u32,
@@ -55,6 +63,11 @@ pub struct MachineArgs {
     /// Run QEMU without MTE (mte=on is the default: MTE is what Moat polices).
     #[arg(long)]
     pub no_mte: bool,
+    /// No 64-bit PCIe memory window above 512 GiB on `virt`
+    /// (`highmem-mmio=off`): for CPUs with fewer than 44 PA bits, which
+    /// Moat gives 39 IPA bits (the window would be withheld from the host).
+    #[arg(long)]
+    pub no_highmem_mmio: bool,
     /// QEMU's CPU model and properties (e.g. `max,sve-max-vq=1`).
     #[arg(long, default_value = "max")]
     pub cpu: String,
@@ -136,6 +149,14 @@ enum Command {
         #[command(flatten)]
         machine: MachineArgs,
     },
+    /// Write the files a board boots Moat from (the Raspberry Pi 4's boot
+    /// partition: the Moat image with Linux, config.txt, the device tree).
+    Image {
+        #[arg(long, value_enum)]
+        board: boards::Board,
+        /// The folder to write them to (created if missing).
+        out: PathBuf,
+    },
     /// Run every test: unit tests, QEMU integration tests, the book.
     Test {
         /// Only run integration tests whose name contains this.
@@ -144,6 +165,11 @@ enum Command {
         /// Skip the host unit tests, lints and the book.
         #[arg(long)]
         integration_only: bool,
+        /// The CPU models of the CPU-model cases (Linux boot and a protected
+        /// VM on QEMU virt with each): `all`, `default` (cortex-a57,
+        /// neoverse-n1, a64fx) or a comma-separated list.
+        #[arg(long)]
+        cpus: Option<String>,
     },
     /// Line coverage of the core (`kernel/src`) by its host tests.
     Coverage,
@@ -243,11 +269,18 @@ fn dispatch(cli: Cli) -> Result<()> {
             kernel_package: _,
             machine,
         } => {
+            if machine.board == boards::Board::Fvp {
+                if host.is_some() || initrd.is_some() || dtb.is_some() || gdb {
+                    anyhow::bail!("run --board fvp boots the demo image only");
+                }
+                std::process::exit(fvp::run(machine.smp)?);
+            }
             tools::ensure_qemu()?;
+            boards::prepare(machine.board)?;
             if let Some(d) = &machine.disk {
                 disk::ensure(d)?;
             }
-            let built = image::build_all()?;
+            let built = image::build_for(machine.board)?;
             let default_demo = host.is_none();
             let spec = image::ImageSpec {
                 host: host.unwrap_or_else(|| built.test_host.clone()),
@@ -279,10 +312,20 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Test {
             filter,
             integration_only,
-        } => tests::run_all(filter.as_deref(), integration_only),
+            cpus,
+        } => tests::run_all(filter.as_deref(), integration_only, cpus.as_deref()),
         Command::Size => size::report(),
         Command::AbiReference => abi_reference::write(),
         Command::Coverage => coverage::report().map(|_| ()),
+        Command::Image { board, out } => {
+            for file in sdcard::write(board, &out)? {
+                println!("wrote {}", file.display());
+            }
+            println!(
+                "xtask: copy these to the FAT boot partition beside the Raspberry Pi firmware (start4.elf, fixup4.dat, overlays/disable-bt.dtbo); see the book's \"Raspberry Pi 4\" chapter"
+            );
+            Ok(())
+        }
         Command::Bench {
             emulator_cost,
             only_linux_guest,

@@ -10,6 +10,8 @@
 //! and check the commands' output line by line.
 
 use crate::MachineArgs;
+use crate::boards::{self, Board};
+use crate::cpu_models;
 use crate::image::{self, Built, ImageSpec};
 use crate::kernels::{self, Kernel};
 use crate::linux::{self, Assets};
@@ -73,6 +75,8 @@ const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: F
 
 fn machine(smp: u32, gic: &str) -> MachineArgs {
     MachineArgs {
+        board: Board::Virt,
+        no_highmem_mmio: false,
         smp,
         mem: "1G".into(),
         gic: gic.into(),
@@ -190,7 +194,7 @@ fn bad_tree(name: &'static str, tree: Tree, message: &'static str) -> Case {
     }
 }
 
-fn cases() -> Vec<Case> {
+fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
     let mut cases = vec![
         host_boot("boot_gicv3", 1, "v3", &["GICv3"]),
         host_boot(
@@ -748,6 +752,56 @@ fn cases() -> Vec<Case> {
                 "echo powering off now; poweroff -f; sleep 5; echo not reached",
             )
         },
+        on_rpi4(Case {
+            bootargs: Some("test-host.cpu_without_mte"),
+            pass: [
+                &["test-host: PASS", "test-host: ok   3 secondary CPU(s) ran at EL1"],
+                RPI4_BOOT_PASS,
+                VM_DEMO_PASS,
+                &["the BCM2835 watchdog at 0xfe100000 resets the SoC into the firmware's halt partition"],
+            ]
+            .concat(),
+            ..host_boot("rpi4_test_host_and_protected_vm", 4, "v2", &[])
+        }),
+        on_rpi4(Case {
+            pass: [
+                RPI4_BOOT_PASS,
+                &[
+                    "smp: Brought up 1 node, 4 CPUs",
+                    "psci: PSCIv1.0 detected in firmware.",
+                    "moat-linux: exit status 0",
+                    "the BCM2835 watchdog at 0xfe100000 resets the SoC into the firmware's halt partition",
+                ],
+            ]
+            .concat(),
+            check: Some(expect_lines(vec![
+                "4".into(),
+                "Raspberry Pi 4 Model B".into(),
+                "3".into(),
+                "4".into(),
+            ])),
+            ..linux_case("rpi4_linux_four_cpus", 4, "v2", RPI4_LINUX_COMMANDS)
+        }),
+        on_rpi4(linux_protected_vm(
+            "rpi4_linux_protected_vm_from_userspace",
+            "v2",
+            "insmod /moat.ko && echo 'a line from the host' | moat-vmm run /guest.bin",
+            "guest heard: a line from the host",
+        )),
+        on_rpi4(Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "rebooting now",
+                "host CPU 0 asked for SYSTEM_RESET; the BCM2835 watchdog at 0xfe100000 resets the SoC",
+            ],
+            fail: [linux::FAIL_PATTERNS, &["not reached"]].concat(),
+            ..linux_case(
+                "rpi4_linux_reboot_resets_through_the_watchdog",
+                4,
+                "v2",
+                "echo rebooting now; reboot -f; sleep 5; echo not reached",
+            )
+        }),
         linux_protected_vm(
             "linux_protected_vm_from_userspace",
             "v3",
@@ -883,6 +937,7 @@ fn cases() -> Vec<Case> {
     cases.extend(linux_vm_hostile_cases("v3"));
     cases.extend(linux_guest_cases());
     cases.extend(linux_vm_hostile_cases("v2"));
+    cases.extend(models.iter().map(cpu_model_case));
     cases
 }
 
@@ -1130,6 +1185,62 @@ fn linux_vm_memory_case(
         ..linux_case(name, 2, gic, commands)
     }
 }
+
+/// Linux under Moat on two CPUs of `model` (QEMU `virt`, GICv3, MTE only
+/// where the model has it), and a protected VM run from its userspace.
+fn cpu_model_case(model: &cpu_models::Model) -> Case {
+    let heard = "guest heard: a line from the host";
+    let mut case = linux_protected_vm(
+        model.case,
+        "v3",
+        "nproc; insmod /moat.ko && echo 'a line from the host' | moat-vmm run /guest.bin",
+        heard,
+    );
+    case.machine.cpu = model.name.into();
+    case.machine.no_mte = !model.mte;
+    case.machine.no_highmem_mmio = model.pa_bits < 44;
+    case.pass.push("host features the EL2 controls give:");
+    case.pass.push("smp: Brought up 1 node, 2 CPUs");
+    case.check = Some(Box::new(move |console: &str| {
+        let out = linux::command_output(console);
+        if out.first().map(String::as_str) == Some("2") && out.iter().any(|l| l == heard) {
+            Ok(())
+        } else {
+            Err(format!("expected nproc 2 then {heard:?}, got {out:?}"))
+        }
+    }));
+    case
+}
+
+/// `case` on the Raspberry Pi 4 under QEMU's `raspi4b` (four Cortex-A72,
+/// 2 GiB, its own device tree): a GIC-400, no PSCI firmware, secondaries on
+/// the firmware's spin table, no MTE, SVE or PAuth.
+fn on_rpi4(mut case: Case) -> Case {
+    case.machine.board = Board::Rpi4;
+    case.machine.smp = boards::RPI4_CPUS;
+    case.machine.mem = boards::RPI4_MEMORY.into();
+    case.machine.gic = "v2".into();
+    case.machine.cpu = "cortex-a72".into();
+    // Four emulated CPUs on a shared machine: the boots take longer.
+    case.timeout = case.timeout.max(300);
+    case
+}
+
+/// What every boot on the Pi 4 shows: the board from its tree, the core's
+/// own CPU power, the secondaries released from the spin table.
+const RPI4_BOOT_PASS: &[&str] = &[
+    "platform \"Raspberry Pi 4 Model B\" (raspberrypi,4-model-b, device tree from firmware): 4 CPU(s), GICv2, PSCI absent",
+    "no PSCI firmware: the core starts CPUs itself (releasing them from the firmware's spin table) and answers the host's PSCI; SYSTEM_OFF/RESET through the BCM2835 watchdog",
+    "withheld from the host: 0xff844000..0xff846000 (the GICv2 hypervisor interface)",
+    "host MTE policy: no MTE in hardware",
+    "3 secondary CPU(s) left the firmware's spin table and wait in the core for the host's CPU_ON",
+];
+
+/// The Pi 4's Linux commands: CPUs, the board's model, CPU 3 taken offline
+/// (PSCI CPU_OFF, AFFINITY_INFO) and back (CPU_ON from the core's wait).
+const RPI4_LINUX_COMMANDS: &str = "nproc; tr -d '\\0' < /proc/device-tree/model; echo; \
+echo 0 > /sys/devices/system/cpu/cpu3/online; nproc; \
+echo 1 > /sys/devices/system/cpu/cpu3/online; nproc";
 
 /// `moat.ko` and `moat-vmm` under Linux on two CPUs running `commands`: the
 /// guest's greeting and what it `heard` on the VMM's standard input come
@@ -1972,6 +2083,7 @@ struct Services {
 fn image_for(
     case: &Case,
     built: &Built,
+    core: &std::path::Path,
     external: &Option<PathBuf>,
     assets: &HashMap<Kernel, Assets>,
     vm_pieces: Option<&linux_vm::Pieces>,
@@ -1992,7 +2104,8 @@ fn image_for(
             let initrd =
                 linux::write_initramfs(assets, vm, Some(commands), &format!("test-{}", case.name))?;
             initramfs = Some(initrd.clone());
-            linux::image_spec(assets, &initrd, case.bootargs, &services.linux)
+            let append = boards::linux_append(case.machine.board, case.bootargs);
+            linux::image_spec(assets, &initrd, append.as_deref(), &services.linux)
         }
         Payload::TestHost | Payload::TestHostWith { .. } | Payload::External => ImageSpec {
             host: match case.host {
@@ -2034,19 +2147,18 @@ fn image_for(
                 .to_vec(),
         ),
     };
-    let image =
-        image::pack_with_dtb_bytes(&built.core, &spec, dtb, &format!("test-{}", case.name))?;
+    let image = image::pack_with_dtb_bytes(core, &spec, dtb, &format!("test-{}", case.name))?;
     Ok((image, initramfs))
 }
 
 /// Runs the integration tests; returns (passed, failed names).
-fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
+fn integration(filter: Option<&str>, models: &[cpu_models::Model]) -> Result<(u32, Vec<String>)> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
     let external = Some(build_external_payload()?);
     let logs = tools::target_dir().join("test-logs");
     std::fs::create_dir_all(&logs)?;
-    let selected: Vec<Case> = cases()
+    let selected: Vec<Case> = cases(models)
         .into_iter()
         .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
         .collect();
@@ -2078,12 +2190,23 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
             services.others.push((manifest, set));
         }
     }
+    // The core linked for each board the selected cases boot on.
+    let mut cores: HashMap<Board, PathBuf> = HashMap::new();
+    cores.insert(Board::Virt, built.core.clone());
+    for case in &selected {
+        let board = case.machine.board;
+        if let std::collections::hash_map::Entry::Vacant(slot) = cores.entry(board) {
+            boards::prepare(board)?;
+            slot.insert(image::build_for(board)?.core);
+        }
+    }
     let mut passed = 0;
     let mut failed = Vec::new();
     for case in selected {
         let (img, initramfs) = image_for(
             &case,
             &built,
+            &cores[&case.machine.board],
             &external,
             &assets,
             vm_pieces.as_ref(),
@@ -2275,14 +2398,22 @@ fn book() -> Result<()> {
         .arg(tools::root().join("book")))
 }
 
-pub fn run_all(filter: Option<&str>, integration_only: bool) -> Result<()> {
+pub fn run_all(filter: Option<&str>, integration_only: bool, cpus: Option<&str>) -> Result<()> {
+    let models = cpu_models::select(cpus)?;
     if !integration_only && filter.is_none() {
         unit_tests_and_lints()?;
         crate::coverage::report()?;
         book()?;
-        println!("xtask: unit tests, lints and the book passed");
+        let fvp = crate::fvp::build_image()?;
+        let sd = tools::target_dir().join("rpi4-boot");
+        crate::sdcard::write(Board::Rpi4, &sd)?;
+        println!(
+            "xtask: unit tests, lints and the book passed; the FVP's image builds ({}); the Pi 4's boot files are written and checked ({})",
+            fvp.display(),
+            sd.display()
+        );
     }
-    let (passed, failed) = integration(filter)?;
+    let (passed, failed) = integration(filter, &models)?;
     println!("integration: {passed} passed, {} failed", failed.len());
     if !failed.is_empty() {
         bail!("integration tests failed: {}", failed.join(", "));
