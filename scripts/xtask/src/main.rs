@@ -13,17 +13,18 @@
 
 mod checkpatch;
 mod cpio;
+mod fuzz;
 mod image;
 mod kernels;
 mod linux;
 mod linux_vm;
-mod manifest;
 mod modules;
 mod probe;
 mod qemu;
 mod synthetic_dt;
 mod tests;
-mod tools;
+
+use xtask::{manifest, tools};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -130,6 +131,16 @@ enum Command {
         /// Skip the host unit tests, lints and the book.
         #[arg(long)]
         integration_only: bool,
+    },
+    /// Fuzz the parsers of hostile input (cargo-fuzz on nightly), one target
+    /// at a time, and report executions and crashes per target.
+    Fuzz {
+        /// Only this target (a binary of fuzz/Cargo.toml).
+        #[arg(long)]
+        target: Option<String>,
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
@@ -241,6 +252,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             filter,
             integration_only,
         } => tests::run_all(filter.as_deref(), integration_only),
+        Command::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Command::Bench { emulator_cost } => tests::bench(emulator_cost),
     }
 }
