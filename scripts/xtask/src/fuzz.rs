@@ -86,7 +86,9 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
     std::fs::create_dir_all(&corpus)?;
     let log_path = work.join(format!("{target}.log"));
     let mut log = std::fs::File::create(&log_path)?;
-    // Debug assertions on: overflow checks turn a wrapped address into a
+    // One libFuzzer process, in the foreground (libFuzzer's `-jobs=N`
+    // would fork workers that log to files of their own). Debug
+    // assertions on: overflow checks turn a wrapped address into a
     // crash. No sanitizer: the code under test has no `unsafe` on these
     // paths, so AddressSanitizer would only halve the executions.
     // rustup's `cargo` (not the pinned one running the xtask), for `+nightly`.
@@ -109,7 +111,7 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
         .arg(root().join("fuzz/corpus").join(target))
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
-        .args(["-jobs=1", "-workers=1", "-timeout=10", "-rss_limit_mb=2048"])
+        .args(["-timeout=10", "-rss_limit_mb=2048"])
         .arg("-print_final_stats=1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -21,6 +21,7 @@ mod linux_vm;
 mod modules;
 mod probe;
 mod qemu;
+mod soak;
 mod synthetic_dt;
 mod tests;
 
@@ -142,6 +143,14 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Linux on 4 CPUs running protected VMs in a loop under memory
+    /// pressure for M minutes; fails on a warning, a checker failure or a
+    /// leak (console in target/soak/console.log).
+    Soak {
+        /// Minutes of VM cycles (the boot and the final checks come on top).
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
         /// Also count the emulator's own instructions for the three Linux
@@ -253,6 +262,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             integration_only,
         } => tests::run_all(filter.as_deref(), integration_only),
         Command::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
+        Command::Soak { minutes } => soak::soak(minutes),
         Command::Bench { emulator_cost } => tests::bench(emulator_cost),
     }
 }
