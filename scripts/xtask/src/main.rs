@@ -18,20 +18,22 @@ mod coverage;
 mod cpio;
 mod cpu_models;
 mod disk;
+mod fuzz;
 mod fvp;
 mod image;
 mod kernels;
 mod linux;
 mod linux_vm;
-mod manifest;
 mod modules;
 mod probe;
 mod qemu;
 mod sdcard;
 mod size;
+mod soak;
 mod synthetic_dt;
 mod tests;
-mod tools;
+
+use xtask::{manifest, tools};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -178,6 +180,24 @@ enum Command {
     /// Print the core's size: its flat binary against the budget, each
     /// section, and the largest functions.
     Size,
+    /// Fuzz the parsers of hostile input (cargo-fuzz on nightly), one target
+    /// at a time, and report executions and crashes per target.
+    Fuzz {
+        /// Only this target (a binary of fuzz/Cargo.toml).
+        #[arg(long)]
+        target: Option<String>,
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Linux on 4 CPUs running protected VMs in a loop under memory
+    /// pressure for M minutes; fails on a warning, a checker failure or a
+    /// leak (console in target/soak/console.log).
+    Soak {
+        /// Minutes of VM cycles (the boot and the final checks come on top).
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
         /// Also count the emulator's own instructions for the three Linux
@@ -326,6 +346,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
+        Command::Soak { minutes } => soak::soak(minutes),
         Command::Bench {
             emulator_cost,
             only_linux_guest,
