@@ -73,11 +73,22 @@ pub fn rewrite(data: &[u8]) {
         1 => Some(Conduit::Hvc),
         _ => Some(Conduit::Smc),
     };
+    let cpus_via_psci = u.arbitrary::<bool>().unwrap_or(false);
+    let hide_smmu_v3 = u.arbitrary::<bool>().unwrap_or(false);
+    // Nodes of QEMU virt's tree the core may disable (none the checks
+    // below compare).
+    let disable_nodes: Vec<&str> = ["fw-cfg@9020000", "virtio_mmio@a000000", "smmuv3@9050000"]
+        .into_iter()
+        .filter(|_| u.arbitrary::<bool>().unwrap_or(false))
+        .collect();
     let edits = HostDtEdits {
         reserve_no_map: &reserve,
         bootargs,
         initrd,
         psci_conduit,
+        cpus_via_psci,
+        hide_smmu_v3,
+        disable_nodes: &disable_nodes,
     };
     let out = match hostdt::rewrite_for_host(dtb, &edits) {
         Ok(out) => out,
@@ -103,7 +114,16 @@ pub fn rewrite(data: &[u8]) {
     check_platform(&after);
     // The host sees the same machine, less what was reserved.
     assert_eq!(before.memory, after.memory);
-    assert_eq!(before.cpus, after.cpus);
+    if cpus_via_psci {
+        // Every CPU is started through PSCI, and the tree has a PSCI node.
+        assert_eq!(before.cpus.len(), after.cpus.len());
+        for (b, a) in before.cpus.iter().zip(&after.cpus) {
+            assert_eq!(b.mpidr, a.mpidr);
+            assert_eq!(a.enable_method, dt::EnableMethod::Psci);
+        }
+    } else {
+        assert_eq!(before.cpus, after.cpus);
+    }
     assert_eq!(before.gic, after.gic);
     assert_eq!(before.uart, after.uart);
     assert_eq!(before.model, after.model);
@@ -111,6 +131,7 @@ pub fn rewrite(data: &[u8]) {
     assert_eq!(after.chosen.initrd, initrd);
     match (before.psci, psci_conduit) {
         (Some(_), Some(conduit)) => assert_eq!(after.psci.map(|p| p.conduit), Some(conduit)),
+        _ if cpus_via_psci => assert!(after.psci.is_some(), "CPUs via PSCI without a PSCI node"),
         (psci, None) => assert_eq!(after.psci, psci),
         (None, Some(_)) => assert_eq!(after.psci, None),
     }
