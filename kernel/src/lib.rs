@@ -22,7 +22,9 @@ pub mod ranges;
 pub mod regs;
 pub mod routing;
 pub mod s2plan;
+pub mod smmu;
 pub mod txcheck;
+pub mod vgic;
 pub mod vmfeatures;
 
 /// The version string the core prints at boot.

@@ -93,6 +93,10 @@ pub enum EntryKind {
     ServiceTable = 5,
     /// A service's flat binary; records name it by its index among these entries.
     ServiceImage = 6,
+    /// The DMA-capable devices without an SMMU the image gives the host
+    /// anyway: device-tree node names (`virtio_mmio`, `fw-cfg@9020000`),
+    /// UTF-8, one per line.
+    UnprotectedDma = 7,
 }
 
 impl EntryKind {
@@ -104,6 +108,7 @@ impl EntryKind {
             4 => Self::DeviceTree,
             5 => Self::ServiceTable,
             6 => Self::ServiceImage,
+            7 => Self::UnprotectedDma,
             _ => return None,
         })
     }
@@ -116,6 +121,7 @@ impl EntryKind {
             Self::DeviceTree => "device tree",
             Self::ServiceTable => "service table",
             Self::ServiceImage => "service image",
+            Self::UnprotectedDma => "unprotected DMA devices",
         }
     }
 }
@@ -148,6 +154,8 @@ pub enum PackageError {
     },
     /// Bootargs are not UTF-8.
     BadBootargs,
+    /// The unprotected-DMA device names are not UTF-8.
+    BadDeviceNames,
     /// No host image.
     NoHostImage,
     /// More service images than [`MAX_SERVICES`].
@@ -187,6 +195,7 @@ impl fmt::Display for PackageError {
                 "boot package checksum mismatch: header {expected:#018x}, contents {found:#018x}"
             ),
             Self::BadBootargs => write!(f, "boot package bootargs are not UTF-8"),
+            Self::BadDeviceNames => write!(f, "boot package device names are not UTF-8"),
             Self::NoHostImage => write!(f, "boot package has no host image"),
             Self::TooManyServices => write!(
                 f,
@@ -227,8 +236,11 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// image and the host initrd. Those are the host's own business (a corrupt
 /// host payload cannot weaken isolation, it only fails to boot), and hashing
 /// tens of megabytes of them would be most of the core's boot time.
-fn checksum(package: &[u8], table_end: usize) -> u64 {
-    let h = hash_words(FNV_OFFSET, &package[..32]);
+///
+/// Public so that tools (and the fuzz harness) can seal a package they
+/// edited; a package shorter than its header hashes what there is.
+pub fn checksum(package: &[u8], table_end: usize) -> u64 {
+    let h = hash_words(FNV_OFFSET, &package[..32.min(package.len())]);
     let mut h = hash_words(h, &[0u8; 8]);
     let table_end = table_end.min(package.len());
     h = hash_words(h, &package[40.min(table_end)..table_end]);
@@ -307,6 +319,8 @@ pub struct Package<'a> {
     pub host_image: &'a [u8],
     pub host_initrd: Option<&'a [u8]>,
     pub host_bootargs: Option<&'a str>,
+    /// [`EntryKind::UnprotectedDma`]'s names, if the image names any.
+    pub unprotected_dma: Option<&'a str>,
     pub device_tree: Option<&'a [u8]>,
     /// The raw service table (validated to be whole records).
     pub service_table: &'a [u8],
@@ -362,6 +376,7 @@ impl<'a> Package<'a> {
             host_image: &[],
             host_initrd: None,
             host_bootargs: None,
+            unprotected_dma: None,
             device_tree: None,
             service_table: &[],
             service_images: [&[]; MAX_SERVICES],
@@ -396,6 +411,10 @@ impl<'a> Package<'a> {
                     out.host_bootargs.replace(s).is_some()
                 }
                 EntryKind::DeviceTree => out.device_tree.replace(data).is_some(),
+                EntryKind::UnprotectedDma => {
+                    let s = core::str::from_utf8(data).map_err(|_| PackageError::BadDeviceNames)?;
+                    out.unprotected_dma.replace(s).is_some()
+                }
                 EntryKind::ServiceTable => {
                     let n = data.len() / size_of::<ServiceRecord>();
                     if !data.len().is_multiple_of(size_of::<ServiceRecord>()) || n > MAX_SERVICES {
@@ -586,6 +605,25 @@ mod tests {
             .entry(EntryKind::HostInitrd, vec![0x55; 17])
             .entry(EntryKind::HostBootargs, b"console=ttyAMA0 x=1".to_vec())
             .build()
+    }
+
+    #[test]
+    fn unprotected_dma_names() {
+        let bytes = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![0xaa; 64])
+            .entry(EntryKind::UnprotectedDma, b"pcie\nfw-cfg".to_vec())
+            .build();
+        let p = Package::parse(&bytes).unwrap();
+        assert_eq!(p.unprotected_dma, Some("pcie\nfw-cfg"));
+        assert_eq!(Package::parse(&sample()).unwrap().unprotected_dma, None);
+        let bad = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![0xaa; 64])
+            .entry(EntryKind::UnprotectedDma, vec![0xff])
+            .build();
+        assert_eq!(
+            Package::parse(&bad).unwrap_err(),
+            PackageError::BadDeviceNames
+        );
     }
 
     #[test]

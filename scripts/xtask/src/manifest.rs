@@ -24,6 +24,12 @@ pub struct Manifest {
     pub host: String,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceDecl>,
+    /// DMA-capable devices without an SMMU the host is given anyway, by
+    /// device-tree node name (`virtio_mmio`, `fw-cfg@9020000`, `pcie`):
+    /// without a name here the core withholds such a device, because it
+    /// can write any physical address.
+    #[serde(default, rename = "unprotected-dma")]
+    pub unprotected_dma: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +147,11 @@ impl Manifest {
 
     /// Every check that does not need the built binaries.
     fn check_static(&self) -> Result<()> {
+        for name in &self.unprotected_dma {
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_whitespace) {
+                bail!("unprotected-dma: {name:?} is not a device-tree node name");
+            }
+        }
         if self.services.len() > moat_package::MAX_SERVICES {
             bail!(
                 "{} services declared; an image holds at most {}",
@@ -260,7 +271,12 @@ impl Manifest {
             );
         }
         let footprint = u64::from_le_bytes(image[24..32].try_into()?);
-        if footprint + MIN_STACK > memory {
+        // The footprint is read from the built image: checked, so that a
+        // corrupt header is an error here rather than a wrapped sum.
+        if footprint
+            .checked_add(MIN_STACK)
+            .is_none_or(|need| need > memory)
+        {
             bail!(
                 "service {}: over budget: its image needs {footprint} bytes plus {MIN_STACK} bytes of stack, \
                  but its memory is {memory} bytes ({})",
@@ -337,6 +353,26 @@ observes = ["smc"]
     }
 
     #[test]
+    fn unprotected_dma_names_devices() {
+        let named = GOOD.replace(
+            "host = \"test-host\"",
+            "host = \"test-host\"\nunprotected-dma = [\"pcie\", \"virtio_mmio@a000000\"]",
+        );
+        let m = Manifest::parse(&named).unwrap();
+        assert_eq!(m.unprotected_dma, ["pcie", "virtio_mmio@a000000"]);
+        assert!(Manifest::parse(GOOD).unwrap().unprotected_dma.is_empty());
+        let bad = GOOD.replace(
+            "host = \"test-host\"",
+            "host = \"test-host\"\nunprotected-dma = [\"two words\"]",
+        );
+        assert!(
+            err(&bad).contains("is not a device-tree node name"),
+            "{}",
+            err(&bad)
+        );
+    }
+
+    #[test]
     fn unknown_things() {
         assert!(
             err(&GOOD.replace("interface = \"trace\"", "interface = \"nope\""))
@@ -391,5 +427,15 @@ observes = ["smc"]
         assert_eq!(r.observes.get(), TrapClass::Smc.bit());
         image[8] = b'X';
         assert!(format!("{:#}", m.record(0, &image, 0).unwrap_err()).contains("no service header"));
+    }
+
+    #[test]
+    fn a_footprint_near_the_top_of_u64_is_over_budget() {
+        let m = Manifest::parse(GOOD).unwrap();
+        let mut image = vec![0u8; 64];
+        image[8..16].copy_from_slice(b"MOATSVC1");
+        image[24..32].copy_from_slice(&(u64::MAX - 4095).to_le_bytes());
+        let e = format!("{:#}", m.record(0, &image, 0).unwrap_err());
+        assert!(e.contains("over budget"), "{e}");
     }
 }
