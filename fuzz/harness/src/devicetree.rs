@@ -78,6 +78,9 @@ pub fn rewrite(data: &[u8]) {
         bootargs,
         initrd,
         psci_conduit,
+        cpus_via_psci: u.arbitrary().unwrap_or(false),
+        hide_smmu_v3: u.arbitrary().unwrap_or(false),
+        disable_nodes: &[],
     };
     let out = match hostdt::rewrite_for_host(dtb, &edits) {
         Ok(out) => out,
