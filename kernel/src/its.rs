@@ -63,6 +63,27 @@ pub mod gicr {
     pub const CTLR_ENABLE_LPIS: u32 = 1;
 }
 
+/// The 64-bit register at offset `reg` after a store of `value` at
+/// `offset` (the register itself, or its upper half at `reg + 4`), 64 bits
+/// wide (`wide`) or 32.
+pub fn merge(old: u64, reg: u64, offset: u64, wide: bool, value: u64) -> u64 {
+    match (wide, offset - reg) {
+        (true, _) => value,
+        (false, 0) => (old & !0xffff_ffff) | (value & 0xffff_ffff),
+        (false, _) => (old & 0xffff_ffff) | (value << 32),
+    }
+}
+
+/// What a load at `offset` of the 64-bit register at `reg`, whose value is
+/// `v`, returns: all of it, or its lower or upper half.
+pub fn read_half(v: u64, reg: u64, offset: u64, wide: bool) -> u64 {
+    match (wide, offset - reg) {
+        (true, _) => v,
+        (false, 0) => v & 0xffff_ffff,
+        (false, _) => v >> 32,
+    }
+}
+
 /// Why the core refused a register value or a command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -669,6 +690,23 @@ mod tests {
             target_ok,
             event_bits_of,
         }
+    }
+
+    #[test]
+    fn halves_of_64_bit_registers() {
+        let old = 0x1111_2222_3333_4444;
+        assert_eq!(merge(old, 0x80, 0x80, true, 5), 5);
+        assert_eq!(
+            merge(old, 0x80, 0x80, false, 0xffff_ffff_aaaa_bbbb),
+            0x1111_2222_aaaa_bbbb
+        );
+        assert_eq!(
+            merge(old, 0x80, 0x84, false, 0xcccc_dddd),
+            0xcccc_dddd_3333_4444
+        );
+        assert_eq!(read_half(old, 0x80, 0x80, true), old);
+        assert_eq!(read_half(old, 0x80, 0x80, false), 0x3333_4444);
+        assert_eq!(read_half(old, 0x80, 0x84, false), 0x1111_2222);
     }
 
     #[test]

@@ -46,7 +46,7 @@ use moat_abi::services::{FrameRange, LedgerRequest};
 use moat_kernel::esr::StageTwoAbort;
 use moat_kernel::its::{
     self as logic, COMMAND_BYTES, Command, ItsTyper, Limits, PAGE, Refusal, Table, TableKind, gicr,
-    gits,
+    gits, merge, read_half as half,
 };
 use moat_kernel::regs::GuestRegs;
 use moat_platform::dt::{Gic, MAX_ITS, Range};
@@ -498,25 +498,6 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
     }
     regs.pc = regs.pc.wrapping_add(4);
     true
-}
-
-/// The 64-bit register at `reg` after a write of `value` at `offset` (the
-/// register itself or its upper half) of `wide` or 32 bits.
-fn merge(old: u64, reg: u64, offset: u64, wide: bool, value: u64) -> u64 {
-    match (wide, offset - reg) {
-        (true, _) => value,
-        (false, 0) => (old & !0xffff_ffff) | (value & 0xffff_ffff),
-        (false, _) => (old & 0xffff_ffff) | (value << 32),
-    }
-}
-
-/// A read of the 64-bit register at `reg` whose value is `v`.
-fn half(v: u64, reg: u64, offset: u64, wide: bool) -> u64 {
-    match (wide, offset - reg) {
-        (true, _) => v,
-        (false, 0) => v & 0xffff_ffff,
-        (false, _) => v >> 32,
-    }
 }
 
 fn frames(pa: u64, size: u64) -> FrameRange {
