@@ -617,7 +617,10 @@ mod tests {
             .entry(EntryKind::HostImage, vec![0xaa; 64])
             .entry(EntryKind::UnprotectedDma, vec![0xff])
             .build();
-        assert_eq!(Package::parse(&bad).unwrap_err(), PackageError::BadDeviceNames);
+        assert_eq!(
+            Package::parse(&bad).unwrap_err(),
+            PackageError::BadDeviceNames
+        );
     }
 
     #[test]

@@ -360,7 +360,11 @@ observes = ["smc"]
             "host = \"test-host\"",
             "host = \"test-host\"\nunprotected-dma = [\"two words\"]",
         );
-        assert!(err(&bad).contains("is not a device-tree node name"), "{}", err(&bad));
+        assert!(
+            err(&bad).contains("is not a device-tree node name"),
+            "{}",
+            err(&bad)
+        );
     }
 
     #[test]
