@@ -21,3 +21,4 @@ pub mod firmware;
 #[cfg(feature = "alloc")]
 pub mod hostdt;
 pub mod iommu;
+pub mod quirks;

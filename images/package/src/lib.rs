@@ -236,8 +236,11 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// image and the host initrd. Those are the host's own business (a corrupt
 /// host payload cannot weaken isolation, it only fails to boot), and hashing
 /// tens of megabytes of them would be most of the core's boot time.
-fn checksum(package: &[u8], table_end: usize) -> u64 {
-    let h = hash_words(FNV_OFFSET, &package[..32]);
+///
+/// Public so that tools (and the fuzz harness) can seal a package they
+/// edited; a package shorter than its header hashes what there is.
+pub fn checksum(package: &[u8], table_end: usize) -> u64 {
+    let h = hash_words(FNV_OFFSET, &package[..32.min(package.len())]);
     let mut h = hash_words(h, &[0u8; 8]);
     let table_end = table_end.min(package.len());
     h = hash_words(h, &package[40.min(table_end)..table_end]);

@@ -27,7 +27,8 @@ pub(super) fn run(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8], name: &st
         "table_exhaustion" => table_exhaustion(c, &mut Ram::new(platform, dtb)),
         "dma_smmu" => super::dma::through_smmu(c, platform, dtb),
         "dma_withheld" => super::dma::withheld(c, dtb),
-        _ => return false,
+        // The GICv3 ITS and LPI tables aimed at memory the host does not own.
+        _ => return super::its_attacks::run(c, platform, dtb, name),
     }
     true
 }

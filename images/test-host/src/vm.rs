@@ -42,6 +42,8 @@ use moat_platform::dt::{Platform, Range};
 mod cpu_attacks;
 #[path = "interrupt_attacks.rs"]
 mod interrupt_attacks;
+#[path = "its_attacks.rs"]
+mod its_attacks;
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
 

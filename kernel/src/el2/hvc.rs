@@ -141,6 +141,9 @@ fn forward(function: u32, regs: &GuestRegs) -> [u64; 18] {
 }
 
 fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
+    if machine().core_powers_cpus {
+        return super::power::psci_call(this_cpu, regs, function);
+    }
     match psci::decode(function, regs.x[1], regs.x[2], regs.x[3]) {
         PsciCall::Forward {
             function,

@@ -176,7 +176,9 @@ fn transact_serialised(
     // an owner's, whatever the ledger says.
     if matches!(
         request.op,
-        LedgerRequest::HOST_DONATE_VM | LedgerRequest::HOST_SHARE_HYP
+        LedgerRequest::HOST_DONATE_VM
+            | LedgerRequest::HOST_SHARE_HYP
+            | LedgerRequest::HOST_DONATE_HYP
     ) && let Some((pa, size)) = checked
         .scrub
         .or_else(|| checked.steps().next().map(step_range))
@@ -554,6 +556,10 @@ pub enum Mismatch {
     Ledger(Error),
     /// The heap had no room for the checker's own records.
     NoMemory,
+    /// A table or queue the GIC hardware uses (the ITS's tables and
+    /// queues, the redistributors' LPI tables) is not held as it must be,
+    /// or a GIC register names memory the core did not take.
+    Gic { address: u64, why: &'static str },
     /// The SMMU's stream table no longer sends every stream through the
     /// host's stage-2.
     Smmu(super::smmu::StreamMismatch),
@@ -584,6 +590,8 @@ pub struct Checked {
     pub services: u64,
     pub vms: u64,
     pub vms_running: u64,
+    /// Tables and queues of the GIC hardware checked.
+    pub gic_tables: u64,
     /// SMMU stream-table entries checked (0 without an SMMU).
     pub smmu_streams: u64,
 }
@@ -595,6 +603,8 @@ pub struct Checked {
 /// not changing: donations to a running VM are refused).
 pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
     let vms = super::vm::lock_all_idle().map_err(|_| Mismatch::NoMemory)?;
+    // The GIC's lock before the memory lock, as its emulation takes them.
+    let gic = super::its::hold();
     let _serial = MEMORY.lock();
     super::smmu::drain_events();
     let extents = all_extents(cpu).map_err(|e| match e {
@@ -632,6 +642,16 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
         let i = extents.partition_point(|e| e.frames.start.saturating_add(e.frames.count) <= pfn);
         extents.get(i).filter(|e| e.frames.start <= pfn).copied()
     };
+    // The GIC hardware's tables: held as the hardware needs, named by
+    // its registers.
+    if let Some(gic) = &gic {
+        let host = host_stage2();
+        checked.gic_tables = gic
+            .check(m.carve_out.as_slice(), extent_of, |pa, size, mapped| {
+                host.check(pa, size, mapped).is_ok()
+            })
+            .map_err(|(address, why)| Mismatch::Gic { address, why })?;
+    }
     let ipa_space = 1u64 << m.ipa_bits;
     let leaves = |s2: &StageTwo, mapper: Mapper<'_>, whose: Whose, mapped: &mut u64| {
         s2.for_each_mapped(0, ipa_space, |ipa, pa, size| {

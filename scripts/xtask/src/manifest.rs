@@ -271,7 +271,12 @@ impl Manifest {
             );
         }
         let footprint = u64::from_le_bytes(image[24..32].try_into()?);
-        if footprint + MIN_STACK > memory {
+        // The footprint is read from the built image: checked, so that a
+        // corrupt header is an error here rather than a wrapped sum.
+        if footprint
+            .checked_add(MIN_STACK)
+            .is_none_or(|need| need > memory)
+        {
             bail!(
                 "service {}: over budget: its image needs {footprint} bytes plus {MIN_STACK} bytes of stack, \
                  but its memory is {memory} bytes ({})",
@@ -422,5 +427,15 @@ observes = ["smc"]
         assert_eq!(r.observes.get(), TrapClass::Smc.bit());
         image[8] = b'X';
         assert!(format!("{:#}", m.record(0, &image, 0).unwrap_err()).contains("no service header"));
+    }
+
+    #[test]
+    fn a_footprint_near_the_top_of_u64_is_over_budget() {
+        let m = Manifest::parse(GOOD).unwrap();
+        let mut image = vec![0u8; 64];
+        image[8..16].copy_from_slice(b"MOATSVC1");
+        image[24..32].copy_from_slice(&(u64::MAX - 4095).to_le_bytes());
+        let e = format!("{:#}", m.record(0, &image, 0).unwrap_err());
+        assert!(e.contains("over budget"), "{e}");
     }
 }

@@ -3,7 +3,9 @@
 //! fail patterns with a timeout.
 
 use crate::MachineArgs;
+use crate::boards::{self, Board};
 use crate::image::Built;
+use crate::tools;
 use anyhow::{Context, Result};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -37,13 +39,43 @@ fn machine_command(
     serial: &str,
 ) -> Command {
     let mut c = Command::new("qemu-system-aarch64");
+    match m.board {
+        Board::Rpi4 => {
+            // The board's own CPUs (four Cortex-A72), RAM and tree: QEMU
+            // fills in the memory node and starts the kernel at EL2 with the
+            // secondaries parked on the tree's spin table, as the Pi's
+            // firmware does. `boards::prepare` extracted the tree.
+            c.args(["-M", "raspi4b", "-dtb"])
+                .arg(tools::target_dir().join("boards").join(boards::RPI4_DTB))
+                .args(["-smp", &boards::RPI4_CPUS.to_string()])
+                .args(["-m", boards::RPI4_MEMORY])
+                .args(["-display", "none", "-serial", serial, "-monitor", "none"]);
+        }
+        Board::Virt | Board::Fvp => virt_machine(&mut c, m, virtualization, serial),
+    }
+    if on_reset == OnReset::Exit {
+        c.arg("-no-reboot");
+    }
+    if m.icount {
+        c.args(["-icount", "shift=0,sleep=off"]);
+    }
+    c
+}
+
+/// QEMU `virt`'s machine, CPU, memory, console and device options.
+fn virt_machine(c: &mut Command, m: &MachineArgs, virtualization: bool, serial: &str) {
     let gic = if m.gic == "v2" { "2" } else { "3" };
     let mte = if m.no_mte { "off" } else { "on" };
     let virt = if virtualization { "on" } else { "off" };
     let iommu = if m.smmu { ",iommu=smmuv3" } else { "" };
+    let highmem_mmio = if m.no_highmem_mmio {
+        ",highmem-mmio=off"
+    } else {
+        ""
+    };
     c.arg("-M")
         .arg(format!(
-            "virt,virtualization={virt},mte={mte},gic-version={gic}{iommu}"
+            "virt,virtualization={virt},mte={mte},gic-version={gic}{iommu}{highmem_mmio}"
         ))
         .args(["-cpu", &m.cpu, "-smp", &m.smp.to_string(), "-m", &m.mem])
         .args(["-display", "none", "-serial", serial, "-monitor", "none"])
@@ -72,13 +104,6 @@ fn machine_command(
             "virtio-blk-pci,drive=disk0"
         });
     }
-    if on_reset == OnReset::Exit {
-        c.arg("-no-reboot");
-    }
-    if m.icount {
-        c.args(["-icount", "shift=0,sleep=off"]);
-    }
-    c
 }
 
 /// QEMU's command line for an image.

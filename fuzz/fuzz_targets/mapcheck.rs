@@ -1,0 +1,6 @@
+//! libFuzzer entry point of the `mapcheck` target; its body is in the harness.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| (moat_fuzz::target("mapcheck")
+    .expect("a harness target")
+    .run)(data));
