@@ -73,8 +73,10 @@ pub mod hypercall {
     /// Returns [`crate::ABI_VERSION`] in x1.
     pub const ABI_VERSION: u32 = id(1);
     /// Runs the consistency checker (the memory ledger against the host's
-    /// stage-2): 0 if they agree, `Denied` if not or if there is no ledger.
-    /// A debugging aid the tests call after each scenario.
+    /// stage-2, and the SMMU's stream table against it): 0 if they agree,
+    /// `Denied` if not or if there is no ledger; x1 = how many DMA faults
+    /// the SMMU has recorded since boot. A debugging aid the tests call
+    /// after each scenario.
     pub const CHECK_CONSISTENCY: u32 = id(2);
 
     /// First function number the image manifest may route to services.

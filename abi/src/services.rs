@@ -273,6 +273,11 @@ impl LedgerRequest {
     pub const CREATE_VM: u32 = 6;
     pub const DESTROY_VM: u32 = 7;
     pub const RECLAIM: u32 = 8;
+    /// The host's pages become the hypervisor's (never a host hypercall:
+    /// the core asks when the host hands a table to hardware it drives).
+    pub const HOST_DONATE_HYP: u32 = 9;
+    /// Pages the host donated to the hypervisor go back to it.
+    pub const HYP_RETURN_HOST: u32 = 10;
 }
 
 /// One stage-2 change of a transaction: `kind` 1 unmap, 2 map; `perms`

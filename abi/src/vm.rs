@@ -10,10 +10,10 @@
 //! |-----------------------|----------|-------------|------------|-------|--------------------|
 //! | [`HOST_SHARE_HYP`]    | PA       | pages       |            |       |                    |
 //! | [`HOST_UNSHARE_HYP`]  | PA       | pages       |            |       |                    |
-//! | [`VM_CREATE`]         | entry IPA| [`VmFlags`] |            |       | x1 = handle        |
+//! | [`VM_CREATE`]         | entry IPA| [`VmFlags`] | vCPUs      |       | x1 = handle        |
 //! | [`VM_DONATE`]         | handle   | PA          | pages      | IPA   |                    |
 //! | [`VM_LOAD`]           | handle   | dest IPA    | source PA  | bytes |                    |
-//! | [`VCPU_RUN`]          | handle   | r0          | r1         | r2, x5 = r3 | x1..x7 = [`Exit`] |
+//! | [`VCPU_RUN`]          | handle (31:16 vCPU) | r0          | r1         | r2, x5 = r3, x6/x7 = [`Injection`] | x1..x7 = [`Exit`] |
 //! | [`VM_DESTROY`]        | handle   |             |            |       |                    |
 //! | [`VM_RECLAIM`]        | handle   | PA          | pages      |       |                    |
 //! | [`GUEST_SHARE_HOST`]  | IPA      | pages       |            |       | (from a guest)     |
@@ -33,7 +33,9 @@ pub const HOST_SHARE_HYP: u32 = id(0x10);
 /// Host: end a share with the hypervisor.
 pub const HOST_UNSHARE_HYP: u32 = id(0x11);
 /// Host: create a protected VM that will start at `entry` (an IPA), with
-/// [`VmFlags`]; x1 returns its handle.
+/// [`VmFlags`] and, in x3, its vCPUs (0 or 1: one; up to [`MAX_VCPUS`] for
+/// a [`VmFlags::VGIC`] VM); x1 returns its handle. vCPU 0 starts at
+/// `entry`; the others are off until the guest's PSCI CPU_ON.
 pub const VM_CREATE: u32 = id(0x12);
 /// Host: give `pages` of its memory from `PA` to a VM, mapped at `IPA`.
 /// The pages are zeroed (and their tags cleared) on the way.
@@ -56,6 +58,36 @@ pub const GUEST_SHARE_HOST: u32 = id(0x20);
 /// Guest: end a share with the host.
 pub const GUEST_UNSHARE_HOST: u32 = id(0x21);
 
+/// The pKVM guest ABI (upstream Linux's KVM/arm64 vendor hypercalls), which
+/// the core serves to a guest so that a kernel with the pKVM guest driver
+/// finds its memory-sharing calls. The function ids are KVM's.
+pub mod pkvm {
+    /// SMCCC vendor-hypervisor Call UID (32-bit): answered with KVM's UID.
+    pub const CALL_UID: u32 = 0x8600_ff01;
+    /// KVM's UID, `28b46fb6-2ec5-11e9-a9ca-4b564d003a74`, as x0..x3.
+    pub const UID: [u64; 4] = [0xb66f_b428, 0xe911_c52e, 0x564b_caa9, 0x743a_004d];
+    /// KVM_FEATURES: x0 = the bitmap of the functions served.
+    pub const FEATURES: u32 = 0x8600_0000;
+    /// HYP_MEMINFO: x0 = the granule of sharing, in bytes.
+    pub const HYP_MEMINFO: u32 = 0xc600_0002;
+    /// MEM_SHARE, x1 = the IPA of one granule: shares it with the host.
+    pub const MEM_SHARE: u32 = 0xc600_0003;
+    /// MEM_UNSHARE, x1 = the IPA of one granule: ends the share.
+    pub const MEM_UNSHARE: u32 = 0xc600_0004;
+    /// Function numbers in the FEATURES bitmap.
+    pub const FUNC_FEATURES: u32 = 0;
+    pub const FUNC_HYP_MEMINFO: u32 = 2;
+    pub const FUNC_MEM_SHARE: u32 = 3;
+    pub const FUNC_MEM_UNSHARE: u32 = 4;
+    /// What FEATURES answers.
+    pub const FEATURE_BITS: u64 = (1 << FUNC_FEATURES)
+        | (1 << FUNC_HYP_MEMINFO)
+        | (1 << FUNC_MEM_SHARE)
+        | (1 << FUNC_MEM_UNSHARE);
+    /// SMCCC's "invalid parameter", what a refused share answers.
+    pub const INVALID_PARAMETER: u64 = -3i64 as u64;
+}
+
 /// Options of [`VM_CREATE`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VmFlags(pub u64);
@@ -65,14 +97,70 @@ impl VmFlags {
     /// are switched with the vCPU, and its pages are tag-scrubbed on donate
     /// and reclaim (as every page is). Off by default.
     pub const MTE: u64 = 1 << 0;
+    /// The VM gets a virtual GICv3 CPU interface: the core switches the
+    /// GIC's list registers and virtual-interface state with the vCPU,
+    /// delivers the guest's virtual timer as PPI 27, takes the interrupts
+    /// the host injects with `VCPU_RUN` ([`Injection`]) and passes the
+    /// guest's SGIs on as [`ExitReason::Sgi`] exits. The host emulates the
+    /// distributor and redistributors from MMIO exits. Needs GICv3
+    /// (`NotSupported` otherwise).
+    pub const VGIC: u64 = 1 << 1;
     /// Every flag the core knows; any other bit is `InvalidParameters`.
-    pub const KNOWN: u64 = Self::MTE;
+    pub const KNOWN: u64 = Self::MTE | Self::VGIC;
 
     /// Whether the VM asked for MTE.
     pub const fn mte(self) -> bool {
         self.0 & Self::MTE != 0
     }
+
+    /// Whether the VM asked for a virtual GIC.
+    pub const fn vgic(self) -> bool {
+        self.0 & Self::VGIC != 0
+    }
 }
+
+/// An interrupt for the host to inject into a VM's vCPU: x6 and x7 of
+/// [`VCPU_RUN`] (0 = none). Bits 9:0 the INTID (an SGI, PPI or SPI: below
+/// 1020), bits 23:16 its priority, bit 63 set. The core makes it pending
+/// in the vCPU's virtual CPU interface before the run; an interrupt
+/// already pending stays pending once. Only a VM created with
+/// [`VmFlags::VGIC`] takes injections (`InvalidParameters` otherwise, and
+/// for an INTID of 1020 or more, or any other bit set); `NoMemory` when
+/// the vCPU already has 32 interrupts waiting for a list register. A
+/// refused injection refuses the run, with nothing changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Injection(pub u64);
+
+impl Injection {
+    /// Bit 63: the word holds an interrupt.
+    pub const VALID: u64 = 1 << 63;
+    const KNOWN: u64 = Self::VALID | 0xff_0000 | 0x3ff;
+
+    /// The word injecting `intid` at `priority`.
+    pub const fn new(intid: u32, priority: u8) -> Self {
+        Self(Self::VALID | ((priority as u64) << 16) | (intid as u64 & 0x3ff))
+    }
+
+    /// `None` for the empty word; `Some(Err(()))` for a malformed one;
+    /// else `(intid, priority)`.
+    pub const fn decode(self) -> Option<Result<(u32, u8), ()>> {
+        if self.0 == 0 {
+            return None;
+        }
+        if self.0 & !Self::KNOWN != 0 || self.0 & Self::VALID == 0 {
+            return Some(Err(()));
+        }
+        let intid = (self.0 & 0x3ff) as u32;
+        if intid >= 1020 {
+            return Some(Err(()));
+        }
+        Some(Ok((intid, (self.0 >> 16) as u8)))
+    }
+}
+
+/// INTID of the guest's virtual timer (PPI 11), which the core itself
+/// injects when the guest's CNTV timer fires.
+pub const VTIMER_INTID: u32 = 27;
 
 /// Most VMs alive (or awaiting reclaim) at once.
 pub const MAX_VMS: usize = 8;
@@ -86,7 +174,10 @@ pub enum ExitReason {
     /// The guest accessed an IPA its stage-2 does not map: x2 = IPA, x3 =
     /// [`MmioAccess`] bits, x4 = the value written (0 for a read).
     Mmio = 2,
-    /// The guest waits for an interrupt (WFI/WFE).
+    /// The guest waits for an interrupt (WFI/WFE). For a
+    /// [`VmFlags::VGIC`] VM, x2 = the physical counter value at which its
+    /// virtual timer fires (`u64::MAX`: never): the host runs it again by
+    /// then. (A VGIC guest with an interrupt already pending does not exit.)
     Wfi = 3,
     /// An interrupt for the host arrived; the host takes it on return and
     /// may run the vCPU again.
@@ -98,17 +189,41 @@ pub enum ExitReason {
     /// SError, or an exception vector that cannot occur for a correctly
     /// configured VM; x2 = ESR_EL2): the VM is off.
     Crashed = 6,
+    /// A [`VmFlags::VGIC`] guest asked for SGIs: x2 = the value it wrote,
+    /// x3 = which register (0 ICC_SGI1R_EL1, 1 ICC_ASGI1R_EL1, 2
+    /// ICC_SGI0R_EL1). The host delivers them to the target vCPUs with
+    /// [`Injection`]s.
+    Sgi = 7,
+    /// A vCPU's power changed, or it has none: x2 = [`POWER_IS_OFF`] (the
+    /// vCPU asked to run is off: nothing ran) or [`POWER_STARTED`] (the
+    /// guest's PSCI CPU_ON, served, started vCPU x3: run it).
+    VcpuPower = 8,
+}
+
+/// x2 of [`ExitReason::VcpuPower`]: the vCPU is off (PSCI CPU_OFF, or never
+/// started); nothing ran.
+pub const POWER_IS_OFF: u64 = 0;
+/// x2 of [`ExitReason::VcpuPower`]: vCPU x3 was started by this vCPU's
+/// CPU_ON.
+pub const POWER_STARTED: u64 = 1;
+/// Most vCPUs in one VM ([`VM_CREATE`]'s x3; 0 means 1).
+pub const MAX_VCPUS: u64 = 8;
+/// [`VCPU_RUN`]'s x1: the handle in bits 15:0, the vCPU in bits 31:16.
+pub const fn run_target(handle: u16, vcpu: u16) -> u64 {
+    handle as u64 | (vcpu as u64) << 16
 }
 
 impl ExitReason {
     /// Every reason.
-    pub const ALL: [ExitReason; 6] = [
+    pub const ALL: [ExitReason; 8] = [
         Self::Hvc,
         Self::Mmio,
         Self::Wfi,
         Self::Interrupt,
         Self::Shutdown,
         Self::Crashed,
+        Self::Sgi,
+        Self::VcpuPower,
     ];
 
     /// The reason with this code.
@@ -231,6 +346,20 @@ mod tests {
     fn flags() {
         assert!(VmFlags(VmFlags::MTE).mte());
         assert!(!VmFlags(0).mte());
-        assert_eq!(VmFlags::KNOWN & !VmFlags::MTE, 0);
+        assert!(VmFlags(VmFlags::VGIC).vgic());
+        assert_eq!(VmFlags::KNOWN & !(VmFlags::MTE | VmFlags::VGIC), 0);
+    }
+
+    #[test]
+    fn injections() {
+        assert_eq!(Injection(0).decode(), None);
+        assert_eq!(Injection::new(27, 0xa0).decode(), Some(Ok((27, 0xa0))));
+        assert_eq!(Injection::new(1019, 0).decode(), Some(Ok((1019, 0))));
+        assert_eq!(Injection::new(1020, 0).decode(), Some(Err(())));
+        assert_eq!(Injection(40).decode(), Some(Err(())), "no valid bit");
+        assert_eq!(
+            Injection(Injection::new(40, 0).0 | 1 << 40).decode(),
+            Some(Err(()))
+        );
     }
 }

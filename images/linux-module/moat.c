@@ -85,16 +85,16 @@ static long moat_errno(long code)
 }
 
 /*
- * Issues @fn with x1..x5 from @args; x1..x7 of the answer go to @out if
+ * Issues @fn with x1..x7 from @args; x1..x7 of the answer go to @out if
  * given. Returns the core's x0 as an errno. A call the core reports as
  * interrupted (an interrupt for this CPU arrived during a service call) is
  * issued again until it completes, unless the task is being killed.
  */
-static long moat_call(u32 fn, const u64 args[5], u64 out[7])
+static long moat_call(u32 fn, const u64 args[7], u64 out[7])
 {
 	struct arm_smccc_1_2_regs in = {
 		.a0 = fn, .a1 = args[0], .a2 = args[1], .a3 = args[2],
-		.a4 = args[3], .a5 = args[4],
+		.a4 = args[3], .a5 = args[4], .a6 = args[5], .a7 = args[6],
 	};
 	struct arm_smccc_1_2_regs res;
 
@@ -120,7 +120,7 @@ static long moat_call(u32 fn, const u64 args[5], u64 out[7])
 
 static long moat_call2(u32 fn, u64 a1, u64 a2, u64 a3, u64 a4)
 {
-	const u64 args[5] = { a1, a2, a3, a4, 0 };
+	const u64 args[7] = { a1, a2, a3, a4, 0, 0, 0 };
 
 	return moat_call(fn, args, NULL);
 }
@@ -156,7 +156,7 @@ static int moat_open(struct inode *inode, struct file *file)
 static long moat_create(struct moat_file *mf, void __user *uarg)
 {
 	struct moat_create req;
-	u64 args[5] = { 0 };
+	u64 args[7] = { 0 };
 	u64 out[7];
 	long ret;
 
@@ -166,6 +166,7 @@ static long moat_create(struct moat_file *mf, void __user *uarg)
 		return -EEXIST;
 	args[0] = req.entry;
 	args[1] = req.flags;
+	args[2] = req.vcpus;
 	ret = moat_call(MOAT_VM_CREATE, args, out);
 	if (ret)
 		return ret;
@@ -316,15 +317,18 @@ static long moat_load(struct moat_file *mf, void __user *uarg)
 static long moat_run(struct moat_file *mf, void __user *uarg)
 {
 	struct moat_run req;
-	u64 args[5];
+	u64 args[7];
 	long ret;
 
 	if (copy_from_user(&req, uarg, sizeof(req)))
 		return -EFAULT;
 	if (!mf->has_vm)
 		return -ENOENT;
-	args[0] = mf->handle;
+	if (req.vcpu > 0xffff)
+		return -EINVAL;
+	args[0] = mf->handle | (req.vcpu << 16);
 	memcpy(&args[1], req.answer, sizeof(req.answer));
+	memcpy(&args[5], req.inject, sizeof(req.inject));
 	ret = moat_call(MOAT_VCPU_RUN, args, req.exit);
 	if (ret)
 		return ret;

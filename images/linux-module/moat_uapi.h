@@ -12,10 +12,14 @@
 
 #define MOAT_IOCTL_MAGIC 0xb7
 
-/* VM_CREATE: a protected VM entered at @entry (an IPA) with @flags (VmFlags). */
+/*
+ * VM_CREATE: a protected VM entered at @entry (an IPA) with @flags (VmFlags)
+ * and @vcpus vCPUs (0 or 1: one).
+ */
 struct moat_create {
 	__u64 entry;
 	__u64 flags;
+	__u64 vcpus;
 };
 
 /* VM_DONATE of @size bytes (a multiple of 4 KiB) of fresh kernel pages at @ipa. */
@@ -32,11 +36,14 @@ struct moat_load {
 };
 
 /*
- * VCPU_RUN: @answer is r0..r3 (the answer to the previous exit); on return
- * @exit holds x1..x7 (the exit reason and its details).
+ * VCPU_RUN of vCPU @vcpu: @answer is r0..r3 (the answer to its previous exit), @inject
+ * up to two interrupts to make pending in a VmFlags::VGIC VM (0: none);
+ * on return @exit holds x1..x7 (the exit reason and its details).
  */
 struct moat_run {
+	__u64 vcpu;
 	__u64 answer[4];
+	__u64 inject[2];
 	__u64 exit[7];
 };
 

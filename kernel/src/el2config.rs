@@ -966,9 +966,17 @@ pub fn vtcr(ipa_bits: u32, pa_range: u8) -> (u64, usize) {
 /// No larger than the platform needs because every stage-2 walk (the CPU's,
 /// or an emulator's for each TLB fill) is one level shorter up to 39 bits,
 /// where the walk starts at level 1 ([`vtcr`]).
+///
+/// A stage-2 walk may start at level 0 (more than 39 bits, with the 4 KiB
+/// granule) only on a CPU whose PA size is at least 44 bits; below that the
+/// architecture requires concatenated level-1 root tables, which the core
+/// does not build. So a CPU with 40 or 42 PA bits (a Cortex-A76, an A64FX)
+/// gets at most 39 IPA bits, and what the platform describes above 512 GiB
+/// is withheld from the host and logged.
 pub fn ipa_bits(cpu: &CpuFeatures, platform_top: u64) -> u32 {
     let needed = u64::BITS - platform_top.saturating_sub(1).leading_zeros();
-    needed.max(32).min(cpu.pa_bits().min(48))
+    let walkable = if cpu.pa_bits() >= 44 { 48 } else { 39 };
+    needed.max(32).min(cpu.pa_bits().min(walkable))
 }
 
 #[cfg(test)]
@@ -1274,7 +1282,12 @@ mod tests {
         let f = CpuFeatures::from_id_regs(0, 1 << 8, 2, 0, 0xf << 8);
         assert!(!f.mte, "MTE = 1 has no tag storage");
         assert!(!f.pmuv3, "PMUVer 0xf is IMPLEMENTATION DEFINED, not PMUv3");
+        // 40 PA bits: a level-0 start is not allowed, so 39 IPA bits at most.
+        assert_eq!(ipa_bits(&f, 1 << 40), 39);
+        assert_eq!(vtcr(ipa_bits(&f, 1 << 40), f.pa_range).1, 1);
+        let f = CpuFeatures::from_id_regs(0, 0, 4, 0, 0); // 44-bit PA
         assert_eq!(ipa_bits(&f, 1 << 40), 40);
+        assert_eq!(vtcr(40, 4).1, 0);
     }
 
     #[test]

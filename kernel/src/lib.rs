@@ -14,6 +14,7 @@
 pub mod el2config;
 pub mod esr;
 pub mod inject;
+pub mod its;
 pub mod layout;
 pub mod mapcheck;
 pub mod psci;
@@ -21,7 +22,9 @@ pub mod ranges;
 pub mod regs;
 pub mod routing;
 pub mod s2plan;
+pub mod smmu;
 pub mod txcheck;
+pub mod vgic;
 pub mod vmfeatures;
 
 /// The version string the core prints at boot.

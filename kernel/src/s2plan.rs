@@ -141,6 +141,35 @@ pub fn host_regions(
     })
 }
 
+/// `windows` rounded out to whole pages, sorted, with overlapping or
+/// touching pieces merged: what the host loses when a device is withheld
+/// (a page shared with a withheld device is withheld too).
+pub fn whole_pages(windows: &[Range]) -> Result<heapless::Vec<Range, MAX_REGIONS>, PlanError> {
+    let mut out: heapless::Vec<Range, MAX_REGIONS> = heapless::Vec::new();
+    for w in windows {
+        let start = w.base & !(PAGE - 1);
+        let end = w
+            .end()
+            .checked_next_multiple_of(PAGE)
+            .unwrap_or(!(PAGE - 1));
+        if let Some(r) = Range::new(start, end - start) {
+            out.push(r).map_err(|_| PlanError::TooManyRegions)?;
+        }
+    }
+    out.sort_unstable_by_key(|r| r.base);
+    let mut merged: heapless::Vec<Range, MAX_REGIONS> = heapless::Vec::new();
+    for r in out {
+        match merged.last_mut() {
+            Some(last) if r.base <= last.end() => {
+                let end = last.end().max(r.end());
+                last.size = end - last.base;
+            }
+            _ => merged.push(r).map_err(|_| PlanError::TooManyRegions)?,
+        }
+    }
+    Ok(merged)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +188,30 @@ mod tests {
         Region {
             range: r(base, size),
             kind: RegionKind::Device,
+        }
+    }
+
+    #[test]
+    fn withheld_devices_cover_whole_pages() {
+        // Two virtio-mmio transports in one page, fw-cfg's 0x18 bytes.
+        let windows = [
+            r(0xa00_0200, 0x200),
+            r(0x902_0000, 0x18),
+            r(0xa00_0000, 0x200),
+            r(0xa00_0e00, 0x400),
+        ];
+        assert_eq!(
+            whole_pages(&windows).unwrap().as_slice(),
+            &[r(0x902_0000, 0x1000), r(0xa00_0000, 0x2000)]
+        );
+        // Withheld, they are holes in the host's plan.
+        let ram = [r(0x4000_0000, 0x4000_0000)];
+        let held = whole_pages(&windows).unwrap();
+        let plan = host_regions(&ram, &virt_devices(), &held, 1 << 48).unwrap();
+        for region in &plan.regions {
+            for w in &held {
+                assert!(!region.range.overlaps(w), "{region:?} overlaps {w:?}");
+            }
         }
     }
 

@@ -15,7 +15,8 @@
 //!   only adds the borrower's mapping (read/write, never executable), an
 //!   unshare only removes it, a donation and a reclaim move the frames from
 //!   the one party to the other with a scrub, and creating or destroying a
-//!   VM changes no mapping. So no page ever becomes writable by a second
+//!   VM changes no mapping; a donation to the hypervisor only removes the
+//!   host's mapping and its return only restores it, both with a scrub. So no page ever becomes writable by a second
 //!   party except as a share the ledger records.
 //!
 //! A transaction that fails any of these is refused whole.
@@ -231,6 +232,11 @@ fn shape_ok(
             got == [unmap(Vm), map(Host, rwx)] && scrubbed
         }
         LedgerRequest::CREATE_VM | LedgerRequest::DESTROY_VM => got == [None, None] && !scrubbed,
+        // A table handed to the interrupt controller: the host loses it
+        // (the hypervisor's share is the ledger's record, not a mapping),
+        // and gets it back scrubbed of what the hardware wrote.
+        LedgerRequest::HOST_DONATE_HYP => got == [unmap(Host), None] && scrubbed,
+        LedgerRequest::HYP_RETURN_HOST => got == [map(Host, rwx), None] && scrubbed,
         _ => false,
     };
     if allowed {
@@ -549,6 +555,45 @@ pub(crate) mod tests {
         bad.op = 99;
         tx.request = bad;
         assert!(check(&bad, &tx, None, &RAM, &CARVE).is_err());
+    }
+
+    #[test]
+    fn a_table_goes_to_the_hypervisor_and_back_scrubbed() {
+        let frames = FrameRange {
+            start: 0x50000,
+            count: 16,
+        };
+        let give = LedgerRequest {
+            op: LedgerRequest::HOST_DONATE_HYP,
+            party: 0,
+            frames,
+        };
+        let mut tx = LedgerTransaction {
+            request: give,
+            change_count: 1,
+            has_scrub: 1,
+            scrub: frames,
+            ..Default::default()
+        };
+        tx.changes[0] = change(LedgerChange::UNMAP, 0, party(Party::HOST, 0), 0x50000, 16);
+        let c = check(&give, &tx, None, &RAM, &CARVE).unwrap();
+        assert_eq!(c.scrub, Some((0x5000_0000, 0x1_0000)));
+        // Without the scrub, or leaving the host a mapping: refused.
+        tx.has_scrub = 0;
+        assert!(check(&give, &tx, None, &RAM, &CARVE).is_err());
+        tx.has_scrub = 1;
+        tx.changes[0] = change(LedgerChange::MAP, 3, party(Party::HOST, 0), 0x50000, 16);
+        assert!(check(&give, &tx, None, &RAM, &CARVE).is_err());
+        // The return maps the host again, scrubbed.
+        let back = LedgerRequest {
+            op: LedgerRequest::HYP_RETURN_HOST,
+            ..give
+        };
+        tx.request = back;
+        tx.changes[0] = change(LedgerChange::MAP, 7, party(Party::HOST, 0), 0x50000, 16);
+        assert!(check(&back, &tx, None, &RAM, &CARVE).is_ok());
+        tx.has_scrub = 0;
+        assert!(check(&back, &tx, None, &RAM, &CARVE).is_err());
     }
 
     #[test]

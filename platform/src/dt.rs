@@ -321,6 +321,99 @@ pub fn discover(dtb: &[u8]) -> Result<Platform<'_>, DtError> {
     })
 }
 
+/// The console alone, read before anything else so that a board's very
+/// first line goes to the UART its tree names: `/chosen/stdout-path` if it
+/// names an enabled PL011, otherwise the first enabled PL011 (a Raspberry
+/// Pi 4's tree points stdout-path at its mini UART, which is not a PL011).
+/// The same choice [`discover`] makes; `None` if the tree cannot be read or
+/// has no usable PL011.
+pub fn console_uart(dtb: &[u8]) -> Option<Uart> {
+    let tree = Tree::open(dtb).ok()?;
+    let root = tree.root().ok()?;
+    let mut chosen = None;
+    let mut aliases = None;
+    for child in root.children() {
+        match base_name(child.name) {
+            "chosen" if chosen.is_none() => chosen = Some(child),
+            "aliases" if aliases.is_none() => aliases = Some(child),
+            _ => {}
+        }
+    }
+    let target = stdout_target(chosen.and_then(|c| c.string("stdout-path")), aliases);
+    let mut first = None;
+    let mut named: Option<Option<Uart>> = None;
+    let walked = tree.walk(|ancestors, node| {
+        if ancestors.is_empty() {
+            return Ok(());
+        }
+        let available = node.is_available();
+        if named.is_none() && target.is_some_and(|path| path_is(ancestors, node.name, path)) {
+            named = Some(if available {
+                pl011(ancestors, node)
+            } else {
+                None
+            });
+        }
+        if available && first.is_none() {
+            first = pl011(ancestors, node);
+        }
+        Ok(())
+    });
+    walked.ok()?;
+    named.flatten().or(first)
+}
+
+/// The first `reg` entry, as a CPU physical address, of the first enabled
+/// node compatible with one of `compatible` (a board quirk's device).
+/// `None` if the tree cannot be read or has no such CPU-addressable node.
+pub fn first_reg_of(dtb: &[u8], compatible: &[&str]) -> Option<Range> {
+    let tree = Tree::open(dtb).ok()?;
+    let mut found = None;
+    tree.walk(|ancestors, node| {
+        if found.is_none()
+            && !ancestors.is_empty()
+            && node.is_available()
+            && node.is_compatible(compatible)
+            && let Ok(Some(mut regs)) = regs(ancestors, node)
+            && let Some(Ok((base, size))) = regs.next()
+        {
+            found = Range::new(base, size);
+        }
+        Ok(())
+    })
+    .ok()?;
+    found
+}
+
+/// Most GICv3 ITSs [`gic_its`] reports.
+pub const MAX_ITS: usize = 4;
+
+/// The register frames of every available `arm,gic-v3-its` node (its
+/// control frame, then the translation frame 64 KiB above it), as CPU
+/// physical addresses, in tree order. An ITS the CPU cannot address is
+/// left out.
+pub fn gic_its(dtb: &[u8]) -> Result<Vec<Range, MAX_ITS>, DtError> {
+    let tree = Tree::open(dtb)?;
+    let mut out = Vec::new();
+    tree.walk(|ancestors, node| {
+        if !node.is_compatible(&["arm,gic-v3-its"]) || !node.is_available() {
+            return Ok(());
+        }
+        let first = match regs(ancestors, node) {
+            Ok(Some(mut regs)) => regs.next(),
+            Err(RegFault::Unaddressable) => return Ok(()),
+            _ => None,
+        };
+        let frames = match first {
+            Some(Ok((base, size))) => Range::new(base, size),
+            _ => None,
+        }
+        .ok_or(DtError::BadReg("a GICv3 ITS node"))?;
+        out.push(frames).map_err(|_| DtError::TooMany("GICv3 ITSs"))
+    })?;
+    Ok(out)
+}
+
 const FDT_MAGIC: u32 = 0xd00d_feed;
 const HEADER_LEN: usize = 40;
 /// The format version read; older trees lack `size_dt_struct`.
@@ -593,7 +686,7 @@ impl<'a> Tree<'a> {
 
     /// Calls `visit` on every node in tree order with the node's ancestors
     /// (root first; empty for the root itself).
-    fn walk(
+    pub(crate) fn walk(
         &self,
         mut visit: impl FnMut(&[Level<'a>], Node<'a>) -> Result<(), DtError>,
     ) -> Result<(), DtError> {
@@ -677,7 +770,7 @@ impl<'a> Node<'a> {
     }
 
     /// The first string of property `name`.
-    fn string(self, name: &str) -> Option<&'a str> {
+    pub(crate) fn string(self, name: &str) -> Option<&'a str> {
         let value = self.property(name)?;
         core::str::from_utf8(value.split(|&byte| byte == 0).next()?).ok()
     }
@@ -689,7 +782,7 @@ impl<'a> Node<'a> {
     }
 
     /// Whether `status` is absent, `okay` or `ok`.
-    fn is_available(self) -> bool {
+    pub(crate) fn is_available(self) -> bool {
         self.property("status").is_none() || matches!(self.string("status"), Some("okay" | "ok"))
     }
 
@@ -739,7 +832,7 @@ impl Tree<'_> {
 }
 
 /// A node name without its unit address.
-pub(crate) fn base_name(name: &str) -> &str {
+pub fn base_name(name: &str) -> &str {
     name.split('@').next().unwrap_or(name)
 }
 
@@ -862,7 +955,7 @@ fn through_window(ranges: &[u8], bus: &Level<'_>, outer: &Level<'_>, address: u6
 
 /// Why a node's `reg` could not be turned into CPU physical ranges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RegFault {
+pub(crate) enum RegFault {
     /// The node is not on a CPU-addressable bus: an ancestor has no `ranges`,
     /// no window holds the address, or the cells are not a plain address.
     Unaddressable,
@@ -872,7 +965,7 @@ enum RegFault {
 
 /// The entries of a `reg` as `(base, size)`, bases translated to CPU
 /// physical addresses.
-struct Regs<'x, 'a> {
+pub(crate) struct Regs<'x, 'a> {
     ancestors: &'x [Level<'a>],
     rest: &'a [u8],
     address_bytes: usize,
@@ -880,7 +973,7 @@ struct Regs<'x, 'a> {
 }
 
 /// `node`'s `reg` entries; `Ok(None)` if it has no `reg`.
-fn regs<'x, 'a>(
+pub(crate) fn regs<'x, 'a>(
     ancestors: &'x [Level<'a>],
     node: Node<'a>,
 ) -> Result<Option<Regs<'x, 'a>>, RegFault> {
@@ -1214,7 +1307,7 @@ fn psci(node: Node<'_>) -> Result<Psci, DtError> {
 /// `ranges` entry, translated to CPU physical addresses. Nothing for a node
 /// without `ranges`, with an empty (identity) one, or whose entries cannot
 /// be read or translated (such a bus is not CPU-addressable).
-fn bus_windows<'x, 'a>(
+pub(crate) fn bus_windows<'x, 'a>(
     ancestors: &'x [Level<'a>],
     node: Node<'a>,
 ) -> impl Iterator<Item = (u64, u64)> + 'x

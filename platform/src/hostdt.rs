@@ -31,6 +31,23 @@ pub struct HostDtEdits<'a> {
     /// `arm,psci-1.0`) when `Some`. A tree without a PSCI node is left
     /// without one.
     pub psci_conduit: Option<Conduit>,
+    /// Every CPU node under `/cpus` gets `enable-method = "psci"` and loses
+    /// its `cpu-release-addr`, and a root `psci` node (`arm,psci-1.0`, with
+    /// [`Self::psci_conduit`]'s method) is added if the tree has none: the
+    /// core starts and stops the CPUs, the host only ever asks it. For boards
+    /// whose firmware parks the secondaries on a spin table.
+    pub cpus_via_psci: bool,
+    /// The core owns the SMMUv3 (its frames are not in the host's stage-2):
+    /// every `arm,smmu-v3` node is marked `status = "disabled"` and the
+    /// `iommu-map`, `iommu-map-mask` and `iommus` properties that would send
+    /// the host's drivers to it are dropped, so the host's devices work
+    /// without an IOMMU driver (their DMA goes through the SMMU's stage-2,
+    /// which is the host's own).
+    pub hide_smmu_v3: bool,
+    /// Nodes (by name with unit address) the host is not given: each gets
+    /// `status = "disabled"`, so that the host's drivers leave alone the
+    /// MMIO its stage-2 does not map.
+    pub disable_nodes: &'a [&'a str],
 }
 
 /// Why a rewrite failed.
@@ -95,8 +112,9 @@ pub fn rewrite_for_host(dtb: &[u8], edits: &HostDtEdits<'_>) -> Result<Vec<u8>, 
         root: Level::of(root).map_err(RewriteError::Input)?,
         chosen_seen: false,
         reserved_memory_seen: false,
+        psci_seen: false,
     };
-    rewriter.node(&mut writer, root, 0)?;
+    rewriter.node(&mut writer, root, 0, false)?;
     writer.finish().map_err(output)
 }
 
@@ -130,6 +148,8 @@ enum Role {
     Chosen,
     ReservedMemory,
     Psci,
+    /// A CPU node, when the host is to start CPUs through PSCI.
+    Cpu,
 }
 
 struct Rewriter<'e, 'a> {
@@ -137,6 +157,7 @@ struct Rewriter<'e, 'a> {
     root: Level<'a>,
     chosen_seen: bool,
     reserved_memory_seen: bool,
+    psci_seen: bool,
 }
 
 impl Rewriter<'_, '_> {
@@ -145,6 +166,7 @@ impl Rewriter<'_, '_> {
         writer: &mut FdtWriter,
         node: Node<'_>,
         depth: usize,
+        in_cpus: bool,
     ) -> Result<(), RewriteError> {
         let handle = writer
             .begin_node(if depth == 0 { "" } else { node.name })
@@ -157,15 +179,46 @@ impl Rewriter<'_, '_> {
             self.reserved_memory_seen = true;
             Role::ReservedMemory
         } else if node.is_compatible(&dt::PSCI_COMPATIBLE) {
+            self.psci_seen = true;
             Role::Psci
+        } else if in_cpus && self.edits.cpus_via_psci && node.string("device_type") == Some("cpu") {
+            Role::Cpu
         } else {
             Role::Copied
         };
 
         match role {
+            Role::Copied if self.edits.hide_smmu_v3 || !self.edits.disable_nodes.is_empty() => {
+                let hide = self.edits.hide_smmu_v3;
+                let disable = (hide && node.is_compatible(&crate::iommu::SMMU_V3_COMPATIBLE))
+                    || (depth > 0 && self.edits.disable_nodes.contains(&node.name));
+                for (name, value) in node.properties() {
+                    match name {
+                        "iommu-map" | "iommu-map-mask" | "iommus" if hide => {}
+                        "status" if disable => {}
+                        _ => writer.property(name, value).map_err(output)?,
+                    }
+                }
+                if disable {
+                    writer
+                        .property_string("status", "disabled")
+                        .map_err(output)?;
+                }
+            }
             Role::Copied => copy_properties(writer, node)?,
             Role::Chosen => self.chosen_properties(writer, Some(node))?,
             Role::Psci => self.psci_properties(writer, node)?,
+            Role::Cpu => {
+                for (name, value) in node.properties() {
+                    match name {
+                        "enable-method" | "cpu-release-addr" => {}
+                        _ => writer.property(name, value).map_err(output)?,
+                    }
+                }
+                writer
+                    .property_string("enable-method", "psci")
+                    .map_err(output)?;
+            }
             Role::ReservedMemory => {
                 copy_properties(writer, node)?;
                 if !self.edits.reserve_no_map.is_empty() {
@@ -177,14 +230,32 @@ impl Rewriter<'_, '_> {
                 }
             }
         }
+        let children_in_cpus = depth == 1 && name == "cpus";
         for child in node.children() {
-            self.node(writer, child, depth + 1)?;
+            self.node(writer, child, depth + 1, children_in_cpus)?;
         }
         if role == Role::ReservedMemory {
             let level = Level::of(node).map_err(RewriteError::Input)?;
             self.regions(writer, &level)?;
         }
         if depth == 0 {
+            if let (true, false, Some(conduit)) = (
+                self.edits.cpus_via_psci,
+                self.psci_seen,
+                self.edits.psci_conduit,
+            ) {
+                let psci = writer.begin_node("psci").map_err(output)?;
+                writer
+                    .property_string_list(
+                        "compatible",
+                        alloc::vec!["arm,psci-1.0".into(), "arm,psci-0.2".into()],
+                    )
+                    .map_err(output)?;
+                writer
+                    .property_string("method", conduit_method(conduit))
+                    .map_err(output)?;
+                writer.end_node(psci).map_err(output)?;
+            }
             if !self.chosen_seen {
                 let chosen = writer.begin_node("chosen").map_err(output)?;
                 self.chosen_properties(writer, None)?;
@@ -273,10 +344,7 @@ impl Rewriter<'_, '_> {
         let Some(conduit) = self.edits.psci_conduit else {
             return copy_properties(writer, node);
         };
-        let method = match conduit {
-            Conduit::Smc => "smc",
-            Conduit::Hvc => "hvc",
-        };
+        let method = conduit_method(conduit);
         let mut method_written = false;
         for (name, value) in node.properties() {
             if name == "method" {
@@ -326,6 +394,13 @@ impl Rewriter<'_, '_> {
             writer.end_node(child).map_err(output)?;
         }
         Ok(())
+    }
+}
+
+fn conduit_method(conduit: Conduit) -> &'static str {
+    match conduit {
+        Conduit::Smc => "smc",
+        Conduit::Hvc => "hvc",
     }
 }
 

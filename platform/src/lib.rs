@@ -15,7 +15,10 @@
 extern crate alloc;
 
 pub mod console;
+pub mod devices;
 pub mod dt;
 pub mod firmware;
 #[cfg(feature = "alloc")]
 pub mod hostdt;
+pub mod iommu;
+pub mod quirks;

@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use moat_platform::dt::{
     Chosen, Conduit, Cpu, DtError, EnableMethod, Gic, MAX_CPUS, MAX_DEVICE_WINDOWS,
-    MAX_MEMORY_RANGES, MAX_NODE_DEPTH, Platform, Psci, Range, Uart, UartKind, discover,
+    MAX_MEMORY_RANGES, MAX_NODE_DEPTH, Platform, Psci, Range, Uart, UartKind, console_uart,
+    discover,
 };
 use vm_fdt::FdtWriter;
 
@@ -938,7 +939,10 @@ fn uart_of(
         gicv3(w);
         serials(w);
     });
-    discover(&dtb).map(|platform| platform.uart)
+    let found = discover(&dtb).map(|platform| platform.uart);
+    // The console the core starts with before discovery is the same one.
+    assert_eq!(console_uart(&dtb), found.ok());
+    found
 }
 
 fn three_pl011s(w: &mut FdtWriter) {
@@ -1327,4 +1331,45 @@ fn mutated_real_trees_never_panic() {
 fn mutated_small_trees_never_panic() {
     let dtb = with_nops(&tree(complete));
     fuzz("small tree with NOPs", &dtb, fuzz_rounds(10_000), 7);
+}
+
+/// The console read before discovery is the UART discovery picks, on every
+/// real tree: on the Raspberry Pi 4, stdout-path names the mini UART (not a
+/// PL011), so it is the first enabled PL011, uart0 at 0xfe201000.
+#[test]
+fn early_console_matches_discovery_on_real_trees() {
+    for file in [
+        "qemu-virt-gicv3.dtb",
+        "qemu-virt-gicv2.dtb",
+        "fvp-base-revc.dtb",
+        "qemu-raspi4b.dtb",
+        "bcm2711-rpi-4-b.dtb",
+    ] {
+        let dtb = load(file);
+        let early = console_uart(&dtb).unwrap_or_else(|| panic!("{file}: no early console"));
+        if let Ok(platform) = discover(&dtb) {
+            assert_eq!(early, platform.uart, "{file}");
+        }
+    }
+    assert_eq!(
+        console_uart(&load("qemu-raspi4b.dtb")).map(|u| u.regs.base),
+        Some(0xfe20_1000)
+    );
+    assert_eq!(console_uart(b"not a tree"), None);
+}
+
+#[test]
+fn the_gicv3_its_frames_are_found() {
+    let dtb = load("qemu-virt-gicv3.dtb");
+    let its = moat_platform::dt::gic_its(&dtb).unwrap();
+    assert_eq!(
+        its.as_slice(),
+        &[Range::new(0x0808_0000, 0x2_0000).unwrap()]
+    );
+    // A GICv2 machine has none.
+    assert!(
+        moat_platform::dt::gic_its(&load("qemu-virt-gicv2.dtb"))
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -25,6 +25,9 @@ fn full_edits(regions: &[Range]) -> HostDtEdits<'_> {
         bootargs: Some(BOOTARGS),
         initrd: Some(INITRD),
         psci_conduit: Some(Conduit::Hvc),
+        cpus_via_psci: false,
+        hide_smmu_v3: false,
+        disable_nodes: &[],
     }
 }
 
@@ -642,4 +645,112 @@ fn boot_cpu_is_kept() {
     let dtb = w.finish().unwrap();
     let output = rewrite_for_host(&dtb, &full_edits(&[MOAT])).unwrap();
     assert_eq!(header(&output, 7), 3);
+}
+
+/// A board whose firmware parks the secondaries on a spin table (the
+/// Raspberry Pi 4): the host's CPUs start through PSCI calls to the core, so
+/// the host never learns a release address.
+#[test]
+fn spin_table_cpus_become_psci_cpus() {
+    use moat_platform::dt::EnableMethod;
+    let input = load("qemu-raspi4b.dtb");
+    let before = discover(&input).unwrap();
+    assert!(before.psci.is_none());
+    assert!(
+        before
+            .cpus
+            .iter()
+            .all(|c| matches!(c.enable_method, EnableMethod::SpinTable { .. }))
+    );
+    let edits = HostDtEdits {
+        psci_conduit: Some(Conduit::Hvc),
+        cpus_via_psci: true,
+        ..HostDtEdits::default()
+    };
+    let host = rewrite_for_host(&input, &edits).unwrap();
+    let after = discover(&host).unwrap();
+    assert_eq!(after.psci.map(|p| p.conduit), Some(Conduit::Hvc));
+    assert_eq!(after.cpus.len(), 4);
+    assert!(
+        after
+            .cpus
+            .iter()
+            .all(|c| c.enable_method == EnableMethod::Psci)
+    );
+    let nodes = flatten(&host);
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n.property("cpu-release-addr").is_none())
+    );
+    let psci = node_at(&nodes, "/psci");
+    assert_eq!(
+        psci.property("compatible"),
+        Some(&b"arm,psci-1.0\0arm,psci-0.2\0"[..])
+    );
+    assert_eq!(psci.property("method"), Some(&b"hvc\0"[..]));
+    // Everything else is as discovery saw it.
+    assert_eq!(
+        Platform {
+            psci: None,
+            cpus: before.cpus.clone(),
+            ..after.clone()
+        },
+        before
+    );
+    // A tree that already has a PSCI node keeps exactly one.
+    let fvp = rewrite_for_host(&load("fvp-base-revc.dtb"), &edits).unwrap();
+    assert_eq!(flatten(&fvp).iter().filter(|n| is_psci(n)).count(), 1);
+    assert_eq!(discover(&fvp).unwrap().psci.unwrap().conduit, Conduit::Hvc);
+    // Without the edit the spin table stays.
+    let plain = rewrite_for_host(
+        &input,
+        &HostDtEdits {
+            psci_conduit: Some(Conduit::Hvc),
+            ..HostDtEdits::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(discover(&plain).unwrap().cpus, before.cpus);
+    assert!(discover(&plain).unwrap().psci.is_none());
+}
+
+#[test]
+fn a_withheld_smmu_v3_is_disabled_and_nothing_points_at_it() {
+    let dtb = load("qemu-virt-smmuv3.dtb");
+    assert!(moat_platform::iommu::find_smmu_v3(&dtb).unwrap().is_some());
+    let edits = HostDtEdits {
+        hide_smmu_v3: true,
+        ..HostDtEdits::default()
+    };
+    let host = rewrite_for_host(&dtb, &edits).unwrap();
+    assert_eq!(moat_platform::iommu::find_smmu_v3(&host).unwrap(), None);
+    let has = |bytes: &[u8], what: &[u8]| bytes.windows(what.len()).any(|w| w == what);
+    assert!(has(&dtb, b"iommu-map\0"));
+    assert!(!has(&host, b"iommu-map\0"));
+    // The rest of the tree is what it was.
+    assert_eq!(
+        discover(&host).unwrap().devices,
+        discover(&dtb).unwrap().devices
+    );
+}
+
+#[test]
+fn withheld_devices_are_disabled_in_the_hosts_tree() {
+    let dtb = load("qemu-virt-gicv3.dtb");
+    let edits = HostDtEdits {
+        disable_nodes: &["fw-cfg@9020000", "virtio_mmio@a000000"],
+        ..HostDtEdits::default()
+    };
+    let host = rewrite_for_host(&dtb, &edits).unwrap();
+    let mut seen = Vec::new();
+    moat_platform::devices::classify(&host, None, |d| seen.push(d.name)).unwrap();
+    assert!(!seen.contains(&"fw-cfg@9020000"));
+    assert!(!seen.contains(&"virtio_mmio@a000000"));
+    assert!(seen.contains(&"virtio_mmio@a000200"));
+    assert_eq!(seen.len() + 2, {
+        let mut all = 0;
+        moat_platform::devices::classify(&dtb, None, |_| all += 1).unwrap();
+        all
+    });
 }

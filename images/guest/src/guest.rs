@@ -74,6 +74,9 @@ extern "C" fn guest_main(mode: u64, flags: u64) {
         MODE_SPIN_COUNT => spin_count(),
         MODE_DEBUG_PROBE => debug_probe(),
         MODE_CONSOLE => console(),
+        MODE_VGIC_PROBE => vgic_probe(flags),
+        MODE_PKVM_PROBE => pkvm_probe(),
+        MODE_PEEK => peek(),
         _ => {}
     }
 }
@@ -540,9 +543,148 @@ fn shared_at_exit() {
     hvc(LEFT_SHARED, [ipa, r, 0, 0, 0]);
 }
 
+/// Counts the non-zero words of the page the image leaves free and
+/// reports them.
+fn peek() {
+    let mut nonzero = 0;
+    for i in 0..PAGE_SIZE / 8 {
+        // SAFETY: a word of the guest's own memory (the free page).
+        let w = unsafe { ((TAG_PAGE_IPA + i * 8) as *const u64).read_volatile() };
+        nonzero += u64::from(w != 0);
+    }
+    hvc(PEEKED, [nonzero, 0, 0, 0, 0]);
+}
+
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     hvc(FAULT, [0, 0, 0, 0, 0]);
     // SAFETY: powers the VM off; never returns.
     unsafe { guest_off() }
+}
+
+/// The virtual counter now.
+fn counter() -> u64 {
+    let v: u64;
+    // SAFETY: reads the virtual counter.
+    unsafe { core::arch::asm!("isb", "mrs {}, cntvct_el0", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Programs the virtual timer: CNTV_CVAL_EL0 = `cval`, CNTV_CTL_EL0 = `ctl`.
+fn set_timer(ctl: u64, cval: u64) {
+    // SAFETY: the guest's own virtual timer.
+    unsafe {
+        core::arch::asm!("msr cntv_cval_el0, {v}", "msr cntv_ctl_el0, {c}", "isb",
+            v = in(reg) cval, c = in(reg) ctl, options(nomem, nostack));
+    }
+}
+
+/// Acknowledges the highest-priority pending group-1 interrupt
+/// (ICC_IAR1_EL1, the virtual interface's with a virtual GIC).
+fn acknowledge() -> u64 {
+    let v: u64;
+    // SAFETY: reads ICC_IAR1_EL1; with interrupts masked at PSTATE, the
+    // interrupt is only acknowledged, never taken.
+    unsafe { core::arch::asm!("mrs {}, s3_0_c12_c12_0", out(reg) v, options(nomem, nostack)) };
+    v & 0xff_ffff
+}
+
+/// Ends the interrupt (ICC_EOIR1_EL1; with EOImode 0 also deactivates it).
+fn end_of_interrupt(intid: u64) {
+    // SAFETY: writes ICC_EOIR1_EL1 for an interrupt this CPU acknowledged.
+    unsafe {
+        core::arch::asm!("msr s3_0_c12_c12_1, {}", "isb", in(reg) intid, options(nomem, nostack))
+    };
+}
+
+/// Waits (WFI, interrupts masked at PSTATE: the wait still ends when one
+/// is pending) until an interrupt can be acknowledged; 0 after `tries`.
+fn wait_for_interrupt(tries: u64) -> (u64, u64) {
+    for waited in 0..tries {
+        let intid = acknowledge();
+        if intid < 1020 {
+            return (intid, waited);
+        }
+        // SAFETY: waits for an interrupt or an event.
+        unsafe { core::arch::asm!("wfi", options(nomem, nostack)) };
+    }
+    (0, tries)
+}
+
+/// The interrupt probe (see `MODE_VGIC_PROBE`).
+fn vgic_probe(flags: u64) {
+    let vgic = flags & FLAG_VGIC != 0;
+    if vgic {
+        // SAFETY: the guest's own CPU interface: priority mask fully open,
+        // group 1 on (the virtual interface's registers, with a virtual GIC).
+        unsafe {
+            core::arch::asm!(
+                "msr s3_0_c4_c6_0, {ff}", "msr s3_0_c12_c12_7, {one}", "isb",
+                ff = in(reg) 0xffu64, one = in(reg) 1u64, options(nomem, nostack),
+            );
+        }
+        // The timer, a little ahead.
+        set_timer(1, counter() + 2000);
+        let (intid, waited) = wait_for_interrupt(100_000);
+        set_timer(0, 0);
+        if intid != 0 {
+            end_of_interrupt(intid);
+        }
+        hvc(VGIC_TIMER, [intid, waited, 0, 0, 0]);
+    }
+    // A timer that has fired, unmasked, and is not taken while we spin.
+    set_timer(1, counter());
+    hvc(VGIC_SPINNING, [PROBE_SPIN, 0, 0, 0, 0]);
+    // SAFETY: a register-only loop of SUBS and B.NE.
+    unsafe {
+        core::arch::asm!("1:", "subs {n}, {n}, #1", "b.ne 1b", n = inout(reg) PROBE_SPIN => _,
+            options(nomem, nostack));
+    }
+    let after = if vgic { wait_for_interrupt(1000).0 } else { 0 };
+    set_timer(0, 0);
+    if after != 0 {
+        end_of_interrupt(after);
+    }
+    hvc(VGIC_SPUN, [after, 0, 0, 0, 0]);
+    if !vgic {
+        return;
+    }
+    hvc(VGIC_RAISE, [PROBE_SPI, 0, 0, 0, 0]);
+    let (spi, _) = wait_for_interrupt(1000);
+    if spi != 0 {
+        end_of_interrupt(spi);
+    }
+    // An SGI to this CPU alone: INTID in bits 27:24, target list bit 0
+    // (Aff0 0), affinity 0.
+    // SAFETY: writes ICC_SGI1R_EL1, which traps to the core.
+    unsafe {
+        core::arch::asm!("msr s3_0_c12_c11_5, {}", "isb", in(reg) (PROBE_SGI << 24) | 1,
+            options(nomem, nostack));
+    }
+    let (sgi, _) = wait_for_interrupt(1000);
+    if sgi != 0 {
+        end_of_interrupt(sgi);
+    }
+    hvc(VGIC_DONE, [spi, sgi, 0, 0, 0]);
+}
+
+/// The pKVM probe (see `MODE_PKVM_PROBE`): what a Linux kernel's pKVM
+/// guest driver asks, and a share and unshare of one page its way.
+fn pkvm_probe() {
+    use moat_abi::vm::pkvm;
+    let uid = hvc(pkvm::CALL_UID, [0; 5]);
+    let uid_is_kvm = u64::from(uid == pkvm::UID);
+    let features = hvc(pkvm::FEATURES, [0; 5])[0];
+    let granule = hvc(pkvm::HYP_MEMINFO, [0; 5])[0];
+    hvc(PKVM_IDS, [uid_is_kvm, features, granule, 0, 0]);
+    let ipa = shared_ipa();
+    let share = hvc(pkvm::MEM_SHARE, [ipa, 0, 0, 0, 0])[0];
+    let share_again = hvc(pkvm::MEM_SHARE, [ipa, 0, 0, 0, 0])[0];
+    let unshare = hvc(pkvm::MEM_UNSHARE, [ipa, 0, 0, 0, 0])[0];
+    let unshare_again = hvc(pkvm::MEM_UNSHARE, [ipa, 0, 0, 0, 0])[0];
+    let foreign = hvc(pkvm::MEM_SHARE, [UNBACKED_IPA, 0, 0, 0, 0])[0];
+    hvc(
+        PKVM_SHARES,
+        [share, share_again, unshare, unshare_again, foreign],
+    );
 }

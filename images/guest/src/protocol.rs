@@ -93,6 +93,41 @@ pub const DEBUG_TARGETS: u32 = id(0x817);
 /// back x4.
 pub const DEBUG_DONE: u32 = id(0x818);
 
+/// Guest (peek): x1 of the words of the page at [`TAG_PAGE_IPA`] are not
+/// zero (a page the host's devices were told to write into).
+pub const PEEKED: u32 = id(0x819);
+
+/// Guest (interrupt probe): my virtual timer's interrupt arrived: x1 = the
+/// INTID my CPU interface acknowledged (0 if none came), x2 = WFIs waited.
+pub const VGIC_TIMER: u32 = id(0x820);
+/// Guest (interrupt probe): my timer has fired and is unmasked; I now spin
+/// x1 iterations without taking its interrupt. Count your Interrupt exits
+/// until [`VGIC_SPUN`].
+pub const VGIC_SPINNING: u32 = id(0x821);
+/// Guest (interrupt probe): done spinning; x1 = the INTID acknowledged
+/// afterwards (with a virtual GIC; 0 without).
+pub const VGIC_SPUN: u32 = id(0x822);
+/// Guest (interrupt probe): please make INTID x1 pending for me.
+pub const VGIC_RAISE: u32 = id(0x823);
+/// Guest (interrupt probe): after [`VGIC_RAISE`], x1 = the INTID I
+/// acknowledged; after my SGI (INTID [`PROBE_SGI`] to myself), x2 = the
+/// INTID acknowledged then.
+pub const VGIC_DONE: u32 = id(0x824);
+/// The SPI the interrupt probe asks for, and the SGI it sends itself.
+pub const PROBE_SPI: u64 = 40;
+pub const PROBE_SGI: u64 = 5;
+/// Iterations of the interrupt probe's spin with a fired timer.
+pub const PROBE_SPIN: u64 = 20_000_000;
+
+/// Guest (pKVM probe): x1 = 1 if the vendor-hypervisor UID is KVM's, x2 =
+/// the KVM features bitmap, x3 = HYP_MEMINFO's granule.
+pub const PKVM_IDS: u32 = id(0x825);
+/// Guest (pKVM probe): MEM_SHARE of my shared page gave x1, again x2;
+/// MEM_UNSHARE x3, again x4; MEM_SHARE of an IPA I do not have x5.
+pub const PKVM_SHARES: u32 = id(0x826);
+/// An IPA no guest of the VMM has memory at.
+pub const UNBACKED_IPA: u64 = 0x7000_0000;
+
 /// Modes (the answer to [`CONFIG`]).
 pub const MODE_DEMO: u64 = 0;
 pub const MODE_SPIN: u64 = 1;
@@ -116,10 +151,22 @@ pub const MODE_DEBUG_PROBE: u64 = 8;
 /// [`CONSOLE_GREETING`], read a line, echo it and power off (crash, for
 /// [`CONSOLE_CRASH`]).
 pub const MODE_CONSOLE: u64 = 9;
+/// Count the non-zero words of [`TAG_PAGE_IPA`], report them and power off.
+pub const MODE_PEEK: u64 = 10;
+/// Interrupt probe: take the virtual timer's interrupt, spin with a fired
+/// timer, take an injected SPI and an SGI sent to itself ([`FLAG_VGIC`];
+/// without it, only the spin).
+pub const MODE_VGIC_PROBE: u64 = 11;
+
+/// pKVM probe: the pKVM guest ABI's discovery and share calls.
+pub const MODE_PKVM_PROBE: u64 = 12;
+
 /// What the debug probe writes to its word.
 pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.
 pub const FLAG_MTE: u64 = 1;
+/// The VM has a virtual GIC (interrupt probe).
+pub const FLAG_VGIC: u64 = 4;
 /// The VM was created without MTE, but the guest maps its memory Tagged and
 /// sets SCTLR_EL1.ATA anyway, as if it had MTE.
 pub const FLAG_TRY_TAGS: u64 = 2;

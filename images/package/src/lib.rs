@@ -93,6 +93,10 @@ pub enum EntryKind {
     ServiceTable = 5,
     /// A service's flat binary; records name it by its index among these entries.
     ServiceImage = 6,
+    /// The DMA-capable devices without an SMMU the image gives the host
+    /// anyway: device-tree node names (`virtio_mmio`, `fw-cfg@9020000`),
+    /// UTF-8, one per line.
+    UnprotectedDma = 7,
 }
 
 impl EntryKind {
@@ -104,6 +108,7 @@ impl EntryKind {
             4 => Self::DeviceTree,
             5 => Self::ServiceTable,
             6 => Self::ServiceImage,
+            7 => Self::UnprotectedDma,
             _ => return None,
         })
     }
@@ -116,6 +121,7 @@ impl EntryKind {
             Self::DeviceTree => "device tree",
             Self::ServiceTable => "service table",
             Self::ServiceImage => "service image",
+            Self::UnprotectedDma => "unprotected DMA devices",
         }
     }
 }
@@ -148,6 +154,8 @@ pub enum PackageError {
     },
     /// Bootargs are not UTF-8.
     BadBootargs,
+    /// The unprotected-DMA device names are not UTF-8.
+    BadDeviceNames,
     /// No host image.
     NoHostImage,
     /// More service images than [`MAX_SERVICES`].
@@ -187,6 +195,7 @@ impl fmt::Display for PackageError {
                 "boot package checksum mismatch: header {expected:#018x}, contents {found:#018x}"
             ),
             Self::BadBootargs => write!(f, "boot package bootargs are not UTF-8"),
+            Self::BadDeviceNames => write!(f, "boot package device names are not UTF-8"),
             Self::NoHostImage => write!(f, "boot package has no host image"),
             Self::TooManyServices => write!(
                 f,
@@ -310,6 +319,8 @@ pub struct Package<'a> {
     pub host_image: &'a [u8],
     pub host_initrd: Option<&'a [u8]>,
     pub host_bootargs: Option<&'a str>,
+    /// [`EntryKind::UnprotectedDma`]'s names, if the image names any.
+    pub unprotected_dma: Option<&'a str>,
     pub device_tree: Option<&'a [u8]>,
     /// The raw service table (validated to be whole records).
     pub service_table: &'a [u8],
@@ -365,6 +376,7 @@ impl<'a> Package<'a> {
             host_image: &[],
             host_initrd: None,
             host_bootargs: None,
+            unprotected_dma: None,
             device_tree: None,
             service_table: &[],
             service_images: [&[]; MAX_SERVICES],
@@ -399,6 +411,10 @@ impl<'a> Package<'a> {
                     out.host_bootargs.replace(s).is_some()
                 }
                 EntryKind::DeviceTree => out.device_tree.replace(data).is_some(),
+                EntryKind::UnprotectedDma => {
+                    let s = core::str::from_utf8(data).map_err(|_| PackageError::BadDeviceNames)?;
+                    out.unprotected_dma.replace(s).is_some()
+                }
                 EntryKind::ServiceTable => {
                     let n = data.len() / size_of::<ServiceRecord>();
                     if !data.len().is_multiple_of(size_of::<ServiceRecord>()) || n > MAX_SERVICES {
@@ -589,6 +605,25 @@ mod tests {
             .entry(EntryKind::HostInitrd, vec![0x55; 17])
             .entry(EntryKind::HostBootargs, b"console=ttyAMA0 x=1".to_vec())
             .build()
+    }
+
+    #[test]
+    fn unprotected_dma_names() {
+        let bytes = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![0xaa; 64])
+            .entry(EntryKind::UnprotectedDma, b"pcie\nfw-cfg".to_vec())
+            .build();
+        let p = Package::parse(&bytes).unwrap();
+        assert_eq!(p.unprotected_dma, Some("pcie\nfw-cfg"));
+        assert_eq!(Package::parse(&sample()).unwrap().unprotected_dma, None);
+        let bad = PackageBuilder::new()
+            .entry(EntryKind::HostImage, vec![0xaa; 64])
+            .entry(EntryKind::UnprotectedDma, vec![0xff])
+            .build();
+        assert_eq!(
+            Package::parse(&bad).unwrap_err(),
+            PackageError::BadDeviceNames
+        );
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! (MOPS with HCRX_EL2.MSCEn clear, SVE with CPTR_EL2.TZ set) shows up as
 //! `faulted`; the same program on bare QEMU is the reference.
 //!
+//! `moat-probe counter` prints the virtual counter instead (the boot
+//! benchmark's clock).
+//!
 //! The instructions are written as `.inst` words so that no assembler
 //! extension flags are needed; each is one instruction (three for MOPS),
 //! and the SIGILL handler steps over the faulting one.
@@ -211,7 +214,26 @@ const FEATURES: &[Feature] = &[
     },
 ];
 
+/// Reads the virtual counter. Under `-icount shift=0` QEMU's 1 GHz
+/// counter advances by one per instruction executed, so the value is the
+/// number of instructions the machine has run since reset.
+fn virtual_counter() -> u64 {
+    let value: u64;
+    // SAFETY: CNTVCT_EL0 is readable at EL0 under Linux (CNTKCTL_EL1.EL0VCTEN
+    // is set for the vDSO); the ISB orders the read after what came before.
+    unsafe {
+        core::arch::asm!("isb", "mrs {}, cntvct_el0", out(reg) value, options(nostack));
+    }
+    value
+}
+
 fn main() {
+    // `moat-probe counter`: print the virtual counter and stop. The boot
+    // benchmark runs it as the initramfs's first command.
+    if std::env::args().nth(1).as_deref() == Some("counter") {
+        println!("probe: counter={}", virtual_counter());
+        return;
+    }
     // SAFETY: getauxval only reads the auxiliary vector.
     let (hwcap, hwcap2) = unsafe {
         (

@@ -25,7 +25,10 @@ pub(super) fn run(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8], name: &st
     match name {
         "boundary_arguments" => boundary_arguments(c, &mut Ram::new(platform, dtb)),
         "table_exhaustion" => table_exhaustion(c, &mut Ram::new(platform, dtb)),
-        _ => return false,
+        "dma_smmu" => super::dma::through_smmu(c, platform, dtb),
+        "dma_withheld" => super::dma::withheld(c, dtb),
+        // The GICv3 ITS and LPI tables aimed at memory the host does not own.
+        _ => return super::its_attacks::run(c, platform, dtb, name),
     }
     true
 }

@@ -328,15 +328,21 @@ fn stg_ldg(addr: u64) -> u64 {
 mod vm;
 
 /// The MTE policy, seen from the host: with it off, hardware without MTE;
-/// with it on, MTE as the hardware has it.
-fn mte(c: &mut Checks, off: bool, dtb: &[u8]) {
+/// with it on, MTE as the hardware has it. `cpu_without_mte`: the run is on
+/// a CPU without MTE (a Cortex-A72, say), where the host must see exactly
+/// what the policy's off state shows.
+fn mte(c: &mut Checks, off: bool, cpu_without_mte: bool, dtb: &[u8]) {
     let _ = dtb;
     let pfr1 = sysreg!("id_aa64pfr1_el1");
     let field = (pfr1 >> 8) & 0xf;
     static mut GRANULES: [u64; 8] = [0; 8];
     let granule = (core::ptr::addr_of_mut!(GRANULES) as u64 + 15) & !15;
-    if off {
-        say!("MTE policy expected off (command line)");
+    if off || cpu_without_mte {
+        if cpu_without_mte {
+            say!("MTE expected absent (a CPU without MTE, test-host.cpu_without_mte)");
+        } else {
+            say!("MTE policy expected off (command line)");
+        }
         c.check(
             field == 0 && (pfr1 >> 40) & 0xf == 0 && (pfr1 >> 52) & 0xf == 0,
             format_args!("ID_AA64PFR1_EL1 reports no MTE ({pfr1:#018x})"),
@@ -360,13 +366,22 @@ fn mte(c: &mut Checks, off: bool, dtb: &[u8]) {
             c.check(taken && esr == 0x0200_0000 && at_insn,
                 format_args!("{name}: Undefined Instruction at the instruction (ESR_EL1 {esr:#x}), handler skipped it"));
         }
-        let tag = stg_ldg(granule);
-        c.check(
-            tag == 0,
-            format_args!(
-                "STG then LDG on our own memory: tag reads {tag} (tag access is disabled)"
-            ),
-        );
+        if cpu_without_mte {
+            // No FEAT_MTE at all: the tag instructions themselves are UNDEFINED.
+            let (taken, esr, at_insn) = expect_undef!(".arch_extension memtag\nstg x0, [sp]");
+            c.check(
+                taken && esr == 0x0200_0000 && at_insn,
+                format_args!("STG on a CPU without MTE: Undefined Instruction (ESR_EL1 {esr:#x})"),
+            );
+        } else {
+            let tag = stg_ldg(granule);
+            c.check(
+                tag == 0,
+                format_args!(
+                    "STG then LDG on our own memory: tag reads {tag} (tag access is disabled)"
+                ),
+            );
+        }
     } else {
         say!("MTE policy expected on");
         c.check(
@@ -710,7 +725,10 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
         .split(' ')
         .any(|a| a == "arm64.nomte" || a == "moat.host_mte=off")
         && !bootargs.split(' ').any(|a| a == "moat.host_mte=on");
-    mte(&mut c, mte_off, dtb);
+    let cpu_without_mte = bootargs
+        .split(' ')
+        .any(|a| a == "test-host.cpu_without_mte");
+    mte(&mut c, mte_off, cpu_without_mte, dtb);
     let bench = bootargs.split(' ').any(|a| a == "moat.bench");
     vm::scenarios(&mut c, &platform, dtb, !mte_off, bench);
 

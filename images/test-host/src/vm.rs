@@ -42,10 +42,13 @@ use moat_platform::dt::{Platform, Range};
 mod cpu_attacks;
 #[path = "interrupt_attacks.rs"]
 mod interrupt_attacks;
+#[path = "its_attacks.rs"]
+mod its_attacks;
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
 
 mod attack;
+mod dma;
 use protocol as p;
 
 /// The guest's raw binary, linked at [`p::BASE_IPA`]; empty when the test
@@ -2531,6 +2534,9 @@ fn benchmarks(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8]) {
             "bench: donate_page_{pages}={} reclaim_page_{pages}={} (instructions per page, EL1 and EL2, for a {pages}-page range)",
             given / pages,
             taken / pages
+        );
+        say!(
+            "bench: donate_total_{pages}={given} (instructions for the whole {pages}-page donation)"
         );
     }
 

@@ -17,6 +17,7 @@ pub const PATH: &str = "/dev/moat";
 struct Create {
     entry: u64,
     flags: u64,
+    vcpus: u64,
 }
 
 #[repr(C)]
@@ -35,7 +36,9 @@ struct Load {
 /// `MOAT_RUN`'s argument: the answer in, the exit (x1..x7) out.
 #[repr(C)]
 struct Run {
+    vcpu: u64,
     answer: [u64; 4],
+    inject: [u64; 2],
     exit: [u64; 7],
 }
 
@@ -80,7 +83,19 @@ impl Device {
 
     /// `VM_CREATE` for this file's VM.
     pub fn create(&self, entry: u64, flags: u64) -> io::Result<()> {
-        self.ioctl(CREATE, &mut Create { entry, flags })
+        self.create_with_vcpus(entry, flags, 1)
+    }
+
+    /// `VM_CREATE` with `vcpus` vCPUs.
+    pub fn create_with_vcpus(&self, entry: u64, flags: u64, vcpus: u64) -> io::Result<()> {
+        self.ioctl(
+            CREATE,
+            &mut Create {
+                entry,
+                flags,
+                vcpus,
+            },
+        )
     }
 
     /// `VM_DONATE` of `size` bytes of kernel memory at `ipa`.
@@ -102,8 +117,21 @@ impl Device {
 
     /// `VCPU_RUN` with `answer`; returns x1..x7 of the exit.
     pub fn run(&self, answer: [u64; 4]) -> io::Result<[u64; 7]> {
+        self.run_injecting(answer, [0; 2])
+    }
+
+    /// `VCPU_RUN` with `answer` and up to two interrupts to make pending
+    /// (`moat_abi::vm::Injection` words, 0 for none).
+    pub fn run_injecting(&self, answer: [u64; 4], inject: [u64; 2]) -> io::Result<[u64; 7]> {
+        self.run_vcpu(0, answer, inject)
+    }
+
+    /// `VCPU_RUN` of vCPU `vcpu`.
+    pub fn run_vcpu(&self, vcpu: u64, answer: [u64; 4], inject: [u64; 2]) -> io::Result<[u64; 7]> {
         let mut arg = Run {
+            vcpu,
             answer,
+            inject,
             exit: [0; 7],
         };
         self.ioctl(RUN, &mut arg)?;
@@ -359,15 +387,48 @@ pub mod kvm {
     }
 }
 
+/// The generic counter as this process sees it (CNTVCT_EL0; the host's
+/// CNTVOFF_EL2 is 0, so this is the physical count a `Wfi` exit's timer
+/// deadline is given in) and its frequency.
+#[cfg(target_arch = "aarch64")]
+pub fn counter() -> (u64, u64) {
+    let (now, freq): (u64, u64);
+    // SAFETY: reads the virtual counter and its frequency, which Linux lets
+    // userspace read (CNTKCTL_EL1.EL0VCTEN); no memory is touched.
+    unsafe {
+        std::arch::asm!("isb", "mrs {n}, cntvct_el0", "mrs {f}, cntfrq_el0",
+            n = out(reg) now, f = out(reg) freq, options(nomem, nostack));
+    }
+    (now, freq)
+}
+
+/// The counter elsewhere (the VMM's host tests): derived from the clock.
+#[cfg(not(target_arch = "aarch64"))]
+pub fn counter() -> (u64, u64) {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (ns, 1_000_000_000)
+}
+
+/// How long until the counter reaches `deadline` (zero if it has).
+pub fn until(deadline: u64) -> std::time::Duration {
+    let (now, freq) = counter();
+    let ticks = deadline.saturating_sub(now);
+    let nanos = u128::from(ticks) * 1_000_000_000 / u128::from(freq.max(1));
+    std::time::Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ioctl_numbers_match_linux_encoding() {
-        // _IOW(0xb7, 0, 16 bytes), _IOWR(0xb7, 3, 88 bytes), _IO(0xb7, 4).
-        assert_eq!(CREATE, 0x4010_b700);
-        assert_eq!(RUN, 0xc058_b703);
+        // _IOW(0xb7, 0, 24 bytes), _IOWR(0xb7, 3, 112 bytes), _IO(0xb7, 4).
+        assert_eq!(CREATE, 0x4018_b700);
+        assert_eq!(RUN, 0xc070_b703);
         assert_eq!(CHECK, 0xb704);
     }
 }

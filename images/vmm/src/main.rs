@@ -20,10 +20,14 @@ use std::time::Duration;
 
 mod bench;
 mod device;
+mod gicv3;
+mod linux_guest;
+mod pkvm_probe;
 mod pl011;
 mod probe;
 #[path = "../../guest/src/protocol.rs"]
 mod protocol;
+mod vgic_probe;
 
 use device::Device;
 use pl011::Pl011;
@@ -61,16 +65,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a protected VM, load GUEST into it and run it.
+    /// Create a protected VM, load GUEST into it and run it; or, with
+    /// --kernel, boot a Linux kernel Image in it.
     Run {
         /// A raw binary image, entered at its first byte.
-        guest: std::path::PathBuf,
-        /// The VM's memory: bytes, or with a K, M or G suffix.
-        #[arg(long, default_value = "1M", value_parser = parse_size)]
-        mem: u64,
+        #[arg(required_unless_present = "kernel")]
+        guest: Option<std::path::PathBuf>,
+        /// The VM's memory: bytes, or with a K, M or G suffix (default 1M,
+        /// 256M with --kernel).
+        #[arg(long, value_parser = parse_size)]
+        mem: Option<u64>,
         /// Create the VM with MTE (the core's MTE policy decides).
         #[arg(long)]
         mte: bool,
+        /// An arm64 Linux Image to boot (its memory all private: console,
+        /// interrupt controller and timer are emulated or virtual).
+        #[arg(long, conflicts_with = "guest")]
+        kernel: Option<std::path::PathBuf>,
+        /// The initramfs for --kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<std::path::PathBuf>,
+        /// vCPUs for --kernel.
+        #[arg(long, default_value_t = 1, requires = "kernel")]
+        cpus: usize,
+        /// Commands the guest's /init runs (given to it in its device tree
+        /// as /chosen/moat,cmd) before it powers off.
+        #[arg(long, requires = "kernel")]
+        cmd: Option<String>,
+        /// The kernel command line for --kernel.
+        #[arg(long, default_value = "console=ttyAMA0 quiet", requires = "kernel")]
+        append: String,
+        /// Tests only, with the test build of moat.ko: once the Linux
+        /// guest's /init runs, map its first page into this process and
+        /// read it (which must end this process with SIGBUS).
+        #[arg(long, hide = true, requires = "kernel")]
+        read_own_memory_at_init: bool,
     },
     /// Ask the core whether its memory ledger and the host's stage-2 agree
     /// (CHECK_CONSISTENCY); exit status 0 if they do.
@@ -85,6 +114,23 @@ enum Command {
     /// probe came out as expected.
     #[command(hide = true)]
     ProbeErrors { guest: std::path::PathBuf },
+    /// Tests only: GUEST (the Moat guest) in its interrupt probe, with a
+    /// virtual GIC (or, with --no-vgic, without: only the fired-timer
+    /// spin). Exit status 0 if every interrupt arrived as expected.
+    #[command(hide = true)]
+    ProbeVgic {
+        guest: std::path::PathBuf,
+        #[arg(long)]
+        no_vgic: bool,
+    },
+    /// Measures: prints the generic counter and its frequency (for the
+    /// Linux guest boot benchmark, from inside the guest).
+    #[command(hide = true)]
+    Counter,
+    /// Tests only: GUEST (the Moat guest) in its pKVM probe. Exit status
+    /// 0 if the core answered the pKVM guest ABI as expected.
+    #[command(hide = true)]
+    ProbePkvm { guest: std::path::PathBuf },
     /// Measures: GUEST (the Moat guest) in its ping mode, COUNT exits to
     /// this process and back, timed with the virtual counter.
     #[command(hide = true)]
@@ -260,6 +306,12 @@ fn run_loop(dev: &Device, machine: &mut Machine) -> std::io::Result<End> {
                     detail[0]
                 )));
             }
+            Some(ExitReason::Sgi | ExitReason::VcpuPower) => {
+                return Ok(End::Crashed(format!(
+                    "exit {} from a VM with one vCPU and no virtual GIC",
+                    regs[0]
+                )));
+            }
             None => {
                 return Ok(End::Crashed(format!("unknown exit {:#x}", regs[0])));
             }
@@ -363,6 +415,23 @@ fn probe_errors(guest: &std::path::Path) -> ExitCode {
     }
 }
 
+fn probe_vgic(guest: &std::path::Path, vgic: bool) -> ExitCode {
+    match std::fs::read(guest).and_then(|image| vgic_probe::run(&image, vgic)) {
+        Ok(true) => {
+            println!("vgic probe: passed");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("vgic probe: FAILED");
+            ExitCode::from(STATUS_VMM_FAILED)
+        }
+        Err(e) => {
+            eprintln!("moat-vmm: probe-vgic: {e}");
+            ExitCode::from(STATUS_VMM_FAILED)
+        }
+    }
+}
+
 fn read_donated() -> ExitCode {
     let result = Device::open().and_then(|dev| {
         dev.create(p::BASE_IPA, 0)?;
@@ -382,12 +451,106 @@ fn read_donated() -> ExitCode {
     }
 }
 
+fn run_linux(
+    kernel: &std::path::Path,
+    initrd: Option<&std::path::Path>,
+    mem: u64,
+    cpus: usize,
+    cmd: Option<&str>,
+    append: &str,
+    read_own_memory_at_init: bool,
+) -> Result<linux_guest::End, String> {
+    let read =
+        |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+    let kernel = read(kernel)?;
+    let initrd = match initrd {
+        Some(p) => read(p)?,
+        None => Vec::new(),
+    };
+    linux_guest::run(
+        &linux_guest::Options {
+            kernel: &kernel,
+            initrd: &initrd,
+            mem,
+            cpus,
+            cmd,
+            bootargs: append,
+            read_own_memory_at_init,
+        },
+        spawn_input(),
+    )
+}
+
 fn main() -> ExitCode {
     let (guest, mem, mte) = match Cli::parse().command {
-        Command::Run { guest, mem, mte } => (guest, mem, mte),
+        Command::Run {
+            kernel: Some(kernel),
+            initrd,
+            mem,
+            cpus,
+            cmd,
+            append,
+            read_own_memory_at_init,
+            ..
+        } => {
+            let mem = mem.unwrap_or(256 << 20);
+            let end = run_linux(
+                &kernel,
+                initrd.as_deref(),
+                mem,
+                cpus,
+                cmd.as_deref(),
+                &append,
+                read_own_memory_at_init,
+            );
+            return ExitCode::from(match end {
+                Ok(linux_guest::End::Off) => STATUS_OFF,
+                Ok(linux_guest::End::Reset) => STATUS_RESET,
+                Ok(linux_guest::End::Crashed(why)) => {
+                    eprintln!("moat-vmm: guest crashed: {why}");
+                    STATUS_CRASHED
+                }
+                Err(e) => {
+                    eprintln!("moat-vmm: {e}");
+                    STATUS_VMM_FAILED
+                }
+            });
+        }
+        Command::Run {
+            guest: Some(guest),
+            mem,
+            mte,
+            ..
+        } => (guest, mem.unwrap_or(1 << 20), mte),
+        Command::Run { .. } => {
+            eprintln!("moat-vmm: run needs a GUEST or --kernel");
+            return ExitCode::from(STATUS_VMM_FAILED);
+        }
         Command::Check => return check(),
         Command::ReadDonated => return read_donated(),
         Command::ProbeErrors { guest } => return probe_errors(&guest),
+        Command::ProbeVgic { guest, no_vgic } => return probe_vgic(&guest, !no_vgic),
+        Command::Counter => {
+            let (now, freq) = device::counter();
+            println!("moat-vmm: counter {now} frequency {freq}");
+            return ExitCode::SUCCESS;
+        }
+        Command::ProbePkvm { guest } => {
+            return match std::fs::read(&guest).and_then(|image| pkvm_probe::run(&image)) {
+                Ok(true) => {
+                    println!("pkvm probe: passed");
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    println!("pkvm probe: FAILED");
+                    ExitCode::from(STATUS_VMM_FAILED)
+                }
+                Err(e) => {
+                    eprintln!("moat-vmm: probe-pkvm: {e}");
+                    ExitCode::from(STATUS_VMM_FAILED)
+                }
+            };
+        }
         Command::BenchExits { guest, count } => return bench_exits(&guest, count),
         Command::BenchKvm { count } => return bench_kvm(count),
     };

@@ -31,6 +31,9 @@ const FR_TXFE: u32 = 1 << 7;
 const FR_RXFE: u32 = 1 << 4;
 /// DR: the break error bit, which marks the end of the VMM's input.
 const DR_BE: u32 = 1 << 10;
+/// RIS/MIS/IMSC bits: receive (4) and receive timeout (6); transmit (5).
+const RX_INTERRUPTS: u32 = (1 << 4) | (1 << 6);
+const TX_INTERRUPT: u32 = 1 << 5;
 /// PeriphID0..3 and PCellID0..3 of an Arm PL011 (r1p5).
 const ID_BYTES: [u32; 8] = [0x11, 0x10, 0x34, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
 
@@ -72,6 +75,18 @@ impl Pl011 {
         !self.rx.is_empty()
     }
 
+    /// The raw interrupt status: receive (and receive timeout) while input
+    /// waits; transmit always (the transmit FIFO is always empty).
+    fn raw_interrupts(&self) -> u32 {
+        let rx = if self.rx.is_empty() { 0 } else { RX_INTERRUPTS };
+        rx | TX_INTERRUPT
+    }
+
+    /// Whether the UART's interrupt line is up (a masked status bit set).
+    pub fn interrupt_line(&self) -> bool {
+        self.raw_interrupts() & self.imsc != 0
+    }
+
     /// A read of the register at `offset`.
     pub fn read(&mut self, offset: u64) -> u32 {
         match offset {
@@ -83,7 +98,9 @@ impl Pl011 {
             CR => self.cr,
             IFLS => self.ifls,
             IMSC => self.imsc,
-            RSR_ECR | RIS | MIS => 0,
+            RIS => self.raw_interrupts(),
+            MIS => self.raw_interrupts() & self.imsc,
+            RSR_ECR => 0,
             o if (ID..ID + 0x20).contains(&o) && o % 4 == 0 => ID_BYTES[((o - ID) / 4) as usize],
             _ => 0,
         }

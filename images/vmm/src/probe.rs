@@ -5,7 +5,7 @@
 
 use crate::device::Device;
 use crate::protocol as p;
-use moat_abi::vm::ExitReason;
+use moat_abi::vm::{ExitReason, Injection};
 use std::io;
 
 const PAGE: u64 = p::PAGE_SIZE;
@@ -87,6 +87,16 @@ pub fn run(guest: &[u8]) -> io::Result<bool> {
         dev.create(base + 2, 0),
         Some(libc::EINVAL),
     );
+    t.expect(
+        "create with two vCPUs but no virtual GIC",
+        dev.create_with_vcpus(base, 0, 2),
+        Some(libc::EINVAL),
+    );
+    t.expect(
+        "create with nine vCPUs",
+        dev.create_with_vcpus(base, moat_abi::vm::VmFlags::VGIC, 9),
+        Some(libc::EINVAL),
+    );
     t.expect("create", dev.create(base, 0), None);
     t.expect(
         "create a second VM on one file",
@@ -135,6 +145,23 @@ pub fn run(guest: &[u8]) -> io::Result<bool> {
         "load from an unmapped address",
         dev.load_from(base, 0x10, 64),
         Some(libc::EFAULT),
+    );
+    t.expect(
+        "run vCPU 1 of a VM with one",
+        dev.run_vcpu(1, [0; 4], [0; 2]).map(drop),
+        Some(libc::EINVAL),
+    );
+    t.expect(
+        "inject into a VM without a virtual GIC",
+        dev.run_injecting([0; 4], [Injection::new(40, 0xa0).0, 0])
+            .map(drop),
+        Some(libc::EINVAL),
+    );
+    t.expect(
+        "inject INTID 1020",
+        dev.run_injecting([0; 4], [0, Injection::VALID | 1020])
+            .map(drop),
+        Some(libc::EINVAL),
     );
     t.expect("load the guest", dev.load(base, guest), None);
     // The guest asks for its mode first; MODE_OFF powers it off at once.

@@ -127,6 +127,40 @@ secondary_entry:
     bl      secondary_main
     b       park
 
+/*
+ * Spin-table entry points, one per logical CPU: the boot CPU writes
+ * spin_table_entries + 8 * index to that CPU's cpu-release-addr, so a CPU
+ * the firmware parked arrives knowing its index (the firmware's loop passes
+ * x0 = 0). Each entry is two instructions, 8 bytes.
+ */
+.balign 8
+.global spin_table_entries
+spin_table_entries:
+.irp index, 0, 1, 2, 3, 4, 5, 6, 7
+    mov     x0, #\index
+    b       secondary_entry
+.endr
+
+/*
+ * A CPU the host turned off (PSCI CPU_OFF on a board without firmware
+ * PSCI) starts over on a fresh stack, x0 = its logical index, and waits in
+ * the core for the next CPU_ON. Its MMU and EL2 state are already set up.
+ */
+.global restart_in_core
+restart_in_core:
+    mov     x19, x0
+    adrp    x1, CPU_STACKS
+    add     x1, x1, :lo12:CPU_STACKS
+    add     x2, x19, #1
+    mov     x3, #CPU_STACK_SIZE
+    madd    x1, x2, x3, x1
+    mov     sp, x1
+    mov     x29, #0
+    mov     x30, #0
+    mov     x0, x19
+    bl      secondary_main
+    b       park
+
 /* Exception vectors, SCTLR_EL2 with the MMU off, FP/SIMD untrapped. */
 el2_common_setup:
     ldr     x1, =SCTLR_EL2_RES1

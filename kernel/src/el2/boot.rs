@@ -20,6 +20,7 @@ use moat_package::{FLAG_BENCHMARK, FLAG_SEMIHOSTING_EXIT, Package, PackageHeader
 use moat_platform::dt::{self, Conduit, Gic, Platform, Range};
 use moat_platform::firmware::FirmwareConduit;
 use moat_platform::hostdt::{self, HostDtEdits};
+use moat_platform::quirks::{self, SystemControl};
 use spin::Once;
 
 /// Bytes of heap the carve-out reserves besides the core's image, before the
@@ -46,6 +47,9 @@ pub struct Machine {
     pub stage2_start_level: usize,
     /// Bits of intermediate physical address every stage-2 translates.
     pub ipa_bits: u32,
+    /// The board has no PSCI firmware the core can call: the core starts
+    /// and stops CPUs itself and answers the host's PSCI (`power.rs`).
+    pub core_powers_cpus: bool,
 }
 
 impl Machine {
@@ -227,15 +231,6 @@ fn mib(bytes: u64) -> u64 {
 #[unsafe(no_mangle)]
 extern "C" fn primary_main(fdt_addr: u64) -> ! {
     heap::init_early();
-    // SAFETY: the early map makes every 1 GiB block outside the core's and the
-    // device tree's device memory, which covers the board's default UART.
-    unsafe { console::init(console::EARLY_UART_BASE) };
-    crate::log!(
-        "Moat {} EL2 core starting (boot CPU MPIDR {:#x})",
-        moat_kernel::VERSION,
-        sysreg::mpidr()
-    );
-
     let image = mmu::image_sections();
     let package = find_package(image.end);
     let package_flags = package.flags;
@@ -246,11 +241,24 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         Some(t) => (t, "boot package"),
         None => (firmware_dtb(fdt_addr), "firmware"),
     };
+    // The console is the board's, from its tree, from the very first line:
+    // no board's UART address is built in. Without a usable PL011 the core
+    // has no console; under QEMU its lines (the reason the boot fails) go
+    // out through semihosting instead.
+    if let Some(uart) = dt::console_uart(dtb) {
+        // SAFETY: the early map makes every 1 GiB block other than the
+        // core's and the device tree's device memory, and a UART is in
+        // neither (RAM holds no MMIO); the final map maps the same UART as
+        // device memory, since discovery picks the same one.
+        unsafe { console::init(uart.regs.base as usize) };
+    }
+    crate::log!(
+        "Moat {} EL2 core starting (boot CPU MPIDR {:#x})",
+        moat_kernel::VERSION,
+        sysreg::mpidr()
+    );
     let platform = dt::discover(dtb).unwrap_or_else(|e| fatal("device tree", e));
-    // SAFETY: the discovered PL011 is in a 1 GiB block the early map made
-    // device memory (the core and the tree are not in MMIO space), and the
-    // final map maps it as device memory too.
-    unsafe { console::init(platform.uart.regs.base as usize) };
+    let smmu = moat_platform::iommu::find_smmu_v3(dtb).unwrap_or_else(|e| fatal("device tree", e));
     crate::log!(
         "platform \"{}\" ({}, device tree from {dtb_source}): {} CPU(s), GICv{}, PSCI {}",
         platform.model,
@@ -303,7 +311,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     log_carve_out(&plan, image_range.size);
 
     // The core's final stage-1 map.
-    let mut core_mmio: heapless::Vec<Range, 8> = heapless::Vec::new();
+    let its_frames = dt::gic_its(dtb).unwrap_or_else(|e| fatal("device tree (GICv3 ITS)", e));
+    let mut core_mmio: heapless::Vec<Range, { 8 + dt::MAX_ITS }> = heapless::Vec::new();
     let _ = core_mmio.push(platform.uart.regs);
     match &platform.gic {
         Gic::V2 {
@@ -322,17 +331,64 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             for r in redistributors {
                 let _ = core_mmio.push(*r);
             }
+            // Each ITS's control frame (its translation frame is the host's).
+            for its in &its_frames {
+                let _ =
+                    core_mmio.push(Range::new(its.base, its.size.min(0x1_0000)).unwrap_or(*its));
+            }
         }
+    }
+    if let Some(smmu) = &smmu {
+        let _ = core_mmio.push(smmu.regs);
+    }
+    // Without PSCI firmware the core ends the machine itself, through the
+    // board's quirk (the BCM2835 watchdog on a Raspberry Pi 4).
+    let firmware = FirmwareConduit::new(platform.psci.map(|p| p.conduit));
+    let core_powers_cpus = super::power::core_managed(&platform, firmware.is_available());
+    let spin_table = super::power::has_spin_table(&platform);
+    if core_powers_cpus {
+        let control = quirks::system_control(dtb);
+        if let SystemControl::Bcm2835Watchdog { pm } = control {
+            let _ = core_mmio.push(pm);
+        }
+        super::power::set_system_control(control);
+        crate::log!(
+            "no PSCI firmware: the core starts CPUs itself{} and answers the host's PSCI; SYSTEM_OFF/RESET {}",
+            if spin_table {
+                " (releasing them from the firmware's spin table)"
+            } else {
+                ""
+            },
+            match control {
+                SystemControl::Bcm2835Watchdog { .. } => "through the BCM2835 watchdog",
+                SystemControl::None => "stop the CPUs (no known reset)",
+            }
+        );
     }
     mmu::switch_to_final_map(&platform.memory, &core_mmio, sysreg::cpu_features().mte)
         .unwrap_or_else(|e| fatal("EL2 page tables", e));
+    let (its_count, redistributor_count) = super::its::init(&platform.gic, &its_frames);
+    if its_count + redistributor_count > 0 {
+        crate::log!(
+            "GICv3: {its_count} ITS(s) and {redistributor_count} redistributor(s): their table registers emulated, the command queue checked and shadowed"
+        );
+    }
+
+    // Every device accounted for: DMA-capable devices without an SMMU are
+    // withheld unless the image names them.
+    let withheld_devices =
+        super::devices::decide(dtb, smmu.as_ref(), package.unprotected_dma.unwrap_or(""))
+            .unwrap_or_else(|e| fatal("device tree", e));
 
     // The host's device tree: the carve-out reserved, PSCI through the core.
     let edits = HostDtEdits {
         reserve_no_map: plan.carve_out.as_slice(),
         bootargs: package.host_bootargs,
         initrd: plan.host_initrd,
-        psci_conduit: platform.psci.map(|_| Conduit::Hvc),
+        psci_conduit: (platform.psci.is_some() || core_powers_cpus).then_some(Conduit::Hvc),
+        cpus_via_psci: core_powers_cpus && spin_table,
+        hide_smmu_v3: smmu.is_some(),
+        disable_nodes: &withheld_devices.names,
     };
     let host_dtb: Vec<u8> = hostdt::rewrite_for_host(dtb, &edits)
         .unwrap_or_else(|e| fatal("host device tree", format_args!("{e:?}")));
@@ -443,18 +499,29 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 
     // The host's stage-2: the RAM and device windows the device tree
     // describes, less what the core keeps. Everything withheld is logged.
-    let mut withheld: heapless::Vec<(Range, &str), 4> = heapless::Vec::new();
+    let mut withheld: Vec<(Range, &str)> = Vec::new();
     for range in plan.carve_out.as_slice() {
-        let _ = withheld.push((*range, "the hypervisor's memory"));
+        withheld.push((*range, "the hypervisor's memory"));
     }
     if let Gic::V2 {
         hyp_interface: Some(gich),
         ..
     } = &platform.gic
     {
-        let _ = withheld.push((*gich, "the GICv2 hypervisor interface"));
+        withheld.push((*gich, "the GICv2 hypervisor interface"));
     }
-    let withheld_ranges: heapless::Vec<Range, 4> = withheld.iter().map(|(r, _)| *r).collect();
+    for page in super::its::withheld() {
+        withheld.push((page, "a GICv3 ITS or LPI register page, emulated"));
+    }
+    if let Some(smmu) = &smmu {
+        withheld.push((smmu.regs, "the SMMUv3, which the core programs"));
+    }
+    let device_pages = s2plan::whole_pages(&withheld_devices.windows)
+        .unwrap_or_else(|e| fatal("withheld devices", format_args!("{e:?}")));
+    for range in device_pages {
+        withheld.push((range, "DMA-capable devices without an SMMU"));
+    }
+    let withheld_ranges: Vec<Range> = withheld.iter().map(|(r, _)| *r).collect();
     let host_plan = s2plan::host_regions(
         &platform.memory,
         &platform.devices,
@@ -496,6 +563,10 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         );
     }
 
+    if let Some(desc) = &smmu {
+        super::smmu::boot(desc, vtcr, vttbr, ipa_bits);
+    }
+
     // Until the MTE policy decides, the host is told what the hardware has.
     let pmcr_n = sysreg::pmu_counters(&features);
     let count_el2 = package_flags & FLAG_BENCHMARK != 0;
@@ -503,7 +574,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let host_el2 = HostEl2Config::new(&host_controls, vtcr, vttbr);
     log_host_features(&hw_id, &host_controls);
     let machine = MACHINE.call_once(|| Machine {
-        firmware: FirmwareConduit::new(platform.psci.map(|p| p.conduit)),
+        firmware,
+        core_powers_cpus,
         platform,
         cpu: features,
         vm_hcrx: [false, true].map(|mte| el2config::vm_controls(&hw_id, mte).hcrx),
@@ -572,6 +644,15 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
             format_args!("the policy service did not answer ({e:?})"),
         ),
     }
+    if core_powers_cpus {
+        match super::power::release_secondaries(index) {
+            Ok(0) => {}
+            Ok(n) => crate::log!(
+                "{n} secondary CPU(s) left the firmware's spin table and wait in the core for the host's CPU_ON"
+            ),
+            Err(e) => fatal("secondary CPUs", e),
+        }
+    }
     crate::log!(
         "entering the host at {:#x} on CPU {index} (EL1h, x0 = device tree)",
         plan.host_image.base
@@ -586,10 +667,12 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
     match memory::check_consistency(cpu) {
         Ok(c) => {
             crate::log!(
-                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s) and {} VM(s) checked{})",
+                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s), {} VM(s), {} GIC table(s) and {} SMMU stream(s) checked{})",
                 c.extents,
                 c.services,
                 c.vms,
+                c.gic_tables,
+                c.smmu_streams,
                 if c.vms_running > 0 {
                     ", running VMs skipped"
                 } else {
@@ -624,6 +707,16 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
         }) => {
             crate::log!(
                 "consistency: MISMATCH: VM {handle} maps {mapped} page(s), the ledger gives it {owned}"
+            );
+            false
+        }
+        Err(Mismatch::Gic { address, why }) => {
+            crate::log!("consistency: MISMATCH at {address:#x}: {why}");
+            false
+        }
+        Err(Mismatch::Smmu(why)) => {
+            crate::log!(
+                "consistency: MISMATCH: the SMMU's stream table no longer sends every stream through the host's stage-2: {why}"
             );
             false
         }
@@ -737,13 +830,21 @@ extern "C" fn secondary_main(index: u64) -> ! {
     let Some(slot) = cpu::get(index) else {
         panic::park()
     };
-    let (entry, context) = slot.host_entry();
+    let core_powers_cpus = MACHINE.get().is_some_and(|m| m.core_powers_cpus);
     match slot.power() {
+        // Arrived from the spin table, or turned off by the host: wait in
+        // the core until CPU_ON gives this CPU an entry point. A CPU_ON that
+        // came before the CPU got here left its go flag set, which the wait
+        // consumes at once, so no flag outlives the entry it was set for.
+        PowerState::Off | PowerState::OnPending if core_powers_cpus => {
+            super::power::wait_for_cpu_on(slot);
+        }
         PowerState::OnPending | PowerState::Suspended => {}
         other => {
             crate::log!("CPU {index} entered the core in state {other:?}; parking it");
             panic::park()
         }
     }
+    let (entry, context) = slot.host_entry();
     enter_host(index, entry, context)
 }

@@ -2,16 +2,15 @@
 //!
 //! Every line the core prints starts with `moat: ` and is written whole
 //! under one lock, so lines from different CPUs never interleave inside the
-//! core. Until the device tree has been read the core writes to the board's
-//! default UART (QEMU virt: 0x0900_0000), like an early console; after
-//! discovery it uses the UART the tree names.
+//! core. The UART is the one the board's device tree names
+//! (`moat_platform::dt::console_uart`), started before the core's first
+//! line: no board's UART address is built into the core. Without one (a
+//! tree with no PL011), lines go to QEMU through semihosting when the image
+//! allows it, and nowhere otherwise.
 
 use core::fmt::{self, Write};
 use moat_platform::console::Pl011Console;
 use spin::Mutex;
-
-/// The board's default UART, used before discovery.
-pub const EARLY_UART_BASE: usize = 0x0900_0000;
 
 static CONSOLE: Mutex<Option<Pl011Console>> = Mutex::new(None);
 
@@ -44,6 +43,11 @@ pub fn print_line(args: fmt::Arguments<'_>) {
         let _ = w.write_str("moat: ");
         let _ = w.write_fmt(args);
         let _ = w.write_str("\n");
+    } else {
+        // No UART in the tree: under QEMU, the emulator prints the line.
+        let mut line: heapless::String<250> = heapless::String::new();
+        let _ = write!(line, "moat: {args}");
+        super::panic::semihosting_line(&line);
     }
 }
 

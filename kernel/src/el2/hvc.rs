@@ -73,6 +73,8 @@ fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
         hypercall::CHECK_CONSISTENCY => {
             let ok = super::boot::report_consistency(this_cpu);
             regs.x[0] = if ok { 0 } else { Error::Denied.to_x0() };
+            // The DMA faults the SMMU recorded so far (the checker drained them).
+            regs.x[1] = super::smmu::faults();
         }
         smccc::VENDOR_HYP_CALL_UID => {
             let [a, b, c, d] = MOAT_UID.map(u64::from);
@@ -139,6 +141,9 @@ fn forward(function: u32, regs: &GuestRegs) -> [u64; 18] {
 }
 
 fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
+    if machine().core_powers_cpus {
+        return super::power::psci_call(this_cpu, regs, function);
+    }
     match psci::decode(function, regs.x[1], regs.x[2], regs.x[3]) {
         PsciCall::Forward {
             function,

@@ -134,6 +134,7 @@ pub fn transact(
     mut vm: Option<VmMemory<'_>>,
 ) -> Result<(), Error> {
     let _serial = MEMORY.lock();
+    super::smmu::drain_events();
     let result = transact_serialised(cpu, request, &mut vm);
     // A VM's table pages reserved and not needed go back to the heap,
     // whether the transaction went through or not. The host's stay in its
@@ -175,7 +176,9 @@ fn transact_serialised(
     // an owner's, whatever the ledger says.
     if matches!(
         request.op,
-        LedgerRequest::HOST_DONATE_VM | LedgerRequest::HOST_SHARE_HYP
+        LedgerRequest::HOST_DONATE_VM
+            | LedgerRequest::HOST_SHARE_HYP
+            | LedgerRequest::HOST_DONATE_HYP
     ) && let Some((pa, size)) = checked
         .scrub
         .or_else(|| checked.steps().next().map(step_range))
@@ -317,6 +320,12 @@ fn transact_serialised(
     // Nothing below can fail on a transaction that passed the checks (the
     // tables it maps into are reserved); if it does anyway, the core and
     // the ledger no longer agree, and memory requests stop.
+    let host_unmaps = checked
+        .steps()
+        .any(|step| matches!(step, Step::Unmap { who: Who::Host, .. }));
+    let host_maps = checked
+        .steps()
+        .any(|step| matches!(step, Step::Map { who: Who::Host, .. }));
     let mut apply = || -> Result<(), &'static str> {
         let host_vttbr = m.host_el2.vttbr;
         // Unmaps: the page is gone from every TLB before anything else happens
@@ -343,6 +352,12 @@ fn transact_serialised(
                     }
                 }
             }
+        }
+        // The host's devices translate through the host's stage-2: once
+        // the SMMU has dropped what it cached, no device reaches the pages
+        // the host just lost (before they are scrubbed or given away).
+        if host_unmaps {
+            super::smmu::host_stage2_changed();
         }
         if let Some((pa, size)) = checked.scrub {
             scrub_pages(pa, size);
@@ -385,6 +400,11 @@ fn transact_serialised(
                     }
                 }
             }
+        }
+        // A remap broke and remade host entries: the SMMU must not keep
+        // the old ones.
+        if host_maps {
+            super::smmu::host_stage2_changed();
         }
         for step in checked.steps() {
             if let (
@@ -536,6 +556,13 @@ pub enum Mismatch {
     Ledger(Error),
     /// The heap had no room for the checker's own records.
     NoMemory,
+    /// A table or queue the GIC hardware uses (the ITS's tables and
+    /// queues, the redistributors' LPI tables) is not held as it must be,
+    /// or a GIC register names memory the core did not take.
+    Gic { address: u64, why: &'static str },
+    /// The SMMU's stream table no longer sends every stream through the
+    /// host's stage-2.
+    Smmu(super::smmu::StreamMismatch),
 }
 
 /// Whose stage-2 a [`Mismatch::Forged`] entry is in.
@@ -563,6 +590,10 @@ pub struct Checked {
     pub services: u64,
     pub vms: u64,
     pub vms_running: u64,
+    /// Tables and queues of the GIC hardware checked.
+    pub gic_tables: u64,
+    /// SMMU stream-table entries checked (0 without an SMMU).
+    pub smmu_streams: u64,
 }
 
 /// The consistency checker: compares every partition's tables with the
@@ -572,7 +603,10 @@ pub struct Checked {
 /// not changing: donations to a running VM are refused).
 pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
     let vms = super::vm::lock_all_idle().map_err(|_| Mismatch::NoMemory)?;
+    // The GIC's lock before the memory lock, as its emulation takes them.
+    let gic = super::its::hold();
     let _serial = MEMORY.lock();
+    super::smmu::drain_events();
     let extents = all_extents(cpu).map_err(|e| match e {
         Error::NoMemory => Mismatch::NoMemory,
         e => Mismatch::Ledger(e),
@@ -601,10 +635,23 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
     }
     // Every valid entry of every partition's tables, by output address.
     let m = machine();
+    // Every device stream translates through the host's stage-2, checked
+    // above against the ledger.
+    checked.smmu_streams = super::smmu::check_streams(m.host_el2.vttbr).map_err(Mismatch::Smmu)?;
     let extent_of = |pfn: u64| {
         let i = extents.partition_point(|e| e.frames.start.saturating_add(e.frames.count) <= pfn);
         extents.get(i).filter(|e| e.frames.start <= pfn).copied()
     };
+    // The GIC hardware's tables: held as the hardware needs, named by
+    // its registers.
+    if let Some(gic) = &gic {
+        let host = host_stage2();
+        checked.gic_tables = gic
+            .check(m.carve_out.as_slice(), extent_of, |pa, size, mapped| {
+                host.check(pa, size, mapped).is_ok()
+            })
+            .map_err(|(address, why)| Mismatch::Gic { address, why })?;
+    }
     let ipa_space = 1u64 << m.ipa_bits;
     let leaves = |s2: &StageTwo, mapper: Mapper<'_>, whose: Whose, mapped: &mut u64| {
         s2.for_each_mapped(0, ipa_space, |ipa, pa, size| {

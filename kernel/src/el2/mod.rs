@@ -4,16 +4,21 @@
 pub mod boot;
 pub mod console;
 pub mod cpu;
+pub mod devices;
 pub mod gic;
 pub mod heap;
 pub mod hvc;
+pub mod its;
 pub mod memory;
 pub mod mmu;
 pub mod panic;
+pub mod power;
 pub mod service;
+pub mod smmu;
 pub mod stage2;
 pub mod sysreg;
 pub mod trap;
+pub mod vgic;
 pub mod vm;
 
 core::arch::global_asm!(include_str!("../arch/entry.S"));

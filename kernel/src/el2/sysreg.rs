@@ -483,6 +483,16 @@ pub unsafe fn switch_el2(hcr: u64, cptr: u64, mdcr: u64, cnthctl: u64, vttbr: u6
     }
 }
 
+/// Sets what EL1 reads in MPIDR_EL1 (VMPIDR_EL2).
+pub fn set_vmpidr(value: u64) {
+    // SAFETY: VMPIDR_EL2 only changes what EL1 reads as its MPIDR; the
+    // ERET into the partition synchronizes it.
+    unsafe {
+        core::arch::asm!("msr vmpidr_el2, {}", in(reg) value,
+            options(nomem, nostack, preserves_flags))
+    };
+}
+
 /// The generic counter and its frequency.
 pub fn counter() -> (u64, u64) {
     let (now, freq): (u64, u64);

@@ -76,7 +76,7 @@ fn host_trap(frame: *mut GuestRegs, vector_kind: u64, esr: u64) {
             regs.pc = regs.pc.wrapping_add(4);
             hvc::handle_call(this_cpu, regs, imm);
         }
-        Trap::StageTwo(abort) => host_stage2_abort(regs, &abort),
+        Trap::StageTwo(abort) => host_stage2_abort(this_cpu, regs, &abort),
         Trap::SysReg(access) => {
             match service::routes().and_then(|r| r.handler(TrapClass::SysReg)) {
                 Some(index) => {
@@ -270,9 +270,13 @@ pub fn inject_abort(regs: &mut GuestRegs, is_instruction: bool, is_write: bool, 
 /// The host touched an IPA its stage-2 does not map: memory it does not own.
 /// It gets a synchronous external abort, as a bus error on that access would
 /// give it; the core keeps running.
-fn host_stage2_abort(regs: &mut GuestRegs, abort: &StageTwoAbort) {
+fn host_stage2_abort(cpu: &cpu::PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort) {
     let far = sysreg::far_el2();
     let ipa = sysreg::fault_ipa();
+    // The GIC's withheld pages (the ITS and LPI registers) are emulated.
+    if super::its::handle_abort(cpu, regs, abort, ipa) {
+        return;
+    }
     crate::log!(
         "host {} at {:#x} to IPA {ipa:#x} denied ({:?}): synchronous external abort injected",
         if abort.is_instruction {

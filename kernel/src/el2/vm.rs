@@ -31,13 +31,14 @@ use super::heap::try_box;
 use super::memory::{self, MEMORY, PAGE, Region, VmMemory};
 use super::stage2::{self, StageTwo};
 use super::sysreg::{self, El1Context};
+use super::vgic::{self, VgicCpu};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use moat_abi::Error;
 use moat_abi::services::{FrameRange, LedgerRequest, Party};
 use moat_abi::trap::{PARTITION_VM_BASE, TrapClass};
-use moat_abi::vm::{self as abi, Exit, ExitReason, MAX_VMS, MmioAccess, VmFlags};
+use moat_abi::vm::{self as abi, Exit, ExitReason, Injection, MAX_VMS, MmioAccess, VmFlags, pkvm};
 use moat_abi::{hypercall, smccc};
 use moat_kernel::el2config::{self, RunMask};
 use moat_kernel::esr::{self, Trap};
@@ -47,6 +48,9 @@ use moat_kernel::vmfeatures;
 
 /// A VM's vCPU kind: `VCPU_VM_BASE + handle`.
 pub const VCPU_VM_BASE: u64 = 0x100;
+/// What a VM's vCPU reads in MPIDR_EL1: bit 31 (RES1), with Aff0 = the
+/// vCPU's index.
+const VCPU_MPIDR: u64 = 1 << 31;
 /// VMIDs of VMs: `VMID_BASE + slot` (services use 1..=16).
 const VMID_BASE: u16 = 0x40;
 /// Most bytes one `VM_LOAD` copies.
@@ -360,6 +364,65 @@ struct Vm {
     /// The CPU the vCPU last ran on.
     last_cpu: Option<usize>,
     pending: Pending,
+    /// The virtual CPU interface, for a VM created with `VmFlags::VGIC`.
+    vgic: Option<Box<VgicCpu>>,
+    /// Which vCPU the fields above hold (`vcpu` .. `vgic`); the others wait
+    /// in `parked`. The vCPUs of one VM take turns on the VM's slot: one
+    /// runs at a time, on one physical CPU.
+    loaded: usize,
+    parked: Vec<Option<ParkedVcpu>>,
+    /// Each vCPU's PSCI power state.
+    power: Vec<Power>,
+}
+
+/// A vCPU's state while another vCPU of its VM is the loaded one.
+struct ParkedVcpu {
+    vcpu: Box<Vcpu>,
+    el1: El1Context,
+    csselr: arm_sysregs::CsselrEl1,
+    fp: Box<FpState>,
+    mte_regs: MteRegs,
+    pending: Pending,
+    last_cpu: Option<usize>,
+    vgic: Option<Box<VgicCpu>>,
+}
+
+/// A vCPU's PSCI power state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Power {
+    On,
+    Off,
+    /// Started by CPU_ON; it enters at `entry` with x0 = `context` on its
+    /// next run.
+    Starting {
+        entry: u64,
+        context: u64,
+    },
+}
+
+impl Vm {
+    /// Makes vCPU `index` the loaded one, parking the one that was.
+    fn select_vcpu(&mut self, index: usize) -> Result<(), Error> {
+        if index == self.loaded {
+            return Ok(());
+        }
+        let mut other = self
+            .parked
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or(Error::InvalidParameters)?;
+        core::mem::swap(&mut self.vcpu, &mut other.vcpu);
+        core::mem::swap(&mut self.el1, &mut other.el1);
+        core::mem::swap(&mut self.csselr, &mut other.csselr);
+        core::mem::swap(&mut self.fp, &mut other.fp);
+        core::mem::swap(&mut self.mte_regs, &mut other.mte_regs);
+        core::mem::swap(&mut self.pending, &mut other.pending);
+        core::mem::swap(&mut self.last_cpu, &mut other.last_cpu);
+        core::mem::swap(&mut self.vgic, &mut other.vgic);
+        self.parked[self.loaded] = Some(other);
+        self.loaded = index;
+        Ok(())
+    }
 }
 
 struct Slot {
@@ -427,10 +490,10 @@ pub fn host_call(cpu: &PerCpu, regs: &mut GuestRegs, function: u32) -> Option<Re
     Some(match function {
         abi::HOST_SHARE_HYP => host_share(cpu, a1, a2, LedgerRequest::HOST_SHARE_HYP),
         abi::HOST_UNSHARE_HYP => host_share(cpu, a1, a2, LedgerRequest::HOST_UNSHARE_HYP),
-        abi::VM_CREATE => create(cpu, a1, a2).map(|handle| regs.x[1] = u64::from(handle)),
+        abi::VM_CREATE => create(cpu, a1, a2, a3).map(|handle| regs.x[1] = u64::from(handle)),
         abi::VM_DONATE => donate(cpu, a1, a2, a3, a4),
         abi::VM_LOAD => load(cpu, a1, a2, a3, a4),
-        abi::VCPU_RUN => run(cpu, a1, [a2, a3, a4, a5]).map(|exit| {
+        abi::VCPU_RUN => run(cpu, a1, [a2, a3, a4, a5], [regs.x[6], regs.x[7]]).map(|exit| {
             regs.x[1..8].copy_from_slice(&exit.to_regs());
         }),
         abi::VM_DESTROY => destroy(cpu, a1),
@@ -441,23 +504,38 @@ pub fn host_call(cpu: &PerCpu, regs: &mut GuestRegs, function: u32) -> Option<Re
 
 fn host_share(cpu: &PerCpu, pa: u64, pages: u64, op: u32) -> Result<(), Error> {
     checked_range(pa, pages)?;
-    memory::transact(
-        cpu,
-        LedgerRequest {
-            op,
-            party: 0,
-            frames: frames(pa, pages),
-        },
-        None,
-    )
+    let request = LedgerRequest {
+        op,
+        party: 0,
+        frames: frames(pa, pages),
+    };
+    if op == LedgerRequest::HOST_UNSHARE_HYP {
+        // A page the interrupt controller reads (an LPI property table, an
+        // ITS command queue) stays shared while it is in use.
+        return super::its::unless_pinned(pa, pages.saturating_mul(memory::PAGE), || {
+            memory::transact(cpu, request, None)
+        })
+        .unwrap_or(Err(Error::Denied));
+    }
+    memory::transact(cpu, request, None)
 }
 
-fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
+fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error> {
     let flags = VmFlags(flags);
     if flags.0 & !VmFlags::KNOWN != 0 || !entry.is_multiple_of(4) {
         return Err(Error::InvalidParameters);
     }
+    // Several vCPUs only with a virtual GIC (there is no other way for
+    // them to signal each other).
+    let vcpus = vcpus.max(1);
+    if vcpus > abi::MAX_VCPUS || (vcpus > 1 && !flags.vgic()) {
+        return Err(Error::InvalidParameters);
+    }
     if flags.mte() && !machine().cpu.mte {
+        return Err(Error::NotSupported);
+    }
+    let gicv3 = matches!(machine().platform.gic, moat_platform::dt::Gic::V3 { .. });
+    if flags.vgic() && !(gicv3 && machine().cpu.gic_sysregs) {
         return Err(Error::NotSupported);
     }
     // Claim a free slot: Free → Alive under its lock.
@@ -483,6 +561,34 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
     let fp = try_box(FpState::ZERO).ok_or(Error::NoMemory)?;
     let host_vectors =
         try_box(HostVectors::new().ok_or(Error::NoMemory)?).ok_or(Error::NoMemory)?;
+    let vgic = if flags.vgic() {
+        Some(try_box(VgicCpu::new(vgic::geometry())).ok_or(Error::NoMemory)?)
+    } else {
+        None
+    };
+    let mut parked = Vec::new();
+    parked
+        .try_reserve(vcpus as usize)
+        .map_err(|_| Error::NoMemory)?;
+    parked.push(None);
+    for _ in 1..vcpus {
+        parked.push(Some(ParkedVcpu {
+            vcpu: try_box(Vcpu::new(VCPU_VM_BASE + u64::from(handle), 0)).ok_or(Error::NoMemory)?,
+            el1: El1Context::reset(),
+            csselr: arm_sysregs::CsselrEl1::empty(),
+            fp: try_box(FpState::ZERO).ok_or(Error::NoMemory)?,
+            mte_regs: MteRegs::default(),
+            pending: Pending::None,
+            last_cpu: None,
+            vgic: Some(try_box(VgicCpu::new(vgic::geometry())).ok_or(Error::NoMemory)?),
+        }));
+    }
+    let mut power = Vec::new();
+    power
+        .try_reserve(vcpus as usize)
+        .map_err(|_| Error::NoMemory)?;
+    power.push(Power::On);
+    power.resize(vcpus as usize, Power::Off);
     let mte = mte_policy(cpu, handle, flags)?;
     memory::transact(
         cpu,
@@ -508,6 +614,10 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64) -> Result<u16, Error> {
         has_run: false,
         last_cpu: None,
         pending: Pending::None,
+        vgic,
+        loaded: 0,
+        parked,
+        power,
     });
     slot.set(Status::Alive);
     crate::log!(
@@ -768,7 +878,12 @@ fn exit(reason: ExitReason, detail: [u64; 6]) -> Exit {
     Exit { reason, detail }
 }
 
-fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
+fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<Exit, Error> {
+    // x1: the handle in bits 15:0, the vCPU in bits 31:16.
+    if target >> 32 != 0 {
+        return Err(Error::InvalidParameters);
+    }
+    let (handle, index) = (target & 0xffff, ((target >> 16) & 0xffff) as usize);
     // A host in SME streaming mode, or with ZA on, is refused before
     // anything is touched: its Z registers are at the streaming length,
     // which no save area is sized for, and its ZA/ZT0 storage would have
@@ -788,6 +903,54 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     // the VM was created.
     if !vm.host_vectors.fits() {
         return Err(Error::Denied);
+    }
+    match vm.power.get(index).copied() {
+        None => return Err(Error::InvalidParameters),
+        Some(Power::Off) => {
+            return Ok(exit(
+                ExitReason::VcpuPower,
+                [abi::POWER_IS_OFF, 0, 0, 0, 0, 0],
+            ));
+        }
+        Some(Power::On) => vm.select_vcpu(index)?,
+        Some(Power::Starting { entry, context }) => {
+            // CPU_ON's reset: the entry point, x0 = the context, every
+            // other register as at creation.
+            vm.select_vcpu(index)?;
+            vm.vcpu.regs = GuestRegs::el1h_entry(entry, context);
+            vm.el1 = El1Context::reset();
+            *vm.fp = FpState::ZERO;
+            vm.csselr = arm_sysregs::CsselrEl1::empty();
+            vm.mte_regs = MteRegs::default();
+            vm.pending = Pending::None;
+            if let Some(v) = vm.vgic.as_mut() {
+                **v = VgicCpu::new(vgic::geometry());
+            }
+            vm.power[index] = Power::On;
+        }
+    }
+    // The injections, all checked before any is taken.
+    let mut injections = [(0u32, 0u8); 2];
+    let mut count = 0;
+    for word in inject {
+        match Injection(word).decode() {
+            None => {}
+            Some(Ok(irq)) => {
+                injections[count] = irq;
+                count += 1;
+            }
+            Some(Err(())) => return Err(Error::InvalidParameters),
+        }
+    }
+    if count > 0 {
+        let v = vm.vgic.as_mut().ok_or(Error::InvalidParameters)?;
+        if !v.has_room(count) {
+            return Err(Error::NoMemory);
+        }
+        for &(intid, priority) in &injections[..count] {
+            v.inject(intid, priority)
+                .map_err(|_| Error::InvalidParameters)?;
+        }
     }
     slot.set(Status::Running);
     match core::mem::replace(&mut vm.pending, Pending::None) {
@@ -828,6 +991,10 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         sysreg::switch_el2(h, c, md, ct, v);
         enter_vm_feature_controls(vm);
     }
+    // The guest's MPIDR_EL1 names its vCPU (Aff0 = its index, bit 31
+    // RES1), not the physical CPU it happens to run on: a guest matches it
+    // against the CPUs its device tree lists.
+    sysreg::set_vmpidr(VCPU_MPIDR | vm.loaded as u64);
     if migrated {
         // This CPU may hold the VMID's entries from an earlier run that
         // the guest has since invalidated on another CPU.
@@ -857,7 +1024,19 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     let saved_icc = gic
         .as_ref()
         .map(|access| super::gic::open_watchdog(access, RunMask::Vm));
+    let mut borrowed = gic
+        .as_ref()
+        .map(|access| vgic::borrow_ppis(access, vm.vgic.is_some()));
+    if let Some(v) = vm.vgic.as_ref() {
+        v.load();
+    }
     let outcome = loop {
+        if let Some(v) = vm.vgic.as_mut() {
+            let timer_line = v.before_entry();
+            if let (Some(access), Some(b)) = (gic.as_ref(), borrowed.as_mut()) {
+                vgic::set_timer_ppi(access, b, timer_line);
+            }
+        }
         // Armed again before every entry: a service call made on the VM's
         // behalf (`outside_vm`) uses the same timer for its own watchdog.
         sysreg::arm_watchdog(deadline);
@@ -868,13 +1047,20 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         // The backstop's interrupt ends the run as an Interrupt exit, like
         // any host interrupt; disarming it drops its level.
         sysreg::disarm_watchdog();
-        match handle_exit(cpu, vm) {
+        let maintenance = vm.vgic.as_mut().is_some_and(|v| v.after_exit());
+        match handle_exit(cpu, vm, maintenance, deadline) {
             Step::Resume => continue,
             Step::Exit(e) => break (e, Status::Alive),
             Step::End(e) => break (e, Status::Off),
         }
     };
 
+    if let Some(v) = vm.vgic.as_mut() {
+        v.save();
+    }
+    if let (Some(access), Some(b)) = (gic.as_ref(), borrowed) {
+        vgic::return_ppis(access, b, vm.vgic.is_some());
+    }
     if let (Some(access), Some(saved)) = (gic.as_ref(), saved_icc) {
         super::gic::close_watchdog(access, saved);
     }
@@ -891,6 +1077,7 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
         (*cpu.host_el1.get()).load();
     }
     arm_sysregs::write_csselr_el1(host_csselr);
+    sysreg::set_vmpidr(sysreg::mpidr());
     let hel2 = &machine().host_el2;
     // SAFETY: back to the host's own controls and stage-2.
     unsafe {
@@ -909,13 +1096,25 @@ fn run(cpu: &PerCpu, handle: u64, answer: [u64; 4]) -> Result<Exit, Error> {
     Ok(e)
 }
 
-/// Handles one trap from a running VM.
-fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
+/// Handles one trap from a running VM. `maintenance`: the virtual CPU
+/// interface raised a maintenance interrupt (already dealt with);
+/// `deadline`: when the run must end.
+fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> Step {
     let vector = vm.vcpu.exit_vector;
     let esr_el2 = vm.vcpu.exit_esr;
     match vector {
         LOWER_SYNC => {}
-        LOWER_IRQ | LOWER_FIQ => return Step::Exit(exit(ExitReason::Interrupt, [0; 6])),
+        LOWER_IRQ | LOWER_FIQ => {
+            // The core's own business (a maintenance interrupt, or the
+            // guest's timer firing on a line that is the guest's for the
+            // run) goes back into the guest, which `before_entry` handles;
+            // anything else is the host's. Never past the deadline.
+            let ours = maintenance || vm.vgic.as_ref().is_some_and(|v| v.timer_due());
+            if ours && sysreg::now() < deadline {
+                return Step::Resume;
+            }
+            return Step::Exit(exit(ExitReason::Interrupt, [0; 6]));
+        }
         _ => {
             crate::log!(
                 "VM {}: SError or unexpected vector {vector}: VM off",
@@ -944,9 +1143,21 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
             regs.x[0] = smccc::NOT_SUPPORTED;
             Step::Resume
         }
-        Trap::Wfx { .. } => {
+        Trap::Wfx { is_wfe } => {
             regs.pc = regs.pc.wrapping_add(4);
-            Step::Exit(exit(ExitReason::Wfi, [0; 6]))
+            match vm.vgic.as_mut() {
+                // A virtual-GIC guest's WFE waits for another vCPU's SEV,
+                // which the core cannot see: it just goes on (a spin). Its
+                // WFI ends at once if an interrupt is pending; otherwise
+                // the host learns when the guest's timer wants it back.
+                Some(_) if is_wfe => Step::Resume,
+                Some(v) if v.would_wake() => Step::Resume,
+                Some(v) => {
+                    let wake = v.timer_deadline();
+                    Step::Exit(exit(ExitReason::Wfi, [wake, 0, 0, 0, 0, 0]))
+                }
+                None => Step::Exit(exit(ExitReason::Wfi, [0; 6])),
+            }
         }
         Trap::StageTwo(abort) => {
             let ipa = sysreg::fault_ipa();
@@ -989,6 +1200,24 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
                 regs.pc = regs.pc.wrapping_add(4);
                 return Step::Resume;
             }
+            // A virtual-GIC guest's SGIs: the host routes them.
+            if let (Some(_), Some(which)) = (vm.vgic.as_ref(), sgi_register(&access)) {
+                let value = regs.read_gpr(access.rt);
+                regs.pc = regs.pc.wrapping_add(4);
+                return Step::Exit(exit(ExitReason::Sgi, [value, which, 0, 0, 0, 0]));
+            }
+            // The debug registers (op0 2: MDSCR_EL1, the OS lock, the
+            // breakpoints and watchpoints) of a virtual-GIC guest, a
+            // general-purpose kernel that resets them as it boots: they read
+            // as zero and ignore writes. The hardware's stay parked for the
+            // host either way (MDCR_EL2.TDA, TDOSA keep them trapped).
+            if vm.vgic.is_some() && access.op0 == 2 {
+                if access.is_read {
+                    regs.write_gpr(access.rt, 0);
+                }
+                regs.pc = regs.pc.wrapping_add(4);
+                return Step::Resume;
+            }
             // ID group 3: the hardware's value, less what the VM lacks.
             if access.is_read && (access.op0, access.op1, access.crn) == (3, 0, 0) {
                 let hardware = sysreg::read_id_register(access.crm, access.op2).unwrap_or(0);
@@ -1013,6 +1242,21 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm) -> Step {
             super::trap::inject_undef(regs);
             Step::Resume
         }
+    }
+}
+
+/// Which SGI-generation register a trapped write is: 0 ICC_SGI1R_EL1, 1
+/// ICC_ASGI1R_EL1, 2 ICC_SGI0R_EL1 (they trap while HCR_EL2.IMO/FMO are
+/// set).
+fn sgi_register(a: &esr::SysRegAccess) -> Option<u64> {
+    if a.is_read || (a.op0, a.crn, a.crm) != (3, 12, 11) {
+        return None;
+    }
+    match (a.op1, a.op2) {
+        (0, 5) => Some(0),
+        (1, 6) => Some(1),
+        (2, 7) => Some(2),
+        _ => None,
     }
 }
 
@@ -1088,7 +1332,55 @@ impl MteRegs {
     }
 }
 
-use ::smccc::psci::{PSCI_FEATURES, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET, PSCI_VERSION};
+use ::smccc::psci::{
+    PSCI_AFFINITY_INFO_32, PSCI_AFFINITY_INFO_64, PSCI_CPU_OFF, PSCI_CPU_ON_32, PSCI_CPU_ON_64,
+    PSCI_FEATURES, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET, PSCI_VERSION,
+};
+
+/// PSCI's return codes for the vCPU calls, as 64-bit registers.
+const PSCI_INVALID_PARAMETERS: u64 = -2i64 as u64;
+const PSCI_ALREADY_ON: u64 = -4i64 as u64;
+const PSCI_ON_PENDING: u64 = -5i64 as u64;
+const PSCI_INVALID_ADDRESS: u64 = -9i64 as u64;
+
+/// The vCPU an MPIDR names (Aff0 = the index, bit 31 ignored, every other
+/// affinity 0), if the VM has it.
+fn vcpu_of(vm: &Vm, mpidr: u64) -> Option<usize> {
+    let mpidr = mpidr & !(1 << 31);
+    if mpidr > 0xff {
+        return None;
+    }
+    let index = mpidr as usize;
+    (index < vm.power.len()).then_some(index)
+}
+
+/// PSCI CPU_ON: the target vCPU starts at `entry` with x0 = `context` on
+/// its next run; this vCPU's run ends so that the host can run it.
+fn cpu_on(vm: &mut Vm, function: u32, mpidr: u64, entry: u64, context: u64) -> Step {
+    let (entry, context) = if function == PSCI_CPU_ON_32 {
+        (entry & 0xffff_ffff, context & 0xffff_ffff)
+    } else {
+        (entry, context)
+    };
+    let answer = match vcpu_of(vm, mpidr) {
+        None => PSCI_INVALID_PARAMETERS,
+        Some(_) if !entry.is_multiple_of(4) => PSCI_INVALID_ADDRESS,
+        Some(t) => match vm.power[t] {
+            Power::On => PSCI_ALREADY_ON,
+            Power::Starting { .. } => PSCI_ON_PENDING,
+            Power::Off => {
+                vm.power[t] = Power::Starting { entry, context };
+                vm.vcpu.regs.x[0] = 0;
+                return Step::Exit(exit(
+                    ExitReason::VcpuPower,
+                    [abi::POWER_STARTED, t as u64, 0, 0, 0, 0],
+                ));
+            }
+        },
+    };
+    vm.vcpu.regs.x[0] = answer;
+    Step::Resume
+}
 
 /// A hypercall from the guest: the core serves its memory calls and the
 /// PSCI calls that end it; everything else goes to the host.
@@ -1108,6 +1400,45 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
             vm.vcpu.regs.x[0] = smccc::IMPLEMENTED_VERSION;
             return Step::Resume;
         }
+        // The pKVM guest ABI: a kernel with the pKVM guest driver checks
+        // the UID, then the features, and shares its bounce buffers one
+        // granule at a time. Served as Moat's own guest share.
+        pkvm::CALL_UID => {
+            vm.vcpu.regs.set_smccc_result(pkvm::UID);
+            return Step::Resume;
+        }
+        pkvm::FEATURES => {
+            vm.vcpu.regs.set_smccc_result([pkvm::FEATURE_BITS, 0, 0, 0]);
+            return Step::Resume;
+        }
+        pkvm::HYP_MEMINFO => {
+            let answer = if x[1..4] == [0, 0, 0] {
+                PAGE
+            } else {
+                pkvm::INVALID_PARAMETER
+            };
+            vm.vcpu.regs.set_smccc_result([answer, 0, 0, 0]);
+            return Step::Resume;
+        }
+        pkvm::MEM_SHARE | pkvm::MEM_UNSHARE if x[2..4] != [0, 0] => {
+            vm.vcpu.regs.x[0] = pkvm::INVALID_PARAMETER;
+            return Step::Resume;
+        }
+        pkvm::MEM_SHARE | pkvm::MEM_UNSHARE => {
+            let op = if function == pkvm::MEM_SHARE {
+                LedgerRequest::VM_SHARE_HOST
+            } else {
+                LedgerRequest::VM_UNSHARE_HOST
+            };
+            match guest_share(cpu, vm, x[1], 1, op) {
+                Err(Error::Interrupted) => Err(Error::Interrupted),
+                Ok(()) => Ok(()),
+                Err(_) => {
+                    vm.vcpu.regs.x[0] = pkvm::INVALID_PARAMETER;
+                    return Step::Resume;
+                }
+            }
+        }
         PSCI_VERSION => {
             vm.vcpu.regs.x[0] = 0x1_0000;
             return Step::Resume;
@@ -1115,7 +1446,32 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
         PSCI_FEATURES => {
             vm.vcpu.regs.x[0] = match x[1] as u32 {
                 PSCI_VERSION | PSCI_FEATURES | PSCI_SYSTEM_OFF | PSCI_SYSTEM_RESET => 0,
+                PSCI_CPU_ON_32
+                | PSCI_CPU_ON_64
+                | PSCI_CPU_OFF
+                | PSCI_AFFINITY_INFO_32
+                | PSCI_AFFINITY_INFO_64 => 0,
                 _ => smccc::NOT_SUPPORTED,
+            };
+            return Step::Resume;
+        }
+        PSCI_CPU_ON_32 | PSCI_CPU_ON_64 => return cpu_on(vm, function, x[1], x[2], x[3]),
+        PSCI_CPU_OFF => {
+            let me = vm.loaded;
+            vm.power[me] = Power::Off;
+            return Step::Exit(exit(
+                ExitReason::VcpuPower,
+                [abi::POWER_IS_OFF, 0, 0, 0, 0, 0],
+            ));
+        }
+        PSCI_AFFINITY_INFO_32 | PSCI_AFFINITY_INFO_64 => {
+            vm.vcpu.regs.x[0] = match (vcpu_of(vm, x[1]), x[2]) {
+                (Some(t), 0) => match vm.power[t] {
+                    Power::On => 0,
+                    Power::Off => 1,
+                    Power::Starting { .. } => 2,
+                },
+                _ => PSCI_INVALID_PARAMETERS,
             };
             return Step::Resume;
         }
@@ -1200,6 +1556,9 @@ fn outside_vm<R>(cpu: &PerCpu, vm: &mut Vm, f: impl FnOnce(&mut Vm) -> R) -> R {
     unsafe {
         vm.el1.save();
         (*cpu.host_el1.get()).load();
+    }
+    if vm.vgic.is_some() {
+        VgicCpu::pause();
     }
     let r = f(vm);
     let (h, c, md, ct, v) = vm_el2(vm);

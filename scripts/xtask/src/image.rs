@@ -15,6 +15,7 @@
 //! of the file. The core then boots them where QEMU loaded them instead of
 //! copying tens of megabytes.
 
+use crate::boards::Board;
 use crate::manifest::Manifest;
 use crate::tools::{self, cargo, llvm_tool, run};
 use anyhow::{Context, Result, bail};
@@ -52,16 +53,21 @@ pub fn objcopy(elf: &Path, bin: &Path) -> Result<()> {
 /// Builds the core, the guest and the test host that carries it (release,
 /// with debug info).
 pub fn build_all() -> Result<Built> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "moat-kernel",
-        "--bin",
-        "moat",
-        "--target",
-        CORE_TARGET,
-    ]))?;
+    run(cargo()
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "moat-kernel",
+            "--bin",
+            "moat",
+            "--target",
+            CORE_TARGET,
+        ])
+        .env(
+            "MOAT_LOAD_ADDRESS",
+            format!("{:#x}", Board::Virt.load_address()),
+        ))?;
     let out = tools::target_dir().join("images");
     std::fs::create_dir_all(&out)?;
     // The test host carries the protected-VM guest: build it first.
@@ -91,6 +97,36 @@ pub fn build_all() -> Result<Built> {
         test_host_elf,
         guest,
     })
+}
+
+/// [`build_all`] with the core linked for `board`: `virt`'s core is the one
+/// `build_all` makes; another board's is built into a target folder of its
+/// own (`target/board-<name>/`), so switching boards rebuilds nothing.
+pub fn build_for(board: Board) -> Result<Built> {
+    let mut built = build_all()?;
+    if board != Board::Virt {
+        let dir = tools::target_dir().join(format!("board-{}", board.name()));
+        run(cargo()
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "moat-kernel",
+                "--bin",
+                "moat",
+                "--target",
+                CORE_TARGET,
+            ])
+            .arg("--target-dir")
+            .arg(&dir)
+            .env("MOAT_LOAD_ADDRESS", format!("{:#x}", board.load_address())))?;
+        built.core_elf = dir.join(CORE_TARGET).join("release/moat");
+        built.core = tools::target_dir()
+            .join("images")
+            .join(format!("moat-{}.bin", board.name()));
+        objcopy(&built.core_elf, &built.core)?;
+    }
+    Ok(built)
 }
 
 /// Builds the bare-metal binary `bin` of workspace package `package`
@@ -173,13 +209,18 @@ pub fn pack_with_dtb_bytes(
 pub struct ServiceSet {
     pub table: Vec<u8>,
     pub images: Vec<Vec<u8>>,
+    /// The manifest's `unprotected-dma` device names.
+    pub unprotected_dma: Vec<String>,
 }
 
 /// Builds every service a manifest declares and checks each against its
 /// budget.
 pub fn build_services(manifest: &Manifest) -> Result<ServiceSet> {
     use zerocopy::IntoBytes;
-    let mut set = ServiceSet::default();
+    let mut set = ServiceSet {
+        unprotected_dma: manifest.unprotected_dma.clone(),
+        ..ServiceSet::default()
+    };
     let mut built: Vec<(String, u32)> = Vec::new();
     for (i, s) in manifest.services.iter().enumerate() {
         let index = match built.iter().find(|(b, _)| *b == s.binary) {
@@ -247,6 +288,12 @@ fn build_package(
     }
     if let Some(dtb) = dtb {
         builder = builder.entry(EntryKind::DeviceTree, dtb);
+    }
+    if let Some(set) = services.filter(|s| !s.unprotected_dma.is_empty()) {
+        builder = builder.entry(
+            EntryKind::UnprotectedDma,
+            set.unprotected_dma.join("\n").into_bytes(),
+        );
     }
     if let Some(set) = services.filter(|s| !s.images.is_empty()) {
         builder = builder.entry(EntryKind::ServiceTable, set.table.clone());

@@ -20,6 +20,7 @@
 //! network.
 
 use crate::MachineArgs;
+use crate::boards::{self, Board};
 use crate::cpio;
 use crate::image::{self, ImageSpec};
 use crate::kernels::{self, Kernel};
@@ -94,6 +95,8 @@ fn init_script() -> String {
     format!(
         r#"#!/bin/sh
 # PID 1 of the initramfs `cargo xtask run linux` writes.
+# The boot benchmark's clock: instructions run since reset, read first.
+[ -f /{BOOT_COUNTER_FLAG} ] && /bin/moat-probe counter
 echo "{MARKER_INIT}"
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -141,7 +144,7 @@ pub struct Extras<'a> {
 pub fn initramfs(busybox: &[u8], commands: Option<&str>, extras: &Extras) -> Result<Vec<u8>> {
     let mut w = cpio::Writer::new();
     for dir in [
-        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root",
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "tmp", "root", "guest",
     ] {
         w.dir(dir, 0o755);
     }
@@ -195,11 +198,12 @@ pub fn initramfs(busybox: &[u8], commands: Option<&str>, extras: &Extras) -> Res
     Ok(w.finish())
 }
 
-/// The exit status `/init` reported for the commands.
+/// The exit status `/init` reported for the commands. The marker may
+/// follow output that did not end its line (`cat /proc/device-tree/model`).
 pub fn exit_status(console: &str) -> Option<i32> {
     console.lines().find_map(|l| {
-        l.trim_end_matches('\r')
-            .strip_prefix(MARKER_STATUS)?
+        let l = l.trim_end_matches('\r');
+        l[l.find(MARKER_STATUS)? + MARKER_STATUS.len()..]
             .trim()
             .parse()
             .ok()
@@ -232,8 +236,12 @@ pub fn command_output(console: &str) -> Vec<String> {
         if line == MARKER_COMMANDS {
             inside = true;
             out.clear();
-        } else if line.starts_with(MARKER_STATUS) {
+        } else if let Some(at) = line.find(MARKER_STATUS) {
             if inside {
+                // Output whose last line had no newline ends where the marker starts.
+                if at > 0 {
+                    out.push(line[..at].to_string());
+                }
                 break;
             }
         } else if inside && !is_log_line(line) {
@@ -716,6 +724,21 @@ pub fn write_initramfs(
     commands: Option<&str>,
     name: &str,
 ) -> Result<PathBuf> {
+    write_initramfs_with(assets, vm, commands, name, Vec::new())
+}
+
+/// The file whose presence makes `/init` print the virtual counter
+/// (`probe: counter=N`) before anything else.
+pub const BOOT_COUNTER_FLAG: &str = "etc/moat-boot-counter";
+
+/// [`write_initramfs`] with `more` files (path, mode, contents) added.
+pub fn write_initramfs_with(
+    assets: &Assets,
+    vm: Option<&linux_vm::Pieces>,
+    commands: Option<&str>,
+    name: &str,
+    more: Vec<(&str, u32, Vec<u8>)>,
+) -> Result<PathBuf> {
     let busybox = std::fs::read(&assets.busybox)
         .with_context(|| format!("reading {}", assets.busybox.display()))?;
     let modules = assets
@@ -725,10 +748,18 @@ pub fn write_initramfs(
         .transpose()?;
     let probe = std::fs::read(probe::build()?)?;
     let mut files = Vec::new();
-    for (path, mode, file) in vm.iter().flat_map(|v| v.files()) {
+    let linux_guest = vm
+        .filter(|_| linux_vm::Pieces::wants_linux_guest(commands))
+        .map(|v| v.linux_guest_files());
+    for (path, mode, file) in vm
+        .iter()
+        .flat_map(|v| v.files())
+        .chain(linux_guest.into_iter().flatten())
+    {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         files.push((path, mode, bytes));
     }
+    files.extend(more);
     let extras = Extras {
         modules: modules.as_ref(),
         probe: Some(&probe),
@@ -778,13 +809,21 @@ pub fn run(
     machine: &MachineArgs,
     kernel: &Kernel,
 ) -> Result<i32> {
+    if machine.board == Board::Fvp {
+        bail!(
+            "run --board fvp linux is not supported: the FVP runs the demo image (cargo xtask run --board fvp)"
+        );
+    }
     tools::ensure_qemu()?;
     let assets = kernels::assets(kernel)?;
     eprintln!(
         "xtask: Linux: Debian {}; {}",
         assets.kernel_package, assets.busybox_package
     );
-    let built = image::build_all()?;
+    boards::prepare(machine.board)?;
+    let built = image::build_for(machine.board)?;
+    let append = boards::linux_append(machine.board, append);
+    let append = append.as_deref();
     // The module is built against the default kernel's headers only.
     let vm = if *kernel == Kernel::Default {
         let vm = linux_vm::build(&assets, &built, false)?;
@@ -795,6 +834,12 @@ pub fn run(
             linux_vm::GUEST_PATH,
             linux_vm::START_VM
         );
+        eprintln!(
+            "xtask: and /{} and /{}; boot Debian's kernel as a protected VM with: {}",
+            linux_vm::LINUX_GUEST_KERNEL_PATH,
+            linux_vm::LINUX_GUEST_INITRD_PATH,
+            linux_vm::START_LINUX_VM
+        );
         Some(vm)
     } else {
         eprintln!(
@@ -802,12 +847,16 @@ pub fn run(
         );
         None
     };
-    let initrd = write_initramfs(&assets, vm.as_ref(), commands, "linux-run")?;
+    let name = match machine.board {
+        Board::Virt => "linux-run".to_string(),
+        board => format!("linux-run-{}", board.name()),
+    };
+    let initrd = write_initramfs(&assets, vm.as_ref(), commands, &name)?;
     let services = services()?;
     let img = image::pack(
         &built.core,
         &image_spec(&assets, &initrd, append, &services),
-        "linux-run",
+        &name,
     )?;
     if commands.is_none() {
         return qemu::run_shell(&img, machine);
@@ -873,6 +922,16 @@ mod tests {
         );
         assert_eq!(exit_status(console), Some(3));
         assert_eq!(exit_status("moat-linux: running commands\n"), None);
+    }
+
+    #[test]
+    fn output_without_a_final_newline_is_kept() {
+        let console = "moat-linux: running commands\r\n4\r\nRaspberry Pi 4 Model B\0moat-linux: exit status 0\r\n";
+        assert_eq!(
+            command_output(console),
+            vec!["4", "Raspberry Pi 4 Model B\0"]
+        );
+        assert_eq!(exit_status(console), Some(0));
     }
 
     #[test]

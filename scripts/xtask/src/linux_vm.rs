@@ -28,6 +28,13 @@ pub const VMM_PATH: &str = "bin/moat-vmm";
 pub const GUEST_PATH: &str = "guest.bin";
 /// The test build of the module (test images only).
 pub const TEST_MODULE_PATH: &str = "moat-test.ko";
+/// The Linux guest: Debian's kernel Image (the host's own) and the guest's
+/// initramfs, put in the host's initramfs only for runs that use them.
+pub const LINUX_GUEST_KERNEL_PATH: &str = "guest/Image";
+pub const LINUX_GUEST_INITRD_PATH: &str = "guest/initrd";
+/// The command that boots the Linux guest from the host's shell.
+pub const START_LINUX_VM: &str =
+    "insmod /moat.ko && moat-vmm run --kernel /guest/Image --initrd /guest/initrd";
 
 /// The command that starts a VM from the initramfs's shell.
 pub const START_VM: &str = "insmod /moat.ko && moat-vmm run /guest.bin";
@@ -40,6 +47,8 @@ pub struct Pieces {
     pub guest: PathBuf,
     /// `moat.ko` with `MOAT_TEST_HOOKS`: for test images only.
     pub test_module: Option<PathBuf>,
+    /// The Linux guest's kernel Image and initramfs.
+    pub linux_guest: (PathBuf, PathBuf),
 }
 
 impl Pieces {
@@ -54,6 +63,21 @@ impl Pieces {
             files.push((TEST_MODULE_PATH, 0o644, test_module.as_path()));
         }
         files
+    }
+
+    /// The Linux guest's files, for a host initramfs whose commands boot it
+    /// (or that starts a shell): 35 MiB that other runs do without.
+    pub fn linux_guest_files(&self) -> [(&'static str, u32, &Path); 2] {
+        [
+            (LINUX_GUEST_KERNEL_PATH, 0o644, self.linux_guest.0.as_path()),
+            (LINUX_GUEST_INITRD_PATH, 0o644, self.linux_guest.1.as_path()),
+        ]
+    }
+
+    /// Whether an initramfs running `commands` (`None`: a shell) needs
+    /// the Linux guest.
+    pub fn wants_linux_guest(commands: Option<&str>) -> bool {
+        commands.is_none_or(|c| c.contains("/guest/"))
     }
 }
 
@@ -263,7 +287,76 @@ pub fn build(assets: &Assets, built: &image::Built, for_tests: bool) -> Result<P
         } else {
             None
         },
+        linux_guest: (
+            assets.kernel.clone(),
+            write_linux_guest_initramfs(assets, None)?,
+        ),
     })
+}
+
+/// The `/init` of the Linux guest: mounts, runs the commands the VMM put
+/// in its device tree (`/chosen/moat,cmd`) between two markers and powers
+/// the VM off, or starts a shell on the console if there are none.
+pub fn linux_guest_init() -> String {
+    format!(
+        r#"#!/bin/sh
+# PID 1 of the Linux guest moat-vmm boots.
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "{GUEST_MARKER_INIT}"
+# The boot benchmark: the counter now, from the guest's own userspace.
+if grep -q moat.bench /proc/cmdline; then
+    /bin/moat-vmm counter
+    poweroff -f
+fi
+cmd=/sys/firmware/devicetree/base/chosen/moat,cmd
+if [ -f "$cmd" ]; then
+    echo "{GUEST_MARKER_COMMANDS}"
+    sh -c "$(cat "$cmd")" < /dev/null
+    echo "{GUEST_MARKER_STATUS}$?"
+    poweroff -f
+fi
+setsid cttyhack sh
+poweroff -f
+"#
+    )
+}
+
+/// The Linux guest's first line from userspace.
+pub const GUEST_MARKER_INIT: &str = "moat-guest: init started";
+/// Printed before the guest runs the `--cmd` commands.
+pub const GUEST_MARKER_COMMANDS: &str = "moat-guest: running commands";
+/// Followed by the commands' exit status.
+pub const GUEST_MARKER_STATUS: &str = "moat-guest: exit status ";
+
+/// The Linux guest's initramfs: busybox and its `/init`; for the boot
+/// benchmark, `moat-vmm` too (whose `counter` reads the counter).
+pub fn write_linux_guest_initramfs(assets: &Assets, vmm: Option<&Path>) -> Result<PathBuf> {
+    let busybox = std::fs::read(&assets.busybox)
+        .with_context(|| format!("reading {}", assets.busybox.display()))?;
+    let mut w = crate::cpio::Writer::new();
+    for dir in [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "tmp",
+    ] {
+        w.dir(dir, 0o755);
+    }
+    w.dir("dev", 0o755).char_device("dev/console", 0o600, 5, 1);
+    w.file("bin/busybox", 0o755, &busybox)
+        .symlink("bin/sh", "busybox");
+    w.file("init", 0o755, linux_guest_init().as_bytes());
+    let name = if let Some(vmm) = vmm {
+        let bytes = std::fs::read(vmm).with_context(|| format!("reading {}", vmm.display()))?;
+        w.file("bin/moat-vmm", 0o755, &bytes);
+        "linux-guest-bench.cpio"
+    } else {
+        "linux-guest.cpio"
+    };
+    let path = tools::target_dir().join("images").join(name);
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    std::fs::write(&path, w.finish())?;
+    Ok(path)
 }
 
 #[cfg(test)]

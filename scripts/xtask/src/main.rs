@@ -11,9 +11,15 @@
 //! Missing tools (QEMU >= 9, mdbook) are installed on Debian when running as
 //! root; elsewhere the exact command to run is printed.
 
+mod abi_reference;
+mod boards;
 mod checkpatch;
+mod coverage;
 mod cpio;
+mod cpu_models;
+mod disk;
 mod fuzz;
+mod fvp;
 mod image;
 mod kernels;
 mod linux;
@@ -21,6 +27,8 @@ mod linux_vm;
 mod modules;
 mod probe;
 mod qemu;
+mod sdcard;
+mod size;
 mod soak;
 mod synthetic_dt;
 mod tests;
@@ -41,6 +49,10 @@ struct Cli {
 /// Options shared by everything that boots an image.
 #[derive(clap::Args, Clone, Debug)]
 pub struct MachineArgs {
+    /// The board: QEMU `virt`, a Raspberry Pi 4 (QEMU `raspi4b`; four
+    /// CPUs and 2 GiB, whatever --smp and --mem say) or Arm's FVP.
+    #[arg(long, value_enum, default_value_t = boards::Board::Virt)]
+    pub board: boards::Board,
     /// Number of CPUs.
     #[arg(long, default_value_t = 1)]
     pub smp: u32,
@@ -53,6 +65,11 @@ pub struct MachineArgs {
     /// Run QEMU without MTE (mte=on is the default: MTE is what Moat polices).
     #[arg(long)]
     pub no_mte: bool,
+    /// No 64-bit PCIe memory window above 512 GiB on `virt`
+    /// (`highmem-mmio=off`): for CPUs with fewer than 44 PA bits, which
+    /// Moat gives 39 IPA bits (the window would be withheld from the host).
+    #[arg(long)]
+    pub no_highmem_mmio: bool,
     /// QEMU's CPU model and properties (e.g. `max,sve-max-vq=1`).
     #[arg(long, default_value = "max")]
     pub cpu: String,
@@ -61,9 +78,19 @@ pub struct MachineArgs {
     /// only mode in which QEMU's PMU counts retired instructions.
     #[arg(long)]
     pub icount: bool,
-    /// Seconds before the run is stopped [default: 60; 3600 for a Linux shell].
+    /// Seconds before the run is stopped [default: 60; 3600 for a Linux
+    /// shell; 900 for commands that boot the Linux guest].
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Put an SMMUv3 with stage-2 translation in front of the PCIe root
+    /// complex (`-M virt,iommu=smmuv3`, `arm-smmuv3.stage=2`); Moat takes
+    /// it and sends every PCIe device's DMA through the host's stage-2.
+    #[arg(long)]
+    pub smmu: bool,
+    /// Attach this raw disk image as a virtio-blk PCI device (made, a
+    /// 16 MiB FAT volume holding `hello.txt`, if the file does not exist).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
 }
 
 impl MachineArgs {
@@ -124,6 +151,14 @@ enum Command {
         #[command(flatten)]
         machine: MachineArgs,
     },
+    /// Write the files a board boots Moat from (the Raspberry Pi 4's boot
+    /// partition: the Moat image with Linux, config.txt, the device tree).
+    Image {
+        #[arg(long, value_enum)]
+        board: boards::Board,
+        /// The folder to write them to (created if missing).
+        out: PathBuf,
+    },
     /// Run every test: unit tests, QEMU integration tests, the book.
     Test {
         /// Only run integration tests whose name contains this.
@@ -132,7 +167,19 @@ enum Command {
         /// Skip the host unit tests, lints and the book.
         #[arg(long)]
         integration_only: bool,
+        /// The CPU models of the CPU-model cases (Linux boot and a protected
+        /// VM on QEMU virt with each): `all`, `default` (cortex-a57,
+        /// neoverse-n1, a64fx) or a comma-separated list.
+        #[arg(long)]
+        cpus: Option<String>,
     },
+    /// Line coverage of the core (`kernel/src`) by its host tests.
+    Coverage,
+    /// Write the book's ABI reference from the `abi` crate.
+    AbiReference,
+    /// Print the core's size: its flat binary against the budget, each
+    /// section, and the largest functions.
+    Size,
     /// Fuzz the parsers of hostile input (cargo-fuzz on nightly), one target
     /// at a time, and report executions and crashes per target.
     Fuzz {
@@ -158,6 +205,10 @@ enum Command {
         /// minutes more).
         #[arg(long)]
         emulator_cost: bool,
+        /// Only the Linux guest's boot (`linux_guest_boot_instructions`):
+        /// a few minutes instead of the whole set.
+        #[arg(long)]
+        only_linux_guest: bool,
     },
 }
 
@@ -203,6 +254,17 @@ fn dispatch(cli: Cli) -> Result<()> {
             if cmd.is_none() {
                 machine.timeout.get_or_insert(3600);
             }
+            // A Linux guest booting inside Linux under Moat, all emulated:
+            // minutes, not seconds.
+            if cmd
+                .as_deref()
+                .is_some_and(|c| c.contains(linux_vm::LINUX_GUEST_KERNEL_PATH))
+            {
+                machine.timeout.get_or_insert(900);
+            }
+            if let Some(d) = &machine.disk {
+                disk::ensure(d)?;
+            }
             let kernel = match (kernel, kernel_package) {
                 (Some(image), _) => kernels::Kernel::Image(image),
                 (None, Some(package)) => kernels::Kernel::Package(package),
@@ -227,8 +289,18 @@ fn dispatch(cli: Cli) -> Result<()> {
             kernel_package: _,
             machine,
         } => {
+            if machine.board == boards::Board::Fvp {
+                if host.is_some() || initrd.is_some() || dtb.is_some() || gdb {
+                    anyhow::bail!("run --board fvp boots the demo image only");
+                }
+                std::process::exit(fvp::run(machine.smp)?);
+            }
             tools::ensure_qemu()?;
-            let built = image::build_all()?;
+            boards::prepare(machine.board)?;
+            if let Some(d) = &machine.disk {
+                disk::ensure(d)?;
+            }
+            let built = image::build_for(machine.board)?;
             let default_demo = host.is_none();
             let spec = image::ImageSpec {
                 host: host.unwrap_or_else(|| built.test_host.clone()),
@@ -260,9 +332,25 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Test {
             filter,
             integration_only,
-        } => tests::run_all(filter.as_deref(), integration_only),
+            cpus,
+        } => tests::run_all(filter.as_deref(), integration_only, cpus.as_deref()),
+        Command::Size => size::report(),
+        Command::AbiReference => abi_reference::write(),
+        Command::Coverage => coverage::report().map(|_| ()),
+        Command::Image { board, out } => {
+            for file in sdcard::write(board, &out)? {
+                println!("wrote {}", file.display());
+            }
+            println!(
+                "xtask: copy these to the FAT boot partition beside the Raspberry Pi firmware (start4.elf, fixup4.dat, overlays/disable-bt.dtbo); see the book's \"Raspberry Pi 4\" chapter"
+            );
+            Ok(())
+        }
         Command::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Command::Soak { minutes } => soak::soak(minutes),
-        Command::Bench { emulator_cost } => tests::bench(emulator_cost),
+        Command::Bench {
+            emulator_cost,
+            only_linux_guest,
+        } => tests::bench(emulator_cost, only_linux_guest),
     }
 }

@@ -24,6 +24,12 @@ pub struct Manifest {
     pub host: String,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceDecl>,
+    /// DMA-capable devices without an SMMU the host is given anyway, by
+    /// device-tree node name (`virtio_mmio`, `fw-cfg@9020000`, `pcie`):
+    /// without a name here the core withholds such a device, because it
+    /// can write any physical address.
+    #[serde(default, rename = "unprotected-dma")]
+    pub unprotected_dma: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +147,11 @@ impl Manifest {
 
     /// Every check that does not need the built binaries.
     fn check_static(&self) -> Result<()> {
+        for name in &self.unprotected_dma {
+            if name.is_empty() || name.len() > 64 || name.chars().any(char::is_whitespace) {
+                bail!("unprotected-dma: {name:?} is not a device-tree node name");
+            }
+        }
         if self.services.len() > moat_package::MAX_SERVICES {
             bail!(
                 "{} services declared; an image holds at most {}",
@@ -338,6 +349,26 @@ observes = ["smc"]
             err(&text).contains("services trace and trace2 have overlapping hypercall ranges"),
             "{}",
             err(&text)
+        );
+    }
+
+    #[test]
+    fn unprotected_dma_names_devices() {
+        let named = GOOD.replace(
+            "host = \"test-host\"",
+            "host = \"test-host\"\nunprotected-dma = [\"pcie\", \"virtio_mmio@a000000\"]",
+        );
+        let m = Manifest::parse(&named).unwrap();
+        assert_eq!(m.unprotected_dma, ["pcie", "virtio_mmio@a000000"]);
+        assert!(Manifest::parse(GOOD).unwrap().unprotected_dma.is_empty());
+        let bad = GOOD.replace(
+            "host = \"test-host\"",
+            "host = \"test-host\"\nunprotected-dma = [\"two words\"]",
+        );
+        assert!(
+            err(&bad).contains("is not a device-tree node name"),
+            "{}",
+            err(&bad)
         );
     }
 

@@ -18,8 +18,18 @@ use std::process::Command;
 
 /// The modules every Linux run wants, where the kernel has them as modules:
 /// the virtio PCI transport and the virtio entropy source QEMU's
-/// `virtio-rng-pci` needs.
-pub const WANTED: &[&str] = &["virtio_pci", "virtio_rng"];
+/// `virtio-rng-pci` needs, and for `--disk` the virtio block driver and
+/// the FAT file system with the code page and character sets it mounts
+/// with.
+pub const WANTED: &[&str] = &[
+    "virtio_pci",
+    "virtio_rng",
+    "virtio_blk",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "nls_utf8",
+];
 
 /// Modules for an initramfs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -245,6 +255,7 @@ pub fn from_deb(deb: &Path) -> Result<Modules> {
     }
     std::fs::write(dir.join("modules.dep"), &dep)?;
     std::fs::write(dir.join("release"), &release)?;
+    std::fs::write(dir.join("wanted"), WANTED.join(" "))?;
     std::fs::write(dir.join("load-order"), paths.join("\n"))?;
     std::fs::remove_dir_all(&unpack)?;
     Ok(Modules {
@@ -257,6 +268,10 @@ pub fn from_deb(deb: &Path) -> Result<Modules> {
 
 /// A selection written earlier, if complete.
 fn read_selection(dir: &Path) -> Option<Modules> {
+    // A selection made for another list of modules is made again.
+    if std::fs::read_to_string(dir.join("wanted")).ok()? != WANTED.join(" ") {
+        return None;
+    }
     let release = std::fs::read_to_string(dir.join("release")).ok()?;
     let dep = std::fs::read_to_string(dir.join("modules.dep")).ok()?;
     let order = std::fs::read_to_string(dir.join("load-order")).ok()?;

@@ -3,7 +3,9 @@
 //! fail patterns with a timeout.
 
 use crate::MachineArgs;
+use crate::boards::{self, Board};
 use crate::image::Built;
+use crate::tools;
 use anyhow::{Context, Result};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -27,7 +29,9 @@ pub enum OnReset {
 /// No network card (QEMU's default one needs an option ROM that a QEMU
 /// installed without recommends lacks), and one virtio-rng on PCIe: a PCI
 /// device whose 64-bit BAR Linux places in the host bridge's 64-bit window,
-/// and a source of bytes the tests can read from `/dev/hwrng`.
+/// and a source of bytes the tests can read from `/dev/hwrng`. With
+/// `--smmu`, an SMMUv3 with stage 2 in front of PCIe, and with `--disk`, a
+/// virtio-blk on PCIe.
 fn machine_command(
     m: &MachineArgs,
     virtualization: bool,
@@ -35,16 +39,20 @@ fn machine_command(
     serial: &str,
 ) -> Command {
     let mut c = Command::new("qemu-system-aarch64");
-    let gic = if m.gic == "v2" { "2" } else { "3" };
-    let mte = if m.no_mte { "off" } else { "on" };
-    let virt = if virtualization { "on" } else { "off" };
-    c.arg("-M")
-        .arg(format!(
-            "virt,virtualization={virt},mte={mte},gic-version={gic}"
-        ))
-        .args(["-cpu", &m.cpu, "-smp", &m.smp.to_string(), "-m", &m.mem])
-        .args(["-display", "none", "-serial", serial, "-monitor", "none"])
-        .args(["-nic", "none", "-device", "virtio-rng-pci"]);
+    match m.board {
+        Board::Rpi4 => {
+            // The board's own CPUs (four Cortex-A72), RAM and tree: QEMU
+            // fills in the memory node and starts the kernel at EL2 with the
+            // secondaries parked on the tree's spin table, as the Pi's
+            // firmware does. `boards::prepare` extracted the tree.
+            c.args(["-M", "raspi4b", "-dtb"])
+                .arg(tools::target_dir().join("boards").join(boards::RPI4_DTB))
+                .args(["-smp", &boards::RPI4_CPUS.to_string()])
+                .args(["-m", boards::RPI4_MEMORY])
+                .args(["-display", "none", "-serial", serial, "-monitor", "none"]);
+        }
+        Board::Virt | Board::Fvp => virt_machine(&mut c, m, virtualization, serial),
+    }
     if on_reset == OnReset::Exit {
         c.arg("-no-reboot");
     }
@@ -52,6 +60,50 @@ fn machine_command(
         c.args(["-icount", "shift=0,sleep=off"]);
     }
     c
+}
+
+/// QEMU `virt`'s machine, CPU, memory, console and device options.
+fn virt_machine(c: &mut Command, m: &MachineArgs, virtualization: bool, serial: &str) {
+    let gic = if m.gic == "v2" { "2" } else { "3" };
+    let mte = if m.no_mte { "off" } else { "on" };
+    let virt = if virtualization { "on" } else { "off" };
+    let iommu = if m.smmu { ",iommu=smmuv3" } else { "" };
+    let highmem_mmio = if m.no_highmem_mmio {
+        ",highmem-mmio=off"
+    } else {
+        ""
+    };
+    c.arg("-M")
+        .arg(format!(
+            "virt,virtualization={virt},mte={mte},gic-version={gic}{iommu}{highmem_mmio}"
+        ))
+        .args(["-cpu", &m.cpu, "-smp", &m.smp.to_string(), "-m", &m.mem])
+        .args(["-display", "none", "-serial", serial, "-monitor", "none"])
+        .args(["-nic", "none", "-device"]);
+    // Behind an SMMU, the device takes the IOMMU's path (QEMU's virtio
+    // devices otherwise reach memory directly, which no real device could),
+    // which needs the modern interface.
+    c.arg(if m.smmu {
+        "virtio-rng-pci,disable-legacy=on,iommu_platform=on"
+    } else {
+        "virtio-rng-pci"
+    });
+    if m.smmu {
+        // QEMU's SMMUv3 offers stage 1 only unless told otherwise; Moat
+        // needs stage 2.
+        c.args(["-global", "arm-smmuv3.stage=2"]);
+    }
+    if let Some(disk) = &m.disk {
+        c.arg("-drive").arg(format!(
+            "file={},if=none,id=disk0,format=raw",
+            disk.display()
+        ));
+        c.arg("-device").arg(if m.smmu {
+            "virtio-blk-pci,drive=disk0,disable-legacy=on,iommu_platform=on"
+        } else {
+            "virtio-blk-pci,drive=disk0"
+        });
+    }
 }
 
 /// QEMU's command line for an image.

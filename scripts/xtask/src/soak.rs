@@ -146,6 +146,10 @@ pub fn soak(minutes: u64) -> Result<()> {
     let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
     let img = image::pack(&built.core, &spec, "soak")?;
     let machine = MachineArgs {
+        board: crate::boards::Board::Virt,
+        no_highmem_mmio: false,
+        smmu: false,
+        disk: None,
         smp: 4,
         mem: "2G".into(),
         gic: "v3".into(),

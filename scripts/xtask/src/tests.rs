@@ -10,6 +10,8 @@
 //! and check the commands' output line by line.
 
 use crate::MachineArgs;
+use crate::boards::{self, Board};
+use crate::cpu_models;
 use crate::image::{self, Built, ImageSpec};
 use crate::kernels::{self, Kernel};
 use crate::linux::{self, Assets};
@@ -34,11 +36,47 @@ const ATTACK_SME_PASS: &[&str] = &[
     "test-host: ok   vm: the ledger and the host's stage-2 agree after the SME streaming-mode VCPU_RUN attempts (0)",
 ];
 
+/// The SMMU's DMA attack: a device behind the SMMU the core owns writes
+/// into a host page, a page donated to a VM, the hypervisor's memory, and
+/// a host page again.
+const ATTACK_DMA_SMMU_PASS: &[&str] = &[
+    "withheld from the host: 0x9050000..0x9070000 (the SMMUv3, which the core programs)",
+    "smmu: SMMUv3 at 0x9050000 owned by the core: streams 0x0..0x1000 translate through the host's stage-2",
+    "smmu: streams from 0x1000 up have no entry",
+    "test-host: ok   dma: virtio-rng-pci at 00:",
+    "test-host: ok   dma: into a host page: the device answered (true) and wrote",
+    "test-host: ok   dma: into a page the host is about to donate: the device answered (true) and wrote",
+    "smmu: fault F_TRANSLATION (0x10) stream ",
+    "test-host: ok   dma: a DMA into the page just donated to a VM at ",
+    "test-host: ok   dma: the VM finds 0 non-zero words in its page: the device's write never landed",
+    "test-host: ok   dma: a DMA into the hypervisor's carve-out at ",
+    "test-host: ok   dma: after the refused DMAs, into a host page again: the device answered (true) and wrote",
+    "SMMU stream(s) checked",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after the DMA attacks (0)",
+];
+
+/// DMA-capable devices without an SMMU the image does not name: listed,
+/// withheld, and aborting when the host touches them.
+const ATTACK_DMA_WITHHELD_PASS: &[&str] = &[
+    "device fw-cfg@9020000 at 0x9020000: DMA-capable without an SMMU: WITHHELD from the host (the image does not name it)",
+    "device virtio_mmio@a000000 at 0xa000000 and 31 more like it: DMA-capable without an SMMU: WITHHELD from the host",
+    "device pcie@10000000 at 0x4010000000: DMA-capable without an SMMU: WITHHELD from the host",
+    "device pl011@9000000 at 0x9000000: no bus mastering: given to the host",
+    "withheld from the host: 0x9020000..0x9021000 (DMA-capable devices without an SMMU)",
+    "withheld from the host: 0xa000000..0xa004000 (DMA-capable devices without an SMMU)",
+    "test-host: ok   dma: a read of qemu,fw-cfg-mmio at 0x9020000: synchronous external abort",
+    "test-host: ok   dma: a read of virtio,mmio at 0xa000000: synchronous external abort",
+    "test-host: ok   dma: a read of pci-host-ecam-generic at 0x4010000000: synchronous external abort",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after touching the withheld devices (0)",
+];
+
 /// Lines that always mean failure, whatever the test.
 const ALWAYS_FAIL: &[&str] = &["PANIC", "FATAL: exception at EL2", "test-host: FAIL"];
 
 fn machine(smp: u32, gic: &str) -> MachineArgs {
     MachineArgs {
+        board: Board::Virt,
+        no_highmem_mmio: false,
         smp,
         mem: "1G".into(),
         gic: gic.into(),
@@ -46,6 +84,16 @@ fn machine(smp: u32, gic: &str) -> MachineArgs {
         cpu: "max".into(),
         icount: false,
         timeout: Some(60),
+        smmu: false,
+        disk: None,
+    }
+}
+
+/// [`machine`] with an SMMUv3 (stage 2) in front of the PCIe root complex.
+fn machine_with_smmu(smp: u32, gic: &str) -> MachineArgs {
+    MachineArgs {
+        smmu: true,
+        ..machine(smp, gic)
     }
 }
 
@@ -146,7 +194,7 @@ fn bad_tree(name: &'static str, tree: Tree, message: &'static str) -> Case {
     }
 }
 
-fn cases() -> Vec<Case> {
+fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
     let mut cases = vec![
         host_boot("boot_gicv3", 1, "v3", &["GICv3"]),
         host_boot(
@@ -570,10 +618,41 @@ fn cases() -> Vec<Case> {
             ..host_boot("attack_boundary_arguments", 1, "v3", ATTACK_BOUNDARY_PASS)
         },
         Case {
+            bootargs: Some("moat.attack=dma_smmu"),
+            machine: machine_with_smmu(1, "v3"),
+            ..host_boot("attack_dma_through_the_smmu", 1, "v3", ATTACK_DMA_SMMU_PASS)
+        },
+        Case {
+            bootargs: Some("moat.attack=dma_withheld"),
+            ..host_boot(
+                "attack_dma_devices_without_an_smmu_are_withheld",
+                1,
+                "v3",
+                ATTACK_DMA_WITHHELD_PASS,
+            )
+        },
+        Case {
             bootargs: Some("moat.attack=table_exhaustion"),
             timeout: 300,
             ..host_boot("attack_table_heap_exhaustion", 1, "v3", ATTACK_TABLES_PASS)
         },
+        its_attack(
+            "attack_its_device_table",
+            "moat.attack=its_device_table",
+            ATTACK_ITS_DEVICE_TABLE_PASS,
+        ),
+        its_attack("attack_its_itt", "moat.attack=its_itt", ATTACK_ITS_ITT_PASS),
+        its_attack(
+            "attack_its_command_queue",
+            "moat.attack=its_command_queue",
+            ATTACK_ITS_COMMAND_QUEUE_PASS,
+        ),
+        its_attack(
+            "attack_lpi_pending_table",
+            "moat.attack=lpi_pending_table",
+            ATTACK_LPI_TABLES_PASS,
+        ),
+        linux_disk_behind_the_smmu(),
         host_fidelity(
             "linux_6_1_host_sees_what_bare_qemu_shows",
             Kernel::Default,
@@ -673,6 +752,56 @@ fn cases() -> Vec<Case> {
                 "echo powering off now; poweroff -f; sleep 5; echo not reached",
             )
         },
+        on_rpi4(Case {
+            bootargs: Some("test-host.cpu_without_mte"),
+            pass: [
+                &["test-host: PASS", "test-host: ok   3 secondary CPU(s) ran at EL1"],
+                RPI4_BOOT_PASS,
+                VM_DEMO_PASS,
+                &["the BCM2835 watchdog at 0xfe100000 resets the SoC into the firmware's halt partition"],
+            ]
+            .concat(),
+            ..host_boot("rpi4_test_host_and_protected_vm", 4, "v2", &[])
+        }),
+        on_rpi4(Case {
+            pass: [
+                RPI4_BOOT_PASS,
+                &[
+                    "smp: Brought up 1 node, 4 CPUs",
+                    "psci: PSCIv1.0 detected in firmware.",
+                    "moat-linux: exit status 0",
+                    "the BCM2835 watchdog at 0xfe100000 resets the SoC into the firmware's halt partition",
+                ],
+            ]
+            .concat(),
+            check: Some(expect_lines(vec![
+                "4".into(),
+                "Raspberry Pi 4 Model B".into(),
+                "3".into(),
+                "4".into(),
+            ])),
+            ..linux_case("rpi4_linux_four_cpus", 4, "v2", RPI4_LINUX_COMMANDS)
+        }),
+        on_rpi4(linux_protected_vm(
+            "rpi4_linux_protected_vm_from_userspace",
+            "v2",
+            "insmod /moat.ko && echo 'a line from the host' | moat-vmm run /guest.bin",
+            "guest heard: a line from the host",
+        )),
+        on_rpi4(Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "rebooting now",
+                "host CPU 0 asked for SYSTEM_RESET; the BCM2835 watchdog at 0xfe100000 resets the SoC",
+            ],
+            fail: [linux::FAIL_PATTERNS, &["not reached"]].concat(),
+            ..linux_case(
+                "rpi4_linux_reboot_resets_through_the_watchdog",
+                4,
+                "v2",
+                "echo rebooting now; reboot -f; sleep 5; echo not reached",
+            )
+        }),
         linux_protected_vm(
             "linux_protected_vm_from_userspace",
             "v3",
@@ -698,6 +827,76 @@ fn cases() -> Vec<Case> {
             );
             case.pass.push("VMID 64, MTE on");
             case
+        },
+        // A virtual GIC: the guest's timer arrives as PPI 27, an SPI the
+        // VMM injects and an SGI the guest sends itself arrive through the
+        // list registers, and a fired timer the guest leaves pending does
+        // not end every run.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "vgic probe: timer interrupt 27 after",
+                "acknowledged after: 27",
+                "vgic probe: injected SPI acknowledged as 40, own SGI as 5",
+                "vgic probe: passed",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["vgic probe: FAILED", "moat-vmm: probe-vgic"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_virtual_gic_delivers_timer_spi_and_sgi",
+                1,
+                "v3",
+                "insmod /moat.ko && moat-vmm probe-vgic /guest.bin && moat-vmm check",
+            )
+        },
+        // The pKVM guest ABI, as a kernel's pKVM guest driver uses it.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "pkvm probe: UID is KVM's: true, features 0x1d, granule 4096",
+                "pkvm probe: share 0, again -3, unshare 0, again -3, unbacked IPA -3",
+                "pkvm probe: passed",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["pkvm probe: FAILED", "moat-vmm: probe-pkvm"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_pkvm_guest_abi",
+                1,
+                "v3",
+                "insmod /moat.ko && moat-vmm probe-pkvm /guest.bin && moat-vmm check",
+            )
+        },
+        // Without a virtual GIC the guest's fired timer must not end every
+        // run either (its physical PPI is the guest's during the run), on
+        // either GIC.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "acknowledged after: 0",
+                "vgic probe: passed",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["vgic probe: FAILED", "moat-vmm: probe-vgic"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_fired_timer_does_not_end_every_run_gicv2",
+                1,
+                "v2",
+                "insmod /moat.ko && moat-vmm probe-vgic --no-vgic /guest.bin",
+            )
         },
         Case {
             pass: vec![
@@ -736,11 +935,60 @@ fn cases() -> Vec<Case> {
         },
     ];
     cases.extend(linux_vm_hostile_cases("v3"));
+    cases.extend(linux_guest_cases());
     cases.extend(linux_vm_hostile_cases("v2"));
+    cases.extend(models.iter().map(cpu_model_case));
     cases
 }
 
 /// Every host hypercall with boundary arguments (`moat.attack=boundary_arguments`).
+/// A host aiming the GICv3 ITS or the redistributors' LPI tables at memory
+/// it does not own (`moat.attack=NAME`, `images/test-host/src/its_attacks.rs`).
+fn its_attack(name: &'static str, bootargs: &'static str, pass: &[&'static str]) -> Case {
+    let mut case = host_boot(name, 1, "v3", pass);
+    case.bootargs = Some(bootargs);
+    case.pass.extend_from_slice(ITS_ATTACK_PASS);
+    // ("test-host: FAIL" fails every case already.)
+    case.fail.push("MISMATCH");
+    case
+}
+
+/// Every ITS case: the honest flow works after the attack, the core answers
+/// and the ledger agrees with the host's stage-2.
+const ITS_ATTACK_PASS: &[&str] = &[
+    "test-host: ok   its: the core still answers after ",
+    "test-host: ok   vm: the ledger and the host's stage-2 agree after ",
+];
+
+const ATTACK_ITS_DEVICE_TABLE_PASS: &[&str] = &[
+    "test-host: ok   its: LPIs on with the host's own property and pending tables",
+    "test-host: ok   its: GITS_BASER with the device table at the VM's page ",
+    "test-host: ok   its: MAPD with the device table at a VM's page never lands",
+    "test-host: ok   its: with tables in the host's own memory, MAPD, MAPTI and INT deliver LPI 8193",
+    "test-host: ok   its: the host reads its device table while the ITS uses it: synchronous external abort",
+];
+
+const ATTACK_ITS_ITT_PASS: &[&str] = &[
+    "test-host: ok   its: MAPD with the ITT at a VM's page ",
+    "test-host: ok   its: MAPD with the ITT at the hypervisor's memory ",
+    "test-host: ok   its: VM_DONATE of the ITS's device table refused (Denied",
+    "test-host: ok   its: with tables in the host's own memory, MAPD, MAPTI and INT deliver LPI 8193",
+];
+
+const ATTACK_ITS_COMMAND_QUEUE_PASS: &[&str] = &[
+    "test-host: ok   its: GITS_CBASER at the VM's page ",
+    "test-host: ok   its: VM_DONATE of the command queue in use refused (Denied",
+    "test-host: ok   its: the queue still works after the refused donation",
+    "test-host: ok   its: with tables in the host's own memory, MAPD, MAPTI and INT deliver LPI 8193",
+];
+
+const ATTACK_LPI_TABLES_PASS: &[&str] = &[
+    "test-host: ok   its: GICR_PENDBASER at the VM's page ",
+    "test-host: ok   its: GICR_PROPBASER at the VM's page ",
+    "test-host: ok   its: with the host's own tables LPIs come on and LPI 8193 is delivered",
+    "test-host: ok   its: the host reads its pending table while the redistributor uses it: synchronous external abort",
+];
+
 const ATTACK_BOUNDARY_PASS: &[&str] = &[
     "test-host: ok   boundary: the fixture: ",
     "test-host: ok   boundary: HOST_SHARE_HYP with PA = 0, 1, page-1, 2^48, 2^64-page, u64::MAX: ",
@@ -859,7 +1107,7 @@ fn linux_vm_hostile_cases(gic: &'static str) -> Vec<Case> {
         Case {
             pass: vec![
                 linux::MARKER_COMMANDS,
-                "moat-vmm: probes: 23 as expected, 0 not",
+                "moat-vmm: probes: 28 as expected, 0 not",
                 "moat-vmm: the ledger and the host's stage-2 agree",
                 "moat-linux: exit status 0",
             ],
@@ -937,6 +1185,62 @@ fn linux_vm_memory_case(
         ..linux_case(name, 2, gic, commands)
     }
 }
+
+/// Linux under Moat on two CPUs of `model` (QEMU `virt`, GICv3, MTE only
+/// where the model has it), and a protected VM run from its userspace.
+fn cpu_model_case(model: &cpu_models::Model) -> Case {
+    let heard = "guest heard: a line from the host";
+    let mut case = linux_protected_vm(
+        model.case,
+        "v3",
+        "nproc; insmod /moat.ko && echo 'a line from the host' | moat-vmm run /guest.bin",
+        heard,
+    );
+    case.machine.cpu = model.name.into();
+    case.machine.no_mte = !model.mte;
+    case.machine.no_highmem_mmio = model.pa_bits < 44;
+    case.pass.push("host features the EL2 controls give:");
+    case.pass.push("smp: Brought up 1 node, 2 CPUs");
+    case.check = Some(Box::new(move |console: &str| {
+        let out = linux::command_output(console);
+        if out.first().map(String::as_str) == Some("2") && out.iter().any(|l| l == heard) {
+            Ok(())
+        } else {
+            Err(format!("expected nproc 2 then {heard:?}, got {out:?}"))
+        }
+    }));
+    case
+}
+
+/// `case` on the Raspberry Pi 4 under QEMU's `raspi4b` (four Cortex-A72,
+/// 2 GiB, its own device tree): a GIC-400, no PSCI firmware, secondaries on
+/// the firmware's spin table, no MTE, SVE or PAuth.
+fn on_rpi4(mut case: Case) -> Case {
+    case.machine.board = Board::Rpi4;
+    case.machine.smp = boards::RPI4_CPUS;
+    case.machine.mem = boards::RPI4_MEMORY.into();
+    case.machine.gic = "v2".into();
+    case.machine.cpu = "cortex-a72".into();
+    // Four emulated CPUs on a shared machine: the boots take longer.
+    case.timeout = case.timeout.max(300);
+    case
+}
+
+/// What every boot on the Pi 4 shows: the board from its tree, the core's
+/// own CPU power, the secondaries released from the spin table.
+const RPI4_BOOT_PASS: &[&str] = &[
+    "platform \"Raspberry Pi 4 Model B\" (raspberrypi,4-model-b, device tree from firmware): 4 CPU(s), GICv2, PSCI absent",
+    "no PSCI firmware: the core starts CPUs itself (releasing them from the firmware's spin table) and answers the host's PSCI; SYSTEM_OFF/RESET through the BCM2835 watchdog",
+    "withheld from the host: 0xff844000..0xff846000 (the GICv2 hypervisor interface)",
+    "host MTE policy: no MTE in hardware",
+    "3 secondary CPU(s) left the firmware's spin table and wait in the core for the host's CPU_ON",
+];
+
+/// The Pi 4's Linux commands: CPUs, the board's model, CPU 3 taken offline
+/// (PSCI CPU_OFF, AFFINITY_INFO) and back (CPU_ON from the core's wait).
+const RPI4_LINUX_COMMANDS: &str = "nproc; tr -d '\\0' < /proc/device-tree/model; echo; \
+echo 0 > /sys/devices/system/cpu/cpu3/online; nproc; \
+echo 1 > /sys/devices/system/cpu/cpu3/online; nproc";
 
 /// `moat.ko` and `moat-vmm` under Linux on two CPUs running `commands`: the
 /// guest's greeting and what it `heard` on the VMM's standard input come
@@ -1066,6 +1370,171 @@ insmod /moat-test.ko || exit 1
 moat-vmm read-donated
 echo \"rogue read: status $?\"
 moat-vmm check";
+
+/// Debian's kernel (the host's own) as a protected VM: it boots to its
+/// busybox `/init`, runs the commands and powers off; the timer ticked
+/// through the virtual GIC (a non-zero count for INTID 27 in the guest's
+/// /proc/interrupts).
+const LINUX_GUEST_COMMANDS: &str = "insmod /moat.ko && moat-vmm run --kernel /guest/Image \
+     --initrd /guest/initrd --cpus 2 --cmd \"nproc; uname -r; cat /proc/interrupts | head\" \
+     && moat-vmm check";
+
+/// A Linux guest mid-boot whose VMM is killed: everything comes back.
+const LINUX_GUEST_KILL_COMMANDS: &str = concat!(
+    vm_prelude!(),
+    "\
+before=$(free_pages)
+moat-vmm run --kernel /guest/Image --initrd /guest/initrd --append console=ttyAMA0 \
+    --cmd 'echo not reached' > /tmp/out 2>&1 &
+vmm=$!
+n=0
+until grep -q 'Memory:' /tmp/out; do n=$((n + 1)); [ $n -lt 3000 ] || exit 3; sleep 0.1; done
+echo 'the Linux guest is booting'
+kill -9 $vmm
+wait $vmm
+echo \"killed: status $?\"
+grep -q 'moat-guest: init started' /tmp/out && echo 'the guest had finished booting'
+after=$(free_pages)
+echo \"free pages before $before after $after\"
+moat-vmm check || exit 4
+rmmod moat && echo 'module unloaded after the VM'"
+);
+
+/// A booted Linux guest whose VMM maps one of its pages (through the
+/// module's test build) and reads it.
+const LINUX_GUEST_ROGUE_MAP_COMMANDS: &str = "\
+insmod /moat-test.ko || exit 1
+moat-vmm run --kernel /guest/Image --initrd /guest/initrd --read-own-memory-at-init
+echo \"rogue read: status $?\"
+moat-vmm check";
+
+/// The guest's two vCPUs: `nproc` said 2, and its /proc/interrupts shows
+/// timer interrupts (INTID 27) on both and IPIs between them.
+fn check_guest_smp(console: &str) -> Result<(), String> {
+    let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
+    let start = lines
+        .iter()
+        .position(|l| *l == linux_vm::GUEST_MARKER_COMMANDS)
+        .ok_or("the guest never ran its commands")?;
+    if lines.get(start + 1) != Some(&"2") {
+        return Err(format!("nproc printed {:?}, not 2", lines.get(start + 1)));
+    }
+    let counts = |l: &str| -> Vec<u64> {
+        l.split_whitespace()
+            .skip(1)
+            .take(2)
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let timer = lines[start..]
+        .iter()
+        .find(|l| l.contains("GICv3  27 Level") && l.contains("arch_timer"))
+        .map(|l| counts(l))
+        .ok_or("no arch_timer line for INTID 27 in the guest's /proc/interrupts")?;
+    let ipis: u64 = lines[start..]
+        .iter()
+        .filter(|l| l.trim_start().starts_with("IPI"))
+        .map(|l| counts(l).iter().sum::<u64>())
+        .sum();
+    println!("    guest timer interrupts per vCPU: {timer:?}; IPIs: {ipis}");
+    if timer.len() != 2 || timer.contains(&0) {
+        return Err(format!(
+            "timer interrupts per vCPU {timer:?}: not both ticking"
+        ));
+    }
+    if ipis == 0 {
+        return Err("no IPI between the guest's vCPUs".into());
+    }
+    Ok(())
+}
+
+/// The Linux guest's cases (GICv3 only: the virtual GIC needs it).
+fn linux_guest_cases() -> Vec<Case> {
+    const GUEST_FAIL: &[&str] = &[
+        "moat-vmm: guest crashed",
+        "moat-vmm: VM",
+        "moat-vmm: opening",
+        "moat-vmm: VCPU_RUN",
+        "moat-vmm: building",
+        "moat-vmm: reading",
+    ];
+    vec![
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                linux_vm::GUEST_MARKER_INIT,
+                linux_vm::GUEST_MARKER_COMMANDS,
+                "6.1.0-",
+                "arch_timer",
+                "moat-guest: exit status 0",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                GUEST_FAIL,
+                &["moat-guest: exit status 1"],
+            ]
+            .concat(),
+            check: Some(Box::new(check_guest_smp)),
+            timeout: 900,
+            ..linux_case(
+                "linux_guest_debian_kernel_boots_as_protected_vm_on_two_vcpus",
+                2,
+                "v3",
+                LINUX_GUEST_COMMANDS,
+            )
+        },
+        Case {
+            timeout: 900,
+            fail: [
+                linux::FAIL_PATTERNS,
+                GUEST_FAIL,
+                &[
+                    "unloaded under a live VM",
+                    "the guest had finished booting",
+                    "not reached",
+                ],
+            ]
+            .concat(),
+            ..linux_vm_memory_case(
+                "linux_guest_killed_vmm_mid_boot_frees_everything",
+                LINUX_GUEST_KILL_COMMANDS,
+                &[
+                    "the Linux guest is booting",
+                    "killed: status 137",
+                    "module unloaded after the VM",
+                ],
+                LOOSE_PAGES,
+                "v3",
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                linux_vm::GUEST_MARKER_INIT,
+                "moat-vmm: reading the Linux guest's first page",
+                "synchronous external abort injected",
+                "rogue read: status 135",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &GUEST_FAIL[..1],
+                &["moat-vmm: read the Linux guest's page"],
+            ]
+            .concat(),
+            timeout: 900,
+            ..linux_case(
+                "linux_guest_page_mapped_into_a_process_aborts",
+                2,
+                "v3",
+                LINUX_GUEST_ROGUE_MAP_COMMANDS,
+            )
+        },
+    ]
+}
 
 /// One hundred VMs created, run to their end and destroyed, one after
 /// another, after twenty more that let the kernel's caches for processes
@@ -1223,10 +1692,13 @@ fn linux_case(name: &'static str, smp: u32, gic: &str, commands: &'static str) -
 /// bookworm updates), fetched into its own cache folder.
 const NEWER_KERNEL: &str = "linux-image-6.12.*+deb12-arm64-unsigned";
 
-/// What the fidelity cases run: the feature probe, and 16 bytes from the
+/// What the fidelity cases run: the feature probe, 16 bytes from the
 /// virtio-rng on PCIe (its driver a module on 6.1, its BAR in the PCIe
-/// host bridge's 64-bit window).
-const FIDELITY_COMMANDS: &str = "moat-probe; head -c 16 /dev/hwrng | od -x";
+/// host bridge's 64-bit window), and the interrupts the GICv3 ITS
+/// delivers (the virtio-rng's MSI-X vectors, through the ITS the core
+/// emulates).
+const FIDELITY_COMMANDS: &str =
+    "moat-probe; head -c 16 /dev/hwrng | od -x; grep ITS /proc/interrupts";
 
 /// Linux (`kernel`) under Moat on 2 CPUs with GICv3 and a virtio-rng on
 /// PCIe: the feature probe finds every advertised feature working, the
@@ -1246,6 +1718,8 @@ fn host_fidelity(name: &'static str, kernel: Kernel, append: Option<&'static str
         pass: vec![
             linux::MARKER_COMMANDS,
             "probe: faults in advertised features: 0",
+            // `grep ITS /proc/interrupts`: the chip name of an ITS vector.
+            " ITS-",
             "moat-linux: exit status 0",
             "asked for SYSTEM_OFF",
         ],
@@ -1296,6 +1770,20 @@ fn check_probe_and_hwrng(console: &str, without_mte: bool) -> Result<(), String>
     });
     if !bytes || !out.iter().any(|l| l == "0000020") {
         return Err(format!("no 16 bytes from /dev/hwrng: {out:?}"));
+    }
+    // "  13:   1   0   ITS-MSI 16384 Edge      virtio0-config": an MSI the
+    // ITS translated, counted at least once on some CPU.
+    let delivered = out.iter().any(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words.iter().any(|w| w.starts_with("ITS-"))
+            && words
+                .iter()
+                .skip(1)
+                .take_while(|w| w.chars().all(|c| c.is_ascii_digit()))
+                .any(|w| *w != "0")
+    });
+    if !delivered {
+        return Err(format!("no interrupt delivered through the ITS: {out:?}"));
     }
     Ok(())
 }
@@ -1403,6 +1891,36 @@ fn linux_mte(name: &'static str, append: Option<&'static str>, expected: &str) -
     let mut case = linux_case(name, 1, "v3", "grep -c ' mte' /proc/cpuinfo || true");
     case.bootargs = append;
     case.check = Some(expect_lines(vec![expected.to_string()]));
+    case
+}
+
+/// What the disk case runs: read the disk's file, write one, read it back
+/// from the disk (unmounted between, so nothing comes from the page
+/// cache), and show that the disk's interrupts are MSI-X through the ITS.
+const DISK_COMMANDS: &str = "mkdir -p /mnt && mount -t vfat /dev/vda /mnt && cat /mnt/hello.txt \
+    && echo written-through-the-smmu > /mnt/new.txt && umount /mnt \
+    && mount -t vfat /dev/vda /mnt && cat /mnt/new.txt && umount /mnt \
+    && grep ITS-MSI /proc/interrupts | grep -q virtio && echo virtio-msix-through-the-its";
+
+/// Linux on 2 CPUs with a virtio-blk disk and a virtio-rng behind the SMMU
+/// the core owns: the disk works (its DMA through the host's stage-2), its
+/// interrupts are MSI-X through the ITS, and the SMMU records no fault.
+fn linux_disk_behind_the_smmu() -> Case {
+    let mut case = linux_case("linux_disk_behind_the_smmu", 2, "v3", DISK_COMMANDS);
+    case.machine = MachineArgs {
+        disk: Some(tools::target_dir().join("test-disk.img")),
+        ..machine_with_smmu(2, "v3")
+    };
+    case.pass.extend_from_slice(&[
+        "smmu: SMMUv3 at 0x9050000 owned by the core",
+        "DMA behind the SMMU the core owns: given to the host",
+    ]);
+    case.fail.push("smmu: fault");
+    case.check = Some(expect_lines(vec![
+        crate::disk::FILE_TEXT.trim_end().to_string(),
+        "written-through-the-smmu".into(),
+        "virtio-msix-through-the-its".into(),
+    ]));
     case
 }
 
@@ -1565,12 +2083,17 @@ struct Services {
 fn image_for(
     case: &Case,
     built: &Built,
+    core: &std::path::Path,
     external: &Option<PathBuf>,
     assets: &HashMap<Kernel, Assets>,
     vm_pieces: Option<&linux_vm::Pieces>,
     services: &Services,
 ) -> Result<(PathBuf, Option<PathBuf>)> {
     let mut initramfs = None;
+    // A case's disk starts as a fresh image every run (the case writes to it).
+    if let Some(d) = &case.machine.disk {
+        crate::disk::make(d)?;
+    }
     let spec = match case.host {
         Payload::Linux { commands } => {
             let assets = assets
@@ -1581,7 +2104,8 @@ fn image_for(
             let initrd =
                 linux::write_initramfs(assets, vm, Some(commands), &format!("test-{}", case.name))?;
             initramfs = Some(initrd.clone());
-            linux::image_spec(assets, &initrd, case.bootargs, &services.linux)
+            let append = boards::linux_append(case.machine.board, case.bootargs);
+            linux::image_spec(assets, &initrd, append.as_deref(), &services.linux)
         }
         Payload::TestHost | Payload::TestHostWith { .. } | Payload::External => ImageSpec {
             host: match case.host {
@@ -1623,19 +2147,18 @@ fn image_for(
                 .to_vec(),
         ),
     };
-    let image =
-        image::pack_with_dtb_bytes(&built.core, &spec, dtb, &format!("test-{}", case.name))?;
+    let image = image::pack_with_dtb_bytes(core, &spec, dtb, &format!("test-{}", case.name))?;
     Ok((image, initramfs))
 }
 
 /// Runs the integration tests; returns (passed, failed names).
-fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
+fn integration(filter: Option<&str>, models: &[cpu_models::Model]) -> Result<(u32, Vec<String>)> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
     let external = Some(build_external_payload()?);
     let logs = tools::target_dir().join("test-logs");
     std::fs::create_dir_all(&logs)?;
-    let selected: Vec<Case> = cases()
+    let selected: Vec<Case> = cases(models)
         .into_iter()
         .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
         .collect();
@@ -1667,12 +2190,23 @@ fn integration(filter: Option<&str>) -> Result<(u32, Vec<String>)> {
             services.others.push((manifest, set));
         }
     }
+    // The core linked for each board the selected cases boot on.
+    let mut cores: HashMap<Board, PathBuf> = HashMap::new();
+    cores.insert(Board::Virt, built.core.clone());
+    for case in &selected {
+        let board = case.machine.board;
+        if let std::collections::hash_map::Entry::Vacant(slot) = cores.entry(board) {
+            boards::prepare(board)?;
+            slot.insert(image::build_for(board)?.core);
+        }
+    }
     let mut passed = 0;
     let mut failed = Vec::new();
     for case in selected {
         let (img, initramfs) = image_for(
             &case,
             &built,
+            &cores[&case.machine.board],
             &external,
             &assets,
             vm_pieces.as_ref(),
@@ -1864,13 +2398,22 @@ fn book() -> Result<()> {
         .arg(tools::root().join("book")))
 }
 
-pub fn run_all(filter: Option<&str>, integration_only: bool) -> Result<()> {
+pub fn run_all(filter: Option<&str>, integration_only: bool, cpus: Option<&str>) -> Result<()> {
+    let models = cpu_models::select(cpus)?;
     if !integration_only && filter.is_none() {
         unit_tests_and_lints()?;
+        crate::coverage::report()?;
         book()?;
-        println!("xtask: unit tests, lints and the book passed");
+        let fvp = crate::fvp::build_image()?;
+        let sd = tools::target_dir().join("rpi4-boot");
+        crate::sdcard::write(Board::Rpi4, &sd)?;
+        println!(
+            "xtask: unit tests, lints and the book passed; the FVP's image builds ({}); the Pi 4's boot files are written and checked ({})",
+            fvp.display(),
+            sd.display()
+        );
     }
-    let (passed, failed) = integration(filter)?;
+    let (passed, failed) = integration(filter, &models)?;
     println!("integration: {passed} passed, {} failed", failed.len());
     if !failed.is_empty() {
         bail!("integration tests failed: {}", failed.join(", "));
@@ -1890,9 +2433,39 @@ fn bench_value(console: &str, key: &str) -> Option<u64> {
         })
 }
 
-pub fn bench(emulator_cost: bool) -> Result<()> {
+/// Runs the benchmark image `img` on `machine`; its console, also kept in
+/// `target/<log>`.
+fn bench_console(img: &std::path::Path, machine: &MachineArgs, log: &str) -> Result<String> {
+    let cmd = qemu::command(img, machine, &[]);
+    let harness = Harness {
+        pass: &["bench: donate_total_512=", "test-host: PASS"],
+        fail: ALWAYS_FAIL,
+        timeout: Duration::from_secs(120),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(cmd, &harness)?;
+    std::fs::write(tools::target_dir().join(log), &out.console)?;
+    if out.verdict != Verdict::Passed {
+        bail!(
+            "benchmark run failed ({:?}); console in target/{log}",
+            out.verdict
+        );
+    }
+    Ok(out.console)
+}
+
+pub fn bench(emulator_cost: bool, only_linux_guest: bool) -> Result<()> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
+    if only_linux_guest {
+        let (moat, direct) = linux_guest_boot_instructions(&built)?;
+        println!(
+            "linux_guest_boot_instructions: {moat} under Moat / {direct} booted directly = {:.3}",
+            moat as f64 / direct as f64
+        );
+        return Ok(());
+    }
     // The demo image, with the MTE policy off so the UNDEF path can be timed.
     let (_, demo) = image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?;
     let spec = ImageSpec {
@@ -1964,6 +2537,24 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         vm_figures.insert(alias.to_string(), v);
     }
 
+    // Keeping the SMMU in step: the same 512-page donation on a machine
+    // whose SMMU the core owns, less the donation without one, per page.
+    let smmu_console = bench_console(
+        &img,
+        &MachineArgs {
+            smmu: true,
+            ..bench_machine.clone()
+        },
+        "bench-smmu.log",
+    )?;
+    let without = figure("donate_total_512")?;
+    let with = bench_value(&smmu_console, "donate_total_512")
+        .context("no donate_total_512 figure in the SMMU run's console")?;
+    let smmu_sync_per_page = (with as f64 - without as f64) / 512.0;
+    println!(
+        "smmu_sync_per_page: {smmu_sync_per_page:.2} instructions per page of a 512-page donation for the SMMU's invalidation ({with} with the SMMU, {without} without)"
+    );
+
     let vmm_exit_roundtrip = vmm_exit_roundtrip(&built)?;
     println!(
         "vmm_exit_roundtrip: {vmm_exit_roundtrip} instructions per round trip (guest hvc -> core -> moat.ko -> moat-vmm in Linux userspace -> MOAT_RUN -> guest)"
@@ -1974,21 +2565,45 @@ pub fn bench(emulator_cost: bool) -> Result<()> {
         "kvm_exit_roundtrip: {kvm_exit_roundtrip} instructions per round trip (guest MMIO store -> Linux KVM at EL2 (VHE) -> moat-vmm bench-kvm in userspace -> KVM_RUN -> guest; no Moat)"
     );
 
+    let guest_boot = linux_guest_boot_instructions(&built)?;
+    println!(
+        "linux_guest_boot_instructions: {} under Moat (VM creation to the guest's first userspace line, 1 vCPU) / {} booted directly = {:.3}",
+        guest_boot.0,
+        guest_boot.1,
+        guest_boot.0 as f64 / guest_boot.1 as f64
+    );
+
+    let boot_instructions = linux_boot_instructions(&built)?;
+    println!(
+        "linux_boot_instructions_ratio: {:.4} ({} instructions under Moat, {} directly at EL1, reset to /init's first command, 1 CPU, icount)",
+        boot_instructions.ratio(),
+        boot_instructions.moat,
+        boot_instructions.direct
+    );
+
     let boots = LinuxBoots::prepare(&built)?;
     let boot = linux_boot_times(&boots)?;
     let mut json = serde_json::json!({
+        "linux_guest_boot_instructions": guest_boot.0,
+        "linux_guest_boot_direct_instructions": guest_boot.1,
+        "linux_guest_boot_ratio": round3(guest_boot.0 as f64 / guest_boot.1 as f64),
         "vmm_exit_roundtrip": vmm_exit_roundtrip,
         "kvm_exit_roundtrip": kvm_exit_roundtrip,
         "null_hvc": null_hvc,
         "service_call": service_call,
         "service_call_el2": service_call_el2,
         "mte_sysreg_undef": mte_sysreg_undef,
+        "linux_boot_instructions_ratio": (boot_instructions.ratio() * 10_000.0).round() / 10_000.0,
+        "linux_boot_instructions_moat": boot_instructions.moat,
+        "linux_boot_instructions_direct": boot_instructions.direct,
+        "core_bytes": std::fs::metadata(&built.core)?.len(),
         "linux_boot_ratio": round3(boot.ratio),
         "linux_boot_moat_seconds": round3(boot.moat),
         "linux_boot_direct_seconds": round3(boot.direct),
         "linux_boot_el2_stub_seconds": round3(boot.el2_stub),
         "linux_boot_el2_stub_ratio": round3(boot.el2_stub_ratio),
         "linux_boot_moat_over_el2_stub": round3(boot.moat_over_el2_stub),
+        "smmu_sync_per_page": round3(smmu_sync_per_page),
     });
     if let Some(map) = json.as_object_mut() {
         map.extend(vm_figures);
@@ -2057,6 +2672,133 @@ fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
     let cmd = qemu::command(&img, &bench_linux_machine(), &[]);
     let (_, figure) = exit_bench(cmd, "bench-vmm", "HVC exits to this process and back: ")?;
     Ok(figure)
+}
+
+/// The counter figure after `marker` on the console, in nanoseconds (under
+/// icount, instructions), given the frequency on the same line.
+fn counter_ns(console: &str, marker: &str) -> Option<u64> {
+    console.lines().find_map(|l| {
+        let rest = l.split_once(marker)?.1;
+        let mut words = rest.split_whitespace();
+        let ticks: u64 = words.next()?.parse().ok()?;
+        let freq: u64 = match (words.next(), words.next()) {
+            (Some("frequency"), Some(f)) => f.parse().ok()?,
+            _ => 1_000_000_000,
+        };
+        u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(freq.max(1))).ok()
+    })
+}
+
+/// Instructions from a Linux guest's creation to its first userspace line:
+/// Debian's kernel and the guest's initramfs as a protected VM (one vCPU)
+/// under Linux under Moat, against the same kernel and initramfs booted
+/// directly by QEMU, both on one CPU under icount. The guest's `/init`
+/// reads the counter itself (`moat-vmm counter`); the VMM reads it just
+/// before `VM_CREATE`. Returns (under Moat, direct).
+fn linux_guest_boot_instructions(built: &Built) -> Result<(u64, u64)> {
+    let assets = linux::ensure_assets()?;
+    let mut vm = linux_vm::build(&assets, built, false)?;
+    let bench_initrd = linux_vm::write_linux_guest_initramfs(&assets, Some(&vm.vmm))?;
+    vm.linux_guest.1 = bench_initrd.clone();
+    let append = "console=ttyAMA0 quiet moat.bench";
+    let commands = format!(
+        "insmod /moat.ko && moat-vmm run --kernel /guest/Image --initrd /guest/initrd --append '{append}'"
+    );
+    let initrd = linux::write_initramfs(&assets, Some(&vm), Some(&commands), "bench-guest")?;
+    let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
+    let img = image::pack(&built.core, &spec, "bench-guest")?;
+    let cmd = qemu::command(&img, &bench_linux_machine(), &[]);
+    let (console, _) = exit_bench(cmd, "bench-guest", "moat-vmm: counter ")?;
+    let start = counter_ns(&console, "moat-vmm: VM_CREATE at counter ")
+        .context("no VM_CREATE counter; console in target/bench-guest.log")?;
+    let end = counter_ns(&console, "moat-vmm: counter ")
+        .context("no guest counter; console in target/bench-guest.log")?;
+    let under_moat = end
+        .checked_sub(start)
+        .context("the guest's counter is before the VM's creation")?;
+    let direct_cmd = qemu::linux_direct_command(
+        &assets.kernel,
+        &bench_initrd,
+        append,
+        &bench_linux_machine(),
+    );
+    let harness = Harness {
+        pass: &["moat-vmm: counter "],
+        fail: linux::FAIL_PATTERNS,
+        timeout: Duration::from_secs(900),
+        after_pass: AfterPass::WaitForExit,
+        echo: false,
+    };
+    let out = qemu::run_harnessed(direct_cmd, &harness)?;
+    std::fs::write(
+        tools::target_dir().join("bench-guest-direct.log"),
+        &out.console,
+    )?;
+    let direct = counter_ns(&out.console, "moat-vmm: counter ")
+        .context("no counter from the direct boot; console in target/bench-guest-direct.log")?;
+    Ok((under_moat, direct))
+}
+
+/// Instructions from reset to the first command of `/init`, under Moat
+/// and with the same kernel and initramfs booted directly at EL1.
+struct BootInstructions {
+    moat: u64,
+    direct: u64,
+}
+
+impl BootInstructions {
+    fn ratio(&self) -> f64 {
+        self.moat as f64 / self.direct as f64
+    }
+}
+
+/// Boots Debian's kernel twice under `-icount shift=0,sleep=off` on one
+/// CPU — under Moat (its boot included) and directly on QEMU at EL1 — with
+/// an initramfs whose `/init` reads the virtual counter first. QEMU 10's
+/// counter runs at 1 GHz, so with icount one tick is one instruction: the
+/// figures do not depend on how busy this machine is.
+fn linux_boot_instructions(built: &Built) -> Result<BootInstructions> {
+    let assets = linux::ensure_assets()?;
+    let initrd = linux::write_initramfs_with(
+        &assets,
+        None,
+        Some("true"),
+        "bench-boot-instructions",
+        vec![(linux::BOOT_COUNTER_FLAG, 0o644, Vec::new())],
+    )?;
+    let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
+    let img = image::pack(&built.core, &spec, "bench-boot-instructions")?;
+    let m = bench_linux_machine();
+    let harness = Harness {
+        pass: &[linux::MARKER_INIT],
+        fail: linux::FAIL_PATTERNS,
+        timeout: Duration::from_secs(300),
+        after_pass: AfterPass::Stop,
+        echo: false,
+    };
+    let count = |label: &str, cmd: std::process::Command| -> Result<u64> {
+        let out = qemu::run_harnessed(cmd, &harness)?;
+        let log = tools::target_dir().join(format!("bench-boot-instructions-{label}.log"));
+        std::fs::write(&log, &out.console)?;
+        if out.verdict != Verdict::Passed {
+            bail!(
+                "Linux boot ({label}) failed: {:?}; console in {}",
+                out.verdict,
+                log.display()
+            );
+        }
+        out.console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("probe: counter="))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no `probe: counter=` line; console in {}", log.display()))
+    };
+    let moat = count("moat", qemu::command(&img, &m, &[]))?;
+    let direct = count(
+        "direct",
+        qemu::linux_direct_command(&assets.kernel, &initrd, &linux::bootargs(None), &m),
+    )?;
+    Ok(BootInstructions { moat, direct })
 }
 
 /// One CPU, GICv3, icount: the machine of the exit benchmarks.

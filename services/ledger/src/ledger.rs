@@ -526,6 +526,48 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
                     pages(splice, Some((slot, VmPages::Remove(range.count)))),
                 )
             }
+            Op::HostDonateHyp { range } => {
+                let end = range.checked_end()?;
+                let splice = self.plan_pages(
+                    range.start,
+                    end,
+                    exclusive(Owner::Host),
+                    Owner::Hypervisor,
+                    None,
+                )?;
+                let tx = tx
+                    .with(Change::Unmap {
+                        party: Owner::Host,
+                        range,
+                    })
+                    .with_scrub(range);
+                (tx, pages(splice, None))
+            }
+            Op::HypReturnHost { range } => {
+                let end = range.checked_end()?;
+                // The hypervisor's own memory (what it was given at boot)
+                // never leaves it: only pages the host donated come back.
+                if self
+                    .hypervisor()
+                    .iter()
+                    .any(|h| h.start < end && range.start < h.start.saturating_add(h.count))
+                {
+                    return Err(LedgerError::PageNotOwned { pfn: range.start });
+                }
+                let splice = self.plan_pages(
+                    range.start,
+                    end,
+                    exclusive(Owner::Hypervisor),
+                    Owner::Host,
+                    None,
+                )?;
+                let tx = tx.with_scrub(range).with(Change::Map {
+                    party: Owner::Host,
+                    range,
+                    perms: Perms::RWX,
+                });
+                (tx, pages(splice, None))
+            }
             Op::DonateService { range, service } => {
                 let end = range.checked_end()?;
                 let splice = self.plan_pages(
@@ -929,6 +971,47 @@ mod tests {
             broken(|l| extent(l, 0).borrower = Some(Owner::Vm(1))),
             InvariantViolation::IllegalShare { pfn: 0x100 }
         );
+    }
+
+    #[test]
+    fn host_pages_go_to_the_hypervisor_and_come_back() {
+        let mut l = ledger();
+        let range = PfnRange::new(0x130, 4);
+        let tx = l.execute(Op::HostDonateHyp { range }).unwrap();
+        assert_eq!(
+            tx.changes(),
+            &[Change::Unmap {
+                party: Owner::Host,
+                range
+            }]
+        );
+        assert_eq!(tx.scrub(), Some(range));
+        assert_eq!(l.page(0x131), Some((Owner::Hypervisor, None)));
+        l.check_invariants().unwrap();
+        // Donated once: not the host's to donate again.
+        assert_eq!(
+            l.prepare(Op::HostDonateHyp { range }).unwrap_err(),
+            LedgerError::PageNotOwned { pfn: 0x130 }
+        );
+        let back = l.execute(Op::HypReturnHost { range }).unwrap();
+        assert_eq!(back.scrub(), Some(range));
+        assert_eq!(l.page(0x133), Some((Owner::Host, None)));
+        l.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn the_hypervisors_own_memory_is_never_returned() {
+        let l = ledger();
+        for range in [PfnRange::new(0x110, 1), PfnRange::new(0x10f, 2)] {
+            assert!(l.prepare(Op::HypReturnHost { range }).is_err());
+        }
+        // Pages that are the host's, a VM's or shared are not the hypervisor's to return.
+        for range in [PfnRange::new(0x100, 1), PfnRange::new(0x128, 1)] {
+            assert_eq!(
+                l.prepare(Op::HypReturnHost { range }).unwrap_err(),
+                LedgerError::PageNotOwned { pfn: range.start }
+            );
+        }
     }
 
     #[test]

@@ -55,6 +55,18 @@ pub enum Op {
         /// Its pages.
         range: PfnRange,
     },
+    /// The host gives its pages to the hypervisor, which hands them to
+    /// hardware it drives for the host (the interrupt controller's tables):
+    /// the host loses every mapping of them until they come back.
+    HostDonateHyp {
+        /// The host's pages.
+        range: PfnRange,
+    },
+    /// The hypervisor gives back pages the host donated to it.
+    HypReturnHost {
+        /// The pages.
+        range: PfnRange,
+    },
     /// The host gives its pages to a service (a service heap).
     DonateService {
         /// The host's pages.
@@ -74,6 +86,8 @@ impl Op {
             | Self::VmShareHost { range, .. }
             | Self::VmUnshareHost { range, .. }
             | Self::Reclaim { range, .. }
+            | Self::HostDonateHyp { range }
+            | Self::HypReturnHost { range }
             | Self::DonateService { range, .. } => Some(range),
             Self::CreateVm { .. } | Self::DestroyVm { .. } => None,
         }

@@ -23,6 +23,8 @@ pub fn op_of(request: &LedgerRequest) -> Option<Op> {
         LedgerRequest::CREATE_VM => Op::CreateVm { vm: vm? },
         LedgerRequest::DESTROY_VM => Op::DestroyVm { vm: vm? },
         LedgerRequest::RECLAIM => Op::Reclaim { vm: vm?, range },
+        LedgerRequest::HOST_DONATE_HYP => Op::HostDonateHyp { range },
+        LedgerRequest::HYP_RETURN_HOST => Op::HypReturnHost { range },
         _ => return None,
     })
 }

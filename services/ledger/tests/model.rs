@@ -224,6 +224,25 @@ impl Model {
                     Some(range),
                 ))
             }
+            Op::HostDonateHyp { range } => {
+                shape(range)?;
+                self.check(range, exclusive(Owner::Host))?;
+                self.set(range, Owner::Hypervisor, None);
+                Ok((vec![unmap(Owner::Host, range)], Some(range)))
+            }
+            Op::HypReturnHost { range } => {
+                shape(range)?;
+                let end = range.start + range.count;
+                if HYP
+                    .iter()
+                    .any(|h| h.start < end && range.start < h.start + h.count)
+                {
+                    return Err(LedgerError::PageNotOwned { pfn: range.start });
+                }
+                self.check(range, exclusive(Owner::Hypervisor))?;
+                self.set(range, Owner::Host, None);
+                Ok((vec![map(Owner::Host, range, Perms::RWX)], Some(range)))
+            }
             Op::DonateService { range, service } => {
                 shape(range)?;
                 self.check(range, exclusive(Owner::Host))?;
@@ -272,6 +291,8 @@ enum Kind {
     Destroy,
     Reclaim,
     DonateService,
+    DonateHyp,
+    ReturnHyp,
 }
 
 /// How an action picks its pages.
@@ -317,6 +338,8 @@ fn action() -> impl Strategy<Value = Action> {
         2 => Just(Kind::Destroy),
         6 => Just(Kind::Reclaim),
         1 => Just(Kind::DonateService),
+        3 => Just(Kind::DonateHyp),
+        3 => Just(Kind::ReturnHyp),
     ];
     // VMs 1..=3 are created; VM 4 appears as an argument but never exists.
     let vm = prop_oneof![12 => 1..=3u16, 1 => Just(4u16)];
@@ -335,12 +358,14 @@ impl Model {
             Kind::ShareHyp
             | Kind::DonateVm
             | Kind::DonateService
+            | Kind::DonateHyp
             | Kind::Create
             | Kind::Destroy => (owner, borrower) == (Owner::Host, None),
             Kind::UnshareHyp => (owner, borrower) == (Owner::Host, Some(Owner::Hypervisor)),
             Kind::VmShare => (owner, borrower) == (Owner::Vm(vm), None),
             Kind::VmUnshare => (owner, borrower) == (Owner::Vm(vm), Some(Owner::Host)),
             Kind::Reclaim => owner == Owner::Vm(vm),
+            Kind::ReturnHyp => (owner, borrower) == (Owner::Hypervisor, None),
         }
     }
 
@@ -392,6 +417,8 @@ impl Model {
                 range,
                 service: action.service,
             },
+            Kind::DonateHyp => Op::HostDonateHyp { range },
+            Kind::ReturnHyp => Op::HypReturnHost { range },
         }
     }
 }

@@ -1,0 +1,419 @@
+//! A protected VM's virtual GICv3 CPU interface and virtual timer, as the
+//! core switches them with the vCPU (the decisions are in
+//! `moat_kernel::vgic`; this module holds the register accesses).
+//!
+//! The core owns only what must change atomically with the world switch:
+//! the list registers, ICH_VMCR_EL2, the active-priority registers and
+//! ICH_HCR_EL2. The distributor and redistributors a guest sees are the
+//! host VMM's to emulate from MMIO exits. Two physical PPIs of the running
+//! CPU are the core's for the length of a run, each put back as the host
+//! had it afterwards:
+//!
+//! - PPI 27, the virtual timer's: the guest's CNTV registers are in the CPU
+//!   during the run, so the physical line is the guest's. It is enabled
+//!   only while the guest's timer interrupt is not already in flight (for a
+//!   VM without a virtual GIC, never): a fired timer traps once, the core
+//!   makes virtual INTID 27 pending and the line stays off until the guest
+//!   deactivates it. Without that, a guest whose timer fired and is
+//!   unmasked would end every run at once.
+//! - PPI 25, the GIC's maintenance interrupt, at priority 0 like the
+//!   watchdog: it tells the core that the guest deactivated the timer's
+//!   interrupt (EOI maintenance) or that the list registers ran low while
+//!   interrupts are still waiting (underflow).
+
+use super::gic::GicAccess;
+use core::ptr::{read_volatile, write_volatile};
+use moat_kernel::vgic::{
+    self as logic, InjectError, ListRegister, MAINTENANCE_INTID, MAX_LRS, PendingQueue,
+    VTIMER_INTID, VTIMER_PRIORITY,
+};
+
+/// ICH_HCR_EL2.En: the virtual CPU interface is on.
+const ICH_HCR_EN: u64 = 1 << 0;
+/// ICH_HCR_EL2.UIE: maintenance interrupt when at most one list register
+/// holds an interrupt.
+const ICH_HCR_UIE: u64 = 1 << 1;
+
+macro_rules! lr_access {
+    ($($n:literal: $reg:literal),* $(,)?) => {
+        fn read_lr(n: usize) -> u64 {
+            let v: u64;
+            match n {
+                $(
+                    // SAFETY: reads a list register that ICH_VTR_EL2 says
+                    // exists (callers stay below its count).
+                    $n => unsafe {
+                        core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) v,
+                            options(nomem, nostack, preserves_flags))
+                    },
+                )*
+                _ => v = 0,
+            }
+            v
+        }
+
+        fn write_lr(n: usize, v: u64) {
+            match n {
+                $(
+                    // SAFETY: writes a list register of the vCPU being
+                    // switched (callers stay below the count).
+                    $n => unsafe {
+                        core::arch::asm!(concat!("msr ", $reg, ", {}"), in(reg) v,
+                            options(nomem, nostack, preserves_flags))
+                    },
+                )*
+                _ => {}
+            }
+        }
+    };
+}
+
+lr_access!(
+    0: "s3_4_c12_c12_0", 1: "s3_4_c12_c12_1", 2: "s3_4_c12_c12_2", 3: "s3_4_c12_c12_3",
+    4: "s3_4_c12_c12_4", 5: "s3_4_c12_c12_5", 6: "s3_4_c12_c12_6", 7: "s3_4_c12_c12_7",
+    8: "s3_4_c12_c13_0", 9: "s3_4_c12_c13_1", 10: "s3_4_c12_c13_2", 11: "s3_4_c12_c13_3",
+    12: "s3_4_c12_c13_4", 13: "s3_4_c12_c13_5", 14: "s3_4_c12_c13_6", 15: "s3_4_c12_c13_7",
+);
+
+macro_rules! apr_access {
+    ($read:ident, $write:ident, $($n:literal: $reg:literal),* $(,)?) => {
+        fn $read(n: usize) -> u64 {
+            let v: u64;
+            match n {
+                $(
+                    // SAFETY: an active-priority register ICH_VTR_EL2 says
+                    // exists.
+                    $n => unsafe {
+                        core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) v,
+                            options(nomem, nostack, preserves_flags))
+                    },
+                )*
+                _ => v = 0,
+            }
+            v
+        }
+
+        fn $write(n: usize, v: u64) {
+            match n {
+                $(
+                    // SAFETY: as above, the vCPU's value being switched in.
+                    $n => unsafe {
+                        core::arch::asm!(concat!("msr ", $reg, ", {}"), in(reg) v,
+                            options(nomem, nostack, preserves_flags))
+                    },
+                )*
+                _ => {}
+            }
+        }
+    };
+}
+
+apr_access!(read_ap0r, write_ap0r,
+    0: "s3_4_c12_c8_0", 1: "s3_4_c12_c8_1", 2: "s3_4_c12_c8_2", 3: "s3_4_c12_c8_3");
+apr_access!(read_ap1r, write_ap1r,
+    0: "s3_4_c12_c9_0", 1: "s3_4_c12_c9_1", 2: "s3_4_c12_c9_2", 3: "s3_4_c12_c9_3");
+
+fn read_sysreg_vtr() -> u64 {
+    let v: u64;
+    // SAFETY: ICH_VTR_EL2 is read-only and has no side effects.
+    unsafe {
+        core::arch::asm!("mrs {}, s3_4_c12_c11_1", out(reg) v,
+            options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+fn write_ich_hcr(v: u64) {
+    // SAFETY: the virtual CPU interface's controls, switched with the vCPU
+    // (0 while anyone but a virtual-GIC VM runs).
+    unsafe {
+        core::arch::asm!("msr s3_4_c12_c11_0, {}", in(reg) v,
+            options(nomem, nostack, preserves_flags))
+    };
+}
+
+fn read_misr() -> u64 {
+    let v: u64;
+    // SAFETY: ICH_MISR_EL2 is read-only.
+    unsafe {
+        core::arch::asm!("mrs {}, s3_4_c12_c11_2", out(reg) v,
+            options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+fn read_eisr() -> u64 {
+    let v: u64;
+    // SAFETY: ICH_EISR_EL2 is read-only.
+    unsafe {
+        core::arch::asm!("mrs {}, s3_4_c12_c11_3", out(reg) v,
+            options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+fn read_vmcr() -> u64 {
+    let v: u64;
+    // SAFETY: ICH_VMCR_EL2, the guest's view of its CPU-interface controls.
+    unsafe {
+        core::arch::asm!("mrs {}, s3_4_c12_c11_7", out(reg) v,
+            options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+fn write_vmcr(v: u64) {
+    // SAFETY: as for `read_vmcr`; the vCPU's value being switched in.
+    unsafe {
+        core::arch::asm!("msr s3_4_c12_c11_7, {}", in(reg) v,
+            options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// The guest's CNTV_CTL_EL0 and CNTV_CVAL_EL0, live in the CPU during a run.
+pub fn guest_timer() -> (u64, u64) {
+    let (ctl, cval): (u64, u64);
+    // SAFETY: reads the virtual timer registers (the running VM's).
+    unsafe {
+        core::arch::asm!("mrs {c}, cntv_ctl_el0", "mrs {v}, cntv_cval_el0",
+            c = out(reg) ctl, v = out(reg) cval,
+            options(nomem, nostack, preserves_flags))
+    };
+    (ctl, cval)
+}
+
+/// The shape of this machine's virtual CPU interface.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    pub lrs: usize,
+    pub aprs: usize,
+}
+
+/// Reads ICH_VTR_EL2 (only on a CPU with the GIC system registers).
+pub fn geometry() -> Geometry {
+    let (lrs, aprs) = logic::vtr_geometry(read_sysreg_vtr());
+    Geometry { lrs, aprs }
+}
+
+/// A vCPU's virtual CPU interface, while it does not run.
+pub struct VgicCpu {
+    geometry: Geometry,
+    lrs: [ListRegister; MAX_LRS],
+    ap0r: [u64; 4],
+    ap1r: [u64; 4],
+    vmcr: u64,
+    queue: PendingQueue,
+}
+
+impl VgicCpu {
+    pub fn new(geometry: Geometry) -> Self {
+        Self {
+            geometry,
+            lrs: [ListRegister::default(); MAX_LRS],
+            ap0r: [0; 4],
+            ap1r: [0; 4],
+            vmcr: 0,
+            queue: PendingQueue::EMPTY,
+        }
+    }
+
+    /// Whether `n` more injections are sure to be taken.
+    pub fn has_room(&self, n: usize) -> bool {
+        self.queue.has_room(n)
+    }
+
+    /// Makes `intid` pending (see `moat_kernel::vgic::inject`).
+    pub fn inject(&mut self, intid: u32, priority: u8) -> Result<(), InjectError> {
+        let Self { lrs, queue, .. } = self;
+        logic::inject(&mut lrs[..self.geometry.lrs], queue, intid, priority)
+    }
+
+    fn timer_in_flight(&self) -> bool {
+        logic::in_flight(&self.lrs[..self.geometry.lrs], &self.queue, VTIMER_INTID)
+    }
+
+    /// At the start of a run: the active priorities and controls in.
+    pub fn load(&self) {
+        for i in 0..self.geometry.aprs {
+            write_ap0r(i, self.ap0r[i]);
+            write_ap1r(i, self.ap1r[i]);
+        }
+        write_vmcr(self.vmcr);
+    }
+
+    /// At the end of a run (after [`Self::after_exit`]): the active
+    /// priorities and controls out, and the interface off for the host.
+    pub fn save(&mut self) {
+        for i in 0..self.geometry.aprs {
+            self.ap0r[i] = read_ap0r(i);
+            self.ap1r[i] = read_ap1r(i);
+        }
+        self.vmcr = read_vmcr();
+        write_ich_hcr(0);
+    }
+
+    /// Before each entry: a fired timer made pending, waiting interrupts
+    /// moved into free list registers, the registers and controls written.
+    /// Returns whether the timer's physical PPI should be enabled (its
+    /// virtual interrupt is not in flight).
+    pub fn before_entry(&mut self) -> bool {
+        let (ctl, _) = guest_timer();
+        if logic::timer_fired(ctl) && !self.timer_in_flight() {
+            // A full queue leaves the timer to fire again later.
+            let _ = self.inject(VTIMER_INTID, VTIMER_PRIORITY);
+        }
+        let n = self.geometry.lrs;
+        let Self { lrs, queue, .. } = self;
+        let waiting = logic::fill(&mut lrs[..n], queue, |intid| intid == VTIMER_INTID);
+        for (i, lr) in self.lrs[..n].iter().enumerate() {
+            write_lr(i, lr.0);
+        }
+        write_ich_hcr(ICH_HCR_EN | if waiting { ICH_HCR_UIE } else { 0 });
+        !self.timer_in_flight()
+    }
+
+    /// After each exit: the list registers read back; an EOI maintenance
+    /// condition cleared (the register is freed). Returns whether a
+    /// maintenance interrupt was what stopped the guest.
+    pub fn after_exit(&mut self) -> bool {
+        let n = self.geometry.lrs;
+        for (i, lr) in self.lrs[..n].iter_mut().enumerate() {
+            *lr = ListRegister(read_lr(i));
+        }
+        let misr = read_misr();
+        let eisr = read_eisr();
+        for i in 0..n {
+            if eisr & (1 << i) != 0 {
+                self.lrs[i] = ListRegister::default();
+                write_lr(i, 0);
+            }
+        }
+        misr != 0
+    }
+
+    /// Whether the guest's timer fired while its interrupt is not in flight
+    /// (a physical PPI 27 that is the guest's, not the host's).
+    pub fn timer_due(&self) -> bool {
+        logic::timer_fired(guest_timer().0) && !self.timer_in_flight()
+    }
+
+    /// Whether a WFI would end at once: an interrupt the interface signals
+    /// is pending or waiting, or the timer is due.
+    pub fn would_wake(&self) -> bool {
+        let vmcr = read_vmcr();
+        self.timer_due()
+            || logic::has_deliverable(&self.lrs[..self.geometry.lrs], &self.queue, vmcr)
+    }
+
+    /// When the guest's timer next needs it running: its deadline, unless
+    /// its interrupt is already in flight.
+    pub fn timer_deadline(&self) -> u64 {
+        if self.timer_in_flight() {
+            return u64::MAX;
+        }
+        let (ctl, cval) = guest_timer();
+        logic::timer_deadline(ctl, cval)
+    }
+
+    /// Turns the interface off while a service runs on the VM's behalf, so
+    /// nothing pending is signalled to it; [`Self::before_entry`] turns it
+    /// on again.
+    pub fn pause() {
+        write_ich_hcr(0);
+    }
+}
+
+fn rd32(addr: u64) -> u32 {
+    // SAFETY: `addr` is a GIC register in a region the core maps as device
+    // memory.
+    unsafe { read_volatile(addr as *const u32) }
+}
+
+fn wr32(addr: u64, v: u32) {
+    // SAFETY: as for `rd32`.
+    unsafe { write_volatile(addr as *mut u32, v) }
+}
+
+/// The banked SGI/PPI registers of this CPU: its redistributor's SGI frame
+/// (GICv3) or the distributor (GICv2), and whether a write to ICENABLER0
+/// must be waited for (GICR_CTLR.RWP).
+fn ppi_frame(access: &GicAccess) -> (u64, Option<u64>) {
+    match *access {
+        GicAccess::V3 { sgi_frame, .. } => (sgi_frame, Some(sgi_frame - 0x1_0000)),
+        GicAccess::V2 { distributor, .. } => (distributor, None),
+    }
+}
+
+/// The host's settings of the two PPIs a run borrows.
+#[derive(Clone, Copy, Debug)]
+pub struct BorrowedPpis {
+    timer_enabled: bool,
+    maintenance_enabled: bool,
+    maintenance_priority: u32,
+    maintenance_group: bool,
+    /// What the run has PPI 27 set to now.
+    timer_now: bool,
+}
+
+/// At the start of a run: notes the host's settings of PPIs 27 and 25,
+/// disables PPI 27 and, for a virtual-GIC VM, opens PPI 25 at priority 0.
+pub fn borrow_ppis(access: &GicAccess, vgic: bool) -> BorrowedPpis {
+    let (frame, _) = ppi_frame(access);
+    let enabled = rd32(frame + 0x100);
+    let priority_word = frame + 0x400 + u64::from(MAINTENANCE_INTID & !3);
+    let shift = 8 * (MAINTENANCE_INTID % 4);
+    let saved = BorrowedPpis {
+        timer_enabled: enabled & (1 << VTIMER_INTID) != 0,
+        maintenance_enabled: enabled & (1 << MAINTENANCE_INTID) != 0,
+        maintenance_priority: (rd32(priority_word) >> shift) & 0xff,
+        maintenance_group: rd32(frame + 0x80) & (1 << MAINTENANCE_INTID) != 0,
+        timer_now: true,
+    };
+    let mut b = saved;
+    set_timer_ppi(access, &mut b, false);
+    if vgic {
+        wr32(frame + 0x80, rd32(frame + 0x80) | (1 << MAINTENANCE_INTID));
+        wr32(priority_word, rd32(priority_word) & !(0xff << shift));
+        wr32(frame + 0x100, 1 << MAINTENANCE_INTID);
+    }
+    b
+}
+
+/// Enables or disables the timer's physical PPI for the rest of the run.
+pub fn set_timer_ppi(access: &GicAccess, b: &mut BorrowedPpis, on: bool) {
+    if b.timer_now == on {
+        return;
+    }
+    let (frame, rwp) = ppi_frame(access);
+    wr32(frame + if on { 0x100 } else { 0x180 }, 1 << VTIMER_INTID);
+    if let (false, Some(rd)) = (on, rwp) {
+        // Disabling completes when GICR_CTLR.RWP clears; until then the
+        // interrupt may still be signalled.
+        let mut spins = 0;
+        while rd32(rd) & (1 << 3) != 0 && spins < 100_000 {
+            spins += 1;
+        }
+    }
+    b.timer_now = on;
+}
+
+/// After the run: both PPIs as the host had them.
+pub fn return_ppis(access: &GicAccess, mut b: BorrowedPpis, vgic: bool) {
+    let (frame, _) = ppi_frame(access);
+    let timer = b.timer_enabled;
+    set_timer_ppi(access, &mut b, timer);
+    if vgic {
+        if !b.maintenance_enabled {
+            wr32(frame + 0x180, 1 << MAINTENANCE_INTID);
+        }
+        let priority_word = frame + 0x400 + u64::from(MAINTENANCE_INTID & !3);
+        let shift = 8 * (MAINTENANCE_INTID % 4);
+        wr32(
+            priority_word,
+            (rd32(priority_word) & !(0xff << shift)) | (b.maintenance_priority << shift),
+        );
+        if !b.maintenance_group {
+            wr32(frame + 0x80, rd32(frame + 0x80) & !(1 << MAINTENANCE_INTID));
+        }
+    }
+}
