@@ -161,13 +161,14 @@ fn request(u: &mut Unstructured<'_>) -> LedgerRequest {
             },
         };
     }
-    let op = u.int_in_range(1..=8u32).unwrap_or(1);
+    let op = u.int_in_range(1..=10u32).unwrap_or(1);
     let party = u.int_in_range(0..=3u32).unwrap_or(1);
     let bank = RAM[usize::from(u.arbitrary::<bool>().unwrap_or(false))];
     let start = bank.0 + u64::from(u.int_in_range(0..=0x40u16).unwrap_or(0)) * 16
         - u64::from(u.int_in_range(0..=1u8).unwrap_or(0));
     let count = match op {
         LedgerRequest::CREATE_VM | LedgerRequest::DESTROY_VM => 0,
+        _ if u.ratio(1, 32).unwrap_or(false) => 0,
         _ => u64::from(u.int_in_range(1..=0x40u8).unwrap_or(1)),
     };
     LedgerRequest {
@@ -206,7 +207,10 @@ fn bytes_of(frames: &[(u64, u64)]) -> Vec<Range> {
 /// The honest ledger's answer passes the core's own check of it.
 fn core_accepts(request: &LedgerRequest, tx: &LedgerTransaction, ram: &[Range], carve: &[Range]) {
     let vm = match request.op {
-        LedgerRequest::HOST_SHARE_HYP | LedgerRequest::HOST_UNSHARE_HYP => None,
+        LedgerRequest::HOST_SHARE_HYP
+        | LedgerRequest::HOST_UNSHARE_HYP
+        | LedgerRequest::HOST_DONATE_HYP
+        | LedgerRequest::HYP_RETURN_HOST => None,
         _ => Some(u16::try_from(request.party).expect("the ledger took it as a VM handle")),
     };
     if let Err(why) = txcheck::check(request, tx, vm, ram, carve) {
