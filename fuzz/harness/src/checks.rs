@@ -61,7 +61,7 @@ pub fn transaction(data: &[u8]) {
     let carve_out = ranges(&mut u, 2);
     let vm = u.arbitrary::<Option<u16>>().unwrap_or(None);
     let request = LedgerRequest {
-        op: u.int_in_range(0..=9u32).unwrap_or(0),
+        op: u.int_in_range(0..=11u32).unwrap_or(0),
         party: u32::from(vm.unwrap_or(0)),
         frames: frames(&mut u, &ram),
     };

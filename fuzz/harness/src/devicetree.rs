@@ -3,8 +3,9 @@
 //! it is hostile.
 
 use arbitrary::Unstructured;
-use moat_platform::dt::{self, Conduit, DtError, Platform, Range};
+use moat_platform::dt::{self, Conduit, DtError, EnableMethod, Platform, Range};
 use moat_platform::hostdt::{self, HostDtEdits, RewriteError};
+use moat_platform::{devices, iommu};
 
 /// Bytes at the start of a `hostdt_rewrite` input that choose the edits;
 /// the device tree follows them.
@@ -15,6 +16,24 @@ pub fn discover(data: &[u8]) {
     if let Ok(platform) = dt::discover(data) {
         check_platform(&platform);
     }
+    let smmu = iommu::find_smmu_v3(data).ok().flatten();
+    if let Some(s) = &smmu {
+        assert!(s.regs.size > 0 && s.regs.base.checked_add(s.regs.size).is_some());
+        for stream in &s.streams {
+            assert!(stream.count > 0 && stream.end() <= 1 << 32, "{stream:?}");
+        }
+    }
+    let _ = devices::classify(data, smmu.as_ref(), |d| {
+        for w in &d.windows {
+            assert!(w.size > 0 && w.base.checked_add(w.size).is_some(), "{d:?}");
+        }
+        // The image's `unprotected-dma` list can name any device whose
+        // name has no blanks in it.
+        assert!(
+            d.name.is_empty() || d.name.contains(char::is_whitespace) || d.named_in(d.name),
+            "{d:?} cannot be named"
+        );
+    });
 }
 
 /// What every description discovery accepts must satisfy.
@@ -73,22 +92,21 @@ pub fn rewrite(data: &[u8]) {
         1 => Some(Conduit::Hvc),
         _ => Some(Conduit::Smc),
     };
-    let cpus_via_psci = u.arbitrary::<bool>().unwrap_or(false);
-    let hide_smmu_v3 = u.arbitrary::<bool>().unwrap_or(false);
-    // Nodes of QEMU virt's tree the core may disable (none the checks
-    // below compare).
-    let disable_nodes: Vec<&str> = ["fw-cfg@9020000", "virtio_mmio@a000000", "smmuv3@9050000"]
-        .into_iter()
-        .filter(|_| u.arbitrary::<bool>().unwrap_or(false))
-        .collect();
+    // Nodes the core withholds from the host: none of them the console,
+    // the GIC or a CPU, which the host keeps.
+    let disable_nodes: &[&str] = match u.int_in_range(0..=2u8).unwrap_or(0) {
+        0 => &[],
+        1 => &["pcie@10000000"],
+        _ => &["virtio_mmio@a000000", "fw-cfg@9020000", "smmuv3@9050000"],
+    };
     let edits = HostDtEdits {
         reserve_no_map: &reserve,
         bootargs,
         initrd,
         psci_conduit,
-        cpus_via_psci,
-        hide_smmu_v3,
-        disable_nodes: &disable_nodes,
+        hide_smmu_v3: u.arbitrary().unwrap_or(false),
+        disable_nodes,
+        cpus_via_psci: u.arbitrary().unwrap_or(false),
     };
     let out = match hostdt::rewrite_for_host(dtb, &edits) {
         Ok(out) => out,
@@ -114,25 +132,38 @@ pub fn rewrite(data: &[u8]) {
     check_platform(&after);
     // The host sees the same machine, less what was reserved.
     assert_eq!(before.memory, after.memory);
-    if cpus_via_psci {
-        // Every CPU is started through PSCI, and the tree has a PSCI node.
-        assert_eq!(before.cpus.len(), after.cpus.len());
-        for (b, a) in before.cpus.iter().zip(&after.cpus) {
-            assert_eq!(b.mpidr, a.mpidr);
-            assert_eq!(a.enable_method, dt::EnableMethod::Psci);
-        }
+    // The same CPUs; started through PSCI if the edit says so.
+    let mpidrs = |p: &Platform<'_>| p.cpus.iter().map(|c| c.mpidr).collect::<Vec<_>>();
+    assert_eq!(mpidrs(&before), mpidrs(&after));
+    if edits.cpus_via_psci {
+        assert!(
+            after
+                .cpus
+                .iter()
+                .all(|c| c.enable_method == EnableMethod::Psci)
+        );
     } else {
         assert_eq!(before.cpus, after.cpus);
     }
     assert_eq!(before.gic, after.gic);
     assert_eq!(before.uart, after.uart);
+    if edits.hide_smmu_v3 {
+        assert_eq!(
+            iommu::find_smmu_v3(&out).ok().flatten(),
+            None,
+            "the SMMU is still the host's"
+        );
+    }
     assert_eq!(before.model, after.model);
     assert_eq!(after.chosen.bootargs, bootargs.or(before.chosen.bootargs));
     assert_eq!(after.chosen.initrd, initrd);
     match (before.psci, psci_conduit) {
         (Some(_), Some(conduit)) => assert_eq!(after.psci.map(|p| p.conduit), Some(conduit)),
-        _ if cpus_via_psci => assert!(after.psci.is_some(), "CPUs via PSCI without a PSCI node"),
         (psci, None) => assert_eq!(after.psci, psci),
+        // A PSCI node is added only for CPUs moved to PSCI.
+        (None, Some(conduit)) if edits.cpus_via_psci => {
+            assert_eq!(after.psci.map(|p| p.conduit), Some(conduit))
+        }
         (None, Some(_)) => assert_eq!(after.psci, None),
     }
     for r in &reserve {

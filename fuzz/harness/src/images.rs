@@ -75,6 +75,7 @@ pub fn package(data: &[u8]) {
     for part in [
         package.host_initrd,
         package.device_tree,
+        package.unprotected_dma.map(str::as_bytes),
         Some(package.service_table),
     ]
     .into_iter()
@@ -104,6 +105,9 @@ pub fn package(data: &[u8]) {
     if let Some(args) = package.host_bootargs {
         builder = builder.entry(EntryKind::HostBootargs, args.as_bytes().to_vec());
     }
+    if let Some(names) = package.unprotected_dma {
+        builder = builder.entry(EntryKind::UnprotectedDma, names.as_bytes().to_vec());
+    }
     if let Some(dt) = package.device_tree {
         builder = builder.entry(EntryKind::DeviceTree, dt.to_vec());
     }
@@ -120,6 +124,7 @@ pub fn package(data: &[u8]) {
     assert_eq!(again.host_initrd, package.host_initrd);
     assert_eq!(again.host_bootargs, package.host_bootargs);
     assert_eq!(again.device_tree, package.device_tree);
+    assert_eq!(again.unprotected_dma, package.unprotected_dma);
     assert_eq!(again.service_table, package.service_table);
     assert_eq!(again.service_image_count, package.service_image_count);
     assert_eq!(

@@ -161,15 +161,14 @@ fn request(u: &mut Unstructured<'_>) -> LedgerRequest {
             },
         };
     }
-    let op = u
-        .int_in_range(1..=LedgerRequest::HYP_RETURN_HOST)
-        .unwrap_or(1);
+    let op = u.int_in_range(1..=10u32).unwrap_or(1);
     let party = u.int_in_range(0..=3u32).unwrap_or(1);
     let bank = RAM[usize::from(u.arbitrary::<bool>().unwrap_or(false))];
     let start = bank.0 + u64::from(u.int_in_range(0..=0x40u16).unwrap_or(0)) * 16
         - u64::from(u.int_in_range(0..=1u8).unwrap_or(0));
     let count = match op {
         LedgerRequest::CREATE_VM | LedgerRequest::DESTROY_VM => 0,
+        _ if u.ratio(1, 32).unwrap_or(false) => 0,
         _ => u64::from(u.int_in_range(1..=0x40u8).unwrap_or(1)),
     };
     LedgerRequest {

@@ -9,22 +9,26 @@ use moat_abi::services::{
     LedgerRequest, LedgerTransaction, Party,
 };
 
-/// The ledger's request for a wire request; `None` for an unknown code or
-/// a party id that is not a VM handle.
+/// The ledger's request for a wire request; `None` for an unknown code, a
+/// party id that is not a VM handle, or an argument the request does not
+/// use that is not zero (a party for the host's own requests, frames for
+/// creating and destroying a VM): no argument is ever silently ignored.
 pub fn op_of(request: &LedgerRequest) -> Option<Op> {
     let range = PfnRange::new(request.frames.start, request.frames.count);
     let vm = u16::try_from(request.party).ok();
+    let no_party = (request.party == 0).then_some(());
+    let no_frames = (request.frames == FrameRange::default()).then_some(());
     Some(match request.op {
-        LedgerRequest::HOST_SHARE_HYP => Op::HostShareHyp { range },
-        LedgerRequest::HOST_UNSHARE_HYP => Op::HostUnshareHyp { range },
+        LedgerRequest::HOST_SHARE_HYP => no_party.map(|()| Op::HostShareHyp { range })?,
+        LedgerRequest::HOST_UNSHARE_HYP => no_party.map(|()| Op::HostUnshareHyp { range })?,
         LedgerRequest::HOST_DONATE_VM => Op::HostDonateVm { range, vm: vm? },
         LedgerRequest::VM_SHARE_HOST => Op::VmShareHost { vm: vm?, range },
         LedgerRequest::VM_UNSHARE_HOST => Op::VmUnshareHost { vm: vm?, range },
-        LedgerRequest::CREATE_VM => Op::CreateVm { vm: vm? },
-        LedgerRequest::DESTROY_VM => Op::DestroyVm { vm: vm? },
+        LedgerRequest::CREATE_VM => no_frames.and(vm).map(|vm| Op::CreateVm { vm })?,
+        LedgerRequest::DESTROY_VM => no_frames.and(vm).map(|vm| Op::DestroyVm { vm })?,
         LedgerRequest::RECLAIM => Op::Reclaim { vm: vm?, range },
-        LedgerRequest::HOST_DONATE_HYP => Op::HostDonateHyp { range },
-        LedgerRequest::HYP_RETURN_HOST => Op::HypReturnHost { range },
+        LedgerRequest::HOST_DONATE_HYP => no_party.map(|()| Op::HostDonateHyp { range })?,
+        LedgerRequest::HYP_RETURN_HOST => no_party.map(|()| Op::HypReturnHost { range })?,
         _ => return None,
     })
 }
@@ -170,6 +174,34 @@ mod tests {
         );
         assert_eq!(op_of(&r(LedgerRequest::HOST_DONATE_VM, 1 << 20)), None);
         assert_eq!(op_of(&r(99, 0)), None);
+    }
+
+    #[test]
+    fn an_argument_a_request_does_not_use_must_be_zero() {
+        let r = |op, party, start, count| LedgerRequest {
+            op,
+            party,
+            frames: FrameRange { start, count },
+        };
+        // The core refuses a transaction for a request whose frames
+        // overflow; the ledger must not answer one either.
+        assert_eq!(
+            op_of(&r(LedgerRequest::CREATE_VM, 5, 1 << 60, 1 << 61)),
+            None
+        );
+        assert_eq!(op_of(&r(LedgerRequest::DESTROY_VM, 5, 0, 1)), None);
+        assert_eq!(op_of(&r(LedgerRequest::HOST_SHARE_HYP, 3, 5, 2)), None);
+        assert_eq!(op_of(&r(LedgerRequest::HOST_DONATE_HYP, 1, 5, 2)), None);
+        assert_eq!(
+            op_of(&r(LedgerRequest::CREATE_VM, 5, 0, 0)),
+            Some(Op::CreateVm { vm: 5 })
+        );
+        assert_eq!(
+            op_of(&r(LedgerRequest::HOST_SHARE_HYP, 0, 5, 2)),
+            Some(Op::HostShareHyp {
+                range: PfnRange::new(5, 2)
+            })
+        );
     }
 
     #[test]
