@@ -69,7 +69,9 @@ impl DmaClass {
             DmaClass::NoDma => "no bus mastering",
             DmaClass::BehindSmmu => "DMA behind the SMMU the core owns",
             DmaClass::Unprotected => "DMA-capable without an SMMU",
-            DmaClass::InterruptController => "interrupt controller (LPI tables in memory)",
+            DmaClass::InterruptController => {
+                "interrupt controller (a GICv3 keeps LPI tables in memory)"
+            }
         }
     }
 }

@@ -60,7 +60,10 @@ pub fn decide(dtb: &'static [u8], smmu: Option<&SmmuV3>, named: &str) -> Result<
                 "WITHHELD from the host (the image does not name it)"
             }
             DmaClass::BehindSmmu => "given to the host; its DMA goes through the host's stage-2",
-            DmaClass::NoDma | DmaClass::InterruptController => "given to the host",
+            DmaClass::NoDma => "given to the host",
+            // What the host may reach of it is the interrupt controller's
+            // business (the ITS and LPI rules), not this table's.
+            DmaClass::InterruptController => "left to the interrupt controller's own rules",
         };
         let same = run.as_ref().is_some_and(|(r, rdone, _)| {
             r.class == d.class
