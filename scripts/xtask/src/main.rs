@@ -6,6 +6,7 @@
 //!   host with a busybox initramfs (see `linux.rs`).
 //! * `cargo xtask test` runs every unit test, the QEMU integration tests and
 //!   the book build.
+//! * `cargo xtask fuzz-host` runs the random hostile host (see `fuzz_host.rs`).
 //! * `cargo xtask bench` reports exact instruction counts under QEMU's icount.
 //!
 //! Missing tools (QEMU >= 9, mdbook) are installed on Debian when running as
@@ -13,6 +14,7 @@
 
 mod checkpatch;
 mod cpio;
+mod fuzz_host;
 mod image;
 mod kernels;
 mod linux;
@@ -131,6 +133,27 @@ enum Command {
         #[arg(long)]
         integration_only: bool,
     },
+    /// Run the random hostile host: seeded random sequences of every host
+    /// hypercall from every CPU, checked against the host's model and the
+    /// core's consistency checker; a violation is shrunk to the shortest
+    /// failing prefix.
+    FuzzHost {
+        /// The generator's seed (decimal or 0x-prefixed hex).
+        #[arg(long, value_parser = parse_u64, default_value = "1")]
+        seed: u64,
+        /// Steps in all, shared out evenly between the CPUs.
+        #[arg(long, default_value_t = 20_000)]
+        steps: u64,
+        /// Number of CPUs.
+        #[arg(long, default_value_t = 4)]
+        smp: u32,
+        /// Run the core's consistency checker every this many steps.
+        #[arg(long, default_value_t = 64)]
+        check_every: u64,
+        /// Do not re-run shorter prefixes after a violation.
+        #[arg(long)]
+        no_shrink: bool,
+    },
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
         /// Also count the emulator's own instructions for the three Linux
@@ -139,6 +162,15 @@ enum Command {
         #[arg(long)]
         emulator_cost: bool,
     },
+}
+
+/// A number in decimal or, with `0x`, hexadecimal.
+fn parse_u64(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// The manifest of the default image.
@@ -241,6 +273,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             filter,
             integration_only,
         } => tests::run_all(filter.as_deref(), integration_only),
+        Command::FuzzHost {
+            seed,
+            steps,
+            smp,
+            check_every,
+            no_shrink,
+        } => fuzz_host::fuzz_host(seed, steps, smp, check_every.max(1), !no_shrink),
         Command::Bench { emulator_cost } => tests::bench(emulator_cost),
     }
 }
