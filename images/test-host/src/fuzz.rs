@@ -258,6 +258,11 @@ fn write_word(addr: u64, v: u64) {
     unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
 }
 
+/// Whether `ipa` lies in a chaos guest's window.
+fn in_window(ipa: u64) -> bool {
+    (p::CHAOS_WINDOW_IPA..p::CHAOS_WINDOW_IPA + p::CHAOS_WINDOW_PAGES * PAGE).contains(&ipa)
+}
+
 /// A synchronous external abort on a data access (EC 0x25, DFSC 0x10).
 fn is_sea(esr: u64) -> bool {
     esr >> 26 == 0x25 && esr & 0x3f == 0x10
@@ -394,7 +399,7 @@ impl Model {
             }
             19 => outside(self.base + self.rng.below(n) * PAGE, 0, true),
             20 => match self.rng.below(5) {
-                0 => outside(u64::MAX & !(PAGE - 1), 1 + self.rng.below(3), true),
+                0 => outside(!(PAGE - 1), 1 + self.rng.below(3), true),
                 1 => outside(self.base, u64::MAX, true),
                 2 => outside(self.base, 1 << 52, true),
                 3 => outside(u64::MAX - PAGE * 2 + 1, 2, true),
@@ -732,7 +737,7 @@ impl Model {
             // Past any IPA space the core gives a VM, or past u64.
             _ => {
                 let _ = pages;
-                let edge = [1u64 << 52, u64::MAX & !(PAGE - 1), 1 << 60];
+                let edge = [1u64 << 52, !(PAGE - 1), 1 << 60];
                 (edge[self.rng.below(3) as usize], true)
             }
         }
@@ -748,9 +753,7 @@ impl Model {
         }
         let vm = index.map(|i| self.vms[i].clone());
         let (ipa, bad_ipa) = self.draw_ipa(index, d.pages);
-        if (p::CHAOS_WINDOW_IPA..p::CHAOS_WINDOW_IPA + p::CHAOS_WINDOW_PAGES * PAGE).contains(&ipa)
-            && d.inside.is_some()
-        {
+        if in_window(ipa) && d.inside.is_some() {
             // One window page at a time: the guest's record of its shares
             // covers the window, and nothing past it may be mapped.
             d.pages = 1;
@@ -955,9 +958,7 @@ impl Model {
                 }
             }
             Some(ExitReason::Mmio) => {
-                if d[0] & !(PAGE - 1) < p::CHAOS_WINDOW_IPA
-                    || d[0] >= p::CHAOS_WINDOW_IPA + p::CHAOS_WINDOW_PAGES * PAGE
-                {
+                if !in_window(d[0]) {
                     violation!(
                         self,
                         "VM {handle}: MMIO exit at {:#x}, outside its window",
@@ -1176,8 +1177,7 @@ impl Model {
                 }
             }
             PageState::Vm { vm, ipa } => {
-                let window = ipa >= p::CHAOS_WINDOW_IPA
-                    && ipa < p::CHAOS_WINDOW_IPA + p::CHAOS_WINDOW_PAGES * PAGE;
+                let window = in_window(ipa);
                 let write = self.rng.one_in(2);
                 let (_, fault) = guarded(cpu, || {
                     if write {
@@ -1360,7 +1360,7 @@ impl Model {
             return;
         }
         let Some(at) = self.free_run(1) else { return };
-        let ipa = p::CHAOS_WINDOW_IPA + w as u64 * PAGE;
+        let ipa = p::CHAOS_WINDOW_IPA + w * PAGE;
         let r = donate(v.handle, self.pa(at), 1, ipa);
         if !one_of(r, &[OK, NO_MEMORY, BUSY]) {
             violation!(
@@ -1403,8 +1403,7 @@ impl Model {
         }
         let k = self.rng.below(REGION_PAGES) as usize;
         if let PageState::Vm { ipa, .. } = self.pages[k]
-            && !(p::CHAOS_WINDOW_IPA..p::CHAOS_WINDOW_IPA + p::CHAOS_WINDOW_PAGES * PAGE)
-                .contains(&ipa)
+            && !in_window(ipa)
         {
             let pa = self.pa(k);
             let cpu = self.cpu;
@@ -1430,7 +1429,7 @@ impl Model {
                     violation!(self, "teardown: VM_DESTROY of VM {} = {r}", v.handle);
                 }
                 if v.pages == 0 {
-                    self.vms.remove(0);
+                    self.forget_vm(0);
                     continue;
                 }
                 self.vms[0].status = Status::Dying;

@@ -23,7 +23,7 @@ pub enum Finding {
     Broken(String),
 }
 
-/// The pass lines of a clean run.
+/// The pass lines of a clean run (the test host's PASS line last).
 pub const PASS: &[&str] = &[
     "test-host: ok   fuzz: the consistency checker agrees at the end",
     "no violation",
