@@ -95,13 +95,18 @@ struct Params {
     seed: u64,
     steps_per_cpu: u64,
     check_every: u64,
+    /// SMP stress: only the calls that move pages and run VMs, with
+    /// ranges inside the regions, two VMs per CPU (eight on four CPUs)
+    /// and no sentinel.
+    stress: bool,
 }
 
 fn parse(bootargs: &str) -> Option<Params> {
     let arg = bootargs
         .split(' ')
         .find_map(|a| a.strip_prefix("moat.fuzz="))?;
-    let mut it = arg.split(',').map(|v| {
+    let stress = arg.split(',').any(|v| v == "stress");
+    let mut it = arg.split(',').filter(|v| *v != "stress").map(|v| {
         v.strip_prefix("0x")
             .map_or_else(|| v.parse().ok(), |h| u64::from_str_radix(h, 16).ok())
     });
@@ -112,6 +117,7 @@ fn parse(bootargs: &str) -> Option<Params> {
         seed,
         steps_per_cpu: steps,
         check_every,
+        stress,
     })
 }
 
@@ -170,7 +176,10 @@ struct Model {
     stamp: [u64; REGION_PAGES as usize],
     vms: heapless::Vec<VmModel, VMS_PER_CPU>,
     rng: Rng,
+    stress: bool,
     step: u64,
+    /// Calls that succeeded.
+    succeeded: u64,
     counts: [u64; OPS],
     refused: u64,
     /// Calls answered NoMemory or Busy: allowed, nothing changed.
@@ -186,7 +195,6 @@ struct World {
     mpidrs: [u64; MAX_CPUS],
     ram_end: u64,
     carve_out: Option<Range>,
-    sentinel: u64,
     mte_regs_work: bool,
 }
 
@@ -195,6 +203,8 @@ static ACTIVE: AtomicBool = AtomicBool::new(false);
 static FAILED: AtomicBool = AtomicBool::new(false);
 static FINISHED: AtomicU64 = AtomicU64::new(0);
 static TOTAL_STEPS: AtomicU64 = AtomicU64::new(0);
+/// Calls that succeeded, on every CPU.
+static SUCCEEDED: AtomicU64 = AtomicU64::new(0);
 /// Fuzzing CPUs that have started: none steps before all are on (a CPU_ON
 /// of a CPU not yet started would start it twice).
 static STARTED: AtomicU64 = AtomicU64::new(0);
@@ -324,7 +334,9 @@ impl Model {
         stamp: [0; REGION_PAGES as usize],
         vms: heapless::Vec::new(),
         rng: Rng(1),
+        stress: false,
         step: 0,
+        succeeded: 0,
         counts: [0; OPS],
         refused: 0,
         contended: 0,
@@ -371,7 +383,8 @@ impl Model {
             inside: None,
             malformed,
         };
-        match self.rng.below(24) {
+        // A stress run stays inside the region: every call can succeed.
+        match self.rng.below(if self.stress { 16 } else { 24 }) {
             0..=13 => {
                 let start = self.rng.below(n);
                 let pages = short(&mut self.rng);
@@ -458,22 +471,43 @@ impl Model {
             .is_some_and(|(a, b)| self.pages[a..b].iter().all(|s| f(*s)))
     }
 
+    /// VMs this CPU keeps at once: two in a stress run (eight on four CPUs,
+    /// every slot the core has), three otherwise.
+    fn vm_limit(&self) -> usize {
+        if self.stress { 2 } else { VMS_PER_CPU }
+    }
+
     fn step(&mut self) {
-        let op = match self.rng.below(100) {
-            0..=9 => 0,
-            10..=17 => 1,
-            18..=23 => 2,
-            24..=37 => 3,
-            38..=42 => 4,
-            43..=62 => 5,
-            63..=67 => 6,
-            68..=77 => 7,
-            78..=83 => 8,
-            84..=85 => 9,
-            86..=87 => 10,
-            88 => 11,
-            89..=93 => 12,
-            _ => 13,
+        let op = if self.stress {
+            // Moving pages and running VMs, from every CPU at once.
+            match self.rng.below(100) {
+                0..=14 => 0,
+                15..=24 => 1,
+                25..=29 => 2,
+                30..=49 => 3,
+                50..=69 => 5,
+                70..=73 => 6,
+                74..=89 => 7,
+                90..=94 => 12,
+                _ => 13,
+            }
+        } else {
+            match self.rng.below(100) {
+                0..=9 => 0,
+                10..=17 => 1,
+                18..=23 => 2,
+                24..=37 => 3,
+                38..=42 => 4,
+                43..=62 => 5,
+                63..=67 => 6,
+                68..=77 => 7,
+                78..=83 => 8,
+                84..=85 => 9,
+                86..=87 => 10,
+                88 => 11,
+                89..=93 => 12,
+                _ => 13,
+            }
         };
         self.counts[op] += 1;
         match op {
@@ -536,7 +570,9 @@ impl Model {
     }
 
     fn tally(&mut self, r: Code) {
-        if r.is(Error::NoMemory) || r.is(Error::Busy) {
+        if r.ok() {
+            self.succeeded += 1;
+        } else if r.is(Error::NoMemory) || r.is(Error::Busy) {
             self.contended += 1;
         } else if !r.ok() {
             self.refused += 1;
@@ -546,7 +582,7 @@ impl Model {
     /// A handle drawn from this CPU's VMs, the sentinel, or bad values;
     /// the index of the VM when it is one of ours.
     fn draw_handle(&mut self) -> (u64, Option<usize>) {
-        if !self.vms.is_empty() && self.rng.below(10) < 7 {
+        if !self.vms.is_empty() && (self.stress || self.rng.below(10) < 7) {
             let i = self.rng.below(self.vms.len() as u64) as usize;
             return (self.vms[i].handle, Some(i));
         }
@@ -589,7 +625,7 @@ impl Model {
         if !r.ok() {
             return;
         }
-        if self.vms.is_full() || self.vms.iter().any(|v| v.handle == handle) {
+        if self.vms.len() >= self.vm_limit() || self.vms.iter().any(|v| v.handle == handle) {
             if self.vms.iter().any(|v| v.handle == handle) {
                 violation!(
                     self,
@@ -917,6 +953,7 @@ impl Model {
         if !r.ok() {
             violation!(self, "VCPU_RUN of live VM {handle} = {r}");
         }
+        self.succeeded += 1;
         self.vms[i].has_run = true;
         let reason = ExitReason::from_u64(regs[0]);
         let d = &regs[1..];
@@ -1035,7 +1072,10 @@ impl Model {
             return;
         };
         // Destroy seldom: VMs should live long enough to do things.
-        if self.vms[i].status != Status::Dying && !self.vms.is_full() && !self.rng.one_in(3) {
+        if self.vms[i].status != Status::Dying
+            && self.vms.len() < self.vm_limit()
+            && !self.rng.one_in(3)
+        {
             return;
         }
         self.unpublish(handle);
@@ -1497,6 +1537,7 @@ fn worker(cpu: usize) {
     m.cpu = cpu;
     m.base = base;
     m.rng = Rng::new(params.seed, cpu as u64);
+    m.stress = params.stress;
     for k in 0..REGION_PAGES as usize {
         m.restamp(k);
     }
@@ -1540,6 +1581,7 @@ fn worker(cpu: usize) {
         m.contended,
         m.guest_reports
     );
+    SUCCEEDED.fetch_add(m.succeeded, Ordering::SeqCst);
     FINISHED.fetch_add(1, Ordering::SeqCst);
 }
 
@@ -1591,9 +1633,10 @@ pub(super) fn run_if_asked(
         ..params
     };
     say!(
-        "fuzz: seed {:#x}, {steps_total} step(s) over {cpus} CPU(s), checker every {} step(s)",
+        "fuzz: seed {:#x}, {steps_total} step(s) over {cpus} CPU(s), checker every {} step(s){}",
         params.seed,
-        params.check_every
+        params.check_every,
+        if params.stress { ", SMP stress" } else { "" }
     );
 
     // Regions: 8 MiB blocks, the middle 4 MiB used, a guard page either side.
@@ -1616,13 +1659,24 @@ pub(super) fn run_if_asked(
         unsafe { core::arch::asm!("mov {v}, xzr", "mrs {v}, s3_0_c1_c0_6", v = out(reg) v) };
         v
     });
-    // The sentinel: a VM that holds every guard page and never runs.
-    let (r, sentinel) = vm_create(p::BASE_IPA, 0);
-    c.check(r.ok(), format_args!("fuzz: sentinel VM created ({r})"));
-    if !r.ok() {
-        return true;
-    }
-    for (i, base) in regions.iter().take(cpus).enumerate() {
+    // The sentinel: a VM that holds every guard page and never runs (a
+    // stress run draws no range that reaches a guard page, and leaves the
+    // sentinel's slot to the CPUs' VMs).
+    let sentinel = if params.stress {
+        0
+    } else {
+        let (r, sentinel) = vm_create(p::BASE_IPA, 0);
+        c.check(r.ok(), format_args!("fuzz: sentinel VM created ({r})"));
+        if !r.ok() {
+            return true;
+        }
+        sentinel
+    };
+    for (i, base) in regions
+        .iter()
+        .take(if sentinel == 0 { 0 } else { cpus })
+        .enumerate()
+    {
         for (j, guard) in [base - PAGE, base + REGION_PAGES * PAGE]
             .into_iter()
             .enumerate()
@@ -1643,7 +1697,6 @@ pub(super) fn run_if_asked(
         mpidrs,
         ram_end,
         carve_out: hypervisor_region(dtb),
-        sentinel,
         mte_regs_work: fault.is_none(),
     });
     let entry = secondary_start as *const () as u64;
@@ -1660,14 +1713,24 @@ pub(super) fn run_if_asked(
             ),
         );
     }
+    let start = sysreg!("cntvct_el0");
     worker(0);
     // Each worker counts itself twice: done stepping, done reporting.
     while FINISHED.load(Ordering::SeqCst) < 2 * cpus as u64 {
         core::hint::spin_loop();
     }
+    let ticks = sysreg!("cntvct_el0") - start;
     let failed = FAILED.load(Ordering::SeqCst);
-    if !failed {
-        let sentinel = world(|w| w.sentinel);
+    let (ops, succeeded) = (
+        TOTAL_STEPS.load(Ordering::SeqCst),
+        SUCCEEDED.load(Ordering::SeqCst),
+    );
+    let ms = ticks * 1000 / sysreg!("cntfrq_el0").max(1);
+    say!(
+        "fuzz: {ops} operation(s) ({succeeded} succeeded) over {cpus} CPU(s) in {ms} ms of the generic timer: {} per second (information only)",
+        ops * 1000 / ms.max(1)
+    );
+    if !failed && sentinel != 0 {
         let d = destroy(sentinel);
         let mut back = d.ok();
         for (i, base) in regions.iter().take(cpus).enumerate() {
@@ -1683,6 +1746,8 @@ pub(super) fn run_if_asked(
             back,
             format_args!("fuzz: the sentinel destroyed and its guard pages reclaimed ({d})"),
         );
+    }
+    if !failed {
         let v = hvc(hypercall::CHECK_CONSISTENCY, [0; 3])[0];
         c.check(
             v == 0,

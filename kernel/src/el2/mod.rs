@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod gic;
 pub mod heap;
 pub mod hvc;
+pub mod lockcheck;
 pub mod memory;
 pub mod mmu;
 pub mod panic;

@@ -44,8 +44,9 @@ pub fn timeout_for(steps: u64) -> u64 {
 }
 
 /// The host's command line for a run.
-pub fn bootargs(seed: u64, steps: u64, check_every: u64) -> String {
-    format!("moat.fuzz={seed:#x},{steps},{check_every}")
+pub fn bootargs(seed: u64, steps: u64, check_every: u64, stress: bool) -> String {
+    let stress = if stress { ",stress" } else { "" };
+    format!("moat.fuzz={seed:#x},{steps},{check_every}{stress}")
 }
 
 /// Reads a run's verdict from its console.
@@ -82,19 +83,34 @@ pub fn verdict(console: &str, outcome: &Verdict, exit: Option<i32>) -> Finding {
     }
 }
 
+/// What one run does.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    pub seed: u64,
+    /// Steps in all, shared out between the CPUs.
+    pub steps: u64,
+    pub smp: u32,
+    pub check_every: u64,
+    pub stress: bool,
+}
+
 /// One boot of the random hostile host.
 pub fn run_once(
     built: &Built,
     services: &ServiceSet,
-    seed: u64,
-    steps: u64,
-    smp: u32,
-    check_every: u64,
+    run: Run,
     log_name: &str,
 ) -> Result<(Finding, String)> {
+    let Run {
+        seed,
+        steps,
+        smp,
+        check_every,
+        stress,
+    } = run;
     let spec = ImageSpec {
         host: built.test_host.clone(),
-        bootargs: Some(bootargs(seed, steps, check_every)),
+        bootargs: Some(bootargs(seed, steps, check_every, stress)),
         semihosting_exit: true,
         services: Some(services.clone()),
         ..Default::default()
@@ -129,23 +145,26 @@ pub fn run_once(
 }
 
 /// `cargo xtask fuzz-host`.
-pub fn fuzz_host(seed: u64, steps: u64, smp: u32, check_every: u64, shrink: bool) -> Result<()> {
-    tools::ensure_qemu()?;
-    let built = image::build_all()?;
-    let services = image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?.1;
-    println!(
-        "fuzz-host: seed {seed:#x}, {steps} step(s) over {smp} CPU(s), checker every {check_every} step(s)"
-    );
-    let (v, console) = run_once(
-        &built,
-        &services,
+pub fn fuzz_host(run: Run, shrink: bool) -> Result<()> {
+    let Run {
         seed,
         steps,
         smp,
         check_every,
-        "fuzz-host",
-    )?;
-    for line in console.lines().filter(|l| l.contains("fuzz: cpu ")) {
+        stress,
+    } = run;
+    tools::ensure_qemu()?;
+    let built = image::build_all()?;
+    let services = image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?.1;
+    println!(
+        "fuzz-host: seed {seed:#x}, {steps} step(s) over {smp} CPU(s), checker every {check_every} step(s){}",
+        if stress { ", SMP stress" } else { "" }
+    );
+    let (v, console) = run_once(&built, &services, run, "fuzz-host")?;
+    for line in console
+        .lines()
+        .filter(|l| l.contains("fuzz: cpu ") || l.contains(" operation(s) ("))
+    {
         println!("  {}", line.trim());
     }
     match v {
@@ -162,15 +181,16 @@ pub fn fuzz_host(seed: u64, steps: u64, smp: u32, check_every: u64, shrink: bool
         Finding::Violation { cpu, step, line } => {
             println!("fuzz-host: {line}");
             if shrink {
-                let n = shortest_prefix(&built, &services, seed, smp, step)?;
+                let n = shortest_prefix(&built, &services, run, step)?;
                 match n {
                     Some((per_cpu, line)) => {
                         println!(
                             "fuzz-host: shortest failing prefix: {per_cpu} step(s) per CPU: {line}"
                         );
                         println!(
-                            "fuzz-host: reproduce with: cargo xtask fuzz-host --seed {seed:#x} --steps {} --smp {smp} --check-every 1",
-                            per_cpu * u64::from(smp)
+                            "fuzz-host: reproduce with: cargo xtask fuzz-host --seed {seed:#x} --steps {} --smp {smp} --check-every 1{}",
+                            per_cpu * u64::from(smp),
+                            if stress { " --stress" } else { "" }
                         );
                     }
                     None => println!(
@@ -188,11 +208,10 @@ pub fn fuzz_host(seed: u64, steps: u64, smp: u32, check_every: u64, shrink: bool
 fn shortest_prefix(
     built: &Built,
     services: &ServiceSet,
-    seed: u64,
-    smp: u32,
+    run: Run,
     failing_step: u64,
 ) -> Result<Option<(u64, String)>> {
-    let cpus = u64::from(smp);
+    let cpus = u64::from(run.smp);
     let (mut lo, mut hi) = (1u64, failing_step.max(1));
     let mut best = None;
     // The full prefix first: does the failure come back at all?
@@ -204,15 +223,12 @@ fn shortest_prefix(
         } else {
             lo + (hi - lo) / 2
         };
-        let (v, _) = run_once(
-            built,
-            services,
-            seed,
-            mid * cpus,
-            smp,
-            1,
-            "fuzz-host-shrink",
-        )?;
+        let prefix = Run {
+            steps: mid * cpus,
+            check_every: 1,
+            ..run
+        };
+        let (v, _) = run_once(built, services, prefix, "fuzz-host-shrink")?;
         match v {
             Finding::Violation { step, line, .. } => {
                 println!("fuzz-host: {mid} step(s) per CPU: fails at step {step}");

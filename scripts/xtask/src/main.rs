@@ -150,6 +150,11 @@ enum Command {
         /// Run the core's consistency checker every this many steps.
         #[arg(long, default_value_t = 64)]
         check_every: u64,
+        /// SMP stress: only donations, shares, reclaims and runs, inside
+        /// the CPUs' regions, two VMs per CPU (eight on four CPUs); the
+        /// operations per second are reported.
+        #[arg(long)]
+        stress: bool,
         /// Do not re-run shorter prefixes after a violation.
         #[arg(long)]
         no_shrink: bool,
@@ -278,8 +283,18 @@ fn dispatch(cli: Cli) -> Result<()> {
             steps,
             smp,
             check_every,
+            stress,
             no_shrink,
-        } => fuzz_host::fuzz_host(seed, steps, smp, check_every.max(1), !no_shrink),
+        } => fuzz_host::fuzz_host(
+            fuzz_host::Run {
+                seed,
+                steps,
+                smp,
+                check_every: check_every.max(1),
+                stress,
+            },
+            !no_shrink,
+        ),
         Command::Bench { emulator_cost } => tests::bench(emulator_cost),
     }
 }

@@ -597,6 +597,12 @@ fn cases() -> Vec<Case> {
             4,
             6000,
         ),
+        fuzz_host_case(
+            "smp_stress_four_cpus_eight_vms",
+            "moat.fuzz=0x57e55,4000,64,stress",
+            4,
+            4000,
+        ),
         Case {
             bootargs: Some("moat.attack=boundary_arguments"),
             ..host_boot("attack_boundary_arguments", 1, "v3", ATTACK_BOUNDARY_PASS)
