@@ -17,9 +17,11 @@
 //! Where the model knows the answer it requires it exactly (success, or the
 //! typed error); where another CPU can change the answer (a free VM slot)
 //! it requires one of the answers that leave the model right. After every
-//! step the CPU reads back every page it owns (its stamp must be intact)
-//! and touches one page it gave away (which must abort); every
-//! `CHECK_EVERY` steps it runs the core's consistency checker.
+//! step the CPU reads back a sample of the pages it owns (each stamp must
+//! be intact) and touches one page it gave away (which must abort); every
+//! `CHECK_EVERY` steps it reads back every page it owns and runs the core's
+//! consistency checker. With `,stress` after the numbers it runs only the
+//! calls that move pages and run VMs (see `Model::step`).
 //!
 //! The VMs run the guest in its chaos mode (`MODE_CHAOS`): it shares,
 //! unshares, reads and writes the pages of a window the host may or may
