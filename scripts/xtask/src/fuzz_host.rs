@@ -246,3 +246,47 @@ fn shortest_prefix(
     }
     Ok(best)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_violation_names_its_cpu_and_step() {
+        let console = "moat: VM 2 created\n\
+            test-host: fuzz: FAILED seed 0x5 cpu 3 step 217: VM_DONATE(handle 0x2, 0x7f8bf000, 1, IPA 0x40010000) = Denied (-3)\n\
+            test-host: fuzz: VIOLATION (details above)\n";
+        match verdict(console, &Verdict::Failed("fuzz: VIOLATION".into()), None) {
+            Finding::Violation { cpu, step, line } => {
+                assert_eq!((cpu, step), (3, 217));
+                assert!(line.starts_with("test-host: fuzz: FAILED seed 0x5"));
+            }
+            _ => panic!("not read as a violation"),
+        }
+    }
+
+    #[test]
+    fn a_clean_run_reports_its_steps_and_anything_else_is_broken() {
+        let console = "test-host: ok   fuzz: the consistency checker agrees at the end (0)\n\
+            test-host: ok   fuzz: seed 0x7: 2000 step(s) over 4 CPU(s), no violation\n\
+            test-host: PASS (12 checks)\n";
+        assert!(matches!(
+            verdict(console, &Verdict::Passed, Some(0)),
+            Finding::Clean { steps: 2000, .. }
+        ));
+        assert!(matches!(
+            verdict(console, &Verdict::TimedOut, None),
+            Finding::Broken(_)
+        ));
+        assert!(matches!(
+            verdict(console, &Verdict::Passed, Some(1)),
+            Finding::Broken(_)
+        ));
+    }
+
+    #[test]
+    fn bootargs_carry_the_stress_flag() {
+        assert_eq!(bootargs(0x10, 400, 8, false), "moat.fuzz=0x10,400,8");
+        assert_eq!(bootargs(1, 4, 1, true), "moat.fuzz=0x1,4,1,stress");
+    }
+}
