@@ -77,7 +77,81 @@ extern "C" fn guest_main(mode: u64, flags: u64) {
         MODE_VGIC_PROBE => vgic_probe(flags),
         MODE_PKVM_PROBE => pkvm_probe(),
         MODE_PEEK => peek(),
+        MODE_CHAOS => chaos(),
         _ => {}
+    }
+}
+
+/// Chaos mode: actions on the chaos window drawn from the host's seed,
+/// each reported with its result. The guest keeps its own record of which
+/// window pages it shared (from the results it got), so whichever CPU runs
+/// it, each report says what the call should have returned.
+fn chaos() {
+    let mut state = hvc(CHAOS_SEED, [0; 5])[0] | 1;
+    let mut next = move || {
+        // xorshift64*: small, and enough to vary the order of actions.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let mut shared: u64 = 0;
+    loop {
+        let r = next();
+        let action = (r >> 32) % CHAOS_ACTIONS;
+        let k = (r >> 8) % CHAOS_WINDOW_PAGES;
+        let ipa = CHAOS_WINDOW_IPA + k * PAGE_SIZE;
+        let before = shared;
+        let (at, result) = match action {
+            CHAOS_SHARE => {
+                let x = hvc(GUEST_SHARE_HOST, [ipa, 1, 0, 0, 0])[0];
+                if x == 0 {
+                    shared |= 1 << k;
+                    // SAFETY: the page is ours (the share succeeded, so it
+                    // is mapped) and the host may read this word.
+                    unsafe { (ipa as *mut u64).write_volatile(chaos_mark(ipa)) };
+                }
+                (ipa, x)
+            }
+            CHAOS_UNSHARE => {
+                let x = hvc(GUEST_UNSHARE_HOST, [ipa, 1, 0, 0, 0])[0];
+                if x == 0 {
+                    shared &= !(1 << k);
+                }
+                (ipa, x)
+            }
+            CHAOS_SHARE_STRADDLE => {
+                let last = CHAOS_WINDOW_IPA + (CHAOS_WINDOW_PAGES - 1) * PAGE_SIZE;
+                (last, hvc(GUEST_SHARE_HOST, [last, 2, 0, 0, 0])[0])
+            }
+            // SAFETY: a window page: ours if the host donated it, an MMIO
+            // exit the host answers if not.
+            CHAOS_READ => (ipa, unsafe { ((ipa + 8) as *const u64).read_volatile() }),
+            CHAOS_WRITE => {
+                // SAFETY: as for the read; the second word, never the mark.
+                unsafe { ((ipa + 8) as *mut u64).write_volatile(r) };
+                (ipa, 0)
+            }
+            CHAOS_SPIN => {
+                let mut n = r % 4096;
+                while n > 0 {
+                    n = core::hint::black_box(n) - 1;
+                }
+                (0, 0)
+            }
+            CHAOS_WFI => {
+                // SAFETY: waits for an event: an exit to the host.
+                unsafe { core::arch::asm!("wfi", options(nomem, nostack)) };
+                (0, 0)
+            }
+            _ => (
+                CHAOS_FOREIGN_IPA,
+                hvc(GUEST_SHARE_HOST, [CHAOS_FOREIGN_IPA, 1, 0, 0, 0])[0],
+            ),
+        };
+        if hvc(CHAOS_DID, [action, at, result, before, 0])[0] == STOP {
+            return;
+        }
     }
 }
 

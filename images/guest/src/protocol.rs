@@ -127,6 +127,38 @@ pub const PKVM_IDS: u32 = id(0x825);
 pub const PKVM_SHARES: u32 = id(0x826);
 /// An IPA no guest of the VMM has memory at.
 pub const UNBACKED_IPA: u64 = 0x7000_0000;
+/// Guest (chaos mode): my seed? Answer r0 = the seed.
+pub const CHAOS_SEED: u32 = id(0x830);
+/// Guest (chaos mode): I did action x1 (a `CHAOS_*` action) on IPA x2; the
+/// call it made returned x3 (for a read: the value read); before it, the
+/// window pages I had shared were the bits of x4. Answer r0 = [`STOP`] to
+/// power off, anything else to go on.
+pub const CHAOS_DID: u32 = id(0x831);
+
+/// Chaos actions.
+pub const CHAOS_SHARE: u64 = 0;
+pub const CHAOS_UNSHARE: u64 = 1;
+/// Share two pages from the window's last page: past the window.
+pub const CHAOS_SHARE_STRADDLE: u64 = 2;
+pub const CHAOS_READ: u64 = 3;
+pub const CHAOS_WRITE: u64 = 4;
+pub const CHAOS_SPIN: u64 = 5;
+pub const CHAOS_WFI: u64 = 6;
+/// Share a page far outside the VM's memory.
+pub const CHAOS_SHARE_FOREIGN: u64 = 7;
+pub const CHAOS_ACTIONS: u64 = 8;
+/// The chaos window: pages past the guest's own 16 that the host may or may
+/// not have donated (a page it did not is an MMIO exit when touched).
+pub const CHAOS_WINDOW_IPA: u64 = BASE_IPA + PAGES * PAGE_SIZE;
+pub const CHAOS_WINDOW_PAGES: u64 = 4;
+/// The IPA the guest tries to share with [`CHAOS_SHARE_FOREIGN`].
+pub const CHAOS_FOREIGN_IPA: u64 = 0x7000_0000;
+
+/// The word the guest writes at the start of a window page it just shared:
+/// what the host may read there while the share lasts.
+pub const fn chaos_mark(ipa: u64) -> u64 {
+    ipa ^ 0x6368_616f_7300_0000
+}
 
 /// Modes (the answer to [`CONFIG`]).
 pub const MODE_DEMO: u64 = 0;
@@ -161,6 +193,10 @@ pub const MODE_VGIC_PROBE: u64 = 11;
 /// pKVM probe: the pKVM guest ABI's discovery and share calls.
 pub const MODE_PKVM_PROBE: u64 = 12;
 
+/// Share, unshare, read and write pages of the chaos window, and spin and
+/// wait, in an order drawn from a seed the host gives ([`CHAOS_SEED`]),
+/// reporting each action ([`CHAOS_DID`]) until the host answers [`STOP`].
+pub const MODE_CHAOS: u64 = 13;
 /// What the debug probe writes to its word.
 pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.

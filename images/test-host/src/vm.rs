@@ -49,7 +49,10 @@ mod protocol;
 
 mod attack;
 mod dma;
+mod fuzz;
 use protocol as p;
+
+pub(super) use fuzz::exception as fuzz_exception;
 
 /// The guest's raw binary, linked at [`p::BASE_IPA`]; empty when the test
 /// host was built without `MOAT_GUEST_BIN`.
@@ -1632,7 +1635,8 @@ fn hostile_donations(c: &mut Checks, ram: &mut Ram, dtb: &[u8]) {
 /// ([`attack`]); then says the verdict and powers off. Otherwise returns.
 pub(super) fn alone_if_asked(c: &mut Checks, platform: &Platform<'_>, dtb: &[u8], bootargs: &str) {
     let mut args = bootargs.split(' ');
-    if args.clone().any(|a| a == "moat.rogue_ledger") {
+    if fuzz::run_if_asked(c, platform, dtb, bootargs) {
+    } else if args.clone().any(|a| a == "moat.rogue_ledger") {
         rogue_ledger(c, platform, dtb);
     } else if let Some(name) = args.find_map(|a| a.strip_prefix("moat.attack=")) {
         if !attack::run(c, platform, dtb, name) {
@@ -2067,6 +2071,9 @@ fn send_stop_sgi(mpidr: u64) {
 /// A secondary CPU's work, if the boot CPU started it for the VM cases:
 /// serve calls until told to stop. Returns whether it did.
 pub(super) fn secondary(index: u64) -> bool {
+    if fuzz::secondary(index) {
+        return true;
+    }
     if !SERVE.load(Ordering::SeqCst) {
         return false;
     }

@@ -48,6 +48,7 @@ use moat_kernel::its::{
     self as logic, COMMAND_BYTES, Command, ItsTyper, Limits, PAGE, Refusal, Table, TableKind, gicr,
     gits, merge, read_half as half,
 };
+use moat_kernel::lockorder::Rank;
 use moat_kernel::regs::GuestRegs;
 use moat_platform::dt::{Gic, MAX_ITS, Range};
 
@@ -189,6 +190,7 @@ static STATE: spin::Once<spin::Mutex<State>> = spin::Once::new();
 pub fn withheld() -> heapless::Vec<Range, { MAX_ITS + MAX_REDISTRIBUTORS }> {
     let mut out = heapless::Vec::new();
     if let Some(state) = STATE.get() {
+        let _order = super::lockcheck::hold(Rank::Gic);
         let state = state.lock();
         for base in state
             .its
@@ -316,12 +318,20 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
 
 /// The GIC state held for the consistency checker: taken before the
 /// memory lock, as every emulated access takes them.
-pub struct Held(spin::MutexGuard<'static, State>);
+pub struct Held(
+    spin::MutexGuard<'static, State>,
+    // Declared after the guard, so dropped after it: the lock is released
+    // before the order record says so.
+    super::lockcheck::Holding,
+);
 
 /// Locks the GIC state for [`Held::check`]; `None` without an ITS or
 /// redistributor the core emulates.
 pub fn hold() -> Option<Held> {
-    STATE.get().map(|s| Held(s.lock()))
+    STATE.get().map(|s| {
+        let order = super::lockcheck::hold(Rank::Gic);
+        Held(s.lock(), order)
+    })
 }
 
 /// A table or register the checker found wrong: its address and why.
@@ -453,6 +463,7 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
     };
     let page = ipa & !(PAGE - 1);
     let offset = ipa - page;
+    let _order = super::lockcheck::hold(Rank::Gic);
     let mut state = state.lock();
     let its = state.its.iter().position(|i| i.base == page);
     let rd = state.redistributors.iter().position(|r| r.base == page);
@@ -587,6 +598,7 @@ pub fn unless_pinned<R>(pa: u64, size: u64, f: impl FnOnce() -> R) -> Option<R> 
     let Some(state) = STATE.get() else {
         return Some(f());
     };
+    let _order = super::lockcheck::hold(Rank::Gic);
     let state = state.lock();
     let end = pa.saturating_add(size);
     if state

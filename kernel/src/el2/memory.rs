@@ -40,6 +40,7 @@ use moat_abi::services::ledger::{self, Operation};
 use moat_abi::services::{
     LEDGER_MAX_CHANGES, LedgerExtent, LedgerRequest, LedgerTransaction, Party,
 };
+use moat_kernel::lockorder::Rank;
 use moat_kernel::mapcheck::{self, Mapper};
 use moat_kernel::txcheck::{self, Perm, Step, Who};
 
@@ -47,7 +48,8 @@ use moat_kernel::txcheck::{self, Perm, Step, Who};
 pub const PAGE: u64 = 4096;
 
 /// Serialises memory transactions (and the checker) across CPUs. Lock
-/// order: a VM's slot first, then this.
+/// order (`moat_kernel::lockorder`): a VM's slot first, then this, then
+/// the ledger's call slot, then the host's stage-2.
 pub static MEMORY: spin::Mutex<()> = spin::Mutex::new(());
 
 /// Set when a transaction was applied but the ledger did not record it: the
@@ -133,6 +135,7 @@ pub fn transact(
     request: LedgerRequest,
     mut vm: Option<VmMemory<'_>>,
 ) -> Result<(), Error> {
+    let _order = super::lockcheck::hold(Rank::Memory);
     let _serial = MEMORY.lock();
     super::smmu::drain_events();
     let result = transact_serialised(cpu, request, &mut vm);
@@ -448,6 +451,7 @@ pub fn host_owns(pa: u64, size: u64) -> bool {
 
 /// The host's stage-2, locked.
 fn host_stage2() -> spin::MutexGuard<'static, &'static mut StageTwo> {
+    super::lockcheck::check(Rank::HostStage2);
     match stage2::HOST.get() {
         Some(host) => host.lock(),
         None => super::panic::park(),
@@ -605,6 +609,7 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
     let vms = super::vm::lock_all_idle().map_err(|_| Mismatch::NoMemory)?;
     // The GIC's lock before the memory lock, as its emulation takes them.
     let gic = super::its::hold();
+    let _order = super::lockcheck::hold(Rank::Memory);
     let _serial = MEMORY.lock();
     super::smmu::drain_events();
     let extents = all_extents(cpu).map_err(|e| match e {

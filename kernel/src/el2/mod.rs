@@ -9,6 +9,7 @@ pub mod gic;
 pub mod heap;
 pub mod hvc;
 pub mod its;
+pub mod lockcheck;
 pub mod memory;
 pub mod mmu;
 pub mod panic;

@@ -532,6 +532,7 @@ impl Service {
                     .iter()
                     .all(|w| *w == 0)
         );
+        let _order = super::lockcheck::hold(moat_kernel::lockorder::Rank::Service);
         self.acquire()?;
         let outcome = self.with_partition(cpu, true, preemption.mask(), || {
             // SAFETY: Busy is ours, so the pending slot is too.

@@ -632,6 +632,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error
 /// VM (a donation, a load) holds the lock only for one transaction, so
 /// that is waited for: two CPUs donating to one VM are served in turn.
 fn lock_idle(slot: &'static Slot) -> Result<spin::MutexGuard<'static, Option<Vm>>, Error> {
+    super::lockcheck::check(moat_kernel::lockorder::Rank::VmSlot);
     loop {
         if slot.status() == Status::Running {
             return Err(Error::Busy);
@@ -700,6 +701,7 @@ fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(),
     }
     // Holding the memory lock keeps the host from ending the share while
     // the core copies.
+    let _order = super::lockcheck::hold(moat_kernel::lockorder::Rank::Memory);
     let _serial = MEMORY.lock();
     // The source: RAM outside the hypervisor's memory and mapped for the
     // host as an owner's (the core's own checks, on its own tables), every

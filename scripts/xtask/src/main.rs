@@ -6,6 +6,7 @@
 //!   host with a busybox initramfs (see `linux.rs`).
 //! * `cargo xtask test` runs every unit test, the QEMU integration tests and
 //!   the book build.
+//! * `cargo xtask fuzz-host` runs the random hostile host (see `fuzz_host.rs`).
 //! * `cargo xtask bench` reports exact instruction counts under QEMU's icount.
 //!
 //! Missing tools (QEMU >= 9, mdbook) are installed on Debian when running as
@@ -19,6 +20,7 @@ mod cpio;
 mod cpu_models;
 mod disk;
 mod fuzz;
+mod fuzz_host;
 mod fvp;
 mod image;
 mod kernels;
@@ -198,6 +200,32 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Run the random hostile host: seeded random sequences of every host
+    /// hypercall from every CPU, checked against the host's model and the
+    /// core's consistency checker; a violation is shrunk to the shortest
+    /// failing prefix.
+    FuzzHost {
+        /// The generator's seed (decimal or 0x-prefixed hex).
+        #[arg(long, value_parser = parse_u64, default_value = "1")]
+        seed: u64,
+        /// Steps in all, shared out evenly between the CPUs.
+        #[arg(long, default_value_t = 20_000)]
+        steps: u64,
+        /// Number of CPUs.
+        #[arg(long, default_value_t = 4)]
+        smp: u32,
+        /// Run the core's consistency checker every this many steps.
+        #[arg(long, default_value_t = 64)]
+        check_every: u64,
+        /// SMP stress: only donations, shares, reclaims and runs, inside
+        /// the CPUs' regions, two VMs per CPU (eight on four CPUs); the
+        /// operations per second are reported.
+        #[arg(long)]
+        stress: bool,
+        /// Do not re-run shorter prefixes after a violation.
+        #[arg(long)]
+        no_shrink: bool,
+    },
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
         /// Also count the emulator's own instructions for the three Linux
@@ -210,6 +238,15 @@ enum Command {
         #[arg(long)]
         only_linux_guest: bool,
     },
+}
+
+/// A number in decimal or, with `0x`, hexadecimal.
+fn parse_u64(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// The manifest of the default image.
@@ -346,6 +383,23 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::FuzzHost {
+            seed,
+            steps,
+            smp,
+            check_every,
+            stress,
+            no_shrink,
+        } => fuzz_host::fuzz_host(
+            fuzz_host::Run {
+                seed,
+                steps,
+                smp,
+                check_every: check_every.max(1),
+                stress,
+            },
+            !no_shrink,
+        ),
         Command::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
         Command::Soak { minutes } => soak::soak(minutes),
         Command::Bench {

@@ -12,6 +12,7 @@
 use crate::MachineArgs;
 use crate::boards::{self, Board};
 use crate::cpu_models;
+use crate::fuzz_host;
 use crate::image::{self, Built, ImageSpec};
 use crate::kernels::{self, Kernel};
 use crate::linux::{self, Assets};
@@ -174,6 +175,19 @@ fn host_boot(name: &'static str, smp: u32, gic: &str, extra_pass: &[&'static str
         kernel: Kernel::Default,
         bare_reference: None,
     }
+}
+
+/// The random hostile host (`images/test-host/src/fuzz.rs`) on a fixed
+/// seed: `steps` steps in all over `smp` CPUs, no violation, the checker
+/// clean at the end. `cargo xtask fuzz-host` runs any seed and shrinks a
+/// failure.
+fn fuzz_host_case(name: &'static str, bootargs: &'static str, smp: u32, steps: u64) -> Case {
+    // host_boot already waits for the PASS line.
+    let mut case = host_boot(name, smp, "v3", &fuzz_host::PASS[..2]);
+    case.bootargs = Some(bootargs);
+    case.fail.extend_from_slice(fuzz_host::FAIL);
+    case.timeout = fuzz_host::timeout_for(steps);
+    case
 }
 
 fn bad_tree(name: &'static str, tree: Tree, message: &'static str) -> Case {
@@ -613,6 +627,30 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
             check: Some(Box::new(check_rogue_refusals)),
             ..host_boot("core_refuses_a_lying_ledger", 1, "v3", ROGUE_LEDGER_PASS)
         },
+        fuzz_host_case(
+            "random_hostile_host_one_cpu",
+            "moat.fuzz=0x5eed0001,8000,64",
+            1,
+            8000,
+        ),
+        fuzz_host_case(
+            "random_hostile_host_two_cpus",
+            "moat.fuzz=0x5eed0002,6000,64",
+            2,
+            6000,
+        ),
+        fuzz_host_case(
+            "random_hostile_host_four_cpus",
+            "moat.fuzz=0x5eed0004,6000,64",
+            4,
+            6000,
+        ),
+        fuzz_host_case(
+            "smp_stress_four_cpus_eight_vms",
+            "moat.fuzz=0x57e55,4000,64,stress",
+            4,
+            4000,
+        ),
         Case {
             bootargs: Some("moat.attack=boundary_arguments"),
             ..host_boot("attack_boundary_arguments", 1, "v3", ATTACK_BOUNDARY_PASS)

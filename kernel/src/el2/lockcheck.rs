@@ -1,0 +1,77 @@
+//! The lock order of `moat_kernel::lockorder`, checked on every CPU in
+//! debug builds: a lock taken against the order panics there, and costs
+//! nothing in a release build.
+
+use moat_kernel::lockorder::Rank;
+
+/// While alive, the CPU holds a lock of this rank.
+#[must_use]
+pub struct Holding {
+    #[cfg(debug_assertions)]
+    rank: Rank,
+}
+
+/// Records that this CPU is about to wait for a lock of rank `rank`;
+/// panics in a debug build if it holds one of that rank or higher.
+pub fn hold(rank: Rank) -> Holding {
+    #[cfg(debug_assertions)]
+    {
+        imp::with_held(|held| {
+            if let Err(v) = held.acquire(rank) {
+                panic!(
+                    "lock order: {:?} wanted while {:?} is held",
+                    v.wanted, v.held
+                );
+            }
+        });
+        Holding { rank }
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = rank;
+        Holding {}
+    }
+}
+
+/// Checks, in a debug build, that this CPU may wait for a lock of rank
+/// `rank` (for locks whose guards are held across calls the order need not
+/// follow further).
+pub fn check(rank: Rank) {
+    #[cfg(debug_assertions)]
+    imp::with_held(|held| {
+        if let Err(v) = held.check(rank) {
+            panic!(
+                "lock order: {:?} wanted while {:?} is held",
+                v.wanted, v.held
+            );
+        }
+    });
+    #[cfg(not(debug_assertions))]
+    let _ = rank;
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        #[cfg(debug_assertions)]
+        imp::with_held(|held| held.release(self.rank));
+    }
+}
+
+#[cfg(debug_assertions)]
+mod imp {
+    use super::super::cpu::MAX_CPUS;
+    use super::super::sysreg;
+    use moat_kernel::lockorder::Held;
+
+    /// Each CPU's locks; only that CPU touches its entry, the mutex only
+    /// makes the static shareable.
+    static HELD: [spin::Mutex<Held>; MAX_CPUS] = [const { spin::Mutex::new(Held::NONE) }; MAX_CPUS];
+
+    pub fn with_held(f: impl FnOnce(&mut Held)) {
+        // Affinity level 0 names the CPU within its cluster: enough to keep
+        // the CPUs apart on the machines debug builds run on; a collision
+        // would only merge two CPUs' records (a false alarm, never a miss).
+        let index = (sysreg::mpidr() & 0xff) as usize % MAX_CPUS;
+        f(&mut HELD[index].lock());
+    }
+}
