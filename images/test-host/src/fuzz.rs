@@ -588,7 +588,9 @@ impl Model {
             let i = self.rng.below(self.vms.len() as u64) as usize;
             return (self.vms[i].handle, Some(i));
         }
-        let bad = [0, abi::MAX_VMS as u64 + 1, 0x1_0001, u64::MAX, 1 << 63 | 1];
+        // 0x9_0001: VM 1's vCPU 9, which no VM can have (bits 31:16 of
+        // VCPU_RUN's x1 choose the vCPU, so VM 1's vCPU 1 may be real).
+        let bad = [0, abi::MAX_VMS as u64 + 1, 0x9_0001, u64::MAX, 1 << 63 | 1];
         (bad[self.rng.below(bad.len() as u64) as usize], None)
     }
 

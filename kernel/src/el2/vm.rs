@@ -886,6 +886,11 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         return Err(Error::InvalidParameters);
     }
     let (handle, index) = (target & 0xffff, ((target >> 16) & 0xffff) as usize);
+    // A vCPU no VM can have is malformed whatever the VM's state: refused
+    // before the VM is looked at, so the answer does not depend on it.
+    if index as u64 >= abi::MAX_VCPUS {
+        return Err(Error::InvalidParameters);
+    }
     // A host in SME streaming mode, or with ZA on, is refused before
     // anything is touched: its Z registers are at the streaming length,
     // which no save area is sized for, and its ZA/ZT0 storage would have
