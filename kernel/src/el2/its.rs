@@ -318,19 +318,22 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
 
 /// The GIC state held for the consistency checker: taken before the
 /// memory lock, as every emulated access takes them.
-pub struct Held(
-    spin::MutexGuard<'static, State>,
+pub struct Held {
+    state: spin::MutexGuard<'static, State>,
     // Declared after the guard, so dropped after it: the lock is released
     // before the order record says so.
-    super::lockcheck::Holding,
-);
+    _order: super::lockcheck::Holding,
+}
 
 /// Locks the GIC state for [`Held::check`]; `None` without an ITS or
 /// redistributor the core emulates.
 pub fn hold() -> Option<Held> {
     STATE.get().map(|s| {
-        let order = super::lockcheck::hold(Rank::Gic);
-        Held(s.lock(), order)
+        let _order = super::lockcheck::hold(Rank::Gic);
+        Held {
+            state: s.lock(),
+            _order,
+        }
     })
 }
 
@@ -351,7 +354,7 @@ impl Held {
         host_maps: impl Fn(u64, u64, bool) -> bool,
     ) -> Result<u64, Finding> {
         use logic::Holding;
-        let state = &self.0;
+        let state = &self.state;
         let mut count = 0;
         let mut held = |holding, pa: u64, size: u64| -> Result<(), Finding> {
             logic::check_holding(holding, pa, size, carve_out, extent_of)?;
