@@ -1031,8 +1031,16 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     let saved_icc = gic
         .as_ref()
         .map(|access| super::gic::open_watchdog(access, RunMask::Vm));
+    // Without a virtual GIC the guest's timer can raise the host's PPI 27
+    // only if the guest left it enabled and unmasked; otherwise the line is
+    // not borrowed (three register reads, a disable with its RWP wait and a
+    // restore saved on every run). A guest that arms its timer during the
+    // run costs one Interrupt exit, and the next run borrows the line.
+    let (guest_cntv_ctl, _) = vm.el1.virtual_timer();
+    let guest_timer_armed = guest_cntv_ctl & 0b11 == 0b01;
     let mut borrowed = gic
         .as_ref()
+        .filter(|_| vm.vgic.is_some() || guest_timer_armed)
         .map(|access| vgic::borrow_ppis(access, vm.vgic.is_some()));
     if let Some(v) = vm.vgic.as_ref() {
         v.load();
