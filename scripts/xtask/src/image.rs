@@ -50,9 +50,9 @@ pub fn objcopy(elf: &Path, bin: &Path) -> Result<()> {
         .arg(bin))
 }
 
-/// Builds the core, the guest and the test host that carries it (release,
-/// with debug info).
-pub fn build_all() -> Result<Built> {
+/// Builds the core (release, with debug info) linked at `board`'s load
+/// address into the cargo target folder `target_dir`; returns its ELF.
+pub fn build_core(board: Board, target_dir: &Path) -> Result<PathBuf> {
     run(cargo()
         .args([
             "build",
@@ -64,10 +64,16 @@ pub fn build_all() -> Result<Built> {
             "--target",
             CORE_TARGET,
         ])
-        .env(
-            "MOAT_LOAD_ADDRESS",
-            format!("{:#x}", Board::Virt.load_address()),
-        ))?;
+        .arg("--target-dir")
+        .arg(target_dir)
+        .env("MOAT_LOAD_ADDRESS", format!("{:#x}", board.load_address())))?;
+    Ok(target_dir.join(CORE_TARGET).join("release/moat"))
+}
+
+/// Builds the core, the guest and the test host that carries it (release,
+/// with debug info).
+pub fn build_all() -> Result<Built> {
+    build_core(Board::Virt, &tools::target_dir())?;
     let out = tools::target_dir().join("images");
     std::fs::create_dir_all(&out)?;
     // The test host carries the protected-VM guest: build it first.
@@ -106,21 +112,7 @@ pub fn build_for(board: Board) -> Result<Built> {
     let mut built = build_all()?;
     if board != Board::Virt {
         let dir = tools::target_dir().join(format!("board-{}", board.name()));
-        run(cargo()
-            .args([
-                "build",
-                "--release",
-                "--package",
-                "moat-kernel",
-                "--bin",
-                "moat",
-                "--target",
-                CORE_TARGET,
-            ])
-            .arg("--target-dir")
-            .arg(&dir)
-            .env("MOAT_LOAD_ADDRESS", format!("{:#x}", board.load_address())))?;
-        built.core_elf = dir.join(CORE_TARGET).join("release/moat");
+        built.core_elf = build_core(board, &dir)?;
         built.core = tools::target_dir()
             .join("images")
             .join(format!("moat-{}.bin", board.name()));

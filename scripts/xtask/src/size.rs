@@ -5,8 +5,9 @@
 //! not in the file) against [`CORE_BUDGET`], each allocated section, and the
 //! largest functions, which is where a cut pays.
 
-use crate::image::{self, CORE_TARGET};
-use crate::tools::{self, cargo, llvm_tool, run};
+use crate::boards::Board;
+use crate::image;
+use crate::tools::{self, llvm_tool};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::process::Command;
@@ -33,17 +34,7 @@ struct Function {
 
 /// Builds the core and prints its sizes.
 pub fn report() -> Result<()> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "moat-kernel",
-        "--bin",
-        "moat",
-        "--target",
-        CORE_TARGET,
-    ]))?;
-    let elf = tools::target_dir().join(CORE_TARGET).join("release/moat");
+    let elf = image::build_core(Board::Virt, &tools::target_dir())?;
     let bin = tools::target_dir().join("images/moat.bin");
     std::fs::create_dir_all(bin.parent().context("has a parent")?)?;
     image::objcopy(&elf, &bin)?;
