@@ -12,7 +12,7 @@
 //!   board's firmware would load from the SD card).
 //! * `fvp`: Arm's FVP Base RevC model, when it is installed (`fvp.rs`).
 
-use crate::linux;
+use crate::debian;
 use crate::tools;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -122,7 +122,7 @@ pub fn rpi4_dtb() -> Result<PathBuf> {
     if out.is_file() {
         return Ok(out);
     }
-    let assets = linux::ensure_assets()?;
+    let assets = debian::ensure_assets()?;
     let deb = assets
         .kernel_deb
         .context("the default kernel has no .deb to take the Pi 4's device tree from")?;

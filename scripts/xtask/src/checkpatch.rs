@@ -8,7 +8,7 @@
 //! two word lists it reads is taken out of the source tarball once and kept
 //! beside it.
 
-use crate::linux;
+use crate::debian;
 use crate::tools;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -31,9 +31,9 @@ const SCRIPT_FILES: [&str; 3] = [
 fn script(series: &str) -> Result<PathBuf> {
     let package = format!("linux-source-{series}");
     let shown =
-        linux::output(Command::new("apt-cache").args(["show", "--no-all-versions", &package]))
+        debian::output(Command::new("apt-cache").args(["show", "--no-all-versions", &package]))
             .with_context(|| format!("apt-cache show {package}"))?;
-    let stanza = linux::stanzas(&shown)
+    let stanza = debian::stanzas(&shown)
         .into_iter()
         .next()
         .with_context(|| format!("apt-cache show {package}: no package"))?;
@@ -45,7 +45,7 @@ fn script(series: &str) -> Result<PathBuf> {
     };
     let version = field("Version")?;
     let sha = field("SHA256")?.to_ascii_lowercase();
-    let dir = linux::cache_dir()?
+    let dir = debian::cache_dir()?
         .join("checkpatch")
         .join(version.replace(':', "%3a"));
     let checkpatch = dir.join(SCRIPT_FILES[0]);
@@ -54,17 +54,17 @@ fn script(series: &str) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir)?;
     let deb = dir.join(format!("{package}.deb"));
-    if !linux::file_matches(&deb, &sha) {
+    if !debian::file_matches(&deb, &sha) {
         eprintln!(
             "xtask: fetching {package} {version} once for the kernel's checkpatch.pl (about 140 MB)"
         );
-        linux::download_spec(
+        debian::download_spec(
             &dir,
             &format!("{package}={version}"),
             &deb,
             tools::is_root(),
         )?;
-        if !linux::file_matches(&deb, &sha) {
+        if !debian::file_matches(&deb, &sha) {
             let _ = std::fs::remove_file(&deb);
             bail!("{package} {version} does not match the SHA256 apt published ({sha})");
         }

@@ -16,8 +16,8 @@
 //! crate's tests).
 
 use crate::boards::{self, Board};
+use crate::debian;
 use crate::image::{self, ImageSpec};
-use crate::linux;
 use crate::tools;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -112,7 +112,7 @@ pub fn command(model: &Path, bl31: &Path, dtb: &Path, image: &Path, cpus: u32) -
 pub fn dtb() -> Result<PathBuf> {
     let out = tools::target_dir().join("boards").join(DTB);
     if !out.is_file() {
-        let assets = linux::ensure_assets()?;
+        let assets = debian::ensure_assets()?;
         let deb = assets
             .kernel_deb
             .context("the default kernel has no .deb to take the FVP's tree from")?;

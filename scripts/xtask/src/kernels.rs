@@ -10,7 +10,7 @@
 //! `linux-image-6.12.*+deb12-arm64-unsigned`): the newest version apt knows
 //! among the matching arm64 packages is used.
 
-use crate::linux::{self, Assets};
+use crate::debian::{self, Assets};
 use crate::tools;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -31,13 +31,13 @@ pub enum Kernel {
 /// The files a Linux run needs for `kernel`: the kernel Image, the `.deb`
 /// it came from (for its modules), and busybox from the default cache.
 pub fn assets(kernel: &Kernel) -> Result<Assets> {
-    let base = linux::ensure_assets()?;
+    let base = debian::ensure_assets()?;
     match kernel {
         Kernel::Default => Ok(base),
         Kernel::Image(path) => {
             let head =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            if !linux::is_arm64_image(&head) {
+            if !debian::is_arm64_image(&head) {
                 bail!(
                     "{} is not an arm64 Linux Image (no ARM\\x64 magic at byte 56; a compressed vmlinuz must be unpacked first)",
                     path.display()
@@ -118,13 +118,13 @@ fn folder(package: &str) -> Result<PathBuf> {
     if package.is_empty() || package.contains(['/', '*']) || package.starts_with('.') {
         bail!("{package:?} is not a package name");
     }
-    Ok(linux::cache_dir()?.join("kernels").join(package))
+    Ok(debian::cache_dir()?.join("kernels").join(package))
 }
 
 /// The cached package in `dir`, if its files match its manifest.
 fn cached(dir: &Path) -> Option<Cached> {
     let c = parse_manifest(dir, &std::fs::read_to_string(dir.join(MANIFEST)).ok()?)?;
-    (linux::file_matches(&c.deb, &c.sha256) && linux::file_matches(&c.image, &c.image_sha256))
+    (debian::file_matches(&c.deb, &c.sha256) && debian::file_matches(&c.image, &c.image_sha256))
         .then_some(c)
 }
 
@@ -153,7 +153,7 @@ pub fn glob_matches(pattern: &str, name: &str) -> bool {
 fn resolve(name: &str) -> Result<Option<(String, String, String)>> {
     let names: Vec<String> = if name.contains('*') {
         let prefix = name.split('*').next().unwrap_or("");
-        let listed = linux::output(Command::new("apt-cache").args(["pkgnames", prefix]))?;
+        let listed = debian::output(Command::new("apt-cache").args(["pkgnames", prefix]))?;
         listed
             .lines()
             .map(str::trim)
@@ -165,14 +165,14 @@ fn resolve(name: &str) -> Result<Option<(String, String, String)>> {
     };
     let mut best: Option<(String, String, String)> = None;
     for n in names {
-        let Ok(text) = linux::output(Command::new("apt-cache").args([
+        let Ok(text) = debian::output(Command::new("apt-cache").args([
             "show",
             "--no-all-versions",
             &format!("{n}:arm64"),
         ])) else {
             continue;
         };
-        let Some(s) = linux::stanzas(&text).into_iter().next() else {
+        let Some(s) = debian::stanzas(&text).into_iter().next() else {
             continue;
         };
         let (Some(package), Some(version), Some(sha)) =
@@ -185,7 +185,7 @@ fn resolve(name: &str) -> Result<Option<(String, String, String)>> {
         }
         if best
             .as_ref()
-            .is_none_or(|(_, v, _)| linux::newer(version, v))
+            .is_none_or(|(_, v, _)| debian::newer(version, v))
         {
             best = Some((package.clone(), version.clone(), sha.to_ascii_lowercase()));
         }
@@ -227,10 +227,10 @@ fn package(name: &str) -> Result<Cached> {
         return Ok(c);
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let deb = dir.join(linux::deb_file_name(&package, &version));
-    if !linux::file_matches(&deb, &sha256) {
-        linux::download(&dir, &package, &version, &deb, tools::is_root())?;
-        if !linux::file_matches(&deb, &sha256) {
+    let deb = dir.join(debian::deb_file_name(&package, &version));
+    if !debian::file_matches(&deb, &sha256) {
+        debian::download(&dir, &package, &version, &deb, tools::is_root())?;
+        if !debian::file_matches(&deb, &sha256) {
             let _ = std::fs::remove_file(&deb);
             bail!(
                 "{} does not match the SHA256 apt published ({sha256})",
@@ -239,13 +239,13 @@ fn package(name: &str) -> Result<Cached> {
         }
     }
     let image = dir.join(format!("Image-{}", version.replace(':', "%3a")));
-    linux::extract(&deb, "kernel", &image)?;
+    debian::extract(&deb, "kernel", &image)?;
     let c = Cached {
         package,
         version,
         sha256,
         deb,
-        image_sha256: linux::sha256_file(&image)?,
+        image_sha256: debian::sha256_file(&image)?,
         image,
     };
     let manifest = dir.join(MANIFEST);

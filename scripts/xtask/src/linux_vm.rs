@@ -12,8 +12,8 @@
 //! it by its absolute `/usr/src` path). `moat-vmm` (`images/vmm`) is a static
 //! musl binary of the workspace.
 
+use crate::debian::{self, Assets};
 use crate::image;
-use crate::linux::{self, Assets};
 use crate::tools;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -110,7 +110,7 @@ fn manifest_line(deb: &str, sha256: &str) -> String {
 /// The header `.deb`s, from the cache or downloaded and checked against
 /// apt's SHA256.
 fn ensure_headers(abi: &str, version: &str) -> Result<Vec<PathBuf>> {
-    let dir = linux::cache_dir()?.join("headers");
+    let dir = debian::cache_dir()?.join("headers");
     let manifest = dir.join(format!("manifest-{abi}-{version}"));
     let packages = header_packages(abi).context("malformed kernel ABI")?;
     if let Ok(text) = std::fs::read_to_string(&manifest) {
@@ -119,7 +119,7 @@ fn ensure_headers(abi: &str, version: &str) -> Result<Vec<PathBuf>> {
             .filter_map(|l| l.split_once(' '))
             .map(|(d, h)| (dir.join(d), h.trim().to_string()))
             .collect();
-        if debs.len() == packages.len() && debs.iter().all(|(d, h)| linux::file_matches(d, h)) {
+        if debs.len() == packages.len() && debs.iter().all(|(d, h)| debian::file_matches(d, h)) {
             return Ok(debs.into_iter().map(|(d, _)| d).collect());
         }
         eprintln!("xtask: the cached kernel headers do not match their manifest; fetching again");
@@ -129,7 +129,7 @@ fn ensure_headers(abi: &str, version: &str) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for (package, arch) in packages {
         let spec = format!("{package}:{arch}={version}");
-        let shown = linux::output(Command::new("apt-cache").args([
+        let shown = debian::output(Command::new("apt-cache").args([
             "show",
             "--no-all-versions",
             &spec,
@@ -139,7 +139,7 @@ fn ensure_headers(abi: &str, version: &str) -> Result<Vec<PathBuf>> {
                 "apt-cache show {spec} (is `dpkg --add-architecture arm64` done and apt updated?)"
             )
         })?;
-        let stanza = linux::stanzas(&shown)
+        let stanza = debian::stanzas(&shown)
             .into_iter()
             .next()
             .with_context(|| format!("apt-cache show {spec}: no package"))?;
@@ -150,9 +150,9 @@ fn ensure_headers(abi: &str, version: &str) -> Result<Vec<PathBuf>> {
             .to_ascii_lowercase();
         let deb = format!("{package}_{}_{arch}.deb", version.replace(':', "%3a"));
         let path = dir.join(&deb);
-        if !linux::file_matches(&path, &sha) {
-            linux::download_spec(&dir, &spec, &path, tools::is_root())?;
-            if !linux::file_matches(&path, &sha) {
+        if !debian::file_matches(&path, &sha) {
+            debian::download_spec(&dir, &spec, &path, tools::is_root())?;
+            if !debian::file_matches(&path, &sha) {
                 let _ = std::fs::remove_file(&path);
                 bail!("{deb} does not match the SHA256 apt published ({sha})");
             }

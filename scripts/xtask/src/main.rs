@@ -18,6 +18,7 @@ mod checkpatch;
 mod coverage;
 mod cpio;
 mod cpu_models;
+mod debian;
 mod disk;
 mod fuzz;
 mod fuzz_host;

@@ -11,6 +11,7 @@
 //! `images/linux.toml`.
 
 use crate::boards::{self, Board};
+use crate::debian;
 use crate::image;
 use crate::linux;
 use crate::linux_vm;
@@ -88,7 +89,7 @@ pub fn check(dir: &Path) -> Result<()> {
     if package.flags & FLAG_SEMIHOSTING_EXIT != 0 {
         bail!("{KERNEL_FILE} would use semihosting, which a board does not have");
     }
-    if !linux::is_arm64_image(package.host_image) || package.host_initrd.is_none() {
+    if !debian::is_arm64_image(package.host_image) || package.host_initrd.is_none() {
         bail!("{KERNEL_FILE} does not carry a Linux Image and its initramfs");
     }
     let args = package.host_bootargs.unwrap_or("");
@@ -129,7 +130,7 @@ pub fn write(board: Board, out: &Path) -> Result<Vec<PathBuf>> {
             board.name()
         );
     }
-    let assets = linux::ensure_assets()?;
+    let assets = debian::ensure_assets()?;
     boards::prepare(board)?;
     let built = image::build_for(board)?;
     let vm = linux_vm::build(&assets, &built, false)?;

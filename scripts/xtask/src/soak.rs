@@ -10,6 +10,7 @@
 //! kept in memory, so a run of hours costs no more memory than one of
 //! minutes.
 
+use crate::debian;
 use crate::linux::{self, FAIL_PATTERNS};
 use crate::{MachineArgs, image, linux_vm, qemu, tools};
 use anyhow::{Context, Result, bail};
@@ -139,7 +140,7 @@ impl Figures {
 pub fn soak(minutes: u64) -> Result<()> {
     tools::ensure_qemu()?;
     let built = image::build_all()?;
-    let assets = linux::ensure_assets()?;
+    let assets = debian::ensure_assets()?;
     let vm = linux_vm::build(&assets, &built, false)?;
     let seconds = minutes * 60;
     let initrd = linux::write_initramfs(&assets, Some(&vm), Some(&commands(seconds)), "soak")?;

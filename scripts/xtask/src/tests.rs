@@ -12,10 +12,11 @@
 use crate::MachineArgs;
 use crate::boards::{self, Board};
 use crate::cpu_models;
+use crate::debian::{self, Assets};
 use crate::fuzz_host;
 use crate::image::{self, Built, ImageSpec};
 use crate::kernels::{self, Kernel};
-use crate::linux::{self, Assets};
+use crate::linux;
 use crate::linux_vm;
 use crate::qemu::{self, AfterPass, Harness, OnReset, Verdict};
 use crate::synthetic_dt::{self, Parts};
@@ -2700,7 +2701,7 @@ const VMM_BENCH_EXITS: u64 = 20_000;
 /// [`VMM_BENCH_EXITS`] `Hvc` exits of the guest's ping mode with the
 /// virtual counter.
 fn vmm_exit_roundtrip(built: &Built) -> Result<u64> {
-    let assets = linux::ensure_assets()?;
+    let assets = debian::ensure_assets()?;
     let vm = linux_vm::build(&assets, built, false)?;
     let commands = format!(
         "insmod /{} && moat-vmm bench-exits /{} --count {VMM_BENCH_EXITS}",
@@ -2737,7 +2738,7 @@ fn counter_ns(console: &str, marker: &str) -> Option<u64> {
 /// reads the counter itself (`moat-vmm counter`); the VMM reads it just
 /// before `VM_CREATE`. Returns (under Moat, direct).
 fn linux_guest_boot_instructions(built: &Built) -> Result<(u64, u64)> {
-    let assets = linux::ensure_assets()?;
+    let assets = debian::ensure_assets()?;
     let mut vm = linux_vm::build(&assets, built, false)?;
     let bench_initrd = linux_vm::write_linux_guest_initramfs(&assets, Some(&vm.vmm))?;
     vm.linux_guest.1 = bench_initrd.clone();
@@ -2799,7 +2800,7 @@ impl BootInstructions {
 /// counter runs at 1 GHz, so with icount one tick is one instruction: the
 /// figures do not depend on how busy this machine is.
 fn linux_boot_instructions(built: &Built) -> Result<BootInstructions> {
-    let assets = linux::ensure_assets()?;
+    let assets = debian::ensure_assets()?;
     let initrd = linux::write_initramfs_with(
         &assets,
         None,
@@ -2885,7 +2886,7 @@ fn exit_bench(cmd: std::process::Command, log: &str, marker: &str) -> Result<(St
 /// Debian kernel booted directly at EL2 (no Moat; KVM in VHE mode), one CPU,
 /// icount, [`VMM_BENCH_EXITS`] `KVM_RUN` calls each ending in an MMIO exit.
 fn kvm_exit_roundtrip(built: &Built) -> Result<u64> {
-    let assets = linux::ensure_assets()?;
+    let assets = debian::ensure_assets()?;
     let vm = linux_vm::build(&assets, built, false)?;
     let commands = format!("moat-vmm bench-kvm --count {VMM_BENCH_EXITS}");
     let initrd = linux::write_initramfs(&assets, Some(&vm), Some(&commands), "bench-kvm")?;
@@ -2981,7 +2982,7 @@ struct LinuxBoots {
 
 impl LinuxBoots {
     fn prepare(built: &Built) -> Result<Self> {
-        let assets = linux::ensure_assets()?;
+        let assets = debian::ensure_assets()?;
         let initrd = linux::write_initramfs(&assets, None, Some("true"), "bench-linux")?;
         let spec = linux::image_spec(&assets, &initrd, None, &linux::services()?);
         let moat_image = image::pack(&built.core, &spec, "bench-linux")?;
