@@ -384,12 +384,10 @@ fn fetch(dir: &Path) -> Result<Assets> {
             );
             tools::run(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
         }
-        eprintln!("xtask: apt-get update (the Debian package cache is incomplete)");
-        tools::run(
-            Command::new("apt-get")
-                .arg("update")
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        eprintln!(
+            "xtask: apt-get update (the Debian package cache is incomplete); apt's output goes to target/apt.log"
+        );
+        tools::run_apt_logged(Command::new("apt-get").arg("update"))?;
     } else {
         eprintln!("xtask: not root: using the package lists apt already has");
     }
@@ -460,7 +458,7 @@ pub(crate) fn download_spec(dir: &Path, spec: &str, dest: &Path, root: bool) -> 
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
     eprintln!("xtask: apt-get download {spec}");
-    tools::run(cmd.arg(spec))?;
+    tools::run_apt_logged(cmd.arg(spec))?;
     let got = std::fs::read_dir(&partial)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))

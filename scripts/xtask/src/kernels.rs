@@ -206,12 +206,10 @@ fn package(name: &str) -> Result<Cached> {
     let mut found = resolve(name)?;
     if found.is_none() && tools::is_root() {
         tools::ensure_backports_source()?;
-        eprintln!("xtask: apt-get update (apt knows no arm64 package {name})");
-        tools::run(
-            Command::new("apt-get")
-                .arg("update")
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        eprintln!(
+            "xtask: apt-get update (apt knows no arm64 package {name}); apt's output goes to target/apt.log"
+        );
+        tools::run_apt_logged(Command::new("apt-get").arg("update"))?;
         found = resolve(name)?;
     }
     let Some((package, version, sha256)) = found else {

@@ -264,7 +264,39 @@ fn main() {
     }
 }
 
+/// Fails with the flag and the path when a file the user named cannot be
+/// read, before anything is built: a mistyped path costs a line, not a
+/// build and a bare "No such file or directory".
+fn check_given_files(files: &[(&str, &Option<PathBuf>)]) -> Result<()> {
+    for (flag, path) in files {
+        if let Some(path) = path
+            && let Err(e) = std::fs::File::open(path)
+        {
+            anyhow::bail!(
+                "{flag} {}: {e} (give the path of an existing file)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::Run {
+        host,
+        initrd,
+        dtb,
+        kernel,
+        ..
+    } = &cli.command
+    {
+        check_given_files(&[
+            ("--host", host),
+            ("--initrd", initrd),
+            ("--dtb", dtb),
+            ("--kernel", kernel),
+        ])?;
+    }
     match cli.command {
         Command::Build => {
             let images = image::build_all()?;

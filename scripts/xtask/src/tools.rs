@@ -254,8 +254,22 @@ pub fn ensure_backports_source() -> Result<bool> {
     if backports_configured() || !is_root() {
         return Ok(false);
     }
+    // A file of the user's by that name is never overwritten.
+    use std::io::Write;
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(BACKPORTS_LIST)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "{BACKPORTS_LIST} exists but names no bookworm-backports source; \
+             add `{BACKPORTS_LINE}` to an apt sources file and run again"
+        ),
+        Err(e) => return Err(e).with_context(|| format!("creating {BACKPORTS_LIST}")),
+    };
     eprintln!("xtask: adding {BACKPORTS_LIST} ({BACKPORTS_LINE})");
-    std::fs::write(BACKPORTS_LIST, format!("{BACKPORTS_LINE}\n"))
+    file.write_all(format!("{BACKPORTS_LINE}\n").as_bytes())
         .with_context(|| format!("writing {BACKPORTS_LIST}"))?;
     Ok(true)
 }
@@ -264,6 +278,36 @@ pub fn ensure_backports_source() -> Result<bool> {
 /// when the install fails.
 fn apt_log() -> PathBuf {
     target_dir().join("apt.log")
+}
+
+/// Runs an apt command with its output appended to `target/apt.log`
+/// instead of the terminal; the log is printed only if the command fails.
+pub fn run_apt_logged(cmd: &mut Command) -> Result<()> {
+    use std::io::Write;
+    let log = apt_log();
+    std::fs::create_dir_all(target_dir())?;
+    let out = cmd
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let mut text = format!("$ {cmd:?}\n").into_bytes();
+    text.extend_from_slice(&out.stdout);
+    text.extend_from_slice(&out.stderr);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| f.write_all(&text))
+        .with_context(|| format!("writing {}", log.display()))?;
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&text));
+        bail!(
+            "{cmd:?} failed with {} (its output is above and in {})",
+            out.status,
+            log.display()
+        );
+    }
+    Ok(())
 }
 
 /// Runs the shell `commands` that install `what` (saying `why` in one
@@ -275,23 +319,8 @@ fn install_on_debian(what: &str, why: &str, commands: &str) -> Result<bool> {
         return Ok(false);
     }
     eprintln!("xtask: installing {what} ({why}); apt's output goes to target/apt.log");
-    let log = apt_log();
-    std::fs::create_dir_all(target_dir())?;
-    let out = Command::new("sh")
-        .args(["-c", commands])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .output()
-        .context("starting sh")?;
-    let mut text = out.stdout;
-    text.extend_from_slice(&out.stderr);
-    std::fs::write(&log, &text).with_context(|| format!("writing {}", log.display()))?;
-    if !out.status.success() {
-        eprintln!("{}", String::from_utf8_lossy(&text));
-        bail!(
-            "installing {what} failed ({}); the commands were:\n  {commands}",
-            out.status
-        );
-    }
+    run_apt_logged(Command::new("sh").args(["-c", commands]))
+        .with_context(|| format!("installing {what} failed; the commands were:\n  {commands}"))?;
     Ok(true)
 }
 
@@ -319,7 +348,9 @@ pub fn ensure_qemu() -> Result<()> {
     let add_source = if backports_configured() {
         String::new()
     } else {
-        format!("echo '{BACKPORTS_LINE}' > {BACKPORTS_LIST} && ")
+        // Never over a file of the user's (`set -C`: `>` refuses to
+        // overwrite); apt then says that it knows no bookworm-backports.
+        format!("(set -C; echo '{BACKPORTS_LINE}' > {BACKPORTS_LIST}) && ")
     };
     let commands = format!(
         "{add_source}apt-get update && \
