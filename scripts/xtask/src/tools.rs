@@ -120,6 +120,22 @@ fn rustup_installed(what: &str, channel: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The pinned toolchain's sysroot, as its `rustc` reports it.
+fn sysroot() -> Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .current_dir(root())
+        .output()
+        .context("starting rustc")?;
+    if !out.status.success() {
+        bail!(
+            "rustc --print sysroot failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
 /// Makes sure the targets and components `rust-toolchain.toml` lists are
 /// installed before anything is built: rustup can be set not to fetch them
 /// by itself, and without them the aarch64 builds fail with "can't find
@@ -133,13 +149,7 @@ pub fn ensure_toolchain() -> Result<()> {
     );
     if Command::new("rustup").arg("--version").output().is_err() {
         // A toolchain without rustup: check the sysroot for the targets.
-        let sysroot = Command::new("rustc")
-            .args(["--print", "sysroot"])
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
-        let lib = Path::new(&sysroot).join("lib/rustlib");
+        let lib = sysroot()?.join("lib/rustlib");
         let missing: Vec<_> = targets.iter().filter(|t| !lib.join(t).exists()).collect();
         if missing.is_empty() {
             return Ok(());
@@ -166,6 +176,17 @@ pub fn ensure_toolchain() -> Result<()> {
         })
         .collect();
     if missing_targets.is_empty() && missing_components.is_empty() {
+        // rustup's record and the sysroot can disagree (a half-removed or
+        // hand-copied toolchain): the build needs the files.
+        let lib = sysroot()?.join("lib/rustlib");
+        if let Some(gone) = targets.iter().find(|t| !lib.join(t).join("lib").is_dir()) {
+            bail!(
+                "rustup lists the target {gone} as installed but {} has no files for it; \
+                 reinstall it: rustup target remove {gone} --toolchain {channel} && \
+                 rustup target add {gone} --toolchain {channel}",
+                lib.display()
+            );
+        }
         return Ok(());
     }
     let mut what: Vec<String> = missing_targets.iter().map(|t| t.to_string()).collect();
