@@ -199,6 +199,9 @@ pub fn ensure_toolchain() -> Result<()> {
         Command::new("rustup")
             .args(args)
             .args(["--toolchain", &channel])
+            // A download that fails is rustup's few lines, not its stack.
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
             .current_dir(root())
             .status()
             .context("starting rustup")
