@@ -392,10 +392,13 @@ pub fn ensure_qemu() -> Result<()> {
             "QEMU is still older than 9, or has no efi-virtio.rom, after installing from bookworm-backports"
         );
     }
+    let found = match qemu_major() {
+        Some(v) => format!("found version {v}"),
+        None => "none found".to_string(),
+    };
     bail!(
-        "Moat needs qemu-system-aarch64 9 or newer (found {:?}). On Debian 12, as root:\n  {commands}\n\
-         Elsewhere, install QEMU >= 9 with your package manager.",
-        qemu_major()
+        "Moat needs qemu-system-aarch64 9 or newer ({found}). On Debian 12, as root:\n  {commands}\n\
+         Elsewhere, install QEMU >= 9 with your package manager."
     )
 }
 
