@@ -76,6 +76,8 @@ fn script(series: &str) -> Result<PathBuf> {
         .join("usr/src")
         .join(format!("linux-source-{series}.tar.xz"));
     let top = format!("linux-source-{series}");
+    // `tar -J` runs `xz`, which a minimal Debian root lacks.
+    tools::ensure_xz()?;
     let mut tar = Command::new("tar");
     tar.arg("-xJf")
         .arg(&tarball)

@@ -480,3 +480,15 @@ pub fn ensure_cross_gcc() -> Result<()> {
         "building moat.ko needs Debian's arm64 cross compiler",
     )
 }
+
+/// `xz`, which `tar -J` runs to unpack Debian's kernel source tarball,
+/// installed from Debian if missing.
+pub fn ensure_xz() -> Result<()> {
+    ensure_from_debian(
+        "xz",
+        "apt-get install -y --no-install-recommends xz-utils",
+        "xz-utils",
+        "checkpatch.pl comes out of Debian's .tar.xz kernel source",
+        "unpacking Debian's kernel source needs xz",
+    )
+}
