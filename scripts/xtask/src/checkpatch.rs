@@ -97,6 +97,7 @@ fn script(series: &str) -> Result<PathBuf> {
 /// sources; fails on any error, warning or check it reports.
 pub fn check_module(series: &str) -> Result<()> {
     let script = script(series)?;
+    tools::ensure_perl()?;
     let root = tools::root();
     let out = Command::new("perl")
         .arg(&script)
@@ -114,7 +115,7 @@ pub fn check_module(series: &str) -> Result<()> {
             "checkpatch.pl ({}) finds style problems in moat.ko's sources:\n{}",
             Path::new(&script).display(),
             if findings.is_empty() {
-                text.to_string()
+                format!("{text}{}", String::from_utf8_lossy(&out.stderr))
             } else {
                 findings.join("\n")
             }

@@ -492,3 +492,24 @@ pub fn ensure_xz() -> Result<()> {
         "unpacking Debian's kernel source needs xz",
     )
 }
+
+/// Perl with its standard modules (checkpatch.pl uses Term::ANSIColor, which
+/// Debian's `perl-base` lacks), installed from Debian if missing.
+pub fn ensure_perl() -> Result<()> {
+    let ready = || {
+        Command::new("perl")
+            .args(["-MTerm::ANSIColor", "-e", "1"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let commands = "apt-get install -y --no-install-recommends perl";
+    if ready()
+        || (install_on_debian("perl", "checkpatch.pl is a Perl script", commands)? && ready())
+    {
+        return Ok(());
+    }
+    bail!(
+        "checking moat.ko's style needs Perl with its standard modules. On Debian 12, as root:\n  \
+         {commands}\nElsewhere, install Perl with your package manager."
+    )
+}
