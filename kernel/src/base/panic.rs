@@ -11,12 +11,6 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use moat_kernel::regs::GuestRegs;
 
 static STOPPING: AtomicBool = AtomicBool::new(false);
-static SEMIHOSTING_EXIT: AtomicBool = AtomicBool::new(false);
-
-/// Allows the fatal path to end a QEMU run through semihosting.
-pub fn allow_semihosting_exit() {
-    SEMIHOSTING_EXIT.store(true, Ordering::Relaxed);
-}
 
 /// Whether the machine is stopping; CPUs entering the core then park.
 pub fn is_stopping() -> bool {
@@ -31,52 +25,17 @@ pub fn park() -> ! {
     }
 }
 
-/// Writes one line through semihosting (SYS_WRITE0), if allowed: the
-/// core's last resort when the device tree gave it no console, so a test
-/// run still shows why the boot failed.
-pub fn semihosting_line(line: &str) {
-    if !SEMIHOSTING_EXIT.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut text: heapless::Vec<u8, 256> = heapless::Vec::new();
-    for &b in line.as_bytes().iter().filter(|&&b| b != 0).take(253) {
-        let _ = text.push(b);
-    }
-    let _ = text.extend_from_slice(b"\n\0");
-    // SAFETY: HLT #0xf000 with x0 = SYS_WRITE0 (4) asks QEMU (run with
-    // semihosting enabled, which the package flag asserts) to print the
-    // NUL-terminated string at x1; it returns with x0 corrupted.
-    unsafe {
-        core::arch::asm!("hlt #0xf000", inout("x0") 4u64 => _, in("x1") text.as_ptr(), options(nostack));
-    }
-}
-
-/// Ends a QEMU run with `code` (semihosting SYS_EXIT_EXTENDED), if allowed.
-pub fn semihosting_exit(code: u64) {
-    if !SEMIHOSTING_EXIT.load(Ordering::Relaxed) {
-        return;
-    }
-    // ADP_Stopped_ApplicationExit, with the exit status.
-    let block: [u64; 2] = [0x2_0026, code];
-    // SAFETY: HLT #0xf000 is the AArch64 semihosting trap; QEMU (run with
-    // semihosting enabled, which the package flag asserts) services it by
-    // reading `block` and exiting. It does not return.
-    unsafe {
-        core::arch::asm!("hlt #0xf000", in("x0") 0x20u64, in("x1") block.as_ptr(), options(nostack));
-    }
-}
-
 /// Stops the machine after a fatal error.
 pub fn stop(code: u64) -> ! {
     STOPPING.store(true, Ordering::Relaxed);
-    super::console::flush();
-    semihosting_exit(code);
+    crate::base::console::flush();
+    crate::arch::semihosting::semihosting_exit(code);
     park()
 }
 
 /// Prints up to 16 frame records starting at `fp`.
 fn print_backtrace(mut fp: u64) {
-    let (lo, hi) = super::boot::stack_bounds();
+    let (lo, hi) = crate::arch::stack_bounds();
     for depth in 0..16 {
         if fp < lo || fp + 16 > hi || !fp.is_multiple_of(16) {
             break;
@@ -84,7 +43,7 @@ fn print_backtrace(mut fp: u64) {
         // SAFETY: `fp` lies inside the core's stacks (checked above) and is
         // 16-byte aligned; a frame record is two words.
         let (next, lr) = unsafe { (*(fp as *const u64), *((fp + 8) as *const u64)) };
-        super::console::print_fatal(format_args!("  #{depth} lr {lr:#018x} fp {fp:#018x}"));
+        crate::base::console::print_fatal(format_args!("  #{depth} lr {lr:#018x} fp {fp:#018x}"));
         if next <= fp {
             break;
         }
@@ -94,7 +53,7 @@ fn print_backtrace(mut fp: u64) {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    super::console::print_fatal(format_args!("PANIC: {info}"));
+    crate::base::console::print_fatal(format_args!("PANIC: {info}"));
     let fp: u64;
     // SAFETY: reads the frame pointer register.
     unsafe {
@@ -109,16 +68,16 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 extern "C" fn handle_el2_exception(frame: *const GuestRegs, kind: u64) -> ! {
     // SAFETY: the vector saved a full frame on the stack and passed its address.
     let f = unsafe { &*frame };
-    let esr = super::sysreg::esr_el2();
-    let far = super::sysreg::far_el2();
-    super::console::print_fatal(format_args!(
+    let esr = crate::arch::sysreg::esr_el2();
+    let far = crate::arch::sysreg::far_el2();
+    crate::base::console::print_fatal(format_args!(
         "FATAL: exception at EL2 (vector {kind}): ESR_EL2 {esr:#010x} FAR_EL2 {far:#018x} ELR_EL2 {:#018x} SPSR_EL2 {:#010x}",
         f.pc, f.pstate
     ));
     for row in 0..8 {
         let r = row * 4;
         let reg = |n: usize| f.x.get(n).copied().unwrap_or(0);
-        super::console::print_fatal(format_args!(
+        crate::base::console::print_fatal(format_args!(
             "  x{:<2} {:#018x}  x{:<2} {:#018x}  x{:<2} {:#018x}  x{:<2} {:#018x}",
             r,
             reg(r),

@@ -36,9 +36,10 @@
 //!   enable. With LPIs on they cannot change (the architecture makes them
 //!   read-only then).
 
-use super::boot::{self, machine};
-use super::cpu::PerCpu;
-use super::memory;
+use crate::arch::cache;
+use crate::base::cpu::PerCpu;
+use crate::base::state::machine;
+use crate::memory;
 use alloc::vec::Vec;
 use core::ptr::{read_volatile, write_volatile};
 use moat_abi::Error;
@@ -110,7 +111,7 @@ impl Itt {
             return None;
         }
         let pa = p as u64;
-        boot::clean_dcache_to_poc(pa, bytes);
+        cache::clean_dcache_to_poc(pa, bytes);
         Some(Self {
             device,
             event_bits,
@@ -190,7 +191,7 @@ static STATE: spin::Once<spin::Mutex<State>> = spin::Once::new();
 pub fn withheld() -> heapless::Vec<Range, { MAX_ITS + MAX_REDISTRIBUTORS }> {
     let mut out = heapless::Vec::new();
     if let Some(state) = STATE.get() {
-        let _order = super::lockcheck::hold(Rank::Gic);
+        let _order = crate::base::lockcheck::hold(Rank::Gic);
         let state = state.lock();
         for base in state
             .its
@@ -322,14 +323,14 @@ pub struct Held {
     state: spin::MutexGuard<'static, State>,
     // Declared after the guard, so dropped after it: the lock is released
     // before the order record says so.
-    _order: super::lockcheck::Holding,
+    _order: crate::base::lockcheck::Holding,
 }
 
 /// Locks the GIC state for [`Held::check`]; `None` without an ITS or
 /// redistributor the core emulates.
 pub fn hold() -> Option<Held> {
     STATE.get().map(|s| {
-        let _order = super::lockcheck::hold(Rank::Gic);
+        let _order = crate::base::lockcheck::hold(Rank::Gic);
         Held {
             state: s.lock(),
             _order,
@@ -339,6 +340,17 @@ pub fn hold() -> Option<Held> {
 
 /// A table or register the checker found wrong: its address and why.
 pub type Finding = (u64, &'static str);
+
+impl crate::memory::GicTables for Held {
+    fn check(
+        &self,
+        carve_out: &[Range],
+        extent_of: impl Fn(u64) -> Option<moat_abi::services::LedgerExtent> + Copy,
+        host_maps: impl Fn(u64, u64, bool) -> bool,
+    ) -> Result<u64, Finding> {
+        Held::check(self, carve_out, extent_of, host_maps)
+    }
+}
 
 impl Held {
     /// Checks every table and queue the GIC hardware uses: the ones the
@@ -466,7 +478,7 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
     };
     let page = ipa & !(PAGE - 1);
     let offset = ipa - page;
-    let _order = super::lockcheck::hold(Rank::Gic);
+    let _order = crate::base::lockcheck::hold(Rank::Gic);
     let mut state = state.lock();
     let its = state.its.iter().position(|i| i.base == page);
     let rd = state.redistributors.iter().position(|r| r.base == page);
@@ -486,11 +498,11 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
         }
         _ => {
             drop(state);
-            super::trap::inject_abort(
+            crate::base::inject::inject_abort(
                 regs,
                 abort.is_instruction,
                 abort.is_write,
-                super::sysreg::far_el2(),
+                crate::arch::sysreg::far_el2(),
             );
             return true;
         }
@@ -601,7 +613,7 @@ pub fn unless_pinned<R>(pa: u64, size: u64, f: impl FnOnce() -> R) -> Option<R> 
     let Some(state) = STATE.get() else {
         return Some(f());
     };
-    let _order = super::lockcheck::hold(Rank::Gic);
+    let _order = crate::base::lockcheck::hold(Rank::Gic);
     let state = state.lock();
     let end = pa.saturating_add(size);
     if state
@@ -948,7 +960,7 @@ fn forward(state: &mut State, index: usize, command: &Command, itt: Option<Itt>)
         // the ITS only; `slot` is a 32-byte slot inside it.
         unsafe { write_volatile((slot + 8 * i as u64) as *mut u64, *w) };
     }
-    boot::clean_dcache_to_poc(slot, COMMAND_BYTES);
+    cache::clean_dcache_to_poc(slot, COMMAND_BYTES);
     its.shadow_write = (its.shadow_write + COMMAND_BYTES) % SHADOW_QUEUE_BYTES;
     wr64(its.base + gits::CWRITER, its.shadow_write);
     let mut polls = 0;
