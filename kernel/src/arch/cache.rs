@@ -15,7 +15,6 @@ pub fn complete_cache_maintenance() {
     };
 }
 
-/// The smallest data-cache line, in bytes (CTR_EL0.DminLine).
 /// The smallest data-cache line, from CTR_EL0.DminLine.
 pub fn dcache_line() -> u64 {
     let ctr: u64;
