@@ -134,6 +134,12 @@ impl RoutingTable {
             return None;
         }
         let n = (function & 0xffff) as u16;
+        // `build` keeps every routed range inside the service range, so the
+        // core's own calls (VCPU_RUN, VM_DONATE, ...) need not scan the
+        // specs: the same answer, without eight comparisons on their path.
+        if !(SERVICE_RANGE_START..SERVICE_RANGE_END).contains(&n) {
+            return None;
+        }
         self.specs
             .iter()
             .position(|s| s.count != 0 && n >= s.first && n - s.first < s.count)
@@ -186,6 +192,20 @@ mod tests {
         // Not a fast SMC64 vendor-hyp id.
         assert_eq!(t.hypercall(0x8600_1000), None);
         assert_eq!(t.hypercall(0xc700_1000), None);
+    }
+
+    #[test]
+    fn the_service_range_edges_route_and_the_core_ids_do_not() {
+        let last = SERVICE_RANGE_END - 1;
+        let t = RoutingTable::build(&[spec(SERVICE_RANGE_START, 1), spec(last, 1)]).unwrap();
+        assert_eq!(
+            t.hypercall(hypercall::id(SERVICE_RANGE_START)),
+            Some((0, 1))
+        );
+        assert_eq!(t.hypercall(hypercall::id(last)), Some((1, 1)));
+        assert_eq!(t.hypercall(hypercall::id(SERVICE_RANGE_END)), None);
+        assert_eq!(t.hypercall(hypercall::id(SERVICE_RANGE_START - 1)), None);
+        assert_eq!(t.hypercall(moat_abi::vm::VCPU_RUN), None);
     }
 
     #[test]

@@ -238,6 +238,12 @@ enum Command {
         /// a few minutes instead of the whole set.
         #[arg(long)]
         only_linux_guest: bool,
+        /// Only the core's own figures (null_hvc, service_call,
+        /// mte_sysreg_undef, the VM donate/reclaim/exit figures) and
+        /// core_bytes, from the one benchmark boot: about a minute instead
+        /// of the whole set. Merged into an existing target/bench.json.
+        #[arg(long, conflicts_with = "only_linux_guest")]
+        only_core: bool,
     },
 }
 
@@ -438,6 +444,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Bench {
             emulator_cost,
             only_linux_guest,
-        } => tests::bench(emulator_cost, only_linux_guest),
+            only_core,
+        } => tests::bench(emulator_cost, only_linux_guest, only_core),
     }
 }
