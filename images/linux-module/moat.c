@@ -53,6 +53,7 @@
 #define MOAT_SERVICE_FAILED	-6
 #define MOAT_VERSION_MISMATCH	-7
 #define MOAT_INTERRUPTED	-8
+#define MOAT_RETRY		-9
 
 /* The largest block donated at once: 2 MiB, one stage-2 block. */
 #define MOAT_DONATE_MAX_ORDER	9
@@ -78,6 +79,9 @@ static long moat_errno(long code)
 		return -EPROTO;
 	case MOAT_INTERRUPTED:
 		return -EINTR;
+	case MOAT_RETRY:
+		/* The ledger is being rebuilt: nothing was done, try again. */
+		return -EAGAIN;
 	case MOAT_SERVICE_FAILED:
 	default:
 		return -EIO;
