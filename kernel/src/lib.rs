@@ -21,6 +21,7 @@ pub mod lockorder;
 pub mod mapcheck;
 pub mod psci;
 pub mod ranges;
+pub mod rangeset;
 pub mod rebuild;
 pub mod regs;
 pub mod routing;

@@ -55,6 +55,9 @@ fn arch_call(regs: &mut GuestRegs, function: u32) {
 }
 
 fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
+    // A ledger being restarted comes back at the first call that finds no
+    // VM running (one atomic load when it is up).
+    let ledger = super::ledger_restart::poll(this_cpu);
     if let Some(result) = super::vm::host_call(this_cpu, regs, function) {
         match result {
             Ok(()) => regs.x[0] = 0,
@@ -70,6 +73,15 @@ fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
     match function {
         hypercall::NULL => regs.x[0] = 0,
         hypercall::ABI_VERSION => regs.set_smccc_result([0, u64::from(ABI_VERSION), 0, 0]),
+        hypercall::LEDGER_RESTART => {
+            regs.x[0] = match super::ledger_restart::request_restart(this_cpu) {
+                Ok(()) => 0,
+                Err(e) => e.to_x0(),
+            }
+        }
+        hypercall::CHECK_CONSISTENCY if ledger.is_err() => {
+            regs.x[0] = ledger.err().map_or(0, Error::to_x0);
+        }
         hypercall::CHECK_CONSISTENCY => {
             let ok = super::boot::report_consistency(this_cpu);
             regs.x[0] = if ok { 0 } else { Error::Denied.to_x0() };

@@ -32,6 +32,7 @@
 
 use super::boot::machine;
 use super::cpu::PerCpu;
+use super::ledger_restart;
 use super::service;
 use super::stage2::{self, Access, StageTwo};
 use alloc::vec::Vec;
@@ -79,7 +80,19 @@ fn ledger_index() -> Option<usize> {
 /// Asks the ledger for the extent holding `pfn`.
 pub fn lookup(cpu: &PerCpu, pfn: u64) -> Result<LedgerExtent, Error> {
     let index = ledger_index().ok_or(Error::NotSupported)?;
-    service::call_typed(cpu, index, Operation::lookup as u16, &pfn)
+    if ledger_restart::is_down() {
+        return Err(ledger_restart::unavailable());
+    }
+    service::call_typed(cpu, index, Operation::lookup as u16, &pfn).map_err(while_down)
+}
+
+/// A ledger that failed in this call is being restarted: `Retry`.
+fn while_down(e: Error) -> Error {
+    if e == Error::ServiceFailed && ledger_restart::is_down() {
+        ledger_restart::unavailable()
+    } else {
+        e
+    }
 }
 
 /// Every extent of the ledger, in address order.
@@ -135,10 +148,14 @@ pub fn transact(
     request: LedgerRequest,
     mut vm: Option<VmMemory<'_>>,
 ) -> Result<(), Error> {
+    // While the ledger is rebuilt, nothing waits for it.
+    if ledger_restart::is_down() {
+        return Err(ledger_restart::unavailable());
+    }
     let _order = super::lockcheck::hold(Rank::Memory);
     let _serial = MEMORY.lock();
     super::smmu::drain_events();
-    let result = transact_serialised(cpu, request, &mut vm);
+    let result = transact_serialised(cpu, request, &mut vm).map_err(while_down);
     // A VM's table pages reserved and not needed go back to the heap,
     // whether the transaction went through or not. The host's stay in its
     // pool: they are the tables it booted with, freed when it gave a whole
@@ -314,6 +331,15 @@ fn transact_serialised(
     // below are in, so nobody can see the order, and a commit the ledger
     // refuses (or cannot give: it failed) leaves both sides as they were —
     // the request fails with the ledger's error and nothing is out of step.
+    // The core's own record of shares with the hypervisor (a share maps
+    // nothing, so no table shows it) must be able to take this one.
+    let hyp_share = matches!(
+        request.op,
+        LedgerRequest::HOST_SHARE_HYP | LedgerRequest::HOST_UNSHARE_HYP
+    );
+    if hyp_share && !ledger_restart::HYP_SHARES.lock().has_room() {
+        return Err(Error::NoMemory);
+    }
     commit(cpu, index, tx.generation).inspect_err(|e| {
         crate::log!(
             "memory: the ledger did not commit the transaction for {request:?} ({e:?}); nothing was changed"
@@ -431,6 +457,21 @@ fn transact_serialised(
         );
         return Err(Error::Denied);
     }
+    ledger_restart::committed();
+    if hyp_share {
+        let (start, end) = (
+            request.frames.start * PAGE,
+            (request.frames.start + request.frames.count) * PAGE,
+        );
+        let mut shares = ledger_restart::HYP_SHARES.lock();
+        // Room was checked before the commit; the memory lock is held.
+        let recorded = if request.op == LedgerRequest::HOST_SHARE_HYP {
+            shares.insert(start, end)
+        } else {
+            shares.remove(start, end)
+        };
+        debug_assert!(recorded);
+    }
     Ok(())
 }
 
@@ -450,7 +491,7 @@ pub fn host_owns(pa: u64, size: u64) -> bool {
 }
 
 /// The host's stage-2, locked.
-fn host_stage2() -> spin::MutexGuard<'static, &'static mut StageTwo> {
+pub(super) fn host_stage2() -> spin::MutexGuard<'static, &'static mut StageTwo> {
     super::lockcheck::check(Rank::HostStage2);
     match stage2::HOST.get() {
         Some(host) => host.lock(),

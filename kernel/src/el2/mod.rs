@@ -9,6 +9,7 @@ pub mod gic;
 pub mod heap;
 pub mod hvc;
 pub mod its;
+pub mod ledger_restart;
 pub mod lockcheck;
 pub mod memory;
 pub mod mmu;
