@@ -108,7 +108,11 @@ fn call(function: u32, args: [u64; 6]) -> [u64; 8] {
             return r;
         }
         RETRIED.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-        core::hint::spin_loop();
+        // A moment before the next try, as a VMM would yield: a storm of
+        // calls would only slow the CPU rebuilding the ledger.
+        for _ in 0..20_000 {
+            core::hint::spin_loop();
+        }
     }
 }
 

@@ -84,7 +84,15 @@ fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
         }
         hypercall::CHECK_CONSISTENCY => {
             let ok = super::boot::report_consistency(this_cpu);
-            regs.x[0] = if ok { 0 } else { Error::Denied.to_x0() };
+            regs.x[0] = match ok {
+                true => 0,
+                // The ledger failed while it was being read: it is being
+                // restarted, not wrong.
+                false if super::ledger_restart::is_down() => {
+                    super::ledger_restart::unavailable().to_x0()
+                }
+                false => Error::Denied.to_x0(),
+            };
             // The DMA faults the SMMU recorded so far (the checker drained them).
             regs.x[1] = super::smmu::faults();
         }

@@ -680,6 +680,40 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
                 3000,
             )
         },
+        // The same with a ledger that faults on every tenth reclaim it
+        // prepares (`services/crashing-ledger`): each fault restarts it.
+        Case {
+            host: Payload::TestHostWith {
+                manifest: CRASHING_LEDGER_MANIFEST,
+            },
+            pass: vec![
+                "entering the host",
+                "service crashing-ledger failed: ",
+                "; it will be restarted",
+                "ledger: restarted and rebuilt from the core's records (restart 1)",
+                "ledger: restarted and rebuilt from the core's records (restart 2)",
+                fuzz_host::PASS[0],
+                fuzz_host::PASS[1],
+                "test-host: PASS",
+            ],
+            fail: [
+                fuzz_host::FAIL,
+                &[
+                    "boot failed",
+                    "the rebuilt ledger disagrees",
+                    "rebuilding, ",
+                    "not restarted again",
+                    "did not start",
+                ],
+            ]
+            .concat(),
+            ..fuzz_host_case(
+                "random_hostile_host_ledger_crashes",
+                "moat.fuzz=0x5eedc4a5,3000,64",
+                4,
+                3000,
+            )
+        },
         fuzz_host_case(
             "smp_stress_four_cpus_eight_vms",
             "moat.fuzz=0x57e55,4000,64,stress",
@@ -1655,6 +1689,9 @@ fn check_memfree_restored(console: &str, slack: i64) -> Result<(), String> {
         Err(format!("{lost} fewer free pages after the VMs than before"))
     }
 }
+
+/// The image whose ledger crashes: `services/crashing-ledger` in the ledger's place.
+const CRASHING_LEDGER_MANIFEST: &str = "images/crashing-ledger.toml";
 
 /// The image whose ledger lies: `services/rogue-ledger` in the ledger's place.
 const ROGUE_LEDGER_MANIFEST: &str = "images/rogue-ledger.toml";
