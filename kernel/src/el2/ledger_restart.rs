@@ -191,6 +191,7 @@ fn restart_and_rebuild(cpu: &PerCpu) -> Result<(), Error> {
         requests
     };
     drop(vms);
+    let rebuilt = sysreg::now();
     // The rebuilt ledger must agree with every partition's tables before
     // anything relies on it.
     let checked = memory::check_consistency(cpu).map_err(|mismatch| {
@@ -202,15 +203,14 @@ fn restart_and_rebuild(cpu: &PerCpu) -> Result<(), Error> {
     DOWN.store(false, Ordering::Release);
     let n = RESTARTS.fetch_add(1, Ordering::Relaxed) + 1;
     let (_, freq) = sysreg::counter();
-    let micros = sysreg::now()
-        .wrapping_sub(started)
-        .saturating_mul(1_000_000)
-        / freq.max(1);
+    let micros = |from: u64, to: u64| to.wrapping_sub(from).saturating_mul(1_000_000) / freq.max(1);
     crate::log!(
-        "ledger: restarted and rebuilt from the core's records (restart {n}): {requests} request(s) replayed, {} extent(s), {} VM(s); {} request(s) answered Retry so far; {micros} us",
+        "ledger: restarted and rebuilt from the core's records (restart {n}): {requests} request(s) replayed, {} extent(s), {} VM(s); {} request(s) answered Retry so far; reload and rebuild {} us, check {} us",
         checked.extents,
         checked.vms,
         RETRIES.load(Ordering::Relaxed),
+        micros(started, rebuilt),
+        micros(rebuilt, sysreg::now()),
     );
     Ok(())
 }
