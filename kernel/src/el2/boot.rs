@@ -720,6 +720,12 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
             );
             false
         }
+        Err(Mismatch::HypShare { address }) => {
+            crate::log!(
+                "consistency: MISMATCH at {address:#x}: the core's record of host pages shared with the hypervisor and the ledger's differ"
+            );
+            false
+        }
         Err(Mismatch::NoMemory) => {
             crate::log!("consistency: not checked: the heap has no room for the checker's records");
             false

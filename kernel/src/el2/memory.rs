@@ -608,6 +608,9 @@ pub enum Mismatch {
     /// The SMMU's stream table no longer sends every stream through the
     /// host's stage-2.
     Smmu(super::smmu::StreamMismatch),
+    /// The core's record of host pages shared with the hypervisor and the
+    /// ledger's differ, first at `address`.
+    HypShare { address: u64 },
 }
 
 /// Whose stage-2 a [`Mismatch::Forged`] entry is in.
@@ -657,6 +660,24 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
         Error::NoMemory => Mismatch::NoMemory,
         e => Mismatch::Ledger(e),
     })?;
+    // The core's record of the host's shares with the hypervisor (what a
+    // restarted ledger is told) is the ledger's, range for range.
+    {
+        let shares = ledger_restart::HYP_SHARES.lock();
+        let mut recorded = shares.iter();
+        for e in extents
+            .iter()
+            .filter(|e| e.owner.kind == Party::HOST && e.borrower.kind == Party::HYPERVISOR)
+        {
+            let start = e.frames.start.saturating_mul(PAGE);
+            if recorded.next() != Some((start, e.frames.count.saturating_mul(PAGE))) {
+                return Err(Mismatch::HypShare { address: start });
+            }
+        }
+        if let Some((address, _)) = recorded.next() {
+            return Err(Mismatch::HypShare { address });
+        }
+    }
     let mut checked = Checked {
         extents: extents.len() as u64,
         vms_running: vms.running,
