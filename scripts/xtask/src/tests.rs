@@ -2450,6 +2450,8 @@ fn unit_tests_and_lints() -> Result<()> {
         "moat-ledger",
         "--package",
         "moat-service-rogue-ledger",
+        "--package",
+        "moat-service-crashing-ledger",
         "--target",
         image::CORE_TARGET,
         "--",

@@ -11,7 +11,7 @@ use moat_abi::Error;
 use moat_abi::services::{
     LedgerBoot, LedgerExtent, LedgerRequest, LedgerSummary, LedgerTransaction, ledger,
 };
-use moat_ledger::{Extent, LedgerServer};
+use moat_ledger::LedgerServer;
 
 /// Reclaims prepared between two crashes.
 const CRASH_EVERY: u64 = 10;
@@ -62,7 +62,7 @@ moat_rt::service_main!(main);
 
 #[cfg(target_os = "none")]
 fn main() -> ! {
-    let mut extents = [Extent::EMPTY; moat_ledger::SERVICE_CAPACITY];
+    let mut extents = [moat_ledger::Extent::EMPTY; moat_ledger::SERVICE_CAPACITY];
     let mut server = Crashing {
         inner: LedgerServer::new(Some(&mut extents)),
         reclaims: 0,
