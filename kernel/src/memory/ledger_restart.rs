@@ -27,9 +27,10 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use super::cpu::PerCpu;
-use super::memory::{self, MEMORY, PAGE};
-use super::{service, sysreg};
+use crate::arch::sysreg;
+use crate::memory::{self, MEMORY, PAGE};
+use crate::partition::cpu::PerCpu;
+use crate::partition::service;
 use alloc::vec::Vec;
 use moat_abi::Error;
 use moat_abi::services::ledger::{self, Operation};
@@ -105,7 +106,7 @@ pub fn request_restart(cpu: &PerCpu) -> Result<(), Error> {
     }
     {
         // No call to the ledger is in flight while the memory lock is held.
-        let _order = super::lockcheck::hold(Rank::Memory);
+        let _order = crate::base::lockcheck::hold(Rank::Memory);
         let _serial = MEMORY.lock();
         if !is_down() {
             if let Some(s) = service::get(index) {
@@ -140,17 +141,17 @@ fn restart_and_rebuild(cpu: &PerCpu) -> Result<(), Error> {
     let started = sysreg::now();
     // Every VM's record, or none: one that is running (or in a call of its
     // own on another CPU) is waited for at a later call.
-    let vms = super::vm::lock_all_idle().map_err(|_| Error::NoMemory)?;
+    let vms = crate::partition::vm::lock_all_idle().map_err(|_| Error::NoMemory)?;
     if vms.running > 0 {
         return Err(unavailable());
     }
     let requests = {
-        let _order = super::lockcheck::hold(Rank::Memory);
+        let _order = crate::base::lockcheck::hold(Rank::Memory);
         let _serial = MEMORY.lock();
         s.restart(cpu).inspect_err(|e| {
             crate::log!("ledger: the restarted ledger did not start ({e:?})");
         })?;
-        let m = super::boot::machine();
+        let m = crate::boot::machine();
         match service::ledger_boot(cpu, &m.platform.memory, m.carve_out.as_slice()) {
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e),
