@@ -4,9 +4,10 @@
 //! A share with the hypervisor changes no mapping (the core maps all RAM),
 //! so without this record the ledger alone would know of it, and a ledger
 //! rebuilt after a restart could not be told. The set holds sorted,
-//! non-overlapping, merged ranges; an insertion or a removal adds at most
-//! one range, so a caller that checks [`RangeSet::has_room`] before a
-//! transaction commits can always record it afterwards.
+//! non-overlapping, merged ranges, changed in place (no copy of the set on
+//! the stack); a caller that checks [`RangeSet::can_insert`] or
+//! [`RangeSet::can_remove`] before a transaction commits can always record
+//! it afterwards.
 
 /// Ranges `[start, end)`, sorted, disjoint, never touching.
 #[derive(Clone, Debug, Default)]
@@ -22,71 +23,87 @@ impl<const N: usize> RangeSet<N> {
         }
     }
 
-    /// Whether one more insertion or removal is sure to fit.
-    pub fn has_room(&self) -> bool {
-        self.ranges.len() < N
-    }
-
     /// The ranges, as `(start, size)`, ascending.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.ranges.iter().map(|&(s, e)| (s, e - s))
     }
 
-    /// Adds `[start, end)`. `false` (and nothing changed) if it does not fit.
+    /// The indices of the ranges touching or overlapping `[start, end)`.
+    fn touching(&self, start: u64, end: u64) -> (usize, usize) {
+        let first = self.ranges.partition_point(|&(_, e)| e < start);
+        let last = self.ranges.partition_point(|&(s, _)| s <= end);
+        (first, last)
+    }
+
+    /// Whether inserting `[start, end)` fits: it does unless the set is
+    /// full and the range touches none of its ranges.
+    pub fn can_insert(&self, start: u64, end: u64) -> bool {
+        let (first, last) = self.touching(start, end);
+        start >= end || first < last || !self.ranges.is_full()
+    }
+
+    /// Whether removing `[start, end)` fits: it does unless the set is full
+    /// and the removal splits a range in two.
+    pub fn can_remove(&self, start: u64, end: u64) -> bool {
+        !self.ranges.is_full() || !self.ranges.iter().any(|&(s, e)| s < start && end < e)
+    }
+
+    /// Adds `[start, end)`, merging what it touches. `false` (and nothing
+    /// changed) if it does not fit ([`Self::can_insert`]).
     pub fn insert(&mut self, start: u64, end: u64) -> bool {
         if start >= end {
             return true;
         }
-        // Every range touching or overlapping the new one merges into it.
-        let first = self.ranges.partition_point(|&(_, e)| e < start);
-        let last = self.ranges.partition_point(|&(s, _)| s <= end);
-        let (mut s, mut e) = (start, end);
-        if first < last {
-            s = s.min(self.ranges[first].0);
-            e = e.max(self.ranges[last - 1].1);
-        } else if self.ranges.is_full() {
+        if !self.can_insert(start, end) {
             return false;
         }
-        let mut out: heapless::Vec<(u64, u64), N> = heapless::Vec::new();
-        for (i, &r) in self.ranges.iter().enumerate() {
-            if i == first {
-                let _ = out.push((s, e));
-            }
-            if i < first || i >= last {
-                let _ = out.push(r);
-            }
+        let (first, last) = self.touching(start, end);
+        if first == last {
+            return self.ranges.insert(first, (start, end)).is_ok();
         }
-        if first == self.ranges.len() {
-            let _ = out.push((s, e));
+        let merged = (
+            start.min(self.ranges[first].0),
+            end.max(self.ranges[last - 1].1),
+        );
+        self.ranges[first] = merged;
+        for _ in first + 1..last {
+            self.ranges.remove(first + 1);
         }
-        self.ranges = out;
         true
     }
 
     /// Removes `[start, end)`. `false` (and nothing changed) if a range
-    /// split in two does not fit.
+    /// split in two does not fit ([`Self::can_remove`]).
     pub fn remove(&mut self, start: u64, end: u64) -> bool {
         if start >= end {
             return true;
         }
-        let splits = self.ranges.iter().any(|&(s, e)| s < start && end < e);
-        if splits && self.ranges.is_full() {
+        if !self.can_remove(start, end) {
             return false;
         }
-        let mut out: heapless::Vec<(u64, u64), N> = heapless::Vec::new();
-        for &(s, e) in &self.ranges {
-            if e <= start || end <= s {
-                let _ = out.push((s, e));
-                continue;
-            }
-            if s < start {
-                let _ = out.push((s, start));
-            }
-            if end < e {
-                let _ = out.push((end, e));
+        let mut i = self.ranges.partition_point(|&(_, e)| e <= start);
+        while i < self.ranges.len() && self.ranges[i].0 < end {
+            let (s, e) = self.ranges[i];
+            match (s < start, end < e) {
+                (true, true) => {
+                    self.ranges[i] = (s, start);
+                    // Room was checked above.
+                    let _ = self.ranges.insert(i + 1, (end, e));
+                    return true;
+                }
+                (true, false) => {
+                    self.ranges[i] = (s, start);
+                    i += 1;
+                }
+                (false, true) => {
+                    self.ranges[i] = (end, e);
+                    return true;
+                }
+                (false, false) => {
+                    self.ranges.remove(i);
+                }
             }
         }
-        self.ranges = out;
         true
     }
 }
@@ -120,13 +137,28 @@ mod tests {
     }
 
     #[test]
+    fn one_change_spans_several_ranges() {
+        let mut s = RangeSet::<8>::new();
+        for (a, b) in [(0, 2), (4, 6), (8, 10), (12, 14)] {
+            assert!(s.insert(a, b));
+        }
+        assert!(s.remove(1, 13));
+        assert_eq!(all(&s), [(0, 1), (13, 14)]);
+        assert!(s.insert(1, 13));
+        assert_eq!(all(&s), [(0, 14)]);
+        assert!(s.remove(0, 14));
+        assert!(all(&s).is_empty());
+    }
+
+    #[test]
     fn a_full_set_refuses_what_would_grow_it_and_changes_nothing() {
         let mut s = RangeSet::<2>::new();
         assert!(s.insert(0, 10));
         assert!(s.insert(20, 30));
-        assert!(!s.has_room());
-        assert!(!s.insert(40, 50));
-        assert!(!s.remove(22, 25));
+        assert!(!s.can_insert(40, 50) && !s.insert(40, 50));
+        assert!(!s.can_remove(22, 25) && !s.remove(22, 25));
+        // Growing a range, or trimming one, needs no room.
+        assert!(s.can_insert(10, 12) && s.can_remove(0, 2));
         assert_eq!(all(&s), [(0, 10), (20, 30)]);
         // What does not grow it still works.
         assert!(s.insert(10, 20));

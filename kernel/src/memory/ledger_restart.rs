@@ -39,9 +39,12 @@ use moat_kernel::lockorder::Rank;
 use moat_kernel::rangeset::RangeSet;
 use moat_kernel::rebuild::{self, Facts, VmFacts};
 
-/// Most separate host ranges shared with the hypervisor at once (a share
-/// that would need more is refused with `NoMemory`, before it happens).
-pub const MAX_HYP_SHARES: usize = 256;
+/// Most separate host ranges shared with the hypervisor at once (32 KiB):
+/// as many as the ledger's 4,096 extents can hold, since each share needs
+/// an extent of its own and one of the host's between it and the next. A
+/// share (or an unshare splitting one) that would need more is refused
+/// with `NoMemory`, before it happens.
+pub const MAX_HYP_SHARES: usize = 2048;
 
 /// Faults of the ledger in a row (no request committed in between) after
 /// which it is left stopped.

@@ -339,7 +339,22 @@ fn transact_serialised(
         request.op,
         LedgerRequest::HOST_SHARE_HYP | LedgerRequest::HOST_UNSHARE_HYP
     );
-    if hyp_share && !ledger_restart::HYP_SHARES.lock().has_room() {
+    let (share_start, share_end) = (
+        request.frames.start.saturating_mul(PAGE),
+        request
+            .frames
+            .start
+            .saturating_add(request.frames.count)
+            .saturating_mul(PAGE),
+    );
+    if hyp_share && {
+        let shares = ledger_restart::HYP_SHARES.lock();
+        if request.op == LedgerRequest::HOST_SHARE_HYP {
+            !shares.can_insert(share_start, share_end)
+        } else {
+            !shares.can_remove(share_start, share_end)
+        }
+    } {
         return Err(Error::NoMemory);
     }
     commit(cpu, index, tx.generation).inspect_err(|e| {
@@ -461,16 +476,12 @@ fn transact_serialised(
     }
     ledger_restart::committed();
     if hyp_share {
-        let (start, end) = (
-            request.frames.start * PAGE,
-            (request.frames.start + request.frames.count) * PAGE,
-        );
         let mut shares = ledger_restart::HYP_SHARES.lock();
         // Room was checked before the commit; the memory lock is held.
         let recorded = if request.op == LedgerRequest::HOST_SHARE_HYP {
-            shares.insert(start, end)
+            shares.insert(share_start, share_end)
         } else {
-            shares.remove(start, end)
+            shares.remove(share_start, share_end)
         };
         debug_assert!(recorded);
     }
