@@ -78,6 +78,16 @@ pub mod hypercall {
     /// the SMMU has recorded since boot. A debugging aid the tests call
     /// after each scenario.
     pub const CHECK_CONSISTENCY: u32 = id(2);
+    /// Restarts the memory ledger service: its partition is reloaded from
+    /// the boot image and its state rebuilt from the core's own tables.
+    /// Until the rebuild is done, memory requests answer `Retry`. Returns 0
+    /// once the ledger is back, `Retry` if the rebuild is still waiting (a
+    /// VM is running on another CPU), `ServiceFailed` if the ledger cannot
+    /// come back, `NotSupported` if the image has no ledger. The host may
+    /// ask at any time: the ledger's new state comes from the core, never
+    /// from the old ledger or the host, so a restart can delay memory
+    /// requests but not change who owns what.
+    pub const LEDGER_RESTART: u32 = id(3);
 
     /// First function number the image manifest may route to services.
     /// Function `first + k - 1` of the range a service is given is its
@@ -119,11 +129,14 @@ pub enum Error {
     /// An interrupt for the caller arrived while the service was running;
     /// issue the same call again (with interrupts unmasked) to resume it.
     Interrupted = -8,
+    /// The memory ledger is being restarted and rebuilt from the core's own
+    /// tables: nothing was done; issue the same call again later.
+    Retry = -9,
 }
 
 impl Error {
     /// Every error, for exhaustive tests and decoders.
-    pub const ALL: [Error; 8] = [
+    pub const ALL: [Error; 9] = [
         Error::NotSupported,
         Error::InvalidParameters,
         Error::Denied,
@@ -132,6 +145,7 @@ impl Error {
         Error::ServiceFailed,
         Error::VersionMismatch,
         Error::Interrupted,
+        Error::Retry,
     ];
 
     /// The numeric code.

@@ -53,6 +53,10 @@
 #define MOAT_SERVICE_FAILED	-6
 #define MOAT_VERSION_MISMATCH	-7
 #define MOAT_INTERRUPTED	-8
+#define MOAT_RETRY		-9
+
+/* Calls answered Retry issued again before the caller sees -EAGAIN. */
+#define MOAT_RETRY_LIMIT	100000
 
 /* The largest block donated at once: 2 MiB, one stage-2 block. */
 #define MOAT_DONATE_MAX_ORDER	9
@@ -78,6 +82,9 @@ static long moat_errno(long code)
 		return -EPROTO;
 	case MOAT_INTERRUPTED:
 		return -EINTR;
+	case MOAT_RETRY:
+		/* The ledger is being rebuilt: nothing was done, try again. */
+		return -EAGAIN;
 	case MOAT_SERVICE_FAILED:
 	default:
 		return -EIO;
@@ -88,7 +95,9 @@ static long moat_errno(long code)
  * Issues @fn with x1..x7 from @args; x1..x7 of the answer go to @out if
  * given. Returns the core's x0 as an errno. A call the core reports as
  * interrupted (an interrupt for this CPU arrived during a service call) is
- * issued again until it completes, unless the task is being killed.
+ * issued again until it completes, unless the task is being killed; one the
+ * core answers with Retry (the memory ledger is being rebuilt, nothing was
+ * done) is issued again up to MOAT_RETRY_LIMIT times, then is -EAGAIN.
  */
 static long moat_call(u32 fn, const u64 args[7], u64 out[7])
 {
@@ -97,10 +106,13 @@ static long moat_call(u32 fn, const u64 args[7], u64 out[7])
 		.a4 = args[3], .a5 = args[4], .a6 = args[5], .a7 = args[6],
 	};
 	struct arm_smccc_1_2_regs res;
+	unsigned int retries = 0;
 
 	for (;;) {
 		arm_smccc_1_2_hvc(&in, &res);
-		if ((long)res.a0 != MOAT_INTERRUPTED)
+		if ((long)res.a0 == MOAT_RETRY && retries < MOAT_RETRY_LIMIT)
+			retries++;
+		else if ((long)res.a0 != MOAT_INTERRUPTED)
 			break;
 		if (fatal_signal_pending(current))
 			return -EINTR;

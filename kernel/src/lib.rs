@@ -5,7 +5,8 @@
 //! values, the boot memory layout, the host stage-2 plan, the PSCI relay's
 //! decisions, the checked arithmetic of hypercall ranges, the core's check
 //! of the ledger's transactions and the consistency checker's rules for a
-//! stage-2 entry, and the core's lock order. The code that runs at EL2
+//! stage-2 entry, the core's lock order, and the requests that rebuild a
+//! restarted ledger from the core's own records. The code that runs at EL2
 //! (`src/main.rs` and the layer folders `boot/`, `dispatch/`, `partition/`,
 //! `memory/`, `device/`, `base/` and `arch/`) is a thin layer that reads and
 //! writes system registers around these functions.
@@ -21,6 +22,8 @@ pub mod lockorder;
 pub mod mapcheck;
 pub mod psci;
 pub mod ranges;
+pub mod rangeset;
+pub mod rebuild;
 pub mod regs;
 pub mod routing;
 pub mod s2plan;

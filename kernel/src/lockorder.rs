@@ -13,8 +13,11 @@
 //!    inside a transaction; the MTE policy, taken during a VM's exit);
 //! 5. the host's stage-2 (`stage2::HOST`).
 //!
-//! The heap's, the console's and the SMMU's locks are leaves: nothing is
-//! taken while one of them is held. A CPU that waits for a lock of rank `r` while it holds a
+//! The heap's, the console's, the SMMU's and the core's record of host
+//! shares with the hypervisor (`ledger_restart::HYP_SHARES`) locks are
+//! leaves: nothing is taken while one of them is held. A ledger restart
+//! takes the order from the top: every VM's slot (try-lock), `MEMORY`, the
+//! ledger's call slot, the host's stage-2. A CPU that waits for a lock of rank `r` while it holds a
 //! lock of rank `r` or higher can deadlock against a CPU that takes them the
 //! other way round; [`Held::acquire`] refuses exactly that. The EL2 layer
 //! keeps one [`Held`] per CPU and checks every acquisition in debug builds.

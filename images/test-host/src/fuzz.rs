@@ -37,8 +37,8 @@
 
 use super::super::{CONSOLE, Checks, Frame, hvc, hypervisor_region};
 use super::{
-    Code, GUEST, PAGE, Ram, destroy, donate, load, p, reclaim, secondary_start, share_hyp,
-    unshare_hyp, vcpu_run_once, vm_create,
+    Code, GUEST, PAGE, RETRIED, Ram, check_consistency, destroy, donate, load, p, reclaim,
+    secondary_start, share_hyp, unshare_hyp, vcpu_run_once, vm_create,
 };
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -101,9 +101,17 @@ struct Params {
     /// ranges inside the regions, two VMs per CPU (eight on four CPUs)
     /// and no sentinel.
     stress: bool,
+    /// Restart the ledger every this many of CPU 0's steps
+    /// (`moat.fuzz_restart=N`).
+    restart_every: Option<u64>,
 }
 
 fn parse(bootargs: &str) -> Option<Params> {
+    let restart_every = bootargs
+        .split(' ')
+        .find_map(|a| a.strip_prefix("moat.fuzz_restart="))
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0);
     let arg = bootargs
         .split(' ')
         .find_map(|a| a.strip_prefix("moat.fuzz="))?;
@@ -120,6 +128,7 @@ fn parse(bootargs: &str) -> Option<Params> {
         steps_per_cpu: steps,
         check_every,
         stress,
+        restart_every,
     })
 }
 
@@ -316,6 +325,9 @@ const INVALID: Result<(), Error> = Err(Error::InvalidParameters);
 const DENIED: Result<(), Error> = Err(Error::Denied);
 const NO_MEMORY: Result<(), Error> = Err(Error::NoMemory);
 const BUSY: Result<(), Error> = Err(Error::Busy);
+/// A guest's share while the ledger is being rebuilt (the host's own calls
+/// are issued again until they are not `Retry`).
+const RETRY: Result<(), Error> = Err(Error::Retry);
 
 /// A drawn range of pages and what the model knows of it.
 #[derive(Clone, Copy)]
@@ -1032,12 +1044,12 @@ impl Model {
         let code = Code(result);
         let expect: Option<&[_]> = match action {
             p::CHAOS_SHARE if !mapped => Some(&[INVALID]),
-            p::CHAOS_SHARE if was_shared => Some(&[DENIED]),
-            p::CHAOS_SHARE => Some(&[OK, NO_MEMORY]),
+            p::CHAOS_SHARE if was_shared => Some(&[DENIED, RETRY]),
+            p::CHAOS_SHARE => Some(&[OK, NO_MEMORY, RETRY]),
             p::CHAOS_UNSHARE if !mapped => Some(&[INVALID]),
-            p::CHAOS_UNSHARE if !was_shared => Some(&[DENIED]),
-            p::CHAOS_UNSHARE => Some(&[OK, NO_MEMORY]),
-            p::CHAOS_SHARE_STRADDLE => Some(&[INVALID, DENIED]),
+            p::CHAOS_UNSHARE if !was_shared => Some(&[DENIED, RETRY]),
+            p::CHAOS_UNSHARE => Some(&[OK, NO_MEMORY, RETRY]),
+            p::CHAOS_SHARE_STRADDLE => Some(&[INVALID, DENIED, RETRY]),
             p::CHAOS_SHARE_FOREIGN => Some(&[INVALID]),
             _ => None,
         };
@@ -1524,10 +1536,25 @@ impl Model {
 
 fn checker(m: &mut Model) {
     m.counts[14] += 1;
-    let v = hvc(hypercall::CHECK_CONSISTENCY, [0; 3])[0];
+    let v = check_consistency();
     if v != 0 {
         violation!(m, "the core's consistency checker = {}", Code(v));
     }
+}
+
+/// Times the ledger was restarted.
+static LEDGER_RESTARTS: AtomicU64 = AtomicU64::new(0);
+
+/// Kills the ledger mid-run: the core restarts it and rebuilds its state;
+/// every CPU's calls meanwhile are answered `Retry` and issued again. The
+/// call itself answers 0 (back already) or `Retry` (the rebuild waits for
+/// a VM another CPU is running).
+fn restart_ledger(m: &mut Model) {
+    let r = Code(hvc(hypercall::LEDGER_RESTART, [0; 3])[0]);
+    if !(r.ok() || r.is(Error::Retry)) {
+        violation!(m, "LEDGER_RESTART = {r}");
+    }
+    LEDGER_RESTARTS.fetch_add(1, Ordering::SeqCst);
 }
 
 /// The CPUs' models: statics, as they are larger than a CPU's stack.
@@ -1557,6 +1584,15 @@ fn worker(cpu: usize) {
         m.step();
         if FAILED.load(Ordering::Relaxed) {
             break;
+        }
+        if cpu == 0
+            && let Some(every) = params.restart_every
+            && step % every == 0
+        {
+            restart_ledger(m);
+            if FAILED.load(Ordering::Relaxed) {
+                break;
+            }
         }
         let sweep = step % params.check_every == 0;
         m.verify(sweep);
@@ -1751,8 +1787,19 @@ pub(super) fn run_if_asked(
             format_args!("fuzz: the sentinel destroyed and its guard pages reclaimed ({d})"),
         );
     }
+    if let Some(every) = params.restart_every {
+        let restarts = LEDGER_RESTARTS.load(Ordering::SeqCst);
+        say!(
+            "fuzz: the ledger was restarted {restarts} time(s) mid-run (every {every} step(s) of CPU 0); {} call(s) were answered Retry and issued again",
+            RETRIED.load(Ordering::SeqCst)
+        );
+        c.check(
+            restarts > 0,
+            format_args!("fuzz: the ledger was killed and came back during the run"),
+        );
+    }
     if !failed {
-        let v = hvc(hypercall::CHECK_CONSISTENCY, [0; 3])[0];
+        let v = check_consistency();
         c.check(
             v == 0,
             format_args!(

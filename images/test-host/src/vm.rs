@@ -96,8 +96,29 @@ impl fmt::Display for Code {
     }
 }
 
+/// Calls answered `Retry` (the ledger was being restarted) and issued again.
+static RETRIED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// A Moat call, issued again for as long as the core answers `Retry`: the
+/// ledger is being rebuilt and nothing was done, as a VMM does.
 fn call(function: u32, args: [u64; 6]) -> [u64; 8] {
-    hvc6(function, args)
+    loop {
+        let r = hvc6(function, args);
+        if r[0] != Error::Retry.to_x0() {
+            return r;
+        }
+        RETRIED.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        // A moment before the next try, as a VMM would yield: a storm of
+        // calls would only slow the CPU rebuilding the ledger.
+        for _ in 0..20_000 {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// `CHECK_CONSISTENCY`, issued again while the ledger is being rebuilt.
+fn check_consistency() -> u64 {
+    call(hypercall::CHECK_CONSISTENCY, [0; 6])[0]
 }
 
 fn vm_create(entry: u64, flags: u64) -> (Code, u64) {

@@ -55,6 +55,9 @@ fn arch_call(regs: &mut GuestRegs, function: u32) {
 }
 
 fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
+    // A ledger being restarted comes back at the first call that finds no
+    // VM running (one atomic load when it is up).
+    let ledger = crate::partition::ledger_restart::poll(this_cpu);
     if let Some(result) = crate::partition::vm::host_call(this_cpu, regs, function) {
         match result {
             Ok(()) => regs.x[0] = 0,
@@ -70,9 +73,26 @@ fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
     match function {
         hypercall::NULL => regs.x[0] = 0,
         hypercall::ABI_VERSION => regs.set_smccc_result([0, u64::from(ABI_VERSION), 0, 0]),
+        hypercall::LEDGER_RESTART => {
+            regs.x[0] = match crate::partition::ledger_restart::request_restart(this_cpu) {
+                Ok(()) => 0,
+                Err(e) => e.to_x0(),
+            }
+        }
+        hypercall::CHECK_CONSISTENCY if ledger.is_err() => {
+            regs.x[0] = ledger.err().map_or(0, Error::to_x0);
+        }
         hypercall::CHECK_CONSISTENCY => {
             let ok = report_consistency(this_cpu);
-            regs.x[0] = if ok { 0 } else { Error::Denied.to_x0() };
+            regs.x[0] = match ok {
+                true => 0,
+                // The ledger failed while it was being read: it is being
+                // restarted, not wrong.
+                false if crate::memory::ledger_restart::is_down() => {
+                    crate::memory::ledger_restart::unavailable().to_x0()
+                }
+                false => Error::Denied.to_x0(),
+            };
             // The DMA faults the SMMU recorded so far (the checker drained them).
             regs.x[1] = crate::memory::smmu::faults();
         }
@@ -265,17 +285,8 @@ use ::smccc::psci as smccc_psci;
 /// Runs the consistency checker (the ledger against every partition's
 /// stage-2) and logs the outcome; returns whether they agree.
 pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
-    use crate::memory::{self, Mismatch};
-    // The lock order: every idle VM's slot, the GIC, then memory.
-    let checked = crate::partition::vm::lock_all_idle()
-        .map_err(|_| Mismatch::NoMemory)
-        .and_then(|vms| {
-            let gic = crate::device::its::hold();
-            let services = (0..)
-                .map_while(crate::partition::service::get)
-                .map(|s| s.stage2);
-            memory::check_consistency(cpu, services, vms.stage2s(), vms.running, gic.as_ref())
-        });
+    use crate::memory::Mismatch;
+    let checked = crate::partition::check_consistency(cpu);
     match checked {
         Ok(c) => {
             crate::log!(
@@ -329,6 +340,12 @@ pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
         Err(Mismatch::Smmu(why)) => {
             crate::log!(
                 "consistency: MISMATCH: the SMMU's stream table no longer sends every stream through the host's stage-2: {why}"
+            );
+            false
+        }
+        Err(Mismatch::HypShare { address }) => {
+            crate::log!(
+                "consistency: MISMATCH at {address:#x}: the core's record of host pages shared with the hypervisor and the ledger's differ"
             );
             false
         }

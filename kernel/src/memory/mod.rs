@@ -30,6 +30,7 @@
 //! CPUs donating overlapping ranges must see one succeed and the other find
 //! the pages gone.
 
+pub mod ledger_restart;
 pub mod smmu;
 pub mod stage2;
 
@@ -103,7 +104,20 @@ fn ledger() -> Option<&'static dyn Ledger> {
 
 /// Asks the ledger for the extent holding `pfn`.
 pub fn lookup(cpu: &PerCpu, pfn: u64) -> Result<LedgerExtent, Error> {
-    ledger().ok_or(Error::NotSupported)?.lookup(cpu, pfn)
+    let ledger = ledger().ok_or(Error::NotSupported)?;
+    if ledger_restart::is_down() {
+        return Err(ledger_restart::unavailable());
+    }
+    ledger.lookup(cpu, pfn).map_err(while_down)
+}
+
+/// A ledger that failed in this call is being restarted: `Retry`.
+fn while_down(e: Error) -> Error {
+    if e == Error::ServiceFailed && ledger_restart::is_down() {
+        ledger_restart::unavailable()
+    } else {
+        e
+    }
 }
 
 /// Every extent of the ledger, in address order.
@@ -159,10 +173,14 @@ pub fn transact(
     request: LedgerRequest,
     mut vm: Option<VmMemory<'_>>,
 ) -> Result<(), Error> {
+    // While the ledger is rebuilt, nothing waits for it.
+    if ledger_restart::is_down() {
+        return Err(ledger_restart::unavailable());
+    }
     let _order = crate::base::lockcheck::hold(Rank::Memory);
     let _serial = MEMORY.lock();
     crate::memory::smmu::drain_events();
-    let result = transact_serialised(cpu, request, &mut vm);
+    let result = transact_serialised(cpu, request, &mut vm).map_err(while_down);
     // A VM's table pages reserved and not needed go back to the heap,
     // whether the transaction went through or not. The host's stay in its
     // pool: they are the tables it booted with, freed when it gave a whole
@@ -337,6 +355,30 @@ fn transact_serialised(
     // below are in, so nobody can see the order, and a commit the ledger
     // refuses (or cannot give: it failed) leaves both sides as they were —
     // the request fails with the ledger's error and nothing is out of step.
+    // The core's own record of shares with the hypervisor (a share maps
+    // nothing, so no table shows it) must be able to take this one.
+    let hyp_share = matches!(
+        request.op,
+        LedgerRequest::HOST_SHARE_HYP | LedgerRequest::HOST_UNSHARE_HYP
+    );
+    let (share_start, share_end) = (
+        request.frames.start.saturating_mul(PAGE),
+        request
+            .frames
+            .start
+            .saturating_add(request.frames.count)
+            .saturating_mul(PAGE),
+    );
+    if hyp_share && {
+        let shares = ledger_restart::HYP_SHARES.lock();
+        if request.op == LedgerRequest::HOST_SHARE_HYP {
+            !shares.can_insert(share_start, share_end)
+        } else {
+            !shares.can_remove(share_start, share_end)
+        }
+    } {
+        return Err(Error::NoMemory);
+    }
     commit(cpu, ledger, tx.generation).inspect_err(|e| {
         crate::log!(
             "memory: the ledger did not commit the transaction for {request:?} ({e:?}); nothing was changed"
@@ -454,6 +496,17 @@ fn transact_serialised(
         );
         return Err(Error::Denied);
     }
+    ledger_restart::committed();
+    if hyp_share {
+        let mut shares = ledger_restart::HYP_SHARES.lock();
+        // Room was checked before the commit; the memory lock is held.
+        let recorded = if request.op == LedgerRequest::HOST_SHARE_HYP {
+            shares.insert(share_start, share_end)
+        } else {
+            shares.remove(share_start, share_end)
+        };
+        debug_assert!(recorded);
+    }
     Ok(())
 }
 
@@ -473,7 +526,7 @@ pub fn host_owns(pa: u64, size: u64) -> bool {
 }
 
 /// The host's stage-2, locked.
-fn host_stage2() -> spin::MutexGuard<'static, &'static mut StageTwo> {
+pub(super) fn host_stage2() -> spin::MutexGuard<'static, &'static mut StageTwo> {
     crate::base::lockcheck::check(Rank::HostStage2);
     match stage2::HOST.get() {
         Some(host) => host.lock(),
@@ -590,6 +643,9 @@ pub enum Mismatch {
     /// The SMMU's stream table no longer sends every stream through the
     /// host's stage-2.
     Smmu(crate::memory::smmu::StreamMismatch),
+    /// The core's record of host pages shared with the hypervisor and the
+    /// ledger's differ, first at `address`.
+    HypShare { address: u64 },
 }
 
 /// Whose stage-2 a [`Mismatch::Forged`] entry is in.
@@ -662,6 +718,24 @@ pub fn check_consistency<'a>(
         Error::NoMemory => Mismatch::NoMemory,
         e => Mismatch::Ledger(e),
     })?;
+    // The core's record of the host's shares with the hypervisor (what a
+    // restarted ledger is told) is the ledger's, range for range.
+    {
+        let shares = ledger_restart::HYP_SHARES.lock();
+        let mut recorded = shares.iter();
+        for e in extents
+            .iter()
+            .filter(|e| e.owner.kind == Party::HOST && e.borrower.kind == Party::HYPERVISOR)
+        {
+            let start = e.frames.start.saturating_mul(PAGE);
+            if recorded.next() != Some((start, e.frames.count.saturating_mul(PAGE))) {
+                return Err(Mismatch::HypShare { address: start });
+            }
+        }
+        if let Some((address, _)) = recorded.next() {
+            return Err(Mismatch::HypShare { address });
+        }
+    }
     let mut checked = Checked {
         extents: extents.len() as u64,
         vms_running,

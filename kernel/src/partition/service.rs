@@ -155,6 +155,9 @@ pub struct Service {
     vcpu: UnsafeCell<Vcpu>,
     el1: UnsafeCell<El1Context>,
     pending: UnsafeCell<Option<Pending>>,
+    /// A copy of the boot image, for a service the core restarts (the
+    /// ledger; the package's pages become heap after boot).
+    pristine: Option<&'static [u8]>,
 }
 
 // SAFETY: `vcpu`, `el1` and `pending` are only touched by the CPU that holds
@@ -238,10 +241,18 @@ impl Service {
 
     fn fail(&self, why: &str, detail: u64) {
         self.state.store(State::Failed as u8, Ordering::Release);
-        crate::log!(
-            "service {} failed: {why} ({detail:#x}); its requests are refused from now on",
-            self.name
-        );
+        if self.pristine.is_some() {
+            crate::log!(
+                "service {} failed: {why} ({detail:#x}); it will be restarted",
+                self.name
+            );
+            crate::memory::ledger_restart::ledger_failed();
+        } else {
+            crate::log!(
+                "service {} failed: {why} ({detail:#x}); its requests are refused from now on",
+                self.name
+            );
+        }
     }
 
     /// Writes a call: its header and the `payload_len` bytes of its body
@@ -883,6 +894,7 @@ fn create(
         vcpu: UnsafeCell::new(vcpu),
         el1: UnsafeCell::new(El1Context::reset()),
         pending: UnsafeCell::new(None),
+        pristine: keep_image(record.interface_id.get(), image),
     })
 }
 
@@ -927,6 +939,7 @@ pub fn create_all(
                     vcpu: UnsafeCell::new(Vcpu::new(0, 0)),
                     el1: UnsafeCell::new(El1Context::ZERO),
                     pending: UnsafeCell::new(None),
+                    pristine: None,
                 });
             }
         }
@@ -1041,6 +1054,86 @@ pub fn index_of(interface_id: u16) -> Option<usize> {
         .list
         .iter()
         .position(|s| s.interface_id == interface_id)
+}
+
+/// A heap copy of `image` when the service is one the core restarts (the
+/// ledger, [`crate::partition::ledger_restart`]); `None` for the others, and when the
+/// heap has no room (the ledger then cannot be restarted, and says so).
+fn keep_image(interface_id: u16, image: &[u8]) -> Option<&'static [u8]> {
+    if interface_id != moat_abi::services::ledger::SERVICE_ID {
+        return None;
+    }
+    let mut copy = Vec::new();
+    if copy.try_reserve_exact(image.len()).is_err() {
+        crate::log!("no room to keep the ledger's image: it cannot be restarted");
+        return None;
+    }
+    copy.extend_from_slice(image);
+    Some(copy.leak())
+}
+
+impl Service {
+    /// Stops the service as a fault would: its calls are refused until it
+    /// is restarted.
+    pub fn stop(&self, why: &'static str) {
+        self.state.store(State::Failed as u8, Ordering::Release);
+        crate::log!("service {} stopped: {why}", self.name);
+    }
+
+    /// Restarts the service from its boot image: its memory is zeroed and
+    /// the image copied in again, its IPC page zeroed, its vCPU and EL1
+    /// state reset, its VMID's TLB entries dropped, and it runs to its
+    /// first `SVC_REPLY_WAIT` as at boot. Nothing of the stopped service
+    /// survives. The service must not be in a call (the caller holds the
+    /// lock every call to it is made under). `NotSupported` for a service
+    /// the core keeps no image of.
+    pub fn restart(&self, cpu: &PerCpu) -> Result<(), Error> {
+        let image = self.pristine.ok_or(Error::NotSupported)?;
+        let taken = [State::Failed, State::Ready].iter().any(|from| {
+            self.state
+                .compare_exchange(
+                    *from as u8,
+                    State::Busy as u8,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        });
+        if !taken {
+            return Err(Error::Busy);
+        }
+        let (base, size) = (self.memory.base, self.memory.size);
+        // SAFETY: the service's memory and IPC page are heap pages the core
+        // gave it at boot (image.len() <= size, checked then), mapped
+        // read/write at EL2; the service is not running (Busy is ours).
+        unsafe {
+            core::ptr::write_bytes(base as *mut u8, 0, size as usize);
+            core::ptr::copy_nonoverlapping(image.as_ptr(), base as *mut u8, image.len());
+            core::ptr::write_bytes(self.ipc_page as *mut u8, 0, PAGE as usize);
+        }
+        crate::arch::cache::clean_dcache_to_poc(base, size);
+        crate::arch::cache::clean_dcache_to_poc(self.ipc_page, PAGE);
+        crate::memory::stage2::flush_vmid(self.vttbr);
+        // SAFETY: Busy is ours, so the vCPU, EL1 state and pending slot are.
+        unsafe {
+            let vcpu = &mut *self.vcpu();
+            vcpu.regs = GuestRegs::el1h_entry(SERVICE_BASE_IPA, SERVICE_BASE_IPA + size);
+            vcpu.regs.x[1] = IPC_PAGE_IPA;
+            *self.el1.get() = El1Context::reset();
+            *self.pending.get() = None;
+        }
+        let exit = self.with_partition(cpu, false, RunMask::Transaction, || {
+            self.run(cpu, Preemption::Never)
+        });
+        match exit {
+            Exit::Reply => {
+                self.state.store(State::Ready as u8, Ordering::Release);
+                Ok(())
+            }
+            Exit::Preempted => Err(fail(self, "was interrupted while restarting", 0)),
+            Exit::Fault(why, detail) => Err(fail(self, why, detail)),
+        }
+    }
 }
 
 /// The ledger's calls, for the transaction engine below (`memory::Ledger`):

@@ -1623,6 +1623,23 @@ impl IdleVms {
     }
 }
 
+impl IdleVms {
+    /// Handle, whether it is destroyed (its pages awaiting reclaim), and
+    /// the record of where its frames sit, of each idle VM: the facts a
+    /// restarted ledger is rebuilt from.
+    pub fn records(&self) -> impl Iterator<Item = (u16, bool, &[Region])> {
+        self.guards.iter().filter_map(|g| {
+            g.as_ref().map(|vm| {
+                let dying = usize::from(vm.handle)
+                    .checked_sub(1)
+                    .and_then(|i| SLOTS.get(i))
+                    .is_some_and(|slot| slot.status() == Status::Dying);
+                (vm.handle, dying, vm.regions.as_slice())
+            })
+        })
+    }
+}
+
 /// Locks every VM that is not running (before the memory lock: the lock
 /// order is slot, then memory).
 pub fn lock_all_idle() -> Result<IdleVms, Error> {

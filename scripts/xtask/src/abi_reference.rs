@@ -343,6 +343,7 @@ mod tests {
         for id in [
             moat_abi::hypercall::NULL,
             moat_abi::hypercall::CHECK_CONSISTENCY,
+            moat_abi::hypercall::LEDGER_RESTART,
             moat_abi::vm::VM_CREATE,
             moat_abi::vm::VCPU_RUN,
             moat_abi::vm::GUEST_UNSHARE_HOST,

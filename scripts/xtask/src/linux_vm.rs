@@ -404,7 +404,7 @@ mod tests {
         ] {
             assert_eq!(get(name), i64::from(id), "{name}");
         }
-        for (name, e) in [
+        let errors = [
             ("MOAT_NOT_SUPPORTED", Error::NotSupported),
             ("MOAT_INVALID_PARAMETERS", Error::InvalidParameters),
             ("MOAT_DENIED", Error::Denied),
@@ -413,7 +413,11 @@ mod tests {
             ("MOAT_SERVICE_FAILED", Error::ServiceFailed),
             ("MOAT_VERSION_MISMATCH", Error::VersionMismatch),
             ("MOAT_INTERRUPTED", Error::Interrupted),
-        ] {
+            ("MOAT_RETRY", Error::Retry),
+        ];
+        // Every error the core can answer has its constant in the module.
+        assert_eq!(errors.len(), Error::ALL.len());
+        for (name, e) in errors {
             assert_eq!(get(name), e.code(), "{name}");
         }
     }

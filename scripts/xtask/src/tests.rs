@@ -649,6 +649,72 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
             4,
             6000,
         ),
+        // The ledger killed and restarted every 250 of CPU 0's steps while
+        // four CPUs share, donate, run and reclaim: each restart is rebuilt
+        // from the core's records and checked, calls meanwhile answer Retry
+        // and are issued again, and the run ends clean.
+        Case {
+            pass: vec![
+                "entering the host",
+                "ledger: restarted and rebuilt from the core's records (restart 1)",
+                "ledger: restarted and rebuilt from the core's records (restart 2)",
+                "test-host: ok   fuzz: the ledger was killed and came back during the run",
+                fuzz_host::PASS[0],
+                fuzz_host::PASS[1],
+                "test-host: PASS",
+            ],
+            fail: [
+                fuzz_host::FAIL,
+                &[
+                    "boot failed",
+                    "the rebuilt ledger disagrees",
+                    "rebuilding, ",
+                    "not restarted again",
+                    "did not start",
+                ],
+            ]
+            .concat(),
+            ..fuzz_host_case(
+                "random_hostile_host_ledger_restarts",
+                "moat.fuzz=0x5eed1ed9,3000,64 moat.fuzz_restart=250",
+                4,
+                3000,
+            )
+        },
+        // The same with a ledger that faults on every tenth reclaim it
+        // prepares (`services/crashing-ledger`): each fault restarts it.
+        Case {
+            host: Payload::TestHostWith {
+                manifest: CRASHING_LEDGER_MANIFEST,
+            },
+            pass: vec![
+                "entering the host",
+                "service crashing-ledger failed: ",
+                "; it will be restarted",
+                "ledger: restarted and rebuilt from the core's records (restart 1)",
+                "ledger: restarted and rebuilt from the core's records (restart 2)",
+                fuzz_host::PASS[0],
+                fuzz_host::PASS[1],
+                "test-host: PASS",
+            ],
+            fail: [
+                fuzz_host::FAIL,
+                &[
+                    "boot failed",
+                    "the rebuilt ledger disagrees",
+                    "rebuilding, ",
+                    "not restarted again",
+                    "did not start",
+                ],
+            ]
+            .concat(),
+            ..fuzz_host_case(
+                "random_hostile_host_ledger_crashes",
+                "moat.fuzz=0x5eedc4a5,3000,64",
+                4,
+                3000,
+            )
+        },
         fuzz_host_case(
             "smp_stress_four_cpus_eight_vms",
             "moat.fuzz=0x57e55,4000,64,stress",
@@ -1625,6 +1691,9 @@ fn check_memfree_restored(console: &str, slack: i64) -> Result<(), String> {
     }
 }
 
+/// The image whose ledger crashes: `services/crashing-ledger` in the ledger's place.
+const CRASHING_LEDGER_MANIFEST: &str = "images/crashing-ledger.toml";
+
 /// The image whose ledger lies: `services/rogue-ledger` in the ledger's place.
 const ROGUE_LEDGER_MANIFEST: &str = "images/rogue-ledger.toml";
 
@@ -2382,6 +2451,8 @@ fn unit_tests_and_lints() -> Result<()> {
         "moat-ledger",
         "--package",
         "moat-service-rogue-ledger",
+        "--package",
+        "moat-service-crashing-ledger",
         "--target",
         image::CORE_TARGET,
         "--",
