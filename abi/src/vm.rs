@@ -24,7 +24,10 @@
 //! runs (the host never writes into a VM that has run). `VCPU_RUN`'s r0..r3
 //! answer the previous exit: after [`ExitReason::Hvc`] they become the
 //! guest's x0..x3, after an MMIO read r0 becomes the loaded register; after
-//! any other exit they are ignored.
+//! any MMIO exit r1 holds [`MmioAnswer`] bits (0: the access completed, and
+//! [`MmioAnswer::ABORT`]: there is no device there, and the guest takes a
+//! synchronous external abort on the access, as on a bus error); after any
+//! other exit they are ignored.
 
 use crate::hypercall::id;
 
@@ -261,6 +264,34 @@ impl MmioAccess {
     }
 }
 
+/// r1 of the `VCPU_RUN` that answers an [`ExitReason::Mmio`] exit.
+///
+/// With [`MmioAnswer::ABORT`] the core delivers a synchronous external
+/// abort to the guest for the access (a data abort from the guest's current
+/// EL, DFSC 0x10, WnR as the access, FAR_EL1 = the address the guest used,
+/// ELR_EL1 = the access itself), at its VBAR_EL1 like the hardware would:
+/// no register of the guest is written by the host, and a read's target
+/// register keeps its value. Any other bit refuses the run with
+/// `InvalidParameters`, nothing changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmioAnswer(pub u64);
+
+impl MmioAnswer {
+    /// Bit 0: no device answers the access; the guest takes an abort.
+    pub const ABORT: u64 = 1;
+    /// Every bit the core knows.
+    pub const KNOWN: u64 = Self::ABORT;
+
+    /// `None` for a word with an unknown bit; else whether it aborts.
+    pub const fn aborts(self) -> Option<bool> {
+        if self.0 & !Self::KNOWN != 0 {
+            None
+        } else {
+            Some(self.0 & Self::ABORT != 0)
+        }
+    }
+}
+
 /// A decoded `VCPU_RUN` result: x1..x7.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exit {
@@ -340,6 +371,14 @@ mod tests {
         assert!(!r.is_write());
         assert_eq!(r.size(), 8);
         assert_eq!(r.register(), 31);
+    }
+
+    #[test]
+    fn mmio_answers() {
+        assert_eq!(MmioAnswer(0).aborts(), Some(false));
+        assert_eq!(MmioAnswer(MmioAnswer::ABORT).aborts(), Some(true));
+        assert_eq!(MmioAnswer(2).aborts(), None);
+        assert_eq!(MmioAnswer(1 << 63 | 1).aborts(), None);
     }
 
     #[test]

@@ -458,6 +458,7 @@ fn run_linux(
     cpus: usize,
     cmd: Option<&str>,
     append: &str,
+    mte: bool,
     read_own_memory_at_init: bool,
 ) -> Result<linux_guest::End, String> {
     let read =
@@ -475,6 +476,7 @@ fn run_linux(
             cpus,
             cmd,
             bootargs: append,
+            mte,
             read_own_memory_at_init,
         },
         spawn_input(),
@@ -490,6 +492,7 @@ fn main() -> ExitCode {
             cpus,
             cmd,
             append,
+            mte,
             read_own_memory_at_init,
             ..
         } => {
@@ -501,6 +504,7 @@ fn main() -> ExitCode {
                 cpus,
                 cmd.as_deref(),
                 &append,
+                mte,
                 read_own_memory_at_init,
             );
             return ExitCode::from(match end {

@@ -38,7 +38,9 @@ use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use moat_abi::Error;
 use moat_abi::services::{FrameRange, LedgerRequest, Party};
 use moat_abi::trap::{PARTITION_VM_BASE, TrapClass};
-use moat_abi::vm::{self as abi, Exit, ExitReason, Injection, MAX_VMS, MmioAccess, VmFlags, pkvm};
+use moat_abi::vm::{
+    self as abi, Exit, ExitReason, Injection, MAX_VMS, MmioAccess, MmioAnswer, VmFlags, pkvm,
+};
 use moat_abi::{hypercall, smccc};
 use moat_kernel::el2config::{self, RunMask};
 use moat_kernel::esr::{self, Trap};
@@ -343,8 +345,14 @@ enum Pending {
     None,
     /// The host's r0..r3 become the guest's x0..x3.
     Hvc,
-    /// The host's r0 is the loaded value.
-    MmioRead(esr::MmioAccess),
+    /// An MMIO access at `pc` (the guest's PC already past it) to the
+    /// guest's virtual address `far`: a read's r0 is the loaded value; r1
+    /// may ask for an abort instead (`MmioAnswer`).
+    Mmio {
+        access: esr::MmioAccess,
+        pc: u64,
+        far: u64,
+    },
 }
 
 struct Vm {
@@ -936,6 +944,13 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
             vm.power[index] = Power::On;
         }
     }
+    // The answer to an MMIO exit, checked before anything is taken.
+    let mmio_abort = match vm.pending {
+        Pending::Mmio { .. } => MmioAnswer(answer[1])
+            .aborts()
+            .ok_or(Error::InvalidParameters)?,
+        _ => false,
+    };
     // The injections, all checked before any is taken.
     let mut injections = [(0u32, 0u8); 2];
     let mut count = 0;
@@ -962,11 +977,15 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     slot.set(Status::Running);
     match core::mem::replace(&mut vm.pending, Pending::None) {
         Pending::Hvc => vm.vcpu.regs.x[..4].copy_from_slice(&answer),
-        Pending::MmioRead(access) => {
+        Pending::Mmio { access, pc, far } if mmio_abort => {
+            // Delivered once the VM's EL1 state is loaded, below.
+            vm.pending = Pending::Mmio { access, pc, far };
+        }
+        Pending::Mmio { access, .. } if !access.is_write => {
             let v = access.loaded_value(answer[0]);
             vm.vcpu.regs.write_gpr(access.rt, v);
         }
-        Pending::None => {}
+        Pending::Mmio { .. } | Pending::None => {}
     }
     vm.has_run = true;
     let migrated = vm.last_cpu != Some(cpu.index);
@@ -979,6 +998,12 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     unsafe {
         (*cpu.host_el1.get()).save();
         vm.el1.load();
+    }
+    if let Pending::Mmio { access, pc, far } = core::mem::replace(&mut vm.pending, Pending::None) {
+        // The host found no device: the access takes a synchronous
+        // external abort, from the access itself, at the guest's vector.
+        vm.vcpu.regs.pc = pc;
+        super::trap::inject_abort(&mut vm.vcpu.regs, false, access.is_write, far);
     }
     vm.host_vectors.save();
     vm.fp.load();
@@ -1187,8 +1212,12 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
                             v & ((1u64 << bits) - 1)
                         }
                     } else {
-                        vm.pending = Pending::MmioRead(access);
                         0
+                    };
+                    vm.pending = Pending::Mmio {
+                        access,
+                        pc: regs.pc,
+                        far: sysreg::far_el2(),
                     };
                     regs.pc = regs.pc.wrapping_add(4);
                     let bits = MmioAccess::new(access.is_write, access.size_log2, access.rt);
