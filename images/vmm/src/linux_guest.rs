@@ -269,6 +269,11 @@ struct Machine {
     out: io::Stdout,
     /// Interrupts to inject into each vCPU, oldest first.
     queued: Vec<VecDeque<Injection>>,
+    /// The UART's level interrupt was injected and the guest has not
+    /// deactivated it yet (the core reports that with an `Eoi` exit):
+    /// until then it is not injected again, and after it, again only if
+    /// the line is still up.
+    uart_in_flight: bool,
     /// The console line being written, and whether [`INIT_MARKER`] was seen.
     line: Vec<u8>,
     saw_init: bool,
@@ -345,20 +350,19 @@ impl Machine {
         None
     }
 
-    /// The injections for vCPU `index`'s next run: the UART's line while it
-    /// is up (if routed there), SPIs the guest made pending, then whatever
-    /// is queued.
+    /// The injections for vCPU `index`'s next run: the UART's line if it is
+    /// up and its last injection was deactivated (to the vCPU it is routed
+    /// to), SPIs the guest made pending, then whatever is queued.
     fn injections(&mut self, index: usize) -> [u64; 2] {
         let uart = 32 + UART_SPI;
         let target = self.gic.spi_target(uart);
         if self.uart.interrupt_line()
+            && !self.uart_in_flight
             && let Some(p) = self.gic.deliverable(target, uart)
             && let Some(q) = self.queued.get_mut(target)
         {
-            let inj = Injection::new(uart, p);
-            if !q.contains(&inj) {
-                q.push_back(inj);
-            }
+            q.push_back(Injection::level(uart, p));
+            self.uart_in_flight = true;
         }
         for intid in self.gic.take_soft_pending() {
             let target = self.gic.spi_target(intid);
@@ -487,6 +491,7 @@ pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, 
             gic,
             out: io::stdout(),
             queued: vec![VecDeque::new(); options.cpus],
+            uart_in_flight: false,
             line: Vec::new(),
             saw_init: false,
             ended: None,
@@ -580,6 +585,14 @@ fn vcpu_loop(dev: &Device, shared: &Shared, index: usize, rogue_read: bool) -> i
                 shared.idle(index, wait);
             }
             Some(ExitReason::Interrupt) => {}
+            Some(ExitReason::Eoi) => {
+                let listed = (detail[0] as usize).min(moat_abi::vm::EOIS_PER_EXIT);
+                let mut m = shared.lock();
+                if detail[1..=listed].contains(&u64::from(32 + UART_SPI)) {
+                    // Injected again at the next run if the line is up.
+                    m.uart_in_flight = false;
+                }
+            }
             Some(ExitReason::Sgi) => {
                 let woken = shared.lock().sgi(index, detail[0]);
                 for t in woken {

@@ -306,7 +306,7 @@ fn run_loop(dev: &Device, machine: &mut Machine) -> std::io::Result<End> {
                     detail[0]
                 )));
             }
-            Some(ExitReason::Sgi | ExitReason::VcpuPower) => {
+            Some(ExitReason::Sgi | ExitReason::VcpuPower | ExitReason::Eoi) => {
                 return Ok(End::Crashed(format!(
                     "exit {} from a VM with one vCPU and no virtual GIC",
                     regs[0]
@@ -451,15 +451,12 @@ fn read_donated() -> ExitCode {
     }
 }
 
+/// Reads the kernel and initramfs and boots them with `options` (whose
+/// `kernel` and `initrd` are filled in here).
 fn run_linux(
     kernel: &std::path::Path,
     initrd: Option<&std::path::Path>,
-    mem: u64,
-    cpus: usize,
-    cmd: Option<&str>,
-    append: &str,
-    mte: bool,
-    read_own_memory_at_init: bool,
+    options: linux_guest::Options,
 ) -> Result<linux_guest::End, String> {
     let read =
         |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
@@ -472,12 +469,7 @@ fn run_linux(
         &linux_guest::Options {
             kernel: &kernel,
             initrd: &initrd,
-            mem,
-            cpus,
-            cmd,
-            bootargs: append,
-            mte,
-            read_own_memory_at_init,
+            ..options
         },
         spawn_input(),
     )
@@ -500,12 +492,16 @@ fn main() -> ExitCode {
             let end = run_linux(
                 &kernel,
                 initrd.as_deref(),
-                mem,
-                cpus,
-                cmd.as_deref(),
-                &append,
-                mte,
-                read_own_memory_at_init,
+                linux_guest::Options {
+                    kernel: &[],
+                    initrd: &[],
+                    mem,
+                    cpus,
+                    cmd: cmd.as_deref(),
+                    bootargs: &append,
+                    mte,
+                    read_own_memory_at_init,
+                },
             );
             return ExitCode::from(match end {
                 Ok(linux_guest::End::Off) => STATUS_OFF,

@@ -952,13 +952,13 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         _ => false,
     };
     // The injections, all checked before any is taken.
-    let mut injections = [(0u32, 0u8); 2];
+    let mut injections = [(0u32, 0u8, false); 2];
     let mut count = 0;
     for word in inject {
         match Injection(word).decode() {
             None => {}
-            Some(Ok(irq)) => {
-                injections[count] = irq;
+            Some(Ok((intid, priority))) => {
+                injections[count] = (intid, priority, Injection(word).notify_eoi());
                 count += 1;
             }
             Some(Err(())) => return Err(Error::InvalidParameters),
@@ -969,8 +969,8 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         if !v.has_room(count) {
             return Err(Error::NoMemory);
         }
-        for &(intid, priority) in &injections[..count] {
-            v.inject(intid, priority)
+        for &(intid, priority, notify_eoi) in &injections[..count] {
+            v.inject(intid, priority, notify_eoi)
                 .map_err(|_| Error::InvalidParameters)?;
         }
     }
@@ -1072,6 +1072,10 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     }
     let outcome = loop {
         if let Some(v) = vm.vgic.as_mut() {
+            // Deactivations the host asked to hear of end the run first.
+            if let Some(eois) = v.take_eois() {
+                break (exit(ExitReason::Eoi, eois), Status::Alive);
+            }
             let timer_line = v.before_entry();
             if let (Some(access), Some(b)) = (gic.as_ref(), borrowed.as_mut()) {
                 vgic::set_timer_ppi(access, b, timer_line);
