@@ -5,9 +5,10 @@
 //! values, the boot memory layout, the host stage-2 plan, the PSCI relay's
 //! decisions, the checked arithmetic of hypercall ranges, the core's check
 //! of the ledger's transactions and the consistency checker's rules for a
-//! stage-2 entry, and the core's lock order. The code that runs at EL2 (`src/main.rs` and `src/el2/`)
-//! is a thin layer that reads and writes system registers around these
-//! functions.
+//! stage-2 entry, and the core's lock order. The code that runs at EL2
+//! (`src/main.rs` and the layer folders `boot/`, `dispatch/`, `partition/`,
+//! `memory/`, `device/`, `base/` and `arch/`) is a thin layer that reads and
+//! writes system registers around these functions.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 

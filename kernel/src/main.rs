@@ -10,8 +10,23 @@
 #[cfg(target_os = "none")]
 extern crate alloc;
 
+// The layers, top to bottom; each imports only from the layers below it.
+// Every `unsafe` block of the core lives in these modules and carries the
+// argument for its soundness.
 #[cfg(target_os = "none")]
-mod el2;
+mod arch;
+#[cfg(target_os = "none")]
+mod base;
+#[cfg(target_os = "none")]
+mod boot;
+#[cfg(target_os = "none")]
+mod device;
+#[cfg(target_os = "none")]
+mod dispatch;
+#[cfg(target_os = "none")]
+mod memory;
+#[cfg(target_os = "none")]
+mod partition;
 
 #[cfg(not(target_os = "none"))]
 fn main() {}

@@ -12,7 +12,7 @@
 //! injection merges with what is already in flight, which waiting interrupt
 //! goes into a free register first, whether the VM has an interrupt that
 //! would wake it from WFI, and when the guest's virtual timer has fired.
-//! The register accesses themselves are in `el2/vgic.rs`.
+//! The register accesses themselves are in `device/vgic.rs`.
 
 /// The guest's virtual timer: PPI 11, INTID 27.
 pub const VTIMER_INTID: u32 = 27;

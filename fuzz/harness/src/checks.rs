@@ -220,7 +220,7 @@ pub fn leaf(data: &[u8]) {
         (Mapper::Vm { .. }, true) => regions.first().map_or(0, |r| r.ipa),
         _ => u.arbitrary::<u64>().unwrap_or(0) & !(size - 1),
     };
-    // As the core looks extents up (`kernel/src/el2/memory.rs`).
+    // As the core looks extents up (`kernel/src/memory/mod.rs`).
     let extent_of = |pfn: u64| {
         let i = extents.partition_point(|e| e.frames.start.saturating_add(e.frames.count) <= pfn);
         extents.get(i).filter(|e| e.frames.start <= pfn).copied()

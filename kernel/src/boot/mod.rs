@@ -7,9 +7,12 @@
 //! hand the heap that is clear of the package to the allocator, and the rest
 //! only once the package is consumed; then build the host's stage-2.
 
-use super::cpu::{self, MAX_CPUS, PowerState};
-use super::sysreg::{self, HostEl2Config};
-use super::{console, heap, mmu, panic};
+use crate::arch::mmu;
+use crate::arch::sysreg::{self, HostEl2Config};
+use crate::base::console;
+use crate::base::heap;
+use crate::base::panic;
+use crate::partition::cpu::{self, MAX_CPUS, PowerState};
 use alloc::vec::Vec;
 use core::fmt::Display;
 use moat_kernel::el2config::{self, CpuFeatures};
@@ -344,14 +347,15 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     // Without PSCI firmware the core ends the machine itself, through the
     // board's quirk (the BCM2835 watchdog on a Raspberry Pi 4).
     let firmware = FirmwareConduit::new(platform.psci.map(|p| p.conduit));
-    let core_powers_cpus = super::power::core_managed(&platform, firmware.is_available());
-    let spin_table = super::power::has_spin_table(&platform);
+    let core_powers_cpus =
+        crate::partition::power::core_managed(&platform, firmware.is_available());
+    let spin_table = crate::partition::power::has_spin_table(&platform);
     if core_powers_cpus {
         let control = quirks::system_control(dtb);
         if let SystemControl::Bcm2835Watchdog { pm } = control {
             let _ = core_mmio.push(pm);
         }
-        super::power::set_system_control(control);
+        crate::partition::power::set_system_control(control);
         crate::log!(
             "no PSCI firmware: the core starts CPUs itself{} and answers the host's PSCI; SYSTEM_OFF/RESET {}",
             if spin_table {
@@ -367,7 +371,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     }
     mmu::switch_to_final_map(&platform.memory, &core_mmio, sysreg::cpu_features().mte)
         .unwrap_or_else(|e| fatal("EL2 page tables", e));
-    let (its_count, redistributor_count) = super::its::init(&platform.gic, &its_frames);
+    let (its_count, redistributor_count) = crate::device::its::init(&platform.gic, &its_frames);
     if its_count + redistributor_count > 0 {
         crate::log!(
             "GICv3: {its_count} ITS(s) and {redistributor_count} redistributor(s): their table registers emulated, the command queue checked and shadowed"
@@ -377,7 +381,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     // Every device accounted for: DMA-capable devices without an SMMU are
     // withheld unless the image names them.
     let withheld_devices =
-        super::devices::decide(dtb, smmu.as_ref(), package.unprotected_dma.unwrap_or(""))
+        crate::device::inventory::decide(dtb, smmu.as_ref(), package.unprotected_dma.unwrap_or(""))
             .unwrap_or_else(|e| fatal("device tree", e));
 
     // The host's device tree: the carve-out reserved, PSCI through the core.
@@ -459,8 +463,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let ram_top = platform.memory.iter().map(Range::end).max().unwrap_or(0);
     let ipa_bits = el2config::ipa_bits(&features, device_top.max(ram_top));
     let (vtcr, start_level) = el2config::vtcr(ipa_bits, features.pa_range);
-    let services = super::service::package_services(&package);
-    let created = super::service::create_all(&services, start_level)
+    let services = crate::partition::service::package_services(&package);
+    let created = crate::partition::service::create_all(&services, start_level)
         .unwrap_or_else(|e| fatal("service routing", e));
 
     // The command line outlives the package (the MTE policy reads it, and
@@ -510,7 +514,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     {
         withheld.push((*gich, "the GICv2 hypervisor interface"));
     }
-    for page in super::its::withheld() {
+    for page in crate::device::its::withheld() {
         withheld.push((page, "a GICv3 ITS or LPI register page, emulated"));
     }
     if let Some(smmu) = &smmu {
@@ -530,11 +534,11 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     )
     .unwrap_or_else(|e| fatal("host stage-2 plan", format_args!("{e:?}")));
     let regions = &host_plan.regions;
-    let host_stage2 = super::stage2::StageTwo::identity(start_level, HOST_VMID, regions)
+    let host_stage2 = crate::memory::stage2::StageTwo::identity(start_level, HOST_VMID, regions)
         .unwrap_or_else(|e| fatal("host stage-2", e))
         .activate();
     let vttbr = host_stage2.vttbr();
-    super::stage2::HOST.call_once(|| spin::Mutex::new(host_stage2));
+    crate::memory::stage2::HOST.call_once(|| spin::Mutex::new(host_stage2));
     crate::log!(
         "host stage-2: {} regions, {}-bit IPA (CPU: {}-bit PA; highest described address {:#x}), VMID {HOST_VMID}; heap {} KiB used of {} MiB",
         regions.len(),
@@ -564,7 +568,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     }
 
     if let Some(desc) = &smmu {
-        super::smmu::boot(desc, vtcr, vttbr, ipa_bits);
+        crate::device::smmu::boot(desc, vtcr, vttbr, ipa_bits);
     }
 
     // Until the MTE policy decides, the host is told what the hardware has.
@@ -592,11 +596,11 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     };
     prepare_cpu(boot_cpu);
     if created > 0 {
-        super::service::start_all(boot_cpu);
+        crate::partition::service::start_all(boot_cpu);
     }
     // The memory ledger, if the image has one: built from this machine's
     // RAM and the hypervisor's memory.
-    match super::service::ledger_boot(
+    match crate::partition::service::ledger_boot(
         boot_cpu,
         &machine.platform.memory,
         machine.carve_out.as_slice(),
@@ -615,7 +619,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     }
     // The host's MTE policy, if the image has a policy service.
     let hardware_mte = sysreg::mte_level();
-    match super::service::host_mte_policy(
+    match crate::partition::service::host_mte_policy(
         boot_cpu,
         hardware_mte,
         &host_command_line,
@@ -645,7 +649,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
         ),
     }
     if core_powers_cpus {
-        match super::power::release_secondaries(index) {
+        match crate::partition::power::release_secondaries(index) {
             Ok(0) => {}
             Ok(n) => crate::log!(
                 "{n} secondary CPU(s) left the firmware's spin table and wait in the core for the host's CPU_ON"
@@ -663,7 +667,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
 /// Runs the consistency checker (the ledger against every partition's
 /// stage-2) and logs the outcome; returns whether they agree.
 pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
-    use super::memory::{self, Mismatch};
+    use crate::memory::{self, Mismatch};
     match memory::check_consistency(cpu) {
         Ok(c) => {
             crate::log!(
@@ -790,10 +794,10 @@ fn prepare_cpu(slot: &cpu::PerCpu) {
         sysreg::configure_for_host(&m.cpu, &m.host_el2);
         if (*slot.gic.get()).is_none() {
             let affinity = moat_kernel::psci::mpidr_affinity(sysreg::mpidr());
-            let mut access = super::gic::locate(&m.platform.gic, affinity);
+            let mut access = crate::device::gic::locate(&m.platform.gic, affinity);
             if let Some(a) = access.as_mut() {
-                super::gic::prepare_cpu(&m.platform.gic, a);
-                super::gic::probe_priority_bits(a);
+                crate::device::gic::prepare_cpu(&m.platform.gic, a);
+                crate::device::gic::probe_priority_bits(a);
             }
             *slot.gic.get() = access;
         }
@@ -801,7 +805,7 @@ fn prepare_cpu(slot: &cpu::PerCpu) {
     // SAFETY: the host's controls were just programmed on this CPU and
     // SVCR cleared: SVE and SME are open to EL2, not in streaming mode.
     let (sve, sme) = unsafe { sysreg::vector_lengths(&m.cpu) };
-    super::vm::record_vector_lengths(sve, sme);
+    crate::partition::vm::record_vector_lengths(sve, sme);
 }
 
 /// Configures this CPU for the host and enters it at `entry` with `x0`.
@@ -837,7 +841,7 @@ extern "C" fn secondary_main(index: u64) -> ! {
         // came before the CPU got here left its go flag set, which the wait
         // consumes at once, so no flag outlives the entry it was set for.
         PowerState::Off | PowerState::OnPending if core_powers_cpus => {
-            super::power::wait_for_cpu_on(slot);
+            crate::partition::power::wait_for_cpu_on(slot);
         }
         PowerState::OnPending | PowerState::Suspended => {}
         other => {

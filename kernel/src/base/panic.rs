@@ -69,14 +69,14 @@ pub fn semihosting_exit(code: u64) {
 /// Stops the machine after a fatal error.
 pub fn stop(code: u64) -> ! {
     STOPPING.store(true, Ordering::Relaxed);
-    super::console::flush();
+    crate::base::console::flush();
     semihosting_exit(code);
     park()
 }
 
 /// Prints up to 16 frame records starting at `fp`.
 fn print_backtrace(mut fp: u64) {
-    let (lo, hi) = super::boot::stack_bounds();
+    let (lo, hi) = crate::boot::stack_bounds();
     for depth in 0..16 {
         if fp < lo || fp + 16 > hi || !fp.is_multiple_of(16) {
             break;
@@ -84,7 +84,7 @@ fn print_backtrace(mut fp: u64) {
         // SAFETY: `fp` lies inside the core's stacks (checked above) and is
         // 16-byte aligned; a frame record is two words.
         let (next, lr) = unsafe { (*(fp as *const u64), *((fp + 8) as *const u64)) };
-        super::console::print_fatal(format_args!("  #{depth} lr {lr:#018x} fp {fp:#018x}"));
+        crate::base::console::print_fatal(format_args!("  #{depth} lr {lr:#018x} fp {fp:#018x}"));
         if next <= fp {
             break;
         }
@@ -94,7 +94,7 @@ fn print_backtrace(mut fp: u64) {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    super::console::print_fatal(format_args!("PANIC: {info}"));
+    crate::base::console::print_fatal(format_args!("PANIC: {info}"));
     let fp: u64;
     // SAFETY: reads the frame pointer register.
     unsafe {
@@ -109,16 +109,16 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 extern "C" fn handle_el2_exception(frame: *const GuestRegs, kind: u64) -> ! {
     // SAFETY: the vector saved a full frame on the stack and passed its address.
     let f = unsafe { &*frame };
-    let esr = super::sysreg::esr_el2();
-    let far = super::sysreg::far_el2();
-    super::console::print_fatal(format_args!(
+    let esr = crate::arch::sysreg::esr_el2();
+    let far = crate::arch::sysreg::far_el2();
+    crate::base::console::print_fatal(format_args!(
         "FATAL: exception at EL2 (vector {kind}): ESR_EL2 {esr:#010x} FAR_EL2 {far:#018x} ELR_EL2 {:#018x} SPSR_EL2 {:#010x}",
         f.pc, f.pstate
     ));
     for row in 0..8 {
         let r = row * 4;
         let reg = |n: usize| f.x.get(n).copied().unwrap_or(0);
-        super::console::print_fatal(format_args!(
+        crate::base::console::print_fatal(format_args!(
             "  x{:<2} {:#018x}  x{:<2} {:#018x}  x{:<2} {:#018x}  x{:<2} {:#018x}",
             r,
             reg(r),

@@ -38,9 +38,9 @@
 //! over ([`gic::hold_back`]). A transaction's commit therefore cannot be
 //! lost to an interrupt.
 
-use super::cpu::{PerCpu, VCPU_SERVICE_BASE, Vcpu};
-use super::gic;
-use super::sysreg::{self, El1Context};
+use crate::arch::sysreg::{self, El1Context};
+use crate::device::gic;
+use crate::partition::cpu::{PerCpu, VCPU_SERVICE_BASE, Vcpu};
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
@@ -66,7 +66,7 @@ pub const MIN_STACK: u64 = 16 << 10;
 const LOG_OFFSET: u64 = 2048;
 const PAGE: u64 = 4096;
 
-use super::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, enter_nested, leave_nested};
+use crate::partition::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, enter_nested, leave_nested};
 use moat_kernel::el2config::RunMask;
 
 /// Budgets a call may take before its service is failed as stuck.
@@ -144,7 +144,7 @@ pub struct Service {
     pub vmid: u16,
     vttbr: u64,
     /// The service's stage-2, for the consistency checker.
-    pub stage2: Option<&'static super::stage2::StageTwo>,
+    pub stage2: Option<&'static crate::memory::stage2::StageTwo>,
     memory: Range,
     ipc_page: u64,
     budget_ticks: u64,
@@ -189,7 +189,7 @@ enum Exit {
 
 fn service_el2(vttbr: u64, started: bool) -> (u64, u64, u64, u64, u64) {
     use moat_kernel::el2config::{NESTED_CNTHCTL, SERVICE_CPTR, nested_mdcr, service_hcr};
-    let mdcr = nested_mdcr(super::boot::machine().host_el2.mdcr);
+    let mdcr = nested_mdcr(crate::boot::machine().host_el2.mdcr);
     (
         service_hcr(started),
         SERVICE_CPTR,
@@ -433,7 +433,7 @@ impl Service {
         mask: RunMask,
         f: impl FnOnce() -> R,
     ) -> R {
-        let m = super::boot::machine();
+        let m = crate::boot::machine();
         let gic = cpu.gic_access();
         // SAFETY: this CPU holds the service; the host's EL1 state is saved
         // before the service's is loaded and restored after, and both
@@ -532,7 +532,7 @@ impl Service {
                     .iter()
                     .all(|w| *w == 0)
         );
-        let _order = super::lockcheck::hold(moat_kernel::lockorder::Rank::Service);
+        let _order = crate::base::lockcheck::hold(moat_kernel::lockorder::Rank::Service);
         self.acquire()?;
         let outcome = self.with_partition(cpu, true, preemption.mask(), || {
             // SAFETY: Busy is ours, so the pending slot is too.
@@ -741,7 +741,8 @@ pub fn exit_from_service(vcpu: *mut Vcpu, vector: u64) -> ! {
     let v = unsafe { &mut *vcpu };
     v.exit_vector = vector;
     v.exit_esr = sysreg::esr_el2();
-    let cpu = super::cpu::get(v.cpu as usize).unwrap_or_else(|| super::panic::park());
+    let cpu =
+        crate::partition::cpu::get(v.cpu as usize).unwrap_or_else(|| crate::base::panic::park());
     // SAFETY: `nested` holds the state `enter_nested` saved on this CPU.
     unsafe { leave_nested(cpu.nested.get()) }
 }
@@ -753,7 +754,7 @@ pub enum SetupError {
     BadHeader,
     TooLarge { footprint: u64, memory: u64 },
     NoMemory,
-    StageTwo(super::stage2::MapError),
+    StageTwo(crate::memory::stage2::MapError),
 }
 
 impl core::fmt::Display for SetupError {
@@ -827,29 +828,30 @@ fn create(
     let ipc_page = alloc_pages(PAGE).ok_or(SetupError::NoMemory)?;
     // SAFETY: `base` is a fresh allocation of `memory >= image.len()` bytes.
     unsafe { core::ptr::copy_nonoverlapping(image.as_ptr(), base as *mut u8, image.len()) };
-    super::boot::clean_dcache_to_poc(base, memory);
+    crate::boot::clean_dcache_to_poc(base, memory);
 
     let vmid = 1 + index as u16;
-    let mut s2 = super::stage2::StageTwo::new(start_level, vmid).map_err(SetupError::StageTwo)?;
+    let mut s2 =
+        crate::memory::stage2::StageTwo::new(start_level, vmid).map_err(SetupError::StageTwo)?;
     s2.map(
         SERVICE_BASE_IPA,
         base,
         header.text_size,
-        super::stage2::Access::ReadExecute,
+        crate::memory::stage2::Access::ReadExecute,
     )
     .map_err(SetupError::StageTwo)?;
     s2.map(
         SERVICE_BASE_IPA + header.text_size,
         base + header.text_size,
         memory - header.text_size,
-        super::stage2::Access::ReadWrite,
+        crate::memory::stage2::Access::ReadWrite,
     )
     .map_err(SetupError::StageTwo)?;
     s2.map(
         IPC_PAGE_IPA,
         ipc_page,
         PAGE,
-        super::stage2::Access::ReadWrite,
+        crate::memory::stage2::Access::ReadWrite,
     )
     .map_err(SetupError::StageTwo)?;
     let stage2 = s2.activate();

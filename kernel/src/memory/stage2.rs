@@ -142,9 +142,11 @@ impl Translation<S2> for PooledTables {
             None => {
                 if self.pool.fill(1).is_err() {
                     crate::log!("stage-2: out of memory for tables while the core boots");
-                    super::panic::park();
+                    crate::base::panic::park();
                 }
-                self.pool.pop().unwrap_or_else(|| super::panic::park())
+                self.pool
+                    .pop()
+                    .unwrap_or_else(|| crate::base::panic::park())
             }
         };
         // The core runs identity-mapped: the table's address is its
@@ -158,7 +160,7 @@ impl Translation<S2> for PooledTables {
 
     fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<S2>> {
         NonNull::new(core::ptr::with_exposed_provenance_mut(pa.0))
-            .unwrap_or_else(|| super::panic::park())
+            .unwrap_or_else(|| crate::base::panic::park())
     }
 }
 

@@ -5,20 +5,23 @@
 //! the core: every class is either served, turned into the exception the
 //! architecture would have raised, or logged and refused.
 
-use super::{cpu, hvc, service, sysreg};
+use crate::arch::sysreg;
+use crate::dispatch::hvc;
+use crate::partition::cpu;
+use crate::partition::service;
 use moat_abi::hypercall;
 use moat_abi::trap::{SysRegAccess as SysRegDesc, TrapClass, TrapDescriptor};
 use moat_kernel::esr::{StageTwoAbort, SysRegAccess, Trap};
 use moat_kernel::inject::{self, El1Context, Injection};
 use moat_kernel::regs::GuestRegs;
 
-use super::cpu::LOWER_SYNC;
+use crate::partition::cpu::LOWER_SYNC;
 use moat_kernel::esr::HVC0 as ESR_HVC0;
 
 #[unsafe(no_mangle)]
 extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) -> *mut GuestRegs {
-    if super::panic::is_stopping() {
-        super::panic::park();
+    if crate::base::panic::is_stopping() {
+        crate::base::panic::park();
     }
     let esr = sysreg::esr_el2();
     // SAFETY: TPIDR_EL2 pointed at a vCPU frame, which the vector just
@@ -236,8 +239,8 @@ fn el1_context() -> El1Context {
     El1Context {
         vbar_el1: sysreg::vbar_el1(),
         sctlr_el1: sysreg::sctlr_el1(),
-        mte_implemented: super::boot::machine().cpu.mte_instructions,
-        pan_implemented: super::boot::machine().cpu.pan,
+        mte_implemented: crate::boot::machine().cpu.mte_instructions,
+        pan_implemented: crate::boot::machine().cpu.pan,
     }
 }
 
@@ -274,7 +277,7 @@ fn host_stage2_abort(cpu: &cpu::PerCpu, regs: &mut GuestRegs, abort: &StageTwoAb
     let far = sysreg::far_el2();
     let ipa = sysreg::fault_ipa();
     // The GIC's withheld pages (the ITS and LPI registers) are emulated.
-    if super::its::handle_abort(cpu, regs, abort, ipa) {
+    if crate::device::its::handle_abort(cpu, regs, abort, ipa) {
         return;
     }
     crate::log!(

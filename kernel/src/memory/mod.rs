@@ -30,10 +30,11 @@
 //! CPUs donating overlapping ranges must see one succeed and the other find
 //! the pages gone.
 
-use super::boot::machine;
-use super::cpu::PerCpu;
-use super::service;
-use super::stage2::{self, Access, StageTwo};
+pub mod stage2;
+
+use crate::boot::machine;
+use crate::partition::cpu::PerCpu;
+use crate::partition::service;
 use alloc::vec::Vec;
 use moat_abi::Error;
 use moat_abi::services::ledger::{self, Operation};
@@ -43,6 +44,7 @@ use moat_abi::services::{
 use moat_kernel::lockorder::Rank;
 use moat_kernel::mapcheck::{self, Mapper};
 use moat_kernel::txcheck::{self, Perm, Step, Who};
+use stage2::{Access, StageTwo};
 
 /// Bytes in a page.
 pub const PAGE: u64 = 4096;
@@ -135,9 +137,9 @@ pub fn transact(
     request: LedgerRequest,
     mut vm: Option<VmMemory<'_>>,
 ) -> Result<(), Error> {
-    let _order = super::lockcheck::hold(Rank::Memory);
+    let _order = crate::base::lockcheck::hold(Rank::Memory);
     let _serial = MEMORY.lock();
-    super::smmu::drain_events();
+    crate::device::smmu::drain_events();
     let result = transact_serialised(cpu, request, &mut vm);
     // A VM's table pages reserved and not needed go back to the heap,
     // whether the transaction went through or not. The host's stay in its
@@ -360,7 +362,7 @@ fn transact_serialised(
         // the SMMU has dropped what it cached, no device reaches the pages
         // the host just lost (before they are scrubbed or given away).
         if host_unmaps {
-            super::smmu::host_stage2_changed();
+            crate::device::smmu::host_stage2_changed();
         }
         if let Some((pa, size)) = checked.scrub {
             scrub_pages(pa, size);
@@ -407,7 +409,7 @@ fn transact_serialised(
         // A remap broke and remade host entries: the SMMU must not keep
         // the old ones.
         if host_maps {
-            super::smmu::host_stage2_changed();
+            crate::device::smmu::host_stage2_changed();
         }
         for step in checked.steps() {
             if let (
@@ -451,10 +453,10 @@ pub fn host_owns(pa: u64, size: u64) -> bool {
 
 /// The host's stage-2, locked.
 fn host_stage2() -> spin::MutexGuard<'static, &'static mut StageTwo> {
-    super::lockcheck::check(Rank::HostStage2);
+    crate::base::lockcheck::check(Rank::HostStage2);
     match stage2::HOST.get() {
         Some(host) => host.lock(),
-        None => super::panic::park(),
+        None => crate::base::panic::park(),
     }
 }
 
@@ -475,7 +477,7 @@ fn zero_block() -> Option<u64> {
 /// The core maps all RAM at EL2 as Tagged normal memory when the hardware
 /// has MTE, with SCTLR_EL2.ATA set, so `DC GZVA` writes the tags.
 pub fn scrub_pages(pa: u64, size: u64) {
-    let tags = super::mmu::el2_tag_access();
+    let tags = crate::arch::mmu::el2_tag_access();
     let end = pa + size;
     match zero_block() {
         Some(block) => {
@@ -518,7 +520,7 @@ pub fn scrub_pages(pa: u64, size: u64) {
             }
         }
     }
-    let line = super::boot::dcache_line();
+    let line = crate::boot::dcache_line();
     let mut addr = pa;
     while addr < end {
         if tags {
@@ -566,7 +568,7 @@ pub enum Mismatch {
     Gic { address: u64, why: &'static str },
     /// The SMMU's stream table no longer sends every stream through the
     /// host's stage-2.
-    Smmu(super::smmu::StreamMismatch),
+    Smmu(crate::device::smmu::StreamMismatch),
 }
 
 /// Whose stage-2 a [`Mismatch::Forged`] entry is in.
@@ -606,12 +608,12 @@ pub struct Checked {
 /// A VM running on another CPU is counted, not checked (its tables are
 /// not changing: donations to a running VM are refused).
 pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
-    let vms = super::vm::lock_all_idle().map_err(|_| Mismatch::NoMemory)?;
+    let vms = crate::partition::vm::lock_all_idle().map_err(|_| Mismatch::NoMemory)?;
     // The GIC's lock before the memory lock, as its emulation takes them.
-    let gic = super::its::hold();
-    let _order = super::lockcheck::hold(Rank::Memory);
+    let gic = crate::device::its::hold();
+    let _order = crate::base::lockcheck::hold(Rank::Memory);
     let _serial = MEMORY.lock();
-    super::smmu::drain_events();
+    crate::device::smmu::drain_events();
     let extents = all_extents(cpu).map_err(|e| match e {
         Error::NoMemory => Mismatch::NoMemory,
         e => Mismatch::Ledger(e),
@@ -642,7 +644,8 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
     let m = machine();
     // Every device stream translates through the host's stage-2, checked
     // above against the ledger.
-    checked.smmu_streams = super::smmu::check_streams(m.host_el2.vttbr).map_err(Mismatch::Smmu)?;
+    checked.smmu_streams =
+        crate::device::smmu::check_streams(m.host_el2.vttbr).map_err(Mismatch::Smmu)?;
     let extent_of = |pfn: u64| {
         let i = extents.partition_point(|e| e.frames.start.saturating_add(e.frames.count) <= pfn);
         extents.get(i).filter(|e| e.frames.start <= pfn).copied()

@@ -4,8 +4,8 @@
 //! Results follow SMCCC: x0 is the status (or the first result), x1..x3 the
 //! rest; an unknown function answers NOT_SUPPORTED (-1) and changes nothing.
 
-use super::boot::machine;
-use super::cpu::{self, PerCpu, PowerState};
+use crate::boot::machine;
+use crate::partition::cpu::{self, PerCpu, PowerState};
 use moat_abi::ipc::{HOST_REPLY_BYTES, HOST_REQUEST_BYTES, MessageHeader};
 use moat_abi::{ABI_VERSION, Error, MOAT_UID, hypercall, smccc};
 use moat_kernel::psci::{self, PsciCall, ret};
@@ -33,7 +33,7 @@ pub fn handle_call(this_cpu: &PerCpu, regs: &mut GuestRegs, imm: u16) {
         smccc::OWNER_ARCH => arch_call(regs, function),
         smccc::OWNER_STANDARD if psci::is_psci(function) => psci_call(this_cpu, regs, function),
         smccc::OWNER_VENDOR_HYP => {
-            match super::service::routes().and_then(|r| r.hypercall(function)) {
+            match crate::partition::service::routes().and_then(|r| r.hypercall(function)) {
                 Some((index, operation)) => service_call(this_cpu, regs, index, operation),
                 None => moat_call(this_cpu, regs, function),
             }
@@ -55,7 +55,7 @@ fn arch_call(regs: &mut GuestRegs, function: u32) {
 }
 
 fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
-    if let Some(result) = super::vm::host_call(this_cpu, regs, function) {
+    if let Some(result) = crate::partition::vm::host_call(this_cpu, regs, function) {
         match result {
             Ok(()) => regs.x[0] = 0,
             // As for a service call: with its interrupts unmasked the host
@@ -71,10 +71,10 @@ fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
         hypercall::NULL => regs.x[0] = 0,
         hypercall::ABI_VERSION => regs.set_smccc_result([0, u64::from(ABI_VERSION), 0, 0]),
         hypercall::CHECK_CONSISTENCY => {
-            let ok = super::boot::report_consistency(this_cpu);
+            let ok = crate::boot::report_consistency(this_cpu);
             regs.x[0] = if ok { 0 } else { Error::Denied.to_x0() };
             // The DMA faults the SMMU recorded so far (the checker drained them).
-            regs.x[1] = super::smmu::faults();
+            regs.x[1] = crate::device::smmu::faults();
         }
         smccc::VENDOR_HYP_CALL_UID => {
             let [a, b, c, d] = MOAT_UID.map(u64::from);
@@ -93,7 +93,7 @@ fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
 /// A host hypercall routed to a service: x1..x6 are the request's 48 bytes,
 /// the reply's 56 bytes come back in x1..x7 with the status in x0.
 pub fn service_call(this_cpu: &PerCpu, regs: &mut GuestRegs, index: usize, operation: u16) {
-    use super::service;
+    use crate::partition::service;
     let Some(s) = service::get(index) else {
         regs.x[0] = NOT_SUPPORTED;
         return;
@@ -142,7 +142,7 @@ fn forward(function: u32, regs: &GuestRegs) -> [u64; 18] {
 
 fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
     if machine().core_powers_cpus {
-        return super::power::psci_call(this_cpu, regs, function);
+        return crate::partition::power::psci_call(this_cpu, regs, function);
     }
     match psci::decode(function, regs.x[1], regs.x[2], regs.x[3]) {
         PsciCall::Forward {
@@ -159,7 +159,7 @@ fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
                         _ => "SYSTEM_RESET2",
                     }
                 );
-                super::console::flush();
+                crate::base::console::flush();
             }
             let r = forward(function, regs);
             regs.set_smccc_result([r[0], 0, 0, 0]);

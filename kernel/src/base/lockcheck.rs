@@ -59,8 +59,8 @@ impl Drop for Holding {
 
 #[cfg(debug_assertions)]
 mod imp {
-    use super::super::cpu::MAX_CPUS;
-    use super::super::sysreg;
+    use crate::arch::sysreg;
+    use crate::partition::cpu::MAX_CPUS;
     use moat_kernel::lockorder::Held;
 
     /// Each CPU's locks; only that CPU touches its entry, the mutex only

@@ -47,7 +47,7 @@ pub fn print_line(args: fmt::Arguments<'_>) {
         // No UART in the tree: under QEMU, the emulator prints the line.
         let mut line: heapless::String<250> = heapless::String::new();
         let _ = write!(line, "moat: {args}");
-        super::panic::semihosting_line(&line);
+        crate::base::panic::semihosting_line(&line);
     }
 }
 
@@ -72,6 +72,6 @@ pub fn flush() {
 #[macro_export]
 macro_rules! log {
     ($($arg:tt)*) => {
-        $crate::el2::console::print_line(format_args!($($arg)*))
+        $crate::base::console::print_line(format_args!($($arg)*))
     };
 }

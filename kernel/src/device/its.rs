@@ -36,9 +36,9 @@
 //!   enable. With LPIs on they cannot change (the architecture makes them
 //!   read-only then).
 
-use super::boot::{self, machine};
-use super::cpu::PerCpu;
-use super::memory;
+use crate::boot::{self, machine};
+use crate::memory;
+use crate::partition::cpu::PerCpu;
 use alloc::vec::Vec;
 use core::ptr::{read_volatile, write_volatile};
 use moat_abi::Error;
@@ -190,7 +190,7 @@ static STATE: spin::Once<spin::Mutex<State>> = spin::Once::new();
 pub fn withheld() -> heapless::Vec<Range, { MAX_ITS + MAX_REDISTRIBUTORS }> {
     let mut out = heapless::Vec::new();
     if let Some(state) = STATE.get() {
-        let _order = super::lockcheck::hold(Rank::Gic);
+        let _order = crate::base::lockcheck::hold(Rank::Gic);
         let state = state.lock();
         for base in state
             .its
@@ -322,14 +322,14 @@ pub struct Held {
     state: spin::MutexGuard<'static, State>,
     // Declared after the guard, so dropped after it: the lock is released
     // before the order record says so.
-    _order: super::lockcheck::Holding,
+    _order: crate::base::lockcheck::Holding,
 }
 
 /// Locks the GIC state for [`Held::check`]; `None` without an ITS or
 /// redistributor the core emulates.
 pub fn hold() -> Option<Held> {
     STATE.get().map(|s| {
-        let _order = super::lockcheck::hold(Rank::Gic);
+        let _order = crate::base::lockcheck::hold(Rank::Gic);
         Held {
             state: s.lock(),
             _order,
@@ -466,7 +466,7 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
     };
     let page = ipa & !(PAGE - 1);
     let offset = ipa - page;
-    let _order = super::lockcheck::hold(Rank::Gic);
+    let _order = crate::base::lockcheck::hold(Rank::Gic);
     let mut state = state.lock();
     let its = state.its.iter().position(|i| i.base == page);
     let rd = state.redistributors.iter().position(|r| r.base == page);
@@ -486,11 +486,11 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
         }
         _ => {
             drop(state);
-            super::trap::inject_abort(
+            crate::dispatch::trap::inject_abort(
                 regs,
                 abort.is_instruction,
                 abort.is_write,
-                super::sysreg::far_el2(),
+                crate::arch::sysreg::far_el2(),
             );
             return true;
         }
@@ -601,7 +601,7 @@ pub fn unless_pinned<R>(pa: u64, size: u64, f: impl FnOnce() -> R) -> Option<R> 
     let Some(state) = STATE.get() else {
         return Some(f());
     };
-    let _order = super::lockcheck::hold(Rank::Gic);
+    let _order = crate::base::lockcheck::hold(Rank::Gic);
     let state = state.lock();
     let end = pa.saturating_add(size);
     if state

@@ -4,7 +4,7 @@
 //! A VM is a slot of [`SLOTS`]: a stage-2 of its own with a VMID of its own,
 //! one vCPU (registers, EL1 system registers, FP/SIMD state), and the record
 //! of where the frames the host donated sit in its IPA space. Its memory
-//! arrives only through ledger transactions ([`super::memory`]); the host
+//! arrives only through ledger transactions ([`crate::memory`]); the host
 //! loads an image into it only before it first runs, from pages the host
 //! shared with the hypervisor for the purpose.
 //!
@@ -25,13 +25,13 @@
 //!                    Free
 //! ```
 
-use super::boot::machine;
-use super::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, PerCpu, Vcpu, enter_nested};
-use super::heap::try_box;
-use super::memory::{self, MEMORY, PAGE, Region, VmMemory};
-use super::stage2::{self, StageTwo};
-use super::sysreg::{self, El1Context};
-use super::vgic::{self, VgicCpu};
+use crate::arch::sysreg::{self, El1Context};
+use crate::base::heap::try_box;
+use crate::boot::machine;
+use crate::device::vgic::{self, VgicCpu};
+use crate::memory::stage2::{self, StageTwo};
+use crate::memory::{self, MEMORY, PAGE, Region, VmMemory};
+use crate::partition::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, PerCpu, Vcpu, enter_nested};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -520,7 +520,7 @@ fn host_share(cpu: &PerCpu, pa: u64, pages: u64, op: u32) -> Result<(), Error> {
     if op == LedgerRequest::HOST_UNSHARE_HYP {
         // A page the interrupt controller reads (an LPI property table, an
         // ITS command queue) stays shared while it is in use.
-        return super::its::unless_pinned(pa, pages.saturating_mul(memory::PAGE), || {
+        return crate::device::its::unless_pinned(pa, pages.saturating_mul(memory::PAGE), || {
             memory::transact(cpu, request, None)
         })
         .unwrap_or(Err(Error::Denied));
@@ -640,7 +640,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error
 /// VM (a donation, a load) holds the lock only for one transaction, so
 /// that is waited for: two CPUs donating to one VM are served in turn.
 fn lock_idle(slot: &'static Slot) -> Result<spin::MutexGuard<'static, Option<Vm>>, Error> {
-    super::lockcheck::check(moat_kernel::lockorder::Rank::VmSlot);
+    crate::base::lockcheck::check(moat_kernel::lockorder::Rank::VmSlot);
     loop {
         if slot.status() == Status::Running {
             return Err(Error::Busy);
@@ -709,7 +709,7 @@ fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(),
     }
     // Holding the memory lock keeps the host from ending the share while
     // the core copies.
-    let _order = super::lockcheck::hold(moat_kernel::lockorder::Rank::Memory);
+    let _order = crate::base::lockcheck::hold(moat_kernel::lockorder::Rank::Memory);
     let _serial = MEMORY.lock();
     // The source: RAM outside the hypervisor's memory and mapped for the
     // host as an owner's (the core's own checks, on its own tables), every
@@ -772,7 +772,7 @@ fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(),
         unsafe {
             core::ptr::copy_nonoverlapping(from as *const u8, pa as *mut u8, chunk as usize);
         }
-        super::boot::clean_dcache_to_poc(pa, chunk);
+        crate::boot::clean_dcache_to_poc(pa, chunk);
         done += chunk;
     }
     Ok(())
@@ -1055,7 +1055,7 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     let gic = cpu.gic_access();
     let saved_icc = gic
         .as_ref()
-        .map(|access| super::gic::open_watchdog(access, RunMask::Vm));
+        .map(|access| crate::device::gic::open_watchdog(access, RunMask::Vm));
     // Without a virtual GIC the guest's timer can raise the host's PPI 27
     // only if the guest left it enabled and unmasked; otherwise the line is
     // not borrowed (three register reads, a disable with its RWP wait and a
@@ -1106,7 +1106,7 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         vgic::return_ppis(access, b, vm.vgic.is_some());
     }
     if let (Some(access), Some(saved)) = (gic.as_ref(), saved_icc) {
-        super::gic::close_watchdog(access, saved);
+        crate::device::gic::close_watchdog(access, saved);
     }
     if vm.mte {
         vm.mte_regs.save();
@@ -1230,7 +1230,7 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
                 _ => {
                     // No syndrome to emulate from (a pair, a fetch, a table
                     // walk): what a bus error on that access would give it.
-                    super::trap::inject_abort(
+                    crate::dispatch::trap::inject_abort(
                         regs,
                         abort.is_instruction,
                         abort.is_write,
@@ -1277,17 +1277,18 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
             // Everything else goes to the policy service that handles system
             // registers (the MTE policy), as the host's traps do.
             let Some(index) = sysreg_handler() else {
-                super::trap::inject_undef(regs);
+                crate::dispatch::trap::inject_undef(regs);
                 return Step::Resume;
             };
-            let mut trap = super::trap::describe(&Trap::SysReg(access), esr_el2, regs, cpu.index);
+            let mut trap =
+                crate::dispatch::trap::describe(&Trap::SysReg(access), esr_el2, regs, cpu.index);
             trap.partition = PARTITION_VM_BASE + vm.handle;
-            let answer = outside_vm(cpu, vm, |_| super::trap::ask(cpu, index, &trap));
-            super::trap::apply_verdict(&mut vm.vcpu.regs, answer, &access);
+            let answer = outside_vm(cpu, vm, |_| crate::dispatch::trap::ask(cpu, index, &trap));
+            crate::dispatch::trap::apply_verdict(&mut vm.vcpu.regs, answer, &access);
             Step::Resume
         }
         Trap::Other { .. } => {
-            super::trap::inject_undef(regs);
+            crate::dispatch::trap::inject_undef(regs);
             Step::Resume
         }
     }
@@ -1310,7 +1311,7 @@ fn sgi_register(a: &esr::SysRegAccess) -> Option<u64> {
 
 /// The service that handles system-register traps, if the image has one.
 fn sysreg_handler() -> Option<usize> {
-    super::service::routes().and_then(|r| r.handler(TrapClass::SysReg))
+    crate::partition::service::routes().and_then(|r| r.handler(TrapClass::SysReg))
 }
 
 /// Asks the MTE policy service, if there is one, whether a new VM gets MTE.
@@ -1318,7 +1319,7 @@ fn sysreg_handler() -> Option<usize> {
 fn mte_policy(cpu: &PerCpu, handle: u16, flags: VmFlags) -> Result<bool, Error> {
     use moat_abi::services::{VmMtePolicy, VmMteRequest, mte};
     let hardware_level = sysreg::mte_level();
-    let Some(index) = super::service::index_of(mte::SERVICE_ID) else {
+    let Some(index) = crate::partition::service::index_of(mte::SERVICE_ID) else {
         return Ok(flags.mte() && machine().cpu.mte);
     };
     let request = VmMteRequest {
@@ -1327,8 +1328,12 @@ fn mte_policy(cpu: &PerCpu, handle: u16, flags: VmFlags) -> Result<bool, Error> 
         hardware_level,
         reserved: 0,
     };
-    let p: VmMtePolicy =
-        super::service::call_typed(cpu, index, mte::Operation::vm_policy as u16, &request)?;
+    let p: VmMtePolicy = crate::partition::service::call_typed(
+        cpu,
+        index,
+        mte::Operation::vm_policy as u16,
+        &request,
+    )?;
     // The policy may refuse MTE to a VM that asked; it may never grant it
     // to one that did not, or on hardware without it.
     match (p.mte == 1, flags.mte()) {

@@ -13,9 +13,10 @@
 //! core for CPU_ON; CPU_OFF brings it back to that wait. SYSTEM_OFF and
 //! SYSTEM_RESET go through the board's quirk (`moat_platform::quirks`).
 
-use super::boot::{self, machine};
-use super::cpu::{self, MAX_CPUS, PerCpu, PowerState};
-use super::{console, panic};
+use crate::base::console;
+use crate::base::panic;
+use crate::boot::{self, machine};
+use crate::partition::cpu::{self, MAX_CPUS, PerCpu, PowerState};
 use core::sync::atomic::{AtomicBool, Ordering};
 use moat_kernel::psci::{self, PsciCall, ret};
 use moat_kernel::regs::GuestRegs;
