@@ -1003,7 +1003,7 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         // The host found no device: the access takes a synchronous
         // external abort, from the access itself, at the guest's vector.
         vm.vcpu.regs.pc = pc;
-        super::trap::inject_abort(&mut vm.vcpu.regs, false, access.is_write, far);
+        crate::dispatch::trap::inject_abort(&mut vm.vcpu.regs, false, access.is_write, far);
     }
     vm.host_vectors.save();
     vm.fp.load();
