@@ -975,12 +975,12 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         }
     }
     slot.set(Status::Running);
+    // An abort the host asked for, delivered once the VM's EL1 state is
+    // loaded (below): the access's PC and FAR, and whether it wrote.
+    let mut abort = None;
     match core::mem::replace(&mut vm.pending, Pending::None) {
         Pending::Hvc => vm.vcpu.regs.x[..4].copy_from_slice(&answer),
-        Pending::Mmio { access, pc, far } if mmio_abort => {
-            // Delivered once the VM's EL1 state is loaded, below.
-            vm.pending = Pending::Mmio { access, pc, far };
-        }
+        Pending::Mmio { access, pc, far } if mmio_abort => abort = Some((pc, far, access.is_write)),
         Pending::Mmio { access, .. } if !access.is_write => {
             let v = access.loaded_value(answer[0]);
             vm.vcpu.regs.write_gpr(access.rt, v);
@@ -999,11 +999,11 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         (*cpu.host_el1.get()).save();
         vm.el1.load();
     }
-    if let Pending::Mmio { access, pc, far } = core::mem::replace(&mut vm.pending, Pending::None) {
+    if let Some((pc, far, is_write)) = abort {
         // The host found no device: the access takes a synchronous
         // external abort, from the access itself, at the guest's vector.
         vm.vcpu.regs.pc = pc;
-        crate::dispatch::trap::inject_abort(&mut vm.vcpu.regs, false, access.is_write, far);
+        crate::dispatch::trap::inject_abort(&mut vm.vcpu.regs, false, is_write, far);
     }
     vm.host_vectors.save();
     vm.fp.load();
