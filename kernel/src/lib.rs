@@ -25,7 +25,9 @@ pub mod regs;
 pub mod routing;
 pub mod s2plan;
 pub mod smmu;
+pub mod sysregs;
 pub mod txcheck;
+pub mod verdict;
 pub mod vgic;
 pub mod vmfeatures;
 

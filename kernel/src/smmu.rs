@@ -1,6 +1,6 @@
 //! SMMUv3 encodings: what the core writes to the SMMU and reads back from
 //! it, as pure functions the host tests check against the architecture's
-//! layouts (Arm IHI 0070). Register access lives in `device/smmu.rs`.
+//! layouts (Arm IHI 0070). Register access lives in `memory/smmu.rs`.
 //!
 //! The core gives every stream of the host's devices one stream-table
 //! entry: stage 1 bypassed, stage 2 translating through the host's own

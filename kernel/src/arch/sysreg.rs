@@ -622,3 +622,37 @@ pub fn read_id_register(crm: u8, op2: u8) -> Option<u64> {
         (7, 7),
     )
 }
+
+/// This CPU's registers, behind the seam the logic above is written
+/// against (`moat_kernel::sysregs::SysRegs`).
+pub struct Hw;
+
+impl moat_kernel::sysregs::SysRegs for Hw {
+    fn esr_el2(&self) -> u64 {
+        esr_el2()
+    }
+
+    fn far_el2(&self) -> u64 {
+        far_el2()
+    }
+
+    fn fault_ipa(&self) -> u64 {
+        fault_ipa()
+    }
+
+    fn read_id_register(&self, crm: u8, op2: u8) -> Option<u64> {
+        read_id_register(crm, op2)
+    }
+
+    fn vbar_el1(&self) -> u64 {
+        vbar_el1()
+    }
+
+    fn sctlr_el1(&self) -> u64 {
+        sctlr_el1()
+    }
+
+    fn write_el1_exception(&mut self, esr: u64, elr: u64, spsr: u64, far: Option<u64>) {
+        write_el1_exception(esr, elr, spsr, far);
+    }
+}

@@ -47,7 +47,7 @@ pub fn print_line(args: fmt::Arguments<'_>) {
         // No UART in the tree: under QEMU, the emulator prints the line.
         let mut line: heapless::String<250> = heapless::String::new();
         let _ = write!(line, "moat: {args}");
-        crate::base::panic::semihosting_line(&line);
+        crate::arch::semihosting::semihosting_line(&line);
     }
 }
 

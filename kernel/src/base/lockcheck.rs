@@ -60,7 +60,7 @@ impl Drop for Holding {
 #[cfg(debug_assertions)]
 mod imp {
     use crate::arch::sysreg;
-    use crate::partition::cpu::MAX_CPUS;
+    use crate::base::cpu::MAX_CPUS;
     use moat_kernel::lockorder::Held;
 
     /// Each CPU's locks; only that CPU touches its entry, the mutex only

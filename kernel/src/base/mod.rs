@@ -1,7 +1,11 @@
-//! What every layer of the core leans on: the console, the fatal path, the
-//! allocator and the lock-order check. Imports nothing above `arch`.
+//! What every layer above leans on: the machine as boot found it, the
+//! per-CPU slots and vCPU frames, the console, the fatal path, exception
+//! injection, the allocator and the lock-order check. Imports only `arch`.
 
 pub mod console;
+pub mod cpu;
 pub mod heap;
+pub mod inject;
 pub mod lockcheck;
 pub mod panic;
+pub mod state;

@@ -11,12 +11,6 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use moat_kernel::regs::GuestRegs;
 
 static STOPPING: AtomicBool = AtomicBool::new(false);
-static SEMIHOSTING_EXIT: AtomicBool = AtomicBool::new(false);
-
-/// Allows the fatal path to end a QEMU run through semihosting.
-pub fn allow_semihosting_exit() {
-    SEMIHOSTING_EXIT.store(true, Ordering::Relaxed);
-}
 
 /// Whether the machine is stopping; CPUs entering the core then park.
 pub fn is_stopping() -> bool {
@@ -31,52 +25,17 @@ pub fn park() -> ! {
     }
 }
 
-/// Writes one line through semihosting (SYS_WRITE0), if allowed: the
-/// core's last resort when the device tree gave it no console, so a test
-/// run still shows why the boot failed.
-pub fn semihosting_line(line: &str) {
-    if !SEMIHOSTING_EXIT.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut text: heapless::Vec<u8, 256> = heapless::Vec::new();
-    for &b in line.as_bytes().iter().filter(|&&b| b != 0).take(253) {
-        let _ = text.push(b);
-    }
-    let _ = text.extend_from_slice(b"\n\0");
-    // SAFETY: HLT #0xf000 with x0 = SYS_WRITE0 (4) asks QEMU (run with
-    // semihosting enabled, which the package flag asserts) to print the
-    // NUL-terminated string at x1; it returns with x0 corrupted.
-    unsafe {
-        core::arch::asm!("hlt #0xf000", inout("x0") 4u64 => _, in("x1") text.as_ptr(), options(nostack));
-    }
-}
-
-/// Ends a QEMU run with `code` (semihosting SYS_EXIT_EXTENDED), if allowed.
-pub fn semihosting_exit(code: u64) {
-    if !SEMIHOSTING_EXIT.load(Ordering::Relaxed) {
-        return;
-    }
-    // ADP_Stopped_ApplicationExit, with the exit status.
-    let block: [u64; 2] = [0x2_0026, code];
-    // SAFETY: HLT #0xf000 is the AArch64 semihosting trap; QEMU (run with
-    // semihosting enabled, which the package flag asserts) services it by
-    // reading `block` and exiting. It does not return.
-    unsafe {
-        core::arch::asm!("hlt #0xf000", in("x0") 0x20u64, in("x1") block.as_ptr(), options(nostack));
-    }
-}
-
 /// Stops the machine after a fatal error.
 pub fn stop(code: u64) -> ! {
     STOPPING.store(true, Ordering::Relaxed);
     crate::base::console::flush();
-    semihosting_exit(code);
+    crate::arch::semihosting::semihosting_exit(code);
     park()
 }
 
 /// Prints up to 16 frame records starting at `fp`.
 fn print_backtrace(mut fp: u64) {
-    let (lo, hi) = crate::boot::stack_bounds();
+    let (lo, hi) = crate::arch::stack_bounds();
     for depth in 0..16 {
         if fp < lo || fp + 16 > hi || !fp.is_multiple_of(16) {
             break;

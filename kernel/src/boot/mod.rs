@@ -7,15 +7,17 @@
 //! hand the heap that is clear of the package to the allocator, and the rest
 //! only once the package is consumed; then build the host's stage-2.
 
+use crate::arch::cache::{clean_dcache_to_poc, complete_cache_maintenance, dcache_line};
 use crate::arch::mmu;
 use crate::arch::sysreg::{self, HostEl2Config};
 use crate::base::console;
+use crate::base::cpu::{self, PowerState};
 use crate::base::heap;
 use crate::base::panic;
-use crate::partition::cpu::{self, MAX_CPUS, PowerState};
+use crate::base::state::{MACHINE, Machine, machine};
 use alloc::vec::Vec;
 use core::fmt::Display;
-use moat_kernel::el2config::{self, CpuFeatures};
+use moat_kernel::el2config;
 use moat_kernel::layout::{self, LayoutInput};
 use moat_kernel::regs::GuestRegs;
 use moat_kernel::s2plan;
@@ -24,7 +26,6 @@ use moat_platform::dt::{self, Conduit, Gic, Platform, Range};
 use moat_platform::firmware::FirmwareConduit;
 use moat_platform::hostdt::{self, HostDtEdits};
 use moat_platform::quirks::{self, SystemControl};
-use spin::Once;
 
 /// Bytes of heap the carve-out reserves besides the core's image, before the
 /// host's stage-2 tables ([`HEAP_PER_GIB`]).
@@ -35,68 +36,8 @@ const HEAP_PER_GIB: u64 = 2 << 20;
 /// The host's VMID.
 const HOST_VMID: u16 = 0;
 
-/// What the core knows about the machine after boot. Read-only from then on.
-pub struct Machine {
-    pub platform: Platform<'static>,
-    pub firmware: FirmwareConduit,
-    pub cpu: CpuFeatures,
-    /// HCRX_EL2 for a protected VM without and with MTE.
-    pub vm_hcrx: [u64; 2],
-    pub host_el2: HostEl2Config,
-    /// The hypervisor's memory (the core's image and its heap): one range,
-    /// or two when the host's payloads stay in place between them.
-    pub carve_out: layout::Pieces,
-    /// Where stage-2 walks start (from VTCR_EL2, shared by every partition).
-    pub stage2_start_level: usize,
-    /// Bits of intermediate physical address every stage-2 translates.
-    pub ipa_bits: u32,
-    /// The board has no PSCI firmware the core can call: the core starts
-    /// and stops CPUs itself and answers the host's PSCI (`power.rs`).
-    pub core_powers_cpus: bool,
-}
-
-impl Machine {
-    /// The logical index of the CPU with these affinity fields.
-    pub fn cpu_index_of(&self, affinity: u64) -> Option<usize> {
-        self.platform
-            .cpus
-            .iter()
-            .take(MAX_CPUS)
-            .position(|c| c.mpidr == affinity)
-    }
-
-    /// Whether `addr` is host RAM (an acceptable CPU_ON entry point).
-    pub fn host_may_execute(&self, addr: u64) -> bool {
-        self.platform
-            .memory
-            .iter()
-            .any(|b| addr >= b.base && addr < b.end())
-            && !self.carve_out.contains(addr)
-    }
-}
-
-static MACHINE: Once<Machine> = Once::new();
-
-pub fn machine() -> &'static Machine {
-    // Set before any partition runs; traps cannot arrive earlier.
-    MACHINE
-        .get()
-        .unwrap_or_else(|| panic!("machine used before boot completed"))
-}
-
 unsafe extern "C" {
-    /// Per-CPU stacks (32 KiB each, `MAX_CPUS` of them), defined in entry.S.
-    static CPU_STACKS: u8;
-    static CPU_STACKS_END: u8;
     fn resume_partition(frame: *mut GuestRegs) -> !;
-}
-
-/// The address range of all CPU stacks (for the fatal path's backtrace).
-pub fn stack_bounds() -> (u64, u64) {
-    (
-        core::ptr::addr_of!(CPU_STACKS) as u64,
-        core::ptr::addr_of!(CPU_STACKS_END) as u64,
-    )
 }
 
 fn fatal(what: &str, err: impl Display) -> ! {
@@ -144,45 +85,6 @@ fn firmware_dtb(addr: u64) -> &'static [u8] {
     // SAFETY: as above; `discover` checks the header again and refuses a tree
     // whose size is larger than this slice.
     unsafe { bytes(addr, total.clamp(8, 2 << 20)) }
-}
-
-/// Waits for earlier cache maintenance to complete and drops stale
-/// instructions, so code the core wrote is what a partition fetches.
-fn complete_cache_maintenance() {
-    // SAFETY: barriers and instruction-cache invalidation have no memory effect.
-    unsafe {
-        core::arch::asm!(
-            "dsb sy",
-            "ic iallu",
-            "dsb sy",
-            "isb",
-            options(nostack, preserves_flags)
-        )
-    };
-}
-
-/// The smallest data-cache line, in bytes (CTR_EL0.DminLine).
-/// The smallest data-cache line, from CTR_EL0.DminLine.
-pub fn dcache_line() -> u64 {
-    let ctr: u64;
-    // SAFETY: reads CTR_EL0.
-    unsafe {
-        core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags))
-    };
-    4u64 << ((ctr >> 16) & 0xf)
-}
-
-/// Cleans `[start, start + len)` to the point of coherency, so a partition
-/// that starts with its MMU and caches off sees what the core wrote.
-pub fn clean_dcache_to_poc(start: u64, len: u64) {
-    let line = dcache_line();
-    let mut addr = start & !(line - 1);
-    while addr < start + len {
-        // SAFETY: cache maintenance by VA on memory the core maps; no memory effect.
-        unsafe { core::arch::asm!("dc cvac, {}", in(reg) addr, options(nostack, preserves_flags)) };
-        addr += line;
-    }
-    complete_cache_maintenance();
 }
 
 /// Copies `src` to physical `dst` and cleans it to PoC.
@@ -238,7 +140,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let package = find_package(image.end);
     let package_flags = package.flags;
     if package.flags & FLAG_SEMIHOSTING_EXIT != 0 {
-        panic::allow_semihosting_exit();
+        crate::arch::semihosting::allow_semihosting_exit();
     }
     let (dtb, dtb_source) = match package.device_tree {
         Some(t) => (t, "boot package"),
@@ -466,6 +368,8 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     let services = crate::partition::service::package_services(&package);
     let created = crate::partition::service::create_all(&services, start_level)
         .unwrap_or_else(|e| fatal("service routing", e));
+    // The transaction engine calls the ledger through the partition layer.
+    crate::memory::set_ledger(&crate::partition::service::LEDGER);
 
     // The command line outlives the package (the MTE policy reads it, and
     // must know when there is more than it was given).
@@ -568,7 +472,7 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     }
 
     if let Some(desc) = &smmu {
-        crate::device::smmu::boot(desc, vtcr, vttbr, ipa_bits);
+        crate::memory::smmu::boot(desc, vtcr, vttbr, ipa_bits);
     }
 
     // Until the MTE policy decides, the host is told what the hardware has.
@@ -664,77 +568,6 @@ extern "C" fn primary_main(fdt_addr: u64) -> ! {
     enter_host(index, plan.host_image.base, plan.host_dtb.base)
 }
 
-/// Runs the consistency checker (the ledger against every partition's
-/// stage-2) and logs the outcome; returns whether they agree.
-pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
-    use crate::memory::{self, Mismatch};
-    match memory::check_consistency(cpu) {
-        Ok(c) => {
-            crate::log!(
-                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s), {} VM(s), {} GIC table(s) and {} SMMU stream(s) checked{})",
-                c.extents,
-                c.services,
-                c.vms,
-                c.gic_tables,
-                c.smmu_streams,
-                if c.vms_running > 0 {
-                    ", running VMs skipped"
-                } else {
-                    ""
-                }
-            );
-            true
-        }
-        Err(Mismatch::Host {
-            address,
-            host_may_map,
-        }) => {
-            crate::log!(
-                "consistency: MISMATCH at {address:#x}: the ledger says the host {} map it, its stage-2 disagrees",
-                if host_may_map { "may" } else { "may not" }
-            );
-            false
-        }
-        Err(Mismatch::Forged { whose, leaf }) => {
-            crate::log!(
-                "consistency: MISMATCH: {whose} maps frame {:#x} at IPA {:#x}: {}",
-                leaf.pa,
-                leaf.ipa,
-                leaf.why.describe()
-            );
-            false
-        }
-        Err(Mismatch::VmPageCount {
-            handle,
-            mapped,
-            owned,
-        }) => {
-            crate::log!(
-                "consistency: MISMATCH: VM {handle} maps {mapped} page(s), the ledger gives it {owned}"
-            );
-            false
-        }
-        Err(Mismatch::Gic { address, why }) => {
-            crate::log!("consistency: MISMATCH at {address:#x}: {why}");
-            false
-        }
-        Err(Mismatch::Smmu(why)) => {
-            crate::log!(
-                "consistency: MISMATCH: the SMMU's stream table no longer sends every stream through the host's stage-2: {why}"
-            );
-            false
-        }
-        Err(Mismatch::NoMemory) => {
-            crate::log!("consistency: not checked: the heap has no room for the checker's records");
-            false
-        }
-        Err(Mismatch::Ledger(e)) => {
-            crate::log!("consistency: the ledger could not be read ({e:?})");
-            false
-        }
-    }
-}
-
 /// Logs the features of the table the host gets and the controls that give
 /// them.
 fn log_host_features(hw: &el2config::IdRegs, c: &el2config::El2Controls) {
@@ -794,10 +627,10 @@ fn prepare_cpu(slot: &cpu::PerCpu) {
         sysreg::configure_for_host(&m.cpu, &m.host_el2);
         if (*slot.gic.get()).is_none() {
             let affinity = moat_kernel::psci::mpidr_affinity(sysreg::mpidr());
-            let mut access = crate::device::gic::locate(&m.platform.gic, affinity);
+            let mut access = crate::arch::gic::locate(&m.platform.gic, affinity);
             if let Some(a) = access.as_mut() {
-                crate::device::gic::prepare_cpu(&m.platform.gic, a);
-                crate::device::gic::probe_priority_bits(a);
+                crate::arch::gic::prepare_cpu(&m.platform.gic, a);
+                crate::arch::gic::probe_priority_bits(a);
             }
             *slot.gic.get() = access;
         }

@@ -36,9 +36,10 @@
 //!   enable. With LPIs on they cannot change (the architecture makes them
 //!   read-only then).
 
-use crate::boot::{self, machine};
+use crate::arch::cache;
+use crate::base::cpu::PerCpu;
+use crate::base::state::machine;
 use crate::memory;
-use crate::partition::cpu::PerCpu;
 use alloc::vec::Vec;
 use core::ptr::{read_volatile, write_volatile};
 use moat_abi::Error;
@@ -110,7 +111,7 @@ impl Itt {
             return None;
         }
         let pa = p as u64;
-        boot::clean_dcache_to_poc(pa, bytes);
+        cache::clean_dcache_to_poc(pa, bytes);
         Some(Self {
             device,
             event_bits,
@@ -340,6 +341,17 @@ pub fn hold() -> Option<Held> {
 /// A table or register the checker found wrong: its address and why.
 pub type Finding = (u64, &'static str);
 
+impl crate::memory::GicTables for Held {
+    fn check(
+        &self,
+        carve_out: &[Range],
+        extent_of: impl Fn(u64) -> Option<moat_abi::services::LedgerExtent> + Copy,
+        host_maps: impl Fn(u64, u64, bool) -> bool,
+    ) -> Result<u64, Finding> {
+        Held::check(self, carve_out, extent_of, host_maps)
+    }
+}
+
 impl Held {
     /// Checks every table and queue the GIC hardware uses: the ones the
     /// core took are held as the hardware needs (`logic::check_holding`
@@ -486,7 +498,7 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
         }
         _ => {
             drop(state);
-            crate::dispatch::trap::inject_abort(
+            crate::base::inject::inject_abort(
                 regs,
                 abort.is_instruction,
                 abort.is_write,
@@ -948,7 +960,7 @@ fn forward(state: &mut State, index: usize, command: &Command, itt: Option<Itt>)
         // the ITS only; `slot` is a 32-byte slot inside it.
         unsafe { write_volatile((slot + 8 * i as u64) as *mut u64, *w) };
     }
-    boot::clean_dcache_to_poc(slot, COMMAND_BYTES);
+    cache::clean_dcache_to_poc(slot, COMMAND_BYTES);
     its.shadow_write = (its.shadow_write + COMMAND_BYTES) % SHADOW_QUEUE_BYTES;
     wr64(its.base + gits::CWRITER, its.shadow_write);
     let mut polls = 0;

@@ -1,9 +1,9 @@
-//! Devices the core owns or emulates: the interrupt controller the core
-//! touches, the ITS and LPI registers kept from the host, the SMMU, a VM's
-//! virtual GIC, and the inventory of the host's devices.
+//! Device emulation: the GICv3 ITS and the redistributors' LPI registers,
+//! kept from the host and emulated, a protected VM's virtual GIC, and the
+//! inventory of the devices the host is handed. It sits above `memory`: the
+//! ITS emulation takes and returns the host's pages through memory
+//! transactions, as a VM does.
 
-pub mod gic;
 pub mod inventory;
 pub mod its;
-pub mod smmu;
 pub mod vgic;

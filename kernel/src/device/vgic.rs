@@ -21,7 +21,7 @@
 //!   interrupt (EOI maintenance) or that the list registers ran low while
 //!   interrupts are still waiting (underflow).
 
-use crate::device::gic::GicAccess;
+use crate::arch::gic::GicAccess;
 use core::ptr::{read_volatile, write_volatile};
 use moat_kernel::vgic::{
     self as logic, EoiLog, InjectError, ListRegister, MAINTENANCE_INTID, MAX_LRS, PendingQueue,

@@ -4,8 +4,8 @@
 //! Results follow SMCCC: x0 is the status (or the first result), x1..x3 the
 //! rest; an unknown function answers NOT_SUPPORTED (-1) and changes nothing.
 
-use crate::boot::machine;
-use crate::partition::cpu::{self, PerCpu, PowerState};
+use crate::base::cpu::{self, PerCpu, PowerState};
+use crate::base::state::machine;
 use moat_abi::ipc::{HOST_REPLY_BYTES, HOST_REQUEST_BYTES, MessageHeader};
 use moat_abi::{ABI_VERSION, Error, MOAT_UID, hypercall, smccc};
 use moat_kernel::psci::{self, PsciCall, ret};
@@ -71,10 +71,10 @@ fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
         hypercall::NULL => regs.x[0] = 0,
         hypercall::ABI_VERSION => regs.set_smccc_result([0, u64::from(ABI_VERSION), 0, 0]),
         hypercall::CHECK_CONSISTENCY => {
-            let ok = crate::boot::report_consistency(this_cpu);
+            let ok = report_consistency(this_cpu);
             regs.x[0] = if ok { 0 } else { Error::Denied.to_x0() };
             // The DMA faults the SMMU recorded so far (the checker drained them).
-            regs.x[1] = crate::device::smmu::faults();
+            regs.x[1] = crate::memory::smmu::faults();
         }
         smccc::VENDOR_HYP_CALL_UID => {
             let [a, b, c, d] = MOAT_UID.map(u64::from);
@@ -261,3 +261,84 @@ fn cpu_on(target_mpidr: u64, entry: u64, context: u64, function: u32) -> i64 {
 }
 
 use ::smccc::psci as smccc_psci;
+
+/// Runs the consistency checker (the ledger against every partition's
+/// stage-2) and logs the outcome; returns whether they agree.
+pub fn report_consistency(cpu: &cpu::PerCpu) -> bool {
+    use crate::memory::{self, Mismatch};
+    // The lock order: every idle VM's slot, the GIC, then memory.
+    let checked = crate::partition::vm::lock_all_idle()
+        .map_err(|_| Mismatch::NoMemory)
+        .and_then(|vms| {
+            let gic = crate::device::its::hold();
+            let services = (0..)
+                .map_while(crate::partition::service::get)
+                .map(|s| s.stage2);
+            memory::check_consistency(cpu, services, vms.stage2s(), vms.running, gic.as_ref())
+        });
+    match checked {
+        Ok(c) => {
+            crate::log!(
+                "consistency: the ledger and the stage-2 tables agree ({} extent(s); host, {} service(s), {} VM(s), {} GIC table(s) and {} SMMU stream(s) checked{})",
+                c.extents,
+                c.services,
+                c.vms,
+                c.gic_tables,
+                c.smmu_streams,
+                if c.vms_running > 0 {
+                    ", running VMs skipped"
+                } else {
+                    ""
+                }
+            );
+            true
+        }
+        Err(Mismatch::Host {
+            address,
+            host_may_map,
+        }) => {
+            crate::log!(
+                "consistency: MISMATCH at {address:#x}: the ledger says the host {} map it, its stage-2 disagrees",
+                if host_may_map { "may" } else { "may not" }
+            );
+            false
+        }
+        Err(Mismatch::Forged { whose, leaf }) => {
+            crate::log!(
+                "consistency: MISMATCH: {whose} maps frame {:#x} at IPA {:#x}: {}",
+                leaf.pa,
+                leaf.ipa,
+                leaf.why.describe()
+            );
+            false
+        }
+        Err(Mismatch::VmPageCount {
+            handle,
+            mapped,
+            owned,
+        }) => {
+            crate::log!(
+                "consistency: MISMATCH: VM {handle} maps {mapped} page(s), the ledger gives it {owned}"
+            );
+            false
+        }
+        Err(Mismatch::Gic { address, why }) => {
+            crate::log!("consistency: MISMATCH at {address:#x}: {why}");
+            false
+        }
+        Err(Mismatch::Smmu(why)) => {
+            crate::log!(
+                "consistency: MISMATCH: the SMMU's stream table no longer sends every stream through the host's stage-2: {why}"
+            );
+            false
+        }
+        Err(Mismatch::NoMemory) => {
+            crate::log!("consistency: not checked: the heap has no room for the checker's records");
+            false
+        }
+        Err(Mismatch::Ledger(e)) => {
+            crate::log!("consistency: the ledger could not be read ({e:?})");
+            false
+        }
+    }
+}

@@ -6,16 +6,19 @@
 //! architecture would have raised, or logged and refused.
 
 use crate::arch::sysreg;
+use crate::arch::sysreg::Hw;
+use crate::base::cpu;
+use crate::base::inject::{inject_abort, inject_undef};
+use crate::base::state::machine;
 use crate::dispatch::hvc;
-use crate::partition::cpu;
 use crate::partition::service;
 use moat_abi::hypercall;
-use moat_abi::trap::{SysRegAccess as SysRegDesc, TrapClass, TrapDescriptor};
+use moat_abi::trap::{TrapClass, TrapDescriptor};
 use moat_kernel::esr::{StageTwoAbort, SysRegAccess, Trap};
-use moat_kernel::inject::{self, El1Context, Injection};
 use moat_kernel::regs::GuestRegs;
+use moat_kernel::verdict::{self, class_of};
 
-use crate::partition::cpu::LOWER_SYNC;
+use crate::base::cpu::LOWER_SYNC;
 use moat_kernel::esr::HVC0 as ESR_HVC0;
 
 #[unsafe(no_mangle)]
@@ -112,59 +115,6 @@ fn host_trap(frame: *mut GuestRegs, vector_kind: u64, esr: u64) {
     }
 }
 
-/// The routing class of a decoded trap.
-fn class_of(trap: &Trap) -> TrapClass {
-    match trap {
-        Trap::Hvc { .. } => TrapClass::Hvc,
-        Trap::Smc { .. } => TrapClass::Smc,
-        Trap::SysReg(_) => TrapClass::SysReg,
-        Trap::StageTwo(a) if a.is_instruction => TrapClass::InstructionAbort,
-        Trap::StageTwo(_) => TrapClass::DataAbort,
-        Trap::Wfx { .. } | Trap::Other { .. } => TrapClass::Other,
-    }
-}
-
-/// The typed descriptor services receive.
-pub fn describe(trap: &Trap, esr: u64, regs: &GuestRegs, cpu: usize) -> TrapDescriptor {
-    let mut d = TrapDescriptor {
-        class: class_of(trap) as u32,
-        partition: 0,
-        cpu: cpu as u16,
-        esr,
-        pc: regs.pc,
-        ..Default::default()
-    };
-    match trap {
-        Trap::SysReg(a) => {
-            d.sysreg = SysRegDesc {
-                op0: a.op0,
-                op1: a.op1,
-                crn: a.crn,
-                crm: a.crm,
-                op2: a.op2,
-                rt: a.rt,
-                is_read: u8::from(a.is_read),
-                reserved: 0,
-            };
-            d.value = if a.is_read {
-                // ID-group-3 registers: the hardware value, for a policy to edit.
-                match (a.op0, a.op1, a.crn) {
-                    (3, 0, 0) => sysreg::read_id_register(a.crm, a.op2).unwrap_or(0),
-                    _ => 0,
-                }
-            } else {
-                regs.read_gpr(a.rt)
-            };
-        }
-        Trap::StageTwo(_) => {
-            d.far = sysreg::far_el2();
-            d.ipa = sysreg::fault_ipa();
-        }
-        _ => {}
-    }
-    d
-}
-
 /// Asks the service that handles system-register traps, and applies its
 /// verdict. Anything but a well-formed verdict fails closed: the access is
 /// UNDEFINED, as on hardware without the feature.
@@ -175,99 +125,8 @@ fn decide(
     trap: &TrapDescriptor,
     access: &SysRegAccess,
 ) {
-    let answer = ask(cpu, index, trap);
-    apply_verdict(regs, answer, access);
-}
-
-/// A handler service's answer to a trapped access.
-pub enum Answer {
-    Verdict(moat_abi::trap::Verdict),
-    /// An interrupt suspended the decision: run the instruction again.
-    Interrupted,
-    /// No well-formed answer.
-    Refused,
-}
-
-/// Sends `trap` to handler service `index` for a verdict.
-pub fn ask(cpu: &cpu::PerCpu, index: usize, trap: &TrapDescriptor) -> Answer {
-    use moat_abi::Error;
-    use moat_abi::ipc::MessageHeader;
-    use moat_abi::trap::{DECIDE_OPERATION, Verdict};
-    use zerocopy::{FromBytes, IntoBytes};
-    let Some(s) = service::get(index) else {
-        return Answer::Refused;
-    };
-    let mut body = service::trap_body(trap);
-    let header = MessageHeader::call(
-        s.interface_id,
-        DECIDE_OPERATION,
-        s.next_sequence(),
-        size_of::<TrapDescriptor>() as u32,
-    );
-    match s.call(cpu, &header, &mut body, service::Preemption::Allowed) {
-        Ok(Ok(len)) if len as usize == size_of::<Verdict>() => {
-            match Verdict::read_from_bytes(&body.as_bytes()[..size_of::<Verdict>()]) {
-                Ok(v) => Answer::Verdict(v),
-                Err(_) => Answer::Refused,
-            }
-        }
-        // The instruction runs again after the interrupt, and the
-        // suspended decision is finished then.
-        Err(Error::Interrupted) => Answer::Interrupted,
-        _ => Answer::Refused,
-    }
-}
-
-/// Applies a verdict to the trapped partition, whose EL1 state is loaded.
-pub fn apply_verdict(regs: &mut GuestRegs, answer: Answer, access: &SysRegAccess) {
-    use moat_abi::trap::Action;
-    match answer {
-        Answer::Verdict(verdict) => match verdict.action() {
-            Some(Action::Skip) => regs.pc = regs.pc.wrapping_add(4),
-            Some(Action::EmulateRead) if access.is_read => {
-                regs.write_gpr(access.rt, verdict.value);
-                regs.pc = regs.pc.wrapping_add(4);
-            }
-            _ => inject_undef(regs),
-        },
-        Answer::Interrupted => {}
-        Answer::Refused => inject_undef(regs),
-    }
-}
-
-fn el1_context() -> El1Context {
-    El1Context {
-        vbar_el1: sysreg::vbar_el1(),
-        sctlr_el1: sysreg::sctlr_el1(),
-        mte_implemented: crate::boot::machine().cpu.mte_instructions,
-        pan_implemented: crate::boot::machine().cpu.pan,
-    }
-}
-
-fn apply(regs: &mut GuestRegs, inj: &Injection) {
-    sysreg::write_el1_exception(inj.esr_el1, inj.elr_el1, inj.spsr_el1, inj.far_el1);
-    regs.pc = inj.pc;
-    regs.pstate = inj.pstate;
-}
-
-/// Delivers an Undefined Instruction exception for the instruction at `regs.pc`.
-pub fn inject_undef(regs: &mut GuestRegs) {
-    let inj = inject::undefined_instruction(regs.pc, regs.pstate, &el1_context());
-    apply(regs, &inj);
-}
-
-/// Delivers a synchronous external abort for the access at `regs.pc`, as
-/// a bus error on it would.
-pub fn inject_abort(regs: &mut GuestRegs, is_instruction: bool, is_write: bool, far: u64) {
-    let inj = inject::external_abort(
-        regs.pc,
-        regs.pstate,
-        &el1_context(),
-        is_instruction,
-        is_write,
-        far,
-    );
-    apply(regs, &inj);
+    let answer = service::ask(cpu, index, trap);
+    verdict::apply_verdict(&mut Hw, &machine().cpu, regs, answer, access);
 }
 
 /// The host touched an IPA its stage-2 does not map: memory it does not own.
@@ -303,4 +162,9 @@ fn unexpected_vector(regs: &GuestRegs, kind: u64) {
         "unexpected exception vector {kind} from a partition at {:#x}; resuming",
         regs.pc
     );
+}
+
+/// The typed descriptor services receive, read from this CPU's registers.
+fn describe(trap: &Trap, esr: u64, regs: &GuestRegs, cpu: usize) -> TrapDescriptor {
+    verdict::describe(&Hw, trap, esr, regs, cpu)
 }

@@ -30,14 +30,13 @@
 //! CPUs donating overlapping ranges must see one succeed and the other find
 //! the pages gone.
 
+pub mod smmu;
 pub mod stage2;
 
-use crate::boot::machine;
-use crate::partition::cpu::PerCpu;
-use crate::partition::service;
+use crate::base::cpu::PerCpu;
+use crate::base::state::machine;
 use alloc::vec::Vec;
 use moat_abi::Error;
-use moat_abi::services::ledger::{self, Operation};
 use moat_abi::services::{
     LEDGER_MAX_CHANGES, LedgerExtent, LedgerRequest, LedgerTransaction, Party,
 };
@@ -73,24 +72,47 @@ pub use moat_kernel::txcheck::Region;
 /// Most regions (separate donations) a VM may hold.
 pub const MAX_REGIONS: usize = 256;
 
-/// The service serving the ledger interface.
-fn ledger_index() -> Option<usize> {
-    service::index_of(ledger::SERVICE_ID)
+/// The ledger's operations, as the transaction engine and the checker call
+/// them. The ledger is a service, and services lie in the partition layer
+/// above: that layer implements this trait (`partition::service::LEDGER`)
+/// and boot hands it over with [`set_ledger`]. Each call fails with
+/// `NotSupported` when the image carries no ledger.
+pub trait Ledger: Sync {
+    /// `Operation::lookup`: the extent holding `pfn`.
+    fn lookup(&self, cpu: &PerCpu, pfn: u64) -> Result<LedgerExtent, Error>;
+    /// `Operation::extent`: the `n`th extent, in address order.
+    fn extent(&self, cpu: &PerCpu, n: u64) -> Result<LedgerExtent, Error>;
+    /// `Operation::prepare`: the transaction that would serve `request`.
+    fn prepare(&self, cpu: &PerCpu, request: &LedgerRequest) -> Result<LedgerTransaction, Error>;
+    /// `Operation::commit`: commits the prepared transaction `generation`.
+    fn commit(&self, cpu: &PerCpu, generation: u64) -> Result<u64, Error>;
+}
+
+static LEDGER: spin::Once<&'static dyn Ledger> = spin::Once::new();
+
+/// Gives the transaction engine the ledger's calls; once, at boot, before
+/// any partition runs.
+pub fn set_ledger(ledger: &'static dyn Ledger) {
+    LEDGER.call_once(|| ledger);
+}
+
+/// The ledger, once boot handed it over.
+fn ledger() -> Option<&'static dyn Ledger> {
+    LEDGER.get().copied()
 }
 
 /// Asks the ledger for the extent holding `pfn`.
 pub fn lookup(cpu: &PerCpu, pfn: u64) -> Result<LedgerExtent, Error> {
-    let index = ledger_index().ok_or(Error::NotSupported)?;
-    service::call_typed(cpu, index, Operation::lookup as u16, &pfn)
+    ledger().ok_or(Error::NotSupported)?.lookup(cpu, pfn)
 }
 
 /// Every extent of the ledger, in address order.
 pub fn all_extents(cpu: &PerCpu) -> Result<Vec<LedgerExtent>, Error> {
-    let index = ledger_index().ok_or(Error::NotSupported)?;
+    let ledger = ledger().ok_or(Error::NotSupported)?;
     let mut out = Vec::new();
     loop {
         let n = out.len() as u64;
-        match service::call_typed(cpu, index, Operation::extent as u16, &n) {
+        match ledger.extent(cpu, n) {
             Ok(e) => {
                 out.try_reserve(1).map_err(|_| Error::NoMemory)?;
                 out.push(e);
@@ -126,8 +148,8 @@ fn forget_in_place(regions: &mut Vec<Region>, pa: u64, size: u64) {
 /// Commits the prepared transaction, before any of its changes is applied.
 /// The call runs to its reply whatever the host's interrupts (the core's
 /// calls are never suspended, see `service::Preemption`).
-fn commit(cpu: &PerCpu, index: usize, generation: u64) -> Result<(), Error> {
-    service::call_typed::<u64, u64>(cpu, index, Operation::commit as u16, &generation).map(|_| ())
+fn commit(cpu: &PerCpu, ledger: &dyn Ledger, generation: u64) -> Result<(), Error> {
+    ledger.commit(cpu, generation).map(|_| ())
 }
 
 /// Runs one memory request through the ledger and applies it. `vm` is the
@@ -139,7 +161,7 @@ pub fn transact(
 ) -> Result<(), Error> {
     let _order = crate::base::lockcheck::hold(Rank::Memory);
     let _serial = MEMORY.lock();
-    crate::device::smmu::drain_events();
+    crate::memory::smmu::drain_events();
     let result = transact_serialised(cpu, request, &mut vm);
     // A VM's table pages reserved and not needed go back to the heap,
     // whether the transaction went through or not. The host's stay in its
@@ -160,9 +182,8 @@ fn transact_serialised(
     if OUT_OF_SYNC.load(core::sync::atomic::Ordering::Acquire) {
         return Err(Error::ServiceFailed);
     }
-    let index = ledger_index().ok_or(Error::NotSupported)?;
-    let tx: LedgerTransaction =
-        service::call_typed(cpu, index, Operation::prepare as u16, &request)?;
+    let ledger = ledger().ok_or(Error::NotSupported)?;
+    let tx: LedgerTransaction = ledger.prepare(cpu, &request)?;
     let m = machine();
     let checked = txcheck::check(
         &request,
@@ -316,7 +337,7 @@ fn transact_serialised(
     // below are in, so nobody can see the order, and a commit the ledger
     // refuses (or cannot give: it failed) leaves both sides as they were —
     // the request fails with the ledger's error and nothing is out of step.
-    commit(cpu, index, tx.generation).inspect_err(|e| {
+    commit(cpu, ledger, tx.generation).inspect_err(|e| {
         crate::log!(
             "memory: the ledger did not commit the transaction for {request:?} ({e:?}); nothing was changed"
         );
@@ -362,7 +383,7 @@ fn transact_serialised(
         // the SMMU has dropped what it cached, no device reaches the pages
         // the host just lost (before they are scrubbed or given away).
         if host_unmaps {
-            crate::device::smmu::host_stage2_changed();
+            crate::memory::smmu::host_stage2_changed();
         }
         if let Some((pa, size)) = checked.scrub {
             scrub_pages(pa, size);
@@ -409,7 +430,7 @@ fn transact_serialised(
         // A remap broke and remade host entries: the SMMU must not keep
         // the old ones.
         if host_maps {
-            crate::device::smmu::host_stage2_changed();
+            crate::memory::smmu::host_stage2_changed();
         }
         for step in checked.steps() {
             if let (
@@ -520,7 +541,7 @@ pub fn scrub_pages(pa: u64, size: u64) {
             }
         }
     }
-    let line = crate::boot::dcache_line();
+    let line = crate::arch::cache::dcache_line();
     let mut addr = pa;
     while addr < end {
         if tags {
@@ -568,7 +589,7 @@ pub enum Mismatch {
     Gic { address: u64, why: &'static str },
     /// The SMMU's stream table no longer sends every stream through the
     /// host's stage-2.
-    Smmu(crate::device::smmu::StreamMismatch),
+    Smmu(crate::memory::smmu::StreamMismatch),
 }
 
 /// Whose stage-2 a [`Mismatch::Forged`] entry is in.
@@ -602,25 +623,48 @@ pub struct Checked {
     pub smmu_streams: u64,
 }
 
+/// The GIC hardware's tables, as the checker sees them: the device layer
+/// holds them (`device::its::Held`) and checks each against the ledger's
+/// extents and the host's stage-2.
+pub trait GicTables {
+    /// Checks every table; returns how many it checked, or the first
+    /// wrong one's address and why.
+    fn check(
+        &self,
+        carve_out: &[moat_platform::dt::Range],
+        extent_of: impl Fn(u64) -> Option<LedgerExtent> + Copy,
+        host_maps: impl Fn(u64, u64, bool) -> bool,
+    ) -> Result<u64, (u64, &'static str)>;
+}
+
 /// The consistency checker: compares every partition's tables with the
 /// ledger. The host's stage-2 maps exactly the pages it owns or borrows;
 /// each VM's stage-2 maps only frames it owns or shares, and all of them.
 /// A VM running on another CPU is counted, not checked (its tables are
 /// not changing: donations to a running VM are refused).
-pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
-    let vms = crate::partition::vm::lock_all_idle().map_err(|_| Mismatch::NoMemory)?;
-    // The GIC's lock before the memory lock, as its emulation takes them.
-    let gic = crate::device::its::hold();
+///
+/// The partitions and the GIC's tables lie in the layers above: the caller
+/// hands them over, already locked (every idle VM's slot, then the GIC's
+/// state, before the memory lock, as their own paths take them). `services`
+/// yields each service's stage-2 by index, `vms` each idle VM's tables and
+/// records, `vms_running` counts the VMs skipped.
+pub fn check_consistency<'a>(
+    cpu: &PerCpu,
+    services: impl Iterator<Item = Option<&'a StageTwo>>,
+    vms: impl Iterator<Item = (u16, &'a StageTwo, &'a [Region])>,
+    vms_running: u64,
+    gic: Option<&impl GicTables>,
+) -> Result<Checked, Mismatch> {
     let _order = crate::base::lockcheck::hold(Rank::Memory);
     let _serial = MEMORY.lock();
-    crate::device::smmu::drain_events();
+    crate::memory::smmu::drain_events();
     let extents = all_extents(cpu).map_err(|e| match e {
         Error::NoMemory => Mismatch::NoMemory,
         e => Mismatch::Ledger(e),
     })?;
     let mut checked = Checked {
         extents: extents.len() as u64,
-        vms_running: vms.running,
+        vms_running,
         ..Default::default()
     };
     {
@@ -645,14 +689,14 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
     // Every device stream translates through the host's stage-2, checked
     // above against the ledger.
     checked.smmu_streams =
-        crate::device::smmu::check_streams(m.host_el2.vttbr).map_err(Mismatch::Smmu)?;
+        crate::memory::smmu::check_streams(m.host_el2.vttbr).map_err(Mismatch::Smmu)?;
     let extent_of = |pfn: u64| {
         let i = extents.partition_point(|e| e.frames.start.saturating_add(e.frames.count) <= pfn);
         extents.get(i).filter(|e| e.frames.start <= pfn).copied()
     };
     // The GIC hardware's tables: held as the hardware needs, named by
     // its registers.
-    if let Some(gic) = &gic {
+    if let Some(gic) = gic {
         let host = host_stage2();
         checked.gic_tables = gic
             .check(m.carve_out.as_slice(), extent_of, |pa, size, mapped| {
@@ -680,15 +724,14 @@ pub fn check_consistency(cpu: &PerCpu) -> Result<Checked, Mismatch> {
     leaves(&host_stage2(), Mapper::Host, Whose::Host, &mut 0)?;
     // Services map only the hypervisor's memory (their images, stacks and
     // IPC pages come from the core's heap).
-    for (index, s2) in (0..)
-        .map_while(service::get)
+    for (index, s2) in services
         .enumerate()
-        .filter_map(|(i, s)| s.stage2.map(|s2| (i, s2)))
+        .filter_map(|(i, s2)| s2.map(|s2| (i, s2)))
     {
         leaves(s2, Mapper::Service, Whose::Service(index), &mut 0)?;
         checked.services += 1;
     }
-    for (handle, s2, regions) in vms.stage2s() {
+    for (handle, s2, regions) in vms {
         let mut mapped = 0u64;
         let mapper = Mapper::Vm { handle, regions };
         leaves(s2, mapper, Whose::Vm(handle), &mut mapped)?;

@@ -13,10 +13,11 @@
 //! core for CPU_ON; CPU_OFF brings it back to that wait. SYSTEM_OFF and
 //! SYSTEM_RESET go through the board's quirk (`moat_platform::quirks`).
 
+use crate::arch::cache;
 use crate::base::console;
+use crate::base::cpu::{self, MAX_CPUS, PerCpu, PowerState};
 use crate::base::panic;
-use crate::boot::{self, machine};
-use crate::partition::cpu::{self, MAX_CPUS, PerCpu, PowerState};
+use crate::base::state::machine;
 use core::sync::atomic::{AtomicBool, Ordering};
 use moat_kernel::psci::{self, PsciCall, ret};
 use moat_kernel::regs::GuestRegs;
@@ -110,7 +111,7 @@ pub fn release_secondaries(boot_index: usize) -> Result<usize, &'static str> {
         // with its MMU and caches off, so it is cleaned to the point of
         // coherency before the event that wakes the CPU.
         unsafe { core::ptr::write_volatile(release_addr as *mut u64, entry) };
-        boot::clean_dcache_to_poc(release_addr, 8);
+        cache::clean_dcache_to_poc(release_addr, 8);
         released += 1;
     }
     // SAFETY: DSB then SEV wakes the CPUs waiting in the firmware's WFE loop

@@ -38,19 +38,21 @@
 //! over ([`gic::hold_back`]). A transaction's commit therefore cannot be
 //! lost to an interrupt.
 
+use crate::arch::gic;
 use crate::arch::sysreg::{self, El1Context};
-use crate::device::gic;
-use crate::partition::cpu::{PerCpu, VCPU_SERVICE_BASE, Vcpu};
+use crate::base::cpu::{PerCpu, VCPU_SERVICE_BASE, Vcpu};
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use moat_abi::Error;
 use moat_abi::hypercall;
 use moat_abi::ipc::{MESSAGE_SIZE, MessageError, MessageHeader};
+use moat_abi::services::{LedgerExtent, LedgerRequest, LedgerTransaction, ledger};
 use moat_abi::trap::TrapDescriptor;
 use moat_kernel::esr::Trap;
 use moat_kernel::regs::GuestRegs;
 use moat_kernel::routing::{RouteSpec, RoutingTable};
+use moat_kernel::verdict::Answer;
 use moat_package::{Package, ServiceRecord};
 use moat_platform::dt::Range;
 use spin::Once;
@@ -66,7 +68,7 @@ pub const MIN_STACK: u64 = 16 << 10;
 const LOG_OFFSET: u64 = 2048;
 const PAGE: u64 = 4096;
 
-use crate::partition::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, enter_nested, leave_nested};
+use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, enter_nested, leave_nested};
 use moat_kernel::el2config::RunMask;
 
 /// Budgets a call may take before its service is failed as stuck.
@@ -189,7 +191,7 @@ enum Exit {
 
 fn service_el2(vttbr: u64, started: bool) -> (u64, u64, u64, u64, u64) {
     use moat_kernel::el2config::{NESTED_CNTHCTL, SERVICE_CPTR, nested_mdcr, service_hcr};
-    let mdcr = nested_mdcr(crate::boot::machine().host_el2.mdcr);
+    let mdcr = nested_mdcr(crate::base::state::machine().host_el2.mdcr);
     (
         service_hcr(started),
         SERVICE_CPTR,
@@ -433,7 +435,7 @@ impl Service {
         mask: RunMask,
         f: impl FnOnce() -> R,
     ) -> R {
-        let m = crate::boot::machine();
+        let m = crate::base::state::machine();
         let gic = cpu.gic_access();
         // SAFETY: this CPU holds the service; the host's EL1 state is saved
         // before the service's is loaded and restored after, and both
@@ -741,8 +743,7 @@ pub fn exit_from_service(vcpu: *mut Vcpu, vector: u64) -> ! {
     let v = unsafe { &mut *vcpu };
     v.exit_vector = vector;
     v.exit_esr = sysreg::esr_el2();
-    let cpu =
-        crate::partition::cpu::get(v.cpu as usize).unwrap_or_else(|| crate::base::panic::park());
+    let cpu = crate::base::cpu::get(v.cpu as usize).unwrap_or_else(|| crate::base::panic::park());
     // SAFETY: `nested` holds the state `enter_nested` saved on this CPU.
     unsafe { leave_nested(cpu.nested.get()) }
 }
@@ -828,7 +829,7 @@ fn create(
     let ipc_page = alloc_pages(PAGE).ok_or(SetupError::NoMemory)?;
     // SAFETY: `base` is a fresh allocation of `memory >= image.len()` bytes.
     unsafe { core::ptr::copy_nonoverlapping(image.as_ptr(), base as *mut u8, image.len()) };
-    crate::boot::clean_dcache_to_poc(base, memory);
+    crate::arch::cache::clean_dcache_to_poc(base, memory);
 
     let vmid = 1 + index as u16;
     let mut s2 =
@@ -1040,4 +1041,72 @@ pub fn index_of(interface_id: u16) -> Option<usize> {
         .list
         .iter()
         .position(|s| s.interface_id == interface_id)
+}
+
+/// The ledger's calls, for the transaction engine below (`memory::Ledger`):
+/// each goes to the service serving the ledger interface, if the image has
+/// one.
+pub struct LedgerService;
+
+/// What boot hands to `memory::set_ledger`.
+pub static LEDGER: LedgerService = LedgerService;
+
+impl LedgerService {
+    fn call<Q, R>(cpu: &PerCpu, operation: ledger::Operation, request: &Q) -> Result<R, Error>
+    where
+        Q: IntoBytes + zerocopy::Immutable,
+        R: zerocopy::FromBytes,
+    {
+        let index = index_of(ledger::SERVICE_ID).ok_or(Error::NotSupported)?;
+        call_typed(cpu, index, operation as u16, request)
+    }
+}
+
+impl crate::memory::Ledger for LedgerService {
+    fn lookup(&self, cpu: &PerCpu, pfn: u64) -> Result<LedgerExtent, Error> {
+        Self::call(cpu, ledger::Operation::lookup, &pfn)
+    }
+
+    fn extent(&self, cpu: &PerCpu, n: u64) -> Result<LedgerExtent, Error> {
+        Self::call(cpu, ledger::Operation::extent, &n)
+    }
+
+    fn prepare(&self, cpu: &PerCpu, request: &LedgerRequest) -> Result<LedgerTransaction, Error> {
+        Self::call(cpu, ledger::Operation::prepare, request)
+    }
+
+    fn commit(&self, cpu: &PerCpu, generation: u64) -> Result<u64, Error> {
+        Self::call(cpu, ledger::Operation::commit, &generation)
+    }
+}
+
+/// Sends `trap` to handler service `index` for a verdict (applied by
+/// `moat_kernel::verdict::apply_verdict`).
+pub fn ask(cpu: &PerCpu, index: usize, trap: &TrapDescriptor) -> Answer {
+    use moat_abi::Error;
+    use moat_abi::ipc::MessageHeader;
+    use moat_abi::trap::{DECIDE_OPERATION, Verdict};
+    use zerocopy::{FromBytes, IntoBytes};
+    let Some(s) = get(index) else {
+        return Answer::Refused;
+    };
+    let mut body = trap_body(trap);
+    let header = MessageHeader::call(
+        s.interface_id,
+        DECIDE_OPERATION,
+        s.next_sequence(),
+        size_of::<TrapDescriptor>() as u32,
+    );
+    match s.call(cpu, &header, &mut body, Preemption::Allowed) {
+        Ok(Ok(len)) if len as usize == size_of::<Verdict>() => {
+            match Verdict::read_from_bytes(&body.as_bytes()[..size_of::<Verdict>()]) {
+                Ok(v) => Answer::Verdict(v),
+                Err(_) => Answer::Refused,
+            }
+        }
+        // The instruction runs again after the interrupt, and the
+        // suspended decision is finished then.
+        Err(Error::Interrupted) => Answer::Interrupted,
+        _ => Answer::Refused,
+    }
 }

@@ -26,12 +26,12 @@
 //! ```
 
 use crate::arch::sysreg::{self, El1Context};
+use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, PerCpu, Vcpu, enter_nested};
 use crate::base::heap::try_box;
-use crate::boot::machine;
+use crate::base::state::machine;
 use crate::device::vgic::{self, VgicCpu};
 use crate::memory::stage2::{self, StageTwo};
 use crate::memory::{self, MEMORY, PAGE, Region, VmMemory};
-use crate::partition::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, PerCpu, Vcpu, enter_nested};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -772,7 +772,7 @@ fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(),
         unsafe {
             core::ptr::copy_nonoverlapping(from as *const u8, pa as *mut u8, chunk as usize);
         }
-        crate::boot::clean_dcache_to_poc(pa, chunk);
+        crate::arch::cache::clean_dcache_to_poc(pa, chunk);
         done += chunk;
     }
     Ok(())
@@ -1055,7 +1055,7 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     let gic = cpu.gic_access();
     let saved_icc = gic
         .as_ref()
-        .map(|access| crate::device::gic::open_watchdog(access, RunMask::Vm));
+        .map(|access| crate::arch::gic::open_watchdog(access, RunMask::Vm));
     // Without a virtual GIC the guest's timer can raise the host's PPI 27
     // only if the guest left it enabled and unmasked; otherwise the line is
     // not borrowed (three register reads, a disable with its RWP wait and a
@@ -1106,7 +1106,7 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         vgic::return_ppis(access, b, vm.vgic.is_some());
     }
     if let (Some(access), Some(saved)) = (gic.as_ref(), saved_icc) {
-        crate::device::gic::close_watchdog(access, saved);
+        crate::arch::gic::close_watchdog(access, saved);
     }
     if vm.mte {
         vm.mte_regs.save();
@@ -1230,7 +1230,7 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
                 _ => {
                     // No syndrome to emulate from (a pair, a fetch, a table
                     // walk): what a bus error on that access would give it.
-                    crate::dispatch::trap::inject_abort(
+                    crate::base::inject::inject_abort(
                         regs,
                         abort.is_instruction,
                         abort.is_write,
@@ -1277,18 +1277,31 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
             // Everything else goes to the policy service that handles system
             // registers (the MTE policy), as the host's traps do.
             let Some(index) = sysreg_handler() else {
-                crate::dispatch::trap::inject_undef(regs);
+                crate::base::inject::inject_undef(regs);
                 return Step::Resume;
             };
-            let mut trap =
-                crate::dispatch::trap::describe(&Trap::SysReg(access), esr_el2, regs, cpu.index);
+            let mut trap = moat_kernel::verdict::describe(
+                &sysreg::Hw,
+                &Trap::SysReg(access),
+                esr_el2,
+                regs,
+                cpu.index,
+            );
             trap.partition = PARTITION_VM_BASE + vm.handle;
-            let answer = outside_vm(cpu, vm, |_| crate::dispatch::trap::ask(cpu, index, &trap));
-            crate::dispatch::trap::apply_verdict(&mut vm.vcpu.regs, answer, &access);
+            let answer = outside_vm(cpu, vm, |_| {
+                crate::partition::service::ask(cpu, index, &trap)
+            });
+            moat_kernel::verdict::apply_verdict(
+                &mut sysreg::Hw,
+                &machine().cpu,
+                &mut vm.vcpu.regs,
+                answer,
+                &access,
+            );
             Step::Resume
         }
         Trap::Other { .. } => {
-            crate::dispatch::trap::inject_undef(regs);
+            crate::base::inject::inject_undef(regs);
             Step::Resume
         }
     }

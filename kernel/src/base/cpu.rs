@@ -6,8 +6,8 @@
 //! the slot. The power state is what the PSCI relay checks before starting or
 //! stopping a CPU.
 
+use crate::arch::gic::GicAccess;
 use crate::arch::sysreg::El1Context;
-use crate::device::gic::GicAccess;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use moat_kernel::regs::GuestRegs;
