@@ -24,7 +24,10 @@
 //! runs (the host never writes into a VM that has run). `VCPU_RUN`'s r0..r3
 //! answer the previous exit: after [`ExitReason::Hvc`] they become the
 //! guest's x0..x3, after an MMIO read r0 becomes the loaded register; after
-//! any other exit they are ignored.
+//! any MMIO exit r1 holds [`MmioAnswer`] bits (0: the access completed, and
+//! [`MmioAnswer::ABORT`]: there is no device there, and the guest takes a
+//! synchronous external abort on the access, as on a bus error); after any
+//! other exit they are ignored.
 
 use crate::hypercall::id;
 
@@ -121,7 +124,10 @@ impl VmFlags {
 
 /// An interrupt for the host to inject into a VM's vCPU: x6 and x7 of
 /// [`VCPU_RUN`] (0 = none). Bits 9:0 the INTID (an SGI, PPI or SPI: below
-/// 1020), bits 23:16 its priority, bit 63 set. The core makes it pending
+/// 1020), bits 23:16 its priority, bit 63 set; bit 62
+/// ([`Injection::NOTIFY_EOI`]) asks for an [`ExitReason::Eoi`] once the
+/// guest deactivates it (a level-triggered interrupt, whose device the host
+/// checks again then). The core makes it pending
 /// in the vCPU's virtual CPU interface before the run; an interrupt
 /// already pending stays pending once. Only a VM created with
 /// [`VmFlags::VGIC`] takes injections (`InvalidParameters` otherwise, and
@@ -134,11 +140,24 @@ pub struct Injection(pub u64);
 impl Injection {
     /// Bit 63: the word holds an interrupt.
     pub const VALID: u64 = 1 << 63;
-    const KNOWN: u64 = Self::VALID | 0xff_0000 | 0x3ff;
+    /// Bit 62: report the guest's deactivation of it ([`ExitReason::Eoi`]).
+    pub const NOTIFY_EOI: u64 = 1 << 62;
+    const KNOWN: u64 = Self::VALID | Self::NOTIFY_EOI | 0xff_0000 | 0x3ff;
 
     /// The word injecting `intid` at `priority`.
     pub const fn new(intid: u32, priority: u8) -> Self {
         Self(Self::VALID | ((priority as u64) << 16) | (intid as u64 & 0x3ff))
+    }
+
+    /// The word injecting level-triggered `intid` at `priority`: the host
+    /// hears of its deactivation.
+    pub const fn level(intid: u32, priority: u8) -> Self {
+        Self(Self::new(intid, priority).0 | Self::NOTIFY_EOI)
+    }
+
+    /// Whether the host asked to hear of the deactivation.
+    pub const fn notify_eoi(self) -> bool {
+        self.0 & Self::NOTIFY_EOI != 0
     }
 
     /// `None` for the empty word; `Some(Err(()))` for a malformed one;
@@ -198,7 +217,15 @@ pub enum ExitReason {
     /// vCPU asked to run is off: nothing ran) or [`POWER_STARTED`] (the
     /// guest's PSCI CPU_ON, served, started vCPU x3: run it).
     VcpuPower = 8,
+    /// The guest deactivated (EOI) interrupts the host injected with
+    /// [`Injection::NOTIFY_EOI`]: x2 = how many are listed (1..=5), x3..x7
+    /// = their INTIDs. More, if any, come with the next run's first exit.
+    /// The host runs the vCPU again, injecting any whose line is still up.
+    Eoi = 9,
 }
+
+/// Most INTIDs one [`ExitReason::Eoi`] exit lists.
+pub const EOIS_PER_EXIT: usize = 5;
 
 /// x2 of [`ExitReason::VcpuPower`]: the vCPU is off (PSCI CPU_OFF, or never
 /// started); nothing ran.
@@ -215,7 +242,7 @@ pub const fn run_target(handle: u16, vcpu: u16) -> u64 {
 
 impl ExitReason {
     /// Every reason.
-    pub const ALL: [ExitReason; 8] = [
+    pub const ALL: [ExitReason; 9] = [
         Self::Hvc,
         Self::Mmio,
         Self::Wfi,
@@ -224,6 +251,7 @@ impl ExitReason {
         Self::Crashed,
         Self::Sgi,
         Self::VcpuPower,
+        Self::Eoi,
     ];
 
     /// The reason with this code.
@@ -258,6 +286,34 @@ impl MmioAccess {
     /// The guest register (31 = zero register).
     pub const fn register(self) -> u8 {
         ((self.0 >> 16) & 31) as u8
+    }
+}
+
+/// r1 of the `VCPU_RUN` that answers an [`ExitReason::Mmio`] exit.
+///
+/// With [`MmioAnswer::ABORT`] the core delivers a synchronous external
+/// abort to the guest for the access (a data abort from the guest's current
+/// EL, DFSC 0x10, WnR as the access, FAR_EL1 = the address the guest used,
+/// ELR_EL1 = the access itself), at its VBAR_EL1 like the hardware would:
+/// no register of the guest is written by the host, and a read's target
+/// register keeps its value. Any other bit refuses the run with
+/// `InvalidParameters`, nothing changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmioAnswer(pub u64);
+
+impl MmioAnswer {
+    /// Bit 0: no device answers the access; the guest takes an abort.
+    pub const ABORT: u64 = 1;
+    /// Every bit the core knows.
+    pub const KNOWN: u64 = Self::ABORT;
+
+    /// `None` for a word with an unknown bit; else whether it aborts.
+    pub const fn aborts(self) -> Option<bool> {
+        if self.0 & !Self::KNOWN != 0 {
+            None
+        } else {
+            Some(self.0 & Self::ABORT != 0)
+        }
     }
 }
 
@@ -343,6 +399,14 @@ mod tests {
     }
 
     #[test]
+    fn mmio_answers() {
+        assert_eq!(MmioAnswer(0).aborts(), Some(false));
+        assert_eq!(MmioAnswer(MmioAnswer::ABORT).aborts(), Some(true));
+        assert_eq!(MmioAnswer(2).aborts(), None);
+        assert_eq!(MmioAnswer(1 << 63 | 1).aborts(), None);
+    }
+
+    #[test]
     fn flags() {
         assert!(VmFlags(VmFlags::MTE).mte());
         assert!(!VmFlags(0).mte());
@@ -357,6 +421,9 @@ mod tests {
         assert_eq!(Injection::new(1019, 0).decode(), Some(Ok((1019, 0))));
         assert_eq!(Injection::new(1020, 0).decode(), Some(Err(())));
         assert_eq!(Injection(40).decode(), Some(Err(())), "no valid bit");
+        let level = Injection::level(33, 0xa0);
+        assert_eq!(level.decode(), Some(Ok((33, 0xa0))));
+        assert!(level.notify_eoi() && !Injection::new(33, 0xa0).notify_eoi());
         assert_eq!(
             Injection(Injection::new(40, 0).0 | 1 << 40).decode(),
             Some(Err(()))

@@ -39,7 +39,11 @@ struct moat_load {
  * VCPU_RUN of vCPU @vcpu: @answer is r0..r3 (the answer to its previous exit), @inject
  * up to two interrupts to make pending in a VmFlags::VGIC VM (0: none);
  * on return @exit holds x1..x7 (the exit reason and its details).
+ * After an MMIO exit, @answer[1] = MOAT_MMIO_ABORT says no device is there:
+ * the core delivers a synchronous external abort to the guest instead.
  */
+#define MOAT_MMIO_ABORT 1
+
 struct moat_run {
 	__u64 vcpu;
 	__u64 answer[4];

@@ -88,6 +88,17 @@ impl ListRegister {
     pub const fn with_pending(self) -> Self {
         Self(self.0 | (0b01 << Self::STATE_SHIFT))
     }
+
+    /// The same interrupt, with a maintenance interrupt on its
+    /// deactivation.
+    pub const fn with_eoi(self) -> Self {
+        Self(self.0 | Self::EOI)
+    }
+
+    /// Whether its deactivation raises a maintenance interrupt.
+    pub const fn notifies_eoi(self) -> bool {
+        self.0 & Self::EOI != 0
+    }
 }
 
 /// An interrupt waiting for a list register.
@@ -95,6 +106,8 @@ impl ListRegister {
 pub struct Waiting {
     pub intid: u32,
     pub priority: u8,
+    /// The host asked to hear of its deactivation.
+    pub notify_eoi: bool,
 }
 
 /// The interrupts injected into a vCPU that are not in a list register yet.
@@ -124,6 +137,7 @@ impl PendingQueue {
         entries: [Waiting {
             intid: 0,
             priority: 0,
+            notify_eoi: false,
         }; QUEUE_LEN],
         len: 0,
     };
@@ -170,12 +184,14 @@ impl PendingQueue {
 /// an interrupt already pending (in a register or waiting) stays as it is
 /// (pending is a state, not a count); one the guest is handling (active)
 /// becomes pending and active; any other waits for a free register.
-/// Nothing changes on an error.
+/// `notify_eoi` (kept once asked for) raises a maintenance interrupt when
+/// the guest deactivates it. Nothing changes on an error.
 pub fn inject(
     lrs: &mut [ListRegister],
     queue: &mut PendingQueue,
     intid: u32,
     priority: u8,
+    notify_eoi: bool,
 ) -> Result<(), InjectError> {
     if intid >= FIRST_SPECIAL_INTID {
         return Err(InjectError::BadIntid);
@@ -187,12 +203,58 @@ pub fn inject(
         if lr.state() == LrState::Active {
             *lr = lr.with_pending();
         }
+        if notify_eoi {
+            *lr = lr.with_eoi();
+        }
         return Ok(());
     }
-    if queue.contains(intid) {
+    let len = queue.len;
+    if let Some(w) = queue.entries[..len].iter_mut().find(|w| w.intid == intid) {
+        w.notify_eoi |= notify_eoi;
         return Ok(());
     }
-    queue.push(Waiting { intid, priority })
+    queue.push(Waiting {
+        intid,
+        priority,
+        notify_eoi,
+    })
+}
+
+/// The INTIDs whose deactivation the host asked to hear of and the guest
+/// has done, not yet reported. At most one per list register accrues per
+/// exit, and every entry into the guest first reports what is here, so
+/// [`MAX_LRS`] entries are enough.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EoiLog {
+    intids: [u16; MAX_LRS],
+    len: usize,
+}
+
+impl EoiLog {
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Records a deactivation (dropped only if the log were full, which the
+    /// bound above rules out).
+    pub fn push(&mut self, intid: u32) {
+        if let Some(slot) = self.intids.get_mut(self.len) {
+            *slot = intid as u16;
+            self.len += 1;
+        }
+    }
+
+    /// Takes out up to `n` of the oldest INTIDs into `out`; returns how
+    /// many.
+    pub fn take(&mut self, out: &mut [u64]) -> usize {
+        let n = out.len().min(self.len);
+        for (o, i) in out.iter_mut().zip(&self.intids[..n]) {
+            *o = u64::from(*i);
+        }
+        self.intids.copy_within(n..self.len, 0);
+        self.len -= n;
+        n
+    }
 }
 
 /// Whether `intid` is in flight: pending or active in a register, or
@@ -214,7 +276,7 @@ pub fn fill(
         let Some(w) = queue.pop_most_urgent() else {
             break;
         };
-        *lr = ListRegister::pending(w.intid, w.priority, notify_eoi(w.intid));
+        *lr = ListRegister::pending(w.intid, w.priority, w.notify_eoi || notify_eoi(w.intid));
     }
     !queue.is_empty()
 }
@@ -288,15 +350,15 @@ mod tests {
     fn injection_merges_with_what_is_in_flight() {
         let mut lrs = [ListRegister::default(); 4];
         let mut q = PendingQueue::EMPTY;
-        inject(&mut lrs, &mut q, 40, 0xa0).unwrap();
-        inject(&mut lrs, &mut q, 40, 0xa0).unwrap();
+        inject(&mut lrs, &mut q, 40, 0xa0, false).unwrap();
+        inject(&mut lrs, &mut q, 40, 0xa0, false).unwrap();
         assert_eq!(q.len(), 1, "pending twice is pending once");
         assert!(!fill(&mut lrs, &mut q, |_| false));
         assert_eq!(lrs[0].intid(), 40);
-        inject(&mut lrs, &mut q, 40, 0xa0).unwrap();
+        inject(&mut lrs, &mut q, 40, 0xa0, false).unwrap();
         assert!(q.is_empty(), "already pending in a register");
         lrs[0] = ListRegister((0b10 << 62) | (1 << 60) | 40);
-        inject(&mut lrs, &mut q, 40, 0xa0).unwrap();
+        inject(&mut lrs, &mut q, 40, 0xa0, false).unwrap();
         assert_eq!(lrs[0].state(), LrState::PendingActive);
         assert!(q.is_empty());
         assert!(in_flight(&lrs, &q, 40));
@@ -304,25 +366,66 @@ mod tests {
     }
 
     #[test]
+    fn eoi_notification_follows_the_interrupt_into_its_register() {
+        let mut lrs = [ListRegister::default(); 1];
+        let mut q = PendingQueue::EMPTY;
+        inject(&mut lrs, &mut q, 33, 0xa0, true).unwrap();
+        inject(&mut lrs, &mut q, 34, 0xa0, false).unwrap();
+        inject(&mut lrs, &mut q, 34, 0xa0, true).unwrap();
+        assert!(fill(&mut lrs, &mut q, |_| false));
+        assert!(lrs[0].notifies_eoi() && lrs[0].intid() == 33);
+        lrs[0] = ListRegister::default();
+        assert!(!fill(&mut lrs, &mut q, |_| false));
+        assert!(lrs[0].notifies_eoi(), "asked for on a later injection");
+        // Asked for while the interrupt is already in its register.
+        let mut lrs = [ListRegister::pending(35, 0xa0, false)];
+        inject(&mut lrs, &mut q, 35, 0xa0, true).unwrap();
+        assert!(lrs[0].notifies_eoi());
+    }
+
+    #[test]
+    fn eoi_log_hands_out_the_oldest_first() {
+        let mut log = EoiLog::default();
+        assert!(log.is_empty());
+        for i in 0..7 {
+            log.push(32 + i);
+        }
+        let mut out = [0u64; 5];
+        assert_eq!(log.take(&mut out), 5);
+        assert_eq!(out, [32, 33, 34, 35, 36]);
+        assert_eq!(log.take(&mut out), 2);
+        assert_eq!(&out[..2], &[37, 38]);
+        assert!(log.is_empty());
+        for i in 0..MAX_LRS as u32 + 3 {
+            log.push(i);
+        }
+        let mut all = [0u64; MAX_LRS + 3];
+        assert_eq!(log.take(&mut all), MAX_LRS, "bounded");
+    }
+
+    #[test]
     fn injection_refuses_special_intids_and_a_full_queue() {
         let mut lrs = [ListRegister::default(); 4];
         let mut q = PendingQueue::EMPTY;
         assert_eq!(
-            inject(&mut lrs, &mut q, 1020, 0),
+            inject(&mut lrs, &mut q, 1020, 0, false),
             Err(InjectError::BadIntid)
         );
         assert_eq!(
-            inject(&mut lrs, &mut q, 8192, 0),
+            inject(&mut lrs, &mut q, 8192, 0, false),
             Err(InjectError::BadIntid)
         );
         for i in 0..QUEUE_LEN as u32 {
-            inject(&mut lrs, &mut q, 32 + i, 0xa0).unwrap();
+            inject(&mut lrs, &mut q, 32 + i, 0xa0, false).unwrap();
         }
         assert!(!q.has_room(1));
-        assert_eq!(inject(&mut lrs, &mut q, 999, 0), Err(InjectError::Full));
+        assert_eq!(
+            inject(&mut lrs, &mut q, 999, 0, false),
+            Err(InjectError::Full)
+        );
         assert_eq!(q.len(), QUEUE_LEN);
         // Re-injecting one that waits is not a new entry.
-        assert_eq!(inject(&mut lrs, &mut q, 32, 0xa0), Ok(()));
+        assert_eq!(inject(&mut lrs, &mut q, 32, 0xa0, false), Ok(()));
     }
 
     #[test]
@@ -330,7 +433,7 @@ mod tests {
         let mut lrs = [ListRegister::default(); 2];
         let mut q = PendingQueue::EMPTY;
         for (intid, prio) in [(50, 0xa0), (33, 0xa0), (60, 0x20)] {
-            inject(&mut lrs, &mut q, intid, prio).unwrap();
+            inject(&mut lrs, &mut q, intid, prio, false).unwrap();
         }
         assert!(fill(&mut lrs, &mut q, |i| i == 33));
         assert_eq!(lrs[0].intid(), 60);
@@ -355,7 +458,7 @@ mod tests {
         assert!(!has_deliverable(&lrs, &q, (0x80 << 24) | 2), "masked");
         lrs[0] = ListRegister((0b10 << 62) | 27);
         assert!(!has_deliverable(&lrs, &q, enabled_open), "active only");
-        inject(&mut lrs, &mut q, 40, 0x10).unwrap();
+        inject(&mut lrs, &mut q, 40, 0x10, false).unwrap();
         lrs[0] = ListRegister::default();
         assert!(has_deliverable(&lrs, &q, enabled_open));
     }

@@ -141,6 +141,8 @@ current_sync:
     mrs     x2, elr_el1
     str     x3, [x0, #8]
     stp     x1, x2, [x0, #16]
+    mrs     x3, far_el1
+    str     x3, [x0, #32]
     add     x2, x2, #4
     msr     elr_el1, x2
     ldp     x2, x3, [sp, #16]
@@ -166,9 +168,10 @@ L1_TABLE:
 STACK:
     .space  STACK_SIZE
 
-/* Armed (non-zero: expect exceptions), count, last ESR_EL1, last ELR_EL1. */
+/* Armed (non-zero: expect exceptions), count, last ESR_EL1, last ELR_EL1,
+ * last FAR_EL1. */
 .section .bss.trap, "aw", %nobits
 .balign 8
 .global TRAP_STATE
 TRAP_STATE:
-    .space  32
+    .space  40

@@ -28,6 +28,11 @@ pub const SHARE_FOREIGN: u32 = id(0x804);
 pub const UNSHARED: u32 = id(0x805);
 /// Guest: my read of [`MMIO_READ_IPA`] loaded x1.
 pub const MMIO_VALUE: u32 = id(0x806);
+/// Guest: my read of [`MMIO_ABORT_IPA`], into a register that held
+/// [`MMIO_KEPT`], took x1 synchronous exceptions at VBAR_EL1 + 0x200, the
+/// last with ESR_EL1 x2, FAR_EL1 x3 and ELR_EL1 x4 bytes past the load (0:
+/// the load itself); the register holds x5 after it.
+pub const MMIO_ABORTED: u32 = id(0x827);
 /// Guest: the tag of [`TAG_PAGE_IPA`]'s first granule is x1; a tag I stored
 /// in my own memory reads back as x2.
 pub const TAGS: u32 = id(0x807);
@@ -244,6 +249,11 @@ pub const TAG_PAGE_IPA: u64 = BASE_IPA + (PAGES - 1) * PAGE_SIZE;
 pub const FOREIGN_IPA: u64 = BASE_IPA + PAGES * PAGE_SIZE;
 /// Outside the guest's stage-2: a read here becomes an MMIO exit.
 pub const MMIO_READ_IPA: u64 = 0x0900_0000;
+/// An address with no device: the guest reads it with its handler armed,
+/// and the host answers with `MmioAnswer::ABORT`.
+pub const MMIO_ABORT_IPA: u64 = 0x0a00_0008;
+/// What the aborted load's target register holds before and after.
+pub const MMIO_KEPT: u64 = 0x5eed_0bad;
 /// A 4-byte write of [`MMIO_WRITE_VALUE`] here, after the read.
 pub const MMIO_WRITE_IPA: u64 = 0x0900_0010;
 pub const MMIO_WRITE_VALUE: u64 = 0xcafe_f00d;

@@ -817,6 +817,41 @@ fn demo_exits(c: &mut Checks, g: &mut Guest, mte: bool) -> Option<()> {
         ),
     );
 
+    // No device at the next address: an answer with an unknown bit is
+    // refused with nothing changed, then the abort answer delivers a
+    // synchronous external abort to the guest's own handler.
+    let e = g.expect_exit(c, ExitReason::Mmio)?;
+    c.check(
+        e.detail[0] == p::MMIO_ABORT_IPA && !MmioAccess(e.detail[1]).is_write(),
+        format_args!(
+            "{name}: guest read of IPA {:#x} with no device: MMIO exit (IPA {:#x})",
+            p::MMIO_ABORT_IPA,
+            e.detail[0]
+        ),
+    );
+    let (r, _) = vcpu_run_once(g.handle, [0, 1 << 1, 0, 0]);
+    c.check(
+        r.is(Error::InvalidParameters),
+        format_args!("{name}: an MMIO answer with an unknown bit is refused ({r})"),
+    );
+    g.answer = [MMIO_ANSWER, abi::MmioAnswer::ABORT, 0, 0];
+    let aborted = g.expect_hvc(c, p::MMIO_ABORTED, "MMIO abort")?;
+    // A data abort from EL1 (EC 0x25), IL, a read (no WnR), DFSC 0x10.
+    let esr = (0x25 << 26) | (1 << 25) | 0x10;
+    c.check(
+        aborted == [1, esr, p::MMIO_ABORT_IPA, 0, p::MMIO_KEPT],
+        format_args!(
+            "{name}: the host's abort answer reached the guest's handler as a synchronous external abort on the load (exceptions {}, ESR_EL1 {:#x}, FAR_EL1 {:#x}, ELR_EL1 {:#x} past the load, register {:#x}; expected 1, {esr:#x}, {:#x}, 0, {:#x})",
+            aborted[0],
+            aborted[1],
+            aborted[2],
+            aborted[3],
+            aborted[4],
+            p::MMIO_ABORT_IPA,
+            p::MMIO_KEPT
+        ),
+    );
+
     if mte {
         let tags = g.expect_hvc(c, p::TAGS, "tags")?;
         c.check(

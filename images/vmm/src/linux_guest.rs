@@ -26,7 +26,7 @@
 use crate::device::{self, Device};
 use crate::gicv3::{self, Gic};
 use crate::pl011::{self, Pl011};
-use moat_abi::vm::{ExitReason, Injection, MmioAccess, VmFlags};
+use moat_abi::vm::{ExitReason, Injection, MmioAccess, MmioAnswer, VmFlags};
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Condvar, Mutex, mpsc};
@@ -233,6 +233,9 @@ pub struct Options<'a> {
     pub cpus: usize,
     pub cmd: Option<&'a str>,
     pub bootargs: &'a str,
+    /// Ask for MTE (`VmFlags::MTE`); the core's MTE policy decides, and
+    /// the guest's ID registers show MTE only if it was granted.
+    pub mte: bool,
     /// Tests only (with the module's test build): once the guest prints
     /// [`INIT_MARKER`], map the VM's first page into this process and read
     /// it, as a rogue host process would. The read must kill the VMM.
@@ -266,6 +269,11 @@ struct Machine {
     out: io::Stdout,
     /// Interrupts to inject into each vCPU, oldest first.
     queued: Vec<VecDeque<Injection>>,
+    /// The UART's level interrupt was injected and the guest has not
+    /// deactivated it yet (the core reports that with an `Eoi` exit):
+    /// until then it is not injected again, and after it, again only if
+    /// the line is still up.
+    uart_in_flight: bool,
     /// The console line being written, and whether [`INIT_MARKER`] was seen.
     line: Vec<u8>,
     saw_init: bool,
@@ -312,9 +320,11 @@ impl Shared {
 }
 
 impl Machine {
-    fn mmio(&mut self, ipa: u64, access: MmioAccess, value: u64) -> u64 {
+    /// Emulates one access: `Some(value read)` (0 for a write), or `None`
+    /// where no device is, which the guest takes as an external abort.
+    fn mmio(&mut self, ipa: u64, access: MmioAccess, value: u64) -> Option<u64> {
         if let Some(v) = self.gic.mmio(ipa, access.is_write(), access.size(), value) {
-            return v;
+            return Some(v);
         }
         if let Some(offset) = ipa.checked_sub(UART_BASE).filter(|o| *o < pl011::SIZE) {
             if access.is_write() {
@@ -328,32 +338,31 @@ impl Machine {
                         self.line.push(byte);
                     }
                 }
-                return 0;
+                return Some(0);
             }
-            return u64::from(self.uart.read(offset));
+            return Some(u64::from(self.uart.read(offset)));
         }
         eprintln!(
-            "moat-vmm: {} of {} bytes at {ipa:#x}: no device there",
+            "moat-vmm: {} of {} bytes at {ipa:#x}: no device there, external abort",
             if access.is_write() { "write" } else { "read" },
             access.size()
         );
-        0
+        None
     }
 
-    /// The injections for vCPU `index`'s next run: the UART's line while it
-    /// is up (if routed there), SPIs the guest made pending, then whatever
-    /// is queued.
+    /// The injections for vCPU `index`'s next run: the UART's line if it is
+    /// up and its last injection was deactivated (to the vCPU it is routed
+    /// to), SPIs the guest made pending, then whatever is queued.
     fn injections(&mut self, index: usize) -> [u64; 2] {
         let uart = 32 + UART_SPI;
         let target = self.gic.spi_target(uart);
         if self.uart.interrupt_line()
+            && !self.uart_in_flight
             && let Some(p) = self.gic.deliverable(target, uart)
             && let Some(q) = self.queued.get_mut(target)
         {
-            let inj = Injection::new(uart, p);
-            if !q.contains(&inj) {
-                q.push_back(inj);
-            }
+            q.push_back(Injection::level(uart, p));
+            self.uart_in_flight = true;
         }
         for intid in self.gic.take_soft_pending() {
             let target = self.gic.spi_target(intid);
@@ -456,7 +465,8 @@ pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, 
         // The boot benchmark's start: just before the VM exists.
         println!("moat-vmm: VM_CREATE at counter {}", device::counter().0);
     }
-    dev.create_with_vcpus(layout.trampoline, VmFlags::VGIC, options.cpus as u64)
+    let flags = VmFlags::VGIC | if options.mte { VmFlags::MTE } else { 0 };
+    dev.create_with_vcpus(layout.trampoline, flags, options.cpus as u64)
         .map_err(|e| format!("VM_CREATE: {e}"))?;
     dev.donate(RAM_BASE, options.mem)
         .map_err(|e| format!("VM_DONATE of {} bytes: {e}", options.mem))?;
@@ -481,6 +491,7 @@ pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, 
             gic,
             out: io::stdout(),
             queued: vec![VecDeque::new(); options.cpus],
+            uart_in_flight: false,
             line: Vec::new(),
             saw_init: false,
             ended: None,
@@ -558,9 +569,13 @@ fn vcpu_loop(dev: &Device, shared: &Shared, index: usize, rogue_read: bool) -> i
                 };
             }
             Some(ExitReason::Mmio) => {
-                answer[0] = shared
+                match shared
                     .lock()
-                    .mmio(detail[0], MmioAccess(detail[1]), detail[2]);
+                    .mmio(detail[0], MmioAccess(detail[1]), detail[2])
+                {
+                    Some(value) => answer[0] = value,
+                    None => answer[1] = MmioAnswer::ABORT,
+                }
             }
             Some(ExitReason::Wfi) => {
                 // Nothing pending: wait for the guest's timer, an
@@ -570,6 +585,14 @@ fn vcpu_loop(dev: &Device, shared: &Shared, index: usize, rogue_read: bool) -> i
                 shared.idle(index, wait);
             }
             Some(ExitReason::Interrupt) => {}
+            Some(ExitReason::Eoi) => {
+                let listed = (detail[0] as usize).min(moat_abi::vm::EOIS_PER_EXIT);
+                let mut m = shared.lock();
+                if detail[1..=listed].contains(&u64::from(32 + UART_SPI)) {
+                    // Injected again at the next run if the line is up.
+                    m.uart_in_flight = false;
+                }
+            }
             Some(ExitReason::Sgi) => {
                 let woken = shared.lock().sgi(index, detail[0]);
                 for t in woken {

@@ -12,7 +12,7 @@
 
 use clap::{Parser, Subcommand};
 use moat_abi::Error;
-use moat_abi::vm::{ExitReason, MmioAccess, VmFlags};
+use moat_abi::vm::{ExitReason, MmioAccess, MmioAnswer, VmFlags};
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -231,14 +231,16 @@ impl Machine {
     }
 
     /// The answer (r0) to an MMIO exit.
-    fn mmio(&mut self, ipa: u64, access: MmioAccess, value: u64) -> u64 {
+    /// Emulates one access: `Some(value read)` (0 for a write), or `None`
+    /// where no device is, which the guest takes as an external abort.
+    fn mmio(&mut self, ipa: u64, access: MmioAccess, value: u64) -> Option<u64> {
         let Some(offset) = ipa.checked_sub(p::CONSOLE_IPA).filter(|o| *o < pl011::SIZE) else {
             eprintln!(
-                "moat-vmm: {} of {} bytes at {ipa:#x}: no device there",
+                "moat-vmm: {} of {} bytes at {ipa:#x}: no device there, external abort",
                 if access.is_write() { "write" } else { "read" },
                 access.size()
             );
-            return 0;
+            return None;
         };
         if access.is_write() {
             if let Some(byte) = self.uart.write(offset, value) {
@@ -247,12 +249,12 @@ impl Machine {
                     let _ = self.out.flush();
                 }
             }
-            0
+            Some(0)
         } else {
             if !self.uart.has_input() {
                 self.take_input(None);
             }
-            u64::from(self.uart.read(offset))
+            Some(u64::from(self.uart.read(offset)))
         }
     }
 
@@ -284,7 +286,10 @@ fn run_loop(dev: &Device, machine: &mut Machine) -> std::io::Result<End> {
                 Err(end) => return Ok(end),
             },
             Some(ExitReason::Mmio) => {
-                answer[0] = machine.mmio(detail[0], MmioAccess(detail[1]), detail[2]);
+                match machine.mmio(detail[0], MmioAccess(detail[1]), detail[2]) {
+                    Some(value) => answer[0] = value,
+                    None => answer[1] = MmioAnswer::ABORT,
+                }
             }
             Some(ExitReason::Wfi) => {
                 // No interrupt can wake the guest but input: wait a little
@@ -306,7 +311,7 @@ fn run_loop(dev: &Device, machine: &mut Machine) -> std::io::Result<End> {
                     detail[0]
                 )));
             }
-            Some(ExitReason::Sgi | ExitReason::VcpuPower) => {
+            Some(ExitReason::Sgi | ExitReason::VcpuPower | ExitReason::Eoi) => {
                 return Ok(End::Crashed(format!(
                     "exit {} from a VM with one vCPU and no virtual GIC",
                     regs[0]
@@ -451,14 +456,12 @@ fn read_donated() -> ExitCode {
     }
 }
 
+/// Reads the kernel and initramfs and boots them with `options` (whose
+/// `kernel` and `initrd` are filled in here).
 fn run_linux(
     kernel: &std::path::Path,
     initrd: Option<&std::path::Path>,
-    mem: u64,
-    cpus: usize,
-    cmd: Option<&str>,
-    append: &str,
-    read_own_memory_at_init: bool,
+    options: linux_guest::Options,
 ) -> Result<linux_guest::End, String> {
     let read =
         |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
@@ -471,11 +474,7 @@ fn run_linux(
         &linux_guest::Options {
             kernel: &kernel,
             initrd: &initrd,
-            mem,
-            cpus,
-            cmd,
-            bootargs: append,
-            read_own_memory_at_init,
+            ..options
         },
         spawn_input(),
     )
@@ -490,6 +489,7 @@ fn main() -> ExitCode {
             cpus,
             cmd,
             append,
+            mte,
             read_own_memory_at_init,
             ..
         } => {
@@ -497,11 +497,16 @@ fn main() -> ExitCode {
             let end = run_linux(
                 &kernel,
                 initrd.as_deref(),
-                mem,
-                cpus,
-                cmd.as_deref(),
-                &append,
-                read_own_memory_at_init,
+                linux_guest::Options {
+                    kernel: &[],
+                    initrd: &[],
+                    mem,
+                    cpus,
+                    cmd: cmd.as_deref(),
+                    bootargs: &append,
+                    mte,
+                    read_own_memory_at_init,
+                },
             );
             return ExitCode::from(match end {
                 Ok(linux_guest::End::Off) => STATUS_OFF,

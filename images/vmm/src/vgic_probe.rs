@@ -33,6 +33,7 @@ pub fn run(guest: &[u8], vgic: bool) -> io::Result<bool> {
     let mut spin_interrupts = 0u64;
     let mut ok = true;
     let mut done = false;
+    let mut eoi_reported = false;
     loop {
         let exit = dev.run_injecting(answer, inject)?;
         answer = [0; 4];
@@ -60,11 +61,27 @@ pub fn run(guest: &[u8], vgic: bool) -> io::Result<bool> {
                 ok &= x1 == expected;
             }
             Some(ExitReason::Hvc) if function == p::VGIC_RAISE => {
-                inject[0] = Injection::new(x1 as u32, PRIORITY).0;
+                // Level-triggered: the core tells when the guest is done.
+                inject[0] = Injection::level(x1 as u32, PRIORITY).0;
+            }
+            Some(ExitReason::Eoi) => {
+                let listed = (exit[1] as usize).min(moat_abi::vm::EOIS_PER_EXIT);
+                println!(
+                    "vgic probe: the guest deactivated {:?}",
+                    &exit[2..2 + listed]
+                );
+                eoi_reported |= exit[2..2 + listed].contains(&p::PROBE_SPI);
             }
             Some(ExitReason::Hvc) if function == p::VGIC_DONE => {
                 println!("vgic probe: injected SPI acknowledged as {x1}, own SGI as {x2}");
                 ok &= x1 == p::PROBE_SPI && x2 == p::PROBE_SGI;
+                if vgic && !eoi_reported {
+                    println!(
+                        "vgic probe: FAILED: no Eoi exit for the level SPI {}",
+                        p::PROBE_SPI
+                    );
+                    ok = false;
+                }
                 done = true;
             }
             Some(ExitReason::Hvc) => {

@@ -24,7 +24,7 @@
 use crate::arch::gic::GicAccess;
 use core::ptr::{read_volatile, write_volatile};
 use moat_kernel::vgic::{
-    self as logic, InjectError, ListRegister, MAINTENANCE_INTID, MAX_LRS, PendingQueue,
+    self as logic, EoiLog, InjectError, ListRegister, MAINTENANCE_INTID, MAX_LRS, PendingQueue,
     VTIMER_INTID, VTIMER_PRIORITY,
 };
 
@@ -203,6 +203,8 @@ pub struct VgicCpu {
     ap1r: [u64; 4],
     vmcr: u64,
     queue: PendingQueue,
+    /// Deactivations the host asked to hear of, for its next exit.
+    eois: EoiLog,
 }
 
 impl VgicCpu {
@@ -214,6 +216,7 @@ impl VgicCpu {
             ap1r: [0; 4],
             vmcr: 0,
             queue: PendingQueue::EMPTY,
+            eois: EoiLog::default(),
         }
     }
 
@@ -223,9 +226,31 @@ impl VgicCpu {
     }
 
     /// Makes `intid` pending (see `moat_kernel::vgic::inject`).
-    pub fn inject(&mut self, intid: u32, priority: u8) -> Result<(), InjectError> {
+    pub fn inject(
+        &mut self,
+        intid: u32,
+        priority: u8,
+        notify_eoi: bool,
+    ) -> Result<(), InjectError> {
         let Self { lrs, queue, .. } = self;
-        logic::inject(&mut lrs[..self.geometry.lrs], queue, intid, priority)
+        logic::inject(
+            &mut lrs[..self.geometry.lrs],
+            queue,
+            intid,
+            priority,
+            notify_eoi,
+        )
+    }
+
+    /// The deactivations to report, as an `Eoi` exit's x2..x7; `None` if
+    /// there are none.
+    pub fn take_eois(&mut self) -> Option<[u64; 6]> {
+        if self.eois.is_empty() {
+            return None;
+        }
+        let mut detail = [0u64; 6];
+        detail[0] = self.eois.take(&mut detail[1..]) as u64;
+        Some(detail)
     }
 
     fn timer_in_flight(&self) -> bool {
@@ -260,7 +285,7 @@ impl VgicCpu {
         let (ctl, _) = guest_timer();
         if logic::timer_fired(ctl) && !self.timer_in_flight() {
             // A full queue leaves the timer to fire again later.
-            let _ = self.inject(VTIMER_INTID, VTIMER_PRIORITY);
+            let _ = self.inject(VTIMER_INTID, VTIMER_PRIORITY, false);
         }
         let n = self.geometry.lrs;
         let Self { lrs, queue, .. } = self;
@@ -273,8 +298,9 @@ impl VgicCpu {
     }
 
     /// After each exit: the list registers read back; an EOI maintenance
-    /// condition cleared (the register is freed). Returns whether a
-    /// maintenance interrupt was what stopped the guest.
+    /// condition cleared (the register is freed, and the INTID logged for
+    /// the host unless it is the timer's, which is the core's own).
+    /// Returns whether a maintenance interrupt was what stopped the guest.
     pub fn after_exit(&mut self) -> bool {
         let n = self.geometry.lrs;
         for (i, lr) in self.lrs[..n].iter_mut().enumerate() {
@@ -284,6 +310,10 @@ impl VgicCpu {
         let eisr = read_eisr();
         for i in 0..n {
             if eisr & (1 << i) != 0 {
+                let intid = self.lrs[i].intid();
+                if intid != VTIMER_INTID {
+                    self.eois.push(intid);
+                }
                 self.lrs[i] = ListRegister::default();
                 write_lr(i, 0);
             }

@@ -38,7 +38,9 @@ use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use moat_abi::Error;
 use moat_abi::services::{FrameRange, LedgerRequest, Party};
 use moat_abi::trap::{PARTITION_VM_BASE, TrapClass};
-use moat_abi::vm::{self as abi, Exit, ExitReason, Injection, MAX_VMS, MmioAccess, VmFlags, pkvm};
+use moat_abi::vm::{
+    self as abi, Exit, ExitReason, Injection, MAX_VMS, MmioAccess, MmioAnswer, VmFlags, pkvm,
+};
 use moat_abi::{hypercall, smccc};
 use moat_kernel::el2config::{self, RunMask};
 use moat_kernel::esr::{self, Trap};
@@ -343,8 +345,10 @@ enum Pending {
     None,
     /// The host's r0..r3 become the guest's x0..x3.
     Hvc,
-    /// The host's r0 is the loaded value.
-    MmioRead(esr::MmioAccess),
+    /// An MMIO access (the guest's PC already past it, its virtual
+    /// address in `mmio_far`): a read's r0 is the loaded value; r1 may ask
+    /// for an abort instead (`MmioAnswer`).
+    Mmio(esr::MmioAccess),
 }
 
 struct Vm {
@@ -364,6 +368,9 @@ struct Vm {
     /// The CPU the vCPU last ran on.
     last_cpu: Option<usize>,
     pending: Pending,
+    /// With `Pending::Mmio`: the virtual address the guest accessed, for
+    /// an abort (kept apart so that `Pending` stays one word).
+    mmio_far: u64,
     /// The virtual CPU interface, for a VM created with `VmFlags::VGIC`.
     vgic: Option<Box<VgicCpu>>,
     /// Which vCPU the fields above hold (`vcpu` .. `vgic`); the others wait
@@ -383,6 +390,7 @@ struct ParkedVcpu {
     fp: Box<FpState>,
     mte_regs: MteRegs,
     pending: Pending,
+    mmio_far: u64,
     last_cpu: Option<usize>,
     vgic: Option<Box<VgicCpu>>,
 }
@@ -417,6 +425,7 @@ impl Vm {
         core::mem::swap(&mut self.fp, &mut other.fp);
         core::mem::swap(&mut self.mte_regs, &mut other.mte_regs);
         core::mem::swap(&mut self.pending, &mut other.pending);
+        core::mem::swap(&mut self.mmio_far, &mut other.mmio_far);
         core::mem::swap(&mut self.last_cpu, &mut other.last_cpu);
         core::mem::swap(&mut self.vgic, &mut other.vgic);
         self.parked[self.loaded] = Some(other);
@@ -579,6 +588,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error
             fp: try_box(FpState::ZERO).ok_or(Error::NoMemory)?,
             mte_regs: MteRegs::default(),
             pending: Pending::None,
+            mmio_far: 0,
             last_cpu: None,
             vgic: Some(try_box(VgicCpu::new(vgic::geometry())).ok_or(Error::NoMemory)?),
         }));
@@ -614,6 +624,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error
         has_run: false,
         last_cpu: None,
         pending: Pending::None,
+        mmio_far: 0,
         vgic,
         loaded: 0,
         parked,
@@ -936,14 +947,19 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
             vm.power[index] = Power::On;
         }
     }
+    // The answer to an MMIO exit, checked before anything is taken.
+    // (r1 is looked at first: after any other exit it is free.)
+    if MmioAnswer(answer[1]).aborts().is_none() && matches!(vm.pending, Pending::Mmio(_)) {
+        return Err(Error::InvalidParameters);
+    }
     // The injections, all checked before any is taken.
-    let mut injections = [(0u32, 0u8); 2];
+    let mut injections = [(0u32, 0u8, false); 2];
     let mut count = 0;
     for word in inject {
         match Injection(word).decode() {
             None => {}
-            Some(Ok(irq)) => {
-                injections[count] = irq;
+            Some(Ok((intid, priority))) => {
+                injections[count] = (intid, priority, Injection(word).notify_eoi());
                 count += 1;
             }
             Some(Err(())) => return Err(Error::InvalidParameters),
@@ -954,19 +970,23 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         if !v.has_room(count) {
             return Err(Error::NoMemory);
         }
-        for &(intid, priority) in &injections[..count] {
-            v.inject(intid, priority)
+        for &(intid, priority, notify_eoi) in &injections[..count] {
+            v.inject(intid, priority, notify_eoi)
                 .map_err(|_| Error::InvalidParameters)?;
         }
     }
     slot.set(Status::Running);
+    // An abort the host asked for, delivered once the VM's EL1 state is
+    // loaded (below): whether the access wrote.
+    let mut abort = None;
     match core::mem::replace(&mut vm.pending, Pending::None) {
         Pending::Hvc => vm.vcpu.regs.x[..4].copy_from_slice(&answer),
-        Pending::MmioRead(access) => {
+        Pending::Mmio(access) if answer[1] != 0 => abort = Some(access.is_write),
+        Pending::Mmio(access) if !access.is_write => {
             let v = access.loaded_value(answer[0]);
             vm.vcpu.regs.write_gpr(access.rt, v);
         }
-        Pending::None => {}
+        Pending::Mmio(_) | Pending::None => {}
     }
     vm.has_run = true;
     let migrated = vm.last_cpu != Some(cpu.index);
@@ -979,6 +999,14 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     unsafe {
         (*cpu.host_el1.get()).save();
         vm.el1.load();
+    }
+    if let Some(is_write) = abort {
+        // The host found no device: the access takes a synchronous
+        // external abort, from the access itself (the MMIO exit moved the
+        // PC past it), at the guest's vector.
+        let regs = &mut vm.vcpu.regs;
+        regs.pc = regs.pc.wrapping_sub(4);
+        crate::base::inject::inject_abort(regs, false, is_write, vm.mmio_far);
     }
     vm.host_vectors.save();
     vm.fp.load();
@@ -1047,6 +1075,10 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     }
     let outcome = loop {
         if let Some(v) = vm.vgic.as_mut() {
+            // Deactivations the host asked to hear of end the run first.
+            if let Some(eois) = v.take_eois() {
+                break (exit(ExitReason::Eoi, eois), Status::Alive);
+            }
             let timer_line = v.before_entry();
             if let (Some(access), Some(b)) = (gic.as_ref(), borrowed.as_mut()) {
                 vgic::set_timer_ppi(access, b, timer_line);
@@ -1187,9 +1219,10 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
                             v & ((1u64 << bits) - 1)
                         }
                     } else {
-                        vm.pending = Pending::MmioRead(access);
                         0
                     };
+                    vm.pending = Pending::Mmio(access);
+                    vm.mmio_far = sysreg::far_el2();
                     regs.pc = regs.pc.wrapping_add(4);
                     let bits = MmioAccess::new(access.is_write, access.size_log2, access.rt);
                     Step::Exit(exit(ExitReason::Mmio, [ipa, bits.0, value, 0, 0, 0]))

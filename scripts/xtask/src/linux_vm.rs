@@ -363,10 +363,15 @@ pub fn write_linux_guest_initramfs(assets: &Assets, vmm: Option<&Path>) -> Resul
 mod tests {
     use super::*;
 
-    /// The `#define NAME value` lines of the module's source.
+    /// The `#define NAME value` lines of the module's source and its uapi
+    /// header.
     fn module_defines() -> Vec<(String, i64)> {
-        let src = std::fs::read_to_string(tools::root().join("images/linux-module/moat.c"))
-            .expect("moat.c");
+        let src = ["moat.c", "moat_uapi.h"]
+            .map(|f| {
+                std::fs::read_to_string(tools::root().join("images/linux-module").join(f))
+                    .expect("the module's source")
+            })
+            .concat();
         src.lines()
             .filter_map(|l| {
                 let mut f = l.strip_prefix("#define ")?.split_whitespace();
@@ -420,6 +425,11 @@ mod tests {
         for (name, e) in errors {
             assert_eq!(get(name), e.code(), "{name}");
         }
+        assert_eq!(
+            get("MOAT_MMIO_ABORT"),
+            vm::MmioAnswer::ABORT as i64,
+            "MOAT_MMIO_ABORT"
+        );
     }
 
     #[test]

@@ -937,14 +937,15 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
             case
         },
         // A virtual GIC: the guest's timer arrives as PPI 27, an SPI the
-        // VMM injects and an SGI the guest sends itself arrive through the
-        // list registers, and a fired timer the guest leaves pending does
-        // not end every run.
+        // VMM injects (level: its EOI comes back as an Eoi exit) and an SGI
+        // the guest sends itself arrive through the list registers, and a
+        // fired timer the guest leaves pending does not end every run.
         Case {
             pass: vec![
                 linux::MARKER_COMMANDS,
                 "vgic probe: timer interrupt 27 after",
                 "acknowledged after: 27",
+                "vgic probe: the guest deactivated [40]",
                 "vgic probe: injected SPI acknowledged as 40, own SGI as 5",
                 "vgic probe: passed",
                 "moat-vmm: the ledger and the host's stage-2 agree",
@@ -1482,10 +1483,19 @@ moat-vmm check";
 /// Debian's kernel (the host's own) as a protected VM: it boots to its
 /// busybox `/init`, runs the commands and powers off; the timer ticked
 /// through the virtual GIC (a non-zero count for INTID 27 in the guest's
-/// /proc/interrupts).
+/// /proc/interrupts). Created without MTE, it sees none (no `mte` in any
+/// CPU's features).
 const LINUX_GUEST_COMMANDS: &str = "insmod /moat.ko && moat-vmm run --kernel /guest/Image \
-     --initrd /guest/initrd --cpus 2 --cmd \"nproc; uname -r; cat /proc/interrupts | head\" \
-     && moat-vmm check";
+     --initrd /guest/initrd --cpus 2 --cmd \"nproc; uname -r; cat /proc/interrupts | head; \
+     echo mte-cpus=\\$(grep -c mte /proc/cpuinfo)\" && moat-vmm check";
+
+/// A Linux guest with MTE (granted by the MTE policy: the hardware has it)
+/// lists `mte` once per vCPU; its read through /dev/mem of an address where
+/// moat-vmm has no device takes an external abort: SIGBUS (status 135)
+/// rather than a 0 read.
+const LINUX_GUEST_MTE_ABORT_COMMANDS: &str = "insmod /moat.ko && moat-vmm run --kernel \
+     /guest/Image --initrd /guest/initrd --cpus 2 --mte --cmd 'echo mte-cpus=$(grep -c mte \
+     /proc/cpuinfo); devmem 0x0a000000 32; echo devmem-status=$?' && moat-vmm check";
 
 /// A Linux guest mid-boot whose VMM is killed: everything comes back.
 const LINUX_GUEST_KILL_COMMANDS: &str = concat!(
@@ -1574,6 +1584,7 @@ fn linux_guest_cases() -> Vec<Case> {
                 linux_vm::GUEST_MARKER_COMMANDS,
                 "6.1.0-",
                 "arch_timer",
+                "mte-cpus=0",
                 "moat-guest: exit status 0",
                 "moat-vmm: the ledger and the host's stage-2 agree",
                 "moat-linux: exit status 0",
@@ -1591,6 +1602,36 @@ fn linux_guest_cases() -> Vec<Case> {
                 2,
                 "v3",
                 LINUX_GUEST_COMMANDS,
+            )
+        },
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                linux_vm::GUEST_MARKER_COMMANDS,
+                "mte-cpus=2",
+                "moat-vmm: read of 4 bytes at 0xa000000: no device there, external abort",
+                "devmem-status=135",
+                "moat-guest: exit status 0",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                GUEST_FAIL,
+                &[
+                    "moat-guest: exit status 1",
+                    "mte-cpus=0",
+                    "mte-cpus=1",
+                    "devmem-status=0",
+                ],
+            ]
+            .concat(),
+            timeout: 900,
+            ..linux_case(
+                "linux_guest_with_mte_and_an_abort_where_no_device_is",
+                2,
+                "v3",
+                LINUX_GUEST_MTE_ABORT_COMMANDS,
             )
         },
         Case {
@@ -1944,6 +1985,9 @@ const VM_DEMO_PASS: &[&str] = &[
     "test-host: ok   vm: the ledger and the host's stage-2 agree after the guest shared a page with the host (0)",
     "test-host: ok   vm demo: guest read the host's reply in the shared page",
     "test-host: ok   vm demo: guest ended its share (GUEST_UNSHARE_HOST = 0)",
+    "test-host: ok   vm demo: guest read of IPA 0xa000008 with no device: MMIO exit",
+    "test-host: ok   vm demo: an MMIO answer with an unknown bit is refused (InvalidParameters",
+    "test-host: ok   vm demo: the host's abort answer reached the guest's handler as a synchronous external abort on the load (exceptions 1, ESR_EL1 0x96000010, FAR_EL1 0xa000008, ELR_EL1 0x0 past the load, register 0x5eed0bad;",
     "test-host: ok   vm demo: guest WFI: Wfi exit, running it again",
     "test-host: ok   vm demo: guest powered off with PSCI SYSTEM_OFF: Shutdown exit (x2 = 0)",
     "test-host: ok   vm demo: VM_DESTROY = 0",
