@@ -50,6 +50,7 @@ static RETRIES: AtomicU64 = AtomicU64::new(0);
 static RESTARTS: AtomicU64 = AtomicU64::new(0);
 
 /// Whether memory requests must be answered `Retry` now.
+#[inline(always)]
 pub fn is_down() -> bool {
     DOWN.load(Ordering::Acquire)
 }

@@ -55,11 +55,20 @@ pub fn request_restart(cpu: &PerCpu) -> Result<(), Error> {
 }
 
 /// Brings a down ledger back if it can be done now. Cheap when the ledger
-/// is up (one load). `Retry` while it stays down.
+/// is up (one load, inlined into the hypercall path). `Retry` while it
+/// stays down.
+#[inline(always)]
 pub fn poll(cpu: &PerCpu) -> Result<(), Error> {
     if !memory_side::is_down() {
         return Ok(());
     }
+    bring_back(cpu)
+}
+
+/// The ledger is down: restart and rebuild it if no other CPU is.
+#[cold]
+#[inline(never)]
+fn bring_back(cpu: &PerCpu) -> Result<(), Error> {
     if memory_side::gave_up() {
         return Err(Error::ServiceFailed);
     }
