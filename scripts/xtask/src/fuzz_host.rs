@@ -49,6 +49,16 @@ pub fn bootargs(seed: u64, steps: u64, check_every: u64, stress: bool) -> String
     format!("moat.fuzz={seed:#x},{steps},{check_every}{stress}")
 }
 
+/// The host's command line for `run`: [`bootargs`], and the ledger's
+/// restart interval when one is asked for.
+fn run_bootargs(run: &Run) -> String {
+    let args = bootargs(run.seed, run.steps, run.check_every, run.stress);
+    match run.restart_ledger_every {
+        Some(every) => format!("{args} moat.fuzz_restart={every}"),
+        None => args,
+    }
+}
+
 /// Reads a run's verdict from its console.
 pub fn verdict(console: &str, outcome: &Verdict, exit: Option<i32>) -> Finding {
     if let Some(line) = console.lines().find(|l| l.contains("fuzz: FAILED seed")) {
@@ -92,6 +102,8 @@ pub struct Run {
     pub smp: u32,
     pub check_every: u64,
     pub stress: bool,
+    /// Restart the ledger every this many of CPU 0's steps.
+    pub restart_ledger_every: Option<u64>,
 }
 
 /// One boot of the random hostile host.
@@ -101,16 +113,10 @@ pub fn run_once(
     run: Run,
     log_name: &str,
 ) -> Result<(Finding, String)> {
-    let Run {
-        seed,
-        steps,
-        smp,
-        check_every,
-        stress,
-    } = run;
+    let Run { steps, smp, .. } = run;
     let spec = ImageSpec {
         host: built.test_host.clone(),
-        bootargs: Some(bootargs(seed, steps, check_every, stress)),
+        bootargs: Some(run_bootargs(&run)),
         semihosting_exit: true,
         services: Some(services.clone()),
         ..Default::default()
@@ -156,19 +162,24 @@ pub fn fuzz_host(run: Run, shrink: bool) -> Result<()> {
         smp,
         check_every,
         stress,
+        restart_ledger_every,
     } = run;
     tools::ensure_qemu()?;
     let built = image::build_all()?;
     let services = image::services_from(std::path::Path::new(crate::DEMO_MANIFEST))?.1;
     println!(
-        "fuzz-host: seed {seed:#x}, {steps} step(s) over {smp} CPU(s), checker every {check_every} step(s){}",
-        if stress { ", SMP stress" } else { "" }
+        "fuzz-host: seed {seed:#x}, {steps} step(s) over {smp} CPU(s), checker every {check_every} step(s){}{}",
+        if stress { ", SMP stress" } else { "" },
+        restart_ledger_every
+            .map(|n| format!(", the ledger restarted every {n} of CPU 0's steps"))
+            .unwrap_or_default()
     );
     let (v, console) = run_once(&built, &services, run, "fuzz-host")?;
-    for line in console
-        .lines()
-        .filter(|l| l.contains("fuzz: cpu ") || l.contains(" operation(s) ("))
-    {
+    for line in console.lines().filter(|l| {
+        l.contains("fuzz: cpu ")
+            || l.contains(" operation(s) (")
+            || l.contains("fuzz: the ledger was restarted")
+    }) {
         println!("  {}", line.trim());
     }
     match v {
@@ -292,5 +303,17 @@ mod tests {
     fn bootargs_carry_the_stress_flag() {
         assert_eq!(bootargs(0x10, 400, 8, false), "moat.fuzz=0x10,400,8");
         assert_eq!(bootargs(1, 4, 1, true), "moat.fuzz=0x1,4,1,stress");
+        let run = Run {
+            seed: 2,
+            steps: 100,
+            smp: 4,
+            check_every: 8,
+            stress: false,
+            restart_ledger_every: Some(25),
+        };
+        assert_eq!(
+            run_bootargs(&run),
+            "moat.fuzz=0x2,100,8 moat.fuzz_restart=25"
+        );
     }
 }

@@ -226,6 +226,10 @@ enum Command {
         /// Do not re-run shorter prefixes after a violation.
         #[arg(long)]
         no_shrink: bool,
+        /// Kill the ledger every this many of CPU 0's steps (a
+        /// `LEDGER_RESTART`): the core rebuilds it while the run goes on.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        restart_ledger_every: Option<u64>,
     },
     /// Measure exact instruction counts and write target/bench.json.
     Bench {
@@ -429,6 +433,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             check_every,
             stress,
             no_shrink,
+            restart_ledger_every,
         } => fuzz_host::fuzz_host(
             fuzz_host::Run {
                 seed,
@@ -436,6 +441,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 smp,
                 check_every: check_every.max(1),
                 stress,
+                restart_ledger_every,
             },
             !no_shrink,
         ),
