@@ -251,23 +251,13 @@ fn suspend_format() -> psci::PowerStateFormat {
 /// `secondary_entry` with the logical index as context, and the core then
 /// enters the host at `entry` with `context` in x0.
 fn cpu_on(target_mpidr: u64, entry: u64, context: u64, function: u32) -> i64 {
+    let (index, slot) = match crate::partition::power::claim_for_cpu_on(target_mpidr, entry) {
+        Ok(claimed) => claimed,
+        Err(code) => return code,
+    };
+    slot.set_host_entry(entry, context);
     let m = machine();
     let target = psci::mpidr_affinity(target_mpidr);
-    let Some(index) = m.cpu_index_of(target) else {
-        return ret::INVALID_PARAMETERS;
-    };
-    let Some(slot) = cpu::get(index) else {
-        return ret::INVALID_PARAMETERS;
-    };
-    if !m.host_may_execute(entry) {
-        return ret::INVALID_PARAMETERS;
-    }
-    match slot.transition(PowerState::Off, PowerState::OnPending) {
-        Ok(()) => {}
-        Err(PowerState::OnPending) => return ret::ON_PENDING,
-        Err(_) => return ret::ALREADY_ON,
-    }
-    slot.set_host_entry(entry, context);
     let mut args = [0u64; 17];
     args[0] = target;
     args[1] = secondary_entry as *const () as u64;

@@ -360,24 +360,27 @@ fn transact_serialised(
     let hyp_share = matches!(
         request.op,
         LedgerRequest::HOST_SHARE_HYP | LedgerRequest::HOST_UNSHARE_HYP
-    );
-    let (share_start, share_end) = (
-        request.frames.start.saturating_mul(PAGE),
-        request
-            .frames
-            .start
-            .saturating_add(request.frames.count)
-            .saturating_mul(PAGE),
-    );
-    if hyp_share && {
+    )
+    .then(|| {
+        let frames = request.frames;
+        (
+            frames.start.saturating_mul(PAGE),
+            frames
+                .start
+                .saturating_add(frames.count)
+                .saturating_mul(PAGE),
+        )
+    });
+    if let Some((start, end)) = hyp_share {
         let shares = ledger_restart::HYP_SHARES.lock();
-        if request.op == LedgerRequest::HOST_SHARE_HYP {
-            !shares.can_insert(share_start, share_end)
+        let fits = if request.op == LedgerRequest::HOST_SHARE_HYP {
+            shares.can_insert(start, end)
         } else {
-            !shares.can_remove(share_start, share_end)
+            shares.can_remove(start, end)
+        };
+        if !fits {
+            return Err(Error::NoMemory);
         }
-    } {
-        return Err(Error::NoMemory);
     }
     commit(cpu, ledger, tx.generation).inspect_err(|e| {
         crate::log!(
@@ -497,13 +500,13 @@ fn transact_serialised(
         return Err(Error::Denied);
     }
     ledger_restart::committed();
-    if hyp_share {
+    if let Some((start, end)) = hyp_share {
         let mut shares = ledger_restart::HYP_SHARES.lock();
         // Room was checked before the commit; the memory lock is held.
         let recorded = if request.op == LedgerRequest::HOST_SHARE_HYP {
-            shares.insert(share_start, share_end)
+            shares.insert(start, end)
         } else {
-            shares.remove(share_start, share_end)
+            shares.remove(start, end)
         };
         debug_assert!(recorded);
     }

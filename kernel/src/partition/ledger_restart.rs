@@ -28,8 +28,8 @@ use crate::memory::ledger_restart as memory_side;
 use crate::partition::service;
 use alloc::vec::Vec;
 use moat_abi::Error;
-use moat_abi::services::ledger::{self, Operation};
-use moat_abi::services::{LedgerRequest, LedgerTransaction};
+use moat_abi::services::LedgerRequest;
+use moat_abi::services::ledger;
 use moat_kernel::lockorder::Rank;
 use moat_kernel::rebuild::{self, Facts, VmFacts};
 
@@ -130,7 +130,7 @@ fn restart_and_rebuild(cpu: &PerCpu) -> Result<(), Error> {
         let mut requests = 0u64;
         rebuild::replay(&facts, |request| {
             requests += 1;
-            record(cpu, index, request).inspect_err(|e| {
+            record(cpu, request).inspect_err(|e| {
                 crate::log!("ledger: rebuilding, {request:?} was refused ({e:?})");
             })
         })?;
@@ -162,12 +162,11 @@ fn restart_and_rebuild(cpu: &PerCpu) -> Result<(), Error> {
 
 /// Records `request` in the ledger without applying anything: prepare,
 /// then commit the transaction prepared.
-fn record(cpu: &PerCpu, index: usize, request: LedgerRequest) -> Result<(), Error> {
-    let tx: LedgerTransaction =
-        service::call_typed(cpu, index, Operation::prepare as u16, &request)?;
+fn record(cpu: &PerCpu, request: LedgerRequest) -> Result<(), Error> {
+    use crate::memory::Ledger as _;
+    let tx = service::LEDGER.prepare(cpu, &request)?;
     if tx.request != request {
         return Err(Error::Denied);
     }
-    service::call_typed::<u64, u64>(cpu, index, Operation::commit as u16, &tx.generation)
-        .map(|_| ())
+    service::LEDGER.commit(cpu, tx.generation).map(|_| ())
 }

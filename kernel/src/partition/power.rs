@@ -212,22 +212,32 @@ fn is_reset2(function: u32) -> bool {
     )
 }
 
-fn cpu_on(target_mpidr: u64, entry: u64, context: u64) -> i64 {
+/// The checks every host CPU_ON passes, whoever then starts the CPU (the
+/// core here, or firmware through the relay): the target names a CPU of the
+/// tree within the core's slots, the entry point is host RAM outside the
+/// carve-out, and the slot moves `Off` -> `OnPending` atomically. Returns
+/// the target's index and slot, or the PSCI error to answer.
+pub fn claim_for_cpu_on(target_mpidr: u64, entry: u64) -> Result<(usize, &'static PerCpu), i64> {
     let m = machine();
-    let Some(index) = m.cpu_index_of(psci::mpidr_affinity(target_mpidr)) else {
-        return ret::INVALID_PARAMETERS;
-    };
-    let Some(slot) = cpu::get(index) else {
-        return ret::INVALID_PARAMETERS;
-    };
+    let index = m
+        .cpu_index_of(psci::mpidr_affinity(target_mpidr))
+        .ok_or(ret::INVALID_PARAMETERS)?;
+    let slot = cpu::get(index).ok_or(ret::INVALID_PARAMETERS)?;
     if !m.host_may_execute(entry) {
-        return ret::INVALID_PARAMETERS;
+        return Err(ret::INVALID_PARAMETERS);
     }
     match slot.transition(PowerState::Off, PowerState::OnPending) {
-        Ok(()) => {}
-        Err(PowerState::OnPending) => return ret::ON_PENDING,
-        Err(_) => return ret::ALREADY_ON,
+        Ok(()) => Ok((index, slot)),
+        Err(PowerState::OnPending) => Err(ret::ON_PENDING),
+        Err(_) => Err(ret::ALREADY_ON),
     }
+}
+
+fn cpu_on(target_mpidr: u64, entry: u64, context: u64) -> i64 {
+    let (index, slot) = match claim_for_cpu_on(target_mpidr, entry) {
+        Ok(claimed) => claimed,
+        Err(code) => return code,
+    };
     if !ARRIVED[index].load(Ordering::Acquire) {
         // Never reached the core: nothing the core can start.
         slot.set_power(PowerState::Off);

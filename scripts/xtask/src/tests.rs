@@ -663,17 +663,7 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
                 fuzz_host::PASS[1],
                 "test-host: PASS",
             ],
-            fail: [
-                fuzz_host::FAIL,
-                &[
-                    "boot failed",
-                    "the rebuilt ledger disagrees",
-                    "rebuilding, ",
-                    "not restarted again",
-                    "did not start",
-                ],
-            ]
-            .concat(),
+            fail: [fuzz_host::FAIL, LEDGER_RESTART_FAIL].concat(),
             ..fuzz_host_case(
                 "random_hostile_host_ledger_restarts",
                 "moat.fuzz=0x5eed1ed9,3000,64 moat.fuzz_restart=250",
@@ -697,17 +687,7 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
                 fuzz_host::PASS[1],
                 "test-host: PASS",
             ],
-            fail: [
-                fuzz_host::FAIL,
-                &[
-                    "boot failed",
-                    "the rebuilt ledger disagrees",
-                    "rebuilding, ",
-                    "not restarted again",
-                    "did not start",
-                ],
-            ]
-            .concat(),
+            fail: [fuzz_host::FAIL, LEDGER_RESTART_FAIL].concat(),
             ..fuzz_host_case(
                 "random_hostile_host_ledger_crashes",
                 "moat.fuzz=0x5eedc4a5,3000,64",
@@ -3045,6 +3025,17 @@ fn kvm_exit_roundtrip(built: &Built) -> Result<u64> {
     }
     Ok(figure)
 }
+
+/// What fails a case whose ledger is restarted mid-run, beside the random
+/// host's own failures: a rebuilt ledger the checker disagrees with, a
+/// refused replay, a ledger given up on or one that did not start again.
+const LEDGER_RESTART_FAIL: &[&str] = &[
+    "boot failed",
+    "the rebuilt ledger disagrees",
+    "rebuilding, ",
+    "not restarted again",
+    "did not start",
+];
 
 /// The test host's protected-VM figures (`bench:` lines): instructions per
 /// page to donate and to reclaim ranges of 1, 512 and 262144 pages (1 GiB),
