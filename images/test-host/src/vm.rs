@@ -649,6 +649,8 @@ pub(super) fn scenarios(
             consistent(c, "a VM running on another CPU");
             race(c, &mut ram, &mut remote);
             consistent(c, "two CPUs racing for the same pages");
+            stale_translations(c, &mut ram, &mut remote);
+            consistent(c, "donations the other CPU had just read");
             remote.stop(c);
         }
         None => say!(
@@ -1987,6 +1989,9 @@ static RESULT: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 /// pending interrupt (x0 = its INTID) and close it again.
 const OP_GIC_SETUP: u32 = 1;
 const OP_GIC_ACK: u32 = 2;
+/// Reads a word with the exception handler armed: x0 = 1 and x1 = the
+/// value, or x0 = 0 if the read aborted.
+const OP_READ: u32 = 3;
 /// The SGI the boot CPU sends to stop a running vCPU.
 const STOP_SGI: u64 = 8;
 /// The GICv3 redistributor region (base, end); 0 for a GICv2.
@@ -2162,6 +2167,10 @@ pub(super) fn secondary(index: u64) -> bool {
         let r = match function {
             OP_GIC_SETUP => [gic_setup(), 0, 0, 0, 0, 0, 0, 0],
             OP_GIC_ACK => [gic_ack(), 0, 0, 0, 0, 0, 0, 0],
+            OP_READ => match try_read(args[0]) {
+                Some(v) => [1, v, 0, 0, 0, 0, 0, 0],
+                None => [0; 8],
+            },
             abi::VCPU_RUN => remote_vcpu_run(args),
             _ => hvc6(function, args),
         };
@@ -2344,6 +2353,57 @@ fn remote_exit(c: &mut Checks, what: &str, r: Option<[u64; 8]>) -> Option<Exit> 
         );
     }
     e
+}
+
+/// Pages the other CPU has just read, so that its TLB holds their
+/// translations, are donated by this CPU: the other CPU's next read must
+/// abort. Nothing but the core's broadcast invalidation removes the
+/// other CPU's entries (it makes no call in between), so a donation whose
+/// invalidation stays on the donating CPU leaves the pages readable there.
+/// One page (invalidated page by page) and 64 pages (past the point where
+/// the core invalidates the whole VMID instead); the reclaimed pages are
+/// readable again from the other CPU, and zero.
+fn stale_translations(c: &mut Checks, ram: &mut Ram, remote: &mut Remote) {
+    const MARK: u64 = 0x5afe_7ab1e;
+    for pages in [1u64, 64] {
+        let name = "vm stale translations";
+        let Some(pa) = ram.take(pages, PAGE) else {
+            c.check(false, format_args!("{name}: {pages} page(s): free host RAM"));
+            return;
+        };
+        let last = pa + (pages - 1) * PAGE;
+        write_u64(pa, MARK);
+        write_u64(last, MARK);
+        let before = [pa, last].map(|a| remote.call(OP_READ, [a, 0, 0, 0, 0, 0]));
+        c.check(
+            before.iter().all(|r| r.is_some_and(|r| r[0] == 1 && r[1] == MARK)),
+            format_args!("{name}: {pages} page(s): the other CPU reads them before the donation"),
+        );
+        let (r, h) = vm_create(p::BASE_IPA, 0);
+        let d = donate(h, pa, pages, p::BASE_IPA);
+        c.check(
+            r.ok() && d.ok(),
+            format_args!("{name}: {pages} page(s): VM_CREATE {r}, VM_DONATE {d}"),
+        );
+        let after = [pa, last].map(|a| remote.call(OP_READ, [a, 0, 0, 0, 0, 0]));
+        c.check(
+            after.iter().all(|r| r.is_some_and(|r| r[0] == 0)),
+            format_args!(
+                "{name}: {pages} page(s): the other CPU's reads of the donated pages abort (x0, x1 of each: {:x?})",
+                after.map(|r| r.map(|r| (r[0], r[1])))
+            ),
+        );
+        let x = destroy(h);
+        let t = reclaim(h, pa, pages);
+        let back = [pa, last].map(|a| remote.call(OP_READ, [a, 0, 0, 0, 0, 0]));
+        c.check(
+            x.ok() && t.ok() && back.iter().all(|r| r.is_some_and(|r| r[0] == 1 && r[1] == 0)),
+            format_args!(
+                "{name}: {pages} page(s): destroyed {x}, reclaimed {t}; the other CPU reads them again, zeroed (x0, x1 of each: {:x?})",
+                back.map(|r| r.map(|r| (r[0], r[1])))
+            ),
+        );
+    }
 }
 
 /// A VM running on the other CPU: the host may not take its memory or end it.

@@ -9,6 +9,7 @@ pub mod gic;
 pub mod mmu;
 pub mod semihosting;
 pub mod sysreg;
+pub mod tlb;
 
 core::arch::global_asm!(include_str!("entry.S"));
 core::arch::global_asm!(include_str!("vectors.S"));

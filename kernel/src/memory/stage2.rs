@@ -15,6 +15,7 @@
 //! nothing changed when the heap cannot give them, and the library then
 //! takes its tables from the pool only.
 
+use crate::arch::tlb;
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes as S2};
 use aarch64_paging::paging::{Constraints, MemoryRegion, PageTable, Stage2, Translation};
@@ -210,6 +211,13 @@ pub static HOST: spin::Once<spin::Mutex<&'static mut StageTwo>> = spin::Once::ne
 /// Bytes in a page.
 const PAGE: u64 = 4096;
 
+/// The level of 4 KiB page entries.
+const LEAF_LEVEL: usize = 3;
+
+/// Above this many pages, taking mappings away from live tables
+/// invalidates the partition's whole VMID once rather than page by page.
+const TLBI_PAGES_MAX: u64 = 16;
+
 /// A partition's stage-2.
 pub struct StageTwo {
     map: Mapping<PooledTables, Stage2>,
@@ -296,9 +304,108 @@ impl StageTwo {
             self.reserve_tables(&[(ipa, size)])?;
         }
         let region = MemoryRegion::new(ipa as usize, end as usize);
+        if self.map.active()
+            && constraints.contains(Constraints::NO_BLOCK_MAPPINGS)
+            && let Some(result) = self.change_live_pages(&region, pa, flags)
+        {
+            return result;
+        }
+        let live = self.map.active();
         self.map
             .map_range(&region, PhysicalAddress(pa as usize), flags, constraints)
-            .map_err(|_| MapError::Refused("stage-2 mapping failed"))
+            .map_err(|_| MapError::Refused("stage-2 mapping failed"))?;
+        if live {
+            // The library invalidated each leaf by IPA; the combined
+            // stage-1+2 entries remain.
+            tlb::invalidate_combined();
+        }
+        Ok(())
+    }
+
+    /// A page-granular change of live tables with the TLB maintenance it
+    /// needs and no more; `None` for a change this path does not make
+    /// (a valid block in the range, or valid pages a map would replace),
+    /// which then goes through the library's break-before-make checks.
+    ///
+    /// aarch64-paging invalidates every leaf a change of live tables
+    /// covers, one broadcast TLBI per 4 KiB page, mapped or not: a 2 MiB
+    /// donation cost three times 512 of them, and on an emulator every
+    /// broadcast stops all CPUs. Here:
+    /// - entries made valid where none was need no invalidation (an
+    ///   invalid entry is never cached), only the table writes published;
+    /// - entries made invalid are invalidated only if they were valid,
+    ///   page by page up to [`TLBI_PAGES_MAX`] pages, and above that with
+    ///   one invalidation of the whole VMID, as pKVM does past its own
+    ///   threshold;
+    /// - no table is freed (an unmap writes invalid leaves and keeps its
+    ///   tables), so no walker can hold a table that was given away.
+    fn change_live_pages(
+        &mut self,
+        region: &MemoryRegion,
+        pa: u64,
+        flags: S2,
+    ) -> Option<Result<(), MapError>> {
+        let mut valid_pages = 0u64;
+        let mut valid_block = false;
+        self.map
+            .walk_range(region, &mut |_, d, level| {
+                if d.is_valid() {
+                    if level == LEAF_LEVEL {
+                        valid_pages += 1;
+                    } else {
+                        valid_block = true;
+                    }
+                }
+                Ok(())
+            })
+            .ok()?;
+        let making_valid = flags.contains(S2::VALID);
+        if valid_block || (making_valid && valid_pages > 0) {
+            return None;
+        }
+        // The library skips its per-leaf maintenance on tables it believes
+        // inactive; the maintenance below replaces it. Every change of one
+        // stage-2 runs under its owner's lock, so nobody else sees the
+        // count meanwhile.
+        self.map.mark_inactive();
+        let result = if making_valid {
+            // Writes page entries (and any missing table) only: a valid
+            // change never frees a table.
+            self.map.map_range(
+                region,
+                PhysicalAddress(pa as usize),
+                flags,
+                Constraints::NO_BLOCK_MAPPINGS,
+            )
+        } else {
+            self.map.modify_range(region, &|_, d| {
+                if d.level() == LEAF_LEVEL {
+                    d.set(PhysicalAddress(0), flags)
+                } else if d.is_table() || !d.flags().contains(S2::VALID) {
+                    // An invalid entry above the leaves: nothing mapped.
+                    Ok(())
+                } else {
+                    Err(())
+                }
+            })
+        };
+        self.map.mark_active();
+        tlb::publish_table_writes();
+        if valid_pages > 0 {
+            let (start, end) = (region.start().0 as u64, region.end().0 as u64);
+            if (end - start) / PAGE <= TLBI_PAGES_MAX {
+                let mut ipa = start;
+                while ipa < end {
+                    tlb::invalidate_stage2_page(ipa);
+                    ipa += PAGE;
+                }
+                tlb::complete_stage2();
+                tlb::invalidate_combined();
+            } else {
+                tlb::invalidate_vmid();
+            }
+        }
+        Some(result.map_err(|_| MapError::Refused("stage-2 mapping failed")))
     }
 
     /// An identity stage-2 from a plan (the host's).
@@ -410,11 +517,11 @@ impl StageTwo {
         self.map.mark_inactive();
     }
 
-    /// Creates the tables `[ipa, ipa + size)` needs at 4 KiB granularity,
-    /// with every entry invalid, so that a later [`StageTwo::map_pages`] of
-    /// the range cannot fail for want of memory. Changes no translation.
+    /// Puts in the table pool the pages `[ipa, ipa + size)` needs at 4 KiB
+    /// granularity, so that a later [`StageTwo::map_pages`] of the range
+    /// cannot fail for want of memory. Changes no translation.
     pub fn reserve(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
-        self.invalidate_entries(ipa, size)
+        self.reserve_tables(&[(ipa, size)])
     }
 
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with 4 KiB pages
@@ -453,9 +560,10 @@ impl StageTwo {
         self.map_pages(ipa, pa, size, access)
     }
 
-    /// Removes every mapping of `[ipa, ipa + size)`. On live tables each
-    /// changed leaf is invalidated by IPA (TLBI IPAS2E1IS) with the current
-    /// VTTBR's VMID: call through [`with_vmid`].
+    /// Removes every mapping of `[ipa, ipa + size)`. On live tables the
+    /// pages that were mapped are gone from every CPU's TLB when it
+    /// returns (invalidations name the current VTTBR's VMID: call through
+    /// [`with_vmid`]).
     pub fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
         self.invalidate_entries(ipa, size)
     }
@@ -579,24 +687,13 @@ impl StageTwo {
 }
 
 /// Runs `f` (stage-2 changes of the partition whose VTTBR_EL2 value is
-/// `vttbr`) with that VTTBR loaded, so that the by-IPA invalidations the
-/// changes issue name its VMID, then invalidates the VMID's combined
-/// stage-1+2 entries, which a by-IPA invalidation does not reach.
+/// `vttbr`) with that VTTBR loaded, so that the invalidations the changes
+/// issue (each change completes its own, combined stage-1+2 entries
+/// included) name its VMID.
 pub fn with_vmid<R>(vttbr: u64, f: impl FnOnce() -> R) -> R {
     let previous = current_vttbr();
     load_vttbr(vttbr);
     let r = f();
-    // SAFETY: TLB maintenance for the loaded VMID only; the barriers make
-    // the invalidation complete on every CPU before the caller goes on.
-    unsafe {
-        core::arch::asm!(
-            "dsb ishst",
-            "tlbi vmalle1is",
-            "dsb ish",
-            "isb",
-            options(nostack, preserves_flags)
-        );
-    }
     load_vttbr(previous);
     r
 }
@@ -607,16 +704,7 @@ pub fn with_vmid<R>(vttbr: u64, f: impl FnOnce() -> R) -> R {
 pub fn flush_vmid(vttbr: u64) {
     let previous = current_vttbr();
     load_vttbr(vttbr);
-    // SAFETY: TLB maintenance for the loaded VMID only.
-    unsafe {
-        core::arch::asm!(
-            "dsb ishst",
-            "tlbi vmalls12e1is",
-            "dsb ish",
-            "isb",
-            options(nostack, preserves_flags)
-        );
-    }
+    tlb::invalidate_vmid();
     load_vttbr(previous);
 }
 

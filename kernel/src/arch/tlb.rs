@@ -1,0 +1,60 @@
+//! TLB maintenance for stage-2 changes, broadcast to every CPU of the
+//! inner-shareable domain. Each operation acts on the VMID that
+//! VTTBR_EL2 names on this CPU (the caller loads it first, see
+//! `memory::stage2::with_vmid`); none of them changes memory.
+
+/// Makes earlier table writes visible to the table walkers of every CPU,
+/// before the invalidations that follow.
+pub fn publish_table_writes() {
+    // SAFETY: a barrier; no memory effect.
+    unsafe { core::arch::asm!("dsb ishst", options(nostack, preserves_flags)) };
+}
+
+/// Invalidates the stage-2 entries of the 4 KiB page at `ipa`.
+/// Complete it with [`complete_stage2`] before the combined entries go.
+pub fn invalidate_stage2_page(ipa: u64) {
+    // SAFETY: TLB maintenance by IPA (bits 47:12 in the operand's 35:0);
+    // no memory effect.
+    unsafe {
+        core::arch::asm!("tlbi ipas2e1is, {}", in(reg) ipa >> 12, options(nostack, preserves_flags))
+    };
+}
+
+/// Waits until the stage-2 invalidations issued so far are complete on
+/// every CPU: only then can no walk refill a combined entry from them.
+pub fn complete_stage2() {
+    // SAFETY: a barrier; no memory effect.
+    unsafe { core::arch::asm!("dsb ish", options(nostack, preserves_flags)) };
+}
+
+/// Invalidates the combined stage-1+2 entries of the loaded VMID (a by-IPA
+/// invalidation does not reach them), and waits for it on every CPU.
+pub fn invalidate_combined() {
+    // SAFETY: TLB maintenance for the loaded VMID and barriers; no memory
+    // effect.
+    unsafe {
+        core::arch::asm!(
+            "dsb ishst",
+            "tlbi vmalle1is",
+            "dsb ish",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// Invalidates every entry of the loaded VMID, stage-1 and stage-2, and
+/// waits for it on every CPU: one broadcast instead of one per page.
+pub fn invalidate_vmid() {
+    // SAFETY: TLB maintenance for the loaded VMID and barriers; no memory
+    // effect.
+    unsafe {
+        core::arch::asm!(
+            "dsb ishst",
+            "tlbi vmalls12e1is",
+            "dsb ish",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
+}
