@@ -80,7 +80,7 @@ struct Outcome {
 
 /// Runs `target` for `seconds` of fuzzing and reads libFuzzer's figures
 /// from its output, which is also written to `target/fuzz/<target>.log`.
-fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
+fn run_target(target: &str, seconds: u64, runs: Option<u64>) -> Result<Outcome> {
     let work = target_dir().join("fuzz");
     let corpus = work.join("corpus").join(target);
     std::fs::create_dir_all(&corpus)?;
@@ -111,6 +111,7 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
         .arg(root().join("fuzz/corpus").join(target))
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
+        .args(runs.map(|n| format!("-runs={n}")))
         .args(["-timeout=10", "-rss_limit_mb=2048"])
         .arg("-print_final_stats=1")
         .stdout(Stdio::piped())
@@ -163,7 +164,7 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
 }
 
 /// `cargo xtask fuzz [--target T] [--seconds S]`.
-pub fn fuzz(only: Option<&str>, seconds: u64) -> Result<()> {
+pub fn fuzz(only: Option<&str>, seconds: u64, runs: Option<u64>) -> Result<()> {
     let all = targets()?;
     let chosen: Vec<&String> = match only {
         Some(name) => {
@@ -176,15 +177,19 @@ pub fn fuzz(only: Option<&str>, seconds: u64) -> Result<()> {
         None => all.iter().collect(),
     };
     ensure_cargo_fuzz()?;
+    let until = match runs {
+        Some(n) => format!("{n} executions or {seconds} s"),
+        None => format!("{seconds} s"),
+    };
     println!(
-        "xtask: fuzzing {} target(s) for {seconds} s each, one at a time",
+        "xtask: fuzzing {} target(s) for {until} each, one at a time",
         chosen.len()
     );
     let mut failed = Vec::new();
     let mut report = Vec::new();
     for target in chosen {
         println!("xtask: fuzz {target} ...");
-        let o = run_target(target, seconds)?;
+        let o = run_target(target, seconds, runs)?;
         let crashes = usize::from(o.failed);
         report.push(format!(
             "{target:<16} {:>12} executions {:>8}/s  corpus {:>5}  crashes {crashes}{}",

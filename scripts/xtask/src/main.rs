@@ -192,6 +192,10 @@ enum Command {
         /// Seconds of fuzzing per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Stop a target after this many executions instead (the seconds
+        /// still bound the run): `--runs 10000000 --seconds 7200`.
+        #[arg(long)]
+        runs: Option<u64>,
     },
     /// Linux on 4 CPUs running protected VMs in a loop under memory
     /// pressure for M minutes; fails on a warning, a checker failure or a
@@ -445,7 +449,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             },
             !no_shrink,
         ),
-        Command::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds),
+        Command::Fuzz {
+            target,
+            seconds,
+            runs,
+        } => fuzz::fuzz(target.as_deref(), seconds, runs),
         Command::Soak { minutes } => soak::soak(minutes),
         Command::Bench {
             emulator_cost,
