@@ -2368,7 +2368,10 @@ fn stale_translations(c: &mut Checks, ram: &mut Ram, remote: &mut Remote) {
     for pages in [1u64, 64] {
         let name = "vm stale translations";
         let Some(pa) = ram.take(pages, PAGE) else {
-            c.check(false, format_args!("{name}: {pages} page(s): free host RAM"));
+            c.check(
+                false,
+                format_args!("{name}: {pages} page(s): free host RAM"),
+            );
             return;
         };
         let last = pa + (pages - 1) * PAGE;
@@ -2376,7 +2379,9 @@ fn stale_translations(c: &mut Checks, ram: &mut Ram, remote: &mut Remote) {
         write_u64(last, MARK);
         let before = [pa, last].map(|a| remote.call(OP_READ, [a, 0, 0, 0, 0, 0]));
         c.check(
-            before.iter().all(|r| r.is_some_and(|r| r[0] == 1 && r[1] == MARK)),
+            before
+                .iter()
+                .all(|r| r.is_some_and(|r| r[0] == 1 && r[1] == MARK)),
             format_args!("{name}: {pages} page(s): the other CPU reads them before the donation"),
         );
         let (r, h) = vm_create(p::BASE_IPA, 0);

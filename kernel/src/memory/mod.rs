@@ -537,16 +537,6 @@ pub(super) fn host_stage2() -> spin::MutexGuard<'static, &'static mut StageTwo> 
     }
 }
 
-/// DCZID_EL0's block size in bytes, or `None` if DC ZVA is prohibited.
-fn zero_block() -> Option<u64> {
-    let dczid: u64;
-    // SAFETY: reads DCZID_EL0.
-    unsafe {
-        core::arch::asm!("mrs {}, dczid_el0", out(reg) dczid, options(nomem, nostack, preserves_flags))
-    };
-    (dczid & (1 << 4) == 0).then(|| 4u64 << (dczid & 0xf))
-}
-
 /// Zeroes `[pa, pa + size)` and, where MTE is present, sets its allocation
 /// tags to zero; then cleans data (and tags) to the point of coherency, so
 /// that no old byte or tag is left in memory for a non-cacheable alias.
@@ -556,7 +546,7 @@ fn zero_block() -> Option<u64> {
 pub fn scrub_pages(pa: u64, size: u64) {
     let tags = crate::arch::mmu::el2_tag_access();
     let end = pa + size;
-    match zero_block() {
+    match crate::arch::cache::zero_block() {
         Some(block) => {
             let mut addr = pa;
             while addr < end {

@@ -97,24 +97,35 @@ impl TablePool {
 
     /// A zeroed page from the pool, if it has one.
     fn pop(&self) -> Option<NonNull<PageTable<S2>>> {
+        let page = self.unlink()?;
+        // SAFETY: the page was just unlinked: it is the caller's alone, a
+        // whole page-aligned table page the core maps; zeroed as the
+        // library expects of a new table.
+        unsafe { crate::arch::cache::zero_page(page.as_ptr().expose_provenance() as u64) };
+        Some(page)
+    }
+
+    /// Takes the first page off the list, as it is (its first word the
+    /// old link).
+    fn unlink(&self) -> Option<NonNull<PageTable<S2>>> {
         let page = NonNull::new(core::ptr::with_exposed_provenance_mut::<PageTable<S2>>(
             self.head.load(Ordering::Relaxed),
         ))?;
         // SAFETY: the head is a free page of the list (its address exposed
-        // by `push`), whose first word is the next link; once unlinked the
-        // page is the caller's, zeroed as the library expects.
+        // by `push`), whose first word is the next link.
         unsafe {
             self.head
                 .store(page.cast::<usize>().read(), Ordering::Relaxed);
-            page.cast::<u8>().write_bytes(0, TABLE.size());
         }
         self.count.fetch_sub(1, Ordering::Relaxed);
         Some(page)
     }
 
-    /// Gives every pooled page back to the heap.
+    /// Gives every pooled page back to the heap (not zeroed: the heap
+    /// hands out memory as it is, and a table taken from the pool is
+    /// zeroed when it is taken).
     fn drain(&self) {
-        while let Some(page) = self.pop() {
+        while let Some(page) = self.unlink() {
             // SAFETY: every pooled page came from `alloc` with `TABLE`.
             unsafe { alloc::alloc::dealloc(page.as_ptr().cast(), TABLE) };
         }
@@ -323,9 +334,8 @@ impl StageTwo {
     }
 
     /// A page-granular change of live tables with the TLB maintenance it
-    /// needs and no more; `None` for a change this path does not make
-    /// (a valid block in the range, or valid pages a map would replace),
-    /// which then goes through the library's break-before-make checks.
+    /// needs and no more; `None` for a map over valid entries, which then
+    /// goes through the library's break-before-make checks.
     ///
     /// aarch64-paging invalidates every leaf a change of live tables
     /// covers, one broadcast TLBI per 4 KiB page, mapped or not: a 2 MiB
@@ -345,28 +355,26 @@ impl StageTwo {
         pa: u64,
         flags: S2,
     ) -> Option<Result<(), MapError>> {
-        let mut valid_pages = 0u64;
-        let mut valid_block = false;
-        self.map
-            .walk_range(region, &mut |_, d, level| {
-                if d.is_valid() {
-                    if level == LEAF_LEVEL {
-                        valid_pages += 1;
-                    } else {
-                        valid_block = true;
-                    }
-                }
-                Ok(())
-            })
-            .ok()?;
         let making_valid = flags.contains(S2::VALID);
-        if valid_block || (making_valid && valid_pages > 0) {
-            return None;
+        if making_valid {
+            // Only where nothing is mapped: replacing a valid entry is the
+            // library's to refuse (break-before-make).
+            let mut any_valid = false;
+            self.map
+                .walk_range(region, &mut |_, d, _| {
+                    any_valid |= d.is_valid();
+                    Ok(())
+                })
+                .ok()?;
+            if any_valid {
+                return None;
+            }
         }
         // The library skips its per-leaf maintenance on tables it believes
         // inactive; the maintenance below replaces it. Every change of one
         // stage-2 runs under its owner's lock, so nobody else sees the
         // count meanwhile.
+        let cleared = core::cell::Cell::new(0u64);
         self.map.mark_inactive();
         let result = if making_valid {
             // Writes page entries (and any missing table) only: a valid
@@ -380,18 +388,25 @@ impl StageTwo {
         } else {
             self.map.modify_range(region, &|_, d| {
                 if d.level() == LEAF_LEVEL {
+                    if d.flags().contains(S2::VALID) {
+                        cleared.set(cleared.get() + 1);
+                    }
                     d.set(PhysicalAddress(0), flags)
                 } else if d.is_table() || !d.flags().contains(S2::VALID) {
                     // An invalid entry above the leaves: nothing mapped.
                     Ok(())
                 } else {
+                    // A valid block: partition RAM is mapped in pages, so
+                    // this is no range a transaction names. The change
+                    // stops here (what it cleared is invalidated below)
+                    // and fails, and memory requests stop with it.
                     Err(())
                 }
             })
         };
         self.map.mark_active();
         tlb::publish_table_writes();
-        if valid_pages > 0 {
+        if cleared.get() > 0 {
             let (start, end) = (region.start().0 as u64, region.end().0 as u64);
             if (end - start) / PAGE <= TLBI_PAGES_MAX {
                 let mut ipa = start;
