@@ -35,6 +35,7 @@
  * and the one function that issues them.
  */
 #define MOAT_CHECK_CONSISTENCY	0xc6000002
+#define MOAT_LEDGER_RESTART	0xc6000003
 #define MOAT_HOST_SHARE_HYP	0xc6000010
 #define MOAT_HOST_UNSHARE_HYP	0xc6000011
 #define MOAT_VM_CREATE		0xc6000012
@@ -357,6 +358,8 @@ static long moat_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 
 	if (cmd == MOAT_CHECK)
 		return moat_call2(MOAT_CHECK_CONSISTENCY, 0, 0, 0, 0);
+	if (cmd == MOAT_RESTART_LEDGER)
+		return moat_call2(MOAT_LEDGER_RESTART, 0, 0, 0, 0);
 	if (mutex_lock_interruptible(&mf->lock))
 		return -EINTR;
 	switch (cmd) {

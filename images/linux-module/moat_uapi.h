@@ -57,5 +57,12 @@ struct moat_run {
 #define MOAT_RUN _IOWR(MOAT_IOCTL_MAGIC, 3, struct moat_run)
 /* CHECK_CONSISTENCY: 0 if the core's ledger and the host's stage-2 agree. */
 #define MOAT_CHECK _IO(MOAT_IOCTL_MAGIC, 4)
+/*
+ * LEDGER_RESTART: stops the memory ledger and rebuilds it from the core's
+ * own records. 0 once it is back; -EAGAIN if a VM is running somewhere: the
+ * rebuild then happens at the first host call made with none running, and
+ * memory calls meanwhile are retried by the module, then fail with -EAGAIN.
+ */
+#define MOAT_RESTART_LEDGER _IO(MOAT_IOCTL_MAGIC, 5)
 
 #endif /* MOAT_UAPI_H */

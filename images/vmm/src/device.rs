@@ -56,6 +56,7 @@ const DONATE: u64 = ioc(WRITE, 1, size_of::<Donate>());
 const LOAD: u64 = ioc(WRITE, 2, size_of::<Load>());
 const RUN: u64 = ioc(READ | WRITE, 3, size_of::<Run>());
 const CHECK: u64 = ioc(0, 4, 0);
+const RESTART_LEDGER: u64 = ioc(0, 5, 0);
 
 /// An open `/dev/moat`: at most one VM, which lives as long as the file.
 pub struct Device {
@@ -142,6 +143,13 @@ impl Device {
     /// agree.
     pub fn check(&self) -> io::Result<()> {
         self.ioctl::<u8>(CHECK, std::ptr::null_mut())
+    }
+
+    /// `LEDGER_RESTART`: the memory ledger stopped and rebuilt from the
+    /// core's records. `EAGAIN` if a VM is running: the rebuild waits for
+    /// a host call made with none running.
+    pub fn restart_ledger(&self) -> io::Result<()> {
+        self.ioctl::<u8>(RESTART_LEDGER, std::ptr::null_mut())
     }
 }
 

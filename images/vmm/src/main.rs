@@ -104,6 +104,11 @@ enum Command {
     /// Ask the core whether its memory ledger and the host's stage-2 agree
     /// (CHECK_CONSISTENCY); exit status 0 if they do.
     Check,
+    /// Restart the core's memory ledger (an operator's upgrade, or a test):
+    /// the core rebuilds it from its own records; exit status 0 once it is
+    /// back, 75 (EX_TEMPFAIL) if a VM is running and the rebuild waits for
+    /// the first host call made with none running.
+    RestartLedger,
     /// Tests only, with the test build of moat.ko: create a VM, give it
     /// one page, map that page into this process and read it. The read must
     /// end this process with SIGBUS.
@@ -358,6 +363,25 @@ fn run(guest: &std::path::Path, mem: u64, mte: bool) -> Result<End, String> {
     end
 }
 
+fn restart_ledger() -> ExitCode {
+    match Device::open().and_then(|dev| dev.restart_ledger()) {
+        Ok(()) => {
+            println!("moat-vmm: the memory ledger was restarted and rebuilt");
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+            println!(
+                "moat-vmm: the memory ledger is stopped; a VM is running, so it is rebuilt at the first call made with none running"
+            );
+            ExitCode::from(75)
+        }
+        Err(e) => {
+            eprintln!("moat-vmm: LEDGER_RESTART: {e}");
+            ExitCode::from(STATUS_VMM_FAILED)
+        }
+    }
+}
+
 fn check() -> ExitCode {
     match Device::open().and_then(|dev| dev.check()) {
         Ok(()) => {
@@ -532,6 +556,7 @@ fn main() -> ExitCode {
             return ExitCode::from(STATUS_VMM_FAILED);
         }
         Command::Check => return check(),
+        Command::RestartLedger => return restart_ledger(),
         Command::ReadDonated => return read_donated(),
         Command::ProbeErrors { guest } => return probe_errors(&guest),
         Command::ProbeVgic { guest, no_vgic } => return probe_vgic(&guest, !no_vgic),

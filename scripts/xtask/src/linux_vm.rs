@@ -398,6 +398,7 @@ mod tests {
         };
         for (name, id) in [
             ("MOAT_CHECK_CONSISTENCY", hypercall::CHECK_CONSISTENCY),
+            ("MOAT_LEDGER_RESTART", hypercall::LEDGER_RESTART),
             ("MOAT_HOST_SHARE_HYP", vm::HOST_SHARE_HYP),
             ("MOAT_HOST_UNSHARE_HYP", vm::HOST_UNSHARE_HYP),
             ("MOAT_VM_CREATE", vm::VM_CREATE),

@@ -1181,6 +1181,37 @@ fn linux_vm_hostile_cases(gic: &'static str) -> Vec<Case> {
             gic,
         ),
         Case {
+            fail: [
+                linux::FAIL_PATTERNS,
+                VMM_FAIL_PATTERNS,
+                &[
+                    "unloaded under a live VM",
+                    "restart case: FAILED",
+                    "ledger: rebuilding,",
+                    "ledger: the rebuilt ledger disagrees",
+                    "ledger: the restarted ledger did not start",
+                    "LEDGER_RESTART:",
+                ],
+            ]
+            .concat(),
+            timeout: 600,
+            ..linux_vm_memory_case(
+                name(
+                    "linux_ledger_restarts_under_running_vms",
+                    "linux_ledger_restarts_under_running_vms_gicv2",
+                ),
+                VM_RESTART_COMMANDS,
+                &[
+                    "moat-vmm: the memory ledger was restarted and rebuilt",
+                    "ledger: restarted and rebuilt from the core's records (restart 1)",
+                    "alive: guest heard: after the restart",
+                    "restart case: 20 lives done",
+                ],
+                LOOSE_PAGES,
+                gic,
+            )
+        },
+        Case {
             timeout: 600,
             ..linux_vm_memory_case(
                 name(
@@ -1446,6 +1477,54 @@ wait $a || exit 4
 wait $b || exit 5
 while read -r l; do echo \"first: $l\"; done < /tmp/out1
 while read -r l; do echo \"second: $l\"; done < /tmp/out2
+after=$(free_pages)
+echo \"free pages before $before after $after\"
+moat-vmm check"
+);
+
+/// The memory ledger restarted from Linux (`moat-vmm restart-ledger`): with
+/// no VM, with a VM alive and holding its memory (the rebuild replays it),
+/// and ten times while VMs are created, run and destroyed on the other CPU
+/// (their memory calls meet a ledger that is down and are retried by the
+/// module). Every VM must run to its end, its memory must come back and
+/// the checker must agree at the end.
+const VM_RESTART_COMMANDS: &str = concat!(
+    vm_prelude!(),
+    "\
+restart() {
+    moat-vmm restart-ledger
+    s=$?
+    [ $s -eq 0 ] || [ $s -eq 75 ] || echo \"restart case: FAILED: restart-ledger status $s\"
+}
+before=$(free_pages)
+restart
+mkfifo /tmp/in1
+taskset 2 moat-vmm run --mem 8M /guest.bin < /tmp/in1 > /tmp/out1 & a=$!
+exec 3> /tmp/in1
+n=0
+until grep -q 'type a line' /tmp/out1; do
+    n=$((n + 1)); [ $n -lt 600 ] || exit 3; sleep 0.1
+done
+restart
+echo 'after the restart' >&3; exec 3>&-
+wait $a || echo \"restart case: FAILED: the VM alive across the restart\"
+while read -r l; do echo \"alive: $l\"; done < /tmp/out1
+(
+    i=0
+    while [ $i -lt 20 ]; do
+        echo $i | taskset 2 moat-vmm run /guest.bin > /dev/null || echo \"restart case: FAILED: VM $i\"
+        i=$((i + 1))
+    done
+    echo \"restart case: $i lives done\"
+) & lives=$!
+r=0
+while [ $r -lt 10 ]; do
+    restart > /dev/null
+    r=$((r + 1))
+    sleep 0.3
+done
+wait $lives
+restart
 after=$(free_pages)
 echo \"free pages before $before after $after\"
 moat-vmm check"
