@@ -30,8 +30,9 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
     // SAFETY: TPIDR_EL2 pointed at a vCPU frame, which the vector just
     // filled; the vCPU is stopped while the core runs.
     let regs = unsafe { &mut *frame };
-    // The null hypercall is the floor of every call's cost; answer it first,
-    // for any partition (it changes nothing but x0).
+    // The null hypercall changes nothing but x0; answer it first, for any
+    // partition. (The host's is answered in the vector, `vectors.S`, unless
+    // the machine is stopping: this one serves VMs and services.)
     if vector_kind == LOWER_SYNC && esr == ESR_HVC0 && regs.x[0] as u32 == hypercall::NULL {
         regs.x[0] = 0;
         return frame;
