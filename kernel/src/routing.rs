@@ -140,13 +140,17 @@ impl RoutingTable {
         if !(SERVICE_RANGE_START..SERVICE_RANGE_END).contains(&n) {
             return None;
         }
-        self.specs
-            .iter()
-            .position(|s| s.count != 0 && n >= s.first && n - s.first < s.count)
-            .map(|i| {
+        // One unsigned compare per spec: `build` keeps `first + count` within
+        // the u16 service range, so a function below `first` wraps to an
+        // offset no count reaches, and a count of 0 routes nothing.
+        for (i, s) in self.specs.iter().enumerate() {
+            let offset = n.wrapping_sub(s.first);
+            if offset < s.count {
                 // Operation numbers start at 1; function `first` is operation 1.
-                (i, n - self.specs[i].first + 1)
-            })
+                return Some((i, offset + 1));
+            }
+        }
+        None
     }
 
     /// Whether any service observes `class` (the cheap check on every trap).
@@ -192,6 +196,41 @@ mod tests {
         // Not a fast SMC64 vendor-hyp id.
         assert_eq!(t.hypercall(0x8600_1000), None);
         assert_eq!(t.hypercall(0xc700_1000), None);
+    }
+
+    #[test]
+    fn a_function_below_a_range_does_not_wrap_into_it() {
+        // The largest range the table accepts, and one starting just above
+        // a function: neither is reached from below.
+        let t = RoutingTable::build(&[
+            spec(
+                SERVICE_RANGE_START + 1,
+                SERVICE_RANGE_END - SERVICE_RANGE_START - 1,
+            ),
+            spec(0, 0),
+        ])
+        .unwrap();
+        let below = hypercall::id(SERVICE_RANGE_START);
+        assert_eq!(t.hypercall(below), None);
+        assert_eq!(t.hypercall(below + 1), Some((0, 1)));
+        assert_eq!(
+            t.hypercall(hypercall::id(SERVICE_RANGE_END - 1)),
+            Some((0, SERVICE_RANGE_END - SERVICE_RANGE_START - 1))
+        );
+        assert_eq!(t.hypercall(hypercall::id(SERVICE_RANGE_END)), None);
+        // Every function of the space against a table with a zero count
+        // between two ranges: the answer is the ranges' own arithmetic.
+        let t = RoutingTable::build(&[spec(0x1000, 16), spec(0x2000, 0), spec(0x1010, 2)]).unwrap();
+        for n in 0..=u16::MAX {
+            let expected = if (0x1000..0x1010).contains(&n) {
+                Some((0, n - 0x1000 + 1))
+            } else if (0x1010..0x1012).contains(&n) {
+                Some((2, n - 0x1010 + 1))
+            } else {
+                None
+            };
+            assert_eq!(t.hypercall(hypercall::id(n)), expected, "function {n:#x}");
+        }
     }
 
     #[test]

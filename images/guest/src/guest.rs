@@ -246,8 +246,10 @@ fn write_decimal(at: *mut u8, mut n: u64) -> usize {
 }
 
 fn demo(flags: u64) {
-    // (a) Hello, with a value computed in our own memory.
-    hvc(HELLO, [compute_hello(), 0, 0, 0, 0]);
+    // (a) Hello, with a value computed in our own memory, and what the core
+    // answered our NULL hypercall (a VM's takes the core's full path).
+    let null = hvc(moat_abi::hypercall::NULL, [0; 5])[0];
+    hvc(HELLO, [compute_hello(), null, 0, 0, 0]);
 
     // (b) A message through a shared page, and the host's reply.
     let ipa = shared_ipa();

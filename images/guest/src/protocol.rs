@@ -14,7 +14,8 @@ use moat_abi::hypercall::id;
 /// Guest: what should I do? Made at entry, MMU off. Answer: r0 = a `MODE_*`,
 /// r1 = `FLAG_*` bits.
 pub const CONFIG: u32 = id(0x800);
-/// Guest: hello; x1 = [`hello_value`] as the guest computed it in its memory.
+/// Guest: hello; x1 = [`hello_value`] as the guest computed it in its memory,
+/// x2 = what the core answered the guest's `NULL` hypercall.
 pub const HELLO: u32 = id(0x801);
 /// Guest: my page at IPA x1 is shared with you (x2 = `GUEST_SHARE_HOST`'s
 /// result) and holds a message of x3 bytes. Answer: r0 = 0 once the host

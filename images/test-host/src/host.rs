@@ -96,6 +96,107 @@ fn hvc(function: u32, args: [u64; 3]) -> [u64; 4] {
     smc_call(true, function, args)
 }
 
+/// x0..x17 after `hvc #IMM` (or `smc #0`) with x0 = `x0` and x1..x17 =
+/// [`register_pattern`].
+macro_rules! call_keeping {
+    ($insn:literal, $x0:expr) => {{
+        let mut r = [0u64; 18];
+        // SAFETY: an SMCCC call the core answers; every register it may
+        // change is an output.
+        unsafe {
+            core::arch::asm!(
+                $insn,
+                inout("x0") $x0 => r[0],
+                inout("x1") register_pattern(1) => r[1],
+                inout("x2") register_pattern(2) => r[2],
+                inout("x3") register_pattern(3) => r[3],
+                inout("x4") register_pattern(4) => r[4],
+                inout("x5") register_pattern(5) => r[5],
+                inout("x6") register_pattern(6) => r[6],
+                inout("x7") register_pattern(7) => r[7],
+                inout("x8") register_pattern(8) => r[8],
+                inout("x9") register_pattern(9) => r[9],
+                inout("x10") register_pattern(10) => r[10],
+                inout("x11") register_pattern(11) => r[11],
+                inout("x12") register_pattern(12) => r[12],
+                inout("x13") register_pattern(13) => r[13],
+                inout("x14") register_pattern(14) => r[14],
+                inout("x15") register_pattern(15) => r[15],
+                inout("x16") register_pattern(16) => r[16],
+                inout("x17") register_pattern(17) => r[17],
+                options(nostack),
+            );
+        }
+        r
+    }};
+}
+
+fn register_pattern(n: u64) -> u64 {
+    0x9e37_79b9_0000_0000 ^ (n << 40) ^ n.wrapping_mul(0x0101_0101)
+}
+
+/// The host's NULL hypercall is answered in the core's vector without a
+/// frame: it must answer exactly as the full path does, and only that call
+/// may take it. The neighbours of the exact call (another immediate, SMC,
+/// another function id) take the full path and get its answers.
+fn null_hypercall_edges(c: &mut Checks) {
+    let null = u64::from(hypercall::NULL);
+    let kept = |r: &[u64; 18], from: usize| (from..18).all(|n| r[n] == register_pattern(n as u64));
+    let r = call_keeping!("hvc #0", null);
+    c.check(
+        r[0] == 0 && kept(&r, 1),
+        format_args!("null hypercall: x0 = 0, x1..x17 as they were ({:#x})", r[0]),
+    );
+    // The function id is the low 32 bits (SMCCC): the core ignores the rest.
+    let r = call_keeping!("hvc #0", 0xffff_ffff_0000_0000 | null);
+    c.check(
+        r[0] == 0 && kept(&r, 1),
+        format_args!(
+            "null hypercall with x0's upper half set: x0 = 0, x1..x17 kept ({:#x})",
+            r[0]
+        ),
+    );
+    let r = call_keeping!("hvc #1", null);
+    c.check(
+        r[0] == ids::NOT_SUPPORTED && kept(&r, 1),
+        format_args!(
+            "null hypercall with immediate 1 is NOT_SUPPORTED ({:#x})",
+            r[0]
+        ),
+    );
+    let r = call_keeping!("hvc #0xffff", null);
+    c.check(
+        r[0] == ids::NOT_SUPPORTED && kept(&r, 1),
+        format_args!(
+            "null hypercall with immediate 0xffff is NOT_SUPPORTED ({:#x})",
+            r[0]
+        ),
+    );
+    let r = call_keeping!("smc #0", null);
+    c.check(
+        r[0] == 0 && kept(&r, 1),
+        format_args!("null call through SMC: x0 = 0, x1..x17 kept ({:#x})", r[0]),
+    );
+    let r = call_keeping!("hvc #0", u64::from(hypercall::ABI_VERSION));
+    c.check(
+        r[0] == 0 && r[1] == u64::from(moat_abi::ABI_VERSION),
+        format_args!(
+            "the call after NULL (ABI_VERSION) is answered as ABI_VERSION ({:#x})",
+            r[0]
+        ),
+    );
+    // NULL's number in the 32-bit calling convention is another function.
+    let r = call_keeping!("hvc #0", null ^ (1 << 30));
+    c.check(
+        r[0] == ids::NOT_SUPPORTED,
+        format_args!(
+            "function id {:#x} is not NULL: NOT_SUPPORTED ({:#x})",
+            null ^ (1 << 30),
+            r[0]
+        ),
+    );
+}
+
 fn system_off() -> ! {
     hvc(smccc::psci::PSCI_SYSTEM_OFF, [0; 3]);
     say!("FAIL (SYSTEM_OFF returned)");
@@ -593,6 +694,7 @@ extern "C" fn host_main(dtb_addr: u64) -> ! {
     );
     let v = hvc(hypercall::NULL, [0; 3])[0];
     c.check(v == 0, format_args!("null hypercall returns 0"));
+    null_hypercall_edges(&mut c);
 
     // Our own memory.
     static mut BUFFER: [u64; 8192] = [0; 8192];

@@ -703,6 +703,13 @@ fn demo_exits(c: &mut Checks, g: &mut Guest, mte: bool) -> Option<()> {
             hello[0]
         ),
     );
+    c.check(
+        hello[1] == 0,
+        format_args!(
+            "{name}: the core answered the guest's NULL hypercall with 0 ({:#x})",
+            hello[1]
+        ),
+    );
 
     let shared = g.expect_hvc(c, p::SHARED, "shared page")?;
     let (ipa, result, len) = (shared[0], Code(shared[1]), shared[2]);

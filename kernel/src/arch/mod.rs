@@ -12,7 +12,17 @@ pub mod sysreg;
 pub mod tlb;
 
 core::arch::global_asm!(include_str!("entry.S"));
-core::arch::global_asm!(include_str!("vectors.S"));
+core::arch::global_asm!(
+    include_str!("vectors.S"),
+    NULL = const moat_abi::hypercall::NULL,
+    ESR_HVC0 = const moat_kernel::esr::HVC0,
+    VCPU_KIND = const core::mem::offset_of!(crate::base::cpu::Vcpu, kind),
+    STOPPING = sym crate::base::panic::STOPPING,
+);
+
+// The vectors' NULL fast path loads the running vCPU's kind (a u64) and
+// tests it with `cbnz`: the host's kind must be zero.
+const _: () = assert!(crate::base::cpu::VCPU_HOST == 0);
 
 unsafe extern "C" {
     /// Per-CPU stacks (32 KiB each, `MAX_CPUS` of them), defined in entry.S.

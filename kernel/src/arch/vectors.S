@@ -12,10 +12,19 @@
  * the stack and call `handle_el2_exception`, which prints it and parks.
  *
  * Frame layout (GuestRegs in Rust): x0..x30 at 8*n, pc at 248, pstate at 256.
+ *
+ * One call is answered in the vector itself: the host's NULL hypercall
+ * (`host_null_fast_path` below). The values in braces are constants from
+ * Rust (`arch/mod.rs` passes them), so each is declared once.
  */
 
 .macro save_partition_frame kind
     stp     x0, x1, [sp, #-16]!
+    save_pushed_partition_frame \kind
+.endm
+
+/* As `save_partition_frame`, with x0/x1 already pushed. */
+.macro save_pushed_partition_frame kind
     mrs     x0, tpidr_el2
     stp     x2, x3, [x0, #16]
     stp     x4, x5, [x0, #32]
@@ -70,6 +79,38 @@
     b       1b
 .endm
 
+/*
+ * The host's NULL hypercall, answered without saving a frame: the floor of
+ * every call's cost. Only the exact call takes it: function id NULL in w0
+ * (the id is 32 bits, as the full path compares it), ESR_EL2 exactly an
+ * HVC #0 from AArch64 (any other class or immediate differs), the running
+ * vCPU the host's (its `Vcpu::kind` through TPIDR_EL2; a VM's or a
+ * service's NULL goes the full path), and the machine not stopping (a CPU
+ * entering the core then parks, which the full path does). Anything else
+ * continues into the full path with x0/x1 still pushed. The answer is the
+ * full path's: x0 = 0, every other register and PC/PSTATE as they were.
+ * Uses x0/x1 only, which the EL2 stack holds meanwhile.
+ */
+.macro host_null_fast_path
+    stp     x0, x1, [sp, #-16]!
+    mov     w1, #{NULL}
+    cmp     w0, w1
+    b.ne    lower_sync_full_path
+    mrs     x0, esr_el2
+    mov     x1, #{ESR_HVC0}
+    cmp     x0, x1
+    b.ne    lower_sync_full_path
+    mrs     x0, tpidr_el2
+    ldr     x0, [x0, #{VCPU_KIND}]
+    cbnz    x0, lower_sync_full_path
+    adrp    x0, {STOPPING}
+    ldrb    w0, [x0, :lo12:{STOPPING}]
+    cbnz    w0, lower_sync_full_path
+    ldp     xzr, x1, [sp], #16
+    mov     x0, xzr
+    eret
+.endm
+
 .section .text.vectors, "ax"
 .balign 2048
 .global el2_vectors
@@ -94,7 +135,7 @@ el2_vectors:
     save_el2_frame 7
 /* Lower EL, AArch64. */
 .balign 0x80
-    save_partition_frame 8
+    host_null_fast_path
 .balign 0x80
     save_partition_frame 9
 .balign 0x80
@@ -110,6 +151,10 @@ el2_vectors:
     save_partition_frame 14
 .balign 0x80
     save_partition_frame 15
+
+/* Every synchronous exception from AArch64 EL1/EL0 but the host's NULL. */
+lower_sync_full_path:
+    save_pushed_partition_frame 8
 
 /* x0 = frame to resume. */
 .global resume_partition

@@ -10,7 +10,8 @@
 use core::sync::atomic::{AtomicBool, Ordering};
 use moat_kernel::regs::GuestRegs;
 
-static STOPPING: AtomicBool = AtomicBool::new(false);
+/// Read by the vectors' NULL fast path too (`arch/vectors.S`).
+pub(crate) static STOPPING: AtomicBool = AtomicBool::new(false);
 
 /// Whether the machine is stopping; CPUs entering the core then park.
 pub fn is_stopping() -> bool {

@@ -30,15 +30,17 @@ extern "C" fn handle_lower_exception(frame: *mut GuestRegs, vector_kind: u64) ->
     // SAFETY: TPIDR_EL2 pointed at a vCPU frame, which the vector just
     // filled; the vCPU is stopped while the core runs.
     let regs = unsafe { &mut *frame };
-    // The null hypercall is the floor of every call's cost; answer it first,
-    // for any partition (it changes nothing but x0).
-    if vector_kind == LOWER_SYNC && esr == ESR_HVC0 && regs.x[0] as u32 == hypercall::NULL {
-        regs.x[0] = 0;
-        return frame;
-    }
     // SAFETY: every frame TPIDR_EL2 names is the first field of a `Vcpu`.
     let kind = unsafe { (*frame.cast::<cpu::Vcpu>()).kind };
     if kind != cpu::VCPU_HOST {
+        // The null hypercall changes nothing but x0: a VM's or a service's
+        // is answered here. (The host's is answered in the vector,
+        // `vectors.S`, and reaches this function only once the machine is
+        // stopping, which parked above.)
+        if vector_kind == LOWER_SYNC && esr == ESR_HVC0 && regs.x[0] as u32 == hypercall::NULL {
+            regs.x[0] = 0;
+            return frame;
+        }
         service::exit_from_service(frame.cast(), vector_kind);
     }
     // A routed service call, when HVCs are not observed: straight to the

@@ -214,7 +214,6 @@ impl Service {
         // The clock starts at the first refusal: a free service (the usual
         // case) costs one compare-exchange.
         let mut start = None;
-        let patience = self.budget_ticks.saturating_mul(OVERRUN_LIMIT + 1);
         loop {
             match self.state.compare_exchange(
                 State::Ready as u8,
@@ -226,6 +225,7 @@ impl Service {
                 Err(v) if v == State::Failed as u8 => return Err(Error::ServiceFailed),
                 Err(_) => {
                     let now = sysreg::now();
+                    let patience = self.budget_ticks.saturating_mul(OVERRUN_LIMIT + 1);
                     if now.wrapping_sub(*start.get_or_insert(now)) > patience {
                         return Err(Error::Busy);
                     }
@@ -319,7 +319,15 @@ impl Service {
     /// [`OVERRUN_LIMIT`] budgets or (if `preemption` allows) is interrupted.
     /// EL1 and EL2 state must already be the service's, and the CPU
     /// interface open as `with_partition` leaves it.
+    #[inline(never)]
     fn run(&self, cpu: &PerCpu, preemption: Preemption) -> Exit {
+        self.run_inline(cpu, preemption)
+    }
+
+    /// [`run`](Self::run), inlined (with `run_held`) into the call path:
+    /// their frames cost every call more than their code.
+    #[inline(always)]
+    fn run_inline(&self, cpu: &PerCpu, preemption: Preemption) -> Exit {
         let gic = cpu.gic_access();
         let mut held = gic::HeldBack::default();
         let exit = self.run_held(cpu, preemption, gic.as_ref(), &mut held);
@@ -329,6 +337,7 @@ impl Service {
         exit
     }
 
+    #[inline(always)]
     fn run_held(
         &self,
         cpu: &PerCpu,
@@ -408,6 +417,9 @@ impl Service {
         }
     }
 
+    /// Out of line: rare, and its buffer would cost every call's frame.
+    #[cold]
+    #[inline(never)]
     fn print_log(&self, len: u64) {
         let len = len.min(PAGE - LOG_OFFSET) as usize;
         let mut bytes = [0u8; (PAGE - LOG_OFFSET) as usize];
@@ -446,11 +458,26 @@ impl Service {
         mask: RunMask,
         f: impl FnOnce() -> R,
     ) -> R {
+        let saved = self.switch_in(cpu, started, mask);
+        let r = f();
+        self.switch_out(cpu, started, saved);
+        r
+    }
+
+    /// The first half of [`with_partition`](Self::with_partition): the
+    /// host's EL1 state saved, the service's loaded, its EL2 controls and
+    /// the watchdog's CPU interface set. Returns what `switch_out` restores.
+    #[inline(always)]
+    fn switch_in(
+        &self,
+        cpu: &PerCpu,
+        started: bool,
+        mask: RunMask,
+    ) -> Option<(gic::GicAccess, gic::SavedCpuInterface)> {
         let m = crate::base::state::machine();
-        let gic = cpu.gic_access();
         // SAFETY: this CPU holds the service; the host's EL1 state is saved
-        // before the service's is loaded and restored after, and both
-        // stage-2 tables live forever.
+        // before the service's is loaded and restored after (`switch_out`),
+        // and both stage-2 tables live forever.
         unsafe {
             (*cpu.host_el1.get()).save();
             (*self.el1.get()).load();
@@ -464,13 +491,27 @@ impl Service {
                 &moat_kernel::el2config::FineGrainedTraps::default(),
             );
         }
-        let saved = gic.as_ref().map(|access| gic::open_watchdog(access, mask));
-        let r = f();
-        if let (Some(access), Some(saved)) = (gic.as_ref(), saved) {
-            gic::close_watchdog(access, saved);
+        cpu.gic_access()
+            .map(|access| (access, gic::open_watchdog(&access, mask)))
+    }
+
+    /// The second half of [`with_partition`](Self::with_partition): the
+    /// service's EL1 state saved (whole, or SP_EL1 alone after a reply of a
+    /// started service), the host's EL1 and EL2 state back.
+    #[inline(always)]
+    fn switch_out(
+        &self,
+        cpu: &PerCpu,
+        started: bool,
+        saved: Option<(gic::GicAccess, gic::SavedCpuInterface)>,
+    ) {
+        let m = crate::base::state::machine();
+        if let Some((access, saved)) = saved {
+            gic::close_watchdog(&access, saved);
         }
-        // SAFETY: as above, in reverse. (`pending` is this CPU's while it
-        // holds the service; it is set exactly when this run was suspended.)
+        // SAFETY: as in `switch_in`, in reverse. (`pending` is this CPU's
+        // while it holds the service; it is set exactly when this run was
+        // suspended.)
         unsafe {
             let el1 = &mut *self.el1.get();
             if started && (*self.pending.get()).is_none() {
@@ -489,7 +530,6 @@ impl Service {
             );
             sysreg::switch_feature_controls(&m.cpu, h.hcrx, &h.fgt);
         }
-        r
     }
 }
 
@@ -547,29 +587,12 @@ impl Service {
         );
         let _order = crate::base::lockcheck::hold(moat_kernel::lockorder::Rank::Service);
         self.acquire()?;
-        let outcome = self.with_partition(cpu, true, preemption.mask(), || {
-            // SAFETY: Busy is ours, so the pending slot is too.
-            let pending = unsafe { &mut *self.pending.get() };
-            if pending.is_some()
-                && let Some(verdict) = self.finish_pending(cpu, pending, header, body, preemption)
-            {
-                return verdict;
-            }
-            self.ipc_write(header, body);
-            // SAFETY: Busy is ours, so the vCPU is too; SVC_REPLY_WAIT returns 0.
-            unsafe { (*self.vcpu()).regs.x[0] = 0 };
-            match self.run(cpu, preemption) {
-                Exit::Reply => {
-                    let reply = self.ipc_read(body);
-                    finish(self, &reply, header, body.len() * 8)
-                }
-                Exit::Preempted => {
-                    *pending = Some(Pending::new(header, body, cpu.index));
-                    Err(Error::Interrupted)
-                }
-                Exit::Fault(why, detail) => Err(fail(self, why, detail)),
-            }
-        });
+        // `with_partition` written out, so that the exchange is inlined
+        // into one frame with the switch (a closure's call and frames cost
+        // every call more than its checks).
+        let saved = self.switch_in(cpu, true, preemption.mask());
+        let outcome = self.exchange(cpu, header, body, preemption);
+        self.switch_out(cpu, true, saved);
         // A failed service stays failed; otherwise it is free again.
         let _ = self.state.compare_exchange(
             State::Busy as u8,
@@ -578,6 +601,40 @@ impl Service {
             Ordering::Relaxed,
         );
         outcome
+    }
+
+    /// One message's way through the service, its partition switched in:
+    /// the request written, the service run to its reply, the reply copied
+    /// out and checked.
+    #[inline(always)]
+    fn exchange(
+        &self,
+        cpu: &PerCpu,
+        header: &MessageHeader,
+        body: &mut [u64],
+        preemption: Preemption,
+    ) -> Result<Result<u32, Error>, Error> {
+        // SAFETY: Busy is ours, so the pending slot is too.
+        let pending = unsafe { &mut *self.pending.get() };
+        if pending.is_some()
+            && let Some(verdict) = self.finish_pending(cpu, pending, header, body, preemption)
+        {
+            return verdict;
+        }
+        self.ipc_write(header, body);
+        // SAFETY: Busy is ours, so the vCPU is too; SVC_REPLY_WAIT returns 0.
+        unsafe { (*self.vcpu()).regs.x[0] = 0 };
+        match self.run_inline(cpu, preemption) {
+            Exit::Reply => {
+                let reply = self.ipc_read(body);
+                finish(self, &reply, header, body.len() * 8)
+            }
+            Exit::Preempted => {
+                *pending = Some(Pending::new(header, body, cpu.index));
+                Err(Error::Interrupted)
+            }
+            Exit::Fault(why, detail) => Err(fail(self, why, detail)),
+        }
     }
 
     /// Finishes the call an interrupt suspended, before `header`/`body`.
@@ -633,6 +690,7 @@ fn fail(s: &Service, why: &'static str, detail: u64) -> Error {
 /// Checks a reply (already copied out of the IPC page) against its call.
 /// A reply too long for the core's buffer is the caller's problem (the
 /// interface's reply does not fit this path), not the service's.
+#[inline(always)]
 fn finish(
     s: &Service,
     reply: &MessageHeader,

@@ -308,6 +308,24 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
             kernel: Kernel::Default,
             bare_reference: None,
         },
+        // The host's NULL is answered in the core's vector; its neighbours
+        // (other immediates, SMC, other function ids, a VM's NULL) take the
+        // full path, and every answer is the full path's.
+        host_boot(
+            "host_null_hvc_fast_path_answers_as_the_full_path",
+            1,
+            "v3",
+            &[
+                "test-host: ok   null hypercall: x0 = 0, x1..x17 as they were",
+                "test-host: ok   null hypercall with x0's upper half set: x0 = 0, x1..x17 kept",
+                "test-host: ok   null hypercall with immediate 1 is NOT_SUPPORTED",
+                "test-host: ok   null hypercall with immediate 0xffff is NOT_SUPPORTED",
+                "test-host: ok   null call through SMC: x0 = 0, x1..x17 kept",
+                "test-host: ok   the call after NULL (ABI_VERSION) is answered as ABI_VERSION",
+                "test-host: ok   function id 0x86000000 is not NULL: NOT_SUPPORTED",
+                "the core answered the guest's NULL hypercall with 0",
+            ],
+        ),
         host_boot(
             "services_answer_and_failures_are_contained",
             1,
