@@ -185,6 +185,10 @@ impl Device {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kick(libc::pthread_t);
 
+// SAFETY: a `pthread_t` only names a thread of this process (a pointer on
+// musl, never dereferenced here); any thread may send it a signal.
+unsafe impl Send for Kick {}
+
 /// The kick's signal.
 const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
 
