@@ -224,7 +224,7 @@ pub const MODE_PARALLEL: u64 = 14;
 /// Most iterations a parallel-probe vCPU spins for the other's flag.
 pub const PARALLEL_SPIN: u64 = 1 << 22;
 /// Attempts the host allows the parallel probe.
-pub const PARALLEL_ATTEMPTS: u64 = 40;
+pub const PARALLEL_ATTEMPTS: u64 = 200;
 /// What the debug probe writes to its word.
 pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.
