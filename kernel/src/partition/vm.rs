@@ -370,7 +370,9 @@ struct Vm {
     regions: Vec<Region>,
     has_run: bool,
     /// Each vCPU's run state; a run touches only the one it loaded.
-    vcpus: Vec<Box<VcpuCell>>,
+    /// Filled at creation and never resized, so a run's reference to its
+    /// record stays valid while it runs without the slot lock.
+    vcpus: Vec<VcpuCell>,
     /// Which vCPUs are loaded on which CPUs.
     loads: Loads<{ abi::MAX_VCPUS as usize }, MAX_CPUS>,
     /// Each vCPU's PSCI power state.
@@ -580,8 +582,7 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error
         // vCPU 0 starts at the entry point; the others when CPU_ON says.
         let regs = (i == 0).then(|| GuestRegs::el1h_entry(entry, 0));
         let state = VcpuState::new(handle, regs, flags.vgic())?;
-        let cell = try_box(VcpuCell(UnsafeCell::new(state))).ok_or(Error::NoMemory)?;
-        vcpu_cells.push(cell);
+        vcpu_cells.push(VcpuCell(UnsafeCell::new(state)));
     }
     let mut power = Vec::new();
     power
@@ -923,8 +924,9 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         })?;
         // SAFETY: this run loaded the vCPU just now (under the slot lock),
         // so no other CPU touches its state until it is put back; the
-        // record is boxed and lives as long as the VM, which cannot be
-        // destroyed while a vCPU of it is loaded.
+        // record does not move (the vector is never resized) and lives as
+        // long as the VM, which cannot be destroyed while a vCPU of it is
+        // loaded.
         let st = unsafe { &mut *(*cell).0.get() };
         let prepared = prepare(vm, index, st, starting, answer, inject);
         let abort = match prepared {
