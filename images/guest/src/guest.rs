@@ -831,21 +831,16 @@ fn parallel_attempts(me: usize) {
             return;
         }
         PARALLEL_FLAGS[me].store(attempt, Ordering::Release);
+        let initial = other.load(Ordering::Acquire);
+        let mut seen = initial;
         let mut spins = 0;
-        let mut saw = false;
-        while spins < PARALLEL_SPIN {
-            if other.load(Ordering::Acquire) >= attempt {
-                saw = true;
-                break;
-            }
+        while seen < attempt && spins < PARALLEL_SPIN {
             spins += 1;
             core::hint::spin_loop();
+            seen = other.load(Ordering::Acquire);
         }
-        if hvc(
-            PARALLEL_DONE,
-            [me as u64, attempt, u64::from(saw), spins, 0],
-        )[0] == STOP
-        {
+        let answer = hvc(PARALLEL_DONE, [me as u64, attempt, seen, spins, initial]);
+        if answer[0] == STOP {
             return;
         }
         attempt += 1;

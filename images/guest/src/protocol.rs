@@ -143,10 +143,10 @@ pub const CHAOS_DID: u32 = id(0x831);
 /// to x2 once you answer, then wait for the other vCPU's). Answer r0 =
 /// [`STOP`] ends the probe.
 pub const PARALLEL_READY: u32 = id(0x832);
-/// Guest (parallel probe), vCPU x1: attempt x2 ended: x3 = 1 if I saw the
-/// other vCPU's flag reach x2 within [`PARALLEL_SPIN`] iterations of a loop
-/// that makes no exit (x4 = the iterations). Answer r0 = [`STOP`] ends the
-/// probe.
+/// Guest (parallel probe), vCPU x1: attempt x2 ended: the other vCPU's
+/// flag read x5 just after I set mine, and x3 when I stopped spinning (at
+/// x2 or above, or after [`PARALLEL_SPIN`] iterations: x4 = the iterations
+/// of a loop that makes no exit). Answer r0 = [`STOP`] ends the probe.
 pub const PARALLEL_DONE: u32 = id(0x833);
 /// Guest (parallel probe), vCPU 0: starting vCPU 1 (PSCI CPU_ON) answered
 /// x1; the probe is over, vCPU 1 reported off (x2 = 1) or not.
@@ -216,15 +216,15 @@ pub const MODE_PKVM_PROBE: u64 = 12;
 pub const MODE_CHAOS: u64 = 13;
 /// Parallel probe (a VM with two vCPUs and a virtual GIC): vCPU 0 starts
 /// vCPU 1 with PSCI CPU_ON; then, attempt after attempt, each vCPU sets its
-/// flag in shared guest memory to the attempt's number and spins until the
-/// other's flag reaches it ([`PARALLEL_READY`], [`PARALLEL_DONE`]). Both
-/// can see the other's flag within one uninterrupted run each only if they
-/// run at the same time.
+/// flag in its memory to the attempt's number and spins until the other's
+/// reaches it ([`PARALLEL_READY`], [`PARALLEL_DONE`]). A vCPU can see the
+/// other's flag change within one uninterrupted run of its own only if the
+/// other runs at the same time.
 pub const MODE_PARALLEL: u64 = 14;
 /// Most iterations a parallel-probe vCPU spins for the other's flag.
 pub const PARALLEL_SPIN: u64 = 1 << 22;
 /// Attempts the host allows the parallel probe.
-pub const PARALLEL_ATTEMPTS: u64 = 200;
+pub const PARALLEL_ATTEMPTS: u64 = 1000;
 /// What the debug probe writes to its word.
 pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.

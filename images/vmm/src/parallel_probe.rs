@@ -2,15 +2,15 @@
 //! Moat guest's parallel probe in a VM with two vCPUs, one thread each,
 //! and checks that the two vCPUs ran at the same time.
 //!
-//! In each attempt each vCPU sets its flag in its own memory to the
-//! attempt's number and spins (making no exit) until the other vCPU's flag
-//! reaches it. This process watches each vCPU's runs: an attempt is clean
-//! for a vCPU if the run in which it set its flag is the run in which it
-//! saw the other's (no exit in between: no `Interrupt`, no other exit). If
-//! the vCPUs took turns (one running at a time), no attempt could be clean
-//! for both: vCPU A's clean run would have had to include vCPU B setting
-//! its flag, and B's clean run A setting its own, so the two runs would
-//! overlap. The probe passes when one attempt is clean for both.
+//! In each attempt each vCPU sets its flag in its memory to the attempt's
+//! number, reads the other vCPU's flag, and spins (making no exit) until
+//! that reaches the attempt's number. This process watches each vCPU's
+//! runs: an attempt is clean for a vCPU if no exit came between its
+//! `PARALLEL_READY` and its `PARALLEL_DONE` (one run). If the vCPUs took
+//! turns (one running at a time), the other vCPU's flag could never change
+//! during one run of this one. The probe passes when a vCPU reports a clean
+//! attempt in which the other's flag read below the attempt's number just
+//! after it set its own, and reached it before it stopped spinning.
 
 use crate::device::Device;
 use crate::protocol as p;
@@ -23,21 +23,22 @@ use std::sync::Mutex;
 struct Watch {
     /// Each vCPU's current attempt, while its window is clean.
     window: [Option<u64>; 2],
-    /// Attempts each vCPU ended cleanly, having seen the other's flag.
-    clean: [Vec<u64>; 2],
-    /// Interrupt exits during windows, per vCPU.
-    interrupted: [u64; 2],
     /// Attempts ended, per vCPU.
     ended: [u64; 2],
-    /// The attempt clean for both vCPUs, once there is one.
-    both: Option<u64>,
+    /// Clean attempts in which the other's flag was already there.
+    clean_unchanged: [u64; 2],
+    /// Interrupt exits during windows, per vCPU.
+    interrupted: [u64; 2],
+    /// The evidence, once there is some: the vCPU, the attempt, and the
+    /// other's flag when it started and when it stopped spinning.
+    changed: Option<(usize, u64, u64, u64)>,
     /// vCPU 0 reported the end: CPU_ON's answer, and whether vCPU 1 was off.
     end: Option<(u64, u64)>,
 }
 
 impl Watch {
     fn stop(&self, attempt: u64) -> bool {
-        self.both.is_some() || attempt > p::PARALLEL_ATTEMPTS
+        self.changed.is_some() || attempt > p::PARALLEL_ATTEMPTS
     }
 }
 
@@ -67,24 +68,23 @@ pub fn run(guest: &[u8]) -> io::Result<bool> {
     started?;
     let w = watch.lock().unwrap_or_else(|e| e.into_inner());
     println!(
-        "parallel probe: attempts ended {:?}, clean with the other's flag seen {:?}, \
+        "parallel probe: attempts ended {:?}, clean with the other's flag already there {:?}, \
          Interrupt exits in windows {:?}",
-        w.ended,
-        [w.clean[0].len(), w.clean[1].len()],
-        w.interrupted
+        w.ended, w.clean_unchanged, w.interrupted
     );
-    match (w.end, w.both) {
-        (Some((0, 1)), Some(attempt)) => {
+    match (w.end, w.changed) {
+        (Some((0, 1)), Some((v, attempt, initial, seen))) => {
             println!(
-                "parallel probe: attempt {attempt}: both vCPUs saw the other's flag within one \
-                 uninterrupted run each: they ran at the same time"
+                "parallel probe: attempt {attempt}: vCPU {v} saw vCPU {}'s flag go from {initial} \
+                 to {seen} within one uninterrupted run: the two ran at the same time",
+                1 - v
             );
             Ok(true)
         }
         (Some((on, off)), None) => {
             println!(
-                "parallel probe: FAILED: no attempt of {} had both vCPUs see the other's flag \
-                 within one uninterrupted run each: the vCPUs took turns (CPU_ON {on:#x}, \
+                "parallel probe: FAILED: in no attempt of {} did a vCPU see the other's flag \
+                 change within one uninterrupted run: the vCPUs took turns (CPU_ON {on:#x}, \
                  vCPU 1 off {off})",
                 p::PARALLEL_ATTEMPTS
             );
@@ -124,12 +124,13 @@ fn vcpu(
                 }
             }
             Some(ExitReason::Hvc) if function == p::PARALLEL_DONE => {
-                let (attempt, saw) = (x[1], x[2] == 1);
+                let (attempt, seen, initial) = (x[1], x[2], exit[6]);
                 w.ended[index] += 1;
-                if saw && w.window[index] == Some(attempt) {
-                    w.clean[index].push(attempt);
-                    if w.clean[1 - index].contains(&attempt) {
-                        w.both.get_or_insert(attempt);
+                if w.window[index] == Some(attempt) && seen >= attempt {
+                    if initial < attempt {
+                        w.changed.get_or_insert((index, attempt, initial, seen));
+                    } else {
+                        w.clean_unchanged[index] += 1;
                     }
                 }
                 w.window[index] = None;
