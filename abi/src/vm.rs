@@ -46,7 +46,9 @@ pub const VM_DONATE: u32 = id(0x13);
 /// Host: copy an image into a VM that has never run (see the module text).
 pub const VM_LOAD: u32 = id(0x14);
 /// Host: run the VM's vCPU until it exits; the exit comes back in x1..x7.
-/// Refused with `Denied`, nothing touched, while the calling CPU is in SME
+/// The vCPUs of one VM may run at once on different CPUs; a vCPU that runs
+/// on another CPU is refused with `Busy`, nothing changed. Refused with
+/// `Denied`, nothing touched, while the calling CPU is in SME
 /// streaming mode or has ZA on (SVCR.SM or SVCR.ZA set): the host leaves
 /// both (`SMSTOP`) before running a VM.
 pub const VCPU_RUN: u32 = id(0x15);

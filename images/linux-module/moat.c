@@ -11,7 +11,9 @@
  * its pages back to the kernel.
  *
  * One open file holds at most one VM. Calls on one file are serialised by a
- * mutex; the core serialises calls on one VM from different CPUs itself.
+ * mutex, except runs: the vCPUs of one VM run on several CPUs at once, one
+ * thread each (the core refuses a second run of a vCPU that runs, and calls
+ * that need the VM idle while any vCPU runs).
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -19,6 +21,7 @@
 #include <linux/arm-smccc.h>
 #include <linux/fs.h>
 #include <linux/gfp.h>
+#include <linux/irqflags.h>
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
 #include <linux/module.h>
@@ -327,22 +330,75 @@ static long moat_load(struct moat_file *mf, void __user *uarg)
 	return ret;
 }
 
+/*
+ * VCPU_RUN until the vCPU's next exit. A signal for the calling thread (the
+ * VMM kicking it to take an interrupt it queued) ends the call with -EINTR
+ * before the vCPU is entered: the thread returns to user space and runs again
+ * with its injections. A signal that arrives during the run ends it through
+ * the interrupt that delivers it (an Interrupt exit). The check and the entry
+ * are made with interrupts masked, so that the kick of a signal sent in
+ * between stays pending and ends the run at once.
+ */
+static long moat_run_call(const u64 args[7], u64 out[7])
+{
+	struct arm_smccc_1_2_regs in = {
+		.a0 = MOAT_VCPU_RUN, .a1 = args[0], .a2 = args[1],
+		.a3 = args[2], .a4 = args[3], .a5 = args[4], .a6 = args[5],
+		.a7 = args[6],
+	};
+	struct arm_smccc_1_2_regs res;
+	unsigned int retries = 0;
+	unsigned long flags;
+
+	for (;;) {
+		local_irq_save(flags);
+		if (signal_pending(current)) {
+			local_irq_restore(flags);
+			return -EINTR;
+		}
+		arm_smccc_1_2_hvc(&in, &res);
+		local_irq_restore(flags);
+		if ((long)res.a0 == MOAT_RETRY && retries < MOAT_RETRY_LIMIT)
+			retries++;
+		else if ((long)res.a0 != MOAT_INTERRUPTED)
+			break;
+		cond_resched();
+	}
+	out[0] = res.a1;
+	out[1] = res.a2;
+	out[2] = res.a3;
+	out[3] = res.a4;
+	out[4] = res.a5;
+	out[5] = res.a6;
+	out[6] = res.a7;
+	return moat_errno((long)res.a0);
+}
+
+/* Without the file's mutex: every vCPU thread runs at once. */
 static long moat_run(struct moat_file *mf, void __user *uarg)
 {
 	struct moat_run req;
 	u64 args[7];
+	u64 handle;
+	bool has_vm;
 	long ret;
 
 	if (copy_from_user(&req, uarg, sizeof(req)))
 		return -EFAULT;
-	if (!mf->has_vm)
-		return -ENOENT;
 	if (req.vcpu > 0xffff)
 		return -EINVAL;
-	args[0] = mf->handle | (req.vcpu << 16);
+	/* The handle, once set, stays until the file is released. */
+	if (mutex_lock_interruptible(&mf->lock))
+		return -EINTR;
+	has_vm = mf->has_vm;
+	handle = mf->handle;
+	mutex_unlock(&mf->lock);
+	if (!has_vm)
+		return -ENOENT;
+	args[0] = handle | (req.vcpu << 16);
 	memcpy(&args[1], req.answer, sizeof(req.answer));
 	memcpy(&args[5], req.inject, sizeof(req.inject));
-	ret = moat_call(MOAT_VCPU_RUN, args, req.exit);
+	ret = moat_run_call(args, req.exit);
 	if (ret)
 		return ret;
 	if (copy_to_user(uarg, &req, sizeof(req)))
@@ -360,6 +416,8 @@ static long moat_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return moat_call2(MOAT_CHECK_CONSISTENCY, 0, 0, 0, 0);
 	if (cmd == MOAT_RESTART_LEDGER)
 		return moat_call2(MOAT_LEDGER_RESTART, 0, 0, 0, 0);
+	if (cmd == MOAT_RUN)
+		return moat_run(mf, uarg);
 	if (mutex_lock_interruptible(&mf->lock))
 		return -EINTR;
 	switch (cmd) {
@@ -371,9 +429,6 @@ static long moat_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		break;
 	case MOAT_LOAD:
 		ret = moat_load(mf, uarg);
-		break;
-	case MOAT_RUN:
-		ret = moat_run(mf, uarg);
 		break;
 	default:
 		ret = -ENOTTY;

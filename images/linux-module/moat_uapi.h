@@ -41,6 +41,9 @@ struct moat_load {
  * on return @exit holds x1..x7 (the exit reason and its details).
  * After an MMIO exit, @answer[1] = MOAT_MMIO_ABORT says no device is there:
  * the core delivers a synchronous external abort to the guest instead.
+ * Threads may run different vCPUs of one VM at once: -EBUSY if @vcpu runs
+ * in another thread; -EINTR, with nothing run, if a signal is pending (run
+ * again with the same @answer and @inject).
  */
 #define MOAT_MMIO_ABORT 1
 

@@ -30,6 +30,7 @@ pub mod s2plan;
 pub mod smmu;
 pub mod sysregs;
 pub mod txcheck;
+pub mod vcpuload;
 pub mod verdict;
 pub mod vgic;
 pub mod vmfeatures;

@@ -4,7 +4,10 @@
 //! first):
 //!
 //! 1. a VM's slot (`vm::Slot::vm`; several at once only by `try_lock`,
-//!    which cannot wait, as the consistency checker does);
+//!    which cannot wait, as the consistency checker does). It is held for
+//!    short VM-wide work only, never for a whole vCPU run: a run takes it
+//!    to load its vCPU, again for a guest share or a PSCI power call, and
+//!    to put the vCPU back, holding nothing else when it waits for it;
 //! 2. [`Rank::Gic`], the emulated GICv3 ITS and redistributor state
 //!    (`its::STATE`: an emulated register write that donates or returns a
 //!    table runs its transaction under it);
@@ -12,6 +15,12 @@
 //! 4. a service's call slot (`service::Service::acquire`: the ledger, taken
 //!    inside a transaction; the MTE policy, taken during a VM's exit);
 //! 5. the host's stage-2 (`stage2::HOST`).
+//!
+//! A vCPU's load (`crate::vcpuload`: which CPU runs it) is not a lock in
+//! this order: it is taken and given back under its VM's slot lock and never
+//! waited for (a second run of a loaded vCPU is refused with `Busy`), so
+//! holding it cannot deadlock; it only keeps the vCPU's own state to the
+//! CPU that runs it.
 //!
 //! The heap's, the console's, the SMMU's and the core's record of host
 //! shares with the hypervisor (`ledger_restart::HYP_SHARES`) locks are

@@ -34,6 +34,28 @@ _start:
     mov     x19, x0                     /* mode */
     mov     x20, x1                     /* flags */
 
+    bl      mmu_on
+
+    adrp    x1, __bss_start
+    add     x1, x1, :lo12:__bss_start
+    adrp    x2, __bss_end
+    add     x2, x2, :lo12:__bss_end
+2:  cmp     x1, x2
+    b.hs    3f
+    stp     xzr, xzr, [x1], #16
+    b       2b
+3:  adrp    x1, STACK
+    add     x1, x1, :lo12:STACK
+    add     sp, x1, #STACK_SIZE
+    mov     x29, xzr
+    mov     x30, xzr
+    mov     x0, x19
+    mov     x1, x20
+    bl      guest_main
+    b       guest_off
+
+/* The identity map on, caches on (x20 = the CONFIG flags); clobbers x0..x2. */
+mmu_on:
     mov     x0, #MAIR_PLAIN
     mov     x1, #MAIR_TAGGED
     tst     x20, #3                     /* FLAG_MTE | FLAG_TRY_TAGS */
@@ -62,24 +84,28 @@ _start:
     orr     x1, x1, #(1 << 43)          /* ATA: EL1 may access allocation tags */
 1:  msr     sctlr_el1, x1
     isb
+    ret
 
-    adrp    x1, __bss_start
-    add     x1, x1, :lo12:__bss_start
-    adrp    x2, __bss_end
-    add     x2, x2, :lo12:__bss_end
-2:  cmp     x1, x2
-    b.hs    3f
-    stp     xzr, xzr, [x1], #16
-    b       2b
-3:  adrp    x1, STACK
-    add     x1, x1, :lo12:STACK
+/* A vCPU started by PSCI CPU_ON (x0 = its context, unused): the same
+ * identity map, a stack of its own, then Rust. Only the parallel probe
+ * starts one, once vCPU 0 has zeroed the BSS. */
+.global secondary_start
+secondary_start:
+    adr     x0, guest_vectors
+    msr     vbar_el1, x0
+    mov     x0, #(3 << 20)              /* CPACR_EL1.FPEN: no FP/SIMD traps */
+    msr     cpacr_el1, x0
+    isb
+    mov     x20, xzr                    /* flags: no MTE */
+    bl      mmu_on
+    adrp    x1, SECONDARY_STACK
+    add     x1, x1, :lo12:SECONDARY_STACK
     add     sp, x1, #STACK_SIZE
     mov     x29, xzr
     mov     x30, xzr
-    mov     x0, x19
-    mov     x1, x20
-    bl      guest_main
-    b       guest_off
+    bl      secondary_main
+5:  wfi
+    b       5b
 
 .global guest_off
 guest_off:
@@ -166,6 +192,8 @@ L1_TABLE:
 .section .bss.stack, "aw", %nobits
 .balign 16
 STACK:
+    .space  STACK_SIZE
+SECONDARY_STACK:
     .space  STACK_SIZE
 
 /* Armed (non-zero: expect exceptions), count, last ESR_EL1, last ELR_EL1,

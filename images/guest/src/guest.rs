@@ -8,6 +8,8 @@ core::arch::global_asm!(include_str!("entry.S"));
 
 unsafe extern "C" {
     fn guest_off() -> !;
+    /// `entry.S`'s entry point for a vCPU started by PSCI CPU_ON.
+    fn secondary_start();
     /// `entry.S`'s record of expected exceptions: armed, count, last
     /// ESR_EL1, last ELR_EL1.
     static mut TRAP_STATE: [u64; 5];
@@ -78,6 +80,7 @@ extern "C" fn guest_main(mode: u64, flags: u64) {
         MODE_PKVM_PROBE => pkvm_probe(),
         MODE_PEEK => peek(),
         MODE_CHAOS => chaos(),
+        MODE_PARALLEL => parallel_probe(),
         _ => {}
     }
 }
@@ -780,4 +783,68 @@ fn pkvm_probe() {
         PKVM_SHARES,
         [share, share_again, unshare, unshare_again, foreign],
     );
+}
+
+/// Each vCPU's flag in the parallel probe: the attempt it is in.
+static PARALLEL_FLAGS: [core::sync::atomic::AtomicU64; 2] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; 2];
+
+/// PSCI calls of the parallel probe.
+const PSCI_CPU_ON_64: u32 = 0xc400_0003;
+const PSCI_CPU_OFF: u32 = 0x8400_0002;
+const PSCI_AFFINITY_INFO_64: u32 = 0xc400_0004;
+
+/// The parallel probe on vCPU 0 (see `MODE_PARALLEL`).
+fn parallel_probe() {
+    let on = hvc(
+        PSCI_CPU_ON_64,
+        [1, secondary_start as *const () as u64, 0, 0, 0],
+    )[0];
+    if on == 0 {
+        parallel_attempts(0);
+    }
+    // vCPU 1 powers itself off when the host stops it; wait for that
+    // (bounded) before the VM goes off.
+    let mut off = false;
+    for _ in 0..1_000_000 {
+        if hvc(PSCI_AFFINITY_INFO_64, [1, 0, 0, 0, 0])[0] == 1 {
+            off = true;
+            break;
+        }
+    }
+    hvc(PARALLEL_END, [on, u64::from(off), 0, 0, 0]);
+}
+
+/// vCPU 1 of the parallel probe, from `entry.S` with the MMU on.
+#[unsafe(no_mangle)]
+extern "C" fn secondary_main() {
+    parallel_attempts(1);
+    hvc(PSCI_CPU_OFF, [0; 5]);
+}
+
+/// The attempts of the parallel probe on vCPU `me`, until the host says
+/// stop.
+fn parallel_attempts(me: usize) {
+    use core::sync::atomic::Ordering;
+    let other = &PARALLEL_FLAGS[1 - me];
+    let mut attempt = 1u64;
+    loop {
+        if hvc(PARALLEL_READY, [me as u64, attempt, 0, 0, 0])[0] == STOP {
+            return;
+        }
+        PARALLEL_FLAGS[me].store(attempt, Ordering::Release);
+        let initial = other.load(Ordering::Acquire);
+        let mut seen = initial;
+        let mut spins = 0;
+        while seen < attempt && spins < PARALLEL_SPIN {
+            spins += 1;
+            core::hint::spin_loop();
+            seen = other.load(Ordering::Acquire);
+        }
+        let answer = hvc(PARALLEL_DONE, [me as u64, attempt, seen, spins, initial]);
+        if answer[0] == STOP {
+            return;
+        }
+        attempt += 1;
+    }
 }

@@ -140,6 +140,18 @@ pub const CHAOS_SEED: u32 = id(0x830);
 /// window pages I had shared were the bits of x4. Answer r0 = [`STOP`] to
 /// power off, anything else to go on.
 pub const CHAOS_DID: u32 = id(0x831);
+/// Guest (parallel probe), vCPU x1: attempt x2 starts now (I set my flag
+/// to x2 once you answer, then wait for the other vCPU's). Answer r0 =
+/// [`STOP`] ends the probe.
+pub const PARALLEL_READY: u32 = id(0x832);
+/// Guest (parallel probe), vCPU x1: attempt x2 ended: the other vCPU's
+/// flag read x5 just after I set mine, and x3 when I stopped spinning (at
+/// x2 or above, or after [`PARALLEL_SPIN`] iterations: x4 = the iterations
+/// of a loop that makes no exit). Answer r0 = [`STOP`] ends the probe.
+pub const PARALLEL_DONE: u32 = id(0x833);
+/// Guest (parallel probe), vCPU 0: starting vCPU 1 (PSCI CPU_ON) answered
+/// x1; the probe is over, vCPU 1 reported off (x2 = 1) or not.
+pub const PARALLEL_END: u32 = id(0x834);
 
 /// Chaos actions.
 pub const CHAOS_SHARE: u64 = 0;
@@ -203,6 +215,17 @@ pub const MODE_PKVM_PROBE: u64 = 12;
 /// wait, in an order drawn from a seed the host gives ([`CHAOS_SEED`]),
 /// reporting each action ([`CHAOS_DID`]) until the host answers [`STOP`].
 pub const MODE_CHAOS: u64 = 13;
+/// Parallel probe (a VM with two vCPUs and a virtual GIC): vCPU 0 starts
+/// vCPU 1 with PSCI CPU_ON; then, attempt after attempt, each vCPU sets its
+/// flag in its memory to the attempt's number and spins until the other's
+/// reaches it ([`PARALLEL_READY`], [`PARALLEL_DONE`]). A vCPU can see the
+/// other's flag change within one uninterrupted run of its own only if the
+/// other runs at the same time.
+pub const MODE_PARALLEL: u64 = 14;
+/// Most iterations a parallel-probe vCPU spins for the other's flag.
+pub const PARALLEL_SPIN: u64 = 1 << 22;
+/// Attempts the host allows the parallel probe.
+pub const PARALLEL_ATTEMPTS: u64 = 1000;
 /// What the debug probe writes to its word.
 pub const DEBUG_WORD_VALUE: u64 = 0xdeb0_0001;
 /// The VM was created with MTE: the guest maps its memory Tagged and tests tags.

@@ -3,7 +3,8 @@
 //!
 //! The layouts mirror `moat_uapi.h`: 64-bit fields only, so they have no
 //! padding. This is the VMM's only `unsafe` code: an `ioctl` system call
-//! has no safe wrapper in the standard library.
+//! has no safe wrapper in the standard library, nor have the signal calls
+//! of [`Kick`], with which one vCPU's thread ends another's run.
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -181,6 +182,57 @@ impl Device {
         // SAFETY: unmaps exactly the mapping made above, no longer used.
         unsafe { libc::munmap(at, page) };
         Ok(word)
+    }
+}
+
+/// A kick: a signal one vCPU's thread sends another to end its run, so
+/// that it runs again with the interrupts queued for it. The signal's
+/// handler does nothing and is installed without `SA_RESTART`: a signal
+/// that reaches the thread in `VCPU_RUN` ends the run (an `Interrupt` exit),
+/// one that reaches it just before makes the ioctl fail with `EINTR`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kick(libc::pthread_t);
+
+// SAFETY: a `pthread_t` only names a thread of this process (a pointer on
+// musl, never dereferenced here); any thread may send it a signal.
+unsafe impl Send for Kick {}
+
+/// The kick's signal.
+const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+extern "C" fn kicked(_: libc::c_int) {}
+
+impl Kick {
+    /// Installs the kick's handler for the whole process.
+    pub fn install() -> io::Result<()> {
+        // SAFETY: a zeroed `sigaction` is a valid empty one; its handler
+        // is a function that does nothing (async-signal-safe), and the
+        // call only replaces SIGUSR1's disposition.
+        let r = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = kicked as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = 0;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(KICK_SIGNAL, &action, std::ptr::null_mut())
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The kick of the calling thread.
+    pub fn this_thread() -> Self {
+        // SAFETY: `pthread_self` has no preconditions.
+        Self(unsafe { libc::pthread_self() })
+    }
+
+    /// Sends the kick; the thread must still exist (the caller's vCPU
+    /// threads live as long as the VM runs).
+    pub fn send(self) {
+        // SAFETY: `self.0` names a live thread of this process (per the
+        // contract above); the signal's handler is installed.
+        unsafe { libc::pthread_kill(self.0, KICK_SIGNAL) };
     }
 }
 

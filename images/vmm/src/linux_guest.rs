@@ -23,7 +23,7 @@
 //! | 0x0900_0000 | PL011 (`arm,sbsa-uart`), SPI 1 (INTID 33) |
 //! | 0x4000_0000 | RAM (`--mem`): Image at the start, initramfs, then the device tree and trampoline in the last 2 MiB |
 
-use crate::device::{self, Device};
+use crate::device::{self, Device, Kick};
 use crate::gicv3::{self, Gic};
 use crate::pl011::{self, Pl011};
 use moat_abi::vm::{ExitReason, Injection, MmioAccess, MmioAnswer, VmFlags};
@@ -279,6 +279,11 @@ struct Machine {
     saw_init: bool,
     /// How the guest ended, once it has: every vCPU thread then stops.
     ended: Option<End>,
+    /// Each vCPU's thread, while it lives, to kick it out of a run.
+    kicks: Vec<Option<Kick>>,
+    /// Whether each vCPU's thread is in (or about to enter) `VCPU_RUN`:
+    /// then an interrupt queued for it needs a kick, not only a wake-up.
+    in_run: Vec<bool>,
 }
 
 /// The machine and a wake-up per vCPU (an injection queued for it, input
@@ -390,6 +395,20 @@ impl Machine {
         }
     }
 
+    /// Ends vCPU `index`'s run if it is in one (the vCPUs run in parallel:
+    /// it would otherwise take what was queued for it only when its run
+    /// ends by itself), and wakes it if it waits.
+    fn kick(&self, shared: &Shared, index: usize) {
+        if self.in_run.get(index) == Some(&true)
+            && let Some(Some(k)) = self.kicks.get(index)
+        {
+            k.send();
+        }
+        if let Some(c) = shared.wake.get(index) {
+            c.notify_all();
+        }
+    }
+
     /// An SGI vCPU `from` sent: ICC_SGI1R_EL1's INTID (27:24), Aff1
     /// (23:16, must be 0: one cluster), target list (15:0), or IRM (40:
     /// every other vCPU). Returns the vCPUs to wake.
@@ -495,9 +514,12 @@ pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, 
             line: Vec::new(),
             saw_init: false,
             ended: None,
+            kicks: vec![None; options.cpus],
+            in_run: vec![false; options.cpus],
         }),
         wake: (0..options.cpus).map(|_| Condvar::new()).collect(),
     };
+    Kick::install().map_err(|e| format!("installing the kick's signal handler: {e}"))?;
     let rogue = options.read_own_memory_at_init;
     let failure = std::thread::scope(|scope| {
         let shared = &shared;
@@ -530,6 +552,16 @@ pub fn run(options: &Options, input: mpsc::Receiver<Option<u8>>) -> Result<End, 
 
 /// One vCPU's thread: runs it and answers its exits until the guest ends.
 fn vcpu_loop(dev: &Device, shared: &Shared, index: usize, rogue_read: bool) -> io::Result<()> {
+    shared.lock().kicks[index] = Some(Kick::this_thread());
+    let r = run_vcpu(dev, shared, index, rogue_read);
+    // No kick reaches the thread once it is gone.
+    let mut m = shared.lock();
+    m.kicks[index] = None;
+    m.in_run[index] = false;
+    r
+}
+
+fn run_vcpu(dev: &Device, shared: &Shared, index: usize, rogue_read: bool) -> io::Result<()> {
     let mut answer = [0u64; 4];
     loop {
         let inject = {
@@ -546,10 +578,19 @@ fn vcpu_loop(dev: &Device, shared: &Shared, index: usize, rogue_read: bool) -> i
                 shared.end(End::Crashed("the rogue read came back".into()));
                 return Ok(());
             }
+            m.in_run[index] = true;
             m.injections(index)
         };
-        let regs = match dev.run_vcpu(index as u64, answer, inject) {
+        let ran = dev.run_vcpu(index as u64, answer, inject);
+        shared.lock().in_run[index] = false;
+        let regs = match ran {
             Ok(regs) => regs,
+            // Kicked before the vCPU was entered: nothing ran; again, with
+            // the same answer and what is queued now.
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                shared.lock().requeue(index, inject);
+                continue;
+            }
             // Another vCPU powered the VM off meanwhile.
             Err(e) if e.raw_os_error() == Some(libc::EPERM) && index != 0 => return Ok(()),
             Err(e) => {
@@ -594,9 +635,9 @@ fn vcpu_loop(dev: &Device, shared: &Shared, index: usize, rogue_read: bool) -> i
                 }
             }
             Some(ExitReason::Sgi) => {
-                let woken = shared.lock().sgi(index, detail[0]);
-                for t in woken {
-                    shared.wake[t].notify_all();
+                let mut m = shared.lock();
+                for t in m.sgi(index, detail[0]) {
+                    m.kick(shared, t);
                 }
             }
             Some(ExitReason::VcpuPower) if detail[0] == moat_abi::vm::POWER_STARTED => {

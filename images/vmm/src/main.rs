@@ -22,6 +22,7 @@ mod bench;
 mod device;
 mod gicv3;
 mod linux_guest;
+mod parallel_probe;
 mod pkvm_probe;
 mod pl011;
 mod probe;
@@ -128,6 +129,10 @@ enum Command {
         #[arg(long)]
         no_vgic: bool,
     },
+    /// Tests only: GUEST (the Moat guest) in its parallel probe, a VM with
+    /// two vCPUs. Exit status 0 if the two ran at the same time.
+    #[command(hide = true)]
+    ProbeParallel { guest: std::path::PathBuf },
     /// Measures: prints the generic counter and its frequency (for the
     /// Linux guest boot benchmark, from inside the guest).
     #[command(hide = true)]
@@ -560,6 +565,22 @@ fn main() -> ExitCode {
         Command::ReadDonated => return read_donated(),
         Command::ProbeErrors { guest } => return probe_errors(&guest),
         Command::ProbeVgic { guest, no_vgic } => return probe_vgic(&guest, !no_vgic),
+        Command::ProbeParallel { guest } => {
+            return match std::fs::read(&guest).and_then(|image| parallel_probe::run(&image)) {
+                Ok(true) => {
+                    println!("parallel probe: passed");
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    println!("parallel probe: FAILED");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("moat-vmm: probe-parallel: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Counter => {
             let (now, freq) = device::counter();
             println!("moat-vmm: counter {now} frequency {freq}");

@@ -2,8 +2,9 @@
 //! can never look into.
 //!
 //! A VM is a slot of [`SLOTS`]: a stage-2 of its own with a VMID of its own,
-//! one vCPU (registers, EL1 system registers, FP/SIMD state), and the record
-//! of where the frames the host donated sit in its IPA space. Its memory
+//! its vCPUs (each with registers, EL1 system registers, FP/SIMD state and
+//! virtual CPU interface of its own), and the record of where the frames
+//! the host donated sit in its IPA space. Its memory
 //! arrives only through ledger transactions ([`crate::memory`]); the host
 //! loads an image into it only before it first runs, from pages the host
 //! shared with the hypervisor for the purpose.
@@ -13,8 +14,16 @@
 //! them is something only the host can answer; that becomes a typed exit
 //! record in the host's registers, as a KVM run loop returns to its VMM.
 //!
+//! The vCPUs of one VM run in parallel, each on one physical CPU at a time:
+//! a run loads its vCPU (`moat_kernel::vcpuload`) under the VM's slot lock,
+//! lets the lock go, and takes it again only for VM-wide work (a guest
+//! share, a PSCI power call) and to put the vCPU back. The slot's status
+//! says whether the VM may run; the count of loaded vCPUs says whether it
+//! runs, and the calls that need the VM idle (donate, load, destroy) are
+//! `Busy` while any vCPU of it runs.
+//!
 //! ```text
-//!   Free ──create──▶ Alive ──vcpu_run──▶ Running ──exit──▶ Alive
+//!   Free ──create──▶ Alive ◀──vcpu_run / exit──▶ (n vCPUs running)
 //!                      │  ╲                  │ SYSTEM_OFF / crash
 //!                      │   ╲                 ▼
 //!                   destroy  ╲────────────▶ Off
@@ -26,7 +35,7 @@
 //! ```
 
 use crate::arch::sysreg::{self, El1Context};
-use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, PerCpu, Vcpu, enter_nested};
+use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, MAX_CPUS, PerCpu, Vcpu, enter_nested};
 use crate::base::heap::try_box;
 use crate::base::state::machine;
 use crate::device::vgic::{self, VgicCpu};
@@ -34,6 +43,7 @@ use crate::memory::stage2::{self, StageTwo};
 use crate::memory::{self, MEMORY, PAGE, Region, VmMemory};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use moat_abi::Error;
 use moat_abi::services::{FrameRange, LedgerRequest, Party};
@@ -44,8 +54,10 @@ use moat_abi::vm::{
 use moat_abi::{hypercall, smccc};
 use moat_kernel::el2config::{self, RunMask};
 use moat_kernel::esr::{self, Trap};
+use moat_kernel::lockorder::Rank;
 use moat_kernel::ranges::page_span;
 use moat_kernel::regs::GuestRegs;
+use moat_kernel::vcpuload::{LoadError, Loads};
 use moat_kernel::vmfeatures;
 
 /// A VM's vCPU kind: `VCPU_VM_BASE + handle`.
@@ -63,7 +75,6 @@ const MAX_LOAD: u64 = 64 << 20;
 enum Status {
     Free = 0,
     Alive = 1,
-    Running = 2,
     Off = 3,
     Dying = 4,
 }
@@ -72,7 +83,6 @@ impl Status {
     fn from_u8(v: u8) -> Self {
         match v {
             1 => Self::Alive,
-            2 => Self::Running,
             3 => Self::Off,
             4 => Self::Dying,
             _ => Self::Free,
@@ -175,7 +185,8 @@ impl FpState {
 
 /// The host's vector state while a VM runs: on a CPU with SVE its whole Z
 /// registers (which hold the V registers) and FPSR/FPCR, otherwise its V
-/// registers and FPSR/FPCR. Kept with the VM, so a run allocates nothing.
+/// registers and FPSR/FPCR. Kept with each vCPU (the vCPUs of a VM run on
+/// several CPUs at once), so a run allocates nothing.
 struct HostVectors {
     fp: FpState,
     sve: Option<SveSave>,
@@ -355,45 +366,70 @@ struct Vm {
     handle: u16,
     /// MTE on for this VM, as the policy decided.
     mte: bool,
-    mte_regs: MteRegs,
     stage2: Box<StageTwo>,
     regions: Vec<Region>,
+    has_run: bool,
+    /// Each vCPU's run state; a run touches only the one it loaded.
+    /// Filled at creation and never resized, so a run's reference to its
+    /// record stays valid while it runs without the slot lock.
+    vcpus: Vec<VcpuCell>,
+    /// Which vCPUs are loaded on which CPUs.
+    loads: Loads<{ abi::MAX_VCPUS as usize }, MAX_CPUS>,
+    /// Each vCPU's PSCI power state.
+    power: Vec<Power>,
+}
+
+/// One vCPU's run state: everything a run of it owns alone.
+struct VcpuState {
     vcpu: Box<Vcpu>,
     el1: El1Context,
     csselr: arm_sysregs::CsselrEl1,
     fp: Box<FpState>,
-    /// The host's vector state during a run.
+    /// The host's vector state during a run of this vCPU.
     host_vectors: Box<HostVectors>,
-    has_run: bool,
-    /// The CPU the vCPU last ran on.
-    last_cpu: Option<usize>,
+    mte_regs: MteRegs,
     pending: Pending,
     /// With `Pending::Mmio`: the virtual address the guest accessed, for
     /// an abort (kept apart so that `Pending` stays one word).
     mmio_far: u64,
     /// The virtual CPU interface, for a VM created with `VmFlags::VGIC`.
     vgic: Option<Box<VgicCpu>>,
-    /// Which vCPU the fields above hold (`vcpu` .. `vgic`); the others wait
-    /// in `parked`. The vCPUs of one VM take turns on the VM's slot: one
-    /// runs at a time, on one physical CPU.
-    loaded: usize,
-    parked: Vec<Option<ParkedVcpu>>,
-    /// Each vCPU's PSCI power state.
-    power: Vec<Power>,
 }
 
-/// A vCPU's state while another vCPU of its VM is the loaded one.
-struct ParkedVcpu {
-    vcpu: Box<Vcpu>,
-    el1: El1Context,
-    csselr: arm_sysregs::CsselrEl1,
-    fp: Box<FpState>,
-    mte_regs: MteRegs,
-    pending: Pending,
-    mmio_far: u64,
-    last_cpu: Option<usize>,
-    vgic: Option<Box<VgicCpu>>,
+impl VcpuState {
+    /// A vCPU as created: `regs` its registers if given, everything else
+    /// reset.
+    fn new(handle: u16, regs: Option<GuestRegs>, vgic: bool) -> Result<Self, Error> {
+        let mut vcpu =
+            try_box(Vcpu::new(VCPU_VM_BASE + u64::from(handle), 0)).ok_or(Error::NoMemory)?;
+        if let Some(regs) = regs {
+            vcpu.regs = regs;
+        }
+        let host_vectors =
+            try_box(HostVectors::new().ok_or(Error::NoMemory)?).ok_or(Error::NoMemory)?;
+        let vgic = if vgic {
+            Some(try_box(VgicCpu::new(vgic::geometry())).ok_or(Error::NoMemory)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            vcpu,
+            el1: El1Context::reset(),
+            csselr: arm_sysregs::CsselrEl1::empty(),
+            fp: try_box(FpState::ZERO).ok_or(Error::NoMemory)?,
+            host_vectors,
+            mte_regs: MteRegs::default(),
+            pending: Pending::None,
+            mmio_far: 0,
+            vgic,
+        })
+    }
 }
+
+/// A vCPU's record. Its state is touched only by the run that loaded the
+/// vCPU (`Vm::loads`, under the slot lock), from the load until the put:
+/// that is what makes the shared reference of the record enough.
+struct VcpuCell(UnsafeCell<VcpuState>);
 
 /// A vCPU's PSCI power state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -406,32 +442,6 @@ enum Power {
         entry: u64,
         context: u64,
     },
-}
-
-impl Vm {
-    /// Makes vCPU `index` the loaded one, parking the one that was.
-    fn select_vcpu(&mut self, index: usize) -> Result<(), Error> {
-        if index == self.loaded {
-            return Ok(());
-        }
-        let mut other = self
-            .parked
-            .get_mut(index)
-            .and_then(Option::take)
-            .ok_or(Error::InvalidParameters)?;
-        core::mem::swap(&mut self.vcpu, &mut other.vcpu);
-        core::mem::swap(&mut self.el1, &mut other.el1);
-        core::mem::swap(&mut self.csselr, &mut other.csselr);
-        core::mem::swap(&mut self.fp, &mut other.fp);
-        core::mem::swap(&mut self.mte_regs, &mut other.mte_regs);
-        core::mem::swap(&mut self.pending, &mut other.pending);
-        core::mem::swap(&mut self.mmio_far, &mut other.mmio_far);
-        core::mem::swap(&mut self.last_cpu, &mut other.last_cpu);
-        core::mem::swap(&mut self.vgic, &mut other.vgic);
-        self.parked[self.loaded] = Some(other);
-        self.loaded = index;
-        Ok(())
-    }
 }
 
 struct Slot {
@@ -564,34 +574,15 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error
     let stage2 =
         StageTwo::new(m.stage2_start_level, VMID_BASE + index as u16).map_err(no_memory)?;
     let stage2 = try_box(stage2).ok_or(Error::NoMemory)?;
-    let mut vcpu =
-        try_box(Vcpu::new(VCPU_VM_BASE + u64::from(handle), 0)).ok_or(Error::NoMemory)?;
-    vcpu.regs = GuestRegs::el1h_entry(entry, 0);
-    let fp = try_box(FpState::ZERO).ok_or(Error::NoMemory)?;
-    let host_vectors =
-        try_box(HostVectors::new().ok_or(Error::NoMemory)?).ok_or(Error::NoMemory)?;
-    let vgic = if flags.vgic() {
-        Some(try_box(VgicCpu::new(vgic::geometry())).ok_or(Error::NoMemory)?)
-    } else {
-        None
-    };
-    let mut parked = Vec::new();
-    parked
+    let mut vcpu_cells = Vec::new();
+    vcpu_cells
         .try_reserve(vcpus as usize)
         .map_err(|_| Error::NoMemory)?;
-    parked.push(None);
-    for _ in 1..vcpus {
-        parked.push(Some(ParkedVcpu {
-            vcpu: try_box(Vcpu::new(VCPU_VM_BASE + u64::from(handle), 0)).ok_or(Error::NoMemory)?,
-            el1: El1Context::reset(),
-            csselr: arm_sysregs::CsselrEl1::empty(),
-            fp: try_box(FpState::ZERO).ok_or(Error::NoMemory)?,
-            mte_regs: MteRegs::default(),
-            pending: Pending::None,
-            mmio_far: 0,
-            last_cpu: None,
-            vgic: Some(try_box(VgicCpu::new(vgic::geometry())).ok_or(Error::NoMemory)?),
-        }));
+    for i in 0..vcpus {
+        // vCPU 0 starts at the entry point; the others when CPU_ON says.
+        let regs = (i == 0).then(|| GuestRegs::el1h_entry(entry, 0));
+        let state = VcpuState::new(handle, regs, flags.vgic())?;
+        vcpu_cells.push(VcpuCell(UnsafeCell::new(state)));
     }
     let mut power = Vec::new();
     power
@@ -613,21 +604,11 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error
     *guard = Some(Vm {
         handle,
         mte,
-        mte_regs: MteRegs::default(),
         stage2,
         regions: Vec::new(),
-        vcpu,
-        el1: El1Context::reset(),
-        csselr: arm_sysregs::CsselrEl1::empty(),
-        fp,
-        host_vectors,
         has_run: false,
-        last_cpu: None,
-        pending: Pending::None,
-        mmio_far: 0,
-        vgic,
-        loaded: 0,
-        parked,
+        vcpus: vcpu_cells,
+        loads: Loads::new(),
         power,
     });
     slot.set(Status::Alive);
@@ -639,22 +620,21 @@ fn create(cpu: &PerCpu, entry: u64, flags: u64, vcpus: u64) -> Result<u16, Error
     Ok(handle)
 }
 
-/// Locks an idle VM; `Busy` while it runs. Another CPU's call on the same
-/// VM (a donation, a load) holds the lock only for one transaction, so
-/// that is waited for: two CPUs donating to one VM are served in turn.
+/// Locks a VM's slot. Every holder keeps it for short VM-wide work only
+/// (a check, one transaction, a vCPU's load or put), never for a run, so
+/// it is waited for: two CPUs donating to one VM are served in turn.
+fn lock_slot(slot: &'static Slot) -> spin::MutexGuard<'static, Option<Vm>> {
+    crate::base::lockcheck::check(Rank::VmSlot);
+    slot.vm.lock()
+}
+
+/// Locks an idle VM; `Busy` while any vCPU of it runs.
 fn lock_idle(slot: &'static Slot) -> Result<spin::MutexGuard<'static, Option<Vm>>, Error> {
-    crate::base::lockcheck::check(moat_kernel::lockorder::Rank::VmSlot);
-    loop {
-        if slot.status() == Status::Running {
-            return Err(Error::Busy);
-        }
-        if let Some(guard) = slot.vm.try_lock() {
-            if guard.is_none() {
-                return Err(Error::InvalidParameters);
-            }
-            return Ok(guard);
-        }
-        core::hint::spin_loop();
+    let guard = lock_slot(slot);
+    match guard.as_ref() {
+        None => Err(Error::InvalidParameters),
+        Some(vm) if vm.loads.running() > 0 => Err(Error::Busy),
+        Some(_) => Ok(guard),
     }
 }
 
@@ -783,10 +763,8 @@ fn load(cpu: &PerCpu, handle: u64, ipa: u64, src: u64, bytes: u64) -> Result<(),
 
 fn destroy(cpu: &PerCpu, handle: u64) -> Result<(), Error> {
     let (slot, handle) = slot_of(handle)?;
-    match slot.status() {
-        Status::Running => return Err(Error::Busy),
-        Status::Dying => return Err(Error::Denied),
-        _ => {}
+    if slot.status() == Status::Dying {
+        return Err(Error::Denied);
     }
     let mut guard = lock_idle(slot)?;
     memory::transact(
@@ -845,19 +823,26 @@ fn free_if_empty(slot: &Slot, guard: &mut Option<Vm>) {
     slot.set(Status::Free);
 }
 
+/// What a run knows of its VM without holding the slot lock: fixed for
+/// the VM's life, which lasts at least as long as the run (a VM with a
+/// loaded vCPU cannot be destroyed).
+#[derive(Clone, Copy)]
+struct RunVm {
+    slot: &'static Slot,
+    handle: u16,
+    mte: bool,
+    vttbr: u64,
+    /// The vCPU this run loaded.
+    index: usize,
+}
+
 /// The EL2 controls while a VM runs.
-fn vm_el2(vm: &Vm) -> (u64, u64, u64, u64, u64) {
+fn vm_el2(vm: &RunVm) -> (u64, u64, u64, u64, u64) {
     use moat_kernel::el2config::{NESTED_CNTHCTL, vm_cptr, vm_hcr, vm_mdcr};
     let m = machine();
     let hcr = vm_hcr(&m.cpu, vm.mte);
     let mdcr = vm_mdcr(&m.cpu, m.host_el2.mdcr);
-    (
-        hcr,
-        vm_cptr(&m.cpu),
-        mdcr,
-        NESTED_CNTHCTL,
-        vm.stage2.vttbr(),
-    )
+    (hcr, vm_cptr(&m.cpu), mdcr, NESTED_CNTHCTL, vm.vttbr)
 }
 
 /// Loads the VM's HCRX_EL2 (derived from what its ID registers show) and
@@ -866,7 +851,7 @@ fn vm_el2(vm: &Vm) -> (u64, u64, u64, u64, u64) {
 /// # Safety
 ///
 /// The CPU is about to enter the VM.
-unsafe fn enter_vm_feature_controls(vm: &Vm) {
+unsafe fn enter_vm_feature_controls(vm: &RunVm) {
     let m = machine();
     let hcrx = m.vm_hcrx[usize::from(vm.mte)];
     // SAFETY: per the function contract.
@@ -910,46 +895,104 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         return Err(Error::Denied);
     }
     let (slot, _) = slot_of(handle)?;
-    let mut guard = lock_idle(slot)?;
-    match slot.status() {
-        Status::Alive => {}
-        Status::Off | Status::Dying => return Err(Error::Denied),
-        _ => return Err(Error::Busy),
+    let (vm, st, flush_local_tlb, abort) = {
+        let mut guard = lock_slot(slot);
+        match slot.status() {
+            Status::Alive => {}
+            Status::Off | Status::Dying => return Err(Error::Denied),
+            Status::Free => return Err(Error::InvalidParameters),
+        }
+        let vm = guard.as_mut().ok_or(Error::InvalidParameters)?;
+        let starting = match vm.power.get(index).copied() {
+            None => return Err(Error::InvalidParameters),
+            Some(Power::Off) => {
+                return Ok(exit(
+                    ExitReason::VcpuPower,
+                    [abi::POWER_IS_OFF, 0, 0, 0, 0, 0],
+                ));
+            }
+            Some(Power::On) => None,
+            Some(Power::Starting { entry, context }) => Some((entry, context)),
+        };
+        let cell: &VcpuCell = vm.vcpus.get(index).ok_or(Error::InvalidParameters)?;
+        let cell: *const VcpuCell = cell;
+        // The same vCPU asked to run on two CPUs at once: the second is
+        // refused, with nothing changed.
+        let loaded = vm.loads.load(index, cpu.index).map_err(|e| match e {
+            LoadError::Busy { .. } => Error::Busy,
+            _ => Error::InvalidParameters,
+        })?;
+        // SAFETY: this run loaded the vCPU just now (under the slot lock),
+        // so no other CPU touches its state until it is put back; the
+        // record does not move (the vector is never resized) and lives as
+        // long as the VM, which cannot be destroyed while a vCPU of it is
+        // loaded.
+        let st = unsafe { &mut *(*cell).0.get() };
+        let prepared = prepare(vm, index, st, starting, answer, inject);
+        let abort = match prepared {
+            Ok(abort) => abort,
+            Err(e) => {
+                let _ = vm.loads.put(index, cpu.index);
+                return Err(e);
+            }
+        };
+        vm.has_run = true;
+        let run_vm = RunVm {
+            slot,
+            handle: vm.handle,
+            mte: vm.mte,
+            vttbr: vm.stage2.vttbr(),
+            index,
+        };
+        (run_vm, st, loaded.flush_local_tlb, abort)
+    };
+    let outcome = run_loaded(cpu, &vm, st, flush_local_tlb, abort);
+    // Putting the vCPU back: its state is not touched after this.
+    let mut guard = lock_slot(slot);
+    if outcome.1 == Status::Off && slot.status() == Status::Alive {
+        slot.set(Status::Off);
     }
-    let vm = guard.as_mut().ok_or(Error::InvalidParameters)?;
+    if let Some(vm) = guard.as_mut() {
+        let _ = vm.loads.put(index, cpu.index);
+    }
+    Ok(outcome.0)
+}
+
+/// The checks and the answer of a run, with the vCPU loaded and the slot
+/// lock held: a CPU_ON's reset, the host's answer to the last exit and its
+/// injections. On an error nothing of the vCPU changed (but a CPU_ON's
+/// reset). `Ok(Some(is_write))`: the host asked for an abort of the MMIO
+/// access.
+fn prepare(
+    vm: &mut Vm,
+    index: usize,
+    st: &mut VcpuState,
+    starting: Option<(u64, u64)>,
+    answer: [u64; 4],
+    inject: [u64; 2],
+) -> Result<Option<bool>, Error> {
     // A CPU with a longer vector length than any before it came up after
     // the VM was created.
-    if !vm.host_vectors.fits() {
+    if !st.host_vectors.fits() {
         return Err(Error::Denied);
     }
-    match vm.power.get(index).copied() {
-        None => return Err(Error::InvalidParameters),
-        Some(Power::Off) => {
-            return Ok(exit(
-                ExitReason::VcpuPower,
-                [abi::POWER_IS_OFF, 0, 0, 0, 0, 0],
-            ));
+    if let Some((entry, context)) = starting {
+        // CPU_ON's reset: the entry point, x0 = the context, every other
+        // register as at creation.
+        st.vcpu.regs = GuestRegs::el1h_entry(entry, context);
+        st.el1 = El1Context::reset();
+        *st.fp = FpState::ZERO;
+        st.csselr = arm_sysregs::CsselrEl1::empty();
+        st.mte_regs = MteRegs::default();
+        st.pending = Pending::None;
+        if let Some(v) = st.vgic.as_mut() {
+            **v = VgicCpu::new(vgic::geometry());
         }
-        Some(Power::On) => vm.select_vcpu(index)?,
-        Some(Power::Starting { entry, context }) => {
-            // CPU_ON's reset: the entry point, x0 = the context, every
-            // other register as at creation.
-            vm.select_vcpu(index)?;
-            vm.vcpu.regs = GuestRegs::el1h_entry(entry, context);
-            vm.el1 = El1Context::reset();
-            *vm.fp = FpState::ZERO;
-            vm.csselr = arm_sysregs::CsselrEl1::empty();
-            vm.mte_regs = MteRegs::default();
-            vm.pending = Pending::None;
-            if let Some(v) = vm.vgic.as_mut() {
-                **v = VgicCpu::new(vgic::geometry());
-            }
-            vm.power[index] = Power::On;
-        }
+        vm.power[index] = Power::On;
     }
     // The answer to an MMIO exit, checked before anything is taken.
     // (r1 is looked at first: after any other exit it is free.)
-    if MmioAnswer(answer[1]).aborts().is_none() && matches!(vm.pending, Pending::Mmio(_)) {
+    if MmioAnswer(answer[1]).aborts().is_none() && matches!(st.pending, Pending::Mmio(_)) {
         return Err(Error::InvalidParameters);
     }
     // The injections, all checked before any is taken.
@@ -966,7 +1009,7 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         }
     }
     if count > 0 {
-        let v = vm.vgic.as_mut().ok_or(Error::InvalidParameters)?;
+        let v = st.vgic.as_mut().ok_or(Error::InvalidParameters)?;
         if !v.has_room(count) {
             return Err(Error::NoMemory);
         }
@@ -975,50 +1018,58 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
                 .map_err(|_| Error::InvalidParameters)?;
         }
     }
-    slot.set(Status::Running);
     // An abort the host asked for, delivered once the VM's EL1 state is
-    // loaded (below): whether the access wrote.
+    // loaded: whether the access wrote.
     let mut abort = None;
-    match core::mem::replace(&mut vm.pending, Pending::None) {
-        Pending::Hvc => vm.vcpu.regs.x[..4].copy_from_slice(&answer),
+    match core::mem::replace(&mut st.pending, Pending::None) {
+        Pending::Hvc => st.vcpu.regs.x[..4].copy_from_slice(&answer),
         Pending::Mmio(access) if answer[1] != 0 => abort = Some(access.is_write),
         Pending::Mmio(access) if !access.is_write => {
             let v = access.loaded_value(answer[0]);
-            vm.vcpu.regs.write_gpr(access.rt, v);
+            st.vcpu.regs.write_gpr(access.rt, v);
         }
         Pending::Mmio(_) | Pending::None => {}
     }
-    vm.has_run = true;
-    let migrated = vm.last_cpu != Some(cpu.index);
-    vm.last_cpu = Some(cpu.index);
-    vm.vcpu.cpu = cpu.index as u64;
+    Ok(abort)
+}
+
+/// Runs a loaded vCPU until an exit for the host, without the slot lock;
+/// the status the slot takes after (`Off` if the VM can never run again).
+fn run_loaded(
+    cpu: &PerCpu,
+    vm: &RunVm,
+    st: &mut VcpuState,
+    flush_local_tlb: bool,
+    abort: Option<bool>,
+) -> (Exit, Status) {
+    st.vcpu.cpu = cpu.index as u64;
 
     let host_csselr = arm_sysregs::read_csselr_el1();
-    // SAFETY: this CPU holds the VM's slot; the host's EL1 state is saved
+    // SAFETY: this CPU loaded the vCPU; the host's EL1 state is saved
     // before the VM's is loaded and restored after.
     unsafe {
         (*cpu.host_el1.get()).save();
-        vm.el1.load();
+        st.el1.load();
     }
     if let Some(is_write) = abort {
         // The host found no device: the access takes a synchronous
         // external abort, from the access itself (the MMIO exit moved the
         // PC past it), at the guest's vector.
-        let regs = &mut vm.vcpu.regs;
+        let regs = &mut st.vcpu.regs;
         regs.pc = regs.pc.wrapping_sub(4);
-        crate::base::inject::inject_abort(regs, false, is_write, vm.mmio_far);
+        crate::base::inject::inject_abort(regs, false, is_write, st.mmio_far);
     }
-    vm.host_vectors.save();
-    vm.fp.load();
+    st.host_vectors.save();
+    st.fp.load();
     let m = machine();
     let benchmark = m.host_el2.mdcr & moat_kernel::el2config::MDCR_HPMD == 0;
     // SAFETY: the host's EL1 state is saved and the VM's about to run.
     let host_monitors = unsafe { sysreg::ParkedHostMonitors::park(&m.cpu, benchmark) };
-    arm_sysregs::write_csselr_el1(vm.csselr);
+    arm_sysregs::write_csselr_el1(st.csselr);
     let mut host_mte = MteRegs::default();
     if vm.mte {
         host_mte.save();
-        vm.mte_regs.load();
+        st.mte_regs.load();
     }
     let (h, c, md, ct, v) = vm_el2(vm);
     // SAFETY: the VM's stage-2 is live and its EL1 state is loaded.
@@ -1029,10 +1080,12 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     // The guest's MPIDR_EL1 names its vCPU (Aff0 = its index, bit 31
     // RES1), not the physical CPU it happens to run on: a guest matches it
     // against the CPUs its device tree lists.
-    sysreg::set_vmpidr(VCPU_MPIDR | vm.loaded as u64);
-    if migrated {
+    sysreg::set_vmpidr(VCPU_MPIDR | vm.index as u64);
+    if flush_local_tlb {
         // This CPU may hold the VMID's entries from an earlier run that
-        // the guest has since invalidated on another CPU.
+        // the guest has since invalidated on another CPU, or that another
+        // vCPU of the VM left here (its guest-local invalidations never
+        // reached this vCPU's view).
         // SAFETY: local TLB maintenance for the VM's VMID, just loaded.
         unsafe {
             core::arch::asm!(
@@ -1064,17 +1117,17 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
     // not borrowed (three register reads, a disable with its RWP wait and a
     // restore saved on every run). A guest that arms its timer during the
     // run costs one Interrupt exit, and the next run borrows the line.
-    let (guest_cntv_ctl, _) = vm.el1.virtual_timer();
+    let (guest_cntv_ctl, _) = st.el1.virtual_timer();
     let guest_timer_armed = guest_cntv_ctl & 0b11 == 0b01;
     let mut borrowed = gic
         .as_ref()
-        .filter(|_| vm.vgic.is_some() || guest_timer_armed)
-        .map(|access| vgic::borrow_ppis(access, vm.vgic.is_some()));
-    if let Some(v) = vm.vgic.as_ref() {
+        .filter(|_| st.vgic.is_some() || guest_timer_armed)
+        .map(|access| vgic::borrow_ppis(access, st.vgic.is_some()));
+    if let Some(v) = st.vgic.as_ref() {
         v.load();
     }
     let outcome = loop {
-        if let Some(v) = vm.vgic.as_mut() {
+        if let Some(v) = st.vgic.as_mut() {
             // Deactivations the host asked to hear of end the run first.
             if let Some(eois) = v.take_eois() {
                 break (exit(ExitReason::Eoi, eois), Status::Alive);
@@ -1090,37 +1143,37 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         // SAFETY: the vCPU frame is complete, the VM's EL1 and EL2 state is
         // loaded, and `nested` is this CPU's save area; the VM's next trap
         // returns here through `leave_nested`.
-        unsafe { enter_nested(&mut *vm.vcpu, cpu.nested.get()) };
+        unsafe { enter_nested(&mut *st.vcpu, cpu.nested.get()) };
         // The backstop's interrupt ends the run as an Interrupt exit, like
         // any host interrupt; disarming it drops its level.
         sysreg::disarm_watchdog();
-        let maintenance = vm.vgic.as_mut().is_some_and(|v| v.after_exit());
-        match handle_exit(cpu, vm, maintenance, deadline) {
+        let maintenance = st.vgic.as_mut().is_some_and(|v| v.after_exit());
+        match handle_exit(cpu, vm, st, maintenance, deadline) {
             Step::Resume => continue,
             Step::Exit(e) => break (e, Status::Alive),
             Step::End(e) => break (e, Status::Off),
         }
     };
 
-    if let Some(v) = vm.vgic.as_mut() {
+    if let Some(v) = st.vgic.as_mut() {
         v.save();
     }
     if let (Some(access), Some(b)) = (gic.as_ref(), borrowed) {
-        vgic::return_ppis(access, b, vm.vgic.is_some());
+        vgic::return_ppis(access, b, st.vgic.is_some());
     }
     if let (Some(access), Some(saved)) = (gic.as_ref(), saved_icc) {
         crate::arch::gic::close_watchdog(access, saved);
     }
     if vm.mte {
-        vm.mte_regs.save();
+        st.mte_regs.save();
         host_mte.load();
     }
     host_monitors.restore();
-    vm.csselr = arm_sysregs::read_csselr_el1();
-    vm.fp.save();
+    st.csselr = arm_sysregs::read_csselr_el1();
+    st.fp.save();
     // SAFETY: as above, in reverse.
     unsafe {
-        vm.el1.save();
+        st.el1.save();
         (*cpu.host_el1.get()).load();
     }
     arm_sysregs::write_csselr_el1(host_csselr);
@@ -1137,18 +1190,22 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         );
         sysreg::switch_feature_controls(&machine().cpu, hel2.hcrx, &hel2.fgt);
     };
-    vm.host_vectors.load();
-    let (e, status) = outcome;
-    slot.set(status);
-    Ok(e)
+    st.host_vectors.load();
+    outcome
 }
 
 /// Handles one trap from a running VM. `maintenance`: the virtual CPU
 /// interface raised a maintenance interrupt (already dealt with);
 /// `deadline`: when the run must end.
-fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> Step {
-    let vector = vm.vcpu.exit_vector;
-    let esr_el2 = vm.vcpu.exit_esr;
+fn handle_exit(
+    cpu: &PerCpu,
+    vm: &RunVm,
+    st: &mut VcpuState,
+    maintenance: bool,
+    deadline: u64,
+) -> Step {
+    let vector = st.vcpu.exit_vector;
+    let esr_el2 = st.vcpu.exit_esr;
     match vector {
         LOWER_SYNC => {}
         LOWER_IRQ | LOWER_FIQ => {
@@ -1156,7 +1213,7 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
             // guest's timer firing on a line that is the guest's for the
             // run) goes back into the guest, which `before_entry` handles;
             // anything else is the host's. Never past the deadline.
-            let ours = maintenance || vm.vgic.as_ref().is_some_and(|v| v.timer_due());
+            let ours = maintenance || st.vgic.as_ref().is_some_and(|v| v.timer_due());
             if ours && sysreg::now() < deadline {
                 return Step::Resume;
             }
@@ -1172,13 +1229,13 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
     }
     let trap = Trap::decode(esr_el2);
     if matches!(trap, Trap::Hvc { imm: 0 }) {
-        return guest_call(cpu, vm);
+        return guest_call(cpu, vm, st);
     }
     if matches!(trap, Trap::Smc { imm: 0 }) {
-        vm.vcpu.regs.pc = vm.vcpu.regs.pc.wrapping_add(4);
-        return guest_call(cpu, vm);
+        st.vcpu.regs.pc = st.vcpu.regs.pc.wrapping_add(4);
+        return guest_call(cpu, vm, st);
     }
-    let regs = &mut vm.vcpu.regs;
+    let regs = &mut st.vcpu.regs;
     match trap {
         Trap::Hvc { .. } => {
             regs.x[0] = smccc::NOT_SUPPORTED;
@@ -1192,7 +1249,7 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
         }
         Trap::Wfx { is_wfe } => {
             regs.pc = regs.pc.wrapping_add(4);
-            match vm.vgic.as_mut() {
+            match st.vgic.as_mut() {
                 // A virtual-GIC guest's WFE waits for another vCPU's SEV,
                 // which the core cannot see: it just goes on (a spin). Its
                 // WFI ends at once if an interrupt is pending; otherwise
@@ -1221,8 +1278,8 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
                     } else {
                         0
                     };
-                    vm.pending = Pending::Mmio(access);
-                    vm.mmio_far = sysreg::far_el2();
+                    st.pending = Pending::Mmio(access);
+                    st.mmio_far = sysreg::far_el2();
                     regs.pc = regs.pc.wrapping_add(4);
                     let bits = MmioAccess::new(access.is_write, access.size_log2, access.rt);
                     Step::Exit(exit(ExitReason::Mmio, [ipa, bits.0, value, 0, 0, 0]))
@@ -1249,7 +1306,7 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
                 return Step::Resume;
             }
             // A virtual-GIC guest's SGIs: the host routes them.
-            if let (Some(_), Some(which)) = (vm.vgic.as_ref(), sgi_register(&access)) {
+            if let (Some(_), Some(which)) = (st.vgic.as_ref(), sgi_register(&access)) {
                 let value = regs.read_gpr(access.rt);
                 regs.pc = regs.pc.wrapping_add(4);
                 return Step::Exit(exit(ExitReason::Sgi, [value, which, 0, 0, 0, 0]));
@@ -1259,7 +1316,7 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
             // general-purpose kernel that resets them as it boots: they read
             // as zero and ignore writes. The hardware's stay parked for the
             // host either way (MDCR_EL2.TDA, TDOSA keep them trapped).
-            if vm.vgic.is_some() && access.op0 == 2 {
+            if st.vgic.is_some() && access.op0 == 2 {
                 if access.is_read {
                     regs.write_gpr(access.rt, 0);
                 }
@@ -1288,13 +1345,13 @@ fn handle_exit(cpu: &PerCpu, vm: &mut Vm, maintenance: bool, deadline: u64) -> S
                 cpu.index,
             );
             trap.partition = PARTITION_VM_BASE + vm.handle;
-            let answer = outside_vm(cpu, vm, |_| {
+            let answer = outside_vm(cpu, vm, st, || {
                 crate::partition::service::ask(cpu, index, &trap)
             });
             moat_kernel::verdict::apply_verdict(
                 &mut sysreg::Hw,
                 &machine().cpu,
-                &mut vm.vcpu.regs,
+                &mut st.vcpu.regs,
                 answer,
                 &access,
             );
@@ -1411,70 +1468,93 @@ const PSCI_INVALID_ADDRESS: u64 = -9i64 as u64;
 
 /// The vCPU an MPIDR names (Aff0 = the index, bit 31 ignored, every other
 /// affinity 0), if the VM has it.
-fn vcpu_of(vm: &Vm, mpidr: u64) -> Option<usize> {
+fn vcpu_of(power: &[Power], mpidr: u64) -> Option<usize> {
     let mpidr = mpidr & !(1 << 31);
     if mpidr > 0xff {
         return None;
     }
     let index = mpidr as usize;
-    (index < vm.power.len()).then_some(index)
+    (index < power.len()).then_some(index)
+}
+
+/// Runs `f` on the VM's vCPU power states, under the slot lock (the vCPUs
+/// of the VM that run on other CPUs read and change them too).
+fn with_power<R>(vm: &RunVm, f: impl FnOnce(&mut [Power]) -> R) -> Option<R> {
+    let mut guard = lock_slot(vm.slot);
+    guard.as_mut().map(|v| f(&mut v.power))
 }
 
 /// PSCI CPU_ON: the target vCPU starts at `entry` with x0 = `context` on
 /// its next run; this vCPU's run ends so that the host can run it.
-fn cpu_on(vm: &mut Vm, function: u32, mpidr: u64, entry: u64, context: u64) -> Step {
+fn cpu_on(
+    vm: &RunVm,
+    st: &mut VcpuState,
+    function: u32,
+    mpidr: u64,
+    entry: u64,
+    context: u64,
+) -> Step {
     let (entry, context) = if function == PSCI_CPU_ON_32 {
         (entry & 0xffff_ffff, context & 0xffff_ffff)
     } else {
         (entry, context)
     };
-    let answer = match vcpu_of(vm, mpidr) {
-        None => PSCI_INVALID_PARAMETERS,
-        Some(_) if !entry.is_multiple_of(4) => PSCI_INVALID_ADDRESS,
-        Some(t) => match vm.power[t] {
-            Power::On => PSCI_ALREADY_ON,
-            Power::Starting { .. } => PSCI_ON_PENDING,
+    let started = with_power(vm, |power| match vcpu_of(power, mpidr) {
+        None => Err(PSCI_INVALID_PARAMETERS),
+        Some(_) if !entry.is_multiple_of(4) => Err(PSCI_INVALID_ADDRESS),
+        Some(t) => match power[t] {
+            Power::On => Err(PSCI_ALREADY_ON),
+            Power::Starting { .. } => Err(PSCI_ON_PENDING),
             Power::Off => {
-                vm.power[t] = Power::Starting { entry, context };
-                vm.vcpu.regs.x[0] = 0;
-                return Step::Exit(exit(
-                    ExitReason::VcpuPower,
-                    [abi::POWER_STARTED, t as u64, 0, 0, 0, 0],
-                ));
+                power[t] = Power::Starting { entry, context };
+                Ok(t)
             }
         },
-    };
-    vm.vcpu.regs.x[0] = answer;
-    Step::Resume
+    });
+    match started.unwrap_or(Err(PSCI_INVALID_PARAMETERS)) {
+        Ok(t) => {
+            st.vcpu.regs.x[0] = 0;
+            Step::Exit(exit(
+                ExitReason::VcpuPower,
+                [abi::POWER_STARTED, t as u64, 0, 0, 0, 0],
+            ))
+        }
+        Err(answer) => {
+            st.vcpu.regs.x[0] = answer;
+            Step::Resume
+        }
+    }
 }
 
 /// A hypercall from the guest: the core serves its memory calls and the
 /// PSCI calls that end it; everything else goes to the host.
-fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
-    let x = vm.vcpu.regs.x;
+fn guest_call(cpu: &PerCpu, vm: &RunVm, st: &mut VcpuState) -> Step {
+    let x = st.vcpu.regs.x;
     let function = x[0] as u32;
     let result = match function {
-        abi::GUEST_SHARE_HOST => guest_share(cpu, vm, x[1], x[2], LedgerRequest::VM_SHARE_HOST),
-        abi::GUEST_UNSHARE_HOST => guest_share(cpu, vm, x[1], x[2], LedgerRequest::VM_UNSHARE_HOST),
+        abi::GUEST_SHARE_HOST => guest_share(cpu, vm, st, x[1], x[2], LedgerRequest::VM_SHARE_HOST),
+        abi::GUEST_UNSHARE_HOST => {
+            guest_share(cpu, vm, st, x[1], x[2], LedgerRequest::VM_UNSHARE_HOST)
+        }
         hypercall::ABI_VERSION => {
-            vm.vcpu
+            st.vcpu
                 .regs
                 .set_smccc_result([0, u64::from(moat_abi::ABI_VERSION), 0, 0]);
             return Step::Resume;
         }
         smccc::SMCCC_VERSION => {
-            vm.vcpu.regs.x[0] = smccc::IMPLEMENTED_VERSION;
+            st.vcpu.regs.x[0] = smccc::IMPLEMENTED_VERSION;
             return Step::Resume;
         }
         // The pKVM guest ABI: a kernel with the pKVM guest driver checks
         // the UID, then the features, and shares its bounce buffers one
         // granule at a time. Served as Moat's own guest share.
         pkvm::CALL_UID => {
-            vm.vcpu.regs.set_smccc_result(pkvm::UID);
+            st.vcpu.regs.set_smccc_result(pkvm::UID);
             return Step::Resume;
         }
         pkvm::FEATURES => {
-            vm.vcpu.regs.set_smccc_result([pkvm::FEATURE_BITS, 0, 0, 0]);
+            st.vcpu.regs.set_smccc_result([pkvm::FEATURE_BITS, 0, 0, 0]);
             return Step::Resume;
         }
         pkvm::HYP_MEMINFO => {
@@ -1483,11 +1563,11 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
             } else {
                 pkvm::INVALID_PARAMETER
             };
-            vm.vcpu.regs.set_smccc_result([answer, 0, 0, 0]);
+            st.vcpu.regs.set_smccc_result([answer, 0, 0, 0]);
             return Step::Resume;
         }
         pkvm::MEM_SHARE | pkvm::MEM_UNSHARE if x[2..4] != [0, 0] => {
-            vm.vcpu.regs.x[0] = pkvm::INVALID_PARAMETER;
+            st.vcpu.regs.x[0] = pkvm::INVALID_PARAMETER;
             return Step::Resume;
         }
         pkvm::MEM_SHARE | pkvm::MEM_UNSHARE => {
@@ -1496,21 +1576,21 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
             } else {
                 LedgerRequest::VM_UNSHARE_HOST
             };
-            match guest_share(cpu, vm, x[1], 1, op) {
+            match guest_share(cpu, vm, st, x[1], 1, op) {
                 Err(Error::Interrupted) => Err(Error::Interrupted),
                 Ok(()) => Ok(()),
                 Err(_) => {
-                    vm.vcpu.regs.x[0] = pkvm::INVALID_PARAMETER;
+                    st.vcpu.regs.x[0] = pkvm::INVALID_PARAMETER;
                     return Step::Resume;
                 }
             }
         }
         PSCI_VERSION => {
-            vm.vcpu.regs.x[0] = 0x1_0000;
+            st.vcpu.regs.x[0] = 0x1_0000;
             return Step::Resume;
         }
         PSCI_FEATURES => {
-            vm.vcpu.regs.x[0] = match x[1] as u32 {
+            st.vcpu.regs.x[0] = match x[1] as u32 {
                 PSCI_VERSION | PSCI_FEATURES | PSCI_SYSTEM_OFF | PSCI_SYSTEM_RESET => 0,
                 PSCI_CPU_ON_32
                 | PSCI_CPU_ON_64
@@ -1521,24 +1601,25 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
             };
             return Step::Resume;
         }
-        PSCI_CPU_ON_32 | PSCI_CPU_ON_64 => return cpu_on(vm, function, x[1], x[2], x[3]),
+        PSCI_CPU_ON_32 | PSCI_CPU_ON_64 => return cpu_on(vm, st, function, x[1], x[2], x[3]),
         PSCI_CPU_OFF => {
-            let me = vm.loaded;
-            vm.power[me] = Power::Off;
+            let me = vm.index;
+            with_power(vm, |power| power[me] = Power::Off);
             return Step::Exit(exit(
                 ExitReason::VcpuPower,
                 [abi::POWER_IS_OFF, 0, 0, 0, 0, 0],
             ));
         }
         PSCI_AFFINITY_INFO_32 | PSCI_AFFINITY_INFO_64 => {
-            vm.vcpu.regs.x[0] = match (vcpu_of(vm, x[1]), x[2]) {
-                (Some(t), 0) => match vm.power[t] {
+            let state = with_power(vm, |power| match (vcpu_of(power, x[1]), x[2]) {
+                (Some(t), 0) => match power[t] {
                     Power::On => 0,
                     Power::Off => 1,
                     Power::Starting { .. } => 2,
                 },
                 _ => PSCI_INVALID_PARAMETERS,
-            };
+            });
+            st.vcpu.regs.x[0] = state.unwrap_or(PSCI_INVALID_PARAMETERS);
             return Step::Resume;
         }
         PSCI_SYSTEM_OFF | PSCI_SYSTEM_RESET => {
@@ -1555,7 +1636,7 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
             return Step::End(exit(ExitReason::Shutdown, [reset, 0, 0, 0, 0, 0]));
         }
         _ => {
-            vm.pending = Pending::Hvc;
+            st.pending = Pending::Hvc;
             return Step::Exit(exit(ExitReason::Hvc, [x[0], x[1], x[2], x[3], x[4], x[5]]));
         }
     };
@@ -1564,15 +1645,15 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
         // takes it, and the guest issues the call again when it next runs
         // (the ledger finishes the suspended request first).
         Err(Error::Interrupted) => {
-            vm.vcpu.regs.pc = vm.vcpu.regs.pc.wrapping_sub(4);
+            st.vcpu.regs.pc = st.vcpu.regs.pc.wrapping_sub(4);
             Step::Exit(exit(ExitReason::Interrupt, [0; 6]))
         }
         Ok(()) => {
-            vm.vcpu.regs.x[0] = 0;
+            st.vcpu.regs.x[0] = 0;
             Step::Resume
         }
         Err(e) => {
-            vm.vcpu.regs.x[0] = e.to_x0();
+            st.vcpu.regs.x[0] = e.to_x0();
             Step::Resume
         }
     }
@@ -1580,20 +1661,31 @@ fn guest_call(cpu: &PerCpu, vm: &mut Vm) -> Step {
 
 /// GUEST_SHARE_HOST / GUEST_UNSHARE_HOST: the IPA range must be mapped in
 /// the VM and backed by contiguous frames.
-fn guest_share(cpu: &PerCpu, vm: &mut Vm, ipa: u64, pages: u64, op: u32) -> Result<(), Error> {
+fn guest_share(
+    cpu: &PerCpu,
+    run: &RunVm,
+    st: &mut VcpuState,
+    ipa: u64,
+    pages: u64,
+    op: u32,
+) -> Result<(), Error> {
     let size = checked_range(ipa, pages)?;
-    let (first, _) = vm.stage2.translate(ipa).ok_or(Error::InvalidParameters)?;
-    let mut at = PAGE;
-    while at < size {
-        match vm.stage2.translate(ipa + at) {
-            Some((pa, _)) if pa == first + at => {}
-            _ => return Err(Error::InvalidParameters),
+    // The VM's stage-2 and record are VM-wide: other vCPUs of the VM may
+    // share or unshare at the same time on other CPUs.
+    outside_vm(cpu, run, st, || {
+        let mut guard = lock_slot(run.slot);
+        let vm = guard.as_mut().ok_or(Error::InvalidParameters)?;
+        let (first, _) = vm.stage2.translate(ipa).ok_or(Error::InvalidParameters)?;
+        let mut at = PAGE;
+        while at < size {
+            match vm.stage2.translate(ipa + at) {
+                Some((pa, _)) if pa == first + at => {}
+                _ => return Err(Error::InvalidParameters),
+            }
+            at += PAGE;
         }
-        at += PAGE;
-    }
-    // The transaction changes only the host's stage-2; the VM keeps its
-    // mapping (the ledger never names the VM in a share's changes).
-    outside_vm(cpu, vm, |vm| {
+        // The transaction changes only the host's stage-2; the VM keeps
+        // its mapping (the ledger never names the VM in a share's changes).
         memory::transact(
             cpu,
             LedgerRequest {
@@ -1616,22 +1708,22 @@ fn guest_share(cpu: &PerCpu, vm: &mut Vm, ipa: u64, pages: u64, op: u32) -> Resu
 /// restores the host's state, not the VM's; then loads the VM's again.
 /// The VM's FP/SIMD and CSSELR_EL1 stay live: services cannot reach them
 /// (CPTR_EL2.TFP and HCR_EL2.TID2 trap them).
-fn outside_vm<R>(cpu: &PerCpu, vm: &mut Vm, f: impl FnOnce(&mut Vm) -> R) -> R {
-    // SAFETY: this CPU runs the VM (its slot is held); the VM's EL1 state is
-    // saved before the host's is loaded, and loaded again after.
+fn outside_vm<R>(cpu: &PerCpu, vm: &RunVm, st: &mut VcpuState, f: impl FnOnce() -> R) -> R {
+    // SAFETY: this CPU runs the vCPU (it loaded it); the vCPU's EL1 state
+    // is saved before the host's is loaded, and loaded again after.
     unsafe {
-        vm.el1.save();
+        st.el1.save();
         (*cpu.host_el1.get()).load();
     }
-    if vm.vgic.is_some() {
+    if st.vgic.is_some() {
         VgicCpu::pause();
     }
-    let r = f(vm);
+    let r = f();
     let (h, c, md, ct, v) = vm_el2(vm);
     // SAFETY: as above; a service call in `f` restored the host's EL1 state
     // and EL2 controls, which are now replaced by the VM's again.
     unsafe {
-        vm.el1.load();
+        st.el1.load();
         sysreg::switch_el2(h, c, md, ct, v);
         enter_vm_feature_controls(vm);
     }
@@ -1641,7 +1733,8 @@ fn outside_vm<R>(cpu: &PerCpu, vm: &mut Vm, f: impl FnOnce(&mut Vm) -> R) -> R {
 /// Every idle VM's stage-2, locked, for the consistency checker.
 pub struct IdleVms {
     guards: Vec<spin::MutexGuard<'static, Option<Vm>>>,
-    /// VMs running on other CPUs (not checked).
+    /// VMs with a vCPU running on another CPU, or in a call of their own
+    /// there (not checked).
     pub running: u64,
 }
 
@@ -1673,7 +1766,7 @@ impl IdleVms {
     }
 }
 
-/// Locks every VM that is not running (before the memory lock: the lock
+/// Locks every VM no vCPU of which runs (before the memory lock: the lock
 /// order is slot, then memory).
 pub fn lock_all_idle() -> Result<IdleVms, Error> {
     let mut out = IdleVms {
@@ -1685,6 +1778,7 @@ pub fn lock_all_idle() -> Result<IdleVms, Error> {
         .map_err(|_| Error::NoMemory)?;
     for slot in &SLOTS {
         match slot.vm.try_lock() {
+            Some(g) if g.as_ref().is_some_and(|vm| vm.loads.running() > 0) => out.running += 1,
             Some(g) if g.is_some() => out.guards.push(g),
             Some(_) => {}
             None => out.running += 1,

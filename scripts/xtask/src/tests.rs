@@ -961,6 +961,30 @@ fn cases(models: &[cpu_models::Model]) -> Vec<Case> {
                 "insmod /moat.ko && moat-vmm probe-vgic /guest.bin && moat-vmm check",
             )
         },
+        // The two vCPUs of one VM run on two CPUs at the same time: one
+        // sees the other's flag change within one uninterrupted run, which
+        // vCPUs that take turns cannot.
+        Case {
+            pass: vec![
+                linux::MARKER_COMMANDS,
+                "'s flag go from",
+                "within one uninterrupted run: the two ran at the same time",
+                "parallel probe: passed",
+                "moat-vmm: the ledger and the host's stage-2 agree",
+                "moat-linux: exit status 0",
+            ],
+            fail: [
+                linux::FAIL_PATTERNS,
+                &["parallel probe: FAILED", "moat-vmm: probe-parallel"],
+            ]
+            .concat(),
+            ..linux_case(
+                "linux_protected_vm_vgic_two_vcpus_run_at_the_same_time",
+                2,
+                "v3",
+                "insmod /moat.ko && moat-vmm probe-parallel /guest.bin && moat-vmm check",
+            )
+        },
         // The pKVM guest ABI, as a kernel's pKVM guest driver uses it.
         Case {
             pass: vec![
