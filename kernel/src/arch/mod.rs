@@ -27,3 +27,9 @@ pub fn stack_bounds() -> (u64, u64) {
         core::ptr::addr_of!(CPU_STACKS_END) as u64,
     )
 }
+
+/// Waits for an event (an interrupt, or another CPU's `sev`).
+pub fn wait_for_event() {
+    // SAFETY: WFE only waits for an event; it has no memory effects.
+    unsafe { core::arch::asm!("wfe", options(nomem, nostack, preserves_flags)) };
+}
