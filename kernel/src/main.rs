@@ -3,11 +3,13 @@
 //! Built for `aarch64-unknown-none-softfloat`: the core never touches FP/SIMD
 //! registers, so it never has to save a partition's vector state on a trap.
 //! On the development machine this file compiles to an empty program so the
-//! workspace builds and tests as one.
+//! workspace builds and tests as one; its unit tests there build the layers
+//! that can run without the machine (`memory::stage2`, the console and the
+//! fatal path's parking) over a host stand-in for `arch` (`kernel/fake/`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-#[cfg(target_os = "none")]
+#[cfg(any(target_os = "none", test))]
 extern crate alloc;
 
 // The layers, top to bottom; each imports only from the layers below it.
@@ -27,6 +29,27 @@ mod dispatch;
 mod memory;
 #[cfg(target_os = "none")]
 mod partition;
+
+// The host unit tests' build of the layers: the real code, over the host
+// stand-in for `arch`, with an allocator a test can make fail. Only what
+// the tests exercise is built, so the rest of each layer looks unused.
+#[cfg(all(test, not(target_os = "none")))]
+#[path = "../fake/arch.rs"]
+mod arch;
+#[cfg(all(test, not(target_os = "none")))]
+#[path = "../fake/heap.rs"]
+mod fake_heap;
+#[cfg(all(test, not(target_os = "none")))]
+#[allow(dead_code, reason = "the host tests build only part of the layer")]
+mod base {
+    pub mod console;
+    pub mod panic;
+}
+#[cfg(all(test, not(target_os = "none")))]
+#[allow(dead_code, reason = "the host tests build only part of the layer")]
+mod memory {
+    pub mod stage2;
+}
 
 #[cfg(not(target_os = "none"))]
 fn main() {}

@@ -1,0 +1,125 @@
+//! The host's stand-in for `arch`, for the unit tests of the layers above
+//! it: the functions those layers call, with no assembly. TLB and cache
+//! maintenance, VTTBR_EL2 and the console's fallback output are per test
+//! thread, and what the code asked for is recorded, so a test can check
+//! the maintenance a change issued as well as the tables it wrote.
+//!
+//! It lies outside `src/` because it is no part of the core: the target
+//! builds the real `arch`, and the coverage figure counts `src/` only.
+
+use std::cell::{Cell, RefCell};
+
+/// One operation the code under test asked the architecture layer for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `tlb::publish_table_writes`.
+    PublishTableWrites,
+    /// `tlb::invalidate_stage2_page`, with the VMID then loaded.
+    InvalidateStage2Page { vmid: u16, ipa: u64 },
+    /// `tlb::complete_stage2`.
+    CompleteStage2,
+    /// `tlb::invalidate_combined`, with the VMID then loaded.
+    InvalidateCombined { vmid: u16 },
+    /// `tlb::invalidate_vmid`, with the VMID then loaded.
+    InvalidateVmid { vmid: u16 },
+    /// `cache::zero_page` of the page at this address.
+    ZeroPage(u64),
+}
+
+thread_local! {
+    static LOG: RefCell<Vec<Op>> = const { RefCell::new(Vec::new()) };
+    static LINES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static VTTBR: Cell<u64> = const { Cell::new(0) };
+}
+
+fn record(op: Op) {
+    LOG.with(|l| l.borrow_mut().push(op));
+}
+
+fn loaded_vmid() -> u16 {
+    (VTTBR.get() >> 48) as u16
+}
+
+/// Returns, and forgets, what this thread asked for so far.
+pub fn take_log() -> Vec<Op> {
+    LOG.with(|l| core::mem::take(&mut *l.borrow_mut()))
+}
+
+/// Returns, and forgets, the console lines this thread printed so far.
+pub fn take_lines() -> Vec<String> {
+    LINES.with(|l| core::mem::take(&mut *l.borrow_mut()))
+}
+
+/// No event ever comes on the host: a CPU that would wait forever ends
+/// the test instead.
+pub fn wait_for_event() {
+    panic!("the core parked this CPU");
+}
+
+pub mod tlb {
+    use super::{Op, VTTBR, loaded_vmid, record};
+
+    pub fn publish_table_writes() {
+        record(Op::PublishTableWrites);
+    }
+
+    pub fn invalidate_stage2_page(ipa: u64) {
+        record(Op::InvalidateStage2Page {
+            vmid: loaded_vmid(),
+            ipa,
+        });
+    }
+
+    pub fn complete_stage2() {
+        record(Op::CompleteStage2);
+    }
+
+    pub fn invalidate_combined() {
+        record(Op::InvalidateCombined {
+            vmid: loaded_vmid(),
+        });
+    }
+
+    pub fn invalidate_vmid() {
+        record(Op::InvalidateVmid {
+            vmid: loaded_vmid(),
+        });
+    }
+
+    pub fn current_vttbr() -> u64 {
+        VTTBR.get()
+    }
+
+    pub fn load_vttbr(v: u64) {
+        VTTBR.set(v);
+    }
+}
+
+pub mod cache {
+    use super::{Op, record};
+
+    /// Zeroes the page with plain stores and records it.
+    ///
+    /// # Safety
+    ///
+    /// As the real one: `page` is a 4 KiB page the caller owns, its address
+    /// exposed.
+    pub unsafe fn zero_page(page: u64) {
+        record(Op::ZeroPage(page));
+        let at = core::ptr::with_exposed_provenance_mut::<u8>(page as usize);
+        // SAFETY: per the contract, a whole page the caller owns.
+        unsafe { at.write_bytes(0, 4096) };
+    }
+}
+
+pub mod semihosting {
+    use super::LINES;
+
+    /// Keeps the line: a test reads what the core printed.
+    pub fn semihosting_line(line: &str) {
+        LINES.with(|l| l.borrow_mut().push(line.to_string()));
+    }
+
+    /// The host has no emulator to end; the caller parks next.
+    pub fn semihosting_exit(_code: u64) {}
+}
