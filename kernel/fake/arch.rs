@@ -30,6 +30,7 @@ thread_local! {
     static LOG: RefCell<Vec<Op>> = const { RefCell::new(Vec::new()) };
     static LINES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static VTTBR: Cell<u64> = const { Cell::new(0) };
+    static MPIDR: Cell<u64> = const { Cell::new(0) };
 }
 
 fn record(op: Op) {
@@ -122,4 +123,32 @@ pub mod semihosting {
 
     /// The host has no emulator to end; the caller parks next.
     pub fn semihosting_exit(_code: u64) {}
+}
+
+pub mod gic {
+    /// The GIC's per-CPU access; the host tests never reach a GIC.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct GicAccess;
+}
+
+pub mod sysreg {
+    use super::MPIDR;
+
+    /// A CPU's EL1 registers; the host tests never switch to EL1.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct El1Context;
+
+    impl El1Context {
+        pub const ZERO: Self = Self;
+    }
+
+    /// MPIDR_EL1 of the CPU the test thread plays.
+    pub fn mpidr() -> u64 {
+        MPIDR.get()
+    }
+
+    /// Makes the test thread play the CPU whose MPIDR_EL1 is `value`.
+    pub fn set_mpidr(value: u64) {
+        MPIDR.set(value);
+    }
 }

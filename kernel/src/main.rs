@@ -4,8 +4,9 @@
 //! registers, so it never has to save a partition's vector state on a trap.
 //! On the development machine this file compiles to an empty program so the
 //! workspace builds and tests as one; its unit tests there build the layers
-//! that can run without the machine (`memory::stage2`, the console and the
-//! fatal path's parking) over a host stand-in for `arch` (`kernel/fake/`).
+//! that can run without the machine (`memory::stage2`; of `base`, the
+//! per-CPU slots, the lock-order check, the console and the fatal path's
+//! parking) over a host stand-in for `arch` (`kernel/fake/`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -43,6 +44,8 @@ mod fake_heap;
 #[allow(dead_code, reason = "the host tests build only part of the layer")]
 mod base {
     pub mod console;
+    pub mod cpu;
+    pub mod lockcheck;
     pub mod panic;
 }
 #[cfg(all(test, not(target_os = "none")))]
