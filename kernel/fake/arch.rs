@@ -111,6 +111,48 @@ pub mod cache {
         // SAFETY: per the contract, a whole page the caller owns.
         unsafe { at.write_bytes(0, 4096) };
     }
+
+    /// The host's DC ZVA block: 64 bytes, as on most cores.
+    pub fn zero_block() -> Option<u64> {
+        Some(64)
+    }
+
+    pub fn dcache_line() -> u64 {
+        64
+    }
+
+    /// Zeroes the 64-byte block at `addr` with plain stores (no tags).
+    ///
+    /// # Safety
+    ///
+    /// As the real one: the block is the caller's, its address exposed.
+    pub unsafe fn zero_block_at(addr: u64, tags: bool) {
+        assert!(!tags, "the host tests' RAM has no tags");
+        let at = core::ptr::with_exposed_provenance_mut::<u8>(addr as usize);
+        // SAFETY: per the contract.
+        unsafe { at.write_bytes(0, 64) };
+    }
+
+    /// # Safety
+    ///
+    /// Never called: the host has a DC ZVA block and no tags.
+    pub unsafe fn zero_granule_and_tag(_addr: u64) {
+        unreachable!("the host tests' RAM has no tags");
+    }
+
+    /// Host memory is coherent: nothing to clean.
+    pub fn clean_line_to_poc(_addr: u64, _tags: bool) {}
+
+    pub fn complete_inner_shareable() {}
+
+    pub fn complete_full_system() {}
+}
+
+pub mod mmu {
+    /// The host tests' RAM has no allocation tags.
+    pub fn el2_tag_access() -> bool {
+        false
+    }
 }
 
 pub mod semihosting {
@@ -133,6 +175,13 @@ pub mod gic {
 
 pub mod sysreg {
     use super::MPIDR;
+
+    /// The EL2 configuration the host runs with: what the layers read of
+    /// it.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct HostEl2Config {
+        pub vttbr: u64,
+    }
 
     /// A CPU's EL1 registers; the host tests never switch to EL1.
     #[derive(Clone, Copy, Debug, Default)]

@@ -26,7 +26,11 @@ mod boot;
 mod device;
 #[cfg(target_os = "none")]
 mod dispatch;
-#[cfg(target_os = "none")]
+#[cfg(any(target_os = "none", test))]
+#[cfg_attr(
+    not(target_os = "none"),
+    allow(dead_code, reason = "the host tests build only part of the layer")
+)]
 mod memory;
 #[cfg(target_os = "none")]
 mod partition;
@@ -47,11 +51,7 @@ mod base {
     pub mod cpu;
     pub mod lockcheck;
     pub mod panic;
-}
-#[cfg(all(test, not(target_os = "none")))]
-#[allow(dead_code, reason = "the host tests build only part of the layer")]
-mod memory {
-    pub mod stage2;
+    pub mod state;
 }
 
 #[cfg(not(target_os = "none"))]
