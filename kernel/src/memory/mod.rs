@@ -823,11 +823,13 @@ mod tests {
     const VM: u16 = 3;
     const VM_VMID: u16 = 9;
     /// The test RAM: 8 MiB, 2 MiB-aligned.
-    const RAM_SIZE: u64 = 8 << 20;
+    pub(super) const RAM_SIZE: u64 = 8 << 20;
 
-    struct FakeLedger {
+    pub(super) struct FakeLedger {
         server: spin::Mutex<LedgerServer<'static>>,
         refuse_commit: AtomicBool,
+        /// The next commit fails as a faulting ledger does: it goes down.
+        pub(super) fault_on_commit: AtomicBool,
         tamper: spin::Mutex<Option<LedgerTransaction>>,
     }
 
@@ -846,17 +848,21 @@ mod tests {
             if self.refuse_commit.load(Ordering::Relaxed) {
                 return Err(Error::ServiceFailed);
             }
+            if self.fault_on_commit.swap(false, Ordering::Relaxed) {
+                ledger_restart::ledger_failed();
+                return Err(Error::ServiceFailed);
+            }
             self.server.lock().commit(generation)
         }
     }
 
-    struct World {
-        ram: u64,
-        ledger: &'static FakeLedger,
+    pub(super) struct World {
+        pub(super) ram: u64,
+        pub(super) ledger: &'static FakeLedger,
     }
 
     /// The machine, the host's stage-2 and the ledger, made once.
-    fn world() -> &'static World {
+    pub(super) fn world() -> &'static World {
         static WORLD: OnceLock<World> = OnceLock::new();
         WORLD.get_or_init(|| {
             let layout = std::alloc::Layout::from_size_align(RAM_SIZE as usize, 2 << 20).unwrap();
@@ -912,6 +918,7 @@ mod tests {
             let ledger = Box::leak(Box::new(FakeLedger {
                 server: spin::Mutex::new(server),
                 refuse_commit: AtomicBool::new(false),
+                fault_on_commit: AtomicBool::new(false),
                 tamper: spin::Mutex::new(None),
             }));
             set_ledger(ledger);
@@ -920,16 +927,16 @@ mod tests {
     }
 
     /// One test at a time: they share the machine.
-    fn serial() -> MutexGuard<'static, ()> {
+    pub(super) fn serial() -> MutexGuard<'static, ()> {
         static TURN: Mutex<()> = Mutex::new(());
         TURN.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn cpu() -> &'static PerCpu {
+    pub(super) fn cpu() -> &'static PerCpu {
         crate::base::cpu::get(0).unwrap()
     }
 
-    fn request(op: u32, party: u16, pa: u64, pages: u64) -> LedgerRequest {
+    pub(super) fn request(op: u32, party: u16, pa: u64, pages: u64) -> LedgerRequest {
         LedgerRequest {
             op,
             party: u32::from(party),
