@@ -175,6 +175,50 @@ pub mod gic {
 
 pub mod sysreg {
     use super::MPIDR;
+    use moat_kernel::sysregs::{FakeSysRegs, SysRegs};
+    use std::cell::RefCell;
+
+    thread_local! {
+        static REGS: RefCell<FakeSysRegs> = RefCell::new(FakeSysRegs::default());
+    }
+
+    /// Runs `f` on the registers the test thread's CPU has.
+    pub fn with_regs<R>(f: impl FnOnce(&mut FakeSysRegs) -> R) -> R {
+        REGS.with(|r| f(&mut r.borrow_mut()))
+    }
+
+    /// This CPU's registers: the test thread's [`FakeSysRegs`].
+    pub struct Hw;
+
+    impl SysRegs for Hw {
+        fn esr_el2(&self) -> u64 {
+            with_regs(|r| r.esr_el2())
+        }
+
+        fn far_el2(&self) -> u64 {
+            with_regs(|r| r.far_el2())
+        }
+
+        fn fault_ipa(&self) -> u64 {
+            with_regs(|r| r.fault_ipa())
+        }
+
+        fn read_id_register(&self, crm: u8, op2: u8) -> Option<u64> {
+            with_regs(|r| r.read_id_register(crm, op2))
+        }
+
+        fn vbar_el1(&self) -> u64 {
+            with_regs(|r| r.vbar_el1())
+        }
+
+        fn sctlr_el1(&self) -> u64 {
+            with_regs(|r| r.sctlr_el1())
+        }
+
+        fn write_el1_exception(&mut self, esr: u64, elr: u64, spsr: u64, far: Option<u64>) {
+            with_regs(|r| r.write_el1_exception(esr, elr, spsr, far));
+        }
+    }
 
     /// The EL2 configuration the host runs with: what the layers read of
     /// it.

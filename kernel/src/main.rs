@@ -4,9 +4,10 @@
 //! registers, so it never has to save a partition's vector state on a trap.
 //! On the development machine this file compiles to an empty program so the
 //! workspace builds and tests as one; its unit tests there build the layers
-//! that can run without the machine (`memory::stage2`; of `base`, the
-//! per-CPU slots, the lock-order check, the console and the fatal path's
-//! parking) over a host stand-in for `arch` (`kernel/fake/`).
+//! that can run without the machine (`memory/`; of `base/`, the machine's
+//! record, the per-CPU slots, exception injection, the lock-order check,
+//! the console and the fatal path's parking) over a host stand-in for
+//! `arch` (`kernel/fake/`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -49,6 +50,7 @@ mod fake_heap;
 mod base {
     pub mod console;
     pub mod cpu;
+    pub mod inject;
     pub mod lockcheck;
     pub mod panic;
     pub mod state;

@@ -799,7 +799,7 @@ pub fn check_consistency<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The transaction engine and the checker against the ledger's own
     //! logic (`moat_ledger::LedgerServer`, behind the [`Ledger`] trait),
     //! over RAM that is a buffer of the test process: the host's stage-2
@@ -823,13 +823,13 @@ mod tests {
     const VM: u16 = 3;
     const VM_VMID: u16 = 9;
     /// The test RAM: 8 MiB, 2 MiB-aligned.
-    pub(super) const RAM_SIZE: u64 = 8 << 20;
+    pub(crate) const RAM_SIZE: u64 = 8 << 20;
 
-    pub(super) struct FakeLedger {
+    pub(crate) struct FakeLedger {
         server: spin::Mutex<LedgerServer<'static>>,
         refuse_commit: AtomicBool,
         /// The next commit fails as a faulting ledger does: it goes down.
-        pub(super) fault_on_commit: AtomicBool,
+        pub(crate) fault_on_commit: AtomicBool,
         tamper: spin::Mutex<Option<LedgerTransaction>>,
     }
 
@@ -856,13 +856,13 @@ mod tests {
         }
     }
 
-    pub(super) struct World {
-        pub(super) ram: u64,
-        pub(super) ledger: &'static FakeLedger,
+    pub(crate) struct World {
+        pub(crate) ram: u64,
+        pub(crate) ledger: &'static FakeLedger,
     }
 
     /// The machine, the host's stage-2 and the ledger, made once.
-    pub(super) fn world() -> &'static World {
+    pub(crate) fn world() -> &'static World {
         static WORLD: OnceLock<World> = OnceLock::new();
         WORLD.get_or_init(|| {
             let layout = std::alloc::Layout::from_size_align(RAM_SIZE as usize, 2 << 20).unwrap();
@@ -927,16 +927,16 @@ mod tests {
     }
 
     /// One test at a time: they share the machine.
-    pub(super) fn serial() -> MutexGuard<'static, ()> {
+    pub(crate) fn serial() -> MutexGuard<'static, ()> {
         static TURN: Mutex<()> = Mutex::new(());
         TURN.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn cpu() -> &'static PerCpu {
+    pub(crate) fn cpu() -> &'static PerCpu {
         crate::base::cpu::get(0).unwrap()
     }
 
-    pub(super) fn request(op: u32, party: u16, pa: u64, pages: u64) -> LedgerRequest {
+    pub(crate) fn request(op: u32, party: u16, pa: u64, pages: u64) -> LedgerRequest {
         LedgerRequest {
             op,
             party: u32::from(party),
