@@ -24,6 +24,10 @@ pub enum Op {
     InvalidateVmid { vmid: u16 },
     /// `cache::zero_page` of the page at this address.
     ZeroPage(u64),
+    /// `send_event`.
+    SendEvent,
+    /// `wait_for_interrupt`.
+    WaitForInterrupt,
 }
 
 thread_local! {
@@ -31,6 +35,7 @@ thread_local! {
     static LINES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static VTTBR: Cell<u64> = const { Cell::new(0) };
     static MPIDR: Cell<u64> = const { Cell::new(0) };
+    static COUNTER: Cell<u64> = const { Cell::new(0) };
 }
 
 fn record(op: Op) {
@@ -55,6 +60,25 @@ pub fn take_lines() -> Vec<String> {
 /// the test instead.
 pub fn wait_for_event() {
     panic!("the core parked this CPU");
+}
+
+pub fn send_event() {
+    record(Op::SendEvent);
+}
+
+/// The interrupt comes at once.
+pub fn wait_for_interrupt() {
+    record(Op::WaitForInterrupt);
+}
+
+/// Where the spin-table entry points would be.
+pub fn spin_table_entries() -> u64 {
+    0x4000_1000
+}
+
+/// The CPU leaves the partition for good: on the host, the test ends.
+pub fn restart_in_core(index: usize) -> ! {
+    panic!("CPU {index} restarted in the core");
 }
 
 pub mod tlb {
@@ -143,6 +167,8 @@ pub mod cache {
     /// Host memory is coherent: nothing to clean.
     pub fn clean_line_to_poc(_addr: u64, _tags: bool) {}
 
+    pub fn clean_dcache_to_poc(_start: u64, _len: u64) {}
+
     pub fn complete_inner_shareable() {}
 
     pub fn complete_full_system() {}
@@ -174,7 +200,7 @@ pub mod gic {
 }
 
 pub mod sysreg {
-    use super::MPIDR;
+    use super::{COUNTER, MPIDR};
     use moat_kernel::sysregs::{FakeSysRegs, SysRegs};
     use std::cell::RefCell;
 
@@ -233,6 +259,14 @@ pub mod sysreg {
 
     impl El1Context {
         pub const ZERO: Self = Self;
+    }
+
+    /// The generic counter, one tick further at each read, and its
+    /// frequency (1 Hz): a wait for something that never happens times
+    /// out after as many reads as it allows seconds.
+    pub fn counter() -> (u64, u64) {
+        COUNTER.set(COUNTER.get() + 1);
+        (COUNTER.get(), 1)
     }
 
     /// MPIDR_EL1 of the CPU the test thread plays.
