@@ -194,9 +194,115 @@ pub mod semihosting {
 }
 
 pub mod gic {
-    /// The GIC's per-CPU access; the host tests never reach a GIC.
-    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    pub struct GicAccess;
+    /// The GIC's per-CPU access, as the real one: the addresses of its
+    /// frames (in a test, buffers standing for them).
+    #[derive(Clone, Copy, Debug)]
+    #[allow(dead_code, reason = "the real one's shape; the tests use part of it")]
+    pub enum GicAccess {
+        V3 {
+            distributor: u64,
+            sgi_frame: u64,
+            priority_bits: u64,
+        },
+        V2 {
+            distributor: u64,
+            cpu_interface: u64,
+            priority_bits: u64,
+        },
+    }
+}
+
+pub mod ich {
+    use std::cell::RefCell;
+
+    /// The virtual CPU interface's registers and the guest's virtual timer,
+    /// as one CPU holds them.
+    #[derive(Clone, Debug, Default)]
+    pub struct IchRegs {
+        pub lr: [u64; 16],
+        pub ap0r: [u64; 4],
+        pub ap1r: [u64; 4],
+        pub vtr: u64,
+        pub hcr: u64,
+        pub misr: u64,
+        pub eisr: u64,
+        pub vmcr: u64,
+        pub cntv_ctl: u64,
+        pub cntv_cval: u64,
+    }
+
+    thread_local! {
+        static REGS: RefCell<IchRegs> = RefCell::new(IchRegs::default());
+    }
+
+    /// Runs `f` on the test thread's registers.
+    pub fn with_ich<R>(f: impl FnOnce(&mut IchRegs) -> R) -> R {
+        REGS.with(|r| f(&mut r.borrow_mut()))
+    }
+
+    pub fn read_lr(n: usize) -> u64 {
+        with_ich(|r| r.lr.get(n).copied().unwrap_or(0))
+    }
+
+    pub fn write_lr(n: usize, v: u64) {
+        with_ich(|r| {
+            if let Some(lr) = r.lr.get_mut(n) {
+                *lr = v;
+            }
+        });
+    }
+
+    pub fn read_ap0r(n: usize) -> u64 {
+        with_ich(|r| r.ap0r.get(n).copied().unwrap_or(0))
+    }
+
+    pub fn write_ap0r(n: usize, v: u64) {
+        with_ich(|r| {
+            if let Some(a) = r.ap0r.get_mut(n) {
+                *a = v;
+            }
+        });
+    }
+
+    pub fn read_ap1r(n: usize) -> u64 {
+        with_ich(|r| r.ap1r.get(n).copied().unwrap_or(0))
+    }
+
+    pub fn write_ap1r(n: usize, v: u64) {
+        with_ich(|r| {
+            if let Some(a) = r.ap1r.get_mut(n) {
+                *a = v;
+            }
+        });
+    }
+
+    pub fn read_sysreg_vtr() -> u64 {
+        with_ich(|r| r.vtr)
+    }
+
+    pub fn write_ich_hcr(v: u64) {
+        with_ich(|r| r.hcr = v);
+    }
+
+    pub fn read_misr() -> u64 {
+        with_ich(|r| r.misr)
+    }
+
+    pub fn read_eisr() -> u64 {
+        with_ich(|r| r.eisr)
+    }
+
+    pub fn read_vmcr() -> u64 {
+        with_ich(|r| r.vmcr)
+    }
+
+    pub fn write_vmcr(v: u64) {
+        with_ich(|r| r.vmcr = v);
+    }
+
+    pub fn guest_timer() -> (u64, u64) {
+        with_ich(|r| (r.cntv_ctl, r.cntv_cval))
+    }
 }
 
 pub mod sysreg {

@@ -232,7 +232,7 @@ mod tests {
         assert_eq!(cpu.host_entry(), (0, 0));
         cpu.set_host_entry(0x4008_0000, 0x1234);
         assert_eq!(cpu.host_entry(), (0x4008_0000, 0x1234));
-        assert_eq!(cpu.gic_access(), None);
+        assert!(cpu.gic_access().is_none());
     }
 
     #[test]
