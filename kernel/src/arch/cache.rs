@@ -74,3 +74,67 @@ pub unsafe fn zero_page(page: u64) {
         None => unsafe { (page as *mut u8).write_bytes(0, PAGE as usize) },
     }
 }
+
+/// Zeroes the DC ZVA block at `addr` ([`zero_block`] bytes), and its
+/// allocation tags too when `tags` (`DC GZVA`).
+///
+/// # Safety
+///
+/// `addr` is block-aligned RAM the core maps read/write (and Tagged, when
+/// `tags`), and nothing else reads or writes it meanwhile.
+#[inline(always)]
+pub unsafe fn zero_block_at(addr: u64, tags: bool) {
+    if tags {
+        // SAFETY: per the contract.
+        unsafe {
+            core::arch::asm!(".arch_extension memtag", "dc gzva, {}", in(reg) addr, options(nostack, preserves_flags))
+        };
+    } else {
+        // SAFETY: per the contract, without tags.
+        unsafe { core::arch::asm!("dc zva, {}", in(reg) addr, options(nostack, preserves_flags)) };
+    }
+}
+
+/// Zeroes the 16-byte granule at `addr` and its allocation tag (`STZG`).
+///
+/// # Safety
+///
+/// As [`zero_block_at`] with tags, for one granule.
+#[inline(always)]
+pub unsafe fn zero_granule_and_tag(addr: u64) {
+    // SAFETY: per the contract; STZG writes one granule's data and tag.
+    unsafe {
+        core::arch::asm!(".arch_extension memtag", "stzg {0}, [{0}]", in(reg) addr, options(nostack, preserves_flags))
+    };
+}
+
+/// Cleans the data-cache line at `addr` (and its tags, when `tags`) to the
+/// point of coherency.
+#[inline(always)]
+pub fn clean_line_to_poc(addr: u64, tags: bool) {
+    if tags {
+        // SAFETY: cache maintenance by VA of data and tags; no memory effect.
+        unsafe {
+            core::arch::asm!(".arch_extension memtag", "dc cgdvac, {}", in(reg) addr, options(nostack, preserves_flags))
+        };
+    } else {
+        // SAFETY: cache maintenance by VA; no memory effect.
+        unsafe { core::arch::asm!("dc cvac, {}", in(reg) addr, options(nostack, preserves_flags)) };
+    }
+}
+
+/// Waits for the stores and cache maintenance issued so far, in the
+/// inner-shareable domain.
+#[inline(always)]
+pub fn complete_inner_shareable() {
+    // SAFETY: a barrier has no memory effect.
+    unsafe { core::arch::asm!("dsb ish", options(nostack, preserves_flags)) };
+}
+
+/// Waits for the stores issued so far, for every observer (devices
+/// included).
+#[inline(always)]
+pub fn complete_full_system() {
+    // SAFETY: a barrier has no memory effect.
+    unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
+}

@@ -1,11 +1,12 @@
 //! The architecture layer: the exception vectors and the world switch
 //! (`entry.S`, `vectors.S`), the system registers, cache maintenance, the
-//! GIC's CPU interface and the EL2 timer, the core's own stage-1
-//! translation. The only place for assembly; every layer above reaches the
+//! GIC's CPU interface (and the virtual one's registers) and the EL2
+//! timer, the core's own stage-1 translation. The only place for assembly; every layer above reaches the
 //! hardware through here.
 
 pub mod cache;
 pub mod gic;
+pub mod ich;
 pub mod mmu;
 pub mod semihosting;
 pub mod sysreg;
@@ -28,6 +29,25 @@ unsafe extern "C" {
     /// Per-CPU stacks (32 KiB each, `MAX_CPUS` of them), defined in entry.S.
     static CPU_STACKS: u8;
     static CPU_STACKS_END: u8;
+    /// Eight 8-byte entry points, one per logical CPU (entry.S).
+    #[link_name = "spin_table_entries"]
+    static SPIN_TABLE_ENTRIES: u8;
+    #[link_name = "restart_in_core"]
+    fn restart_in_core_entry(index: u64) -> !;
+}
+
+/// The address of the spin-table entry points: CPU `n` enters the core at
+/// this address plus `8 * n`.
+pub fn spin_table_entries() -> u64 {
+    core::ptr::addr_of!(SPIN_TABLE_ENTRIES) as u64
+}
+
+/// Leaves the partition this CPU ran for good: drops the trap's stack and
+/// waits in the core for the next CPU_ON of CPU `index` (this CPU).
+pub fn restart_in_core(index: usize) -> ! {
+    // SAFETY: the caller's CPU is `index` and leaves the partition for good;
+    // entry.S's routine resets the stack and never returns.
+    unsafe { restart_in_core_entry(index as u64) }
 }
 
 /// The address range of all CPU stacks (for the fatal path's backtrace).
@@ -36,4 +56,23 @@ pub fn stack_bounds() -> (u64, u64) {
         core::ptr::addr_of!(CPU_STACKS) as u64,
         core::ptr::addr_of!(CPU_STACKS_END) as u64,
     )
+}
+
+/// Waits for an event (an interrupt, or another CPU's `sev`).
+pub fn wait_for_event() {
+    // SAFETY: WFE only waits for an event; it has no memory effects.
+    unsafe { core::arch::asm!("wfe", options(nomem, nostack, preserves_flags)) };
+}
+
+/// Completes every earlier memory access, then wakes the CPUs waiting for
+/// an event.
+pub fn send_event() {
+    // SAFETY: DSB then SEV; no memory effect.
+    unsafe { core::arch::asm!("dsb sy", "sev", options(nostack, preserves_flags)) };
+}
+
+/// Completes every earlier memory access, then waits for an interrupt.
+pub fn wait_for_interrupt() {
+    // SAFETY: DSB then WFI; no memory effect.
+    unsafe { core::arch::asm!("dsb sy", "wfi", options(nostack, preserves_flags)) };
 }

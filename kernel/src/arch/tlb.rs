@@ -58,3 +58,20 @@ pub fn invalidate_vmid() {
         )
     };
 }
+
+/// The VTTBR_EL2 value of this CPU.
+pub fn current_vttbr() -> u64 {
+    arm_sysregs::read_vttbr_el2().bits()
+}
+
+/// Loads `v` into VTTBR_EL2, so that the maintenance that follows names
+/// its VMID.
+pub fn load_vttbr(v: u64) {
+    // SAFETY: `v` is a live stage-2's VTTBR_EL2 value (the caller's, or the
+    // one read back); the core runs at EL2 and no partition runs on this CPU
+    // while it handles a call, so VTTBR_EL2 only names the VMID for TLB
+    // maintenance here, and it is restored before any partition is entered.
+    unsafe { arm_sysregs::write_vttbr_el2(arm_sysregs::VttbrEl2::from_bits_retain(v)) };
+    // SAFETY: a barrier: the VMID is in effect for the maintenance that follows.
+    unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+}

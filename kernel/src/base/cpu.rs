@@ -190,3 +190,65 @@ pub unsafe fn from_host_frame(frame: *mut GuestRegs) -> &'static PerCpu {
     // pointer is the slot pointer.
     unsafe { &*(frame as *const PerCpu) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_exist_for_max_cpus_and_know_their_index() {
+        for i in 0..MAX_CPUS {
+            assert_eq!(get(i).map(|c| c.index), Some(i));
+        }
+        assert!(get(MAX_CPUS).is_none());
+    }
+
+    #[test]
+    fn power_transitions_happen_only_from_the_expected_state() {
+        let cpu = PerCpu::new(3);
+        assert_eq!(cpu.power(), PowerState::Off);
+        assert_eq!(
+            cpu.transition(PowerState::On, PowerState::Suspended),
+            Err(PowerState::Off)
+        );
+        assert_eq!(cpu.power(), PowerState::Off);
+        cpu.transition(PowerState::Off, PowerState::OnPending)
+            .unwrap();
+        assert_eq!(cpu.power(), PowerState::OnPending);
+        cpu.set_power(PowerState::On);
+        assert_eq!(
+            cpu.transition(PowerState::OnPending, PowerState::On),
+            Err(PowerState::On)
+        );
+        cpu.set_power(PowerState::Suspended);
+        assert_eq!(cpu.power(), PowerState::Suspended);
+        // Anything else read back is Off.
+        assert_eq!(PowerState::from_u8(9), PowerState::Off);
+    }
+
+    #[test]
+    fn host_entry_is_kept() {
+        let cpu = PerCpu::new(0);
+        assert_eq!(cpu.host_entry(), (0, 0));
+        cpu.set_host_entry(0x4008_0000, 0x1234);
+        assert_eq!(cpu.host_entry(), (0x4008_0000, 0x1234));
+        assert!(cpu.gic_access().is_none());
+    }
+
+    #[test]
+    fn the_host_frame_leads_back_to_its_slot() {
+        let cpu = get(2).unwrap();
+        let frame = cpu.host_frame();
+        // SAFETY: `frame` came from `host_frame`.
+        let back = unsafe { from_host_frame(frame) };
+        assert!(core::ptr::eq(back, cpu));
+        // SAFETY: the frame of a slot no CPU runs in this test.
+        let regs = unsafe { &*frame };
+        assert_eq!((regs.pc, regs.x[0]), (0, 0));
+        let vcpu = Vcpu::new(VCPU_SERVICE_BASE, 5);
+        assert_eq!(
+            (vcpu.kind, vcpu.cpu, vcpu.exit_esr),
+            (VCPU_SERVICE_BASE, 5, 0)
+        );
+    }
+}

@@ -75,3 +75,59 @@ mod imp {
         f(&mut HELD[index].lock());
     }
 }
+
+#[cfg(all(test, debug_assertions))]
+mod tests {
+    use super::*;
+    use crate::arch::sysreg::set_mpidr;
+
+    // Each test plays a CPU of its own: the record is per CPU, and tests
+    // run in parallel.
+
+    #[test]
+    fn locks_taken_in_order_and_released_in_any_order() {
+        set_mpidr(1);
+        let vm = hold(Rank::VmSlot);
+        let memory = hold(Rank::Memory);
+        check(Rank::HostStage2);
+        let host = hold(Rank::HostStage2);
+        drop(memory);
+        drop(host);
+        drop(vm);
+        // All released: the lowest rank may be taken again.
+        let _vm = hold(Rank::VmSlot);
+    }
+
+    #[test]
+    #[should_panic(expected = "lock order: Memory wanted while HostStage2 is held")]
+    fn a_lock_against_the_order_panics() {
+        set_mpidr(2);
+        let _host = hold(Rank::HostStage2);
+        let _memory = hold(Rank::Memory);
+    }
+
+    #[test]
+    #[should_panic(expected = "lock order: Memory wanted while Memory is held")]
+    fn a_lock_of_the_rank_held_panics() {
+        set_mpidr(3);
+        let _memory = hold(Rank::Memory);
+        let _again = hold(Rank::Memory);
+    }
+
+    #[test]
+    #[should_panic(expected = "lock order: Gic wanted while Service is held")]
+    fn check_panics_against_the_order() {
+        set_mpidr(4);
+        let _service = hold(Rank::Service);
+        check(Rank::Gic);
+    }
+
+    #[test]
+    fn cpus_keep_separate_records() {
+        set_mpidr(5);
+        let _host = hold(Rank::HostStage2);
+        set_mpidr(6);
+        let _vm = hold(Rank::VmSlot);
+        set_mpidr(5);
+    }
+}

@@ -8,6 +8,7 @@
 //! with a non-zero status so test runs fail fast instead of hanging.
 
 use core::sync::atomic::{AtomicBool, Ordering};
+#[cfg(target_os = "none")]
 use moat_kernel::regs::GuestRegs;
 
 /// Read by the vectors' NULL fast path too (`arch/vectors.S`).
@@ -21,8 +22,7 @@ pub fn is_stopping() -> bool {
 /// Parks this CPU forever.
 pub fn park() -> ! {
     loop {
-        // SAFETY: WFE only waits for an event; it has no memory effects.
-        unsafe { core::arch::asm!("wfe", options(nomem, nostack, preserves_flags)) };
+        crate::arch::wait_for_event();
     }
 }
 
@@ -35,6 +35,7 @@ pub fn stop(code: u64) -> ! {
 }
 
 /// Prints up to 16 frame records starting at `fp`.
+#[cfg(target_os = "none")]
 fn print_backtrace(mut fp: u64) {
     let (lo, hi) = crate::arch::stack_bounds();
     for depth in 0..16 {
@@ -52,6 +53,9 @@ fn print_backtrace(mut fp: u64) {
     }
 }
 
+// The fatal path's entry points exist on the target only: host tests
+// run under the test harness, which has its own.
+#[cfg(target_os = "none")]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     crate::base::console::print_fatal(format_args!("PANIC: {info}"));
@@ -65,6 +69,7 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 }
 
 /// Exceptions taken at EL2: always a bug in the core.
+#[cfg(target_os = "none")]
 #[unsafe(no_mangle)]
 extern "C" fn handle_el2_exception(frame: *const GuestRegs, kind: u64) -> ! {
     // SAFETY: the vector saved a full frame on the stack and passed its address.

@@ -57,3 +57,23 @@ pub fn machine() -> &'static Machine {
         .get()
         .unwrap_or_else(|| panic!("machine used before boot completed"))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::memory::tests::{RAM_SIZE, world};
+
+    #[test]
+    fn cpus_are_found_by_affinity_and_host_entries_must_be_its_ram() {
+        let ram = world().ram;
+        let m = super::machine();
+        assert!(!m.platform.cpus.is_empty());
+        for (i, c) in m.platform.cpus.iter().enumerate() {
+            assert_eq!(m.cpu_index_of(c.mpidr), Some(i));
+        }
+        assert_eq!(m.cpu_index_of(0xdead_0000), None);
+        assert!(m.host_may_execute(ram));
+        assert!(m.host_may_execute(ram + RAM_SIZE - 4));
+        assert!(!m.host_may_execute(ram + RAM_SIZE));
+        assert!(!m.host_may_execute(ram - 4));
+    }
+}

@@ -82,3 +82,55 @@ pub fn decide(dtb: &'static [u8], smmu: Option<&SmmuV3>, named: &str) -> Result<
     flush(&mut run);
     Ok(withheld)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// QEMU's virt board: virtio-mmio transports master the bus and no
+    /// SMMU sits in front of them.
+    static VIRT: &[u8] = include_bytes!("../../../platform/testdata/qemu-virt-gicv3.dtb");
+
+    #[test]
+    fn dma_capable_devices_without_an_smmu_are_withheld_unless_named() {
+        let withheld = decide(VIRT, None, "").unwrap();
+        // fw-cfg, the 32 virtio-mmio transports and the PCIe host bridge.
+        assert_eq!(withheld.names.len(), 34);
+        assert_eq!(withheld.names[0], "fw-cfg@9020000");
+        assert_eq!(withheld.names[1], "virtio_mmio@a000000");
+        assert_eq!(withheld.names[33], "pcie@10000000");
+        assert!(withheld.windows.len() >= withheld.names.len());
+        assert!(withheld.windows.iter().any(|w| w.base == 0xa00_0000));
+        // A run of like devices is one log line; what is given is logged too.
+        let lines = crate::arch::take_lines();
+        assert!(
+            lines.contains(
+                &"moat: device virtio_mmio@a000000 at 0xa000000 and 31 more like it: \
+              DMA-capable without an SMMU: WITHHELD from the host (the image does not name it)"
+                    .to_string()
+            ),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(
+                &"moat: device pl011@9000000 at 0x9000000: no bus mastering: given to the host"
+                    .to_string()
+            ),
+            "{lines:?}"
+        );
+
+        // Named by the image: handed over, and the log says so.
+        let given = decide(VIRT, None, "virtio_mmio").unwrap();
+        assert_eq!(given.names, ["fw-cfg@9020000", "pcie@10000000"]);
+        assert!(
+            crate::arch::take_lines()
+                .iter()
+                .any(|l| l.contains("virtio_mmio") && l.contains("NOT confined"))
+        );
+    }
+
+    #[test]
+    fn a_tree_that_does_not_parse_is_an_error() {
+        assert!(decide(&[0u8; 64], None, "").is_err());
+    }
+}

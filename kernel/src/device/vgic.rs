@@ -22,6 +22,10 @@
 //!   interrupts are still waiting (underflow).
 
 use crate::arch::gic::GicAccess;
+use crate::arch::ich::{
+    self, read_ap0r, read_ap1r, read_eisr, read_lr, read_misr, read_sysreg_vtr, read_vmcr,
+    write_ap0r, write_ap1r, write_ich_hcr, write_lr, write_vmcr,
+};
 use core::ptr::{read_volatile, write_volatile};
 use moat_kernel::vgic::{
     self as logic, EoiLog, InjectError, ListRegister, MAINTENANCE_INTID, MAX_LRS, PendingQueue,
@@ -34,152 +38,9 @@ const ICH_HCR_EN: u64 = 1 << 0;
 /// holds an interrupt.
 const ICH_HCR_UIE: u64 = 1 << 1;
 
-macro_rules! lr_access {
-    ($($n:literal: $reg:literal),* $(,)?) => {
-        fn read_lr(n: usize) -> u64 {
-            let v: u64;
-            match n {
-                $(
-                    // SAFETY: reads a list register that ICH_VTR_EL2 says
-                    // exists (callers stay below its count).
-                    $n => unsafe {
-                        core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) v,
-                            options(nomem, nostack, preserves_flags))
-                    },
-                )*
-                _ => v = 0,
-            }
-            v
-        }
-
-        fn write_lr(n: usize, v: u64) {
-            match n {
-                $(
-                    // SAFETY: writes a list register of the vCPU being
-                    // switched (callers stay below the count).
-                    $n => unsafe {
-                        core::arch::asm!(concat!("msr ", $reg, ", {}"), in(reg) v,
-                            options(nomem, nostack, preserves_flags))
-                    },
-                )*
-                _ => {}
-            }
-        }
-    };
-}
-
-lr_access!(
-    0: "s3_4_c12_c12_0", 1: "s3_4_c12_c12_1", 2: "s3_4_c12_c12_2", 3: "s3_4_c12_c12_3",
-    4: "s3_4_c12_c12_4", 5: "s3_4_c12_c12_5", 6: "s3_4_c12_c12_6", 7: "s3_4_c12_c12_7",
-    8: "s3_4_c12_c13_0", 9: "s3_4_c12_c13_1", 10: "s3_4_c12_c13_2", 11: "s3_4_c12_c13_3",
-    12: "s3_4_c12_c13_4", 13: "s3_4_c12_c13_5", 14: "s3_4_c12_c13_6", 15: "s3_4_c12_c13_7",
-);
-
-macro_rules! apr_access {
-    ($read:ident, $write:ident, $($n:literal: $reg:literal),* $(,)?) => {
-        fn $read(n: usize) -> u64 {
-            let v: u64;
-            match n {
-                $(
-                    // SAFETY: an active-priority register ICH_VTR_EL2 says
-                    // exists.
-                    $n => unsafe {
-                        core::arch::asm!(concat!("mrs {}, ", $reg), out(reg) v,
-                            options(nomem, nostack, preserves_flags))
-                    },
-                )*
-                _ => v = 0,
-            }
-            v
-        }
-
-        fn $write(n: usize, v: u64) {
-            match n {
-                $(
-                    // SAFETY: as above, the vCPU's value being switched in.
-                    $n => unsafe {
-                        core::arch::asm!(concat!("msr ", $reg, ", {}"), in(reg) v,
-                            options(nomem, nostack, preserves_flags))
-                    },
-                )*
-                _ => {}
-            }
-        }
-    };
-}
-
-apr_access!(read_ap0r, write_ap0r,
-    0: "s3_4_c12_c8_0", 1: "s3_4_c12_c8_1", 2: "s3_4_c12_c8_2", 3: "s3_4_c12_c8_3");
-apr_access!(read_ap1r, write_ap1r,
-    0: "s3_4_c12_c9_0", 1: "s3_4_c12_c9_1", 2: "s3_4_c12_c9_2", 3: "s3_4_c12_c9_3");
-
-fn read_sysreg_vtr() -> u64 {
-    let v: u64;
-    // SAFETY: ICH_VTR_EL2 is read-only and has no side effects.
-    unsafe {
-        core::arch::asm!("mrs {}, s3_4_c12_c11_1", out(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-    v
-}
-
-fn write_ich_hcr(v: u64) {
-    // SAFETY: the virtual CPU interface's controls, switched with the vCPU
-    // (0 while anyone but a virtual-GIC VM runs).
-    unsafe {
-        core::arch::asm!("msr s3_4_c12_c11_0, {}", in(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-}
-
-fn read_misr() -> u64 {
-    let v: u64;
-    // SAFETY: ICH_MISR_EL2 is read-only.
-    unsafe {
-        core::arch::asm!("mrs {}, s3_4_c12_c11_2", out(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-    v
-}
-
-fn read_eisr() -> u64 {
-    let v: u64;
-    // SAFETY: ICH_EISR_EL2 is read-only.
-    unsafe {
-        core::arch::asm!("mrs {}, s3_4_c12_c11_3", out(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-    v
-}
-
-fn read_vmcr() -> u64 {
-    let v: u64;
-    // SAFETY: ICH_VMCR_EL2, the guest's view of its CPU-interface controls.
-    unsafe {
-        core::arch::asm!("mrs {}, s3_4_c12_c11_7", out(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-    v
-}
-
-fn write_vmcr(v: u64) {
-    // SAFETY: as for `read_vmcr`; the vCPU's value being switched in.
-    unsafe {
-        core::arch::asm!("msr s3_4_c12_c11_7, {}", in(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-}
-
 /// The guest's CNTV_CTL_EL0 and CNTV_CVAL_EL0, live in the CPU during a run.
 pub fn guest_timer() -> (u64, u64) {
-    let (ctl, cval): (u64, u64);
-    // SAFETY: reads the virtual timer registers (the running VM's).
-    unsafe {
-        core::arch::asm!("mrs {c}, cntv_ctl_el0", "mrs {v}, cntv_cval_el0",
-            c = out(reg) ctl, v = out(reg) cval,
-            options(nomem, nostack, preserves_flags))
-    };
-    (ctl, cval)
+    ich::guest_timer()
 }
 
 /// The shape of this machine's virtual CPU interface.
@@ -445,5 +306,187 @@ pub fn return_ppis(access: &GicAccess, mut b: BorrowedPpis, vgic: bool) {
         if !b.maintenance_group {
             wr32(frame + 0x80, rd32(frame + 0x80) & !(1 << MAINTENANCE_INTID));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::ich::with_ich;
+    use moat_kernel::vgic::LrState;
+
+    /// Four list registers, 5 priority bits (one active-priority register
+    /// of each group).
+    const VTR: u64 = 3 | (4 << 29) | (4 << 26);
+
+    fn vcpu() -> VgicCpu {
+        with_ich(|r| r.vtr = VTR);
+        let g = geometry();
+        assert_eq!((g.lrs, g.aprs), (4, 1));
+        VgicCpu::new(g)
+    }
+
+    fn lrs() -> Vec<ListRegister> {
+        with_ich(|r| r.lr[..4].iter().map(|&v| ListRegister(v)).collect())
+    }
+
+    #[test]
+    fn a_run_loads_and_saves_the_controls_and_turns_the_interface_off() {
+        let mut v = vcpu();
+        with_ich(|r| {
+            r.ap0r[0] = 0x11;
+            r.ap1r[0] = 0x22;
+            r.vmcr = 0xf000_0002;
+            r.hcr = ICH_HCR_EN;
+        });
+        v.save();
+        with_ich(|r| {
+            assert_eq!(r.hcr, 0);
+            r.ap0r[0] = 0;
+            r.ap1r[0] = 0;
+            r.vmcr = 0;
+        });
+        v.load();
+        with_ich(|r| assert_eq!((r.ap0r[0], r.ap1r[0], r.vmcr), (0x11, 0x22, 0xf000_0002)));
+        with_ich(|r| r.hcr = ICH_HCR_EN);
+        VgicCpu::pause();
+        with_ich(|r| assert_eq!(r.hcr, 0));
+    }
+
+    #[test]
+    fn injected_interrupts_reach_the_list_registers_and_wait_beyond_them() {
+        let mut v = vcpu();
+        for intid in 40..46 {
+            v.inject(intid, 0x80, false).unwrap();
+        }
+        assert!(v.has_room(1));
+        // Four fit; two wait, so the underflow maintenance is asked for.
+        assert!(v.before_entry(), "the timer is not in flight");
+        let written = lrs();
+        assert_eq!(
+            written.iter().map(|lr| lr.intid()).collect::<Vec<_>>(),
+            [40, 41, 42, 43]
+        );
+        assert!(written.iter().all(|lr| lr.state() == LrState::Pending));
+        with_ich(|r| assert_eq!(r.hcr, ICH_HCR_EN | ICH_HCR_UIE));
+        // Group 1 enabled, priority mask open: something is deliverable.
+        with_ich(|r| r.vmcr = (0xff << 24) | (1 << 1));
+        assert!(v.would_wake());
+        with_ich(|r| r.vmcr = 0);
+        assert!(!v.would_wake());
+    }
+
+    #[test]
+    fn a_deactivation_frees_the_register_and_is_reported_unless_it_is_the_timer() {
+        let mut v = vcpu();
+        v.inject(50, 0x80, true).unwrap();
+        assert!(v.before_entry());
+        assert_eq!(v.take_eois(), None);
+        // The guest took and deactivated INTID 50: the register's state is
+        // invalid again (its INTID stays), EOI maintenance on LR 0.
+        with_ich(|r| {
+            r.lr[0] &= !(0b11 << 62);
+            r.eisr = 1;
+            r.misr = 1;
+        });
+        assert!(
+            v.after_exit(),
+            "the maintenance interrupt stopped the guest"
+        );
+        assert_eq!(v.take_eois(), Some([1, 50, 0, 0, 0, 0]));
+        assert_eq!(v.take_eois(), None);
+        with_ich(|r| {
+            r.eisr = 0;
+            r.misr = 0;
+        });
+        assert!(!v.after_exit());
+    }
+
+    #[test]
+    fn a_fired_timer_is_injected_once_and_its_line_held_until_deactivated() {
+        let mut v = vcpu();
+        // Enabled, not masked, fired; deadline 1000.
+        with_ich(|r| {
+            r.cntv_ctl = 0b101;
+            r.cntv_cval = 1000;
+        });
+        assert!(v.timer_due());
+        assert!(
+            !v.before_entry(),
+            "the timer's line stays off while in flight"
+        );
+        assert_eq!(lrs()[0].intid(), VTIMER_INTID);
+        assert!(!v.timer_due());
+        assert_eq!(v.timer_deadline(), u64::MAX);
+        // Entering again injects nothing more.
+        assert!(!v.before_entry());
+        assert_eq!(
+            lrs().iter().filter(|lr| lr.intid() == VTIMER_INTID).count(),
+            1
+        );
+        // The guest deactivates it: not reported to the host (the core's).
+        with_ich(|r| {
+            r.lr[0] &= !(0b11 << 62);
+            r.eisr = 1;
+            r.cntv_ctl = 0b001;
+        });
+        v.after_exit();
+        assert_eq!(v.take_eois(), None);
+        assert_eq!(v.timer_deadline(), 1000);
+        with_ich(|r| r.eisr = 0);
+        assert!(v.before_entry());
+    }
+
+    /// A GICv3 redistributor's RD and SGI frames, as a buffer.
+    struct Frames(Vec<u32>);
+
+    impl Frames {
+        fn new() -> Self {
+            Self(vec![0; 0x2_0000 / 4])
+        }
+
+        fn access(&mut self) -> GicAccess {
+            let base = self.0.as_mut_ptr().expose_provenance() as u64;
+            GicAccess::V3 {
+                distributor: 0,
+                sgi_frame: base + 0x1_0000,
+                priority_bits: 5,
+            }
+        }
+
+        fn sgi(&mut self, offset: usize) -> &mut u32 {
+            &mut self.0[(0x1_0000 + offset) / 4]
+        }
+    }
+
+    #[test]
+    fn a_run_borrows_the_timer_and_maintenance_ppis_and_gives_them_back() {
+        let mut f = Frames::new();
+        // The host: timer PPI enabled, maintenance PPI disabled at 0xa0,
+        // group 0.
+        *f.sgi(0x100) = 1 << VTIMER_INTID;
+        *f.sgi(0x418) = 0xa0 << 8;
+        let access = f.access();
+        let mut b = borrow_ppis(&access, true);
+        // Timer line disabled (ICENABLER0), maintenance opened at priority
+        // 0 in group 1 and enabled (ISENABLER0).
+        assert_eq!(*f.sgi(0x180), 1 << VTIMER_INTID);
+        assert_eq!(*f.sgi(0x80), 1 << MAINTENANCE_INTID);
+        assert_eq!(*f.sgi(0x418) & 0xff00, 0);
+        assert_eq!(*f.sgi(0x100), 1 << MAINTENANCE_INTID);
+        // The run turns the timer line on (and again: no second write).
+        set_timer_ppi(&access, &mut b, true);
+        assert_eq!(*f.sgi(0x100), 1 << VTIMER_INTID);
+        *f.sgi(0x100) = 0;
+        set_timer_ppi(&access, &mut b, true);
+        assert_eq!(*f.sgi(0x100), 0);
+        set_timer_ppi(&access, &mut b, false);
+        *f.sgi(0x180) = 0;
+        return_ppis(&access, b, true);
+        // As the host had them.
+        assert_eq!(*f.sgi(0x100), 1 << VTIMER_INTID);
+        assert_eq!(*f.sgi(0x180), 1 << MAINTENANCE_INTID);
+        assert_eq!(*f.sgi(0x418), 0xa0 << 8);
+        assert_eq!(*f.sgi(0x80), 0);
     }
 }

@@ -145,3 +145,109 @@ pub fn release_rebuild() {
 pub fn retries() -> u64 {
     RETRIES.load(Ordering::Relaxed)
 }
+
+#[cfg(test)]
+mod tests {
+    //! With the transaction engine's world (`memory::tests`): the ledger's
+    //! availability is the machine's, so these take their turn too, and
+    //! leave the ledger up. None of them gives up on the ledger: that
+    //! cannot be undone, and the other tests need it.
+
+    use super::*;
+    use crate::memory::tests::{RAM_SIZE, cpu, request, serial, world};
+    use moat_abi::services::LedgerRequest;
+
+    #[test]
+    fn while_the_ledger_is_down_requests_answer_retry_at_once() {
+        let _turn = serial();
+        let w = world();
+        mark_down();
+        assert!(is_down());
+        let before = retries();
+        let share = request(LedgerRequest::HOST_SHARE_HYP, 0, w.ram, 1);
+        assert_eq!(memory::transact(cpu(), share, None), Err(Error::Retry));
+        assert_eq!(memory::lookup(cpu(), w.ram / PAGE), Err(Error::Retry));
+        assert_eq!(retries(), before + 2);
+        let restarts = mark_up();
+        assert!(!is_down());
+        assert_eq!(mark_up(), restarts + 1);
+        // Up again: the request goes through (and is undone).
+        memory::transact(cpu(), share, None).unwrap();
+        let unshare = request(LedgerRequest::HOST_UNSHARE_HYP, 0, w.ram, 1);
+        memory::transact(cpu(), unshare, None).unwrap();
+        assert!(!gave_up());
+    }
+
+    #[test]
+    fn a_ledger_that_fails_during_a_request_makes_it_retry() {
+        let _turn = serial();
+        let w = world();
+        w.ledger
+            .fault_on_commit
+            .store(true, core::sync::atomic::Ordering::Relaxed);
+        let share = request(LedgerRequest::HOST_SHARE_HYP, 0, w.ram + PAGE, 1);
+        assert_eq!(memory::transact(cpu(), share, None), Err(Error::Retry));
+        assert!(is_down());
+        assert!(HYP_SHARES.lock().iter().all(|(s, _)| s != w.ram + PAGE));
+        mark_up();
+        // Faults in a row are counted until a request commits: that was
+        // the first, and up to MAX_FAULTS_IN_A_ROW the ledger is restarted.
+        for _ in 1..MAX_FAULTS_IN_A_ROW {
+            ledger_failed();
+        }
+        assert!(!gave_up());
+        assert_eq!(unavailable(), Error::Retry);
+        mark_up();
+        memory::transact(cpu(), share, None).unwrap();
+        // That commit cleared the count: one more fault is only one.
+        ledger_failed();
+        assert!(!gave_up());
+        mark_up();
+        let unshare = request(LedgerRequest::HOST_UNSHARE_HYP, 0, w.ram + PAGE, 1);
+        memory::transact(cpu(), unshare, None).unwrap();
+    }
+
+    #[test]
+    fn one_cpu_claims_the_rebuild() {
+        let _turn = serial();
+        assert!(claim_rebuild());
+        assert!(!claim_rebuild());
+        release_rebuild();
+        assert!(claim_rebuild());
+        release_rebuild();
+    }
+
+    #[test]
+    fn host_mapped_merges_what_the_host_maps() {
+        let _turn = serial();
+        let w = world();
+        let half = RAM_SIZE / 2;
+        // Two adjacent banks come back as one range.
+        assert_eq!(
+            host_mapped(&[(w.ram, half), (w.ram + half, half)]),
+            Ok(vec![(w.ram, RAM_SIZE)])
+        );
+        // A hole where the host maps nothing splits it.
+        {
+            let mut host = memory::host_stage2();
+            memory::stage2::with_vmid(0, || host.unmap(w.ram + PAGE, PAGE)).unwrap();
+        }
+        let mapped = host_mapped(&[(w.ram, RAM_SIZE)]);
+        {
+            let mut host = memory::host_stage2();
+            memory::stage2::with_vmid(0, || {
+                host.map_pages(
+                    w.ram + PAGE,
+                    w.ram + PAGE,
+                    PAGE,
+                    memory::stage2::Access::ReadWriteExecute,
+                )
+            })
+            .unwrap();
+        }
+        assert_eq!(
+            mapped,
+            Ok(vec![(w.ram, PAGE), (w.ram + 2 * PAGE, RAM_SIZE - 2 * PAGE)])
+        );
+    }
+}

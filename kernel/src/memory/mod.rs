@@ -550,19 +550,10 @@ pub fn scrub_pages(pa: u64, size: u64) {
         Some(block) => {
             let mut addr = pa;
             while addr < end {
-                if tags {
-                    // SAFETY: `addr` is RAM the core maps read/write and
-                    // Tagged; the page belongs to no partition while it is
-                    // scrubbed (the unmaps came first).
-                    unsafe {
-                        core::arch::asm!(".arch_extension memtag", "dc gzva, {}", in(reg) addr, options(nostack, preserves_flags))
-                    };
-                } else {
-                    // SAFETY: as above, without tags.
-                    unsafe {
-                        core::arch::asm!("dc zva, {}", in(reg) addr, options(nostack, preserves_flags))
-                    };
-                }
+                // SAFETY: `addr` is RAM the core maps read/write (and
+                // Tagged, with `tags`); the page belongs to no partition
+                // while it is scrubbed (the unmaps came first).
+                unsafe { crate::arch::cache::zero_block_at(addr, tags) };
                 addr += block;
             }
         }
@@ -571,10 +562,8 @@ pub fn scrub_pages(pa: u64, size: u64) {
         None if tags => {
             let mut addr = pa;
             while addr < end {
-                // SAFETY: as above; STZG writes one granule's data and tag.
-                unsafe {
-                    core::arch::asm!(".arch_extension memtag", "stzg {0}, [{0}]", in(reg) addr, options(nostack, preserves_flags))
-                };
+                // SAFETY: as above.
+                unsafe { crate::arch::cache::zero_granule_and_tag(addr) };
                 addr += 16;
             }
         }
@@ -590,21 +579,11 @@ pub fn scrub_pages(pa: u64, size: u64) {
     let line = crate::arch::cache::dcache_line();
     let mut addr = pa;
     while addr < end {
-        if tags {
-            // SAFETY: cache maintenance by VA of data and tags; no memory effect.
-            unsafe {
-                core::arch::asm!(".arch_extension memtag", "dc cgdvac, {}", in(reg) addr, options(nostack, preserves_flags))
-            };
-        } else {
-            // SAFETY: cache maintenance by VA; no memory effect.
-            unsafe {
-                core::arch::asm!("dc cvac, {}", in(reg) addr, options(nostack, preserves_flags))
-            };
-        }
+        crate::arch::cache::clean_line_to_poc(addr, tags);
         addr += line;
     }
-    // SAFETY: a barrier; completes the zeroing and cleaning.
-    unsafe { core::arch::asm!("dsb ish", options(nostack, preserves_flags)) };
+    // Completes the zeroing and cleaning.
+    crate::arch::cache::complete_inner_shareable();
 }
 
 /// Where the ledger and a partition's tables disagree.
@@ -817,4 +796,511 @@ pub fn check_consistency<'a>(
         checked.vms += 1;
     }
     Ok(checked)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The transaction engine and the checker against the ledger's own
+    //! logic (`moat_ledger::LedgerServer`, behind the [`Ledger`] trait),
+    //! over RAM that is a buffer of the test process: the host's stage-2
+    //! maps it identity, so scrubbing and the tables are real. The machine,
+    //! the host's stage-2 and the ledger are the process's, once; the
+    //! tests take turns ([`serial`]) and each uses frames of its own.
+
+    use super::*;
+    use crate::arch::{Op, sysreg::HostEl2Config, take_log};
+    use crate::base::state::{MACHINE, Machine};
+    use moat_abi::services::ledger::Server;
+    use moat_abi::services::{FrameRange, LEDGER_BOOT_RANGES, LedgerBoot};
+    use moat_kernel::layout::Pieces;
+    use moat_kernel::s2plan::{Region as PlanRegion, RegionKind};
+    use moat_ledger::{Extent, LedgerServer};
+    use moat_platform::dt::Range;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, MutexGuard, OnceLock};
+
+    const HOST_VMID: u16 = 0;
+    const VM: u16 = 3;
+    const VM_VMID: u16 = 9;
+    /// The test RAM: 8 MiB, 2 MiB-aligned.
+    pub(crate) const RAM_SIZE: u64 = 8 << 20;
+
+    pub(crate) struct FakeLedger {
+        server: spin::Mutex<LedgerServer<'static>>,
+        refuse_commit: AtomicBool,
+        /// The next commit fails as a faulting ledger does: it goes down.
+        pub(crate) fault_on_commit: AtomicBool,
+        tamper: spin::Mutex<Option<LedgerTransaction>>,
+    }
+
+    impl Ledger for FakeLedger {
+        fn lookup(&self, _: &PerCpu, pfn: u64) -> Result<LedgerExtent, Error> {
+            self.server.lock().lookup(pfn)
+        }
+        fn extent(&self, _: &PerCpu, n: u64) -> Result<LedgerExtent, Error> {
+            self.server.lock().extent(n)
+        }
+        fn prepare(&self, _: &PerCpu, request: &LedgerRequest) -> Result<LedgerTransaction, Error> {
+            let tx = self.server.lock().prepare(*request)?;
+            Ok(self.tamper.lock().take().unwrap_or(tx))
+        }
+        fn commit(&self, _: &PerCpu, generation: u64) -> Result<u64, Error> {
+            if self.refuse_commit.load(Ordering::Relaxed) {
+                return Err(Error::ServiceFailed);
+            }
+            if self.fault_on_commit.swap(false, Ordering::Relaxed) {
+                ledger_restart::ledger_failed();
+                return Err(Error::ServiceFailed);
+            }
+            self.server.lock().commit(generation)
+        }
+    }
+
+    pub(crate) struct World {
+        pub(crate) ram: u64,
+        pub(crate) ledger: &'static FakeLedger,
+    }
+
+    /// The machine, the host's stage-2 and the ledger, made once.
+    pub(crate) fn world() -> &'static World {
+        static WORLD: OnceLock<World> = OnceLock::new();
+        WORLD.get_or_init(|| {
+            let layout = std::alloc::Layout::from_size_align(RAM_SIZE as usize, 2 << 20).unwrap();
+            // SAFETY: a non-zero-sized layout.
+            let ram = unsafe { std::alloc::alloc_zeroed(layout) };
+            assert!(!ram.is_null());
+            let ram = ram.expose_provenance() as u64;
+            let range = Range {
+                base: ram,
+                size: RAM_SIZE,
+            };
+            let host = StageTwo::identity(
+                0,
+                HOST_VMID,
+                &[PlanRegion {
+                    range,
+                    kind: RegionKind::Ram,
+                }],
+            )
+            .unwrap();
+            let vttbr = host.vttbr();
+            stage2::HOST.call_once(|| spin::Mutex::new(host.activate()));
+            let mut platform = moat_platform::dt::discover(include_bytes!(
+                "../../../platform/testdata/qemu-virt-gicv3.dtb"
+            ))
+            .unwrap();
+            platform.memory.clear();
+            platform.memory.push(range).unwrap();
+            MACHINE.call_once(|| Machine {
+                platform,
+                firmware: moat_platform::firmware::FirmwareConduit::new(None),
+                cpu: Default::default(),
+                vm_hcrx: [0; 2],
+                host_el2: HostEl2Config { vttbr },
+                carve_out: Pieces::default(),
+                stage2_start_level: 0,
+                ipa_bits: 48,
+                core_powers_cpus: false,
+            });
+            let storage = Box::leak(vec![Extent::EMPTY; 1024].into_boxed_slice());
+            let mut server = LedgerServer::new(Some(storage));
+            let mut boot = LedgerBoot {
+                ram_count: 1,
+                hypervisor_count: 0,
+                ram: [FrameRange::default(); LEDGER_BOOT_RANGES],
+                hypervisor: [FrameRange::default(); LEDGER_BOOT_RANGES],
+            };
+            boot.ram[0] = FrameRange {
+                start: ram / PAGE,
+                count: RAM_SIZE / PAGE,
+            };
+            server.boot(boot).unwrap();
+            let ledger = Box::leak(Box::new(FakeLedger {
+                server: spin::Mutex::new(server),
+                refuse_commit: AtomicBool::new(false),
+                fault_on_commit: AtomicBool::new(false),
+                tamper: spin::Mutex::new(None),
+            }));
+            set_ledger(ledger);
+            World { ram, ledger }
+        })
+    }
+
+    /// One test at a time: they share the machine.
+    pub(crate) fn serial() -> MutexGuard<'static, ()> {
+        static TURN: Mutex<()> = Mutex::new(());
+        TURN.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn cpu() -> &'static PerCpu {
+        crate::base::cpu::get(0).unwrap()
+    }
+
+    pub(crate) fn request(op: u32, party: u16, pa: u64, pages: u64) -> LedgerRequest {
+        LedgerRequest {
+            op,
+            party: u32::from(party),
+            frames: FrameRange {
+                start: pa / PAGE,
+                count: pages,
+            },
+        }
+    }
+
+    /// A VM's stage-2 and record, live, with its VMID.
+    struct TestVm {
+        stage2: StageTwo,
+        regions: Vec<Region>,
+    }
+
+    impl TestVm {
+        fn new(handle: u16) -> Self {
+            transact(cpu(), request(LedgerRequest::CREATE_VM, handle, 0, 0), None).unwrap();
+            let stage2 = StageTwo::new(0, VM_VMID).unwrap();
+            stage2.mark_live();
+            Self {
+                stage2,
+                regions: Vec::new(),
+            }
+        }
+
+        fn memory(&mut self, handle: u16, donate_ipa: Option<u64>) -> VmMemory<'_> {
+            VmMemory {
+                handle,
+                stage2: &mut self.stage2,
+                regions: &mut self.regions,
+                donate_ipa,
+            }
+        }
+    }
+
+    impl Drop for TestVm {
+        fn drop(&mut self) {
+            self.stage2.mark_dead();
+        }
+    }
+
+    fn fill(pa: u64, size: u64, byte: u8) {
+        let p = core::ptr::with_exposed_provenance_mut::<u8>(pa as usize);
+        // SAFETY: test RAM (the world's buffer), which only the serialised
+        // tests touch.
+        unsafe { p.write_bytes(byte, size as usize) };
+    }
+
+    fn all_zero(pa: u64, size: u64) -> bool {
+        let p = core::ptr::with_exposed_provenance::<u8>(pa as usize);
+        // SAFETY: as in `fill`.
+        unsafe { core::slice::from_raw_parts(p, size as usize) }
+            .iter()
+            .all(|&b| b == 0)
+    }
+
+    fn host_invalidations(log: &[Op]) -> Vec<Op> {
+        log.iter()
+            .copied()
+            .filter(|op| {
+                matches!(
+                    op,
+                    Op::InvalidateStage2Page { .. }
+                        | Op::InvalidateCombined { .. }
+                        | Op::InvalidateVmid { .. }
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_donation_unmaps_the_host_scrubs_and_maps_the_vm_then_a_reclaim_undoes_it() {
+        let _turn = serial();
+        let w = world();
+        let pa = w.ram + (1 << 20);
+        let ipa = 0x8000_0000;
+        let mut vm = TestVm::new(VM);
+        fill(pa, 2 * PAGE, 0xa5);
+        take_log();
+
+        transact(
+            cpu(),
+            request(LedgerRequest::HOST_DONATE_VM, VM, pa, 2),
+            Some(vm.memory(VM, Some(ipa))),
+        )
+        .unwrap();
+        // The host lost the pages, with the invalidation for its VMID.
+        assert!(!host_owns(pa, PAGE));
+        assert_eq!(host_stage2().check(pa, 2 * PAGE, false), Ok(()));
+        assert_eq!(
+            host_invalidations(&take_log()),
+            [
+                Op::InvalidateStage2Page {
+                    vmid: HOST_VMID,
+                    ipa: pa
+                },
+                Op::InvalidateStage2Page {
+                    vmid: HOST_VMID,
+                    ipa: pa + PAGE
+                },
+                Op::InvalidateCombined { vmid: HOST_VMID },
+            ]
+        );
+        // Scrubbed, then mapped where the donation said.
+        assert!(all_zero(pa, 2 * PAGE));
+        assert_eq!(vm.stage2.translate(ipa + PAGE), Some((pa + PAGE, true)));
+        assert_eq!(vm.regions, [Region { ipa, pa, pages: 2 }]);
+        assert_eq!(lookup(cpu(), pa / PAGE).unwrap().owner.kind, Party::VM);
+
+        // The checker agrees with the ledger, VM included.
+        let checked = check_consistency(
+            cpu(),
+            core::iter::empty(),
+            core::iter::once((VM, &vm.stage2, vm.regions.as_slice())),
+            0,
+            None::<&NoGic>,
+        )
+        .unwrap();
+        assert_eq!(checked.vms, 1);
+
+        // The VM writes and is destroyed; the reclaim scrubs and gives the
+        // host its pages.
+        fill(pa, 2 * PAGE, 0x5a);
+        transact(cpu(), request(LedgerRequest::DESTROY_VM, VM, 0, 0), None).unwrap();
+        transact(
+            cpu(),
+            request(LedgerRequest::RECLAIM, VM, pa, 2),
+            Some(vm.memory(VM, None)),
+        )
+        .unwrap();
+        assert!(all_zero(pa, 2 * PAGE));
+        assert_eq!(vm.stage2.translate(ipa), None);
+        assert!(vm.regions.is_empty());
+        assert!(host_owns(pa, 2 * PAGE));
+    }
+
+    #[test]
+    fn a_refused_commit_changes_nothing() {
+        let _turn = serial();
+        let w = world();
+        let pa = w.ram + (2 << 20);
+        let mut vm = TestVm::new(VM + 1);
+        fill(pa, PAGE, 0x77);
+        take_log();
+        w.ledger.refuse_commit.store(true, Ordering::Relaxed);
+        let r = transact(
+            cpu(),
+            request(LedgerRequest::HOST_DONATE_VM, VM + 1, pa, 1),
+            Some(vm.memory(VM + 1, Some(0))),
+        );
+        w.ledger.refuse_commit.store(false, Ordering::Relaxed);
+        assert_eq!(r, Err(Error::ServiceFailed));
+        assert!(host_owns(pa, PAGE));
+        assert_eq!(vm.stage2.translate(0), None);
+        assert!(vm.regions.is_empty());
+        assert!(!all_zero(pa, PAGE), "nothing scrubbed");
+        assert_eq!(host_invalidations(&take_log()), []);
+        assert_eq!(lookup(cpu(), pa / PAGE).unwrap().owner.kind, Party::HOST);
+        transact(
+            cpu(),
+            request(LedgerRequest::DESTROY_VM, VM + 1, 0, 0),
+            None,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_transaction_the_core_checks_and_refuses_changes_nothing() {
+        let _turn = serial();
+        let w = world();
+        let pa = w.ram + (3 << 20);
+        let mut vm = TestVm::new(VM + 2);
+        // The ledger answers a one-page donation with a transaction for
+        // other frames: the core's check refuses it before the commit.
+        let honest = w
+            .ledger
+            .server
+            .lock()
+            .prepare(request(LedgerRequest::HOST_DONATE_VM, VM + 2, pa, 1))
+            .unwrap();
+        let mut forged = honest;
+        for c in forged.changes.iter_mut() {
+            c.frames.start += 1;
+        }
+        *w.ledger.tamper.lock() = Some(forged);
+        let r = transact(
+            cpu(),
+            request(LedgerRequest::HOST_DONATE_VM, VM + 2, pa, 1),
+            Some(vm.memory(VM + 2, Some(0))),
+        );
+        assert_eq!(r, Err(Error::Denied));
+        assert!(host_owns(pa, 2 * PAGE));
+        assert_eq!(vm.stage2.translate(0), None);
+        assert_eq!(lookup(cpu(), pa / PAGE).unwrap().owner.kind, Party::HOST);
+        // A donation needs the IPA it maps at.
+        let r = transact(
+            cpu(),
+            request(LedgerRequest::HOST_DONATE_VM, VM + 2, pa, 1),
+            Some(vm.memory(VM + 2, None)),
+        );
+        assert_eq!(r, Err(Error::Denied));
+        // And a VM's part without the VM is refused.
+        let r = transact(
+            cpu(),
+            request(LedgerRequest::HOST_DONATE_VM, VM + 2, pa, 1),
+            None,
+        );
+        assert_eq!(r, Err(Error::Denied));
+        assert!(host_owns(pa, PAGE));
+        transact(
+            cpu(),
+            request(LedgerRequest::DESTROY_VM, VM + 2, 0, 0),
+            None,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_share_with_the_hypervisor_is_recorded_by_the_core() {
+        let _turn = serial();
+        let w = world();
+        let pa = w.ram + (4 << 20);
+        transact(
+            cpu(),
+            request(LedgerRequest::HOST_SHARE_HYP, 0, pa, 3),
+            None,
+        )
+        .unwrap();
+        assert!(
+            ledger_restart::HYP_SHARES
+                .lock()
+                .iter()
+                .any(|r| r == (pa, 3 * PAGE))
+        );
+        // Still the host's, mapped as before.
+        assert!(host_owns(pa, 3 * PAGE));
+        check_consistency(
+            cpu(),
+            core::iter::empty(),
+            core::iter::empty(),
+            0,
+            None::<&NoGic>,
+        )
+        .unwrap();
+        transact(
+            cpu(),
+            request(LedgerRequest::HOST_UNSHARE_HYP, 0, pa, 3),
+            None,
+        )
+        .unwrap();
+        assert!(
+            !ledger_restart::HYP_SHARES
+                .lock()
+                .iter()
+                .any(|(start, _)| start == pa)
+        );
+    }
+
+    #[test]
+    fn the_checker_finds_a_host_mapping_the_ledger_does_not_allow() {
+        let _turn = serial();
+        let w = world();
+        let pa = w.ram + (5 << 20);
+        let mut vm = TestVm::new(VM + 3);
+        transact(
+            cpu(),
+            request(LedgerRequest::HOST_DONATE_VM, VM + 3, pa, 1),
+            Some(vm.memory(VM + 3, Some(0))),
+        )
+        .unwrap();
+        // Put the donated page back in the host's stage-2 behind the
+        // ledger's back.
+        {
+            let mut host = host_stage2();
+            stage2::with_vmid(0, || host.map_pages(pa, pa, PAGE, Access::ReadWrite)).unwrap();
+        }
+        let found = check_consistency(
+            cpu(),
+            core::iter::empty(),
+            core::iter::once((VM + 3, &vm.stage2, vm.regions.as_slice())),
+            0,
+            None::<&NoGic>,
+        );
+        assert!(
+            matches!(
+                found,
+                Err(Mismatch::Host {
+                    address,
+                    host_may_map: false
+                }) if address == pa
+            ),
+            "{found:?}"
+        );
+        // Undo, and give the page back.
+        {
+            let mut host = host_stage2();
+            stage2::with_vmid(0, || host.unmap(pa, PAGE)).unwrap();
+        }
+        transact(
+            cpu(),
+            request(LedgerRequest::DESTROY_VM, VM + 3, 0, 0),
+            None,
+        )
+        .unwrap();
+        transact(
+            cpu(),
+            request(LedgerRequest::RECLAIM, VM + 3, pa, 1),
+            Some(vm.memory(VM + 3, None)),
+        )
+        .unwrap();
+        assert!(host_owns(pa, PAGE));
+    }
+
+    #[test]
+    fn forget_in_place_splits_and_drops_regions() {
+        let mut regions = vec![
+            Region {
+                ipa: 0,
+                pa: 0x10_0000,
+                pages: 4,
+            },
+            Region {
+                ipa: 0x10_0000,
+                pa: 0x20_0000,
+                pages: 1,
+            },
+        ];
+        regions.reserve(1);
+        forget_in_place(&mut regions, 0x10_1000, PAGE);
+        forget_in_place(&mut regions, 0x20_0000, PAGE);
+        regions.sort_by_key(|r| r.pa);
+        assert_eq!(
+            regions,
+            [
+                Region {
+                    ipa: 0,
+                    pa: 0x10_0000,
+                    pages: 1
+                },
+                Region {
+                    ipa: 0x2000,
+                    pa: 0x10_2000,
+                    pages: 2
+                },
+            ]
+        );
+        assert_eq!(Whose::Vm(2).to_string(), "VM 2");
+        assert_eq!(Whose::Host.to_string(), "the host");
+        assert_eq!(Whose::Service(1).to_string(), "service 1");
+    }
+
+    /// No GIC tables in these tests.
+    struct NoGic;
+
+    impl GicTables for NoGic {
+        fn check(
+            &self,
+            _: &[moat_platform::dt::Range],
+            _: impl Fn(u64) -> Option<LedgerExtent> + Copy,
+            _: impl Fn(u64, u64, bool) -> bool,
+        ) -> Result<u64, (u64, &'static str)> {
+            Ok(0)
+        }
+    }
 }

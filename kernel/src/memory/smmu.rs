@@ -97,8 +97,7 @@ fn write64(base: usize, offset: usize, value: u64) {
 /// Completes the core's writes to memory before the SMMU is told about
 /// them (a register write) or reads them.
 fn barrier() {
-    // SAFETY: a barrier has no memory effect.
-    unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
+    crate::arch::cache::complete_full_system();
 }
 
 /// Waits until `(read(offset) & mask) == want`.

@@ -229,6 +229,12 @@ const LEAF_LEVEL: usize = 3;
 /// invalidates the partition's whole VMID once rather than page by page.
 const TLBI_PAGES_MAX: u64 = 16;
 
+/// The bytes one entry at `level` maps (4 KiB at level 3, 2 MiB at 2,
+/// 1 GiB at 1).
+fn entry_size(level: usize) -> u64 {
+    PAGE << (9 * (LEAF_LEVEL - level.min(LEAF_LEVEL)))
+}
+
 /// A partition's stage-2.
 pub struct StageTwo {
     map: Mapping<PooledTables, Stage2>,
@@ -601,11 +607,12 @@ impl StageTwo {
         let page = ipa & !(PAGE - 1);
         let region = MemoryRegion::new(page as usize, page.checked_add(PAGE)? as usize);
         let mut out = None;
-        let _ = self.map.walk_range(&region, &mut |range, d, _level| {
+        let _ = self.map.walk_range(&region, &mut |_, d, level| {
             if d.is_valid() {
-                let offset = page - range.start().0 as u64;
+                // The walk hands over the part of the entry inside the
+                // region; a block's output address is that of its start.
                 out = Some((
-                    d.output_address().0 as u64 + offset + (ipa & (PAGE - 1)),
+                    d.output_address().0 as u64 + (ipa & (entry_size(level) - 1)),
                     d.flags().contains(S2::S2AP_ACCESS_RW),
                 ));
             }
@@ -627,10 +634,11 @@ impl StageTwo {
         };
         let region = MemoryRegion::new(ipa as usize, end as usize);
         let mut failure = None;
-        let _ = self.map.walk_range(&region, &mut |range, d, _level| {
+        let _ = self.map.walk_range(&region, &mut |range, d, level| {
             if d.is_valid() {
                 let (start, stop) = (range.start().0 as u64, range.end().0 as u64);
-                if let Err(e) = f(start, d.output_address().0 as u64, stop - start) {
+                let pa = d.output_address().0 as u64 + (start & (entry_size(level) - 1));
+                if let Err(e) = f(start, pa, stop - start) {
                     failure = Some(e);
                     return Err(());
                 }
@@ -706,10 +714,10 @@ impl StageTwo {
 /// issue (each change completes its own, combined stage-1+2 entries
 /// included) name its VMID.
 pub fn with_vmid<R>(vttbr: u64, f: impl FnOnce() -> R) -> R {
-    let previous = current_vttbr();
-    load_vttbr(vttbr);
+    let previous = tlb::current_vttbr();
+    tlb::load_vttbr(vttbr);
     let r = f();
-    load_vttbr(previous);
+    tlb::load_vttbr(previous);
     r
 }
 
@@ -717,22 +725,453 @@ pub fn with_vmid<R>(vttbr: u64, f: impl FnOnce() -> R) -> R {
 /// stage-2), on every CPU: a VM's tables are about to be freed or its
 /// VMID reused.
 pub fn flush_vmid(vttbr: u64) {
-    let previous = current_vttbr();
-    load_vttbr(vttbr);
+    let previous = tlb::current_vttbr();
+    tlb::load_vttbr(vttbr);
     tlb::invalidate_vmid();
-    load_vttbr(previous);
+    tlb::load_vttbr(previous);
 }
 
-fn current_vttbr() -> u64 {
-    arm_sysregs::read_vttbr_el2().bits()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::{Op, take_log};
+    use crate::fake_heap::limit_allocations;
+    use moat_platform::dt::Range;
 
-fn load_vttbr(v: u64) {
-    // SAFETY: `v` is a live stage-2's VTTBR_EL2 value (the caller's, or the
-    // one read back); the core runs at EL2 and no partition runs on this CPU
-    // while it handles a call, so VTTBR_EL2 only names the VMID for TLB
-    // maintenance here, and it is restored before any partition is entered.
-    unsafe { arm_sysregs::write_vttbr_el2(arm_sysregs::VttbrEl2::from_bits_retain(v)) };
-    // SAFETY: a barrier: the VMID is in effect for the maintenance that follows.
-    unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+    const VMID: u16 = 7;
+    /// A walk from level 1: a 512 GiB IPA space.
+    const START_LEVEL: usize = 1;
+    const RAM: u64 = 0x4000_0000;
+
+    fn stage2() -> StageTwo {
+        let s2 = StageTwo::new(START_LEVEL, VMID).expect("a root table");
+        take_log();
+        s2
+    }
+
+    /// Live tables, marked dead again when the test ends (the library
+    /// refuses to drop live ones), also when an assertion fails.
+    struct Live(StageTwo);
+
+    impl Live {
+        fn new(s2: StageTwo) -> Self {
+            s2.mark_live();
+            take_log();
+            Self(s2)
+        }
+    }
+
+    impl core::ops::Deref for Live {
+        type Target = StageTwo;
+        fn deref(&self) -> &StageTwo {
+            &self.0
+        }
+    }
+
+    impl core::ops::DerefMut for Live {
+        fn deref_mut(&mut self) -> &mut StageTwo {
+            &mut self.0
+        }
+    }
+
+    impl Drop for Live {
+        fn drop(&mut self) {
+            self.0.mark_dead();
+        }
+    }
+
+    /// The TLB maintenance in `log` (table zeroing left out).
+    fn tlb_ops(log: &[Op]) -> Vec<Op> {
+        log.iter()
+            .copied()
+            .filter(|op| !matches!(op, Op::ZeroPage(_)))
+            .collect()
+    }
+
+    fn invalidations(log: &[Op]) -> Vec<Op> {
+        tlb_ops(log)
+            .into_iter()
+            .filter(|op| !matches!(op, Op::PublishTableWrites | Op::CompleteStage2))
+            .collect()
+    }
+
+    fn per_page(ipa: u64, pages: u64) -> Vec<Op> {
+        (0..pages)
+            .map(|i| Op::InvalidateStage2Page {
+                vmid: VMID,
+                ipa: ipa + i * PAGE,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pages_map_translate_and_unmap_on_tables_not_live() {
+        let mut s2 = stage2();
+        s2.map_pages(RAM, 0x8000_0000, 3 * PAGE, Access::ReadWrite)
+            .unwrap();
+        assert_eq!(s2.translate(RAM), Some((0x8000_0000, true)));
+        assert_eq!(s2.translate(RAM + PAGE + 0x123), Some((0x8000_1123, true)));
+        assert_eq!(s2.translate(RAM + 3 * PAGE), None);
+        assert_eq!(s2.check(RAM, 3 * PAGE, true), Ok(()));
+        assert_eq!(s2.check(RAM, 4 * PAGE, true), Err(RAM + 3 * PAGE));
+        // Read/write but never executable: not an owner's mapping.
+        assert!(!s2.maps_as_owner(RAM, PAGE));
+
+        s2.unmap(RAM + PAGE, PAGE).unwrap();
+        assert_eq!(s2.translate(RAM + PAGE), None);
+        assert_eq!(s2.translate(RAM), Some((0x8000_0000, true)));
+        assert_eq!(s2.check(RAM + PAGE, PAGE, false), Ok(()));
+        assert_eq!(s2.check(RAM, 2 * PAGE, false), Err(RAM));
+        // Tables nobody walks yet need no TLB maintenance.
+        assert_eq!(invalidations(&take_log()), []);
+    }
+
+    #[test]
+    fn access_sets_the_permission_bits() {
+        let mut s2 = stage2();
+        s2.map_pages(RAM, RAM, PAGE, Access::ReadExecute).unwrap();
+        s2.map_pages(RAM + PAGE, RAM + PAGE, PAGE, Access::ReadWriteExecute)
+            .unwrap();
+        assert_eq!(s2.translate(RAM), Some((RAM, false)));
+        assert!(!s2.maps_as_owner(RAM, PAGE));
+        assert_eq!(s2.translate(RAM + PAGE), Some((RAM + PAGE, true)));
+        assert!(s2.maps_as_owner(RAM + PAGE, PAGE));
+        assert!(!s2.maps_as_owner(RAM, 2 * PAGE));
+        assert!(!s2.maps_as_owner(RAM + 2 * PAGE, PAGE));
+        assert!(!s2.maps_as_owner(u64::MAX - PAGE, 2 * PAGE));
+    }
+
+    #[test]
+    fn for_each_mapped_lists_valid_leaves_in_order_and_stops_on_error() {
+        let mut s2 = stage2();
+        s2.map_pages(RAM, 0x9000_0000, PAGE, Access::ReadWrite)
+            .unwrap();
+        s2.map_pages(RAM + 2 * PAGE, 0x9000_5000, PAGE, Access::ReadWrite)
+            .unwrap();
+        let mut seen = Vec::new();
+        s2.for_each_mapped(RAM, 4 * PAGE, |ipa, pa, size| {
+            seen.push((ipa, pa, size));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                (RAM, 0x9000_0000, PAGE),
+                (RAM + 2 * PAGE, 0x9000_5000, PAGE)
+            ]
+        );
+        let mut calls = 0;
+        let stopped = s2.for_each_mapped(RAM, 4 * PAGE, |ipa, _, _| {
+            calls += 1;
+            Err(ipa)
+        });
+        assert_eq!((stopped, calls), (Err(RAM), 1));
+        assert_eq!(s2.for_each_mapped(u64::MAX, 2, |_, _, _| Err(())), Ok(()));
+    }
+
+    #[test]
+    fn ranges_that_overflow_or_leave_the_ipa_space_are_refused() {
+        let mut s2 = stage2();
+        assert!(matches!(
+            s2.map_pages(u64::MAX - PAGE + 1, 0, 2 * PAGE, Access::ReadWrite),
+            Err(MapError::Refused(_))
+        ));
+        assert!(matches!(
+            s2.map_pages(0, u64::MAX - PAGE + 1, 2 * PAGE, Access::ReadWrite),
+            Err(MapError::Refused(_))
+        ));
+        // Level 1 walks cover 512 GiB.
+        let beyond = 1u64 << 39;
+        assert_eq!(
+            s2.reserve(beyond, PAGE),
+            Err(MapError::Refused("stage-2 range outside the IPA space"))
+        );
+        assert_eq!(s2.pool().len(), 0, "nothing taken for a refused range");
+        assert_eq!(s2.check(u64::MAX, 2, true), Err(u64::MAX));
+        assert_eq!(s2.translate(u64::MAX), None);
+        assert_eq!(
+            MapError::NoMemory.to_string(),
+            "out of memory for stage-2 tables"
+        );
+        assert_eq!(MapError::Refused("why").to_string(), "why");
+    }
+
+    #[test]
+    fn live_invalid_to_valid_needs_no_invalidation() {
+        let mut s2 = Live::new(stage2());
+        with_vmid(s2.vttbr(), || {
+            s2.map_pages(RAM, RAM, 4 * PAGE, Access::ReadWrite)
+        })
+        .unwrap();
+        assert_eq!(s2.translate(RAM + 3 * PAGE), Some((RAM + 3 * PAGE, true)));
+        // The table writes are published, nothing is invalidated.
+        assert_eq!(tlb_ops(&take_log()), [Op::PublishTableWrites]);
+    }
+
+    #[test]
+    fn live_unmap_of_up_to_16_pages_invalidates_page_by_page() {
+        let mut s2 = stage2();
+        s2.map_pages(RAM, RAM, 16 * PAGE, Access::ReadWrite)
+            .unwrap();
+        let mut s2 = Live::new(s2);
+        with_vmid(s2.vttbr(), || s2.unmap(RAM, 16 * PAGE)).unwrap();
+        let mut expected = vec![Op::PublishTableWrites];
+        expected.extend(per_page(RAM, 16));
+        expected.push(Op::CompleteStage2);
+        expected.push(Op::InvalidateCombined { vmid: VMID });
+        assert_eq!(tlb_ops(&take_log()), expected);
+        assert_eq!(s2.check(RAM, 16 * PAGE, false), Ok(()));
+        // The VMID loaded for the change is put back.
+        assert_eq!(crate::arch::tlb::current_vttbr(), 0);
+    }
+
+    #[test]
+    fn live_unmap_above_16_pages_invalidates_the_vmid_once() {
+        let mut s2 = stage2();
+        s2.map_pages(RAM, RAM, 17 * PAGE, Access::ReadWrite)
+            .unwrap();
+        let mut s2 = Live::new(s2);
+        with_vmid(s2.vttbr(), || s2.unmap(RAM, 17 * PAGE)).unwrap();
+        assert_eq!(
+            tlb_ops(&take_log()),
+            [Op::PublishTableWrites, Op::InvalidateVmid { vmid: VMID }]
+        );
+        assert_eq!(s2.check(RAM, 17 * PAGE, false), Ok(()));
+    }
+
+    #[test]
+    fn live_unmap_of_nothing_mapped_invalidates_nothing() {
+        let mut s2 = stage2();
+        s2.map_pages(RAM, RAM, PAGE, Access::ReadWrite).unwrap();
+        let mut s2 = Live::new(s2);
+        with_vmid(s2.vttbr(), || s2.unmap(RAM + PAGE, 64 * PAGE)).unwrap();
+        assert_eq!(invalidations(&take_log()), []);
+        // A range that covers one valid page invalidates the range's pages.
+        with_vmid(s2.vttbr(), || s2.unmap(RAM, 2 * PAGE)).unwrap();
+        let mut expected = per_page(RAM, 2);
+        expected.push(Op::InvalidateCombined { vmid: VMID });
+        assert_eq!(invalidations(&take_log()), expected);
+    }
+
+    #[test]
+    fn live_map_over_a_valid_entry_keeps_break_before_make() {
+        let mut s2 = stage2();
+        s2.map_pages(RAM, 0x8000_0000, PAGE, Access::ReadWrite)
+            .unwrap();
+        let mut s2 = Live::new(s2);
+        // Another output address for a valid entry without breaking it
+        // first: the library refuses, and nothing changes.
+        let r = with_vmid(s2.vttbr(), || {
+            s2.map_pages(RAM, 0x9000_0000, PAGE, Access::ReadWrite)
+        });
+        assert!(matches!(r, Err(MapError::Refused(_))), "{r:?}");
+        assert_eq!(s2.translate(RAM), Some((0x8000_0000, true)));
+
+        // remap_pages breaks first (with the invalidation), then makes.
+        with_vmid(s2.vttbr(), || {
+            s2.remap_pages(RAM, 0x9000_0000, 2 * PAGE, Access::ReadExecute)
+        })
+        .unwrap();
+        assert_eq!(s2.translate(RAM), Some((0x9000_0000, false)));
+        assert_eq!(s2.translate(RAM + PAGE), Some((0x9000_1000, false)));
+        let mut expected = per_page(RAM, 2);
+        expected.push(Op::InvalidateCombined { vmid: VMID });
+        assert_eq!(invalidations(&take_log()), expected);
+    }
+
+    #[test]
+    fn remap_of_an_unmapped_range_just_maps() {
+        let mut s2 = Live::new(stage2());
+        with_vmid(s2.vttbr(), || {
+            s2.remap_pages(RAM, RAM, PAGE, Access::ReadWrite)
+        })
+        .unwrap();
+        assert_eq!(s2.translate(RAM), Some((RAM, true)));
+        assert_eq!(invalidations(&take_log()), []);
+    }
+
+    #[test]
+    fn a_live_unmap_across_a_block_fails_after_invalidating_what_it_cleared() {
+        let mut s2 = stage2();
+        // A device block (made only while the core boots) next to pages.
+        let block = 0x20_0000u64;
+        s2.map_flags(block, block, block, DEVICE, Constraints::empty())
+            .unwrap();
+        s2.map_pages(0, 0x100_0000, PAGE, Access::ReadWrite)
+            .unwrap();
+        let mut s2 = Live::new(s2);
+        let r = with_vmid(s2.vttbr(), || s2.unmap(0, 2 * block));
+        assert_eq!(r, Err(MapError::Refused("stage-2 mapping failed")));
+        assert_eq!(s2.translate(0), None);
+        assert_eq!(s2.translate(block + PAGE), Some((block + PAGE, true)));
+        assert_eq!(
+            invalidations(&take_log()),
+            [Op::InvalidateVmid { vmid: VMID }]
+        );
+    }
+
+    #[test]
+    fn identity_maps_ram_in_pages_and_devices_in_blocks() {
+        // RAM with ragged ends around two whole 2 MiB chunks, and a device.
+        let ram = Range {
+            base: RAM - 3 * PAGE,
+            size: 3 * PAGE + (4 << 20) + 5 * PAGE,
+        };
+        let device = Range {
+            base: 0x0900_0000,
+            size: 2 << 20,
+        };
+        let plan = [
+            Region {
+                range: ram,
+                kind: RegionKind::Ram,
+            },
+            Region {
+                range: device,
+                kind: RegionKind::Device,
+            },
+        ];
+        let s2 = StageTwo::identity(START_LEVEL, VMID, &plan).unwrap();
+        for ipa in (ram.base..ram.base + ram.size).step_by(PAGE as usize) {
+            assert_eq!(s2.translate(ipa), Some((ipa, true)), "{ipa:#x}");
+        }
+        assert!(s2.maps_as_owner(ram.base, ram.size));
+        assert_eq!(s2.translate(ram.base - PAGE), None);
+        assert_eq!(s2.translate(ram.base + ram.size), None);
+        // Every RAM entry is a page: a walk sees one leaf per page.
+        let mut leaves = 0;
+        s2.for_each_mapped(ram.base, ram.size, |_, _, size| {
+            assert_eq!(size, PAGE);
+            leaves += 1;
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(leaves, ram.size / PAGE);
+        // The device is one block, never executable.
+        let mut blocks = Vec::new();
+        s2.for_each_mapped(device.base, device.size, |ipa, pa, size| {
+            blocks.push((ipa, pa, size));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(blocks, [(device.base, device.base, device.size)]);
+        assert!(!s2.maps_as_owner(device.base, PAGE));
+    }
+
+    #[test]
+    fn the_pool_fills_for_the_worst_case_and_the_change_takes_from_it() {
+        let mut s2 = stage2();
+        // From an empty level-1 root, a page needs a level-2 and a
+        // level-3 table; two far-apart pages need two each.
+        s2.reserve_tables(&[(RAM, PAGE), (RAM + (1 << 30), PAGE)])
+            .unwrap();
+        // (The root took the one page `new` put in the pool.)
+        assert_eq!(s2.pool().len(), 4);
+        limit_allocations(Some(0));
+        let mapped = s2.map_pages(RAM, RAM, PAGE, Access::ReadWrite);
+        let mapped_far = s2.map_pages(RAM + (1 << 30), RAM, PAGE, Access::ReadWrite);
+        limit_allocations(None);
+        mapped.unwrap();
+        mapped_far.unwrap();
+        assert_eq!(s2.pool().len(), 0);
+        // Every table taken from the pool was zeroed as it was taken.
+        let zeroed = take_log()
+            .iter()
+            .filter(|op| matches!(op, Op::ZeroPage(_)))
+            .count();
+        assert_eq!(zeroed, 4);
+        // Present tables need nothing more.
+        s2.reserve(RAM + PAGE, 511 * PAGE).unwrap();
+        assert_eq!(s2.pool().len(), 0);
+        s2.reserve(RAM + (2 << 20), PAGE).unwrap();
+        assert_eq!(s2.pool().len(), 1);
+        s2.release_spare_tables();
+        assert_eq!(s2.pool().len(), 0);
+    }
+
+    #[test]
+    fn reserving_fails_cleanly_when_the_heap_is_out() {
+        let mut s2 = stage2();
+        limit_allocations(Some(1));
+        let r = s2.map_pages(RAM, RAM, PAGE, Access::ReadWrite);
+        limit_allocations(None);
+        assert_eq!(r, Err(MapError::NoMemory));
+        // Nothing mapped; the page the pool got stays in it, free.
+        assert_eq!(s2.translate(RAM), None);
+        assert_eq!(s2.check(RAM, 2 << 20, false), Ok(()));
+        assert_eq!(s2.pool().len(), 1);
+        assert!(take_log().is_empty());
+        limit_allocations(Some(0));
+        assert_eq!(
+            StageTwo::new(START_LEVEL, VMID).err(),
+            Some(MapError::NoMemory)
+        );
+        limit_allocations(None);
+    }
+
+    #[test]
+    fn a_pooled_page_is_zeroed_when_taken_not_when_given_back() {
+        let pool = TablePool::new();
+        pool.fill(2).unwrap();
+        assert_eq!(pool.len(), 2);
+        let page = pool.pop().unwrap();
+        let addr = page.as_ptr().expose_provenance() as u64;
+        assert_eq!(take_log(), [Op::ZeroPage(addr)]);
+        let words = page.cast::<[u64; 512]>();
+        // SAFETY: a whole table page the test took from the pool.
+        unsafe {
+            assert!((*words.as_ptr()).iter().all(|&w| w == 0));
+            (*words.as_ptr())[7] = 0xdead;
+        }
+        pool.push(page);
+        assert_eq!(pool.len(), 2);
+        // Back in the pool as it was (only its link word written) ...
+        // SAFETY: the page is in the pool, which nothing else uses here.
+        assert_eq!(unsafe { (*words.as_ptr())[7] }, 0xdead);
+        // ... and zero again when the next change takes it.
+        let again = pool.pop().unwrap();
+        assert_eq!(again, page);
+        // SAFETY: as above, the test's again.
+        assert!(unsafe { (*words.as_ptr()).iter().all(|&w| w == 0) });
+        pool.push(again);
+        pool.drain();
+        assert_eq!(pool.len(), 0);
+        assert!(pool.pop().is_none());
+    }
+
+    #[test]
+    fn vttbr_holds_the_root_and_the_vmid() {
+        let s2 = stage2();
+        let root = s2.map.root_address().0 as u64;
+        assert_eq!(s2.vttbr(), root | (u64::from(VMID) << 48));
+        assert_eq!(root % PAGE, 0);
+    }
+
+    #[test]
+    fn flush_vmid_names_the_vmid_and_restores_the_loaded_one() {
+        crate::arch::tlb::load_vttbr(3 << 48);
+        flush_vmid(9 << 48);
+        assert_eq!(take_log(), [Op::InvalidateVmid { vmid: 9 }]);
+        assert_eq!(crate::arch::tlb::current_vttbr(), 3 << 48);
+        assert_eq!(with_vmid(5 << 48, crate::arch::tlb::current_vttbr), 5 << 48);
+        assert_eq!(crate::arch::tlb::current_vttbr(), 3 << 48);
+        crate::arch::tlb::load_vttbr(0);
+    }
+
+    #[test]
+    fn a_table_the_heap_cannot_give_while_booting_parks() {
+        let mut s2 = stage2();
+        s2.pool().drain();
+        limit_allocations(Some(0));
+        let parked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s2.map(RAM, RAM, PAGE, Access::ReadWrite)
+        }));
+        limit_allocations(None);
+        assert!(parked.is_err(), "the core parks instead of mapping");
+        assert_eq!(
+            crate::arch::take_lines(),
+            ["moat: stage-2: out of memory for tables while the core boots"]
+        );
+    }
 }

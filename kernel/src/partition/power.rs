@@ -14,6 +14,7 @@
 //! SYSTEM_RESET go through the board's quirk (`moat_platform::quirks`).
 
 use crate::arch::cache;
+use crate::arch::sysreg;
 use crate::base::console;
 use crate::base::cpu::{self, MAX_CPUS, PerCpu, PowerState};
 use crate::base::panic;
@@ -24,12 +25,6 @@ use moat_kernel::regs::GuestRegs;
 use moat_platform::dt::{EnableMethod, Platform};
 use moat_platform::quirks::{SystemControl, bcm2835_pm};
 use spin::Once;
-
-unsafe extern "C" {
-    /// Eight 8-byte entry points, one per logical CPU (entry.S).
-    static spin_table_entries: u8;
-    fn restart_in_core(index: u64) -> !;
-}
 
 /// CPUs that have arrived in the core and wait there for CPU_ON (or run
 /// the host).
@@ -67,16 +62,6 @@ pub fn set_system_control(control: SystemControl) {
     SYSTEM.call_once(|| control);
 }
 
-fn counter() -> (u64, u64) {
-    let (count, freq): (u64, u64);
-    // SAFETY: reads the system counter and its frequency; no side effects.
-    unsafe {
-        core::arch::asm!("isb", "mrs {c}, cntpct_el0", "mrs {f}, cntfrq_el0",
-            c = out(reg) count, f = out(reg) freq, options(nomem, nostack, preserves_flags));
-    }
-    (count, freq)
-}
-
 /// Writes the core's entry for every spin-table CPU but the boot CPU to its
 /// release address and waits until each has arrived in the core. A release
 /// address outside the RAM the core maps, or inside the hypervisor's own
@@ -84,7 +69,7 @@ fn counter() -> (u64, u64) {
 pub fn release_secondaries(boot_index: usize) -> Result<usize, &'static str> {
     let m = machine();
     ARRIVED[boot_index].store(true, Ordering::Release);
-    let base = core::ptr::addr_of!(spin_table_entries) as u64;
+    let base = crate::arch::spin_table_entries();
     let mut released = 0;
     for (index, c) in m.platform.cpus.iter().enumerate().take(MAX_CPUS) {
         let EnableMethod::SpinTable { release_addr } = c.enable_method else {
@@ -114,17 +99,17 @@ pub fn release_secondaries(boot_index: usize) -> Result<usize, &'static str> {
         cache::clean_dcache_to_poc(release_addr, 8);
         released += 1;
     }
-    // SAFETY: DSB then SEV wakes the CPUs waiting in the firmware's WFE loop
-    // after the release addresses are visible; no memory effect.
-    unsafe { core::arch::asm!("dsb sy", "sev", options(nostack, preserves_flags)) };
+    // The CPUs waiting in the firmware's WFE loop wake after the release
+    // addresses are visible.
+    crate::arch::send_event();
 
-    let (start, freq) = counter();
+    let (start, freq) = sysreg::counter();
     for (index, c) in m.platform.cpus.iter().enumerate().take(MAX_CPUS) {
         if index == boot_index || !matches!(c.enable_method, EnableMethod::SpinTable { .. }) {
             continue;
         }
         while !ARRIVED[index].load(Ordering::Acquire) {
-            let (now, _) = counter();
+            let (now, _) = sysreg::counter();
             if now.wrapping_sub(start) > ARRIVAL_SECONDS.saturating_mul(freq.max(1)) {
                 crate::log!(
                     "CPU {index} (MPIDR {:#x}) did not leave the firmware's spin table",
@@ -146,8 +131,8 @@ pub fn wait_for_cpu_on(slot: &PerCpu) {
     let go = &GO[slot.index];
     ARRIVED[slot.index].store(true, Ordering::Release);
     while !go.swap(false, Ordering::AcqRel) {
-        // SAFETY: WFE waits for the SEV of CPU_ON; no memory effect.
-        unsafe { core::arch::asm!("wfe", options(nomem, nostack, preserves_flags)) };
+        // Until the SEV of CPU_ON.
+        crate::arch::wait_for_event();
     }
 }
 
@@ -166,16 +151,15 @@ pub fn psci_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
         } => result(regs, cpu_on(target_mpidr, entry, context) as u64),
         PsciCall::CpuOff => {
             this_cpu.set_power(PowerState::Off);
-            // SAFETY: this CPU leaves the host for good (CPU_OFF does not
-            // return on success); restart_in_core drops the trap's stack and
-            // waits in the core for the next CPU_ON.
-            unsafe { restart_in_core(this_cpu.index as u64) }
+            // This CPU leaves the host for good (CPU_OFF does not return
+            // on success): it drops the trap's stack and waits in the core
+            // for the next CPU_ON.
+            crate::arch::restart_in_core(this_cpu.index)
         }
         PsciCall::CpuSuspend { .. } => {
             // A standby: the CPU waits for an interrupt and returns, which
             // PSCI allows for any requested state when a wake-up arrives.
-            // SAFETY: WFI waits for an interrupt; no memory effect.
-            unsafe { core::arch::asm!("dsb sy", "wfi", options(nostack, preserves_flags)) };
+            crate::arch::wait_for_interrupt();
             result(regs, ret::SUCCESS as u64);
         }
         PsciCall::Features { queried } => {
@@ -245,9 +229,8 @@ fn cpu_on(target_mpidr: u64, entry: u64, context: u64) -> i64 {
     }
     slot.set_host_entry(entry, context);
     GO[index].store(true, Ordering::Release);
-    // SAFETY: DSB then SEV wakes the CPU waiting in `wait_for_cpu_on`; no
-    // memory effect.
-    unsafe { core::arch::asm!("dsb sy", "sev", options(nostack, preserves_flags)) };
+    // Wakes the CPU waiting in `wait_for_cpu_on`.
+    crate::arch::send_event();
     ret::SUCCESS
 }
 
@@ -310,5 +293,164 @@ fn end_machine(this_cpu: &PerCpu, halt: bool) -> ! {
             );
             panic::stop(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Over the transaction engine's machine (`memory::tests`): QEMU's
+    //! virt board (PSCI, no spin table) with the test RAM as its memory.
+    //! The CPU slots are the machine's, so the tests take turns.
+
+    use super::*;
+    use crate::arch::{Op, take_log};
+    use crate::memory::tests::{RAM_SIZE, serial, world};
+    use ::smccc::psci as ids;
+
+    fn call(this: &PerCpu, function: u32, args: [u64; 3]) -> (GuestRegs, i64) {
+        let mut regs = GuestRegs {
+            x: [0; 31],
+            pc: 0,
+            pstate: 0,
+        };
+        regs.x[0] = u64::from(function);
+        regs.x[1..4].copy_from_slice(&args);
+        psci_call(this, &mut regs, function);
+        let code = regs.x[0] as i64;
+        (regs, code)
+    }
+
+    /// The machine's second CPU: its affinity and slot, powered off.
+    fn second_cpu() -> (u64, &'static PerCpu) {
+        world();
+        let m = machine();
+        assert!(m.platform.cpus.len() >= 2, "the test board has two CPUs");
+        let slot = cpu::get(1).unwrap();
+        slot.set_power(PowerState::Off);
+        ARRIVED[1].store(false, Ordering::Relaxed);
+        GO[1].store(false, Ordering::Relaxed);
+        (m.platform.cpus[1].mpidr, slot)
+    }
+
+    #[test]
+    fn cpu_on_checks_the_target_and_the_entry_then_wakes_the_cpu() {
+        let _turn = serial();
+        let ram = world().ram;
+        let this = cpu::get(0).unwrap();
+        let (mpidr, slot) = second_cpu();
+        // No such CPU; an entry outside the host's RAM.
+        let (_, code) = call(this, ids::PSCI_CPU_ON_64, [0xff_0000, ram, 0]);
+        assert_eq!(code, ret::INVALID_PARAMETERS);
+        let (_, code) = call(this, ids::PSCI_CPU_ON_64, [mpidr, ram + RAM_SIZE, 0]);
+        assert_eq!(code, ret::INVALID_PARAMETERS);
+        assert_eq!(slot.power(), PowerState::Off);
+        // A CPU that never arrived in the core cannot be started.
+        let (_, code) = call(this, ids::PSCI_CPU_ON_64, [mpidr, ram, 0]);
+        assert_eq!(code, ret::INTERNAL_FAILURE);
+        assert_eq!(slot.power(), PowerState::Off);
+        // Arrived: CPU_ON records the entry and wakes it.
+        ARRIVED[1].store(true, Ordering::Release);
+        take_log();
+        let (_, code) = call(this, ids::PSCI_CPU_ON_64, [mpidr, ram + 0x80, 0x55]);
+        assert_eq!(code, ret::SUCCESS);
+        assert_eq!(slot.power(), PowerState::OnPending);
+        assert_eq!(slot.host_entry(), (ram + 0x80, 0x55));
+        assert!(GO[1].load(Ordering::Acquire));
+        assert_eq!(take_log(), [Op::SendEvent]);
+        let (_, code) = call(this, ids::PSCI_CPU_ON_64, [mpidr, ram, 0]);
+        assert_eq!(code, ret::ON_PENDING);
+        assert_eq!(affinity(this, mpidr), 2);
+        // The woken CPU finds its GO and takes it.
+        wait_for_cpu_on(slot);
+        assert!(!GO[1].load(Ordering::Acquire));
+        slot.set_power(PowerState::On);
+        let (_, code) = call(this, ids::PSCI_CPU_ON_64, [mpidr, ram, 0]);
+        assert_eq!(code, ret::ALREADY_ON);
+        assert_eq!(affinity(this, mpidr), 0);
+        slot.set_power(PowerState::Off);
+        assert_eq!(affinity(this, mpidr), 1);
+        ARRIVED[1].store(false, Ordering::Relaxed);
+    }
+
+    fn affinity(this: &PerCpu, mpidr: u64) -> i64 {
+        call(this, ids::PSCI_AFFINITY_INFO_64, [mpidr, 0, 0]).1
+    }
+
+    #[test]
+    fn affinity_info_answers_level_0_of_known_cpus_only() {
+        let _turn = serial();
+        let this = cpu::get(0).unwrap();
+        let (mpidr, _) = second_cpu();
+        assert_eq!(affinity(this, 0xff_0000), ret::INVALID_PARAMETERS);
+        let (_, code) = call(this, ids::PSCI_AFFINITY_INFO_64, [mpidr, 1, 0]);
+        assert_eq!(code, ret::INVALID_PARAMETERS);
+    }
+
+    #[test]
+    fn version_features_and_the_rest_are_answered_by_the_core() {
+        let this = cpu::get(0).unwrap();
+        world();
+        assert_eq!(call(this, ids::PSCI_VERSION, [0; 3]).1, 0x1_0000);
+        assert_eq!(call(this, ids::PSCI_MIGRATE_INFO_TYPE, [0; 3]).1, 2);
+        let features = |f: u32| call(this, ids::PSCI_FEATURES, [u64::from(f), 0, 0]).1;
+        assert_eq!(features(moat_abi::smccc::SMCCC_VERSION), ret::SUCCESS);
+        assert_eq!(features(ids::PSCI_CPU_ON_64), ret::SUCCESS);
+        assert_eq!(features(ids::PSCI_SYSTEM_RESET2_64), ret::NOT_SUPPORTED);
+        assert_eq!(features(0x8400_00ff), ret::NOT_SUPPORTED);
+        assert_eq!(call(this, 0x8400_00ff, [0; 3]).1, ret::NOT_SUPPORTED);
+        assert_eq!(
+            call(this, ids::PSCI_SYSTEM_RESET2_64, [0; 3]).1,
+            ret::NOT_SUPPORTED
+        );
+        // A standby suspend waits for an interrupt and returns.
+        take_log();
+        let (_, code) = call(this, ids::PSCI_CPU_SUSPEND_64, [0, 0, 0]);
+        assert_eq!(code, ret::SUCCESS);
+        assert_eq!(take_log(), [Op::WaitForInterrupt]);
+    }
+
+    #[test]
+    fn cpu_off_powers_the_slot_off_and_restarts_in_the_core() {
+        let _turn = serial();
+        let (_, slot) = second_cpu();
+        slot.set_power(PowerState::On);
+        let left = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            call(slot, ids::PSCI_CPU_OFF, [0; 3])
+        }));
+        let why = left.unwrap_err();
+        assert_eq!(
+            why.downcast_ref::<String>().map(String::as_str),
+            Some("CPU 1 restarted in the core")
+        );
+        assert_eq!(slot.power(), PowerState::Off);
+    }
+
+    #[test]
+    fn system_off_without_firmware_or_a_reset_stops_the_machine() {
+        let this = cpu::get(0).unwrap();
+        world();
+        let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            call(this, ids::PSCI_SYSTEM_OFF, [0; 3])
+        }));
+        assert!(stopped.is_err());
+        assert!(panic::is_stopping());
+        assert_eq!(
+            crate::arch::take_lines(),
+            [
+                "moat: host CPU 0 asked for SYSTEM_OFF, but the board has neither PSCI firmware nor a known reset: stopping"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_virt_board_has_no_spin_table_and_nothing_to_release() {
+        let _turn = serial();
+        world();
+        let m = machine();
+        assert!(!has_spin_table(&m.platform));
+        assert!(core_managed(&m.platform, false));
+        assert!(!core_managed(&m.platform, true));
+        assert_eq!(release_secondaries(0), Ok(0));
+        assert!(ARRIVED[0].load(Ordering::Acquire));
     }
 }

@@ -1,12 +1,16 @@
 //! `cargo xtask coverage`: how much of the core the host tests execute.
 //!
-//! The core's unit tests run on the development machine; this builds them
-//! with LLVM's source-based coverage (`-C instrument-coverage`, from the
-//! toolchain's `llvm-tools`: no extra cargo plugin), runs them, and counts
-//! the lines of `kernel/src` they execute. Files the host tests do not
-//! build at all (the EL2 layer, which only runs under QEMU) count as
-//! uncovered, line for line, so the figure is of the whole core rather
-//! than of the part that happens to be testable.
+//! The core's unit tests run on the development machine: those of the pure
+//! library (`--lib`) and those of the `moat` binary (`--bins`), which build
+//! the layers that run without the machine over a host stand-in for `arch`.
+//! This builds both with LLVM's source-based coverage (`-C
+//! instrument-coverage`, from the toolchain's `llvm-tools`: no extra cargo
+//! plugin), runs them, merges their profiles and counts the lines of
+//! `kernel/src` they execute. Files the host tests do not build at all
+//! (the rest of the EL2 layers, which only run under QEMU), and items of
+//! built files that exist on the target only (`#[cfg(target_os =
+//! "none")]`), count as uncovered, line for line, so the figure is of the
+//! whole core rather than of the part that happens to be testable.
 
 use crate::tools::{self, cargo, llvm_tool, run};
 use anyhow::{Context, Result, bail};
@@ -49,7 +53,14 @@ pub fn report() -> Result<f64> {
             );
     };
     let mut test = cargo();
-    test.args(["test", "--quiet", "--package", "moat-kernel", "--lib"]);
+    test.args([
+        "test",
+        "--quiet",
+        "--package",
+        "moat-kernel",
+        "--lib",
+        "--bins",
+    ]);
     instrumented(&mut test);
     run(&mut test).context("the core's host tests under coverage")?;
     let binaries = test_binaries(&instrumented)?;
@@ -64,7 +75,7 @@ pub fn report() -> Result<f64> {
 
     let mut export = Command::new(llvm_tool("llvm-cov")?);
     export
-        .args(["export", "--summary-only", "--instr-profile"])
+        .args(["export", "--format=lcov", "--instr-profile"])
         .arg(&merged);
     for (i, b) in binaries.iter().enumerate() {
         if i > 0 {
@@ -79,17 +90,24 @@ pub fn report() -> Result<f64> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let lcov = String::from_utf8_lossy(&out.stdout);
     let kernel_src = tools::root().join("kernel/src");
-    let mut files = measured_files(&json, &kernel_src);
+    let mut files = measured_files(&lcov, &kernel_src, &|path| {
+        std::fs::read_to_string(path).unwrap_or_default()
+    });
     for path in rust_files(&kernel_src)? {
         let rel = relative(&path, &kernel_src);
-        if let std::collections::btree_map::Entry::Vacant(slot) = files.entry(rel) {
-            let text = std::fs::read_to_string(&path)?;
-            slot.insert(Lines {
-                covered: 0,
-                total: code_lines(&text),
-            });
+        let text = std::fs::read_to_string(&path)?;
+        match files.entry(rel) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(Lines {
+                    covered: 0,
+                    total: code_lines(&text),
+                });
+            }
+            std::collections::btree_map::Entry::Occupied(mut slot) => {
+                slot.get_mut().total += target_only_lines(&text);
+            }
         }
     }
 
@@ -133,6 +151,7 @@ fn test_binaries(instrumented: &dyn Fn(&mut Command)) -> Result<Vec<PathBuf>> {
         "--package",
         "moat-kernel",
         "--lib",
+        "--bins",
         "--no-run",
         "--message-format=json",
     ]);
@@ -149,39 +168,56 @@ fn test_binaries(instrumented: &dyn Fn(&mut Command)) -> Result<Vec<PathBuf>> {
     if binaries.is_empty() {
         bail!("cargo built no test binary for moat-kernel");
     }
+    if binaries.len() < 2 {
+        bail!("expected the library's and the moat binary's test executables");
+    }
     Ok(binaries)
 }
 
-/// Per-file line figures for the files under `root` in llvm-cov's export.
-fn measured_files(json: &serde_json::Value, root: &Path) -> BTreeMap<String, Lines> {
-    let mut out = BTreeMap::new();
-    let files = json
-        .pointer("/data/0/files")
-        .and_then(|f| f.as_array())
-        .cloned()
-        .unwrap_or_default();
-    for f in files {
-        let Some(name) = f.get("filename").and_then(|n| n.as_str()) else {
-            continue;
-        };
-        let path = Path::new(name);
-        if !path.starts_with(root) {
-            continue;
+/// Per-file line figures for the files under `root` in llvm-cov's lcov
+/// export (`SF:` names a file, `DA:line,count` is one line of code). Lines
+/// of a file's `#[cfg(test)]` module (from its first `#[cfg(test)]` on, the
+/// module at the end of the file, read with `source`) are the tests
+/// themselves and are left out, as [`code_lines`] leaves them out of the
+/// files not built; files outside `root` (the host stand-ins beside it,
+/// reached as `src/../fake/`) are left out too.
+fn measured_files(
+    lcov: &str,
+    root: &Path,
+    source: &dyn Fn(&Path) -> String,
+) -> BTreeMap<String, Lines> {
+    let mut out: BTreeMap<String, Lines> = BTreeMap::new();
+    let mut current: Option<(String, u64)> = None;
+    for line in lcov.lines() {
+        if let Some(name) = line.strip_prefix("SF:") {
+            let path = Path::new(name);
+            let inside = path.starts_with(root)
+                && !path
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir));
+            current = inside.then(|| {
+                let tests_from = source(path)
+                    .lines()
+                    .position(|l| l.trim() == "#[cfg(test)]")
+                    .map_or(u64::MAX, |i| i as u64 + 1);
+                (relative(path, root), tests_from)
+            });
+        } else if let Some(da) = line.strip_prefix("DA:")
+            && let Some((rel, tests_from)) = &current
+        {
+            let mut fields = da.split(',');
+            let number = fields.next().and_then(|n| n.parse::<u64>().ok());
+            let count = fields.next().and_then(|n| n.parse::<u64>().ok());
+            if let (Some(number), Some(count)) = (number, count)
+                && number < *tests_from
+            {
+                let l = out.entry(rel.clone()).or_default();
+                l.total += 1;
+                l.covered += u64::from(count > 0);
+            }
+        } else if line == "end_of_record" {
+            current = None;
         }
-        let lines = f.pointer("/summary/lines");
-        let get = |k: &str| {
-            lines
-                .and_then(|l| l.get(k))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0)
-        };
-        out.insert(
-            relative(path, root),
-            Lines {
-                covered: get("covered"),
-                total: get("count"),
-            },
-        );
     }
     out
 }
@@ -218,6 +254,38 @@ fn code_lines(text: &str) -> u64 {
         .count() as u64
 }
 
+/// Lines of a built file's items that exist on the target only: those
+/// under `#[cfg(target_os = "none")]`, which the host build leaves out, so
+/// llvm-cov does not count them. The item runs from the attribute to the
+/// end of its braces (or to its `;`). The same rough count as
+/// [`code_lines`].
+fn target_only_lines(text: &str) -> u64 {
+    const ATTRIBUTE: &str = "#[cfg(target_os = \"none\")]";
+    let body = text.split("#[cfg(test)]").next().unwrap_or(text);
+    let is_code = |l: &str| !l.is_empty() && !l.starts_with("//") && l != "}" && l != "{";
+    let mut count = 0u64;
+    let mut lines = body.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        if line != ATTRIBUTE {
+            continue;
+        }
+        let mut depth = 0i64;
+        let mut opened = false;
+        for l in lines.by_ref() {
+            if is_code(l) {
+                count += 1;
+            }
+            depth += l.matches('{').count() as i64 - l.matches('}').count() as i64;
+            opened |= l.contains('{');
+            let ends = if opened { depth <= 0 } else { l.ends_with(';') };
+            if ends {
+                break;
+            }
+        }
+    }
+    count
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,20 +297,32 @@ mod tests {
     }
 
     #[test]
-    fn llvm_cov_export_is_read_per_file_under_the_root() {
-        let json = serde_json::json!({
-            "data": [{ "files": [
-                { "filename": "/w/kernel/src/esr.rs", "summary": { "lines": { "count": 10, "covered": 7 } } },
-                { "filename": "/w/abi/src/lib.rs", "summary": { "lines": { "count": 5, "covered": 5 } } }
-            ]}]
-        });
-        let files = measured_files(&json, Path::new("/w/kernel/src"));
+    fn target_only_items_are_counted_to_their_end() {
+        let text = "use a;\n#[cfg(target_os = \"none\")]\nuse b;\nfn host() {}\n\
+                    #[cfg(target_os = \"none\")]\n/// doc\n#[attr]\nfn target() {\n    \
+                    if x {\n        y();\n    }\n}\nfn after() {}\n";
+        // `use b;`; `#[attr]`, `fn target() {`, `if x {`, `y();`.
+        assert_eq!(target_only_lines(text), 5);
+        assert_eq!(target_only_lines("fn a() {}\n"), 0);
+    }
+
+    #[test]
+    fn llvm_cov_export_is_read_per_file_under_the_root_without_tests() {
+        let lcov = "SF:/w/kernel/src/esr.rs\nDA:1,3\nDA:2,0\nDA:3,1\nDA:5,9\nend_of_record\n\
+                    SF:/w/abi/src/lib.rs\nDA:1,1\nend_of_record\n\
+                    SF:/w/kernel/src/../fake/arch.rs\nDA:1,1\nend_of_record\n";
+        // esr.rs's tests start at line 4.
+        let source = |p: &Path| {
+            assert!(p.ends_with("esr.rs"), "{p:?}");
+            "fn a() {\n    b();\n}\n#[cfg(test)]\nmod tests {}\n".to_string()
+        };
+        let files = measured_files(lcov, Path::new("/w/kernel/src"), &source);
         assert_eq!(files.len(), 1);
         assert_eq!(
             files["esr.rs"],
             Lines {
-                covered: 7,
-                total: 10
+                covered: 2,
+                total: 3
             }
         );
     }

@@ -1,0 +1,44 @@
+//! The host's allocator for the unit tests of the layers: the system's,
+//! except that a test can make this thread's allocations of whole pages
+//! (table pages) fail, to see a change that runs out of memory fail
+//! cleanly. Smaller allocations (the test harness's own) always succeed.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+thread_local! {
+    /// Page allocations this thread may still make; `None`: no limit.
+    static BUDGET: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Lets this thread make `n` more page allocations, and none after them;
+/// `None` lifts the limit.
+pub fn limit_allocations(n: Option<usize>) {
+    BUDGET.set(n);
+}
+
+pub struct LimitedSystem;
+
+// SAFETY: forwards to the system allocator, or returns null (a failed
+// allocation) without touching memory.
+unsafe impl GlobalAlloc for LimitedSystem {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.align() >= 4096 {
+            match BUDGET.get() {
+                Some(0) => return core::ptr::null_mut(),
+                Some(n) => BUDGET.set(Some(n - 1)),
+                None => {}
+            }
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded: `ptr` came from `alloc` above, i.e. from System.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static HEAP: LimitedSystem = LimitedSystem;
