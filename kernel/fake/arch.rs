@@ -56,6 +56,9 @@ pub fn take_lines() -> Vec<String> {
     LINES.with(|l| core::mem::take(&mut *l.borrow_mut()))
 }
 
+/// As the real layer's: set when the machine stops after a fatal error.
+pub static STOPPING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 /// No event ever comes on the host: a CPU that would wait forever ends
 /// the test instead.
 pub fn wait_for_event() {

@@ -18,8 +18,13 @@ core::arch::global_asm!(
     NULL = const moat_abi::hypercall::NULL,
     ESR_HVC0 = const moat_kernel::esr::HVC0,
     VCPU_KIND = const core::mem::offset_of!(crate::base::cpu::Vcpu, kind),
-    STOPPING = sym crate::base::panic::STOPPING,
+    STOPPING = sym STOPPING,
 );
+
+/// Set when the machine stops after a fatal error: every entry to the core
+/// parks instead (`base::panic`), and the vectors' NULL fast path checks it
+/// too, which is why it lives in this layer.
+pub static STOPPING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 // The vectors' NULL fast path loads the running vCPU's kind (a u64) and
 // tests it with `cbnz`: the host's kind must be zero.

@@ -7,12 +7,10 @@
 //! semihosting enabled (a boot package flag), the core also ends the emulation
 //! with a non-zero status so test runs fail fast instead of hanging.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use crate::arch::STOPPING;
+use core::sync::atomic::Ordering;
 #[cfg(target_os = "none")]
 use moat_kernel::regs::GuestRegs;
-
-/// Read by the vectors' NULL fast path too (`arch/vectors.S`).
-pub(crate) static STOPPING: AtomicBool = AtomicBool::new(false);
 
 /// Whether the machine is stopping; CPUs entering the core then park.
 pub fn is_stopping() -> bool {
