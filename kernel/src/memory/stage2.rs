@@ -349,10 +349,10 @@ impl StageTwo {
     /// broadcast stops all CPUs. Here:
     /// - entries made valid where none was need no invalidation (an
     ///   invalid entry is never cached), only the table writes published;
-    /// - entries made invalid are invalidated only if they were valid,
-    ///   page by page up to [`TLBI_PAGES_MAX`] pages, and above that with
-    ///   one invalidation of the whole VMID, as pKVM does past its own
-    ///   threshold;
+    /// - entries made invalid are invalidated when any of them was valid:
+    ///   the range page by page up to [`TLBI_PAGES_MAX`] pages, and above
+    ///   that with one invalidation of the whole VMID, as pKVM does past its
+    ///   own threshold;
     /// - no table is freed (an unmap writes invalid leaves and keeps its
     ///   tables), so no walker can hold a table that was given away.
     fn change_live_pages(
