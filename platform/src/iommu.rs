@@ -108,6 +108,13 @@ pub fn find_smmu_v3(dtb: &[u8]) -> Result<Option<SmmuV3>, DtError> {
                 if target != phandle || length == 0 {
                     continue;
                 }
+                // Stream IDs are 32 bits: a range past the last one is no
+                // range any bus master can use.
+                if u64::from(sid) + u64::from(length) > 1 << 32 {
+                    return Err(DtError::BadProperty(
+                        "an iommu-map entry runs past the last stream ID",
+                    ));
+                }
                 let range = StreamRange {
                     first: sid,
                     count: length,
@@ -160,6 +167,46 @@ mod tests {
             }]
         );
         assert_eq!(smmu.streams_end(), 0x1_0000);
+    }
+
+    /// A tree with an SMMUv3 (phandle 1) and a PCIe node whose
+    /// `iommu-map` is `<0 1 sid length>`.
+    fn tree_with_iommu_map(sid: u32, length: u32) -> Vec<u8> {
+        let mut fdt = vm_fdt::FdtWriter::new().unwrap();
+        let root = fdt.begin_node("").unwrap();
+        fdt.property_u32("#address-cells", 2).unwrap();
+        fdt.property_u32("#size-cells", 2).unwrap();
+        let smmu = fdt.begin_node("smmuv3@9050000").unwrap();
+        fdt.property_string("compatible", "arm,smmu-v3").unwrap();
+        fdt.property_array_u64("reg", &[0x905_0000, 0x2_0000])
+            .unwrap();
+        fdt.property_u32("phandle", 1).unwrap();
+        fdt.end_node(smmu).unwrap();
+        let pcie = fdt.begin_node("pcie@10000000").unwrap();
+        fdt.property_array_u32("iommu-map", &[0, 1, sid, length])
+            .unwrap();
+        fdt.end_node(pcie).unwrap();
+        fdt.end_node(root).unwrap();
+        fdt.finish().unwrap()
+    }
+
+    #[test]
+    fn an_iommu_map_past_the_last_stream_id_is_refused() {
+        // The last stream ID itself is fine; one more is not, nor a
+        // length that wraps 32 bits (found by the `dt_discover` fuzzer).
+        let last = find_smmu_v3(&tree_with_iommu_map(u32::MAX, 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(last.streams_end(), 1 << 32);
+        for (sid, length) in [(u32::MAX, 2), (u32::MAX, 0xffff_6400), (2, u32::MAX)] {
+            assert!(
+                matches!(
+                    find_smmu_v3(&tree_with_iommu_map(sid, length)),
+                    Err(DtError::BadProperty(_))
+                ),
+                "sid {sid:#x} length {length:#x}"
+            );
+        }
     }
 
     #[test]
