@@ -127,6 +127,22 @@ pub fn rewrite(data: &[u8]) {
         // The rewrite adds `/reserved-memory` children, which may take the
         // tree past what discovery records.
         Err(DtError::TooMany("reserved memory ranges")) => return,
+        // A fuzzed tree may give its console the name of a node the core
+        // withholds: disabling that node hides the console, as the edit
+        // asks. Without that edit the console must survive.
+        Err(DtError::NoUart) if !edits.disable_nodes.is_empty() => {
+            let keep = HostDtEdits {
+                disable_nodes: &[],
+                ..edits
+            };
+            if let Ok(out) = hostdt::rewrite_for_host(dtb, &keep) {
+                assert!(
+                    !matches!(dt::discover(&out), Err(DtError::NoUart)),
+                    "the rewrite lost the console without disabling a node"
+                );
+            }
+            return;
+        }
         Err(e) => panic!("the rewritten tree no longer describes the machine: {e}"),
     };
     check_platform(&after);
