@@ -33,7 +33,8 @@ pub struct HostDtEdits<'a> {
     pub psci_conduit: Option<Conduit>,
     /// Every CPU node under `/cpus` gets `enable-method = "psci"` and loses
     /// its `cpu-release-addr`, and a root `psci` node (`arm,psci-1.0`, with
-    /// [`Self::psci_conduit`]'s method) is added if the tree has none: the
+    /// [`Self::psci_conduit`]'s method) is added if the tree has none (an
+    /// existing one loses any `status`, so a disabled node is enabled): the
     /// core starts and stops the CPUs, the host only ever asks it. For boards
     /// whose firmware parks the secondaries on a spin table.
     pub cpus_via_psci: bool,
@@ -347,13 +348,18 @@ impl Rewriter<'_, '_> {
         let method = conduit_method(conduit);
         let mut method_written = false;
         for (name, value) in node.properties() {
-            if name == "method" {
-                if !method_written {
+            match name {
+                "method" if !method_written => {
                     writer.property_string("method", method).map_err(output)?;
                     method_written = true;
                 }
-            } else {
-                writer.property(name, value).map_err(output)?;
+                "method" => {}
+                // The host's CPUs now start through this node: it stays
+                // only if it is available, or Linux finds no PSCI and
+                // brings up no secondary. The core answers the calls, so
+                // the firmware's reason for disabling it does not apply.
+                "status" if self.edits.cpus_via_psci => {}
+                _ => writer.property(name, value).map_err(output)?,
             }
         }
         if !method_written {

@@ -715,6 +715,65 @@ fn spin_table_cpus_become_psci_cpus() {
     assert!(discover(&plain).unwrap().psci.is_none());
 }
 
+/// A disabled PSCI node beside spin-table CPUs: once the CPUs start through
+/// PSCI the node must be available, or the host finds no PSCI and brings up
+/// no secondary. Without that edit it stays as the firmware left it.
+#[test]
+fn a_disabled_psci_node_is_enabled_when_the_cpus_move_to_psci() {
+    let dtb = tree(|w| {
+        memory(w, "memory@40000000", &[(0x4000_0000, 0x4000_0000)]);
+        node(w, "cpus", |w| {
+            w.property_u32("#address-cells", 1).unwrap();
+            w.property_u32("#size-cells", 0).unwrap();
+            for index in 0..2u32 {
+                node(w, &format!("cpu@{index:x}"), |w| {
+                    w.property_string("device_type", "cpu").unwrap();
+                    w.property_u32("reg", index).unwrap();
+                    w.property_string("enable-method", "spin-table").unwrap();
+                    w.property_u64("cpu-release-addr", 0xd8).unwrap();
+                });
+            }
+        });
+        pl011(w, 0x900_0000, None);
+        gicv3(w);
+        node(w, "psci", |w| {
+            w.property_string("compatible", "arm,psci-1.0").unwrap();
+            w.property_string("status", "disabled").unwrap();
+            w.property_string("method", "smc").unwrap();
+        });
+    });
+    assert!(discover(&dtb).unwrap().psci.is_none());
+    let moved = rewrite_for_host(
+        &dtb,
+        &HostDtEdits {
+            psci_conduit: Some(Conduit::Hvc),
+            cpus_via_psci: true,
+            ..HostDtEdits::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        discover(&moved).unwrap().psci.map(|p| p.conduit),
+        Some(Conduit::Hvc)
+    );
+    let nodes = flatten(&moved);
+    assert_eq!(nodes.iter().filter(|n| is_psci(n)).count(), 1);
+    assert_eq!(node_at(&nodes, "/psci").property("status"), None);
+    let kept = rewrite_for_host(
+        &dtb,
+        &HostDtEdits {
+            psci_conduit: Some(Conduit::Hvc),
+            ..HostDtEdits::default()
+        },
+    )
+    .unwrap();
+    assert!(discover(&kept).unwrap().psci.is_none());
+    assert_eq!(
+        node_at(&flatten(&kept), "/psci").property("status"),
+        Some(&b"disabled\0"[..])
+    );
+}
+
 #[test]
 fn a_withheld_smmu_v3_is_disabled_and_nothing_points_at_it() {
     let dtb = load("qemu-virt-smmuv3.dtb");
