@@ -81,71 +81,40 @@ apr_access!(read_ap0r, write_ap0r,
 apr_access!(read_ap1r, write_ap1r,
     0: "s3_4_c12_c9_0", 1: "s3_4_c12_c9_1", 2: "s3_4_c12_c9_2", 3: "s3_4_c12_c9_3");
 
-pub fn read_sysreg_vtr() -> u64 {
-    let v: u64;
-    // SAFETY: ICH_VTR_EL2 is read-only and has no side effects.
-    unsafe {
-        core::arch::asm!("mrs {}, s3_4_c12_c11_1", out(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-    v
+/// The ICH_* registers `arm-sysregs` does not name, through its own
+/// accessor generator: reading them has no side effects.
+mod unnamed {
+    arm_sysregs::read_sysreg!(ich_vtr_el2: s3_4_c12_c11_1, u64, safe);
+    arm_sysregs::read_sysreg!(ich_misr_el2: s3_4_c12_c11_2, u64, safe);
+    arm_sysregs::read_sysreg!(ich_eisr_el2: s3_4_c12_c11_3, u64, safe);
 }
+
+pub use unnamed::{
+    read_ich_eisr_el2 as read_eisr, read_ich_misr_el2 as read_misr,
+    read_ich_vtr_el2 as read_sysreg_vtr,
+};
 
 pub fn write_ich_hcr(v: u64) {
     // SAFETY: the virtual CPU interface's controls, switched with the vCPU
-    // (0 while anyone but a virtual-GIC VM runs).
-    unsafe {
-        core::arch::asm!("msr s3_4_c12_c11_0, {}", in(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
+    // (0 while anyone but a virtual-GIC VM runs); they affect only the
+    // virtual interface a guest sees.
+    unsafe { arm_sysregs::write_ich_hcr_el2(arm_sysregs::IchHcrEl2::from_bits_retain(v)) };
 }
 
-pub fn read_misr() -> u64 {
-    let v: u64;
-    // SAFETY: ICH_MISR_EL2 is read-only.
-    unsafe {
-        core::arch::asm!("mrs {}, s3_4_c12_c11_2", out(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-    v
-}
-
-pub fn read_eisr() -> u64 {
-    let v: u64;
-    // SAFETY: ICH_EISR_EL2 is read-only.
-    unsafe {
-        core::arch::asm!("mrs {}, s3_4_c12_c11_3", out(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-    v
-}
-
+/// ICH_VMCR_EL2, the guest's view of its CPU-interface controls.
 pub fn read_vmcr() -> u64 {
-    let v: u64;
-    // SAFETY: ICH_VMCR_EL2, the guest's view of its CPU-interface controls.
-    unsafe {
-        core::arch::asm!("mrs {}, s3_4_c12_c11_7", out(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
-    v
+    arm_sysregs::read_ich_vmcr_el2().bits()
 }
 
+/// The vCPU's ICH_VMCR_EL2 being switched in.
 pub fn write_vmcr(v: u64) {
-    // SAFETY: as for `read_vmcr`; the vCPU's value being switched in.
-    unsafe {
-        core::arch::asm!("msr s3_4_c12_c11_7, {}", in(reg) v,
-            options(nomem, nostack, preserves_flags))
-    };
+    arm_sysregs::write_ich_vmcr_el2(arm_sysregs::IchVmcrEl2::from_bits_retain(v));
 }
 
 /// The guest's CNTV_CTL_EL0 and CNTV_CVAL_EL0, live in the CPU during a run.
 pub fn guest_timer() -> (u64, u64) {
-    let (ctl, cval): (u64, u64);
-    // SAFETY: reads the virtual timer registers (the running VM's).
-    unsafe {
-        core::arch::asm!("mrs {c}, cntv_ctl_el0", "mrs {v}, cntv_cval_el0",
-            c = out(reg) ctl, v = out(reg) cval,
-            options(nomem, nostack, preserves_flags))
-    };
-    (ctl, cval)
+    (
+        arm_sysregs::read_cntv_ctl_el0().bits(),
+        arm_sysregs::read_cntv_cval_el0().bits(),
+    )
 }
