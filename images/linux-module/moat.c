@@ -102,8 +102,14 @@ static long moat_errno(long code)
  * issued again until it completes, unless the task is being killed; one the
  * core answers with Retry (the memory ledger is being rebuilt, nothing was
  * done) is issued again up to MOAT_RETRY_LIMIT times, then is -EAGAIN.
+ *
+ * With @stop_on_signal (a vCPU run) any pending signal ends the call with
+ * -EINTR before the core is entered. The check and the entry are made with
+ * interrupts masked, so that the kick of a signal sent in between stays
+ * pending and ends the run at once.
  */
-static long moat_call(u32 fn, const u64 args[7], u64 out[7])
+static long moat_hvc(u32 fn, const u64 args[7], u64 out[7],
+		     bool stop_on_signal)
 {
 	struct arm_smccc_1_2_regs in = {
 		.a0 = fn, .a1 = args[0], .a2 = args[1], .a3 = args[2],
@@ -111,9 +117,20 @@ static long moat_call(u32 fn, const u64 args[7], u64 out[7])
 	};
 	struct arm_smccc_1_2_regs res;
 	unsigned int retries = 0;
+	unsigned long flags;
 
 	for (;;) {
-		arm_smccc_1_2_hvc(&in, &res);
+		if (stop_on_signal) {
+			local_irq_save(flags);
+			if (signal_pending(current)) {
+				local_irq_restore(flags);
+				return -EINTR;
+			}
+			arm_smccc_1_2_hvc(&in, &res);
+			local_irq_restore(flags);
+		} else {
+			arm_smccc_1_2_hvc(&in, &res);
+		}
 		if ((long)res.a0 == MOAT_RETRY && retries < MOAT_RETRY_LIMIT)
 			retries++;
 		else if ((long)res.a0 != MOAT_INTERRUPTED)
@@ -132,6 +149,11 @@ static long moat_call(u32 fn, const u64 args[7], u64 out[7])
 		out[6] = res.a7;
 	}
 	return moat_errno((long)res.a0);
+}
+
+static long moat_call(u32 fn, const u64 args[7], u64 out[7])
+{
+	return moat_hvc(fn, args, out, false);
 }
 
 static long moat_call2(u32 fn, u64 a1, u64 a2, u64 a3, u64 a4)
@@ -341,37 +363,7 @@ static long moat_load(struct moat_file *mf, void __user *uarg)
  */
 static long moat_run_call(const u64 args[7], u64 out[7])
 {
-	struct arm_smccc_1_2_regs in = {
-		.a0 = MOAT_VCPU_RUN, .a1 = args[0], .a2 = args[1],
-		.a3 = args[2], .a4 = args[3], .a5 = args[4], .a6 = args[5],
-		.a7 = args[6],
-	};
-	struct arm_smccc_1_2_regs res;
-	unsigned int retries = 0;
-	unsigned long flags;
-
-	for (;;) {
-		local_irq_save(flags);
-		if (signal_pending(current)) {
-			local_irq_restore(flags);
-			return -EINTR;
-		}
-		arm_smccc_1_2_hvc(&in, &res);
-		local_irq_restore(flags);
-		if ((long)res.a0 == MOAT_RETRY && retries < MOAT_RETRY_LIMIT)
-			retries++;
-		else if ((long)res.a0 != MOAT_INTERRUPTED)
-			break;
-		cond_resched();
-	}
-	out[0] = res.a1;
-	out[1] = res.a2;
-	out[2] = res.a3;
-	out[3] = res.a4;
-	out[4] = res.a5;
-	out[5] = res.a6;
-	out[6] = res.a7;
-	return moat_errno((long)res.a0);
+	return moat_hvc(MOAT_VCPU_RUN, args, out, true);
 }
 
 /* Without the file's mutex: every vCPU thread runs at once. */
