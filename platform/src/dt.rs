@@ -304,6 +304,13 @@ pub fn discover(dtb: &[u8]) -> Result<Platform<'_>, DtError> {
         .flatten()
         .or(first_uart)
         .ok_or(DtError::NoUart)?;
+    // The core maps the console's window as device memory at EL2: a window
+    // reaching into RAM would alias the core's own memory with it.
+    if memory.iter().any(|bank| bank.overlaps(&uart.regs)) {
+        return Err(DtError::BadReg(
+            "the console UART (its window overlaps RAM)",
+        ));
+    }
     let gic = gic.ok_or(DtError::NoGic)?;
     let devices = device_windows(&tree, &memory)?;
 

@@ -434,6 +434,35 @@ fn no_uart() {
     assert_eq!(discover(&dtb).err(), Some(DtError::NoUart));
 }
 
+/// A console whose window reaches into RAM (a size of 0xffff_ffff_0000_0000
+/// from the fuzzer, or one inside a bank) would have the core map RAM as
+/// device memory: refused, whichever way it overlaps.
+#[test]
+fn a_console_window_over_ram_is_refused() {
+    for (base, size) in [
+        (0x900_0000, 0xffff_ffff_0000_0000),
+        (0x3fff_f000, 0x2000),
+        (0x4800_0000, 0x1000),
+    ] {
+        let dtb = tree(|w| {
+            memory(w, "memory@40000000", &[(0x4000_0000, 0x4000_0000)]);
+            cpus(w, 1);
+            gicv3(w);
+            node(w, &format!("serial@{base:x}"), |w| {
+                w.property_string("compatible", "arm,pl011").unwrap();
+                w.property_array_u64("reg", &[base, size]).unwrap();
+            });
+        });
+        assert_eq!(
+            discover(&dtb).err(),
+            Some(DtError::BadReg(
+                "the console UART (its window overlaps RAM)"
+            )),
+            "{base:#x} + {size:#x}"
+        );
+    }
+}
+
 #[test]
 fn no_gic() {
     let dtb = tree(|w| {

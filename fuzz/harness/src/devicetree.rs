@@ -62,6 +62,11 @@ fn check_platform(p: &Platform<'_>) {
     }
     assert!(p.devices_top() >= p.devices.iter().map(Range::end).max().unwrap_or(0));
     assert!(!p.cpus.is_empty() && !p.memory.is_empty());
+    assert!(
+        !p.memory.iter().any(|bank| bank.overlaps(&p.uart.regs)),
+        "the console's window {:?} overlaps RAM",
+        p.uart.regs
+    );
     if let Some(initrd) = p.chosen.initrd {
         assert!(valid(&initrd), "an empty or wrapping initrd {initrd:?}");
     }
