@@ -231,7 +231,13 @@ pub fn command_output(console: &str) -> Vec<String> {
                 break;
             }
         } else if inside && !is_log_line(line) {
-            out.push(line.to_string());
+            // A log line can land in the middle of a command's line (the
+            // kernel prints from interrupt context on a busy machine): the
+            // command's text is what came before it.
+            let own = (1..line.len())
+                .find(|&at| line.is_char_boundary(at) && is_log_line(&line[at..]))
+                .map_or(line, |at| &line[..at]);
+            out.push(own.to_string());
         }
     }
     out
@@ -437,10 +443,21 @@ mod tests {
         let console = "moat: entering the host\r\n[    0.000000] Booting Linux\r\n\
                        moat-linux: init started\r\nmoat-linux: running commands\r\n4\r\n\
                        [    2.345678] random: crng init done\r\nmoat: host CPU 0 asked for SYSTEM_OFF\r\n\
-                       aarch64\r\n[not a stamp] stays\r\n\r\n4\r\nmoat-linux: exit status 3\r\n[    3.0] later\r\n";
+                       aarch64\r\n[not a stamp] stays\r\n\r\n4\r\n\
+                       probe: sve ok[    5.959703] hrtimer: interrupt took 63299911 ns\r\n\
+                       probe: sb okmoat: host CPU 1 is on\r\n\
+                       moat-linux: exit status 3\r\n[    3.0] later\r\n";
         assert_eq!(
             command_output(console),
-            vec!["4", "aarch64", "[not a stamp] stays", "", "4"]
+            vec![
+                "4",
+                "aarch64",
+                "[not a stamp] stays",
+                "",
+                "4",
+                "probe: sve ok",
+                "probe: sb ok"
+            ]
         );
         assert_eq!(exit_status(console), Some(3));
         assert_eq!(exit_status("moat-linux: running commands\n"), None);
