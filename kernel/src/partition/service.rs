@@ -68,7 +68,8 @@ pub const MIN_STACK: u64 = 16 << 10;
 const LOG_OFFSET: u64 = 2048;
 const PAGE: u64 = 4096;
 
-use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, enter_nested, leave_nested};
+use crate::arch::{enter_nested, leave_nested};
+use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC};
 use moat_kernel::el2config::RunMask;
 
 /// Budgets a call may take before its service is failed as stuck.

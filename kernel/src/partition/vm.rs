@@ -34,8 +34,10 @@
 //!                    Free
 //! ```
 
-use crate::arch::sysreg::{self, El1Context};
-use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, MAX_CPUS, PerCpu, Vcpu, enter_nested};
+use crate::arch::enter_nested;
+use crate::arch::fpsimd::{self, FpState};
+use crate::arch::sysreg::{self, El1Context, MteRegs};
+use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, MAX_CPUS, PerCpu, Vcpu};
 use crate::base::heap::try_box;
 use crate::base::state::machine;
 use crate::device::vgic::{self, VgicCpu};
@@ -90,99 +92,6 @@ impl Status {
     }
 }
 
-/// The FP/SIMD registers: the core itself never uses them, so the host's
-/// stay live in the CPU except while a VM runs.
-#[derive(Clone, Copy)]
-#[repr(C, align(16))]
-struct FpState {
-    q: [u128; 32],
-    fpsr: u64,
-    fpcr: u64,
-}
-
-impl FpState {
-    const ZERO: Self = Self {
-        q: [0; 32],
-        fpsr: 0,
-        fpcr: 0,
-    };
-
-    fn save(&mut self) {
-        let p = self as *mut Self as u64;
-        // SAFETY: stores the 32 vector registers and FPSR/FPCR into `self`
-        // (repr(C), 16-byte aligned, 528 bytes); CPTR_EL2.TFP is clear for
-        // the core while a VM is being switched.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension fp",
-                ".arch_extension simd",
-                "stp q0, q1, [{p}, #0]", "stp q2, q3, [{p}, #32]",
-                "stp q4, q5, [{p}, #64]", "stp q6, q7, [{p}, #96]",
-                "stp q8, q9, [{p}, #128]", "stp q10, q11, [{p}, #160]",
-                "stp q12, q13, [{p}, #192]", "stp q14, q15, [{p}, #224]",
-                "stp q16, q17, [{p}, #256]", "stp q18, q19, [{p}, #288]",
-                "stp q20, q21, [{p}, #320]", "stp q22, q23, [{p}, #352]",
-                "stp q24, q25, [{p}, #384]", "stp q26, q27, [{p}, #416]",
-                "stp q28, q29, [{p}, #448]", "stp q30, q31, [{p}, #480]",
-                "mrs {t}, fpsr", "str {t}, [{p}, #512]",
-                "mrs {t}, fpcr", "str {t}, [{p}, #520]",
-                p = in(reg) p, t = out(reg) _,
-                options(nostack, preserves_flags),
-            );
-        }
-    }
-
-    fn load(&self) {
-        let p = self as *const Self as u64;
-        // SAFETY: the inverse of `save`; the vector registers belong to
-        // whichever partition runs next.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension fp",
-                ".arch_extension simd",
-                "ldp q0, q1, [{p}, #0]", "ldp q2, q3, [{p}, #32]",
-                "ldp q4, q5, [{p}, #64]", "ldp q6, q7, [{p}, #96]",
-                "ldp q8, q9, [{p}, #128]", "ldp q10, q11, [{p}, #160]",
-                "ldp q12, q13, [{p}, #192]", "ldp q14, q15, [{p}, #224]",
-                "ldp q16, q17, [{p}, #256]", "ldp q18, q19, [{p}, #288]",
-                "ldp q20, q21, [{p}, #320]", "ldp q22, q23, [{p}, #352]",
-                "ldp q24, q25, [{p}, #384]", "ldp q26, q27, [{p}, #416]",
-                "ldp q28, q29, [{p}, #448]", "ldp q30, q31, [{p}, #480]",
-                "ldr {t}, [{p}, #512]", "msr fpsr, {t}",
-                "ldr {t}, [{p}, #520]", "msr fpcr, {t}",
-                p = in(reg) p, t = out(reg) _,
-                options(nostack, preserves_flags),
-            );
-        }
-    }
-
-    /// Saves only FPSR and FPCR (the V registers are saved as part of Z).
-    fn save_control(&mut self) {
-        // SAFETY: reads FPSR and FPCR; CPTR_EL2.TFP is clear here.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension fp",
-                "mrs {s}, fpsr", "mrs {c}, fpcr",
-                s = out(reg) self.fpsr, c = out(reg) self.fpcr,
-                options(nomem, nostack, preserves_flags),
-            );
-        }
-    }
-
-    /// Loads only FPSR and FPCR.
-    fn load_control(&self) {
-        // SAFETY: writes FPSR and FPCR, the host's own, back.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension fp",
-                "msr fpsr, {s}", "msr fpcr, {c}",
-                s = in(reg) self.fpsr, c = in(reg) self.fpcr,
-                options(nomem, nostack, preserves_flags),
-            );
-        }
-    }
-}
-
 /// The host's vector state while a VM runs: on a CPU with SVE its whole Z
 /// registers (which hold the V registers) and FPSR/FPCR, otherwise its V
 /// registers and FPSR/FPCR. Kept with each vCPU (the vCPUs of a VM run on
@@ -222,12 +131,8 @@ impl HostVectors {
     fn load(&self) {
         match self.sve.as_ref() {
             Some(z) => {
-                // The host's CPTR_EL2, which lets SVE through, must be in
-                // effect before the first SVE instruction: a direct write
-                // needs a context synchronization event (`switch_el2` leaves
-                // it to the ERET, which comes too late here).
-                // SAFETY: a barrier.
-                unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+                // After the ISB that puts the host's CPTR_EL2 in effect
+                // (`fpsimd::load_z`).
                 z.load();
                 self.fp.load_control();
             }
@@ -282,71 +187,21 @@ impl SveSave {
 
     /// Whether Z0..Z31 at the vector length in force now fit the area.
     fn fits(&self) -> bool {
-        let vl: u64;
-        // SAFETY: reads the vector length at EL2; runs under the host's
-        // CPTR_EL2, which does not trap SVE.
-        unsafe {
-            core::arch::asm!(".arch_extension sve", "rdvl {}, #1", out(reg) vl, options(nomem, nostack, preserves_flags))
-        };
-        vl.checked_mul(32).is_some_and(|b| b <= self.z.len() as u64)
+        fpsimd::sve_vector_bytes()
+            .checked_mul(32)
+            .is_some_and(|b| b <= self.z.len() as u64)
     }
 
     fn save(&mut self) {
-        let p = self.z.as_mut_ptr();
-        // SAFETY: stores Z0..Z31 at the EL2 vector length into the area,
-        // which `run` checked they fit (`fits`) with PSTATE.SM clear; runs
-        // under the host's CPTR_EL2, which does not trap SVE.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension sve",
-                "str z0, [{p}, #0, mul vl]", "str z1, [{p}, #1, mul vl]",
-                "str z2, [{p}, #2, mul vl]", "str z3, [{p}, #3, mul vl]",
-                "str z4, [{p}, #4, mul vl]", "str z5, [{p}, #5, mul vl]",
-                "str z6, [{p}, #6, mul vl]", "str z7, [{p}, #7, mul vl]",
-                "str z8, [{p}, #8, mul vl]", "str z9, [{p}, #9, mul vl]",
-                "str z10, [{p}, #10, mul vl]", "str z11, [{p}, #11, mul vl]",
-                "str z12, [{p}, #12, mul vl]", "str z13, [{p}, #13, mul vl]",
-                "str z14, [{p}, #14, mul vl]", "str z15, [{p}, #15, mul vl]",
-                "str z16, [{p}, #16, mul vl]", "str z17, [{p}, #17, mul vl]",
-                "str z18, [{p}, #18, mul vl]", "str z19, [{p}, #19, mul vl]",
-                "str z20, [{p}, #20, mul vl]", "str z21, [{p}, #21, mul vl]",
-                "str z22, [{p}, #22, mul vl]", "str z23, [{p}, #23, mul vl]",
-                "str z24, [{p}, #24, mul vl]", "str z25, [{p}, #25, mul vl]",
-                "str z26, [{p}, #26, mul vl]", "str z27, [{p}, #27, mul vl]",
-                "str z28, [{p}, #28, mul vl]", "str z29, [{p}, #29, mul vl]",
-                "str z30, [{p}, #30, mul vl]", "str z31, [{p}, #31, mul vl]",
-                p = in(reg) p,
-                options(nostack, preserves_flags),
-            );
-        }
+        // SAFETY: `run` checked that Z0..Z31 at the EL2 vector length fit
+        // the area (`fits`) with PSTATE.SM clear; it runs under the host's
+        // CPTR_EL2, which does not trap SVE.
+        unsafe { fpsimd::save_z(&mut self.z) };
     }
 
     fn load(&self) {
-        let p = self.z.as_ptr();
         // SAFETY: the inverse of `save`, under the host's CPTR_EL2 again.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension sve",
-                "ldr z0, [{p}, #0, mul vl]", "ldr z1, [{p}, #1, mul vl]",
-                "ldr z2, [{p}, #2, mul vl]", "ldr z3, [{p}, #3, mul vl]",
-                "ldr z4, [{p}, #4, mul vl]", "ldr z5, [{p}, #5, mul vl]",
-                "ldr z6, [{p}, #6, mul vl]", "ldr z7, [{p}, #7, mul vl]",
-                "ldr z8, [{p}, #8, mul vl]", "ldr z9, [{p}, #9, mul vl]",
-                "ldr z10, [{p}, #10, mul vl]", "ldr z11, [{p}, #11, mul vl]",
-                "ldr z12, [{p}, #12, mul vl]", "ldr z13, [{p}, #13, mul vl]",
-                "ldr z14, [{p}, #14, mul vl]", "ldr z15, [{p}, #15, mul vl]",
-                "ldr z16, [{p}, #16, mul vl]", "ldr z17, [{p}, #17, mul vl]",
-                "ldr z18, [{p}, #18, mul vl]", "ldr z19, [{p}, #19, mul vl]",
-                "ldr z20, [{p}, #20, mul vl]", "ldr z21, [{p}, #21, mul vl]",
-                "ldr z22, [{p}, #22, mul vl]", "ldr z23, [{p}, #23, mul vl]",
-                "ldr z24, [{p}, #24, mul vl]", "ldr z25, [{p}, #25, mul vl]",
-                "ldr z26, [{p}, #26, mul vl]", "ldr z27, [{p}, #27, mul vl]",
-                "ldr z28, [{p}, #28, mul vl]", "ldr z29, [{p}, #29, mul vl]",
-                "ldr z30, [{p}, #30, mul vl]", "ldr z31, [{p}, #31, mul vl]",
-                p = in(reg) p,
-                options(nostack, preserves_flags),
-            );
-        }
+        unsafe { fpsimd::load_z(&self.z) };
     }
 }
 
@@ -1044,7 +899,7 @@ fn run_loaded(
 ) -> (Exit, Status) {
     st.vcpu.cpu = cpu.index as u64;
 
-    let host_csselr = arm_sysregs::read_csselr_el1();
+    let host_csselr = sysreg::read_csselr();
     // SAFETY: this CPU loaded the vCPU; the host's EL1 state is saved
     // before the VM's is loaded and restored after.
     unsafe {
@@ -1065,7 +920,7 @@ fn run_loaded(
     let benchmark = m.host_el2.mdcr & moat_kernel::el2config::MDCR_HPMD == 0;
     // SAFETY: the host's EL1 state is saved and the VM's about to run.
     let host_monitors = unsafe { sysreg::ParkedHostMonitors::park(&m.cpu, benchmark) };
-    arm_sysregs::write_csselr_el1(st.csselr);
+    sysreg::write_csselr(st.csselr);
     let mut host_mte = MteRegs::default();
     if vm.mte {
         host_mte.save();
@@ -1086,19 +941,8 @@ fn run_loaded(
         // the guest has since invalidated on another CPU, or that another
         // vCPU of the VM left here (its guest-local invalidations never
         // reached this vCPU's view).
-        // SAFETY: local TLB maintenance for the VM's VMID, just loaded.
-        unsafe {
-            core::arch::asm!(
-                // TLBI VMALLS12E1 acts on the VMID in VTTBR_EL2, and a
-                // direct write of it is only certain to be seen by later
-                // instructions after a context synchronization event.
-                "isb",
-                "tlbi vmalls12e1",
-                "dsb nsh",
-                "isb",
-                options(nostack, preserves_flags)
-            )
-        };
+        // The VM's VMID is in VTTBR_EL2 (`switch_el2` above).
+        crate::arch::tlb::invalidate_local_vmid();
     }
 
     // The run ends by the host's own timer or after one slice at the latest
@@ -1169,14 +1013,14 @@ fn run_loaded(
         host_mte.load();
     }
     host_monitors.restore();
-    st.csselr = arm_sysregs::read_csselr_el1();
+    st.csselr = sysreg::read_csselr();
     st.fp.save();
     // SAFETY: as above, in reverse.
     unsafe {
         st.el1.save();
         (*cpu.host_el1.get()).load();
     }
-    arm_sysregs::write_csselr_el1(host_csselr);
+    sysreg::write_csselr(host_csselr);
     sysreg::set_vmpidr(sysreg::mpidr());
     let hel2 = &machine().host_el2;
     // SAFETY: back to the host's own controls and stage-2.
@@ -1411,47 +1255,6 @@ fn mte_policy(cpu: &PerCpu, handle: u16, flags: VmFlags) -> Result<bool, Error> 
         (false, false) => Ok(false),
         (false, true) => Err(Error::Denied),
         _ => Err(Error::ServiceFailed),
-    }
-}
-
-/// The MTE registers of an MTE-on VM, switched with its vCPU: the tag
-/// generation controls and the tag-check fault status.
-#[derive(Clone, Copy, Debug, Default)]
-struct MteRegs {
-    gcr: u64,
-    rgsr: u64,
-    tfsr: u64,
-    tfsre0: u64,
-}
-
-impl MteRegs {
-    fn save(&mut self) {
-        // SAFETY: reads GCR_EL1, RGSR_EL1, TFSR_EL1 and TFSRE0_EL1 (by
-        // encoding), which exist when the hardware has tag storage (the
-        // only case an MTE-on VM exists).
-        unsafe {
-            core::arch::asm!(
-                "mrs {g}, s3_0_c1_c0_6", "mrs {r}, s3_0_c1_c0_5",
-                "mrs {t}, s3_0_c5_c6_0", "mrs {e}, s3_0_c5_c6_1",
-                g = out(reg) self.gcr, r = out(reg) self.rgsr,
-                t = out(reg) self.tfsr, e = out(reg) self.tfsre0,
-                options(nomem, nostack, preserves_flags),
-            );
-        }
-    }
-
-    fn load(&self) {
-        // SAFETY: as for `save`; the registers belong to the partition
-        // about to run.
-        unsafe {
-            core::arch::asm!(
-                "msr s3_0_c1_c0_6, {g}", "msr s3_0_c1_c0_5, {r}",
-                "msr s3_0_c5_c6_0, {t}", "msr s3_0_c5_c6_1, {e}",
-                g = in(reg) self.gcr, r = in(reg) self.rgsr,
-                t = in(reg) self.tfsr, e = in(reg) self.tfsre0,
-                options(nomem, nostack, preserves_flags),
-            );
-        }
     }
 }
 
