@@ -236,6 +236,19 @@ impl Service {
         }
     }
 
+    /// Hands the service back after a call ([`acquire`](Self::acquire)'s
+    /// other half): `Busy` becomes `Ready`, while a service the call
+    /// failed stays failed.
+    #[inline(always)]
+    fn release(&self) {
+        let _ = self.state.compare_exchange(
+            State::Busy as u8,
+            State::Ready as u8,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
+    }
+
     fn vcpu(&self) -> *mut Vcpu {
         self.vcpu.get()
     }
@@ -594,13 +607,7 @@ impl Service {
         let saved = self.switch_in(cpu, true, preemption.mask());
         let outcome = self.exchange(cpu, header, body, preemption);
         self.switch_out(cpu, true, saved);
-        // A failed service stays failed; otherwise it is free again.
-        let _ = self.state.compare_exchange(
-            State::Busy as u8,
-            State::Ready as u8,
-            Ordering::Release,
-            Ordering::Relaxed,
-        );
+        self.release();
         outcome
     }
 
