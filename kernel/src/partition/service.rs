@@ -1284,7 +1284,9 @@ mod tests {
         El1Context, HOST_CPTR, HOST_HCR, SP_EL1_WORD, el1_registers, el2_controls, fire_watchdog,
         set_el1_register, set_mpidr, with_regs,
     };
-    use crate::arch::{clear_entries, entries_left, on_entry, take_lines};
+    use crate::arch::{
+        PartitionOp, clear_entries, entries_left, on_entry, take_lines, take_partition_log,
+    };
     use crate::memory::tests::{serial, world};
     use moat_abi::trap::Verdict;
     use std::sync::{MutexGuard, OnceLock};
@@ -1449,6 +1451,7 @@ mod tests {
         let host_el1 = el1_registers();
         let host_vttbr = crate::base::state::machine().host_el2.vttbr;
         let service_vttbr = s.vttbr;
+        take_partition_log();
         on_entry(move |v| {
             // Inside: the service's stage-2 and EL2 controls, its EL1 state
             // (none of the host's), and the request in the IPC page.
@@ -1483,6 +1486,22 @@ mod tests {
         let el1: El1Context = unsafe { *s.el1.get() };
         assert_eq!(el1.word(SP_EL1_WORD), 0x5_0000);
         assert_eq!(state(ECHO), State::Ready as u8);
+        // One switch in, with the watchdog armed for the run, one back.
+        let log = take_partition_log();
+        let switches: Vec<_> = log
+            .iter()
+            .filter_map(|op| match op {
+                PartitionOp::SwitchEl2 { vttbr, .. } => Some(*vttbr),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(switches, [service_vttbr, host_vttbr]);
+        assert_eq!(
+            log.iter()
+                .filter(|op| matches!(op, PartitionOp::ArmWatchdog(_)))
+                .count(),
+            1
+        );
     }
 
     #[test]
