@@ -1928,4 +1928,75 @@ mod tests {
         assert_eq!(index_of(interface(ECHO)), Some(ECHO));
         assert_eq!(index_of(0x6f), None);
     }
+
+    #[test]
+    fn the_ledgers_calls_go_to_the_service_serving_its_interface() {
+        use crate::memory::Ledger;
+        use moat_abi::services::{FrameRange, Party};
+        let _turn = services();
+        // The service answers each call with the words `reply` gives for
+        // its operation and request.
+        fn serve(reply: fn(u16, &[u64; 4]) -> Vec<u64>) {
+            on_entry(move |v| {
+                let (call, body) = read_call(LEDGER);
+                let words = reply(call.operation, &body);
+                let header = MessageHeader::reply_to(&call, Ok(()), 8 * words.len() as u32);
+                write_reply(LEDGER, &header, &words);
+                reply_wait(v);
+            });
+        }
+        let extent = LedgerExtent {
+            frames: FrameRange {
+                start: 0x40,
+                count: 2,
+            },
+            owner: Party { kind: 1, id: 0 },
+            borrower: Party { kind: 2, id: 0 },
+        };
+        let words: [u64; 4] = zerocopy::transmute!(extent);
+        serve(|op, body| {
+            assert_eq!((op, body[0]), (ledger::Operation::lookup as u16, 0x41));
+            vec![0x40, 2, 1, 2]
+        });
+        assert_eq!(super::LEDGER.lookup(cpu(0), 0x41), Ok(extent));
+        assert_eq!(words, [0x40, 2, 1, 2]);
+        serve(|op, body| {
+            assert_eq!((op, body[0]), (ledger::Operation::extent as u16, 3));
+            vec![0x40, 2, 1, 2]
+        });
+        assert_eq!(super::LEDGER.extent(cpu(0), 3), Ok(extent));
+        serve(|op, body| {
+            assert_eq!((op, body[0]), (ledger::Operation::commit as u16, 9));
+            vec![10]
+        });
+        assert_eq!(super::LEDGER.commit(cpu(0), 9), Ok(10));
+        // A transaction is larger than a small body: it comes back whole.
+        serve(|op, _| {
+            assert_eq!(op, ledger::Operation::prepare as u16);
+            let tx = LedgerTransaction {
+                generation: 77,
+                change_count: 1,
+                ..Default::default()
+            };
+            let words: [u64; size_of::<LedgerTransaction>() / 8] = zerocopy::transmute!(tx);
+            words.to_vec()
+        });
+        let tx = super::LEDGER
+            .prepare(cpu(0), &LedgerRequest::default())
+            .unwrap();
+        assert_eq!((tx.generation, tx.change_count), (77, 1));
+        // Booting it: the RAM and the hypervisor's memory in frames.
+        serve(|op, body| {
+            assert_eq!(op, ledger::Operation::boot as u16);
+            // The counts, then the first RAM range.
+            assert_eq!(body[..3], [1 | (1 << 32), 0x4_0000, 0x100]);
+            vec![5, 4096]
+        });
+        let ram = [Range::new(0x4000_0000, 0x10_0000).unwrap()];
+        let hyp = [Range::new(0x4010_0000, 0x1000).unwrap()];
+        assert_eq!(ledger_boot(cpu(0), &ram, &hyp), Some(Ok((5, 4096))));
+        // No MTE policy service here: the host gets MTE as the hardware has it.
+        assert!(host_mte_policy(cpu(0), 2, "", 0).is_none());
+        assert_eq!(entries_left(), 0);
+    }
 }
