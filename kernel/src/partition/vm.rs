@@ -131,8 +131,8 @@ impl HostVectors {
     fn load(&self) {
         match self.sve.as_ref() {
             Some(z) => {
-                // After the ISB that puts the host's CPTR_EL2 in effect
-                // (`fpsimd::load_z`).
+                // `fpsimd::load_z` puts the host's CPTR_EL2, which lets SVE
+                // through, in effect (an ISB) before its first SVE load.
                 z.load();
                 self.fp.load_control();
             }
