@@ -85,6 +85,7 @@ pub fn restart_in_core(index: usize) -> ! {
 }
 
 pub mod tlb {
+    pub use super::partition_tlb::*;
     use super::{Op, VTTBR, loaded_vmid, record};
 
     pub fn publish_table_writes() {
@@ -197,6 +198,8 @@ pub mod semihosting {
 }
 
 pub mod gic {
+    pub use super::partition_gic::*;
+
     /// The GIC's per-CPU access, as the real one: the addresses of its
     /// frames (in a test, buffers standing for them).
     #[derive(Clone, Copy, Debug)]
@@ -309,6 +312,7 @@ pub mod ich {
 }
 
 pub mod sysreg {
+    pub use super::partition_sysreg::*;
     use super::{COUNTER, MPIDR};
     use moat_kernel::sysregs::{FakeSysRegs, SysRegs};
     use std::cell::RefCell;
@@ -362,14 +366,6 @@ pub mod sysreg {
         pub vttbr: u64,
     }
 
-    /// A CPU's EL1 registers; the host tests never switch to EL1.
-    #[derive(Clone, Copy, Debug, Default)]
-    pub struct El1Context;
-
-    impl El1Context {
-        pub const ZERO: Self = Self;
-    }
-
     /// The generic counter, one tick further at each read, and its
     /// frequency (1 Hz): a wait for something that never happens times
     /// out after as many reads as it allows seconds.
@@ -386,5 +382,454 @@ pub mod sysreg {
     /// Makes the test thread play the CPU whose MPIDR_EL1 is `value`.
     pub fn set_mpidr(value: u64) {
         MPIDR.set(value);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The partition layer (`partition::service`, `partition::vm`): the world
+// switch into EL1, scripted, and the registers a switch saves and loads,
+// kept per test thread so a test can check what the host got back.
+// ---------------------------------------------------------------------------
+
+use crate::base::cpu::{NestedSave, Vcpu};
+use std::collections::VecDeque;
+
+/// What a partition does when the core enters it, once: it plays the
+/// service or the guest (writes a reply, changes registers, calls into the
+/// core as another CPU) and says how it trapped back (`exit_vector`,
+/// `exit_esr`, the registers).
+type Entry = Box<dyn FnOnce(&mut Vcpu)>;
+
+thread_local! {
+    static ENTRIES: RefCell<VecDeque<Entry>> = RefCell::new(VecDeque::new());
+    static PARTITION_LOG: RefCell<Vec<PartitionOp>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What the world switch asked the architecture layer for, apart from
+/// [`Op`]: the partition layer's own operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartitionOp {
+    /// `sysreg::switch_el2(hcr, cptr, mdcr, cnthctl, vttbr)`.
+    SwitchEl2 { hcr: u64, vttbr: u64 },
+    /// `sysreg::arm_watchdog(deadline)`.
+    ArmWatchdog(u64),
+    /// `tlb::invalidate_local_vmid`, with the VMID then loaded.
+    InvalidateLocalVmid { vmid: u16 },
+    /// `sysreg::set_vmpidr(value)`.
+    SetVmpidr(u64),
+}
+
+fn record_partition(op: PartitionOp) {
+    PARTITION_LOG.with(|l| l.borrow_mut().push(op));
+}
+
+/// Returns, and forgets, the partition operations this thread asked for.
+pub fn take_partition_log() -> Vec<PartitionOp> {
+    PARTITION_LOG.with(|l| core::mem::take(&mut *l.borrow_mut()))
+}
+
+/// Queues what the partition does at the next entry of this thread's
+/// CPU (after those queued before).
+pub fn on_entry(entry: impl FnOnce(&mut Vcpu) + 'static) {
+    ENTRIES.with(|e| e.borrow_mut().push_back(Box::new(entry)));
+}
+
+/// Entries queued and not yet run.
+pub fn entries_left() -> usize {
+    ENTRIES.with(|e| e.borrow().len())
+}
+
+/// Forgets the entries not yet run.
+pub fn clear_entries() {
+    ENTRIES.with(|e| e.borrow_mut().clear());
+}
+
+/// Enters the vCPU `frame`: runs the next queued entry on it, which
+/// returns as the partition's next trap would.
+///
+/// # Safety
+///
+/// As the real one: `frame` is a complete vCPU frame the caller holds.
+pub unsafe fn enter_nested(frame: *mut Vcpu, _save: *mut NestedSave) {
+    // Taken out before it runs: an entry may enter a partition itself.
+    let entry = ENTRIES.with(|e| e.borrow_mut().pop_front());
+    let entry = entry.expect("the core entered a partition the test queued nothing for");
+    // SAFETY: per the contract, the frame is the caller's vCPU; nothing
+    // else touches it while the partition "runs".
+    entry(unsafe { &mut *frame });
+}
+
+/// Only the exception vectors leave a nested run, and the host has none.
+///
+/// # Safety
+///
+/// Never called on the host.
+pub unsafe fn leave_nested(_save: *mut NestedSave) -> ! {
+    unreachable!("the host tests have no exception vectors");
+}
+
+/// The partition layer's system registers, reached as `sysreg::…`.
+pub mod partition_sysreg {
+    use super::{PartitionOp, VTTBR, record_partition};
+    use crate::arch::sysreg::{counter, with_regs};
+    use moat_kernel::el2config::{CpuFeatures, FineGrainedTraps};
+    use moat_kernel::sysregs::SysRegs;
+    use std::cell::{Cell, RefCell};
+    use std::sync::atomic::AtomicU64;
+
+    /// Words of an [`El1Context`], as the real one's.
+    pub const EL1_REGS: usize = 24;
+    /// Where SP_EL1 is in an [`El1Context`], as the real one's.
+    pub const SP_EL1_WORD: usize = 12;
+    const CNTV_CTL_WORD: usize = 22;
+
+    thread_local! {
+        /// The EL1 registers of the test thread's CPU.
+        static EL1: RefCell<[u64; EL1_REGS]> = const { RefCell::new([0; EL1_REGS]) };
+        /// The EL2 controls last switched to: HCR, CPTR, MDCR, CNTHCTL.
+        static EL2: Cell<[u64; 4]> = const { Cell::new([0; 4]) };
+        static WATCHDOG: Cell<Option<u64>> = const { Cell::new(None) };
+        static FIRED: Cell<bool> = const { Cell::new(false) };
+        static SVCR: Cell<u64> = const { Cell::new(0) };
+        static CSSELR: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// The EL1 registers of the test thread's CPU.
+    pub fn el1_registers() -> [u64; EL1_REGS] {
+        EL1.with(|r| *r.borrow())
+    }
+
+    /// Sets one EL1 register of the test thread's CPU (as a partition
+    /// running on it would).
+    pub fn set_el1_register(word: usize, value: u64) {
+        EL1.with(|r| r.borrow_mut()[word] = value);
+    }
+
+    /// The EL2 controls in force: HCR, CPTR, MDCR, CNTHCTL, VTTBR.
+    pub fn el2_controls() -> [u64; 5] {
+        let [h, c, m, t] = EL2.get();
+        [h, c, m, t, VTTBR.get()]
+    }
+
+    /// Makes the watchdog the next run arms have fired when it is disarmed.
+    pub fn fire_watchdog() {
+        FIRED.set(true);
+    }
+
+    /// Sets SVCR as the host would leave it (SM in bit 0, ZA in bit 1).
+    pub fn set_streaming_state(value: u64) {
+        SVCR.set(value);
+    }
+
+    /// A CPU's EL1 registers, as the real one's: saved from and loaded
+    /// into the test thread's CPU.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct El1Context {
+        regs: [u64; EL1_REGS],
+    }
+
+    impl El1Context {
+        pub const ZERO: Self = Self {
+            regs: [0; EL1_REGS],
+        };
+
+        pub const fn reset() -> Self {
+            let mut c = Self::ZERO;
+            c.regs[0] = moat_kernel::el2config::SCTLR_EL1_RESET;
+            c
+        }
+
+        pub fn save(&mut self) {
+            self.regs = el1_registers();
+        }
+
+        /// # Safety
+        ///
+        /// As the real one's (nothing to uphold on the host).
+        pub unsafe fn load(&self) {
+            EL1.with(|r| *r.borrow_mut() = self.regs);
+        }
+
+        pub fn save_sp_el1(&mut self) {
+            self.regs[SP_EL1_WORD] = el1_registers()[SP_EL1_WORD];
+        }
+
+        pub fn virtual_timer(&self) -> (u64, u64) {
+            (self.regs[CNTV_CTL_WORD], self.regs[CNTV_CTL_WORD + 1])
+        }
+
+        /// One word, for a test's checks.
+        pub fn word(&self, i: usize) -> u64 {
+            self.regs[i]
+        }
+    }
+
+    /// The host's EL2 controls (what `HostEl2Config` reads through
+    /// `Deref` in the real layer): distinct values, so a test sees the
+    /// host's come back after a run.
+    pub struct HostControls {
+        pub hcr: AtomicU64,
+        pub hcrx: u64,
+        pub cptr: u64,
+        pub mdcr: u64,
+        pub cnthctl: u64,
+        pub fgt: FineGrainedTraps,
+    }
+
+    pub const HOST_HCR: u64 = 0x8000_0000;
+    pub const HOST_CPTR: u64 = 0x33ff;
+
+    pub static HOST_CONTROLS: HostControls = HostControls {
+        hcr: AtomicU64::new(HOST_HCR),
+        hcrx: 0,
+        cptr: HOST_CPTR,
+        mdcr: 0x6,
+        cnthctl: 0x3,
+        fgt: FineGrainedTraps {
+            hfgrtr: 0,
+            hfgwtr: 0,
+            hfgitr: 0,
+            hdfgrtr: 0,
+            hdfgwtr: 0,
+        },
+    };
+
+    impl core::ops::Deref for super::sysreg::HostEl2Config {
+        type Target = HostControls;
+
+        fn deref(&self) -> &HostControls {
+            &HOST_CONTROLS
+        }
+    }
+
+    pub fn esr_el2() -> u64 {
+        with_regs(|r| r.esr_el2())
+    }
+
+    pub fn far_el2() -> u64 {
+        with_regs(|r| r.far_el2())
+    }
+
+    pub fn fault_ipa() -> u64 {
+        with_regs(|r| r.fault_ipa())
+    }
+
+    pub fn read_id_register(crm: u8, op2: u8) -> Option<u64> {
+        with_regs(|r| r.read_id_register(crm, op2))
+    }
+
+    /// The counter, one tick further (see `counter`).
+    pub fn now() -> u64 {
+        counter().0
+    }
+
+    pub fn arm_watchdog(deadline: u64) {
+        WATCHDOG.set(Some(deadline));
+        record_partition(PartitionOp::ArmWatchdog(deadline));
+    }
+
+    /// Whether the watchdog fired: only when a test said so
+    /// ([`fire_watchdog`]), once.
+    pub fn disarm_watchdog() -> bool {
+        WATCHDOG.set(None);
+        FIRED.replace(false)
+    }
+
+    /// # Safety
+    ///
+    /// As the real one's (nothing to uphold on the host).
+    pub unsafe fn switch_el2(hcr: u64, cptr: u64, mdcr: u64, cnthctl: u64, vttbr: u64) {
+        EL2.set([hcr, cptr, mdcr, cnthctl]);
+        VTTBR.set(vttbr);
+        record_partition(PartitionOp::SwitchEl2 { hcr, vttbr });
+    }
+
+    /// # Safety
+    ///
+    /// As the real one's (nothing to uphold on the host).
+    pub unsafe fn switch_feature_controls(_cpu: &CpuFeatures, _hcrx: u64, _fgt: &FineGrainedTraps) {
+    }
+
+    pub fn streaming_state(_cpu: &CpuFeatures) -> u64 {
+        SVCR.get()
+    }
+
+    /// The host tests' CPU has no MTE.
+    pub fn mte_level() -> u32 {
+        0
+    }
+
+    pub fn set_vmpidr(value: u64) {
+        record_partition(PartitionOp::SetVmpidr(value));
+    }
+
+    pub fn read_csselr() -> arm_sysregs::CsselrEl1 {
+        arm_sysregs::CsselrEl1::from_bits_retain(CSSELR.get())
+    }
+
+    pub fn write_csselr(value: arm_sysregs::CsselrEl1) {
+        CSSELR.set(value.bits());
+    }
+
+    /// The host's debug, PMU and trace controls: the host tests' CPU has
+    /// none to park.
+    pub struct ParkedHostMonitors;
+
+    impl ParkedHostMonitors {
+        /// # Safety
+        ///
+        /// As the real one's (nothing to uphold on the host).
+        pub unsafe fn park(_cpu: &CpuFeatures, _pmu_sees_all: bool) -> Self {
+            Self
+        }
+
+        pub fn restore(self) {}
+    }
+
+    /// The MTE registers: never switched on the host (no VM there has MTE).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct MteRegs {
+        _gcr: u64,
+        _rgsr: u64,
+        _tfsr: u64,
+        _tfsre0: u64,
+    }
+
+    impl MteRegs {
+        pub fn save(&mut self) {
+            unreachable!("the host tests' CPU has no MTE");
+        }
+
+        pub fn load(&self) {
+            unreachable!("the host tests' CPU has no MTE");
+        }
+    }
+}
+
+/// The partition layer's part of the GIC's CPU interface: a host test's
+/// CPUs have no GIC access (`PerCpu::gic_access` is `None`), so these are
+/// never reached.
+pub mod partition_gic {
+    use super::gic::GicAccess;
+    use moat_kernel::el2config::RunMask;
+
+    /// As the real one's: the host interrupts held back during a call.
+    #[derive(Debug, Default)]
+    pub struct HeldBack {
+        _intids: Vec<u32>,
+    }
+
+    /// As the real one's: the host's CPU-interface state around a run.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct SavedCpuInterface {
+        _a: u64,
+        _b: u64,
+    }
+
+    pub fn open_watchdog(_access: &GicAccess, _mask: RunMask) -> SavedCpuInterface {
+        unreachable!("a host test's CPU has no GIC access");
+    }
+
+    pub fn close_watchdog(_access: &GicAccess, _saved: SavedCpuInterface) {
+        unreachable!("a host test's CPU has no GIC access");
+    }
+
+    pub fn hold_back(_access: &GicAccess, _held: &mut HeldBack) -> bool {
+        unreachable!("a host test's CPU has no GIC access");
+    }
+
+    pub fn release(_access: &GicAccess, _held: &HeldBack) {
+        unreachable!("a host test's CPU has no GIC access");
+    }
+
+    pub fn mask_all(_access: &GicAccess) {
+        unreachable!("a host test's CPU has no GIC access");
+    }
+}
+
+/// The partition layer's TLB maintenance, reached as `tlb::…`.
+pub mod partition_tlb {
+    use super::{PartitionOp, loaded_vmid, record_partition};
+
+    pub fn invalidate_local_vmid() {
+        record_partition(PartitionOp::InvalidateLocalVmid {
+            vmid: loaded_vmid(),
+        });
+    }
+}
+
+/// The FP/SIMD and SVE registers a VM run switches: the test thread's
+/// CPU's, so a test sees the host's come back.
+pub mod fpsimd {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static CPU: RefCell<FpState> = const { RefCell::new(FpState::ZERO) };
+    }
+
+    /// The FP/SIMD registers, as the real one's.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct FpState {
+        pub q: [u128; 32],
+        pub fpsr: u64,
+        pub fpcr: u64,
+    }
+
+    impl FpState {
+        pub const ZERO: Self = Self {
+            q: [0; 32],
+            fpsr: 0,
+            fpcr: 0,
+        };
+
+        pub fn save(&mut self) {
+            *self = cpu_registers();
+        }
+
+        pub fn load(&self) {
+            CPU.with(|c| *c.borrow_mut() = *self);
+        }
+
+        pub fn save_control(&mut self) {
+            let c = cpu_registers();
+            (self.fpsr, self.fpcr) = (c.fpsr, c.fpcr);
+        }
+
+        pub fn load_control(&self) {
+            CPU.with(|c| {
+                let mut c = c.borrow_mut();
+                (c.fpsr, c.fpcr) = (self.fpsr, self.fpcr);
+            });
+        }
+    }
+
+    /// The test thread's CPU's FP/SIMD registers.
+    pub fn cpu_registers() -> FpState {
+        CPU.with(|c| *c.borrow())
+    }
+
+    /// Sets them (as a partition running on the CPU would).
+    pub fn set_cpu_registers(state: FpState) {
+        CPU.with(|c| *c.borrow_mut() = state);
+    }
+
+    /// The host tests' CPU has no SVE (`CpuFeatures::sve` is false), so
+    /// these are never reached.
+    pub fn sve_vector_bytes() -> u64 {
+        unreachable!("the host tests' CPU has no SVE");
+    }
+
+    /// # Safety
+    ///
+    /// Never called (see above).
+    pub unsafe fn save_z(_area: &mut [u8]) {
+        unreachable!("the host tests' CPU has no SVE");
+    }
+
+    /// # Safety
+    ///
+    /// Never called (see above).
+    pub unsafe fn load_z(_area: &[u8]) {
+        unreachable!("the host tests' CPU has no SVE");
     }
 }

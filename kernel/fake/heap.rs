@@ -42,3 +42,20 @@ unsafe impl GlobalAlloc for LimitedSystem {
 
 #[global_allocator]
 static HEAP: LimitedSystem = LimitedSystem;
+
+/// As the core's `base::heap::try_box`: `value` in a new box, or `None`
+/// when the allocator has no room for it.
+pub fn try_box<T>(value: T) -> Option<Box<T>> {
+    let layout = Layout::new::<T>();
+    if layout.size() == 0 {
+        return Some(Box::new(value));
+    }
+    // SAFETY: a non-zero-sized layout.
+    let p = core::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) }.cast::<T>())?;
+    // SAFETY: a fresh allocation with `T`'s layout from the global
+    // allocator, the one `Box` frees with; written before the box owns it.
+    unsafe {
+        p.as_ptr().write(value);
+        Some(Box::from_raw(p.as_ptr()))
+    }
+}

@@ -7,8 +7,8 @@
 //! that can run without the machine (`memory/`; of `base/`, the machine's
 //! record, the per-CPU slots, exception injection, the lock-order check,
 //! the console and the fatal path's parking; the device inventory and a
-//! VM's virtual GIC; the PSCI relay of `partition/power.rs`) over a host
-//! stand-in for `arch` (`kernel/fake/`).
+//! VM's virtual GIC; the partitions: the PSCI relay, the service calls and
+//! the protected VMs) over a host stand-in for `arch` (`kernel/fake/`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -55,17 +55,22 @@ mod base {
     pub mod lockcheck;
     pub mod panic;
     pub mod state;
+    // The host's allocator stands in for the core's (`try_box` alike).
+    pub(crate) use crate::fake_heap as heap;
 }
 #[cfg(all(test, not(target_os = "none")))]
 #[allow(dead_code, reason = "the host tests build only part of the layer")]
 mod device {
     pub mod inventory;
+    pub mod its;
     pub mod vgic;
 }
 #[cfg(all(test, not(target_os = "none")))]
 #[allow(dead_code, reason = "the host tests build only part of the layer")]
 mod partition {
     pub mod power;
+    pub mod service;
+    pub mod vm;
 }
 
 #[cfg(not(target_os = "none"))]

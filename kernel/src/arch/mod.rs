@@ -5,6 +5,7 @@
 //! hardware through here.
 
 pub mod cache;
+pub mod fpsimd;
 pub mod gic;
 pub mod ich;
 pub mod mmu;
@@ -31,6 +32,14 @@ pub static STOPPING: core::sync::atomic::AtomicBool = core::sync::atomic::Atomic
 const _: () = assert!(crate::base::cpu::VCPU_HOST == 0);
 
 unsafe extern "C" {
+    /// Enters the vCPU `frame` as a nested run; returns when its next trap
+    /// reaches `leave_nested` (see `vectors.S`).
+    pub fn enter_nested(
+        frame: *mut crate::base::cpu::Vcpu,
+        save: *mut crate::base::cpu::NestedSave,
+    );
+    /// Returns from the `enter_nested` whose state `save` holds.
+    pub fn leave_nested(save: *mut crate::base::cpu::NestedSave) -> !;
     /// Per-CPU stacks (32 KiB each, `MAX_CPUS` of them), defined in entry.S.
     static CPU_STACKS: u8;
     static CPU_STACKS_END: u8;

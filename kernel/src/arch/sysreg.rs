@@ -483,6 +483,59 @@ pub unsafe fn switch_el2(hcr: u64, cptr: u64, mdcr: u64, cnthctl: u64, vttbr: u6
     }
 }
 
+/// The MTE registers of an MTE-on VM, switched with its vCPU (and the
+/// host's around the run): the tag generation controls and the tag-check
+/// fault status.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MteRegs {
+    gcr: u64,
+    rgsr: u64,
+    tfsr: u64,
+    tfsre0: u64,
+}
+
+impl MteRegs {
+    pub fn save(&mut self) {
+        // SAFETY: reads GCR_EL1, RGSR_EL1, TFSR_EL1 and TFSRE0_EL1 (by
+        // encoding), which exist when the hardware has tag storage (the
+        // only case an MTE-on VM exists).
+        unsafe {
+            core::arch::asm!(
+                "mrs {g}, s3_0_c1_c0_6", "mrs {r}, s3_0_c1_c0_5",
+                "mrs {t}, s3_0_c5_c6_0", "mrs {e}, s3_0_c5_c6_1",
+                g = out(reg) self.gcr, r = out(reg) self.rgsr,
+                t = out(reg) self.tfsr, e = out(reg) self.tfsre0,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+    }
+
+    pub fn load(&self) {
+        // SAFETY: as for `save`; the registers belong to the partition
+        // about to run.
+        unsafe {
+            core::arch::asm!(
+                "msr s3_0_c1_c0_6, {g}", "msr s3_0_c1_c0_5, {r}",
+                "msr s3_0_c5_c6_0, {t}", "msr s3_0_c5_c6_1, {e}",
+                g = in(reg) self.gcr, r = in(reg) self.rgsr,
+                t = in(reg) self.tfsr, e = in(reg) self.tfsre0,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+    }
+}
+
+/// CSSELR_EL1, which a VM run switches (services cannot reach it:
+/// HCR_EL2.TID2 traps it).
+pub fn read_csselr() -> sr::CsselrEl1 {
+    sr::read_csselr_el1()
+}
+
+/// Writes CSSELR_EL1 (see [`read_csselr`]).
+pub fn write_csselr(value: sr::CsselrEl1) {
+    sr::write_csselr_el1(value);
+}
+
 /// Sets what EL1 reads in MPIDR_EL1 (VMPIDR_EL2).
 pub fn set_vmpidr(value: u64) {
     // SAFETY: VMPIDR_EL2 only changes what EL1 reads as its MPIDR; the

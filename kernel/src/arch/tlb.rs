@@ -75,3 +75,22 @@ pub fn load_vttbr(v: u64) {
     // SAFETY: a barrier: the VMID is in effect for the maintenance that follows.
     unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
 }
+
+/// Invalidates, on this CPU only, the stage-1 and stage-2 entries of the
+/// VMID just loaded into VTTBR_EL2: before a vCPU runs on a CPU that may
+/// hold stale entries of its VM.
+pub fn invalidate_local_vmid() {
+    // SAFETY: local TLB maintenance for the VMID in VTTBR_EL2.
+    unsafe {
+        core::arch::asm!(
+            // TLBI VMALLS12E1 acts on the VMID in VTTBR_EL2, and a
+            // direct write of it is only certain to be seen by later
+            // instructions after a context synchronization event.
+            "isb",
+            "tlbi vmalls12e1",
+            "dsb nsh",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
+}

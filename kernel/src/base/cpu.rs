@@ -17,14 +17,6 @@ pub const LOWER_SYNC: u64 = 8;
 pub const LOWER_IRQ: u64 = 9;
 pub const LOWER_FIQ: u64 = 10;
 
-unsafe extern "C" {
-    /// Enters the vCPU `frame` as a nested run; returns when its next trap
-    /// reaches `leave_nested` (see `vectors.S`).
-    pub fn enter_nested(frame: *mut Vcpu, save: *mut NestedSave);
-    /// Returns from the `enter_nested` whose state `save` holds.
-    pub fn leave_nested(save: *mut NestedSave) -> !;
-}
-
 /// Which partition a vCPU belongs to.
 pub const VCPU_HOST: u64 = 0;
 /// Service `i` is `VCPU_SERVICE_BASE + i`.

@@ -68,7 +68,8 @@ pub const MIN_STACK: u64 = 16 << 10;
 const LOG_OFFSET: u64 = 2048;
 const PAGE: u64 = 4096;
 
-use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, enter_nested, leave_nested};
+use crate::arch::{enter_nested, leave_nested};
+use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC};
 use moat_kernel::el2config::RunMask;
 
 /// Budgets a call may take before its service is failed as stuck.
@@ -233,6 +234,19 @@ impl Service {
                 }
             }
         }
+    }
+
+    /// Hands the service back after a call ([`acquire`](Self::acquire)'s
+    /// other half): `Busy` becomes `Ready`, while a service the call
+    /// failed stays failed.
+    #[inline(always)]
+    fn release(&self) {
+        let _ = self.state.compare_exchange(
+            State::Busy as u8,
+            State::Ready as u8,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
     }
 
     fn vcpu(&self) -> *mut Vcpu {
@@ -593,13 +607,7 @@ impl Service {
         let saved = self.switch_in(cpu, true, preemption.mask());
         let outcome = self.exchange(cpu, header, body, preemption);
         self.switch_out(cpu, true, saved);
-        // A failed service stays failed; otherwise it is free again.
-        let _ = self.state.compare_exchange(
-            State::Busy as u8,
-            State::Ready as u8,
-            Ordering::Release,
-            Ordering::Relaxed,
-        );
+        self.release();
         outcome
     }
 
@@ -1259,5 +1267,736 @@ pub fn ask(cpu: &PerCpu, index: usize, trap: &TrapDescriptor) -> Answer {
         // suspended decision is finished then.
         Err(Error::Interrupted) => Answer::Interrupted,
         _ => Answer::Refused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Services over the host stand-in for `arch`: the world switch into
+    //! EL1 is scripted (`arch::on_entry`: what the service does when the
+    //! core enters it, and how it traps back), the IPC page and the
+    //! service's memory are the test process's heap. The machine is the
+    //! memory tests' (`memory::tests::world`); the services are made once
+    //! per process, one for each way a test leaves one failed for good.
+
+    use super::*;
+    use crate::arch::sysreg::{
+        El1Context, HOST_CPTR, HOST_HCR, SP_EL1_WORD, el1_registers, el2_controls, fire_watchdog,
+        set_el1_register, set_mpidr, with_regs,
+    };
+    use crate::arch::{
+        PartitionOp, clear_entries, entries_left, on_entry, take_lines, take_partition_log,
+    };
+    use crate::memory::tests::{serial, world};
+    use moat_abi::trap::Verdict;
+    use std::sync::{MutexGuard, OnceLock};
+    use zerocopy::little_endian::{U16, U32};
+
+    /// The services, by index.
+    const ECHO: usize = 0;
+    const HOSTILE: usize = 1;
+    const FAULTY: usize = 2;
+    const SLOW: usize = 3;
+    const MISSING: usize = 4;
+    const LEDGER: usize = 5;
+    const WRONG: usize = 6;
+    /// The interface of service `i` (the ledger's is the ledger's).
+    fn interface(i: usize) -> u16 {
+        if i == LEDGER {
+            ledger::SERVICE_ID
+        } else {
+            0x70 + i as u16
+        }
+    }
+
+    /// A service image: the `moat-rt` header, one page of text, one of
+    /// data, the text's first word a mark.
+    fn image() -> Vec<u8> {
+        let mut image = vec![0u8; 2 * PAGE as usize];
+        image[..8].copy_from_slice(&0x5eed_u64.to_le_bytes());
+        image[8..16].copy_from_slice(b"MOATSVC1");
+        image[16..24].copy_from_slice(&PAGE.to_le_bytes());
+        image[24..32].copy_from_slice(&(2 * PAGE).to_le_bytes());
+        image
+    }
+
+    fn record(i: usize) -> ServiceRecord {
+        let mut r = ServiceRecord::default();
+        let name = format!("svc{i}");
+        r.name[..name.len()].copy_from_slice(name.as_bytes());
+        r.interface_id = U16::new(interface(i));
+        r.memory_bytes = U32::new(64 << 10);
+        r.budget_us = U32::new(1000);
+        if i == ECHO {
+            r.observes = U32::new(moat_abi::trap::TrapClass::Smc.bit());
+        }
+        r
+    }
+
+    /// The service at the entry answers `SVC_REPLY_WAIT`.
+    fn reply_wait(v: &mut Vcpu) {
+        v.exit_vector = LOWER_SYNC;
+        v.exit_esr = ESR_HVC0;
+        v.regs.x[0] = u64::from(hypercall::SVC_REPLY_WAIT);
+    }
+
+    /// The machine and the services, made and started once; then one test
+    /// at a time, playing CPU 0.
+    fn services() -> MutexGuard<'static, ()> {
+        let turn = serial();
+        static MADE: OnceLock<()> = OnceLock::new();
+        MADE.get_or_init(|| {
+            world();
+            let image = image();
+            let image: &'static [u8] = image.leak();
+            let mut package = Vec::new();
+            for i in 0..=WRONG {
+                let mut r = record(i);
+                let img = match i {
+                    MISSING => None,
+                    WRONG => {
+                        // A service too large for its memory.
+                        r.memory_bytes = U32::new(PAGE as u32);
+                        Some(image)
+                    }
+                    _ => Some(image),
+                };
+                package.push((r, img));
+            }
+            assert_eq!(create_all(&package, 0), Ok(WRONG + 1));
+            // Every service created runs to its first reply; a start that
+            // faults leaves the service failed (none here).
+            for _ in 0..WRONG - 1 {
+                on_entry(reply_wait);
+            }
+            start_all(cpu(0));
+            assert_eq!(entries_left(), 0);
+            take_lines();
+        });
+        set_mpidr(0);
+        clear_entries();
+        turn
+    }
+
+    fn cpu(i: usize) -> &'static PerCpu {
+        crate::base::cpu::get(i).unwrap()
+    }
+
+    fn service(i: usize) -> &'static Service {
+        get(i).unwrap()
+    }
+
+    fn state(i: usize) -> u8 {
+        service(i).state.load(Ordering::Relaxed)
+    }
+
+    /// Writes a reply (header and body words) into service `i`'s IPC page,
+    /// as the service would.
+    fn write_reply(i: usize, header: &MessageHeader, body: &[u64]) {
+        let page = service(i).ipc_page as *mut u64;
+        let words: [u64; HEADER_WORDS] = zerocopy::transmute!(*header);
+        for (n, w) in words.iter().chain(body).enumerate() {
+            // SAFETY: the service's IPC page, a heap page the test reads and
+            // writes only while the service "runs".
+            unsafe { page.add(n).write_volatile(*w) };
+        }
+    }
+
+    /// The call header and the first body words service `i`'s IPC page
+    /// holds.
+    fn read_call(i: usize) -> (MessageHeader, [u64; 4]) {
+        let page = service(i).ipc_page as *const u64;
+        let mut words = [0u64; HEADER_WORDS + 4];
+        for (n, w) in words.iter_mut().enumerate() {
+            // SAFETY: as in `write_reply`.
+            *w = unsafe { page.add(n).read_volatile() };
+        }
+        let header: [u64; HEADER_WORDS] = words[..HEADER_WORDS].try_into().unwrap();
+        (
+            zerocopy::transmute!(header),
+            words[HEADER_WORDS..].try_into().unwrap(),
+        )
+    }
+
+    /// The service answers the call in its IPC page with `body`, or with
+    /// the header `tamper` makes of the right one.
+    fn answer(i: usize, body: Vec<u64>, tamper: fn(&mut MessageHeader)) {
+        on_entry(move |v| {
+            let (call, _) = read_call(i);
+            let mut reply = MessageHeader::reply_to(&call, Ok(()), 8 * body.len() as u32);
+            tamper(&mut reply);
+            write_reply(i, &reply, &body);
+            reply_wait(v);
+        });
+    }
+
+    fn small(words: &[u64]) -> SmallBody {
+        let mut b = [0; SMALL_WORDS];
+        b[..words.len()].copy_from_slice(words);
+        b
+    }
+
+    fn call_header(i: usize, operation: u16, len: u32) -> MessageHeader {
+        MessageHeader::call(interface(i), operation, next_sequence(i), len)
+    }
+
+    #[test]
+    fn a_call_runs_the_service_in_its_partition_and_gives_the_host_its_state_back() {
+        let _turn = services();
+        let s = service(ECHO);
+        // The host's EL1 state as it made the call.
+        for w in 0..24 {
+            set_el1_register(w, 0x1000 + w as u64);
+        }
+        let host_el1 = el1_registers();
+        let host_vttbr = crate::base::state::machine().host_el2.vttbr;
+        let service_vttbr = s.vttbr;
+        take_partition_log();
+        on_entry(move |v| {
+            // Inside: the service's stage-2 and EL2 controls, its EL1 state
+            // (none of the host's), and the request in the IPC page.
+            let [hcr, _, _, _, vttbr] = el2_controls();
+            assert_eq!(vttbr, service_vttbr);
+            assert_ne!(hcr, HOST_HCR);
+            let inside = el1_registers();
+            assert!((0..24).all(|w| inside[w] != 0x1000 + w as u64));
+            assert_eq!(v.regs.x[0], 0, "SVC_REPLY_WAIT returns 0");
+            let (call, body) = read_call(ECHO);
+            assert_eq!((call.operation, call.payload_len), (7, 16));
+            assert_eq!(body[..3], [11, 22, 0]);
+            // The service moves its stack and answers with the sum.
+            set_el1_register(SP_EL1_WORD, 0x5_0000);
+            let reply = MessageHeader::reply_to(&call, Ok(()), 8);
+            write_reply(ECHO, &reply, &[body[0] + body[1]]);
+            reply_wait(v);
+        });
+        let header = call_header(ECHO, 7, 16);
+        let mut body = small(&[11, 22]);
+        assert_eq!(
+            call(cpu(0), ECHO, &header, &mut body, Preemption::Never),
+            Ok(Ok(8))
+        );
+        assert_eq!(body[0], 33);
+        assert_eq!(entries_left(), 0);
+        // The host finds its EL1 state and EL2 controls as it left them.
+        assert_eq!(el1_registers(), host_el1);
+        assert_eq!(el2_controls(), [HOST_HCR, HOST_CPTR, 0x6, 0x3, host_vttbr]);
+        // The service keeps what it changed (SP_EL1 alone, after a reply).
+        // SAFETY: the test holds the turn; the service is Ready, not running.
+        let el1: El1Context = unsafe { *s.el1.get() };
+        assert_eq!(el1.word(SP_EL1_WORD), 0x5_0000);
+        assert_eq!(state(ECHO), State::Ready as u8);
+        // One switch in, with the watchdog armed for the run, one back.
+        let log = take_partition_log();
+        let switches: Vec<_> = log
+            .iter()
+            .filter_map(|op| match op {
+                PartitionOp::SwitchEl2 { vttbr, .. } => Some(*vttbr),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(switches, [service_vttbr, host_vttbr]);
+        assert_eq!(
+            log.iter()
+                .filter(|op| matches!(op, PartitionOp::ArmWatchdog(_)))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_service_held_on_one_cpu_is_waited_for_then_busy_and_ready_after() {
+        let _turn = services();
+        let header = call_header(ECHO, 1, 0);
+        on_entry(move |v| {
+            // CPU 1 calls while CPU 0 holds the service: it waits out the
+            // longest a holder may run, then hears Busy.
+            set_mpidr(1);
+            let h = call_header(ECHO, 2, 0);
+            let mut body = small(&[]);
+            assert_eq!(
+                call(cpu(1), ECHO, &h, &mut body, Preemption::Allowed),
+                Err(Error::Busy)
+            );
+            set_mpidr(0);
+            let (call, _) = read_call(ECHO);
+            write_reply(ECHO, &MessageHeader::reply_to(&call, Ok(()), 0), &[]);
+            reply_wait(v);
+        });
+        let mut body = small(&[]);
+        assert_eq!(
+            call(cpu(0), ECHO, &header, &mut body, Preemption::Never),
+            Ok(Ok(0))
+        );
+        // Handed back: CPU 1 gets it now.
+        set_mpidr(1);
+        answer(ECHO, vec![], |_| {});
+        let h = call_header(ECHO, 3, 0);
+        assert_eq!(
+            call(cpu(1), ECHO, &h, &mut body, Preemption::Allowed),
+            Ok(Ok(0))
+        );
+        set_mpidr(0);
+        assert_eq!(state(ECHO), State::Ready as u8);
+        assert_eq!(entries_left(), 0);
+    }
+
+    #[test]
+    fn replies_the_caller_cannot_use_are_refused_and_the_service_is_not_blamed() {
+        let _turn = services();
+        // An error the service chose comes back as its answer.
+        on_entry(|v| {
+            let (call, _) = read_call(ECHO);
+            let reply = MessageHeader::reply_to(&call, Err(Error::Denied), 0);
+            write_reply(ECHO, &reply, &[]);
+            reply_wait(v);
+        });
+        let h = call_header(ECHO, 1, 8);
+        assert_eq!(
+            call(cpu(0), ECHO, &h, &mut small(&[1]), Preemption::Never),
+            Ok(Err(Error::Denied))
+        );
+        // Longer than the caller's buffer: the caller's problem.
+        answer(ECHO, vec![0; 4], |r| r.payload_len = 64 + 8);
+        let h = call_header(ECHO, 1, 8);
+        assert_eq!(
+            call(cpu(0), ECHO, &h, &mut small(&[1]), Preemption::Never),
+            Err(Error::InvalidParameters)
+        );
+        // Another major ABI version: the caller learns so.
+        answer(ECHO, vec![], |r| r.abi_version ^= 1 << 16);
+        let h = call_header(ECHO, 1, 0);
+        assert_eq!(
+            call(cpu(0), ECHO, &h, &mut small(&[]), Preemption::Never),
+            Err(Error::VersionMismatch)
+        );
+        // A typed call whose reply is not exactly the type asked for.
+        answer(ECHO, vec![1, 2], |_| {});
+        let r: Result<u64, Error> = call_typed(cpu(0), ECHO, 5, &7u64);
+        assert_eq!(r, Err(Error::InvalidParameters));
+        answer(ECHO, vec![0x2a], |_| {});
+        let r: Result<u64, Error> = call_typed(cpu(0), ECHO, 5, &7u64);
+        assert_eq!(r, Ok(0x2a));
+        // A request longer than its buffer is refused before the service
+        // is entered.
+        let h = call_header(ECHO, 1, 65);
+        assert_eq!(
+            call(cpu(0), ECHO, &h, &mut small(&[]), Preemption::Never),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(entries_left(), 0);
+        assert_eq!(state(ECHO), State::Ready as u8);
+        // No such service.
+        assert_eq!(
+            call(cpu(0), 99, &h, &mut small(&[]), Preemption::Never),
+            Err(Error::NotSupported)
+        );
+    }
+
+    #[test]
+    fn a_malformed_reply_fails_the_service_for_good() {
+        let _turn = services();
+        // The reply answers another call (its sequence): the service is
+        // failed, and the caller's body is not decoded as an answer.
+        answer(HOSTILE, vec![0xbad], |r| {
+            r.sequence = r.sequence.wrapping_add(1)
+        });
+        let r: Result<u64, Error> = call_typed(cpu(0), HOSTILE, 1, &7u64);
+        assert_eq!(r, Err(Error::ServiceFailed));
+        assert_eq!(state(HOSTILE), State::Failed as u8);
+        assert!(take_lines().iter().any(|l| l.contains("malformed reply")));
+        // Every later call is refused without entering it (nothing is
+        // queued: an entry would panic).
+        let r: Result<u64, Error> = call_typed(cpu(0), HOSTILE, 1, &7u64);
+        assert_eq!(r, Err(Error::ServiceFailed));
+        // A service that could not be created refuses every call too.
+        let r: Result<u64, Error> = call_typed(cpu(0), MISSING, 1, &7u64);
+        assert_eq!(r, Err(Error::ServiceFailed));
+        let r: Result<u64, Error> = call_typed(cpu(0), WRONG, 1, &7u64);
+        assert_eq!(r, Err(Error::ServiceFailed));
+        // A failed service answers no trap.
+        let trap = TrapDescriptor::default();
+        assert!(matches!(ask(cpu(0), HOSTILE, &trap), Answer::Refused));
+        assert!(matches!(ask(cpu(0), 99, &trap), Answer::Refused));
+    }
+
+    #[test]
+    fn a_service_that_logs_is_resumed_and_one_that_faults_is_failed() {
+        let _turn = services();
+        on_entry(|v| {
+            let text = b"hello from EL1\n";
+            let at = (service(FAULTY).ipc_page + LOG_OFFSET) as *mut u8;
+            // SAFETY: the log half of the IPC page.
+            unsafe { core::ptr::copy_nonoverlapping(text.as_ptr(), at, text.len()) };
+            v.exit_vector = LOWER_SYNC;
+            v.exit_esr = ESR_HVC0;
+            v.regs.x[0] = u64::from(hypercall::SVC_LOG);
+            v.regs.x[1] = text.len() as u64;
+        });
+        on_entry(|v| {
+            assert_eq!(v.regs.x[0], 0, "SVC_LOG returns 0");
+            // A hypercall the core does not serve: NOT_SUPPORTED.
+            v.regs.x[0] = 0xdead;
+        });
+        on_entry(|v| {
+            assert_eq!(v.regs.x[0], moat_abi::smccc::NOT_SUPPORTED);
+            // Then it touches memory outside its partition.
+            with_regs(|r| r.fault_ipa = 0x1234_5000);
+            v.exit_vector = LOWER_SYNC;
+            v.exit_esr = (u64::from(moat_kernel::esr::ec::DABT_LOW) << 26) | (1 << 25);
+        });
+        let h = call_header(FAULTY, 1, 0);
+        assert_eq!(
+            call(cpu(0), FAULTY, &h, &mut small(&[]), Preemption::Never),
+            Err(Error::ServiceFailed)
+        );
+        let lines = take_lines();
+        assert!(lines.iter().any(|l| l.contains("[svc2] hello from EL1")));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("outside its partition") && l.contains("0x12345000"))
+        );
+        assert_eq!(state(FAULTY), State::Failed as u8);
+        assert_eq!(entries_left(), 0);
+    }
+
+    #[test]
+    fn a_service_is_failed_only_after_its_last_budget() {
+        let _turn = services();
+        // Each entry ends in the watchdog's own interrupt: a budget gone.
+        for _ in 0..OVERRUN_LIMIT - 1 {
+            on_entry(|v| {
+                fire_watchdog();
+                v.exit_vector = LOWER_IRQ;
+            });
+        }
+        // After the next-to-last budget, the service replies after all.
+        answer(SLOW, vec![], |_| {});
+        let h = call_header(SLOW, 1, 0);
+        assert_eq!(
+            call(cpu(0), SLOW, &h, &mut small(&[]), Preemption::Never),
+            Ok(Ok(0))
+        );
+        assert_eq!(state(SLOW), State::Ready as u8);
+        for _ in 0..OVERRUN_LIMIT {
+            on_entry(|v| {
+                fire_watchdog();
+                v.exit_vector = LOWER_IRQ;
+            });
+        }
+        assert_eq!(
+            call(cpu(0), SLOW, &h, &mut small(&[]), Preemption::Never),
+            Err(Error::ServiceFailed)
+        );
+        assert_eq!(state(SLOW), State::Failed as u8);
+        assert_eq!(entries_left(), 0);
+        assert!(
+            take_lines()
+                .iter()
+                .any(|l| l.contains("ran past its budget"))
+        );
+    }
+
+    #[test]
+    fn an_interrupted_call_is_finished_first_and_its_reissue_gets_the_reply() {
+        let _turn = services();
+        // A host interrupt stops the service mid-call.
+        on_entry(|v| {
+            set_el1_register(SP_EL1_WORD, 0x7_7000);
+            v.exit_vector = LOWER_IRQ;
+        });
+        let first = call_header(ECHO, 4, 8);
+        let mut body = small(&[5]);
+        assert_eq!(
+            call(cpu(0), ECHO, &first, &mut body, Preemption::Allowed),
+            Err(Error::Interrupted)
+        );
+        assert_eq!(state(ECHO), State::Ready as u8);
+        // The host issues it again (a new sequence number): the suspended
+        // run is finished and its reply, to the first call, is the answer;
+        // the request is not sent twice.
+        on_entry(move |v| {
+            let (call, body) = read_call(ECHO);
+            assert_eq!((call.sequence, body[0]), (first.sequence, 5));
+            write_reply(ECHO, &MessageHeader::reply_to(&call, Ok(()), 8), &[50]);
+            reply_wait(v);
+        });
+        let again = call_header(ECHO, 4, 8);
+        let mut body = small(&[5]);
+        assert_eq!(
+            call(cpu(0), ECHO, &again, &mut body, Preemption::Allowed),
+            Ok(Ok(8))
+        );
+        assert_eq!(body[0], 50);
+        assert_eq!(entries_left(), 0);
+        // Suspended again; then another call comes: the suspended one is
+        // finished (its result dropped), then the new one runs.
+        on_entry(|v| v.exit_vector = LOWER_IRQ);
+        let h = call_header(ECHO, 4, 8);
+        assert_eq!(
+            call(cpu(0), ECHO, &h, &mut small(&[6]), Preemption::Allowed),
+            Err(Error::Interrupted)
+        );
+        answer(ECHO, vec![60], |_| {});
+        answer(ECHO, vec![70], |_| {});
+        let other = call_header(ECHO, 9, 0);
+        let mut body = small(&[]);
+        assert_eq!(
+            call(cpu(0), ECHO, &other, &mut body, Preemption::Allowed),
+            Ok(Ok(8))
+        );
+        assert_eq!(body[0], 70);
+        assert_eq!(entries_left(), 0);
+        // A call the core makes is never suspended: the interrupt is left
+        // for later and the service runs on to its reply.
+        on_entry(|v| v.exit_vector = LOWER_IRQ);
+        answer(ECHO, vec![80], |_| {});
+        let r: Result<u64, Error> = call_typed(cpu(0), ECHO, 5, &7u64);
+        assert_eq!(r, Ok(80));
+    }
+
+    #[test]
+    fn a_trap_is_asked_of_its_handler_and_the_verdict_checked() {
+        let _turn = services();
+        let trap = TrapDescriptor {
+            class: 1,
+            esr: 0x6200_0000,
+            ..Default::default()
+        };
+        let verdict = Verdict {
+            action: 2,
+            reserved: 0,
+            value: 0x77,
+        };
+        let words: [u64; 2] = zerocopy::transmute!(verdict);
+        on_entry(move |v| {
+            let (call, body) = read_call(ECHO);
+            assert_eq!(call.operation, moat_abi::trap::DECIDE_OPERATION);
+            assert_eq!(body[1], 0x6200_0000);
+            write_reply(ECHO, &MessageHeader::reply_to(&call, Ok(()), 16), &words);
+            reply_wait(v);
+        });
+        match ask(cpu(0), ECHO, &trap) {
+            Answer::Verdict(v) => assert_eq!(v, verdict),
+            _ => panic!("no verdict"),
+        }
+        // A verdict of the wrong size is no verdict.
+        answer(ECHO, vec![2], |_| {});
+        assert!(matches!(ask(cpu(0), ECHO, &trap), Answer::Refused));
+        // Interrupted: the instruction runs again later.
+        on_entry(|v| v.exit_vector = LOWER_IRQ);
+        assert!(matches!(ask(cpu(0), ECHO, &trap), Answer::Interrupted));
+        answer(ECHO, vec![], |_| {});
+        answer(ECHO, vec![], |_| {});
+        let h = call_header(ECHO, 1, 0);
+        assert_eq!(
+            call(cpu(0), ECHO, &h, &mut small(&[]), Preemption::Allowed),
+            Ok(Ok(0))
+        );
+        assert_eq!(entries_left(), 0);
+    }
+
+    #[test]
+    fn a_stopped_service_is_restarted_from_its_image_with_nothing_kept() {
+        let _turn = services();
+        let s = service(LEDGER);
+        // Only a service whose image the core keeps can be restarted.
+        assert_eq!(service(ECHO).restart(cpu(0)), Err(Error::NotSupported));
+        // The running service scribbles over its memory and IPC page.
+        on_entry(|v| {
+            let s = service(LEDGER);
+            // SAFETY: the service's memory and IPC page (heap pages of the
+            // test process), which the service owns while it runs.
+            unsafe {
+                (s.memory.base as *mut u8).write_bytes(0xee, s.memory.size as usize);
+                (s.ipc_page as *mut u8).add(2048).write_bytes(0xee, 2048);
+            }
+            set_el1_register(3, 0xeeee);
+            v.regs.x[5] = 0xeeee;
+            // Another CPU cannot restart it while it is in a call.
+            set_mpidr(1);
+            assert_eq!(service(LEDGER).restart(cpu(1)), Err(Error::Busy));
+            set_mpidr(0);
+            let (call, _) = read_call(LEDGER);
+            write_reply(LEDGER, &MessageHeader::reply_to(&call, Ok(()), 0), &[]);
+            reply_wait(v);
+        });
+        let h = call_header(LEDGER, 1, 0);
+        assert_eq!(
+            call(cpu(0), LEDGER, &h, &mut small(&[]), Preemption::Never),
+            Ok(Ok(0))
+        );
+        s.stop("a test stops it");
+        assert_eq!(
+            call(cpu(0), LEDGER, &h, &mut small(&[]), Preemption::Never),
+            Err(Error::ServiceFailed)
+        );
+        let memory = s.memory;
+        let ipc = s.ipc_page;
+        on_entry(move |v| {
+            // It starts again as at boot: its image in memory, the rest
+            // zero, its IPC page zero, its registers and EL1 state reset.
+            // SAFETY: as above.
+            let mem = unsafe {
+                core::slice::from_raw_parts(memory.base as *const u8, memory.size as usize)
+            };
+            assert_eq!(mem[..8], 0x5eed_u64.to_le_bytes());
+            assert_eq!(&mem[8..16], b"MOATSVC1");
+            assert!(mem[2 * PAGE as usize..].iter().all(|b| *b == 0));
+            // SAFETY: as above.
+            let page = unsafe { core::slice::from_raw_parts(ipc as *const u8, PAGE as usize) };
+            assert!(page.iter().all(|b| *b == 0));
+            assert_eq!(v.regs.pc, SERVICE_BASE_IPA);
+            assert_eq!((v.regs.x[1], v.regs.x[5]), (IPC_PAGE_IPA, 0));
+            assert_eq!(el1_registers()[3], 0);
+            reply_wait(v);
+        });
+        assert_eq!(s.restart(cpu(0)), Ok(()));
+        assert_eq!(state(LEDGER), State::Ready as u8);
+        answer(LEDGER, vec![], |_| {});
+        assert_eq!(
+            call(cpu(0), LEDGER, &h, &mut small(&[]), Preemption::Never),
+            Ok(Ok(0))
+        );
+        assert_eq!(entries_left(), 0);
+    }
+
+    #[test]
+    fn service_headers_are_checked_before_a_service_is_made() {
+        let image = image();
+        let header = parse_header(&image).unwrap();
+        assert_eq!((header.text_size, header.footprint), (PAGE, 2 * PAGE));
+        let mut bad = image.clone();
+        bad[8] = b'X';
+        assert!(parse_header(&bad).is_none());
+        let mut bad = image.clone();
+        bad[16..24].copy_from_slice(&(PAGE + 1).to_le_bytes());
+        assert!(parse_header(&bad).is_none());
+        let mut bad = image.clone();
+        bad[16..24].copy_from_slice(&(4 * PAGE).to_le_bytes());
+        assert!(parse_header(&bad).is_none(), "text past the footprint");
+        let mut long = image.clone();
+        long.resize(3 * PAGE as usize, 0);
+        assert!(parse_header(&long).is_none(), "image past the footprint");
+        assert!(parse_header(&image[..20]).is_none());
+    }
+
+    #[test]
+    fn observers_hear_of_their_traps_and_large_bodies_go_whole() {
+        let _turn = services();
+        assert!(
+            routes()
+                .unwrap()
+                .is_observed(moat_abi::trap::TrapClass::Smc)
+        );
+        // A trap of a class nobody observes goes nowhere (nothing queued).
+        let mut trap = TrapDescriptor {
+            class: moat_abi::trap::TrapClass::Hvc as u32,
+            esr: 0x5e00_0000,
+            ..Default::default()
+        };
+        notify_observers(cpu(0), &trap);
+        // One of a class the echo service observes is sent to it; its
+        // answer does not matter.
+        trap.class = moat_abi::trap::TrapClass::Smc as u32;
+        on_entry(|v| {
+            let (call, body) = read_call(ECHO);
+            assert_eq!(call.operation, moat_abi::trap::OBSERVE_OPERATION);
+            assert_eq!(body[1], 0x5e00_0000);
+            let reply = MessageHeader::reply_to(&call, Err(Error::Denied), 0);
+            write_reply(ECHO, &reply, &[]);
+            reply_wait(v);
+        });
+        notify_observers(cpu(0), &trap);
+        assert_eq!(entries_left(), 0);
+        // A request and a reply past the small body's words go whole.
+        let request: [u64; 12] = core::array::from_fn(|i| i as u64 + 1);
+        on_entry(|v| {
+            let page = service(ECHO).ipc_page as *const u64;
+            let (call, _) = read_call(ECHO);
+            assert_eq!(call.payload_len, 96);
+            // SAFETY: as in `read_call`.
+            let last = unsafe { page.add(HEADER_WORDS + 11).read_volatile() };
+            assert_eq!(last, 12);
+            let body: Vec<u64> = (0..12).map(|i| 100 + i).collect();
+            write_reply(ECHO, &MessageHeader::reply_to(&call, Ok(()), 96), &body);
+            reply_wait(v);
+        });
+        let reply: Result<[u64; 12], Error> = call_typed(cpu(0), ECHO, 6, &request);
+        assert_eq!(reply.map(|r| r[11]), Ok(111));
+        assert_eq!(index_of(interface(ECHO)), Some(ECHO));
+        assert_eq!(index_of(0x6f), None);
+    }
+
+    #[test]
+    fn the_ledgers_calls_go_to_the_service_serving_its_interface() {
+        use crate::memory::Ledger;
+        use moat_abi::services::{FrameRange, Party};
+        let _turn = services();
+        // The service answers each call with the words `reply` gives for
+        // its operation and request.
+        fn serve(reply: fn(u16, &[u64; 4]) -> Vec<u64>) {
+            on_entry(move |v| {
+                let (call, body) = read_call(LEDGER);
+                let words = reply(call.operation, &body);
+                let header = MessageHeader::reply_to(&call, Ok(()), 8 * words.len() as u32);
+                write_reply(LEDGER, &header, &words);
+                reply_wait(v);
+            });
+        }
+        let extent = LedgerExtent {
+            frames: FrameRange {
+                start: 0x40,
+                count: 2,
+            },
+            owner: Party { kind: 1, id: 0 },
+            borrower: Party { kind: 2, id: 0 },
+        };
+        let words: [u64; 4] = zerocopy::transmute!(extent);
+        serve(|op, body| {
+            assert_eq!((op, body[0]), (ledger::Operation::lookup as u16, 0x41));
+            vec![0x40, 2, 1, 2]
+        });
+        assert_eq!(super::LEDGER.lookup(cpu(0), 0x41), Ok(extent));
+        assert_eq!(words, [0x40, 2, 1, 2]);
+        serve(|op, body| {
+            assert_eq!((op, body[0]), (ledger::Operation::extent as u16, 3));
+            vec![0x40, 2, 1, 2]
+        });
+        assert_eq!(super::LEDGER.extent(cpu(0), 3), Ok(extent));
+        serve(|op, body| {
+            assert_eq!((op, body[0]), (ledger::Operation::commit as u16, 9));
+            vec![10]
+        });
+        assert_eq!(super::LEDGER.commit(cpu(0), 9), Ok(10));
+        // A transaction is larger than a small body: it comes back whole.
+        serve(|op, _| {
+            assert_eq!(op, ledger::Operation::prepare as u16);
+            let tx = LedgerTransaction {
+                generation: 77,
+                change_count: 1,
+                ..Default::default()
+            };
+            let words: [u64; size_of::<LedgerTransaction>() / 8] = zerocopy::transmute!(tx);
+            words.to_vec()
+        });
+        let tx = super::LEDGER
+            .prepare(cpu(0), &LedgerRequest::default())
+            .unwrap();
+        assert_eq!((tx.generation, tx.change_count), (77, 1));
+        // Booting it: the RAM and the hypervisor's memory in frames.
+        serve(|op, body| {
+            assert_eq!(op, ledger::Operation::boot as u16);
+            // The counts, then the first RAM range.
+            assert_eq!(body[..3], [1 | (1 << 32), 0x4_0000, 0x100]);
+            vec![5, 4096]
+        });
+        let ram = [Range::new(0x4000_0000, 0x10_0000).unwrap()];
+        let hyp = [Range::new(0x4010_0000, 0x1000).unwrap()];
+        assert_eq!(ledger_boot(cpu(0), &ram, &hyp), Some(Ok((5, 4096))));
+        // No MTE policy service here: the host gets MTE as the hardware has it.
+        assert!(host_mte_policy(cpu(0), 2, "", 0).is_none());
+        assert_eq!(entries_left(), 0);
     }
 }

@@ -34,8 +34,10 @@
 //!                    Free
 //! ```
 
-use crate::arch::sysreg::{self, El1Context};
-use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, MAX_CPUS, PerCpu, Vcpu, enter_nested};
+use crate::arch::enter_nested;
+use crate::arch::fpsimd::{self, FpState};
+use crate::arch::sysreg::{self, El1Context, MteRegs};
+use crate::base::cpu::{LOWER_FIQ, LOWER_IRQ, LOWER_SYNC, MAX_CPUS, PerCpu, Vcpu};
 use crate::base::heap::try_box;
 use crate::base::state::machine;
 use crate::device::vgic::{self, VgicCpu};
@@ -90,99 +92,6 @@ impl Status {
     }
 }
 
-/// The FP/SIMD registers: the core itself never uses them, so the host's
-/// stay live in the CPU except while a VM runs.
-#[derive(Clone, Copy)]
-#[repr(C, align(16))]
-struct FpState {
-    q: [u128; 32],
-    fpsr: u64,
-    fpcr: u64,
-}
-
-impl FpState {
-    const ZERO: Self = Self {
-        q: [0; 32],
-        fpsr: 0,
-        fpcr: 0,
-    };
-
-    fn save(&mut self) {
-        let p = self as *mut Self as u64;
-        // SAFETY: stores the 32 vector registers and FPSR/FPCR into `self`
-        // (repr(C), 16-byte aligned, 528 bytes); CPTR_EL2.TFP is clear for
-        // the core while a VM is being switched.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension fp",
-                ".arch_extension simd",
-                "stp q0, q1, [{p}, #0]", "stp q2, q3, [{p}, #32]",
-                "stp q4, q5, [{p}, #64]", "stp q6, q7, [{p}, #96]",
-                "stp q8, q9, [{p}, #128]", "stp q10, q11, [{p}, #160]",
-                "stp q12, q13, [{p}, #192]", "stp q14, q15, [{p}, #224]",
-                "stp q16, q17, [{p}, #256]", "stp q18, q19, [{p}, #288]",
-                "stp q20, q21, [{p}, #320]", "stp q22, q23, [{p}, #352]",
-                "stp q24, q25, [{p}, #384]", "stp q26, q27, [{p}, #416]",
-                "stp q28, q29, [{p}, #448]", "stp q30, q31, [{p}, #480]",
-                "mrs {t}, fpsr", "str {t}, [{p}, #512]",
-                "mrs {t}, fpcr", "str {t}, [{p}, #520]",
-                p = in(reg) p, t = out(reg) _,
-                options(nostack, preserves_flags),
-            );
-        }
-    }
-
-    fn load(&self) {
-        let p = self as *const Self as u64;
-        // SAFETY: the inverse of `save`; the vector registers belong to
-        // whichever partition runs next.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension fp",
-                ".arch_extension simd",
-                "ldp q0, q1, [{p}, #0]", "ldp q2, q3, [{p}, #32]",
-                "ldp q4, q5, [{p}, #64]", "ldp q6, q7, [{p}, #96]",
-                "ldp q8, q9, [{p}, #128]", "ldp q10, q11, [{p}, #160]",
-                "ldp q12, q13, [{p}, #192]", "ldp q14, q15, [{p}, #224]",
-                "ldp q16, q17, [{p}, #256]", "ldp q18, q19, [{p}, #288]",
-                "ldp q20, q21, [{p}, #320]", "ldp q22, q23, [{p}, #352]",
-                "ldp q24, q25, [{p}, #384]", "ldp q26, q27, [{p}, #416]",
-                "ldp q28, q29, [{p}, #448]", "ldp q30, q31, [{p}, #480]",
-                "ldr {t}, [{p}, #512]", "msr fpsr, {t}",
-                "ldr {t}, [{p}, #520]", "msr fpcr, {t}",
-                p = in(reg) p, t = out(reg) _,
-                options(nostack, preserves_flags),
-            );
-        }
-    }
-
-    /// Saves only FPSR and FPCR (the V registers are saved as part of Z).
-    fn save_control(&mut self) {
-        // SAFETY: reads FPSR and FPCR; CPTR_EL2.TFP is clear here.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension fp",
-                "mrs {s}, fpsr", "mrs {c}, fpcr",
-                s = out(reg) self.fpsr, c = out(reg) self.fpcr,
-                options(nomem, nostack, preserves_flags),
-            );
-        }
-    }
-
-    /// Loads only FPSR and FPCR.
-    fn load_control(&self) {
-        // SAFETY: writes FPSR and FPCR, the host's own, back.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension fp",
-                "msr fpsr, {s}", "msr fpcr, {c}",
-                s = in(reg) self.fpsr, c = in(reg) self.fpcr,
-                options(nomem, nostack, preserves_flags),
-            );
-        }
-    }
-}
-
 /// The host's vector state while a VM runs: on a CPU with SVE its whole Z
 /// registers (which hold the V registers) and FPSR/FPCR, otherwise its V
 /// registers and FPSR/FPCR. Kept with each vCPU (the vCPUs of a VM run on
@@ -222,12 +131,8 @@ impl HostVectors {
     fn load(&self) {
         match self.sve.as_ref() {
             Some(z) => {
-                // The host's CPTR_EL2, which lets SVE through, must be in
-                // effect before the first SVE instruction: a direct write
-                // needs a context synchronization event (`switch_el2` leaves
-                // it to the ERET, which comes too late here).
-                // SAFETY: a barrier.
-                unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+                // `fpsimd::load_z` puts the host's CPTR_EL2, which lets SVE
+                // through, in effect (an ISB) before its first SVE load.
                 z.load();
                 self.fp.load_control();
             }
@@ -282,71 +187,21 @@ impl SveSave {
 
     /// Whether Z0..Z31 at the vector length in force now fit the area.
     fn fits(&self) -> bool {
-        let vl: u64;
-        // SAFETY: reads the vector length at EL2; runs under the host's
-        // CPTR_EL2, which does not trap SVE.
-        unsafe {
-            core::arch::asm!(".arch_extension sve", "rdvl {}, #1", out(reg) vl, options(nomem, nostack, preserves_flags))
-        };
-        vl.checked_mul(32).is_some_and(|b| b <= self.z.len() as u64)
+        fpsimd::sve_vector_bytes()
+            .checked_mul(32)
+            .is_some_and(|b| b <= self.z.len() as u64)
     }
 
     fn save(&mut self) {
-        let p = self.z.as_mut_ptr();
-        // SAFETY: stores Z0..Z31 at the EL2 vector length into the area,
-        // which `run` checked they fit (`fits`) with PSTATE.SM clear; runs
-        // under the host's CPTR_EL2, which does not trap SVE.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension sve",
-                "str z0, [{p}, #0, mul vl]", "str z1, [{p}, #1, mul vl]",
-                "str z2, [{p}, #2, mul vl]", "str z3, [{p}, #3, mul vl]",
-                "str z4, [{p}, #4, mul vl]", "str z5, [{p}, #5, mul vl]",
-                "str z6, [{p}, #6, mul vl]", "str z7, [{p}, #7, mul vl]",
-                "str z8, [{p}, #8, mul vl]", "str z9, [{p}, #9, mul vl]",
-                "str z10, [{p}, #10, mul vl]", "str z11, [{p}, #11, mul vl]",
-                "str z12, [{p}, #12, mul vl]", "str z13, [{p}, #13, mul vl]",
-                "str z14, [{p}, #14, mul vl]", "str z15, [{p}, #15, mul vl]",
-                "str z16, [{p}, #16, mul vl]", "str z17, [{p}, #17, mul vl]",
-                "str z18, [{p}, #18, mul vl]", "str z19, [{p}, #19, mul vl]",
-                "str z20, [{p}, #20, mul vl]", "str z21, [{p}, #21, mul vl]",
-                "str z22, [{p}, #22, mul vl]", "str z23, [{p}, #23, mul vl]",
-                "str z24, [{p}, #24, mul vl]", "str z25, [{p}, #25, mul vl]",
-                "str z26, [{p}, #26, mul vl]", "str z27, [{p}, #27, mul vl]",
-                "str z28, [{p}, #28, mul vl]", "str z29, [{p}, #29, mul vl]",
-                "str z30, [{p}, #30, mul vl]", "str z31, [{p}, #31, mul vl]",
-                p = in(reg) p,
-                options(nostack, preserves_flags),
-            );
-        }
+        // SAFETY: `run` checked that Z0..Z31 at the EL2 vector length fit
+        // the area (`fits`) with PSTATE.SM clear; it runs under the host's
+        // CPTR_EL2, which does not trap SVE.
+        unsafe { fpsimd::save_z(&mut self.z) };
     }
 
     fn load(&self) {
-        let p = self.z.as_ptr();
         // SAFETY: the inverse of `save`, under the host's CPTR_EL2 again.
-        unsafe {
-            core::arch::asm!(
-                ".arch_extension sve",
-                "ldr z0, [{p}, #0, mul vl]", "ldr z1, [{p}, #1, mul vl]",
-                "ldr z2, [{p}, #2, mul vl]", "ldr z3, [{p}, #3, mul vl]",
-                "ldr z4, [{p}, #4, mul vl]", "ldr z5, [{p}, #5, mul vl]",
-                "ldr z6, [{p}, #6, mul vl]", "ldr z7, [{p}, #7, mul vl]",
-                "ldr z8, [{p}, #8, mul vl]", "ldr z9, [{p}, #9, mul vl]",
-                "ldr z10, [{p}, #10, mul vl]", "ldr z11, [{p}, #11, mul vl]",
-                "ldr z12, [{p}, #12, mul vl]", "ldr z13, [{p}, #13, mul vl]",
-                "ldr z14, [{p}, #14, mul vl]", "ldr z15, [{p}, #15, mul vl]",
-                "ldr z16, [{p}, #16, mul vl]", "ldr z17, [{p}, #17, mul vl]",
-                "ldr z18, [{p}, #18, mul vl]", "ldr z19, [{p}, #19, mul vl]",
-                "ldr z20, [{p}, #20, mul vl]", "ldr z21, [{p}, #21, mul vl]",
-                "ldr z22, [{p}, #22, mul vl]", "ldr z23, [{p}, #23, mul vl]",
-                "ldr z24, [{p}, #24, mul vl]", "ldr z25, [{p}, #25, mul vl]",
-                "ldr z26, [{p}, #26, mul vl]", "ldr z27, [{p}, #27, mul vl]",
-                "ldr z28, [{p}, #28, mul vl]", "ldr z29, [{p}, #29, mul vl]",
-                "ldr z30, [{p}, #30, mul vl]", "ldr z31, [{p}, #31, mul vl]",
-                p = in(reg) p,
-                options(nostack, preserves_flags),
-            );
-        }
+        unsafe { fpsimd::load_z(&self.z) };
     }
 }
 
@@ -1044,7 +899,7 @@ fn run_loaded(
 ) -> (Exit, Status) {
     st.vcpu.cpu = cpu.index as u64;
 
-    let host_csselr = arm_sysregs::read_csselr_el1();
+    let host_csselr = sysreg::read_csselr();
     // SAFETY: this CPU loaded the vCPU; the host's EL1 state is saved
     // before the VM's is loaded and restored after.
     unsafe {
@@ -1065,7 +920,7 @@ fn run_loaded(
     let benchmark = m.host_el2.mdcr & moat_kernel::el2config::MDCR_HPMD == 0;
     // SAFETY: the host's EL1 state is saved and the VM's about to run.
     let host_monitors = unsafe { sysreg::ParkedHostMonitors::park(&m.cpu, benchmark) };
-    arm_sysregs::write_csselr_el1(st.csselr);
+    sysreg::write_csselr(st.csselr);
     let mut host_mte = MteRegs::default();
     if vm.mte {
         host_mte.save();
@@ -1086,19 +941,8 @@ fn run_loaded(
         // the guest has since invalidated on another CPU, or that another
         // vCPU of the VM left here (its guest-local invalidations never
         // reached this vCPU's view).
-        // SAFETY: local TLB maintenance for the VM's VMID, just loaded.
-        unsafe {
-            core::arch::asm!(
-                // TLBI VMALLS12E1 acts on the VMID in VTTBR_EL2, and a
-                // direct write of it is only certain to be seen by later
-                // instructions after a context synchronization event.
-                "isb",
-                "tlbi vmalls12e1",
-                "dsb nsh",
-                "isb",
-                options(nostack, preserves_flags)
-            )
-        };
+        // The VM's VMID is in VTTBR_EL2 (`switch_el2` above).
+        crate::arch::tlb::invalidate_local_vmid();
     }
 
     // The run ends by the host's own timer or after one slice at the latest
@@ -1169,14 +1013,14 @@ fn run_loaded(
         host_mte.load();
     }
     host_monitors.restore();
-    st.csselr = arm_sysregs::read_csselr_el1();
+    st.csselr = sysreg::read_csselr();
     st.fp.save();
     // SAFETY: as above, in reverse.
     unsafe {
         st.el1.save();
         (*cpu.host_el1.get()).load();
     }
-    arm_sysregs::write_csselr_el1(host_csselr);
+    sysreg::write_csselr(host_csselr);
     sysreg::set_vmpidr(sysreg::mpidr());
     let hel2 = &machine().host_el2;
     // SAFETY: back to the host's own controls and stage-2.
@@ -1411,47 +1255,6 @@ fn mte_policy(cpu: &PerCpu, handle: u16, flags: VmFlags) -> Result<bool, Error> 
         (false, false) => Ok(false),
         (false, true) => Err(Error::Denied),
         _ => Err(Error::ServiceFailed),
-    }
-}
-
-/// The MTE registers of an MTE-on VM, switched with its vCPU: the tag
-/// generation controls and the tag-check fault status.
-#[derive(Clone, Copy, Debug, Default)]
-struct MteRegs {
-    gcr: u64,
-    rgsr: u64,
-    tfsr: u64,
-    tfsre0: u64,
-}
-
-impl MteRegs {
-    fn save(&mut self) {
-        // SAFETY: reads GCR_EL1, RGSR_EL1, TFSR_EL1 and TFSRE0_EL1 (by
-        // encoding), which exist when the hardware has tag storage (the
-        // only case an MTE-on VM exists).
-        unsafe {
-            core::arch::asm!(
-                "mrs {g}, s3_0_c1_c0_6", "mrs {r}, s3_0_c1_c0_5",
-                "mrs {t}, s3_0_c5_c6_0", "mrs {e}, s3_0_c5_c6_1",
-                g = out(reg) self.gcr, r = out(reg) self.rgsr,
-                t = out(reg) self.tfsr, e = out(reg) self.tfsre0,
-                options(nomem, nostack, preserves_flags),
-            );
-        }
-    }
-
-    fn load(&self) {
-        // SAFETY: as for `save`; the registers belong to the partition
-        // about to run.
-        unsafe {
-            core::arch::asm!(
-                "msr s3_0_c1_c0_6, {g}", "msr s3_0_c1_c0_5, {r}",
-                "msr s3_0_c5_c6_0, {t}", "msr s3_0_c5_c6_1, {e}",
-                g = in(reg) self.gcr, r = in(reg) self.rgsr,
-                t = in(reg) self.tfsr, e = in(reg) self.tfsre0,
-                options(nomem, nostack, preserves_flags),
-            );
-        }
     }
 }
 
@@ -1785,4 +1588,704 @@ pub fn lock_all_idle() -> Result<IdleVms, Error> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Protected VMs over the host stand-in for `arch`: a run's entry into
+    //! the guest is scripted (`arch::on_entry`: what the guest does and how
+    //! it traps back), the VM's memory is the memory tests' RAM buffer and
+    //! its ledger their ledger (`memory::tests::world`). Each test leaves
+    //! every slot free again.
+
+    use super::*;
+    use crate::arch::fpsimd::{self, FpState};
+    use crate::arch::sysreg::{
+        HOST_CPTR, HOST_HCR, el1_registers, el2_controls, set_el1_register, set_mpidr,
+        set_streaming_state, with_regs,
+    };
+    use crate::arch::{PartitionOp, clear_entries, entries_left, on_entry, take_partition_log};
+    use crate::memory::tests::{serial, world};
+    use std::sync::MutexGuard;
+
+    /// Where the VM tests' frames are in the test RAM.
+    const FRAMES: u64 = 7 << 20;
+    const ENTRY: u64 = 0x8_0000;
+    /// The IPA the tests donate their first page at.
+    const IPA: u64 = 0x4000_0000;
+
+    fn turn() -> MutexGuard<'static, ()> {
+        let turn = serial();
+        world();
+        set_mpidr(0);
+        clear_entries();
+        take_partition_log();
+        turn
+    }
+
+    fn cpu(i: usize) -> &'static PerCpu {
+        crate::base::cpu::get(i).unwrap()
+    }
+
+    /// Frame `n` of the tests' frames.
+    fn frame(n: u64) -> u64 {
+        world().ram + FRAMES + n * PAGE
+    }
+
+    fn target(handle: u16) -> u64 {
+        abi::run_target(handle, 0)
+    }
+
+    fn status(handle: u16) -> Status {
+        SLOTS[usize::from(handle) - 1].status()
+    }
+
+    /// The guest traps with `esr`.
+    fn trap(v: &mut Vcpu, esr: u64) {
+        v.exit_vector = LOWER_SYNC;
+        v.exit_esr = esr;
+    }
+
+    /// The guest calls `x[0]` with `x[1..]`.
+    fn hvc(v: &mut Vcpu, x: &[u64]) {
+        v.regs.x[..x.len()].copy_from_slice(x);
+        trap(v, esr::HVC0);
+    }
+
+    /// The guest waits for an interrupt (WFI).
+    fn wfi(v: &mut Vcpu) {
+        trap(v, (u64::from(esr::ec::WFX) << 26) | (1 << 25));
+    }
+
+    fn run0(handle: u16) -> Result<Exit, Error> {
+        run(cpu(0), target(handle), [0; 4], [0; 2])
+    }
+
+    /// A VM with one page donated at [`IPA`] (frame 0).
+    fn vm_with_a_page() -> u16 {
+        let handle = create(cpu(0), ENTRY, 0, 1).unwrap();
+        assert_eq!(status(handle), Status::Alive);
+        donate(cpu(0), u64::from(handle), frame(0), 1, IPA).unwrap();
+        handle
+    }
+
+    /// Destroys the VM and takes frame 0 back: its slot is free again.
+    fn destroy_and_reclaim(handle: u16) {
+        destroy(cpu(0), u64::from(handle)).unwrap();
+        assert_eq!(status(handle), Status::Dying);
+        // What a restarted ledger would be rebuilt from: a destroyed VM
+        // still holding its page.
+        {
+            let idle = lock_all_idle().unwrap();
+            let (_, dying, regions) = idle.records().find(|r| r.0 == handle).unwrap();
+            assert!(dying);
+            assert_eq!(regions.iter().map(|r| r.pa).collect::<Vec<_>>(), [frame(0)]);
+        }
+        reclaim(cpu(0), u64::from(handle), frame(0), 1).unwrap();
+        assert_eq!(status(handle), Status::Free);
+        assert_eq!(
+            slot_of(u64::from(handle)).map(|_| ()),
+            Err(Error::InvalidParameters)
+        );
+    }
+
+    #[test]
+    fn the_lifecycle_refuses_each_call_out_of_order_with_a_typed_error() {
+        let _turn = turn();
+        let cpu = cpu(0);
+        // Creation: unknown flags, a misaligned entry, too many vCPUs,
+        // several without a virtual GIC, features the machine lacks.
+        assert_eq!(create(cpu, ENTRY, 1 << 5, 1), Err(Error::InvalidParameters));
+        assert_eq!(create(cpu, ENTRY + 2, 0, 1), Err(Error::InvalidParameters));
+        assert_eq!(
+            create(cpu, ENTRY, VmFlags::VGIC, 9),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(create(cpu, ENTRY, 0, 2), Err(Error::InvalidParameters));
+        assert_eq!(
+            create(cpu, ENTRY, VmFlags::MTE, 1),
+            Err(Error::NotSupported)
+        );
+        assert_eq!(
+            create(cpu, ENTRY, VmFlags::VGIC, 2),
+            Err(Error::NotSupported)
+        );
+        // No VM yet.
+        assert_eq!(run0(1), Err(Error::InvalidParameters));
+        assert_eq!(destroy(cpu, 1), Err(Error::InvalidParameters));
+        assert_eq!(destroy(cpu, 0), Err(Error::InvalidParameters));
+        assert_eq!(destroy(cpu, 1 << 16), Err(Error::InvalidParameters));
+
+        let mut regs = GuestRegs::default();
+        regs.x[1] = ENTRY;
+        assert_eq!(host_call(cpu, &mut regs, abi::VM_CREATE), Some(Ok(())));
+        let handle = regs.x[1] as u16;
+        assert_eq!(status(handle), Status::Alive);
+        let h = u64::from(handle);
+        // Reclaim is for a destroyed VM.
+        assert_eq!(reclaim(cpu, h, frame(0), 1), Err(Error::Denied));
+        // Donations: empty, misaligned, past the IPA space, over a page
+        // already there.
+        assert_eq!(
+            donate(cpu, h, frame(0), 0, IPA),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(
+            donate(cpu, h, frame(0) + 8, 1, IPA),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(
+            donate(cpu, h, frame(0), 1, IPA + 8),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(
+            donate(cpu, h, frame(0), 1, 1 << 48),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(donate(cpu, h, frame(0), 1, IPA), Ok(()));
+        assert_eq!(
+            donate(cpu, h, frame(1), 1, IPA),
+            Err(Error::InvalidParameters)
+        );
+        // Runs: a target with bits past the vCPU, a vCPU no VM has, one
+        // this VM lacks.
+        assert_eq!(
+            run(cpu, 1 << 32 | h, [0; 4], [0; 2]),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(
+            run(cpu, abi::run_target(handle, 8), [0; 4], [0; 2]),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(
+            run(cpu, abi::run_target(handle, 1), [0; 4], [0; 2]),
+            Err(Error::InvalidParameters)
+        );
+        // A host in streaming mode is refused before anything is looked at.
+        set_streaming_state(1);
+        assert_eq!(run0(handle), Err(Error::Denied));
+        set_streaming_state(0);
+        // Injections need a virtual GIC; refused with the vCPU put back.
+        let inject = [Injection::new(40, 0x80).0, 0];
+        assert_eq!(
+            run(cpu, target(handle), [0; 4], inject),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(entries_left(), 0, "nothing ran");
+        // It runs; then an image can no longer be loaded.
+        on_entry(|v| {
+            assert_eq!(v.regs.pc, ENTRY);
+            wfi(v);
+        });
+        assert_eq!(run0(handle).map(|e| e.reason), Ok(ExitReason::Wfi));
+        assert_eq!(load(cpu, h, IPA, frame(2), 8), Err(Error::Denied));
+        destroy_and_reclaim(handle);
+        // Gone: every call about it is refused.
+        assert_eq!(run0(handle), Err(Error::InvalidParameters));
+        assert_eq!(
+            donate(cpu, h, frame(0), 1, IPA),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(entries_left(), 0);
+    }
+
+    #[test]
+    fn a_running_vcpu_is_busy_for_another_cpu_and_its_vm_is_left_alone() {
+        let _turn = turn();
+        let handle = vm_with_a_page();
+        let h = u64::from(handle);
+        on_entry(move |v| {
+            // While CPU 0 runs the vCPU, CPU 1 asks for it, and for what
+            // needs the VM idle: each is refused, nothing changed.
+            set_mpidr(1);
+            let other = cpu(1);
+            assert_eq!(run(other, target(handle), [0; 4], [0; 2]), Err(Error::Busy));
+            assert_eq!(donate(other, h, frame(1), 1, IPA + PAGE), Err(Error::Busy));
+            assert_eq!(load(other, h, IPA, frame(2), 8), Err(Error::Busy));
+            assert_eq!(destroy(other, h), Err(Error::Busy));
+            assert_eq!(reclaim(other, h, frame(0), 1), Err(Error::Denied));
+            assert_eq!(status(handle), Status::Alive);
+            // The consistency checker leaves a running VM out.
+            let idle = lock_all_idle().unwrap();
+            assert_eq!(idle.running, 1);
+            assert!(idle.stage2s().all(|(vm, _, _)| vm != handle));
+            drop(idle);
+            set_mpidr(0);
+            wfi(v);
+        });
+        assert_eq!(run0(handle).map(|e| e.reason), Ok(ExitReason::Wfi));
+        // Put back: another CPU may run it now, and flushes the VMID from
+        // its TLB first (the vCPU last ran elsewhere); the same CPU again
+        // does not.
+        let vmid = VMID_BASE + handle - 1;
+        take_partition_log();
+        set_mpidr(1);
+        on_entry(wfi);
+        assert_eq!(
+            run(cpu(1), target(handle), [0; 4], [0; 2]).map(|e| e.reason),
+            Ok(ExitReason::Wfi)
+        );
+        on_entry(wfi);
+        assert_eq!(
+            run(cpu(1), target(handle), [0; 4], [0; 2]).map(|e| e.reason),
+            Ok(ExitReason::Wfi)
+        );
+        set_mpidr(0);
+        let flushes: Vec<_> = take_partition_log()
+            .into_iter()
+            .filter(|op| matches!(op, PartitionOp::InvalidateLocalVmid { .. }))
+            .collect();
+        assert_eq!(flushes, [PartitionOp::InvalidateLocalVmid { vmid }]);
+        // And the VM, idle, can be changed again.
+        assert_eq!(donate(cpu(0), h, frame(1), 1, IPA + PAGE), Ok(()));
+        destroy(cpu(0), h).unwrap();
+        reclaim(cpu(0), h, frame(1), 1).unwrap();
+        assert_eq!(status(handle), Status::Dying);
+        reclaim(cpu(0), h, frame(0), 1).unwrap();
+        assert_eq!(status(handle), Status::Free);
+    }
+
+    #[test]
+    fn the_host_gets_its_registers_back_and_the_guest_keeps_its_own() {
+        let _turn = turn();
+        let handle = vm_with_a_page();
+        for w in 0..24 {
+            set_el1_register(w, 0x1000 + w as u64);
+        }
+        let host_el1 = el1_registers();
+        let mut host_fp = FpState::ZERO;
+        host_fp.q[7] = 0x77;
+        host_fp.fpcr = 0x300_0000;
+        fpsimd::set_cpu_registers(host_fp);
+        let host_el2 = el2_controls();
+        assert_eq!(host_el2[..2], [0, 0], "not yet switched");
+        on_entry(|v| {
+            // The guest's state at reset: none of the host's.
+            let el1 = el1_registers();
+            assert_eq!(el1[0], moat_kernel::el2config::SCTLR_EL1_RESET);
+            assert!(el1[1..].iter().all(|w| *w == 0));
+            assert_eq!(fpsimd::cpu_registers(), FpState::ZERO);
+            assert_ne!(el2_controls()[0], HOST_HCR);
+            // It changes them, and calls the host.
+            set_el1_register(4, 0xaaaa);
+            let mut fp = FpState::ZERO;
+            fp.q[0] = 0xbbbb;
+            fpsimd::set_cpu_registers(fp);
+            hvc(v, &[0xc600_0fff, 1, 2, 3, 4, 5]);
+        });
+        let exit = run0(handle).unwrap();
+        assert_eq!(exit.reason, ExitReason::Hvc);
+        assert_eq!(exit.detail, [0xc600_0fff, 1, 2, 3, 4, 5]);
+        // The host's EL1, FP/SIMD and EL2 state, as it left them.
+        assert_eq!(el1_registers(), host_el1);
+        assert_eq!(fpsimd::cpu_registers(), host_fp);
+        let host_vttbr = crate::base::state::machine().host_el2.vttbr;
+        assert_eq!(el2_controls(), [HOST_HCR, HOST_CPTR, 0x6, 0x3, host_vttbr]);
+        // The next run: the guest finds its own state, and the host's
+        // answer to its call in x0..x3.
+        on_entry(|v| {
+            assert_eq!(el1_registers()[4], 0xaaaa);
+            assert_eq!(fpsimd::cpu_registers().q[0], 0xbbbb);
+            assert_eq!(v.regs.x[..4], [10, 11, 12, 13]);
+            wfi(v);
+        });
+        let exit = run(cpu(0), target(handle), [10, 11, 12, 13], [0; 2]).unwrap();
+        assert_eq!(exit.reason, ExitReason::Wfi);
+        assert_eq!(el1_registers(), host_el1);
+        assert_eq!(fpsimd::cpu_registers(), host_fp);
+        // The guest's MPIDR names its vCPU while it runs; the CPU's after.
+        let vmpidr: Vec<_> = take_partition_log()
+            .into_iter()
+            .filter_map(|op| match op {
+                PartitionOp::SetVmpidr(v) => Some(v),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(vmpidr, [1 << 31, 0, 1 << 31, 0]);
+        destroy_and_reclaim(handle);
+    }
+
+    #[test]
+    fn an_mmio_exit_is_answered_by_the_next_run_and_a_bad_answer_changes_nothing() {
+        let _turn = turn();
+        let handle = vm_with_a_page();
+        // A 4-byte load into x5 from an IPA the VM does not map.
+        let load_x5 =
+            (u64::from(esr::ec::DABT_LOW) << 26) | (1 << 25) | (1 << 24) | (2 << 22) | (5 << 16);
+        on_entry(move |v| {
+            v.regs.pc = 0x9000;
+            with_regs(|r| {
+                r.fault_ipa = 0x0900_0000;
+                r.far_el2 = 0xffff_0000_0900_0000;
+            });
+            trap(v, load_x5);
+        });
+        let exit = run0(handle).unwrap();
+        assert_eq!(exit.reason, ExitReason::Mmio);
+        assert_eq!(
+            exit.detail[..3],
+            [0x0900_0000, MmioAccess::new(false, 2, 5).0, 0]
+        );
+        // An answer with unknown bits is refused, the vCPU put back as it was.
+        assert_eq!(
+            run(cpu(0), target(handle), [0x1234, 1 << 9, 0, 0], [0; 2]),
+            Err(Error::InvalidParameters)
+        );
+        // The value read: truncated to the access, in x5, past the load.
+        on_entry(|v| {
+            assert_eq!(v.regs.x[5], 0x5678_1234);
+            assert_eq!(v.regs.pc, 0x9004);
+            // A 2-byte store of x2: its value goes to the host.
+            v.regs.x[2] = 0xabcd_ef01;
+            trap(
+                v,
+                (u64::from(esr::ec::DABT_LOW) << 26)
+                    | (1 << 25)
+                    | (1 << 24)
+                    | (1 << 22)
+                    | (2 << 16)
+                    | (1 << 6),
+            );
+        });
+        let exit = run(
+            cpu(0),
+            target(handle),
+            [0xffff_ffff_5678_1234, 0, 0, 0],
+            [0; 2],
+        )
+        .unwrap();
+        assert_eq!(exit.reason, ExitReason::Mmio);
+        assert_eq!(exit.detail[1..3], [MmioAccess::new(true, 1, 2).0, 0xef01]);
+        // The host finds no device: the store takes an abort at the
+        // guest's vector, from the store itself.
+        on_entry(|v| {
+            assert_ne!(v.regs.pc, 0x9008);
+            wfi(v);
+        });
+        let exit = run(cpu(0), target(handle), [0, MmioAnswer::ABORT, 0, 0], [0; 2]);
+        assert_eq!(exit.map(|e| e.reason), Ok(ExitReason::Wfi));
+        assert!(with_regs(|r| r.el1_exceptions) > 0);
+        destroy_and_reclaim(handle);
+    }
+
+    #[test]
+    fn guest_calls_are_served_and_power_calls_end_the_run() {
+        let _turn = turn();
+        let handle = vm_with_a_page();
+        use ::smccc::psci::{
+            PSCI_AFFINITY_INFO_64, PSCI_CPU_OFF, PSCI_CPU_ON_64, PSCI_FEATURES, PSCI_SYSTEM_OFF,
+            PSCI_VERSION,
+        };
+        // A series of calls the core answers itself, one entry each.
+        let calls: Vec<(Vec<u64>, u64)> = vec![
+            (vec![u64::from(PSCI_VERSION)], 0x1_0000),
+            (vec![u64::from(PSCI_FEATURES), u64::from(PSCI_CPU_OFF)], 0),
+            (
+                vec![u64::from(PSCI_FEATURES), 0x8400_00ff],
+                smccc::NOT_SUPPORTED,
+            ),
+            (
+                vec![u64::from(smccc::SMCCC_VERSION)],
+                smccc::IMPLEMENTED_VERSION,
+            ),
+            (vec![u64::from(pkvm::HYP_MEMINFO), 0, 0, 0], PAGE),
+            (
+                vec![u64::from(pkvm::HYP_MEMINFO), 1, 0, 0],
+                pkvm::INVALID_PARAMETER,
+            ),
+            (
+                vec![u64::from(pkvm::MEM_SHARE), IPA, 1, 0],
+                pkvm::INVALID_PARAMETER,
+            ),
+            (vec![u64::from(PSCI_AFFINITY_INFO_64), 0, 0], 0),
+            (
+                vec![u64::from(PSCI_AFFINITY_INFO_64), 5, 0],
+                PSCI_INVALID_PARAMETERS,
+            ),
+            // CPU_ON of a vCPU the VM does not have.
+            (
+                vec![u64::from(PSCI_CPU_ON_64), 1, ENTRY, 0],
+                PSCI_INVALID_PARAMETERS,
+            ),
+            (
+                vec![u64::from(PSCI_CPU_ON_64), 0, ENTRY, 0],
+                PSCI_ALREADY_ON,
+            ),
+            // An HVC with another immediate is not a call.
+            (vec![], smccc::NOT_SUPPORTED),
+        ];
+        let answers = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let n = calls.len();
+        for (i, (x, _)) in calls.iter().cloned().enumerate() {
+            let answers = answers.clone();
+            on_entry(move |v| {
+                if i > 0 {
+                    answers.borrow_mut().push(v.regs.x[0]);
+                }
+                if x.is_empty() {
+                    trap(v, esr::HVC0 | 1);
+                } else {
+                    hvc(v, &x);
+                }
+            });
+        }
+        let answers2 = answers.clone();
+        on_entry(move |v| {
+            answers2.borrow_mut().push(v.regs.x[0]);
+            // CPU_OFF: the run ends, and the vCPU is off.
+            hvc(v, &[u64::from(PSCI_CPU_OFF)]);
+        });
+        let exit = run0(handle).unwrap();
+        assert_eq!(exit.reason, ExitReason::VcpuPower);
+        assert_eq!(exit.detail[0], abi::POWER_IS_OFF);
+        let expected: Vec<u64> = calls.iter().map(|(_, a)| *a).collect();
+        assert_eq!(*answers.borrow(), expected);
+        assert_eq!(answers.borrow().len(), n);
+        // An off vCPU does not run (nothing is queued: an entry would panic).
+        let exit = run0(handle).unwrap();
+        assert_eq!(
+            (exit.reason, exit.detail[0]),
+            (ExitReason::VcpuPower, abi::POWER_IS_OFF)
+        );
+        destroy_and_reclaim(handle);
+
+        // SYSTEM_OFF: the VM is off for good; it gets no more memory and
+        // runs no more, but can be destroyed.
+        let handle = vm_with_a_page();
+        let h = u64::from(handle);
+        on_entry(|v| hvc(v, &[u64::from(PSCI_SYSTEM_OFF)]));
+        let exit = run0(handle).unwrap();
+        assert_eq!((exit.reason, exit.detail[0]), (ExitReason::Shutdown, 0));
+        assert_eq!(status(handle), Status::Off);
+        assert_eq!(run0(handle), Err(Error::Denied));
+        assert_eq!(
+            donate(cpu(0), h, frame(1), 1, IPA + PAGE),
+            Err(Error::Denied)
+        );
+        assert_eq!(load(cpu(0), h, IPA, frame(2), 8), Err(Error::Denied));
+        destroy_and_reclaim(handle);
+    }
+
+    #[test]
+    fn a_guest_shares_its_pages_with_the_host_and_takes_them_back() {
+        let _turn = turn();
+        let handle = vm_with_a_page();
+        let share = u64::from(abi::GUEST_SHARE_HOST);
+        let unshare = u64::from(abi::GUEST_UNSHARE_HOST);
+        let host_owns = |pa| {
+            let _serial = MEMORY.lock();
+            memory::host_stage2().maps_as_owner(pa, PAGE)
+        };
+        on_entry(move |v| hvc(v, &[share, IPA, 1]));
+        on_entry(move |v| {
+            assert_eq!(v.regs.x[0], 0);
+            // Again: the page is shared already.
+            hvc(v, &[share, IPA, 1]);
+        });
+        on_entry(move |v| {
+            assert_ne!(v.regs.x[0], 0);
+            // A page it does not have; a range past its pages.
+            hvc(v, &[share, IPA + 16 * PAGE, 1]);
+        });
+        on_entry(move |v| {
+            assert_eq!(v.regs.x[0], Error::InvalidParameters.to_x0());
+            hvc(v, &[share, IPA, 2]);
+        });
+        on_entry(move |v| {
+            assert_eq!(v.regs.x[0], Error::InvalidParameters.to_x0());
+            wfi(v);
+        });
+        assert_eq!(run0(handle).map(|e| e.reason), Ok(ExitReason::Wfi));
+        // Shared, the page is mapped for the host, but not as its own.
+        let mapped = {
+            let _serial = MEMORY.lock();
+            memory::host_stage2().translate(frame(0)).is_some()
+        };
+        assert!(mapped);
+        assert!(!host_owns(frame(0)));
+        on_entry(move |v| hvc(v, &[unshare, IPA, 1]));
+        on_entry(|v| {
+            assert_eq!(v.regs.x[0], 0);
+            wfi(v);
+        });
+        assert_eq!(run0(handle).map(|e| e.reason), Ok(ExitReason::Wfi));
+        let mapped = {
+            let _serial = MEMORY.lock();
+            memory::host_stage2().translate(frame(0)).is_some()
+        };
+        assert!(!mapped);
+        destroy_and_reclaim(handle);
+        assert!(host_owns(frame(0)));
+    }
+
+    #[test]
+    fn an_image_is_loaded_only_from_pages_the_host_shared_into_a_vm_that_never_ran() {
+        let _turn = turn();
+        let handle = vm_with_a_page();
+        let h = u64::from(handle);
+        let cpu = cpu(0);
+        let src = frame(2);
+        let text = b"guest image";
+        // SAFETY: a test frame of the host's, which only this test uses.
+        unsafe { core::ptr::copy_nonoverlapping(text.as_ptr(), src as *mut u8, text.len()) };
+        // Not shared with the hypervisor yet.
+        assert_eq!(
+            load(cpu, h, IPA + 8, src, text.len() as u64),
+            Err(Error::Denied)
+        );
+        let mut regs = GuestRegs::default();
+        regs.x[1] = src;
+        regs.x[2] = 1;
+        assert_eq!(host_call(cpu, &mut regs, abi::HOST_SHARE_HYP), Some(Ok(())));
+        // Empty, too long, outside RAM, into an IPA the VM lacks.
+        assert_eq!(load(cpu, h, IPA, src, 0), Err(Error::InvalidParameters));
+        assert_eq!(
+            load(cpu, h, IPA, src, MAX_LOAD + 1),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(load(cpu, h, IPA, 0x1000, 8), Err(Error::InvalidParameters));
+        assert_eq!(
+            load(cpu, h, IPA + PAGE, src, 8),
+            Err(Error::InvalidParameters)
+        );
+        assert_eq!(load(cpu, h, IPA + 8, src, text.len() as u64), Ok(()));
+        let mut copied = [0u8; 11];
+        // SAFETY: the VM's frame, which only this test uses.
+        unsafe {
+            core::ptr::copy_nonoverlapping((frame(0) + 8) as *const u8, copied.as_mut_ptr(), 11)
+        };
+        assert_eq!(&copied, text);
+        assert_eq!(
+            host_call(cpu, &mut regs, abi::HOST_UNSHARE_HYP),
+            Some(Ok(()))
+        );
+        assert_eq!(host_call(cpu, &mut regs, 0xc600_0fff), None);
+        destroy_and_reclaim(handle);
+    }
+
+    /// A system-register access's syndrome: `(op0, op1, CRn, CRm, op2)`,
+    /// `rt`, whether it reads.
+    fn sysreg_esr(enc: (u64, u64, u64, u64, u64), rt: u64, read: bool) -> u64 {
+        let (op0, op1, crn, crm, op2) = enc;
+        (u64::from(esr::ec::SYS64) << 26)
+            | (1 << 25)
+            | (op0 << 20)
+            | (op2 << 17)
+            | (op1 << 14)
+            | (crn << 10)
+            | (rt << 5)
+            | (crm << 1)
+            | u64::from(read)
+    }
+
+    #[test]
+    fn traps_the_core_can_answer_go_back_into_the_guest() {
+        let _turn = turn();
+        let handle = vm_with_a_page();
+        let undefs_before = with_regs(|r| r.el1_exceptions);
+        with_regs(|r| r.id_registers[4][0] = 0x1100_0000_0011_1111);
+        let smc = |v: &mut Vcpu, imm: u64, x0: u32| {
+            v.regs.x[0] = u64::from(x0);
+            v.regs.pc = 0x2000;
+            trap(v, (u64::from(esr::ec::SMC64) << 26) | (1 << 25) | imm);
+        };
+        // Each entry checks what the core did with the trap before it.
+        on_entry(move |v| smc(v, 0, ::smccc::psci::PSCI_VERSION));
+        on_entry(move |v| {
+            // A trapped SMC leaves ELR at the SMC: the core steps over it.
+            assert_eq!((v.regs.x[0], v.regs.pc), (0x1_0000, 0x2004));
+            smc(v, 1, 0);
+        });
+        on_entry(|v| {
+            assert_eq!((v.regs.x[0], v.regs.pc), (smccc::NOT_SUPPORTED, 0x2004));
+            hvc(v, &[u64::from(pkvm::CALL_UID)]);
+        });
+        on_entry(|v| {
+            assert_eq!(v.regs.x[..4], pkvm::UID);
+            hvc(v, &[u64::from(pkvm::FEATURES)]);
+        });
+        on_entry(|v| {
+            assert_eq!(v.regs.x[0], pkvm::FEATURE_BITS);
+            hvc(v, &[u64::from(hypercall::ABI_VERSION)]);
+        });
+        on_entry(|v| {
+            assert_eq!(v.regs.x[..2], [0, u64::from(moat_abi::ABI_VERSION)]);
+            // DC ISW: set/way maintenance is a no-op, stepped over.
+            v.regs.pc = 0x3000;
+            trap(v, sysreg_esr((1, 0, 7, 6, 2), 1, false));
+        });
+        on_entry(|v| {
+            assert_eq!(v.regs.pc, 0x3004);
+            // MRS x3, ID_AA64PFR0_EL1: the hardware's, less what a VM lacks.
+            trap(v, sysreg_esr((3, 0, 0, 4, 0), 3, true));
+        });
+        on_entry(|v| {
+            let want = vmfeatures::vm_view(4, 0, 0x1100_0000_0011_1111, false);
+            assert_eq!((v.regs.x[3], v.regs.pc), (want, 0x3008));
+            // A register no policy service handles: UNDEF in the guest.
+            trap(v, sysreg_esr((3, 0, 1, 0, 1), 2, false));
+        });
+        on_entry(|v| {
+            // An instruction the core does not know: UNDEF too.
+            trap(v, 1 << 25);
+        });
+        on_entry(|v| {
+            // A fetch from an IPA the VM lacks: an abort, no MMIO exit.
+            with_regs(|r| r.far_el2 = 0x7000);
+            trap(v, (u64::from(esr::ec::IABT_LOW) << 26) | (1 << 25) | 0x6);
+        });
+        on_entry(|v| {
+            // WFE without a virtual GIC: the host decides when it runs.
+            trap(v, (u64::from(esr::ec::WFX) << 26) | (1 << 25) | 1);
+        });
+        let exit = run0(handle).unwrap();
+        assert_eq!(
+            exit,
+            Exit {
+                reason: ExitReason::Wfi,
+                detail: [0; 6]
+            }
+        );
+        assert_eq!(entries_left(), 0);
+        // Two UNDEFs and an abort, each an exception at the guest's EL1.
+        assert_eq!(with_regs(|r| r.el1_exceptions), undefs_before + 3);
+
+        // A host interrupt ends the run for the host to take.
+        on_entry(|v| v.exit_vector = LOWER_IRQ);
+        assert_eq!(run0(handle).map(|e| e.reason), Ok(ExitReason::Interrupt));
+        // The pKVM guest ABI's share and unshare of one granule.
+        on_entry(|v| hvc(v, &[u64::from(pkvm::MEM_SHARE), IPA, 0, 0]));
+        on_entry(|v| {
+            assert_eq!(v.regs.x[0], 0);
+            hvc(v, &[u64::from(pkvm::MEM_UNSHARE), IPA, 0, 0]);
+        });
+        on_entry(|v| {
+            assert_eq!(v.regs.x[0], 0);
+            hvc(v, &[u64::from(pkvm::MEM_SHARE), IPA + 64 * PAGE, 0, 0]);
+        });
+        on_entry(|v| {
+            assert_eq!(v.regs.x[0], pkvm::INVALID_PARAMETER);
+            hvc(v, &[u64::from(::smccc::psci::PSCI_SYSTEM_RESET)]);
+        });
+        let exit = run0(handle).unwrap();
+        assert_eq!((exit.reason, exit.detail[0]), (ExitReason::Shutdown, 1));
+        assert_eq!(status(handle), Status::Off);
+        destroy_and_reclaim(handle);
+
+        // An exception vector no correctly configured VM can reach (an
+        // SError): the VM is off.
+        let handle = vm_with_a_page();
+        on_entry(|v| {
+            v.exit_vector = 11;
+            v.exit_esr = 0xbf00_0000;
+        });
+        let exit = run0(handle).unwrap();
+        assert_eq!(
+            (exit.reason, exit.detail[0]),
+            (ExitReason::Crashed, 0xbf00_0000)
+        );
+        assert_eq!(status(handle), Status::Off);
+        assert_eq!(run0(handle), Err(Error::Denied));
+        destroy_and_reclaim(handle);
+    }
 }
