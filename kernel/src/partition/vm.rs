@@ -783,7 +783,7 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
         // long as the VM, which cannot be destroyed while a vCPU of it is
         // loaded.
         let st = unsafe { &mut *(*cell).0.get() };
-        let prepared = prepare(vm, index, st, starting, answer, inject);
+        let prepared = prepare(st, starting, answer, inject);
         let abort = match prepared {
             Ok(abort) => abort,
             Err(e) => {
@@ -791,6 +791,9 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
                 return Err(e);
             }
         };
+        if starting.is_some() {
+            vm.power[index] = Power::On;
+        }
         vm.has_run = true;
         let run_vm = RunVm {
             slot,
@@ -815,12 +818,12 @@ fn run(cpu: &PerCpu, target: u64, answer: [u64; 4], inject: [u64; 2]) -> Result<
 
 /// The checks and the answer of a run, with the vCPU loaded and the slot
 /// lock held: a CPU_ON's reset, the host's answer to the last exit and its
-/// injections. On an error nothing of the vCPU changed (but a CPU_ON's
-/// reset). `Ok(Some(is_write))`: the host asked for an abort of the MMIO
-/// access.
+/// injections. Every check is made first, against the state the vCPU has
+/// once a CPU_ON's reset is applied, so that on an error nothing of the
+/// vCPU changed, the reset included (the caller marks the vCPU on only
+/// after success). `Ok(Some(is_write))`: the host asked for an abort of the
+/// MMIO access.
 fn prepare(
-    vm: &mut Vm,
-    index: usize,
     st: &mut VcpuState,
     starting: Option<(u64, u64)>,
     answer: [u64; 4],
@@ -831,23 +834,15 @@ fn prepare(
     if !st.host_vectors.fits() {
         return Err(Error::Denied);
     }
-    if let Some((entry, context)) = starting {
-        // CPU_ON's reset: the entry point, x0 = the context, every other
-        // register as at creation.
-        st.vcpu.regs = GuestRegs::el1h_entry(entry, context);
-        st.el1 = El1Context::reset();
-        *st.fp = FpState::ZERO;
-        st.csselr = arm_sysregs::CsselrEl1::empty();
-        st.mte_regs = MteRegs::default();
-        st.pending = Pending::None;
-        if let Some(v) = st.vgic.as_mut() {
-            **v = VgicCpu::new(vgic::geometry());
-        }
-        vm.power[index] = Power::On;
-    }
+    // A reset leaves nothing pending and the virtual CPU interface empty.
+    let pending = if starting.is_some() {
+        Pending::None
+    } else {
+        st.pending
+    };
     // The answer to an MMIO exit, checked before anything is taken.
     // (r1 is looked at first: after any other exit it is free.)
-    if MmioAnswer(answer[1]).aborts().is_none() && matches!(st.pending, Pending::Mmio(_)) {
+    if MmioAnswer(answer[1]).aborts().is_none() && matches!(pending, Pending::Mmio(_)) {
         return Err(Error::InvalidParameters);
     }
     // The injections, all checked before any is taken.
@@ -864,11 +859,27 @@ fn prepare(
         }
     }
     if count > 0 {
-        let v = st.vgic.as_mut().ok_or(Error::InvalidParameters)?;
-        if !v.has_room(count) {
+        let v = st.vgic.as_ref().ok_or(Error::InvalidParameters)?;
+        if starting.is_none() && !v.has_room(count) {
             return Err(Error::NoMemory);
         }
+    }
+    if let Some((entry, context)) = starting {
+        // CPU_ON's reset: the entry point, x0 = the context, every other
+        // register as at creation.
+        st.vcpu.regs = GuestRegs::el1h_entry(entry, context);
+        st.el1 = El1Context::reset();
+        *st.fp = FpState::ZERO;
+        st.csselr = arm_sysregs::CsselrEl1::empty();
+        st.mte_regs = MteRegs::default();
+        st.pending = Pending::None;
+        if let Some(v) = st.vgic.as_mut() {
+            **v = VgicCpu::new(vgic::geometry());
+        }
+    }
+    if let Some(v) = st.vgic.as_mut() {
         for &(intid, priority, notify_eoi) in &injections[..count] {
+            // Room was checked and every INTID decoded: this cannot fail.
             v.inject(intid, priority, notify_eoi)
                 .map_err(|_| Error::InvalidParameters)?;
         }
@@ -1687,6 +1698,37 @@ mod tests {
             slot_of(u64::from(handle)).map(|_| ()),
             Err(Error::InvalidParameters)
         );
+    }
+
+    /// A run that starts a vCPU (CPU_ON) and fails a later check changes
+    /// nothing: not the registers, not what was pending, and the vCPU is
+    /// still to be reset on its next run.
+    #[test]
+    fn a_refused_run_of_a_starting_vcpu_leaves_it_unreset() {
+        let _turn = turn();
+        let mut st = VcpuState::new(1, None, false).unwrap();
+        st.vcpu.regs.pc = 0x1234;
+        st.vcpu.regs.x[5] = 5;
+        st.pending = Pending::Hvc;
+        let starting = Some((ENTRY, 7));
+        // An injection, but the VM has no virtual GIC; then one that does
+        // not decode.
+        let no_gic = [Injection::new(40, 0x80).0, 0];
+        let malformed = [u64::MAX, 0];
+        for inject in [no_gic, malformed] {
+            assert_eq!(
+                prepare(&mut st, starting, [0; 4], inject),
+                Err(Error::InvalidParameters)
+            );
+            assert_eq!((st.vcpu.regs.pc, st.vcpu.regs.x[5]), (0x1234, 5));
+            assert!(matches!(st.pending, Pending::Hvc));
+        }
+        // The same start, well formed: the reset, and the host's answer to
+        // a pending call is not applied over it.
+        assert_eq!(prepare(&mut st, starting, [9; 4], [0; 2]), Ok(None));
+        assert_eq!(st.vcpu.regs.pc, ENTRY);
+        assert_eq!(st.vcpu.regs.x[..6], [7, 0, 0, 0, 0, 0]);
+        assert!(matches!(st.pending, Pending::None));
     }
 
     #[test]
