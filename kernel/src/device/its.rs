@@ -289,7 +289,7 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
             let at = base + gits::BASER0 + 8 * n;
             wr64(at, rd64(at) & !logic::BASER_VALID);
         }
-        let Some(shadow) = Itt::allocate(u32::MAX, 0, SHADOW_QUEUE_BYTES) else {
+        let Some(shadow) = shadow_queue() else {
             crate::log!("ITS {base:#x}: no memory for the core's command queue; left off");
             continue;
         };
@@ -301,7 +301,7 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
             host_queue: None,
             host_cwriter: 0,
             host_creadr: 0,
-            shadow: shadow.pa,
+            shadow,
             shadow_write: 0,
             stuck: false,
             tables: [None; gits::BASERS as usize],
@@ -309,12 +309,27 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
             itt_bytes: 0,
             refused: 0,
         });
-        // The shadow queue lives as long as the core.
-        shadow.keep();
     }
     let counts = (state.its.len(), state.redistributors.len());
     STATE.call_once(|| spin::Mutex::new(state));
     counts
+}
+
+/// A zeroed page from the core's heap for an ITS's command queue, cleaned
+/// to the point of coherency. GITS_CBASER holds a page number, so the
+/// queue is page-aligned; it lives as long as the core.
+fn shadow_queue() -> Option<u64> {
+    let layout =
+        core::alloc::Layout::from_size_align(SHADOW_QUEUE_BYTES as usize, PAGE as usize).ok()?;
+    // SAFETY: a non-zero size and a power-of-two alignment; the block is
+    // never freed.
+    let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        return None;
+    }
+    let pa = p as u64;
+    cache::clean_dcache_to_poc(pa, SHADOW_QUEUE_BYTES);
+    Some(pa)
 }
 
 /// The GIC state held for the consistency checker: taken before the
