@@ -833,3 +833,373 @@ pub mod fpsimd {
         unreachable!("the host tests' CPU has no SVE");
     }
 }
+
+// ---------------------------------------------------------------------
+// Device registers: the ITS, redistributor and distributor frames that
+// `device::its` emulates for the host, and the SMMU that `memory::smmu`
+// drives. A test attaches a model of each device at the address of its
+// frame; every register access the code makes goes to the model there.
+// ---------------------------------------------------------------------
+
+pub mod mmio {
+    use moat_kernel::its::{COMMAND_BYTES, PAGE, gits};
+    use moat_kernel::smmu::{
+        self, CMD_BYTES, CR0_CMDQEN, GBPA_UPDATE, GERROR_CMDQ_ERR, QueueIndex,
+    };
+    use std::any::Any;
+    use std::collections::BTreeMap;
+    use std::sync::{Mutex, MutexGuard};
+
+    /// A device model: what a register read returns and what a write does.
+    pub trait Device: Any + Send {
+        fn read(&mut self, offset: u64, bytes: u64) -> u64;
+        fn write(&mut self, offset: u64, bytes: u64, value: u64);
+    }
+
+    struct Attached {
+        base: u64,
+        size: u64,
+        device: Box<dyn Device>,
+    }
+
+    /// Shared by the test threads: each test attaches its devices at
+    /// addresses of its own.
+    static DEVICES: Mutex<Vec<Attached>> = Mutex::new(Vec::new());
+
+    fn devices() -> MutexGuard<'static, Vec<Attached>> {
+        DEVICES.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts `device` behind `[base, base + size)`.
+    pub fn attach(base: u64, size: u64, device: impl Device) {
+        let mut all = devices();
+        assert!(
+            all.iter()
+                .all(|a| a.base + a.size <= base || base + size <= a.base),
+            "a device is already attached in {base:#x}+{size:#x}"
+        );
+        all.push(Attached {
+            base,
+            size,
+            device: Box::new(device),
+        });
+    }
+
+    /// Takes away the device attached at `base`.
+    pub fn detach(base: u64) {
+        devices().retain(|a| a.base != base);
+    }
+
+    /// Runs `f` on the model attached at `base`, a `D`.
+    pub fn with<D: Device, R>(base: u64, f: impl FnOnce(&mut D) -> R) -> R {
+        let mut all = devices();
+        let attached = all
+            .iter_mut()
+            .find(|a| a.base == base)
+            .unwrap_or_else(|| panic!("no device attached at {base:#x}"));
+        let any: &mut dyn Any = &mut *attached.device;
+        f(any.downcast_mut::<D>().expect("a device of another kind"))
+    }
+
+    fn access<R>(addr: u64, bytes: u64, f: impl FnOnce(&mut dyn Device, u64) -> R) -> R {
+        assert!(
+            addr.is_multiple_of(bytes),
+            "an unaligned register access at {addr:#x}"
+        );
+        let mut all = devices();
+        let attached = all
+            .iter_mut()
+            .find(|a| a.base <= addr && addr + bytes <= a.base + a.size)
+            .unwrap_or_else(|| panic!("a register access at {addr:#x}, where no device is"));
+        let offset = addr - attached.base;
+        f(&mut *attached.device, offset)
+    }
+
+    /// # Safety
+    ///
+    /// None needed on the host: the access goes to a model.
+    pub unsafe fn read32(addr: u64) -> u32 {
+        access(addr, 4, |d, offset| d.read(offset, 4)) as u32
+    }
+
+    /// # Safety
+    ///
+    /// As [`read32`].
+    pub unsafe fn read64(addr: u64) -> u64 {
+        access(addr, 8, |d, offset| d.read(offset, 8))
+    }
+
+    /// # Safety
+    ///
+    /// As [`read32`].
+    pub unsafe fn write32(addr: u64, value: u32) {
+        access(addr, 4, |d, offset| d.write(offset, 4, u64::from(value)));
+    }
+
+    /// # Safety
+    ///
+    /// As [`read32`].
+    pub unsafe fn write64(addr: u64, value: u64) {
+        access(addr, 8, |d, offset| d.write(offset, 8, value));
+    }
+
+    /// Registers as plain storage, 64 bits at a time: what was written
+    /// reads back, a register never written reads 0.
+    #[derive(Clone, Debug, Default)]
+    pub struct Registers {
+        words: BTreeMap<u64, u64>,
+    }
+
+    impl Registers {
+        /// The 64 bits at `offset` (8-byte aligned).
+        pub fn get(&self, offset: u64) -> u64 {
+            self.words.get(&offset).copied().unwrap_or(0)
+        }
+
+        pub fn set(&mut self, offset: u64, value: u64) {
+            self.words.insert(offset, value);
+        }
+
+        fn lane(offset: u64, bytes: u64) -> (u64, u32, u64) {
+            let shift = 8 * (offset & 7) as u32;
+            let mask = if bytes == 8 {
+                u64::MAX
+            } else {
+                ((1u64 << (8 * bytes)) - 1) << shift
+            };
+            (offset & !7, shift, mask)
+        }
+
+        pub fn read(&self, offset: u64, bytes: u64) -> u64 {
+            let (word, shift, mask) = Self::lane(offset, bytes);
+            (self.get(word) & mask) >> shift
+        }
+
+        pub fn write(&mut self, offset: u64, bytes: u64, value: u64) {
+            let (word, shift, mask) = Self::lane(offset, bytes);
+            let old = self.get(word);
+            self.set(word, (old & !mask) | ((value << shift) & mask));
+        }
+    }
+
+    /// A frame with no behaviour of its own: a GIC distributor or
+    /// redistributor, as far as the ITS emulation uses them.
+    impl Device for Registers {
+        fn read(&mut self, offset: u64, bytes: u64) -> u64 {
+            Registers::read(self, offset, bytes)
+        }
+
+        fn write(&mut self, offset: u64, bytes: u64, value: u64) {
+            Registers::write(self, offset, bytes, value);
+        }
+    }
+
+    fn read_memory(at: u64) -> u64 {
+        // SAFETY: the queues the models read are memory the code under
+        // test allocated and gave the device (the core's heap), alive for
+        // the test; a read of eight aligned bytes.
+        unsafe { core::ptr::with_exposed_provenance::<u64>(at as usize).read_volatile() }
+    }
+
+    /// A GICv3 ITS's control frame: GITS_CTLR's Enabled with Quiescent
+    /// whenever it is off, GITS_TYPER and the GITS_BASERn types and
+    /// entry sizes read-only, and a command queue that it runs from
+    /// GITS_CREADR to GITS_CWRITER while enabled, keeping each command
+    /// it took.
+    #[derive(Debug, Default)]
+    pub struct FakeIts {
+        pub regs: Registers,
+        /// Every command the ITS took from its queue, in order.
+        pub commands: Vec<[u64; 4]>,
+        /// The ITS stops taking commands and says so (GITS_CREADR.Stalled).
+        pub stall: bool,
+        /// Page sizes other than 4 KiB are not implemented: GITS_BASERn
+        /// reads back 4 KiB whatever was written.
+        pub only_4k_pages: bool,
+    }
+
+    /// GITS_BASERn's read-only fields: Type and Entry_Size.
+    pub const BASER_READ_ONLY: u64 = (0x7 << 56) | (0x1f << 48);
+
+    impl FakeIts {
+        /// An ITS whose GITS_TYPER is `typer` and whose GITS_BASERn have
+        /// the type and entry size of `basers` (the rest ignored).
+        pub fn new(typer: u64, basers: [u64; gits::BASERS as usize]) -> Self {
+            let mut its = Self::default();
+            its.regs.set(gits::TYPER, typer);
+            for (n, b) in basers.iter().enumerate() {
+                its.regs
+                    .set(gits::BASER0 + 8 * n as u64, b & BASER_READ_ONLY);
+            }
+            its
+        }
+
+        fn run_queue(&mut self) {
+            let enabled = self.regs.get(gits::CTLR) & u64::from(gits::CTLR_ENABLED) != 0;
+            let cbaser = self.regs.get(gits::CBASER);
+            if !enabled || cbaser & (1 << 63) == 0 {
+                return;
+            }
+            let mut read = self.regs.get(gits::CREADR) & 0xf_ffe0;
+            if self.stall {
+                self.regs.set(gits::CREADR, read | 1);
+                return;
+            }
+            let queue = cbaser & 0x000f_ffff_ffff_f000;
+            let size = ((cbaser & 0xff) + 1) * PAGE;
+            let write = self.regs.get(gits::CWRITER) & 0xf_ffe0;
+            while read != write {
+                let at = queue + read;
+                self.commands
+                    .push([0, 1, 2, 3].map(|i| read_memory(at + 8 * i)));
+                read = (read + COMMAND_BYTES) % size;
+            }
+            self.regs.set(gits::CREADR, read);
+        }
+    }
+
+    impl Device for FakeIts {
+        fn read(&mut self, offset: u64, bytes: u64) -> u64 {
+            if offset == gits::CTLR {
+                let ctlr = self.regs.get(gits::CTLR) & u64::from(gits::CTLR_ENABLED);
+                let quiet = if ctlr == 0 {
+                    u64::from(gits::CTLR_QUIESCENT)
+                } else {
+                    0
+                };
+                return ctlr | quiet;
+            }
+            self.regs.read(offset, bytes)
+        }
+
+        fn write(&mut self, offset: u64, bytes: u64, value: u64) {
+            let reg = offset & !7;
+            match reg {
+                gits::CTLR => {
+                    self.regs
+                        .write(gits::CTLR, 4, value & u64::from(gits::CTLR_ENABLED));
+                    self.run_queue();
+                }
+                gits::TYPER | gits::CREADR => {}
+                gits::CWRITER => {
+                    self.regs.write(offset, bytes, value);
+                    self.run_queue();
+                }
+                r if (gits::BASER0..gits::BASER0 + 8 * gits::BASERS).contains(&r) => {
+                    let old = self.regs.get(r);
+                    self.regs.write(offset, bytes, value);
+                    let mut new = (self.regs.get(r) & !BASER_READ_ONLY) | (old & BASER_READ_ONLY);
+                    if self.only_4k_pages {
+                        new &= !(0x3 << 8);
+                    }
+                    self.regs.set(r, new);
+                }
+                _ => self.regs.write(offset, bytes, value),
+            }
+        }
+    }
+
+    /// An SMMUv3's two register pages: CR0 and IRQ_CTRL acknowledged at
+    /// once (unless `deaf`), GBPA's updates done at once, and a command
+    /// queue it consumes from CMDQ_CONS to CMDQ_PROD as soon as CMDQ_PROD
+    /// moves (unless `hold`), keeping each command; a CMD_SYNC is done
+    /// when consumed (the core polls CMDQ_CONS for it). A command whose
+    /// opcode is `refuse` stops the queue with CERROR_ILL in CMDQ_CONS
+    /// and GERROR.CMDQ_ERR toggled, as the architecture has it.
+    #[derive(Debug, Default)]
+    pub struct FakeSmmu {
+        pub regs: Registers,
+        /// Every command consumed, in order.
+        pub commands: Vec<[u64; 2]>,
+        pub deaf: bool,
+        pub hold: bool,
+        pub refuse: Option<u8>,
+    }
+
+    impl FakeSmmu {
+        /// An SMMU with these ID registers.
+        pub fn new(idr0: u32, idr1: u32, idr3: u32, idr5: u32) -> Self {
+            let mut s = Self::default();
+            for (offset, v) in [
+                (smmu::reg::IDR0, idr0),
+                (smmu::reg::IDR1, idr1),
+                (smmu::reg::IDR3, idr3),
+                (smmu::reg::IDR5, idr5),
+            ] {
+                s.regs.write(offset as u64, 4, u64::from(v));
+            }
+            s
+        }
+
+        pub fn reg32(&self, offset: usize) -> u32 {
+            self.regs.read(offset as u64, 4) as u32
+        }
+
+        pub fn set_reg32(&mut self, offset: usize, value: u32) {
+            self.regs.write(offset as u64, 4, u64::from(value));
+        }
+
+        /// Consumes what the core queued, if the queue is on.
+        pub fn consume(&mut self) {
+            if self.hold || self.reg32(smmu::reg::CR0ACK) & CR0_CMDQEN == 0 {
+                return;
+            }
+            let base = self.regs.get(smmu::reg::CMDQ_BASE as u64);
+            let q = QueueIndex {
+                log2: (base & 0x1f) as u32,
+            };
+            let queue = base & 0x000f_ffff_ffff_ffe0;
+            let prod = self.reg32(smmu::reg::CMDQ_PROD);
+            let mut cons = self.reg32(smmu::reg::CMDQ_CONS);
+            while !q.same(cons, prod) {
+                let at = queue + (q.slot(cons) * CMD_BYTES) as u64;
+                let command = [read_memory(at), read_memory(at + 8)];
+                if Some(command[0] as u8) == self.refuse {
+                    let gerror = self.reg32(smmu::reg::GERROR) ^ GERROR_CMDQ_ERR;
+                    self.set_reg32(smmu::reg::GERROR, gerror);
+                    // CERROR_ILL.
+                    cons = (cons & !(0x7f << smmu::CMDQ_CONS_ERR_SHIFT))
+                        | (1 << smmu::CMDQ_CONS_ERR_SHIFT);
+                    break;
+                }
+                self.commands.push(command);
+                cons = q.next(cons);
+            }
+            self.set_reg32(smmu::reg::CMDQ_CONS, cons);
+        }
+    }
+
+    impl Device for FakeSmmu {
+        fn read(&mut self, offset: u64, bytes: u64) -> u64 {
+            self.regs.read(offset, bytes)
+        }
+
+        fn write(&mut self, offset: u64, bytes: u64, value: u64) {
+            let value32 = value as u32;
+            match offset as usize {
+                smmu::reg::IDR0
+                | smmu::reg::IDR1
+                | smmu::reg::IDR3
+                | smmu::reg::IDR5
+                | smmu::reg::CR0ACK
+                | smmu::reg::IRQ_CTRLACK => {}
+                smmu::reg::CR0 => {
+                    self.set_reg32(smmu::reg::CR0, value32);
+                    if !self.deaf {
+                        self.set_reg32(smmu::reg::CR0ACK, value32);
+                    }
+                }
+                smmu::reg::IRQ_CTRL => {
+                    self.set_reg32(smmu::reg::IRQ_CTRL, value32);
+                    self.set_reg32(smmu::reg::IRQ_CTRLACK, value32);
+                }
+                smmu::reg::GBPA => self.set_reg32(smmu::reg::GBPA, value32 & !GBPA_UPDATE),
+                smmu::reg::CMDQ_PROD => {
+                    self.set_reg32(smmu::reg::CMDQ_PROD, value32);
+                    self.consume();
+                }
+                _ => self.regs.write(offset, bytes, value),
+            }
+        }
+    }
+}

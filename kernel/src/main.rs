@@ -6,9 +6,11 @@
 //! workspace builds and tests as one; its unit tests there build the layers
 //! that can run without the machine (`memory/`; of `base/`, the machine's
 //! record, the per-CPU slots, exception injection, the lock-order check,
-//! the console and the fatal path's parking; the device inventory and a
-//! VM's virtual GIC; the partitions: the PSCI relay, the service calls and
-//! the protected VMs) over a host stand-in for `arch` (`kernel/fake/`).
+//! the console and the fatal path's parking; the device inventory, a
+//! VM's virtual GIC and the ITS emulation; the partitions: the PSCI relay,
+//! the service calls and the protected VMs) over a host stand-in for `arch`
+//! (`kernel/fake/`), which puts models of the ITS and the SMMU behind
+//! `arch::mmio`.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -62,6 +64,8 @@ mod base {
 #[allow(dead_code, reason = "the host tests build only part of the layer")]
 mod device {
     pub mod inventory;
+    // The ITS and redistributor emulation, over the models of
+    // `arch::mmio`.
     pub mod its;
     pub mod vgic;
 }

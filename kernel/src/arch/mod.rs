@@ -1,13 +1,15 @@
 //! The architecture layer: the exception vectors and the world switch
 //! (`entry.S`, `vectors.S`), the system registers, cache maintenance, the
 //! GIC's CPU interface (and the virtual one's registers) and the EL2
-//! timer, the core's own stage-1 translation. The only place for assembly; every layer above reaches the
+//! timer, the device registers of the ITS, redistributors and SMMU, the
+//! core's own stage-1 translation. The only place for assembly; every layer above reaches the
 //! hardware through here.
 
 pub mod cache;
 pub mod fpsimd;
 pub mod gic;
 pub mod ich;
+pub mod mmio;
 pub mod mmu;
 pub mod semihosting;
 pub mod sysreg;

@@ -36,7 +36,7 @@
 //!   enable. With LPIs on they cannot change (the architecture makes them
 //!   read-only then).
 
-use crate::arch::cache;
+use crate::arch::{cache, mmio};
 use crate::base::cpu::PerCpu;
 use crate::base::state::machine;
 use crate::memory;
@@ -51,6 +51,7 @@ use moat_kernel::its::{
 };
 use moat_kernel::lockorder::Rank;
 use moat_kernel::regs::GuestRegs;
+use moat_kernel::sysregs::SysRegs;
 use moat_platform::dt::{Gic, MAX_ITS, Range};
 
 /// Most redistributors the core tracks.
@@ -68,23 +69,23 @@ const LOGGED_REFUSALS: u64 = 32;
 fn rd32(addr: u64) -> u32 {
     // SAFETY: `addr` is a register of an ITS or redistributor frame the
     // core maps as device memory at EL2.
-    unsafe { read_volatile(addr as *const u32) }
+    unsafe { mmio::read32(addr) }
 }
 
 fn rd64(addr: u64) -> u64 {
     // SAFETY: as for `rd32`; the registers read 64 bits at a time are
     // 64-bit registers.
-    unsafe { read_volatile(addr as *const u64) }
+    unsafe { mmio::read64(addr) }
 }
 
 fn wr32(addr: u64, v: u32) {
     // SAFETY: as for `rd32`.
-    unsafe { write_volatile(addr as *mut u32, v) }
+    unsafe { mmio::write32(addr, v) }
 }
 
 fn wr64(addr: u64, v: u64) {
     // SAFETY: as for `rd64`.
-    unsafe { write_volatile(addr as *mut u64, v) }
+    unsafe { mmio::write64(addr, v) }
 }
 
 /// An ITT the core allocated for one device.
@@ -189,19 +190,23 @@ static STATE: spin::Once<spin::Mutex<State>> = spin::Once::new();
 /// The pages withheld from the host: each ITS's control page and each
 /// redistributor's first page. Empty on a GICv2 machine.
 pub fn withheld() -> heapless::Vec<Range, { MAX_ITS + MAX_REDISTRIBUTORS }> {
+    STATE.get().map(withheld_of).unwrap_or_default()
+}
+
+fn withheld_of(
+    state: &spin::Mutex<State>,
+) -> heapless::Vec<Range, { MAX_ITS + MAX_REDISTRIBUTORS }> {
     let mut out = heapless::Vec::new();
-    if let Some(state) = STATE.get() {
-        let _order = crate::base::lockcheck::hold(Rank::Gic);
-        let state = state.lock();
-        for base in state
-            .its
-            .iter()
-            .map(|i| i.base)
-            .chain(state.redistributors.iter().map(|r| r.base))
-        {
-            if let Some(r) = Range::new(base, PAGE) {
-                let _ = out.push(r);
-            }
+    let _order = crate::base::lockcheck::hold(Rank::Gic);
+    let state = state.lock();
+    for base in state
+        .its
+        .iter()
+        .map(|i| i.base)
+        .chain(state.redistributors.iter().map(|r| r.base))
+    {
+        if let Some(r) = Range::new(base, PAGE) {
+            let _ = out.push(r);
         }
     }
     out
@@ -237,8 +242,19 @@ fn redistributor_frames(gic: &Gic) -> heapless::Vec<(u64, u64), MAX_REDISTRIBUTO
 /// records every ITS and redistributor and gives each ITS the core's
 /// command queue. Returns how many ITSs and redistributors it took.
 pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
-    let Gic::V3 { distributor, .. } = gic else {
+    let Some(state) = probe(gic, its_frames) else {
         return (0, 0);
+    };
+    let counts = (state.its.len(), state.redistributors.len());
+    STATE.call_once(|| spin::Mutex::new(state));
+    counts
+}
+
+/// What [`init`] finds and sets up, before it is the core's for good;
+/// `None` on a GICv2 machine.
+fn probe(gic: &Gic, its_frames: &[Range]) -> Option<State> {
+    let Gic::V3 { distributor, .. } = gic else {
+        return None;
     };
     let intid_bits = ((rd32(distributor.base + 0x4) >> 19) & 0x1f) + 1;
     let mut state = State {
@@ -289,7 +305,7 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
             let at = base + gits::BASER0 + 8 * n;
             wr64(at, rd64(at) & !logic::BASER_VALID);
         }
-        let Some(shadow) = Itt::allocate(u32::MAX, 0, SHADOW_QUEUE_BYTES) else {
+        let Some(shadow) = shadow_queue() else {
             crate::log!("ITS {base:#x}: no memory for the core's command queue; left off");
             continue;
         };
@@ -301,7 +317,7 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
             host_queue: None,
             host_cwriter: 0,
             host_creadr: 0,
-            shadow: shadow.pa,
+            shadow,
             shadow_write: 0,
             stuck: false,
             tables: [None; gits::BASERS as usize],
@@ -309,12 +325,25 @@ pub fn init(gic: &Gic, its_frames: &[Range]) -> (usize, usize) {
             itt_bytes: 0,
             refused: 0,
         });
-        // The shadow queue lives as long as the core.
-        shadow.keep();
     }
-    let counts = (state.its.len(), state.redistributors.len());
-    STATE.call_once(|| spin::Mutex::new(state));
-    counts
+    Some(state)
+}
+
+/// A zeroed page from the core's heap for an ITS's command queue, cleaned
+/// to the point of coherency. GITS_CBASER holds a page number, so the
+/// queue is page-aligned; it lives as long as the core.
+fn shadow_queue() -> Option<u64> {
+    let layout =
+        core::alloc::Layout::from_size_align(SHADOW_QUEUE_BYTES as usize, PAGE as usize).ok()?;
+    // SAFETY: a non-zero size and a power-of-two alignment; the block is
+    // never freed.
+    let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        return None;
+    }
+    let pa = p as u64;
+    cache::clean_dcache_to_poc(pa, SHADOW_QUEUE_BYTES);
+    Some(pa)
 }
 
 /// The GIC state held for the consistency checker: taken before the
@@ -329,13 +358,7 @@ pub struct Held {
 /// Locks the GIC state for [`Held::check`]; `None` without an ITS or
 /// redistributor the core emulates.
 pub fn hold() -> Option<Held> {
-    STATE.get().map(|s| {
-        let _order = crate::base::lockcheck::hold(Rank::Gic);
-        Held {
-            state: s.lock(),
-            _order,
-        }
-    })
+    STATE.get().map(Held::of)
 }
 
 /// A table or register the checker found wrong: its address and why.
@@ -353,6 +376,14 @@ impl crate::memory::GicTables for Held {
 }
 
 impl Held {
+    fn of(state: &'static spin::Mutex<State>) -> Self {
+        let _order = crate::base::lockcheck::hold(Rank::Gic);
+        Held {
+            state: state.lock(),
+            _order,
+        }
+    }
+
     /// Checks every table and queue the GIC hardware uses: the ones the
     /// core took are held as the hardware needs (`logic::check_holding`
     /// against the ledger, and the host's stage-2 through `host_maps`,
@@ -476,6 +507,16 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
     let Some(state) = STATE.get() else {
         return false;
     };
+    emulate(cpu, state, regs, abort, ipa)
+}
+
+fn emulate(
+    cpu: &PerCpu,
+    state: &spin::Mutex<State>,
+    regs: &mut GuestRegs,
+    abort: &StageTwoAbort,
+    ipa: u64,
+) -> bool {
     let page = ipa & !(PAGE - 1);
     let offset = ipa - page;
     let _order = crate::base::lockcheck::hold(Rank::Gic);
@@ -502,7 +543,7 @@ pub fn handle_abort(cpu: &PerCpu, regs: &mut GuestRegs, abort: &StageTwoAbort, i
                 regs,
                 abort.is_instruction,
                 abort.is_write,
-                crate::arch::sysreg::far_el2(),
+                crate::arch::sysreg::Hw.far_el2(),
             );
             return true;
         }
@@ -613,6 +654,15 @@ pub fn unless_pinned<R>(pa: u64, size: u64, f: impl FnOnce() -> R) -> Option<R> 
     let Some(state) = STATE.get() else {
         return Some(f());
     };
+    unless_pinned_in(state, pa, size, f)
+}
+
+fn unless_pinned_in<R>(
+    state: &spin::Mutex<State>,
+    pa: u64,
+    size: u64,
+    f: impl FnOnce() -> R,
+) -> Option<R> {
     let _order = crate::base::lockcheck::hold(Rank::Gic);
     let state = state.lock();
     let end = pa.saturating_add(size);
@@ -1129,4 +1179,758 @@ fn enable_lpis(cpu: &PerCpu, state: &mut State, index: usize) -> bool {
     wr64(base + gicr::PROPBASER, prop);
     wr64(base + gicr::PENDBASER, pend);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    //! The emulation as the host meets it: its register accesses come in
+    //! as data aborts ([`emulate`]), over models of the ITS, the
+    //! redistributors and the distributor (`arch::mmio`), and over the
+    //! transaction engine's machine (`memory::tests`), whose ledger takes
+    //! and gives back the tables. The host's tables and queue lie in the
+    //! last quarter of its RAM; each test gives back what it handed over.
+
+    use super::*;
+    use crate::arch::mmio::{self, FakeIts, Registers};
+    use crate::arch::sysreg::with_regs;
+    use crate::arch::take_lines;
+    use crate::memory::tests::{RAM_SIZE, cpu, serial, world};
+    use crate::memory::{host_owns, ledger_restart::HYP_SHARES};
+    use moat_kernel::esr::{FaultKind, MmioAccess};
+
+    const DIST: u64 = 0x2000_0000;
+    const ITS: u64 = 0x2008_0000;
+    /// Two redistributors, 128 KiB apart.
+    const RD: u64 = 0x2010_0000;
+    const RD1: u64 = RD + 0x2_0000;
+    /// Physical LPIs, 8-byte ITT entries, 16 EventID and 16 DeviceID bits,
+    /// targets by processor number, GICv4 (Virtual) set: the host must not
+    /// see it.
+    const TYPER: u64 = 1 | (1 << 1) | (7 << 4) | (15 << 8) | (15 << 13);
+    /// GITS_BASER0: the device table, GITS_BASER1: the collections', both
+    /// of 8-byte entries.
+    const DEVICES: u64 = (1 << 56) | (7 << 48);
+    const COLLECTIONS: u64 = (4 << 56) | (7 << 48);
+    const VALID: u64 = 1 << 63;
+    /// Host memory the host owns: 512 device and 512 collection entries.
+    const TABLE_ENTRIES: u32 = 512;
+
+    /// Where the host keeps its queue and tables.
+    #[derive(Clone, Copy)]
+    struct HostRam {
+        queue: u64,
+        devices: u64,
+        collections: u64,
+        itt: u64,
+        property: u64,
+        pending: u64,
+        /// Just past the host's RAM: not its own.
+        outside: u64,
+    }
+
+    fn host_ram() -> HostRam {
+        let ram = world().ram;
+        let at = ram + (6 << 20);
+        HostRam {
+            queue: at,
+            devices: at + 0x1_0000,
+            collections: at + 0x2_0000,
+            itt: at + 0x3_0000,
+            property: at + 0x4_0000,
+            pending: at + 0x6_0000,
+            outside: ram + RAM_SIZE,
+        }
+    }
+
+    /// The GIC's frames, models attached for one test.
+    struct Frames;
+
+    impl Drop for Frames {
+        fn drop(&mut self) {
+            for base in [DIST, ITS, RD, RD1] {
+                mmio::detach(base);
+            }
+        }
+    }
+
+    fn its_model<R>(f: impl FnOnce(&mut FakeIts) -> R) -> R {
+        mmio::with(ITS, f)
+    }
+
+    fn rd_model<R>(base: u64, f: impl FnOnce(&mut Registers) -> R) -> R {
+        mmio::with(base, f)
+    }
+
+    /// What the ITS took from the core's queue so far (and forgets it).
+    fn forwarded() -> Vec<[u64; 4]> {
+        its_model(|i| core::mem::take(&mut i.commands))
+    }
+
+    fn attach_frames(its: FakeIts) -> Frames {
+        let mut dist = Registers::default();
+        // GICD_TYPER.IDbits: 16 INTID bits.
+        dist.set(0, 15 << (19 + 32));
+        mmio::attach(DIST, 0x1_0000, dist);
+        mmio::attach(ITS, 0x2_0000, its);
+        let mut rd0 = Registers::default();
+        rd0.set(gicr::TYPER, 0);
+        mmio::attach(RD, 0x2_0000, rd0);
+        let mut rd1 = Registers::default();
+        // Processor 1, the last redistributor.
+        rd1.set(gicr::TYPER, (1 << 8) | (1 << 4));
+        mmio::attach(RD1, 0x2_0000, rd1);
+        Frames
+    }
+
+    fn gic_v3() -> Gic {
+        let mut redistributors = heapless::Vec::new();
+        redistributors
+            .push(Range {
+                base: RD,
+                size: 0x10_0000,
+            })
+            .unwrap();
+        Gic::V3 {
+            distributor: Range {
+                base: DIST,
+                size: 0x1_0000,
+            },
+            redistributors,
+        }
+    }
+
+    /// The emulation over fresh models, and the host's view of it.
+    struct Host {
+        state: &'static spin::Mutex<State>,
+        regs: GuestRegs,
+        ram: HostRam,
+        /// The host's next command slot.
+        write: u64,
+        _frames: Frames,
+    }
+
+    fn host_with(its: FakeIts) -> Host {
+        world();
+        let frames = attach_frames(its);
+        let state = probe(&gic_v3(), &[Range::new(ITS, 0x2_0000).unwrap()]).unwrap();
+        take_lines();
+        Host {
+            state: Box::leak(Box::new(spin::Mutex::new(state))),
+            regs: GuestRegs {
+                x: [0; 31],
+                pc: 0x4008_0000,
+                pstate: 0x3c5,
+            },
+            ram: host_ram(),
+            write: 0,
+            _frames: frames,
+        }
+    }
+
+    fn host() -> Host {
+        host_with(FakeIts::new(
+            TYPER,
+            [DEVICES, COLLECTIONS, 0, 0, 0, 0, 0, 0],
+        ))
+    }
+
+    fn abort(is_write: bool, size_log2: u8) -> StageTwoAbort {
+        StageTwoAbort {
+            is_instruction: false,
+            fault: FaultKind::Translation(3),
+            is_write,
+            syndrome_valid: true,
+            access: Some(MmioAccess {
+                size_log2,
+                sign_extend: false,
+                rt: 5,
+                sixty_four: true,
+                is_write,
+            }),
+            s1ptw: false,
+        }
+    }
+
+    fn write_ram(at: u64, words: &[u64]) {
+        for (i, w) in words.iter().enumerate() {
+            let p = core::ptr::with_exposed_provenance_mut::<u64>((at + 8 * i as u64) as usize);
+            // SAFETY: test RAM (the world's buffer), which only the
+            // serialised tests touch.
+            unsafe { p.write_volatile(*w) };
+        }
+    }
+
+    impl Host {
+        /// One access of 2^`size_log2` bytes, emulated as a single
+        /// instruction (the PC moves on past it).
+        fn access(&mut self, addr: u64, size_log2: u8, write: Option<u64>) -> u64 {
+            self.regs.x[5] = write.unwrap_or(0xdead_beef_dead_beef);
+            let pc = self.regs.pc;
+            let abort = abort(write.is_some(), size_log2);
+            assert!(emulate(cpu(), self.state, &mut self.regs, &abort, addr));
+            assert_eq!(self.regs.pc, pc + 4);
+            self.regs.x[5]
+        }
+
+        fn w64(&mut self, addr: u64, v: u64) {
+            self.access(addr, 3, Some(v));
+        }
+
+        fn r64(&mut self, addr: u64) -> u64 {
+            self.access(addr, 3, None)
+        }
+
+        fn w32(&mut self, addr: u64, v: u32) {
+            self.access(addr, 2, Some(u64::from(v)));
+        }
+
+        fn r32(&mut self, addr: u64) -> u32 {
+            self.access(addr, 2, None) as u32
+        }
+
+        /// Programs a device and a collection table and a one-page queue,
+        /// and turns the ITS on, as a driver does.
+        fn ready(&mut self) {
+            let r = self.ram;
+            self.w64(ITS + gits::BASER0, VALID | r.devices);
+            self.w64(ITS + gits::BASER0 + 8, VALID | r.collections);
+            self.w64(ITS + gits::CBASER, VALID | r.queue);
+            self.w32(ITS + gits::CTLR, gits::CTLR_ENABLED);
+            self.write = 0;
+            assert_eq!(self.r32(ITS + gits::CTLR), gits::CTLR_ENABLED);
+        }
+
+        /// Puts commands in the host's queue without telling the ITS.
+        fn queue(&mut self, commands: &[[u64; 4]]) {
+            for c in commands {
+                write_ram(self.ram.queue + self.write, c);
+                self.write = (self.write + COMMAND_BYTES) % PAGE;
+            }
+        }
+
+        /// Queues commands and moves GITS_CWRITER past them.
+        fn send(&mut self, commands: &[[u64; 4]]) {
+            self.queue(commands);
+            let w = self.write;
+            self.w64(ITS + gits::CWRITER, w);
+        }
+
+        fn its<R>(&self, f: impl FnOnce(&Its) -> R) -> R {
+            f(&self.state.lock().its[0])
+        }
+
+        /// Gives back all the host handed over: the ITS off, its queue
+        /// and tables unset through its registers, the redistributors'
+        /// tables returned; the host owns its RAM again.
+        fn release(mut self) {
+            self.w32(ITS + gits::CTLR, 0);
+            self.w64(ITS + gits::CBASER, 0);
+            for n in 0..gits::BASERS {
+                self.w64(ITS + gits::BASER0 + 8 * n, 0);
+            }
+            let mut state = self.state.lock();
+            for i in 0..state.redistributors.len() {
+                if let Some((pa, size)) = state.redistributors[i].property.take() {
+                    state.unpin(cpu(), pa, size);
+                }
+                if let Some((pa, size)) = state.redistributors[i].pending.take() {
+                    give_back(cpu(), pa, size);
+                }
+            }
+            assert!(state.pinned.is_empty());
+            drop(state);
+            let start = self.ram.queue;
+            assert!(host_owns(start, 1 << 20));
+            assert!(
+                HYP_SHARES
+                    .lock()
+                    .iter()
+                    .all(|(pa, _)| pa < start || pa >= start + (1 << 20))
+            );
+        }
+    }
+
+    #[test]
+    fn boot_turns_off_what_the_firmware_left_and_finds_every_redistributor() {
+        let _turn = serial();
+        world();
+        let mut its = FakeIts::new(TYPER, [DEVICES, COLLECTIONS, 0, 0, 0, 0, 0, 0]);
+        // The firmware left the ITS on with a queue and a table.
+        its.regs.set(gits::CTLR, 1);
+        its.regs.set(gits::CBASER, VALID | 0x4000_0000);
+        its.regs.set(gits::BASER0, VALID | DEVICES | 0x4001_0000);
+        let frames = attach_frames(its);
+        // And LPIs on in the first redistributor.
+        rd_model(RD, |r| r.set(gicr::CTLR, 1));
+        take_lines();
+        let state = probe(&gic_v3(), &[Range::new(ITS, 0x2_0000).unwrap()]).unwrap();
+        its_model(|i| {
+            assert_eq!(i.regs.get(gits::CTLR), 0);
+            assert_eq!(i.regs.get(gits::CBASER), 0);
+            assert_eq!(i.regs.get(gits::BASER0), DEVICES | 0x4001_0000);
+        });
+        assert!(take_lines()[0].contains("LPIs already on at boot"));
+        assert_eq!(
+            state
+                .redistributors
+                .iter()
+                .map(|r| (r.base, r.processor))
+                .collect::<Vec<_>>(),
+            [(RD, 0), (RD1, 1)]
+        );
+        assert_eq!(state.intid_bits, 16);
+        assert_eq!(state.its[0].typer, ItsTyper::decode(TYPER));
+        // Each ITS's control page and each redistributor's first page is
+        // withheld from the host.
+        let state: &'static _ = Box::leak(Box::new(spin::Mutex::new(state)));
+        assert_eq!(
+            withheld_of(state)
+                .iter()
+                .map(|r| (r.base, r.size))
+                .collect::<Vec<_>>(),
+            [(ITS, PAGE), (RD, PAGE), (RD1, PAGE)]
+        );
+        drop(frames);
+        // Nothing to do on a GICv2.
+        let v2 = Gic::V2 {
+            distributor: Range::new(DIST, 0x1000).unwrap(),
+            cpu_interface: Range::new(DIST + 0x1_0000, 0x1000).unwrap(),
+            hyp_interface: None,
+            virtual_cpu_interface: None,
+        };
+        assert!(probe(&v2, &[]).is_none());
+    }
+
+    #[test]
+    fn a_queue_or_table_in_memory_the_host_does_not_own_is_refused() {
+        let _turn = serial();
+        let mut h = host();
+        let r = h.ram;
+        // A queue outside the host's RAM: Valid reads back clear, the
+        // hardware gets none, and the ITS cannot be turned on.
+        h.w64(ITS + gits::CBASER, VALID | r.outside);
+        assert_eq!(h.r64(ITS + gits::CBASER), r.outside);
+        its_model(|i| assert_eq!(i.regs.get(gits::CBASER), 0));
+        h.w32(ITS + gits::CTLR, gits::CTLR_ENABLED);
+        assert_eq!(h.r32(ITS + gits::CTLR) & gits::CTLR_ENABLED, 0);
+        // A device table outside it: the hardware's BASER0 is not valid.
+        h.w64(ITS + gits::BASER0, VALID | r.outside);
+        assert_eq!(h.r64(ITS + gits::BASER0) & VALID, 0);
+        assert!(h.its(|i| i.tables[0].is_none()));
+        // A device table in its RAM is taken from it.
+        h.w64(ITS + gits::BASER0, VALID | r.devices);
+        assert_eq!(h.r64(ITS + gits::BASER0), VALID | DEVICES | r.devices);
+        assert!(!host_owns(r.devices, PAGE));
+        // Now the host's no more: neither a queue nor another table there.
+        h.w64(ITS + gits::CBASER, VALID | r.devices);
+        assert_eq!(h.r64(ITS + gits::CBASER) & VALID, 0);
+        h.w64(ITS + gits::BASER0 + 8, VALID | r.devices);
+        assert_eq!(h.r64(ITS + gits::BASER0 + 8) & VALID, 0);
+        // The type and entry size are the hardware's; two-level tables
+        // are not offered.
+        h.w64(
+            ITS + gits::BASER0 + 8,
+            VALID | logic::BASER_INDIRECT | (1 << 56) | (31 << 48) | r.collections,
+        );
+        assert_eq!(
+            h.r64(ITS + gits::BASER0 + 8),
+            VALID | COLLECTIONS | r.collections
+        );
+        // A table of a kind the core does not hand out (BASER2 has none).
+        h.w64(ITS + gits::BASER0 + 16, VALID | r.itt);
+        assert_eq!(h.r64(ITS + gits::BASER0 + 16) & VALID, 0);
+        assert!(host_owns(r.itt, PAGE));
+        // With the ITS on, nothing changes.
+        h.w64(ITS + gits::CBASER, VALID | r.queue);
+        h.w32(ITS + gits::CTLR, gits::CTLR_ENABLED);
+        h.w64(ITS + gits::BASER0, 0);
+        h.w64(ITS + gits::CBASER, VALID | r.itt);
+        assert_eq!(h.r64(ITS + gits::BASER0), VALID | DEVICES | r.devices);
+        assert_eq!(h.r64(ITS + gits::CBASER), VALID | r.queue);
+        // Reprogrammed with the ITS off, the old table goes back.
+        h.w32(ITS + gits::CTLR, 0);
+        h.w64(ITS + gits::BASER0, 0);
+        assert!(host_owns(r.devices, PAGE));
+        let lines = take_lines();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("memory the host does not own")),
+            "{lines:?}"
+        );
+        h.release();
+    }
+
+    #[test]
+    fn a_page_size_the_hardware_does_not_take_gives_the_table_back() {
+        let _turn = serial();
+        let mut its = FakeIts::new(TYPER, [DEVICES, COLLECTIONS, 0, 0, 0, 0, 0, 0]);
+        its.only_4k_pages = true;
+        let mut h = host_with(its);
+        let r = h.ram;
+        // 16 KiB pages, one of them.
+        h.w64(ITS + gits::BASER0, VALID | (1 << 8) | r.devices);
+        assert_eq!(h.r64(ITS + gits::BASER0) & VALID, 0);
+        assert!(h.its(|i| i.tables[0].is_none()));
+        assert!(host_owns(r.devices, 4 * PAGE));
+        h.release();
+    }
+
+    #[test]
+    fn the_hardware_runs_the_cores_queue_with_only_the_commands_that_pass() {
+        let _turn = serial();
+        let mut h = host();
+        let r = h.ram;
+        h.ready();
+        // The hardware reads the core's queue; the host's is shared with
+        // the hypervisor, and cannot be unshared while in use.
+        let shadow = h.its(|i| i.shadow);
+        let hw = its_model(|i| i.regs.get(gits::CBASER));
+        assert_eq!(logic::decode_cbaser(hw), Some((shadow, PAGE)));
+        assert_ne!(shadow, r.queue);
+        assert!(HYP_SHARES.lock().iter().any(|s| s == (r.queue, PAGE)));
+        assert_eq!(unless_pinned_in(h.state, r.queue + 0x800, 8, || ()), None);
+        assert_eq!(unless_pinned_in(h.state, r.itt, PAGE, || 1), Some(1));
+
+        let mapc = |collection, target| {
+            Command::Mapc {
+                collection,
+                target,
+                valid: true,
+            }
+            .encode(0)
+        };
+        let mapd = |device, event_bits, itt| {
+            Command::Mapd {
+                device,
+                event_bits,
+                itt,
+                valid: true,
+            }
+            .encode(itt)
+        };
+        let mapti = |device, event, intid, collection| {
+            Command::Mapti {
+                device,
+                event,
+                intid,
+                collection,
+            }
+            .encode(0)
+        };
+        let good_mapc = mapc(0, 1);
+        let good_mapd = mapd(3, 4, r.itt);
+        let good_mapti = mapti(3, 15, 8192 + 7, 0);
+        let mut unknown = good_mapc;
+        unknown[0] = 0x29; // VMAPP, a GICv4 command
+        h.send(&[
+            good_mapc,
+            mapc(TABLE_ENTRIES as u16, 1), // beyond the collection table
+            mapc(1, 2),                    // no processor 2
+            mapd(TABLE_ENTRIES, 4, r.itt), // beyond the device table
+            mapd(4, 17, r.itt),            // more EventID bits than the ITS has
+            mapd(5, 4, r.outside),         // an ITT the host does not own
+            mapd(6, 4, r.devices),         // nor there (the ITS's now)
+            good_mapd,
+            mapti(3, 16, 8192, 0),   // beyond the device's events
+            mapti(3, 0, 100, 0),     // not an LPI
+            mapti(3, 0, 1 << 16, 0), // beyond the LPIs there are
+            mapti(3, 0, 8192, TABLE_ENTRIES as u16),
+            mapti(9, 0, 8192, 0), // a device never mapped
+            unknown,
+            good_mapti,
+        ]);
+        // The host's queue is consumed to the end.
+        assert_eq!(h.r64(ITS + gits::CREADR), h.write);
+        assert_eq!(h.r64(ITS + gits::CWRITER), h.write);
+        // The hardware got the three that pass, the MAPD with the core's
+        // own ITT for the device (16 events of 8 bytes) in place of the
+        // host's.
+        let itt = h.its(|i| {
+            assert_eq!(i.refused, 12);
+            assert_eq!(i.itts.len(), 1);
+            assert_eq!((i.itts[0].device, i.itts[0].bytes), (3, 256));
+            i.itts[0].pa
+        });
+        assert_ne!(itt, r.itt);
+        assert_eq!(forwarded(), [good_mapc, mapd(3, 4, itt), good_mapti]);
+        let lines = take_lines();
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("dropped")).count(),
+            12,
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("a DeviceID beyond the device table"))
+        );
+
+        // A MAPD of the device again: a new ITT, the old one freed; an
+        // unmapping MAPD frees it.
+        h.send(&[mapd(3, 8, r.itt)]);
+        let bigger = h.its(|i| {
+            assert_eq!(i.itts.len(), 1);
+            assert_eq!(i.itt_bytes, 256 * 8);
+            i.itts[0].pa
+        });
+        let mut unmap = mapd(3, 8, 0);
+        unmap[2] = 0;
+        h.send(&[unmap]);
+        assert_eq!(forwarded(), [mapd(3, 8, bigger), unmap]);
+        h.its(|i| assert_eq!((i.itts.len(), i.itt_bytes), (0, 0)));
+        h.release();
+    }
+
+    #[test]
+    fn the_host_queue_and_the_cores_wrap_and_a_bad_write_index_is_ignored() {
+        let _turn = serial();
+        let mut h = host();
+        h.ready();
+        let sync = Command::Sync { target: 0 }.encode(0);
+        let sync1 = Command::Sync { target: 1 }.encode(0);
+        // 100, then 30 more that run past the end of both one-page queues.
+        h.send(&[sync; 100]);
+        h.send(&[sync1; 30]);
+        let got = forwarded();
+        assert_eq!(got.len(), 130);
+        assert!(got[..100].iter().all(|c| *c == sync));
+        assert!(got[100..].iter().all(|c| *c == sync1));
+        let end = 130 * COMMAND_BYTES % PAGE;
+        assert_eq!(h.r64(ITS + gits::CREADR), end);
+        h.its(|i| assert_eq!(i.shadow_write, end));
+        its_model(|i| assert_eq!(i.regs.get(gits::CREADR), end));
+        // A write index at or past the queue's end is ignored; the low
+        // bits of one are not an index.
+        h.queue(&[sync]);
+        h.w64(ITS + gits::CWRITER, PAGE);
+        h.w64(ITS + gits::CWRITER, PAGE + h.write);
+        assert_eq!(h.r64(ITS + gits::CWRITER), end);
+        assert!(forwarded().is_empty());
+        h.w64(ITS + gits::CWRITER, h.write | 0x1f);
+        assert_eq!(h.r64(ITS + gits::CWRITER), h.write);
+        assert_eq!(forwarded(), [sync]);
+        // Half a register at a time, as a 32-bit driver writes it.
+        h.queue(&[sync]);
+        h.w32(ITS + gits::CWRITER + 4, 0);
+        h.w32(ITS + gits::CWRITER, h.write as u32);
+        assert_eq!(h.r32(ITS + gits::CREADR), h.write as u32);
+        assert_eq!(forwarded(), [sync]);
+        h.release();
+    }
+
+    #[test]
+    fn an_its_that_stops_taking_commands_is_given_nothing_more() {
+        let _turn = serial();
+        let mut h = host();
+        h.ready();
+        let sync = Command::Sync { target: 0 }.encode(0);
+        its_model(|i| i.stall = true);
+        h.send(&[sync]);
+        assert!(h.its(|i| i.stuck));
+        assert!(
+            take_lines()
+                .iter()
+                .any(|l| l.contains("the hardware stopped taking commands"))
+        );
+        its_model(|i| i.stall = false);
+        h.send(&[sync, sync]);
+        h.its(|i| assert_eq!(i.refused, 2));
+        assert!(forwarded().is_empty());
+        // A new queue, with the ITS off, starts afresh.
+        h.w32(ITS + gits::CTLR, 0);
+        its_model(|i| i.regs.set(gits::CREADR, 0));
+        h.ready();
+        assert!(!h.its(|i| i.stuck));
+        h.send(&[sync]);
+        assert_eq!(forwarded(), [sync]);
+        h.release();
+    }
+
+    #[test]
+    fn lpis_turn_on_only_with_tables_the_host_owns_and_then_hold_still() {
+        let _turn = serial();
+        let mut h = host();
+        let r = h.ram;
+        // 16 INTID bits: a 56 KiB property table, an 8 KiB pending table.
+        let propbaser = r.property | 15;
+        // The property table outside the host's RAM.
+        h.w64(RD + gicr::PROPBASER, r.outside | 15);
+        h.w64(RD + gicr::PENDBASER, r.pending);
+        h.w32(RD + gicr::CTLR, gicr::CTLR_ENABLE_LPIS);
+        assert_eq!(h.r32(RD + gicr::CTLR), 0);
+        // Too few INTID bits for any LPI.
+        h.w64(RD + gicr::PROPBASER, r.property | 12);
+        h.w32(RD + gicr::CTLR, gicr::CTLR_ENABLE_LPIS);
+        assert_eq!(h.r32(RD + gicr::CTLR), 0);
+        // A pending table the host does not own: the property table it
+        // shared first is unshared again.
+        h.w64(RD + gicr::PROPBASER, propbaser);
+        h.w64(RD + gicr::PENDBASER, r.outside);
+        h.w32(RD + gicr::CTLR, gicr::CTLR_ENABLE_LPIS);
+        assert_eq!(h.r32(RD + gicr::CTLR), 0);
+        assert!(h.state.lock().pinned.is_empty());
+        // Nothing reached the hardware.
+        rd_model(RD, |m| {
+            assert_eq!(m.get(gicr::PROPBASER), 0);
+            assert_eq!(m.get(gicr::PENDBASER), 0);
+        });
+        let lines = take_lines();
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("LPIs left off")).count(),
+            3,
+            "{lines:?}"
+        );
+
+        h.w64(RD + gicr::PENDBASER, r.pending);
+        h.w32(RD + gicr::CTLR, gicr::CTLR_ENABLE_LPIS);
+        assert_eq!(h.r32(RD + gicr::CTLR), gicr::CTLR_ENABLE_LPIS);
+        rd_model(RD, |m| {
+            assert_eq!(m.get(gicr::PROPBASER), propbaser);
+            assert_eq!(m.get(gicr::PENDBASER), r.pending);
+        });
+        assert!(
+            HYP_SHARES
+                .lock()
+                .iter()
+                .any(|s| s == (r.property, 14 * PAGE))
+        );
+        assert!(!host_owns(r.pending, 2 * PAGE));
+        assert!(host_owns(r.pending + 2 * PAGE, PAGE));
+        // With LPIs on the registers hold still.
+        h.w64(RD + gicr::PROPBASER, r.itt | 15);
+        h.w32(RD + gicr::PENDBASER + 4, 0x10);
+        assert_eq!(h.r64(RD + gicr::PROPBASER), propbaser);
+        assert_eq!(h.r64(RD + gicr::PENDBASER), r.pending);
+        // The other redistributor's registers are its own.
+        assert_eq!(h.r64(RD1 + gicr::PROPBASER), 0);
+        assert_eq!(h.r32(RD1 + gicr::CTLR), 0);
+        // Registers that name no memory reach the hardware as written.
+        h.w32(RD + 0x14, 0x2);
+        h.w64(RD + 0x40, 8200);
+        rd_model(RD, |m| {
+            assert_eq!(m.read(0x14, 4), 0x2);
+            assert_eq!(m.get(0x40), 8200);
+        });
+        h.release();
+    }
+
+    #[test]
+    fn the_checker_agrees_and_then_finds_what_changed_behind_the_cores_back() {
+        let _turn = serial();
+        let mut h = host();
+        let r = h.ram;
+        h.ready();
+        h.w64(RD + gicr::PROPBASER, r.property | 15);
+        h.w64(RD + gicr::PENDBASER, r.pending);
+        h.w32(RD + gicr::CTLR, gicr::CTLR_ENABLE_LPIS);
+        // The hypervisor's memory, for the core's own queue and ITTs:
+        // the test process's, all of it but the partitions' RAM.
+        let ram = world().ram;
+        let carve_out = [
+            Range::new(0x1000, ram - 0x1000).unwrap(),
+            Range::new(ram + RAM_SIZE, (1 << 52) - ram - RAM_SIZE).unwrap(),
+        ];
+        let check = |h: &Host| {
+            let held = Held::of(h.state);
+            let host = crate::memory::host_stage2();
+            held.check(
+                &carve_out,
+                |pfn| crate::memory::lookup(cpu(), pfn).ok(),
+                |pa, size, mapped| host.check(pa, size, mapped).is_ok(),
+            )
+        };
+        // The shadow queue, the host's queue, two tables, the property
+        // and pending tables.
+        assert_eq!(check(&h), Ok(6));
+        let finding = |h: &Host| check(h).unwrap_err();
+        // The device table moved in the hardware behind the core's back.
+        let baser0 = its_model(|i| i.regs.get(gits::BASER0));
+        its_model(|i| i.regs.set(gits::BASER0, baser0 + PAGE));
+        assert_eq!(
+            finding(&h),
+            (
+                ITS + gits::BASER0,
+                "a GITS_BASER names a table the core did not take"
+            )
+        );
+        its_model(|i| i.regs.set(gits::BASER0, baser0));
+        // The hardware reading the host's queue.
+        let cbaser = its_model(|i| i.regs.get(gits::CBASER));
+        its_model(|i| i.regs.set(gits::CBASER, VALID | r.queue));
+        assert_eq!(
+            finding(&h),
+            (ITS + gits::CBASER, "the ITS reads a queue not the core's")
+        );
+        its_model(|i| i.regs.set(gits::CBASER, cbaser));
+        // A pending table the core did not take.
+        rd_model(RD, |m| m.set(gicr::PENDBASER, r.itt & !0xffff));
+        assert_eq!(
+            finding(&h),
+            (
+                RD + gicr::PENDBASER,
+                "LPIs on with a pending table the core did not take"
+            )
+        );
+        rd_model(RD, |m| m.set(gicr::PENDBASER, r.pending));
+        assert_eq!(check(&h), Ok(6));
+        h.release();
+    }
+
+    #[test]
+    fn an_access_the_syndrome_does_not_describe_gets_an_abort() {
+        let _turn = serial();
+        let mut h = host();
+        let r = h.ram;
+        let before = with_regs(|s| s.el1_exceptions);
+        // A 16-bit store, an unaligned 64-bit load, and one without a
+        // syndrome: each an external abort, nothing emulated.
+        for (addr, abort) in [
+            (ITS + gits::CBASER, abort(true, 1)),
+            (ITS + gits::CBASER + 4, abort(false, 3)),
+            (
+                ITS + gits::CBASER,
+                StageTwoAbort {
+                    access: None,
+                    syndrome_valid: false,
+                    ..abort(true, 3)
+                },
+            ),
+        ] {
+            h.regs.x[5] = VALID | r.queue;
+            let pc = h.regs.pc;
+            assert!(emulate(cpu(), h.state, &mut h.regs, &abort, addr));
+            assert_ne!(h.regs.pc, pc + 4);
+            h.regs.pc = pc;
+        }
+        assert_eq!(with_regs(|s| s.el1_exceptions), before + 3);
+        assert_eq!(h.r64(ITS + gits::CBASER), 0);
+        // Another page is not the emulation's.
+        let abort = abort(false, 2);
+        assert!(!emulate(
+            cpu(),
+            h.state,
+            &mut h.regs,
+            &abort,
+            ITS + 0x1_0000
+        ));
+        // GITS_TYPER without GICv4; identification registers pass
+        // through; other writes are dropped.
+        assert_eq!(h.r64(ITS + gits::TYPER), TYPER & !(1 << 1));
+        assert_eq!(h.r32(ITS + gits::TYPER + 4), 0);
+        its_model(|i| i.regs.write(0x4, 4, 0x43b));
+        assert_eq!(h.r32(ITS + 0x4), 0x43b);
+        h.w64(ITS + gits::TYPER, 0);
+        h.w32(ITS + gits::CREADR, 0x40);
+        assert_eq!(h.r64(ITS + gits::CREADR), 0);
+        // GITS_CBASER written half at a time.
+        h.w32(ITS + gits::CBASER, r.queue as u32);
+        h.w32(ITS + gits::CBASER + 4, ((VALID | r.queue) >> 32) as u32);
+        assert_eq!(h.r64(ITS + gits::CBASER), VALID | r.queue);
+        assert_eq!(
+            h.r32(ITS + gits::CBASER + 4),
+            ((VALID | r.queue) >> 32) as u32
+        );
+        h.release();
+    }
 }

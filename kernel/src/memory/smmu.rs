@@ -19,6 +19,7 @@
 //! disables translation with the global bypass set to abort: every DMA is
 //! refused from then on, which is safe, if not useful.
 
+use crate::arch::mmio;
 use alloc::alloc::{Layout, alloc_zeroed};
 use moat_kernel::smmu::{
     self, BASE_RA, BASE_WA, CMD_BYTES, CR0_CMDQEN, CR0_EVENTQEN, CR0_SMMUEN, CR1_CACHEABLE,
@@ -81,17 +82,17 @@ fn read32(base: usize, offset: usize) -> u32 {
     // SAFETY: `base` is the SMMU's register frames (page 0 and page 1),
     // mapped as device memory in the core's map and in no partition's;
     // `offset` is one of `moat_kernel::smmu::reg`'s 32-bit registers.
-    unsafe { core::ptr::with_exposed_provenance::<u32>(base + offset).read_volatile() }
+    unsafe { mmio::read32((base + offset) as u64) }
 }
 
 fn write32(base: usize, offset: usize, value: u32) {
     // SAFETY: as in `read32`.
-    unsafe { core::ptr::with_exposed_provenance_mut::<u32>(base + offset).write_volatile(value) }
+    unsafe { mmio::write32((base + offset) as u64, value) }
 }
 
 fn write64(base: usize, offset: usize, value: u64) {
     // SAFETY: as in `read32`, for a 64-bit register (8-byte aligned).
-    unsafe { core::ptr::with_exposed_provenance_mut::<u64>(base + offset).write_volatile(value) }
+    unsafe { mmio::write64((base + offset) as u64, value) }
 }
 
 /// Completes the core's writes to memory before the SMMU is told about
@@ -145,6 +146,18 @@ fn read_words<const N: usize>(at: usize) -> [u64; N] {
 /// host's stage-2 (`vtcr`, `vttbr`). On error the SMMU is left disabled
 /// with incoming transactions aborted, if it answered at all.
 pub fn init(desc: &SmmuV3, vtcr: u64, vttbr: u64, ipa_bits: u32) -> Result<Summary, &'static str> {
+    let (smmu, summary) = take(desc, vtcr, vttbr, ipa_bits)?;
+    SMMU.call_once(|| Mutex::new(smmu));
+    Ok(summary)
+}
+
+/// What [`init`] does before the SMMU is the core's for good.
+fn take(
+    desc: &SmmuV3,
+    vtcr: u64,
+    vttbr: u64,
+    ipa_bits: u32,
+) -> Result<(Smmu, Summary), &'static str> {
     let base = desc.regs.base as usize;
     let features = Features::from_idr(
         read32(base, reg::IDR0),
@@ -246,13 +259,15 @@ pub fn init(desc: &SmmuV3, vtcr: u64, vttbr: u64, ipa_bits: u32) -> Result<Summa
     wait_for(base, reg::CR0ACK, !0, on)?;
     write32(base, reg::CR0, on | CR0_SMMUEN);
     wait_for(base, reg::CR0ACK, !0, on | CR0_SMMUEN)?;
-    SMMU.call_once(|| Mutex::new(s));
     let end = desc.streams_end();
-    Ok(Summary {
-        streams: covered.min(end),
-        refused_from: (end > covered).then_some(covered),
-        features,
-    })
+    Ok((
+        s,
+        Summary {
+            streams: covered.min(end),
+            refused_from: (end > covered).then_some(covered),
+            features,
+        },
+    ))
 }
 
 impl Smmu {
@@ -303,6 +318,19 @@ impl Smmu {
         write32(self.base, reg::CR0, 0);
     }
 
+    /// [`host_stage2_changed`] for this SMMU.
+    fn stage2_changed(&mut self) {
+        if self.failed {
+            return;
+        }
+        // The table writes are complete (the stage-2 code's own barriers)
+        // before the invalidation is queued.
+        let vmid = self.vmid;
+        if let Err(why) = self.submit(&[Command::TlbiS12Vmall { vmid }, Command::Sync]) {
+            self.fail_closed(why);
+        }
+    }
+
     fn drain(&mut self) {
         let q = self.evtq_index;
         let prod = read32(self.base, reg::EVENTQ_PROD);
@@ -344,16 +372,7 @@ impl Smmu {
 /// Without an SMMU there is nothing to do.
 pub fn host_stage2_changed() {
     let Some(smmu) = SMMU.get() else { return };
-    let mut s = smmu.lock();
-    if s.failed {
-        return;
-    }
-    // The table writes are complete (the stage-2 code's own barriers)
-    // before the invalidation is queued.
-    let vmid = s.vmid;
-    if let Err(why) = s.submit(&[Command::TlbiS12Vmall { vmid }, Command::Sync]) {
-        s.fail_closed(why);
-    }
+    smmu.lock().stage2_changed();
 }
 
 /// Reads the event queue: counts every event, logs the first ones.
@@ -397,41 +416,49 @@ pub fn check_streams(host_vttbr: u64) -> Result<u64, StreamMismatch> {
     let Some(smmu) = SMMU.get() else {
         return Ok(0);
     };
-    let s = smmu.lock();
-    if s.failed {
-        return Ok(0);
-    }
-    if read32(s.base, reg::CR0) & CR0_SMMUEN == 0 {
-        return Err(StreamMismatch::Disabled);
-    }
-    if s.ste[3] != host_vttbr & 0x0000_ffff_ffff_fffe || s.ste[2] & 0xffff != host_vttbr >> 48 {
-        return Err(StreamMismatch::Entry { stream: 0 });
-    }
-    let check_table = |table: usize, entries: usize, first: u64| {
-        for i in 0..entries {
-            if read_words::<8>(table + i * STE_BYTES) != s.ste {
-                return Err(StreamMismatch::Entry {
-                    stream: first + i as u64,
-                });
-            }
+    smmu.lock().check_streams(host_vttbr)
+}
+
+impl Smmu {
+    /// [`check_streams`] for this SMMU.
+    fn check_streams(&self, host_vttbr: u64) -> Result<u64, StreamMismatch> {
+        if self.failed {
+            return Ok(0);
         }
-        Ok(entries as u64)
-    };
-    match &s.streams {
-        Streams::Linear { table, entries } => check_table(*table, *entries, 0),
-        Streams::TwoLevel { l1, l1_entries, l2 } => {
-            let mut checked = 0;
-            for i in 0..*l1_entries {
-                let [d] = read_words::<1>(l1 + i * 8);
-                let want = l2.get(i).map_or(0, |t| smmu::l1_descriptor(*t as u64));
-                if d != want {
-                    return Err(StreamMismatch::Level1 { index: i as u64 });
-                }
-                if let Some(t) = l2.get(i) {
-                    checked += check_table(*t, 1 << SPLIT, (i as u64) << SPLIT)?;
+        if read32(self.base, reg::CR0) & CR0_SMMUEN == 0 {
+            return Err(StreamMismatch::Disabled);
+        }
+        if self.ste[3] != host_vttbr & 0x0000_ffff_ffff_fffe
+            || self.ste[2] & 0xffff != host_vttbr >> 48
+        {
+            return Err(StreamMismatch::Entry { stream: 0 });
+        }
+        let check_table = |table: usize, entries: usize, first: u64| {
+            for i in 0..entries {
+                if read_words::<8>(table + i * STE_BYTES) != self.ste {
+                    return Err(StreamMismatch::Entry {
+                        stream: first + i as u64,
+                    });
                 }
             }
-            Ok(checked)
+            Ok(entries as u64)
+        };
+        match &self.streams {
+            Streams::Linear { table, entries } => check_table(*table, *entries, 0),
+            Streams::TwoLevel { l1, l1_entries, l2 } => {
+                let mut checked = 0;
+                for i in 0..*l1_entries {
+                    let [d] = read_words::<1>(l1 + i * 8);
+                    let want = l2.get(i).map_or(0, |t| smmu::l1_descriptor(*t as u64));
+                    if d != want {
+                        return Err(StreamMismatch::Level1 { index: i as u64 });
+                    }
+                    if let Some(t) = l2.get(i) {
+                        checked += check_table(*t, 1 << SPLIT, (i as u64) << SPLIT)?;
+                    }
+                }
+                Ok(checked)
+            }
         }
     }
 }
@@ -472,5 +499,334 @@ pub fn boot(desc: &SmmuV3, vtcr: u64, vttbr: u64, ipa_bits: u32) {
             "smmu: SMMUv3 at {:#x} NOT used: {why}; it stays disabled and aborts every DMA transaction",
             desc.regs.base
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver against a model of an SMMUv3 (`arch::mmio::FakeSmmu`):
+    //! the stream table it builds, the command queue it fills and waits
+    //! on, the event queue it drains, and how it gives up on an SMMU that
+    //! stops answering. Each test has an SMMU of its own, at an address of
+    //! its own.
+
+    use super::*;
+    use crate::arch::mmio::{self, FakeSmmu};
+    use crate::arch::take_lines;
+    use moat_platform::dt::Range;
+    use moat_platform::iommu::StreamRange;
+
+    /// S2P, AArch64 tables, coherent walks, 16-bit VMIDs, two-level stream
+    /// tables.
+    const IDR0: u32 = 1 | (0b10 << 2) | (1 << 4) | (1 << 18) | (1 << 27);
+    const IDR0_LINEAR: u32 = IDR0 & !(0b11 << 27);
+    /// 48-bit output addresses, 4 KiB granule.
+    const IDR5: u32 = 5 | (1 << 4);
+    /// The host's stage-2: VMID 7, its root table.
+    const VTTBR: u64 = (7 << 48) | 0x4123_4000;
+
+    /// IDR1 with 16-bit stream IDs, 2^7 events and 2^`cmdq_log2` commands.
+    const fn idr1(cmdq_log2: u32) -> u32 {
+        16 | (7 << 16) | (cmdq_log2 << 21)
+    }
+
+    fn vtcr() -> u64 {
+        moat_kernel::el2config::vtcr(40, 5).0
+    }
+
+    /// A model attached for one test, taken away after it.
+    struct Attached(usize);
+
+    impl Drop for Attached {
+        fn drop(&mut self) {
+            mmio::detach(self.0 as u64);
+        }
+    }
+
+    fn attach(base: usize, smmu: FakeSmmu) -> Attached {
+        mmio::attach(base as u64, 0x2_0000, smmu);
+        Attached(base)
+    }
+
+    fn fake<R>(base: usize, f: impl FnOnce(&mut FakeSmmu) -> R) -> R {
+        mmio::with(base as u64, f)
+    }
+
+    fn desc(base: usize, streams: &[(u32, u32)]) -> SmmuV3 {
+        SmmuV3 {
+            regs: Range {
+                base: base as u64,
+                size: 0x2_0000,
+            },
+            streams: streams
+                .iter()
+                .map(|&(first, count)| StreamRange {
+                    first,
+                    count,
+                    first_rid: None,
+                })
+                .collect(),
+            phandle: None,
+        }
+    }
+
+    fn words(commands: &[Command]) -> Vec<[u64; 2]> {
+        commands.iter().map(|c| c.encode()).collect()
+    }
+
+    /// The SMMU attached at `base` taken as at boot.
+    fn booted(base: usize, streams: &[(u32, u32)]) -> (Smmu, Summary) {
+        take(&desc(base, streams), vtcr(), VTTBR, 40).unwrap()
+    }
+
+    fn host_entry() -> [u64; 8] {
+        smmu::host_ste(vtcr(), VTTBR & 0x0000_ffff_ffff_fffe, 7, 5)
+    }
+
+    #[test]
+    fn every_stream_gets_the_hosts_entry_and_streams_past_the_tables_none() {
+        let base = 0x1000_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0, idr1(8), 0, IDR5));
+        // Streams up to 0x1304: a 2^13-stream table, of which the core
+        // makes the first 16 level-2 tables (4096 streams).
+        let (s, summary) = booted(base, &[(0, 8), (0x1300, 4)]);
+        assert_eq!(summary.streams, 0x1000);
+        assert_eq!(summary.refused_from, Some(0x1000));
+        let Streams::TwoLevel { l1, l1_entries, l2 } = &s.streams else {
+            panic!("a linear table on an SMMU with two-level tables");
+        };
+        assert_eq!((*l1_entries, l2.len()), (32, MAX_L2_TABLES));
+        for i in 0..*l1_entries {
+            let [d] = read_words::<1>(l1 + i * 8);
+            let want = l2.get(i).map_or(0, |t| smmu::l1_descriptor(*t as u64));
+            assert_eq!(d, want, "level-1 descriptor {i}");
+        }
+        for t in l2 {
+            for stream in [0, 1, 0xff] {
+                assert_eq!(read_words::<8>(t + stream * STE_BYTES), host_entry());
+            }
+        }
+        fake(base, |f| {
+            assert_eq!(f.regs.get(reg::STRTAB_BASE as u64), BASE_RA | *l1 as u64);
+            assert_eq!(
+                f.reg32(reg::STRTAB_BASE_CFG),
+                smmu::strtab_base_cfg_2level(13)
+            );
+            assert_eq!(f.reg32(reg::CR0), CR0_CMDQEN | CR0_EVENTQEN | CR0_SMMUEN);
+            assert_ne!(f.reg32(reg::GBPA) & GBPA_ABORT, 0);
+            // Nothing cached from before: configurations and TLBs, then
+            // a SYNC the core waited for.
+            assert_eq!(
+                f.commands,
+                words(&[Command::CfgiAll, Command::TlbiNsnhAll, Command::Sync])
+            );
+        });
+        assert_eq!(s.check_streams(VTTBR).unwrap(), 0x1000);
+    }
+
+    #[test]
+    fn a_linear_table_covers_at_most_4096_streams() {
+        let base = 0x1010_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0_LINEAR, idr1(8), 0, IDR5));
+        let (s, summary) = booted(base, &[(0, 0x40)]);
+        // At least one level-2 table's worth, even linear.
+        assert_eq!((summary.streams, summary.refused_from), (0x40, None));
+        assert_eq!(s.check_streams(VTTBR).unwrap(), 0x100);
+        fake(base, |f| assert_eq!(f.reg32(reg::STRTAB_BASE_CFG), 8));
+        drop(s);
+
+        let base = 0x1014_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0_LINEAR, idr1(8), 0, IDR5));
+        let (s, summary) = booted(base, &[(0x1ff0, 0x20)]);
+        assert_eq!(summary.refused_from, Some(0x1000));
+        let Streams::Linear { table, entries } = s.streams else {
+            panic!("a two-level table on an SMMU without");
+        };
+        assert_eq!(entries, 0x1000);
+        assert_eq!(read_words::<8>(table + 0xfff * STE_BYTES), host_entry());
+        fake(base, |f| assert_eq!(f.reg32(reg::STRTAB_BASE_CFG), 12));
+    }
+
+    #[test]
+    fn the_checker_finds_an_entry_or_a_descriptor_changed_behind_the_cores_back() {
+        let base = 0x1020_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0, idr1(8), 0, IDR5));
+        let (s, _) = booted(base, &[(0, 0x1800)]);
+        let Streams::TwoLevel { l1, ref l2, .. } = s.streams else {
+            unreachable!()
+        };
+        // A stream's entry bypassing translation (Config = 0b100).
+        let at = l2[1] + 5 * STE_BYTES;
+        write_words(at, &[1 | (0b100 << 1)]);
+        assert!(matches!(
+            s.check_streams(VTTBR),
+            Err(StreamMismatch::Entry { stream: 0x105 })
+        ));
+        write_words(at, &host_entry()[..1]);
+        // A level-1 descriptor past the core's tables made valid.
+        write_words(l1 + 20 * 8, &[smmu::l1_descriptor(l2[0] as u64)]);
+        assert!(matches!(
+            s.check_streams(VTTBR),
+            Err(StreamMismatch::Level1 { index: 20 })
+        ));
+        write_words(l1 + 20 * 8, &[0]);
+        assert_eq!(s.check_streams(VTTBR).unwrap(), 0x1000);
+        // The host's stage-2 is not the one the entries name.
+        assert!(matches!(
+            s.check_streams(VTTBR + 0x1000),
+            Err(StreamMismatch::Entry { stream: 0 })
+        ));
+        // Translation turned off.
+        fake(base, |f| f.set_reg32(reg::CR0, 0));
+        assert!(matches!(
+            s.check_streams(VTTBR),
+            Err(StreamMismatch::Disabled)
+        ));
+        assert_eq!(StreamMismatch::Disabled.to_string(), "translation is off");
+    }
+
+    #[test]
+    fn each_change_of_the_hosts_stage2_is_invalidated_and_waited_for_across_the_queue_wrap() {
+        let base = 0x1030_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0, idr1(2), 0, IDR5));
+        let (mut s, _) = booted(base, &[(0, 8)]);
+        // A four-command queue: the boot's three, then two a change.
+        assert_eq!(s.cmdq_index.log2, 2);
+        fake(base, |f| {
+            assert_eq!(f.regs.get(reg::CMDQ_BASE as u64) & 0x1f, 2);
+            f.commands.clear();
+        });
+        for _ in 0..6 {
+            s.stage2_changed();
+        }
+        let mut want = Vec::new();
+        for _ in 0..6 {
+            want.extend(words(&[Command::TlbiS12Vmall { vmid: 7 }, Command::Sync]));
+        }
+        fake(base, |f| {
+            assert_eq!(f.commands, want);
+            // 3 + 12 commands: index 15, the wrap flag set.
+            assert_eq!(f.reg32(reg::CMDQ_PROD), 15 & 7);
+            assert_eq!(f.reg32(reg::CMDQ_CONS), f.reg32(reg::CMDQ_PROD));
+        });
+        assert!(!s.failed);
+    }
+
+    #[test]
+    fn a_full_queue_is_refused_before_anything_is_published() {
+        let base = 0x1040_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0, idr1(2), 0, IDR5));
+        let (mut s, _) = booted(base, &[(0, 8)]);
+        let prod = fake(base, |f| {
+            f.commands.clear();
+            f.reg32(reg::CMDQ_PROD)
+        });
+        // Five commands in a four-command queue.
+        assert_eq!(
+            s.submit(&[Command::Sync; 5]),
+            Err("the command queue is full")
+        );
+        assert_eq!(fake(base, |f| f.reg32(reg::CMDQ_PROD)), prod);
+        // An SMMU that lags: four fill the queue, and it takes none.
+        fake(base, |f| f.hold = true);
+        assert_eq!(
+            s.submit(&[Command::Sync; 4]),
+            Err("the SMMU did not complete its commands")
+        );
+        assert_eq!(s.submit(&[Command::Sync]), Err("the command queue is full"));
+        // It catches up: there is room again.
+        fake(base, |f| {
+            f.hold = false;
+            f.consume();
+            assert_eq!(f.commands.len(), 4);
+        });
+        assert_eq!(s.submit(&[Command::CfgiAll, Command::Sync]), Ok(()));
+        fake(base, |f| assert_eq!(f.commands.len(), 6));
+    }
+
+    #[test]
+    fn an_smmu_that_stops_answering_is_given_up_on_and_every_transaction_aborts() {
+        let base = 0x1050_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0, idr1(8), 0, IDR5));
+        let (mut s, _) = booted(base, &[(0, 8)]);
+        take_lines();
+        fake(base, |f| f.hold = true);
+        s.stage2_changed();
+        assert!(s.failed);
+        fake(base, |f| {
+            assert_eq!(f.reg32(reg::CR0), 0);
+            assert_eq!(f.reg32(reg::GBPA), GBPA_ABORT);
+        });
+        assert!(take_lines()[0].contains("every DMA transaction is aborted"));
+        // Nothing more is queued, and the checker has nothing to check.
+        let prod = fake(base, |f| f.reg32(reg::CMDQ_PROD));
+        s.stage2_changed();
+        assert_eq!(s.submit(&[Command::Sync]), Err("the SMMU was given up on"));
+        assert_eq!(fake(base, |f| f.reg32(reg::CMDQ_PROD)), prod);
+        assert_eq!(s.check_streams(VTTBR).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_command_the_smmu_refuses_is_reported_and_the_smmu_given_up_on() {
+        let base = 0x1060_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0, idr1(8), 0, IDR5));
+        let (mut s, _) = booted(base, &[(0, 8)]);
+        take_lines();
+        fake(base, |f| f.refuse = Some(0x28));
+        s.stage2_changed();
+        assert!(s.failed);
+        let lines = take_lines();
+        assert_eq!(lines[0], "moat: smmu: command error 0x1");
+        assert!(lines[1].contains("the SMMU refused a command"));
+    }
+
+    #[test]
+    fn an_smmu_the_core_cannot_use_is_left_off_and_aborting() {
+        let base = 0x1070_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0 & !1, idr1(8), 0, IDR5));
+        let r = take(&desc(base, &[(0, 8)]), vtcr(), VTTBR, 40);
+        assert_eq!(r.err(), Some("it has no stage-2 translation (IDR0.S2P)"));
+        fake(base, |f| {
+            assert_eq!(f.reg32(reg::CR0), 0);
+            assert_eq!(f.reg32(reg::GBPA), GBPA_ABORT);
+            assert!(f.commands.is_empty());
+        });
+        // One that never acknowledges its queue's enable.
+        let base = 0x1074_0000;
+        let mut deaf = FakeSmmu::new(IDR0, idr1(8), 0, IDR5);
+        deaf.deaf = true;
+        let _deaf = attach(base, deaf);
+        let r = take(&desc(base, &[(0, 8)]), vtcr(), VTTBR, 40);
+        assert_eq!(r.err(), Some("the SMMU did not acknowledge"));
+    }
+
+    #[test]
+    fn every_event_is_counted_and_an_overflow_noticed() {
+        let base = 0x1080_0000;
+        let _smmu = attach(base, FakeSmmu::new(IDR0, idr1(8), 0, IDR5));
+        let (mut s, _) = booted(base, &[(0, 8)]);
+        take_lines();
+        // The SMMU records two stage-2 translation faults.
+        for (slot, stream) in [(0usize, 0x10u64), (1, 0x11)] {
+            write_words(
+                s.evtq + slot * EVENT_BYTES,
+                &[0x10 | (stream << 32), (1 << 35) | (1 << 39), 0x8000_0000, 0],
+            );
+        }
+        fake(base, |f| f.set_reg32(reg::EVENTQ_PROD, 2));
+        s.drain();
+        assert_eq!(s.events, 2);
+        fake(base, |f| assert_eq!(f.reg32(reg::EVENTQ_CONS), 2));
+        let lines = take_lines();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[1].contains("F_TRANSLATION (0x10) stream 0x11 read 0x80000000 at stage 2"));
+        // It lost some since: the overflow flag is acknowledged once.
+        fake(base, |f| f.set_reg32(reg::EVENTQ_PROD, 2 | EVENTQ_OVERFLOW));
+        s.drain();
+        s.drain();
+        assert_eq!((s.events, s.overflows), (2, 1));
+        fake(base, |f| {
+            assert_eq!(f.reg32(reg::EVENTQ_CONS), 2 | EVENTQ_OVERFLOW);
+        });
     }
 }

@@ -35,9 +35,10 @@ impl Lines {
     }
 }
 
-/// Runs the core's host tests under coverage and prints the figure;
-/// returns the whole core's line coverage in percent.
-pub fn report() -> Result<f64> {
+/// Runs the core's host tests under coverage and prints the figure per
+/// folder (and per file with `files`); returns the whole core's line
+/// coverage in percent.
+pub fn report(files_too: bool) -> Result<f64> {
     let dir = tools::target_dir().join("coverage");
     let profiles = dir.join("profiles");
     if profiles.exists() {
@@ -111,13 +112,13 @@ pub fn report() -> Result<f64> {
         }
     }
 
+    let folder_of = |rel: &str| match rel.rsplit_once('/') {
+        Some((dir, _)) => format!("kernel/src/{dir}/"),
+        None => "kernel/src/ (top level)".to_string(),
+    };
     let mut by_folder: BTreeMap<String, Lines> = BTreeMap::new();
     for (rel, lines) in &files {
-        let folder = match rel.rsplit_once('/') {
-            Some((dir, _)) => format!("kernel/src/{dir}/"),
-            None => "kernel/src/ (top level)".to_string(),
-        };
-        let f = by_folder.entry(folder).or_default();
+        let f = by_folder.entry(folder_of(rel)).or_default();
         f.covered += lines.covered;
         f.total += lines.total;
     }
@@ -133,6 +134,16 @@ pub fn report() -> Result<f64> {
             l.covered,
             l.total
         );
+        if files_too {
+            for (rel, l) in files.iter().filter(|(rel, _)| folder_of(rel) == *folder) {
+                println!(
+                    "    {rel:<28} {:>5.1}%  ({} of {})",
+                    l.percent(),
+                    l.covered,
+                    l.total
+                );
+            }
+        }
     }
     println!(
         "kernel_line_coverage: {:.1}% ({} of {} lines; files the host tests do not build count as uncovered)",

@@ -177,7 +177,11 @@ enum Command {
         cpus: Option<String>,
     },
     /// Line coverage of the core (`kernel/src`) by its host tests.
-    Coverage,
+    Coverage {
+        /// Print every file's figure too, not only each folder's.
+        #[arg(long)]
+        files: bool,
+    },
     /// Write the book's ABI reference from the `abi` crate.
     AbiReference,
     /// Print the core's size: its flat binary against the budget, each
@@ -420,7 +424,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         } => tests::run_all(filter.as_deref(), integration_only, cpus.as_deref()),
         Command::Size => size::report(),
         Command::AbiReference => abi_reference::write(),
-        Command::Coverage => coverage::report().map(|_| ()),
+        Command::Coverage { files } => coverage::report(files).map(|_| ()),
         Command::Image { board, out } => {
             for file in sdcard::write(board, &out)? {
                 println!("wrote {}", file.display());

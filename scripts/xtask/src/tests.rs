@@ -2660,7 +2660,7 @@ pub fn run_all(filter: Option<&str>, integration_only: bool, cpus: Option<&str>)
     let models = cpu_models::select(cpus)?;
     if !integration_only && filter.is_none() {
         unit_tests_and_lints()?;
-        crate::coverage::report()?;
+        crate::coverage::report(false)?;
         book()?;
         let fvp = crate::fvp::build_image()?;
         let sd = tools::target_dir().join("rpi4-boot");
