@@ -20,6 +20,8 @@ use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes as S2};
 use aarch64_paging::paging::{Constraints, MemoryRegion, PageTable, Stage2, Translation};
 use alloc::alloc::Layout;
+use alloc::vec::Vec;
+use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use moat_kernel::ranges::worst_case_tables;
@@ -142,17 +144,41 @@ impl Drop for TablePool {
 /// stage-2's pool.
 struct PooledTables {
     pool: TablePool,
+    /// The address of every table page the library holds (taken from the
+    /// pool and not given back), so that a stage-2 that is freed gives its
+    /// tables back one by one: the library's own free reads all 512
+    /// entries of every table to find its subtables (12,000 instructions
+    /// for the four tables of a VM with one page). Its capacity is kept at
+    /// least the pages in use plus those in the pool ([`Self::fill`]), so
+    /// that taking a table never reaches the heap. (A lock only because
+    /// filling runs through the library's shared reference; every change
+    /// of one stage-2 runs under its owner's lock, so it never waits.)
+    in_use: spin::Mutex<Vec<usize>>,
+}
+
+impl PooledTables {
+    /// Fills the pool to `pages` and makes room in the record of tables
+    /// in use for every page the pool holds; `NoMemory`, with no table
+    /// changed, if the heap cannot give either.
+    fn fill(&self, pages: u64) -> Result<(), MapError> {
+        self.pool.fill(pages)?;
+        self.in_use
+            .lock()
+            .try_reserve(self.pool.len())
+            .map_err(|_| MapError::NoMemory)
+    }
 }
 
 impl Translation<S2> for PooledTables {
     fn allocate_table(&mut self) -> (NonNull<PageTable<S2>>, PhysicalAddress) {
-        // Every change that may create tables filled the pool first, except
-        // while the core builds the tables it boots with (block mappings of
-        // devices), which may take from the heap directly.
+        // Every change that may create tables filled the pool (and made
+        // room in the record) first, except while the core builds the
+        // tables it boots with (block mappings of devices), which may take
+        // from the heap directly.
         let table = match self.pool.pop() {
             Some(t) => t,
             None => {
-                if self.pool.fill(1).is_err() {
+                if self.fill(1).is_err() {
                     crate::log!("stage-2: out of memory for tables while the core boots");
                     crate::base::panic::park();
                 }
@@ -161,12 +187,26 @@ impl Translation<S2> for PooledTables {
                     .unwrap_or_else(|| crate::base::panic::park())
             }
         };
+        let in_use = self.in_use.get_mut();
+        if in_use.len() == in_use.capacity() && in_use.try_reserve(1).is_err() {
+            // Only a pool filled without room in the record (by a fill
+            // that failed half-way) gets here, while the core boots.
+            crate::log!("stage-2: out of memory for tables while the core boots");
+            crate::base::panic::park();
+        }
         // The core runs identity-mapped: the table's address is its
         // physical address (and exposed, for the walks that read it back).
-        (table, PhysicalAddress(table.as_ptr().expose_provenance()))
+        let address = table.as_ptr().expose_provenance();
+        in_use.push(address);
+        (table, PhysicalAddress(address))
     }
 
     unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<S2>>) {
+        let in_use = self.in_use.get_mut();
+        let address = page_table.as_ptr().expose_provenance();
+        if let Some(i) = in_use.iter().position(|&t| t == address) {
+            in_use.swap_remove(i);
+        }
         self.pool.push(page_table);
     }
 
@@ -237,8 +277,36 @@ fn entry_size(level: usize) -> u64 {
 
 /// A partition's stage-2.
 pub struct StageTwo {
-    map: Mapping<PooledTables, Stage2>,
+    /// Never dropped: [`StageTwo`]'s own `Drop` frees the tables from the
+    /// record of those in use instead of the library's walk of them all.
+    map: ManuallyDrop<Mapping<PooledTables, Stage2>>,
     vmid: u16,
+}
+
+impl Drop for StageTwo {
+    fn drop(&mut self) {
+        // As the library's own drop: tables a CPU may still walk are never
+        // freed.
+        if self.map.active() {
+            crate::log!("stage-2: live tables dropped");
+            crate::base::panic::park();
+        }
+        let tables = self.map.translation();
+        tables.pool.drain();
+        let in_use = core::mem::take(&mut *tables.in_use.lock());
+        for address in in_use {
+            // SAFETY: every recorded page came from `alloc` with `TABLE`
+            // (through the pool) and is still the library's: a table it
+            // gives back leaves the record. The tables are dead (no CPU
+            // walks them: the caller flushed their VMID and marked them
+            // inactive), and the mapping that refers to them is never used
+            // again (this is its owner's drop, and the mapping is not
+            // dropped: its other fields hold no memory).
+            unsafe {
+                alloc::alloc::dealloc(core::ptr::with_exposed_provenance_mut::<u8>(address), TABLE)
+            };
+        }
+    }
 }
 
 impl StageTwo {
@@ -247,10 +315,11 @@ impl StageTwo {
     pub fn new(start_level: usize, vmid: u16) -> Result<Self, MapError> {
         let tables = PooledTables {
             pool: TablePool::new(),
+            in_use: spin::Mutex::new(Vec::new()),
         };
-        tables.pool.fill(1)?;
+        tables.fill(1)?;
         Ok(Self {
-            map: Mapping::new(tables, start_level, Stage2),
+            map: ManuallyDrop::new(Mapping::new(tables, start_level, Stage2)),
             vmid,
         })
     }
@@ -272,7 +341,7 @@ impl StageTwo {
             let tables = self.missing_tables(ipa, size)?;
             pages = pages.checked_add(tables).ok_or(MapError::NoMemory)?;
         }
-        self.pool().fill(pages)
+        self.map.translation().fill(pages)
     }
 
     /// The table pages mapping `[ipa, ipa + size)` with 4 KiB pages would
@@ -735,7 +804,7 @@ pub fn flush_vmid(vttbr: u64) {
 mod tests {
     use super::*;
     use crate::arch::{Op, take_log};
-    use crate::fake_heap::limit_allocations;
+    use crate::fake_heap::{limit_allocations, live_pages};
     use moat_platform::dt::Range;
 
     const VMID: u16 = 7;
@@ -1108,6 +1177,37 @@ mod tests {
             Some(MapError::NoMemory)
         );
         limit_allocations(None);
+    }
+
+    #[test]
+    fn a_dropped_stage2_gives_back_every_table_it_holds() {
+        let before = live_pages();
+        {
+            let mut s2 = stage2();
+            let block = 2u64 << 20;
+            s2.map_pages(RAM, RAM, PAGE, Access::ReadWrite).unwrap();
+            s2.map_pages(RAM + (1 << 30), RAM, PAGE, Access::ReadWrite)
+                .unwrap();
+            s2.map_pages(RAM + block, RAM, block, Access::ReadWrite)
+                .unwrap();
+            s2.release_spare_tables();
+            // The root, two level-2 and three level-3 tables.
+            let held = live_pages() - before;
+            assert_eq!(held, 6);
+            assert_eq!(s2.map.translation().in_use.lock().len(), 6);
+            // A whole 2 MiB unmapped on tables nobody walks: the library
+            // frees its last-level table, which leaves the record (and
+            // waits in the pool until the pool is emptied).
+            s2.unmap(RAM + block, block).unwrap();
+            assert_eq!(s2.map.translation().in_use.lock().len(), 5);
+            s2.release_spare_tables();
+            assert_eq!(live_pages() - before, 5);
+            assert_eq!(s2.translate(RAM), Some((RAM, true)));
+            // Spare pages in the pool go with the tables.
+            s2.reserve(RAM + 2 * block, PAGE).unwrap();
+            assert_eq!(live_pages() - before, 6);
+        }
+        assert_eq!(live_pages(), before, "every table and pooled page freed");
     }
 
     #[test]
