@@ -547,16 +547,11 @@ pub fn scrub_pages(pa: u64, size: u64) {
     let tags = crate::arch::mmu::el2_tag_access();
     let end = pa + size;
     match crate::arch::cache::zero_block() {
-        Some(block) => {
-            let mut addr = pa;
-            while addr < end {
-                // SAFETY: `addr` is RAM the core maps read/write (and
-                // Tagged, with `tags`); the page belongs to no partition
-                // while it is scrubbed (the unmaps came first).
-                unsafe { crate::arch::cache::zero_block_at(addr, tags) };
-                addr += block;
-            }
-        }
+        // SAFETY: `[pa, end)` is whole pages (block-aligned: a block is a
+        // power of two no larger than a page) of RAM the core maps
+        // read/write (and Tagged, with `tags`); the pages belong to no
+        // partition while they are scrubbed (the unmaps came first).
+        Some(block) => unsafe { crate::arch::cache::zero_blocks(pa, end, block, tags) },
         // DC ZVA prohibited: STZG zeroes a 16-byte granule and its tag at
         // once; without tags, plain stores.
         None if tags => {
@@ -577,11 +572,7 @@ pub fn scrub_pages(pa: u64, size: u64) {
         }
     }
     let line = crate::arch::cache::dcache_line();
-    let mut addr = pa;
-    while addr < end {
-        crate::arch::cache::clean_line_to_poc(addr, tags);
-        addr += line;
-    }
+    crate::arch::cache::clean_lines_to_poc(pa, end, line, tags);
     // Completes the zeroing and cleaning.
     crate::arch::cache::complete_inner_shareable();
 }
