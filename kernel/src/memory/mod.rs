@@ -239,17 +239,12 @@ fn transact_serialised(
     let mut vm_unmaps: heapless::Vec<(u64, u64), 8> = heapless::Vec::new();
     for step in checked.steps() {
         match (step, vm.as_mut()) {
-            (
-                Step::Map {
-                    who: Who::Vm, size, ..
-                },
-                Some(v),
-            ) => {
-                let ipa = v.donate_ipa.ok_or(Error::Denied)?;
+            (Step::Map { who: Who::Vm, .. }, Some(v)) => {
+                // (Its tables are reserved with the others, below.)
+                v.donate_ipa.ok_or(Error::Denied)?;
                 if v.regions.len() >= MAX_REGIONS {
                     return Err(Error::NoMemory);
                 }
-                v.stage2.reserve(ipa, size).map_err(|_| Error::NoMemory)?;
             }
             (
                 Step::Unmap {
