@@ -384,8 +384,10 @@ fn transact_serialised(
     })?;
 
     // Nothing below can fail on a transaction that passed the checks (the
-    // tables it maps into are reserved); if it does anyway, the core and
-    // the ledger no longer agree, and memory requests stop.
+    // tables it maps into are reserved, above, for every change: the
+    // changes take them from the pools without filling them again); if it
+    // does anyway, the core and the ledger no longer agree, and memory
+    // requests stop.
     let host_unmaps = checked
         .steps()
         .any(|step| matches!(step, Step::Unmap { who: Who::Host, .. }));
@@ -401,7 +403,7 @@ fn transact_serialised(
                 match who {
                     Who::Host => {
                         let mut host = host_stage2();
-                        stage2::with_vmid(host_vttbr, || host.unmap(pa, size))
+                        stage2::with_vmid(host_vttbr, || host.unmap_reserved(pa, size))
                             .map_err(|_| "a stage-2 change failed")?;
                     }
                     // The core maps all RAM at EL2 for zeroing and copying; its
@@ -411,7 +413,7 @@ fn transact_serialised(
                         if let Some(v) = vm.as_mut() {
                             let vttbr = v.stage2.vttbr();
                             for &(ipa, size) in &vm_unmaps {
-                                stage2::with_vmid(vttbr, || v.stage2.unmap(ipa, size))
+                                stage2::with_vmid(vttbr, || v.stage2.unmap_reserved(ipa, size))
                                     .map_err(|_| "a stage-2 change failed")?;
                             }
                         }
@@ -447,15 +449,17 @@ fn transact_serialised(
                         // (A reclaimed page the VM had shared is still
                         // mapped for the host, read/write only.)
                         let mut host = host_stage2();
-                        stage2::with_vmid(host_vttbr, || host.remap_pages(pa, pa, size, access))
-                            .map_err(|_| "a stage-2 change failed")?;
+                        stage2::with_vmid(host_vttbr, || {
+                            host.remap_reserved_pages(pa, pa, size, access)
+                        })
+                        .map_err(|_| "a stage-2 change failed")?;
                     }
                     Who::Hypervisor => {}
                     Who::Vm => {
                         if let Some(v) = vm.as_mut() {
                             let ipa = v.donate_ipa.unwrap_or(0);
                             v.stage2
-                                .map_pages(ipa, pa, size, access)
+                                .map_reserved_pages(ipa, pa, size, access)
                                 .map_err(|_| "a stage-2 change failed")?;
                             v.regions.push(Region {
                                 ipa,

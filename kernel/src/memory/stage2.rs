@@ -384,11 +384,26 @@ impl StageTwo {
         flags: S2,
         constraints: Constraints,
     ) -> Result<(), MapError> {
-        let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
+        ipa.checked_add(size).ok_or("stage-2 range overflows")?;
         pa.checked_add(size).ok_or("stage-2 range overflows")?;
         if constraints.contains(Constraints::NO_BLOCK_MAPPINGS) {
             self.reserve_tables(&[(ipa, size)])?;
         }
+        self.write_entries(ipa, pa, size, flags, constraints)
+    }
+
+    /// [`StageTwo::map_flags`] once the table pool holds what the change
+    /// may create.
+    fn write_entries(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        flags: S2,
+        constraints: Constraints,
+    ) -> Result<(), MapError> {
+        let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
+        pa.checked_add(size).ok_or("stage-2 range overflows")?;
         let region = MemoryRegion::new(ipa as usize, end as usize);
         if self.map.active()
             && constraints.contains(Constraints::NO_BLOCK_MAPPINGS)
@@ -631,7 +646,10 @@ impl StageTwo {
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with 4 KiB pages
     /// (ownership moves page by page, so partition RAM is never a block).
     /// On live tables the range must be unmapped: a map never replaces a
-    /// valid entry (break-before-make).
+    /// valid entry (break-before-make). (The core's changes reserve their
+    /// tables first and use [`StageTwo::map_reserved_pages`]; this and the
+    /// other unreserved changes fill the pool themselves, for the tests.)
+    #[cfg(test)]
     pub fn map_pages(
         &mut self,
         ipa: u64,
@@ -648,9 +666,10 @@ impl StageTwo {
         )
     }
 
-    /// As [`StageTwo::map_pages`], over a range some of which may be mapped
+    /// As `map_pages`, over a range some of which may be mapped
     /// already (with other permissions): the old entries are broken first
     /// (unmapped and invalidated), then the new ones made.
+    #[cfg(test)]
     pub fn remap_pages(
         &mut self,
         ipa: u64,
@@ -664,16 +683,72 @@ impl StageTwo {
         self.map_pages(ipa, pa, size, access)
     }
 
+    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with 4 KiB pages
+    /// (ownership moves page by page, so partition RAM is never a block),
+    /// taking the tables the caller has just reserved with
+    /// [`StageTwo::reserve_tables`] (a memory transaction reserves those of
+    /// all its changes before its commit), without walking the range again
+    /// to fill the pool. On live tables the range must be unmapped: a map
+    /// never replaces a valid entry (break-before-make).
+    pub fn map_reserved_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        access: Access,
+    ) -> Result<(), MapError> {
+        self.write_entries(
+            ipa,
+            pa,
+            size,
+            access.flags(),
+            Constraints::NO_BLOCK_MAPPINGS,
+        )
+    }
+
+    /// As [`StageTwo::map_reserved_pages`], over a range some of which may
+    /// be mapped already (with other permissions): the old entries are
+    /// broken first (unmapped and invalidated), then the new ones made.
+    pub fn remap_reserved_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        access: Access,
+    ) -> Result<(), MapError> {
+        if self.for_each_mapped(ipa, size, |_, _, _| Err(())).is_err() {
+            self.unmap_reserved(ipa, size)?;
+        }
+        self.map_reserved_pages(ipa, pa, size, access)
+    }
+
+    /// Removes every mapping of `[ipa, ipa + size)`, with tables the caller
+    /// reserved (see [`StageTwo::map_reserved_pages`]). On live tables the
+    /// pages that were mapped are gone from every CPU's TLB when it
+    /// returns (invalidations name the current VTTBR's VMID: call through
+    /// [`with_vmid`]).
+    pub fn unmap_reserved(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
+        self.write_entries(
+            ipa,
+            0,
+            size,
+            Access::ReadWrite.flags().difference(S2::VALID),
+            Constraints::NO_BLOCK_MAPPINGS,
+        )
+    }
+
     /// Removes every mapping of `[ipa, ipa + size)`. On live tables the
     /// pages that were mapped are gone from every CPU's TLB when it
     /// returns (invalidations name the current VTTBR's VMID: call through
     /// [`with_vmid`]).
+    #[cfg(test)]
     pub fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
         self.invalidate_entries(ipa, size)
     }
 
     /// Writes invalid 4 KiB entries over `[ipa, ipa + size)`, creating the
     /// tables that needs.
+    #[cfg(test)]
     fn invalidate_entries(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
         self.map_flags(
             ipa,
@@ -1206,6 +1281,41 @@ mod tests {
         assert_eq!(s2.pool().len(), 1);
         s2.release_spare_tables();
         assert_eq!(s2.pool().len(), 0);
+    }
+
+    #[test]
+    fn reserved_changes_take_their_tables_from_the_pool_only() {
+        let mut s2 = stage2();
+        s2.map_pages(RAM, RAM, PAGE, Access::ReadWrite).unwrap();
+        s2.release_spare_tables();
+        let mut s2 = Live::new(s2);
+        let far = RAM + (1 << 30);
+        // An unmap and a remap where tables exist, a map where none does:
+        // reserved together, then made with no page from the heap.
+        s2.reserve_tables(&[(RAM, PAGE), (RAM + PAGE, PAGE), (far, 2 * PAGE)])
+            .unwrap();
+        assert_eq!(s2.pool().len(), 2);
+        limit_allocations(Some(0));
+        let unmapped = with_vmid(s2.vttbr(), || s2.unmap_reserved(RAM, PAGE));
+        let remapped = with_vmid(s2.vttbr(), || {
+            s2.remap_reserved_pages(RAM + PAGE, RAM, PAGE, Access::ReadExecute)
+        });
+        let mapped = with_vmid(s2.vttbr(), || {
+            s2.map_reserved_pages(far, RAM, 2 * PAGE, Access::ReadWrite)
+        });
+        limit_allocations(None);
+        unmapped.unwrap();
+        remapped.unwrap();
+        mapped.unwrap();
+        assert_eq!(s2.translate(RAM), None);
+        assert_eq!(s2.translate(RAM + PAGE), Some((RAM, false)));
+        assert_eq!(s2.translate(far + PAGE), Some((RAM + PAGE, true)));
+        assert_eq!(s2.pool().len(), 0);
+        // The invalidations are those of the unreserved changes: the one
+        // page that was mapped, nothing for the maps.
+        let mut expected = per_page(RAM, 1);
+        expected.push(Op::InvalidateCombined { vmid: VMID });
+        assert_eq!(invalidations(&take_log()), expected);
     }
 
     #[test]
