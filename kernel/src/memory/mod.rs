@@ -218,6 +218,9 @@ fn transact_serialised(
     // The core's own view of ownership: pages the host gives away (to a VM
     // or, as a share, to the hypervisor) must be mapped in its stage-2 as
     // an owner's, whatever the ledger says.
+    // (Owned pages are page entries, so every table over them is there:
+    // the host's changes of those frames need no table reserved.)
+    let mut host_owned = None;
     if matches!(
         request.op,
         LedgerRequest::HOST_DONATE_VM
@@ -226,12 +229,14 @@ fn transact_serialised(
     ) && let Some((pa, size)) = checked
         .scrub
         .or_else(|| checked.steps().next().map(step_range))
-        && !host_owns(pa, size)
     {
-        crate::log!(
-            "memory: the ledger's transaction for {request:?} refused: the host does not own those frames"
-        );
-        return Err(Error::Denied);
+        if !host_owns(pa, size) {
+            crate::log!(
+                "memory: the ledger's transaction for {request:?} refused: the host does not own those frames"
+            );
+            return Err(Error::Denied);
+        }
+        host_owned = Some((pa, size));
     }
 
     // Everything that can fail, before anything changes: the VM's tables
@@ -282,6 +287,11 @@ fn transact_serialised(
     let mut vm_maps = false;
     for step in checked.steps() {
         let pushed = match step {
+            Step::Unmap {
+                who: Who::Host,
+                pa,
+                size,
+            } if host_owned == Some((pa, size)) => true,
             Step::Unmap {
                 who: Who::Host,
                 pa,
@@ -520,8 +530,9 @@ fn step_range(step: Step) -> (u64, u64) {
 }
 
 /// Whether the host's stage-2 maps every page of `[pa, pa + size)` with an
-/// owner's access: the core's own view of what the host may give away or
-/// have copied. The caller holds [`MEMORY`], so the answer stands until it
+/// owner's access, each with a page entry (so every table over the range
+/// is there): the core's own view of what the host may give away or have
+/// copied. The caller holds [`MEMORY`], so the answer stands until it
 /// lets go.
 pub fn host_owns(pa: u64, size: u64) -> bool {
     host_stage2().maps_as_owner(pa, size)

@@ -275,6 +275,9 @@ fn entry_size(level: usize) -> u64 {
     PAGE << (9 * (LEAF_LEVEL - level.min(LEAF_LEVEL)))
 }
 
+/// Tables a new stage-2's record has room for from the start.
+const FIRST_TABLES: usize = 8;
+
 /// A partition's stage-2.
 pub struct StageTwo {
     /// Never dropped: [`StageTwo`]'s own `Drop` frees the tables from the
@@ -318,6 +321,13 @@ impl StageTwo {
             in_use: spin::Mutex::new(Vec::new()),
         };
         tables.fill(1)?;
+        // Room in the record for a partition's first tables (a VM's first
+        // page needs four), so that its first donation does not move it.
+        tables
+            .in_use
+            .lock()
+            .try_reserve(FIRST_TABLES)
+            .map_err(|_| MapError::NoMemory)?;
         Ok(Self {
             map: ManuallyDrop::new(Mapping::new(tables, start_level, Stage2)),
             vmid,
@@ -815,17 +825,23 @@ impl StageTwo {
     }
 
     /// Whether every page of `[ipa, ipa + size)` is mapped with an owner's
-    /// access (read, write and execute): a borrowed page is never
-    /// executable, an unmapped one is not the partition's at all.
+    /// access (read, write and execute) by a page entry: a borrowed page is
+    /// never executable, an unmapped one is not the partition's at all,
+    /// and partition RAM is never a block. (So no table is missing over
+    /// the range: changing it page by page creates none.)
     pub fn maps_as_owner(&self, ipa: u64, size: u64) -> bool {
         let Some(end) = ipa.checked_add(size) else {
             return false;
         };
         let region = MemoryRegion::new(ipa as usize, end as usize);
         self.map
-            .walk_range(&region, &mut |_, d, _| {
+            .walk_range(&region, &mut |_, d, level| {
                 let f = d.flags();
-                if d.is_valid() && f.contains(S2::S2AP_ACCESS_RW) && !f.contains(S2::XN) {
+                if level == LEAF_LEVEL
+                    && d.is_valid()
+                    && f.contains(S2::S2AP_ACCESS_RW)
+                    && !f.contains(S2::XN)
+                {
                     Ok(())
                 } else {
                     Err(())
@@ -1250,6 +1266,20 @@ mod tests {
         .unwrap();
         assert_eq!(blocks, [(device.base, device.base, device.size)]);
         assert!(!s2.maps_as_owner(device.base, PAGE));
+        // A block with an owner's access (none such is made) is not a
+        // page the partition owns either: it has no tables below it.
+        let mut blocks = stage2();
+        blocks
+            .map_flags(
+                RAM,
+                RAM,
+                2 << 20,
+                Access::ReadWriteExecute.flags(),
+                Constraints::empty(),
+            )
+            .unwrap();
+        assert_eq!(blocks.translate(RAM + PAGE), Some((RAM + PAGE, true)));
+        assert!(!blocks.maps_as_owner(RAM, PAGE));
     }
 
     #[test]
