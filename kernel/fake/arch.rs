@@ -149,16 +149,16 @@ pub mod cache {
         64
     }
 
-    /// Zeroes the 64-byte block at `addr` with plain stores (no tags).
+    /// Zeroes `[start, end)` with plain stores (no tags).
     ///
     /// # Safety
     ///
-    /// As the real one: the block is the caller's, its address exposed.
-    pub unsafe fn zero_block_at(addr: u64, tags: bool) {
+    /// As the real one: the range is the caller's, its address exposed.
+    pub unsafe fn zero_blocks(start: u64, end: u64, _block: u64, tags: bool) {
         assert!(!tags, "the host tests' RAM has no tags");
-        let at = core::ptr::with_exposed_provenance_mut::<u8>(addr as usize);
+        let at = core::ptr::with_exposed_provenance_mut::<u8>(start as usize);
         // SAFETY: per the contract.
-        unsafe { at.write_bytes(0, 64) };
+        unsafe { at.write_bytes(0, (end - start) as usize) };
     }
 
     /// # Safety
@@ -169,7 +169,7 @@ pub mod cache {
     }
 
     /// Host memory is coherent: nothing to clean.
-    pub fn clean_line_to_poc(_addr: u64, _tags: bool) {}
+    pub fn clean_lines_to_poc(_start: u64, _end: u64, _line: u64, _tags: bool) {}
 
     pub fn clean_dcache_to_poc(_start: u64, _len: u64) {}
 

@@ -9,6 +9,13 @@ use std::cell::Cell;
 thread_local! {
     /// Page allocations this thread may still make; `None`: no limit.
     static BUDGET: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Page allocations this thread made and has not freed.
+    static LIVE_PAGES: Cell<isize> = const { Cell::new(0) };
+}
+
+/// Page allocations (table pages) this thread made and has not freed.
+pub fn live_pages() -> isize {
+    LIVE_PAGES.get()
 }
 
 /// Lets this thread make `n` more page allocations, and none after them;
@@ -29,12 +36,16 @@ unsafe impl GlobalAlloc for LimitedSystem {
                 Some(n) => BUDGET.set(Some(n - 1)),
                 None => {}
             }
+            LIVE_PAGES.set(LIVE_PAGES.get() + 1);
         }
         // SAFETY: forwarded from this function's contract.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if layout.align() >= 4096 {
+            LIVE_PAGES.set(LIVE_PAGES.get() - 1);
+        }
         // SAFETY: forwarded: `ptr` came from `alloc` above, i.e. from System.
         unsafe { System.dealloc(ptr, layout) }
     }

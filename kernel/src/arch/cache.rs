@@ -48,6 +48,49 @@ pub fn zero_block() -> Option<u64> {
     (dczid & (1 << 4) == 0).then(|| 4u64 << (dczid & 0xf))
 }
 
+/// Runs the by-address maintenance instruction `$op` (`dc zva`, `dc
+/// cvac`, ...) on every `$step`-aligned address of `[$start, $end)`, eight
+/// to a loop iteration when the range holds a multiple of eight steps (two
+/// instructions a step instead of four), one at a time otherwise; nothing
+/// for an empty range.
+macro_rules! each_step {
+    ($op:literal, $start:expr, $end:expr, $step:expr) => {{
+        let (start, end, step): (u64, u64, u64) = ($start, $end, $step);
+        if end <= start {
+        } else if (end - start) % (8 * step) == 0 {
+            core::arch::asm!(
+                ".arch_extension memtag",
+                "2:",
+                concat!($op, ", {a}"), "add {a}, {a}, {s}",
+                concat!($op, ", {a}"), "add {a}, {a}, {s}",
+                concat!($op, ", {a}"), "add {a}, {a}, {s}",
+                concat!($op, ", {a}"), "add {a}, {a}, {s}",
+                concat!($op, ", {a}"), "add {a}, {a}, {s}",
+                concat!($op, ", {a}"), "add {a}, {a}, {s}",
+                concat!($op, ", {a}"), "add {a}, {a}, {s}",
+                concat!($op, ", {a}"), "add {a}, {a}, {s}",
+                "cmp {a}, {e}",
+                "b.lo 2b",
+                a = inout(reg) start => _,
+                s = in(reg) step,
+                e = in(reg) end,
+                options(nostack),
+            );
+        } else {
+            let mut addr = start;
+            while addr < end {
+                core::arch::asm!(
+                    ".arch_extension memtag",
+                    concat!($op, ", {}"),
+                    in(reg) addr,
+                    options(nostack, preserves_flags)
+                );
+                addr += step;
+            }
+        }
+    }};
+}
+
 /// Zeroes the 4 KiB page at `page` (its data only, never its tags): one
 /// `DC ZVA` per block where the CPU allows it, 64 of them for a page at
 /// the usual 64-byte block, instead of 512 stores.
@@ -59,39 +102,29 @@ pub fn zero_block() -> Option<u64> {
 pub unsafe fn zero_page(page: u64) {
     const PAGE: u64 = 4096;
     match zero_block().filter(|&b| b <= PAGE) {
-        Some(block) => {
-            let mut addr = page;
-            while addr < page + PAGE {
-                // SAFETY: per the contract; `addr` is block-aligned inside
-                // the page (a power of two no larger than it).
-                unsafe {
-                    core::arch::asm!("dc zva, {}", in(reg) addr, options(nostack, preserves_flags))
-                };
-                addr += block;
-            }
-        }
+        // SAFETY: per the contract; every block-aligned address of the
+        // page (a power of two no larger than it) lies inside it.
+        Some(block) => unsafe { each_step!("dc zva", page, page + PAGE, block) },
         // SAFETY: per the contract.
         None => unsafe { (page as *mut u8).write_bytes(0, PAGE as usize) },
     }
 }
 
-/// Zeroes the DC ZVA block at `addr` ([`zero_block`] bytes), and its
-/// allocation tags too when `tags` (`DC GZVA`).
+/// Zeroes `[start, end)` a DC ZVA block ([`zero_block`] bytes) at a time,
+/// and its allocation tags too when `tags` (`DC GZVA`).
 ///
 /// # Safety
 ///
-/// `addr` is block-aligned RAM the core maps read/write (and Tagged, when
-/// `tags`), and nothing else reads or writes it meanwhile.
-#[inline(always)]
-pub unsafe fn zero_block_at(addr: u64, tags: bool) {
+/// `start` and `end` are block-aligned, the range is RAM the core maps
+/// read/write (and Tagged, when `tags`), and nothing else reads or writes
+/// it meanwhile.
+pub unsafe fn zero_blocks(start: u64, end: u64, block: u64, tags: bool) {
     if tags {
         // SAFETY: per the contract.
-        unsafe {
-            core::arch::asm!(".arch_extension memtag", "dc gzva, {}", in(reg) addr, options(nostack, preserves_flags))
-        };
+        unsafe { each_step!("dc gzva", start, end, block) };
     } else {
         // SAFETY: per the contract, without tags.
-        unsafe { core::arch::asm!("dc zva, {}", in(reg) addr, options(nostack, preserves_flags)) };
+        unsafe { each_step!("dc zva", start, end, block) };
     }
 }
 
@@ -108,18 +141,18 @@ pub unsafe fn zero_granule_and_tag(addr: u64) {
     };
 }
 
-/// Cleans the data-cache line at `addr` (and its tags, when `tags`) to the
-/// point of coherency.
-#[inline(always)]
-pub fn clean_line_to_poc(addr: u64, tags: bool) {
+/// Cleans the data-cache lines of `[start, end)` (`line` bytes each, and
+/// their tags, when `tags`) to the point of coherency.
+///
+/// `start` and `end` are line-aligned and the range is memory the core
+/// maps (Tagged, when `tags`).
+pub fn clean_lines_to_poc(start: u64, end: u64, line: u64, tags: bool) {
     if tags {
         // SAFETY: cache maintenance by VA of data and tags; no memory effect.
-        unsafe {
-            core::arch::asm!(".arch_extension memtag", "dc cgdvac, {}", in(reg) addr, options(nostack, preserves_flags))
-        };
+        unsafe { each_step!("dc cgdvac", start, end, line) };
     } else {
         // SAFETY: cache maintenance by VA; no memory effect.
-        unsafe { core::arch::asm!("dc cvac, {}", in(reg) addr, options(nostack, preserves_flags)) };
+        unsafe { each_step!("dc cvac", start, end, line) };
     }
 }
 

@@ -218,6 +218,9 @@ fn transact_serialised(
     // The core's own view of ownership: pages the host gives away (to a VM
     // or, as a share, to the hypervisor) must be mapped in its stage-2 as
     // an owner's, whatever the ledger says.
+    // (Owned pages are page entries, so every table over them is there:
+    // the host's changes of those frames need no table reserved.)
+    let mut host_owned = None;
     if matches!(
         request.op,
         LedgerRequest::HOST_DONATE_VM
@@ -226,12 +229,14 @@ fn transact_serialised(
     ) && let Some((pa, size)) = checked
         .scrub
         .or_else(|| checked.steps().next().map(step_range))
-        && !host_owns(pa, size)
     {
-        crate::log!(
-            "memory: the ledger's transaction for {request:?} refused: the host does not own those frames"
-        );
-        return Err(Error::Denied);
+        if !host_owns(pa, size) {
+            crate::log!(
+                "memory: the ledger's transaction for {request:?} refused: the host does not own those frames"
+            );
+            return Err(Error::Denied);
+        }
+        host_owned = Some((pa, size));
     }
 
     // Everything that can fail, before anything changes: the VM's tables
@@ -239,17 +244,12 @@ fn transact_serialised(
     let mut vm_unmaps: heapless::Vec<(u64, u64), 8> = heapless::Vec::new();
     for step in checked.steps() {
         match (step, vm.as_mut()) {
-            (
-                Step::Map {
-                    who: Who::Vm, size, ..
-                },
-                Some(v),
-            ) => {
-                let ipa = v.donate_ipa.ok_or(Error::Denied)?;
+            (Step::Map { who: Who::Vm, .. }, Some(v)) => {
+                // (Its tables are reserved with the others, below.)
+                v.donate_ipa.ok_or(Error::Denied)?;
                 if v.regions.len() >= MAX_REGIONS {
                     return Err(Error::NoMemory);
                 }
-                v.stage2.reserve(ipa, size).map_err(|_| Error::NoMemory)?;
             }
             (
                 Step::Unmap {
@@ -287,6 +287,11 @@ fn transact_serialised(
     let mut vm_maps = false;
     for step in checked.steps() {
         let pushed = match step {
+            Step::Unmap {
+                who: Who::Host,
+                pa,
+                size,
+            } if host_owned == Some((pa, size)) => true,
             Step::Unmap {
                 who: Who::Host,
                 pa,
@@ -389,8 +394,10 @@ fn transact_serialised(
     })?;
 
     // Nothing below can fail on a transaction that passed the checks (the
-    // tables it maps into are reserved); if it does anyway, the core and
-    // the ledger no longer agree, and memory requests stop.
+    // tables it maps into are reserved, above, for every change: the
+    // changes take them from the pools without filling them again); if it
+    // does anyway, the core and the ledger no longer agree, and memory
+    // requests stop.
     let host_unmaps = checked
         .steps()
         .any(|step| matches!(step, Step::Unmap { who: Who::Host, .. }));
@@ -406,7 +413,7 @@ fn transact_serialised(
                 match who {
                     Who::Host => {
                         let mut host = host_stage2();
-                        stage2::with_vmid(host_vttbr, || host.unmap(pa, size))
+                        stage2::with_vmid(host_vttbr, || host.unmap_reserved(pa, size))
                             .map_err(|_| "a stage-2 change failed")?;
                     }
                     // The core maps all RAM at EL2 for zeroing and copying; its
@@ -416,7 +423,7 @@ fn transact_serialised(
                         if let Some(v) = vm.as_mut() {
                             let vttbr = v.stage2.vttbr();
                             for &(ipa, size) in &vm_unmaps {
-                                stage2::with_vmid(vttbr, || v.stage2.unmap(ipa, size))
+                                stage2::with_vmid(vttbr, || v.stage2.unmap_reserved(ipa, size))
                                     .map_err(|_| "a stage-2 change failed")?;
                             }
                         }
@@ -452,15 +459,17 @@ fn transact_serialised(
                         // (A reclaimed page the VM had shared is still
                         // mapped for the host, read/write only.)
                         let mut host = host_stage2();
-                        stage2::with_vmid(host_vttbr, || host.remap_pages(pa, pa, size, access))
-                            .map_err(|_| "a stage-2 change failed")?;
+                        stage2::with_vmid(host_vttbr, || {
+                            host.remap_reserved_pages(pa, pa, size, access)
+                        })
+                        .map_err(|_| "a stage-2 change failed")?;
                     }
                     Who::Hypervisor => {}
                     Who::Vm => {
                         if let Some(v) = vm.as_mut() {
                             let ipa = v.donate_ipa.unwrap_or(0);
                             v.stage2
-                                .map_pages(ipa, pa, size, access)
+                                .map_reserved_pages(ipa, pa, size, access)
                                 .map_err(|_| "a stage-2 change failed")?;
                             v.regions.push(Region {
                                 ipa,
@@ -521,8 +530,9 @@ fn step_range(step: Step) -> (u64, u64) {
 }
 
 /// Whether the host's stage-2 maps every page of `[pa, pa + size)` with an
-/// owner's access: the core's own view of what the host may give away or
-/// have copied. The caller holds [`MEMORY`], so the answer stands until it
+/// owner's access, each with a page entry (so every table over the range
+/// is there): the core's own view of what the host may give away or have
+/// copied. The caller holds [`MEMORY`], so the answer stands until it
 /// lets go.
 pub fn host_owns(pa: u64, size: u64) -> bool {
     host_stage2().maps_as_owner(pa, size)
@@ -547,16 +557,11 @@ pub fn scrub_pages(pa: u64, size: u64) {
     let tags = crate::arch::mmu::el2_tag_access();
     let end = pa + size;
     match crate::arch::cache::zero_block() {
-        Some(block) => {
-            let mut addr = pa;
-            while addr < end {
-                // SAFETY: `addr` is RAM the core maps read/write (and
-                // Tagged, with `tags`); the page belongs to no partition
-                // while it is scrubbed (the unmaps came first).
-                unsafe { crate::arch::cache::zero_block_at(addr, tags) };
-                addr += block;
-            }
-        }
+        // SAFETY: `[pa, end)` is whole pages (block-aligned: a block is a
+        // power of two no larger than a page) of RAM the core maps
+        // read/write (and Tagged, with `tags`); the pages belong to no
+        // partition while they are scrubbed (the unmaps came first).
+        Some(block) => unsafe { crate::arch::cache::zero_blocks(pa, end, block, tags) },
         // DC ZVA prohibited: STZG zeroes a 16-byte granule and its tag at
         // once; without tags, plain stores.
         None if tags => {
@@ -577,11 +582,7 @@ pub fn scrub_pages(pa: u64, size: u64) {
         }
     }
     let line = crate::arch::cache::dcache_line();
-    let mut addr = pa;
-    while addr < end {
-        crate::arch::cache::clean_line_to_poc(addr, tags);
-        addr += line;
-    }
+    crate::arch::cache::clean_lines_to_poc(pa, end, line, tags);
     // Completes the zeroing and cleaning.
     crate::arch::cache::complete_inner_shareable();
 }

@@ -20,8 +20,10 @@ use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes as S2};
 use aarch64_paging::paging::{Constraints, MemoryRegion, PageTable, Stage2, Translation};
 use alloc::alloc::Layout;
+use alloc::vec::Vec;
+use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use moat_kernel::ranges::worst_case_tables;
 use moat_kernel::s2plan::{Region, RegionKind};
 
@@ -142,17 +144,41 @@ impl Drop for TablePool {
 /// stage-2's pool.
 struct PooledTables {
     pool: TablePool,
+    /// The address of every table page the library holds (taken from the
+    /// pool and not given back), so that a stage-2 that is freed gives its
+    /// tables back one by one: the library's own free reads all 512
+    /// entries of every table to find its subtables (12,000 instructions
+    /// for the four tables of a VM with one page). Its capacity is kept at
+    /// least the pages in use plus those in the pool ([`Self::fill`]), so
+    /// that taking a table never reaches the heap. (A lock only because
+    /// filling runs through the library's shared reference; every change
+    /// of one stage-2 runs under its owner's lock, so it never waits.)
+    in_use: spin::Mutex<Vec<usize>>,
+}
+
+impl PooledTables {
+    /// Fills the pool to `pages` and makes room in the record of tables
+    /// in use for every page the pool holds; `NoMemory`, with no table
+    /// changed, if the heap cannot give either.
+    fn fill(&self, pages: u64) -> Result<(), MapError> {
+        self.pool.fill(pages)?;
+        self.in_use
+            .lock()
+            .try_reserve(self.pool.len())
+            .map_err(|_| MapError::NoMemory)
+    }
 }
 
 impl Translation<S2> for PooledTables {
     fn allocate_table(&mut self) -> (NonNull<PageTable<S2>>, PhysicalAddress) {
-        // Every change that may create tables filled the pool first, except
-        // while the core builds the tables it boots with (block mappings of
-        // devices), which may take from the heap directly.
+        // Every change that may create tables filled the pool (and made
+        // room in the record) first, except while the core builds the
+        // tables it boots with (block mappings of devices), which may take
+        // from the heap directly.
         let table = match self.pool.pop() {
             Some(t) => t,
             None => {
-                if self.pool.fill(1).is_err() {
+                if self.fill(1).is_err() {
                     crate::log!("stage-2: out of memory for tables while the core boots");
                     crate::base::panic::park();
                 }
@@ -161,12 +187,26 @@ impl Translation<S2> for PooledTables {
                     .unwrap_or_else(|| crate::base::panic::park())
             }
         };
+        let in_use = self.in_use.get_mut();
+        if in_use.len() == in_use.capacity() && in_use.try_reserve(1).is_err() {
+            // Only a pool filled without room in the record (by a fill
+            // that failed half-way) gets here, while the core boots.
+            crate::log!("stage-2: out of memory for tables while the core boots");
+            crate::base::panic::park();
+        }
         // The core runs identity-mapped: the table's address is its
         // physical address (and exposed, for the walks that read it back).
-        (table, PhysicalAddress(table.as_ptr().expose_provenance()))
+        let address = table.as_ptr().expose_provenance();
+        in_use.push(address);
+        (table, PhysicalAddress(address))
     }
 
     unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<S2>>) {
+        let in_use = self.in_use.get_mut();
+        let address = page_table.as_ptr().expose_provenance();
+        if let Some(i) = in_use.iter().position(|&t| t == address) {
+            in_use.swap_remove(i);
+        }
         self.pool.push(page_table);
     }
 
@@ -225,6 +265,12 @@ const PAGE: u64 = 4096;
 /// The level of 4 KiB page entries.
 const LEAF_LEVEL: usize = 3;
 
+/// Bits [1:0] of a valid table or page descriptor.
+const TABLE_BITS: u64 = 0b11;
+
+/// Bits [47:12] of a descriptor: the address of its table or page.
+const ADDRESS_BITS: u64 = 0x0000_ffff_ffff_f000;
+
 /// Above this many pages, taking mappings away from live tables
 /// invalidates the partition's whole VMID once rather than page by page.
 const TLBI_PAGES_MAX: u64 = 16;
@@ -235,10 +281,43 @@ fn entry_size(level: usize) -> u64 {
     PAGE << (9 * (LEAF_LEVEL - level.min(LEAF_LEVEL)))
 }
 
+/// Tables a new stage-2's record has room for from the start.
+const FIRST_TABLES: usize = 8;
+
 /// A partition's stage-2.
 pub struct StageTwo {
-    map: Mapping<PooledTables, Stage2>,
+    /// Never dropped: [`StageTwo`]'s own `Drop` frees the tables from the
+    /// record of those in use instead of the library's walk of them all.
+    map: ManuallyDrop<Mapping<PooledTables, Stage2>>,
+    /// The level of the root table.
+    start_level: usize,
     vmid: u16,
+}
+
+impl Drop for StageTwo {
+    fn drop(&mut self) {
+        // As the library's own drop: tables a CPU may still walk are never
+        // freed.
+        if self.map.active() {
+            crate::log!("stage-2: live tables dropped");
+            crate::base::panic::park();
+        }
+        let tables = self.map.translation();
+        tables.pool.drain();
+        let in_use = core::mem::take(&mut *tables.in_use.lock());
+        for address in in_use {
+            // SAFETY: every recorded page came from `alloc` with `TABLE`
+            // (through the pool) and is still the library's: a table it
+            // gives back leaves the record. The tables are dead (no CPU
+            // walks them: the caller flushed their VMID and marked them
+            // inactive), and the mapping that refers to them is never used
+            // again (this is its owner's drop, and the mapping is not
+            // dropped: its other fields hold no memory).
+            unsafe {
+                alloc::alloc::dealloc(core::ptr::with_exposed_provenance_mut::<u8>(address), TABLE)
+            };
+        }
+    }
 }
 
 impl StageTwo {
@@ -247,10 +326,19 @@ impl StageTwo {
     pub fn new(start_level: usize, vmid: u16) -> Result<Self, MapError> {
         let tables = PooledTables {
             pool: TablePool::new(),
+            in_use: spin::Mutex::new(Vec::new()),
         };
-        tables.pool.fill(1)?;
+        tables.fill(1)?;
+        // Room in the record for a partition's first tables (a VM's first
+        // page needs four), so that its first donation does not move it.
+        tables
+            .in_use
+            .lock()
+            .try_reserve(FIRST_TABLES)
+            .map_err(|_| MapError::NoMemory)?;
         Ok(Self {
-            map: Mapping::new(tables, start_level, Stage2),
+            map: ManuallyDrop::new(Mapping::new(tables, start_level, Stage2)),
+            start_level,
             vmid,
         })
     }
@@ -272,7 +360,7 @@ impl StageTwo {
             let tables = self.missing_tables(ipa, size)?;
             pages = pages.checked_add(tables).ok_or(MapError::NoMemory)?;
         }
-        self.pool().fill(pages)
+        self.map.translation().fill(pages)
     }
 
     /// The table pages mapping `[ipa, ipa + size)` with 4 KiB pages would
@@ -280,6 +368,10 @@ impl StageTwo {
     /// a table yet (invalid, or a block to split).
     fn missing_tables(&self, ipa: u64, size: u64) -> Result<u64, MapError> {
         let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
+        if self.page_entries(ipa, end).is_some() {
+            // Its last-level table is there, and every one above it.
+            return Ok(0);
+        }
         let region = MemoryRegion::new(ipa as usize, end as usize);
         let mut pages = 0u64;
         self.map
@@ -315,11 +407,26 @@ impl StageTwo {
         flags: S2,
         constraints: Constraints,
     ) -> Result<(), MapError> {
-        let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
+        ipa.checked_add(size).ok_or("stage-2 range overflows")?;
         pa.checked_add(size).ok_or("stage-2 range overflows")?;
         if constraints.contains(Constraints::NO_BLOCK_MAPPINGS) {
             self.reserve_tables(&[(ipa, size)])?;
         }
+        self.write_entries(ipa, pa, size, flags, constraints)
+    }
+
+    /// [`StageTwo::map_flags`] once the table pool holds what the change
+    /// may create.
+    fn write_entries(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        flags: S2,
+        constraints: Constraints,
+    ) -> Result<(), MapError> {
+        let end = ipa.checked_add(size).ok_or("stage-2 range overflows")?;
+        pa.checked_add(size).ok_or("stage-2 range overflows")?;
         let region = MemoryRegion::new(ipa as usize, end as usize);
         if self.map.active()
             && constraints.contains(Constraints::NO_BLOCK_MAPPINGS)
@@ -362,29 +469,77 @@ impl StageTwo {
         flags: S2,
     ) -> Option<Result<(), MapError>> {
         let making_valid = flags.contains(S2::VALID);
-        if making_valid {
-            // Only where nothing is mapped: replacing a valid entry is the
-            // library's to refuse (break-before-make).
-            let mut any_valid = false;
+        let (start, end) = (region.start().0 as u64, region.end().0 as u64);
+        // Pages of one last-level table that is there: written directly.
+        if let Some(entries) = self.page_entries(start, end) {
+            let valid = entries
+                .iter()
+                .filter(|e| e.load(Ordering::Acquire) & S2::VALID.bits() as u64 != 0)
+                .count() as u64;
+            if making_valid && valid > 0 {
+                // Replacing a valid entry is the library's to refuse.
+                return None;
+            }
+            let mut out = pa;
+            for entry in entries {
+                // A page entry as the library writes one: the output
+                // address, the attributes and the page bit; an invalid one
+                // is the attributes alone.
+                let bits = if making_valid {
+                    (out & ADDRESS_BITS) | (flags | S2::TABLE_OR_PAGE).bits() as u64
+                } else {
+                    flags.bits() as u64
+                };
+                entry.store(bits, Ordering::Release);
+                out = out.wrapping_add(PAGE);
+            }
+            finish_live_change(start, end, valid);
+            return Some(Ok(()));
+        }
+        // An unmap that spans no whole 2 MiB (so no entry above the pages
+        // lies wholly inside it, whose table the library would free) and
+        // meets no block writes its invalid pages as a map does: the
+        // library's general update (below) costs about 1,500 instructions
+        // more for one page, most of them comparing a 64-byte bitmap of
+        // updated entries with zero, byte by byte, at every level.
+        let no_whole_block = start
+            .checked_next_multiple_of(entry_size(LEAF_LEVEL - 1))
+            .and_then(|first| first.checked_add(entry_size(LEAF_LEVEL - 1)))
+            .is_none_or(|first_end| first_end > end);
+        // What the range holds now, where it matters: valid pages, and
+        // valid entries above the pages (blocks).
+        let (mut valid_pages, mut valid_blocks) = (0u64, false);
+        if making_valid || no_whole_block {
             self.map
-                .walk_range(region, &mut |_, d, _| {
-                    any_valid |= d.is_valid();
+                .walk_range(region, &mut |_, d, level| {
+                    if d.is_valid() {
+                        if level == LEAF_LEVEL {
+                            valid_pages += 1;
+                        } else {
+                            valid_blocks = true;
+                        }
+                    }
                     Ok(())
                 })
                 .ok()?;
-            if any_valid {
-                return None;
-            }
         }
+        if making_valid && (valid_pages > 0 || valid_blocks) {
+            // Only where nothing is mapped: replacing a valid entry is the
+            // library's to refuse (break-before-make).
+            return None;
+        }
+        let writes_pages_only = making_valid || (no_whole_block && !valid_blocks);
         // The library skips its per-leaf maintenance on tables it believes
         // inactive; the maintenance below replaces it. Every change of one
         // stage-2 runs under its owner's lock, so nobody else sees the
         // count meanwhile.
         let cleared = core::cell::Cell::new(0u64);
         self.map.mark_inactive();
-        let result = if making_valid {
+        let result = if writes_pages_only {
             // Writes page entries (and any missing table) only: a valid
-            // change never frees a table.
+            // change never frees a table, nor does an invalid one that
+            // covers no table's whole span.
+            cleared.set(valid_pages);
             self.map.map_range(
                 region,
                 PhysicalAddress(pa as usize),
@@ -411,22 +566,59 @@ impl StageTwo {
             })
         };
         self.map.mark_active();
-        tlb::publish_table_writes();
-        if cleared.get() > 0 {
-            let (start, end) = (region.start().0 as u64, region.end().0 as u64);
-            if (end - start) / PAGE <= TLBI_PAGES_MAX {
-                let mut ipa = start;
-                while ipa < end {
-                    tlb::invalidate_stage2_page(ipa);
-                    ipa += PAGE;
-                }
-                tlb::complete_stage2();
-                tlb::invalidate_combined();
-            } else {
-                tlb::invalidate_vmid();
-            }
-        }
+        finish_live_change(start, end, cleared.get());
         Some(result.map_err(|_| MapError::Refused("stage-2 mapping failed")))
+    }
+
+    /// The page entries of `[ipa, end)`, when the range is whole pages
+    /// inside the span of one last-level table (2 MiB) and that table and
+    /// every one above it are there; `None` otherwise (the library's walks
+    /// then do the work). A change of a page or a few costs a few dozen
+    /// instructions this way; the library's general walk costs hundreds.
+    ///
+    /// Each entry is read and written as the library does, as an atomic
+    /// word (the descriptors' layout is the architecture's, for the 4 KiB
+    /// granule: bits [1:0] 0b11 a table or page, bits [47:12] its address).
+    fn page_entries(&self, ipa: u64, end: u64) -> Option<&[AtomicU64]> {
+        const TABLE_SPAN: u64 = 2 << 20;
+        if ipa >= end
+            || !ipa.is_multiple_of(PAGE)
+            || !end.is_multiple_of(PAGE)
+            || ipa / TABLE_SPAN != (end - 1) / TABLE_SPAN
+        {
+            return None;
+        }
+        // The root covers 512 entries of its level.
+        if end > 512 * entry_size(self.start_level) {
+            return None;
+        }
+        let mut table = self.map.root_address().0;
+        for level in self.start_level..LEAF_LEVEL {
+            let index = ((ipa / entry_size(level)) % 512) as usize;
+            // SAFETY: `table` is a table page of this stage-2 (the root, or
+            // the address in a table entry the library wrote), taken from
+            // its pool, whose address `allocate_table` exposed; it holds
+            // 512 descriptors, and `index` < 512. Descriptors are atomic
+            // words (the library's own `Descriptor` is one).
+            let entry =
+                unsafe { &*core::ptr::with_exposed_provenance::<AtomicU64>(table).add(index) };
+            let d = entry.load(Ordering::Acquire);
+            if d & TABLE_BITS != TABLE_BITS {
+                return None;
+            }
+            table = (d & ADDRESS_BITS) as usize;
+        }
+        let first = ((ipa / PAGE) % 512) as usize;
+        // SAFETY: `table` is this stage-2's last-level table for the range
+        // (as above); the entries `first..first + count` lie inside it (the
+        // range is inside its 2 MiB span). They stay valid while `self` is
+        // borrowed: every change of the tables runs through `self`.
+        Some(unsafe {
+            core::slice::from_raw_parts(
+                core::ptr::with_exposed_provenance::<AtomicU64>(table).add(first),
+                ((end - ipa) / PAGE) as usize,
+            )
+        })
     }
 
     /// An identity stage-2 from a plan (the host's).
@@ -538,17 +730,13 @@ impl StageTwo {
         self.map.mark_inactive();
     }
 
-    /// Puts in the table pool the pages `[ipa, ipa + size)` needs at 4 KiB
-    /// granularity, so that a later [`StageTwo::map_pages`] of the range
-    /// cannot fail for want of memory. Changes no translation.
-    pub fn reserve(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
-        self.reserve_tables(&[(ipa, size)])
-    }
-
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with 4 KiB pages
     /// (ownership moves page by page, so partition RAM is never a block).
     /// On live tables the range must be unmapped: a map never replaces a
-    /// valid entry (break-before-make).
+    /// valid entry (break-before-make). (The core's changes reserve their
+    /// tables first and use [`StageTwo::map_reserved_pages`]; this and the
+    /// other unreserved changes fill the pool themselves, for the tests.)
+    #[cfg(test)]
     pub fn map_pages(
         &mut self,
         ipa: u64,
@@ -565,9 +753,10 @@ impl StageTwo {
         )
     }
 
-    /// As [`StageTwo::map_pages`], over a range some of which may be mapped
+    /// As `map_pages`, over a range some of which may be mapped
     /// already (with other permissions): the old entries are broken first
     /// (unmapped and invalidated), then the new ones made.
+    #[cfg(test)]
     pub fn remap_pages(
         &mut self,
         ipa: u64,
@@ -581,16 +770,72 @@ impl StageTwo {
         self.map_pages(ipa, pa, size, access)
     }
 
+    /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with 4 KiB pages
+    /// (ownership moves page by page, so partition RAM is never a block),
+    /// taking the tables the caller has just reserved with
+    /// [`StageTwo::reserve_tables`] (a memory transaction reserves those of
+    /// all its changes before its commit), without walking the range again
+    /// to fill the pool. On live tables the range must be unmapped: a map
+    /// never replaces a valid entry (break-before-make).
+    pub fn map_reserved_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        access: Access,
+    ) -> Result<(), MapError> {
+        self.write_entries(
+            ipa,
+            pa,
+            size,
+            access.flags(),
+            Constraints::NO_BLOCK_MAPPINGS,
+        )
+    }
+
+    /// As [`StageTwo::map_reserved_pages`], over a range some of which may
+    /// be mapped already (with other permissions): the old entries are
+    /// broken first (unmapped and invalidated), then the new ones made.
+    pub fn remap_reserved_pages(
+        &mut self,
+        ipa: u64,
+        pa: u64,
+        size: u64,
+        access: Access,
+    ) -> Result<(), MapError> {
+        if self.for_each_mapped(ipa, size, |_, _, _| Err(())).is_err() {
+            self.unmap_reserved(ipa, size)?;
+        }
+        self.map_reserved_pages(ipa, pa, size, access)
+    }
+
+    /// Removes every mapping of `[ipa, ipa + size)`, with tables the caller
+    /// reserved (see [`StageTwo::map_reserved_pages`]). On live tables the
+    /// pages that were mapped are gone from every CPU's TLB when it
+    /// returns (invalidations name the current VTTBR's VMID: call through
+    /// [`with_vmid`]).
+    pub fn unmap_reserved(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
+        self.write_entries(
+            ipa,
+            0,
+            size,
+            Access::ReadWrite.flags().difference(S2::VALID),
+            Constraints::NO_BLOCK_MAPPINGS,
+        )
+    }
+
     /// Removes every mapping of `[ipa, ipa + size)`. On live tables the
     /// pages that were mapped are gone from every CPU's TLB when it
     /// returns (invalidations name the current VTTBR's VMID: call through
     /// [`with_vmid`]).
+    #[cfg(test)]
     pub fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
         self.invalidate_entries(ipa, size)
     }
 
     /// Writes invalid 4 KiB entries over `[ipa, ipa + size)`, creating the
     /// tables that needs.
+    #[cfg(test)]
     fn invalidate_entries(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
         self.map_flags(
             ipa,
@@ -632,6 +877,17 @@ impl StageTwo {
         let Some(end) = ipa.checked_add(size) else {
             return Ok(());
         };
+        if let Some(entries) = self.page_entries(ipa, end) {
+            let mut at = ipa;
+            for entry in entries {
+                let d = entry.load(Ordering::Acquire);
+                if d & S2::VALID.bits() as u64 != 0 {
+                    f(at, d & ADDRESS_BITS, PAGE)?;
+                }
+                at += PAGE;
+            }
+            return Ok(());
+        }
         let region = MemoryRegion::new(ipa as usize, end as usize);
         let mut failure = None;
         let _ = self.map.walk_range(&region, &mut |range, d, level| {
@@ -657,17 +913,31 @@ impl StageTwo {
     }
 
     /// Whether every page of `[ipa, ipa + size)` is mapped with an owner's
-    /// access (read, write and execute): a borrowed page is never
-    /// executable, an unmapped one is not the partition's at all.
+    /// access (read, write and execute) by a page entry: a borrowed page is
+    /// never executable, an unmapped one is not the partition's at all,
+    /// and partition RAM is never a block. (So no table is missing over
+    /// the range: changing it page by page creates none.)
     pub fn maps_as_owner(&self, ipa: u64, size: u64) -> bool {
         let Some(end) = ipa.checked_add(size) else {
             return false;
         };
+        // As the walk below checks each entry.
+        let owners = (S2::VALID | S2::S2AP_ACCESS_RW).bits() as u64;
+        if let Some(entries) = self.page_entries(ipa, end) {
+            return entries.iter().all(|entry| {
+                let d = entry.load(Ordering::Acquire);
+                d & owners == owners && d & S2::XN.bits() as u64 == 0
+            });
+        }
         let region = MemoryRegion::new(ipa as usize, end as usize);
         self.map
-            .walk_range(&region, &mut |_, d, _| {
+            .walk_range(&region, &mut |_, d, level| {
                 let f = d.flags();
-                if d.is_valid() && f.contains(S2::S2AP_ACCESS_RW) && !f.contains(S2::XN) {
+                if level == LEAF_LEVEL
+                    && d.is_valid()
+                    && f.contains(S2::S2AP_ACCESS_RW)
+                    && !f.contains(S2::XN)
+                {
                     Ok(())
                 } else {
                     Err(())
@@ -709,6 +979,26 @@ impl StageTwo {
     }
 }
 
+/// The TLB maintenance after a page-granular change of live tables over
+/// `[start, end)` that made `cleared` valid entries invalid (see
+/// `StageTwo::change_live_pages`).
+fn finish_live_change(start: u64, end: u64, cleared: u64) {
+    tlb::publish_table_writes();
+    if cleared > 0 {
+        if (end - start) / PAGE <= TLBI_PAGES_MAX {
+            let mut ipa = start;
+            while ipa < end {
+                tlb::invalidate_stage2_page(ipa);
+                ipa += PAGE;
+            }
+            tlb::complete_stage2();
+            tlb::invalidate_combined();
+        } else {
+            tlb::invalidate_vmid();
+        }
+    }
+}
+
 /// Runs `f` (stage-2 changes of the partition whose VTTBR_EL2 value is
 /// `vttbr`) with that VTTBR loaded, so that the invalidations the changes
 /// issue (each change completes its own, combined stage-1+2 entries
@@ -735,7 +1025,7 @@ pub fn flush_vmid(vttbr: u64) {
 mod tests {
     use super::*;
     use crate::arch::{Op, take_log};
-    use crate::fake_heap::limit_allocations;
+    use crate::fake_heap::{limit_allocations, live_pages};
     use moat_platform::dt::Range;
 
     const VMID: u16 = 7;
@@ -884,7 +1174,7 @@ mod tests {
         // Level 1 walks cover 512 GiB.
         let beyond = 1u64 << 39;
         assert_eq!(
-            s2.reserve(beyond, PAGE),
+            s2.reserve_tables(&[(beyond, PAGE)]),
             Err(MapError::Refused("stage-2 range outside the IPA space"))
         );
         assert_eq!(s2.pool().len(), 0, "nothing taken for a refused range");
@@ -952,6 +1242,93 @@ mod tests {
         let mut expected = per_page(RAM, 2);
         expected.push(Op::InvalidateCombined { vmid: VMID });
         assert_eq!(invalidations(&take_log()), expected);
+    }
+
+    #[test]
+    fn a_live_unmap_keeps_every_table_whatever_it_spans() {
+        let block = 2u64 << 20;
+        let mut s2 = stage2();
+        s2.map_pages(RAM, RAM, 2 * block, Access::ReadWrite)
+            .unwrap();
+        s2.release_spare_tables();
+        let tables = s2.map.translation().in_use.lock().len();
+        let mut s2 = Live::new(s2);
+        // Part of one last-level table, then the rest of it, then the
+        // whole of the next (the span of a level-2 entry).
+        for (ipa, size) in [(RAM + PAGE, 3 * PAGE), (RAM, block), (RAM + block, block)] {
+            with_vmid(s2.vttbr(), || s2.unmap(ipa, size)).unwrap();
+            assert_eq!(s2.check(ipa, size, false), Ok(()));
+            assert_eq!(s2.map.translation().in_use.lock().len(), tables);
+            assert_eq!(s2.pool().len(), 0, "no table given back");
+        }
+        assert_eq!(
+            invalidations(&take_log()),
+            [
+                per_page(RAM + PAGE, 3),
+                vec![Op::InvalidateCombined { vmid: VMID }],
+                vec![Op::InvalidateVmid { vmid: VMID }; 2]
+            ]
+            .concat()
+        );
+        // A map where the unmaps left invalid pages needs no invalidation.
+        with_vmid(s2.vttbr(), || {
+            s2.map_pages(RAM, RAM, PAGE, Access::ReadWrite)
+        })
+        .unwrap();
+        assert_eq!(s2.translate(RAM), Some((RAM, true)));
+        assert_eq!(invalidations(&take_log()), []);
+    }
+
+    #[test]
+    fn pages_written_directly_are_the_librarys_own() {
+        let block = 2u64 << 20;
+        let mut s2 = stage2();
+        // The library writes the first table's entries (tables not live),
+        // and the direct path the second's (its table made first).
+        s2.map_pages(RAM, 0x8000_0000, 2 * PAGE, Access::ReadWrite)
+            .unwrap();
+        s2.unmap(RAM + PAGE, PAGE).unwrap();
+        s2.map_pages(RAM + block, RAM, PAGE, Access::ReadWrite)
+            .unwrap();
+        let mut s2 = Live::new(s2);
+        with_vmid(s2.vttbr(), || {
+            s2.map_pages(RAM + block + PAGE, 0x8000_0000, PAGE, Access::ReadWrite)
+        })
+        .unwrap();
+        with_vmid(s2.vttbr(), || s2.unmap(RAM + block, PAGE)).unwrap();
+        let bits = |s2: &StageTwo, ipa: u64| {
+            s2.page_entries(ipa, ipa + PAGE).unwrap()[0].load(Ordering::Relaxed)
+        };
+        assert_eq!(bits(&s2, RAM + block + PAGE), bits(&s2, RAM));
+        assert_eq!(bits(&s2, RAM + block), bits(&s2, RAM + PAGE));
+        // What reads them directly agrees with the walks across tables.
+        let mut near = Vec::new();
+        s2.for_each_mapped(RAM + block, 2 * PAGE, |ipa, pa, size| {
+            near.push((ipa, pa, size));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        let mut across = Vec::new();
+        s2.for_each_mapped(RAM, 2 * block, |ipa, pa, size| {
+            across.push((ipa, pa, size));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(near, [(RAM + block + PAGE, 0x8000_0000, PAGE)]);
+        assert_eq!(across, [(RAM, 0x8000_0000, PAGE), near[0]]);
+        assert!(!s2.maps_as_owner(RAM + block + PAGE, PAGE));
+        // Neither a range across two tables nor one without its table is
+        // read directly.
+        assert!(
+            s2.page_entries(RAM + block - PAGE, RAM + block + PAGE)
+                .is_none()
+        );
+        assert!(
+            s2.page_entries(RAM + 2 * block, RAM + 2 * block + PAGE)
+                .is_none()
+        );
+        assert_eq!(s2.missing_tables(RAM + block, PAGE), Ok(0));
+        assert_eq!(s2.missing_tables(RAM + 2 * block, PAGE), Ok(1));
     }
 
     #[test]
@@ -1057,6 +1434,20 @@ mod tests {
         .unwrap();
         assert_eq!(blocks, [(device.base, device.base, device.size)]);
         assert!(!s2.maps_as_owner(device.base, PAGE));
+        // A block with an owner's access (none such is made) is not a
+        // page the partition owns either: it has no tables below it.
+        let mut blocks = stage2();
+        blocks
+            .map_flags(
+                RAM,
+                RAM,
+                2 << 20,
+                Access::ReadWriteExecute.flags(),
+                Constraints::empty(),
+            )
+            .unwrap();
+        assert_eq!(blocks.translate(RAM + PAGE), Some((RAM + PAGE, true)));
+        assert!(!blocks.maps_as_owner(RAM, PAGE));
     }
 
     #[test]
@@ -1082,12 +1473,47 @@ mod tests {
             .count();
         assert_eq!(zeroed, 4);
         // Present tables need nothing more.
-        s2.reserve(RAM + PAGE, 511 * PAGE).unwrap();
+        s2.reserve_tables(&[(RAM + PAGE, 511 * PAGE)]).unwrap();
         assert_eq!(s2.pool().len(), 0);
-        s2.reserve(RAM + (2 << 20), PAGE).unwrap();
+        s2.reserve_tables(&[(RAM + (2 << 20), PAGE)]).unwrap();
         assert_eq!(s2.pool().len(), 1);
         s2.release_spare_tables();
         assert_eq!(s2.pool().len(), 0);
+    }
+
+    #[test]
+    fn reserved_changes_take_their_tables_from_the_pool_only() {
+        let mut s2 = stage2();
+        s2.map_pages(RAM, RAM, PAGE, Access::ReadWrite).unwrap();
+        s2.release_spare_tables();
+        let mut s2 = Live::new(s2);
+        let far = RAM + (1 << 30);
+        // An unmap and a remap where tables exist, a map where none does:
+        // reserved together, then made with no page from the heap.
+        s2.reserve_tables(&[(RAM, PAGE), (RAM + PAGE, PAGE), (far, 2 * PAGE)])
+            .unwrap();
+        assert_eq!(s2.pool().len(), 2);
+        limit_allocations(Some(0));
+        let unmapped = with_vmid(s2.vttbr(), || s2.unmap_reserved(RAM, PAGE));
+        let remapped = with_vmid(s2.vttbr(), || {
+            s2.remap_reserved_pages(RAM + PAGE, RAM, PAGE, Access::ReadExecute)
+        });
+        let mapped = with_vmid(s2.vttbr(), || {
+            s2.map_reserved_pages(far, RAM, 2 * PAGE, Access::ReadWrite)
+        });
+        limit_allocations(None);
+        unmapped.unwrap();
+        remapped.unwrap();
+        mapped.unwrap();
+        assert_eq!(s2.translate(RAM), None);
+        assert_eq!(s2.translate(RAM + PAGE), Some((RAM, false)));
+        assert_eq!(s2.translate(far + PAGE), Some((RAM + PAGE, true)));
+        assert_eq!(s2.pool().len(), 0);
+        // The invalidations are those of the unreserved changes: the one
+        // page that was mapped, nothing for the maps.
+        let mut expected = per_page(RAM, 1);
+        expected.push(Op::InvalidateCombined { vmid: VMID });
+        assert_eq!(invalidations(&take_log()), expected);
     }
 
     #[test]
@@ -1108,6 +1534,37 @@ mod tests {
             Some(MapError::NoMemory)
         );
         limit_allocations(None);
+    }
+
+    #[test]
+    fn a_dropped_stage2_gives_back_every_table_it_holds() {
+        let before = live_pages();
+        {
+            let mut s2 = stage2();
+            let block = 2u64 << 20;
+            s2.map_pages(RAM, RAM, PAGE, Access::ReadWrite).unwrap();
+            s2.map_pages(RAM + (1 << 30), RAM, PAGE, Access::ReadWrite)
+                .unwrap();
+            s2.map_pages(RAM + block, RAM, block, Access::ReadWrite)
+                .unwrap();
+            s2.release_spare_tables();
+            // The root, two level-2 and three level-3 tables.
+            let held = live_pages() - before;
+            assert_eq!(held, 6);
+            assert_eq!(s2.map.translation().in_use.lock().len(), 6);
+            // A whole 2 MiB unmapped on tables nobody walks: the library
+            // frees its last-level table, which leaves the record (and
+            // waits in the pool until the pool is emptied).
+            s2.unmap(RAM + block, block).unwrap();
+            assert_eq!(s2.map.translation().in_use.lock().len(), 5);
+            s2.release_spare_tables();
+            assert_eq!(live_pages() - before, 5);
+            assert_eq!(s2.translate(RAM), Some((RAM, true)));
+            // Spare pages in the pool go with the tables.
+            s2.reserve_tables(&[(RAM + 2 * block, PAGE)]).unwrap();
+            assert_eq!(live_pages() - before, 6);
+        }
+        assert_eq!(live_pages(), before, "every table and pooled page freed");
     }
 
     #[test]

@@ -107,6 +107,19 @@ pub enum InvariantViolation {
 }
 
 /// What a commit does, derived from the request again at commit time.
+/// A transaction and what committing it does, as one ledger planned them.
+pub(crate) struct Planned {
+    tx: Transaction,
+    effect: Effect,
+}
+
+impl Planned {
+    /// The transaction.
+    pub(crate) fn transaction(&self) -> &Transaction {
+        &self.tx
+    }
+}
+
 enum Effect {
     Pages {
         splice: Splice,
@@ -355,32 +368,61 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
         if again != *tx {
             return Err(LedgerError::Stale);
         }
+        self.apply(&effect);
+        Ok(())
+    }
+
+    /// Prepares `op` as [`Ledger::prepare`] does, keeping what committing
+    /// it will do, for [`Ledger::commit_planned`].
+    pub(crate) fn plan_for_commit(&self, op: Op) -> Result<Planned, LedgerError> {
+        let (tx, effect) = self.plan(op)?;
+        Ok(Planned { tx, effect })
+    }
+
+    /// Commits a transaction this ledger planned with
+    /// [`Ledger::plan_for_commit`], without planning it again: `Stale`, with
+    /// nothing changed, if any transaction was committed since. Every
+    /// change of the ledger's state is a commit, and each advances the
+    /// generation, so in the generation it was planned in the plan is what
+    /// [`Ledger::commit`] would derive again from the request. (Crate-only,
+    /// so that a plan cannot come from another ledger: the server keeps the
+    /// one its own ledger made.)
+    pub(crate) fn commit_planned(&mut self, planned: &Planned) -> Result<(), LedgerError> {
+        if planned.tx.generation() != self.generation {
+            return Err(LedgerError::Stale);
+        }
+        self.apply(&planned.effect);
+        Ok(())
+    }
+
+    /// Records a planned effect and advances the generation.
+    fn apply(&mut self, effect: &Effect) {
         match effect {
             Effect::Pages { splice, vm } => {
-                self.store.apply(&splice);
+                self.store.apply(splice);
                 if let Some((slot, delta)) = vm
-                    && let Some(record) = &mut self.vms[slot]
+                    && let Some(record) = &mut self.vms[*slot]
                 {
                     match delta {
                         VmPages::Add(n) => record.pages += n,
                         VmPages::Remove(n) => record.pages -= n,
                     }
                     if record.pages == 0 && record.status == VmStatus::Dying {
-                        self.vms[slot] = None;
+                        self.vms[*slot] = None;
                     }
                 }
             }
             Effect::CreateVm { slot, vm } => {
-                self.vms[slot] = Some(VmRecord {
-                    vm,
+                self.vms[*slot] = Some(VmRecord {
+                    vm: *vm,
                     status: VmStatus::Alive,
                     pages: 0,
                 });
             }
             Effect::DestroyVm { slot } => {
-                if let Some(record) = &mut self.vms[slot] {
+                if let Some(record) = &mut self.vms[*slot] {
                     if record.pages == 0 {
-                        self.vms[slot] = None;
+                        self.vms[*slot] = None;
                     } else {
                         record.status = VmStatus::Dying;
                     }
@@ -388,7 +430,6 @@ impl<S: AsRef<[Extent]> + AsMut<[Extent]>> Ledger<S> {
             }
         }
         self.generation = self.generation.wrapping_add(1);
-        Ok(())
     }
 
     /// Prepares and commits `op` at once, for callers with no mechanism
@@ -996,6 +1037,40 @@ mod tests {
         let back = l.execute(Op::HypReturnHost { range }).unwrap();
         assert_eq!(back.scrub(), Some(range));
         assert_eq!(l.page(0x133), Some((Owner::Host, None)));
+        l.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_planned_transaction_commits_in_its_generation_only() {
+        let mut l = ledger();
+        let range = PfnRange::new(0x130, 4);
+        let planned = l
+            .plan_for_commit(Op::HostDonateVm { range, vm: 2 })
+            .unwrap();
+        assert_eq!(
+            *planned.transaction(),
+            l.prepare(Op::HostDonateVm { range, vm: 2 }).unwrap()
+        );
+        // Another commit first: the plan is stale and nothing changes.
+        let other = l.plan_for_commit(Op::HostDonateHyp { range }).unwrap();
+        l.commit_planned(&other).unwrap();
+        let after_other = l.clone();
+        assert_eq!(l.commit_planned(&planned), Err(LedgerError::Stale));
+        assert_eq!(l, after_other);
+        // Planned again in the new generation: the ledger's own answer
+        // now (the pages are no longer the host's).
+        assert_eq!(
+            l.plan_for_commit(Op::HostDonateVm { range, vm: 2 }).err(),
+            Some(LedgerError::PageNotOwned { pfn: 0x130 })
+        );
+        // Committed in its generation: the same ledger as a commit of
+        // the transaction would leave.
+        let back = l.plan_for_commit(Op::HypReturnHost { range }).unwrap();
+        let mut by_commit = l.clone();
+        by_commit.commit(back.transaction()).unwrap();
+        l.commit_planned(&back).unwrap();
+        assert_eq!(l, by_commit);
+        assert_eq!(l.page(0x131), Some((Owner::Host, None)));
         l.check_invariants().unwrap();
     }
 

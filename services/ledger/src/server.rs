@@ -1,8 +1,9 @@
 //! The `ledger` interface served by a [`Ledger`]: what the ledger service
 //! runs, and what a test double builds on.
 
+use crate::ledger::Planned;
 use crate::wire;
-use crate::{Extent, Ledger, PfnRange, Transaction};
+use crate::{Extent, Ledger, PfnRange};
 use moat_abi::Error;
 use moat_abi::services::{
     LedgerBoot, LedgerExtent, LedgerRequest, LedgerSummary, LedgerTransaction, ledger,
@@ -18,7 +19,7 @@ pub const SERVICE_CAPACITY: usize = 4096;
 pub struct LedgerServer<'a> {
     storage: Option<&'a mut [Extent]>,
     ledger: Option<Ledger<&'a mut [Extent]>>,
-    prepared: Option<Transaction>,
+    prepared: Option<Planned>,
 }
 
 impl<'a> LedgerServer<'a> {
@@ -68,18 +69,21 @@ impl ledger::Server for LedgerServer<'_> {
         let ledger = self.ledger.as_ref().ok_or(Error::Denied)?;
         self.prepared = None;
         let op = wire::op_of(&request).ok_or(Error::InvalidParameters)?;
-        let tx = ledger.prepare(op).map_err(wire::error_of)?;
-        self.prepared = Some(tx);
-        Ok(wire::encode(request, &tx))
+        let planned = ledger.plan_for_commit(op).map_err(wire::error_of)?;
+        let encoded = wire::encode(request, planned.transaction());
+        self.prepared = Some(planned);
+        Ok(encoded)
     }
 
     fn commit(&mut self, generation: u64) -> Result<u64, Error> {
         let ledger = self.ledger.as_mut().ok_or(Error::Denied)?;
-        let tx = self.prepared.take().ok_or(Error::Denied)?;
-        if tx.generation() != generation {
+        let planned = self.prepared.take().ok_or(Error::Denied)?;
+        if planned.transaction().generation() != generation {
             return Err(Error::Denied);
         }
-        ledger.commit(&tx).map_err(wire::error_of)?;
+        // Planned by this server's ledger: committed without a second plan
+        // (`Ledger::commit_planned`), `Stale` if another commit came first.
+        ledger.commit_planned(&planned).map_err(wire::error_of)?;
         Ok(ledger.generation())
     }
 
