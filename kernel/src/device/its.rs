@@ -699,6 +699,8 @@ fn its_access(
                 v &= !gits::CTLR_ENABLED;
             }
             wr32(base + gits::CTLR, v);
+            // Commands the host queued while the ITS was off run now.
+            run_commands(state, index);
             Emulated::Written
         }
         // GITS_TYPER without Virtual: the core forwards no GICv4 command.
@@ -881,11 +883,18 @@ fn write_baser(cpu: &PerCpu, state: &mut State, index: usize, n: usize, v: u64) 
 }
 
 /// Copies, checks and forwards every command between the host's GITS_CREADR
-/// and GITS_CWRITER.
+/// and GITS_CWRITER, while the ITS is on.
 fn run_commands(state: &mut State, index: usize) {
     let Some((queue, size)) = state.its[index].host_queue else {
         return;
     };
+    // An ITS that is off takes no command (and the host's GITS_CREADR
+    // stays where it is, as on the hardware): forwarding one would have
+    // the core wait, the GIC's lock held, for a queue the hardware does
+    // not read.
+    if rd32(state.its[index].base + gits::CTLR) & gits::CTLR_ENABLED == 0 {
+        return;
+    }
     while state.its[index].host_creadr != state.its[index].host_cwriter {
         let at = queue + state.its[index].host_creadr;
         let mut raw = [0u64; 4];
@@ -1716,6 +1725,32 @@ mod tests {
         h.w32(ITS + gits::CWRITER, h.write as u32);
         assert_eq!(h.r32(ITS + gits::CREADR), h.write as u32);
         assert_eq!(forwarded(), [sync]);
+        h.release();
+    }
+
+    /// Commands queued while the ITS is off wait for it to be turned on:
+    /// the core forwards none meanwhile (it would wait for a queue the
+    /// hardware does not read, with the GIC's lock held) and the host's
+    /// read index stays put.
+    #[test]
+    fn commands_wait_while_the_its_is_off() {
+        let _turn = serial();
+        let mut h = host();
+        h.ready();
+        let sync = Command::Sync { target: 0 }.encode(0);
+        h.w32(ITS + gits::CTLR, 0);
+        h.send(&[sync, sync]);
+        assert!(forwarded().is_empty());
+        assert_eq!(h.r64(ITS + gits::CREADR), 0);
+        assert!(!h.its(|i| i.stuck));
+        assert!(
+            !take_lines()
+                .iter()
+                .any(|l| l.contains("the hardware stopped taking commands"))
+        );
+        h.w32(ITS + gits::CTLR, gits::CTLR_ENABLED);
+        assert_eq!(forwarded(), [sync, sync]);
+        assert_eq!(h.r64(ITS + gits::CREADR), 2 * COMMAND_BYTES);
         h.release();
     }
 
