@@ -2691,6 +2691,13 @@ fn bench_value(console: &str, key: &str) -> Option<u64> {
         })
 }
 
+/// How long a benchmark boot may take before it counts as hung. The
+/// figures are instruction counts under icount, which do not depend on the
+/// machine's load, but the wall-clock time of an icount run does (the 1 GiB
+/// donation alone takes a minute on a busy two-core machine): this only
+/// catches a hang.
+const BENCH_TIMEOUT: Duration = Duration::from_secs(900);
+
 /// Runs the benchmark image `img` on `machine`; its console, also kept in
 /// `target/<log>`.
 fn bench_console(img: &std::path::Path, machine: &MachineArgs, log: &str) -> Result<String> {
@@ -2698,7 +2705,7 @@ fn bench_console(img: &std::path::Path, machine: &MachineArgs, log: &str) -> Res
     let harness = Harness {
         pass: &["bench: donate_total_512=", "test-host: PASS"],
         fail: ALWAYS_FAIL,
-        timeout: Duration::from_secs(120),
+        timeout: BENCH_TIMEOUT,
         after_pass: AfterPass::WaitForExit,
         echo: false,
     };
@@ -2751,7 +2758,7 @@ pub fn bench(emulator_cost: bool, only_linux_guest: bool, only_core: bool) -> Re
             "test-host: PASS",
         ],
         fail: ALWAYS_FAIL,
-        timeout: Duration::from_secs(120),
+        timeout: BENCH_TIMEOUT,
         after_pass: AfterPass::WaitForExit,
         echo: false,
     };
