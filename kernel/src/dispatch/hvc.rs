@@ -634,4 +634,24 @@ pub(crate) mod tests {
         assert_eq!(regs.x[0], 0);
         assert_eq!(entries_left(), 0);
     }
+
+    #[test]
+    fn the_consistency_check_reports_a_mismatch_as_denied() {
+        let _turn = services();
+        crate::arch::take_lines();
+        // The test services' memory is the test process's heap, which the
+        // ledger does not know: the checker finds their mappings forged.
+        let r = call(hypercall::CHECK_CONSISTENCY, &[]);
+        assert_eq!(Error::from_x0(r.x[0]), Some(Err(Error::Denied)));
+        // x1: the DMA faults the SMMU recorded (none here).
+        assert_eq!(r.x[1], 0);
+        assert_eq!(r.x[2..], host_regs(0, &[]).x[2..]);
+        let lines = crate::arch::take_lines();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("consistency: MISMATCH") && l.contains("service 0 maps frame")),
+            "{lines:#?}"
+        );
+    }
 }

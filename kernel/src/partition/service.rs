@@ -1425,6 +1425,16 @@ pub(crate) mod tests {
         )
     }
 
+    /// The call header and the whole request service `i`'s IPC page holds.
+    pub(crate) fn read_payload(i: usize) -> (MessageHeader, Vec<u8>) {
+        let (call, _) = read_call(i);
+        let page = (service(i).ipc_page as *const u8).wrapping_add(HEADER_WORDS * 8);
+        let len = (call.payload_len as usize).min(MAX_WORDS * 8);
+        // SAFETY: as in `write_reply`; the payload lies in the page.
+        let payload = unsafe { core::slice::from_raw_parts(page, len) }.to_vec();
+        (call, payload)
+    }
+
     /// The service answers the call in its IPC page with `body`, or with
     /// the header `tamper` makes of the right one.
     pub(crate) fn answer(i: usize, body: Vec<u64>, tamper: fn(&mut MessageHeader)) {

@@ -1605,7 +1605,7 @@ mod tests {
         set_streaming_state, with_regs,
     };
     use crate::arch::{PartitionOp, clear_entries, entries_left, on_entry, take_partition_log};
-    use crate::memory::tests::{serial, world};
+    use crate::memory::tests::world;
     use std::sync::MutexGuard;
 
     /// Where the VM tests' frames are in the test RAM.
