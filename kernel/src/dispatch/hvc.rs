@@ -369,6 +369,9 @@ pub(crate) mod tests {
     /// use the first 6 MiB, the VM tests the last).
     const FRAMES: u64 = (6 << 20) + (512 << 10);
 
+    /// The last page of the address space.
+    const LAST_PAGE: u64 = !(PAGE - 1);
+
     pub(crate) fn frame(n: u64) -> u64 {
         world().ram + FRAMES + n * PAGE
     }
@@ -488,7 +491,7 @@ pub(crate) mod tests {
                 (frame(0), u64::MAX),
                 (frame(0), u64::MAX / PAGE),
                 (frame(0), 1 << 52),
-                (u64::MAX & !(PAGE - 1), 2),
+                (LAST_PAGE, 2),
                 (u64::MAX, 1),
             ] {
                 refused(function, &[pa, pages], InvalidParameters);
@@ -496,7 +499,7 @@ pub(crate) mod tests {
         }
         // Past RAM, below it, at 0, the last page of all: frames the
         // ledger does not know.
-        for pa in [end, ram - PAGE, 0, u64::MAX & !(PAGE - 1)] {
+        for pa in [end, ram - PAGE, 0, LAST_PAGE] {
             refused(abi::HOST_SHARE_HYP, &[pa, 1], InvalidParameters);
             refused(abi::HOST_UNSHARE_HYP, &[pa, 1], InvalidParameters);
         }
@@ -550,7 +553,7 @@ pub(crate) mod tests {
             (frame(3), 1, 8),
             (frame(3), 0, 0),
             (frame(3), u64::MAX, 0),
-            (frame(3), 1, u64::MAX & !(PAGE - 1)),
+            (frame(3), 1, LAST_PAGE),
             (frame(3), 1, 1 << 48),
             (frame(3), 2, (1 << 48) - PAGE),
         ] {
