@@ -264,9 +264,21 @@ mod tests {
         Error::from_x0(call(function, args).x[0]).unwrap()
     }
 
+    /// Brings the ledger back up however the test ends, so that a failure
+    /// here does not fail the tests that come after it.
+    struct Revive;
+
+    impl Drop for Revive {
+        fn drop(&mut self) {
+            memory_side::release_rebuild();
+            memory_side::revive();
+        }
+    }
+
     #[test]
     fn a_restarted_ledger_answers_retry_while_away_and_is_rebuilt_from_the_cores_records() {
         let _turn = services();
+        let _revive = Revive;
         let initial = memory_state();
         // What the lost ledger recorded: a VM holding a page, a host page
         // shared with the hypervisor.
