@@ -657,4 +657,63 @@ pub(crate) mod tests {
             "{lines:#?}"
         );
     }
+
+    #[test]
+    fn the_psci_relay_checks_what_it_can_and_forwards_the_rest_to_firmware() {
+        use smccc_psci::{
+            PSCI_CPU_OFF, PSCI_CPU_ON_64, PSCI_CPU_SUSPEND_64, PSCI_FEATURES, PSCI_SYSTEM_OFF,
+            PSCI_VERSION,
+        };
+        let _turn = services();
+        let this = cpu(0);
+        let power = this.power();
+        // The host tests' machine has no firmware: what is forwarded
+        // comes back NOT_SUPPORTED, and only x0 is an answer.
+        let answer = |function: u32, args: &[u64]| {
+            let r = call(function, args);
+            assert_eq!(r.x[1..4], [0; 3], "{function:#x}");
+            r.x[0] as i64
+        };
+        assert_eq!(answer(PSCI_VERSION, &[]), ret::NOT_SUPPORTED);
+        assert_eq!(answer(PSCI_SYSTEM_OFF, &[]), ret::NOT_SUPPORTED);
+        // FEATURES: SMCCC's version is the relay's own answer; what it
+        // relays is asked of firmware; anything else is not offered.
+        let features = |f: u32| answer(PSCI_FEATURES, &[u64::from(f)]);
+        assert_eq!(features(smccc::SMCCC_VERSION), ret::SUCCESS);
+        assert_eq!(features(PSCI_CPU_ON_64), ret::NOT_SUPPORTED);
+        assert_eq!(features(0x8400_00ff), ret::NOT_SUPPORTED);
+        assert_eq!(answer(0x8400_001f, &[]), ret::NOT_SUPPORTED);
+        // CPU_ON: a CPU the machine lacks, an entry outside the host's
+        // RAM, a CPU already on; one that is off is asked of firmware and
+        // stays off when firmware refuses.
+        let ram = world().ram;
+        let last = crate::base::cpu::get(3).unwrap();
+        let mpidr = machine().platform.cpus[3].mpidr;
+        last.set_power(PowerState::Off);
+        assert_eq!(
+            answer(PSCI_CPU_ON_64, &[0xdead, ram, 0]),
+            ret::INVALID_PARAMETERS
+        );
+        assert_eq!(
+            answer(PSCI_CPU_ON_64, &[mpidr, 0x10, 0]),
+            ret::INVALID_PARAMETERS
+        );
+        assert_eq!(answer(PSCI_CPU_ON_64, &[mpidr, ram, 7]), ret::NOT_SUPPORTED);
+        assert_eq!(last.power(), PowerState::Off);
+        last.set_power(PowerState::On);
+        assert_eq!(answer(PSCI_CPU_ON_64, &[mpidr, ram, 7]), ret::ALREADY_ON);
+        last.set_power(PowerState::Off);
+        // CPU_OFF and CPU_SUSPEND (standby and powerdown) return here only
+        // when refused: the CPU is on again.
+        assert_eq!(answer(PSCI_CPU_OFF, &[]), ret::NOT_SUPPORTED);
+        assert_eq!(this.power(), PowerState::On);
+        for state in [0, 1 << 16] {
+            assert_eq!(
+                answer(PSCI_CPU_SUSPEND_64, &[state, ram, 9]),
+                ret::NOT_SUPPORTED
+            );
+            assert_eq!(this.power(), PowerState::On);
+        }
+        this.set_power(power);
+    }
 }
