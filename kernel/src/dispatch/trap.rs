@@ -359,6 +359,14 @@ mod tests {
             (esr_el1 >> 26, esr_el1 & (1 << 6), elr, far),
             (u64::from(ec::DABT_CUR), 1 << 6, PC, 0xdead_b000)
         );
+        // A read: the same, marked a read.
+        let read = esr(ec::DABT_LOW, 0x07);
+        host_trap(read, regs, LOWER_SYNC);
+        let (_, esr_el1, ..) = el1_exceptions();
+        assert_eq!(
+            (esr_el1 >> 26, esr_el1 & (1 << 6)),
+            (u64::from(ec::DABT_CUR), 0)
+        );
         // A fetch: an instruction abort.
         let fetch = esr(ec::IABT_LOW, 0x07);
         host_trap(fetch, regs, LOWER_SYNC);
@@ -370,7 +378,7 @@ mod tests {
             assert_eq!(after.pc, EL1H_SYNC);
             assert_eq!(el1_exceptions().1 >> 26, 0);
         }
-        assert_eq!(el1_exceptions().0, n + 4);
+        assert_eq!(el1_exceptions().0, n + 5);
         // An interrupt vector from the host (routed to EL1, so never
         // seen): reported and resumed, nothing changed.
         let after = host_trap(ESR_HVC0, host_regs(hypercall::NULL, &[7]), LOWER_IRQ);
@@ -379,7 +387,7 @@ mod tests {
             r.pc = PC;
             r
         });
-        assert_eq!(el1_exceptions().0, n + 4);
+        assert_eq!(el1_exceptions().0, n + 5);
     }
 
     /// The partition running on `v` traps through the core's trap entry.
