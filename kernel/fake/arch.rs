@@ -456,16 +456,17 @@ pub unsafe fn enter_nested(frame: *mut Vcpu, _save: *mut NestedSave) {
     let entry = entry.expect("the core entered a partition the test queued nothing for");
     // SAFETY: per the contract, the frame is the caller's vCPU; nothing
     // else touches it while the partition "runs".
-    entry(unsafe { &mut *frame });
+    run_until_left(|| entry(unsafe { &mut *frame }));
 }
 
-/// Only the exception vectors leave a nested run, and the host has none.
+/// Leaves the nested run: back to the `enter_nested` that started it (the
+/// trap entry's way out of a partition, see [`run_until_left`]).
 ///
 /// # Safety
 ///
-/// Never called on the host.
+/// As the real one: called inside a run `enter_nested` started.
 pub unsafe fn leave_nested(_save: *mut NestedSave) -> ! {
-    unreachable!("the host tests have no exception vectors");
+    leave_run()
 }
 
 /// The partition layer's system registers, reached as `sysreg::…`.
@@ -1202,4 +1203,34 @@ pub mod mmio {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// The dispatch layer (`dispatch::trap`, `dispatch::hvc`): a partition's trap
+// may go through the core's trap entry, as the vectors take it, and leave
+// the nested run from there; firmware's entry point for the CPUs it starts.
+// ---------------------------------------------------------------------------
+
+/// What unwinds a nested run from `leave_nested` to its `enter_nested`.
+struct LeftNested;
+
+/// Runs a queued entry; a `leave_nested` inside it (a trap the entry
+/// hands to the core's trap entry) ends the run there, as the vectors'
+/// return to `enter_nested`'s caller does. Any other panic goes on.
+fn run_until_left(entry: impl FnOnce()) {
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(entry))
+        && !payload.is::<LeftNested>()
+    {
+        std::panic::resume_unwind(payload);
+    }
+}
+
+fn leave_run() -> ! {
+    // `resume_unwind`: no panic message, it is no failure.
+    std::panic::resume_unwind(Box::new(LeftNested))
+}
+
+/// Where firmware would start a CPU for the core.
+pub fn secondary_entry() -> u64 {
+    0x4000_2000
 }

@@ -8,7 +8,8 @@
 //! record, the per-CPU slots, exception injection, the lock-order check,
 //! the console and the fatal path's parking; the device inventory, a
 //! VM's virtual GIC and the ITS emulation; the partitions: the PSCI relay,
-//! the service calls and the protected VMs) over a host stand-in for `arch`
+//! the service calls, the protected VMs and the ledger's restart; the
+//! dispatch of traps and host hypercalls) over a host stand-in for `arch`
 //! (`kernel/fake/`), which puts models of the ITS and the SMMU behind
 //! `arch::mmio`.
 #![cfg_attr(target_os = "none", no_std, no_main)]
@@ -69,13 +70,20 @@ mod device {
     pub mod its;
     pub mod vgic;
 }
-#[cfg(all(test, not(target_os = "none")))]
-#[allow(dead_code, reason = "the host tests build only part of the layer")]
-mod partition {
-    pub mod power;
-    pub mod service;
-    pub mod vm;
-}
 
 #[cfg(not(target_os = "none"))]
 fn main() {}
+
+// ---------------------------------------------------------------------------
+// The top of the trap path on the host: the dispatch layer (syndrome to
+// typed trap, route and verdict; the host's hypercalls) and the whole
+// partition layer (with the ledger's restart and the consistency check),
+// over the same stand-in, whose world switch can leave a partition through
+// the trap entry as the vectors do.
+// ---------------------------------------------------------------------------
+#[cfg(all(test, not(target_os = "none")))]
+#[allow(dead_code, reason = "the host tests build only part of the layer")]
+mod dispatch;
+#[cfg(all(test, not(target_os = "none")))]
+#[allow(dead_code, reason = "the host tests build only part of the layer")]
+mod partition;

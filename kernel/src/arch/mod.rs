@@ -50,6 +50,17 @@ unsafe extern "C" {
     static SPIN_TABLE_ENTRIES: u8;
     #[link_name = "restart_in_core"]
     fn restart_in_core_entry(index: u64) -> !;
+    /// Where firmware starts a CPU for the core (entry.S), its logical
+    /// index in x0.
+    #[link_name = "secondary_entry"]
+    fn secondary_entry_code();
+}
+
+/// The address firmware starts a CPU at, for CPU_ON and for the wake-up
+/// from a powerdown CPU_SUSPEND: the core's secondary entry (entry.S).
+#[inline(always)]
+pub fn secondary_entry() -> u64 {
+    secondary_entry_code as *const () as u64
 }
 
 /// The address of the spin-table entry points: CPU `n` enters the core at

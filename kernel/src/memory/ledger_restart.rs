@@ -146,6 +146,16 @@ pub fn retries() -> u64 {
     RETRIES.load(Ordering::Relaxed)
 }
 
+/// Undoes [`give_up`] and brings the ledger up, its faults forgotten: the
+/// host tests share one machine, and a test that makes the core give up
+/// must leave it as the others expect it.
+#[cfg(test)]
+pub fn revive() {
+    GAVE_UP.store(false, Ordering::Release);
+    FAULTS_IN_A_ROW.store(0, Ordering::Relaxed);
+    DOWN.store(false, Ordering::Release);
+}
+
 #[cfg(test)]
 mod tests {
     //! With the transaction engine's world (`memory::tests`): the ledger's

@@ -1271,7 +1271,7 @@ pub fn ask(cpu: &PerCpu, index: usize, trap: &TrapDescriptor) -> Answer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Services over the host stand-in for `arch`: the world switch into
     //! EL1 is scripted (`arch::on_entry`: what the service does when the
     //! core enters it, and how it traps back), the IPC page and the
@@ -1293,15 +1293,17 @@ mod tests {
     use zerocopy::little_endian::{U16, U32};
 
     /// The services, by index.
-    const ECHO: usize = 0;
-    const HOSTILE: usize = 1;
-    const FAULTY: usize = 2;
-    const SLOW: usize = 3;
-    const MISSING: usize = 4;
-    const LEDGER: usize = 5;
-    const WRONG: usize = 6;
+    pub(crate) const ECHO: usize = 0;
+    pub(crate) const HOSTILE: usize = 1;
+    pub(crate) const FAULTY: usize = 2;
+    pub(crate) const SLOW: usize = 3;
+    pub(crate) const MISSING: usize = 4;
+    pub(crate) const LEDGER: usize = 5;
+    pub(crate) const WRONG: usize = 6;
+    /// Host functions routed to ECHO, from the routed range's first.
+    pub(crate) const ECHO_FUNCTIONS: u16 = 4;
     /// The interface of service `i` (the ledger's is the ledger's).
-    fn interface(i: usize) -> u16 {
+    pub(crate) fn interface(i: usize) -> u16 {
         if i == LEDGER {
             ledger::SERVICE_ID
         } else {
@@ -1328,13 +1330,18 @@ mod tests {
         r.memory_bytes = U32::new(64 << 10);
         r.budget_us = U32::new(1000);
         if i == ECHO {
+            // It observes SMCs, decides system-register traps and serves
+            // the first functions of the routed range (the dispatch tests').
             r.observes = U32::new(moat_abi::trap::TrapClass::Smc.bit());
+            r.handles = U32::new(moat_abi::trap::TrapClass::SysReg.bit());
+            r.hypercall_first = U16::new(hypercall::SERVICE_RANGE_START);
+            r.hypercall_count = U16::new(ECHO_FUNCTIONS);
         }
         r
     }
 
     /// The service at the entry answers `SVC_REPLY_WAIT`.
-    fn reply_wait(v: &mut Vcpu) {
+    pub(crate) fn reply_wait(v: &mut Vcpu) {
         v.exit_vector = LOWER_SYNC;
         v.exit_esr = ESR_HVC0;
         v.regs.x[0] = u64::from(hypercall::SVC_REPLY_WAIT);
@@ -1342,7 +1349,7 @@ mod tests {
 
     /// The machine and the services, made and started once; then one test
     /// at a time, playing CPU 0.
-    fn services() -> MutexGuard<'static, ()> {
+    pub(crate) fn services() -> MutexGuard<'static, ()> {
         let turn = serial();
         static MADE: OnceLock<()> = OnceLock::new();
         MADE.get_or_init(|| {
@@ -1378,21 +1385,21 @@ mod tests {
         turn
     }
 
-    fn cpu(i: usize) -> &'static PerCpu {
+    pub(crate) fn cpu(i: usize) -> &'static PerCpu {
         crate::base::cpu::get(i).unwrap()
     }
 
-    fn service(i: usize) -> &'static Service {
+    pub(crate) fn service(i: usize) -> &'static Service {
         get(i).unwrap()
     }
 
-    fn state(i: usize) -> u8 {
+    pub(crate) fn state(i: usize) -> u8 {
         service(i).state.load(Ordering::Relaxed)
     }
 
     /// Writes a reply (header and body words) into service `i`'s IPC page,
     /// as the service would.
-    fn write_reply(i: usize, header: &MessageHeader, body: &[u64]) {
+    pub(crate) fn write_reply(i: usize, header: &MessageHeader, body: &[u64]) {
         let page = service(i).ipc_page as *mut u64;
         let words: [u64; HEADER_WORDS] = zerocopy::transmute!(*header);
         for (n, w) in words.iter().chain(body).enumerate() {
@@ -1404,7 +1411,7 @@ mod tests {
 
     /// The call header and the first body words service `i`'s IPC page
     /// holds.
-    fn read_call(i: usize) -> (MessageHeader, [u64; 4]) {
+    pub(crate) fn read_call(i: usize) -> (MessageHeader, [u64; 4]) {
         let page = service(i).ipc_page as *const u64;
         let mut words = [0u64; HEADER_WORDS + 4];
         for (n, w) in words.iter_mut().enumerate() {
@@ -1418,9 +1425,19 @@ mod tests {
         )
     }
 
+    /// The call header and the whole request service `i`'s IPC page holds.
+    pub(crate) fn read_payload(i: usize) -> (MessageHeader, Vec<u8>) {
+        let (call, _) = read_call(i);
+        let page = (service(i).ipc_page as *const u8).wrapping_add(HEADER_WORDS * 8);
+        let len = (call.payload_len as usize).min(MAX_WORDS * 8);
+        // SAFETY: as in `write_reply`; the payload lies in the page.
+        let payload = unsafe { core::slice::from_raw_parts(page, len) }.to_vec();
+        (call, payload)
+    }
+
     /// The service answers the call in its IPC page with `body`, or with
     /// the header `tamper` makes of the right one.
-    fn answer(i: usize, body: Vec<u64>, tamper: fn(&mut MessageHeader)) {
+    pub(crate) fn answer(i: usize, body: Vec<u64>, tamper: fn(&mut MessageHeader)) {
         on_entry(move |v| {
             let (call, _) = read_call(i);
             let mut reply = MessageHeader::reply_to(&call, Ok(()), 8 * body.len() as u32);
@@ -1430,13 +1447,13 @@ mod tests {
         });
     }
 
-    fn small(words: &[u64]) -> SmallBody {
+    pub(crate) fn small(words: &[u64]) -> SmallBody {
         let mut b = [0; SMALL_WORDS];
         b[..words.len()].copy_from_slice(words);
         b
     }
 
-    fn call_header(i: usize, operation: u16, len: u32) -> MessageHeader {
+    pub(crate) fn call_header(i: usize, operation: u16, len: u32) -> MessageHeader {
         MessageHeader::call(interface(i), operation, next_sequence(i), len)
     }
 

@@ -1616,7 +1616,7 @@ mod tests {
         set_streaming_state, with_regs,
     };
     use crate::arch::{PartitionOp, clear_entries, entries_left, on_entry, take_partition_log};
-    use crate::memory::tests::{serial, world};
+    use crate::memory::tests::world;
     use std::sync::MutexGuard;
 
     /// Where the VM tests' frames are in the test RAM.
@@ -1625,8 +1625,10 @@ mod tests {
     /// The IPA the tests donate their first page at.
     const IPA: u64 = 0x4000_0000;
 
+    /// The machine with its services, always (ECHO decides system-register
+    /// traps, a VM's too), whichever test made them.
     fn turn() -> MutexGuard<'static, ()> {
-        let turn = serial();
+        let turn = crate::partition::service::tests::services();
         world();
         set_mpidr(0);
         clear_entries();
@@ -2264,8 +2266,29 @@ mod tests {
         on_entry(|v| {
             let want = vmfeatures::vm_view(4, 0, 0x1100_0000_0011_1111, false);
             assert_eq!((v.regs.x[3], v.regs.pc), (want, 0x3008));
-            // A register no policy service handles: UNDEF in the guest.
+            // Any other register goes to the policy service that decides
+            // system-register traps (ECHO), paused out of the VM.
             trap(v, sysreg_esr((3, 0, 1, 0, 1), 2, false));
+        });
+        on_entry(move |v| {
+            use crate::partition::service::tests::{ECHO, read_call, reply_wait, write_reply};
+            let (call, body) = read_call(ECHO);
+            assert_eq!(call.operation, moat_abi::trap::DECIDE_OPERATION);
+            // The VM is named as the partition that trapped.
+            assert_eq!(
+                (body[0] >> 32) as u16,
+                moat_abi::trap::PARTITION_VM_BASE + handle
+            );
+            // It says UNDEF.
+            let undef = moat_abi::trap::Verdict {
+                action: moat_abi::trap::Action::InjectUndef as u32,
+                reserved: 0,
+                value: 0,
+            };
+            let words: [u64; 2] = zerocopy::transmute!(undef);
+            let reply = moat_abi::ipc::MessageHeader::reply_to(&call, Ok(()), 16);
+            write_reply(ECHO, &reply, &words);
+            reply_wait(v);
         });
         on_entry(|v| {
             // An instruction the core does not know: UNDEF too.
