@@ -51,6 +51,15 @@ fn arch_call(regs: &mut GuestRegs, function: u32) {
 }
 
 fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
+    // A restart the host asks for tries the ledger once: not a first time
+    // here when it is down, then again for the request.
+    if function == hypercall::LEDGER_RESTART {
+        regs.x[0] = match crate::partition::ledger_restart::request_restart(this_cpu) {
+            Ok(()) => 0,
+            Err(e) => e.to_x0(),
+        };
+        return;
+    }
     // A ledger being restarted comes back at the first call that finds no
     // VM running (one atomic load when it is up).
     let ledger = crate::partition::ledger_restart::poll(this_cpu);
@@ -69,12 +78,6 @@ fn moat_call(this_cpu: &PerCpu, regs: &mut GuestRegs, function: u32) {
     match function {
         hypercall::NULL => regs.x[0] = 0,
         hypercall::ABI_VERSION => regs.set_smccc_result([0, u64::from(ABI_VERSION), 0, 0]),
-        hypercall::LEDGER_RESTART => {
-            regs.x[0] = match crate::partition::ledger_restart::request_restart(this_cpu) {
-                Ok(()) => 0,
-                Err(e) => e.to_x0(),
-            }
-        }
         hypercall::CHECK_CONSISTENCY if ledger.is_err() => {
             regs.x[0] = ledger.err().map_or(0, Error::to_x0);
         }

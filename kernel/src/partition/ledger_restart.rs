@@ -318,6 +318,17 @@ mod tests {
         assert!(memory_side::is_down() && !memory_side::gave_up());
         assert_eq!(entries_left(), 0);
 
+        // The host asks for the restart while the ledger is down: it is
+        // tried once (one entry into the partition, which faults again),
+        // not once for the call and again for the request.
+        on_entry(|v| {
+            v.exit_vector = crate::base::cpu::LOWER_SYNC;
+            v.exit_esr = (u64::from(moat_kernel::esr::ec::DABT_LOW) << 26) | (1 << 25);
+        });
+        assert!(x0(hypercall::LEDGER_RESTART, &[]).is_err());
+        assert!(memory_side::is_down() && !memory_side::gave_up());
+        assert_eq!(entries_left(), 0);
+
         // The next call brings it back: reloaded, run to its first reply,
         // booted with the machine's RAM, told the core's records.
         on_entry(reply_wait);
