@@ -179,7 +179,9 @@ fn take(
 
     let ste = smmu::host_ste(vtcr, vttbr & 0x0000_ffff_ffff_fffe, vmid, features.oas);
     let log2 = smmu::stream_table_log2(desc.streams_end(), features.sid_bits);
-    let (streams, covered, table_base, table_cfg) = if features.two_level_table {
+    // A two-level table needs at least one level-2 table's worth of stream
+    // ID bits: an SMMU with fewer gets a linear table.
+    let (streams, covered, table_base, table_cfg) = if features.two_level_table && log2 >= SPLIT {
         let l1_entries = 1usize << (log2 - SPLIT);
         let l1 = zeroed(l1_entries * 8)?;
         let mut l2 = heapless::Vec::new();
@@ -581,6 +583,19 @@ mod tests {
 
     fn host_entry() -> [u64; 8] {
         smmu::host_ste(vtcr(), VTTBR & 0x0000_ffff_ffff_fffe, 7, 5)
+    }
+
+    /// An SMMU with two-level tables but fewer stream ID bits than one
+    /// level-2 table spans gets a linear table of all its streams.
+    #[test]
+    fn few_stream_id_bits_get_a_linear_table() {
+        let base = 0x1800_0000;
+        // IDR1 with 6-bit stream IDs.
+        let idr1 = (idr1(8) & !0x3f) | 6;
+        let _smmu = attach(base, FakeSmmu::new(IDR0, idr1, 0, IDR5));
+        let (s, summary) = booted(base, &[(0, 64)]);
+        assert_eq!(summary.streams, 64);
+        assert!(matches!(s.streams, Streams::Linear { .. }));
     }
 
     #[test]
