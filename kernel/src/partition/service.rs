@@ -1192,8 +1192,10 @@ impl Service {
             self.run(cpu, Preemption::Never)
         });
         match exit {
+            // A stop that came meanwhile (from another CPU) stands: only
+            // the Busy this restart took becomes Ready.
             Exit::Reply => {
-                self.state.store(State::Ready as u8, Ordering::Release);
+                self.release();
                 Ok(())
             }
             Exit::Preempted => Err(fail(self, "was interrupted while restarting", 0)),
@@ -1876,6 +1878,17 @@ pub(crate) mod tests {
             call(cpu(0), LEDGER, &h, &mut small(&[]), Preemption::Never),
             Ok(Ok(0))
         );
+        // Stopped while its restart runs: the stop stands, and a later
+        // restart brings it back.
+        on_entry(|v| {
+            service(LEDGER).stop("stopped during its restart");
+            reply_wait(v);
+        });
+        assert_eq!(s.restart(cpu(0)), Ok(()));
+        assert_eq!(state(LEDGER), State::Failed as u8);
+        on_entry(reply_wait);
+        assert_eq!(s.restart(cpu(0)), Ok(()));
+        assert_eq!(state(LEDGER), State::Ready as u8);
         assert_eq!(entries_left(), 0);
     }
 
