@@ -764,10 +764,8 @@ impl StageTwo {
         size: u64,
         access: Access,
     ) -> Result<(), MapError> {
-        if self.for_each_mapped(ipa, size, |_, _, _| Err(())).is_err() {
-            self.unmap(ipa, size)?;
-        }
-        self.map_pages(ipa, pa, size, access)
+        self.reserve_tables(&[(ipa, size)])?;
+        self.remap_reserved_pages(ipa, pa, size, access)
     }
 
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with 4 KiB pages
@@ -830,20 +828,8 @@ impl StageTwo {
     /// [`with_vmid`]).
     #[cfg(test)]
     pub fn unmap(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
-        self.invalidate_entries(ipa, size)
-    }
-
-    /// Writes invalid 4 KiB entries over `[ipa, ipa + size)`, creating the
-    /// tables that needs.
-    #[cfg(test)]
-    fn invalidate_entries(&mut self, ipa: u64, size: u64) -> Result<(), MapError> {
-        self.map_flags(
-            ipa,
-            0,
-            size,
-            Access::ReadWrite.flags().difference(S2::VALID),
-            Constraints::NO_BLOCK_MAPPINGS,
-        )
+        self.reserve_tables(&[(ipa, size)])?;
+        self.unmap_reserved(ipa, size)
     }
 
     /// The physical address `ipa` maps to, and whether the mapping is
